@@ -1,0 +1,1 @@
+//! spa-aggregation: see docs/ARCHITECTURE.md
