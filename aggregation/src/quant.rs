@@ -1,0 +1,153 @@
+//! §8.4 encoding: signed two's-complement fixed point with stochastic rounding.
+//!
+//! Client: clip each coordinate to [−c, c], multiply by the weight
+//! w = min(num_examples, w_max) and by s = (2^{b−1}−1)/(c·w_max), round
+//! stochastically (unbiased) with a local ChaCha CSPRNG (never the mask PRG),
+//! store as i32 bit-cast to u32, then append w. Every lane then has magnitude
+//! ≤ 2^{b−1}−1, so the sum over n clients cannot wrap when n·(2^{b−1}−1) < 2^31.
+//! Server: read each summed lane as i32; mean = Σq / (s·Σw).
+
+use rand_core::RngCore;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, SecAggError};
+
+/// Quantization parameters (b, c, w_max).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct QuantParams {
+    /// b: bits per lane including the sign.
+    pub bits: u8,
+    /// c: per-coordinate clip.
+    pub clip: f32,
+    /// w_max: weight cap.
+    pub w_max: u32,
+}
+
+/// Random words drawn per refill: rounding randomness comes in bulk, not per element.
+const RNG_BATCH: usize = 4096;
+
+impl QuantParams {
+    /// s = (2^{b−1}−1)/(c·w_max).
+    pub fn scale(&self) -> f64 {
+        ((1u64 << (self.bits - 1)) - 1) as f64 / (self.clip as f64 * self.w_max as f64)
+    }
+
+    /// Rejects b outside 2..=31, non-positive or non-finite c, w_max = 0, and
+    /// configurations whose sum over n clients could overflow i32:
+    /// n·(2^{b−1}−1) ≥ 2^31 or n·w_max ≥ 2^31.
+    pub fn validate(&self, n: u64) -> Result<()> {
+        let bad = |s: String| Err(SecAggError::InvalidConfig(s));
+        if !(2..=31).contains(&self.bits) {
+            return bad(format!("quant_bits {} outside 2..=31", self.bits));
+        }
+        if !(self.clip.is_finite() && self.clip > 0.0) {
+            return bad(format!("clip {} must be finite and > 0", self.clip));
+        }
+        if self.w_max == 0 {
+            return bad("w_max must be ≥ 1".into());
+        }
+        let qmax = (1u64 << (self.bits - 1)) - 1;
+        if n.saturating_mul(qmax) >= 1 << 31 {
+            return bad(format!(
+                "headroom: n·(2^(b−1)−1) = {n}·{qmax} ≥ 2^31; use b ≤ {}",
+                31 - (64 - (n.max(1) - 1).leading_zeros()).min(30)
+            ));
+        }
+        if n.saturating_mul(self.w_max as u64) >= 1 << 31 {
+            return bad(format!("headroom: n·w_max = {n}·{} ≥ 2^31", self.w_max));
+        }
+        Ok(())
+    }
+
+    /// Encodes `delta` with weight `num_examples` (capped at w_max) into
+    /// `delta.len() + 1` lanes. Non-finite coordinates are rejected.
+    pub fn encode<R: RngCore>(&self, delta: &[f32], num_examples: u32, rng: &mut R) -> Result<Vec<u32>> {
+        let mut out = vec![0u32; delta.len() + 1];
+        self.encode_into(delta, num_examples, rng, &mut out)?;
+        Ok(out)
+    }
+
+    /// Like [`QuantParams::encode`], into a caller-provided buffer of `delta.len() + 1` lanes.
+    pub fn encode_into<R: RngCore>(&self, delta: &[f32], num_examples: u32, rng: &mut R, out: &mut [u32]) -> Result<()> {
+        if out.len() != delta.len() + 1 {
+            return Err(SecAggError::LengthMismatch { expected: delta.len() + 1, got: out.len() });
+        }
+        let w = num_examples.min(self.w_max);
+        // f32 keeps 24 bits: enough below b = 24; f64 arithmetic keeps rounding unbiased above.
+        let factor = w as f64 * self.scale();
+        let c = self.clip;
+        let mut words = [0u32; RNG_BATCH];
+        let mut bytes = [0u8; RNG_BATCH * 4];
+        for (dchunk, ochunk) in delta.chunks(RNG_BATCH).zip(out.chunks_mut(RNG_BATCH)) {
+            rng.fill_bytes(&mut bytes[..dchunk.len() * 4]);
+            for (w, b) in words.iter_mut().zip(bytes.chunks_exact(4)).take(dchunk.len()) {
+                *w = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+            for ((o, &d), &r) in ochunk.iter_mut().zip(dchunk).zip(&words) {
+                if !d.is_finite() {
+                    return Err(SecAggError::Malformed("non-finite value in the update".into()));
+                }
+                let v = d.clamp(-c, c) as f64 * factor;
+                let fl = v.floor();
+                // Round up with probability frac(v): r/2^32 < frac.
+                let up = ((v - fl) * 4_294_967_296.0) > r as f64;
+                *o = (fl as i32 + up as i32) as u32;
+            }
+        }
+        out[delta.len()] = w;
+        Ok(())
+    }
+
+    /// Decodes the secure sum of `sum.len()` lanes (weight last) into the
+    /// weighted mean Σ(w·Δ)/Σw and Σw. Fails when Σw = 0.
+    pub fn decode_mean(&self, sum: &[u32]) -> Result<(Vec<f32>, u32)> {
+        let (&total_w, lanes) = sum
+            .split_last()
+            .ok_or(SecAggError::LengthMismatch { expected: 1, got: 0 })?;
+        if total_w == 0 || total_w > i32::MAX as u32 {
+            return Err(SecAggError::Malformed(format!("summed weight {total_w}")));
+        }
+        let inv = 1.0 / (self.scale() * total_w as f64);
+        Ok((lanes.iter().map(|&q| (q as i32 as f64 * inv) as f32).collect(), total_w))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand_chacha::ChaCha20Rng;
+    use rand_core::SeedableRng;
+
+    #[test]
+    fn stochastic_rounding_is_unbiased() {
+        let q = QuantParams { bits: 8, clip: 1.0, w_max: 1 };
+        let mut rng = ChaCha20Rng::from_seed([1; 32]);
+        // 0.3 / (1/127) = 38.1 → 38 or 39, mean 38.1.
+        let enc = q.encode(&vec![0.3f32; 100_000], 1, &mut rng).unwrap();
+        let mean = enc[..100_000].iter().map(|&x| x as i32 as f64).sum::<f64>() / 1e5;
+        assert!((mean - 38.1).abs() < 0.01, "{mean}");
+        assert!(enc[..100_000].iter().all(|&x| x == 38 || x == 39));
+    }
+
+    #[test]
+    fn negative_values_and_clipping() {
+        let q = QuantParams { bits: 16, clip: 0.5, w_max: 4 };
+        let mut rng = ChaCha20Rng::from_seed([2; 32]);
+        let enc = q.encode(&[-3.0, 3.0, -0.25], 10, &mut rng).unwrap();
+        assert_eq!(enc[0] as i32, -32767);
+        assert_eq!(enc[1] as i32, 32767);
+        assert_eq!(enc[3], 4, "weight capped at w_max");
+        let (mean, w) = q.decode_mean(&enc).unwrap();
+        assert_eq!(w, 4);
+        assert!((mean[0] + 0.5).abs() < 1e-4 && (mean[2] + 0.25).abs() < 1e-4, "{mean:?}");
+        assert!(q.encode(&[f32::NAN], 1, &mut rng).is_err());
+    }
+
+    #[test]
+    fn headroom_limits() {
+        assert!(QuantParams { bits: 20, clip: 1.0, w_max: 1 }.validate(4096).is_ok());
+        assert!(QuantParams { bits: 21, clip: 1.0, w_max: 1 }.validate(4097).is_err());
+        assert!(QuantParams { bits: 16, clip: 1.0, w_max: 1 << 20 }.validate(4096).is_err());
+        assert!(QuantParams { bits: 32, clip: 1.0, w_max: 1 }.validate(1).is_err());
+    }
+}
