@@ -98,6 +98,8 @@ pub struct AwaitMaskedInputRequest {
     keys: SessionKeys,
     b_u: Zeroizing<[u8; 32]>,
     neighbours: BTreeMap<u32, PeerKeys>,
+    /// X25519(c_sk, c_pk_v) per neighbour, kept from R1: both directions' keys derive from it.
+    channel_dh: BTreeMap<u32, Zeroizing<[u8; 32]>>,
 }
 
 /// Shares decrypted and masks derived: waiting for the local encoded input.
@@ -272,13 +274,15 @@ impl AwaitShareKeys {
         let s_sk = Zeroizing::new(self.keys.s_sk.to_bytes());
         let s_shares = shamir::split(&s_sk, t, &holders, &mut self.rng)?;
         let mut shares = Vec::with_capacity(holders.len());
+        let mut channel_dh = BTreeMap::new();
         for ((v, bs), ss) in holders.iter().zip(&b_shares).zip(&s_shares) {
             let dh = agree(&self.keys.c_sk, &neighbours[v].c_pk)?;
             let key = enc_key(&sid, &dh, s.id, *v)?;
             shares.push(EncryptedShare { peer: *v, ct: seal_shares(&key, &sid, s.id, *v, bs, ss)? });
+            channel_dh.insert(*v, dh);
         }
         let resp = ShareKeysResponse { client_id: s.id, shares };
-        let next = AwaitMaskedInputRequest { s: self.s, session_id: sid, keys: self.keys, b_u, neighbours };
+        let next = AwaitMaskedInputRequest { s: self.s, session_id: sid, keys: self.keys, b_u, neighbours, channel_dh };
         Ok((next, resp))
     }
 }
@@ -290,12 +294,11 @@ impl AwaitMaskedInputRequest {
         let t = cfg.threshold as usize;
         let mut held = BTreeMap::new();
         for e in &req.shares {
-            let nb = self.neighbours.get(&e.peer).ok_or(SecAggError::UnknownNeighbour(e.peer))?;
+            let dh = self.channel_dh.get(&e.peer).ok_or(SecAggError::UnknownNeighbour(e.peer))?;
             if held.contains_key(&e.peer) {
                 return Err(SecAggError::Malformed(format!("two ciphertexts from {}", e.peer)));
             }
-            let dh = agree(&self.keys.c_sk, &nb.c_pk)?;
-            let key = enc_key(&self.session_id, &dh, e.peer, s.id)?;
+            let key = enc_key(&self.session_id, dh, e.peer, s.id)?;
             held.insert(e.peer, open_shares(&key, &self.session_id, e.peer, s.id, &e.ct)?);
         }
         if held.len() < t {
