@@ -115,7 +115,10 @@ impl Share {
     /// Parses the wire form, rejecting non-canonical field elements.
     pub fn from_bytes(b: &[u8]) -> Result<Self> {
         if b.len() != SHARE_BYTES {
-            return Err(SecAggError::Malformed(format!("share of {} bytes", b.len())));
+            return Err(SecAggError::Malformed(format!(
+                "share of {} bytes",
+                b.len()
+            )));
         }
         let mut y = [0u64; CHUNKS];
         for (i, v) in y.iter_mut().enumerate() {
@@ -154,9 +157,15 @@ fn secret_to_chunks(secret: &[u8; 32]) -> [u64; CHUNKS] {
 fn chunks_to_secret(chunks: &[u64; CHUNKS]) -> Result<[u8; 32]> {
     // 256 = 4·52 + 48: anything above those widths means inconsistent shares.
     for (i, &c) in chunks.iter().enumerate() {
-        let width = if i == CHUNKS - 1 { 256 - 4 * CHUNK_BITS } else { CHUNK_BITS };
+        let width = if i == CHUNKS - 1 {
+            256 - 4 * CHUNK_BITS
+        } else {
+            CHUNK_BITS
+        };
         if c >> width != 0 {
-            return Err(SecAggError::Reconstruction("reconstructed value out of range".into()));
+            return Err(SecAggError::Reconstruction(
+                "reconstructed value out of range".into(),
+            ));
         }
     }
     let mut limbs = [0u64; 4];
@@ -273,7 +282,10 @@ impl Lagrange {
             coeffs[i] = mul(nums[i], mul(inv_acc, prefix[i]));
             inv_acc = mul(inv_acc, dens[i]);
         }
-        Ok(Lagrange { holders: holders.to_vec(), coeffs })
+        Ok(Lagrange {
+            holders: holders.to_vec(),
+            coeffs,
+        })
     }
 
     /// The holder ids, in the order shares must be given to [`Lagrange::reconstruct`].
@@ -380,7 +392,10 @@ mod tests {
             *b = (i as u8).wrapping_mul(37).wrapping_add(200);
         }
         assert_eq!(chunks_to_secret(&secret_to_chunks(&s)).unwrap(), s);
-        assert_eq!(chunks_to_secret(&secret_to_chunks(&[0xff; 32])).unwrap(), [0xff; 32]);
+        assert_eq!(
+            chunks_to_secret(&secret_to_chunks(&[0xff; 32])).unwrap(),
+            [0xff; 32]
+        );
     }
 
     #[test]
@@ -394,9 +409,16 @@ mod tests {
         assert_eq!(reconstruct(4, &pairs).unwrap(), secret);
         assert!(matches!(
             reconstruct(4, &pairs[..3]),
-            Err(SecAggError::BelowThreshold { have: 3, need: 4, .. })
+            Err(SecAggError::BelowThreshold {
+                have: 3,
+                need: 4,
+                ..
+            })
         ));
         let dup = vec![pairs[0], pairs[0], pairs[1], pairs[2]];
-        assert!(matches!(reconstruct(4, &dup), Err(SecAggError::Reconstruction(_))));
+        assert!(matches!(
+            reconstruct(4, &dup),
+            Err(SecAggError::Reconstruction(_))
+        ));
     }
 }

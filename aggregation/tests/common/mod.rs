@@ -11,8 +11,8 @@ use ring::rand::SystemRandom;
 use ring::signature::Ed25519KeyPair;
 use spa_aggregation::client::FRAME_LANES;
 use spa_aggregation::{
-    AggregateOutput, ClientIncoming, ClientOutgoing, ClientState, IdentitySigner, SecAggError, SecAggServer,
-    SessionConfig,
+    AggregateOutput, ClientIncoming, ClientOutgoing, ClientState, IdentitySigner, SecAggError,
+    SecAggServer, SessionConfig,
 };
 
 /// Phases at which a client can vanish.
@@ -77,7 +77,10 @@ pub fn run(
         server.handle_advertise(adv, key.public_key()).unwrap();
         clients.insert(id, st);
     }
-    let fail = |e| Outcome { result: Err(e), client_errors: BTreeMap::new() };
+    let fail = |e| Outcome {
+        result: Err(e),
+        client_errors: BTreeMap::new(),
+    };
     let reqs = match server.close_advertise() {
         Ok(r) => r,
         Err(e) => return fail(e),
@@ -89,7 +92,9 @@ pub fn run(
         }
         match st.handle(ClientIncoming::ShareKeys(req)) {
             Ok((st, out)) => {
-                let ClientOutgoing::ShareKeys(resp) = unwrap_one(out) else { panic!("expected ShareKeys") };
+                let ClientOutgoing::ShareKeys(resp) = unwrap_one(out) else {
+                    panic!("expected ShareKeys")
+                };
                 server.handle_share_keys(resp).unwrap();
                 clients.insert(u, st);
             }
@@ -100,7 +105,12 @@ pub fn run(
     }
     let reqs = match server.close_share_keys() {
         Ok(r) => r,
-        Err(e) => return Outcome { result: Err(e), client_errors },
+        Err(e) => {
+            return Outcome {
+                result: Err(e),
+                client_errors,
+            };
+        }
     };
     for (u, req) in reqs {
         let st = clients.remove(&u).unwrap();
@@ -112,9 +122,13 @@ pub fn run(
             .and_then(|(st, _)| st.handle(ClientIncoming::Input(input_of[&u].clone())));
         match step {
             Ok((st, out)) => {
-                let ClientOutgoing::MaskedInput(masked) = unwrap_one(out) else { panic!("expected MaskedInput") };
+                let ClientOutgoing::MaskedInput(masked) = unwrap_one(out) else {
+                    panic!("expected MaskedInput")
+                };
                 for c in masked.chunks(chunk) {
-                    server.handle_masked_chunk(c.client_id, c.offset, &c.data).unwrap();
+                    server
+                        .handle_masked_chunk(c.client_id, c.offset, &c.data)
+                        .unwrap();
                 }
                 clients.insert(u, st);
             }
@@ -125,7 +139,12 @@ pub fn run(
     }
     let reqs = match server.close_masked_inputs() {
         Ok(r) => r,
-        Err(e) => return Outcome { result: Err(e), client_errors },
+        Err(e) => {
+            return Outcome {
+                result: Err(e),
+                client_errors,
+            };
+        }
     };
     for (u, req) in reqs {
         let st = clients.remove(&u).unwrap();
@@ -134,7 +153,9 @@ pub fn run(
         }
         match st.handle(ClientIncoming::Unmask(req)) {
             Ok((_, out)) => {
-                let ClientOutgoing::Unmask(resp) = unwrap_one(out) else { panic!("expected Unmask") };
+                let ClientOutgoing::Unmask(resp) = unwrap_one(out) else {
+                    panic!("expected Unmask")
+                };
                 server.handle_unmask(resp).unwrap();
             }
             Err(e) => {
@@ -142,7 +163,10 @@ pub fn run(
             }
         }
     }
-    Outcome { result: server.close_unmask(), client_errors }
+    Outcome {
+        result: server.close_unmask(),
+        client_errors,
+    }
 }
 
 /// Σ inputs of `contributors` mod 2^32, computed in the clear.
