@@ -139,6 +139,25 @@ fn client_crypto(c: &mut Criterion) {
     let p = prepare(&cfg, &ids);
     let key = identity();
     let (share_req, masked_req) = (p.share_reqs[&1].clone(), p.masked_reqs[&1].clone());
+    // The 72 advertisement verifications are part of the figure below; one costs:
+    let nb = &share_req.neighbours[0];
+    let msg = spa_aggregation::crypto::advertisement_message(
+        &cfg.config_hash(),
+        cfg.round_id,
+        &nb.c_pk,
+        &nb.s_pk,
+    );
+    c.bench_function("ed25519_verify_one", |b| {
+        b.iter(|| {
+            spa_aggregation::crypto::verify_signature(
+                nb.id,
+                &nb.identity_pk,
+                black_box(&msg),
+                &nb.sig,
+            )
+            .unwrap()
+        })
+    });
     // Client 1's keys came from seed 1, so restarting with that seed reproduces them.
     c.bench_function("client_crypto_per_session_k72", |b| {
         b.iter(|| {
