@@ -1,1 +1,16 @@
-//! spa-model
+//! spa-model: the model core of SPA (Side Plugin Adaptation).
+//!
+//! - [`backbone`]: the frozen LLaMA decoder the coordinator serves (HF checkpoints).
+//! - [`tokenizer`]: HF `tokenizer.json` through the `tokenizers` crate.
+//!
+//! Invariant: this crate does no network I/O; file I/O only where a function takes a path.
+pub mod backbone;
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod tensor_util;
+
+pub use backbone::{Backbone, BackboneOutput, KvCache, TokenBatch};
+pub use config::BackboneConfig;
+pub use device::BackendKind;
+pub use error::{ModelError, Result};

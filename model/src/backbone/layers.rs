@@ -1,0 +1,52 @@
+//! The three leaf layers of a LLaMA decoder, named as in HF checkpoints.
+use burn::module::{Module, Param};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+/// A bias-free linear map. The weight is kept as `[in, out]` (burn's matmul layout, the fast
+/// one here); checkpoints store HF's `[out, in]`, and `checkpoint.rs` transposes on the way in
+/// and out, in one place.
+#[derive(Module, Debug)]
+pub struct Linear {
+    pub weight: Param<Tensor<2>>,
+}
+
+impl Linear {
+    pub fn from_data(d_in: usize, d_out: usize, values: Vec<f32>, device: &Device) -> Self {
+        Self { weight: Param::from_data(TensorData::new(values, [d_in, d_out]), device) }
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        burn::tensor::module::linear(x, self.weight.val(), None)
+    }
+}
+
+/// Root-mean-square norm (no mean subtraction, no bias), computed in f32 like HF.
+#[derive(Module, Debug)]
+pub struct RmsNorm {
+    pub weight: Param<Tensor<1>>,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(dim: usize, eps: f64, device: &Device) -> Self {
+        Self { weight: Param::from_data(TensorData::new(vec![1.0f32; dim], [dim]), device), eps }
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let ms = x.clone().square().mean_dim(D - 1);
+        let inv = (ms + self.eps).sqrt().recip();
+        x * inv * self.weight.val().unsqueeze::<D>()
+    }
+}
+
+/// Token embedding table `[vocab, hidden]`.
+#[derive(Module, Debug)]
+pub struct Embedding {
+    pub weight: Param<Tensor<2>>,
+}
+
+impl Embedding {
+    pub fn forward(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        burn::tensor::module::embedding(self.weight.val(), ids)
+    }
+}

@@ -1,0 +1,15 @@
+//! The frozen LLaMA-family backbone: one file per model part, names mirroring HF.
+//! `llama.rs` is the entry point (forward with tap layers, KV cache); `checkpoint.rs` is the
+//! only place that knows HF's on-disk layout.
+pub mod attention;
+pub mod block;
+pub mod cache;
+pub mod checkpoint;
+pub mod layers;
+pub mod llama;
+pub mod mlp;
+pub mod rope;
+
+pub use cache::KvCache;
+pub use checkpoint::{SaveDtype, load_backbone, save_backbone};
+pub use llama::{Backbone, BackboneOutput, LlamaForCausalLM, TokenBatch};
