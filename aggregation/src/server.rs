@@ -483,8 +483,12 @@ impl SecAggServer {
         if self.unmask_responded.contains(&u) {
             return Err(SecAggError::Malformed(format!("client {u} answered twice")));
         }
-        let ids =
-            |v: &[crate::messages::RevealedShare]| v.iter().map(|r| r.peer).collect::<Vec<_>>();
+        // Any order, but no duplicates and exactly what was asked.
+        let ids = |v: &[crate::messages::RevealedShare]| {
+            let mut ids: Vec<u32> = v.iter().map(|r| r.peer).collect();
+            ids.sort_unstable();
+            ids
+        };
         if ids(&resp.b_shares) != asked.alive || ids(&resp.s_shares) != asked.dropped {
             return Err(SecAggError::Malformed(format!(
                 "client {u}: revealed shares differ from the request"

@@ -348,7 +348,19 @@ fn client_never_reveals_both_shares_of_a_peer() {
     // The decision persists: after answering, asking for the other kind is refused.
     let st = s.clients.remove(&2).unwrap();
     let req = reqs[&2].clone();
-    let (done, _) = st.handle(ClientIncoming::Unmask(req.clone())).unwrap();
+    let (done, out) = st.handle(ClientIncoming::Unmask(req.clone())).unwrap();
+    // The server takes the shares in any order, but not a duplicated one.
+    let Some(ClientOutgoing::Unmask(mut resp)) = out.into_iter().next() else {
+        panic!()
+    };
+    resp.b_shares.reverse();
+    let mut dup = resp.clone();
+    dup.b_shares[0] = dup.b_shares[1].clone();
+    assert!(matches!(
+        s.server.handle_unmask(dup),
+        Err(SecAggError::Malformed(_))
+    ));
+    s.server.handle_unmask(resp).unwrap();
     let ClientState::Completed(c) = &done else {
         panic!("{done:?}")
     };
