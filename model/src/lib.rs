@@ -6,11 +6,18 @@
 //! Invariant: this crate does no network I/O; file I/O only where a function takes a path.
 pub mod backbone;
 pub mod config;
+pub mod data;
 pub mod device;
 pub mod error;
+pub mod features;
+pub mod pretrain;
+pub mod side;
 pub mod tensor_util;
+pub mod tokenizer;
+pub mod train;
 
 pub use backbone::{Backbone, BackboneOutput, KvCache, TokenBatch};
 pub use config::BackboneConfig;
 pub use device::BackendKind;
 pub use error::{ModelError, Result};
+pub use burn;

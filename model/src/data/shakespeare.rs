@@ -1,0 +1,137 @@
+//! Play-script parsing (`SPEAKER:` line, speech lines, blank line) and the LEAF partition:
+//! each role is a user, its replies are its examples, the cue is the previous speech.
+use std::collections::{BTreeMap, HashSet};
+
+use super::{Example, UserData, reply_prompt, split_in_order};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Speech {
+    pub speaker: String,
+    pub text: String,
+}
+
+/// Speeches in order. A block whose first line is not `NAME:` continues nothing and is
+/// skipped (stage directions, headers).
+pub fn parse_play_script(text: &str) -> Vec<Speech> {
+    let text = text.replace("\r\n", "\n");
+    text.split("\n\n")
+        .filter_map(|block| {
+            let block = block.trim_matches('\n');
+            let (first, rest) = block.split_once('\n')?;
+            let speaker = first.strip_suffix(':')?.trim();
+            let valid = !speaker.is_empty()
+                && speaker.len() <= 40
+                && speaker.chars().all(|c| c.is_alphabetic() || c == ' ' || c == '\'' || c == '-' || c == '.');
+            (valid && !rest.trim().is_empty()).then(|| Speech { speaker: speaker.to_string(), text: rest.to_string() })
+        })
+        .collect()
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoleStats {
+    pub name: String,
+    pub speeches: usize,
+    pub chars: usize,
+}
+
+/// Roles by number of speeches (descending), ties by name.
+pub fn rank_roles(speeches: &[Speech]) -> Vec<RoleStats> {
+    let mut m: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+    for s in speeches {
+        let e = m.entry(&s.speaker).or_default();
+        e.0 += 1;
+        e.1 += s.text.chars().count();
+    }
+    let mut v: Vec<RoleStats> =
+        m.into_iter().map(|(n, (sp, ch))| RoleStats { name: n.to_string(), speeches: sp, chars: ch }).collect();
+    v.sort_by(|a, b| b.speeches.cmp(&a.speeches).then(a.name.cmp(&b.name)));
+    v
+}
+
+/// The corpus as pretraining text, without the speeches of `exclude` (the device roles, so
+/// personalization is measured on voices the backbone never saw).
+pub fn pretraining_text(speeches: &[Speech], exclude: &HashSet<String>) -> String {
+    speeches
+        .iter()
+        .filter(|s| !exclude.contains(&s.speaker))
+        .map(|s| super::format_speech(&s.speaker, &s.text))
+        .collect()
+}
+
+/// Limits applied when turning speeches into examples that fit the backbone's context.
+#[derive(Clone, Copy, Debug)]
+pub struct ExampleLimits {
+    pub max_cue_chars: usize,
+    pub max_reply_chars: usize,
+}
+
+impl Default for ExampleLimits {
+    fn default() -> Self {
+        Self { max_cue_chars: 64, max_reply_chars: 160 }
+    }
+}
+
+/// LEAF-style users for `roles`: every speech of a role becomes one example (cue = the
+/// previous speech in the play, whoever said it); a reply longer than the limit is cut into
+/// pieces, each later piece cued by the one before, so no text is thrown away.
+pub fn leaf_users(speeches: &[Speech], roles: &[String], limits: ExampleLimits, train_frac: f64) -> Vec<UserData> {
+    roles
+        .iter()
+        .map(|role| {
+            let mut examples = Vec::new();
+            for (i, s) in speeches.iter().enumerate().filter(|(_, s)| &s.speaker == role) {
+                let Some(prev) = i.checked_sub(1).map(|j| &speeches[j]) else { continue };
+                let reply = format!("{}\n\n", s.text);
+                let chars: Vec<char> = reply.chars().collect();
+                let mut cue_speaker = prev.speaker.clone();
+                let mut cue = prev.text.clone();
+                for piece in chars.chunks(limits.max_reply_chars.max(1)) {
+                    let piece: String = piece.iter().collect();
+                    examples.push(Example {
+                        prompt: reply_prompt(&cue_speaker, &cue, role, limits.max_cue_chars),
+                        reply: piece.clone(),
+                    });
+                    cue_speaker = role.clone();
+                    cue = piece;
+                }
+            }
+            split_in_order(role.clone(), examples, train_frac)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PLAY: &str = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\nFirst Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n\nFirst Citizen:\nFirst, you know Caius Marcius is chief enemy to the people.\n\n";
+
+    #[test]
+    fn parses_roles_and_builds_cued_examples() {
+        let sp = parse_play_script(PLAY);
+        assert_eq!(sp.len(), 5);
+        let ranked = rank_roles(&sp);
+        assert_eq!(ranked[0].name, "First Citizen");
+        assert_eq!(ranked[0].speeches, 3);
+        let users = leaf_users(&sp, &["All".to_string()], ExampleLimits::default(), 0.5);
+        assert_eq!(users[0].train.len(), 1);
+        assert_eq!(users[0].test.len(), 1);
+        let ex = &users[0].train[0];
+        assert!(ex.prompt.starts_with("First Citizen:\nBefore we proceed"), "{}", ex.prompt);
+        assert!(ex.prompt.ends_with("All:\n"));
+        assert_eq!(ex.reply, "Speak, speak.\n\n");
+        let text = pretraining_text(&sp, &HashSet::from(["All".to_string()]));
+        assert!(!text.contains("Speak, speak"));
+        assert!(text.contains("First Citizen:\nBefore"));
+    }
+
+    #[test]
+    fn long_replies_are_cut_and_recued() {
+        let sp = parse_play_script("A:\nhello there\n\nB:\nabcdefghij\n\n");
+        let users = leaf_users(&sp, &["B".to_string()], ExampleLimits { max_cue_chars: 4, max_reply_chars: 5 }, 1.0);
+        let ex = &users[0].train;
+        assert_eq!(ex.iter().map(|e| e.reply.as_str()).collect::<String>(), "abcdefghij\n\n");
+        assert_eq!(ex[0].prompt, "A:\nhere\n\nB:\n");
+        assert_eq!(ex[1].prompt, "B:\nbcde\n\nB:\n");
+    }
+}

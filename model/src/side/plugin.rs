@@ -1,0 +1,235 @@
+//! The device-side network: side plugin (`mlp` or `ladder`), gate and personal head.
+//!
+//! Parameter paths (and so roles): `side.*` (down/up projections, adapters, ladder blocks
+//! and gates; shared by default), `gate.*` and `personal.*` (private by default).
+use burn::module::{Module, Param};
+use burn::nn::Linear;
+use burn::tensor::activation::{relu, sigmoid};
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Device, Tensor, TensorData};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+
+use super::config::{SideConfig, SideShape, SideVariant};
+use super::head::FrozenHead;
+use super::params::{ParamSet, SharedParams, export_params, import_params, split_by_role};
+use crate::backbone::layers::RmsNorm;
+use crate::config::BackboneConfig;
+use crate::error::Result;
+
+/// One pre-norm causal transformer block at the side width (ladder variant).
+#[derive(Module, Debug)]
+pub struct SideBlock {
+    pub norm1: RmsNorm,
+    pub qkv: Linear,
+    pub proj: Linear,
+    pub norm2: RmsNorm,
+    pub ff1: Linear,
+    pub ff2: Linear,
+    pub heads: usize,
+}
+
+impl SideBlock {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let [b, t, ds] = x.dims();
+        let (h, dh) = (self.heads, ds / self.heads);
+        let qkv = self.qkv.forward(self.norm1.forward(x.clone()));
+        let split = |i: usize| qkv.clone().narrow(2, i * ds, ds).reshape([b, t, h, dh]).swap_dims(1, 2);
+        let opts = AttentionModuleOptions { scale: None, softcap: None, is_causal: true };
+        let o = attention(split(0), split(1), split(2), None, None, opts);
+        let x = x + self.proj.forward(o.swap_dims(1, 2).reshape([b, t, ds]));
+        x.clone() + self.ff2.forward(relu(self.ff1.forward(self.norm2.forward(x))))
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct SideNet {
+    /// One `d -> d_side` projection per tap.
+    pub down: Vec<Linear>,
+    /// `mlp` variant: `d_side -> d_side` adapters between taps.
+    pub adapters: Vec<Linear>,
+    /// `ladder` variant: one side block per tap.
+    pub blocks: Vec<SideBlock>,
+    /// `ladder` variant: ladder gate logits `alpha_i` (0 at init), one per tap after the first.
+    pub alpha: Option<Param<Tensor<1>>>,
+    /// `d_side -> d`, zero at init so the plugin starts as the backbone.
+    pub up: Linear,
+    pub temperature: f64,
+}
+
+#[derive(Module, Debug)]
+pub struct GateNet {
+    pub w1: Linear,
+    pub w2: Linear,
+}
+
+#[derive(Module, Debug)]
+pub struct PluginNet {
+    pub side: SideNet,
+    pub gate: GateNet,
+    /// Private `d_side -> d` output adapter (FedPer-style personal head), zero at init.
+    pub personal: Linear,
+}
+
+/// What the plugin computes for a batch of backbone features.
+pub struct PluginOutput {
+    /// Side state `s`, `[B, T, d_side]`.
+    pub side_state: Tensor<3>,
+    /// `h_L + up(s) + personal(s)`, `[B, T, d]`, to go through the frozen head.
+    pub side_hidden: Tensor<3>,
+    /// Gate probability `g`, `[B, T, 1]`.
+    pub gate: Tensor<3>,
+}
+
+impl PluginNet {
+    /// `taps[k]` is the backbone hidden state at `shape.taps[k]`, each `[B, T, d]`.
+    pub fn side_state(&self, taps: &[Tensor<3>]) -> Tensor<3> {
+        let side = &self.side;
+        match &side.alpha {
+            Some(alpha) => {
+                let mut s = side.blocks[0].forward(side.down[0].forward(taps[0].clone()));
+                for k in 1..taps.len() {
+                    let mu = sigmoid(alpha.val().narrow(0, k - 1, 1).div_scalar(side.temperature)).reshape([1, 1, 1]);
+                    let fresh = side.down[k].forward(taps[k].clone());
+                    s = s * mu.clone() + fresh * mu.neg().add_scalar(1.0);
+                    s = side.blocks[k].forward(s);
+                }
+                s
+            }
+            None => {
+                let mut s = side.down[0].forward(taps[0].clone());
+                for k in 1..taps.len() {
+                    s = side.down[k].forward(taps[k].clone()) + side.adapters[k - 1].forward(relu(s));
+                }
+                s
+            }
+        }
+    }
+
+    /// Gate probability from the normalised final hidden state (and the side state if the
+    /// config asks for it).
+    pub fn gate(&self, h_last_normed: Tensor<3>, side_state: Option<Tensor<3>>) -> Tensor<3> {
+        let x = match side_state {
+            Some(s) => Tensor::cat(vec![h_last_normed, s], 2),
+            None => h_last_normed,
+        };
+        sigmoid(self.gate.w2.forward(relu(self.gate.w1.forward(x))))
+    }
+
+    pub fn forward(&self, taps: &[Tensor<3>], h_last: Tensor<3>, head: &FrozenHead, gate_uses_side: bool) -> PluginOutput {
+        let s = self.side_state(taps);
+        let side_hidden = h_last.clone() + self.side.up.forward(s.clone()) + self.personal.forward(s.clone());
+        let gate = self.gate(head.norm(h_last), gate_uses_side.then(|| s.clone().detach()));
+        PluginOutput { side_state: s, side_hidden, gate }
+    }
+}
+
+/// A plugin with its configuration: what the client trains, stores and runs.
+#[derive(Debug, Clone)]
+pub struct Plugin {
+    pub net: PluginNet,
+    pub config: SideConfig,
+    pub shape: SideShape,
+}
+
+struct Init(StdRng);
+
+impl Init {
+    fn uniform(&mut self, n: usize, bound: f32) -> Vec<f32> {
+        (0..n).map(|_| self.0.random_range(-bound..bound)).collect()
+    }
+
+    fn linear(&mut self, din: usize, dout: usize, zero: bool, device: &Device) -> Linear {
+        let bound = 1.0 / (din as f32).sqrt();
+        let w = if zero { vec![0.0; din * dout] } else { self.uniform(din * dout, bound) };
+        Linear {
+            weight: Param::from_data(TensorData::new(w, [din, dout]), device),
+            bias: Some(Param::from_data(TensorData::new(vec![0.0f32; dout], [dout]), device)),
+        }
+    }
+}
+
+impl Plugin {
+    pub fn new(config: &SideConfig, backbone: &BackboneConfig, device: &Device) -> Result<Self> {
+        let shape = config.resolve(backbone)?;
+        let mut init = Init(StdRng::seed_from_u64(config.seed));
+        let (d, ds, n) = (shape.d_model, shape.d_side, shape.taps.len());
+        let down = (0..n).map(|_| init.linear(d, ds, false, device)).collect();
+        let ladder = config.variant == SideVariant::Ladder;
+        let adapters = if ladder { vec![] } else { (1..n).map(|_| init.linear(ds, ds, false, device)).collect() };
+        let blocks = if !ladder {
+            vec![]
+        } else {
+            let f = config.ladder.ffn_mult * ds;
+            (0..n)
+                .map(|_| SideBlock {
+                    norm1: RmsNorm::new(ds, 1e-5, device),
+                    qkv: init.linear(ds, 3 * ds, false, device),
+                    proj: init.linear(ds, ds, true, device),
+                    norm2: RmsNorm::new(ds, 1e-5, device),
+                    ff1: init.linear(ds, f, false, device),
+                    ff2: init.linear(f, ds, true, device),
+                    heads: config.ladder.heads,
+                })
+                .collect()
+        };
+        let alpha = (ladder && n > 1).then(|| Param::from_data(TensorData::new(vec![0.0f32; n - 1], [n - 1]), device));
+        let gate_in = d + if config.gate.use_side_state { ds } else { 0 };
+        let net = PluginNet {
+            side: SideNet { down, adapters, blocks, alpha, up: init.linear(ds, d, true, device), temperature: config.ladder.temperature },
+            gate: GateNet { w1: init.linear(gate_in, config.gate.hidden, false, device), w2: init.linear(config.gate.hidden, 1, true, device) },
+            personal: init.linear(ds, d, true, device),
+        };
+        let plugin = Self { net, config: config.clone(), shape };
+        // Fail early if the role rules leave any parameter without a role.
+        plugin.split()?;
+        Ok(plugin)
+    }
+
+    pub fn forward(&self, taps: &[Tensor<3>], h_last: Tensor<3>, head: &FrozenHead) -> PluginOutput {
+        self.net.forward(taps, h_last, head, self.config.gate.use_side_state)
+    }
+
+    pub fn params(&self) -> ParamSet {
+        export_params(&self.net)
+    }
+
+    /// Shared and private parts, by the configured roles.
+    pub fn split(&self) -> Result<(SharedParams, ParamSet)> {
+        split_by_role(self.params(), &self.config.roles)
+    }
+
+    pub fn shared(&self) -> Result<SharedParams> {
+        Ok(self.split()?.0)
+    }
+
+    /// Loads parameters by path (any subset, e.g. the global shared part or the private part).
+    pub fn load(mut self, params: &ParamSet) -> Result<Self> {
+        self.net = import_params(self.net, params)?;
+        Ok(self)
+    }
+
+    pub fn to_device(mut self, device: &Device) -> Self {
+        self.net = self.net.to_device(device);
+        self
+    }
+
+    /// Multiply-accumulates per token of the side network, gate and personal head
+    /// (`ctx` = context length, for the ladder's attention), not counting the vocabulary
+    /// projection, which the plugin shares with the backbone's own output.
+    pub fn macs_per_token(&self, ctx: usize) -> f64 {
+        let s = &self.shape;
+        let (d, ds, n) = (s.d_model as f64, s.d_side as f64, s.taps.len() as f64);
+        let mut macs = n * d * ds + 2.0 * ds * d; // down, up, personal
+        match self.config.variant {
+            SideVariant::Mlp => macs += (n - 1.0) * ds * ds,
+            SideVariant::Ladder => {
+                let f = self.config.ladder.ffn_mult as f64 * ds;
+                macs += n * (4.0 * ds * ds + 2.0 * ds * ctx as f64 + 2.0 * ds * f);
+            }
+        }
+        let gin = d + if self.config.gate.use_side_state { ds } else { 0.0 };
+        macs + gin * self.config.gate.hidden as f64 + self.config.gate.hidden as f64
+    }
+}

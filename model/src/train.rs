@@ -1,0 +1,338 @@
+//! Local training of the side plugin and gate on cached backbone features, and their
+//! evaluation. The backbone never runs here: features come from a [`FeatureSet`].
+//!
+//! Loss = CE(side) + CE(mixture) + lambda * cost + mu/2 * ||shared - global||^2, where the
+//! mixture `g * p_side + (1 - g) * p_backbone` trains the gate (p_side detached, so the side
+//! learns only from its own CE), and the cost `g * [backbone already right]` pushes g to 0
+//! where the backbone suffices (fewer device calls at inference).
+use std::time::Instant;
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ModelError, Result};
+use crate::features::FeatureSet;
+use crate::side::config::SideVariant;
+use crate::side::{FrozenHead, Plugin, PluginNet, SharedParams};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    pub lr: f64,
+    /// Tokens per step for the `mlp` side (per-token), sequences per step for `ladder`.
+    pub batch_tokens: usize,
+    pub batch_sequences: usize,
+    pub weight_decay: f64,
+    /// Weight of the gate's cost term.
+    pub gate_cost: f64,
+    /// FedProx proximal weight (0 = plain local training).
+    pub prox_mu: f64,
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self { epochs: 3, lr: 3e-3, batch_tokens: 1024, batch_sequences: 8, weight_decay: 0.0, gate_cost: 0.1, prox_mu: 0.0, seed: 0 }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        let ok = self.epochs > 0
+            && self.epochs <= 1000
+            && self.lr.is_finite()
+            && self.lr > 0.0
+            && self.lr < 10.0
+            && self.batch_tokens > 0
+            && self.batch_sequences > 0
+            && self.weight_decay.is_finite()
+            && self.weight_decay >= 0.0
+            && self.gate_cost.is_finite()
+            && self.gate_cost >= 0.0
+            && self.prox_mu.is_finite()
+            && self.prox_mu >= 0.0;
+        if ok { Ok(()) } else { Err(ModelError::InvalidInput(format!("invalid training settings {self:?}"))) }
+    }
+}
+
+/// Progress events for a caller-owned display (the binaries draw indicatif bars).
+#[derive(Clone, Debug)]
+pub enum TrainEvent {
+    Start { total_steps: usize },
+    Step { step: usize, loss: f32 },
+    EpochEnd { epoch: usize, mean_loss: f32 },
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct TrainReport {
+    pub steps: usize,
+    pub epoch_losses: Vec<f32>,
+    pub tokens: usize,
+    pub seconds: f64,
+    pub tokens_per_second: f64,
+}
+
+/// One batch as tensors: features `[B, T, layers, d]`, targets `[B, T]`, mask `[B, T]`.
+struct Batch {
+    feats: Tensor<4>,
+    targets: Tensor<2, Int>,
+    mask: Tensor<2>,
+    tokens: usize,
+}
+
+/// Work units: single tokens (mlp) or whole sequences (ladder).
+enum Unit {
+    Token { ex: usize, pos: usize },
+    Sequence { ex: usize },
+}
+
+fn units(data: &FeatureSet, per_token: bool) -> Vec<Unit> {
+    let mut u = Vec::new();
+    for (i, e) in data.examples.iter().enumerate() {
+        if per_token {
+            u.extend(e.loss.iter().enumerate().filter(|(_, l)| **l).map(|(p, _)| Unit::Token { ex: i, pos: p }));
+        } else if e.loss.iter().any(|&l| l) {
+            u.push(Unit::Sequence { ex: i });
+        }
+    }
+    u
+}
+
+fn make_batch(data: &FeatureSet, units: &[&Unit], device: &Device) -> Batch {
+    let (l, d) = (data.layers.len(), data.d);
+    let row = l * d;
+    let t = units
+        .iter()
+        .map(|u| match u {
+            Unit::Token { .. } => 1,
+            Unit::Sequence { ex } => data.examples[*ex].len(),
+        })
+        .max()
+        .unwrap_or(1);
+    let b = units.len();
+    let mut feats = vec![0.0f32; b * t * row];
+    let mut targets = vec![0i64; b * t];
+    let mut mask = vec![0.0f32; b * t];
+    for (i, u) in units.iter().enumerate() {
+        match u {
+            Unit::Token { ex, pos } => {
+                let e = &data.examples[*ex];
+                feats[i * row..(i + 1) * row].copy_from_slice(&e.feats[pos * row..(pos + 1) * row]);
+                targets[i] = e.targets[*pos] as i64;
+                mask[i] = 1.0;
+            }
+            Unit::Sequence { ex } => {
+                let e = &data.examples[*ex];
+                let n = e.len();
+                feats[i * t * row..(i * t + n) * row].copy_from_slice(&e.feats);
+                for p in 0..n {
+                    targets[i * t + p] = e.targets[p] as i64;
+                    mask[i * t + p] = if e.loss[p] { 1.0 } else { 0.0 };
+                }
+            }
+        }
+    }
+    let tokens = mask.iter().filter(|&&m| m > 0.0).count();
+    Batch {
+        feats: Tensor::from_data(TensorData::new(feats, [b, t, l, d]), device),
+        targets: Tensor::from_data(TensorData::new(targets, [b, t]), device),
+        mask: Tensor::from_data(TensorData::new(mask, [b, t]), device),
+        tokens,
+    }
+}
+
+/// Per-layer `[B, T, d]` views of a batch, in the plugin's tap order, plus the final layer.
+fn split_layers(data: &FeatureSet, plugin_taps: &[usize], feats: &Tensor<4>) -> Result<(Vec<Tensor<3>>, Tensor<3>)> {
+    let [b, t, _, d] = feats.dims();
+    let layer = |k: usize| feats.clone().narrow(2, k, 1).reshape([b, t, d]);
+    let taps = plugin_taps.iter().map(|&tap| Ok(layer(data.layer_index(tap)?))).collect::<Result<Vec<_>>>()?;
+    let last = *data.layers.last().ok_or_else(|| ModelError::InvalidInput("empty feature set".into()))?;
+    Ok((taps, layer(data.layer_index(last)?)))
+}
+
+/// Per-position quantities every loss and metric is built from.
+struct Heads {
+    lp_side: Tensor<3>,
+    lp_bb: Tensor<3>,
+    gate: Tensor<3>,
+    tgt: Tensor<3, Int>,
+}
+
+fn heads(net: &PluginNet, plugin: &Plugin, head: &FrozenHead, data: &FeatureSet, batch: &Batch) -> Result<Heads> {
+    let (taps, h_last) = split_layers(data, &plugin.shape.taps, &batch.feats)?;
+    let out = net.forward(&taps, h_last.clone(), head, plugin.config.gate.use_side_state);
+    let lp_side = log_softmax(head.logits(out.side_hidden), 2);
+    let lp_bb = log_softmax(head.logits(h_last), 2).detach();
+    Ok(Heads { lp_side, lp_bb, gate: out.gate, tgt: batch.targets.clone().unsqueeze_dim(2) })
+}
+
+/// Sum over the shared parameters of `(w - w_global)^2`, with gradients (FedProx).
+struct Prox<'a> {
+    path: Vec<String>,
+    global: &'a SharedParams,
+    terms: Vec<Tensor<1>>,
+    missing: Vec<String>,
+}
+
+impl ModuleVisitor for Prox<'_> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let name = self.path.join(".");
+        if let Some(g) = self.global.as_set().tensors.get(&name) {
+            let w = param.val();
+            let device = w.device();
+            let n = g.numel();
+            let gt = Tensor::<1>::from_data(TensorData::new(g.values.clone(), [n]), &device);
+            self.terms.push((w.reshape([n]) - gt).square().sum());
+        } else if name.starts_with("side.") {
+            self.missing.push(name);
+        }
+    }
+}
+
+/// Trains `plugin` (shared and private parts) on `data`. With `global` and `prox_mu > 0`,
+/// adds FedProx's proximal term towards the round's global shared parameters.
+pub fn train_plugin(
+    plugin: Plugin,
+    head: &FrozenHead,
+    data: &FeatureSet,
+    cfg: &TrainConfig,
+    global: Option<&SharedParams>,
+    on_event: &mut dyn FnMut(TrainEvent),
+) -> Result<(Plugin, TrainReport)> {
+    cfg.validate()?;
+    if data.d != plugin.shape.d_model {
+        return Err(ModelError::InvalidInput(format!("features have d={}, plugin expects {}", data.d, plugin.shape.d_model)));
+    }
+    let per_token = plugin.config.variant == SideVariant::Mlp;
+    let all = units(data, per_token);
+    if all.is_empty() {
+        return Err(ModelError::Data("no training tokens".into()));
+    }
+    let device = plugin.net.side.up.weight.val().device();
+    let ad = device.clone().autodiff();
+    let head_ad = head.to_device(&ad);
+    let mut net = plugin.net.clone().fork(&ad).train();
+    let mut optim = AdamWConfig::new().with_weight_decay(cfg.weight_decay as f32).init();
+    let per_step = if per_token { cfg.batch_tokens } else { cfg.batch_sequences };
+    let steps_per_epoch = all.len().div_ceil(per_step);
+    on_event(TrainEvent::Start { total_steps: steps_per_epoch * cfg.epochs });
+    let mut rng = StdRng::seed_from_u64(cfg.seed);
+    let mut order: Vec<&Unit> = all.iter().collect();
+    let mut report = TrainReport::default();
+    let started = Instant::now();
+    for epoch in 0..cfg.epochs {
+        order.shuffle(&mut rng);
+        let mut sum = 0.0f32;
+        for chunk in order.chunks(per_step) {
+            let batch = make_batch(data, chunk, &ad);
+            let n = batch.tokens.max(1) as f64;
+            let h = heads(&net, &plugin, &head_ad, data, &batch)?;
+            let mask = batch.mask.clone().unsqueeze_dim::<3>(2);
+            let ls = h.lp_side.gather(2, h.tgt.clone());
+            let lb = h.lp_bb.clone().gather(2, h.tgt.clone());
+            let ce_side = (ls.clone() * mask.clone()).sum().neg().div_scalar(n);
+            let g = h.gate;
+            let mix = (g.clone() * ls.detach().exp() + g.clone().neg().add_scalar(1.0) * lb.exp()).clamp_min(1e-9).log();
+            let ce_mix = (mix * mask.clone()).sum().neg().div_scalar(n);
+            let bb_right = h.lp_bb.argmax(2).equal(h.tgt).float();
+            let cost = (g * bb_right * mask).sum().div_scalar(n).mul_scalar(cfg.gate_cost);
+            let mut loss = ce_side + ce_mix + cost;
+            if let (Some(global), true) = (global, cfg.prox_mu > 0.0) {
+                let mut prox = Prox { path: vec![], global, terms: vec![], missing: vec![] };
+                net.visit(&mut prox);
+                if !prox.missing.is_empty() {
+                    return Err(ModelError::Params(format!("global parameters lack {:?}", prox.missing)));
+                }
+                let total = Tensor::cat(prox.terms, 0).sum();
+                loss = loss + total.mul_scalar(cfg.prox_mu / 2.0);
+            }
+            let value = loss.clone().into_scalar::<f32>();
+            if !value.is_finite() {
+                return Err(ModelError::Data(format!("training diverged (loss {value}) at epoch {epoch}")));
+            }
+            let grads = GradientsParams::from_grads(loss.backward(), &net);
+            net = optim.step(cfg.lr, net, grads);
+            report.steps += 1;
+            report.tokens += batch.tokens;
+            sum += value;
+            on_event(TrainEvent::Step { step: report.steps, loss: value });
+        }
+        let mean = sum / steps_per_epoch as f32;
+        report.epoch_losses.push(mean);
+        on_event(TrainEvent::EpochEnd { epoch, mean_loss: mean });
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    report.tokens_per_second = report.tokens as f64 / report.seconds.max(1e-9);
+    let trained = Plugin { net: net.valid().fork(&device), ..plugin };
+    Ok((trained, report))
+}
+
+/// Per-token test metrics: backbone alone, side plugin alone, and the gated combination.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EvalMetrics {
+    pub tokens: usize,
+    pub backbone_loss: f64,
+    pub backbone_acc: f64,
+    pub side_loss: f64,
+    pub side_acc: f64,
+    /// Loss of the distribution actually used at inference (side where g > threshold).
+    pub routed_loss: f64,
+    pub routed_acc: f64,
+    /// Fraction of tokens the gate sends to the side plugin (device calls).
+    pub side_fraction: f64,
+}
+
+pub fn evaluate(plugin: &Plugin, head: &FrozenHead, data: &FeatureSet, batch_tokens: usize) -> Result<EvalMetrics> {
+    let per_token = plugin.config.variant == SideVariant::Mlp;
+    let all = units(data, per_token);
+    let device = plugin.net.side.up.weight.val().device();
+    let per_step = if per_token { batch_tokens.max(1) } else { 8 };
+    let thr = plugin.config.gate.threshold;
+    let mut acc = [0.0f64; 7];
+    let mut tokens = 0usize;
+    let refs: Vec<&Unit> = all.iter().collect();
+    for chunk in refs.chunks(per_step) {
+        let batch = make_batch(data, chunk, &device);
+        let h = heads(&plugin.net, plugin, head, data, &batch)?;
+        let mask = batch.mask.clone().unsqueeze_dim::<3>(2);
+        let ls = h.lp_side.clone().gather(2, h.tgt.clone());
+        let lb = h.lp_bb.clone().gather(2, h.tgt.clone());
+        let side_ok = h.lp_side.argmax(2).equal(h.tgt.clone()).float();
+        let bb_ok = h.lp_bb.argmax(2).equal(h.tgt).float();
+        let routed = h.gate.greater_elem(thr).float();
+        let not_routed = routed.clone().neg().add_scalar(1.0);
+        let sum = |t: Tensor<3>| (t * mask.clone()).sum().into_scalar::<f32>() as f64;
+        acc[0] += sum(lb.clone().neg());
+        acc[1] += sum(bb_ok.clone());
+        acc[2] += sum(ls.clone().neg());
+        acc[3] += sum(side_ok.clone());
+        acc[4] += sum((ls * routed.clone() + lb * not_routed.clone()).neg());
+        acc[5] += sum(side_ok * routed.clone() + bb_ok * not_routed);
+        acc[6] += sum(routed);
+        tokens += batch.tokens;
+    }
+    let n = tokens.max(1) as f64;
+    Ok(EvalMetrics {
+        tokens,
+        backbone_loss: acc[0] / n,
+        backbone_acc: acc[1] / n,
+        side_loss: acc[2] / n,
+        side_acc: acc[3] / n,
+        routed_loss: acc[4] / n,
+        routed_acc: acc[5] / n,
+        side_fraction: acc[6] / n,
+    })
+}

@@ -1,0 +1,173 @@
+//! Side plugin, gate, roles and local training on the tiny fixture backbone.
+use std::path::PathBuf;
+
+use spa_model::backbone::load_backbone;
+use spa_model::features::{Positions, TokenizedExample, extract_features};
+use spa_model::side::{FrozenHead, Plugin, SideConfig, SideVariant};
+use spa_model::tensor_util::{from_vec, to_vec};
+use spa_model::train::{TrainConfig, evaluate, train_plugin};
+use spa_model::{Backbone, BackendKind};
+
+fn backbone() -> Backbone {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
+    load_backbone(&dir, &BackendKind::Flex.device().unwrap()).unwrap()
+}
+
+/// A learnable private habit the random backbone cannot know: after a random prompt the
+/// reply is always 10 11 12 13 14 15 16 17.
+fn examples(n: usize, seed: u64) -> Vec<TokenizedExample> {
+    let mut x = seed;
+    (0..n)
+        .map(|_| {
+            let mut ids: Vec<u32> = (0..6)
+                .map(|_| {
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    (x >> 33) as u32 % 90 + 3
+                })
+                .collect();
+            ids.extend(10..18);
+            TokenizedExample { ids, reply_start: 6 }
+        })
+        .collect()
+}
+
+fn config(variant: SideVariant) -> SideConfig {
+    SideConfig { variant, reduction: 4, ..SideConfig::default() }
+}
+
+fn positions(v: SideVariant) -> Positions {
+    if v == SideVariant::Mlp { Positions::LossOnly } else { Positions::All }
+}
+
+#[test]
+fn fresh_plugin_reproduces_the_backbone() {
+    let bb = backbone();
+    let head = FrozenHead::from_backbone(&bb);
+    for v in [SideVariant::Mlp, SideVariant::Ladder] {
+        let plugin = Plugin::new(&config(v), &bb.config, &bb.device).unwrap();
+        let data = extract_features(&bb, &examples(2, 1), &plugin.shape.feature_layers, Positions::All, 4).unwrap();
+        let m = evaluate(&plugin, &head, &data, 256).unwrap();
+        assert!((m.side_loss - m.backbone_loss).abs() < 1e-5, "{v:?}: {m:?}");
+        assert_eq!(m.side_acc, m.backbone_acc);
+    }
+}
+
+#[test]
+fn roles_split_shared_from_private() {
+    let bb = backbone();
+    let plugin = Plugin::new(&config(SideVariant::Ladder), &bb.config, &bb.device).unwrap();
+    let (shared, private) = plugin.split().unwrap();
+    assert!(shared.as_set().tensors.keys().all(|k| k.starts_with("side.")));
+    assert!(shared.as_set().tensors.keys().any(|k| k.starts_with("side.blocks.")));
+    assert!(private.tensors.keys().all(|k| k.starts_with("gate.") || k.starts_with("personal.")));
+    assert!(private.tensors.contains_key("personal.weight"));
+    assert_eq!(shared.as_set().numel() + private.numel(), plugin.params().numel());
+    // A rule set that forgets a path fails closed.
+    let mut cfg = config(SideVariant::Mlp);
+    cfg.roles.private = vec!["gate.".into()];
+    assert!(Plugin::new(&cfg, &bb.config, &bb.device).unwrap_err().to_string().contains("personal"));
+}
+
+fn train_and_eval(v: SideVariant, seed: u64, cfg: &TrainConfig) -> (Plugin, spa_model::train::EvalMetrics, spa_model::train::EvalMetrics) {
+    let bb = backbone();
+    let head = FrozenHead::from_backbone(&bb);
+    let plugin = Plugin::new(&SideConfig { seed, ..config(v) }, &bb.config, &bb.device).unwrap();
+    let layers = plugin.shape.feature_layers.clone();
+    let train = extract_features(&bb, &examples(48, 7), &layers, positions(v), 16).unwrap();
+    let test = extract_features(&bb, &examples(16, 99), &layers, positions(v), 16).unwrap();
+    let before = evaluate(&plugin, &head, &test, 256).unwrap();
+    let (plugin, report) = train_plugin(plugin, &head, &train, cfg, None, &mut |_| {}).unwrap();
+    assert!(report.epoch_losses.last().unwrap() < report.epoch_losses.first().unwrap(), "{report:?}");
+    let after = evaluate(&plugin, &head, &test, 256).unwrap();
+    (plugin, before, after)
+}
+
+fn quick(epochs: usize) -> TrainConfig {
+    TrainConfig { epochs, lr: 1e-2, batch_tokens: 64, batch_sequences: 8, ..TrainConfig::default() }
+}
+
+#[test]
+fn mlp_side_learns_what_the_backbone_cannot() {
+    let (_, before, after) = train_and_eval(SideVariant::Mlp, 0, &quick(20));
+    assert!(after.side_loss < 0.5 * before.side_loss, "before {before:?} after {after:?}");
+    assert!(after.side_acc > 0.9 && after.side_acc > after.backbone_acc + 0.5, "{after:?}");
+    // The gate learned to call the side plugin where it helps.
+    assert!(after.routed_acc > after.backbone_acc + 0.5, "{after:?}");
+}
+
+#[test]
+fn ladder_side_learns_what_the_backbone_cannot() {
+    let (_, before, after) = train_and_eval(SideVariant::Ladder, 0, &quick(20));
+    assert!(after.side_loss < 0.5 * before.side_loss, "before {before:?} after {after:?}");
+    assert!(after.side_acc > 0.9, "{after:?}");
+}
+
+#[test]
+fn training_is_deterministic_with_a_seed() {
+    let (a, _, _) = train_and_eval(SideVariant::Mlp, 3, &quick(2));
+    let (b, _, _) = train_and_eval(SideVariant::Mlp, 3, &quick(2));
+    assert_eq!(a.params(), b.params());
+    let (c, _, _) = train_and_eval(SideVariant::Mlp, 4, &quick(2));
+    assert_ne!(a.params(), c.params());
+}
+
+#[test]
+fn shared_and_private_parts_save_and_load_separately() {
+    let (trained, _, after) = train_and_eval(SideVariant::Mlp, 0, &quick(3));
+    let dir = tempfile::tempdir().unwrap();
+    let (shared, private) = trained.split().unwrap();
+    shared.as_set().save(&dir.path().join("shared.safetensors")).unwrap();
+    private.save(&dir.path().join("private.safetensors")).unwrap();
+    let bb = backbone();
+    let head = FrozenHead::from_backbone(&bb);
+    let fresh = Plugin::new(&config(SideVariant::Mlp), &bb.config, &bb.device).unwrap();
+    let loaded = fresh
+        .load(&spa_model::side::ParamSet::load(&dir.path().join("shared.safetensors")).unwrap())
+        .unwrap()
+        .load(&spa_model::side::ParamSet::load(&dir.path().join("private.safetensors")).unwrap())
+        .unwrap();
+    assert_eq!(loaded.params(), trained.params());
+    let test = extract_features(&bb, &examples(16, 99), &loaded.shape.feature_layers, Positions::LossOnly, 16).unwrap();
+    assert_eq!(evaluate(&loaded, &head, &test, 256).unwrap(), after);
+}
+
+#[test]
+fn fedprox_keeps_shared_parameters_near_the_global_ones() {
+    let bb = backbone();
+    let head = FrozenHead::from_backbone(&bb);
+    let plugin = Plugin::new(&config(SideVariant::Mlp), &bb.config, &bb.device).unwrap();
+    let global = plugin.shared().unwrap();
+    let train = extract_features(&bb, &examples(32, 7), &plugin.shape.feature_layers, Positions::LossOnly, 16).unwrap();
+    let dist = |mu: f64| {
+        let cfg = TrainConfig { prox_mu: mu, ..quick(5) };
+        let (p, _) = train_plugin(plugin.clone(), &head, &train, &cfg, Some(&global), &mut |_| {}).unwrap();
+        let d = p.shared().unwrap().delta_from(&global).unwrap();
+        d.iter().map(|x| x * x).sum::<f32>().sqrt()
+    };
+    let (free, prox) = (dist(0.0), dist(10.0));
+    assert!(prox < 0.5 * free, "||delta|| without prox {free}, with mu=10 {prox}");
+}
+
+#[test]
+fn bad_training_input_is_rejected() {
+    let bb = backbone();
+    let head = FrozenHead::from_backbone(&bb);
+    let plugin = Plugin::new(&config(SideVariant::Mlp), &bb.config, &bb.device).unwrap();
+    let train = extract_features(&bb, &examples(4, 7), &plugin.shape.feature_layers, Positions::LossOnly, 4).unwrap();
+    let bad = TrainConfig { lr: f64::NAN, ..quick(1) };
+    assert!(train_plugin(plugin.clone(), &head, &train, &bad, None, &mut |_| {}).is_err());
+    let mut empty = train.clone();
+    empty.examples.clear();
+    assert!(train_plugin(plugin.clone(), &head, &empty, &quick(1), None, &mut |_| {}).is_err());
+    // Features with a NaN are refused at the door.
+    let ex = &examples(1, 1)[0];
+    let n = ex.loss_positions().len();
+    let mut states = vec![vec![0.0f32; n * train.d]; train.layers.len()];
+    states[0][0] = f32::NAN;
+    assert!(train.example_from_states(ex, &states).is_err());
+    // And the head maths agree with the backbone's own.
+    let h = from_vec(vec![0.5f32; 64], [1, 1, 64], &bb.device);
+    let a = to_vec(head.logits(h.clone()));
+    let b = to_vec(bb.head(h));
+    assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-5));
+}
