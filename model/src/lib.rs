@@ -9,6 +9,7 @@ pub mod config;
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod experiment;
 pub mod features;
 pub mod pretrain;
 pub mod side;
