@@ -1,4 +1,4 @@
-//! SecAgg+ benchmarks (see docs/BENCHMARKS-secagg.md for figures and commands).
+//! SecAgg+ benchmarks (see docs/BENCHMARKS.md for figures and commands).
 //! Sessions are built in memory with the crate's own state machines.
 
 use std::collections::BTreeMap;

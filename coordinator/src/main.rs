@@ -1,7 +1,7 @@
 use anyhow::Result;
 
 // glibc malloc hands large tensor buffers back to the kernel and page-faults them in again on
-// every op; mimalloc keeps them (about 15% of pretraining time, docs/BENCHMARKS.md).
+// every op; mimalloc keeps them (pretraining throughput, docs/BENCHMARKS.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::{Parser, Subcommand};

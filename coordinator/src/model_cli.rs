@@ -7,7 +7,12 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use spa_model::backbone::{TokenBatch, load_backbone};
-use spa_model::data::shakespeare::{parse_play_script, pretraining_text, rank_roles};
+use spa_model::data::shakespeare::{ExampleLimits, leaf_users, parse_play_script, pretraining_split, rank_roles};
+use spa_model::data::synthetic::synthetic_users;
+use spa_model::experiment::local_personalization;
+use spa_model::generate::{LocalStates, Sampling, generate};
+use spa_model::side::{FrozenHead, SideConfig, SideVariant};
+use spa_model::train::TrainConfig;
 use spa_model::pretrain::{PretrainConfig, PretrainEvent, pretrain, windowed_loss};
 use spa_model::tensor_util::to_vec;
 use spa_model::tokenizer::{Tokenizer, char_level_json};
@@ -29,6 +34,12 @@ pub enum ModelCommand {
         model: PathBuf,
         #[arg(long)]
         text: PathBuf,
+        /// Treat --text as a play-script corpus and evaluate on the held-out tail that
+        /// `pretrain` with the same --exclude-speakers and this fraction kept for validation.
+        #[arg(long)]
+        heldout_fraction: Option<f64>,
+        #[arg(long, requires = "heldout_fraction")]
+        exclude_speakers: Option<PathBuf>,
         /// Number of evenly spaced windows (0 = enough to cover the text once).
         #[arg(long, default_value_t = 0)]
         windows: usize,
@@ -45,6 +56,63 @@ pub enum ModelCommand {
     },
     /// Pretrain a small LLaMA-architecture backbone with a character-level tokenizer.
     Pretrain(PretrainArgs),
+    /// Sample text from a backbone (no side plugin).
+    Generate {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 200)]
+        max_tokens: usize,
+        /// 0 = greedy.
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f64,
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Local personalization experiment: backbone alone vs a side plugin trained per user.
+    Experiment(ExperimentArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ExperimentArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// Play-script corpus whose roles are the users (LEAF Shakespeare); without it, synthetic users.
+    #[arg(long)]
+    corpus: Option<PathBuf>,
+    /// One role per line (default: configs/device_roles.txt's format); needs --corpus.
+    #[arg(long)]
+    roles: Option<PathBuf>,
+    /// Number of users (roles taken in file order, or synthetic users).
+    #[arg(long, default_value_t = 10)]
+    users: usize,
+    /// Examples per synthetic user.
+    #[arg(long, default_value_t = 60)]
+    examples: usize,
+    #[arg(long, value_enum, default_value_t = Variant::Mlp)]
+    variant: Variant,
+    #[arg(long, default_value_t = 8)]
+    reduction: usize,
+    #[arg(long, default_value_t = 3)]
+    epochs: usize,
+    #[arg(long, default_value_t = 3e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 256)]
+    batch_tokens: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print the per-user results as JSON instead of a markdown table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum Variant {
+    Mlp,
+    Ladder,
 }
 
 #[derive(Args, Debug)]
@@ -96,10 +164,17 @@ pub fn run(cmd: ModelCommand, backend: Option<BackendKind>) -> Result<()> {
             let rows: Vec<&[f32]> = logits.chunks(bb.config.vocab_size).collect();
             println!("{}", serde_json::json!({ "logits": rows }));
         }
-        ModelCommand::Eval { model, text, windows } => {
+        ModelCommand::Eval { model, text, heldout_fraction, exclude_speakers, windows } => {
             let bb = load_backbone(&model, &device)?;
             let tok = Tokenizer::from_file(&model.join("tokenizer.json"))?;
-            let content = std::fs::read_to_string(&text).with_context(|| format!("reading {}", text.display()))?;
+            let mut content = std::fs::read_to_string(&text).with_context(|| format!("reading {}", text.display()))?;
+            if let Some(frac) = heldout_fraction {
+                let exclude = match &exclude_speakers {
+                    Some(p) => read_lines(p)?,
+                    None => HashSet::new(),
+                };
+                content = pretraining_split(&parse_play_script(&content), &exclude, frac)?.1;
+            }
             let ids = tok.encode(&content)?;
             let ctx = bb.config.max_position_embeddings;
             if ids.len() <= ctx + 1 {
@@ -116,13 +191,86 @@ pub fn run(cmd: ModelCommand, backend: Option<BackendKind>) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&sel)?);
         }
         ModelCommand::Pretrain(a) => run_pretrain(a, &device)?,
+        ModelCommand::Generate { model, prompt, max_tokens, temperature, top_k, seed } => {
+            let bb = load_backbone(&model, &device)?;
+            let tok = Tokenizer::from_file(&model.join("tokenizer.json"))?;
+            let ids = tok.encode(&prompt)?;
+            let head = FrozenHead::from_backbone(&bb);
+            let mut src = LocalStates::new(&bb, &[bb.config.num_layers])?;
+            let sampling = Sampling { temperature, top_k, seed };
+            let started = std::time::Instant::now();
+            let g = generate(&mut src, &head, None, &ids, max_tokens, &sampling, None)?;
+            let secs = started.elapsed().as_secs_f64();
+            println!("{prompt}{}", tok.decode(&g.ids)?);
+            eprintln!("{} tokens in {secs:.2} s ({:.1} tokens/s)", g.ids.len(), g.ids.len() as f64 / secs.max(1e-9));
+        }
+        ModelCommand::Experiment(a) => run_experiment(a, &device)?,
     }
     Ok(())
 }
 
-fn read_lines(path: &Path) -> Result<HashSet<String>> {
+fn run_experiment(a: ExperimentArgs, device: &spa_model::burn::tensor::Device) -> Result<()> {
+    let bb = load_backbone(&a.model, device)?;
+    let tok = Tokenizer::from_file(&a.model.join("tokenizer.json"))?;
+    let users = match (&a.corpus, &a.roles) {
+        (Some(corpus), roles) => {
+            let text = std::fs::read_to_string(corpus).with_context(|| format!("reading {}", corpus.display()))?;
+            let speeches = parse_play_script(&text);
+            let names: Vec<String> = match roles {
+                Some(r) => read_lines_ordered(r)?,
+                None => rank_roles(&speeches).into_iter().map(|r| r.name).collect(),
+            };
+            let names: Vec<String> = names.into_iter().take(a.users).collect();
+            leaf_users(&speeches, &names, ExampleLimits::default(), 0.8)
+        }
+        (None, Some(_)) => bail!("--roles needs --corpus"),
+        (None, None) => synthetic_users(a.users, a.examples, a.seed),
+    };
+    let variant = match a.variant {
+        Variant::Mlp => SideVariant::Mlp,
+        Variant::Ladder => SideVariant::Ladder,
+    };
+    let side = SideConfig { variant, reduction: a.reduction, seed: a.seed, ..SideConfig::default() };
+    let train = TrainConfig { epochs: a.epochs, lr: a.lr, batch_tokens: a.batch_tokens, seed: a.seed, ..TrainConfig::default() };
+    if !a.json {
+        println!("| user | train tokens | test tokens | backbone loss | side loss | routed loss | backbone acc | side acc | routed acc | gate on |");
+        println!("|---|---|---|---|---|---|---|---|---|---|");
+    }
+    let results = local_personalization(&bb, &tok, &users, &side, &train, &mut |r| {
+        if !a.json {
+            let t = &r.test;
+            println!(
+                "| {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} |",
+                r.user, r.train_tokens, t.tokens, t.backbone_loss, t.side_loss, t.routed_loss, t.backbone_acc, t.side_acc, t.routed_acc, t.side_fraction
+            );
+        }
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    } else {
+        let wins = results.iter().filter(|r| r.side_wins()).count();
+        let mean = |f: &dyn Fn(&spa_model::train::EvalMetrics) -> f64| results.iter().map(|r| f(&r.test)).sum::<f64>() / results.len().max(1) as f64;
+        println!(
+            "\nside plugin beats the backbone (test loss) on {wins}/{} users; mean test loss {:.3} -> {:.3} (routed {:.3}), mean accuracy {:.3} -> {:.3} (routed {:.3})",
+            results.len(),
+            mean(&|t| t.backbone_loss),
+            mean(&|t| t.side_loss),
+            mean(&|t| t.routed_loss),
+            mean(&|t| t.backbone_acc),
+            mean(&|t| t.side_acc),
+            mean(&|t| t.routed_acc),
+        );
+    }
+    Ok(())
+}
+
+fn read_lines_ordered(path: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     Ok(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from).collect())
+}
+
+fn read_lines(path: &Path) -> Result<HashSet<String>> {
+    Ok(read_lines_ordered(path)?.into_iter().collect())
 }
 
 fn run_pretrain(a: PretrainArgs, device: &spa_model::burn::tensor::Device) -> Result<()> {
@@ -135,12 +283,7 @@ fn run_pretrain(a: PretrainArgs, device: &spa_model::burn::tensor::Device) -> Re
     if speeches.is_empty() {
         bail!("{} has no `SPEAKER:` blocks", a.corpus.display());
     }
-    let corpus = pretraining_text(&speeches, &exclude);
-    if !(0.0..0.5).contains(&a.val_fraction) {
-        bail!("--val-fraction must be in [0, 0.5)");
-    }
-    let cut = corpus.char_indices().nth(((1.0 - a.val_fraction) * corpus.chars().count() as f64) as usize).map_or(corpus.len(), |(i, _)| i);
-    let (train, val) = corpus.split_at(cut);
+    let (train, val) = pretraining_split(&speeches, &exclude, a.val_fraction)?;
     // The vocabulary covers the whole file, so device data (excluded roles) encodes fully.
     let tok_json = char_level_json(text.chars());
     let tok = Tokenizer::from_json(&tok_json)?;
@@ -168,7 +311,7 @@ fn run_pretrain(a: PretrainArgs, device: &spa_model::burn::tensor::Device) -> Re
     );
     let bar = ProgressBar::new(cfg.steps as u64);
     bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}").expect("template"));
-    let report = pretrain(&tok, &tok_json, train, val, &cfg, device, &a.out, &mut |e| match e {
+    let report = pretrain(&tok, &tok_json, &train, &val, &cfg, device, &a.out, &mut |e| match e {
         PretrainEvent::Start { .. } => {}
         PretrainEvent::Step { loss, lr, .. } => {
             bar.inc(1);

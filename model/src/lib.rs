@@ -11,6 +11,7 @@ pub mod device;
 pub mod error;
 pub mod experiment;
 pub mod features;
+pub mod generate;
 pub mod pretrain;
 pub mod side;
 pub mod tensor_util;

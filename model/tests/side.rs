@@ -1,7 +1,8 @@
 //! Side plugin, gate, roles and local training on the tiny fixture backbone.
 use std::path::PathBuf;
 
-use spa_model::backbone::load_backbone;
+use spa_model::backbone::{TokenBatch, load_backbone};
+use spa_model::generate::{LocalStates, Sampling, generate};
 use spa_model::features::{Positions, TokenizedExample, extract_features};
 use spa_model::side::{FrozenHead, Plugin, SideConfig, SideVariant};
 use spa_model::tensor_util::{from_vec, to_vec};
@@ -86,20 +87,70 @@ fn quick(epochs: usize) -> TrainConfig {
     TrainConfig { epochs, lr: 1e-2, batch_tokens: 64, batch_sequences: 8, ..TrainConfig::default() }
 }
 
+/// Greedy personalized decoding after an unseen prompt reproduces the private habit, with
+/// the gate handing those tokens to the side plugin; the backbone alone does not.
+fn generates_the_habit(plugin: &Plugin) {
+    let bb = backbone();
+    let head = FrozenHead::from_backbone(&bb);
+    let greedy = Sampling { temperature: 0.0, ..Sampling::default() };
+    let prompt = examples(1, 12345)[0].ids[..6].to_vec();
+    let mut src = LocalStates::new(&bb, &plugin.shape.feature_layers).unwrap();
+    let g = generate(&mut src, &head, Some(plugin), &prompt, 8, &greedy, None).unwrap();
+    let hits = g.ids.iter().zip(10..18).filter(|(a, b)| **a == *b).count();
+    assert!(hits >= 7, "personalized: {:?}", g);
+    assert!(g.side_fraction() >= 0.75, "{g:?}");
+    let mut src = LocalStates::new(&bb, &[bb.config.num_layers]).unwrap();
+    let base = generate(&mut src, &head, None, &prompt, 8, &greedy, None).unwrap();
+    assert!(base.ids.iter().zip(10..18).filter(|(a, b)| **a == *b).count() <= 2, "backbone: {base:?}");
+}
+
+#[test]
+fn greedy_generation_matches_a_full_forward_per_token() {
+    let bb = backbone();
+    let head = FrozenHead::from_backbone(&bb);
+    let prompt = vec![5u32, 9, 42, 17];
+    let mut src = LocalStates::new(&bb, &[bb.config.num_layers]).unwrap();
+    let greedy = Sampling { temperature: 0.0, ..Sampling::default() };
+    let g = generate(&mut src, &head, None, &prompt, 12, &greedy, None).unwrap();
+    let mut ids = prompt.clone();
+    for _ in 0..12 {
+        let tb = TokenBatch::new(vec![ids.clone()], &bb.config, 0).unwrap();
+        let logits = to_vec(bb.forward(&tb, &[], true, None).logits.unwrap());
+        let v = bb.config.vocab_size;
+        let last = &logits[logits.len() - v..];
+        ids.push(last.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 as u32);
+    }
+    assert_eq!(g.ids, ids[prompt.len()..]);
+    assert!(g.from_side.iter().all(|s| !s));
+    // Sampling is reproducible with a seed, and the context limit is respected.
+    let warm = Sampling { temperature: 1.0, top_k: 5, seed: 3 };
+    let a = generate(&mut LocalStates::new(&bb, &[bb.config.num_layers]).unwrap(), &head, None, &prompt, 10, &warm, None).unwrap();
+    let b = generate(&mut LocalStates::new(&bb, &[bb.config.num_layers]).unwrap(), &head, None, &prompt, 10, &warm, None).unwrap();
+    assert_eq!(a, b);
+    let room = bb.config.max_position_embeddings - prompt.len();
+    let long = generate(&mut LocalStates::new(&bb, &[bb.config.num_layers]).unwrap(), &head, None, &prompt, room + 50, &greedy, None).unwrap();
+    assert_eq!(long.ids.len(), room);
+    let bad = Sampling { temperature: f64::NAN, ..Sampling::default() };
+    assert!(generate(&mut LocalStates::new(&bb, &[bb.config.num_layers]).unwrap(), &head, None, &prompt, 1, &bad, None).is_err());
+    assert!(generate(&mut LocalStates::new(&bb, &[bb.config.num_layers]).unwrap(), &head, None, &[], 1, &greedy, None).is_err());
+}
+
 #[test]
 fn mlp_side_learns_what_the_backbone_cannot() {
-    let (_, before, after) = train_and_eval(SideVariant::Mlp, 0, &quick(20));
+    let (plugin, before, after) = train_and_eval(SideVariant::Mlp, 0, &quick(20));
     assert!(after.side_loss < 0.5 * before.side_loss, "before {before:?} after {after:?}");
     assert!(after.side_acc > 0.9 && after.side_acc > after.backbone_acc + 0.5, "{after:?}");
     // The gate learned to call the side plugin where it helps.
     assert!(after.routed_acc > after.backbone_acc + 0.5, "{after:?}");
+    generates_the_habit(&plugin);
 }
 
 #[test]
 fn ladder_side_learns_what_the_backbone_cannot() {
-    let (_, before, after) = train_and_eval(SideVariant::Ladder, 0, &quick(20));
+    let (plugin, before, after) = train_and_eval(SideVariant::Ladder, 0, &quick(20));
     assert!(after.side_loss < 0.5 * before.side_loss, "before {before:?} after {after:?}");
     assert!(after.side_acc > 0.9, "{after:?}");
+    generates_the_habit(&plugin);
 }
 
 #[test]

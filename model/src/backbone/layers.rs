@@ -17,7 +17,7 @@ impl Linear {
 
     /// Leading dimensions are flattened first: one `[N, in] x [in, out]` gemm packs the
     /// weight once and splits well across threads, where a batched 3-D matmul packed it per
-    /// batch row (measured 2x slower end to end in pretraining, docs/BENCHMARKS.md).
+    /// batch row (`linear_layout` in benches/model.rs; figures in docs/BENCHMARKS.md).
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let dims = x.dims();
         let din = dims[D - 1];

@@ -58,6 +58,19 @@ pub fn pretraining_text(speeches: &[Speech], exclude: &HashSet<String>) -> Strin
         .collect()
 }
 
+/// The pretraining corpus (without `exclude`'s speeches) cut into train and held-out text:
+/// the last `val_fraction` of its characters are held out.
+pub fn pretraining_split(speeches: &[Speech], exclude: &HashSet<String>, val_fraction: f64) -> crate::Result<(String, String)> {
+    if !(0.0..0.5).contains(&val_fraction) {
+        return Err(crate::ModelError::InvalidInput(format!("val fraction {val_fraction} must be in [0, 0.5)")));
+    }
+    let mut corpus = pretraining_text(speeches, exclude);
+    let n = corpus.chars().count();
+    let cut = corpus.char_indices().nth(((1.0 - val_fraction) * n as f64) as usize).map_or(corpus.len(), |(i, _)| i);
+    let val = corpus.split_off(cut);
+    Ok((corpus, val))
+}
+
 /// Limits applied when turning speeches into examples that fit the backbone's context.
 #[derive(Clone, Copy, Debug)]
 pub struct ExampleLimits {

@@ -1,0 +1,229 @@
+//! Model hot paths, measured in one run so that ratios are meaningful on a noisy machine:
+//! - a plain 1024^2 f32 matmul (the machine's practical peak, the baseline of every ratio);
+//! - backbone prefill and per-token decode (KV cache) at two sizes;
+//! - one side-plugin training pass (mlp and ladder) as achieved FLOP/s;
+//! - side FLOPs per token as a fraction of the backbone's.
+//!
+//! Every figure is the median of several repetitions. Run:
+//!   cargo bench -p spa-model --bench model [-- flex|ndarray ...]
+use std::path::PathBuf;
+use std::time::Instant;
+
+use burn::tensor::{Device, Distribution, Tensor};
+use spa_model::backbone::{TokenBatch, load_backbone};
+use spa_model::data::synthetic::synthetic_users;
+use spa_model::features::{extract_features, tokenize_examples};
+use spa_model::side::{FrozenHead, Plugin, SideConfig, SideVariant};
+use spa_model::tensor_util::to_vec;
+use spa_model::tokenizer::Tokenizer;
+use spa_model::train::{TrainConfig, train_plugin};
+use spa_model::{Backbone, BackboneConfig, BackendKind};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Median seconds of `f` over `reps` runs after one warm-up.
+fn time(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    median(
+        (0..reps)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .collect(),
+    )
+}
+
+fn matmul_gflops(device: &Device, n: usize) -> f64 {
+    let a = Tensor::<2>::random([n, n], Distribution::Normal(0.0, 1.0), device);
+    let b = Tensor::<2>::random([n, n], Distribution::Normal(0.0, 1.0), device);
+    let s = time(9, || {
+        let c = a.clone().matmul(b.clone());
+        std::hint::black_box(to_vec(c.slice([0..1, 0..1])));
+    });
+    2.0 * (n * n * n) as f64 / s / 1e9
+}
+
+fn shipped_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/shakespeare-char")
+}
+
+/// A larger backbone of the same family (random weights: speed does not depend on them).
+fn medium(device: &Device) -> Backbone {
+    let json = r#"{"architectures":["LlamaForCausalLM"],"model_type":"llama","vocab_size":68,
+        "hidden_size":512,"intermediate_size":1376,"num_hidden_layers":8,"num_attention_heads":8,
+        "num_key_value_heads":4,"head_dim":64,"rms_norm_eps":1e-5,"rope_theta":10000.0,
+        "max_position_embeddings":256,"tie_word_embeddings":false,"hidden_act":"silu"}"#;
+    Backbone::init_random(BackboneConfig::from_json(json).expect("config"), 0, device)
+}
+
+fn bench_backbone(name: &str, bb: &Backbone, peak: f64) {
+    let cfg = &bb.config;
+    let ctx = cfg.max_position_embeddings;
+    let seq: Vec<u32> = (0..ctx).map(|i| (i * 7 % cfg.vocab_size) as u32).collect();
+    for batch in [1usize, 8] {
+        let tb = TokenBatch::new(vec![seq.clone(); batch], cfg, 0).unwrap();
+        let s = time(5, || {
+            let out = bb.forward(&tb, &[], true, None);
+            std::hint::black_box(to_vec(out.logits.unwrap().slice([0..1, 0..1, 0..1])));
+        });
+        let tokens = (batch * ctx) as f64;
+        // Mean attention span over a causal prefill is ctx / 2.
+        let gflops = 2.0 * cfg.macs_per_token(ctx / 2) * tokens / s / 1e9;
+        println!(
+            "| {name} | prefill {batch}x{ctx} | {:.1} ms | {:.0} tokens/s | {gflops:.1} GFLOP/s | {:.0}% |",
+            s * 1e3,
+            tokens / s,
+            100.0 * gflops / peak
+        );
+    }
+    let (prompt, steps) = (ctx / 2, 64);
+    let runs: Vec<f64> = (0..6)
+        .map(|_| {
+            let mut cache = bb.new_cache();
+            bb.forward(&TokenBatch::new(vec![seq[..prompt].to_vec()], cfg, 0).unwrap(), &[], false, Some(&mut cache));
+            let t = Instant::now();
+            for i in 0..steps {
+                let tb = TokenBatch::new(vec![vec![seq[prompt + i]]], cfg, cache.len()).unwrap();
+                let out = bb.forward(&tb, &[], true, Some(&mut cache));
+                std::hint::black_box(to_vec(out.logits.unwrap()));
+            }
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    // The first run is a warm-up.
+    let per_token = median(runs[1..].to_vec()) / steps as f64;
+    let gflops = 2.0 * cfg.macs_per_token(prompt + steps / 2) / per_token / 1e9;
+    println!(
+        "| {name} | decode 1 token at {prompt}..{} (KV cache) | {:.2} ms/token | {:.0} tokens/s | {gflops:.2} GFLOP/s | {:.1}% |",
+        prompt + steps,
+        per_token * 1e3,
+        1.0 / per_token,
+        100.0 * gflops / peak
+    );
+}
+
+/// Training FLOPs per loss token: forward + backward (about 3x the forward MACs of the
+/// trainable side network, gate and personal head), plus the frozen head on the side state
+/// (forward and input gradient) and on the backbone state (forward only).
+fn train_flops_per_token(p: &Plugin, ctx: usize) -> f64 {
+    let head = (p.shape.d_model * p.shape.vocab) as f64;
+    2.0 * (3.0 * p.macs_per_token(ctx) + 3.0 * head)
+}
+
+fn bench_side(bb: &Backbone, peak: f64) {
+    let tok = Tokenizer::from_file(&shipped_dir().join("tokenizer.json")).unwrap();
+    let users = synthetic_users(4, 60, 1);
+    let examples: Vec<_> = users.iter().flat_map(|u| u.train.clone()).collect();
+    let ex = tokenize_examples(&tok, &examples, bb.config.max_position_embeddings).unwrap();
+    let head = FrozenHead::from_backbone(bb);
+    for variant in [SideVariant::Mlp, SideVariant::Ladder] {
+        let side = SideConfig { variant, ..SideConfig::default() };
+        let plugin = Plugin::new(&side, &bb.config, &bb.device).unwrap();
+        let pos = spa_model::experiment::positions_for(variant);
+        let feats = extract_features(bb, &ex, &plugin.shape.feature_layers, pos, 8).unwrap();
+        let train = TrainConfig { epochs: 1, batch_tokens: 1024, batch_sequences: 8, ..TrainConfig::default() };
+        let mut tokens = 0;
+        let mut steps = 0;
+        let s = time(5, || {
+            let (_, r) = train_plugin(plugin.clone(), &head, &feats, &train, None, &mut |_| {}).unwrap();
+            tokens = r.tokens;
+            steps = r.steps;
+        });
+        // The ladder attends over whole sequences: its per-token cost uses their mean length.
+        let mean_len = feats.examples.iter().map(|e| e.len()).sum::<usize>() / feats.examples.len().max(1);
+        let gflops = train_flops_per_token(&plugin, mean_len) * tokens as f64 / s / 1e9;
+        let ctx = bb.config.max_position_embeddings;
+        println!(
+            "| side {variant:?} r=8 | train {steps} steps, {tokens} loss tokens | {:.1} ms/step | {:.0} tokens/s | {gflops:.2} GFLOP/s | {:.1}% |",
+            s * 1e3 / steps as f64,
+            tokens as f64 / s,
+            100.0 * gflops / peak
+        );
+        let frac = plugin.macs_per_token(ctx) / bb.config.macs_per_token(ctx);
+        let head = (bb.config.hidden_size * bb.config.vocab_size) as f64;
+        let frac_head = (plugin.macs_per_token(ctx) + head) / bb.config.macs_per_token(ctx);
+        println!(
+            "| side {variant:?} r=8 | FLOPs/token vs backbone at ctx {ctx} | {:.2}% | {:.2}% with its own vocabulary projection | | |",
+            100.0 * frac,
+            100.0 * frac_head
+        );
+    }
+}
+
+/// `Linear::forward` flattens leading dimensions into one 2-D gemm; the alternative is a
+/// batched 3-D matmul against the broadcast weight.
+fn bench_linear_layout(device: &Device, peak: f64) {
+    let (b, t, din, dout) = (16usize, 256usize, 256usize, 688usize);
+    let x = Tensor::<3>::random([b, t, din], Distribution::Normal(0.0, 1.0), device);
+    let w = Tensor::<2>::random([din, dout], Distribution::Normal(0.0, 1.0), device);
+    let flops = 2.0 * (b * t * din * dout) as f64;
+    let flat = time(9, || {
+        let y = x.clone().reshape([b * t, din]).matmul(w.clone()).reshape([b, t, dout]);
+        std::hint::black_box(to_vec(y.slice([0..1, 0..1, 0..1])));
+    });
+    let batched = time(9, || {
+        let y = x.clone().matmul(w.clone().unsqueeze::<3>());
+        std::hint::black_box(to_vec(y.slice([0..1, 0..1, 0..1])));
+    });
+    for (name, s) in [("flattened 2-D gemm (ours)", flat), ("batched 3-D matmul", batched)] {
+        println!(
+            "| linear [16,256,256]x[256,688] | {name} | {:.2} ms | | {:.1} GFLOP/s | {:.0}% |",
+            s * 1e3,
+            flops / s / 1e9,
+            100.0 * flops / s / 1e9 / peak
+        );
+    }
+}
+
+/// Pretraining steps of the shipped architecture (batch 16 x 256 tokens, forward + backward +
+/// AdamW), on synthetic text: training tokens/s.
+fn bench_pretrain(device: &Device, peak: f64) {
+    use spa_model::pretrain::{PretrainConfig, pretrain};
+    let users = synthetic_users(16, 200, 2);
+    let text: String = users.iter().flat_map(|u| u.train.iter().map(|e| format!("{}{}", e.prompt, e.reply))).collect();
+    let tok_json = spa_model::tokenizer::char_level_json(text.chars());
+    let tok = Tokenizer::from_json(&tok_json).unwrap();
+    let (train, val) = text.split_at(text.len() * 9 / 10);
+    let steps = 12;
+    let cfg = PretrainConfig { steps, eval_every: 1000, eval_windows: 1, warmup: 2, ..PretrainConfig::default() };
+    let dir = tempfile::tempdir().unwrap();
+    let r = pretrain(&tok, &tok_json, train, val, &cfg, device, dir.path(), &mut |_| {}).unwrap();
+    let bb = load_backbone(dir.path(), device).unwrap();
+    // Forward + backward = 3x the forward FLOPs; mean causal attention span = ctx / 2.
+    let gflops = 3.0 * 2.0 * bb.config.macs_per_token(cfg.context / 2) * r.tokens_per_second / 1e9;
+    println!(
+        "| pretrain d256 L4 (system malloc) | {steps} steps of {}x{} | {:.0} ms/step | {:.0} tokens/s | {gflops:.1} GFLOP/s | {:.0}% |",
+        cfg.batch,
+        cfg.context,
+        r.seconds * 1e3 / steps as f64,
+        r.tokens_per_second,
+        100.0 * gflops / peak
+    );
+}
+
+fn main() {
+    let names: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let kinds: Vec<BackendKind> = if names.is_empty() {
+        vec![BackendKind::Flex, BackendKind::Ndarray]
+    } else {
+        names.iter().map(|n| n.parse().expect("backend name")).collect()
+    };
+    for kind in kinds {
+        let device = kind.device().expect("backend");
+        let peak = matmul_gflops(&device, 1024);
+        println!("\n## backend {kind}: plain matmul 1024x1024x1024 = {peak:.1} GFLOP/s (the % column is relative to it)\n");
+        println!("| model | work | median time | throughput | achieved | % of matmul |");
+        println!("|---|---|---|---|---|---|");
+        let shipped = load_backbone(&shipped_dir(), &device).expect("shipped backbone");
+        bench_backbone("shipped d256 L4", &shipped, peak);
+        bench_backbone("medium d512 L8", &medium(&device), peak);
+        bench_side(&shipped, peak);
+        bench_linear_layout(&device, peak);
+        bench_pretrain(&device, peak);
+    }
+}
