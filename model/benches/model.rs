@@ -5,7 +5,7 @@
 //! - side FLOPs per token as a fraction of the backbone's.
 //!
 //! Every figure is the median of several repetitions. Run:
-//!   cargo bench -p spa-model --bench model [-- flex|ndarray ...]
+//!   cargo bench -p spa-model --bench model [-- flex|ndarray ... backbone|side|linear|pretrain ...]
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -207,12 +207,13 @@ fn bench_pretrain(device: &Device, peak: f64) {
 }
 
 fn main() {
-    let names: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
-    let kinds: Vec<BackendKind> = if names.is_empty() {
-        vec![BackendKind::Flex, BackendKind::Ndarray]
-    } else {
-        names.iter().map(|n| n.parse().expect("backend name")).collect()
-    };
+    // Arguments: backend names (flex, ndarray; default both) and section names (backbone,
+    // side, linear, pretrain; default all).
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let (backends, sections): (Vec<&String>, Vec<&String>) = args.iter().partition(|a| a.parse::<BackendKind>().is_ok());
+    let kinds: Vec<BackendKind> =
+        if backends.is_empty() { vec![BackendKind::Flex, BackendKind::Ndarray] } else { backends.iter().map(|n| n.parse().unwrap()).collect() };
+    let on = |name: &str| sections.is_empty() || sections.iter().any(|s| s.as_str() == name);
     for kind in kinds {
         let device = kind.device().expect("backend");
         let peak = matmul_gflops(&device, 1024);
@@ -220,10 +221,18 @@ fn main() {
         println!("| model | work | median time | throughput | achieved | % of matmul |");
         println!("|---|---|---|---|---|---|");
         let shipped = load_backbone(&shipped_dir(), &device).expect("shipped backbone");
-        bench_backbone("shipped d256 L4", &shipped, peak);
-        bench_backbone("medium d512 L8", &medium(&device), peak);
-        bench_side(&shipped, peak);
-        bench_linear_layout(&device, peak);
-        bench_pretrain(&device, peak);
+        if on("backbone") {
+            bench_backbone("shipped d256 L4", &shipped, peak);
+            bench_backbone("medium d512 L8", &medium(&device), peak);
+        }
+        if on("side") {
+            bench_side(&shipped, peak);
+        }
+        if on("linear") {
+            bench_linear_layout(&device, peak);
+        }
+        if on("pretrain") {
+            bench_pretrain(&device, peak);
+        }
     }
 }

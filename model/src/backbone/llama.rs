@@ -30,7 +30,13 @@ impl LlamaForCausalLM {
         let h = self.model.norm.forward(hidden);
         match &self.lm_head {
             Some(head) => head.forward(h),
-            None => h.matmul(self.model.embed_tokens.weight.val().transpose().unsqueeze::<3>()),
+            None => {
+                // One 2-D gemm over all positions, like `Linear::forward`.
+                let [b, t, d] = h.dims();
+                let w = self.model.embed_tokens.weight.val();
+                let v = w.dims()[0];
+                h.reshape([b * t, d]).matmul(w.transpose()).reshape([b, t, v])
+            }
         }
     }
 }

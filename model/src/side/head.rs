@@ -63,8 +63,11 @@ impl FrozenHead {
         x * (ms + self.eps).sqrt().recip() * self.norm_weight.clone().unsqueeze::<D>()
     }
 
+    /// One 2-D gemm over all positions (a batched matmul would run one per batch row).
     pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
-        self.norm(hidden).matmul(self.weight.clone().unsqueeze::<3>())
+        let [b, t, d] = hidden.dims();
+        let v = self.vocab_size();
+        self.norm(hidden).reshape([b * t, d]).matmul(self.weight.clone()).reshape([b, t, v])
     }
 
     /// The same head on another device (e.g. the autodiff device used for training).

@@ -18,6 +18,16 @@ use crate::backbone::layers::RmsNorm;
 use crate::config::BackboneConfig;
 use crate::error::Result;
 
+/// `[B, T, in] -> [B, T, out]` as one 2-D gemm. burn's `Linear` on a 3-D input runs a
+/// batched matmul, one small gemm per batch row: for per-token batches `[N, 1, d]` that is
+/// N gemms of one row each (`side_train` in benches/model.rs, docs/BENCHMARKS.md).
+fn lin(l: &Linear, x: Tensor<3>) -> Tensor<3> {
+    let [b, t, d] = x.dims();
+    let y = l.forward(x.reshape([b * t, d]));
+    let out = y.dims()[1];
+    y.reshape([b, t, out])
+}
+
 /// One pre-norm causal transformer block at the side width (ladder variant).
 #[derive(Module, Debug)]
 pub struct SideBlock {
@@ -34,12 +44,12 @@ impl SideBlock {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let [b, t, ds] = x.dims();
         let (h, dh) = (self.heads, ds / self.heads);
-        let qkv = self.qkv.forward(self.norm1.forward(x.clone()));
+        let qkv = lin(&self.qkv, self.norm1.forward(x.clone()));
         let split = |i: usize| qkv.clone().narrow(2, i * ds, ds).reshape([b, t, h, dh]).swap_dims(1, 2);
         let opts = AttentionModuleOptions { scale: None, softcap: None, is_causal: true };
         let o = attention(split(0), split(1), split(2), None, None, opts);
-        let x = x + self.proj.forward(o.swap_dims(1, 2).reshape([b, t, ds]));
-        x.clone() + self.ff2.forward(relu(self.ff1.forward(self.norm2.forward(x))))
+        let x = x + lin(&self.proj, o.swap_dims(1, 2).reshape([b, t, ds]));
+        x.clone() + lin(&self.ff2, relu(lin(&self.ff1, self.norm2.forward(x))))
     }
 }
 
@@ -88,19 +98,19 @@ impl PluginNet {
         let side = &self.side;
         match &side.alpha {
             Some(alpha) => {
-                let mut s = side.blocks[0].forward(side.down[0].forward(taps[0].clone()));
+                let mut s = side.blocks[0].forward(lin(&side.down[0], taps[0].clone()));
                 for k in 1..taps.len() {
                     let mu = sigmoid(alpha.val().narrow(0, k - 1, 1).div_scalar(side.temperature)).reshape([1, 1, 1]);
-                    let fresh = side.down[k].forward(taps[k].clone());
+                    let fresh = lin(&side.down[k], taps[k].clone());
                     s = s * mu.clone() + fresh * mu.neg().add_scalar(1.0);
                     s = side.blocks[k].forward(s);
                 }
                 s
             }
             None => {
-                let mut s = side.down[0].forward(taps[0].clone());
+                let mut s = lin(&side.down[0], taps[0].clone());
                 for k in 1..taps.len() {
-                    s = side.down[k].forward(taps[k].clone()) + side.adapters[k - 1].forward(relu(s));
+                    s = lin(&side.down[k], taps[k].clone()) + lin(&side.adapters[k - 1], relu(s));
                 }
                 s
             }
@@ -114,12 +124,12 @@ impl PluginNet {
             Some(s) => Tensor::cat(vec![h_last_normed, s], 2),
             None => h_last_normed,
         };
-        sigmoid(self.gate.w2.forward(relu(self.gate.w1.forward(x))))
+        sigmoid(lin(&self.gate.w2, relu(lin(&self.gate.w1, x))))
     }
 
     pub fn forward(&self, taps: &[Tensor<3>], h_last: Tensor<3>, head: &FrozenHead, gate_uses_side: bool) -> PluginOutput {
         let s = self.side_state(taps);
-        let side_hidden = h_last.clone() + self.side.up.forward(s.clone()) + self.personal.forward(s.clone());
+        let side_hidden = h_last.clone() + lin(&self.side.up, s.clone()) + lin(&self.personal, s.clone());
         let gate = self.gate(head.norm(h_last), gate_uses_side.then(|| s.clone().detach()));
         PluginOutput { side_state: s, side_hidden, gate }
     }
