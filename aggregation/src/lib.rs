@@ -8,6 +8,7 @@
 //! - [`config::SessionConfig`]: the agreed parameters, `config_hash`, `session_id`.
 //! - [`quant`], [`dp`]: encodings of f32 updates into u32 lanes.
 //! - [`strategy`]: FedAvg, FedProx's client term, FedAdagrad/FedAdam/FedYogi.
+//! - [`sim`]: whole sessions in memory (tests and the in-process simulation).
 
 #![forbid(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
@@ -24,6 +25,7 @@ pub mod prg;
 pub mod quant;
 pub mod server;
 pub mod shamir;
+pub mod sim;
 pub mod strategy;
 
 pub use client::{ClientIncoming, ClientOutgoing, ClientState, MaskedInput};

@@ -121,8 +121,8 @@ fn bench_side(bb: &Backbone, peak: f64) {
     let examples: Vec<_> = users.iter().flat_map(|u| u.train.clone()).collect();
     let ex = tokenize_examples(&tok, &examples, bb.config.max_position_embeddings).unwrap();
     let head = FrozenHead::from_backbone(bb);
-    for variant in [SideVariant::Mlp, SideVariant::Ladder] {
-        let side = SideConfig { variant, ..SideConfig::default() };
+    for (variant, r) in [(SideVariant::Mlp, 8), (SideVariant::Ladder, 8), (SideVariant::Ladder, 16)] {
+        let side = SideConfig { variant, reduction: r, ..SideConfig::default() };
         let plugin = Plugin::new(&side, &bb.config, &bb.device).unwrap();
         let pos = spa_model::experiment::positions_for(variant);
         let feats = extract_features(bb, &ex, &plugin.shape.feature_layers, pos, 8).unwrap();
@@ -139,7 +139,7 @@ fn bench_side(bb: &Backbone, peak: f64) {
         let gflops = train_flops_per_token(&plugin, mean_len) * tokens as f64 / s / 1e9;
         let ctx = bb.config.max_position_embeddings;
         println!(
-            "| side {variant:?} r=8 | train {steps} steps, {tokens} loss tokens | {:.1} ms/step | {:.0} tokens/s | {gflops:.2} GFLOP/s | {:.1}% |",
+            "| side {variant:?} r={r} | train {steps} steps, {tokens} loss tokens | {:.1} ms/step | {:.0} tokens/s | {gflops:.2} GFLOP/s | {:.1}% |",
             s * 1e3 / steps as f64,
             tokens as f64 / s,
             100.0 * gflops / peak
@@ -148,7 +148,7 @@ fn bench_side(bb: &Backbone, peak: f64) {
         let head = (bb.config.hidden_size * bb.config.vocab_size) as f64;
         let frac_head = (plugin.macs_per_token(ctx) + head) / bb.config.macs_per_token(ctx);
         println!(
-            "| side {variant:?} r=8 | FLOPs/token vs backbone at ctx {ctx} | {:.2}% | {:.2}% with its own vocabulary projection | | |",
+            "| side {variant:?} r={r} | FLOPs/token vs backbone at ctx {ctx} | {:.2}% | {:.2}% with its own vocabulary projection | | |",
             100.0 * frac,
             100.0 * frac_head
         );
