@@ -15,9 +15,9 @@ impl Linear {
         Self { weight: Param::from_data(TensorData::new(values, [d_in, d_out]), device) }
     }
 
-    /// Leading dimensions are flattened first: one `[N, in] x [in, out]` gemm packs the
-    /// weight once and splits well across threads, where a batched 3-D matmul packed it per
-    /// batch row (`linear_layout` in benches/model.rs; figures in docs/BENCHMARKS.md).
+    /// Leading dimensions are flattened first: one `[N, in] x [in, out]` gemm. A batched 3-D
+    /// matmul runs one gemm per batch row, which is no slower for `[16, 256, d]` but ruinous
+    /// for per-token batches `[N, 1, d]` (benches/model.rs, docs/BENCHMARKS.md).
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let dims = x.dims();
         let din = dims[D - 1];
