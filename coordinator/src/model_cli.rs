@@ -318,7 +318,9 @@ fn run_pretrain(a: PretrainArgs, device: &spa_model::burn::tensor::Device) -> Re
             bar.set_message(format!("loss {loss:.3} lr {lr:.2e}"));
         }
         PretrainEvent::Eval { step, train_loss, val_loss } => {
-            bar.println(format!("step {step}: train {train_loss:.4} val {val_loss:.4} nats/char"));
+            let line = format!("step {step}: train {train_loss:.4} val {val_loss:.4} nats/char");
+            // A bar drawn to no terminal is hidden, and so is its println: logs still need it.
+            if bar.is_hidden() { eprintln!("{line}") } else { bar.println(line) }
         }
     })?;
     bar.finish();
