@@ -27,18 +27,19 @@ fn simulated_rounds_aggregate_securely_and_personalize() {
     assert!(stdout.contains("personalized:"), "{stdout}");
 }
 
+/// `spa args` exits non-zero and says `needle` on stderr.
+fn fails_with(args: &[&str], needle: &str) {
+    let out = spa(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains(needle), "{args:?}: {stderr}");
+}
+
 #[test]
 fn bad_arguments_fail_clearly() {
-    let out = spa(&["simulate", "--dropout", "0.7"]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("dropout"), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = spa(&["simulate", "--model", "/nonexistent/model"]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("config.json"), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = spa(&["simulate", "--devices", "4"]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("survivors"), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = spa(&["simulate", "--devices", "1"]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 2"), "{}", String::from_utf8_lossy(&out.stderr));
+    fails_with(&["simulate", "--dropout", "0.7"], "dropout");
+    fails_with(&["simulate", "--model", "/nonexistent/model"], "config.json");
+    fails_with(&["simulate", "--devices", "4"], "survivors");
+    fails_with(&["simulate", "--devices", "1"], "at least 2");
+    fails_with(&["simulate", "--strategy", "fedsgd"], "fedsgd");
+    fails_with(&["simulate", "--lr", "nan"], "invalid training settings");
 }
