@@ -152,6 +152,9 @@ pub struct PretrainArgs {
     /// Store weights as f32 instead of f16.
     #[arg(long)]
     f32: bool,
+    /// Continue from this checkpoint (its architecture and tokenizer) instead of random weights.
+    #[arg(long)]
+    init: Option<PathBuf>,
 }
 
 pub fn run(cmd: ModelCommand, backend: Option<BackendKind>) -> Result<()> {
@@ -284,8 +287,12 @@ fn run_pretrain(a: PretrainArgs, device: &spa_model::burn::tensor::Device) -> Re
         bail!("{} has no `SPEAKER:` blocks", a.corpus.display());
     }
     let (train, val) = pretraining_split(&speeches, &exclude, a.val_fraction)?;
+    let init = a.init.as_ref().map(|dir| load_backbone(dir, device)).transpose()?;
     // The vocabulary covers the whole file, so device data (excluded roles) encodes fully.
-    let tok_json = char_level_json(text.chars());
+    let tok_json = match &a.init {
+        Some(dir) => std::fs::read_to_string(dir.join("tokenizer.json")).with_context(|| format!("reading {}/tokenizer.json", dir.display()))?,
+        None => char_level_json(text.chars()),
+    };
     let tok = Tokenizer::from_json(&tok_json)?;
     let cfg = PretrainConfig {
         hidden: a.hidden,
@@ -311,7 +318,7 @@ fn run_pretrain(a: PretrainArgs, device: &spa_model::burn::tensor::Device) -> Re
     );
     let bar = ProgressBar::new(cfg.steps as u64);
     bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}").expect("template"));
-    let report = pretrain(&tok, &tok_json, &train, &val, &cfg, device, &a.out, &mut |e| match e {
+    let report = pretrain(&tok, &tok_json, &train, &val, &cfg, init.as_ref(), device, &a.out, &mut |e| match e {
         PretrainEvent::Start { .. } => {}
         PretrainEvent::Step { loss, lr, .. } => {
             bar.inc(1);

@@ -192,7 +192,7 @@ fn bench_pretrain(device: &Device, peak: f64) {
     let steps = 12;
     let cfg = PretrainConfig { steps, eval_every: 1000, eval_windows: 1, warmup: 2, ..PretrainConfig::default() };
     let dir = tempfile::tempdir().unwrap();
-    let r = pretrain(&tok, &tok_json, train, val, &cfg, device, dir.path(), &mut |_| {}).unwrap();
+    let r = pretrain(&tok, &tok_json, train, val, &cfg, None, device, dir.path(), &mut |_| {}).unwrap();
     let bb = load_backbone(dir.path(), device).unwrap();
     // Forward + backward = 3x the forward FLOPs; mean causal attention span = ctx / 2.
     let gflops = 3.0 * 2.0 * bb.config.macs_per_token(cfg.context / 2) * r.tokens_per_second / 1e9;

@@ -127,13 +127,17 @@ pub fn windowed_loss(bb: &Backbone, ids: &[u32], t: usize, n_windows: usize, bat
 }
 
 /// Pretrains on `train_text`, evaluating on `val_text`, and writes the best checkpoint (HF
-/// layout plus `tokenizer.json` and `pretrain.json`) to `out`.
+/// layout plus `tokenizer.json` and `pretrain.json`) to `out`. With `init`, training continues
+/// from that backbone (its architecture wins over `cfg`'s; its vocabulary must be the
+/// tokenizer's), so a long run can be spread over several sessions.
+#[allow(clippy::too_many_arguments)]
 pub fn pretrain(
     tokenizer: &Tokenizer,
     tokenizer_json: &str,
     train_text: &str,
     val_text: &str,
     cfg: &PretrainConfig,
+    init: Option<&Backbone>,
     device: &Device,
     out: &Path,
     on_event: &mut dyn FnMut(PretrainEvent),
@@ -164,8 +168,22 @@ pub fn pretrain(
     };
     // Round-trip through HF JSON so every config we write is one the loader accepts.
     let config = BackboneConfig::from_json(&config.to_hf_json().to_string())?;
+    let init = match init {
+        Some(bb) if bb.config.vocab_size != tokenizer.vocab_size() => {
+            return Err(ModelError::InvalidInput(format!(
+                "initial backbone has {} tokens, the tokenizer {}",
+                bb.config.vocab_size,
+                tokenizer.vocab_size()
+            )));
+        }
+        Some(bb) => Backbone::from_parts(bb.config.clone(), bb.net.clone(), device),
+        None => Backbone::init_random(config, cfg.seed, device),
+    };
+    let config = init.config.clone();
+    if cfg.context > config.max_position_embeddings {
+        return Err(ModelError::InvalidInput(format!("context {} exceeds the backbone's {}", cfg.context, config.max_position_embeddings)));
+    }
     let ad = device.clone().autodiff();
-    let init = Backbone::init_random(config.clone(), cfg.seed, device);
     let mut net = init.net.clone().fork(&ad).train();
     let rope_ad = crate::backbone::rope::Rope::new(&config, &ad);
     let mut optim = AdamWConfig::new()
