@@ -1,1 +1,17 @@
-//! spa-client
+//! spa-client: the device side of SPA.
+//!
+//! - [`store`]: the device's sled store (identity, data, feature cache, plugin parts).
+//! - [`net`]: TLS connection to the coordinator, every call signed with the device key.
+//! - [`data`]: local data formats.
+//! - [`ops`]: the commands (enroll, status, data, train, generate) as library functions.
+//!
+//! Invariant: private plugin parameters are written only to the local store; nothing here
+//! sends parameters to the coordinator (rounds will send only `SharedParams`).
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod net;
+pub mod ops;
+pub mod store;
+
+pub use error::{ClientError, Result};

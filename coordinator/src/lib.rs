@@ -1,2 +1,27 @@
-//! spa-coordinator: the cloud side of SPA. See docs/ARCHITECTURE.md.
+//! spa-coordinator: the cloud side of SPA. See docs/ARCHITECTURE.md and docs/PROTOCOL.md.
+//!
+//! - [`server`]: the TLS gRPC server (Device, Admin, Backbone, health, reflection).
+//! - [`service`]: the service handlers, which validate every input.
+//! - [`auth`]: signed device calls and admin calls.
+//! - [`engine`]: the thread that owns the backbone and generation sessions' KV caches.
+//! - [`store`]: sled state (devices, hashed tokens, nonces, checkpoints, event log).
+//! - [`init`], [`admin_cli`]: operator verbs.
+pub mod admin_cli;
+pub mod auth;
+pub mod config;
+pub mod engine;
+pub mod init;
 pub mod model_cli;
+pub mod net;
+pub mod server;
+pub mod service;
+pub mod store;
+
+/// Helpers for the binary.
+pub mod service_main {
+    /// Logs to stderr; `RUST_LOG`-style level from `SPA_LOG` (default info).
+    pub fn init_tracing() {
+        let level = std::env::var("SPA_LOG").ok().and_then(|l| l.parse().ok()).unwrap_or(tracing::Level::INFO);
+        let _ = tracing_subscriber::fmt().with_max_level(level).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).with_writer(std::io::stderr).try_init();
+    }
+}

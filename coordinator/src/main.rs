@@ -5,6 +5,7 @@ use anyhow::Result;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::{Parser, Subcommand};
+use spa_coordinator::admin_cli::{self, DevicesCommand, Target, TokenCommand};
 use spa_coordinator::model_cli::{self, ModelCommand};
 use spa_model::BackendKind;
 
@@ -24,11 +25,55 @@ enum Command {
     /// Backbone tools: logits, eval, roles, pretrain.
     #[command(subcommand)]
     Model(ModelCommand),
+    /// Create a coordinator home: config, self-signed CA and server certificate, admin credential.
+    Init {
+        #[arg(long)]
+        home: std::path::PathBuf,
+        /// Extra DNS names or IPs for the server certificate (besides localhost, 127.0.0.1).
+        #[arg(long = "name")]
+        names: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve the backbone and the device/admin services over TLS until SIGTERM or ctrl-c.
+    Serve {
+        #[arg(long)]
+        home: std::path::PathBuf,
+    },
+    /// Enrollment tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Enrolled devices.
+    #[command(subcommand)]
+    Devices(DevicesCommand),
+    /// Status of the running coordinator.
+    Status {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Model(cmd) => model_cli::run(cmd, cli.device),
+        Command::Init { home, names, json } => admin_cli::run_init(&home, &names, json),
+        Command::Serve { home } => {
+            if let Some(d) = cli.device {
+                // SAFETY: set before any thread is started.
+                unsafe { std::env::set_var("BURN_DEVICE", d.to_string()) };
+            }
+            spa_coordinator::service_main::init_tracing();
+            runtime()?.block_on(spa_coordinator::server::serve(&home))
+        }
+        Command::Token(cmd) => runtime()?.block_on(admin_cli::run_token(cmd)),
+        Command::Devices(cmd) => runtime()?.block_on(admin_cli::run_devices(cmd)),
+        Command::Status { target, json } => runtime()?.block_on(admin_cli::run_status(target, json)),
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }

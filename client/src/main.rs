@@ -1,0 +1,218 @@
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use spa_client::config::ClientConfig;
+use spa_client::data::Format;
+use spa_client::ops::{self, TrainProgress};
+use spa_model::train::TrainEvent;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// SPA device client: enroll, add local data, train the side plugin, generate.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// The device's home directory (its own store and config).
+    #[arg(long, global = true, default_value = "spa-device")]
+    home: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Generate the device identity key and enroll with a one-time token.
+    Enroll {
+        /// Coordinator URL, e.g. https://127.0.0.1:7443
+        #[arg(long)]
+        coordinator: String,
+        #[arg(long)]
+        token: String,
+        /// The coordinator's CA certificate (its home's tls/ca.pem).
+        #[arg(long)]
+        ca: PathBuf,
+        /// A label for this device.
+        #[arg(long, default_value = "")]
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Identity, data, training state, and a signed ping of the coordinator.
+    Status {
+        #[arg(long)]
+        json: bool,
+        /// Do not contact the coordinator.
+        #[arg(long)]
+        offline: bool,
+    },
+    /// Local data.
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// Train the side plugin and gate on local data (features from the coordinator).
+    Train {
+        #[arg(long)]
+        epochs: Option<usize>,
+        #[arg(long)]
+        lr: Option<f64>,
+        /// Start from a fresh plugin instead of the stored one.
+        #[arg(long)]
+        fresh: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Generate text with the coordinator's backbone and the local plugin and gate.
+    Generate {
+        prompt: String,
+        #[arg(long, default_value_t = 120)]
+        max_tokens: usize,
+        /// 0 = greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DataCommand {
+    /// Add a file: play script, JSONL of {"input","output"}, or plain text.
+    Add {
+        file: PathBuf,
+        #[arg(long, value_enum, default_value_t = Format::Auto)]
+        format: Format,
+        /// For play scripts: the role whose speeches are this device's replies.
+        #[arg(long)]
+        speaker: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the data sources and example count.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+struct Bars {
+    feat: Option<ProgressBar>,
+    train: Option<ProgressBar>,
+}
+
+impl TrainProgress for Bars {
+    fn features(&mut self, done: usize, total: usize) {
+        let b = self.feat.get_or_insert_with(|| {
+            let b = ProgressBar::new(total as u64);
+            b.set_style(ProgressStyle::with_template("features {bar:30} {pos}/{len} examples").expect("template"));
+            b
+        });
+        b.set_position(done as u64);
+        if done == total {
+            b.finish();
+        }
+    }
+
+    fn train(&mut self, ev: &TrainEvent) {
+        match ev {
+            TrainEvent::Start { total_steps } => {
+                let b = ProgressBar::new(*total_steps as u64);
+                b.set_style(ProgressStyle::with_template("train    {bar:30} {pos}/{len} steps  loss {msg}").expect("template"));
+                self.train = Some(b);
+            }
+            TrainEvent::Step { loss, .. } => {
+                if let Some(b) = &self.train {
+                    b.inc(1);
+                    b.set_message(format!("{loss:.4}"));
+                }
+            }
+            TrainEvent::EpochEnd { .. } => {}
+        }
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let home = cli.home;
+    match cli.command {
+        Command::Enroll { coordinator, token, ca, name, json } => {
+            let ca_pem = std::fs::read_to_string(&ca).with_context(|| format!("reading {}", ca.display()))?;
+            let r = rt.block_on(ops::enroll(&home, &coordinator, &token, &ca_pem, &name))?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!("enrolled as {} with {} (backbone {})", r.device_id, r.coordinator, r.backbone_version);
+            }
+        }
+        Command::Status { json, offline } => {
+            let r = rt.block_on(ops::status(&home, offline))?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            }
+        }
+        Command::Data(DataCommand::Add { file, format, speaker, json }) => {
+            let s = ops::data_add(&home, &file, format, speaker.as_deref())?;
+            if json {
+                println!("{}", serde_json::to_string(&s)?);
+            } else {
+                println!("added {} examples from {} ({})", s.examples, s.file, s.format);
+            }
+        }
+        Command::Data(DataCommand::List { json }) => {
+            let (sources, n) = ops::data_list(&home)?;
+            if json {
+                println!("{}", serde_json::json!({"examples": n, "sources": sources}));
+            } else {
+                for s in &sources {
+                    println!("{:>6}  {:<6} {}", s.examples, s.format, s.file);
+                }
+                println!("{n} examples");
+            }
+        }
+        Command::Train { epochs, lr, fresh, json } => {
+            let mut tc = ClientConfig::load(&home)?.train;
+            if let Some(e) = epochs {
+                tc.epochs = e;
+            }
+            if let Some(l) = lr {
+                tc.lr = l;
+            }
+            let mut bars = Bars { feat: None, train: None };
+            let r = rt.block_on(ops::train(&home, &tc, fresh, &mut bars))?;
+            if let Some(b) = bars.train {
+                b.finish();
+            }
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            }
+        }
+        Command::Generate { prompt, max_tokens, temperature, seed, json } => {
+            let mut out = std::io::stdout();
+            if !json {
+                print!("{prompt}");
+            }
+            let r = rt.block_on(ops::generate(&home, &prompt, max_tokens, temperature, seed, &mut |t| {
+                if !json {
+                    print!("{t}");
+                    let _ = out.flush();
+                }
+            }))?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!();
+                eprintln!("{} tokens ({} from the side plugin), {} round trips, {:.2}s", r.tokens, r.side_tokens, r.round_trips, r.seconds);
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,503 @@
+//! The device commands as library functions (the binary only parses flags and prints).
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Serialize;
+use spa_model::data::Example;
+use spa_model::experiment::positions_for;
+use spa_model::features::{FeatureSet, TokenizedExample, tokenize_examples};
+use spa_model::side::{FrozenHead, NamedTensor, ParamSet, Plugin};
+use spa_model::tensor_util::{from_vec, to_vec};
+use spa_model::tokenizer::Tokenizer;
+use spa_model::train::{TrainConfig, TrainEvent, evaluate, train_plugin};
+use spa_model::burn::tensor::Device;
+use spa_model::{BackboneConfig, BackendKind};
+use spa_proto::auth::{generate_pkcs8, now_ms, public_key_of, sha256};
+use spa_proto::limits::MAX_TENSOR_BYTES;
+use spa_proto::methods;
+use spa_proto::tensor::{ByteAssembler, TensorAssembler, decode_f32};
+use spa_proto::v1::*;
+
+use crate::config::ClientConfig;
+use crate::data::Format;
+use crate::error::{ClientError, Result};
+use crate::net::{Session, connect, device_client};
+use crate::store::{ClientStore, Identity, Source, TrainedMeta};
+
+#[derive(Debug, Serialize)]
+pub struct EnrollReport {
+    pub device_id: String,
+    pub coordinator: String,
+    pub backbone_version: String,
+}
+
+/// Generates the identity key, enrolls with a one-time token, stores identity and
+/// coordinator info (durably) and writes a default client.toml.
+pub async fn enroll(home: &Path, coordinator: &str, token: &str, ca_pem: &str, name: &str) -> Result<EnrollReport> {
+    let store = ClientStore::open(home)?;
+    if let Some((_, id)) = store.identity()? {
+        return Err(ClientError::AlreadyEnrolled(id.device_id));
+    }
+    let pkcs8 = generate_pkcs8().map_err(|_| ClientError::Invalid("cannot generate a key".into()))?;
+    let pk = public_key_of(&pkcs8).map_err(|e| ClientError::Invalid(e.to_string()))?;
+    let ch = connect(coordinator, ca_pem.as_bytes()).await?;
+    let r = device_client(ch)
+        .enroll(EnrollRequest { token: token.trim().to_string(), public_key: pk.to_vec(), name: name.into() })
+        .await?
+        .into_inner();
+    let id = Identity {
+        device_id: r.device_id.clone(),
+        name: name.into(),
+        coordinator: coordinator.into(),
+        ca_pem: ca_pem.into(),
+        enrolled_at_ms: now_ms(),
+        backbone_version: r.backbone_version.clone(),
+    };
+    store.set_identity(&pkcs8, &id)?;
+    ClientConfig::write_default(home)?;
+    Ok(EnrollReport { device_id: r.device_id, coordinator: coordinator.into(), backbone_version: r.backbone_version })
+}
+
+#[derive(Debug, Serialize)]
+pub struct StatusReport {
+    pub home: String,
+    pub enrolled: bool,
+    pub device_id: Option<String>,
+    pub name: Option<String>,
+    pub coordinator: Option<String>,
+    pub examples: usize,
+    pub sources: Vec<Source>,
+    pub cached_features: usize,
+    pub trained: Option<TrainedMeta>,
+    /// Result of a signed Ping: the coordinator's view, or why it failed.
+    pub coordinator_reachable: Option<bool>,
+    pub coordinator_error: Option<String>,
+    pub server_time_ms: Option<u64>,
+    pub backbone_version: Option<String>,
+}
+
+pub async fn status(home: &Path, offline: bool) -> Result<StatusReport> {
+    let store = ClientStore::open(home)?;
+    let id = store.identity()?.map(|(_, i)| i);
+    let mut rep = StatusReport {
+        home: home.display().to_string(),
+        enrolled: id.is_some(),
+        device_id: id.as_ref().map(|i| i.device_id.clone()),
+        name: id.as_ref().map(|i| i.name.clone()),
+        coordinator: id.as_ref().map(|i| i.coordinator.clone()),
+        examples: store.examples()?.len(),
+        sources: store.sources()?,
+        cached_features: store.feature_cache_len(),
+        trained: store.plugin()?.map(|(_, _, m)| m),
+        coordinator_reachable: None,
+        coordinator_error: None,
+        server_time_ms: None,
+        backbone_version: id.as_ref().map(|i| i.backbone_version.clone()),
+    };
+    if id.is_some() && !offline {
+        let ping = async {
+            let s = Session::open(&store).await?;
+            let r = s.device().ping(s.signer.request(methods::DEVICE_PING, PingRequest {})).await?;
+            Ok::<_, ClientError>(r.into_inner())
+        };
+        match ping.await {
+            Ok(p) => {
+                rep.coordinator_reachable = Some(true);
+                rep.server_time_ms = Some(p.server_time_ms);
+                rep.backbone_version = Some(p.backbone_version);
+            }
+            Err(e) => {
+                rep.coordinator_reachable = Some(false);
+                rep.coordinator_error = Some(e.to_string());
+            }
+        }
+    }
+    Ok(rep)
+}
+
+pub fn data_add(home: &Path, file: &Path, format: Format, speaker: Option<&str>) -> Result<Source> {
+    let text = std::fs::read_to_string(file).map_err(crate::error::io(file))?;
+    let name = file.display().to_string();
+    let (format, examples) = crate::data::parse(&name, &text, format, speaker)?;
+    let store = ClientStore::open(home)?;
+    let src = Source { file: name, format: format.to_string(), examples: examples.len(), added_at_ms: now_ms() };
+    store.add_examples(&src, &examples)?;
+    Ok(src)
+}
+
+pub fn data_list(home: &Path) -> Result<(Vec<Source>, usize)> {
+    let store = ClientStore::open(home)?;
+    Ok((store.sources()?, store.examples()?.len()))
+}
+
+/// The served backbone's files, cached in the store by version.
+pub struct Model {
+    pub info: ModelInfo,
+    pub config: BackboneConfig,
+    pub tokenizer: Tokenizer,
+    pub head: FrozenHead,
+}
+
+async fn model(s: &Session, store: &ClientStore, device: &Device) -> Result<Model> {
+    let info = s.backbone().get_model_info(s.signer.request(methods::BACKBONE_GET_MODEL_INFO, GetModelInfoRequest {})).await?.into_inner();
+    let config = BackboneConfig::from_json(&info.config_json)?;
+    let tokenizer = Tokenizer::from_json(&info.tokenizer_json)?;
+    if tokenizer.vocab_size() > config.vocab_size {
+        return Err(ClientError::Invalid("tokenizer vocabulary larger than the backbone's".into()));
+    }
+    let v = &info.backbone_version;
+    let head_bytes = match store.backbone_file(v, "head.safetensors")? {
+        Some(b) => b,
+        None => {
+            let req = s.signer.request(methods::BACKBONE_GET_HEAD, GetHeadRequest { backbone_version: v.clone() });
+            let mut stream = s.backbone().get_head(req).await?.into_inner();
+            let mut asm = TensorAssembler::new(MAX_TENSOR_BYTES);
+            while let Some(c) = stream.message().await? {
+                asm.push(c)?;
+            }
+            let mut p = ParamSet::default();
+            for (name, t) in asm.finish()? {
+                let values = t.to_f32(&name)?;
+                p.tensors.insert(name, NamedTensor { shape: t.shape.iter().map(|&d| d as usize).collect(), values });
+            }
+            let b = p.to_safetensors();
+            store.put_backbone_file(v, "head.safetensors", &b)?;
+            store.flush()?;
+            b
+        }
+    };
+    let head = FrozenHead::from_params(&ParamSet::from_safetensors(&head_bytes)?, config.rms_norm_eps, device)?;
+    if head.hidden_size() != config.hidden_size || head.vocab_size() != config.vocab_size {
+        return Err(ClientError::Invalid("the coordinator's head does not match its config".into()));
+    }
+    Ok(Model { info, config, tokenizer, head })
+}
+
+fn feature_key(version: &str, layers: &[usize], positions: &str, ex: &TokenizedExample) -> String {
+    let mut b = format!("{version}|{layers:?}|{positions}|{}|", ex.reply_start).into_bytes();
+    for id in &ex.ids {
+        b.extend_from_slice(&id.to_le_bytes());
+    }
+    hex::encode(sha256(&b))
+}
+
+/// Features of `examples` at the plugin's layers: from the local cache, or fetched from the
+/// coordinator (batched within its limits) and cached.
+pub async fn features(
+    s: &Session,
+    store: &ClientStore,
+    m: &Model,
+    examples: &[TokenizedExample],
+    layers: &[usize],
+    positions: spa_model::features::Positions,
+    on_progress: &mut dyn FnMut(usize, usize),
+) -> Result<FeatureSet> {
+    let d = m.config.hidden_size;
+    let mut set = FeatureSet { layers: layers.to_vec(), d, positions, examples: vec![] };
+    let pos_name = format!("{positions:?}");
+    let keys: Vec<String> = examples.iter().map(|e| feature_key(&m.info.backbone_version, layers, &pos_name, e)).collect();
+    let mut have: BTreeMap<usize, spa_model::features::ExampleFeatures> = BTreeMap::new();
+    let mut missing = Vec::new();
+    for (i, k) in keys.iter().enumerate() {
+        match store.cached_features(k)? {
+            Some(f) => {
+                have.insert(i, f);
+            }
+            None => missing.push(i),
+        }
+    }
+    on_progress(have.len(), examples.len());
+    let per_pos = (layers.len() * d * 4) as u64;
+    let max_bytes = m.info.max_feature_bytes_per_request.max(per_pos);
+    let max_seqs = m.info.max_sequences_per_request.max(1) as usize;
+    let mut at = 0;
+    while at < missing.len() {
+        // A batch within the coordinator's limits.
+        let mut batch = Vec::new();
+        let mut bytes = 0u64;
+        while at < missing.len() && batch.len() < max_seqs {
+            let ex = &examples[missing[at]];
+            let r = positions.range(ex);
+            let b = r.len() as u64 * per_pos;
+            if !batch.is_empty() && bytes + b > max_bytes {
+                break;
+            }
+            bytes += b;
+            batch.push(missing[at]);
+            at += 1;
+        }
+        let req = FeaturesRequest {
+            backbone_version: m.info.backbone_version.clone(),
+            sequences: batch
+                .iter()
+                .map(|&i| {
+                    let r = positions.range(&examples[i]);
+                    FeatureSequence { ids: examples[i].ids.clone(), from: r.start as u32, to: r.end as u32 }
+                })
+                .collect(),
+            layers: layers.iter().map(|&l| l as u32).collect(),
+            dtype: DType::DtypeF32 as i32,
+        };
+        let mut stream = s.backbone().features(s.signer.request(methods::BACKBONE_FEATURES, req)).await?.into_inner();
+        let mut asms: Vec<ByteAssembler> = batch
+            .iter()
+            .map(|&i| {
+                let n = positions.range(&examples[i]).len() as u64;
+                ByteAssembler::new(format!("features of example {i}"), n * per_pos, MAX_TENSOR_BYTES)
+            })
+            .collect::<std::result::Result<_, _>>()?;
+        while let Some(c) = stream.message().await? {
+            let a = asms
+                .get_mut(c.sequence as usize)
+                .ok_or_else(|| ClientError::Invalid(format!("coordinator sent features of unknown sequence {}", c.sequence)))?;
+            a.push(c.offset, c.total_bytes, &c.data)?;
+        }
+        for (&i, a) in batch.iter().zip(asms) {
+            let vals = decode_f32(&a.finish()?, DType::DtypeF32 as i32, "features")?;
+            // [positions, layers, d] -> per layer [positions * d].
+            let l = layers.len();
+            let n = vals.len() / (l * d);
+            let states: Vec<Vec<f32>> = (0..l)
+                .map(|k| (0..n).flat_map(|p| vals[(p * l + k) * d..(p * l + k + 1) * d].iter().copied()).collect())
+                .collect();
+            let f = set.example_from_states(&examples[i], &states)?;
+            store.cache_features(&keys[i], &f)?;
+            have.insert(i, f);
+        }
+        on_progress(have.len(), examples.len());
+    }
+    store.flush()?;
+    set.examples = have.into_values().collect();
+    Ok(set)
+}
+
+#[derive(Debug, Serialize)]
+pub struct TrainSummary {
+    pub device_id: String,
+    pub backbone_version: String,
+    pub examples: usize,
+    pub train_examples: usize,
+    pub heldout_examples: usize,
+    pub steps: usize,
+    pub epoch_losses: Vec<f32>,
+    pub seconds: f64,
+    pub resumed: bool,
+    pub heldout: Option<spa_model::train::EvalMetrics>,
+}
+
+/// Progress callbacks of [`train`].
+pub trait TrainProgress {
+    fn features(&mut self, _done: usize, _total: usize) {}
+    fn train(&mut self, _ev: &TrainEvent) {}
+}
+
+impl TrainProgress for () {}
+
+/// Local personalization: features from the coordinator (cached), the side plugin and gate
+/// trained on the device's data, shared and private parts saved in the store. Continues
+/// from the stored plugin unless `fresh`. The last tenth of the data (in order, at least one
+/// example when there are ten or more) is held out for evaluation.
+pub async fn train(home: &Path, overrides: &TrainConfig, fresh: bool, progress: &mut dyn TrainProgress) -> Result<TrainSummary> {
+    let store = ClientStore::open(home)?;
+    let cfg = ClientConfig::load(home)?;
+    let s = Session::open(&store).await?;
+    let device = BackendKind::resolve(None)?.device()?;
+    let m = model(&s, &store, &device).await?;
+    let examples: Vec<Example> = store.examples()?;
+    if examples.is_empty() {
+        return Err(ClientError::Invalid("no local data: run `spa-client data add FILE` first".into()));
+    }
+    let tok = tokenize_examples(&m.tokenizer, &examples, m.config.max_position_embeddings)?;
+    let n_held = if tok.len() >= 10 { tok.len() / 10 } else { 0 };
+    let n_train = tok.len() - n_held;
+    let mut plugin = Plugin::new(&cfg.side, &m.config, &device)?;
+    let mut resumed = false;
+    if !fresh && let Some((shared, private, meta)) = store.plugin()? {
+        if meta.backbone_version == m.info.backbone_version && meta.side == cfg.side {
+            plugin = plugin.load(&ParamSet::from_safetensors(&shared)?)?.load(&ParamSet::from_safetensors(&private)?)?;
+            resumed = true;
+        }
+    }
+    let layers = plugin.shape.feature_layers.clone();
+    let pos = positions_for(cfg.side.variant);
+    let set = features(&s, &store, &m, &tok, &layers, pos, &mut |d, t| progress.features(d, t)).await?;
+    let mut train_set = set.clone();
+    train_set.examples.truncate(n_train);
+    let mut held_set = set;
+    held_set.examples.drain(..n_train);
+    let (plugin, report) = train_plugin(plugin, &m.head, &train_set, overrides, None, &mut |ev| progress.train(&ev))?;
+    let heldout = if held_set.examples.is_empty() || held_set.num_loss_tokens() == 0 {
+        None
+    } else {
+        Some(evaluate(&plugin, &m.head, &held_set, 2048)?)
+    };
+    let (shared, private) = plugin.split()?;
+    let meta = TrainedMeta {
+        backbone_version: m.info.backbone_version.clone(),
+        side: cfg.side.clone(),
+        trained_at_ms: now_ms(),
+        examples: n_train,
+        steps: report.steps,
+        final_loss: report.epoch_losses.last().copied().unwrap_or(f32::NAN),
+        shared_tensors: shared.as_set().tensors.len(),
+        private_tensors: private.tensors.len(),
+    };
+    store.save_plugin(&shared.as_set().to_safetensors(), &private.to_safetensors(), &meta)?;
+    Ok(TrainSummary {
+        device_id: s.identity.device_id.clone(),
+        backbone_version: m.info.backbone_version.clone(),
+        examples: tok.len(),
+        train_examples: n_train,
+        heldout_examples: n_held,
+        steps: report.steps,
+        epoch_losses: report.epoch_losses,
+        seconds: report.seconds,
+        resumed,
+        heldout,
+    })
+}
+
+#[derive(Debug, Serialize)]
+pub struct GenerateReport {
+    pub prompt: String,
+    pub text: String,
+    pub tokens: usize,
+    /// Tokens the gate routed to the side plugin.
+    pub side_tokens: usize,
+    pub round_trips: usize,
+    pub seconds: f64,
+}
+
+/// Personalized generation: the coordinator's backbone (one Generate session, KV cache on
+/// the coordinator) and the local side plugin and gate, one round trip per token. Greedy
+/// unless `temperature > 0`. `on_text` sees each new piece of text.
+pub async fn generate(home: &Path, prompt: &str, max_tokens: usize, temperature: f32, seed: u64, on_text: &mut dyn FnMut(&str)) -> Result<GenerateReport> {
+    let started = std::time::Instant::now();
+    let store = ClientStore::open(home)?;
+    let s = Session::open(&store).await?;
+    let device = BackendKind::resolve(None)?.device()?;
+    let m = model(&s, &store, &device).await?;
+    let Some((shared, private, meta)) = store.plugin()? else {
+        return Err(ClientError::Invalid("no trained plugin on this device: run `spa-client train` first".into()));
+    };
+    if meta.backbone_version != m.info.backbone_version {
+        return Err(ClientError::Invalid(format!(
+            "the plugin was trained on backbone {} but the coordinator serves {}: run `spa-client train --fresh`",
+            meta.backbone_version, m.info.backbone_version
+        )));
+    }
+    let plugin = Plugin::new(&meta.side, &m.config, &device)?.load(&ParamSet::from_safetensors(&shared)?)?.load(&ParamSet::from_safetensors(&private)?)?;
+    let mut ids = m.tokenizer.encode(prompt)?;
+    if ids.is_empty() {
+        return Err(ClientError::Invalid("the prompt is empty (or has no known token)".into()));
+    }
+    let ctx = m.config.max_position_embeddings;
+    if ids.len() >= ctx {
+        ids.drain(..ids.len() + 1 - ctx);
+    }
+    let layers = plugin.shape.feature_layers.clone();
+    let (l, d) = (layers.len(), m.config.hidden_size);
+    let last_layer = m.config.num_layers;
+    let tap_idx: Vec<usize> = plugin.shape.taps.iter().map(|t| layers.iter().position(|x| x == t).expect("taps in feature layers")).collect();
+    let last_idx = layers.iter().position(|&x| x == last_layer).expect("last layer in feature layers");
+    let whole_sequence = plugin.config.variant == spa_model::side::SideVariant::Ladder;
+
+    let (tx, rx) = tokio::sync::mpsc::channel::<GenerateRequest>(4);
+    tx.send(GenerateRequest {
+        kind: Some(generate_request::Kind::Open(GenerateOpen {
+            backbone_version: m.info.backbone_version.clone(),
+            layers: layers.iter().map(|&x| x as u32).collect(),
+            dtype: DType::DtypeF32 as i32,
+        })),
+    })
+    .await
+    .map_err(|_| ClientError::Invalid("generation stream closed".into()))?;
+    let h = s.signer.sign_digest(methods::BACKBONE_GENERATE, &sha256(&[]), now_ms());
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    h.apply(req.metadata_mut());
+    let mut out = s.backbone().generate(req).await?.into_inner();
+
+    // Per layer, the features of every position so far ([positions * d]).
+    let mut hist: Vec<Vec<f32>> = vec![Vec::new(); l];
+    let mut rng = seed.max(1);
+    let mut generated: Vec<u32> = Vec::new();
+    let mut side_tokens = 0;
+    let mut round_trips = 0;
+    let mut pending = ids.clone();
+    let mut text_so_far = String::new();
+    while generated.len() < max_tokens {
+        if ids.len() + generated.len() > ctx || pending.is_empty() {
+            break;
+        }
+        tx.send(GenerateRequest { kind: Some(generate_request::Kind::Extend(GenerateExtend { ids: pending.clone() })) })
+            .await
+            .map_err(|_| ClientError::Invalid("generation stream closed".into()))?;
+        round_trips += 1;
+        let resp = out.message().await?.ok_or_else(|| ClientError::Invalid("coordinator ended the generation stream".into()))?;
+        let n = pending.len();
+        if resp.positions as usize != n || resp.features.len() != n * l * d * 4 {
+            return Err(ClientError::Invalid(format!("coordinator returned {} positions / {} bytes for {n} tokens", resp.positions, resp.features.len())));
+        }
+        let vals = decode_f32(&resp.features, DType::DtypeF32 as i32, "generation features")?;
+        for p in 0..n {
+            for k in 0..l {
+                hist[k].extend_from_slice(&vals[(p * l + k) * d..(p * l + k + 1) * d]);
+            }
+        }
+        let total = hist[0].len() / d;
+        let (from, t) = if whole_sequence { (0, total) } else { (total - 1, 1) };
+        let slice = |k: usize| from_vec(hist[k][from * d..].to_vec(), [1, t, d], &device);
+        let taps: Vec<_> = tap_idx.iter().map(|&k| slice(k)).collect();
+        let h_last = slice(last_idx);
+        let o = plugin.forward(&taps, h_last.clone(), &m.head);
+        let g = *to_vec(o.gate).last().expect("gate value") as f64;
+        let use_side = g > plugin.config.gate.threshold;
+        let logits = if use_side { m.head.logits(o.side_hidden) } else { m.head.logits(h_last) };
+        let logits = to_vec(logits);
+        let v = m.config.vocab_size;
+        let last = &logits[logits.len() - v..];
+        let next = pick(last, temperature, &mut rng);
+        if use_side {
+            side_tokens += 1;
+        }
+        if Some(next) == m.tokenizer.eos_id {
+            break;
+        }
+        generated.push(next);
+        let text = m.tokenizer.decode(&generated)?;
+        if text.len() > text_so_far.len() && text.starts_with(&text_so_far) {
+            on_text(&text[text_so_far.len()..]);
+        }
+        text_so_far = text;
+        pending = vec![next];
+    }
+    drop(tx);
+    Ok(GenerateReport {
+        prompt: prompt.into(),
+        text: m.tokenizer.decode(&generated)?,
+        tokens: generated.len(),
+        side_tokens,
+        round_trips,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Greedy argmax, or sampling at `temperature` with a small xorshift generator.
+fn pick(logits: &[f32], temperature: f32, rng: &mut u64) -> u32 {
+    if temperature <= 0.0 {
+        return logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as u32;
+    }
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let w: Vec<f64> = logits.iter().map(|&x| (((x - max) / temperature) as f64).exp()).collect();
+    *rng ^= *rng << 13;
+    *rng ^= *rng >> 7;
+    *rng ^= *rng << 17;
+    let mut u = (*rng >> 11) as f64 / (1u64 << 53) as f64 * w.iter().sum::<f64>();
+    for (i, x) in w.iter().enumerate() {
+        if u < *x {
+            return i as u32;
+        }
+        u -= x;
+    }
+    (w.len() - 1) as u32
+}

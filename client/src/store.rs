@@ -1,0 +1,193 @@
+//! The device's own sled store: identity key and coordinator info, local data, backbone
+//! files and frozen head by version, the feature cache, and the trained plugin (shared and
+//! private parts). Every change a command reports as done is flushed first.
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use spa_model::data::Example;
+use spa_model::features::ExampleFeatures;
+
+use crate::error::{ClientError, Result};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Identity {
+    pub device_id: String,
+    pub name: String,
+    pub coordinator: String,
+    pub ca_pem: String,
+    pub enrolled_at_ms: u64,
+    pub backbone_version: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Source {
+    pub file: String,
+    pub format: String,
+    pub examples: usize,
+    pub added_at_ms: u64,
+}
+
+/// Metadata of the last training run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainedMeta {
+    pub backbone_version: String,
+    pub side: spa_model::side::SideConfig,
+    pub trained_at_ms: u64,
+    pub examples: usize,
+    pub steps: usize,
+    pub final_loss: f32,
+    pub shared_tensors: usize,
+    pub private_tensors: usize,
+}
+
+#[derive(Clone)]
+pub struct ClientStore {
+    db: sled::Db,
+    meta: sled::Tree,
+    data: sled::Tree,
+    sources: sled::Tree,
+    features: sled::Tree,
+    params: sled::Tree,
+    backbone: sled::Tree,
+}
+
+fn dec<T: for<'a> Deserialize<'a>>(b: &[u8]) -> Result<T> {
+    serde_json::from_slice(b).map_err(|e| ClientError::Invalid(format!("corrupt store record: {e}")))
+}
+
+fn enc<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("records serialize")
+}
+
+impl ClientStore {
+    pub fn open(home: &Path) -> Result<Self> {
+        std::fs::create_dir_all(home).map_err(crate::error::io(home))?;
+        let db = sled::open(home.join("store"))?;
+        Ok(Self {
+            meta: db.open_tree("meta")?,
+            data: db.open_tree("data")?,
+            sources: db.open_tree("sources")?,
+            features: db.open_tree("features")?,
+            params: db.open_tree("params")?,
+            backbone: db.open_tree("backbone")?,
+            db,
+        })
+    }
+
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Stores the identity key and coordinator info; durable on return.
+    pub fn set_identity(&self, pkcs8: &[u8], id: &Identity) -> Result<()> {
+        self.meta.insert("identity.pkcs8", pkcs8)?;
+        self.meta.insert("identity", enc(id))?;
+        self.flush()
+    }
+
+    pub fn identity(&self) -> Result<Option<(Vec<u8>, Identity)>> {
+        match (self.meta.get("identity.pkcs8")?, self.meta.get("identity")?) {
+            (Some(k), Some(i)) => Ok(Some((k.to_vec(), dec(&i)?))),
+            _ => Ok(None),
+        }
+    }
+
+    pub fn require_identity(&self) -> Result<(Vec<u8>, Identity)> {
+        self.identity()?.ok_or(ClientError::NotEnrolled)
+    }
+
+    /// Adds examples from one source; durable on return.
+    pub fn add_examples(&self, source: &Source, examples: &[Example]) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for e in examples {
+            let id = self.db.generate_id()?;
+            batch.insert(id.to_be_bytes().to_vec(), enc(e));
+        }
+        self.data.apply_batch(batch)?;
+        let key = format!("{:020}", self.db.generate_id()?);
+        self.sources.insert(key, enc(source))?;
+        self.flush()
+    }
+
+    pub fn examples(&self) -> Result<Vec<Example>> {
+        self.data.iter().values().map(|v| dec(&v?)).collect()
+    }
+
+    pub fn sources(&self) -> Result<Vec<Source>> {
+        self.sources.iter().values().map(|v| dec(&v?)).collect()
+    }
+
+    pub fn put_backbone_file(&self, version: &str, name: &str, bytes: &[u8]) -> Result<()> {
+        self.backbone.insert(format!("{version}/{name}"), bytes)?;
+        Ok(())
+    }
+
+    pub fn backbone_file(&self, version: &str, name: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.backbone.get(format!("{version}/{name}"))?.map(|v| v.to_vec()))
+    }
+
+    pub fn cached_features(&self, key: &str) -> Result<Option<ExampleFeatures>> {
+        self.features.get(key)?.map(|b| decode_features(&b)).transpose()
+    }
+
+    pub fn cache_features(&self, key: &str, f: &ExampleFeatures) -> Result<()> {
+        self.features.insert(key, encode_features(f))?;
+        Ok(())
+    }
+
+    pub fn feature_cache_len(&self) -> usize {
+        self.features.len()
+    }
+
+    /// Saves the trained plugin: shared and private parts and run metadata, atomically and
+    /// durably.
+    pub fn save_plugin(&self, shared: &[u8], private: &[u8], meta: &TrainedMeta) -> Result<()> {
+        let mut b = sled::Batch::default();
+        b.insert("shared", shared);
+        b.insert("private", private);
+        b.insert("meta", enc(meta));
+        self.params.apply_batch(b)?;
+        self.flush()
+    }
+
+    /// (shared safetensors, private safetensors, metadata) of the last training run.
+    pub fn plugin(&self) -> Result<Option<(Vec<u8>, Vec<u8>, TrainedMeta)>> {
+        match (self.params.get("shared")?, self.params.get("private")?, self.params.get("meta")?) {
+            (Some(s), Some(p), Some(m)) => Ok(Some((s.to_vec(), p.to_vec(), dec(&m)?))),
+            _ => Ok(None),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct FeatHeader {
+    first: usize,
+    targets: Vec<u32>,
+    loss: Vec<bool>,
+    n: usize,
+}
+
+/// `u32 header length | JSON header | f32 little-endian values`.
+pub fn encode_features(f: &ExampleFeatures) -> Vec<u8> {
+    let h = enc(&FeatHeader { first: f.first, targets: f.targets.clone(), loss: f.loss.clone(), n: f.feats.len() });
+    let mut out = Vec::with_capacity(4 + h.len() + 4 * f.feats.len());
+    out.extend_from_slice(&(h.len() as u32).to_le_bytes());
+    out.extend_from_slice(&h);
+    for v in &f.feats {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+pub fn decode_features(b: &[u8]) -> Result<ExampleFeatures> {
+    let bad = || ClientError::Invalid("corrupt feature cache entry".into());
+    let hl = u32::from_le_bytes(b.get(..4).ok_or_else(bad)?.try_into().map_err(|_| bad())?) as usize;
+    let h: FeatHeader = dec(b.get(4..4 + hl).ok_or_else(bad)?)?;
+    let raw = b.get(4 + hl..).ok_or_else(bad)?;
+    if raw.len() != 4 * h.n {
+        return Err(bad());
+    }
+    let feats = raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    Ok(ExampleFeatures { first: h.first, targets: h.targets, loss: h.loss, feats })
+}

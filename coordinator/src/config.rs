@@ -1,0 +1,171 @@
+//! The coordinator's TOML configuration (`<home>/coordinator.toml`, documented default in
+//! `configs/coordinator.toml`). Relative paths are relative to the home directory.
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use spa_model::side::SideConfig;
+
+/// The shipped default backbone (pretrained by the project, HF layout).
+pub const DEFAULT_BACKBONE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/shakespeare-char");
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    #[serde(default)]
+    pub server: ServerSection,
+    #[serde(default)]
+    pub backbone: BackboneSection,
+    #[serde(default)]
+    pub auth: AuthSection,
+    #[serde(default)]
+    pub limits: LimitsSection,
+    /// Side plugin layout of the initial global checkpoint (version 0).
+    #[serde(default)]
+    pub side: SideConfig,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    /// Address to listen on (`127.0.0.1:0` picks a free port; the bound address is written
+    /// to `<home>/serve.addr`).
+    pub listen: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca_cert: PathBuf,
+    /// File holding the admin credential (created by `init`, mode 0600).
+    pub admin_credential: PathBuf,
+    /// sled store directory.
+    pub store: PathBuf,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:7443".into(),
+            cert: "tls/server.pem".into(),
+            key: "tls/server.key".into(),
+            ca_cert: "tls/ca.pem".into(),
+            admin_credential: "admin.credential".into(),
+            store: "store".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackboneSection {
+    /// HF checkpoint directory (config.json, model.safetensors, tokenizer.json); empty = the
+    /// shipped default backbone.
+    pub path: String,
+    /// Compute backend: flex (default), ndarray, cuda.
+    pub device: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSection {
+    /// Accepted distance between a signed call's timestamp and the coordinator's clock.
+    pub clock_window_secs: u64,
+    /// Nonces remembered within the window (calls beyond it are refused, not forgotten).
+    pub max_nonces: usize,
+    /// Longest lifetime of an enrollment token.
+    pub max_token_ttl_secs: u64,
+}
+
+impl Default for AuthSection {
+    fn default() -> Self {
+        Self { clock_window_secs: 300, max_nonces: 1_000_000, max_token_ttl_secs: 30 * 24 * 3600 }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    /// Largest gRPC message encoded or decoded (at most spa_proto::limits::MAX_MESSAGE_BYTES).
+    pub max_message_bytes: usize,
+    pub max_sequences_per_request: u32,
+    pub max_feature_bytes_per_request: u64,
+    /// Concurrent generation sessions (each holds a KV cache).
+    pub max_sessions: usize,
+    /// A generation session idle this long is closed.
+    pub session_idle_secs: u64,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: spa_proto::limits::MAX_MESSAGE_BYTES,
+            max_sequences_per_request: spa_proto::limits::DEFAULT_MAX_SEQUENCES,
+            max_feature_bytes_per_request: spa_proto::limits::DEFAULT_MAX_FEATURE_BYTES,
+            max_sessions: 64,
+            session_idle_secs: 600,
+        }
+    }
+}
+
+impl CoordinatorConfig {
+    pub fn default_config() -> Self {
+        Self {
+            server: ServerSection::default(),
+            backbone: BackboneSection::default(),
+            auth: AuthSection::default(),
+            limits: LimitsSection::default(),
+            side: SideConfig::default(),
+        }
+    }
+
+    pub fn load(home: &Path) -> anyhow::Result<Self> {
+        let path = home.join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| anyhow::anyhow!("cannot read {} ({e}); run `spa-coordinator init --home {}` first", path.display(), home.display()))?;
+        let cfg: Self = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let l = &self.limits;
+        anyhow::ensure!(
+            l.max_message_bytes >= 2 * spa_proto::limits::CHUNK_BYTES && l.max_message_bytes <= 64 << 20,
+            "limits.max_message_bytes must be between 2 MiB and 64 MiB"
+        );
+        anyhow::ensure!(l.max_sequences_per_request > 0, "limits.max_sequences_per_request must be > 0");
+        anyhow::ensure!(l.max_feature_bytes_per_request > 0, "limits.max_feature_bytes_per_request must be > 0");
+        anyhow::ensure!(l.max_sessions > 0, "limits.max_sessions must be > 0");
+        anyhow::ensure!(self.auth.clock_window_secs > 0, "auth.clock_window_secs must be > 0");
+        anyhow::ensure!(self.auth.max_nonces > 0, "auth.max_nonces must be > 0");
+        Ok(())
+    }
+
+    pub fn resolve(&self, home: &Path, p: &Path) -> PathBuf {
+        if p.is_absolute() { p.to_path_buf() } else { home.join(p) }
+    }
+
+    pub fn backbone_dir(&self, home: &Path) -> PathBuf {
+        if self.backbone.path.is_empty() {
+            PathBuf::from(DEFAULT_BACKBONE)
+        } else {
+            self.resolve(home, Path::new(&self.backbone.path))
+        }
+    }
+}
+
+pub const CONFIG_FILE: &str = "coordinator.toml";
+
+/// The documented default configuration written by `init` (same text as configs/coordinator.toml).
+pub const DEFAULT_TOML: &str = include_str!("../../configs/coordinator.toml");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documented_default_parses_to_the_defaults() {
+        let cfg: CoordinatorConfig = toml::from_str(DEFAULT_TOML).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.server.listen, ServerSection::default().listen);
+        assert_eq!(cfg.limits.max_message_bytes, spa_proto::limits::MAX_MESSAGE_BYTES);
+        assert_eq!(cfg.side, SideConfig::default());
+    }
+}

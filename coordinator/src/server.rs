@@ -1,0 +1,156 @@
+//! `spa-coordinator serve`: TLS gRPC server with the Device, Admin and Backbone services,
+//! health and reflection, explicit message-size limits, and graceful shutdown.
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use spa_model::BackendKind;
+use spa_model::side::Plugin;
+use spa_proto::v1::admin_server::AdminServer;
+use spa_proto::v1::backbone_server::BackboneServer;
+use spa_proto::v1::device_server::DeviceServer;
+use tokio::sync::oneshot;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+
+use crate::auth::Auth;
+use crate::config::CoordinatorConfig;
+use crate::engine::Engine;
+use crate::service::{AdminService, BackboneService, DeviceService, Shared};
+use crate::store::Store;
+
+/// The file `serve` writes with the address it listens on, once it accepts connections.
+pub const ADDR_FILE: &str = "serve.addr";
+
+/// A running server.
+pub struct Running {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    pruner: tokio::task::JoinHandle<()>,
+    home: PathBuf,
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight calls finish, and flushes the store.
+    pub async fn shutdown(mut self) -> Result<()> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let r = (&mut self.task).await;
+        self.pruner.abort();
+        let _ = std::fs::remove_file(self.home.join(ADDR_FILE));
+        r??;
+        Ok(())
+    }
+
+    /// Serves until the task ends on its own (an error).
+    pub async fn wait(self) -> Result<()> {
+        self.task.await??;
+        Ok(())
+    }
+}
+
+/// Seeds global checkpoint version 0 (a fresh plugin's shared part) on first start.
+fn seed_checkpoint(store: &Store, cfg: &CoordinatorConfig, engine: &Engine) -> Result<()> {
+    if store.latest_checkpoint_version()?.is_some() {
+        return Ok(());
+    }
+    let device = BackendKind::Flex.device()?;
+    let plugin = Plugin::new(&cfg.side, &engine.meta.config, &device).context("[side] config")?;
+    let bytes = plugin.shared()?.as_set().to_safetensors();
+    store.put_checkpoint(0, &bytes)?;
+    Ok(())
+}
+
+/// Loads everything and starts serving in the background.
+pub async fn start(home: &Path) -> Result<Running> {
+    let cfg = CoordinatorConfig::load(home)?;
+    let store = Store::open(&cfg.resolve(home, &cfg.server.store)).context("opening the store (is another coordinator running on this home?)")?;
+    let cred_path = cfg.resolve(home, &cfg.server.admin_credential);
+    let credential = std::fs::read_to_string(&cred_path).with_context(|| format!("reading {}", cred_path.display()))?;
+    let auth = Auth::new(store.clone(), cfg.auth.clock_window_secs * 1000, cfg.auth.max_nonces, &credential)?;
+    let backend = match &cfg.backbone.device {
+        Some(d) => d.parse::<BackendKind>()?,
+        None => BackendKind::resolve(None)?,
+    };
+    let dir = cfg.backbone_dir(home);
+    let idle = Duration::from_secs(cfg.limits.session_idle_secs);
+    let engine = tokio::task::spawn_blocking(move || Engine::start(&dir, backend, idle)).await??;
+    {
+        let (store, cfg, engine) = (store.clone(), cfg.clone(), engine.clone());
+        tokio::task::spawn_blocking(move || seed_checkpoint(&store, &cfg, &engine)).await??;
+    }
+    tracing::info!(version = %engine.meta.version, "backbone loaded");
+
+    let cert = std::fs::read(cfg.resolve(home, &cfg.server.cert)).context("reading the server certificate")?;
+    let key = std::fs::read(cfg.resolve(home, &cfg.server.key)).context("reading the server key")?;
+    let max = cfg.limits.max_message_bytes;
+    let shared = Shared::new(store.clone(), auth, engine, cfg.clone());
+
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health.set_serving::<DeviceServer<DeviceService>>().await;
+    health.set_serving::<AdminServer<AdminService>>().await;
+    health.set_serving::<BackboneServer<BackboneService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(spa_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    let listener = tokio::net::TcpListener::bind(&cfg.server.listen).await.with_context(|| format!("cannot listen on {}", cfg.server.listen))?;
+    let addr = listener.local_addr()?;
+    let router = Server::builder()
+        .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))?
+        .add_service(health_svc)
+        .add_service(reflection)
+        .add_service(DeviceServer::new(DeviceService(shared.clone())).max_decoding_message_size(max).max_encoding_message_size(max))
+        .add_service(AdminServer::new(AdminService(shared.clone())).max_decoding_message_size(max).max_encoding_message_size(max))
+        .add_service(BackboneServer::new(BackboneService(shared.clone())).max_decoding_message_size(max).max_encoding_message_size(max));
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let flush_store = store.clone();
+    let task = tokio::spawn(async move {
+        let r = router
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stop_rx.await;
+            })
+            .await;
+        let _ = flush_store.flush();
+        r
+    });
+    // Forget expired nonces now and then.
+    let pruner = shared.clone();
+    let pruner = tokio::spawn(async move {
+        let mut t = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            t.tick().await;
+            pruner.auth.prune();
+        }
+    });
+    store.log("server.start", addr.to_string())?;
+    std::fs::write(home.join(ADDR_FILE), format!("https://{addr}\n"))?;
+    tracing::info!(%addr, "coordinator serving (TLS)");
+    Ok(Running { addr, stop: Some(stop_tx), task, pruner, home: home.to_path_buf() })
+}
+
+/// Serves until SIGTERM or ctrl-c, then shuts down gracefully.
+pub async fn serve(home: &Path) -> Result<()> {
+    let running = start(home).await?;
+    println!("serving on https://{}", running.addr);
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    running.shutdown().await
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -1,0 +1,355 @@
+//! The gRPC services: Device (enrollment, ping), Admin (tokens, devices, status) and
+//! Backbone (model info, frozen head, features, generation sessions). Every input is
+//! validated here before it reaches the store or the backbone worker.
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
+
+use spa_proto::auth::{now_ms, random_bytes};
+use spa_proto::limits::{CHUNK_BYTES, MAX_DEVICE_NAME};
+use spa_proto::methods;
+use spa_proto::tensor::{dtype_size, feature_chunks, tensor_chunks};
+use spa_proto::v1::admin_server::Admin;
+use spa_proto::v1::backbone_server::Backbone;
+use spa_proto::v1::device_server::Device;
+use spa_proto::v1::*;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::auth::{Auth, internal};
+use crate::config::CoordinatorConfig;
+use crate::engine::{Engine, SeqJob};
+use crate::store::{Store, StoreError, TokenRecord, token_hash};
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// State shared by the services.
+pub struct Shared {
+    pub store: Store,
+    pub auth: Auth,
+    pub engine: Engine,
+    pub config: CoordinatorConfig,
+    pub started: Instant,
+    sessions: AtomicUsize,
+    next_session: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(store: Store, auth: Auth, engine: Engine, config: CoordinatorConfig) -> Arc<Self> {
+        Arc::new(Self { store, auth, engine, config, started: Instant::now(), sessions: AtomicUsize::new(0), next_session: AtomicU64::new(1) })
+    }
+}
+
+fn store_status(e: StoreError) -> Status {
+    match e {
+        StoreError::UnknownToken | StoreError::TokenUsed | StoreError::TokenExpired => Status::unauthenticated(e.to_string()),
+        StoreError::KeyEnrolled(_) => Status::already_exists(e.to_string()),
+        StoreError::UnknownDevice(_) => Status::not_found(e.to_string()),
+        other => internal(other),
+    }
+}
+
+pub struct DeviceService(pub Arc<Shared>);
+pub struct AdminService(pub Arc<Shared>);
+pub struct BackboneService(pub Arc<Shared>);
+
+#[tonic::async_trait]
+impl Device for DeviceService {
+    async fn enroll(&self, req: Request<EnrollRequest>) -> Result<Response<EnrollResponse>, Status> {
+        let r = req.into_inner();
+        if r.token.is_empty() || r.token.len() > 256 {
+            return Err(Status::invalid_argument("token must be 1..=256 characters"));
+        }
+        if r.public_key.len() != 32 {
+            return Err(Status::invalid_argument(format!("public_key must be a raw 32-byte Ed25519 key, got {} bytes", r.public_key.len())));
+        }
+        if r.name.len() > MAX_DEVICE_NAME || r.name.chars().any(char::is_control) {
+            return Err(Status::invalid_argument(format!("name must be at most {MAX_DEVICE_NAME} bytes without control characters")));
+        }
+        let s = &self.0;
+        let rec = s.store.enroll(&token_hash(&r.token), &r.public_key, &r.name, now_ms()).map_err(|e| {
+            tracing::warn!("enrollment refused: {e}");
+            store_status(e)
+        })?;
+        tracing::info!(device = %rec.device_id, name = %rec.name, "device enrolled");
+        Ok(Response::new(EnrollResponse { device_id: rec.device_id, backbone_version: s.engine.meta.version.clone() }))
+    }
+
+    async fn ping(&self, req: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {
+        let rec = self.0.auth.device(&req, methods::DEVICE_PING)?;
+        Ok(Response::new(PingResponse { device_id: rec.device_id, server_time_ms: now_ms(), backbone_version: self.0.engine.meta.version.clone() }))
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn create_token(&self, req: Request<CreateTokenRequest>) -> Result<Response<CreateTokenResponse>, Status> {
+        let s = &self.0;
+        s.auth.admin(req.metadata())?;
+        let r = req.into_inner();
+        let max = s.config.auth.max_token_ttl_secs;
+        if r.ttl_seconds == 0 || r.ttl_seconds > max {
+            return Err(Status::invalid_argument(format!("ttl_seconds must be in 1..={max}")));
+        }
+        if r.note.len() > 256 {
+            return Err(Status::invalid_argument("note must be at most 256 bytes"));
+        }
+        let token = format!("spa_{}", hex::encode(random_bytes::<24>()));
+        let hash = token_hash(&token);
+        let now = now_ms();
+        let rec = TokenRecord {
+            token_id: format!("tok-{}", &hex::encode(hash)[..12]),
+            created_at_ms: now,
+            expires_at_ms: now + r.ttl_seconds * 1000,
+            note: r.note,
+            used_by: None,
+        };
+        s.store.add_token(&hash, &rec).map_err(store_status)?;
+        tracing::info!(token_id = %rec.token_id, "enrollment token created");
+        Ok(Response::new(CreateTokenResponse { token, token_id: rec.token_id, expires_at_ms: rec.expires_at_ms }))
+    }
+
+    async fn list_devices(&self, req: Request<ListDevicesRequest>) -> Result<Response<ListDevicesResponse>, Status> {
+        let s = &self.0;
+        s.auth.admin(req.metadata())?;
+        let mut devices = Vec::new();
+        for d in s.store.devices().map_err(store_status)? {
+            devices.push(DeviceInfo {
+                last_seen_ms: s.store.last_seen(&d.device_id).map_err(store_status)?,
+                device_id: d.device_id,
+                name: d.name,
+                enrolled_at_ms: d.enrolled_at_ms,
+                revoked: d.revoked,
+                public_key_hex: d.public_key_hex,
+            });
+        }
+        Ok(Response::new(ListDevicesResponse { devices }))
+    }
+
+    async fn revoke_device(&self, req: Request<RevokeDeviceRequest>) -> Result<Response<RevokeDeviceResponse>, Status> {
+        let s = &self.0;
+        s.auth.admin(req.metadata())?;
+        let id = req.into_inner().device_id;
+        if id.is_empty() || id.len() > 64 {
+            return Err(Status::invalid_argument("device_id must be 1..=64 bytes"));
+        }
+        let was_active = s.store.revoke(&id, now_ms()).map_err(store_status)?;
+        tracing::info!(device = %id, "device revoked");
+        Ok(Response::new(RevokeDeviceResponse { was_active }))
+    }
+
+    async fn server_status(&self, req: Request<ServerStatusRequest>) -> Result<Response<ServerStatusResponse>, Status> {
+        let s = &self.0;
+        s.auth.admin(req.metadata())?;
+        let devices = s.store.devices().map_err(store_status)?;
+        let now = now_ms();
+        let tokens = s.store.tokens().map_err(store_status)?;
+        Ok(Response::new(ServerStatusResponse {
+            backbone_version: s.engine.meta.version.clone(),
+            devices: devices.len() as u64,
+            active_devices: devices.iter().filter(|d| !d.revoked).count() as u64,
+            uptime_seconds: s.started.elapsed().as_secs(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            global_version: s.store.latest_checkpoint_version().map_err(store_status)?.unwrap_or(0),
+            tokens_outstanding: tokens.iter().filter(|t| t.used_by.is_none() && t.expires_at_ms > now).count() as u64,
+        }))
+    }
+}
+
+impl BackboneService {
+    fn check_version(&self, v: &str) -> Result<(), Status> {
+        let served = &self.0.engine.meta.version;
+        if !v.is_empty() && v != served {
+            return Err(Status::failed_precondition(format!("backbone version '{v}' is not served (serving '{served}')")));
+        }
+        Ok(())
+    }
+
+    fn check_layers(&self, layers: &[u32]) -> Result<Vec<usize>, Status> {
+        let n = self.0.engine.meta.config.num_layers;
+        if layers.is_empty() {
+            return Err(Status::invalid_argument("layers must not be empty"));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for &l in layers {
+            if l as usize > n {
+                return Err(Status::invalid_argument(format!("layer {l} out of range 0..={n}")));
+            }
+            if !seen.insert(l) {
+                return Err(Status::invalid_argument(format!("layer {l} requested twice")));
+            }
+        }
+        Ok(layers.iter().map(|&l| l as usize).collect())
+    }
+
+    fn check_dtype(dtype: i32) -> Result<usize, Status> {
+        match DType::try_from(dtype) {
+            Ok(DType::DtypeF32) | Ok(DType::DtypeF16) => Ok(dtype_size(dtype).expect("known dtype")),
+            _ => Err(Status::invalid_argument(format!("dtype {dtype} unsupported for features (DTYPE_F32 or DTYPE_F16)"))),
+        }
+    }
+
+    fn check_ids(&self, ids: &[u32], already: usize) -> Result<(), Status> {
+        let cfg = &self.0.engine.meta.config;
+        if ids.is_empty() {
+            return Err(Status::invalid_argument("empty token sequence"));
+        }
+        if already + ids.len() > cfg.max_position_embeddings {
+            return Err(Status::invalid_argument(format!(
+                "sequence of {} tokens (+{already} already in the session) exceeds the context of {}",
+                ids.len(),
+                cfg.max_position_embeddings
+            )));
+        }
+        if let Some(bad) = ids.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+            return Err(Status::invalid_argument(format!("token id {bad} out of vocabulary (size {})", cfg.vocab_size)));
+        }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl Backbone for BackboneService {
+    async fn get_model_info(&self, req: Request<GetModelInfoRequest>) -> Result<Response<ModelInfo>, Status> {
+        let s = &self.0;
+        s.auth.device(&req, methods::BACKBONE_GET_MODEL_INFO)?;
+        let m = &s.engine.meta;
+        Ok(Response::new(ModelInfo {
+            backbone_version: m.version.clone(),
+            config_json: m.config_json.clone(),
+            tokenizer_json: m.tokenizer_json.clone(),
+            num_layers: m.config.num_layers as u32,
+            hidden_size: m.config.hidden_size as u32,
+            vocab_size: m.config.vocab_size as u32,
+            max_positions: m.config.max_position_embeddings as u32,
+            max_sequences_per_request: s.config.limits.max_sequences_per_request,
+            max_feature_bytes_per_request: s.config.limits.max_feature_bytes_per_request,
+        }))
+    }
+
+    type GetHeadStream = BoxStream<TensorChunk>;
+
+    async fn get_head(&self, req: Request<GetHeadRequest>) -> Result<Response<Self::GetHeadStream>, Status> {
+        self.0.auth.device(&req, methods::BACKBONE_GET_HEAD)?;
+        self.check_version(&req.get_ref().backbone_version)?;
+        let tensors = self.0.engine.head().await.map_err(internal)?;
+        let mut chunks = Vec::new();
+        for (name, shape, values) in tensors {
+            let bytes = spa_proto::tensor::encode_f32(&values, DType::DtypeF32 as i32).map_err(internal)?;
+            chunks.extend(tensor_chunks(&name, DType::DtypeF32 as i32, &shape, &bytes, CHUNK_BYTES));
+        }
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks.into_iter().map(Ok)))))
+    }
+
+    type FeaturesStream = BoxStream<FeaturesChunk>;
+
+    async fn features(&self, req: Request<FeaturesRequest>) -> Result<Response<Self::FeaturesStream>, Status> {
+        let s = &self.0;
+        s.auth.device(&req, methods::BACKBONE_FEATURES)?;
+        let r = req.into_inner();
+        self.check_version(&r.backbone_version)?;
+        let layers = self.check_layers(&r.layers)?;
+        let elem = Self::check_dtype(r.dtype)?;
+        let max_seqs = s.config.limits.max_sequences_per_request;
+        if r.sequences.is_empty() || r.sequences.len() > max_seqs as usize {
+            return Err(Status::invalid_argument(format!("a Features request holds 1..={max_seqs} sequences, got {}", r.sequences.len())));
+        }
+        let d = s.engine.meta.config.hidden_size as u64;
+        let mut total = 0u64;
+        let mut seqs = Vec::with_capacity(r.sequences.len());
+        for (i, q) in r.sequences.into_iter().enumerate() {
+            self.check_ids(&q.ids, 0).map_err(|e| Status::invalid_argument(format!("sequence {i}: {}", e.message())))?;
+            if q.from >= q.to || q.to as usize > q.ids.len() {
+                return Err(Status::invalid_argument(format!(
+                    "sequence {i}: positions [{}, {}) are not a non-empty range within its {} tokens",
+                    q.from,
+                    q.to,
+                    q.ids.len()
+                )));
+            }
+            total += (q.to - q.from) as u64 * layers.len() as u64 * d * elem as u64;
+            seqs.push(SeqJob { ids: q.ids, from: q.from as usize, to: q.to as usize });
+        }
+        let limit = s.config.limits.max_feature_bytes_per_request;
+        if total > limit {
+            return Err(Status::invalid_argument(format!("request asks for {total} bytes of features, limit {limit}: split it")));
+        }
+        let blobs = s.engine.features(seqs, layers, r.dtype).await.map_err(internal)?;
+        let chunks: Vec<FeaturesChunk> = blobs.iter().enumerate().flat_map(|(i, b)| feature_chunks(i as u32, b, CHUNK_BYTES)).collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks.into_iter().map(Ok)))))
+    }
+
+    type GenerateStream = BoxStream<GenerateResponse>;
+
+    async fn generate(&self, req: Request<Streaming<GenerateRequest>>) -> Result<Response<Self::GenerateStream>, Status> {
+        let s = self.0.clone();
+        s.auth.device_stream(req.metadata(), methods::BACKBONE_GENERATE)?;
+        let mut input = req.into_inner();
+        // The session opens with its first message.
+        let open = match input.message().await? {
+            Some(GenerateRequest { kind: Some(generate_request::Kind::Open(o)) }) => o,
+            _ => return Err(Status::invalid_argument("a Generate stream must start with an `open` message")),
+        };
+        let me = BackboneService(s.clone());
+        me.check_version(&open.backbone_version)?;
+        let layers = me.check_layers(&open.layers)?;
+        let elem = Self::check_dtype(open.dtype)?;
+        let max = s.config.limits.max_sessions;
+        if s.sessions.fetch_add(1, Ordering::SeqCst) >= max {
+            s.sessions.fetch_sub(1, Ordering::SeqCst);
+            return Err(Status::resource_exhausted(format!("{max} generation sessions already open; retry later")));
+        }
+        let session = s.next_session.fetch_add(1, Ordering::SeqCst);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<GenerateResponse, Status>>(4);
+        let d = s.engine.meta.config.hidden_size;
+        // Room for the envelope of a response.
+        let max_bytes = s.config.limits.max_message_bytes.saturating_sub(4096);
+        tokio::spawn(async move {
+            let mut len = 0usize;
+            loop {
+                let msg = match input.message().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!("generate stream error: {e}");
+                        break;
+                    }
+                };
+                let ids = match msg.kind {
+                    Some(generate_request::Kind::Extend(e)) => e.ids,
+                    _ => {
+                        let _ = tx.send(Err(Status::invalid_argument("only `extend` messages may follow `open`"))).await;
+                        break;
+                    }
+                };
+                if let Err(e) = me.check_ids(&ids, len) {
+                    let _ = tx.send(Err(e)).await;
+                    break;
+                }
+                let bytes = ids.len() * layers.len() * d * elem;
+                if bytes > max_bytes {
+                    let _ = tx.send(Err(Status::invalid_argument(format!("extend would return {bytes} bytes, limit {max_bytes}: send fewer tokens")))).await;
+                    break;
+                }
+                let n = ids.len();
+                match s.engine.extend(session, ids, layers.clone(), open.dtype).await {
+                    Ok((first, features)) => {
+                        len = first + n;
+                        let resp = GenerateResponse { first_position: first as u32, positions: n as u32, features };
+                        if tx.send(Ok(resp)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(internal(e))).await;
+                        break;
+                    }
+                }
+            }
+            s.engine.close(session);
+            s.sessions.fetch_sub(1, Ordering::SeqCst);
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}

@@ -1,0 +1,310 @@
+//! The coordinator's durable state in sled: devices, enrollment tokens (hashed), nonces of
+//! signed calls, global checkpoints by version, and an event log. Every state change that a
+//! caller acknowledges is flushed to disk first.
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("store record: {0}")]
+    Corrupt(String),
+    #[error("unknown enrollment token")]
+    UnknownToken,
+    #[error("enrollment token already used")]
+    TokenUsed,
+    #[error("enrollment token expired")]
+    TokenExpired,
+    #[error("this public key is already enrolled as {0}")]
+    KeyEnrolled(String),
+    #[error("unknown device '{0}'")]
+    UnknownDevice(String),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    pub device_id: String,
+    pub name: String,
+    pub public_key_hex: String,
+    pub enrolled_at_ms: u64,
+    pub token_id: String,
+    pub revoked: bool,
+    #[serde(default)]
+    pub revoked_at_ms: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub token_id: String,
+    pub created_at_ms: u64,
+    pub expires_at_ms: u64,
+    pub note: String,
+    #[serde(default)]
+    pub used_by: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub ts_ms: u64,
+    pub kind: String,
+    pub detail: String,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    devices: sled::Tree,
+    tokens: sled::Tree,
+    nonces: sled::Tree,
+    checkpoints: sled::Tree,
+    events: sled::Tree,
+    last_seen: sled::Tree,
+}
+
+fn enc<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("records serialize")
+}
+
+fn dec<T: for<'a> Deserialize<'a>>(b: &[u8]) -> Result<T> {
+    serde_json::from_slice(b).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// The device id of a public key: `dev-` and the first 16 hex digits of its SHA-256.
+pub fn device_id_of(public_key: &[u8]) -> String {
+    format!("dev-{}", &hex::encode(spa_proto::auth::sha256(public_key))[..16])
+}
+
+/// What the store keeps of a token: its SHA-256, never the token.
+pub fn token_hash(token: &str) -> [u8; 32] {
+    spa_proto::auth::sha256(token.as_bytes())
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Self> {
+        let db = sled::open(path)?;
+        Ok(Self {
+            devices: db.open_tree("devices")?,
+            tokens: db.open_tree("tokens")?,
+            nonces: db.open_tree("nonces")?,
+            checkpoints: db.open_tree("checkpoints")?,
+            events: db.open_tree("events")?,
+            last_seen: db.open_tree("last_seen")?,
+            db,
+        })
+    }
+
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    pub fn log(&self, kind: &str, detail: impl Into<String>) -> Result<()> {
+        let id = self.db.generate_id()?;
+        let e = Event { ts_ms: spa_proto::auth::now_ms(), kind: kind.into(), detail: detail.into() };
+        self.events.insert(id.to_be_bytes(), enc(&e))?;
+        Ok(())
+    }
+
+    pub fn events(&self) -> Result<Vec<Event>> {
+        self.events.iter().values().map(|v| dec(&v?)).collect()
+    }
+
+    /// Stores a new token's hash; durable on return.
+    pub fn add_token(&self, hash: &[u8; 32], rec: &TokenRecord) -> Result<()> {
+        self.tokens.insert(hash, enc(rec))?;
+        self.log("token.create", format!("{} expires {}", rec.token_id, rec.expires_at_ms))?;
+        self.flush()
+    }
+
+    pub fn tokens(&self) -> Result<Vec<TokenRecord>> {
+        self.tokens.iter().values().map(|v| dec(&v?)).collect()
+    }
+
+    /// Consumes a token and records the device, atomically; durable on return.
+    pub fn enroll(&self, hash: &[u8; 32], public_key: &[u8], name: &str, now_ms: u64) -> Result<DeviceRecord> {
+        let device_id = device_id_of(public_key);
+        let res = (&self.tokens, &self.devices).transaction(|(tokens, devices)| {
+            let abort = |e| Err(ConflictableTransactionError::Abort(e));
+            let Some(raw) = tokens.get(hash)? else { return abort(StoreError::UnknownToken) };
+            let mut tok: TokenRecord = match dec(&raw) {
+                Ok(t) => t,
+                Err(e) => return abort(e),
+            };
+            if tok.used_by.is_some() {
+                return abort(StoreError::TokenUsed);
+            }
+            if tok.expires_at_ms <= now_ms {
+                return abort(StoreError::TokenExpired);
+            }
+            if devices.get(device_id.as_bytes())?.is_some() {
+                return abort(StoreError::KeyEnrolled(device_id.clone()));
+            }
+            tok.used_by = Some(device_id.clone());
+            let rec = DeviceRecord {
+                device_id: device_id.clone(),
+                name: name.into(),
+                public_key_hex: hex::encode(public_key),
+                enrolled_at_ms: now_ms,
+                token_id: tok.token_id.clone(),
+                revoked: false,
+                revoked_at_ms: None,
+            };
+            tokens.insert(&hash[..], enc(&tok))?;
+            devices.insert(device_id.as_bytes(), enc(&rec))?;
+            Ok(rec)
+        });
+        let rec = match res {
+            Ok(r) => r,
+            Err(TransactionError::Abort(e)) => return Err(e),
+            Err(TransactionError::Storage(e)) => return Err(e.into()),
+        };
+        self.log("device.enroll", format!("{} ({}) with token {}", rec.device_id, rec.name, rec.token_id))?;
+        self.flush()?;
+        Ok(rec)
+    }
+
+    pub fn device(&self, id: &str) -> Result<Option<DeviceRecord>> {
+        self.devices.get(id.as_bytes())?.map(|v| dec(&v)).transpose()
+    }
+
+    pub fn devices(&self) -> Result<Vec<DeviceRecord>> {
+        self.devices.iter().values().map(|v| dec(&v?)).collect()
+    }
+
+    /// Marks a device revoked; durable on return. Returns whether it was active.
+    pub fn revoke(&self, id: &str, now_ms: u64) -> Result<bool> {
+        let Some(mut rec) = self.device(id)? else { return Err(StoreError::UnknownDevice(id.into())) };
+        let was_active = !rec.revoked;
+        if was_active {
+            rec.revoked = true;
+            rec.revoked_at_ms = Some(now_ms);
+            self.devices.insert(id.as_bytes(), enc(&rec))?;
+            self.log("device.revoke", id)?;
+            self.flush()?;
+        }
+        Ok(was_active)
+    }
+
+    /// Last call time of a device (best effort, not flushed: it is not acknowledged state).
+    pub fn touch(&self, id: &str, now_ms: u64) -> Result<()> {
+        self.last_seen.insert(id.as_bytes(), &now_ms.to_be_bytes()[..])?;
+        Ok(())
+    }
+
+    pub fn last_seen(&self, id: &str) -> Result<u64> {
+        Ok(self.last_seen.get(id.as_bytes())?.map_or(0, |v| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&v[..8.min(v.len())]);
+            u64::from_be_bytes(b)
+        }))
+    }
+
+    /// Persists a nonce so a restart does not reopen the replay window. Key: ts | device | nonce.
+    pub fn record_nonce(&self, device: &str, nonce: &str, ts_ms: u64) -> Result<()> {
+        let mut k = ts_ms.to_be_bytes().to_vec();
+        k.extend_from_slice(format!("{device}\0{nonce}").as_bytes());
+        self.nonces.insert(k, Vec::<u8>::new())?;
+        Ok(())
+    }
+
+    /// Nonces with a timestamp at or after `since_ms`: (device, nonce, ts).
+    pub fn nonces_since(&self, since_ms: u64) -> Result<Vec<(String, String, u64)>> {
+        let mut out = Vec::new();
+        for kv in self.nonces.range(since_ms.to_be_bytes()..) {
+            let (k, _) = kv?;
+            if k.len() < 8 {
+                continue;
+            }
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&k[..8]);
+            let rest = String::from_utf8_lossy(&k[8..]).into_owned();
+            if let Some((d, n)) = rest.split_once('\0') {
+                out.push((d.to_string(), n.to_string(), u64::from_be_bytes(b)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Drops nonces older than `before_ms` (they fail the clock check anyway).
+    pub fn prune_nonces(&self, before_ms: u64) -> Result<usize> {
+        let mut n = 0;
+        for kv in self.nonces.range(..before_ms.to_be_bytes()) {
+            self.nonces.remove(kv?.0)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Commits a global checkpoint (safetensors bytes of the shared parameters); durable on
+    /// return. Versions are never overwritten.
+    pub fn put_checkpoint(&self, version: u64, bytes: &[u8]) -> Result<bool> {
+        let fresh = self
+            .checkpoints
+            .compare_and_swap(version.to_be_bytes(), None as Option<&[u8]>, Some(bytes))?
+            .is_ok();
+        if fresh {
+            self.log("checkpoint.commit", format!("version {version}, {} bytes", bytes.len()))?;
+            self.flush()?;
+        }
+        Ok(fresh)
+    }
+
+    pub fn checkpoint(&self, version: u64) -> Result<Option<Vec<u8>>> {
+        Ok(self.checkpoints.get(version.to_be_bytes())?.map(|v| v.to_vec()))
+    }
+
+    pub fn latest_checkpoint_version(&self) -> Result<Option<u64>> {
+        Ok(self.checkpoints.last()?.map(|(k, _)| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&k[..8]);
+            u64::from_be_bytes(b)
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(store: &Store, t: &str, expires: u64) {
+        let rec = TokenRecord { token_id: t[..4].into(), created_at_ms: 0, expires_at_ms: expires, note: String::new(), used_by: None };
+        store.add_token(&token_hash(t), &rec).unwrap();
+    }
+
+    #[test]
+    fn tokens_are_one_time_and_expire_and_state_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            token(&s, "tok-one", 1000);
+            token(&s, "tok-two", 1000);
+            let d = s.enroll(&token_hash("tok-one"), &[1u8; 32], "a", 10).unwrap();
+            assert!(matches!(s.enroll(&token_hash("tok-one"), &[2u8; 32], "b", 10), Err(StoreError::TokenUsed)));
+            assert!(matches!(s.enroll(&token_hash("nope"), &[2u8; 32], "b", 10), Err(StoreError::UnknownToken)));
+            assert!(matches!(s.enroll(&token_hash("tok-two"), &[2u8; 32], "b", 1000), Err(StoreError::TokenExpired)));
+            assert!(matches!(s.enroll(&token_hash("tok-two"), &[1u8; 32], "b", 10), Err(StoreError::KeyEnrolled(_))));
+            // A failed enrollment left the token usable.
+            assert_eq!(s.tokens().unwrap().iter().filter(|t| t.used_by.is_none()).count(), 1);
+            assert!(s.revoke(&d.device_id, 20).unwrap());
+            assert!(!s.revoke(&d.device_id, 21).unwrap());
+            assert!(s.put_checkpoint(0, b"v0").unwrap());
+            assert!(!s.put_checkpoint(0, b"other").unwrap());
+            s.record_nonce("dev", "n1", 500).unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        let devs = s.devices().unwrap();
+        assert_eq!(devs.len(), 1);
+        assert!(devs[0].revoked);
+        assert_eq!(s.checkpoint(0).unwrap().unwrap(), b"v0");
+        assert_eq!(s.latest_checkpoint_version().unwrap(), Some(0));
+        assert_eq!(s.nonces_since(400).unwrap(), vec![("dev".into(), "n1".into(), 500)]);
+        assert_eq!(s.prune_nonces(600).unwrap(), 1);
+        assert!(s.events().unwrap().iter().any(|e| e.kind == "device.revoke"));
+    }
+}

@@ -1,0 +1,116 @@
+//! The real binary: `init` refuses to overwrite; `serve` survives SIGKILL with devices,
+//! tokens, nonces and checkpoints intact; the admin verbs work over TLS; SIGTERM shuts down
+//! gracefully.
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use spa_proto::auth::now_ms;
+use spa_proto::methods;
+use spa_proto::v1::PingRequest;
+
+const BIN: &str = env!("CARGO_BIN_EXE_spa-coordinator");
+
+fn serve(home: &Path) -> (Child, String) {
+    let _ = std::fs::remove_file(home.join("serve.addr"));
+    let child = Command::new(BIN).args(["serve", "--home"]).arg(home).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let t = Instant::now();
+    loop {
+        if let Ok(s) = std::fs::read_to_string(home.join("serve.addr"))
+            && s.ends_with('\n')
+        {
+            return (child, s.trim().to_string());
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "coordinator did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn cli(home: &Path, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(BIN).args(args).arg("--home").arg(home).arg("--json").output().unwrap();
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn state_survives_sigkill_and_sigterm_is_graceful() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("coord");
+    let out = Command::new(BIN).args(["init", "--home"]).arg(&home).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let p = home.join("coordinator.toml");
+    std::fs::write(&p, std::fs::read_to_string(&p).unwrap().replace("127.0.0.1:7443", "127.0.0.1:0")).unwrap();
+    // init never overwrites.
+    let out = Command::new(BIN).args(["init", "--home"]).arg(&home).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("refusing to overwrite"));
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (mut child, url) = serve(&home);
+    let tok1 = cli(&home, &["token", "create", "--ttl", "1h"])["token"].as_str().unwrap().to_string();
+    let tok2 = cli(&home, &["token", "create", "--ttl", "1h"])["token"].as_str().unwrap().to_string();
+    let (a, replay) = rt.block_on(async {
+        let ch = channel(&url, &home).await;
+        let a = enroll(&ch, &tok1, "alpha").await.unwrap();
+        // A request that was accepted before the crash...
+        let h = a.sign(methods::DEVICE_PING, &PingRequest {}, now_ms());
+        let mut r = tonic::Request::new(PingRequest {});
+        h.apply(r.metadata_mut());
+        device(&ch).ping(r).await.unwrap();
+        (a, h)
+    });
+    let devices = cli(&home, &["devices", "list"]);
+    assert_eq!(devices.as_array().unwrap().len(), 1);
+    // Let sled's background flush persist the nonce (nonces are not acknowledged state).
+    std::thread::sleep(Duration::from_millis(1200));
+
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+
+    let (child, url) = serve(&home);
+    rt.block_on(async {
+        let ch = channel(&url, &home).await;
+        // The device is still enrolled and can call.
+        ping(&ch, &a).await.unwrap();
+        // ...is still a replay after it.
+        let mut r = tonic::Request::new(PingRequest {});
+        replay.apply(r.metadata_mut());
+        let e = device(&ch).ping(r).await.unwrap_err();
+        assert!(e.message().contains("replay"), "{e:?}");
+        // The unused token is still valid; the used one still used.
+        assert!(enroll(&ch, &tok1, "again").await.is_err());
+        enroll(&ch, &tok2, "beta").await.unwrap();
+    });
+    let devices = cli(&home, &["devices", "list"]);
+    assert_eq!(devices.as_array().unwrap().len(), 2);
+    let id = a.device_id().to_string();
+    let r = cli(&home, &["devices", "revoke", &id]);
+    assert_eq!(r["was_active"], true);
+    let st = cli(&home, &["status"]);
+    assert_eq!(st["active_devices"], 1);
+
+    // SIGTERM: graceful shutdown, exit status 0.
+    let st = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(st.success());
+    let mut child = child;
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "no graceful shutdown");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+
+    // The store holds the state: one checkpoint commit (not re-seeded), the revocation.
+    let store = spa_coordinator::store::Store::open(&home.join("store")).unwrap();
+    assert_eq!(store.latest_checkpoint_version().unwrap(), Some(0));
+    let events = store.events().unwrap();
+    assert_eq!(events.iter().filter(|e| e.kind == "checkpoint.commit").count(), 1);
+    assert!(events.iter().any(|e| e.kind == "device.revoke"));
+    assert!(store.device(&id).unwrap().unwrap().revoked);
+}

@@ -1,0 +1,373 @@
+//! Request signing. Every device call after enrollment carries four metadata entries:
+//! `x-spa-device` (device id), `x-spa-ts` (Unix milliseconds), `x-spa-nonce` (16 random bytes,
+//! hex) and `x-spa-sig` (hex Ed25519 signature over [`signing_payload`]): the method path, the
+//! timestamp, the nonce and the SHA-256 digest of the request body's prost encoding. The
+//! receiver re-encodes the body it decoded, so the digest covers exactly what it acts on.
+//!
+//! The receiver checks, in this order: headers well formed, device known, not revoked,
+//! signature valid, timestamp within the clock window, nonce never seen inside the window.
+use std::collections::{HashMap, VecDeque};
+
+use ring::rand::{SecureRandom, SystemRandom};
+use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
+use tonic::metadata::MetadataMap;
+
+pub const HDR_DEVICE: &str = "x-spa-device";
+pub const HDR_TS: &str = "x-spa-ts";
+pub const HDR_NONCE: &str = "x-spa-nonce";
+pub const HDR_SIG: &str = "x-spa-sig";
+/// Admin calls carry `authorization: Bearer <credential>`.
+pub const HDR_AUTHORIZATION: &str = "authorization";
+
+/// Domain separation: a signature over SPA v1 requests is useless for anything else.
+const CONTEXT: &[u8] = b"spa.v1 request signature\0";
+
+/// Why a signed call was refused. Each maps to one gRPC status code.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthError {
+    #[error("missing metadata '{0}' (device calls must be signed)")]
+    Missing(&'static str),
+    #[error("malformed metadata '{0}'")]
+    Malformed(&'static str),
+    #[error("unknown device '{0}' (enroll first)")]
+    UnknownDevice(String),
+    #[error("device '{0}' is revoked")]
+    Revoked(String),
+    #[error("bad request signature")]
+    BadSignature,
+    #[error("request timestamp {ts_ms} is {skew_ms} ms away from the coordinator's clock (window {window_ms} ms)")]
+    ClockSkew { ts_ms: u64, skew_ms: u64, window_ms: u64 },
+    #[error("nonce already used (replayed request)")]
+    Replay,
+    #[error("too many requests in the replay window; retry later")]
+    Busy,
+    #[error("invalid admin credential")]
+    BadAdmin,
+}
+
+impl From<AuthError> for tonic::Status {
+    fn from(e: AuthError) -> Self {
+        let msg = e.to_string();
+        match e {
+            AuthError::Revoked(_) => tonic::Status::permission_denied(msg),
+            AuthError::Malformed(_) => tonic::Status::invalid_argument(msg),
+            AuthError::Busy => tonic::Status::unavailable(msg),
+            _ => tonic::Status::unauthenticated(msg),
+        }
+    }
+}
+
+/// SHA-256 of a message's prost encoding.
+pub fn body_digest<M: prost::Message>(body: &M) -> [u8; 32] {
+    sha256(&body.encode_to_vec())
+}
+
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// What is signed: context, method path, timestamp, nonce and body digest, NUL-separated.
+pub fn signing_payload(method: &str, ts_ms: u64, nonce_hex: &str, digest: &[u8; 32]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(CONTEXT.len() + method.len() + 64 + 32);
+    p.extend_from_slice(CONTEXT);
+    p.extend_from_slice(method.as_bytes());
+    p.push(0);
+    p.extend_from_slice(ts_ms.to_string().as_bytes());
+    p.push(0);
+    p.extend_from_slice(nonce_hex.as_bytes());
+    p.push(0);
+    p.extend_from_slice(digest);
+    p
+}
+
+/// The signature metadata of one call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SignedHeaders {
+    pub device_id: String,
+    pub ts_ms: u64,
+    pub nonce_hex: String,
+    pub sig_hex: String,
+}
+
+impl SignedHeaders {
+    pub fn apply(&self, md: &mut MetadataMap) {
+        // All four values are ASCII (an id we issued, digits, hex).
+        let put = |md: &mut MetadataMap, k: &'static str, v: &str| {
+            if let Ok(v) = v.parse() {
+                md.insert(k, v);
+            }
+        };
+        put(md, HDR_DEVICE, &self.device_id);
+        put(md, HDR_TS, &self.ts_ms.to_string());
+        put(md, HDR_NONCE, &self.nonce_hex);
+        put(md, HDR_SIG, &self.sig_hex);
+    }
+
+    pub fn from_metadata(md: &MetadataMap) -> Result<Self, AuthError> {
+        let get = |k: &'static str| -> Result<&str, AuthError> {
+            md.get(k).ok_or(AuthError::Missing(k))?.to_str().map_err(|_| AuthError::Malformed(k))
+        };
+        let device_id = get(HDR_DEVICE)?;
+        if device_id.is_empty() || device_id.len() > 64 {
+            return Err(AuthError::Malformed(HDR_DEVICE));
+        }
+        let ts_ms = get(HDR_TS)?.parse().map_err(|_| AuthError::Malformed(HDR_TS))?;
+        let nonce_hex = get(HDR_NONCE)?;
+        if nonce_hex.len() != 32 || hex::decode(nonce_hex).is_err() {
+            return Err(AuthError::Malformed(HDR_NONCE));
+        }
+        let sig_hex = get(HDR_SIG)?;
+        if sig_hex.len() != 128 || hex::decode(sig_hex).is_err() {
+            return Err(AuthError::Malformed(HDR_SIG));
+        }
+        Ok(Self { device_id: device_id.into(), ts_ms, nonce_hex: nonce_hex.into(), sig_hex: sig_hex.into() })
+    }
+
+    /// Checks the signature against the device's raw 32-byte Ed25519 public key.
+    pub fn verify(&self, public_key: &[u8], method: &str, digest: &[u8; 32]) -> Result<(), AuthError> {
+        let sig = hex::decode(&self.sig_hex).map_err(|_| AuthError::Malformed(HDR_SIG))?;
+        let payload = signing_payload(method, self.ts_ms, &self.nonce_hex, digest);
+        UnparsedPublicKey::new(&ED25519, public_key).verify(&payload, &sig).map_err(|_| AuthError::BadSignature)
+    }
+}
+
+/// `|ts - now| <= window`.
+pub fn check_clock(ts_ms: u64, now_ms: u64, window_ms: u64) -> Result<(), AuthError> {
+    let skew_ms = ts_ms.abs_diff(now_ms);
+    if skew_ms > window_ms {
+        return Err(AuthError::ClockSkew { ts_ms, skew_ms, window_ms });
+    }
+    Ok(())
+}
+
+/// A device's identity key.
+pub struct DeviceSigner {
+    key: Ed25519KeyPair,
+    device_id: String,
+    rng: SystemRandom,
+}
+
+impl std::fmt::Debug for DeviceSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DeviceSigner({})", self.device_id)
+    }
+}
+
+/// A fresh Ed25519 key as PKCS#8 bytes (what a device stores).
+pub fn generate_pkcs8() -> Result<Vec<u8>, ring::error::Unspecified> {
+    Ok(Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())?.as_ref().to_vec())
+}
+
+/// The raw public key of a PKCS#8 Ed25519 key.
+pub fn public_key_of(pkcs8: &[u8]) -> Result<[u8; 32], ring::error::KeyRejected> {
+    let k = Ed25519KeyPair::from_pkcs8(pkcs8)?;
+    let mut out = [0u8; 32];
+    out.copy_from_slice(k.public_key().as_ref());
+    Ok(out)
+}
+
+/// Random bytes from the system generator.
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    SystemRandom::new().fill(&mut b).expect("system random generator");
+    b
+}
+
+impl DeviceSigner {
+    pub fn from_pkcs8(pkcs8: &[u8], device_id: impl Into<String>) -> Result<Self, ring::error::KeyRejected> {
+        Ok(Self { key: Ed25519KeyPair::from_pkcs8(pkcs8)?, device_id: device_id.into(), rng: SystemRandom::new() })
+    }
+
+    pub fn device_id(&self) -> &str {
+        &self.device_id
+    }
+
+    pub fn public_key(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        out.copy_from_slice(self.key.public_key().as_ref());
+        out
+    }
+
+    /// Signs a call of `method` with this body digest at `ts_ms`, with a fresh nonce.
+    pub fn sign_digest(&self, method: &str, digest: &[u8; 32], ts_ms: u64) -> SignedHeaders {
+        let mut nonce = [0u8; 16];
+        self.rng.fill(&mut nonce).expect("system random generator");
+        let nonce_hex = hex::encode(nonce);
+        let sig = self.key.sign(&signing_payload(method, ts_ms, &nonce_hex, digest));
+        SignedHeaders { device_id: self.device_id.clone(), ts_ms, nonce_hex, sig_hex: hex::encode(sig.as_ref()) }
+    }
+
+    pub fn sign<M: prost::Message>(&self, method: &str, body: &M, ts_ms: u64) -> SignedHeaders {
+        self.sign_digest(method, &body_digest(body), ts_ms)
+    }
+
+    /// A `tonic::Request` around `body`, signed now.
+    pub fn request<M: prost::Message>(&self, method: &str, body: M) -> tonic::Request<M> {
+        let h = self.sign(method, &body, now_ms());
+        let mut req = tonic::Request::new(body);
+        h.apply(req.metadata_mut());
+        req
+    }
+}
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Nonces seen within the clock window. A nonce older than the window cannot be replayed
+/// (its timestamp fails the clock check), so entries expire after `ts + window`; the cache
+/// is bounded, and refuses new calls ([`AuthError::Busy`]) rather than forget live nonces.
+#[derive(Debug)]
+pub struct NonceWindow {
+    window_ms: u64,
+    capacity: usize,
+    seen: HashMap<(String, String), u64>,
+    order: VecDeque<(u64, String, String)>,
+}
+
+impl NonceWindow {
+    pub fn new(window_ms: u64, capacity: usize) -> Self {
+        Self { window_ms, capacity, seen: HashMap::new(), order: VecDeque::new() }
+    }
+
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+
+    fn expire(&mut self, now_ms: u64) {
+        while let Some((ts, _, _)) = self.order.front() {
+            if ts.saturating_add(self.window_ms) >= now_ms {
+                break;
+            }
+            let (_, d, n) = self.order.pop_front().expect("front");
+            self.seen.remove(&(d, n));
+        }
+    }
+
+    /// Records a nonce of a call whose timestamp already passed [`check_clock`].
+    pub fn check_and_insert(&mut self, device: &str, nonce: &str, ts_ms: u64, now_ms: u64) -> Result<(), AuthError> {
+        self.expire(now_ms);
+        let key = (device.to_string(), nonce.to_string());
+        if self.seen.contains_key(&key) {
+            return Err(AuthError::Replay);
+        }
+        if self.seen.len() >= self.capacity {
+            return Err(AuthError::Busy);
+        }
+        // Keep `order` sorted by expiry: timestamps arrive almost sorted, insert in place.
+        let pos = self.order.iter().rposition(|(t, _, _)| *t <= ts_ms).map_or(0, |p| p + 1);
+        self.order.insert(pos, (ts_ms, key.0.clone(), key.1.clone()));
+        self.seen.insert(key, ts_ms);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::v1::PingRequest;
+    use crate::v1::{FeatureSequence, FeaturesRequest};
+
+    fn signer() -> DeviceSigner {
+        DeviceSigner::from_pkcs8(&generate_pkcs8().unwrap(), "dev-1").unwrap()
+    }
+
+    fn body() -> FeaturesRequest {
+        FeaturesRequest {
+            backbone_version: "v".into(),
+            sequences: vec![FeatureSequence { ids: vec![1, 2, 3], from: 0, to: 3 }],
+            layers: vec![0, 4],
+            dtype: 1,
+        }
+    }
+
+    #[test]
+    fn signature_verifies_through_metadata() {
+        let s = signer();
+        let req = s.request(crate::methods::BACKBONE_FEATURES, body());
+        let h = SignedHeaders::from_metadata(req.metadata()).unwrap();
+        assert_eq!(h.device_id, "dev-1");
+        h.verify(&s.public_key(), crate::methods::BACKBONE_FEATURES, &body_digest(req.get_ref())).unwrap();
+        check_clock(h.ts_ms, now_ms(), 300_000).unwrap();
+    }
+
+    #[test]
+    fn forged_or_altered_requests_fail() {
+        let s = signer();
+        let h = s.sign(crate::methods::BACKBONE_FEATURES, &body(), 1_000);
+        let pk = s.public_key();
+        let digest = body_digest(&body());
+        // Another key.
+        assert_eq!(h.verify(&signer().public_key(), crate::methods::BACKBONE_FEATURES, &digest), Err(AuthError::BadSignature));
+        // Another method (a signature replayed on another endpoint).
+        assert_eq!(h.verify(&pk, crate::methods::DEVICE_PING, &digest), Err(AuthError::BadSignature));
+        // Another body.
+        let mut b = body();
+        b.sequences[0].ids[0] = 9;
+        assert_eq!(h.verify(&pk, crate::methods::BACKBONE_FEATURES, &body_digest(&b)), Err(AuthError::BadSignature));
+        // Another timestamp or nonce.
+        let mut t = h.clone();
+        t.ts_ms += 1;
+        assert_eq!(t.verify(&pk, crate::methods::BACKBONE_FEATURES, &digest), Err(AuthError::BadSignature));
+        let mut n = h.clone();
+        n.nonce_hex = hex::encode([7u8; 16]);
+        assert_eq!(n.verify(&pk, crate::methods::BACKBONE_FEATURES, &digest), Err(AuthError::BadSignature));
+        // Garbage signature of the right length.
+        let mut g = h.clone();
+        g.sig_hex = "00".repeat(64);
+        assert_eq!(g.verify(&pk, crate::methods::BACKBONE_FEATURES, &digest), Err(AuthError::BadSignature));
+        // The right one passes.
+        h.verify(&pk, crate::methods::BACKBONE_FEATURES, &digest).unwrap();
+    }
+
+    #[test]
+    fn malformed_and_missing_metadata_are_rejected() {
+        let s = signer();
+        let mut req = s.request(crate::methods::DEVICE_PING, PingRequest {});
+        req.metadata_mut().remove(HDR_SIG);
+        assert_eq!(SignedHeaders::from_metadata(req.metadata()), Err(AuthError::Missing(HDR_SIG)));
+        req.metadata_mut().insert(HDR_SIG, "zz".parse().unwrap());
+        assert_eq!(SignedHeaders::from_metadata(req.metadata()), Err(AuthError::Malformed(HDR_SIG)));
+        let mut req = s.request(crate::methods::DEVICE_PING, PingRequest {});
+        req.metadata_mut().insert(HDR_TS, "soon".parse().unwrap());
+        assert_eq!(SignedHeaders::from_metadata(req.metadata()), Err(AuthError::Malformed(HDR_TS)));
+        let st: tonic::Status = AuthError::Missing(HDR_SIG).into();
+        assert_eq!(st.code(), tonic::Code::Unauthenticated);
+        let st: tonic::Status = AuthError::Revoked("d".into()).into();
+        assert_eq!(st.code(), tonic::Code::PermissionDenied);
+    }
+
+    #[test]
+    fn clock_window_and_replay_window() {
+        let now = 10_000_000;
+        check_clock(now - 300_000, now, 300_000).unwrap();
+        check_clock(now + 300_000, now, 300_000).unwrap();
+        assert!(matches!(check_clock(now - 300_001, now, 300_000), Err(AuthError::ClockSkew { .. })));
+        assert!(matches!(check_clock(now + 300_001, now, 300_000), Err(AuthError::ClockSkew { .. })));
+
+        let mut w = NonceWindow::new(300_000, 3);
+        w.check_and_insert("a", "n1", now, now).unwrap();
+        assert_eq!(w.check_and_insert("a", "n1", now, now), Err(AuthError::Replay));
+        // The same nonce from another device is another request.
+        w.check_and_insert("b", "n1", now, now).unwrap();
+        w.check_and_insert("a", "n2", now + 10, now).unwrap();
+        // Full: refuse rather than forget a live nonce.
+        assert_eq!(w.check_and_insert("a", "n3", now, now), Err(AuthError::Busy));
+        // After the window, old entries expire (their timestamps would fail the clock check).
+        let later = now + 300_001;
+        w.check_and_insert("a", "n3", later, later).unwrap();
+        assert_eq!(w.len(), 2);
+        assert_eq!(w.check_and_insert("a", "n2", now + 10, later), Err(AuthError::Replay));
+    }
+}
