@@ -108,7 +108,10 @@ impl TrainProgress for Bars {
     fn features(&mut self, done: usize, total: usize) {
         let b = self.feat.get_or_insert_with(|| {
             let b = ProgressBar::new(total as u64);
-            b.set_style(ProgressStyle::with_template("features {bar:30} {pos}/{len} examples").expect("template"));
+            b.set_style(
+                ProgressStyle::with_template("features {bar:30} {pos}/{len} examples")
+                    .expect("template"),
+            );
             b
         });
         b.set_position(done as u64);
@@ -121,7 +124,10 @@ impl TrainProgress for Bars {
         match ev {
             TrainEvent::Start { total_steps } => {
                 let b = ProgressBar::new(*total_steps as u64);
-                b.set_style(ProgressStyle::with_template("train    {bar:30} {pos}/{len} steps  loss {msg}").expect("template"));
+                b.set_style(
+                    ProgressStyle::with_template("train    {bar:30} {pos}/{len} steps  loss {msg}")
+                        .expect("template"),
+                );
                 self.train = Some(b);
             }
             TrainEvent::Step { loss, .. } => {
@@ -137,16 +143,28 @@ impl TrainProgress for Bars {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     let home = cli.home;
     match cli.command {
-        Command::Enroll { coordinator, token, ca, name, json } => {
-            let ca_pem = std::fs::read_to_string(&ca).with_context(|| format!("reading {}", ca.display()))?;
+        Command::Enroll {
+            coordinator,
+            token,
+            ca,
+            name,
+            json,
+        } => {
+            let ca_pem = std::fs::read_to_string(&ca)
+                .with_context(|| format!("reading {}", ca.display()))?;
             let r = rt.block_on(ops::enroll(&home, &coordinator, &token, &ca_pem, &name))?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
-                println!("enrolled as {} with {} (backbone {})", r.device_id, r.coordinator, r.backbone_version);
+                println!(
+                    "enrolled as {} with {} (backbone {})",
+                    r.device_id, r.coordinator, r.backbone_version
+                );
             }
         }
         Command::Status { json, offline } => {
@@ -157,12 +175,20 @@ fn main() -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             }
         }
-        Command::Data(DataCommand::Add { file, format, speaker, json }) => {
+        Command::Data(DataCommand::Add {
+            file,
+            format,
+            speaker,
+            json,
+        }) => {
             let s = ops::data_add(&home, &file, format, speaker.as_deref())?;
             if json {
                 println!("{}", serde_json::to_string(&s)?);
             } else {
-                println!("added {} examples from {} ({})", s.examples, s.file, s.format);
+                println!(
+                    "added {} examples from {} ({})",
+                    s.examples, s.file, s.format
+                );
             }
         }
         Command::Data(DataCommand::List { json }) => {
@@ -176,7 +202,12 @@ fn main() -> Result<()> {
                 println!("{n} examples");
             }
         }
-        Command::Train { epochs, lr, fresh, json } => {
+        Command::Train {
+            epochs,
+            lr,
+            fresh,
+            json,
+        } => {
             let mut tc = ClientConfig::load(&home)?.train;
             if let Some(e) = epochs {
                 tc.epochs = e;
@@ -184,7 +215,10 @@ fn main() -> Result<()> {
             if let Some(l) = lr {
                 tc.lr = l;
             }
-            let mut bars = Bars { feat: None, train: None };
+            let mut bars = Bars {
+                feat: None,
+                train: None,
+            };
             let r = rt.block_on(ops::train(&home, &tc, fresh, &mut bars))?;
             if let Some(b) = bars.train {
                 b.finish();
@@ -195,22 +229,38 @@ fn main() -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             }
         }
-        Command::Generate { prompt, max_tokens, temperature, seed, json } => {
+        Command::Generate {
+            prompt,
+            max_tokens,
+            temperature,
+            seed,
+            json,
+        } => {
             let mut out = std::io::stdout();
             if !json {
                 print!("{prompt}");
             }
-            let r = rt.block_on(ops::generate(&home, &prompt, max_tokens, temperature, seed, &mut |t| {
-                if !json {
-                    print!("{t}");
-                    let _ = out.flush();
-                }
-            }))?;
+            let r = rt.block_on(ops::generate(
+                &home,
+                &prompt,
+                max_tokens,
+                temperature,
+                seed,
+                &mut |t| {
+                    if !json {
+                        print!("{t}");
+                        let _ = out.flush();
+                    }
+                },
+            ))?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!();
-                eprintln!("{} tokens ({} from the side plugin), {} round trips, {:.2}s", r.tokens, r.side_tokens, r.round_trips, r.seconds);
+                eprintln!(
+                    "{} tokens ({} from the side plugin), {} round trips, {:.2}s",
+                    r.tokens, r.side_tokens, r.round_trips, r.seconds
+                );
             }
         }
     }

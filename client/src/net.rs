@@ -12,7 +12,9 @@ use crate::store::ClientStore;
 /// Connects over TLS to `url` (`https://HOST:PORT`), trusting only `ca_pem`.
 pub async fn connect(url: &str, ca_pem: &[u8]) -> Result<Channel> {
     if !url.starts_with("https://") {
-        return Err(ClientError::Invalid(format!("coordinator URL must start with https:// (got '{url}')")));
+        return Err(ClientError::Invalid(format!(
+            "coordinator URL must start with https:// (got '{url}')"
+        )));
     }
     let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem));
     let ep = Endpoint::from_shared(url.to_string())
@@ -23,11 +25,15 @@ pub async fn connect(url: &str, ca_pem: &[u8]) -> Result<Channel> {
 }
 
 pub fn device_client(ch: Channel) -> DeviceClient<Channel> {
-    DeviceClient::new(ch).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES)
+    DeviceClient::new(ch)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
 pub fn backbone_client(ch: Channel) -> BackboneClient<Channel> {
-    BackboneClient::new(ch).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES)
+    BackboneClient::new(ch)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
 /// An enrolled device, connected.
@@ -43,7 +49,11 @@ impl Session {
         let signer = DeviceSigner::from_pkcs8(&pkcs8, identity.device_id.clone())
             .map_err(|e| ClientError::Invalid(format!("stored identity key rejected: {e}")))?;
         let channel = connect(&identity.coordinator, identity.ca_pem.as_bytes()).await?;
-        Ok(Self { signer, channel, identity })
+        Ok(Self {
+            signer,
+            channel,
+            identity,
+        })
     }
 
     pub fn device(&self) -> DeviceClient<Channel> {

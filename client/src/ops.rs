@@ -3,6 +3,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::Serialize;
+use spa_model::burn::tensor::Device;
 use spa_model::data::Example;
 use spa_model::experiment::positions_for;
 use spa_model::features::{FeatureSet, TokenizedExample, tokenize_examples};
@@ -10,7 +11,6 @@ use spa_model::side::{FrozenHead, NamedTensor, ParamSet, Plugin};
 use spa_model::tensor_util::{from_vec, to_vec};
 use spa_model::tokenizer::Tokenizer;
 use spa_model::train::{TrainConfig, TrainEvent, evaluate, train_plugin};
-use spa_model::burn::tensor::Device;
 use spa_model::{BackboneConfig, BackendKind};
 use spa_proto::auth::{generate_pkcs8, now_ms, public_key_of, sha256};
 use spa_proto::limits::MAX_TENSOR_BYTES;
@@ -33,16 +33,27 @@ pub struct EnrollReport {
 
 /// Generates the identity key, enrolls with a one-time token, stores identity and
 /// coordinator info (durably) and writes a default client.toml.
-pub async fn enroll(home: &Path, coordinator: &str, token: &str, ca_pem: &str, name: &str) -> Result<EnrollReport> {
+pub async fn enroll(
+    home: &Path,
+    coordinator: &str,
+    token: &str,
+    ca_pem: &str,
+    name: &str,
+) -> Result<EnrollReport> {
     let store = ClientStore::open(home)?;
     if let Some((_, id)) = store.identity()? {
         return Err(ClientError::AlreadyEnrolled(id.device_id));
     }
-    let pkcs8 = generate_pkcs8().map_err(|_| ClientError::Invalid("cannot generate a key".into()))?;
+    let pkcs8 =
+        generate_pkcs8().map_err(|_| ClientError::Invalid("cannot generate a key".into()))?;
     let pk = public_key_of(&pkcs8).map_err(|e| ClientError::Invalid(e.to_string()))?;
     let ch = connect(coordinator, ca_pem.as_bytes()).await?;
     let r = device_client(ch)
-        .enroll(EnrollRequest { token: token.trim().to_string(), public_key: pk.to_vec(), name: name.into() })
+        .enroll(EnrollRequest {
+            token: token.trim().to_string(),
+            public_key: pk.to_vec(),
+            name: name.into(),
+        })
         .await?
         .into_inner();
     let id = Identity {
@@ -55,7 +66,11 @@ pub async fn enroll(home: &Path, coordinator: &str, token: &str, ca_pem: &str, n
     };
     store.set_identity(&pkcs8, &id)?;
     ClientConfig::write_default(home)?;
-    Ok(EnrollReport { device_id: r.device_id, coordinator: coordinator.into(), backbone_version: r.backbone_version })
+    Ok(EnrollReport {
+        device_id: r.device_id,
+        coordinator: coordinator.into(),
+        backbone_version: r.backbone_version,
+    })
 }
 
 #[derive(Debug, Serialize)]
@@ -97,7 +112,10 @@ pub async fn status(home: &Path, offline: bool) -> Result<StatusReport> {
     if id.is_some() && !offline {
         let ping = async {
             let s = Session::open(&store).await?;
-            let r = s.device().ping(s.signer.request(methods::DEVICE_PING, PingRequest {})).await?;
+            let r = s
+                .device()
+                .ping(s.signer.request(methods::DEVICE_PING, PingRequest {}))
+                .await?;
             Ok::<_, ClientError>(r.into_inner())
         };
         match ping.await {
@@ -120,7 +138,12 @@ pub fn data_add(home: &Path, file: &Path, format: Format, speaker: Option<&str>)
     let name = file.display().to_string();
     let (format, examples) = crate::data::parse(&name, &text, format, speaker)?;
     let store = ClientStore::open(home)?;
-    let src = Source { file: name, format: format.to_string(), examples: examples.len(), added_at_ms: now_ms() };
+    let src = Source {
+        file: name,
+        format: format.to_string(),
+        examples: examples.len(),
+        added_at_ms: now_ms(),
+    };
     store.add_examples(&src, &examples)?;
     Ok(src)
 }
@@ -139,17 +162,31 @@ pub struct Model {
 }
 
 async fn model(s: &Session, store: &ClientStore, device: &Device) -> Result<Model> {
-    let info = s.backbone().get_model_info(s.signer.request(methods::BACKBONE_GET_MODEL_INFO, GetModelInfoRequest {})).await?.into_inner();
+    let info = s
+        .backbone()
+        .get_model_info(
+            s.signer
+                .request(methods::BACKBONE_GET_MODEL_INFO, GetModelInfoRequest {}),
+        )
+        .await?
+        .into_inner();
     let config = BackboneConfig::from_json(&info.config_json)?;
     let tokenizer = Tokenizer::from_json(&info.tokenizer_json)?;
     if tokenizer.vocab_size() > config.vocab_size {
-        return Err(ClientError::Invalid("tokenizer vocabulary larger than the backbone's".into()));
+        return Err(ClientError::Invalid(
+            "tokenizer vocabulary larger than the backbone's".into(),
+        ));
     }
     let v = &info.backbone_version;
     let head_bytes = match store.backbone_file(v, "head.safetensors")? {
         Some(b) => b,
         None => {
-            let req = s.signer.request(methods::BACKBONE_GET_HEAD, GetHeadRequest { backbone_version: v.clone() });
+            let req = s.signer.request(
+                methods::BACKBONE_GET_HEAD,
+                GetHeadRequest {
+                    backbone_version: v.clone(),
+                },
+            );
             let mut stream = s.backbone().get_head(req).await?.into_inner();
             let mut asm = TensorAssembler::new(MAX_TENSOR_BYTES);
             while let Some(c) = stream.message().await? {
@@ -158,7 +195,13 @@ async fn model(s: &Session, store: &ClientStore, device: &Device) -> Result<Mode
             let mut p = ParamSet::default();
             for (name, t) in asm.finish()? {
                 let values = t.to_f32(&name)?;
-                p.tensors.insert(name, NamedTensor { shape: t.shape.iter().map(|&d| d as usize).collect(), values });
+                p.tensors.insert(
+                    name,
+                    NamedTensor {
+                        shape: t.shape.iter().map(|&d| d as usize).collect(),
+                        values,
+                    },
+                );
             }
             let b = p.to_safetensors();
             store.put_backbone_file(v, "head.safetensors", &b)?;
@@ -166,11 +209,22 @@ async fn model(s: &Session, store: &ClientStore, device: &Device) -> Result<Mode
             b
         }
     };
-    let head = FrozenHead::from_params(&ParamSet::from_safetensors(&head_bytes)?, config.rms_norm_eps, device)?;
+    let head = FrozenHead::from_params(
+        &ParamSet::from_safetensors(&head_bytes)?,
+        config.rms_norm_eps,
+        device,
+    )?;
     if head.hidden_size() != config.hidden_size || head.vocab_size() != config.vocab_size {
-        return Err(ClientError::Invalid("the coordinator's head does not match its config".into()));
+        return Err(ClientError::Invalid(
+            "the coordinator's head does not match its config".into(),
+        ));
     }
-    Ok(Model { info, config, tokenizer, head })
+    Ok(Model {
+        info,
+        config,
+        tokenizer,
+        head,
+    })
 }
 
 fn feature_key(version: &str, layers: &[usize], positions: &str, ex: &TokenizedExample) -> String {
@@ -193,9 +247,17 @@ pub async fn features(
     on_progress: &mut dyn FnMut(usize, usize),
 ) -> Result<FeatureSet> {
     let d = m.config.hidden_size;
-    let mut set = FeatureSet { layers: layers.to_vec(), d, positions, examples: vec![] };
+    let mut set = FeatureSet {
+        layers: layers.to_vec(),
+        d,
+        positions,
+        examples: vec![],
+    };
     let pos_name = format!("{positions:?}");
-    let keys: Vec<String> = examples.iter().map(|e| feature_key(&m.info.backbone_version, layers, &pos_name, e)).collect();
+    let keys: Vec<String> = examples
+        .iter()
+        .map(|e| feature_key(&m.info.backbone_version, layers, &pos_name, e))
+        .collect();
     let mut have: BTreeMap<usize, spa_model::features::ExampleFeatures> = BTreeMap::new();
     let mut missing = Vec::new();
     for (i, k) in keys.iter().enumerate() {
@@ -232,24 +294,39 @@ pub async fn features(
                 .iter()
                 .map(|&i| {
                     let r = positions.range(&examples[i]);
-                    FeatureSequence { ids: examples[i].ids.clone(), from: r.start as u32, to: r.end as u32 }
+                    FeatureSequence {
+                        ids: examples[i].ids.clone(),
+                        from: r.start as u32,
+                        to: r.end as u32,
+                    }
                 })
                 .collect(),
             layers: layers.iter().map(|&l| l as u32).collect(),
             dtype: DType::DtypeF32 as i32,
         };
-        let mut stream = s.backbone().features(s.signer.request(methods::BACKBONE_FEATURES, req)).await?.into_inner();
+        let mut stream = s
+            .backbone()
+            .features(s.signer.request(methods::BACKBONE_FEATURES, req))
+            .await?
+            .into_inner();
         let mut asms: Vec<ByteAssembler> = batch
             .iter()
             .map(|&i| {
                 let n = positions.range(&examples[i]).len() as u64;
-                ByteAssembler::new(format!("features of example {i}"), n * per_pos, MAX_TENSOR_BYTES)
+                ByteAssembler::new(
+                    format!("features of example {i}"),
+                    n * per_pos,
+                    MAX_TENSOR_BYTES,
+                )
             })
             .collect::<std::result::Result<_, _>>()?;
         while let Some(c) = stream.message().await? {
-            let a = asms
-                .get_mut(c.sequence as usize)
-                .ok_or_else(|| ClientError::Invalid(format!("coordinator sent features of unknown sequence {}", c.sequence)))?;
+            let a = asms.get_mut(c.sequence as usize).ok_or_else(|| {
+                ClientError::Invalid(format!(
+                    "coordinator sent features of unknown sequence {}",
+                    c.sequence
+                ))
+            })?;
             a.push(c.offset, c.total_bytes, &c.data)?;
         }
         for (&i, a) in batch.iter().zip(asms) {
@@ -258,7 +335,11 @@ pub async fn features(
             let l = layers.len();
             let n = vals.len() / (l * d);
             let states: Vec<Vec<f32>> = (0..l)
-                .map(|k| (0..n).flat_map(|p| vals[(p * l + k) * d..(p * l + k + 1) * d].iter().copied()).collect())
+                .map(|k| {
+                    (0..n)
+                        .flat_map(|p| vals[(p * l + k) * d..(p * l + k + 1) * d].iter().copied())
+                        .collect()
+                })
                 .collect();
             let f = set.example_from_states(&examples[i], &states)?;
             store.cache_features(&keys[i], &f)?;
@@ -297,7 +378,12 @@ impl TrainProgress for () {}
 /// trained on the device's data, shared and private parts saved in the store. Continues
 /// from the stored plugin unless `fresh`. The last tenth of the data (in order, at least one
 /// example when there are ten or more) is held out for evaluation.
-pub async fn train(home: &Path, overrides: &TrainConfig, fresh: bool, progress: &mut dyn TrainProgress) -> Result<TrainSummary> {
+pub async fn train(
+    home: &Path,
+    overrides: &TrainConfig,
+    fresh: bool,
+    progress: &mut dyn TrainProgress,
+) -> Result<TrainSummary> {
     let store = ClientStore::open(home)?;
     let cfg = ClientConfig::load(home)?;
     let s = Session::open(&store).await?;
@@ -305,7 +391,9 @@ pub async fn train(home: &Path, overrides: &TrainConfig, fresh: bool, progress: 
     let m = model(&s, &store, &device).await?;
     let examples: Vec<Example> = store.examples()?;
     if examples.is_empty() {
-        return Err(ClientError::Invalid("no local data: run `spa-client data add FILE` first".into()));
+        return Err(ClientError::Invalid(
+            "no local data: run `spa-client data add FILE` first".into(),
+        ));
     }
     let tok = tokenize_examples(&m.tokenizer, &examples, m.config.max_position_embeddings)?;
     let n_held = if tok.len() >= 10 { tok.len() / 10 } else { 0 };
@@ -314,18 +402,25 @@ pub async fn train(home: &Path, overrides: &TrainConfig, fresh: bool, progress: 
     let mut resumed = false;
     if !fresh && let Some((shared, private, meta)) = store.plugin()? {
         if meta.backbone_version == m.info.backbone_version && meta.side == cfg.side {
-            plugin = plugin.load(&ParamSet::from_safetensors(&shared)?)?.load(&ParamSet::from_safetensors(&private)?)?;
+            plugin = plugin
+                .load(&ParamSet::from_safetensors(&shared)?)?
+                .load(&ParamSet::from_safetensors(&private)?)?;
             resumed = true;
         }
     }
     let layers = plugin.shape.feature_layers.clone();
     let pos = positions_for(cfg.side.variant);
-    let set = features(&s, &store, &m, &tok, &layers, pos, &mut |d, t| progress.features(d, t)).await?;
+    let set = features(&s, &store, &m, &tok, &layers, pos, &mut |d, t| {
+        progress.features(d, t)
+    })
+    .await?;
     let mut train_set = set.clone();
     train_set.examples.truncate(n_train);
     let mut held_set = set;
     held_set.examples.drain(..n_train);
-    let (plugin, report) = train_plugin(plugin, &m.head, &train_set, overrides, None, &mut |ev| progress.train(&ev))?;
+    let (plugin, report) = train_plugin(plugin, &m.head, &train_set, overrides, None, &mut |ev| {
+        progress.train(&ev)
+    })?;
     let heldout = if held_set.examples.is_empty() || held_set.num_loss_tokens() == 0 {
         None
     } else {
@@ -342,7 +437,11 @@ pub async fn train(home: &Path, overrides: &TrainConfig, fresh: bool, progress: 
         shared_tensors: shared.as_set().tensors.len(),
         private_tensors: private.tensors.len(),
     };
-    store.save_plugin(&shared.as_set().to_safetensors(), &private.to_safetensors(), &meta)?;
+    store.save_plugin(
+        &shared.as_set().to_safetensors(),
+        &private.to_safetensors(),
+        &meta,
+    )?;
     Ok(TrainSummary {
         device_id: s.identity.device_id.clone(),
         backbone_version: m.info.backbone_version.clone(),
@@ -371,14 +470,23 @@ pub struct GenerateReport {
 /// Personalized generation: the coordinator's backbone (one Generate session, KV cache on
 /// the coordinator) and the local side plugin and gate, one round trip per token. Greedy
 /// unless `temperature > 0`. `on_text` sees each new piece of text.
-pub async fn generate(home: &Path, prompt: &str, max_tokens: usize, temperature: f32, seed: u64, on_text: &mut dyn FnMut(&str)) -> Result<GenerateReport> {
+pub async fn generate(
+    home: &Path,
+    prompt: &str,
+    max_tokens: usize,
+    temperature: f32,
+    seed: u64,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<GenerateReport> {
     let started = std::time::Instant::now();
     let store = ClientStore::open(home)?;
     let s = Session::open(&store).await?;
     let device = BackendKind::resolve(None)?.device()?;
     let m = model(&s, &store, &device).await?;
     let Some((shared, private, meta)) = store.plugin()? else {
-        return Err(ClientError::Invalid("no trained plugin on this device: run `spa-client train` first".into()));
+        return Err(ClientError::Invalid(
+            "no trained plugin on this device: run `spa-client train` first".into(),
+        ));
     };
     if meta.backbone_version != m.info.backbone_version {
         return Err(ClientError::Invalid(format!(
@@ -386,10 +494,14 @@ pub async fn generate(home: &Path, prompt: &str, max_tokens: usize, temperature:
             meta.backbone_version, m.info.backbone_version
         )));
     }
-    let plugin = Plugin::new(&meta.side, &m.config, &device)?.load(&ParamSet::from_safetensors(&shared)?)?.load(&ParamSet::from_safetensors(&private)?)?;
+    let plugin = Plugin::new(&meta.side, &m.config, &device)?
+        .load(&ParamSet::from_safetensors(&shared)?)?
+        .load(&ParamSet::from_safetensors(&private)?)?;
     let mut ids = m.tokenizer.encode(prompt)?;
     if ids.is_empty() {
-        return Err(ClientError::Invalid("the prompt is empty (or has no known token)".into()));
+        return Err(ClientError::Invalid(
+            "the prompt is empty (or has no known token)".into(),
+        ));
     }
     let ctx = m.config.max_position_embeddings;
     if ids.len() >= ctx {
@@ -398,8 +510,21 @@ pub async fn generate(home: &Path, prompt: &str, max_tokens: usize, temperature:
     let layers = plugin.shape.feature_layers.clone();
     let (l, d) = (layers.len(), m.config.hidden_size);
     let last_layer = m.config.num_layers;
-    let tap_idx: Vec<usize> = plugin.shape.taps.iter().map(|t| layers.iter().position(|x| x == t).expect("taps in feature layers")).collect();
-    let last_idx = layers.iter().position(|&x| x == last_layer).expect("last layer in feature layers");
+    let tap_idx: Vec<usize> = plugin
+        .shape
+        .taps
+        .iter()
+        .map(|t| {
+            layers
+                .iter()
+                .position(|x| x == t)
+                .expect("taps in feature layers")
+        })
+        .collect();
+    let last_idx = layers
+        .iter()
+        .position(|&x| x == last_layer)
+        .expect("last layer in feature layers");
     let whole_sequence = plugin.config.variant == spa_model::side::SideVariant::Ladder;
 
     let (tx, rx) = tokio::sync::mpsc::channel::<GenerateRequest>(4);
@@ -412,7 +537,9 @@ pub async fn generate(home: &Path, prompt: &str, max_tokens: usize, temperature:
     })
     .await
     .map_err(|_| ClientError::Invalid("generation stream closed".into()))?;
-    let h = s.signer.sign_digest(methods::BACKBONE_GENERATE, &sha256(&[]), now_ms());
+    let h = s
+        .signer
+        .sign_digest(methods::BACKBONE_GENERATE, &sha256(&[]), now_ms());
     let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
     h.apply(req.metadata_mut());
     let mut out = s.backbone().generate(req).await?.into_inner();
@@ -429,30 +556,52 @@ pub async fn generate(home: &Path, prompt: &str, max_tokens: usize, temperature:
         if ids.len() + generated.len() > ctx || pending.is_empty() {
             break;
         }
-        tx.send(GenerateRequest { kind: Some(generate_request::Kind::Extend(GenerateExtend { ids: pending.clone() })) })
-            .await
-            .map_err(|_| ClientError::Invalid("generation stream closed".into()))?;
+        tx.send(GenerateRequest {
+            kind: Some(generate_request::Kind::Extend(GenerateExtend {
+                ids: pending.clone(),
+            })),
+        })
+        .await
+        .map_err(|_| ClientError::Invalid("generation stream closed".into()))?;
         round_trips += 1;
-        let resp = out.message().await?.ok_or_else(|| ClientError::Invalid("coordinator ended the generation stream".into()))?;
+        let resp = out.message().await?.ok_or_else(|| {
+            ClientError::Invalid("coordinator ended the generation stream".into())
+        })?;
         let n = pending.len();
         if resp.positions as usize != n || resp.features.len() != n * l * d * 4 {
-            return Err(ClientError::Invalid(format!("coordinator returned {} positions / {} bytes for {n} tokens", resp.positions, resp.features.len())));
+            return Err(ClientError::Invalid(format!(
+                "coordinator returned {} positions / {} bytes for {n} tokens",
+                resp.positions,
+                resp.features.len()
+            )));
         }
-        let vals = decode_f32(&resp.features, DType::DtypeF32 as i32, "generation features")?;
+        let vals = decode_f32(
+            &resp.features,
+            DType::DtypeF32 as i32,
+            "generation features",
+        )?;
         for p in 0..n {
             for k in 0..l {
                 hist[k].extend_from_slice(&vals[(p * l + k) * d..(p * l + k + 1) * d]);
             }
         }
         let total = hist[0].len() / d;
-        let (from, t) = if whole_sequence { (0, total) } else { (total - 1, 1) };
+        let (from, t) = if whole_sequence {
+            (0, total)
+        } else {
+            (total - 1, 1)
+        };
         let slice = |k: usize| from_vec(hist[k][from * d..].to_vec(), [1, t, d], &device);
         let taps: Vec<_> = tap_idx.iter().map(|&k| slice(k)).collect();
         let h_last = slice(last_idx);
         let o = plugin.forward(&taps, h_last.clone(), &m.head);
         let g = *to_vec(o.gate).last().expect("gate value") as f64;
         let use_side = g > plugin.config.gate.threshold;
-        let logits = if use_side { m.head.logits(o.side_hidden) } else { m.head.logits(h_last) };
+        let logits = if use_side {
+            m.head.logits(o.side_hidden)
+        } else {
+            m.head.logits(h_last)
+        };
         let logits = to_vec(logits);
         let v = m.config.vocab_size;
         let last = &logits[logits.len() - v..];
@@ -485,10 +634,20 @@ pub async fn generate(home: &Path, prompt: &str, max_tokens: usize, temperature:
 /// Greedy argmax, or sampling at `temperature` with a small xorshift generator.
 fn pick(logits: &[f32], temperature: f32, rng: &mut u64) -> u32 {
     if temperature <= 0.0 {
-        return logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as u32;
+        return logits
+            .iter()
+            .enumerate()
+            .fold(
+                (0, f32::NEG_INFINITY),
+                |b, (i, &x)| if x > b.1 { (i, x) } else { b },
+            )
+            .0 as u32;
     }
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let w: Vec<f64> = logits.iter().map(|&x| (((x - max) / temperature) as f64).exp()).collect();
+    let w: Vec<f64> = logits
+        .iter()
+        .map(|&x| (((x - max) / temperature) as f64).exp())
+        .collect();
     *rng ^= *rng << 13;
     *rng ^= *rng >> 7;
     *rng ^= *rng << 17;

@@ -25,22 +25,43 @@ async fn two_devices_enroll_train_generate_and_survive_a_restart() {
     let coord = dir.path().join("coord");
     spa_coordinator::init::init(&coord, &[]).unwrap();
     let p = coord.join("coordinator.toml");
-    std::fs::write(&p, std::fs::read_to_string(&p).unwrap().replace("127.0.0.1:7443", "127.0.0.1:0")).unwrap();
+    std::fs::write(
+        &p,
+        std::fs::read_to_string(&p)
+            .unwrap()
+            .replace("127.0.0.1:7443", "127.0.0.1:0"),
+    )
+    .unwrap();
     let srv = spa_coordinator::server::start(&coord).await.unwrap();
     let url = format!("https://{}", srv.addr);
     let ca = std::fs::read_to_string(coord.join("tls/ca.pem")).unwrap();
     let cred = std::fs::read_to_string(coord.join("admin.credential")).unwrap();
-    let ch = spa_coordinator::net::connect(&url, ca.as_bytes()).await.unwrap();
+    let ch = spa_coordinator::net::connect(&url, ca.as_bytes())
+        .await
+        .unwrap();
     let mut admin = AdminClient::new(ch);
 
     let users = spa_model::data::synthetic::synthetic_users(2, 30, 5);
-    let train = TrainConfig { epochs: 2, batch_tokens: 512, ..TrainConfig::default() };
+    let train = TrainConfig {
+        epochs: 2,
+        batch_tokens: 512,
+        ..TrainConfig::default()
+    };
     let mut outputs = Vec::new();
     for (i, user) in users.iter().enumerate() {
         let home = dir.path().join(format!("device-{i}"));
-        let req = spa_coordinator::admin_cli::with_admin(cred.trim(), CreateTokenRequest { ttl_seconds: 600, note: String::new() }).unwrap();
+        let req = spa_coordinator::admin_cli::with_admin(
+            cred.trim(),
+            CreateTokenRequest {
+                ttl_seconds: 600,
+                note: String::new(),
+            },
+        )
+        .unwrap();
         let token = admin.create_token(req).await.unwrap().into_inner().token;
-        let e = ops::enroll(&home, &url, &token, &ca, &format!("device {i}")).await.unwrap();
+        let e = ops::enroll(&home, &url, &token, &ca, &format!("device {i}"))
+            .await
+            .unwrap();
         assert!(e.device_id.starts_with("dev-"));
         // A second enrollment of the same home is refused locally.
         assert!(ops::enroll(&home, &url, &token, &ca, "x").await.is_err());
@@ -55,16 +76,34 @@ async fn two_devices_enroll_train_generate_and_survive_a_restart() {
         assert!(s.steps > 0 && s.epoch_losses.iter().all(|l| l.is_finite()));
         assert!(s.heldout.is_some());
         // Again: features come from the local cache, training resumes from the store.
-        let s2 = ops::train(&home, &TrainConfig { epochs: 1, ..train.clone() }, false, &mut ()).await.unwrap();
+        let s2 = ops::train(
+            &home,
+            &TrainConfig {
+                epochs: 1,
+                ..train.clone()
+            },
+            false,
+            &mut (),
+        )
+        .await
+        .unwrap();
         assert!(s2.resumed);
 
-        let g = ops::generate(&home, &user.test[0].prompt, 24, 0.0, 1, &mut |_| {}).await.unwrap();
+        let g = ops::generate(&home, &user.test[0].prompt, 24, 0.0, 1, &mut |_| {})
+            .await
+            .unwrap();
         assert!(g.tokens > 0 && g.tokens <= 24, "{g:?}");
         // One round trip per token (plus the one that produced end-of-sequence, if any).
-        assert!(g.round_trips == g.tokens || g.round_trips == g.tokens + 1, "{g:?}");
+        assert!(
+            g.round_trips == g.tokens || g.round_trips == g.tokens + 1,
+            "{g:?}"
+        );
         let st = ops::status(&home, false).await.unwrap();
         assert_eq!(st.coordinator_reachable, Some(true), "{st:?}");
-        assert!(st.trained.is_some() && st.cached_features > 0 && st.cached_features <= 30, "{st:?}");
+        assert!(
+            st.trained.is_some() && st.cached_features > 0 && st.cached_features <= 30,
+            "{st:?}"
+        );
         outputs.push((home, e.device_id, g.text));
     }
     assert_ne!(outputs[0].1, outputs[1].1);
@@ -78,12 +117,27 @@ async fn two_devices_enroll_train_generate_and_survive_a_restart() {
         let (shared, private, meta) = store.plugin().unwrap().unwrap();
         let private = spa_model::side::ParamSet::from_safetensors(&private).unwrap();
         assert_eq!(private.tensors.len(), meta.private_tensors);
-        assert!(private.tensors.keys().all(|k| k.starts_with("gate.") || k.starts_with("personal.")));
-        assert!(spa_model::side::ParamSet::from_safetensors(&shared).unwrap().tensors.keys().all(|k| k.starts_with("side.")));
+        assert!(
+            private
+                .tensors
+                .keys()
+                .all(|k| k.starts_with("gate.") || k.starts_with("personal."))
+        );
+        assert!(
+            spa_model::side::ParamSet::from_safetensors(&shared)
+                .unwrap()
+                .tensors
+                .keys()
+                .all(|k| k.starts_with("side."))
+        );
         drop(store);
         let prompt = "STRANGER:\nWhat news today?\n\n";
-        let a = ops::generate(home, prompt, 12, 0.0, 1, &mut |_| {}).await.unwrap();
-        let b = ops::generate(home, prompt, 12, 0.0, 1, &mut |_| {}).await.unwrap();
+        let a = ops::generate(home, prompt, 12, 0.0, 1, &mut |_| {})
+            .await
+            .unwrap();
+        let b = ops::generate(home, prompt, 12, 0.0, 1, &mut |_| {})
+            .await
+            .unwrap();
         assert_eq!(a.text, b.text);
         let _ = text;
     }

@@ -6,7 +6,8 @@ use serde::{Deserialize, Serialize};
 use spa_model::side::SideConfig;
 
 /// The shipped default backbone (pretrained by the project, HF layout).
-pub const DEFAULT_BACKBONE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/shakespeare-char");
+pub const DEFAULT_BACKBONE: &str =
+    concat!(env!("CARGO_MANIFEST_DIR"), "/../models/shakespeare-char");
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -75,7 +76,11 @@ pub struct AuthSection {
 
 impl Default for AuthSection {
     fn default() -> Self {
-        Self { clock_window_secs: 300, max_nonces: 1_000_000, max_token_ttl_secs: 30 * 24 * 3600 }
+        Self {
+            clock_window_secs: 300,
+            max_nonces: 1_000_000,
+            max_token_ttl_secs: 30 * 24 * 3600,
+        }
     }
 }
 
@@ -117,9 +122,15 @@ impl CoordinatorConfig {
 
     pub fn load(home: &Path) -> anyhow::Result<Self> {
         let path = home.join(CONFIG_FILE);
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| anyhow::anyhow!("cannot read {} ({e}); run `spa-coordinator init --home {}` first", path.display(), home.display()))?;
-        let cfg: Self = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot read {} ({e}); run `spa-coordinator init --home {}` first",
+                path.display(),
+                home.display()
+            )
+        })?;
+        let cfg: Self =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -127,19 +138,33 @@ impl CoordinatorConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
         let l = &self.limits;
         anyhow::ensure!(
-            l.max_message_bytes >= 2 * spa_proto::limits::CHUNK_BYTES && l.max_message_bytes <= 64 << 20,
+            l.max_message_bytes >= 2 * spa_proto::limits::CHUNK_BYTES
+                && l.max_message_bytes <= 64 << 20,
             "limits.max_message_bytes must be between 2 MiB and 64 MiB"
         );
-        anyhow::ensure!(l.max_sequences_per_request > 0, "limits.max_sequences_per_request must be > 0");
-        anyhow::ensure!(l.max_feature_bytes_per_request > 0, "limits.max_feature_bytes_per_request must be > 0");
+        anyhow::ensure!(
+            l.max_sequences_per_request > 0,
+            "limits.max_sequences_per_request must be > 0"
+        );
+        anyhow::ensure!(
+            l.max_feature_bytes_per_request > 0,
+            "limits.max_feature_bytes_per_request must be > 0"
+        );
         anyhow::ensure!(l.max_sessions > 0, "limits.max_sessions must be > 0");
-        anyhow::ensure!(self.auth.clock_window_secs > 0, "auth.clock_window_secs must be > 0");
+        anyhow::ensure!(
+            self.auth.clock_window_secs > 0,
+            "auth.clock_window_secs must be > 0"
+        );
         anyhow::ensure!(self.auth.max_nonces > 0, "auth.max_nonces must be > 0");
         Ok(())
     }
 
     pub fn resolve(&self, home: &Path, p: &Path) -> PathBuf {
-        if p.is_absolute() { p.to_path_buf() } else { home.join(p) }
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            home.join(p)
+        }
     }
 
     pub fn backbone_dir(&self, home: &Path) -> PathBuf {
@@ -165,7 +190,10 @@ mod tests {
         let cfg: CoordinatorConfig = toml::from_str(DEFAULT_TOML).unwrap();
         cfg.validate().unwrap();
         assert_eq!(cfg.server.listen, ServerSection::default().listen);
-        assert_eq!(cfg.limits.max_message_bytes, spa_proto::limits::MAX_MESSAGE_BYTES);
+        assert_eq!(
+            cfg.limits.max_message_bytes,
+            spa_proto::limits::MAX_MESSAGE_BYTES
+        );
         assert_eq!(cfg.side, SideConfig::default());
     }
 }

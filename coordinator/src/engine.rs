@@ -34,10 +34,25 @@ pub struct SeqJob {
 type Reply<T> = oneshot::Sender<Result<T, String>>;
 
 enum Job {
-    Features { seqs: Vec<SeqJob>, layers: Vec<usize>, dtype: i32, reply: Reply<Vec<Vec<u8>>> },
-    Head { reply: Reply<Vec<(String, Vec<u64>, Vec<f32>)>> },
-    Extend { session: u64, ids: Vec<u32>, layers: Vec<usize>, dtype: i32, reply: Reply<(usize, Vec<u8>)> },
-    Close { session: u64 },
+    Features {
+        seqs: Vec<SeqJob>,
+        layers: Vec<usize>,
+        dtype: i32,
+        reply: Reply<Vec<Vec<u8>>>,
+    },
+    Head {
+        reply: Reply<Vec<(String, Vec<u64>, Vec<f32>)>>,
+    },
+    Extend {
+        session: u64,
+        ids: Vec<u32>,
+        layers: Vec<usize>,
+        dtype: i32,
+        reply: Reply<(usize, Vec<u8>)>,
+    },
+    Close {
+        session: u64,
+    },
 }
 
 #[derive(Clone)]
@@ -56,47 +71,78 @@ fn version_of(dir: &Path) -> anyhow::Result<String> {
     for f in files {
         all.extend_from_slice(&spa_proto::auth::sha256(&std::fs::read(f)?));
     }
-    Ok(format!("bb-{}", &hex::encode(spa_proto::auth::sha256(&all))[..16]))
+    Ok(format!(
+        "bb-{}",
+        &hex::encode(spa_proto::auth::sha256(&all))[..16]
+    ))
 }
 
 impl Engine {
     /// Loads the backbone on a dedicated thread; returns once it is ready.
     pub fn start(dir: &Path, backend: BackendKind, session_idle: Duration) -> anyhow::Result<Self> {
-        let version = version_of(dir).map_err(|e| anyhow::anyhow!("backbone {}: {e}", dir.display()))?;
+        let version =
+            version_of(dir).map_err(|e| anyhow::anyhow!("backbone {}: {e}", dir.display()))?;
         let config_json = std::fs::read_to_string(dir.join("config.json"))?;
         let tokenizer_json = std::fs::read_to_string(dir.join("tokenizer.json"))
             .map_err(|e| anyhow::anyhow!("{}: {e}", dir.join("tokenizer.json").display()))?;
         let (tx, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<BackboneConfig, String>>();
         let dir = dir.to_path_buf();
-        std::thread::Builder::new().name("backbone".into()).spawn(move || {
-            let loaded = backend.device().and_then(|d| load_backbone(&dir, &d));
-            let bb = match loaded {
-                Ok(bb) => {
-                    let _ = ready_tx.send(Ok(bb.config.clone()));
-                    bb
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e.to_string()));
-                    return;
-                }
-            };
-            worker(bb, rx, session_idle);
-        })?;
-        let config = ready_rx.recv().map_err(|_| anyhow::anyhow!("backbone worker died while loading"))?.map_err(|e| anyhow::anyhow!(e))?;
-        let meta = ModelMeta { version, config, config_json, tokenizer_json };
-        Ok(Self { tx, meta: std::sync::Arc::new(meta) })
+        std::thread::Builder::new()
+            .name("backbone".into())
+            .spawn(move || {
+                let loaded = backend.device().and_then(|d| load_backbone(&dir, &d));
+                let bb = match loaded {
+                    Ok(bb) => {
+                        let _ = ready_tx.send(Ok(bb.config.clone()));
+                        bb
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                worker(bb, rx, session_idle);
+            })?;
+        let config = ready_rx
+            .recv()
+            .map_err(|_| anyhow::anyhow!("backbone worker died while loading"))?
+            .map_err(|e| anyhow::anyhow!(e))?;
+        let meta = ModelMeta {
+            version,
+            config,
+            config_json,
+            tokenizer_json,
+        };
+        Ok(Self {
+            tx,
+            meta: std::sync::Arc::new(meta),
+        })
     }
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Job) -> Result<T, String> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(make(reply)).map_err(|_| "backbone worker stopped".to_string())?;
-        rx.await.map_err(|_| "backbone worker stopped".to_string())?
+        self.tx
+            .send(make(reply))
+            .map_err(|_| "backbone worker stopped".to_string())?;
+        rx.await
+            .map_err(|_| "backbone worker stopped".to_string())?
     }
 
     /// Per sequence, the features at positions [from, to), laid out [positions, layers, hidden].
-    pub async fn features(&self, seqs: Vec<SeqJob>, layers: Vec<usize>, dtype: i32) -> Result<Vec<Vec<u8>>, String> {
-        self.call(|reply| Job::Features { seqs, layers, dtype, reply }).await
+    pub async fn features(
+        &self,
+        seqs: Vec<SeqJob>,
+        layers: Vec<usize>,
+        dtype: i32,
+    ) -> Result<Vec<Vec<u8>>, String> {
+        self.call(|reply| Job::Features {
+            seqs,
+            layers,
+            dtype,
+            reply,
+        })
+        .await
     }
 
     /// The frozen final norm and head: (name, shape, values).
@@ -106,8 +152,21 @@ impl Engine {
 
     /// Appends `ids` to a session (created on first use); returns the first new position and
     /// the features of the new positions.
-    pub async fn extend(&self, session: u64, ids: Vec<u32>, layers: Vec<usize>, dtype: i32) -> Result<(usize, Vec<u8>), String> {
-        self.call(|reply| Job::Extend { session, ids, layers, dtype, reply }).await
+    pub async fn extend(
+        &self,
+        session: u64,
+        ids: Vec<u32>,
+        layers: Vec<usize>,
+        dtype: i32,
+    ) -> Result<(usize, Vec<u8>), String> {
+        self.call(|reply| Job::Extend {
+            session,
+            ids,
+            layers,
+            dtype,
+            reply,
+        })
+        .await
     }
 
     pub fn close(&self, session: u64) {
@@ -115,7 +174,15 @@ impl Engine {
     }
 }
 
-fn layout(taps: &[Vec<f32>], b: usize, t: usize, d: usize, from: usize, to: usize, dtype: i32) -> Result<Vec<u8>, String> {
+fn layout(
+    taps: &[Vec<f32>],
+    b: usize,
+    t: usize,
+    d: usize,
+    from: usize,
+    to: usize,
+    dtype: i32,
+) -> Result<Vec<u8>, String> {
     let l = taps.len();
     let mut out = Vec::with_capacity((to - from) * l * d);
     for p in from..to {
@@ -141,16 +208,29 @@ fn worker(bb: Backbone, rx: mpsc::Receiver<Job>, idle: Duration) {
             Job::Head { reply } => {
                 let r = guarded(|| {
                     let p = FrozenHead::from_backbone(&bb).to_params();
-                    Ok(p.tensors.into_iter().map(|(n, t)| (n, t.shape.iter().map(|&s| s as u64).collect(), t.values)).collect())
+                    Ok(p.tensors
+                        .into_iter()
+                        .map(|(n, t)| (n, t.shape.iter().map(|&s| s as u64).collect(), t.values))
+                        .collect())
                 });
                 let _ = reply.send(r);
             }
-            Job::Features { seqs, layers, dtype, reply } => {
+            Job::Features {
+                seqs,
+                layers,
+                dtype,
+                reply,
+            } => {
                 let r = guarded(|| {
                     let d = bb.config.hidden_size;
                     let mut out = Vec::with_capacity(seqs.len());
                     for chunk in seqs.chunks(8) {
-                        let tb = TokenBatch::new(chunk.iter().map(|s| s.ids.clone()).collect(), &bb.config, 0).map_err(|e| e.to_string())?;
+                        let tb = TokenBatch::new(
+                            chunk.iter().map(|s| s.ids.clone()).collect(),
+                            &bb.config,
+                            0,
+                        )
+                        .map_err(|e| e.to_string())?;
                         let o = bb.forward(&tb, &layers, false, None);
                         let taps: Vec<Vec<f32>> = o.taps.into_iter().map(to_vec).collect();
                         for (b, s) in chunk.iter().enumerate() {
@@ -161,16 +241,36 @@ fn worker(bb: Backbone, rx: mpsc::Receiver<Job>, idle: Duration) {
                 });
                 let _ = reply.send(r);
             }
-            Job::Extend { session, ids, layers, dtype, reply } => {
-                let entry = sessions.entry(session).or_insert_with(|| (bb.new_cache(), Instant::now()));
+            Job::Extend {
+                session,
+                ids,
+                layers,
+                dtype,
+                reply,
+            } => {
+                let entry = sessions
+                    .entry(session)
+                    .or_insert_with(|| (bb.new_cache(), Instant::now()));
                 entry.1 = Instant::now();
                 let cache = &mut entry.0;
                 let r = guarded(|| {
                     let first = cache.len();
-                    let tb = TokenBatch::new(vec![ids.clone()], &bb.config, first).map_err(|e| e.to_string())?;
+                    let tb = TokenBatch::new(vec![ids.clone()], &bb.config, first)
+                        .map_err(|e| e.to_string())?;
                     let o = bb.forward(&tb, &layers, false, Some(cache));
                     let taps: Vec<Vec<f32>> = o.taps.into_iter().map(to_vec).collect();
-                    Ok((first, layout(&taps, 0, ids.len(), bb.config.hidden_size, 0, ids.len(), dtype)?))
+                    Ok((
+                        first,
+                        layout(
+                            &taps,
+                            0,
+                            ids.len(),
+                            bb.config.hidden_size,
+                            0,
+                            ids.len(),
+                            dtype,
+                        )?,
+                    ))
                 });
                 if r.is_err() {
                     sessions.remove(&session);
@@ -183,7 +283,10 @@ fn worker(bb: Backbone, rx: mpsc::Receiver<Job>, idle: Duration) {
 
 fn guarded<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| {
-        let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
+        let msg = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
         Err(format!("backbone job failed: {}", msg.unwrap_or_default()))
     })
 }

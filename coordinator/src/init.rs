@@ -4,7 +4,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
 
 use crate::config::{CONFIG_FILE, CoordinatorConfig, DEFAULT_TOML};
 
@@ -27,7 +30,9 @@ fn write_new(path: &Path, bytes: &[u8], secret: bool) -> Result<()> {
     }
     #[cfg(not(unix))]
     let _ = secret;
-    let mut f = o.open(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut f = o
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
     f.write_all(bytes)?;
     f.sync_all()?;
     Ok(())
@@ -39,37 +44,70 @@ pub fn init(home: &Path, extra_names: &[String]) -> Result<InitReport> {
     let cfg = CoordinatorConfig::default_config();
     let config = home.join(CONFIG_FILE);
     let s = &cfg.server;
-    let targets = [&config, &home.join(&s.cert), &home.join(&s.key), &home.join(&s.ca_cert), &home.join(&s.admin_credential), &home.join(&s.store)];
+    let targets = [
+        &config,
+        &home.join(&s.cert),
+        &home.join(&s.key),
+        &home.join(&s.ca_cert),
+        &home.join(&s.admin_credential),
+        &home.join(&s.store),
+    ];
     if let Some(t) = targets.iter().find(|p| p.exists()) {
-        bail!("{} already exists: refusing to overwrite an initialised coordinator home", t.display());
+        bail!(
+            "{} already exists: refusing to overwrite an initialised coordinator home",
+            t.display()
+        );
     }
     std::fs::create_dir_all(home).with_context(|| format!("cannot create {}", home.display()))?;
     std::fs::create_dir_all(home.join(&s.cert).parent().expect("cert path has a parent"))?;
 
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, "SPA coordinator CA");
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "SPA coordinator CA");
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     let ca_key = KeyPair::generate()?;
     let ca_cert = ca_params.self_signed(&ca_key)?;
 
     let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
     names.extend(extra_names.iter().cloned());
     let mut params = CertificateParams::new(names)?;
-    params.distinguished_name.push(DnType::CommonName, "SPA coordinator");
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "SPA coordinator");
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
     let key = KeyPair::generate()?;
     let issuer = Issuer::new(ca_params, ca_key);
     let cert = params.signed_by(&key, &issuer)?;
 
-    let credential = format!("spa-admin-{}\n", hex::encode(spa_proto::auth::random_bytes::<32>()));
+    let credential = format!(
+        "spa-admin-{}\n",
+        hex::encode(spa_proto::auth::random_bytes::<32>())
+    );
     write_new(&home.join(&s.ca_cert), ca_cert.pem().as_bytes(), false)?;
-    write_new(&home.join("tls/ca.key"), issuer.key().serialize_pem().as_bytes(), true)?;
+    write_new(
+        &home.join("tls/ca.key"),
+        issuer.key().serialize_pem().as_bytes(),
+        true,
+    )?;
     write_new(&home.join(&s.cert), cert.pem().as_bytes(), false)?;
     write_new(&home.join(&s.key), key.serialize_pem().as_bytes(), true)?;
     write_new(&home.join(&s.admin_credential), credential.as_bytes(), true)?;
     // The config last: its presence marks a complete home.
     write_new(&config, DEFAULT_TOML.as_bytes(), false)?;
-    Ok(InitReport { home: home.to_path_buf(), config, ca_cert: home.join(&s.ca_cert), admin_credential: home.join(&s.admin_credential) })
+    Ok(InitReport {
+        home: home.to_path_buf(),
+        config,
+        ca_cert: home.join(&s.ca_cert),
+        admin_credential: home.join(&s.admin_credential),
+    })
 }

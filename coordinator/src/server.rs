@@ -66,10 +66,17 @@ fn seed_checkpoint(store: &Store, cfg: &CoordinatorConfig, engine: &Engine) -> R
 /// Loads everything and starts serving in the background.
 pub async fn start(home: &Path) -> Result<Running> {
     let cfg = CoordinatorConfig::load(home)?;
-    let store = Store::open(&cfg.resolve(home, &cfg.server.store)).context("opening the store (is another coordinator running on this home?)")?;
+    let store = Store::open(&cfg.resolve(home, &cfg.server.store))
+        .context("opening the store (is another coordinator running on this home?)")?;
     let cred_path = cfg.resolve(home, &cfg.server.admin_credential);
-    let credential = std::fs::read_to_string(&cred_path).with_context(|| format!("reading {}", cred_path.display()))?;
-    let auth = Auth::new(store.clone(), cfg.auth.clock_window_secs * 1000, cfg.auth.max_nonces, &credential)?;
+    let credential = std::fs::read_to_string(&cred_path)
+        .with_context(|| format!("reading {}", cred_path.display()))?;
+    let auth = Auth::new(
+        store.clone(),
+        cfg.auth.clock_window_secs * 1000,
+        cfg.auth.max_nonces,
+        &credential,
+    )?;
     let backend = match &cfg.backbone.device {
         Some(d) => d.parse::<BackendKind>()?,
         None => BackendKind::resolve(None)?,
@@ -83,29 +90,47 @@ pub async fn start(home: &Path) -> Result<Running> {
     }
     tracing::info!(version = %engine.meta.version, "backbone loaded");
 
-    let cert = std::fs::read(cfg.resolve(home, &cfg.server.cert)).context("reading the server certificate")?;
-    let key = std::fs::read(cfg.resolve(home, &cfg.server.key)).context("reading the server key")?;
+    let cert = std::fs::read(cfg.resolve(home, &cfg.server.cert))
+        .context("reading the server certificate")?;
+    let key =
+        std::fs::read(cfg.resolve(home, &cfg.server.key)).context("reading the server key")?;
     let max = cfg.limits.max_message_bytes;
     let shared = Shared::new(store.clone(), auth, engine, cfg.clone());
 
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<DeviceServer<DeviceService>>().await;
     health.set_serving::<AdminServer<AdminService>>().await;
-    health.set_serving::<BackboneServer<BackboneService>>().await;
+    health
+        .set_serving::<BackboneServer<BackboneService>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(spa_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
 
-    let listener = tokio::net::TcpListener::bind(&cfg.server.listen).await.with_context(|| format!("cannot listen on {}", cfg.server.listen))?;
+    let listener = tokio::net::TcpListener::bind(&cfg.server.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.server.listen))?;
     let addr = listener.local_addr()?;
     let router = Server::builder()
         .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))?
         .add_service(health_svc)
         .add_service(reflection)
-        .add_service(DeviceServer::new(DeviceService(shared.clone())).max_decoding_message_size(max).max_encoding_message_size(max))
-        .add_service(AdminServer::new(AdminService(shared.clone())).max_decoding_message_size(max).max_encoding_message_size(max))
-        .add_service(BackboneServer::new(BackboneService(shared.clone())).max_decoding_message_size(max).max_encoding_message_size(max));
+        .add_service(
+            DeviceServer::new(DeviceService(shared.clone()))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .add_service(
+            AdminServer::new(AdminService(shared.clone()))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .add_service(
+            BackboneServer::new(BackboneService(shared.clone()))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        );
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let flush_store = store.clone();
@@ -130,7 +155,13 @@ pub async fn start(home: &Path) -> Result<Running> {
     store.log("server.start", addr.to_string())?;
     std::fs::write(home.join(ADDR_FILE), format!("https://{addr}\n"))?;
     tracing::info!(%addr, "coordinator serving (TLS)");
-    Ok(Running { addr, stop: Some(stop_tx), task, pruner, home: home.to_path_buf() })
+    Ok(Running {
+        addr,
+        stop: Some(stop_tx),
+        task,
+        pruner,
+        home: home.to_path_buf(),
+    })
 }
 
 /// Serves until SIGTERM or ctrl-c, then shuts down gracefully.
@@ -145,7 +176,8 @@ pub async fn serve(home: &Path) -> Result<()> {
 async fn shutdown_signal() {
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
