@@ -63,7 +63,7 @@ fn enc<T: Serialize>(v: &T) -> Vec<u8> {
 impl ClientStore {
     pub fn open(home: &Path) -> Result<Self> {
         std::fs::create_dir_all(home).map_err(crate::error::io(home))?;
-        let db = sled::open(home.join("store"))?;
+        let db = open_db(&home.join("store"))?;
         Ok(Self {
             meta: db.open_tree("meta")?,
             data: db.open_tree("data")?,
@@ -215,4 +215,19 @@ pub fn decode_features(b: &[u8]) -> Result<ExampleFeatures> {
         loss: h.loss,
         feats,
     })
+}
+
+/// sled's file lock outlives a dropped handle for a moment (its flusher thread lets go
+/// asynchronously), so opening the store right after another command, in this process or one
+/// that just exited, can find it held: retry for a few seconds before reporting it.
+fn open_db(path: &Path) -> Result<sled::Db> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match sled::open(path) {
+            Err(sled::Error::Io(e)) if e.to_string().contains("acquire lock") && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            other => return Ok(other?),
+        }
+    }
 }
