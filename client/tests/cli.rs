@@ -1,6 +1,8 @@
 //! The `spa-client` binary against an in-process coordinator (TLS on loopback): the
 //! walk-through of docs/OPERATIONS.md, including a restarted client process that keeps its
 //! identity and trained plugin.
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 
@@ -25,15 +27,7 @@ fn client(home: &Path, args: &[&str]) -> String {
 async fn client_binary_walkthrough() {
     let dir = tempfile::tempdir().unwrap();
     let coord = dir.path().join("coord");
-    spa_coordinator::init::init(&coord, &[]).unwrap();
-    let p = coord.join("coordinator.toml");
-    std::fs::write(
-        &p,
-        std::fs::read_to_string(&p)
-            .unwrap()
-            .replace("127.0.0.1:7443", "127.0.0.1:0"),
-    )
-    .unwrap();
+    common::init_loopback_home(&coord);
     let srv = spa_coordinator::server::start(&coord).await.unwrap();
     let url = format!("https://{}", srv.addr);
     let cred = std::fs::read_to_string(coord.join("admin.credential")).unwrap();

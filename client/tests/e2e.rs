@@ -2,6 +2,8 @@
 //! devices that enroll, add data, train their side plugin and gate from the coordinator's
 //! features, and generate; then a client "restart" (stores reopened) keeps identity and
 //! private layers.
+mod common;
+
 use std::path::Path;
 
 use spa_client::ops;
@@ -23,15 +25,7 @@ fn write_jsonl(path: &Path, user: &spa_model::data::UserData) {
 async fn two_devices_enroll_train_generate_and_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let coord = dir.path().join("coord");
-    spa_coordinator::init::init(&coord, &[]).unwrap();
-    let p = coord.join("coordinator.toml");
-    std::fs::write(
-        &p,
-        std::fs::read_to_string(&p)
-            .unwrap()
-            .replace("127.0.0.1:7443", "127.0.0.1:0"),
-    )
-    .unwrap();
+    common::init_loopback_home(&coord);
     let srv = spa_coordinator::server::start(&coord).await.unwrap();
     let url = format!("https://{}", srv.addr);
     let ca = std::fs::read_to_string(coord.join("tls/ca.pem")).unwrap();
