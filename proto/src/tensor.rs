@@ -84,49 +84,34 @@ pub fn tensor_chunks(
     bytes: &[u8],
     chunk: usize,
 ) -> Vec<TensorChunk> {
-    let pieces: Vec<&[u8]> = if bytes.is_empty() {
-        vec![&[]]
-    } else {
-        bytes.chunks(chunk.max(1)).collect()
-    };
-    let mut offset = 0u64;
-    pieces
-        .into_iter()
-        .map(|data| {
-            let c = TensorChunk {
-                name: name.into(),
-                dtype,
-                shape: shape.to_vec(),
-                offset,
-                data: data.to_vec(),
-            };
-            offset += data.len() as u64;
-            c
+    pieces(bytes, chunk)
+        .map(|(offset, data)| TensorChunk {
+            name: name.into(),
+            dtype,
+            shape: shape.to_vec(),
+            offset,
+            data: data.to_vec(),
         })
         .collect()
+}
+
+/// `(offset, bytes)` pieces of at most `chunk` bytes; an empty input is one empty piece, so
+/// a receiver still learns the name, dtype and shape.
+fn pieces(bytes: &[u8], chunk: usize) -> impl Iterator<Item = (u64, &[u8])> {
+    let all: Vec<&[u8]> = if bytes.is_empty() { vec![&[]] } else { bytes.chunks(chunk.max(1)).collect() };
+    let mut offset = 0u64;
+    all.into_iter().map(move |data| {
+        let at = offset;
+        offset += data.len() as u64;
+        (at, data)
+    })
 }
 
 /// Splits one sequence's feature bytes into chunks of at most `chunk` bytes.
 pub fn feature_chunks(sequence: u32, bytes: &[u8], chunk: usize) -> Vec<FeaturesChunk> {
     let total = bytes.len() as u64;
-    let pieces: Vec<&[u8]> = if bytes.is_empty() {
-        vec![&[]]
-    } else {
-        bytes.chunks(chunk.max(1)).collect()
-    };
-    let mut offset = 0u64;
-    pieces
-        .into_iter()
-        .map(|data| {
-            let c = FeaturesChunk {
-                sequence,
-                offset,
-                total_bytes: total,
-                data: data.to_vec(),
-            };
-            offset += data.len() as u64;
-            c
-        })
+    pieces(bytes, chunk)
+        .map(|(offset, data)| FeaturesChunk { sequence, offset, total_bytes: total, data: data.to_vec() })
         .collect()
 }
 
