@@ -11,6 +11,7 @@ const PROTOS: &[&str] = &[
     "proto/spa/v1/device.proto",
     "proto/spa/v1/admin.proto",
     "proto/spa/v1/backbone.proto",
+    "proto/spa/v1/rounds.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -3,7 +3,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use spa::simulation::{SimConfig, Simulation};
-use spa_aggregation::strategy::{AdaptiveParams, StrategyConfig};
+use spa_aggregation::strategy::StrategyConfig;
 use spa_model::backbone::load_backbone;
 use spa_model::data::synthetic::synthetic_users;
 use spa_model::generate::{LocalStates, Sampling, generate};
@@ -95,13 +95,7 @@ fn simulate(a: SimArgs, device: &spa_model::burn::tensor::Device) -> Result<()> 
     let model = a.model.clone().unwrap_or_else(default_model);
     let bb = load_backbone(&model, device).with_context(|| format!("loading the backbone from {}", model.display()))?;
     let tok = Tokenizer::from_file(&model.join("tokenizer.json"))?;
-    let strategy = match a.strategy.as_str() {
-        "fedavg" => StrategyConfig::FedAvg { server_lr: 1.0 },
-        "fedprox" => StrategyConfig::FedProx { mu: a.prox_mu as f32, server_lr: 1.0 },
-        "fedadam" => StrategyConfig::FedAdam(AdaptiveParams::default()),
-        "fedyogi" => StrategyConfig::FedYogi(AdaptiveParams::default()),
-        _ => StrategyConfig::FedAdagrad(AdaptiveParams::default()),
-    };
+    let strategy = StrategyConfig::from_name(&a.strategy, a.prox_mu as f32)?;
     let prox_mu = if a.strategy == "fedprox" { a.prox_mu } else { 0.0 };
     let config = SimConfig {
         rounds: a.rounds,

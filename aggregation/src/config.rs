@@ -140,6 +140,17 @@ impl SessionConfig {
         Ok(cfg)
     }
 
+    /// The quantization of the signed two's-complement encoding (None for the DP encoding,
+    /// whose lanes are decoded by [`crate::dp`]).
+    pub fn quant_params(&self) -> Option<crate::quant::QuantParams> {
+        match &self.encoding {
+            Encoding::SignedTwosComplement { quant_bits, clip, w_max } => {
+                Some(crate::quant::QuantParams { bits: *quant_bits, clip: *clip, w_max: *w_max })
+            }
+            Encoding::DistributedDiscreteGaussian(_) => None,
+        }
+    }
+
     /// Whether every client is every other client's neighbour.
     pub fn is_full_graph(&self) -> bool {
         self.degree >= self.n_selected.saturating_sub(1)

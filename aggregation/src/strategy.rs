@@ -86,6 +86,25 @@ impl Default for AdaptiveParams {
 }
 
 impl StrategyConfig {
+    /// The strategy named on a command line (`fedavg`, `fedprox`, `fedadam`, `fedyogi`,
+    /// `fedadagrad`) with default hyper-parameters; `mu` is FedProx's proximal weight.
+    pub fn from_name(name: &str, mu: f32) -> Result<Self> {
+        let c = match name.to_ascii_lowercase().as_str() {
+            "fedavg" => StrategyConfig::FedAvg { server_lr: 1.0 },
+            "fedprox" => StrategyConfig::FedProx { mu, server_lr: 1.0 },
+            "fedadam" => StrategyConfig::FedAdam(AdaptiveParams::default()),
+            "fedyogi" => StrategyConfig::FedYogi(AdaptiveParams::default()),
+            "fedadagrad" => StrategyConfig::FedAdagrad(AdaptiveParams::default()),
+            other => {
+                return Err(SecAggError::InvalidConfig(format!(
+                    "unknown strategy '{other}' (fedavg, fedprox, fedadam, fedyogi, fedadagrad)"
+                )));
+            }
+        };
+        c.validate()?;
+        Ok(c)
+    }
+
     /// FedProx's μ for the round plan (0 for the other strategies).
     pub fn client_proximal_mu(&self) -> f32 {
         match self {

@@ -4,9 +4,11 @@
 //! - [`net`]: TLS connection to the coordinator, every call signed with the device key.
 //! - [`data`]: local data formats.
 //! - [`ops`]: the commands (enroll, status, data, train, generate) as library functions.
+//! - [`agent`]: `run`, the device agent of federated rounds (SecAgg+ client side).
 //!
-//! Invariant: private plugin parameters are written only to the local store; nothing here
-//! sends parameters to the coordinator (rounds will send only `SharedParams`).
+//! Invariant: private plugin parameters are written only to the local store; the only
+//! parameters that leave the device are the shared part's update, quantized and masked.
+pub mod agent;
 pub mod config;
 pub mod data;
 pub mod error;

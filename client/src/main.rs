@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use spa_client::config::ClientConfig;
 use spa_client::data::Format;
+use spa_client::agent::{self, AgentEvent, AgentOptions};
 use spa_client::ops::{self, TrainProgress};
 use spa_model::train::TrainEvent;
 
@@ -63,6 +64,15 @@ enum Command {
         fresh: bool,
         #[arg(long)]
         json: bool,
+    },
+    /// Run the device agent: take part in federated rounds until stopped (or --rounds).
+    Run {
+        /// Exit after this many committed versions were adopted and evaluated.
+        #[arg(long)]
+        rounds: Option<u32>,
+        /// Longest wait between polls while the coordinator is unreachable, seconds.
+        #[arg(long, default_value_t = 10)]
+        max_backoff: u64,
     },
     /// Generate text with the coordinator's backbone and the local plugin and gate.
     Generate {
@@ -229,6 +239,11 @@ fn main() -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             }
         }
+        Command::Run { rounds, max_backoff } => {
+            let opts = AgentOptions { rounds, max_backoff: std::time::Duration::from_secs(max_backoff.max(1)) };
+            let n = rt.block_on(agent::run(&home, &opts, &mut |e| eprintln!("{}", describe(&e))))?;
+            eprintln!("adopted {n} committed version(s); exiting");
+        }
         Command::Generate {
             prompt,
             max_tokens,
@@ -265,4 +280,19 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn describe(e: &AgentEvent) -> String {
+    match e {
+        AgentEvent::Connected { device_id } => format!("connected as {device_id}; waiting for rounds"),
+        AgentEvent::Unreachable { error, retry_in } => format!("coordinator unreachable ({error}); retrying in {retry_in:?}"),
+        AgentEvent::Trained { round_id, version, examples, final_loss } => {
+            format!("round {round_id}: trained on {examples} examples from global v{version} (loss {final_loss:.3}); keys advertised")
+        }
+        AgentEvent::Phase { round_id, phase } => format!("round {round_id}: {phase} sent"),
+        AgentEvent::RoundFailed { round_id, error } => format!("round {round_id}: left the round: {error}"),
+        AgentEvent::Evaluated { round_id, version, backbone_loss, personalized_loss } => {
+            format!("round {round_id}: adopted global v{version}; held-out loss backbone {backbone_loss:.3} / personalized {personalized_loss:.3}")
+        }
+    }
 }

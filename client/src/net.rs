@@ -4,6 +4,9 @@ use spa_proto::auth::DeviceSigner;
 use spa_proto::limits::MAX_MESSAGE_BYTES;
 use spa_proto::v1::backbone_client::BackboneClient;
 use spa_proto::v1::device_client::DeviceClient;
+use spa_proto::v1::rounds_client::RoundsClient;
+use std::io::Write;
+use std::sync::Mutex;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::error::{ClientError, Result};
@@ -41,7 +44,14 @@ pub struct Session {
     pub signer: DeviceSigner,
     pub channel: Channel,
     pub identity: crate::store::Identity,
+    capture: Option<Mutex<std::fs::File>>,
 }
+
+/// With `SPA_CAPTURE_OUTGOING=FILE`, every message body this device sends is appended to FILE
+/// (a 4-byte little-endian length, then the protobuf bytes): the audit trail that the tests
+/// search for private-tensor bytes. Every outgoing message goes through [`Session::request`]
+/// or [`Session::record`].
+pub const CAPTURE_ENV: &str = "SPA_CAPTURE_OUTGOING";
 
 impl Session {
     pub async fn open(store: &ClientStore) -> Result<Self> {
@@ -49,11 +59,39 @@ impl Session {
         let signer = DeviceSigner::from_pkcs8(&pkcs8, identity.device_id.clone())
             .map_err(|e| ClientError::Invalid(format!("stored identity key rejected: {e}")))?;
         let channel = connect(&identity.coordinator, identity.ca_pem.as_bytes()).await?;
+        let capture = match std::env::var_os(CAPTURE_ENV) {
+            Some(p) => Some(Mutex::new(
+                std::fs::OpenOptions::new().create(true).append(true).open(&p).map_err(crate::error::io(std::path::Path::new(&p)))?,
+            )),
+            None => None,
+        };
         Ok(Self {
             signer,
             channel,
             identity,
+            capture,
         })
+    }
+
+    /// Notes an outgoing message body in the capture file, if capturing.
+    pub fn record<M: prost::Message>(&self, body: &M) {
+        if let Some(f) = &self.capture {
+            let b = body.encode_to_vec();
+            let mut f = f.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = f.write_all(&(b.len() as u32).to_le_bytes()).and_then(|_| f.write_all(&b));
+        }
+    }
+
+    /// A signed request (recorded when capturing).
+    pub fn request<M: prost::Message>(&self, method: &str, body: M) -> tonic::Request<M> {
+        self.record(&body);
+        self.signer.request(method, body)
+    }
+
+    pub fn rounds(&self) -> RoundsClient<Channel> {
+        RoundsClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
 
     pub fn device(&self) -> DeviceClient<Channel> {

@@ -84,6 +84,8 @@ pub struct StatusReport {
     pub sources: Vec<Source>,
     pub cached_features: usize,
     pub trained: Option<TrainedMeta>,
+    /// The committed global version the stored shared part comes from (set by `run`).
+    pub global_version: Option<u64>,
     /// Result of a signed Ping: the coordinator's view, or why it failed.
     pub coordinator_reachable: Option<bool>,
     pub coordinator_error: Option<String>,
@@ -104,6 +106,7 @@ pub async fn status(home: &Path, offline: bool) -> Result<StatusReport> {
         sources: store.sources()?,
         cached_features: store.feature_cache_len(),
         trained: store.plugin()?.map(|(_, _, m)| m),
+        global_version: store.global_version()?,
         coordinator_reachable: None,
         coordinator_error: None,
         server_time_ms: None,
@@ -114,7 +117,7 @@ pub async fn status(home: &Path, offline: bool) -> Result<StatusReport> {
             let s = Session::open(&store).await?;
             let r = s
                 .device()
-                .ping(s.signer.request(methods::DEVICE_PING, PingRequest {}))
+                .ping(s.request(methods::DEVICE_PING, PingRequest {}))
                 .await?;
             Ok::<_, ClientError>(r.into_inner())
         };
@@ -161,12 +164,11 @@ pub struct Model {
     pub head: FrozenHead,
 }
 
-async fn model(s: &Session, store: &ClientStore, device: &Device) -> Result<Model> {
+pub(crate) async fn model(s: &Session, store: &ClientStore, device: &Device) -> Result<Model> {
     let info = s
         .backbone()
         .get_model_info(
-            s.signer
-                .request(methods::BACKBONE_GET_MODEL_INFO, GetModelInfoRequest {}),
+            s.request(methods::BACKBONE_GET_MODEL_INFO, GetModelInfoRequest {}),
         )
         .await?
         .into_inner();
@@ -181,7 +183,7 @@ async fn model(s: &Session, store: &ClientStore, device: &Device) -> Result<Mode
     let head_bytes = match store.backbone_file(v, "head.safetensors")? {
         Some(b) => b,
         None => {
-            let req = s.signer.request(
+            let req = s.request(
                 methods::BACKBONE_GET_HEAD,
                 GetHeadRequest {
                     backbone_version: v.clone(),
@@ -306,7 +308,7 @@ pub async fn features(
         };
         let mut stream = s
             .backbone()
-            .features(s.signer.request(methods::BACKBONE_FEATURES, req))
+            .features(s.request(methods::BACKBONE_FEATURES, req))
             .await?
             .into_inner();
         let mut asms: Vec<ByteAssembler> = batch
@@ -366,6 +368,35 @@ pub struct TrainSummary {
     pub heldout: Option<spa_model::train::EvalMetrics>,
 }
 
+/// The device's examples as backbone features for `plugin`'s layers, split in order into
+/// training and held-out parts (the last tenth, when there are ten or more examples), and
+/// the number of examples.
+pub(crate) async fn local_sets(
+    s: &Session,
+    store: &ClientStore,
+    m: &Model,
+    plugin: &Plugin,
+    progress: &mut dyn TrainProgress,
+) -> Result<(FeatureSet, FeatureSet, usize)> {
+    let examples: Vec<Example> = store.examples()?;
+    if examples.is_empty() {
+        return Err(ClientError::Invalid(
+            "no local data: run `spa-client data add FILE` first".into(),
+        ));
+    }
+    let tok = tokenize_examples(&m.tokenizer, &examples, m.config.max_position_embeddings)?;
+    let n_held = if tok.len() >= 10 { tok.len() / 10 } else { 0 };
+    let n_train = tok.len() - n_held;
+    let layers = plugin.shape.feature_layers.clone();
+    let pos = positions_for(plugin.config.variant);
+    let set = features(s, store, m, &tok, &layers, pos, &mut |d, t| progress.features(d, t)).await?;
+    let mut train_set = set.clone();
+    train_set.examples.truncate(n_train);
+    let mut held_set = set;
+    held_set.examples.drain(..n_train);
+    Ok((train_set, held_set, tok.len()))
+}
+
 /// Progress callbacks of [`train`].
 pub trait TrainProgress {
     fn features(&mut self, _done: usize, _total: usize) {}
@@ -389,15 +420,6 @@ pub async fn train(
     let s = Session::open(&store).await?;
     let device = BackendKind::resolve(None)?.device()?;
     let m = model(&s, &store, &device).await?;
-    let examples: Vec<Example> = store.examples()?;
-    if examples.is_empty() {
-        return Err(ClientError::Invalid(
-            "no local data: run `spa-client data add FILE` first".into(),
-        ));
-    }
-    let tok = tokenize_examples(&m.tokenizer, &examples, m.config.max_position_embeddings)?;
-    let n_held = if tok.len() >= 10 { tok.len() / 10 } else { 0 };
-    let n_train = tok.len() - n_held;
     let mut plugin = Plugin::new(&cfg.side, &m.config, &device)?;
     let mut resumed = false;
     if !fresh && let Some((shared, private, meta)) = store.plugin()? {
@@ -408,16 +430,8 @@ pub async fn train(
             resumed = true;
         }
     }
-    let layers = plugin.shape.feature_layers.clone();
-    let pos = positions_for(cfg.side.variant);
-    let set = features(&s, &store, &m, &tok, &layers, pos, &mut |d, t| {
-        progress.features(d, t)
-    })
-    .await?;
-    let mut train_set = set.clone();
-    train_set.examples.truncate(n_train);
-    let mut held_set = set;
-    held_set.examples.drain(..n_train);
+    let (train_set, held_set, total) = local_sets(&s, &store, &m, &plugin, progress).await?;
+    let (n_train, n_held) = (train_set.examples.len(), held_set.examples.len());
     let (plugin, report) = train_plugin(plugin, &m.head, &train_set, overrides, None, &mut |ev| {
         progress.train(&ev)
     })?;
@@ -445,7 +459,7 @@ pub async fn train(
     Ok(TrainSummary {
         device_id: s.identity.device_id.clone(),
         backbone_version: m.info.backbone_version.clone(),
-        examples: tok.len(),
+        examples: total,
         train_examples: n_train,
         heldout_examples: n_held,
         steps: report.steps,

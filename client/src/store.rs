@@ -80,6 +80,16 @@ impl ClientStore {
         Ok(())
     }
 
+    /// The committed global version the stored shared part is (set by `run`), durable.
+    pub fn set_global_version(&self, v: u64) -> Result<()> {
+        self.meta.insert("global_version", &v.to_be_bytes())?;
+        self.flush()
+    }
+
+    pub fn global_version(&self) -> Result<Option<u64>> {
+        Ok(self.meta.get("global_version")?.and_then(|b| b.as_ref().try_into().ok()).map(u64::from_be_bytes))
+    }
+
     /// Stores the identity key and coordinator info; durable on return.
     pub fn set_identity(&self, pkcs8: &[u8], id: &Identity) -> Result<()> {
         self.meta.insert("identity.pkcs8", pkcs8)?;

@@ -254,3 +254,201 @@ pub fn run_init(home: &Path, names: &[String], json: bool) -> Result<()> {
     }
     Ok(())
 }
+
+#[derive(Subcommand, Debug)]
+pub enum RoundCommand {
+    /// Queue a run of federated rounds over the enrolled, online devices.
+    Start {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long, default_value_t = 1)]
+        rounds: u32,
+        /// Fewest devices that must contribute (the round aborts below this).
+        #[arg(long, default_value_t = 3)]
+        min_clients: u32,
+        /// Most devices selected per round.
+        #[arg(long, default_value_t = 100)]
+        max_clients: u32,
+        /// Seconds for selection and for local training (each).
+        #[arg(long, default_value_t = 300)]
+        deadline: u32,
+        #[arg(long, default_value_t = 1)]
+        local_epochs: u32,
+        #[arg(long, default_value_t = 3e-3)]
+        lr: f64,
+        /// fedavg | fedprox | fedadam | fedyogi | fedadagrad
+        #[arg(long, default_value = "fedavg")]
+        strategy: String,
+        /// FedProx's proximal weight (with --strategy fedprox).
+        #[arg(long, default_value_t = 0.01)]
+        prox_mu: f64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One round (default: the latest).
+    Status {
+        #[command(flatten)]
+        target: Target,
+        id: Option<u64>,
+        /// Print again every second until the round commits or aborts.
+        #[arg(long)]
+        watch: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every round.
+    List {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Abort a round in progress (and the rest of its run).
+    Abort {
+        #[command(flatten)]
+        target: Target,
+        id: u64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn round_line(r: &RoundInfo) -> String {
+    let v: serde_json::Value = serde_json::from_str(&r.record_json).unwrap_or_default();
+    let mean = &v["mean_metrics"];
+    let metrics = if mean.is_object() {
+        format!(
+            "  held-out loss {:.3} -> {:.3}, acc {:.3} -> {:.3} ({} devices)",
+            mean["backbone_loss"].as_f64().unwrap_or(f64::NAN),
+            mean["personalized_loss"].as_f64().unwrap_or(f64::NAN),
+            mean["backbone_acc"].as_f64().unwrap_or(f64::NAN),
+            mean["personalized_acc"].as_f64().unwrap_or(f64::NAN),
+            v["metrics"].as_object().map_or(0, |m| m.len()),
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "round {:>4}  run {} #{}  {:<12} base v{} -> {}  cohort {}  contributors {}{}{}",
+        r.round_id,
+        v["run_id"],
+        v["index"],
+        r.state,
+        v["base_version"],
+        v["committed_version"].as_u64().map_or("-".into(), |c| format!("v{c}")),
+        v["cohort"].as_array().map_or(0, |a| a.len()),
+        v["contributors"].as_array().map_or(0, |a| a.len()),
+        v["reason"].as_str().map_or(String::new(), |r| format!("  ({r})")),
+        metrics,
+    )
+}
+
+fn round_json(r: &RoundInfo) -> serde_json::Value {
+    serde_json::from_str(&r.record_json).unwrap_or_default()
+}
+
+pub async fn run_round(cmd: RoundCommand) -> Result<()> {
+    match cmd {
+        RoundCommand::Start { target, rounds, min_clients, max_clients, deadline, local_epochs, lr, strategy, prox_mu, json } => {
+            let (mut c, cred) = admin_client(&target).await?;
+            let req = StartRoundsRequest {
+                rounds,
+                min_clients,
+                max_clients,
+                deadline_seconds: deadline,
+                local_epochs,
+                lr,
+                strategy,
+                prox_mu,
+            };
+            let r = c.start_rounds(with_admin(&cred, req)?).await.map_err(status_err)?.into_inner();
+            if json {
+                println!("{}", serde_json::json!({ "run_id": r.run_id }));
+            } else {
+                println!("run {} queued: {rounds} round(s); watch with `round status --watch`", r.run_id);
+            }
+        }
+        RoundCommand::Status { target, id, watch, json } => {
+            let (mut c, cred) = admin_client(&target).await?;
+            loop {
+                let r = c.round_status(with_admin(&cred, RoundStatusRequest { round_id: id.unwrap_or(0) })?).await.map_err(status_err)?.into_inner();
+                if json {
+                    println!("{}", round_json(&r));
+                } else {
+                    println!("{}", round_line(&r));
+                }
+                if !watch || r.state == "committed" || r.state == "aborted" {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+        RoundCommand::List { target, json } => {
+            let (mut c, cred) = admin_client(&target).await?;
+            let r = c.list_rounds(with_admin(&cred, ListRoundsRequest {})?).await.map_err(status_err)?.into_inner();
+            if json {
+                println!("{}", serde_json::Value::Array(r.rounds.iter().map(round_json).collect()));
+            } else if r.rounds.is_empty() {
+                println!("no rounds yet");
+            } else {
+                for x in &r.rounds {
+                    println!("{}", round_line(x));
+                }
+            }
+        }
+        RoundCommand::Abort { target, id, json } => {
+            let (mut c, cred) = admin_client(&target).await?;
+            let r = c.abort_round(with_admin(&cred, AbortRoundRequest { round_id: id })?).await.map_err(status_err)?.into_inner();
+            if json {
+                println!("{}", serde_json::json!({ "round_id": id, "was_running": r.was_running }));
+            } else if r.was_running {
+                println!("round {id}: abort requested");
+            } else {
+                println!("round {id} had already finished");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CheckpointCommand {
+    /// Write a committed global version (shared side-plugin parameters) as safetensors.
+    Export {
+        #[command(flatten)]
+        target: Target,
+        /// Global version (default: the latest).
+        #[arg(long)]
+        version: Option<u64>,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub async fn run_checkpoint(cmd: CheckpointCommand) -> Result<()> {
+    let CheckpointCommand::Export { target, version, out, json } = cmd;
+    let (mut c, cred) = admin_client(&target).await?;
+    let version = match version {
+        Some(v) => v,
+        None => c.server_status(with_admin(&cred, ServerStatusRequest {})?).await.map_err(status_err)?.into_inner().global_version,
+    };
+    let mut stream = c.get_checkpoint(with_admin(&cred, GetCheckpointRequest { version })?).await.map_err(status_err)?.into_inner();
+    let mut asm = spa_proto::tensor::TensorAssembler::new(spa_proto::limits::MAX_TENSOR_BYTES);
+    while let Some(chunk) = stream.message().await.map_err(status_err)? {
+        asm.push(chunk)?;
+    }
+    let mut set = spa_model::side::ParamSet::default();
+    for (name, t) in asm.finish()? {
+        let values = t.to_f32(&name)?;
+        set.tensors.insert(name, spa_model::side::NamedTensor { shape: t.shape.iter().map(|&d| d as usize).collect(), values });
+    }
+    std::fs::write(&out, set.to_safetensors()).with_context(|| format!("writing {}", out.display()))?;
+    if json {
+        println!("{}", serde_json::json!({ "version": version, "tensors": set.tensors.len(), "parameters": set.numel(), "out": out }));
+    } else {
+        println!("global version {version}: {} tensors, {} parameters -> {}", set.tensors.len(), set.numel(), out.display());
+    }
+    Ok(())
+}

@@ -65,6 +65,11 @@ impl Auth {
         self.check(md, method, &sha256(&[]))
     }
 
+    /// A client-streaming call whose first message is signed: `digest` is its body digest.
+    pub fn check_digest(&self, md: &MetadataMap, method: &str, digest: &[u8; 32]) -> Result<DeviceRecord, Status> {
+        self.check(md, method, digest)
+    }
+
     fn check(
         &self,
         md: &MetadataMap,

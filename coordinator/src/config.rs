@@ -20,6 +20,8 @@ pub struct CoordinatorConfig {
     pub auth: AuthSection,
     #[serde(default)]
     pub limits: LimitsSection,
+    #[serde(default)]
+    pub rounds: RoundsSection,
     /// Side plugin layout of the initial global checkpoint (version 0).
     #[serde(default)]
     pub side: SideConfig,
@@ -109,6 +111,27 @@ impl Default for LimitsSection {
     }
 }
 
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoundsSection {
+    /// A device counts as online (selectable) if it polled within this many seconds.
+    pub online_secs: u64,
+    /// Once `min_clients` devices are online, wait this long for more before selecting.
+    pub selection_grace_secs: u64,
+    /// Deadline of each SecAgg+ phase after training (share keys, masked input, unmask).
+    pub phase_timeout_secs: u64,
+    /// Per-coordinate clip of a device's update before quantization.
+    pub clip: f32,
+    /// Cap on a device's weight (its number of training examples).
+    pub w_max: u32,
+}
+
+impl Default for RoundsSection {
+    fn default() -> Self {
+        Self { online_secs: 15, selection_grace_secs: 2, phase_timeout_secs: 60, clip: 1.0, w_max: 1024 }
+    }
+}
+
 impl CoordinatorConfig {
     pub fn default_config() -> Self {
         Self {
@@ -116,6 +139,7 @@ impl CoordinatorConfig {
             backbone: BackboneSection::default(),
             auth: AuthSection::default(),
             limits: LimitsSection::default(),
+            rounds: RoundsSection::default(),
             side: SideConfig::default(),
         }
     }
@@ -156,6 +180,10 @@ impl CoordinatorConfig {
             "auth.clock_window_secs must be > 0"
         );
         anyhow::ensure!(self.auth.max_nonces > 0, "auth.max_nonces must be > 0");
+        let r = &self.rounds;
+        anyhow::ensure!(r.online_secs > 0 && r.phase_timeout_secs > 0, "rounds.online_secs and rounds.phase_timeout_secs must be > 0");
+        anyhow::ensure!(r.clip.is_finite() && r.clip > 0.0, "rounds.clip must be a positive number");
+        anyhow::ensure!(r.w_max > 0, "rounds.w_max must be > 0");
         Ok(())
     }
 

@@ -4,6 +4,8 @@
 //! - [`service`]: the service handlers, which validate every input.
 //! - [`auth`]: signed device calls and admin calls.
 //! - [`engine`]: the thread that owns the backbone and generation sessions' KV caches.
+//! - [`rounds`]: the federated round loop (selection, SecAgg+ phases, commit) and its state.
+//! - [`round_service`]: the device-facing Rounds service and the admin round verbs.
 //! - [`store`]: sled state (devices, hashed tokens, nonces, checkpoints, event log).
 //! - [`init`], [`admin_cli`]: operator verbs.
 pub mod admin_cli;
@@ -13,6 +15,8 @@ pub mod engine;
 pub mod init;
 pub mod model_cli;
 pub mod net;
+pub mod round_service;
+pub mod rounds;
 pub mod server;
 pub mod service;
 pub mod store;

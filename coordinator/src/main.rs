@@ -5,7 +5,7 @@ use anyhow::Result;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::{Parser, Subcommand};
-use spa_coordinator::admin_cli::{self, DevicesCommand, Target, TokenCommand};
+use spa_coordinator::admin_cli::{self, CheckpointCommand, DevicesCommand, RoundCommand, Target, TokenCommand};
 use spa_coordinator::model_cli::{self, ModelCommand};
 use spa_model::BackendKind;
 
@@ -46,6 +46,12 @@ enum Command {
     /// Enrolled devices.
     #[command(subcommand)]
     Devices(DevicesCommand),
+    /// Federated rounds: start, status, list, abort.
+    #[command(subcommand)]
+    Round(RoundCommand),
+    /// Committed global checkpoints.
+    #[command(subcommand)]
+    Checkpoint(CheckpointCommand),
     /// Status of the running coordinator.
     Status {
         #[command(flatten)]
@@ -70,6 +76,8 @@ fn main() -> Result<()> {
         }
         Command::Token(cmd) => runtime()?.block_on(admin_cli::run_token(cmd)),
         Command::Devices(cmd) => runtime()?.block_on(admin_cli::run_devices(cmd)),
+        Command::Round(cmd) => runtime()?.block_on(admin_cli::run_round(cmd)),
+        Command::Checkpoint(cmd) => runtime()?.block_on(admin_cli::run_checkpoint(cmd)),
         Command::Status { target, json } => runtime()?.block_on(admin_cli::run_status(target, json)),
     }
 }

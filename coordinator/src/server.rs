@@ -10,12 +10,14 @@ use spa_model::side::Plugin;
 use spa_proto::v1::admin_server::AdminServer;
 use spa_proto::v1::backbone_server::BackboneServer;
 use spa_proto::v1::device_server::DeviceServer;
+use spa_proto::v1::rounds_server::RoundsServer;
 use tokio::sync::oneshot;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
 use crate::auth::Auth;
 use crate::config::CoordinatorConfig;
 use crate::engine::Engine;
+use crate::round_service::RoundsService;
 use crate::service::{AdminService, BackboneService, DeviceService, Shared};
 use crate::store::Store;
 
@@ -28,6 +30,7 @@ pub struct Running {
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     pruner: tokio::task::JoinHandle<()>,
+    round_loop: tokio::task::JoinHandle<()>,
     home: PathBuf,
 }
 
@@ -39,6 +42,7 @@ impl Running {
         }
         let r = (&mut self.task).await;
         self.pruner.abort();
+        self.round_loop.abort();
         let _ = std::fs::remove_file(self.home.join(ADDR_FILE));
         r??;
         Ok(())
@@ -95,7 +99,12 @@ pub async fn start(home: &Path) -> Result<Running> {
     let key =
         std::fs::read(cfg.resolve(home, &cfg.server.key)).context("reading the server key")?;
     let max = cfg.limits.max_message_bytes;
-    let shared = Shared::new(store.clone(), auth, engine, cfg.clone());
+    let aborted = crate::rounds::recover(&store)?;
+    if aborted > 0 {
+        tracing::warn!("{aborted} round(s) interrupted by the last shutdown were marked aborted");
+    }
+    let rounds = crate::rounds::Rounds::new(store.clone(), cfg.rounds.clone());
+    let shared = Shared::new(store.clone(), auth, engine, rounds.clone(), cfg.clone());
 
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<DeviceServer<DeviceService>>().await;
@@ -103,6 +112,7 @@ pub async fn start(home: &Path) -> Result<Running> {
     health
         .set_serving::<BackboneServer<BackboneService>>()
         .await;
+    health.set_serving::<RoundsServer<RoundsService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(spa_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -130,6 +140,11 @@ pub async fn start(home: &Path) -> Result<Running> {
             BackboneServer::new(BackboneService(shared.clone()))
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
+        )
+        .add_service(
+            RoundsServer::new(RoundsService(shared.clone()))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
         );
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
@@ -152,6 +167,7 @@ pub async fn start(home: &Path) -> Result<Running> {
             pruner.auth.prune();
         }
     });
+    let round_loop = tokio::spawn(crate::rounds::round_loop(rounds));
     store.log("server.start", addr.to_string())?;
     std::fs::write(home.join(ADDR_FILE), format!("https://{addr}\n"))?;
     tracing::info!(%addr, "coordinator serving (TLS)");
@@ -160,6 +176,7 @@ pub async fn start(home: &Path) -> Result<Running> {
         stop: Some(stop_tx),
         task,
         pruner,
+        round_loop,
         home: home.to_path_buf(),
     })
 }

@@ -22,13 +22,14 @@ use crate::config::CoordinatorConfig;
 use crate::engine::{Engine, SeqJob};
 use crate::store::{Store, StoreError, TokenRecord, token_hash};
 
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 /// State shared by the services.
 pub struct Shared {
     pub store: Store,
     pub auth: Auth,
     pub engine: Engine,
+    pub rounds: Arc<crate::rounds::Rounds>,
     pub config: CoordinatorConfig,
     pub started: Instant,
     sessions: AtomicUsize,
@@ -36,11 +37,12 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(store: Store, auth: Auth, engine: Engine, config: CoordinatorConfig) -> Arc<Self> {
+    pub fn new(store: Store, auth: Auth, engine: Engine, rounds: Arc<crate::rounds::Rounds>, config: CoordinatorConfig) -> Arc<Self> {
         Arc::new(Self {
             store,
             auth,
             engine,
+            rounds,
             config,
             started: Instant::now(),
             sessions: AtomicUsize::new(0),
@@ -207,6 +209,36 @@ impl Admin for AdminService {
                 .filter(|t| t.used_by.is_none() && t.expires_at_ms > now)
                 .count() as u64,
         }))
+    }
+
+    async fn start_rounds(&self, req: Request<StartRoundsRequest>) -> Result<Response<StartRoundsResponse>, Status> {
+        self.0.auth.admin(req.metadata())?;
+        let s = self.0.clone();
+        let r = req.into_inner();
+        let resp = tokio::task::spawn_blocking(move || crate::round_service::start_rounds(&s, r)).await.map_err(internal)??;
+        Ok(Response::new(resp))
+    }
+
+    async fn list_rounds(&self, req: Request<ListRoundsRequest>) -> Result<Response<ListRoundsResponse>, Status> {
+        self.0.auth.admin(req.metadata())?;
+        Ok(Response::new(crate::round_service::list_rounds(&self.0)?))
+    }
+
+    async fn round_status(&self, req: Request<RoundStatusRequest>) -> Result<Response<RoundInfo>, Status> {
+        self.0.auth.admin(req.metadata())?;
+        Ok(Response::new(crate::round_service::round_info(&self.0, req.get_ref().round_id)?))
+    }
+
+    async fn abort_round(&self, req: Request<AbortRoundRequest>) -> Result<Response<AbortRoundResponse>, Status> {
+        self.0.auth.admin(req.metadata())?;
+        Ok(Response::new(crate::round_service::abort_round(&self.0, req.get_ref().round_id)?))
+    }
+
+    type GetCheckpointStream = BoxStream<TensorChunk>;
+
+    async fn get_checkpoint(&self, req: Request<GetCheckpointRequest>) -> Result<Response<Self::GetCheckpointStream>, Status> {
+        self.0.auth.admin(req.metadata())?;
+        Ok(Response::new(crate::round_service::checkpoint_stream(&self.0, req.get_ref().version)?))
     }
 }
 

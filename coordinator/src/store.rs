@@ -5,6 +5,9 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use sled::Transactional;
+use spa_aggregation::strategy::ServerOptimizer;
+
+use crate::rounds::{RoundRecord, RunRecord};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +26,8 @@ pub enum StoreError {
     KeyEnrolled(String),
     #[error("unknown device '{0}'")]
     UnknownDevice(String),
+    #[error("global version {0} is already committed")]
+    VersionExists(u64),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -65,6 +70,9 @@ pub struct Store {
     checkpoints: sled::Tree,
     events: sled::Tree,
     last_seen: sled::Tree,
+    rounds: sled::Tree,
+    runs: sled::Tree,
+    meta: sled::Tree,
 }
 
 fn enc<T: Serialize>(v: &T) -> Vec<u8> {
@@ -98,6 +106,9 @@ impl Store {
             checkpoints: db.open_tree("checkpoints")?,
             events: db.open_tree("events")?,
             last_seen: db.open_tree("last_seen")?,
+            rounds: db.open_tree("rounds")?,
+            runs: db.open_tree("runs")?,
+            meta: db.open_tree("meta")?,
             db,
         })
     }
@@ -301,6 +312,91 @@ impl Store {
             b.copy_from_slice(&k[..8]);
             u64::from_be_bytes(b)
         }))
+    }
+}
+
+// ---- rounds -------------------------------------------------------------------------
+
+const OPTIMIZER_KEY: &[u8] = b"optimizer";
+
+fn last_id(tree: &sled::Tree) -> Result<u64> {
+    Ok(tree.last()?.map(|(k, _)| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&k[..8]);
+        u64::from_be_bytes(b)
+    }).unwrap_or(0))
+}
+
+impl Store {
+    pub fn next_run_id(&self) -> Result<u64> {
+        Ok(last_id(&self.runs)? + 1)
+    }
+
+    pub fn next_round_id(&self) -> Result<u64> {
+        Ok(last_id(&self.rounds)? + 1)
+    }
+
+    pub fn put_run(&self, run: &RunRecord) -> Result<()> {
+        self.runs.insert(run.run_id.to_be_bytes(), enc(run))?;
+        self.flush()
+    }
+
+    pub fn runs(&self) -> Result<Vec<RunRecord>> {
+        self.runs.iter().values().map(|v| dec(&v?)).collect()
+    }
+
+    pub fn put_round(&self, round: &RoundRecord) -> Result<()> {
+        self.rounds.insert(round.round_id.to_be_bytes(), enc(round))?;
+        self.flush()
+    }
+
+    /// A run's progress and its new round, together (a crash never leaves one without the other).
+    pub fn start_round(&self, run: &RunRecord, round: &RoundRecord) -> Result<()> {
+        (&self.runs, &self.rounds)
+            .transaction(|(runs, rounds)| {
+                runs.insert(&run.run_id.to_be_bytes(), enc(run))?;
+                rounds.insert(&round.round_id.to_be_bytes(), enc(round))?;
+                Ok::<_, ConflictableTransactionError<StoreError>>(())
+            })
+            .map_err(tx_err)?;
+        self.flush()
+    }
+
+    pub fn round(&self, id: u64) -> Result<Option<RoundRecord>> {
+        self.rounds.get(id.to_be_bytes())?.map(|v| dec(&v)).transpose()
+    }
+
+    pub fn rounds(&self) -> Result<Vec<RoundRecord>> {
+        self.rounds.iter().values().map(|v| dec(&v?)).collect()
+    }
+
+    /// Commits a round: the new global checkpoint, the round's record and the server
+    /// optimizer's state in one transaction, durable on return. A version is never overwritten.
+    pub fn commit_round(&self, version: u64, checkpoint: &[u8], round: &RoundRecord, optimizer: &ServerOptimizer) -> Result<()> {
+        (&self.checkpoints, &self.rounds, &self.meta)
+            .transaction(|(ck, rounds, meta)| {
+                if ck.get(&version.to_be_bytes())?.is_some() {
+                    return Err(ConflictableTransactionError::Abort(StoreError::VersionExists(version)));
+                }
+                ck.insert(&version.to_be_bytes(), checkpoint)?;
+                rounds.insert(&round.round_id.to_be_bytes(), enc(round))?;
+                meta.insert(OPTIMIZER_KEY, enc(optimizer))?;
+                Ok(())
+            })
+            .map_err(tx_err)?;
+        self.log("checkpoint.commit", format!("version {version} by round {}, {} bytes", round.round_id, checkpoint.len()))?;
+        self.flush()
+    }
+
+    pub fn optimizer(&self) -> Result<Option<ServerOptimizer>> {
+        self.meta.get(OPTIMIZER_KEY)?.map(|v| dec(&v)).transpose()
+    }
+}
+
+fn tx_err(e: TransactionError<StoreError>) -> StoreError {
+    match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => e.into(),
     }
 }
 

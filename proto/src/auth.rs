@@ -245,6 +245,14 @@ impl DeviceSigner {
         }
     }
 
+    /// A plain Ed25519 signature over `msg` (for protocols with their own domain separation,
+    /// like SecAgg+'s key advertisements; never over a bare request payload).
+    pub fn sign_raw(&self, msg: &[u8]) -> [u8; 64] {
+        let mut out = [0u8; 64];
+        out.copy_from_slice(self.key.sign(msg).as_ref());
+        out
+    }
+
     pub fn sign<M: prost::Message>(&self, method: &str, body: &M, ts_ms: u64) -> SignedHeaders {
         self.sign_digest(method, &body_digest(body), ts_ms)
     }

@@ -4,12 +4,14 @@
 //! - [`methods`]: one constant per RPC method path (what signatures cover).
 //! - [`limits`]: message-size limits both sides configure explicitly.
 //! - [`tensor`]: tensors as dtype + shape + little-endian bytes, chunking and reassembly.
+//! - [`secagg`]: SecAgg+ messages between wire form and spa-aggregation's structs.
 //! - [`auth`]: Ed25519 request signing and verification, clock window, replay window.
 //!
 //! Invariant: no I/O here; this crate is pure encoding, checking and cryptography.
 pub mod auth;
 pub mod error;
 pub mod limits;
+pub mod secagg;
 pub mod tensor;
 
 pub use error::ProtoError;

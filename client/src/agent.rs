@@ -1,0 +1,411 @@
+//! `spa-client run`: the device agent. It polls the coordinator (with backoff when it is
+//! unreachable) and does what each answer says:
+//!
+//! ```text
+//! Train        fetch global version v, train shared + private parts locally, quantize
+//!              weight * (shared - v), start the SecAgg+ client machine, advertise keys
+//! ShareKeys    encrypted shares for the neighbours
+//! MaskedInput  decrypt the shares addressed to us, mask the update, upload it (streamed)
+//! Unmask       reveal the shares the server asks for (never both kinds for one peer)
+//! Evaluate     a new version was committed: adopt it, evaluate on the held-out split, report
+//! Abort        forget the round's secrets
+//! ```
+//!
+//! Only the shared part ever leaves the device, and only masked: the update is built from
+//! [`SharedParams::delta_from`] (the one place a plugin's parameters become an outgoing
+//! vector); private layers are saved to the local store.
+use std::path::Path;
+use std::time::Duration;
+
+use spa_aggregation::{ClientIncoming, ClientOutgoing, ClientState, SessionConfig, system_rng};
+use spa_model::BackendKind;
+use spa_model::side::{NamedTensor, ParamSet, Plugin, SharedParams};
+use spa_model::train::{TrainConfig, evaluate, train_plugin};
+use spa_proto::auth::{now_ms, sha256};
+use spa_proto::limits::{CHUNK_BYTES, MAX_TENSOR_BYTES};
+use spa_proto::methods;
+use spa_proto::secagg;
+use spa_proto::tensor::TensorAssembler;
+use spa_proto::v1::poll_response::Task;
+use spa_proto::v1::*;
+use tonic::Code;
+
+use crate::config::ClientConfig;
+use crate::error::{ClientError, Result};
+use crate::net::Session;
+use crate::ops::{Model, local_sets, model};
+use crate::store::{ClientStore, TrainedMeta};
+
+/// How the agent runs.
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    /// Exit after evaluating this many committed versions (None: run until stopped).
+    pub rounds: Option<u32>,
+    /// Longest wait between polls when the coordinator is unreachable.
+    pub max_backoff: Duration,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        Self { rounds: None, max_backoff: Duration::from_secs(10) }
+    }
+}
+
+/// What the agent reports as it goes (the binary prints these).
+#[derive(Debug)]
+pub enum AgentEvent {
+    Connected { device_id: String },
+    Unreachable { error: String, retry_in: Duration },
+    Trained { round_id: u64, version: u64, examples: usize, final_loss: f32 },
+    Phase { round_id: u64, phase: &'static str },
+    RoundFailed { round_id: u64, error: String },
+    Evaluated { round_id: u64, version: u64, backbone_loss: f64, personalized_loss: f64 },
+}
+
+/// What every step needs: the connection, the store, the served model, the config.
+struct Ctx<'a> {
+    home: &'a Path,
+    s: &'a Session,
+    store: &'a ClientStore,
+    m: &'a Model,
+    cfg: &'a ClientConfig,
+    device: &'a spa_model::burn::tensor::Device,
+}
+
+/// A round this device takes part in.
+struct InRound {
+    round_id: u64,
+    client_id: u32,
+    state: ClientState,
+    /// The encoded update (lanes, weight last), consumed when masking.
+    input: Option<Vec<u32>>,
+}
+
+/// Test-only fault injection: `SPA_FAULT_EXIT_AT=<phase>` kills the agent (no cleanup, like
+/// SIGKILL) when that phase's request arrives.
+fn fault_point(phase: &str) {
+    if std::env::var("SPA_FAULT_EXIT_AT").is_ok_and(|v| v == phase) {
+        eprintln!("fault injection: exiting at {phase}");
+        std::process::abort();
+    }
+}
+
+/// Runs the agent until `opts.rounds` versions were evaluated, or forever.
+pub async fn run(home: &Path, opts: &AgentOptions, on_event: &mut dyn FnMut(AgentEvent)) -> Result<u32> {
+    let store = ClientStore::open(home)?;
+    let cfg = ClientConfig::load(home)?;
+    let device = BackendKind::resolve(None)?.device()?;
+    let mut backoff = Duration::from_millis(500);
+    let mut evaluated = 0u32;
+    loop {
+        // (Re)connect, then poll until the connection fails.
+        let (s, m) = match connect(&store, &device).await {
+            Ok(x) => x,
+            Err(e) => {
+                fatal(&e)?;
+                on_event(AgentEvent::Unreachable { error: e.to_string(), retry_in: backoff });
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(opts.max_backoff);
+                continue;
+            }
+        };
+        on_event(AgentEvent::Connected { device_id: s.identity.device_id.clone() });
+        backoff = Duration::from_millis(500);
+        let mut current: Option<InRound> = None;
+        loop {
+            let task = match s.rounds().poll(s.request(methods::ROUNDS_POLL, PollRequest {})).await {
+                Ok(r) => r.into_inner().task,
+                Err(e) => {
+                    let e = ClientError::from(e);
+                    fatal(&e)?;
+                    on_event(AgentEvent::Unreachable { error: e.to_string(), retry_in: backoff });
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(opts.max_backoff);
+                    break;
+                }
+            };
+            backoff = Duration::from_millis(500);
+            let round_id = task_round(&task);
+            let evaluating = matches!(task, Some(Task::Evaluate(_)));
+            let ctx = Ctx { home, s: &s, store: &store, m: &m, cfg: &cfg, device: &device };
+            match handle(&ctx, &mut current, task, on_event).await {
+                Ok(Some(wait)) => tokio::time::sleep(wait).await,
+                Ok(None) => {
+                    if evaluating {
+                        evaluated += 1;
+                        if opts.rounds.is_some_and(|n| evaluated >= n) {
+                            return Ok(evaluated);
+                        }
+                    }
+                }
+                Err(e) => {
+                    fatal(&e)?;
+                    current = None;
+                    on_event(AgentEvent::RoundFailed { round_id, error: e.to_string() });
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Errors that no retry fixes: revoked or unknown device, a broken local store.
+fn fatal(e: &ClientError) -> Result<()> {
+    match e {
+        ClientError::Status(s) if matches!(s.code(), Code::Unauthenticated | Code::PermissionDenied) && s.message().contains("revoked") => {
+            Err(ClientError::Invalid(format!("the coordinator refuses this device: {}", s.message())))
+        }
+        ClientError::Status(s) if s.code() == Code::Unauthenticated => Err(ClientError::Invalid(format!("the coordinator refuses this device: {}", s.message()))),
+        ClientError::NotEnrolled | ClientError::Store(_) => Err(ClientError::Invalid(e.to_string())),
+        _ => Ok(()),
+    }
+}
+
+async fn connect(store: &ClientStore, device: &spa_model::burn::tensor::Device) -> Result<(Session, Model)> {
+    let s = Session::open(store).await?;
+    let m = model(&s, store, device).await?;
+    Ok((s, m))
+}
+
+fn task_round(t: &Option<Task>) -> u64 {
+    match t {
+        Some(Task::Train(t)) => t.round_id,
+        Some(Task::ShareKeys(t)) => t.round_id,
+        Some(Task::MaskedInput(t)) => t.round_id,
+        Some(Task::Unmask(t)) => t.round_id,
+        Some(Task::Evaluate(t)) => t.round_id,
+        Some(Task::Abort(t)) => t.round_id,
+        _ => 0,
+    }
+}
+
+/// The machine of round `round_id`, taken out of `current` (it is put back after a step).
+fn take_round(current: &mut Option<InRound>, round_id: u64) -> Result<InRound> {
+    match current.take() {
+        Some(r) if r.round_id == round_id => Ok(r),
+        _ => Err(ClientError::Invalid(format!("not taking part in round {round_id} (restarted mid-round?)"))),
+    }
+}
+
+fn one(out: Vec<ClientOutgoing>) -> Result<ClientOutgoing> {
+    out.into_iter().next().ok_or_else(|| ClientError::Invalid("the SecAgg+ client produced no message".into()))
+}
+
+fn secagg_err(e: spa_aggregation::SecAggError) -> ClientError {
+    ClientError::Invalid(format!("secure aggregation: {e}"))
+}
+
+/// One task; returns how long to wait before the next poll.
+async fn handle(
+    ctx: &Ctx<'_>,
+    current: &mut Option<InRound>,
+    task: Option<Task>,
+    on_event: &mut dyn FnMut(AgentEvent),
+) -> Result<Option<Duration>> {
+    let s = ctx.s;
+    match task {
+        None => Ok(Some(Duration::from_secs(1))),
+        Some(Task::Idle(i)) => Ok(Some(Duration::from_millis(i.retry_after_ms.clamp(50, 10_000) as u64))),
+        Some(Task::Train(t)) => {
+            if current.as_ref().is_some_and(|r| r.round_id == t.round_id) {
+                return Ok(Some(Duration::from_millis(200)));
+            }
+            *current = None;
+            let config = secagg::config_from_json(&t.session_config_json)?;
+            if config.round_id != t.round_id || config.model_version != t.global_version {
+                return Err(ClientError::Invalid("the session config names another round or version".into()));
+            }
+            let (input, examples, final_loss) = train_for_round(ctx, &t, &config).await?;
+            let (state, adv) = ClientState::start(t.client_id, config, &s.signer, system_rng().map_err(secagg_err)?).map_err(secagg_err)?;
+            s.rounds().advertise_keys(s.request(methods::ROUNDS_ADVERTISE_KEYS, secagg::advertise_to_wire(&adv))).await?;
+            on_event(AgentEvent::Trained { round_id: t.round_id, version: t.global_version, examples, final_loss });
+            *current = Some(InRound { round_id: t.round_id, client_id: t.client_id, state, input: Some(input) });
+            Ok(None)
+        }
+        Some(Task::ShareKeys(t)) => {
+            fault_point("share_keys");
+            let mut r = take_round(current, t.round_id)?;
+            let (state, out) = r.state.handle(ClientIncoming::ShareKeys(secagg::share_keys_request(&t)?)).map_err(secagg_err)?;
+            let ClientOutgoing::ShareKeys(resp) = one(out)? else { return Err(ClientError::Invalid("unexpected SecAgg+ output".into())) };
+            s.rounds().share_keys(s.request(methods::ROUNDS_SHARE_KEYS, secagg::share_keys_to_wire(t.round_id, &resp))).await?;
+            r.state = state;
+            on_event(AgentEvent::Phase { round_id: t.round_id, phase: "share_keys" });
+            *current = Some(r);
+            Ok(None)
+        }
+        Some(Task::MaskedInput(t)) => {
+            fault_point("masked_input");
+            let mut r = take_round(current, t.round_id)?;
+            let (state, _) = r.state.handle(ClientIncoming::MaskedInputRequest(secagg::masked_input_request(&t))).map_err(secagg_err)?;
+            let input = r.input.take().ok_or_else(|| ClientError::Invalid("no update to mask".into()))?;
+            let (state, out) = state.handle(ClientIncoming::Input(input)).map_err(secagg_err)?;
+            let ClientOutgoing::MaskedInput(masked) = one(out)? else { return Err(ClientError::Invalid("unexpected SecAgg+ output".into())) };
+            upload(s, t.round_id, r.client_id, &masked.into_vec()).await?;
+            r.state = state;
+            on_event(AgentEvent::Phase { round_id: t.round_id, phase: "masked_input" });
+            *current = Some(r);
+            Ok(None)
+        }
+        Some(Task::Unmask(t)) => {
+            fault_point("unmask");
+            let r = take_round(current, t.round_id)?;
+            let (state, out) = r.state.handle(ClientIncoming::Unmask(secagg::unmask_request(&t))).map_err(secagg_err)?;
+            let ClientOutgoing::Unmask(resp) = one(out)? else { return Err(ClientError::Invalid("unexpected SecAgg+ output".into())) };
+            s.rounds().unmask(s.request(methods::ROUNDS_UNMASK, secagg::unmask_to_wire(t.round_id, &resp))).await?;
+            on_event(AgentEvent::Phase { round_id: t.round_id, phase: "unmask" });
+            *current = Some(InRound { round_id: t.round_id, client_id: r.client_id, state, input: None });
+            Ok(None)
+        }
+        Some(Task::Evaluate(t)) => {
+            *current = None;
+            let (bl, pl) = evaluate_version(ctx, &t).await?;
+            on_event(AgentEvent::Evaluated { round_id: t.round_id, version: t.global_version, backbone_loss: bl, personalized_loss: pl });
+            Ok(None)
+        }
+        Some(Task::Abort(t)) => {
+            if current.as_ref().is_some_and(|r| r.round_id == t.round_id) {
+                *current = None;
+            }
+            on_event(AgentEvent::RoundFailed { round_id: t.round_id, error: format!("aborted by the coordinator: {}", t.reason) });
+            Ok(None)
+        }
+    }
+}
+
+/// Global version `v` from the coordinator, checked against the local plugin's layout.
+async fn fetch_global(s: &Session, version: u64, layout: &SharedParams) -> Result<SharedParams> {
+    let mut stream = s.rounds().get_global(s.request(methods::ROUNDS_GET_GLOBAL, GetGlobalRequest { version })).await?.into_inner();
+    let mut asm = TensorAssembler::new(MAX_TENSOR_BYTES);
+    while let Some(c) = stream.message().await? {
+        asm.push(c)?;
+    }
+    let mut p = ParamSet::default();
+    for (name, t) in asm.finish()? {
+        let values = t.to_f32(&name)?;
+        p.tensors.insert(name, NamedTensor { shape: t.shape.iter().map(|&d| d as usize).collect(), values });
+    }
+    Ok(SharedParams::from_coordinator(p, layout)?)
+}
+
+/// The plugin with global `shared` and this device's stored private part (fresh private
+/// layers when none is stored for this backbone and layout).
+fn personal_plugin(store: &ClientStore, m: &Model, cfg: &ClientConfig, device: &spa_model::burn::tensor::Device, shared: &SharedParams) -> Result<Plugin> {
+    let mut p = Plugin::new(&cfg.side, &m.config, device)?;
+    if let Some((_, private, meta)) = store.plugin()?
+        && meta.backbone_version == m.info.backbone_version
+        && meta.side == cfg.side
+    {
+        p = p.load(&ParamSet::from_safetensors(&private)?)?;
+    }
+    Ok(p.load(shared.as_set())?)
+}
+
+fn save(store: &ClientStore, m: &Model, cfg: &ClientConfig, plugin: &Plugin, examples: usize, steps: usize, final_loss: f32) -> Result<()> {
+    let (shared, private) = plugin.split()?;
+    let meta = TrainedMeta {
+        backbone_version: m.info.backbone_version.clone(),
+        side: cfg.side.clone(),
+        trained_at_ms: now_ms(),
+        examples,
+        steps,
+        final_loss,
+        shared_tensors: shared.as_set().tensors.len(),
+        private_tensors: private.tensors.len(),
+    };
+    store.save_plugin(&shared.as_set().to_safetensors(), &private.to_safetensors(), &meta)?;
+    Ok(())
+}
+
+/// Local training for a round; returns the encoded update, the number of training
+/// examples and the last epoch's loss. The private part is saved; the shared part leaves
+/// only as the masked update.
+async fn train_for_round(ctx: &Ctx<'_>, t: &TrainTask, config: &SessionConfig) -> Result<(Vec<u32>, usize, f32)> {
+    let Ctx { home, s, store, m, cfg, device } = *ctx;
+    let layout = Plugin::new(&cfg.side, &m.config, device)?.shared()?;
+    let global = fetch_global(s, t.global_version, &layout).await?;
+    if config.m != layout.as_set().flatten().len() as u64 + 1 {
+        return Err(ClientError::Invalid(format!(
+            "the round aggregates {} lanes but this device's shared part has {} parameters (is client.toml's [side] the coordinator's?)",
+            config.m,
+            layout.as_set().flatten().len()
+        )));
+    }
+    let quant = config.quant_params().ok_or_else(|| ClientError::Invalid("unsupported update encoding".into()))?;
+    let plugin = personal_plugin(store, m, cfg, device, &global)?;
+    let (train_set, _, _) = local_sets(s, store, m, &plugin, &mut ()).await?;
+    let n_train = train_set.examples.len();
+    let tc = TrainConfig {
+        epochs: t.local_epochs as usize,
+        lr: t.lr,
+        prox_mu: t.prox_mu,
+        seed: t.seed,
+        ..cfg.train.clone()
+    };
+    let (trained, report) = tokio::task::block_in_place(|| train_plugin(plugin, &m.head, &train_set, &tc, Some(&global), &mut |_| {}))?;
+    let final_loss = report.epoch_losses.last().copied().unwrap_or(f32::NAN);
+    save(store, m, cfg, &trained, n_train, report.steps, final_loss)?;
+    let delta = trained.shared()?.delta_from(&global)?;
+    let weight = (n_train as u32).min(quant.w_max).max(1);
+    let input = quant.encode(&delta, weight, &mut system_rng().map_err(secagg_err)?).map_err(secagg_err)?;
+    if std::env::var_os("SPA_TEST_DUMP_UPDATES").is_some() {
+        // Tests compare the secure aggregate with a plaintext one; this stays on the device's disk.
+        let p = home.join(format!("update-round-{}.json", t.round_id));
+        let body = serde_json::json!({ "delta": delta, "weight": weight });
+        std::fs::write(&p, body.to_string()).map_err(crate::error::io(&p))?;
+    }
+    Ok((input, n_train, final_loss))
+}
+
+/// Streams the masked vector: a signed header (lanes, SHA-256), then 1 MiB frames.
+async fn upload(s: &Session, round_id: u64, client_id: u32, lanes: &[u32]) -> Result<()> {
+    let bytes = secagg::lanes_to_bytes(lanes);
+    let header = MaskedUpload {
+        kind: Some(masked_upload::Kind::Header(MaskedUploadHeader {
+            round_id,
+            client_id,
+            lanes: lanes.len() as u64,
+            sha256: sha256(&bytes).to_vec(),
+        })),
+    };
+    let h = s.signer.sign(methods::ROUNDS_UPLOAD_MASKED, &header, now_ms());
+    let mut msgs = vec![header];
+    msgs.extend(bytes.chunks(CHUNK_BYTES).map(|c| MaskedUpload { kind: Some(masked_upload::Kind::Lanes(c.to_vec())) }));
+    for msg in &msgs {
+        s.record(msg);
+    }
+    let mut req = tonic::Request::new(tokio_stream::iter(msgs));
+    h.apply(req.metadata_mut());
+    s.rounds().upload_masked(req).await?;
+    Ok(())
+}
+
+/// Adopts committed version `v` (global shared part + this device's private part),
+/// evaluates it on the held-out split and reports the metrics.
+async fn evaluate_version(ctx: &Ctx<'_>, t: &EvaluateTask) -> Result<(f64, f64)> {
+    let Ctx { s, store, m, cfg, device, .. } = *ctx;
+    let layout = Plugin::new(&cfg.side, &m.config, device)?.shared()?;
+    let global = fetch_global(s, t.global_version, &layout).await?;
+    let plugin = personal_plugin(store, m, cfg, device, &global)?;
+    let (train_set, held, _) = local_sets(s, store, m, &plugin, &mut ()).await?;
+    let meta = store.plugin()?.map(|(_, _, meta)| meta);
+    save(store, m, cfg, &plugin, train_set.examples.len(), meta.as_ref().map_or(0, |x| x.steps), meta.as_ref().map_or(f32::NAN, |x| x.final_loss))?;
+    // Devices with fewer than ten examples hold none out: report on the training split.
+    let eval_set = if held.num_loss_tokens() > 0 { held } else { train_set };
+    let e = tokio::task::block_in_place(|| evaluate(&plugin, &m.head, &eval_set, 2048))?;
+    s.rounds()
+        .report_metrics(s.request(
+            methods::ROUNDS_REPORT_METRICS,
+            MetricsReport {
+                round_id: t.round_id,
+                global_version: t.global_version,
+                tokens: e.tokens as u64,
+                backbone_loss: e.backbone_loss,
+                personalized_loss: e.routed_loss,
+                backbone_acc: e.backbone_acc,
+                personalized_acc: e.routed_acc,
+            },
+        ))
+        .await?;
+    store.set_global_version(t.global_version)?;
+    Ok((e.backbone_loss, e.routed_loss))
+}

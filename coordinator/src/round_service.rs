@@ -1,0 +1,179 @@
+//! gRPC handlers of federated rounds: the device-facing Rounds service (signed calls) and
+//! the Admin verbs that start, list, inspect and abort rounds. Inputs are checked here; the
+//! round logic is in [`crate::rounds`].
+use std::sync::Arc;
+
+use spa_model::side::ParamSet;
+use spa_proto::auth::{body_digest, sha256};
+use spa_proto::limits::CHUNK_BYTES;
+use spa_proto::methods;
+use spa_proto::secagg;
+use spa_proto::tensor::{encode_f32, tensor_chunks};
+use spa_proto::v1::rounds_server::Rounds as RoundsRpc;
+use spa_proto::v1::*;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::auth::internal;
+use crate::rounds::{AnswerError, RoundError, RoundPlan, RoundRecord};
+use crate::service::{BoxStream, Shared};
+use crate::store::DeviceRecord;
+
+pub struct RoundsService(pub Arc<Shared>);
+
+fn answer_status(e: AnswerError) -> Status {
+    match e {
+        AnswerError::NotActive(_) | AnswerError::WrongPhase { .. } => Status::failed_precondition(e.to_string()),
+        AnswerError::NotInCohort => Status::permission_denied(e.to_string()),
+        AnswerError::Invalid(_) => Status::invalid_argument(e.to_string()),
+    }
+}
+
+pub fn round_status(e: RoundError) -> Status {
+    match e {
+        RoundError::Invalid(_) => Status::invalid_argument(e.to_string()),
+        RoundError::SecAgg(_) => Status::invalid_argument(e.to_string()),
+        other => internal(other),
+    }
+}
+
+fn identity_pk(rec: &DeviceRecord) -> Result<[u8; 32], Status> {
+    hex::decode(&rec.public_key_hex).ok().and_then(|b| b.try_into().ok()).ok_or_else(|| internal("stored public key is not 32 bytes"))
+}
+
+/// A committed checkpoint as a stream of f32 tensor chunks.
+pub fn checkpoint_stream(s: &Shared, version: u64) -> Result<BoxStream<TensorChunk>, Status> {
+    let bytes = s.store.checkpoint(version).map_err(internal)?.ok_or_else(|| Status::not_found(format!("no committed global version {version}")))?;
+    let set = ParamSet::from_safetensors(&bytes).map_err(internal)?;
+    let mut chunks = Vec::new();
+    for (name, t) in &set.tensors {
+        let raw = encode_f32(&t.values, DType::DtypeF32 as i32).map_err(internal)?;
+        let shape: Vec<u64> = t.shape.iter().map(|&d| d as u64).collect();
+        chunks.extend(tensor_chunks(name, DType::DtypeF32 as i32, &shape, &raw, CHUNK_BYTES));
+    }
+    Ok(Box::pin(tokio_stream::iter(chunks.into_iter().map(Ok))))
+}
+
+#[tonic::async_trait]
+impl RoundsRpc for RoundsService {
+    async fn poll(&self, req: Request<PollRequest>) -> Result<Response<PollResponse>, Status> {
+        let rec = self.0.auth.device(&req, methods::ROUNDS_POLL)?;
+        Ok(Response::new(PollResponse { task: Some(self.0.rounds.poll(&rec.device_id)) }))
+    }
+
+    type GetGlobalStream = BoxStream<TensorChunk>;
+
+    async fn get_global(&self, req: Request<GetGlobalRequest>) -> Result<Response<Self::GetGlobalStream>, Status> {
+        self.0.auth.device(&req, methods::ROUNDS_GET_GLOBAL)?;
+        Ok(Response::new(checkpoint_stream(&self.0, req.get_ref().version)?))
+    }
+
+    async fn advertise_keys(&self, req: Request<AdvertiseKeysMsg>) -> Result<Response<Ack>, Status> {
+        let rec = self.0.auth.device(&req, methods::ROUNDS_ADVERTISE_KEYS)?;
+        let m = secagg::advertise_from_wire(req.get_ref())?;
+        self.0.rounds.advertise(&rec.device_id, identity_pk(&rec)?, m).map_err(answer_status)?;
+        Ok(Response::new(Ack {}))
+    }
+
+    async fn share_keys(&self, req: Request<ShareKeysMsg>) -> Result<Response<Ack>, Status> {
+        let rec = self.0.auth.device(&req, methods::ROUNDS_SHARE_KEYS)?;
+        let m = req.get_ref();
+        self.0.rounds.share_keys(&rec.device_id, m.round_id, secagg::share_keys_from_wire(m)).map_err(answer_status)?;
+        Ok(Response::new(Ack {}))
+    }
+
+    async fn upload_masked(&self, req: Request<Streaming<MaskedUpload>>) -> Result<Response<Ack>, Status> {
+        let md = req.metadata().clone();
+        let mut stream = req.into_inner();
+        // The signature covers the header message, so it is checked once the header arrived.
+        let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("empty upload"))?;
+        let rec = self.0.auth.check_digest(&md, methods::ROUNDS_UPLOAD_MASKED, &body_digest(&first))?;
+        let Some(masked_upload::Kind::Header(h)) = first.kind else {
+            return Err(Status::invalid_argument("an upload starts with its header"));
+        };
+        let m = self.0.rounds.expected_lanes(h.round_id).ok_or_else(|| Status::failed_precondition(format!("round {} is not in progress", h.round_id)))?;
+        if h.lanes != m {
+            return Err(Status::invalid_argument(format!("upload declares {} lanes, the session has {m}", h.lanes)));
+        }
+        if h.sha256.len() != 32 {
+            return Err(Status::invalid_argument("sha256 must be 32 bytes"));
+        }
+        // Buffered, then added in one step: a device that dies mid-upload is a dropout
+        // rather than a partial vector that would make the sum unrecoverable.
+        let mut bytes = Vec::with_capacity(m as usize * 4);
+        while let Some(msg) = stream.message().await? {
+            let Some(masked_upload::Kind::Lanes(b)) = msg.kind else {
+                return Err(Status::invalid_argument("a second header in one upload"));
+            };
+            if b.len() > CHUNK_BYTES || (bytes.len() + b.len()) as u64 > m * 4 {
+                return Err(Status::invalid_argument("upload chunk too large or past the declared lanes"));
+            }
+            bytes.extend_from_slice(&b);
+        }
+        if bytes.len() as u64 != m * 4 {
+            return Err(Status::invalid_argument(format!("upload truncated: {} of {} bytes", bytes.len(), m * 4)));
+        }
+        if sha256(&bytes)[..] != h.sha256[..] {
+            return Err(Status::invalid_argument("upload does not match its declared SHA-256"));
+        }
+        let lanes = secagg::lanes_from_bytes(&bytes)?;
+        self.0.rounds.masked_input(&rec.device_id, h.round_id, h.client_id, &lanes).map_err(answer_status)?;
+        Ok(Response::new(Ack {}))
+    }
+
+    async fn unmask(&self, req: Request<UnmaskMsg>) -> Result<Response<Ack>, Status> {
+        let rec = self.0.auth.device(&req, methods::ROUNDS_UNMASK)?;
+        let m = req.get_ref();
+        self.0.rounds.unmask(&rec.device_id, m.round_id, secagg::unmask_from_wire(m)).map_err(answer_status)?;
+        Ok(Response::new(Ack {}))
+    }
+
+    async fn report_metrics(&self, req: Request<MetricsReport>) -> Result<Response<Ack>, Status> {
+        let rec = self.0.auth.device(&req, methods::ROUNDS_REPORT_METRICS)?;
+        let rounds = self.0.rounds.clone();
+        let r = req.into_inner();
+        tokio::task::spawn_blocking(move || rounds.report_metrics(&rec.device_id, &r)).await.map_err(internal)?.map_err(answer_status)?;
+        Ok(Response::new(Ack {}))
+    }
+}
+
+// ---- Admin verbs ------------------------------------------------------------------------
+
+pub fn start_rounds(s: &Shared, r: StartRoundsRequest) -> Result<StartRoundsResponse, Status> {
+    let plan = RoundPlan {
+        rounds: r.rounds,
+        min_clients: r.min_clients,
+        max_clients: r.max_clients,
+        deadline_secs: r.deadline_seconds,
+        local_epochs: r.local_epochs,
+        lr: r.lr,
+        strategy: r.strategy,
+        prox_mu: r.prox_mu,
+    };
+    let run_id = s.rounds.start_run(plan).map_err(round_status)?;
+    Ok(StartRoundsResponse { run_id })
+}
+
+fn info(r: &RoundRecord) -> RoundInfo {
+    RoundInfo { round_id: r.round_id, state: r.state.name().into(), record_json: serde_json::to_string(r).expect("record serializes") }
+}
+
+pub fn list_rounds(s: &Shared) -> Result<ListRoundsResponse, Status> {
+    Ok(ListRoundsResponse { rounds: s.store.rounds().map_err(internal)?.iter().map(info).collect() })
+}
+
+pub fn round_info(s: &Shared, id: u64) -> Result<RoundInfo, Status> {
+    let rec = if id == 0 {
+        s.store.rounds().map_err(internal)?.pop().ok_or_else(|| Status::not_found("no rounds yet"))?
+    } else {
+        s.store.round(id).map_err(internal)?.ok_or_else(|| Status::not_found(format!("no round {id}")))?
+    };
+    Ok(info(&rec))
+}
+
+pub fn abort_round(s: &Shared, id: u64) -> Result<AbortRoundResponse, Status> {
+    let was_running = s.rounds.abort(id).map_err(|e| match e {
+        RoundError::Invalid(m) => Status::not_found(m),
+        other => round_status(other),
+    })?;
+    Ok(AbortRoundResponse { was_running })
+}
