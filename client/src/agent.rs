@@ -371,7 +371,7 @@ async fn upload(s: &Session, round_id: u64, client_id: u32, lanes: &[u32]) -> Re
     let mut msgs = vec![header];
     msgs.extend(bytes.chunks(CHUNK_BYTES).map(|c| MaskedUpload { kind: Some(masked_upload::Kind::Lanes(c.to_vec())) }));
     for msg in &msgs {
-        s.record(msg);
+        s.record(methods::ROUNDS_UPLOAD_MASKED, msg);
     }
     let mut req = tonic::Request::new(tokio_stream::iter(msgs));
     h.apply(req.metadata_mut());

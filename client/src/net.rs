@@ -48,9 +48,9 @@ pub struct Session {
 }
 
 /// With `SPA_CAPTURE_OUTGOING=FILE`, every message body this device sends is appended to FILE
-/// (a 4-byte little-endian length, then the protobuf bytes): the audit trail that the tests
-/// search for private-tensor bytes. Every outgoing message goes through [`Session::request`]
-/// or [`Session::record`].
+/// as records of (u32 LE length, method path, u32 LE length, protobuf bytes): the audit trail
+/// the tests search for private-tensor bytes. Every outgoing message of enrolled calls goes
+/// through [`Session::request`] or [`Session::record`].
 pub const CAPTURE_ENV: &str = "SPA_CAPTURE_OUTGOING";
 
 impl Session {
@@ -73,18 +73,22 @@ impl Session {
         })
     }
 
-    /// Notes an outgoing message body in the capture file, if capturing.
-    pub fn record<M: prost::Message>(&self, body: &M) {
+    /// Notes an outgoing message body of `method` in the capture file, if capturing.
+    pub fn record<M: prost::Message>(&self, method: &str, body: &M) {
         if let Some(f) = &self.capture {
             let b = body.encode_to_vec();
-            let mut f = f.lock().unwrap_or_else(|p| p.into_inner());
-            let _ = f.write_all(&(b.len() as u32).to_le_bytes()).and_then(|_| f.write_all(&b));
+            let mut rec = Vec::with_capacity(b.len() + method.len() + 8);
+            rec.extend_from_slice(&(method.len() as u32).to_le_bytes());
+            rec.extend_from_slice(method.as_bytes());
+            rec.extend_from_slice(&(b.len() as u32).to_le_bytes());
+            rec.extend_from_slice(&b);
+            let _ = f.lock().unwrap_or_else(|p| p.into_inner()).write_all(&rec);
         }
     }
 
     /// A signed request (recorded when capturing).
     pub fn request<M: prost::Message>(&self, method: &str, body: M) -> tonic::Request<M> {
-        self.record(&body);
+        self.record(method, &body);
         self.signer.request(method, body)
     }
 
