@@ -155,6 +155,13 @@ pub struct RoundRecord {
     pub metrics: BTreeMap<String, DeviceMetrics>,
     /// Token-weighted mean of `metrics`.
     pub mean_metrics: Option<DeviceMetrics>,
+    /// Wall time of each phase, milliseconds.
+    #[serde(default)]
+    pub phase_ms: BTreeMap<String, u64>,
+    /// Time the coordinator spent computing for this round (handling answers, closing
+    /// phases, unmasking, decoding, applying the strategy, committing), milliseconds.
+    #[serde(default)]
+    pub coordinator_busy_ms: f64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -192,6 +199,8 @@ struct Active {
     /// This phase's request per seat that has not answered yet.
     tasks: BTreeMap<u32, Task>,
     answered: BTreeSet<u32>,
+    /// Time spent in handlers for this round so far.
+    busy: Duration,
 }
 
 /// After a commit: devices of the cohort still to evaluate the new version.
@@ -306,6 +315,7 @@ impl Rounds {
         f: impl FnOnce(&mut SecAggServer, u32) -> Result<R, SecAggError>,
     ) -> Result<R, AnswerError> {
         let mut g = lock(&self.active);
+        let started = Instant::now();
         let a = g.as_mut().filter(|a| a.round_id == round_id).ok_or(AnswerError::NotActive(round_id))?;
         let seat = *a.seats.get(device).ok_or(AnswerError::NotInCohort)?;
         if client_id != seat {
@@ -323,6 +333,7 @@ impl Rounds {
         let r = f(&mut a.server, seat).map_err(|e| AnswerError::Invalid(e.to_string()))?;
         a.answered.insert(seat);
         a.tasks.remove(&seat);
+        a.busy += started.elapsed();
         drop(g);
         self.wake.notify_one();
         Ok(r)
@@ -507,6 +518,8 @@ async fn next_round(rounds: &Arc<Rounds>) -> Result<bool, RoundError> {
         reason: None,
         metrics: BTreeMap::new(),
         mean_metrics: None,
+        phase_ms: BTreeMap::new(),
+        coordinator_busy_ms: 0.0,
     };
     store.start_round(&run, &rec)?;
     store.log("round.start", format!("round {} ({} of run {})", rec.round_id, rec.index, run.run_id))?;
@@ -555,6 +568,7 @@ fn enter(rounds: &Rounds, rec: &mut RoundRecord, state: RoundState, tasks: BTree
 
 /// Waits until every seat with a request answered, the deadline passed, or an abort.
 async fn collect(rounds: &Rounds, rec: &mut RoundRecord, deadline: Instant) -> Result<(), RoundError> {
+    let started = Instant::now();
     loop {
         rounds.check_abort(rec.round_id)?;
         let (waiting, answered) = {
@@ -564,6 +578,7 @@ async fn collect(rounds: &Rounds, rec: &mut RoundRecord, deadline: Instant) -> R
         };
         if waiting == 0 || Instant::now() >= deadline {
             rec.answered.insert(rec.state.name().to_string(), answered);
+            rec.phase_ms.insert(rec.state.name().to_string(), started.elapsed().as_millis() as u64);
             return Ok(());
         }
         rounds.nap(Duration::from_millis(200).min(deadline.saturating_duration_since(Instant::now()))).await;
@@ -572,8 +587,15 @@ async fn collect(rounds: &Rounds, rec: &mut RoundRecord, deadline: Instant) -> R
 
 fn with_server<R>(rounds: &Rounds, f: impl FnOnce(&mut SecAggServer) -> Result<R, SecAggError>) -> Result<R, RoundError> {
     let mut g = lock(&rounds.active);
+    let started = Instant::now();
     let a = g.as_mut().ok_or_else(|| RoundError::Aborted("no active round".into()))?;
-    Ok(f(&mut a.server)?)
+    let r = f(&mut a.server);
+    a.busy += started.elapsed();
+    Ok(r?)
+}
+
+fn busy(rounds: &Rounds) -> Duration {
+    lock(&rounds.active).as_ref().map_or(Duration::ZERO, |a| a.busy)
 }
 
 /// One round, phase by phase. On error the caller records the abort.
@@ -584,6 +606,7 @@ async fn run_round(rounds: &Arc<Rounds>, rec: &mut RoundRecord) -> Result<(), Ro
     let round_id = rec.round_id;
 
     // ---- Selecting ------------------------------------------------------------------
+    let selecting = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(plan.deadline_secs as u64);
     let mut enough_since: Option<Instant> = None;
     let cohort = loop {
@@ -600,6 +623,7 @@ async fn run_round(rounds: &Arc<Rounds>, rec: &mut RoundRecord) -> Result<(), Ro
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
+    rec.phase_ms.insert("selecting".into(), selecting.elapsed().as_millis() as u64);
     let mut cohort = cohort;
     // Over-selection: any online device may be picked; a random subset when there are more.
     if cohort.len() > plan.max_clients as usize {
@@ -633,6 +657,7 @@ async fn run_round(rounds: &Arc<Rounds>, rec: &mut RoundRecord) -> Result<(), Ro
         seats: seats.clone(),
         tasks: BTreeMap::new(),
         answered: BTreeSet::new(),
+        busy: Duration::ZERO,
     });
 
     // ---- Training + key advertisement ----------------------------------------------
@@ -681,6 +706,7 @@ async fn run_round(rounds: &Arc<Rounds>, rec: &mut RoundRecord) -> Result<(), Ro
     let out = tokio::task::block_in_place(|| with_server(rounds, |s| s.close_unmask()))?;
 
     // ---- Commit ----------------------------------------------------------------------
+    let commit_started = Instant::now();
     let (mean_delta, total_w) = quant.decode_mean(&out.sum)?;
     let mut optimizer = match store.optimizer()? {
         Some(o) if o.config == strategy => o,
@@ -694,7 +720,10 @@ async fn run_round(rounds: &Arc<Rounds>, rec: &mut RoundRecord) -> Result<(), Ro
     rec.committed_version = Some(version);
     rec.finished_ms = Some(now_ms());
     rec.updated_ms = now_ms();
-    store.commit_round(version, &new_global.to_safetensors(), rec, &optimizer)?;
+    let bytes = new_global.to_safetensors();
+    // The commit's own write is measured up to here; the record cannot contain its own time.
+    rec.coordinator_busy_ms = (busy(rounds) + commit_started.elapsed()).as_secs_f64() * 1000.0;
+    store.commit_round(version, &bytes, rec, &optimizer)?;
     fault_point("committed");
     tracing::info!(round = round_id, version, contributors = out.contributors.len(), total_weight = total_w, "global version committed");
     *lock(&rounds.eval) = Some(EvalNotice { round_id, version, pending: cohort.iter().cloned().collect() });

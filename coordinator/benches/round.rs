@@ -1,0 +1,137 @@
+//! The coordinator's cost of a federated round with many devices: the real round loop,
+//! sled store and SecAgg+ server, with N simulated devices in the same process calling the
+//! Rounds handlers directly (no network: the figure is the coordinator's own compute).
+//! Each device runs the real SecAgg+ client machine on a random quantized update.
+//!
+//! `cargo bench --bench round -- [devices] [rounds] [params] [dropout]` (defaults 100, 3,
+//! 53792 = the default side plugin's shared part, 0.0). A dropout fraction of the devices
+//! never upload their masked vector (the phase then ends at its 2 s deadline and the server
+//! recovers their pairwise masks). Prints per round the wall time, the coordinator's busy
+//! time (handlers, phase closes, unmasking, decoding, strategy, commit) and each phase.
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand_chacha::ChaCha20Rng;
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use spa_aggregation::sim::identity;
+use spa_aggregation::{ClientIncoming, ClientOutgoing, ClientState, IdentitySigner};
+use spa_coordinator::config::RoundsSection;
+use spa_coordinator::rounds::{RoundPlan, RoundState, Rounds, round_loop};
+use spa_coordinator::store::{Store, TokenRecord, token_hash};
+use spa_model::side::{NamedTensor, ParamSet};
+use spa_proto::auth::now_ms;
+use spa_proto::secagg;
+use spa_proto::v1::poll_response::Task;
+
+fn arg(i: usize, default: usize) -> usize {
+    std::env::args().filter(|a| !a.starts_with('-')).nth(i).and_then(|a| a.parse().ok()).unwrap_or(default)
+}
+
+async fn device<K: IdentitySigner + Send + Sync + 'static>(rounds: Arc<Rounds>, id: String, key: K, seed: u64, drops: bool) {
+    let pk = key.public_key();
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    let mut state: Option<(u64, u32, ClientState, Vec<u32>)> = None;
+    loop {
+        match rounds.poll(&id) {
+            Task::Train(t) => {
+                if state.as_ref().is_some_and(|s| s.0 == t.round_id) {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                }
+                let cfg = secagg::config_from_json(&t.session_config_json).unwrap();
+                let q = cfg.quant_params().unwrap();
+                let delta: Vec<f32> = (0..cfg.m - 1).map(|_| (rng.next_u32() as f32 / u32::MAX as f32 - 0.5) * 0.01).collect();
+                let input = q.encode(&delta, 10, &mut rng).unwrap();
+                let (st, adv) = ClientState::start(t.client_id, cfg, &key, ChaCha20Rng::seed_from_u64(rng.next_u64())).unwrap();
+                rounds.advertise(&id, pk, adv).unwrap();
+                state = Some((t.round_id, t.client_id, st, input));
+            }
+            Task::ShareKeys(t) => {
+                let (r, seat, st, input) = state.take().unwrap();
+                let (st, out) = st.handle(ClientIncoming::ShareKeys(secagg::share_keys_request(&t).unwrap())).unwrap();
+                let Some(ClientOutgoing::ShareKeys(resp)) = out.into_iter().next() else { panic!() };
+                rounds.share_keys(&id, t.round_id, resp).unwrap();
+                state = Some((r, seat, st, input));
+            }
+            Task::MaskedInput(t) if !drops => {
+                let (r, seat, st, input) = state.take().unwrap();
+                let (st, _) = st.handle(ClientIncoming::MaskedInputRequest(secagg::masked_input_request(&t))).unwrap();
+                let (st, out) = st.handle(ClientIncoming::Input(input)).unwrap();
+                let Some(ClientOutgoing::MaskedInput(masked)) = out.into_iter().next() else { panic!() };
+                rounds.masked_input(&id, t.round_id, seat, &masked.into_vec()).unwrap();
+                state = Some((r, seat, st, vec![]));
+            }
+            Task::Unmask(t) => {
+                let (_, _, st, _) = state.take().unwrap();
+                let (_, out) = st.handle(ClientIncoming::Unmask(secagg::unmask_request(&t))).unwrap();
+                let Some(ClientOutgoing::Unmask(resp)) = out.into_iter().next() else { panic!() };
+                rounds.unmask(&id, t.round_id, resp).unwrap();
+            }
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+fn main() {
+    let (n, n_rounds, m) = (arg(1, 100), arg(2, 3), arg(3, 53_792));
+    let dropout: f64 = std::env::args().filter(|a| !a.starts_with('-')).nth(4).and_then(|a| a.parse().ok()).unwrap_or(0.0);
+    let n_drop = (dropout * n as f64).floor() as usize;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    let mut set = ParamSet::default();
+    set.tensors.insert("shared.w".into(), NamedTensor { shape: vec![m], values: vec![0.0; m] });
+    store.put_checkpoint(0, &set.to_safetensors()).unwrap();
+    let mut keys = Vec::new();
+    for i in 0..n {
+        let key = identity().unwrap();
+        let token = format!("bench-token-{i}");
+        let rec = TokenRecord { token_id: format!("tok-{i}"), created_at_ms: now_ms(), expires_at_ms: now_ms() + 3_600_000, note: String::new(), used_by: None };
+        store.add_token(&token_hash(&token), &rec).unwrap();
+        let d = store.enroll(&token_hash(&token), &key.public_key(), &format!("bench-{i}"), now_ms()).unwrap();
+        keys.push((d.device_id, key));
+    }
+    let phase_timeout_secs = if n_drop > 0 { 2 } else { 600 };
+    let cfg = RoundsSection { online_secs: 600, selection_grace_secs: 0, phase_timeout_secs, clip: 1.0, w_max: 1024 };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let rounds = Rounds::new(store.clone(), cfg);
+        tokio::spawn(round_loop(rounds.clone()));
+        for (i, (id, key)) in keys.into_iter().enumerate() {
+            tokio::spawn(device(rounds.clone(), id, key, i as u64, i >= n - n_drop));
+        }
+        // Every device polls once before the run is queued, so selection takes all of them.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let plan = RoundPlan { rounds: n_rounds as u32, min_clients: (n - n_drop) as u32, max_clients: n as u32, deadline_secs: 600, local_epochs: 1, lr: 1e-3, strategy: "fedavg".into(), prox_mu: 0.0 };
+        let started = Instant::now();
+        rounds.start_run(plan).unwrap();
+        loop {
+            let rs = store.rounds().unwrap();
+            if rs.len() == n_rounds && rs.iter().all(|r| r.state == RoundState::Committed || r.state == RoundState::Aborted) {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(1800), "rounds did not finish");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    println!("{n} devices ({n_drop} drop after sharing keys), {m} shared parameters (+1 weight lane), {n_rounds} rounds, SecAgg+ full graph");
+    println!("| round | state | contributors | wall ms | coordinator busy ms | busy / wall | phases (ms) |");
+    println!("|---|---|---|---|---|---|---|");
+    let mut busy = Vec::new();
+    for r in store.rounds().unwrap() {
+        let wall = r.finished_ms.unwrap_or(r.updated_ms) - r.started_ms;
+        busy.push(r.coordinator_busy_ms);
+        println!(
+            "| {} | {} | {} | {} | {:.1} | {:.1}% | {:?} |",
+            r.round_id,
+            r.state.name(),
+            r.contributors.len(),
+            wall,
+            r.coordinator_busy_ms,
+            100.0 * r.coordinator_busy_ms / wall.max(1) as f64,
+            r.phase_ms
+        );
+    }
+    busy.sort_by(f64::total_cmp);
+    println!("median coordinator busy time per round: {:.1} ms", busy[busy.len() / 2]);
+}
