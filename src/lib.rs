@@ -1,3 +1,5 @@
-//! spa: the top-level package. It owns the end-to-end tests (`tests/`) and the `spa` binary
-//! (quickstart and simulations); the logic here is the in-process federated simulation.
+//! spa: the top-level package. It owns the end-to-end tests (`tests/`) and the `spa` binary:
+//! `quickstart` ([`quickstart`]: the real coordinator and device agents on loopback) and
+//! `simulate` ([`simulation`]: every device in one process, network replaced by calls).
+pub mod quickstart;
 pub mod simulation;

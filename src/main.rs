@@ -2,6 +2,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use spa::quickstart::{Output, QuickstartConfig};
 use spa::simulation::{SimConfig, Simulation};
 use spa_aggregation::strategy::StrategyConfig;
 use spa_model::backbone::load_backbone;
@@ -25,11 +26,38 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// The main job on embedded defaults: synthetic devices, federated rounds with SecAgg+
-    /// (in-process), then personalized generation. No data, no setup.
-    Quickstart,
+    /// The main job on embedded defaults: a coordinator and device agents on loopback (TLS
+    /// gRPC), enrollment, federated rounds with SecAgg+, personalized generation. No setup.
+    Quickstart(QuickArgs),
     /// An in-process federated simulation with every knob exposed.
     Simulate(SimArgs),
+}
+
+#[derive(Parser, Debug, Clone)]
+struct QuickArgs {
+    #[arg(long, default_value_t = 8)]
+    devices: usize,
+    #[arg(long, default_value_t = 60)]
+    examples: usize,
+    #[arg(long, default_value_t = 5)]
+    rounds: u32,
+    #[arg(long, default_value_t = 3)]
+    local_epochs: u32,
+    #[arg(long, default_value_t = 3e-3)]
+    lr: f64,
+    #[arg(long, value_parser = ["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"], default_value = "fedavg")]
+    strategy: String,
+    /// Devices whose personalized text is shown at the end.
+    #[arg(long, default_value_t = 3)]
+    show: usize,
+    /// Keep the coordinator and device homes here (default: a temporary directory).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print the round records and samples as JSON lines.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Parser, Debug, Clone)]
@@ -66,10 +94,65 @@ struct SimArgs {
     json: bool,
 }
 
-impl Default for SimArgs {
-    fn default() -> Self {
-        Self::parse_from(["simulate"])
-    }
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or("").trim_end()
+}
+
+fn quickstart(a: QuickArgs) -> Result<()> {
+    let cfg = QuickstartConfig {
+        devices: a.devices,
+        examples: a.examples,
+        rounds: a.rounds,
+        local_epochs: a.local_epochs,
+        lr: a.lr,
+        strategy: a.strategy.clone(),
+        show: a.show,
+        dir: a.dir.clone(),
+        seed: a.seed,
+    };
+    let json = a.json;
+    let mut header = false;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(spa::quickstart::quickstart(&cfg, &mut |o| {
+        if json {
+            println!("{}", serde_json::to_string(&o).expect("serializes"));
+            return;
+        }
+        match o {
+            Output::Setup { coordinator, devices, dir } => {
+                println!("coordinator serving on {coordinator} (TLS); {devices} devices enrolled with one-time tokens; homes in {dir}");
+                println!("each device trains the side plugin + gate on its own data; only SecAgg+-masked updates of the shared part leave it\n");
+            }
+            Output::Round(r) => {
+                if !header {
+                    println!("| round | global version | contributors/cohort | held-out loss: backbone -> personalized | accuracy: backbone -> personalized | wall s | coordinator busy ms |");
+                    println!("|---|---|---|---|---|---|---|");
+                    header = true;
+                }
+                let m = &r["mean_metrics"];
+                let f = |k: &str| m[k].as_f64().map_or("-".to_string(), |x| format!("{x:.3}"));
+                println!(
+                    "| {} | {} | {}/{} | {} -> {} | {} -> {} | {:.1} | {:.1} |",
+                    r["round_id"],
+                    r["committed_version"],
+                    r["contributors"].as_array().map_or(0, |c| c.len()),
+                    r["cohort"].as_array().map_or(0, |c| c.len()),
+                    f("backbone_loss"),
+                    f("personalized_loss"),
+                    f("backbone_acc"),
+                    f("personalized_acc"),
+                    (r["finished_ms"].as_u64().unwrap_or(0).saturating_sub(r["started_ms"].as_u64().unwrap_or(0))) as f64 / 1000.0,
+                    r["coordinator_busy_ms"].as_f64().unwrap_or(0.0),
+                );
+            }
+            Output::Sample { device, prompt, backbone, personalized, side_tokens, tokens, reference } => {
+                println!("\n--- {device} ---\n{}", prompt.trim_end());
+                println!("  backbone alone: {}", first_line(&backbone));
+                println!("  personalized:   {}   (side plugin spoke {side_tokens} of {tokens} tokens)", first_line(&personalized));
+                println!("  reference:      {}", reference.trim_end());
+            }
+        }
+    }))
 }
 
 /// The shipped backbone, found from the working directory or from the source tree.
@@ -84,9 +167,13 @@ fn default_model() -> PathBuf {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    if let Some(d) = cli.device {
+        // SAFETY: set before any thread starts; the quickstart's coordinator and devices read it.
+        unsafe { std::env::set_var("BURN_DEVICE", d.to_string()) };
+    }
     let device = BackendKind::resolve(cli.device)?.device()?;
     match cli.command {
-        Command::Quickstart => simulate(SimArgs::default(), &device),
+        Command::Quickstart(a) => quickstart(a),
         Command::Simulate(a) => simulate(a, &device),
     }
 }

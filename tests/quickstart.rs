@@ -1,9 +1,30 @@
 //! The `spa` binary as a user runs it: a real process, the shipped backbone, federated
-//! rounds with SecAgg+ and a dropout, personalized generation at the end.
+//! rounds with SecAgg+, personalized generation at the end; the quickstart over the real
+//! service on loopback, the simulation in-process with a dropout.
 use std::process::Command;
 
 fn spa(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_spa")).args(args).current_dir(env!("CARGO_MANIFEST_DIR")).output().expect("spawn spa")
+}
+
+#[test]
+fn quickstart_runs_rounds_over_the_service_and_personalizes() {
+    let out = spa(&["quickstart", "--devices", "4", "--examples", "30", "--rounds", "2", "--local-epochs", "2", "--show", "1", "--json"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = stdout.lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(lines[0]["Setup"]["coordinator"].as_str().unwrap().starts_with("https://127.0.0.1:"), "{stdout}");
+    let rounds: Vec<&serde_json::Value> = lines.iter().filter_map(|l| l.get("Round")).collect();
+    assert_eq!(rounds.len(), 2, "{stdout}");
+    for (i, r) in rounds.iter().enumerate() {
+        assert_eq!(r["state"], "committed");
+        assert_eq!(r["committed_version"], (i + 1) as u64);
+        assert_eq!(r["contributors"].as_array().unwrap().len(), 4, "{r}");
+    }
+    let m = &rounds[1]["mean_metrics"];
+    assert!(m["personalized_loss"].as_f64().unwrap() < m["backbone_loss"].as_f64().unwrap(), "{m}");
+    let sample = lines.iter().find_map(|l| l.get("Sample")).expect("a generated sample");
+    assert!(!sample["personalized"].as_str().unwrap().trim().is_empty(), "{sample}");
 }
 
 #[test]
@@ -36,6 +57,8 @@ fn fails_with(args: &[&str], needle: &str) {
 
 #[test]
 fn bad_arguments_fail_clearly() {
+    fails_with(&["quickstart", "--devices", "2"], "at least 3 devices");
+    fails_with(&["quickstart", "--strategy", "fedsgd"], "fedsgd");
     fails_with(&["simulate", "--dropout", "0.7"], "dropout");
     fails_with(&["simulate", "--model", "/nonexistent/model"], "config.json");
     fails_with(&["simulate", "--devices", "4"], "survivors");

@@ -84,6 +84,9 @@ enum Command {
         temperature: f32,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Stop at the end of the first generated line.
+        #[arg(long)]
+        stop_at_newline: bool,
         #[arg(long)]
         json: bool,
     },
@@ -249,6 +252,7 @@ fn main() -> Result<()> {
             max_tokens,
             temperature,
             seed,
+            stop_at_newline,
             json,
         } => {
             let mut out = std::io::stdout();
@@ -261,6 +265,7 @@ fn main() -> Result<()> {
                 max_tokens,
                 temperature,
                 seed,
+                stop_at_newline.then_some("\n"),
                 &mut |t| {
                     if !json {
                         print!("{t}");

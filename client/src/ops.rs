@@ -483,13 +483,15 @@ pub struct GenerateReport {
 
 /// Personalized generation: the coordinator's backbone (one Generate session, KV cache on
 /// the coordinator) and the local side plugin and gate, one round trip per token. Greedy
-/// unless `temperature > 0`. `on_text` sees each new piece of text.
+/// unless `temperature > 0`; ends after `max_tokens`, at end of sequence, or once the text
+/// ends with `stop`. `on_text` sees each new piece of text.
 pub async fn generate(
     home: &Path,
     prompt: &str,
     max_tokens: usize,
     temperature: f32,
     seed: u64,
+    stop: Option<&str>,
     on_text: &mut dyn FnMut(&str),
 ) -> Result<GenerateReport> {
     let started = std::time::Instant::now();
@@ -632,6 +634,9 @@ pub async fn generate(
             on_text(&text[text_so_far.len()..]);
         }
         text_so_far = text;
+        if stop.is_some_and(|st| !st.is_empty() && text_so_far.ends_with(st)) {
+            break;
+        }
         pending = vec![next];
     }
     drop(tx);

@@ -92,7 +92,7 @@ fn main() {
         keys.push((d.device_id, key));
     }
     let phase_timeout_secs = if n_drop > 0 { 2 } else { 600 };
-    let cfg = RoundsSection { online_secs: 600, selection_grace_secs: 0, phase_timeout_secs, clip: 1.0, w_max: 1024 };
+    let cfg = RoundsSection { online_secs: 600, selection_grace_secs: 0, phase_timeout_secs, evaluate_secs: 0, clip: 1.0, w_max: 1024 };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let rounds = Rounds::new(store.clone(), cfg);

@@ -120,6 +120,9 @@ pub struct RoundsSection {
     pub selection_grace_secs: u64,
     /// Deadline of each SecAgg+ phase after training (share keys, masked input, unmask).
     pub phase_timeout_secs: u64,
+    /// After a commit, how long the cohort may take to evaluate the new version (held-out
+    /// metrics) before the next round starts.
+    pub evaluate_secs: u64,
     /// Per-coordinate clip of a device's update before quantization.
     pub clip: f32,
     /// Cap on a device's weight (its number of training examples).
@@ -128,7 +131,7 @@ pub struct RoundsSection {
 
 impl Default for RoundsSection {
     fn default() -> Self {
-        Self { online_secs: 15, selection_grace_secs: 2, phase_timeout_secs: 60, clip: 1.0, w_max: 1024 }
+        Self { online_secs: 15, selection_grace_secs: 2, phase_timeout_secs: 60, evaluate_secs: 30, clip: 1.0, w_max: 1024 }
     }
 }
 

@@ -530,6 +530,11 @@ async fn next_round(rounds: &Arc<Rounds>) -> Result<bool, RoundError> {
     match result {
         Ok(()) => {
             tracing::info!(round = rec.round_id, version = ?rec.committed_version, "round committed");
+            // Evaluation of the new version before the next round (devices poll idle meanwhile).
+            let until = Instant::now() + Duration::from_secs(rounds.cfg.evaluate_secs);
+            while Instant::now() < until && lock(&rounds.eval).as_ref().is_some_and(|e| !e.pending.is_empty()) {
+                rounds.nap(Duration::from_millis(200)).await;
+            }
         }
         Err(e) => {
             let reason = e.to_string();
