@@ -62,11 +62,12 @@ pub enum AgentEvent {
     Evaluated { round_id: u64, version: u64, backbone_loss: f64, personalized_loss: f64 },
 }
 
-/// What every step needs: the connection, the store, the served model, the config.
+/// What every step needs: the connection, the served model, the config. The store is opened
+/// only by the steps that use it, so that `spa-client generate` and `status` can open it
+/// while the agent waits between rounds (sled allows one process at a time).
 struct Ctx<'a> {
     home: &'a Path,
     s: &'a Session,
-    store: &'a ClientStore,
     m: &'a Model,
     cfg: &'a ClientConfig,
     device: &'a spa_model::burn::tensor::Device,
@@ -92,14 +93,13 @@ fn fault_point(phase: &str) {
 
 /// Runs the agent until `opts.rounds` versions were evaluated, or forever.
 pub async fn run(home: &Path, opts: &AgentOptions, on_event: &mut dyn FnMut(AgentEvent)) -> Result<u32> {
-    let store = ClientStore::open(home)?;
     let cfg = ClientConfig::load(home)?;
     let device = BackendKind::resolve(None)?.device()?;
     let mut backoff = Duration::from_millis(500);
     let mut evaluated = 0u32;
     loop {
         // (Re)connect, then poll until the connection fails.
-        let (s, m) = match connect(&store, &device).await {
+        let (s, m) = match connect(home, &device).await {
             Ok(x) => x,
             Err(e) => {
                 fatal(&e)?;
@@ -127,7 +127,7 @@ pub async fn run(home: &Path, opts: &AgentOptions, on_event: &mut dyn FnMut(Agen
             backoff = Duration::from_millis(500);
             let round_id = task_round(&task);
             let evaluating = matches!(task, Some(Task::Evaluate(_)));
-            let ctx = Ctx { home, s: &s, store: &store, m: &m, cfg: &cfg, device: &device };
+            let ctx = Ctx { home, s: &s, m: &m, cfg: &cfg, device: &device };
             match handle(&ctx, &mut current, task, on_event).await {
                 Ok(Some(wait)) => tokio::time::sleep(wait).await,
                 Ok(None) => {
@@ -161,9 +161,10 @@ fn fatal(e: &ClientError) -> Result<()> {
     }
 }
 
-async fn connect(store: &ClientStore, device: &spa_model::burn::tensor::Device) -> Result<(Session, Model)> {
-    let s = Session::open(store).await?;
-    let m = model(&s, store, device).await?;
+async fn connect(home: &Path, device: &spa_model::burn::tensor::Device) -> Result<(Session, Model)> {
+    let store = ClientStore::open(home)?;
+    let s = Session::open(&store).await?;
+    let m = model(&s, &store, device).await?;
     Ok((s, m))
 }
 
@@ -320,7 +321,8 @@ fn save(store: &ClientStore, m: &Model, cfg: &ClientConfig, plugin: &Plugin, exa
 /// examples and the last epoch's loss. The private part is saved; the shared part leaves
 /// only as the masked update.
 async fn train_for_round(ctx: &Ctx<'_>, t: &TrainTask, config: &SessionConfig) -> Result<(Vec<u32>, usize, f32)> {
-    let Ctx { home, s, store, m, cfg, device } = *ctx;
+    let Ctx { home, s, m, cfg, device } = *ctx;
+    let store = &ClientStore::open(home)?;
     let layout = Plugin::new(&cfg.side, &m.config, device)?.shared()?;
     let global = fetch_global(s, t.global_version, &layout).await?;
     if config.m != layout.as_set().flatten().len() as u64 + 1 {
@@ -382,7 +384,8 @@ async fn upload(s: &Session, round_id: u64, client_id: u32, lanes: &[u32]) -> Re
 /// Adopts committed version `v` (global shared part + this device's private part),
 /// evaluates it on the held-out split and reports the metrics.
 async fn evaluate_version(ctx: &Ctx<'_>, t: &EvaluateTask) -> Result<(f64, f64)> {
-    let Ctx { s, store, m, cfg, device, .. } = *ctx;
+    let Ctx { home, s, m, cfg, device } = *ctx;
+    let store = &ClientStore::open(home)?;
     let layout = Plugin::new(&cfg.side, &m.config, device)?.shared()?;
     let global = fetch_global(s, t.global_version, &layout).await?;
     let plugin = personal_plugin(store, m, cfg, device, &global)?;

@@ -513,6 +513,8 @@ pub async fn generate(
     let plugin = Plugin::new(&meta.side, &m.config, &device)?
         .load(&ParamSet::from_safetensors(&shared)?)?
         .load(&ParamSet::from_safetensors(&private)?)?;
+    // Release the store: a `run` agent on this home may need it while we generate.
+    drop(store);
     let mut ids = m.tokenizer.encode(prompt)?;
     if ids.is_empty() {
         return Err(ClientError::Invalid(

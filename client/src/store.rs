@@ -234,7 +234,13 @@ fn open_db(path: &Path) -> Result<sled::Db> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
         match sled::open(path) {
-            Err(sled::Error::Io(e)) if e.to_string().contains("acquire lock") && std::time::Instant::now() < deadline => {
+            Err(sled::Error::Io(e)) if e.to_string().contains("acquire lock") => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(ClientError::Invalid(format!(
+                        "the device store {} is in use by another spa-client process (the `run` agent while it trains or evaluates?); try again",
+                        path.display()
+                    )));
+                }
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
             other => return Ok(other?),

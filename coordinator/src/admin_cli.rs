@@ -370,8 +370,11 @@ pub async fn run_round(cmd: RoundCommand) -> Result<()> {
         }
         RoundCommand::Status { target, id, watch, json } => {
             let (mut c, cred) = admin_client(&target).await?;
+            let mut id = id.unwrap_or(0);
             loop {
-                let r = c.round_status(with_admin(&cred, RoundStatusRequest { round_id: id.unwrap_or(0) })?).await.map_err(status_err)?.into_inner();
+                let r = c.round_status(with_admin(&cred, RoundStatusRequest { round_id: id })?).await.map_err(status_err)?.into_inner();
+                // Watching "the latest" follows the round it found first, not later ones.
+                id = r.round_id;
                 if json {
                     println!("{}", round_json(&r));
                 } else {
