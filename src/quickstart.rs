@@ -134,7 +134,7 @@ pub async fn quickstart(cfg: &QuickstartConfig, out: &mut dyn FnMut(Output)) -> 
     for (i, u) in users.iter().enumerate().take(cfg.show) {
         let ex = &u.test[0];
         let h = home(&dir, i);
-        let mine = ops::generate(&h, &ex.prompt, 80, 0.5, cfg.seed + 1, Some("\n"), &mut |_| {}).await?;
+        let mine = ops::generate(&h, &ex.prompt, 80, 0.5, 5, cfg.seed + 1, Some("\n"), &mut |_| {}).await?;
         let base = backbone_alone(&ex.prompt, cfg.seed + 1)?;
         out(Output::Sample {
             device: u.user.clone(),

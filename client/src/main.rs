@@ -81,7 +81,10 @@ enum Command {
         max_tokens: usize,
         /// 0 = greedy.
         #[arg(long, default_value_t = 0.0)]
-        temperature: f32,
+        temperature: f64,
+        /// Sample among the k most likely tokens (0 = all).
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
         #[arg(long, default_value_t = 1)]
         seed: u64,
         /// Stop at the end of the first generated line.
@@ -251,6 +254,7 @@ fn main() -> Result<()> {
             prompt,
             max_tokens,
             temperature,
+            top_k,
             seed,
             stop_at_newline,
             json,
@@ -264,6 +268,7 @@ fn main() -> Result<()> {
                 &prompt,
                 max_tokens,
                 temperature,
+                top_k,
                 seed,
                 stop_at_newline.then_some("\n"),
                 &mut |t| {

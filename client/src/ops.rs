@@ -8,8 +8,8 @@ use spa_model::data::Example;
 use spa_model::experiment::positions_for;
 use spa_model::features::{FeatureSet, TokenizedExample, tokenize_examples};
 use spa_model::side::{FrozenHead, NamedTensor, ParamSet, Plugin};
-use spa_model::tensor_util::{from_vec, to_vec};
 use spa_model::tokenizer::Tokenizer;
+use spa_model::generate::{HiddenStates, Sampling, generate_with};
 use spa_model::train::{TrainConfig, TrainEvent, evaluate, train_plugin};
 use spa_model::{BackboneConfig, BackendKind};
 use spa_proto::auth::{generate_pkcs8, now_ms, public_key_of, sha256};
@@ -489,7 +489,8 @@ pub async fn generate(
     home: &Path,
     prompt: &str,
     max_tokens: usize,
-    temperature: f32,
+    temperature: f64,
+    top_k: usize,
     seed: u64,
     stop: Option<&str>,
     on_text: &mut dyn FnMut(&str),
@@ -525,67 +526,83 @@ pub async fn generate(
     if ids.len() >= ctx {
         ids.drain(..ids.len() + 1 - ctx);
     }
-    let layers = plugin.shape.feature_layers.clone();
-    let (l, d) = (layers.len(), m.config.hidden_size);
-    let last_layer = m.config.num_layers;
-    let tap_idx: Vec<usize> = plugin
-        .shape
-        .taps
-        .iter()
-        .map(|t| {
-            layers
-                .iter()
-                .position(|x| x == t)
-                .expect("taps in feature layers")
-        })
-        .collect();
-    let last_idx = layers
-        .iter()
-        .position(|&x| x == last_layer)
-        .expect("last layer in feature layers");
-    let whole_sequence = plugin.config.variant == spa_model::side::SideVariant::Ladder;
-
-    let (tx, rx) = tokio::sync::mpsc::channel::<GenerateRequest>(4);
-    tx.send(GenerateRequest {
-        kind: Some(generate_request::Kind::Open(GenerateOpen {
-            backbone_version: m.info.backbone_version.clone(),
-            layers: layers.iter().map(|&x| x as u32).collect(),
-            dtype: DType::DtypeF32 as i32,
-        })),
-    })
-    .await
-    .map_err(|_| ClientError::Invalid("generation stream closed".into()))?;
-    let h = s
-        .signer
-        .sign_digest(methods::BACKBONE_GENERATE, &sha256(&[]), now_ms());
-    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-    h.apply(req.metadata_mut());
-    let mut out = s.backbone().generate(req).await?.into_inner();
-
-    // Per layer, the features of every position so far ([positions * d]).
-    let mut hist: Vec<Vec<f32>> = vec![Vec::new(); l];
-    let mut rng = seed.max(1);
+    let stop_id = match stop {
+        Some(st) => Some(m.tokenizer.token_to_id(st).ok_or_else(|| {
+            ClientError::Invalid(format!("stop text {st:?} is not a single token of this backbone's vocabulary"))
+        })?),
+        None => None,
+    };
+    let stop_id = stop_id.or(m.tokenizer.eos_id);
+    let mut remote = RemoteStates::open(&s, &m, plugin.shape.feature_layers.clone()).await?;
+    let sampling = Sampling { temperature, top_k, seed };
+    let tokenizer = &m.tokenizer;
     let mut generated: Vec<u32> = Vec::new();
-    let mut side_tokens = 0;
-    let mut round_trips = 0;
-    let mut pending = ids.clone();
     let mut text_so_far = String::new();
-    while generated.len() < max_tokens {
-        if ids.len() + generated.len() > ctx || pending.is_empty() {
-            break;
-        }
-        tx.send(GenerateRequest {
-            kind: Some(generate_request::Kind::Extend(GenerateExtend {
-                ids: pending.clone(),
-            })),
+    let g = tokio::task::block_in_place(|| {
+        generate_with(&mut remote, &m.head, Some(&plugin), &ids, max_tokens, &sampling, stop_id, &mut |id, _| {
+            if Some(id) == tokenizer.eos_id {
+                return;
+            }
+            generated.push(id);
+            if let Ok(text) = tokenizer.decode(&generated) {
+                if text.len() > text_so_far.len() && text.starts_with(&text_so_far) {
+                    on_text(&text[text_so_far.len()..]);
+                }
+                text_so_far = text;
+            }
         })
-        .await
-        .map_err(|_| ClientError::Invalid("generation stream closed".into()))?;
-        round_trips += 1;
-        let resp = out.message().await?.ok_or_else(|| {
-            ClientError::Invalid("coordinator ended the generation stream".into())
-        })?;
-        let n = pending.len();
+    })?;
+    let ids: Vec<u32> = g.ids.iter().copied().filter(|&i| Some(i) != tokenizer.eos_id).collect();
+    Ok(GenerateReport {
+        prompt: prompt.into(),
+        text: tokenizer.decode(&ids)?,
+        tokens: g.ids.len(),
+        side_tokens: g.from_side.iter().filter(|&&x| x).count(),
+        round_trips: remote.round_trips,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The coordinator's Generate stream as a source of hidden states: one session (KV cache on
+/// the coordinator) per generation, one round trip per extension. The decoding loop is
+/// spa-model's, the same one that runs over a local backbone.
+struct RemoteStates {
+    tx: tokio::sync::mpsc::Sender<GenerateRequest>,
+    rx: tonic::Streaming<GenerateResponse>,
+    layers: Vec<usize>,
+    d: usize,
+    max_positions: usize,
+    round_trips: usize,
+}
+
+impl RemoteStates {
+    async fn open(s: &Session, m: &Model, layers: Vec<usize>) -> Result<Self> {
+        let (tx, rx) = tokio::sync::mpsc::channel::<GenerateRequest>(4);
+        let open = GenerateRequest {
+            kind: Some(generate_request::Kind::Open(GenerateOpen {
+                backbone_version: m.info.backbone_version.clone(),
+                layers: layers.iter().map(|&x| x as u32).collect(),
+                dtype: DType::DtypeF32 as i32,
+            })),
+        };
+        s.record(methods::BACKBONE_GENERATE, &open);
+        tx.send(open).await.map_err(|_| ClientError::Invalid("generation stream closed".into()))?;
+        let h = s.signer.sign_digest(methods::BACKBONE_GENERATE, &sha256(&[]), now_ms());
+        let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        h.apply(req.metadata_mut());
+        let rx = s.backbone().generate(req).await?.into_inner();
+        Ok(Self { tx, rx, layers, d: m.config.hidden_size, max_positions: m.config.max_position_embeddings, round_trips: 0 })
+    }
+
+    async fn extend_async(&mut self, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
+        let closed = || ClientError::Invalid("generation stream closed".into());
+        self.tx
+            .send(GenerateRequest { kind: Some(generate_request::Kind::Extend(GenerateExtend { ids: ids.to_vec() })) })
+            .await
+            .map_err(|_| closed())?;
+        self.round_trips += 1;
+        let resp = self.rx.message().await?.ok_or_else(|| ClientError::Invalid("coordinator ended the generation stream".into()))?;
+        let (n, l, d) = (ids.len(), self.layers.len(), self.d);
         if resp.positions as usize != n || resp.features.len() != n * l * d * 4 {
             return Err(ClientError::Invalid(format!(
                 "coordinator returned {} positions / {} bytes for {n} tokens",
@@ -593,91 +610,27 @@ pub async fn generate(
                 resp.features.len()
             )));
         }
-        let vals = decode_f32(
-            &resp.features,
-            DType::DtypeF32 as i32,
-            "generation features",
-        )?;
-        for p in 0..n {
-            for k in 0..l {
-                hist[k].extend_from_slice(&vals[(p * l + k) * d..(p * l + k + 1) * d]);
-            }
-        }
-        let total = hist[0].len() / d;
-        let (from, t) = if whole_sequence {
-            (0, total)
-        } else {
-            (total - 1, 1)
-        };
-        let slice = |k: usize| from_vec(hist[k][from * d..].to_vec(), [1, t, d], &device);
-        let taps: Vec<_> = tap_idx.iter().map(|&k| slice(k)).collect();
-        let h_last = slice(last_idx);
-        let o = plugin.forward(&taps, h_last.clone(), &m.head);
-        let g = *to_vec(o.gate).last().expect("gate value") as f64;
-        let use_side = g > plugin.config.gate.threshold;
-        let logits = if use_side {
-            m.head.logits(o.side_hidden)
-        } else {
-            m.head.logits(h_last)
-        };
-        let logits = to_vec(logits);
-        let v = m.config.vocab_size;
-        let last = &logits[logits.len() - v..];
-        let next = pick(last, temperature, &mut rng);
-        if use_side {
-            side_tokens += 1;
-        }
-        if Some(next) == m.tokenizer.eos_id {
-            break;
-        }
-        generated.push(next);
-        let text = m.tokenizer.decode(&generated)?;
-        if text.len() > text_so_far.len() && text.starts_with(&text_so_far) {
-            on_text(&text[text_so_far.len()..]);
-        }
-        text_so_far = text;
-        if stop.is_some_and(|st| !st.is_empty() && text_so_far.ends_with(st)) {
-            break;
-        }
-        pending = vec![next];
+        let vals = decode_f32(&resp.features, DType::DtypeF32 as i32, "generation features")?;
+        // [positions, layers, d] -> per layer [positions * d].
+        Ok((0..l).map(|k| (0..n).flat_map(|p| vals[(p * l + k) * d..(p * l + k + 1) * d].iter().copied()).collect()).collect())
     }
-    drop(tx);
-    Ok(GenerateReport {
-        prompt: prompt.into(),
-        text: m.tokenizer.decode(&generated)?,
-        tokens: generated.len(),
-        side_tokens,
-        round_trips,
-        seconds: started.elapsed().as_secs_f64(),
-    })
 }
 
-/// Greedy argmax, or sampling at `temperature` with a small xorshift generator.
-fn pick(logits: &[f32], temperature: f32, rng: &mut u64) -> u32 {
-    if temperature <= 0.0 {
-        return logits
-            .iter()
-            .enumerate()
-            .fold(
-                (0, f32::NEG_INFINITY),
-                |b, (i, &x)| if x > b.1 { (i, x) } else { b },
-            )
-            .0 as u32;
+impl HiddenStates for RemoteStates {
+    fn layers(&self) -> &[usize] {
+        &self.layers
     }
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let w: Vec<f64> = logits
-        .iter()
-        .map(|&x| (((x - max) / temperature) as f64).exp())
-        .collect();
-    *rng ^= *rng << 13;
-    *rng ^= *rng >> 7;
-    *rng ^= *rng << 17;
-    let mut u = (*rng >> 11) as f64 / (1u64 << 53) as f64 * w.iter().sum::<f64>();
-    for (i, x) in w.iter().enumerate() {
-        if u < *x {
-            return i as u32;
-        }
-        u -= x;
+    fn hidden_size(&self) -> usize {
+        self.d
     }
-    (w.len() - 1) as u32
+    fn max_positions(&self) -> usize {
+        self.max_positions
+    }
+    fn extend(&mut self, ids: &[u32]) -> spa_model::Result<Vec<Vec<f32>>> {
+        // Called from inside `block_in_place` on a multi-thread runtime.
+        tokio::runtime::Handle::current()
+            .block_on(self.extend_async(ids))
+            .map_err(|e| spa_model::ModelError::InvalidInput(format!("backbone stream: {e}")))
+    }
 }
+

@@ -83,7 +83,7 @@ async fn two_devices_enroll_train_generate_and_survive_a_restart() {
         .unwrap();
         assert!(s2.resumed);
 
-        let g = ops::generate(&home, &user.test[0].prompt, 24, 0.0, 1, None, &mut |_| {})
+        let g = ops::generate(&home, &user.test[0].prompt, 24, 0.0, 0, 1, None, &mut |_| {})
             .await
             .unwrap();
         assert!(g.tokens > 0 && g.tokens <= 24, "{g:?}");
@@ -126,10 +126,10 @@ async fn two_devices_enroll_train_generate_and_survive_a_restart() {
         );
         drop(store);
         let prompt = "STRANGER:\nWhat news today?\n\n";
-        let a = ops::generate(home, prompt, 12, 0.0, 1, None, &mut |_| {})
+        let a = ops::generate(home, prompt, 12, 0.0, 0, 1, None, &mut |_| {})
             .await
             .unwrap();
-        let b = ops::generate(home, prompt, 12, 0.0, 1, None, &mut |_| {})
+        let b = ops::generate(home, prompt, 12, 0.0, 0, 1, None, &mut |_| {})
             .await
             .unwrap();
         assert_eq!(a.text, b.text);

@@ -152,6 +152,21 @@ pub fn generate(
     sampling: &Sampling,
     stop: Option<u32>,
 ) -> Result<Generation> {
+    generate_with(source, head, plugin, prompt, max_new, sampling, stop, &mut |_, _| {})
+}
+
+/// [`generate`], calling `on_token(id, from_side)` as each token is chosen (for streaming).
+#[allow(clippy::too_many_arguments)]
+pub fn generate_with(
+    source: &mut dyn HiddenStates,
+    head: &FrozenHead,
+    plugin: Option<&Plugin>,
+    prompt: &[u32],
+    max_new: usize,
+    sampling: &Sampling,
+    stop: Option<u32>,
+    on_token: &mut dyn FnMut(u32, bool),
+) -> Result<Generation> {
     sampling.validate()?;
     if prompt.is_empty() {
         return Err(ModelError::InvalidInput("empty prompt".into()));
@@ -207,6 +222,7 @@ pub fn generate(
         let id = sampling.pick(&to_vec(logits), &mut rng);
         out.ids.push(id);
         out.from_side.push(side);
+        on_token(id, side);
         if Some(id) == stop {
             break;
         }
