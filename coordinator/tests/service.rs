@@ -478,3 +478,113 @@ async fn malformed_inputs_get_clear_statuses_and_valid_ones_match_the_local_back
     ping(&ch, &a).await.unwrap();
     srv.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_and_health_list_every_service() {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path();
+    init_home(home, |t| t);
+    let srv = spa_coordinator::server::start(home).await.unwrap();
+    let ch = channel(&format!("https://{}", srv.addr), home).await;
+    let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let mut resp = ServerReflectionClient::new(ch.clone()).server_reflection_info(tokio_stream::iter([req])).await.unwrap().into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message().await.unwrap().unwrap().message_response else {
+        panic!("no service list")
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for s in ["spa.v1.Device", "spa.v1.Admin", "spa.v1.Backbone", "spa.v1.Rounds", "grpc.health.v1.Health"] {
+        assert!(names.iter().any(|n| n == s), "{s} missing from {names:?}");
+    }
+    let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
+    for s in ["spa.v1.Device", "spa.v1.Admin", "spa.v1.Backbone", "spa.v1.Rounds"] {
+        let r = health.check(tonic_health::pb::HealthCheckRequest { service: s.into() }).await.unwrap().into_inner();
+        assert_eq!(r.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32, "{s}");
+    }
+    srv.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rounds_calls_out_of_turn_or_malformed_are_refused_and_the_coordinator_keeps_serving() {
+    use spa_proto::v1::rounds_client::RoundsClient;
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path();
+    init_home(home, |t| t);
+    let srv = spa_coordinator::server::start(home).await.unwrap();
+    let ch = channel(&format!("https://{}", srv.addr), home).await;
+    let cred = admin_cred(home);
+    let dev = enroll(&ch, &token(&ch, &cred, 600).await, "a").await.unwrap();
+    let mut rounds = RoundsClient::new(ch.clone());
+
+    // Unsigned and forged calls.
+    let e = rounds.poll(PollRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    // An enrolled device with no round: told to wait.
+    let r = rounds.poll(dev.request(methods::ROUNDS_POLL, PollRequest {})).await.unwrap().into_inner();
+    assert!(matches!(r.task, Some(poll_response::Task::Idle(_))), "{r:?}");
+    // Answers without a round in progress.
+    let adv = AdvertiseKeysMsg { round_id: 1, client_id: 1, c_pk: vec![1; 32], s_pk: vec![2; 32], sig: vec![0; 64] };
+    let e = rounds.advertise_keys(dev.request(methods::ROUNDS_ADVERTISE_KEYS, adv.clone())).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    // Malformed keys are refused before any round logic.
+    let bad = AdvertiseKeysMsg { c_pk: vec![1; 31], ..adv };
+    let e = rounds.advertise_keys(dev.request(methods::ROUNDS_ADVERTISE_KEYS, bad)).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = rounds.unmask(dev.request(methods::ROUNDS_UNMASK, UnmaskMsg { round_id: 9, client_id: 1, b_shares: vec![], s_shares: vec![] })).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    // An upload must start with its (signed) header and name a round in progress.
+    let lanes = MaskedUpload { kind: Some(masked_upload::Kind::Lanes(vec![0; 8])) };
+    let h = dev.sign(methods::ROUNDS_UPLOAD_MASKED, &lanes, now_ms());
+    let mut req = tonic::Request::new(tokio_stream::iter([lanes]));
+    h.apply(req.metadata_mut());
+    let e = rounds.upload_masked(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let header = MaskedUpload { kind: Some(masked_upload::Kind::Header(MaskedUploadHeader { round_id: 3, client_id: 1, lanes: 2, sha256: vec![0; 32] })) };
+    let h = dev.sign(methods::ROUNDS_UPLOAD_MASKED, &header, now_ms());
+    let mut req = tonic::Request::new(tokio_stream::iter([header.clone()]));
+    h.apply(req.metadata_mut());
+    let e = rounds.upload_masked(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    // A header signed by someone else's key is refused.
+    let other = DeviceSigner::from_pkcs8(&generate_pkcs8().unwrap(), dev.device_id()).unwrap();
+    let h = other.sign(methods::ROUNDS_UPLOAD_MASKED, &header, now_ms());
+    let mut req = tonic::Request::new(tokio_stream::iter([header]));
+    h.apply(req.metadata_mut());
+    let e = rounds.upload_masked(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    // Metrics for a round that never committed; NaN metrics.
+    let m = MetricsReport { round_id: 1, global_version: 1, tokens: 10, backbone_loss: f64::NAN, ..Default::default() };
+    let e = rounds.report_metrics(dev.request(methods::ROUNDS_REPORT_METRICS, m)).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    // Global versions: 0 exists from the start, others do not.
+    let mut s = rounds.get_global(dev.request(methods::ROUNDS_GET_GLOBAL, GetGlobalRequest { version: 0 })).await.unwrap().into_inner();
+    let mut asm = TensorAssembler::new(1 << 30);
+    while let Some(c) = s.message().await.unwrap() {
+        asm.push(c).unwrap();
+    }
+    assert!(!asm.finish().unwrap().is_empty());
+    let e = rounds.get_global(dev.request(methods::ROUNDS_GET_GLOBAL, GetGlobalRequest { version: 5 })).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    // Admin round verbs validate their plans.
+    let e = admin(&ch)
+        .start_rounds(with_admin(&cred, StartRoundsRequest { rounds: 1, min_clients: 1, max_clients: 5, deadline_seconds: 10, local_epochs: 1, lr: 0.01, strategy: "fedavg".into(), prox_mu: 0.0 }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = admin(&ch)
+        .start_rounds(with_admin(&cred, StartRoundsRequest { rounds: 1, min_clients: 2, max_clients: 5, deadline_seconds: 10, local_epochs: 1, lr: f64::NAN, strategy: "fedavg".into(), prox_mu: 0.0 }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = admin(&ch).round_status(with_admin(&cred, RoundStatusRequest { round_id: 42 })).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let e = admin(&ch).abort_round(with_admin(&cred, AbortRoundRequest { round_id: 42 })).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    // Still serving.
+    ping(&ch, &dev).await.unwrap();
+    srv.shutdown().await.unwrap();
+}
