@@ -104,6 +104,8 @@ pub async fn quickstart(cfg: &QuickstartConfig, out: &mut dyn FnMut(Output)) -> 
         lr: cfg.lr,
         strategy: cfg.strategy.clone(),
         prox_mu: 0.01,
+        dp_l2_clip: 0.0,
+        dp_noise_multiplier: 0.0,
     };
     admin.start_rounds(with_admin(&cred, plan)?).await?;
     let started = Instant::now();

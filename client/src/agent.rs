@@ -17,7 +17,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use spa_aggregation::{ClientIncoming, ClientOutgoing, ClientState, SessionConfig, system_rng};
+use spa_aggregation::{ClientIncoming, ClientOutgoing, ClientState, Encoding, SessionConfig, system_rng};
 use spa_model::BackendKind;
 use spa_model::side::{NamedTensor, ParamSet, Plugin, SharedParams};
 use spa_model::train::{TrainConfig, evaluate, train_plugin};
@@ -325,14 +325,17 @@ async fn train_for_round(ctx: &Ctx<'_>, t: &TrainTask, config: &SessionConfig) -
     let store = &ClientStore::open(home)?;
     let layout = Plugin::new(&cfg.side, &m.config, device)?.shared()?;
     let global = fetch_global(s, t.global_version, &layout).await?;
-    if config.m != layout.as_set().flatten().len() as u64 + 1 {
+    let n_shared = layout.as_set().numel();
+    let fits = match &config.encoding {
+        Encoding::SignedTwosComplement { .. } => config.m == n_shared as u64 + 1,
+        Encoding::DistributedDiscreteGaussian(dp) => dp.dim as usize == n_shared,
+    };
+    if !fits {
         return Err(ClientError::Invalid(format!(
-            "the round aggregates {} lanes but this device's shared part has {} parameters (is client.toml's [side] the coordinator's?)",
-            config.m,
-            layout.as_set().flatten().len()
+            "the round aggregates {} lanes but this device's shared part has {n_shared} parameters (is client.toml's [side] the coordinator's?)",
+            config.m
         )));
     }
-    let quant = config.quant_params().ok_or_else(|| ClientError::Invalid("unsupported update encoding".into()))?;
     let plugin = personal_plugin(store, m, cfg, device, &global)?;
     let (train_set, _, _) = local_sets(s, store, m, &plugin, &mut ()).await?;
     let n_train = train_set.examples.len();
@@ -347,8 +350,16 @@ async fn train_for_round(ctx: &Ctx<'_>, t: &TrainTask, config: &SessionConfig) -
     let final_loss = report.epoch_losses.last().copied().unwrap_or(f32::NAN);
     save(store, m, cfg, &trained, n_train, report.steps, final_loss)?;
     let delta = trained.shared()?.delta_from(&global)?;
-    let weight = (n_train as u32).min(quant.w_max).max(1);
-    let input = quant.encode(&delta, weight, &mut system_rng().map_err(secagg_err)?).map_err(secagg_err)?;
+    let mut rng = system_rng().map_err(secagg_err)?;
+    let (input, weight) = match &config.encoding {
+        Encoding::SignedTwosComplement { .. } => {
+            let quant = config.quant_params().ok_or_else(|| ClientError::Invalid("no quantization".into()))?;
+            let weight = (n_train as u32).min(quant.w_max).max(1);
+            (quant.encode(&delta, weight, &mut rng).map_err(secagg_err)?, weight)
+        }
+        // DP: clipped, rotated, rounded, with this device's share of the noise; unweighted.
+        Encoding::DistributedDiscreteGaussian(dp) => (dp.encode(&delta, &mut rng).map_err(secagg_err)?, 1),
+    };
     if std::env::var_os("SPA_TEST_DUMP_UPDATES").is_some() {
         // Tests compare the secure aggregate with a plaintext one; this stays on the device's disk.
         let p = home.join(format!("update-round-{}.json", t.round_id));

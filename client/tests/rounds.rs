@@ -394,9 +394,15 @@ fn below_threshold_aborts_and_coordinator_crashes_lose_nothing() {
         assert_eq!(coord.admin(&["status"])["global_version"], version, "{phase}");
         assert_eq!(coord.checkpoint(1), v1, "committed version 1 changed after a crash at {phase}");
     }
-    // After all that, rounds still work.
-    coord.admin(&["round", "start", "--rounds", "1", "--min-clients", "3", "--max-clients", "3", "--deadline", "120"]);
+    // After all that, rounds still work, here with distributed DP noise on the updates.
+    coord.admin(&["round", "start", "--rounds", "1", "--min-clients", "3", "--max-clients", "3", "--deadline", "120", "--dp-clip", "1.0", "--dp-noise", "0.5"]);
     let r = coord.wait_round(round_id + 1, Duration::from_secs(300));
     assert_eq!(r["state"], "committed", "{r}");
     assert_eq!(r["committed_version"], version + 1);
+    assert_eq!(r["plan"]["dp_l2_clip"], 1.0);
+    // Clipped to norm 1 per device, plus noise of sigma 0.5 in total: the global moved, boundedly.
+    let (a, b) = (coord.checkpoint(version), coord.checkpoint(version + 1));
+    let step: f32 = a.iter().zip(&b).map(|(x, y)| (y - x) * (y - x)).sum::<f32>().sqrt();
+    assert!(step > 0.0 && step.is_finite(), "{step}");
+    assert!(coord.admin_fails(&["round", "start", "--dp-noise", "1.0"]).contains("dp"));
 }

@@ -282,6 +282,12 @@ pub enum RoundCommand {
         /// FedProx's proximal weight (with --strategy fedprox).
         #[arg(long, default_value_t = 0.01)]
         prox_mu: f64,
+        /// Distributed DP: L2 clip of each device's update (0 = off).
+        #[arg(long, default_value_t = 0.0)]
+        dp_clip: f64,
+        /// Distributed DP noise multiplier z (central sigma = z * clip).
+        #[arg(long, default_value_t = 0.0)]
+        dp_noise: f64,
         #[arg(long)]
         json: bool,
     },
@@ -349,7 +355,7 @@ fn round_json(r: &RoundInfo) -> serde_json::Value {
 
 pub async fn run_round(cmd: RoundCommand) -> Result<()> {
     match cmd {
-        RoundCommand::Start { target, rounds, min_clients, max_clients, deadline, local_epochs, lr, strategy, prox_mu, json } => {
+        RoundCommand::Start { target, rounds, min_clients, max_clients, deadline, local_epochs, lr, strategy, prox_mu, dp_clip, dp_noise, json } => {
             let (mut c, cred) = admin_client(&target).await?;
             let req = StartRoundsRequest {
                 rounds,
@@ -360,6 +366,8 @@ pub async fn run_round(cmd: RoundCommand) -> Result<()> {
                 lr,
                 strategy,
                 prox_mu,
+                dp_l2_clip: dp_clip,
+                dp_noise_multiplier: dp_noise,
             };
             let r = c.start_rounds(with_admin(&cred, req)?).await.map_err(status_err)?.into_inner();
             if json {

@@ -148,6 +148,8 @@ pub fn start_rounds(s: &Shared, r: StartRoundsRequest) -> Result<StartRoundsResp
         lr: r.lr,
         strategy: r.strategy,
         prox_mu: r.prox_mu,
+        dp_l2_clip: r.dp_l2_clip,
+        dp_noise_multiplier: r.dp_noise_multiplier,
     };
     let run_id = s.rounds.start_run(plan).map_err(round_status)?;
     Ok(StartRoundsResponse { run_id })

@@ -59,6 +59,12 @@ pub struct RoundPlan {
     pub lr: f64,
     pub strategy: String,
     pub prox_mu: f64,
+    /// Distributed discrete Gaussian DP: L2 clip of each update (0 = off) and the noise
+    /// multiplier z (central sigma = z * clip, split over `min_clients` devices).
+    #[serde(default)]
+    pub dp_l2_clip: f64,
+    #[serde(default)]
+    pub dp_noise_multiplier: f64,
 }
 
 impl RoundPlan {
@@ -85,6 +91,12 @@ impl RoundPlan {
         }
         if !(self.prox_mu.is_finite() && self.prox_mu >= 0.0) {
             return bad("prox_mu must be a finite number >= 0");
+        }
+        if !(self.dp_l2_clip.is_finite() && self.dp_l2_clip >= 0.0 && self.dp_noise_multiplier.is_finite() && self.dp_noise_multiplier >= 0.0) {
+            return bad("dp clip and noise multiplier must be finite numbers >= 0");
+        }
+        if self.dp_l2_clip == 0.0 && self.dp_noise_multiplier > 0.0 {
+            return bad("dp noise needs a dp clip > 0");
         }
         Ok(StrategyConfig::from_name(&self.strategy, self.prox_mu as f32)?)
     }
@@ -456,6 +468,26 @@ pub fn mean_metrics<'a>(ms: impl Iterator<Item = &'a DeviceMetrics>) -> DeviceMe
     out
 }
 
+/// DP encoding parameters for a round: granularity C / 2^14 and 24-bit lanes leave the summed
+/// noise (z * 2^14 units per coordinate) hundreds of sigmas of headroom, and keep each device's
+/// share of the noise within the exact sampler's range; the rotation seed is public, per round.
+fn dp_params(plan: &RoundPlan, dim: usize, round_id: u64) -> Result<spa_aggregation::dp::DpParams, RoundError> {
+    let clip = plan.dp_l2_clip as f32;
+    let mut rotation_seed = [0u8; 32];
+    rotation_seed[..8].copy_from_slice(&round_id.to_le_bytes());
+    rotation_seed[8..16].copy_from_slice(&now_ms().to_le_bytes());
+    Ok(spa_aggregation::dp::DpParams {
+        dim: u32::try_from(dim).map_err(|_| RoundError::Invalid("too many parameters for DP".into()))?,
+        l2_clip: clip,
+        gamma: clip / 16384.0,
+        noise_multiplier: plan.dp_noise_multiplier as f32,
+        expected_clients: plan.min_clients,
+        bits: 24,
+        beta: (-0.5f32).exp(),
+        rotation_seed,
+    })
+}
+
 /// At start: a round found mid-phase cannot resume (its SecAgg+ secrets died with the
 /// process), so it is marked aborted; its run continues with a fresh round.
 pub fn recover(store: &Store) -> Result<usize, RoundError> {
@@ -648,9 +680,13 @@ async fn run_round(rounds: &Arc<Rounds>, rec: &mut RoundRecord) -> Result<(), Ro
     let mut session = SessionConfig::recommended(round_id, base_version, n, flat.len() as u64 + 1)?;
     let quant_bits = session.quant_params().map(|q| q.bits).unwrap_or(16);
     session.encoding = spa_aggregation::Encoding::SignedTwosComplement { quant_bits, clip: rounds.cfg.clip, w_max: rounds.cfg.w_max };
+    if plan.dp_l2_clip > 0.0 {
+        let dp = dp_params(&plan, flat.len(), round_id)?;
+        session.m = dp.lanes() as u64;
+        session.encoding = spa_aggregation::Encoding::DistributedDiscreteGaussian(dp);
+    }
     session.deadlines.advertise_ms = plan.deadline_secs as u64 * 1000;
     session.validate()?;
-    let quant = session.quant_params().ok_or_else(|| RoundError::Invalid("no quantization".into()))?;
     rec.cohort = cohort.clone();
     rec.base_version = base_version;
     rec.shared_params = flat.len() as u64;
@@ -712,7 +748,16 @@ async fn run_round(rounds: &Arc<Rounds>, rec: &mut RoundRecord) -> Result<(), Ro
 
     // ---- Commit ----------------------------------------------------------------------
     let commit_started = Instant::now();
-    let (mean_delta, total_w) = quant.decode_mean(&out.sum)?;
+    let (mean_delta, total_w) = match &session.encoding {
+        spa_aggregation::Encoding::SignedTwosComplement { .. } => {
+            session.quant_params().ok_or_else(|| RoundError::Invalid("no quantization".into()))?.decode_mean(&out.sum)?
+        }
+        // DP updates are unweighted: the mean is the noisy sum over the contributors.
+        spa_aggregation::Encoding::DistributedDiscreteGaussian(dp) => {
+            let k = out.contributors.len() as f32;
+            (dp.decode_sum(&out.sum)?.into_iter().map(|x| x / k).collect(), out.contributors.len() as u32)
+        }
+    };
     let mut optimizer = match store.optimizer()? {
         Some(o) if o.config == strategy => o,
         _ => ServerOptimizer::new(strategy)?,

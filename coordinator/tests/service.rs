@@ -571,12 +571,12 @@ async fn rounds_calls_out_of_turn_or_malformed_are_refused_and_the_coordinator_k
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
     // Admin round verbs validate their plans.
     let e = admin(&ch)
-        .start_rounds(with_admin(&cred, StartRoundsRequest { rounds: 1, min_clients: 1, max_clients: 5, deadline_seconds: 10, local_epochs: 1, lr: 0.01, strategy: "fedavg".into(), prox_mu: 0.0 }))
+        .start_rounds(with_admin(&cred, StartRoundsRequest { rounds: 1, min_clients: 1, max_clients: 5, deadline_seconds: 10, local_epochs: 1, lr: 0.01, strategy: "fedavg".into(), prox_mu: 0.0, dp_l2_clip: 0.0, dp_noise_multiplier: 0.0 }))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     let e = admin(&ch)
-        .start_rounds(with_admin(&cred, StartRoundsRequest { rounds: 1, min_clients: 2, max_clients: 5, deadline_seconds: 10, local_epochs: 1, lr: f64::NAN, strategy: "fedavg".into(), prox_mu: 0.0 }))
+        .start_rounds(with_admin(&cred, StartRoundsRequest { rounds: 1, min_clients: 2, max_clients: 5, deadline_seconds: 10, local_epochs: 1, lr: f64::NAN, strategy: "fedavg".into(), prox_mu: 0.0, dp_l2_clip: 0.0, dp_noise_multiplier: 0.0 }))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
