@@ -35,7 +35,7 @@ impl Auth {
         window_ms: u64,
         capacity: usize,
         admin_credential: &str,
-    ) -> anyhow::Result<Self> {
+    ) -> crate::error::Result<Self> {
         let now = now_ms();
         let mut w = NonceWindow::new(window_ms, capacity);
         for (d, n, ts) in store.nonces_since(now.saturating_sub(window_ms))? {

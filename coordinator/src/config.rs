@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use spa_model::side::SideConfig;
 
+use crate::error::{CoordinatorError, ensure};
+
 /// The shipped default backbone (pretrained by the project, HF layout).
 pub const DEFAULT_BACKBONE: &str =
     concat!(env!("CARGO_MANIFEST_DIR"), "/../models/shakespeare-char");
@@ -147,46 +149,34 @@ impl CoordinatorConfig {
         }
     }
 
-    pub fn load(home: &Path) -> anyhow::Result<Self> {
+    pub fn load(home: &Path) -> crate::error::Result<Self> {
         let path = home.join(CONFIG_FILE);
         let text = std::fs::read_to_string(&path).map_err(|e| {
-            anyhow::anyhow!(
+            CoordinatorError::Config(format!(
                 "cannot read {} ({e}); run `spa-coordinator init --home {}` first",
                 path.display(),
                 home.display()
-            )
+            ))
         })?;
         let cfg: Self =
-            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            toml::from_str(&text).map_err(|e| CoordinatorError::Config(format!("{}: {e}", path.display())))?;
         cfg.validate()?;
         Ok(cfg)
     }
 
-    pub fn validate(&self) -> anyhow::Result<()> {
+    pub fn validate(&self) -> crate::error::Result<()> {
         let l = &self.limits;
-        anyhow::ensure!(
-            l.max_message_bytes >= 2 * spa_proto::limits::CHUNK_BYTES
-                && l.max_message_bytes <= 64 << 20,
-            "limits.max_message_bytes must be between 2 MiB and 64 MiB"
-        );
-        anyhow::ensure!(
-            l.max_sequences_per_request > 0,
-            "limits.max_sequences_per_request must be > 0"
-        );
-        anyhow::ensure!(
-            l.max_feature_bytes_per_request > 0,
-            "limits.max_feature_bytes_per_request must be > 0"
-        );
-        anyhow::ensure!(l.max_sessions > 0, "limits.max_sessions must be > 0");
-        anyhow::ensure!(
-            self.auth.clock_window_secs > 0,
-            "auth.clock_window_secs must be > 0"
-        );
-        anyhow::ensure!(self.auth.max_nonces > 0, "auth.max_nonces must be > 0");
+        ensure(l.max_message_bytes >= 2 * spa_proto::limits::CHUNK_BYTES
+                && l.max_message_bytes <= 64 << 20, "limits.max_message_bytes must be between 2 MiB and 64 MiB")?;
+        ensure(l.max_sequences_per_request > 0, "limits.max_sequences_per_request must be > 0")?;
+        ensure(l.max_feature_bytes_per_request > 0, "limits.max_feature_bytes_per_request must be > 0")?;
+        ensure(l.max_sessions > 0, "limits.max_sessions must be > 0")?;
+        ensure(self.auth.clock_window_secs > 0, "auth.clock_window_secs must be > 0")?;
+        ensure(self.auth.max_nonces > 0, "auth.max_nonces must be > 0")?;
         let r = &self.rounds;
-        anyhow::ensure!(r.online_secs > 0 && r.phase_timeout_secs > 0, "rounds.online_secs and rounds.phase_timeout_secs must be > 0");
-        anyhow::ensure!(r.clip.is_finite() && r.clip > 0.0, "rounds.clip must be a positive number");
-        anyhow::ensure!(r.w_max > 0, "rounds.w_max must be > 0");
+        ensure(r.online_secs > 0 && r.phase_timeout_secs > 0, "rounds.online_secs and rounds.phase_timeout_secs must be > 0")?;
+        ensure(r.clip.is_finite() && r.clip > 0.0, "rounds.clip must be a positive number")?;
+        ensure(r.w_max > 0, "rounds.w_max must be > 0")?;
         Ok(())
     }
 

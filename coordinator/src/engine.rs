@@ -5,6 +5,8 @@
 use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
+
+use crate::error::{CoordinatorError, io};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -61,15 +63,17 @@ pub struct Engine {
     pub meta: std::sync::Arc<ModelMeta>,
 }
 
-fn version_of(dir: &Path) -> anyhow::Result<String> {
-    let mut all = std::fs::read(dir.join("config.json"))?;
-    let mut files: Vec<_> = std::fs::read_dir(dir)?
+fn version_of(dir: &Path) -> Result<String, CoordinatorError> {
+    let config = dir.join("config.json");
+    let mut all = std::fs::read(&config).map_err(io(&config))?;
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .map_err(io(dir))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
         .collect();
     files.sort();
     for f in files {
-        all.extend_from_slice(&spa_proto::auth::sha256(&std::fs::read(f)?));
+        all.extend_from_slice(&spa_proto::auth::sha256(&std::fs::read(&f).map_err(io(&f))?));
     }
     Ok(format!(
         "bb-{}",
@@ -79,14 +83,14 @@ fn version_of(dir: &Path) -> anyhow::Result<String> {
 
 impl Engine {
     /// Loads the backbone on a dedicated thread; returns once it is ready.
-    pub fn start(dir: &Path, backend: BackendKind, session_idle: Duration) -> anyhow::Result<Self> {
-        let version =
-            version_of(dir).map_err(|e| anyhow::anyhow!("backbone {}: {e}", dir.display()))?;
-        let config_json = std::fs::read_to_string(dir.join("config.json"))?;
-        let tokenizer_json = std::fs::read_to_string(dir.join("tokenizer.json"))
-            .map_err(|e| anyhow::anyhow!("{}: {e}", dir.join("tokenizer.json").display()))?;
+    pub fn start(dir: &Path, backend: BackendKind, session_idle: Duration) -> Result<Self, CoordinatorError> {
+        let version = version_of(dir)?;
+        let (config_path, tokenizer_path) = (dir.join("config.json"), dir.join("tokenizer.json"));
+        let config_json = std::fs::read_to_string(&config_path).map_err(io(&config_path))?;
+        let tokenizer_json = std::fs::read_to_string(&tokenizer_path).map_err(io(&tokenizer_path))?;
         let (tx, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<BackboneConfig, String>>();
+        let dir_display = dir.display().to_string();
         let dir = dir.to_path_buf();
         std::thread::Builder::new()
             .name("backbone".into())
@@ -103,11 +107,12 @@ impl Engine {
                     }
                 };
                 worker(bb, rx, session_idle);
-            })?;
+            })
+            .map_err(|e| CoordinatorError::Other(format!("cannot start the backbone thread: {e}")))?;
         let config = ready_rx
             .recv()
-            .map_err(|_| anyhow::anyhow!("backbone worker died while loading"))?
-            .map_err(|e| anyhow::anyhow!(e))?;
+            .map_err(|_| CoordinatorError::Other("backbone worker died while loading".into()))?
+            .map_err(|e| CoordinatorError::Other(format!("backbone {}: {e}", dir_display)))?;
         let meta = ModelMeta {
             version,
             config,

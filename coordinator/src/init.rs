@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use crate::error::{CoordinatorError, Result, io};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
@@ -30,11 +30,8 @@ fn write_new(path: &Path, bytes: &[u8], secret: bool) -> Result<()> {
     }
     #[cfg(not(unix))]
     let _ = secret;
-    let mut f = o
-        .open(path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
+    let mut f = o.open(path).map_err(io(path))?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(io(path))?;
     Ok(())
 }
 
@@ -53,13 +50,14 @@ pub fn init(home: &Path, extra_names: &[String]) -> Result<InitReport> {
         &home.join(&s.store),
     ];
     if let Some(t) = targets.iter().find(|p| p.exists()) {
-        bail!(
+        return Err(CoordinatorError::Config(format!(
             "{} already exists: refusing to overwrite an initialised coordinator home",
             t.display()
-        );
+        )));
     }
-    std::fs::create_dir_all(home).with_context(|| format!("cannot create {}", home.display()))?;
-    std::fs::create_dir_all(home.join(&s.cert).parent().expect("cert path has a parent"))?;
+    std::fs::create_dir_all(home).map_err(io(home))?;
+    let tls = home.join(&s.cert).parent().expect("cert path has a parent").to_path_buf();
+    std::fs::create_dir_all(&tls).map_err(io(&tls))?;
 
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);

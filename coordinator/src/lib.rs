@@ -12,6 +12,7 @@ pub mod admin_cli;
 pub mod auth;
 pub mod config;
 pub mod engine;
+pub mod error;
 pub mod init;
 pub mod model_cli;
 pub mod net;

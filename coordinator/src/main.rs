@@ -72,7 +72,7 @@ fn main() -> Result<()> {
                 unsafe { std::env::set_var("BURN_DEVICE", d.to_string()) };
             }
             spa_coordinator::service_main::init_tracing();
-            runtime()?.block_on(spa_coordinator::server::serve(&home))
+            Ok(runtime()?.block_on(spa_coordinator::server::serve(&home))?)
         }
         Command::Token(cmd) => runtime()?.block_on(admin_cli::run_token(cmd)),
         Command::Devices(cmd) => runtime()?.block_on(admin_cli::run_devices(cmd)),

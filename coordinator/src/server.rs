@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use crate::error::{CoordinatorError, Result, io};
 use spa_model::BackendKind;
 use spa_model::side::Plugin;
 use spa_proto::v1::admin_server::AdminServer;
@@ -28,7 +28,7 @@ pub const ADDR_FILE: &str = "serve.addr";
 pub struct Running {
     pub addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    task: tokio::task::JoinHandle<std::result::Result<(), tonic::transport::Error>>,
     pruner: tokio::task::JoinHandle<()>,
     round_loop: tokio::task::JoinHandle<()>,
     home: PathBuf,
@@ -61,7 +61,8 @@ fn seed_checkpoint(store: &Store, cfg: &CoordinatorConfig, engine: &Engine) -> R
         return Ok(());
     }
     let device = BackendKind::Flex.device()?;
-    let plugin = Plugin::new(&cfg.side, &engine.meta.config, &device).context("[side] config")?;
+    let plugin = Plugin::new(&cfg.side, &engine.meta.config, &device)
+        .map_err(|e| CoordinatorError::Config(format!("[side] config: {e}")))?;
     let bytes = plugin.shared()?.as_set().to_safetensors();
     store.put_checkpoint(0, &bytes)?;
     Ok(())
@@ -70,11 +71,11 @@ fn seed_checkpoint(store: &Store, cfg: &CoordinatorConfig, engine: &Engine) -> R
 /// Loads everything and starts serving in the background.
 pub async fn start(home: &Path) -> Result<Running> {
     let cfg = CoordinatorConfig::load(home)?;
-    let store = Store::open(&cfg.resolve(home, &cfg.server.store))
-        .context("opening the store (is another coordinator running on this home?)")?;
+    let store = Store::open(&cfg.resolve(home, &cfg.server.store)).map_err(|e| {
+        CoordinatorError::Other(format!("opening the store (is another coordinator running on this home?): {e}"))
+    })?;
     let cred_path = cfg.resolve(home, &cfg.server.admin_credential);
-    let credential = std::fs::read_to_string(&cred_path)
-        .with_context(|| format!("reading {}", cred_path.display()))?;
+    let credential = std::fs::read_to_string(&cred_path).map_err(io(&cred_path))?;
     let auth = Auth::new(
         store.clone(),
         cfg.auth.clock_window_secs * 1000,
@@ -94,10 +95,9 @@ pub async fn start(home: &Path) -> Result<Running> {
     }
     tracing::info!(version = %engine.meta.version, "backbone loaded");
 
-    let cert = std::fs::read(cfg.resolve(home, &cfg.server.cert))
-        .context("reading the server certificate")?;
-    let key =
-        std::fs::read(cfg.resolve(home, &cfg.server.key)).context("reading the server key")?;
+    let (cert_path, key_path) = (cfg.resolve(home, &cfg.server.cert), cfg.resolve(home, &cfg.server.key));
+    let cert = std::fs::read(&cert_path).map_err(io(&cert_path))?;
+    let key = std::fs::read(&key_path).map_err(io(&key_path))?;
     let max = cfg.limits.max_message_bytes;
     let aborted = crate::rounds::recover(&store)?;
     if aborted > 0 {
@@ -120,8 +120,8 @@ pub async fn start(home: &Path) -> Result<Running> {
 
     let listener = tokio::net::TcpListener::bind(&cfg.server.listen)
         .await
-        .with_context(|| format!("cannot listen on {}", cfg.server.listen))?;
-    let addr = listener.local_addr()?;
+        .map_err(|e| CoordinatorError::Config(format!("cannot listen on {}: {e}", cfg.server.listen)))?;
+    let addr = listener.local_addr().map_err(|e| CoordinatorError::Other(format!("listener address: {e}")))?;
     let router = Server::builder()
         .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))?
         .add_service(health_svc)
@@ -169,7 +169,8 @@ pub async fn start(home: &Path) -> Result<Running> {
     });
     let round_loop = tokio::spawn(crate::rounds::round_loop(rounds));
     store.log("server.start", addr.to_string())?;
-    std::fs::write(home.join(ADDR_FILE), format!("https://{addr}\n"))?;
+    let addr_file = home.join(ADDR_FILE);
+    std::fs::write(&addr_file, format!("https://{addr}\n")).map_err(io(&addr_file))?;
     tracing::info!(%addr, "coordinator serving (TLS)");
     Ok(Running {
         addr,
