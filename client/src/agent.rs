@@ -19,13 +19,12 @@ use std::time::Duration;
 
 use spa_aggregation::{ClientIncoming, ClientOutgoing, ClientState, Encoding, SessionConfig, system_rng};
 use spa_model::BackendKind;
-use spa_model::side::{NamedTensor, ParamSet, Plugin, SharedParams};
+use spa_model::side::{ParamSet, Plugin, SharedParams};
 use spa_model::train::{TrainConfig, evaluate, train_plugin};
 use spa_proto::auth::{now_ms, sha256};
-use spa_proto::limits::{CHUNK_BYTES, MAX_TENSOR_BYTES};
+use spa_proto::limits::CHUNK_BYTES;
 use spa_proto::methods;
 use spa_proto::secagg;
-use spa_proto::tensor::TensorAssembler;
 use spa_proto::v1::poll_response::Task;
 use spa_proto::v1::*;
 use tonic::Code;
@@ -33,7 +32,7 @@ use tonic::Code;
 use crate::config::ClientConfig;
 use crate::error::{ClientError, Result};
 use crate::net::Session;
-use crate::ops::{Model, local_sets, model};
+use crate::ops::{Model, local_sets, model, receive_params};
 use crate::store::{ClientStore, TrainedMeta};
 
 /// How the agent runs.
@@ -275,17 +274,8 @@ async fn handle(
 
 /// Global version `v` from the coordinator, checked against the local plugin's layout.
 async fn fetch_global(s: &Session, version: u64, layout: &SharedParams) -> Result<SharedParams> {
-    let mut stream = s.rounds().get_global(s.request(methods::ROUNDS_GET_GLOBAL, GetGlobalRequest { version })).await?.into_inner();
-    let mut asm = TensorAssembler::new(MAX_TENSOR_BYTES);
-    while let Some(c) = stream.message().await? {
-        asm.push(c)?;
-    }
-    let mut p = ParamSet::default();
-    for (name, t) in asm.finish()? {
-        let values = t.to_f32(&name)?;
-        p.tensors.insert(name, NamedTensor { shape: t.shape.iter().map(|&d| d as usize).collect(), values });
-    }
-    Ok(SharedParams::from_coordinator(p, layout)?)
+    let stream = s.rounds().get_global(s.request(methods::ROUNDS_GET_GLOBAL, GetGlobalRequest { version })).await?.into_inner();
+    Ok(SharedParams::from_coordinator(receive_params(stream).await?, layout)?)
 }
 
 /// The plugin with global `shared` and this device's stored private part (fresh private

@@ -156,6 +156,21 @@ pub fn data_list(home: &Path) -> Result<(Vec<Source>, usize)> {
     Ok((store.sources()?, store.examples()?.len()))
 }
 
+/// A stream of tensor chunks (frozen head, a global version) as a parameter set; sizes are
+/// checked before buffering, NaN/Inf and ragged tensors are refused.
+pub(crate) async fn receive_params(mut stream: tonic::Streaming<TensorChunk>) -> Result<ParamSet> {
+    let mut asm = TensorAssembler::new(MAX_TENSOR_BYTES);
+    while let Some(c) = stream.message().await? {
+        asm.push(c)?;
+    }
+    let mut p = ParamSet::default();
+    for (name, t) in asm.finish()? {
+        let values = t.to_f32(&name)?;
+        p.tensors.insert(name, NamedTensor { shape: t.shape.iter().map(|&d| d as usize).collect(), values });
+    }
+    Ok(p)
+}
+
 /// The served backbone's files, cached in the store by version.
 pub struct Model {
     pub info: ModelInfo,
@@ -189,22 +204,7 @@ pub(crate) async fn model(s: &Session, store: &ClientStore, device: &Device) -> 
                     backbone_version: v.clone(),
                 },
             );
-            let mut stream = s.backbone().get_head(req).await?.into_inner();
-            let mut asm = TensorAssembler::new(MAX_TENSOR_BYTES);
-            while let Some(c) = stream.message().await? {
-                asm.push(c)?;
-            }
-            let mut p = ParamSet::default();
-            for (name, t) in asm.finish()? {
-                let values = t.to_f32(&name)?;
-                p.tensors.insert(
-                    name,
-                    NamedTensor {
-                        shape: t.shape.iter().map(|&d| d as usize).collect(),
-                        values,
-                    },
-                );
-            }
+            let p = receive_params(s.backbone().get_head(req).await?.into_inner()).await?;
             let b = p.to_safetensors();
             store.put_backbone_file(v, "head.safetensors", &b)?;
             store.flush()?;
