@@ -586,8 +586,9 @@ impl RemoteStates {
             })),
         };
         s.record(methods::BACKBONE_GENERATE, &open);
+        // The signature covers the opening message.
+        let h = s.signer.sign(methods::BACKBONE_GENERATE, &open, now_ms());
         tx.send(open).await.map_err(|_| ClientError::Invalid("generation stream closed".into()))?;
-        let h = s.signer.sign_digest(methods::BACKBONE_GENERATE, &sha256(&[]), now_ms());
         let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
         h.apply(req.metadata_mut());
         let rx = s.backbone().generate(req).await?.into_inner();

@@ -59,13 +59,8 @@ impl Auth {
         self.check(req.metadata(), method, &body_digest(req.get_ref()))
     }
 
-    /// A client-streaming call: its metadata precede the body, so the signature covers the
-    /// digest of an empty body; the stream itself is bound to this TLS connection.
-    pub fn device_stream(&self, md: &MetadataMap, method: &str) -> Result<DeviceRecord, Status> {
-        self.check(md, method, &sha256(&[]))
-    }
-
-    /// A client-streaming call whose first message is signed: `digest` is its body digest.
+    /// A client-streaming call: the signature covers its first message (`digest` = that
+    /// message's body digest), which the handler reads before anything else.
     pub fn check_digest(&self, md: &MetadataMap, method: &str, digest: &[u8; 32]) -> Result<DeviceRecord, Status> {
         self.check(md, method, digest)
     }

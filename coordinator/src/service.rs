@@ -423,14 +423,19 @@ impl Backbone for BackboneService {
         req: Request<Streaming<GenerateRequest>>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let s = self.0.clone();
-        s.auth
-            .device_stream(req.metadata(), methods::BACKBONE_GENERATE)?;
+        let md = req.metadata().clone();
         let mut input = req.into_inner();
-        // The session opens with its first message.
-        let open = match input.message().await? {
-            Some(GenerateRequest {
+        // The session opens with its first message, which the request signature covers.
+        let first = input
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("a Generate stream must start with an `open` message"))?;
+        s.auth
+            .check_digest(&md, methods::BACKBONE_GENERATE, &spa_proto::auth::body_digest(&first))?;
+        let open = match first {
+            GenerateRequest {
                 kind: Some(generate_request::Kind::Open(o)),
-            }) => o,
+            } => o,
             _ => {
                 return Err(Status::invalid_argument(
                     "a Generate stream must start with an `open` message",

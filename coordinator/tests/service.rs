@@ -403,11 +403,8 @@ async fn malformed_inputs_get_clear_statuses_and_valid_ones_match_the_local_back
         a: &DeviceSigner,
         msgs: Vec<GenerateRequest>,
     ) -> Result<Vec<GenerateResponse>, tonic::Status> {
-        let h = a.sign_digest(
-            methods::BACKBONE_GENERATE,
-            &spa_proto::auth::sha256(&[]),
-            now_ms(),
-        );
+        // The signature covers the first message.
+        let h = a.sign(methods::BACKBONE_GENERATE, &msgs[0], now_ms());
         let mut req = tonic::Request::new(tokio_stream::iter(msgs));
         h.apply(req.metadata_mut());
         let mut s = backbone(ch).generate(req).await?.into_inner();
@@ -429,6 +426,12 @@ async fn malformed_inputs_get_clear_statuses_and_valid_ones_match_the_local_back
     };
     let e = gen_session(&ch, &a, vec![ext(vec![1])]).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
+    // A signature over another opening message is refused.
+    let h = a.sign(methods::BACKBONE_GENERATE, &open(vec![nl]), now_ms());
+    let mut req = tonic::Request::new(tokio_stream::iter(vec![open(vec![0, nl])]));
+    h.apply(req.metadata_mut());
+    let e = backbone(&ch).generate(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
     let e = gen_session(&ch, &a, vec![open(vec![nl + 3])])
         .await
         .unwrap_err();
