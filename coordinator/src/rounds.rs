@@ -744,7 +744,16 @@ async fn run_round(rounds: &Arc<Rounds>, rec: &mut RoundRecord) -> Result<(), Ro
     let tasks = reqs.iter().map(|(seat, r)| (*seat, Task::Unmask(secagg::unmask_task(round_id, r)))).collect();
     enter(rounds, rec, RoundState::Unmask, tasks)?;
     collect(rounds, rec, Instant::now() + phase).await?;
-    let out = tokio::task::block_in_place(|| with_server(rounds, |s| s.close_unmask()))?;
+    // Mask removal is the heavy step: run it on a blocking thread (rayon inside) on a copy of
+    // the server state, so the lock that device polls take is not held meanwhile.
+    let mut server = lock(&rounds.active).as_ref().ok_or_else(|| RoundError::Aborted("no active round".into()))?.server.clone();
+    let unmask_started = Instant::now();
+    let out = tokio::task::spawn_blocking(move || server.close_unmask())
+        .await
+        .map_err(|e| RoundError::Invalid(format!("unmask task: {e}")))??;
+    if let Some(a) = lock(&rounds.active).as_mut() {
+        a.busy += unmask_started.elapsed();
+    }
 
     // ---- Commit ----------------------------------------------------------------------
     let commit_started = Instant::now();
