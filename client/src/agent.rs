@@ -111,6 +111,8 @@ pub async fn run(home: &Path, opts: &AgentOptions, on_event: &mut dyn FnMut(Agen
         on_event(AgentEvent::Connected { device_id: s.identity.device_id.clone() });
         backoff = Duration::from_millis(500);
         let mut current: Option<InRound> = None;
+        // A round this device left (an error mid-protocol): its later requests are ignored.
+        let mut abandoned: Option<u64> = None;
         loop {
             let task = match s.rounds().poll(s.request(methods::ROUNDS_POLL, PollRequest {})).await {
                 Ok(r) => r.into_inner().task,
@@ -126,6 +128,10 @@ pub async fn run(home: &Path, opts: &AgentOptions, on_event: &mut dyn FnMut(Agen
             backoff = Duration::from_millis(500);
             let round_id = task_round(&task);
             let evaluating = matches!(task, Some(Task::Evaluate(_)));
+            if round_id != 0 && abandoned == Some(round_id) && !evaluating && !matches!(task, Some(Task::Abort(_))) {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
             let ctx = Ctx { home, s: &s, m: &m, cfg: &cfg, device: &device };
             match handle(&ctx, &mut current, task, on_event).await {
                 Ok(Some(wait)) => tokio::time::sleep(wait).await,
@@ -140,6 +146,7 @@ pub async fn run(home: &Path, opts: &AgentOptions, on_event: &mut dyn FnMut(Agen
                 Err(e) => {
                     fatal(&e)?;
                     current = None;
+                    abandoned = Some(round_id);
                     on_event(AgentEvent::RoundFailed { round_id, error: e.to_string() });
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }

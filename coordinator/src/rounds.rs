@@ -342,7 +342,17 @@ impl Rounds {
         if !a.tasks.contains_key(&seat) {
             return Err(AnswerError::Invalid("no request of this phase is pending for this device (it dropped out earlier)".into()));
         }
-        let r = f(&mut a.server, seat).map_err(|e| AnswerError::Invalid(e.to_string()))?;
+        let r = match f(&mut a.server, seat) {
+            Ok(r) => r,
+            Err(e) => {
+                // The SecAgg+ server refused it: this seat is out of the phase (like a dropout),
+                // so the phase need not wait for its deadline.
+                a.tasks.remove(&seat);
+                drop(g);
+                self.wake.notify_one();
+                return Err(AnswerError::Invalid(e.to_string()));
+            }
+        };
         a.answered.insert(seat);
         a.tasks.remove(&seat);
         a.busy += started.elapsed();
