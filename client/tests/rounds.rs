@@ -406,3 +406,31 @@ fn below_threshold_aborts_and_coordinator_crashes_lose_nothing() {
     assert!(step > 0.0 && step.is_finite(), "{step}");
     assert!(coord.admin_fails(&["round", "start", "--dp-noise", "1.0"]).contains("dp"));
 }
+
+#[test]
+fn a_revoked_device_agent_stops_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut coord = Coordinator::init(dir.path(), 1);
+    coord.start(None);
+    let mut d = Device::enroll(dir.path(), &coord, 0, 12);
+    d.run(&[]);
+    // Wait until the agent is connected and polling, then revoke it.
+    let t = Instant::now();
+    while !std::fs::read_to_string(d.home.join("agent.log")).unwrap_or_default().contains("connected as") {
+        assert!(t.elapsed() < Duration::from_secs(60), "agent did not connect");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    coord.admin(&["devices", "revoke", &d.id]);
+    let mut child = d.agent.take().unwrap();
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "the agent kept running after revocation");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success());
+    let log = std::fs::read_to_string(d.home.join("agent.log")).unwrap();
+    assert!(log.contains("refuses this device") && log.contains("revoked"), "{log}");
+}
