@@ -117,7 +117,11 @@ pub async fn quickstart(cfg: &QuickstartConfig, out: &mut dyn FnMut(Output)) -> 
                 let r = r.into_inner();
                 let v: serde_json::Value = serde_json::from_str(&r.record_json)?;
                 let evaluated = v["metrics"].as_object().map_or(0, |m| m.len()) >= v["cohort"].as_array().map_or(0, |c| c.len());
-                let next_started = id < cfg.rounds as u64 && admin.round_status(with_admin(&cred, RoundStatusRequest { round_id: id + 1 })?).await.is_ok();
+                // A device may skip evaluating when the next round takes it first.
+                let next_started = r.state == "committed"
+                    && !evaluated
+                    && id < cfg.rounds as u64
+                    && admin.round_status(with_admin(&cred, RoundStatusRequest { round_id: id + 1 })?).await.is_ok();
                 if r.state == "aborted" || (r.state == "committed" && (evaluated || next_started)) {
                     anyhow::ensure!(r.state == "committed", "round {id} aborted: {}", v["reason"]);
                     out(Output::Round(v));

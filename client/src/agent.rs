@@ -101,10 +101,7 @@ pub async fn run(home: &Path, opts: &AgentOptions, on_event: &mut dyn FnMut(Agen
         let (s, m) = match connect(home, &device).await {
             Ok(x) => x,
             Err(e) => {
-                fatal(&e)?;
-                on_event(AgentEvent::Unreachable { error: e.to_string(), retry_in: backoff });
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(opts.max_backoff);
+                back_off(e, &mut backoff, opts.max_backoff, on_event).await?;
                 continue;
             }
         };
@@ -117,11 +114,7 @@ pub async fn run(home: &Path, opts: &AgentOptions, on_event: &mut dyn FnMut(Agen
             let task = match s.rounds().poll(s.request(methods::ROUNDS_POLL, PollRequest {})).await {
                 Ok(r) => r.into_inner().task,
                 Err(e) => {
-                    let e = ClientError::from(e);
-                    fatal(&e)?;
-                    on_event(AgentEvent::Unreachable { error: e.to_string(), retry_in: backoff });
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(opts.max_backoff);
+                    back_off(e.into(), &mut backoff, opts.max_backoff, on_event).await?;
                     break;
                 }
             };
@@ -158,13 +151,22 @@ pub async fn run(home: &Path, opts: &AgentOptions, on_event: &mut dyn FnMut(Agen
 /// Errors that no retry fixes: revoked or unknown device, a broken local store.
 fn fatal(e: &ClientError) -> Result<()> {
     match e {
-        ClientError::Status(s) if matches!(s.code(), Code::Unauthenticated | Code::PermissionDenied) && s.message().contains("revoked") => {
+        ClientError::Status(s) if s.code() == Code::Unauthenticated || (s.code() == Code::PermissionDenied && s.message().contains("revoked")) => {
             Err(ClientError::Invalid(format!("the coordinator refuses this device: {}", s.message())))
         }
-        ClientError::Status(s) if s.code() == Code::Unauthenticated => Err(ClientError::Invalid(format!("the coordinator refuses this device: {}", s.message()))),
         ClientError::NotEnrolled | ClientError::Store(_) => Err(ClientError::Invalid(e.to_string())),
         _ => Ok(()),
     }
+}
+
+/// An unreachable coordinator: report, wait, and double the wait (up to `max`); a fatal
+/// error ends the agent instead.
+async fn back_off(e: ClientError, backoff: &mut Duration, max: Duration, on_event: &mut dyn FnMut(AgentEvent)) -> Result<()> {
+    fatal(&e)?;
+    on_event(AgentEvent::Unreachable { error: e.to_string(), retry_in: *backoff });
+    tokio::time::sleep(*backoff).await;
+    *backoff = (*backoff * 2).min(max);
+    Ok(())
 }
 
 async fn connect(home: &Path, device: &spa_model::burn::tensor::Device) -> Result<(Session, Model)> {

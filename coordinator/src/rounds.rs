@@ -28,6 +28,8 @@ use spa_model::side::ParamSet;
 use spa_proto::auth::now_ms;
 use spa_proto::secagg;
 use spa_proto::v1;
+// What a polling device is told to do: the wire type, kept per seat as it is sent.
+use spa_proto::v1::poll_response::Task;
 use tokio::sync::Notify;
 
 use crate::config::RoundsSection;
@@ -193,15 +195,6 @@ pub struct RunRecord {
     pub state: RunState,
 }
 
-/// What a polling device is told to do.
-#[derive(Clone, Debug)]
-pub enum Task {
-    Train(v1::TrainTask),
-    ShareKeys(v1::ShareKeysTask),
-    MaskedInput(v1::MaskedInputTask),
-    Unmask(v1::UnmaskTask),
-}
-
 /// The round in progress.
 struct Active {
     round_id: u64,
@@ -287,33 +280,27 @@ impl Rounds {
     }
 
     /// A device polled: what should it do now?
-    pub fn poll(&self, device: &str) -> v1::poll_response::Task {
-        use v1::poll_response::Task as T;
+    pub fn poll(&self, device: &str) -> Task {
         lock(&self.online).insert(device.to_string(), Instant::now());
         if let Some(a) = lock(&self.active).as_ref()
             && let Some(seat) = a.seats.get(device)
         {
             if let Some(t) = a.tasks.get(seat) {
-                return match t.clone() {
-                    Task::Train(t) => T::Train(t),
-                    Task::ShareKeys(t) => T::ShareKeys(t),
-                    Task::MaskedInput(t) => T::MaskedInput(t),
-                    Task::Unmask(t) => T::Unmask(t),
-                };
+                return t.clone();
             }
-            return T::Idle(v1::Idle { retry_after_ms: 200 });
+            return Task::Idle(v1::Idle { retry_after_ms: 200 });
         }
         if let Some((round_id, reason, devices)) = lock(&self.aborted).as_mut()
             && devices.remove(device)
         {
-            return T::Abort(v1::AbortTask { round_id: *round_id, reason: reason.clone() });
+            return Task::Abort(v1::AbortTask { round_id: *round_id, reason: reason.clone() });
         }
         if let Some(e) = lock(&self.eval).as_ref()
             && e.pending.contains(device)
         {
-            return T::Evaluate(v1::EvaluateTask { round_id: e.round_id, global_version: e.version });
+            return Task::Evaluate(v1::EvaluateTask { round_id: e.round_id, global_version: e.version });
         }
-        T::Idle(v1::Idle { retry_after_ms: 1000 })
+        Task::Idle(v1::Idle { retry_after_ms: 1000 })
     }
 
     /// Runs `f` on the active round's SecAgg server if `device` holds a seat in `round_id`
@@ -416,11 +403,6 @@ impl Rounds {
         self.store.put_round(&rec).map_err(|e| AnswerError::Invalid(e.to_string()))
     }
 
-    /// The round in progress, if any: (round id, state).
-    pub fn current(&self) -> Option<(u64, RoundState)> {
-        lock(&self.active).as_ref().map(|a| (a.round_id, a.state))
-    }
-
     fn online_devices(&self) -> Result<Vec<String>, RoundError> {
         let horizon = Duration::from_secs(self.cfg.online_secs);
         let online: Vec<String> = lock(&self.online).iter().filter(|(_, t)| t.elapsed() <= horizon).map(|(d, _)| d.clone()).collect();
@@ -460,7 +442,7 @@ pub enum AnswerError {
     Invalid(String),
 }
 
-pub fn mean_metrics<'a>(ms: impl Iterator<Item = &'a DeviceMetrics>) -> DeviceMetrics {
+fn mean_metrics<'a>(ms: impl Iterator<Item = &'a DeviceMetrics>) -> DeviceMetrics {
     let mut out = DeviceMetrics::default();
     for m in ms {
         let w = m.tokens as f64;
@@ -656,7 +638,7 @@ async fn run_round(rounds: &Arc<Rounds>, rec: &mut RoundRecord) -> Result<(), Ro
     let selecting = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(plan.deadline_secs as u64);
     let mut enough_since: Option<Instant> = None;
-    let cohort = loop {
+    let mut cohort = loop {
         let online = rounds.online_devices()?;
         if online.len() >= plan.min_clients as usize {
             let since = *enough_since.get_or_insert_with(Instant::now);
@@ -671,7 +653,6 @@ async fn run_round(rounds: &Arc<Rounds>, rec: &mut RoundRecord) -> Result<(), Ro
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     rec.phase_ms.insert("selecting".into(), selecting.elapsed().as_millis() as u64);
-    let mut cohort = cohort;
     // Over-selection: any online device may be picked; a random subset when there are more.
     if cohort.len() > plan.max_clients as usize {
         use rand_chacha::rand_core::{RngCore, SeedableRng};
