@@ -384,12 +384,13 @@ impl Rounds {
         if vals.iter().any(|v| !v.is_finite() || *v < 0.0) || r.tokens == 0 {
             return Err(AnswerError::Invalid("metrics must be finite, >= 0, with tokens > 0".into()));
         }
-        {
-            let mut g = lock(&self.eval);
-            let e = g.as_mut().filter(|e| e.round_id == r.round_id && e.version == r.global_version).ok_or(AnswerError::NotActive(r.round_id))?;
-            if !e.pending.remove(device) {
-                return Err(AnswerError::NotInCohort);
-            }
+        // The eval lock is held across the record's read-modify-write, so concurrent reports
+        // do not overwrite each other, and a device leaves `pending` only once its metrics are
+        // stored (the next round waits on `pending`).
+        let mut g = lock(&self.eval);
+        let e = g.as_mut().filter(|e| e.round_id == r.round_id && e.version == r.global_version).ok_or(AnswerError::NotActive(r.round_id))?;
+        if !e.pending.contains(device) {
+            return Err(AnswerError::NotInCohort);
         }
         let mut rec = self.store.round(r.round_id).map_err(|e| AnswerError::Invalid(e.to_string()))?.ok_or(AnswerError::NotActive(r.round_id))?;
         rec.metrics.insert(device.to_string(), DeviceMetrics {
@@ -400,7 +401,11 @@ impl Rounds {
             personalized_acc: r.personalized_acc,
         });
         rec.mean_metrics = Some(mean_metrics(rec.metrics.values()));
-        self.store.put_round(&rec).map_err(|e| AnswerError::Invalid(e.to_string()))
+        self.store.put_round(&rec).map_err(|e| AnswerError::Invalid(e.to_string()))?;
+        e.pending.remove(device);
+        drop(g);
+        self.wake.notify_one();
+        Ok(())
     }
 
     fn online_devices(&self) -> Result<Vec<String>, RoundError> {
