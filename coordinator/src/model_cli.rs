@@ -145,6 +145,13 @@ pub struct PretrainArgs {
     steps: usize,
     #[arg(long, default_value_t = 2e-3)]
     lr: f64,
+    #[arg(long, default_value_t = 100)]
+    warmup: usize,
+    #[arg(long, default_value_t = 0.1)]
+    weight_decay: f64,
+    /// Dropout on the embeddings and residual branches while training (0 = none).
+    #[arg(long, default_value_t = 0.1)]
+    dropout: f64,
     #[arg(long, default_value_t = 250)]
     eval_every: usize,
     #[arg(long, default_value_t = 1)]
@@ -304,6 +311,9 @@ fn run_pretrain(a: PretrainArgs, device: &spa_model::burn::tensor::Device) -> Re
         batch: a.batch,
         steps: a.steps,
         lr: a.lr,
+        warmup: a.warmup,
+        weight_decay: a.weight_decay,
+        dropout: a.dropout,
         eval_every: a.eval_every,
         seed: a.seed,
         save_dtype_f16: !a.f32,

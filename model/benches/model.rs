@@ -5,7 +5,7 @@
 //! - side FLOPs per token as a fraction of the backbone's.
 //!
 //! Every figure is the median of several repetitions. Run:
-//!   cargo bench -p spa-model --bench model [-- flex|ndarray ... backbone|side|linear|pretrain ...]
+//!   cargo bench -p spa-model --bench model [-- flex|ndarray ... backbone|side|side-mlp|side-ladder|linear|pretrain ...]
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -115,13 +115,14 @@ fn train_flops_per_token(p: &Plugin, ctx: usize) -> f64 {
     2.0 * (3.0 * p.macs_per_token(ctx) + 3.0 * head)
 }
 
-fn bench_side(bb: &Backbone, peak: f64) {
+fn bench_side(bb: &Backbone, peak: f64, variants: &[SideVariant]) {
     let tok = Tokenizer::from_file(&shipped_dir().join("tokenizer.json")).unwrap();
     let users = synthetic_users(4, 60, 1);
     let examples: Vec<_> = users.iter().flat_map(|u| u.train.clone()).collect();
     let ex = tokenize_examples(&tok, &examples, bb.config.max_position_embeddings).unwrap();
     let head = FrozenHead::from_backbone(bb);
-    for (variant, r) in [(SideVariant::Mlp, 8), (SideVariant::Ladder, 8), (SideVariant::Ladder, 16)] {
+    let runs = [(SideVariant::Mlp, 8), (SideVariant::Ladder, 8), (SideVariant::Ladder, 16)];
+    for (variant, r) in runs.into_iter().filter(|(v, _)| variants.contains(v)) {
         let side = SideConfig { variant, reduction: r, ..SideConfig::default() };
         let plugin = Plugin::new(&side, &bb.config, &bb.device).unwrap();
         let pos = spa_model::experiment::positions_for(variant);
@@ -208,7 +209,7 @@ fn bench_pretrain(device: &Device, peak: f64) {
 
 fn main() {
     // Arguments: backend names (flex, ndarray; default both) and section names (backbone,
-    // side, linear, pretrain; default all).
+    // side (or side-mlp, side-ladder), linear, pretrain; default all).
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let (backends, sections): (Vec<&String>, Vec<&String>) = args.iter().partition(|a| a.parse::<BackendKind>().is_ok());
     let kinds: Vec<BackendKind> =
@@ -225,8 +226,13 @@ fn main() {
             bench_backbone("shipped d256 L4", &shipped, peak);
             bench_backbone("medium d512 L8", &medium(&device), peak);
         }
-        if on("side") {
-            bench_side(&shipped, peak);
+        let variants: Vec<SideVariant> = [(SideVariant::Mlp, "side-mlp"), (SideVariant::Ladder, "side-ladder")]
+            .into_iter()
+            .filter(|(_, name)| on("side") || on(name))
+            .map(|(v, _)| v)
+            .collect();
+        if !variants.is_empty() {
+            bench_side(&shipped, peak, &variants);
         }
         if on("linear") {
             bench_linear_layout(&device, peak);

@@ -31,6 +31,8 @@ pub struct PretrainConfig {
     pub lr: f64,
     pub warmup: usize,
     pub weight_decay: f64,
+    /// Residual and embedding dropout while training (the backbone serves without it).
+    pub dropout: f64,
     pub eval_every: usize,
     /// Windows averaged for each held-out evaluation.
     pub eval_windows: usize,
@@ -52,6 +54,7 @@ impl Default for PretrainConfig {
             lr: 2e-3,
             warmup: 100,
             weight_decay: 0.1,
+            dropout: 0.1,
             eval_every: 250,
             eval_windows: 64,
             seed: 1,
@@ -150,6 +153,9 @@ pub fn pretrain(
     if cfg.steps == 0 || cfg.batch == 0 || cfg.eval_every == 0 {
         return Err(ModelError::InvalidInput("steps, batch and eval_every must be > 0".into()));
     }
+    if !(0.0..1.0).contains(&cfg.dropout) {
+        return Err(ModelError::InvalidInput(format!("dropout {} outside [0, 1)", cfg.dropout)));
+    }
     let config = BackboneConfig {
         vocab_size: tokenizer.vocab_size(),
         hidden_size: cfg.hidden,
@@ -204,7 +210,7 @@ pub fn pretrain(
     for step in 0..cfg.steps {
         let starts: Vec<usize> = (0..cfg.batch).map(|_| rng.random_range(0..train.len() - cfg.context - 1)).collect();
         let (x, y) = windows(&train, &starts, cfg.context, &ad);
-        let bb = Backbone { config: config.clone(), net: net.clone(), rope: rope_ad.clone(), device: ad.clone() };
+        let bb = Backbone { config: config.clone(), net: net.clone(), rope: rope_ad.clone(), device: ad.clone(), dropout: cfg.dropout };
         let loss = lm_loss(&bb, x, y);
         let value = loss.clone().into_scalar::<f32>();
         if !value.is_finite() {

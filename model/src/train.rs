@@ -79,11 +79,15 @@ pub struct TrainReport {
     pub tokens_per_second: f64,
 }
 
-/// One batch as tensors: features `[B, T, layers, d]`, targets `[B, T]`, mask `[B, T]`.
+/// One batch as tensors: features `[layers, B, T, d]` (layer-major, so each layer is a
+/// contiguous slice and taking one copies nothing), targets and mask `[B, T, 1]`, and the
+/// frozen backbone's own prediction at each position (see [`BackbonePreds`]).
 struct Batch {
     feats: Tensor<4>,
-    targets: Tensor<2, Int>,
-    mask: Tensor<2>,
+    targets: Tensor<3, Int>,
+    mask: Tensor<3>,
+    bb_logp: Tensor<3>,
+    bb_right: Tensor<3>,
     tokens: usize,
 }
 
@@ -105,7 +109,62 @@ fn units(data: &FeatureSet, per_token: bool) -> Vec<Unit> {
     u
 }
 
-fn make_batch(data: &FeatureSet, units: &[&Unit], device: &Device) -> Batch {
+/// The frozen backbone's log-probability of each target and whether its argmax is the
+/// target, per example and position. They depend on the features alone, so they are
+/// computed once per call instead of once per step and epoch.
+struct BackbonePreds {
+    logp: Vec<Vec<f32>>,
+    right: Vec<Vec<f32>>,
+}
+
+fn backbone_preds(head: &FrozenHead, data: &FeatureSet, device: &Device) -> Result<BackbonePreds> {
+    let last = *data.layers.last().ok_or_else(|| ModelError::InvalidInput("empty feature set".into()))?;
+    let k = data.layer_index(last)?;
+    let (row, d) = (data.layers.len() * data.d, data.d);
+    let mut preds = BackbonePreds { logp: Vec::new(), right: Vec::new() };
+    // Positions of many examples go through the head together, in chunks of a few thousand.
+    let mut pending: Vec<usize> = Vec::new();
+    let flush = |pending: &mut Vec<usize>, preds: &mut BackbonePreds| {
+        let n: usize = pending.iter().map(|&i| data.examples[i].len()).sum();
+        let mut h = Vec::with_capacity(n * d);
+        let mut tgt = Vec::with_capacity(n);
+        for &i in pending.iter() {
+            let e = &data.examples[i];
+            for p in 0..e.len() {
+                h.extend_from_slice(&e.feats[p * row + k * d..p * row + (k + 1) * d]);
+            }
+            tgt.extend(e.targets.iter().map(|&t| t as i64));
+        }
+        let h = Tensor::<3>::from_data(TensorData::new(h, [1, n, d]), device);
+        let tgt = Tensor::<3, Int>::from_data(TensorData::new(tgt, [1, n, 1]), device);
+        let lp = log_softmax(head.logits(h), 2);
+        let logp = crate::tensor_util::to_vec(lp.clone().gather(2, tgt.clone()));
+        let right = crate::tensor_util::to_vec(lp.argmax(2).equal(tgt).float());
+        let mut at = 0;
+        for &i in pending.iter() {
+            let len = data.examples[i].len();
+            preds.logp.push(logp[at..at + len].to_vec());
+            preds.right.push(right[at..at + len].to_vec());
+            at += len;
+        }
+        pending.clear();
+    };
+    let mut queued = 0;
+    for (i, e) in data.examples.iter().enumerate() {
+        pending.push(i);
+        queued += e.len();
+        if queued >= 4096 {
+            flush(&mut pending, &mut preds);
+            queued = 0;
+        }
+    }
+    if !pending.is_empty() {
+        flush(&mut pending, &mut preds);
+    }
+    Ok(preds)
+}
+
+fn make_batch(data: &FeatureSet, preds: &BackbonePreds, units: &[&Unit], device: &Device) -> Batch {
     let (l, d) = (data.layers.len(), data.d);
     let row = l * d;
     let t = units
@@ -117,41 +176,46 @@ fn make_batch(data: &FeatureSet, units: &[&Unit], device: &Device) -> Batch {
         .max()
         .unwrap_or(1);
     let b = units.len();
-    let mut feats = vec![0.0f32; b * t * row];
+    let layer_stride = b * t * d;
+    let mut feats = vec![0.0f32; l * layer_stride];
     let mut targets = vec![0i64; b * t];
     let mut mask = vec![0.0f32; b * t];
+    let mut bb_logp = vec![0.0f32; b * t];
+    let mut bb_right = vec![0.0f32; b * t];
     for (i, u) in units.iter().enumerate() {
-        match u {
-            Unit::Token { ex, pos } => {
-                let e = &data.examples[*ex];
-                feats[i * row..(i + 1) * row].copy_from_slice(&e.feats[pos * row..(pos + 1) * row]);
-                targets[i] = e.targets[*pos] as i64;
-                mask[i] = 1.0;
+        let (ex, positions) = match u {
+            Unit::Token { ex, pos } => (*ex, *pos..*pos + 1),
+            Unit::Sequence { ex } => (*ex, 0..data.examples[*ex].len()),
+        };
+        let e = &data.examples[ex];
+        for (slot, p) in positions.clone().enumerate() {
+            let at = i * t + slot;
+            for k in 0..l {
+                feats[k * layer_stride + at * d..k * layer_stride + (at + 1) * d]
+                    .copy_from_slice(&e.feats[p * row + k * d..p * row + (k + 1) * d]);
             }
-            Unit::Sequence { ex } => {
-                let e = &data.examples[*ex];
-                let n = e.len();
-                feats[i * t * row..(i * t + n) * row].copy_from_slice(&e.feats);
-                for p in 0..n {
-                    targets[i * t + p] = e.targets[p] as i64;
-                    mask[i * t + p] = if e.loss[p] { 1.0 } else { 0.0 };
-                }
-            }
+            targets[at] = e.targets[p] as i64;
+            mask[at] = if e.loss[p] { 1.0 } else { 0.0 };
+            bb_logp[at] = preds.logp[ex][p];
+            bb_right[at] = preds.right[ex][p];
         }
     }
     let tokens = mask.iter().filter(|&&m| m > 0.0).count();
+    let col = |v: Vec<f32>| Tensor::<3>::from_data(TensorData::new(v, [b, t, 1]), device);
     Batch {
-        feats: Tensor::from_data(TensorData::new(feats, [b, t, l, d]), device),
-        targets: Tensor::from_data(TensorData::new(targets, [b, t]), device),
-        mask: Tensor::from_data(TensorData::new(mask, [b, t]), device),
+        feats: Tensor::from_data(TensorData::new(feats, [l, b, t, d]), device),
+        targets: Tensor::from_data(TensorData::new(targets, [b, t, 1]), device),
+        mask: col(mask),
+        bb_logp: col(bb_logp),
+        bb_right: col(bb_right),
         tokens,
     }
 }
 
 /// Per-layer `[B, T, d]` views of a batch, in the plugin's tap order, plus the final layer.
 fn split_layers(data: &FeatureSet, plugin_taps: &[usize], feats: &Tensor<4>) -> Result<(Vec<Tensor<3>>, Tensor<3>)> {
-    let [b, t, _, d] = feats.dims();
-    let layer = |k: usize| feats.clone().narrow(2, k, 1).reshape([b, t, d]);
+    let [_, b, t, d] = feats.dims();
+    let layer = |k: usize| feats.clone().narrow(0, k, 1).reshape([b, t, d]);
     let taps = plugin_taps.iter().map(|&tap| Ok(layer(data.layer_index(tap)?))).collect::<Result<Vec<_>>>()?;
     let last = *data.layers.last().ok_or_else(|| ModelError::InvalidInput("empty feature set".into()))?;
     Ok((taps, layer(data.layer_index(last)?)))
@@ -160,17 +224,14 @@ fn split_layers(data: &FeatureSet, plugin_taps: &[usize], feats: &Tensor<4>) -> 
 /// Per-position quantities every loss and metric is built from.
 struct Heads {
     lp_side: Tensor<3>,
-    lp_bb: Tensor<3>,
     gate: Tensor<3>,
-    tgt: Tensor<3, Int>,
 }
 
 fn heads(net: &PluginNet, plugin: &Plugin, head: &FrozenHead, data: &FeatureSet, batch: &Batch) -> Result<Heads> {
     let (taps, h_last) = split_layers(data, &plugin.shape.taps, &batch.feats)?;
-    let out = net.forward(&taps, h_last.clone(), head, plugin.config.gate.use_side_state);
+    let out = net.forward(&taps, h_last, head, plugin.config.gate.use_side_state);
     let lp_side = log_softmax(head.logits(out.side_hidden), 2);
-    let lp_bb = log_softmax(head.logits(h_last), 2).detach();
-    Ok(Heads { lp_side, lp_bb, gate: out.gate, tgt: batch.targets.clone().unsqueeze_dim(2) })
+    Ok(Heads { lp_side, gate: out.gate })
 }
 
 /// Sum over the shared parameters of `(w - w_global)^2`, with gradients (FedProx).
@@ -231,24 +292,24 @@ pub fn train_plugin(
     on_event(TrainEvent::Start { total_steps: steps_per_epoch * cfg.epochs });
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let mut order: Vec<&Unit> = all.iter().collect();
+    let preds = backbone_preds(head, data, &device)?;
     let mut report = TrainReport::default();
     let started = Instant::now();
     for epoch in 0..cfg.epochs {
         order.shuffle(&mut rng);
         let mut sum = 0.0f32;
         for chunk in order.chunks(per_step) {
-            let batch = make_batch(data, chunk, &ad);
+            let batch = make_batch(data, &preds, chunk, &ad);
             let n = batch.tokens.max(1) as f64;
             let h = heads(&net, &plugin, &head_ad, data, &batch)?;
-            let mask = batch.mask.clone().unsqueeze_dim::<3>(2);
-            let ls = h.lp_side.gather(2, h.tgt.clone());
-            let lb = h.lp_bb.clone().gather(2, h.tgt.clone());
+            let mask = batch.mask.clone();
+            let ls = h.lp_side.gather(2, batch.targets.clone());
+            let lb = batch.bb_logp.clone();
             let ce_side = (ls.clone() * mask.clone()).sum().neg().div_scalar(n);
             let g = h.gate;
             let mix = (g.clone() * ls.detach().exp() + g.clone().neg().add_scalar(1.0) * lb.exp()).clamp_min(1e-9).log();
             let ce_mix = (mix * mask.clone()).sum().neg().div_scalar(n);
-            let bb_right = h.lp_bb.argmax(2).equal(h.tgt).float();
-            let cost = (g * bb_right * mask).sum().div_scalar(n).mul_scalar(cfg.gate_cost);
+            let cost = (g * batch.bb_right.clone() * mask).sum().div_scalar(n).mul_scalar(cfg.gate_cost);
             let mut loss = ce_side + ce_mix + cost;
             if let (Some(global), true) = (global, cfg.prox_mu > 0.0) {
                 let mut prox = Prox { path: vec![], global, terms: vec![], missing: vec![] };
@@ -304,14 +365,15 @@ pub fn evaluate(plugin: &Plugin, head: &FrozenHead, data: &FeatureSet, batch_tok
     let mut acc = [0.0f64; 7];
     let mut tokens = 0usize;
     let refs: Vec<&Unit> = all.iter().collect();
+    let preds = backbone_preds(head, data, &device)?;
     for chunk in refs.chunks(per_step) {
-        let batch = make_batch(data, chunk, &device);
+        let batch = make_batch(data, &preds, chunk, &device);
         let h = heads(&plugin.net, plugin, head, data, &batch)?;
-        let mask = batch.mask.clone().unsqueeze_dim::<3>(2);
-        let ls = h.lp_side.clone().gather(2, h.tgt.clone());
-        let lb = h.lp_bb.clone().gather(2, h.tgt.clone());
-        let side_ok = h.lp_side.argmax(2).equal(h.tgt.clone()).float();
-        let bb_ok = h.lp_bb.argmax(2).equal(h.tgt).float();
+        let mask = batch.mask.clone();
+        let ls = h.lp_side.clone().gather(2, batch.targets.clone());
+        let lb = batch.bb_logp.clone();
+        let side_ok = h.lp_side.argmax(2).equal(batch.targets.clone()).float();
+        let bb_ok = batch.bb_right.clone();
         let routed = h.gate.greater_elem(thr).float();
         let not_routed = routed.clone().neg().add_scalar(1.0);
         let sum = |t: Tensor<3>| (t * mask.clone()).sum().into_scalar::<f32>() as f64;

@@ -42,3 +42,34 @@ fn pretraining_learns_saves_and_resumes() {
     let err = pretrain(&other, &other_json, "abcabc".repeat(40).as_str(), "abcabc".repeat(20).as_str(), &tiny(5), Some(&bb), &device, dir2.path(), &mut |_| {});
     assert!(err.unwrap_err().to_string().contains("tokens"));
 }
+
+/// Dropout acts only while training: on an autodiff device it perturbs the forward pass and
+/// keeps its scale; on the serving device the same backbone is unchanged, so parity and
+/// features never see it.
+#[test]
+fn dropout_only_in_training() {
+    use spa_model::backbone::{Backbone, TokenBatch};
+    use spa_model::burn::module::Module;
+    let device = BackendKind::Flex.device().unwrap();
+    let cfg = tiny(1);
+    let tok_json = char_level_json(corpus().chars());
+    let tok = Tokenizer::from_json(&tok_json).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let text = corpus();
+    let (train, val) = text.split_at(text.len() * 9 / 10);
+    pretrain(&tok, &tok_json, train, val, &cfg, None, &device, dir.path(), &mut |_| {}).unwrap();
+    let plain = load_backbone(dir.path(), &device).unwrap();
+    let batch = TokenBatch::new(vec![(1..30).collect()], &plain.config, 0).unwrap();
+    let hidden = |bb: &Backbone| -> Vec<f32> { spa_model::tensor_util::to_vec(bb.forward(&batch, &[], false, None).last_hidden) };
+    let reference = hidden(&plain);
+
+    let serving = Backbone { dropout: 0.5, ..plain.clone() };
+    assert_eq!(hidden(&serving), reference, "dropout must not act off an autodiff device");
+
+    let ad = device.clone().autodiff();
+    let training = Backbone::from_parts(plain.config.clone(), plain.net.clone().fork(&ad), &ad);
+    assert_eq!(hidden(&Backbone { dropout: 0.0, ..training.clone() }).len(), reference.len());
+    let dropped = hidden(&Backbone { dropout: 0.5, ..training });
+    let diff = dropped.iter().zip(&reference).filter(|(a, b)| (*a - *b).abs() > 1e-4).count();
+    assert!(diff > reference.len() / 2, "dropout changed only {diff} of {} values", reference.len());
+}

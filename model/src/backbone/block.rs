@@ -4,7 +4,7 @@ use burn::tensor::Tensor;
 
 use super::attention::SelfAttention;
 use super::cache::LayerCache;
-use super::layers::RmsNorm;
+use super::layers::{RmsNorm, dropout};
 use super::mlp::Mlp;
 use super::rope::Rope;
 
@@ -17,8 +17,10 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    pub fn forward(&self, x: Tensor<3>, rope: &Rope, cache: Option<&mut LayerCache>) -> Tensor<3> {
-        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rope, cache);
-        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    /// `drop`: residual-branch dropout probability (pretraining only; 0 when serving).
+    pub fn forward(&self, x: Tensor<3>, rope: &Rope, cache: Option<&mut LayerCache>, drop: f64) -> Tensor<3> {
+        let a = self.self_attn.forward(self.input_layernorm.forward(x.clone()), rope, cache);
+        let h = x + dropout(a, drop);
+        h.clone() + dropout(self.mlp.forward(self.post_attention_layernorm.forward(h)), drop)
     }
 }

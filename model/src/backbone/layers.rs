@@ -49,6 +49,17 @@ impl RmsNorm {
     }
 }
 
+/// Inverted dropout, for pretraining only: a no-op at `p == 0` or off an autodiff device, so
+/// serving, parity and feature extraction never see it.
+pub fn dropout<const D: usize>(x: Tensor<D>, p: f64) -> Tensor<D> {
+    if p <= 0.0 || !x.device().is_autodiff() {
+        return x;
+    }
+    let keep = 1.0 - p;
+    let mask = x.random_like(burn::tensor::Distribution::Bernoulli(keep));
+    x * mask * (1.0 / keep)
+}
+
 /// Token embedding table `[vocab, hidden]`.
 #[derive(Module, Debug)]
 pub struct Embedding {

@@ -97,12 +97,15 @@ pub struct Backbone {
     pub net: LlamaForCausalLM,
     pub rope: Rope,
     pub device: Device,
+    /// Dropout on the embeddings and every residual branch; only pretraining sets it, and it
+    /// only acts on an autodiff device (see `layers::dropout`).
+    pub dropout: f64,
 }
 
 impl Backbone {
     pub fn from_parts(config: BackboneConfig, net: LlamaForCausalLM, device: &Device) -> Self {
         let rope = Rope::new(&config, device);
-        Self { config, net, rope, device: device.clone() }
+        Self { config, net, rope, device: device.clone(), dropout: 0.0 }
     }
 
     pub fn num_layers(&self) -> usize {
@@ -149,11 +152,11 @@ impl Backbone {
                 *slot = Some(x.clone());
             }
         };
-        let mut x = self.net.model.embed_tokens.forward(ids);
+        let mut x = super::layers::dropout(self.net.model.embed_tokens.forward(ids), self.dropout);
         keep(0, &x);
         for (i, layer) in self.net.model.layers.iter().enumerate() {
             let lc = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(x, &self.rope, lc);
+            x = layer.forward(x, &self.rope, lc, self.dropout);
             keep(i + 1, &x);
         }
         let logits = want_logits.then(|| self.net.head(x.clone()));

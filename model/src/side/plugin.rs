@@ -28,6 +28,19 @@ fn lin(l: &Linear, x: Tensor<3>) -> Tensor<3> {
     y.reshape([b, t, out])
 }
 
+/// `a(x) + b(x)` for two linears of the same shape as one gemm with the summed weights:
+/// the same values, and the same gradient reaches each weight.
+fn lin_sum(a: &Linear, b: &Linear, x: Tensor<3>) -> Tensor<3> {
+    let [bs, t, d] = x.dims();
+    let w = a.weight.val() + b.weight.val();
+    let mut y = x.reshape([bs * t, d]).matmul(w);
+    for bias in [&a.bias, &b.bias].into_iter().flatten() {
+        y = y + bias.val().unsqueeze::<2>();
+    }
+    let out = y.dims()[1];
+    y.reshape([bs, t, out])
+}
+
 /// One pre-norm causal transformer block at the side width (ladder variant).
 #[derive(Module, Debug)]
 pub struct SideBlock {
@@ -129,7 +142,7 @@ impl PluginNet {
 
     pub fn forward(&self, taps: &[Tensor<3>], h_last: Tensor<3>, head: &FrozenHead, gate_uses_side: bool) -> PluginOutput {
         let s = self.side_state(taps);
-        let side_hidden = h_last.clone() + lin(&self.side.up, s.clone()) + lin(&self.personal, s.clone());
+        let side_hidden = h_last.clone() + lin_sum(&self.side.up, &self.personal, s.clone());
         let gate = self.gate(head.norm(h_last), gate_uses_side.then(|| s.clone().detach()));
         PluginOutput { side_state: s, side_hidden, gate }
     }
