@@ -34,12 +34,16 @@ pub struct TrainConfig {
     pub gate_cost: f64,
     /// FedProx proximal weight (0 = plain local training).
     pub prox_mu: f64,
+    /// Fraction of the examples (the last ones, in order) held out to pick the best epoch by
+    /// routed loss, the untrained plugin (= the backbone) included; 0 = train on all and
+    /// keep the last epoch.
+    pub val_fraction: f64,
     pub seed: u64,
 }
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        Self { epochs: 3, lr: 3e-3, batch_tokens: 1024, batch_sequences: 8, weight_decay: 0.0, gate_cost: 0.1, prox_mu: 0.0, seed: 0 }
+        Self { epochs: 3, lr: 3e-3, batch_tokens: 1024, batch_sequences: 8, weight_decay: 0.0, gate_cost: 0.1, prox_mu: 0.0, val_fraction: 0.0, seed: 0 }
     }
 }
 
@@ -57,7 +61,8 @@ impl TrainConfig {
             && self.gate_cost.is_finite()
             && self.gate_cost >= 0.0
             && self.prox_mu.is_finite()
-            && self.prox_mu >= 0.0;
+            && self.prox_mu >= 0.0
+            && (0.0..=0.5).contains(&self.val_fraction);
         if ok { Ok(()) } else { Err(ModelError::InvalidInput(format!("invalid training settings {self:?}"))) }
     }
 }
@@ -77,6 +82,10 @@ pub struct TrainReport {
     pub tokens: usize,
     pub seconds: f64,
     pub tokens_per_second: f64,
+    /// With a validation split: routed loss on it before training (index 0) and after each
+    /// epoch, and the epoch kept (0 = the untrained plugin).
+    pub val_losses: Vec<f64>,
+    pub best_epoch: usize,
 }
 
 /// One batch as tensors: features `[layers, B, T, d]` (layer-major, so each layer is a
@@ -97,9 +106,10 @@ enum Unit {
     Sequence { ex: usize },
 }
 
-fn units(data: &FeatureSet, per_token: bool) -> Vec<Unit> {
+/// Units of the examples in `examples`.
+fn units(data: &FeatureSet, examples: std::ops::Range<usize>, per_token: bool) -> Vec<Unit> {
     let mut u = Vec::new();
-    for (i, e) in data.examples.iter().enumerate() {
+    for (i, e) in data.examples.iter().enumerate().take(examples.end).skip(examples.start) {
         if per_token {
             u.extend(e.loss.iter().enumerate().filter(|(_, l)| **l).map(|(p, _)| Unit::Token { ex: i, pos: p }));
         } else if e.loss.iter().any(|&l| l) {
@@ -278,7 +288,10 @@ pub fn train_plugin(
         return Err(ModelError::InvalidInput(format!("features have d={}, plugin expects {}", data.d, plugin.shape.d_model)));
     }
     let per_token = plugin.config.variant == SideVariant::Mlp;
-    let all = units(data, per_token);
+    let n_ex = data.examples.len();
+    let n_val = if n_ex >= 2 { ((n_ex as f64 * cfg.val_fraction).ceil() as usize).min(n_ex - 1) } else { 0 };
+    let all = units(data, 0..n_ex - n_val, per_token);
+    let val = units(data, n_ex - n_val..n_ex, per_token);
     if all.is_empty() {
         return Err(ModelError::Data("no training tokens".into()));
     }
@@ -295,6 +308,22 @@ pub fn train_plugin(
     let preds = backbone_preds(head, data, &device)?;
     let mut report = TrainReport::default();
     let started = Instant::now();
+    // The best plugin on the validation split so far, and its routed loss.
+    let mut best: Option<(Plugin, f64)> = None;
+    let mut validate = |net: &PluginNet, epoch: usize, report: &mut TrainReport| -> Result<()> {
+        if val.is_empty() {
+            return Ok(());
+        }
+        let candidate = Plugin { net: net.clone(), ..plugin.clone() };
+        let loss = evaluate_units(&candidate, head, data, &preds, &val, 2048)?.routed_loss;
+        report.val_losses.push(loss);
+        if best.as_ref().is_none_or(|(_, l)| loss < *l) {
+            best = Some((candidate, loss));
+            report.best_epoch = epoch;
+        }
+        Ok(())
+    };
+    validate(&plugin.net, 0, &mut report)?;
     for epoch in 0..cfg.epochs {
         order.shuffle(&mut rng);
         let mut sum = 0.0f32;
@@ -334,10 +363,14 @@ pub fn train_plugin(
         let mean = sum / steps_per_epoch as f32;
         report.epoch_losses.push(mean);
         on_event(TrainEvent::EpochEnd { epoch, mean_loss: mean });
+        validate(&net.valid().fork(&device), epoch + 1, &mut report)?;
     }
     report.seconds = started.elapsed().as_secs_f64();
     report.tokens_per_second = report.tokens as f64 / report.seconds.max(1e-9);
-    let trained = Plugin { net: net.valid().fork(&device), ..plugin };
+    let trained = match best {
+        Some((p, _)) => p,
+        None => Plugin { net: net.valid().fork(&device), ..plugin },
+    };
     Ok((trained, report))
 }
 
@@ -358,16 +391,22 @@ pub struct EvalMetrics {
 
 pub fn evaluate(plugin: &Plugin, head: &FrozenHead, data: &FeatureSet, batch_tokens: usize) -> Result<EvalMetrics> {
     let per_token = plugin.config.variant == SideVariant::Mlp;
-    let all = units(data, per_token);
+    let all = units(data, 0..data.examples.len(), per_token);
+    let device = plugin.net.side.up.weight.val().device();
+    let preds = backbone_preds(head, data, &device)?;
+    evaluate_units(plugin, head, data, &preds, &all, batch_tokens)
+}
+
+fn evaluate_units(plugin: &Plugin, head: &FrozenHead, data: &FeatureSet, preds: &BackbonePreds, all: &[Unit], batch_tokens: usize) -> Result<EvalMetrics> {
+    let per_token = plugin.config.variant == SideVariant::Mlp;
     let device = plugin.net.side.up.weight.val().device();
     let per_step = if per_token { batch_tokens.max(1) } else { 8 };
     let thr = plugin.config.gate.threshold;
     let mut acc = [0.0f64; 7];
     let mut tokens = 0usize;
     let refs: Vec<&Unit> = all.iter().collect();
-    let preds = backbone_preds(head, data, &device)?;
     for chunk in refs.chunks(per_step) {
-        let batch = make_batch(data, &preds, chunk, &device);
+        let batch = make_batch(data, preds, chunk, &device);
         let h = heads(&plugin.net, plugin, head, data, &batch)?;
         let mask = batch.mask.clone();
         let ls = h.lp_side.clone().gather(2, batch.targets.clone());

@@ -222,3 +222,43 @@ fn bad_training_input_is_rejected() {
     let b = to_vec(bb.head(h));
     assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-5));
 }
+
+/// With a validation split the epoch with the lowest validation routed loss is kept, and
+/// when every epoch makes the held-out examples worse the untrained plugin (= the backbone)
+/// is what comes back.
+#[test]
+fn validation_split_keeps_the_best_epoch() {
+    let bb = backbone();
+    let head = FrozenHead::from_backbone(&bb);
+    let plugin = Plugin::new(&config(SideVariant::Mlp), &bb.config, &bb.device).unwrap();
+    let layers = plugin.shape.feature_layers.clone();
+    let cfg = TrainConfig { val_fraction: 0.25, ..quick(4) };
+
+    // Same habit in the held-out quarter: training helps, a later epoch wins.
+    let data = extract_features(&bb, &examples(48, 7), &layers, Positions::LossOnly, 16).unwrap();
+    let (trained, report) = train_plugin(plugin.clone(), &head, &data, &cfg, None, &mut |_| {}).unwrap();
+    assert_eq!(report.val_losses.len(), 5, "{report:?}");
+    let best = report.val_losses.iter().copied().enumerate().min_by(|a, b| a.1.total_cmp(&b.1)).unwrap();
+    assert_eq!(report.best_epoch, best.0);
+    assert!(report.best_epoch > 0 && best.1 < 0.5 * report.val_losses[0], "{report:?}");
+    let mut tail = data.clone();
+    tail.examples.drain(..36);
+    let m = evaluate(&trained, &head, &tail, 256).unwrap();
+    assert!((m.routed_loss - best.1).abs() < 1e-4, "{m:?} vs {best:?}");
+
+    // The held-out quarter follows another habit: training only hurts it, so the fresh
+    // plugin is returned unchanged.
+    let mut mixed = examples(36, 7);
+    mixed.extend(examples(12, 8).into_iter().map(|mut e| {
+        e.ids.truncate(6);
+        e.ids.extend(20..28);
+        e
+    }));
+    let data = extract_features(&bb, &mixed, &layers, Positions::LossOnly, 16).unwrap();
+    let (kept, report) = train_plugin(plugin.clone(), &head, &data, &cfg, None, &mut |_| {}).unwrap();
+    assert_eq!(report.best_epoch, 0, "{report:?}");
+    assert_eq!(kept.params(), plugin.params());
+    // Bad fractions are refused.
+    let bad = TrainConfig { val_fraction: 0.9, ..quick(1) };
+    assert!(train_plugin(plugin, &head, &data, &bad, None, &mut |_| {}).is_err());
+}
