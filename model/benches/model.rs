@@ -198,7 +198,8 @@ fn bench_pretrain(device: &Device, peak: f64) {
     // Forward + backward = 3x the forward FLOPs; mean causal attention span = ctx / 2.
     let gflops = 3.0 * 2.0 * bb.config.macs_per_token(cfg.context / 2) * r.tokens_per_second / 1e9;
     println!(
-        "| pretrain d256 L4 (system malloc) | {steps} steps of {}x{} | {:.0} ms/step | {:.0} tokens/s | {gflops:.1} GFLOP/s | {:.0}% |",
+        "| pretrain d256 L4 (dropout {}) | {steps} steps of {}x{} | {:.0} ms/step | {:.0} tokens/s | {gflops:.1} GFLOP/s | {:.0}% |",
+        cfg.dropout,
         cfg.batch,
         cfg.context,
         r.seconds * 1e3 / steps as f64,
