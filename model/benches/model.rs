@@ -128,21 +128,29 @@ fn bench_side(bb: &Backbone, peak: f64, variants: &[SideVariant]) {
         let pos = spa_model::experiment::positions_for(variant);
         let feats = extract_features(bb, &ex, &plugin.shape.feature_layers, pos, 8).unwrap();
         let train = TrainConfig { epochs: 1, batch_tokens: 1024, batch_sequences: 8, ..TrainConfig::default() };
-        let mut tokens = 0;
-        let mut steps = 0;
-        let s = time(5, || {
+        let (mut tokens, mut steps) = (0, 0);
+        let mut run = || {
+            let t = Instant::now();
             let (_, r) = train_plugin(plugin.clone(), &head, &feats, &train, None, &mut |_| {}).unwrap();
-            tokens = r.tokens;
-            steps = r.steps;
-        });
+            (tokens, steps) = (r.tokens, r.steps);
+            t.elapsed().as_secs_f64()
+        };
+        run();
+        // The host's speed drifts between runs: each repetition is paired with a matmul
+        // measured just before it, and the ratio is the median of the pairs' ratios.
+        let pairs: Vec<(f64, f64)> = (0..7).map(|_| (matmul_gflops(&bb.device, 1024), run())).collect();
         // The ladder attends over whole sequences: its per-token cost uses their mean length.
         let mean_len = feats.examples.iter().map(|e| e.len()).sum::<usize>() / feats.examples.len().max(1);
-        let gflops = train_flops_per_token(&plugin, mean_len) * tokens as f64 / s / 1e9;
+        let flops = train_flops_per_token(&plugin, mean_len) * tokens as f64;
+        let ratios = pairs.iter().map(|(p, s)| flops / s / 1e9 / p).collect();
+        let s = median(pairs.iter().map(|(_, s)| *s).collect());
+        let gflops = flops / s / 1e9;
         let ctx = bb.config.max_position_embeddings;
         println!(
-            "| side {variant:?} r={r} | train {steps} steps, {tokens} loss tokens | {:.1} ms/step | {:.0} tokens/s | {gflops:.2} GFLOP/s | {:.1}% |",
+            "| side {variant:?} r={r} | train {steps} steps, {tokens} loss tokens | {:.1} ms/step | {:.0} tokens/s | {gflops:.2} GFLOP/s | {:.1}% (median of 7 paired ratios; {:.1}% of the peak above) |",
             s * 1e3 / steps as f64,
             tokens as f64 / s,
+            100.0 * median(ratios),
             100.0 * gflops / peak
         );
         let frac = plugin.macs_per_token(ctx) / bb.config.macs_per_token(ctx);
