@@ -186,24 +186,33 @@ fn make_batch(data: &FeatureSet, preds: &BackbonePreds, units: &[&Unit], device:
         .max()
         .unwrap_or(1);
     let b = units.len();
-    let layer_stride = b * t * d;
-    let mut feats = vec![0.0f32; l * layer_stride];
+    let span = |u: &Unit| match u {
+        Unit::Token { ex, pos } => (*ex, *pos..*pos + 1),
+        Unit::Sequence { ex } => (*ex, 0..data.examples[*ex].len()),
+    };
+    // Written in order, layer by layer, with padding appended: no zero-fill pass over the
+    // whole buffer first.
+    let mut feats = Vec::with_capacity(l * b * t * d);
+    for k in 0..l {
+        for u in units {
+            let (ex, positions) = span(u);
+            let e = &data.examples[ex];
+            let n = positions.len();
+            for p in positions {
+                feats.extend_from_slice(&e.feats[p * row + k * d..p * row + (k + 1) * d]);
+            }
+            feats.resize(feats.len() + (t - n) * d, 0.0);
+        }
+    }
     let mut targets = vec![0i64; b * t];
     let mut mask = vec![0.0f32; b * t];
     let mut bb_logp = vec![0.0f32; b * t];
     let mut bb_right = vec![0.0f32; b * t];
     for (i, u) in units.iter().enumerate() {
-        let (ex, positions) = match u {
-            Unit::Token { ex, pos } => (*ex, *pos..*pos + 1),
-            Unit::Sequence { ex } => (*ex, 0..data.examples[*ex].len()),
-        };
+        let (ex, positions) = span(u);
         let e = &data.examples[ex];
-        for (slot, p) in positions.clone().enumerate() {
+        for (slot, p) in positions.enumerate() {
             let at = i * t + slot;
-            for k in 0..l {
-                feats[k * layer_stride + at * d..k * layer_stride + (at + 1) * d]
-                    .copy_from_slice(&e.feats[p * row + k * d..p * row + (k + 1) * d]);
-            }
             targets[at] = e.targets[p] as i64;
             mask[at] = if e.loss[p] { 1.0 } else { 0.0 };
             bb_logp[at] = preds.logp[ex][p];

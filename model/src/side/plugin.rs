@@ -34,8 +34,14 @@ fn lin_sum(a: &Linear, b: &Linear, x: Tensor<3>) -> Tensor<3> {
     let [bs, t, d] = x.dims();
     let w = a.weight.val() + b.weight.val();
     let mut y = x.reshape([bs * t, d]).matmul(w);
-    for bias in [&a.bias, &b.bias].into_iter().flatten() {
-        y = y + bias.val().unsqueeze::<2>();
+    // Summed first, so the full-width output gets one broadcast add.
+    let bias = match (&a.bias, &b.bias) {
+        (Some(p), Some(q)) => Some(p.val() + q.val()),
+        (Some(p), None) | (None, Some(p)) => Some(p.val()),
+        (None, None) => None,
+    };
+    if let Some(bias) = bias {
+        y = y + bias.unsqueeze::<2>();
     }
     let out = y.dims()[1];
     y.reshape([bs, t, out])
