@@ -194,7 +194,7 @@ pub fn generate_with(
     };
     let keep_all = plugin.is_some_and(|p| p.config.variant == SideVariant::Ladder);
     let mut hist = History { d, keep_all, layers: vec![Vec::new(); layers.len()] };
-    let device = head.weight.device();
+    let device = head.device();
     let mut rng = StdRng::seed_from_u64(sampling.seed);
     let mut out = Generation::default();
     let mut next_in = prompt.to_vec();

@@ -9,10 +9,11 @@ use crate::tensor_util::{from_vec, to_vec};
 
 #[derive(Debug, Clone)]
 pub struct FrozenHead {
-    pub norm_weight: Tensor<1>,
-    pub eps: f64,
+    // Private: `scaled` is derived from the other two and must not go stale.
+    norm_weight: Tensor<1>,
+    eps: f64,
     /// `[hidden, vocab]`.
-    pub weight: Tensor<2>,
+    weight: Tensor<2>,
     /// `diag(norm_weight) * weight`: logits are `(h * inv_rms(h)) @ scaled` with the
     /// per-row `inv_rms` applied to the `[N, vocab]` result instead of the `[N, hidden]`
     /// input, two full-width multiplies fewer per call (the side's training step runs it).
@@ -57,6 +58,10 @@ impl FrozenHead {
             eps,
             from_vec(head.values.clone(), [head.shape[0], head.shape[1]], device),
         ))
+    }
+
+    pub fn device(&self) -> Device {
+        self.weight.device()
     }
 
     pub fn hidden_size(&self) -> usize {
