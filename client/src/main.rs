@@ -59,6 +59,10 @@ enum Command {
         epochs: Option<usize>,
         #[arg(long)]
         lr: Option<f64>,
+        /// Hold out this last fraction of the training examples and keep the best epoch on it
+        /// (0-0.5; default: client.toml's [train] val_fraction).
+        #[arg(long)]
+        val_fraction: Option<f64>,
         /// Start from a fresh plugin instead of the stored one.
         #[arg(long)]
         fresh: bool,
@@ -221,6 +225,7 @@ fn main() -> Result<()> {
         Command::Train {
             epochs,
             lr,
+            val_fraction,
             fresh,
             json,
         } => {
@@ -230,6 +235,9 @@ fn main() -> Result<()> {
             }
             if let Some(l) = lr {
                 tc.lr = l;
+            }
+            if let Some(v) = val_fraction {
+                tc.val_fraction = v;
             }
             let mut bars = Bars {
                 feat: None,

@@ -363,6 +363,10 @@ pub struct TrainSummary {
     pub heldout_examples: usize,
     pub steps: usize,
     pub epoch_losses: Vec<f32>,
+    /// With a validation split: its routed loss before training and after each epoch, and
+    /// the epoch kept (0 = the untrained or resumed plugin).
+    pub val_losses: Vec<f64>,
+    pub epoch_kept: Option<usize>,
     pub seconds: f64,
     pub resumed: bool,
     pub heldout: Option<spa_model::train::EvalMetrics>,
@@ -415,6 +419,8 @@ pub async fn train(
     fresh: bool,
     progress: &mut dyn TrainProgress,
 ) -> Result<TrainSummary> {
+    // Bad settings fail here, before the store, the network and feature extraction.
+    overrides.validate()?;
     let store = ClientStore::open(home)?;
     let cfg = ClientConfig::load(home)?;
     let s = Session::open(&store).await?;
@@ -464,6 +470,8 @@ pub async fn train(
         heldout_examples: n_held,
         steps: report.steps,
         epoch_losses: report.epoch_losses,
+        epoch_kept: (!report.val_losses.is_empty()).then_some(report.best_epoch),
+        val_losses: report.val_losses,
         seconds: report.seconds,
         resumed,
         heldout,

@@ -91,6 +91,23 @@ async fn client_binary_walkthrough() {
         let t: serde_json::Value =
             serde_json::from_str(&client(&home, &["train", "--epochs", "2", "--json"])).unwrap();
         assert!(t["steps"].as_u64().unwrap() > 0, "{t}");
+        assert_eq!(t["epoch_kept"], serde_json::Value::Null, "no validation split by default: {t}");
+        // With a validation split the report shows its loss per epoch and the epoch kept.
+        let v: serde_json::Value = serde_json::from_str(&client(
+            &home,
+            &["train", "--epochs", "2", "--val-fraction", "0.3", "--json"],
+        ))
+        .unwrap();
+        assert_eq!(v["val_losses"].as_array().map(Vec::len), Some(3), "{v}");
+        assert!(v["epoch_kept"].as_u64().unwrap() <= 2, "{v}");
+        let bad = Command::new(BIN)
+            .arg("--home")
+            .arg(&home)
+            .args(["train", "--val-fraction", "0.9"])
+            .output()
+            .unwrap();
+        assert!(!bad.status.success());
+        assert!(String::from_utf8_lossy(&bad.stderr).contains("invalid training settings"), "{}", String::from_utf8_lossy(&bad.stderr));
         let g: serde_json::Value = serde_json::from_str(&client(
             &home,
             &[
