@@ -23,6 +23,13 @@ fn client(home: &Path, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// Runs a command that must fail; returns its stderr.
+fn client_fails(home: &Path, args: &[&str]) -> String {
+    let out = Command::new(BIN).arg("--home").arg(home).args(args).output().unwrap();
+    assert!(!out.status.success(), "{args:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_binary_walkthrough() {
     let dir = tempfile::tempdir().unwrap();
@@ -100,14 +107,8 @@ async fn client_binary_walkthrough() {
         .unwrap();
         assert_eq!(v["val_losses"].as_array().map(Vec::len), Some(3), "{v}");
         assert!(v["epoch_kept"].as_u64().unwrap() <= 2, "{v}");
-        let bad = Command::new(BIN)
-            .arg("--home")
-            .arg(&home)
-            .args(["train", "--val-fraction", "0.9"])
-            .output()
-            .unwrap();
-        assert!(!bad.status.success());
-        assert!(String::from_utf8_lossy(&bad.stderr).contains("invalid training settings"), "{}", String::from_utf8_lossy(&bad.stderr));
+        let bad = client_fails(&home, &["train", "--val-fraction", "0.9"]);
+        assert!(bad.contains("invalid training settings"), "{bad}");
         let g: serde_json::Value = serde_json::from_str(&client(
             &home,
             &[
@@ -139,14 +140,7 @@ async fn client_binary_walkthrough() {
         .unwrap();
         assert_eq!(g["text"], g2["text"]);
         // Bad input is a clear error, not a crash.
-        let out = Command::new(BIN)
-            .arg("--home")
-            .arg(&home)
-            .args(["data", "add", "/nonexistent/file"])
-            .output()
-            .unwrap();
-        assert!(!out.status.success());
-        assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/file"));
+        assert!(client_fails(&home, &["data", "add", "/nonexistent/file"]).contains("/nonexistent/file"));
         id
     })
     .await
