@@ -183,7 +183,8 @@ fn simulate(a: SimArgs, device: &spa_model::burn::tensor::Device) -> Result<()> 
     let bb = load_backbone(&model, device).with_context(|| format!("loading the backbone from {}", model.display()))?;
     let tok = Tokenizer::from_file(&model.join("tokenizer.json"))?;
     let strategy = StrategyConfig::from_name(&a.strategy, a.prox_mu as f32)?;
-    let prox_mu = if a.strategy == "fedprox" { a.prox_mu } else { 0.0 };
+    // μ is FedProx's (whatever the name's case); the other strategies train without it.
+    let prox_mu = if matches!(strategy, StrategyConfig::FedProx { .. }) { a.prox_mu } else { 0.0 };
     let config = SimConfig {
         rounds: a.rounds,
         side: SideConfig { seed: a.seed, ..SideConfig::default() },

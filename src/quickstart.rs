@@ -102,8 +102,9 @@ pub async fn quickstart(cfg: &QuickstartConfig, out: &mut dyn FnMut(Output)) -> 
         deadline_seconds: 600,
         local_epochs: cfg.local_epochs,
         lr: cfg.lr,
-        prox_mu: if cfg.strategy == "fedprox" { 0.01 } else { 0.0 },
         strategy: cfg.strategy.clone(),
+        // Used by fedprox only (the coordinator records 0 for the other strategies).
+        prox_mu: 0.01,
         dp_l2_clip: 0.0,
         dp_noise_multiplier: 0.0,
     };

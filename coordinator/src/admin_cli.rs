@@ -364,9 +364,8 @@ pub async fn run_round(cmd: RoundCommand) -> Result<()> {
                 deadline_seconds: deadline,
                 local_epochs,
                 lr,
-                // mu is FedProx's; other strategies record 0 rather than an unused default.
-                prox_mu: if strategy.eq_ignore_ascii_case("fedprox") { prox_mu } else { 0.0 },
                 strategy,
+                prox_mu,
                 dp_l2_clip: dp_clip,
                 dp_noise_multiplier: dp_noise,
             };

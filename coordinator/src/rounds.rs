@@ -259,8 +259,11 @@ impl Rounds {
     }
 
     /// Queues a run; the loop starts its rounds in order after any earlier run.
-    pub fn start_run(&self, plan: RoundPlan) -> Result<u64, RoundError> {
-        plan.validate()?;
+    pub fn start_run(&self, mut plan: RoundPlan) -> Result<u64, RoundError> {
+        // μ is FedProx's: for any other strategy the run records 0, what devices are sent.
+        if !matches!(plan.validate()?, StrategyConfig::FedProx { .. }) {
+            plan.prox_mu = 0.0;
+        }
         let run = RunRecord { run_id: self.store.next_run_id()?, plan, created_ms: now_ms(), rounds_started: 0, state: RunState::Active };
         self.store.put_run(&run)?;
         self.store.log("run.start", format!("run {} ({} rounds)", run.run_id, run.plan.rounds))?;
