@@ -98,6 +98,12 @@ impl FeatureSet {
         self.examples.iter().map(|e| e.loss.iter().filter(|&&l| l).count()).sum()
     }
 
+    /// Index of the final layer (the one the frozen head reads) among the stored layers.
+    pub fn last_layer_index(&self) -> Result<usize> {
+        let last = *self.layers.last().ok_or_else(|| ModelError::InvalidInput("empty feature set".into()))?;
+        self.layer_index(last)
+    }
+
     pub fn layer_index(&self, layer: usize) -> Result<usize> {
         self.layers
             .iter()

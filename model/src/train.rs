@@ -128,8 +128,7 @@ struct BackbonePreds {
 }
 
 fn backbone_preds(head: &FrozenHead, data: &FeatureSet, device: &Device) -> Result<BackbonePreds> {
-    let last = *data.layers.last().ok_or_else(|| ModelError::InvalidInput("empty feature set".into()))?;
-    let k = data.layer_index(last)?;
+    let k = data.last_layer_index()?;
     let (row, d) = (data.layers.len() * data.d, data.d);
     let mut preds = BackbonePreds { logp: Vec::new(), right: Vec::new() };
     // Positions of many examples go through the head together, in chunks of a few thousand.
@@ -236,8 +235,7 @@ fn split_layers(data: &FeatureSet, plugin_taps: &[usize], feats: &Tensor<4>) -> 
     let [_, b, t, d] = feats.dims();
     let layer = |k: usize| feats.clone().narrow(0, k, 1).reshape([b, t, d]);
     let taps = plugin_taps.iter().map(|&tap| Ok(layer(data.layer_index(tap)?))).collect::<Result<Vec<_>>>()?;
-    let last = *data.layers.last().ok_or_else(|| ModelError::InvalidInput("empty feature set".into()))?;
-    Ok((taps, layer(data.layer_index(last)?)))
+    Ok((taps, layer(data.last_layer_index()?)))
 }
 
 /// Per-position quantities every loss and metric is built from.
