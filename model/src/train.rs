@@ -8,7 +8,7 @@
 use std::time::Instant;
 
 use burn::module::{Module, ModuleVisitor, Param};
-use burn::optim::{AdamWConfig, GradientsParams};
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::rngs::StdRng;
@@ -80,7 +80,11 @@ pub struct TrainReport {
     pub steps: usize,
     pub epoch_losses: Vec<f32>,
     pub tokens: usize,
+    /// Wall time of the whole call after the setup (steps and validation).
     pub seconds: f64,
+    /// Time inside the training steps alone (batch, forward, backward, optimizer).
+    #[serde(default)]
+    pub step_seconds: f64,
     pub tokens_per_second: f64,
     /// With a validation split: routed loss on it before training (index 0) and after each
     /// epoch, and the epoch kept (0 = the untrained plugin).
@@ -280,6 +284,48 @@ impl ModuleVisitor for Prox<'_> {
     }
 }
 
+/// One optimizer step on `batch`: the loss of the module doc, backward, AdamW. Returns the
+/// updated net and the loss value.
+#[allow(clippy::too_many_arguments)]
+fn train_step(
+    net: PluginNet,
+    optim: &mut ModuleOptimizer,
+    plugin: &Plugin,
+    head: &FrozenHead,
+    data: &FeatureSet,
+    batch: &Batch,
+    cfg: &TrainConfig,
+    global: Option<&SharedParams>,
+    epoch: usize,
+) -> Result<(PluginNet, f32)> {
+    let n = batch.tokens.max(1) as f64;
+    let h = heads(&net, plugin, head, data, batch)?;
+    let mask = batch.mask.clone();
+    let ls = h.lp_side.gather(2, batch.targets.clone());
+    let lb = batch.bb_logp.clone();
+    let ce_side = (ls.clone() * mask.clone()).sum().neg().div_scalar(n);
+    let g = h.gate;
+    let mix = (g.clone() * ls.detach().exp() + g.clone().neg().add_scalar(1.0) * lb.exp()).clamp_min(1e-9).log();
+    let ce_mix = (mix * mask.clone()).sum().neg().div_scalar(n);
+    let cost = (g * batch.bb_right.clone() * mask).sum().div_scalar(n).mul_scalar(cfg.gate_cost);
+    let mut loss = ce_side + ce_mix + cost;
+    if let (Some(global), true) = (global, cfg.prox_mu > 0.0) {
+        let mut prox = Prox { path: vec![], global, terms: vec![], missing: vec![] };
+        net.visit(&mut prox);
+        if !prox.missing.is_empty() {
+            return Err(ModelError::Params(format!("global parameters lack {:?}", prox.missing)));
+        }
+        let total = Tensor::cat(prox.terms, 0).sum();
+        loss = loss + total.mul_scalar(cfg.prox_mu / 2.0);
+    }
+    let value = loss.clone().into_scalar::<f32>();
+    if !value.is_finite() {
+        return Err(ModelError::Data(format!("training diverged (loss {value}) at epoch {epoch}")));
+    }
+    let grads = GradientsParams::from_grads(loss.backward(), &net);
+    Ok((optim.step(cfg.lr, net, grads), value))
+}
+
 /// Trains `plugin` (shared and private parts) on `data`. With `global` and `prox_mu > 0`,
 /// adds FedProx's proximal term towards the round's global shared parameters.
 pub fn train_plugin(
@@ -335,33 +381,11 @@ pub fn train_plugin(
         order.shuffle(&mut rng);
         let mut sum = 0.0f32;
         for chunk in order.chunks(per_step) {
+            let step_started = Instant::now();
             let batch = make_batch(data, &preds, chunk, &ad);
-            let n = batch.tokens.max(1) as f64;
-            let h = heads(&net, &plugin, &head_ad, data, &batch)?;
-            let mask = batch.mask.clone();
-            let ls = h.lp_side.gather(2, batch.targets.clone());
-            let lb = batch.bb_logp.clone();
-            let ce_side = (ls.clone() * mask.clone()).sum().neg().div_scalar(n);
-            let g = h.gate;
-            let mix = (g.clone() * ls.detach().exp() + g.clone().neg().add_scalar(1.0) * lb.exp()).clamp_min(1e-9).log();
-            let ce_mix = (mix * mask.clone()).sum().neg().div_scalar(n);
-            let cost = (g * batch.bb_right.clone() * mask).sum().div_scalar(n).mul_scalar(cfg.gate_cost);
-            let mut loss = ce_side + ce_mix + cost;
-            if let (Some(global), true) = (global, cfg.prox_mu > 0.0) {
-                let mut prox = Prox { path: vec![], global, terms: vec![], missing: vec![] };
-                net.visit(&mut prox);
-                if !prox.missing.is_empty() {
-                    return Err(ModelError::Params(format!("global parameters lack {:?}", prox.missing)));
-                }
-                let total = Tensor::cat(prox.terms, 0).sum();
-                loss = loss + total.mul_scalar(cfg.prox_mu / 2.0);
-            }
-            let value = loss.clone().into_scalar::<f32>();
-            if !value.is_finite() {
-                return Err(ModelError::Data(format!("training diverged (loss {value}) at epoch {epoch}")));
-            }
-            let grads = GradientsParams::from_grads(loss.backward(), &net);
-            net = optim.step(cfg.lr, net, grads);
+            let value;
+            (net, value) = train_step(net, &mut optim, &plugin, &head_ad, data, &batch, cfg, global, epoch)?;
+            report.step_seconds += step_started.elapsed().as_secs_f64();
             report.steps += 1;
             report.tokens += batch.tokens;
             sum += value;

@@ -91,6 +91,24 @@ pub struct SideShape {
 }
 
 impl SideConfig {
+    /// Multiply-accumulates per token of the side network, gate and personal head
+    /// (`ctx` = context length, for the ladder's attention), not counting the vocabulary
+    /// projection, which the plugin shares with the backbone's own output. Analytic, so it
+    /// can be asked for backbones too large to instantiate here.
+    pub fn macs_per_token(&self, shape: &SideShape, ctx: usize) -> f64 {
+        let (d, ds, n) = (shape.d_model as f64, shape.d_side as f64, shape.taps.len() as f64);
+        let mut macs = n * d * ds + 2.0 * ds * d; // down, up, personal
+        match self.variant {
+            SideVariant::Mlp => macs += (n - 1.0) * ds * ds,
+            SideVariant::Ladder => {
+                let f = self.ladder.ffn_mult as f64 * ds;
+                macs += n * (4.0 * ds * ds + 2.0 * ds * ctx as f64 + 2.0 * ds * f);
+            }
+        }
+        let gin = d + if self.gate.use_side_state { ds } else { 0.0 };
+        macs + gin * self.gate.hidden as f64 + self.gate.hidden as f64
+    }
+
     pub fn resolve(&self, bb: &BackboneConfig) -> Result<SideShape> {
         let l = bb.num_layers;
         if self.reduction == 0 || bb.hidden_size % self.reduction != 0 {

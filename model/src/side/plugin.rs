@@ -244,21 +244,8 @@ impl Plugin {
         self
     }
 
-    /// Multiply-accumulates per token of the side network, gate and personal head
-    /// (`ctx` = context length, for the ladder's attention), not counting the vocabulary
-    /// projection, which the plugin shares with the backbone's own output.
+    /// Multiply-accumulates per token (see [`SideConfig::macs_per_token`]).
     pub fn macs_per_token(&self, ctx: usize) -> f64 {
-        let s = &self.shape;
-        let (d, ds, n) = (s.d_model as f64, s.d_side as f64, s.taps.len() as f64);
-        let mut macs = n * d * ds + 2.0 * ds * d; // down, up, personal
-        match self.config.variant {
-            SideVariant::Mlp => macs += (n - 1.0) * ds * ds,
-            SideVariant::Ladder => {
-                let f = self.config.ladder.ffn_mult as f64 * ds;
-                macs += n * (4.0 * ds * ds + 2.0 * ds * ctx as f64 + 2.0 * ds * f);
-            }
-        }
-        let gin = d + if self.config.gate.use_side_state { ds } else { 0.0 };
-        macs + gin * self.config.gate.hidden as f64 + self.config.gate.hidden as f64
+        self.config.macs_per_token(&self.shape, ctx)
     }
 }
