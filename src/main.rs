@@ -166,6 +166,7 @@ fn default_model() -> PathBuf {
 }
 
 fn main() -> Result<()> {
+    spa_model::alloc::keep_freed_memory();
     let cli = Cli::parse();
     if let Some(d) = cli.device {
         // SAFETY: set before any thread starts; the quickstart's coordinator and devices read it.

@@ -10,9 +10,6 @@ use spa_client::agent::{self, AgentEvent, AgentOptions};
 use spa_client::ops::{self, TrainProgress};
 use spa_model::train::TrainEvent;
 
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// SPA device client: enroll, add local data, train the side plugin, generate.
 #[derive(Parser, Debug)]
 #[command(version, about)]
@@ -162,6 +159,7 @@ impl TrainProgress for Bars {
 }
 
 fn main() -> Result<()> {
+    spa_model::alloc::keep_freed_memory();
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -1,9 +1,5 @@
 use anyhow::Result;
 
-// glibc malloc hands large tensor buffers back to the kernel and page-faults them in again on
-// every op; mimalloc keeps them (pretraining throughput, docs/BENCHMARKS.md).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::{Parser, Subcommand};
 use spa_coordinator::admin_cli::{self, CheckpointCommand, DevicesCommand, RoundCommand, Target, TokenCommand};
 use spa_coordinator::model_cli::{self, ModelCommand};
@@ -62,6 +58,7 @@ enum Command {
 }
 
 fn main() -> Result<()> {
+    spa_model::alloc::keep_freed_memory();
     let cli = Cli::parse();
     match cli.command {
         Command::Model(cmd) => model_cli::run(cmd, cli.device),

@@ -255,6 +255,10 @@ fn side_flops_table() {
 }
 
 fn main() {
+    // As the binaries do (`spa_model::alloc`); `SPA_GLIBC_DEFAULTS=1` measures without it.
+    if std::env::var_os("SPA_GLIBC_DEFAULTS").is_none() {
+        spa_model::alloc::keep_freed_memory();
+    }
     // Arguments: backend names (flex, ndarray; default both) and section names (backbone,
     // side (or side-mlp, side-ladder), linear, pretrain, flops; default all).
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();

@@ -4,6 +4,7 @@
 //! - [`tokenizer`]: HF `tokenizer.json` through the `tokenizers` crate.
 //!
 //! Invariant: this crate does no network I/O; file I/O only where a function takes a path.
+pub mod alloc;
 pub mod backbone;
 pub mod config;
 pub mod data;
