@@ -428,14 +428,13 @@ pub async fn train(
     let m = model(&s, &store, &device).await?;
     let mut plugin = Plugin::new(&cfg.side, &m.config, &device)?;
     let mut resumed = false;
-    if !fresh && let Some((shared, private, meta)) = store.plugin()? {
-        if meta.backbone_version == m.info.backbone_version && meta.side == cfg.side {
+    if !fresh && let Some((shared, private, meta)) = store.plugin()?
+        && meta.backbone_version == m.info.backbone_version && meta.side == cfg.side {
             plugin = plugin
                 .load(&ParamSet::from_safetensors(&shared)?)?
                 .load(&ParamSet::from_safetensors(&private)?)?;
             resumed = true;
         }
-    }
     let (train_set, held_set, total) = local_sets(&s, &store, &m, &plugin, progress).await?;
     let (n_train, n_held) = (train_set.examples.len(), held_set.examples.len());
     let (plugin, report) = train_plugin(plugin, &m.head, &train_set, overrides, None, &mut |ev| {

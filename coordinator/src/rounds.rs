@@ -578,12 +578,11 @@ async fn next_round(rounds: &Arc<Rounds>) -> Result<bool, RoundError> {
             store.put_round(&rec)?;
             store.log("round.abort", format!("round {}: {reason}", rec.round_id))?;
             *lock(&rounds.aborted) = Some((rec.round_id, reason.clone(), cohort));
-            if reason.contains(OPERATOR_ABORT) {
-                if let Some(mut run) = store.runs()?.into_iter().find(|r| r.run_id == rec.run_id) {
+            if reason.contains(OPERATOR_ABORT)
+                && let Some(mut run) = store.runs()?.into_iter().find(|r| r.run_id == rec.run_id) {
                     run.state = RunState::Cancelled;
                     store.put_run(&run)?;
                 }
-            }
         }
     }
     Ok(true)

@@ -375,7 +375,7 @@ impl Store {
     pub fn commit_round(&self, version: u64, checkpoint: &[u8], round: &RoundRecord, optimizer: &ServerOptimizer) -> Result<()> {
         (&self.checkpoints, &self.rounds, &self.meta)
             .transaction(|(ck, rounds, meta)| {
-                if ck.get(&version.to_be_bytes())?.is_some() {
+                if ck.get(version.to_be_bytes())?.is_some() {
                     return Err(ConflictableTransactionError::Abort(StoreError::VersionExists(version)));
                 }
                 ck.insert(&version.to_be_bytes(), checkpoint)?;

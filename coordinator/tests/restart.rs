@@ -14,9 +14,11 @@ use spa_proto::v1::PingRequest;
 
 const BIN: &str = env!("CARGO_BIN_EXE_spa-coordinator");
 
+// The caller owns (kills and waits for) the child it gets back.
+#[allow(clippy::zombie_processes)]
 fn serve(home: &Path) -> (Child, String) {
     let _ = std::fs::remove_file(home.join("serve.addr"));
-    let child = Command::new(BIN)
+    let mut child = Command::new(BIN)
         .args(["serve", "--home"])
         .arg(home)
         .stdout(Stdio::null())
@@ -30,10 +32,12 @@ fn serve(home: &Path) -> (Child, String) {
         {
             return (child, s.trim().to_string());
         }
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "coordinator did not start"
-        );
+        if t.elapsed() > Duration::from_secs(60) {
+            // Not left running behind a failed test.
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("coordinator did not start");
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -141,7 +141,7 @@ impl BackboneConfig {
             }
         }
         let num_kv_heads = hf.num_key_value_heads.unwrap_or(hf.num_attention_heads);
-        if num_kv_heads == 0 || hf.num_attention_heads % num_kv_heads != 0 {
+        if num_kv_heads == 0 || !hf.num_attention_heads.is_multiple_of(num_kv_heads) {
             return Err(cfg_err(format!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({num_kv_heads})",
                 hf.num_attention_heads
@@ -150,7 +150,7 @@ impl BackboneConfig {
         let head_dim = match hf.head_dim {
             Some(h) => h,
             None => {
-                if hf.hidden_size % hf.num_attention_heads != 0 {
+                if !hf.hidden_size.is_multiple_of(hf.num_attention_heads) {
                     return Err(cfg_err("hidden_size not divisible by num_attention_heads".into()));
                 }
                 hf.hidden_size / hf.num_attention_heads

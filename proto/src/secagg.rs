@@ -164,7 +164,7 @@ pub fn lanes_to_bytes(lanes: &[u32]) -> Vec<u8> {
 }
 
 pub fn lanes_from_bytes(b: &[u8]) -> Result<Vec<u32>, ProtoError> {
-    if b.len() % 4 != 0 {
+    if !b.len().is_multiple_of(4) {
         return Err(ProtoError::Ragged { what: "masked lanes".into(), found: b.len(), elem: 4 });
     }
     Ok(b.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())

@@ -31,7 +31,7 @@ pub fn encode_f32(values: &[f32], dtype: i32) -> Result<Vec<u8>, ProtoError> {
 /// Decodes F32 or F16 little-endian bytes, rejecting ragged lengths and non-finite values.
 pub fn decode_f32(bytes: &[u8], dtype: i32, what: &str) -> Result<Vec<f32>, ProtoError> {
     let elem = dtype_size(dtype)?;
-    if bytes.len() % elem != 0 {
+    if !bytes.len().is_multiple_of(elem) {
         return Err(ProtoError::Ragged {
             what: what.into(),
             found: bytes.len(),

@@ -133,10 +133,10 @@ impl Backbone {
         batch: &TokenBatch,
         taps: &[usize],
         want_logits: bool,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
     ) -> BackboneOutput {
         let ids = batch.tensor(&self.device);
-        self.forward_ids(ids, taps, want_logits, cache.as_deref_mut())
+        self.forward_ids(ids, taps, want_logits, cache)
     }
 
     pub fn forward_ids(

@@ -111,7 +111,7 @@ impl SideConfig {
 
     pub fn resolve(&self, bb: &BackboneConfig) -> Result<SideShape> {
         let l = bb.num_layers;
-        if self.reduction == 0 || bb.hidden_size % self.reduction != 0 {
+        if self.reduction == 0 || !bb.hidden_size.is_multiple_of(self.reduction) {
             return Err(ModelError::InvalidInput(format!(
                 "reduction {} must divide hidden_size {}",
                 self.reduction, bb.hidden_size
@@ -124,7 +124,7 @@ impl SideConfig {
         if let Some(bad) = taps.iter().find(|&&t| t > l) {
             return Err(ModelError::InvalidInput(format!("tap layer {bad} out of range 0..={l}")));
         }
-        if self.variant == SideVariant::Ladder && (self.ladder.heads == 0 || d_side % self.ladder.heads != 0) {
+        if self.variant == SideVariant::Ladder && (self.ladder.heads == 0 || !d_side.is_multiple_of(self.ladder.heads)) {
             return Err(ModelError::InvalidInput(format!("ladder heads {} must divide side width {d_side}", self.ladder.heads)));
         }
         if self.gate.hidden == 0 || !(0.0..=1.0).contains(&self.gate.threshold) {
