@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{ModelError, Result};
 use crate::features::FeatureSet;
 use crate::side::config::SideVariant;
+use crate::side::mlp_grad::{self, MlpBatch};
 use crate::side::{FrozenHead, Plugin, PluginNet, SharedParams};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -102,6 +103,15 @@ struct Batch {
     bb_logp: Tensor<3>,
     bb_right: Tensor<3>,
     tokens: usize,
+    /// The per-position columns as host vectors too, `[B * T]` (the mlp step reads them).
+    host: Columns,
+}
+
+struct Columns {
+    targets: Vec<i64>,
+    mask: Vec<f32>,
+    bb_logp: Vec<f32>,
+    bb_right: Vec<f32>,
 }
 
 /// Work units: single tokens (mlp) or whole sequences (ladder).
@@ -226,11 +236,12 @@ fn make_batch(data: &FeatureSet, preds: &BackbonePreds, units: &[&Unit], device:
     let col = |v: Vec<f32>| Tensor::<3>::from_data(TensorData::new(v, [b, t, 1]), device);
     Batch {
         feats: Tensor::from_data(TensorData::new(feats, [l, b, t, d]), device),
-        targets: Tensor::from_data(TensorData::new(targets, [b, t, 1]), device),
-        mask: col(mask),
-        bb_logp: col(bb_logp),
-        bb_right: col(bb_right),
+        targets: Tensor::from_data(TensorData::new(targets.clone(), [b, t, 1]), device),
+        mask: col(mask.clone()),
+        bb_logp: col(bb_logp.clone()),
+        bb_right: col(bb_right.clone()),
         tokens,
+        host: Columns { targets, mask, bb_logp, bb_right },
     }
 }
 
@@ -284,22 +295,33 @@ impl ModuleVisitor for Prox<'_> {
     }
 }
 
-/// One optimizer step on `batch`: the loss of the module doc, backward, AdamW. Returns the
-/// updated net and the loss value.
-#[allow(clippy::too_many_arguments)]
-fn train_step(
-    net: PluginNet,
-    optim: &mut ModuleOptimizer,
-    plugin: &Plugin,
-    head: &FrozenHead,
-    data: &FeatureSet,
-    batch: &Batch,
-    cfg: &TrainConfig,
-    global: Option<&SharedParams>,
-    epoch: usize,
-) -> Result<(PluginNet, f32)> {
+/// What every step of one training call shares.
+struct StepContext<'a> {
+    plugin: &'a Plugin,
+    /// The frozen head on the plain device and on the autodiff device.
+    head: &'a FrozenHead,
+    head_ad: &'a FrozenHead,
+    data: &'a FeatureSet,
+    cfg: &'a TrainConfig,
+    global: Option<&'a SharedParams>,
+}
+
+/// FedProx's `mu/2 * sum (w - w_global)^2` over the shared parameters, when it applies.
+fn prox_term(net: &PluginNet, ctx: &StepContext) -> Result<Option<Tensor<1>>> {
+    let (Some(global), true) = (ctx.global, ctx.cfg.prox_mu > 0.0) else { return Ok(None) };
+    let mut prox = Prox { path: vec![], global, terms: vec![], missing: vec![] };
+    net.visit(&mut prox);
+    if !prox.missing.is_empty() {
+        return Err(ModelError::Params(format!("global parameters lack {:?}", prox.missing)));
+    }
+    Ok(Some(Tensor::cat(prox.terms, 0).sum().mul_scalar(ctx.cfg.prox_mu / 2.0)))
+}
+
+/// Loss and gradients of one step on `batch` by burn's autodiff (any variant). The batch is
+/// on the autodiff device.
+fn autodiff_grads(net: &PluginNet, ctx: &StepContext, batch: &Batch) -> Result<(f32, GradientsParams)> {
     let n = batch.tokens.max(1) as f64;
-    let h = heads(&net, plugin, head, data, batch)?;
+    let h = heads(net, ctx.plugin, ctx.head_ad, ctx.data, batch)?;
     let mask = batch.mask.clone();
     let ls = h.lp_side.gather(2, batch.targets.clone());
     let lb = batch.bb_logp.clone();
@@ -307,23 +329,51 @@ fn train_step(
     let g = h.gate;
     let mix = (g.clone() * ls.detach().exp() + g.clone().neg().add_scalar(1.0) * lb.exp()).clamp_min(1e-9).log();
     let ce_mix = (mix * mask.clone()).sum().neg().div_scalar(n);
-    let cost = (g * batch.bb_right.clone() * mask).sum().div_scalar(n).mul_scalar(cfg.gate_cost);
+    let cost = (g * batch.bb_right.clone() * mask).sum().div_scalar(n).mul_scalar(ctx.cfg.gate_cost);
     let mut loss = ce_side + ce_mix + cost;
-    if let (Some(global), true) = (global, cfg.prox_mu > 0.0) {
-        let mut prox = Prox { path: vec![], global, terms: vec![], missing: vec![] };
-        net.visit(&mut prox);
-        if !prox.missing.is_empty() {
-            return Err(ModelError::Params(format!("global parameters lack {:?}", prox.missing)));
-        }
-        let total = Tensor::cat(prox.terms, 0).sum();
-        loss = loss + total.mul_scalar(cfg.prox_mu / 2.0);
+    if let Some(prox) = prox_term(net, ctx)? {
+        loss = loss + prox;
     }
     let value = loss.clone().into_scalar::<f32>();
+    Ok((value, GradientsParams::from_grads(loss.backward(), net)))
+}
+
+/// The same for the `mlp` side with hand-derived gradients (`side::mlp_grad`). The batch is
+/// on the plain device.
+fn mlp_grads(net: &PluginNet, ctx: &StepContext, batch: &Batch) -> Result<(f32, GradientsParams)> {
+    let (taps, h_last) = split_layers(ctx.data, &ctx.plugin.shape.taps, &batch.feats)?;
+    let flat = |t: Tensor<3>| {
+        let [b, t_len, d] = t.dims();
+        t.reshape([b * t_len, d])
+    };
+    let cols = &batch.host;
+    let mlp = MlpBatch {
+        taps: taps.into_iter().map(flat).collect(),
+        h_last: flat(h_last),
+        targets: cols.targets.iter().map(|&t| t as usize).collect(),
+        mask: cols.mask.clone(),
+        bb_logp: cols.bb_logp.clone(),
+        bb_right: cols.bb_right.clone(),
+        n: batch.tokens.max(1) as f64,
+    };
+    let (mut value, extra) = match prox_term(net, ctx)? {
+        Some(prox) => (prox.clone().into_scalar::<f32>() as f64, GradientsParams::from_grads(prox.backward(), net)),
+        None => (0.0, GradientsParams::new()),
+    };
+    let gate_uses_side = ctx.plugin.config.gate.use_side_state;
+    let (loss, grads) = mlp_grad::loss_and_grads(net, ctx.head, &mlp, gate_uses_side, ctx.cfg.gate_cost, extra);
+    value += loss;
+    Ok((value as f32, grads))
+}
+
+/// One optimizer step on `batch`: the loss of the module doc, its gradients, AdamW. Returns
+/// the updated net and the loss value.
+fn train_step(net: PluginNet, optim: &mut ModuleOptimizer, ctx: &StepContext, batch: &Batch, epoch: usize) -> Result<(PluginNet, f32)> {
+    let (value, grads) = if ctx.plugin.config.variant == SideVariant::Mlp { mlp_grads(&net, ctx, batch)? } else { autodiff_grads(&net, ctx, batch)? };
     if !value.is_finite() {
         return Err(ModelError::Data(format!("training diverged (loss {value}) at epoch {epoch}")));
     }
-    let grads = GradientsParams::from_grads(loss.backward(), &net);
-    Ok((optim.step(cfg.lr, net, grads), value))
+    Ok((optim.step(ctx.cfg.lr, net, grads), value))
 }
 
 /// Trains `plugin` (shared and private parts) on `data`. With `global` and `prox_mu > 0`,
@@ -360,6 +410,7 @@ pub fn train_plugin(
     let mut order: Vec<&Unit> = all.iter().collect();
     let preds = backbone_preds(head, data, &device)?;
     let mut report = TrainReport::default();
+    let ctx = StepContext { plugin: &plugin, head, head_ad: &head_ad, data, cfg, global };
     let started = Instant::now();
     // The best plugin on the validation split so far, and its routed loss.
     let mut best: Option<(Plugin, f64)> = None;
@@ -382,9 +433,10 @@ pub fn train_plugin(
         let mut sum = 0.0f32;
         for chunk in order.chunks(per_step) {
             let step_started = Instant::now();
-            let batch = make_batch(data, &preds, chunk, &ad);
+            // The mlp step computes its own gradients: its batch stays off the autodiff device.
+            let batch = make_batch(data, &preds, chunk, if per_token { &device } else { &ad });
             let value;
-            (net, value) = train_step(net, &mut optim, &plugin, &head_ad, data, &batch, cfg, global, epoch)?;
+            (net, value) = train_step(net, &mut optim, &ctx, &batch, epoch)?;
             report.step_seconds += step_started.elapsed().as_secs_f64();
             report.steps += 1;
             report.tokens += batch.tokens;
@@ -467,4 +519,101 @@ fn evaluate_units(plugin: &Plugin, head: &FrozenHead, data: &FeatureSet, preds: 
         routed_acc: acc[5] / n,
         side_fraction: acc[6] / n,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    //! The mlp side's hand-derived gradients against burn's autodiff on the same batch.
+    use std::path::PathBuf;
+
+    use burn::module::{Module, ModuleVisitor, Param};
+    use burn::optim::GradientsParams;
+    use burn::tensor::Tensor;
+    use rand::rngs::StdRng;
+    use rand::{RngExt, SeedableRng};
+
+    use super::*;
+    use crate::backbone::load_backbone;
+    use crate::features::{Positions, TokenizedExample, extract_features};
+    use crate::side::{ParamSet, SideConfig};
+
+    /// Per parameter, |a - b| against the size of b's gradient; the worst ratio.
+    struct Compare<'a> {
+        a: &'a GradientsParams,
+        b: &'a GradientsParams,
+        worst: f32,
+        count: usize,
+    }
+
+    impl ModuleVisitor for Compare<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let a = to_vec_f(self.a.get::<D>(param.id).expect("hand-derived gradient"));
+            let b = to_vec_f(self.b.get::<D>(param.id).expect("autodiff gradient"));
+            let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+            let scale = b.iter().map(|y| y.abs()).fold(0.0f32, f32::max);
+            assert!(scale > 1e-6, "a gradient is zero: the check would not see it");
+            self.worst = self.worst.max(diff / scale);
+            self.count += 1;
+        }
+    }
+
+    fn to_vec_f<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+        crate::tensor_util::to_vec(t)
+    }
+
+    /// Every parameter random (the output adapters start at zero, which would hide the chain).
+    fn randomized(plugin: Plugin, seed: u64) -> Plugin {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut set: ParamSet = plugin.params();
+        for t in set.tensors.values_mut() {
+            for v in t.values.iter_mut() {
+                *v = rng.random_range(-0.2..0.2);
+            }
+        }
+        plugin.load(&set).unwrap()
+    }
+
+    fn check(gate_uses_side: bool, prox: bool) {
+        let device = Device::flex();
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
+        let bb = load_backbone(&dir, &device).unwrap();
+        let examples: Vec<TokenizedExample> = (0..12u32)
+            .map(|i| TokenizedExample { ids: (0..14).map(|j| (i * 7 + j * 13) % 90 + 3).collect(), reply_start: 6 })
+            .collect();
+        let mut side = SideConfig { reduction: 4, ..SideConfig::default() };
+        side.gate.use_side_state = gate_uses_side;
+        let plugin = randomized(Plugin::new(&side, &bb.config, &device).unwrap(), 1);
+        let global = randomized(plugin.clone(), 2).shared().unwrap();
+        let data = extract_features(&bb, &examples, &plugin.shape.feature_layers, Positions::LossOnly, 4).unwrap();
+        let head = FrozenHead::from_backbone(&bb);
+        let ad = device.clone().autodiff();
+        let head_ad = head.to_device(&ad);
+        let cfg = TrainConfig { prox_mu: if prox { 0.5 } else { 0.0 }, gate_cost: 0.3, ..TrainConfig::default() };
+        let ctx = StepContext { plugin: &plugin, head: &head, head_ad: &head_ad, data: &data, cfg: &cfg, global: Some(&global) };
+        let mut preds = backbone_preds(&head, &data, &device).unwrap();
+        // The random backbone is rarely right: mark half the positions so the gate cost acts.
+        for r in preds.right.iter_mut() {
+            r.iter_mut().enumerate().for_each(|(p, v)| *v = (p % 2) as f32);
+        }
+        let all = units(&data, 0..data.examples.len(), true);
+        let chunk: Vec<&Unit> = all.iter().collect();
+        let net = plugin.net.clone().fork(&ad).train();
+        let (va, ga) = mlp_grads(&net, &ctx, &make_batch(&data, &preds, &chunk, &device)).unwrap();
+        let (vb, gb) = autodiff_grads(&net, &ctx, &make_batch(&data, &preds, &chunk, &ad)).unwrap();
+        assert!((va - vb).abs() < 1e-5 * vb.abs().max(1.0), "loss {va} vs {vb}");
+        let mut cmp = Compare { a: &ga, b: &gb, worst: 0.0, count: 0 };
+        net.visit(&mut cmp);
+        assert_eq!(cmp.count, plugin.params().tensors.len());
+        assert!(cmp.worst <= 1e-4, "gradients differ by {} of their size", cmp.worst);
+    }
+
+    #[test]
+    fn mlp_gradients_match_autodiff() {
+        check(false, false);
+    }
+
+    #[test]
+    fn mlp_gradients_match_autodiff_with_side_state_gate_and_prox() {
+        check(true, true);
+    }
 }

@@ -60,6 +60,19 @@ impl FrozenHead {
         ))
     }
 
+    pub(crate) fn eps(&self) -> f64 {
+        self.eps
+    }
+
+    pub(crate) fn norm_weight(&self) -> Tensor<1> {
+        self.norm_weight.clone()
+    }
+
+    /// `[hidden, vocab]`: the head with the norm weight folded in (see the field).
+    pub(crate) fn scaled(&self) -> Tensor<2> {
+        self.scaled.clone()
+    }
+
     pub fn device(&self) -> Device {
         self.weight.device()
     }

@@ -1,6 +1,7 @@
 //! The device side of SPA: side plugin, gate, frozen head copy, parameter roles.
 pub mod config;
 pub mod head;
+pub(crate) mod mlp_grad;
 pub mod params;
 pub mod plugin;
 
