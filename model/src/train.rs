@@ -350,10 +350,10 @@ fn mlp_grads(net: &PluginNet, ctx: &StepContext, batch: &Batch) -> Result<(f32, 
     let mlp = MlpBatch {
         taps: taps.into_iter().map(flat).collect(),
         h_last: flat(h_last),
-        targets: cols.targets.iter().map(|&t| t as usize).collect(),
-        mask: cols.mask.clone(),
-        bb_logp: cols.bb_logp.clone(),
-        bb_right: cols.bb_right.clone(),
+        targets: &cols.targets,
+        mask: &cols.mask,
+        bb_logp: &cols.bb_logp,
+        bb_right: &cols.bb_right,
         n: batch.tokens.max(1) as f64,
     };
     let (mut value, extra) = match prox_term(net, ctx)? {
@@ -536,6 +536,7 @@ mod tests {
     use crate::backbone::load_backbone;
     use crate::features::{Positions, TokenizedExample, extract_features};
     use crate::side::{ParamSet, SideConfig};
+    use crate::tensor_util::to_vec;
 
     /// Per parameter, |a - b| against the size of b's gradient; the worst ratio.
     struct Compare<'a> {
@@ -547,18 +548,14 @@ mod tests {
 
     impl ModuleVisitor for Compare<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            let a = to_vec_f(self.a.get::<D>(param.id).expect("hand-derived gradient"));
-            let b = to_vec_f(self.b.get::<D>(param.id).expect("autodiff gradient"));
+            let a = to_vec(self.a.get::<D>(param.id).expect("hand-derived gradient"));
+            let b = to_vec(self.b.get::<D>(param.id).expect("autodiff gradient"));
             let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
             let scale = b.iter().map(|y| y.abs()).fold(0.0f32, f32::max);
             assert!(scale > 1e-6, "a gradient is zero: the check would not see it");
             self.worst = self.worst.max(diff / scale);
             self.count += 1;
         }
-    }
-
-    fn to_vec_f<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-        crate::tensor_util::to_vec(t)
     }
 
     /// Every parameter random (the output adapters start at zero, which would hide the chain).

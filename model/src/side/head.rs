@@ -60,10 +60,6 @@ impl FrozenHead {
         ))
     }
 
-    pub(crate) fn eps(&self) -> f64 {
-        self.eps
-    }
-
     pub(crate) fn norm_weight(&self) -> Tensor<1> {
         self.norm_weight.clone()
     }
@@ -85,7 +81,8 @@ impl FrozenHead {
         self.weight.dims()[1]
     }
 
-    fn inv_rms<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+    /// `1 / sqrt(mean(x^2) + eps)` over the last dimension, kept as size 1.
+    pub(crate) fn inv_rms<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         (x.square().mean_dim(D - 1) + self.eps).sqrt().recip()
     }
 

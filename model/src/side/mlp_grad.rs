@@ -17,16 +17,16 @@ use super::plugin::PluginNet;
 use crate::tensor_util::{from_vec, to_vec};
 
 /// One per-token batch on a device without autodiff: `N` positions.
-pub(crate) struct MlpBatch {
+pub(crate) struct MlpBatch<'a> {
     /// Backbone hidden states at the plugin's taps, each `[N, d]`.
     pub taps: Vec<Tensor<2>>,
     /// Final hidden state `[N, d]`.
     pub h_last: Tensor<2>,
-    pub targets: Vec<usize>,
-    pub mask: Vec<f32>,
+    pub targets: &'a [i64],
+    pub mask: &'a [f32],
     /// The frozen backbone's log-probability of each target, and whether its argmax is right.
-    pub bb_logp: Vec<f32>,
-    pub bb_right: Vec<f32>,
+    pub bb_logp: &'a [f32],
+    pub bb_right: &'a [f32],
     /// Loss tokens the sums are divided by.
     pub n: f64,
 }
@@ -68,17 +68,12 @@ impl Grads {
     }
 }
 
-/// `1 / sqrt(mean(x^2) + eps)` per row, `[N, 1]`.
-fn inv_rms(x: Tensor<2>, eps: f64) -> Tensor<2> {
-    (x.square().mean_dim(1) + eps).sqrt().recip()
-}
-
 /// Loss value and gradients of every parameter of an `mlp` plugin on `batch`. `extra` holds
 /// gradients of further loss terms, added in. `head` is on the batch's device.
 pub(crate) fn loss_and_grads(
     net: &PluginNet,
     head: &FrozenHead,
-    batch: &MlpBatch,
+    batch: &MlpBatch<'_>,
     gate_uses_side: bool,
     gate_cost: f64,
     extra: GradientsParams,
@@ -104,10 +99,10 @@ pub(crate) fn loss_and_grads(
     }
     let y = h.clone() + s_last.clone().matmul(w_out.clone()) + b_out.unsqueeze::<2>();
     let z = y.clone().matmul(head.scaled());
-    let inv_y = inv_rms(y.clone(), head.eps());
+    let inv_y = head.inv_rms(y.clone());
     // Gate on norm(h) = h * inv_rms(h) * norm_weight without materialising it: the per-row
     // scale moves after the gemm and the norm weight into the first layer's weight.
-    let inv_h = inv_rms(h.clone(), head.eps());
+    let inv_h = head.inv_rms(h.clone());
     let nw = head.norm_weight().unsqueeze_dim::<2>(1);
     let w1 = net.gate.w1.weight.val().inner();
     let mut a1 = h.clone().matmul(w1.clone().narrow(0, 0, d) * nw.clone()) * inv_h.clone();
@@ -135,7 +130,7 @@ pub(crate) fn loss_and_grads(
         }
         let inv = invv[i];
         let row = &zv[i * v..(i + 1) * v];
-        let t = batch.targets[i];
+        let t = batch.targets[i] as usize;
         let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x * inv));
         let mut sum = 0.0f32;
         for (ej, &zj) in e.iter_mut().zip(row) {
