@@ -13,6 +13,7 @@ pub mod error;
 pub mod experiment;
 pub mod features;
 pub mod generate;
+pub mod optim;
 pub mod pretrain;
 pub mod side;
 pub mod tensor_util;

@@ -19,8 +19,10 @@ use serde::{Deserialize, Serialize};
 use crate::error::{ModelError, Result};
 use crate::features::FeatureSet;
 use crate::side::config::SideVariant;
+use crate::optim::{self, FlatAdamW};
 use crate::side::mlp_grad::{self, MlpBatch};
 use crate::side::{FrozenHead, Plugin, PluginNet, SharedParams};
+use crate::tensor_util::from_vec;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -112,6 +114,7 @@ struct Columns {
     mask: Vec<f32>,
     bb_logp: Vec<f32>,
     bb_right: Vec<f32>,
+    inv_rms: Vec<f32>,
 }
 
 /// Work units: single tokens (mlp) or whole sequences (ladder).
@@ -134,17 +137,19 @@ fn units(data: &FeatureSet, examples: std::ops::Range<usize>, per_token: bool) -
 }
 
 /// The frozen backbone's log-probability of each target and whether its argmax is the
-/// target, per example and position. They depend on the features alone, so they are
-/// computed once per call instead of once per step and epoch.
+/// target, per example and position, and its final hidden state's `inv_rms` (the gate's
+/// input norm). They depend on the features alone, so they are computed once per call
+/// instead of once per step and epoch.
 struct BackbonePreds {
     logp: Vec<Vec<f32>>,
     right: Vec<Vec<f32>>,
+    inv_rms: Vec<Vec<f32>>,
 }
 
 fn backbone_preds(head: &FrozenHead, data: &FeatureSet, device: &Device) -> Result<BackbonePreds> {
     let k = data.last_layer_index()?;
     let (row, d) = (data.layers.len() * data.d, data.d);
-    let mut preds = BackbonePreds { logp: Vec::new(), right: Vec::new() };
+    let mut preds = BackbonePreds { logp: Vec::new(), right: Vec::new(), inv_rms: Vec::new() };
     // Positions of many examples go through the head together, in chunks of a few thousand.
     let mut pending: Vec<usize> = Vec::new();
     let flush = |pending: &mut Vec<usize>, preds: &mut BackbonePreds| {
@@ -160,6 +165,7 @@ fn backbone_preds(head: &FrozenHead, data: &FeatureSet, device: &Device) -> Resu
         }
         let h = Tensor::<3>::from_data(TensorData::new(h, [1, n, d]), device);
         let tgt = Tensor::<3, Int>::from_data(TensorData::new(tgt, [1, n, 1]), device);
+        let inv_rms = crate::tensor_util::to_vec(head.inv_rms(h.clone()));
         let lp = log_softmax(head.logits(h), 2);
         let logp = crate::tensor_util::to_vec(lp.clone().gather(2, tgt.clone()));
         let right = crate::tensor_util::to_vec(lp.argmax(2).equal(tgt).float());
@@ -168,6 +174,7 @@ fn backbone_preds(head: &FrozenHead, data: &FeatureSet, device: &Device) -> Resu
             let len = data.examples[i].len();
             preds.logp.push(logp[at..at + len].to_vec());
             preds.right.push(right[at..at + len].to_vec());
+            preds.inv_rms.push(inv_rms[at..at + len].to_vec());
             at += len;
         }
         pending.clear();
@@ -221,6 +228,7 @@ fn make_batch(data: &FeatureSet, preds: &BackbonePreds, units: &[&Unit], device:
     let mut mask = vec![0.0f32; b * t];
     let mut bb_logp = vec![0.0f32; b * t];
     let mut bb_right = vec![0.0f32; b * t];
+    let mut inv_rms = vec![0.0f32; b * t];
     for (i, u) in units.iter().enumerate() {
         let (ex, positions) = span(u);
         let e = &data.examples[ex];
@@ -230,6 +238,7 @@ fn make_batch(data: &FeatureSet, preds: &BackbonePreds, units: &[&Unit], device:
             mask[at] = if e.loss[p] { 1.0 } else { 0.0 };
             bb_logp[at] = preds.logp[ex][p];
             bb_right[at] = preds.right[ex][p];
+            inv_rms[at] = preds.inv_rms[ex][p];
         }
     }
     let tokens = mask.iter().filter(|&&m| m > 0.0).count();
@@ -241,7 +250,7 @@ fn make_batch(data: &FeatureSet, preds: &BackbonePreds, units: &[&Unit], device:
         bb_logp: col(bb_logp.clone()),
         bb_right: col(bb_right.clone()),
         tokens,
-        host: Columns { targets, mask, bb_logp, bb_right },
+        host: Columns { targets, mask, bb_logp, bb_right, inv_rms },
     }
 }
 
@@ -266,32 +275,73 @@ fn heads(net: &PluginNet, plugin: &Plugin, head: &FrozenHead, data: &FeatureSet,
     Ok(Heads { lp_side, gate: out.gate })
 }
 
-/// Sum over the shared parameters of `(w - w_global)^2`, with gradients (FedProx).
-struct Prox<'a> {
-    path: Vec<String>,
-    global: &'a SharedParams,
-    terms: Vec<Tensor<1>>,
-    missing: Vec<String>,
+/// Every float parameter's name and size, in visit order (the layout of `optim::flat_params`).
+fn named_sizes(net: &PluginNet) -> Vec<(String, usize)> {
+    struct Names {
+        path: Vec<String>,
+        out: Vec<(String, usize)>,
+    }
+    impl ModuleVisitor for Names {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.out.push((self.path.join("."), param.val().shape().num_elements()));
+        }
+    }
+    let mut names = Names { path: vec![], out: vec![] };
+    net.visit(&mut names);
+    names.out
 }
 
-impl ModuleVisitor for Prox<'_> {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.to_string());
-    }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
-    }
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let name = self.path.join(".");
-        if let Some(g) = self.global.as_set().tensors.get(&name) {
-            let w = param.val();
-            let device = w.device();
-            let n = g.numel();
-            let gt = Tensor::<1>::from_data(TensorData::new(g.values.clone(), [n]), &device);
-            self.terms.push((w.reshape([n]) - gt).square().sum());
-        } else if name.starts_with("side.") {
-            self.missing.push(name);
+/// FedProx's term in the flat layout of `optim::flat_params`: the global values of the
+/// shared parameters, and a mask that is 1 on them and 0 on the private ones.
+struct FlatProx {
+    global: Tensor<1>,
+    mask: Tensor<1>,
+    mu: f64,
+}
+
+impl FlatProx {
+    fn new(net: &PluginNet, global: &SharedParams, mu: f64, device: &Device) -> Result<Self> {
+        let (mut values, mut mask, mut missing) = (vec![], vec![], vec![]);
+        for (name, n) in named_sizes(net) {
+            match global.as_set().tensors.get(&name) {
+                Some(g) if g.values.len() == n => {
+                    values.extend_from_slice(&g.values);
+                    mask.resize(mask.len() + n, 1.0f32);
+                }
+                Some(g) => return Err(ModelError::Params(format!("global {name} has {} values, the plugin {n}", g.values.len()))),
+                None => {
+                    if name.starts_with("side.") {
+                        missing.push(name);
+                    }
+                    values.resize(values.len() + n, 0.0);
+                    mask.resize(mask.len() + n, 0.0);
+                }
+            }
         }
+        if !missing.is_empty() {
+            return Err(ModelError::Params(format!("global parameters lack {missing:?}")));
+        }
+        let n = values.len();
+        Ok(Self { global: from_vec(values, [n], device), mask: from_vec(mask, [n], device), mu })
+    }
+
+    /// `mu/2 * sum over shared (w - w_global)^2` at the flat parameters `w` (autodiff
+    /// differentiates it).
+    fn loss(&self, w: Tensor<1>) -> Tensor<1> {
+        ((w - self.global.clone()) * self.mask.clone()).square().sum().mul_scalar(self.mu / 2.0)
+    }
+
+    /// The same as a value, and its gradient `mu * (w - w_global)` on the shared parameters.
+    fn term(&self, w: Tensor<1>) -> (f64, Tensor<1>) {
+        let diff = (w - self.global.clone()) * self.mask.clone();
+        let value = diff.clone().square().sum().into_scalar::<f32>() as f64 * self.mu / 2.0;
+        (value, diff.mul_scalar(self.mu))
     }
 }
 
@@ -303,18 +353,8 @@ struct StepContext<'a> {
     head_ad: &'a FrozenHead,
     data: &'a FeatureSet,
     cfg: &'a TrainConfig,
-    global: Option<&'a SharedParams>,
-}
-
-/// FedProx's `mu/2 * sum (w - w_global)^2` over the shared parameters, when it applies.
-fn prox_term(net: &PluginNet, ctx: &StepContext) -> Result<Option<Tensor<1>>> {
-    let (Some(global), true) = (ctx.global, ctx.cfg.prox_mu > 0.0) else { return Ok(None) };
-    let mut prox = Prox { path: vec![], global, terms: vec![], missing: vec![] };
-    net.visit(&mut prox);
-    if !prox.missing.is_empty() {
-        return Err(ModelError::Params(format!("global parameters lack {:?}", prox.missing)));
-    }
-    Ok(Some(Tensor::cat(prox.terms, 0).sum().mul_scalar(ctx.cfg.prox_mu / 2.0)))
+    /// FedProx's term, on the trained net's device, when it applies.
+    prox: Option<FlatProx>,
 }
 
 /// Loss and gradients of one step on `batch` by burn's autodiff (any variant). The batch is
@@ -331,49 +371,77 @@ fn autodiff_grads(net: &PluginNet, ctx: &StepContext, batch: &Batch) -> Result<(
     let ce_mix = (mix * mask.clone()).sum().neg().div_scalar(n);
     let cost = (g * batch.bb_right.clone() * mask).sum().div_scalar(n).mul_scalar(ctx.cfg.gate_cost);
     let mut loss = ce_side + ce_mix + cost;
-    if let Some(prox) = prox_term(net, ctx)? {
-        loss = loss + prox;
+    if let Some(prox) = &ctx.prox {
+        loss = loss + prox.loss(optim::flat_params(net));
     }
     let value = loss.clone().into_scalar::<f32>();
     Ok((value, GradientsParams::from_grads(loss.backward(), net)))
 }
 
-/// The same for the `mlp` side with hand-derived gradients (`side::mlp_grad`). The batch is
-/// on the plain device.
-fn mlp_grads(net: &PluginNet, ctx: &StepContext, batch: &Batch) -> Result<(f32, GradientsParams)> {
-    let (taps, h_last) = split_layers(ctx.data, &ctx.plugin.shape.taps, &batch.feats)?;
-    let flat = |t: Tensor<3>| {
-        let [b, t_len, d] = t.dims();
-        t.reshape([b * t_len, d])
+/// The same for the `mlp` side with hand-derived gradients (`side::mlp_grad`), laid out as
+/// `optim::flat_params`, FedProx's term included. The net and the batch are on the plain device.
+fn mlp_flat_grads(net: &PluginNet, ctx: &StepContext, batch: &Batch) -> Result<(f32, Tensor<1>)> {
+    let [l, b, t, d] = batch.feats.dims();
+    let feats = batch.feats.clone().reshape([l, b * t, d]);
+    let at = ctx.plugin.shape.taps.iter().map(|&tap| ctx.data.layer_index(tap)).collect::<Result<Vec<_>>>()?;
+    // The features usually hold the taps first and in order: a view then, else a copy.
+    let taps = if at.iter().enumerate().all(|(i, &k)| i == k) {
+        feats.clone().narrow(0, 0, at.len())
+    } else {
+        let idx = Tensor::<1, Int>::from_data(TensorData::new(at.iter().map(|&k| k as i64).collect(), [at.len()]), &feats.device());
+        feats.clone().select(0, idx)
     };
+    let last = ctx.data.last_layer_index()?;
     let cols = &batch.host;
     let mlp = MlpBatch {
-        taps: taps.into_iter().map(flat).collect(),
-        h_last: flat(h_last),
+        taps,
+        h_last: feats.narrow(0, last, 1).reshape([b * t, d]),
         targets: &cols.targets,
         mask: &cols.mask,
         bb_logp: &cols.bb_logp,
         bb_right: &cols.bb_right,
+        inv_rms: &cols.inv_rms,
         n: batch.tokens.max(1) as f64,
     };
-    let (mut value, extra) = match prox_term(net, ctx)? {
-        Some(prox) => (prox.clone().into_scalar::<f32>() as f64, GradientsParams::from_grads(prox.backward(), net)),
-        None => (0.0, GradientsParams::new()),
-    };
     let gate_uses_side = ctx.plugin.config.gate.use_side_state;
-    let (loss, grads) = mlp_grad::loss_and_grads(net, ctx.head, &mlp, gate_uses_side, ctx.cfg.gate_cost, extra);
-    value += loss;
-    Ok((value as f32, grads))
+    let (mut value, grads) = mlp_grad::loss_and_grads(net, ctx.head, &mlp, gate_uses_side, ctx.cfg.gate_cost);
+    let mut flat = optim::flat_grads(net, &grads)?;
+    if let Some(prox) = &ctx.prox {
+        let (v, g) = prox.term(optim::flat_params(net));
+        value += v;
+        flat = flat + g;
+    }
+    Ok((value as f32, flat))
+}
+
+/// How the steps of one call compute gradients and update: the mlp side by hand on the
+/// plain device with one flat AdamW, the ladder by autodiff with burn's AdamW.
+enum Stepper {
+    Mlp(FlatAdamW),
+    Autodiff(ModuleOptimizer),
 }
 
 /// One optimizer step on `batch`: the loss of the module doc, its gradients, AdamW. Returns
 /// the updated net and the loss value.
-fn train_step(net: PluginNet, optim: &mut ModuleOptimizer, ctx: &StepContext, batch: &Batch, epoch: usize) -> Result<(PluginNet, f32)> {
-    let (value, grads) = if ctx.plugin.config.variant == SideVariant::Mlp { mlp_grads(&net, ctx, batch)? } else { autodiff_grads(&net, ctx, batch)? };
-    if !value.is_finite() {
-        return Err(ModelError::Data(format!("training diverged (loss {value}) at epoch {epoch}")));
-    }
-    Ok((optim.step(ctx.cfg.lr, net, grads), value))
+fn train_step(net: PluginNet, stepper: &mut Stepper, ctx: &StepContext, batch: &Batch, epoch: usize) -> Result<(PluginNet, f32)> {
+    let lr = ctx.cfg.lr;
+    let (net, value) = match stepper {
+        Stepper::Mlp(optim) => {
+            let (value, grads) = mlp_flat_grads(&net, ctx, batch)?;
+            check_finite(value, epoch)?;
+            (optim.step(lr, net, grads), value)
+        }
+        Stepper::Autodiff(optim) => {
+            let (value, grads) = autodiff_grads(&net, ctx, batch)?;
+            check_finite(value, epoch)?;
+            (optim.step(lr, net, grads), value)
+        }
+    };
+    Ok((net, value))
+}
+
+fn check_finite(loss: f32, epoch: usize) -> Result<()> {
+    if loss.is_finite() { Ok(()) } else { Err(ModelError::Data(format!("training diverged (loss {loss}) at epoch {epoch}"))) }
 }
 
 /// Trains `plugin` (shared and private parts) on `data`. With `global` and `prox_mu > 0`,
@@ -401,8 +469,15 @@ pub fn train_plugin(
     let device = plugin.net.side.up.weight.val().device();
     let ad = device.clone().autodiff();
     let head_ad = head.to_device(&ad);
-    let mut net = plugin.net.clone().fork(&ad).train();
-    let mut optim = AdamWConfig::new().with_weight_decay(cfg.weight_decay as f32).init();
+    let (mut net, mut stepper) = if per_token {
+        (plugin.net.clone(), Stepper::Mlp(FlatAdamW::new(cfg.weight_decay as f32)))
+    } else {
+        (plugin.net.clone().fork(&ad).train(), Stepper::Autodiff(AdamWConfig::new().with_weight_decay(cfg.weight_decay as f32).init()))
+    };
+    let prox = match global {
+        Some(g) if cfg.prox_mu > 0.0 => Some(FlatProx::new(&net, g, cfg.prox_mu, if per_token { &device } else { &ad })?),
+        _ => None,
+    };
     let per_step = if per_token { cfg.batch_tokens } else { cfg.batch_sequences };
     let steps_per_epoch = all.len().div_ceil(per_step);
     on_event(TrainEvent::Start { total_steps: steps_per_epoch * cfg.epochs });
@@ -410,7 +485,7 @@ pub fn train_plugin(
     let mut order: Vec<&Unit> = all.iter().collect();
     let preds = backbone_preds(head, data, &device)?;
     let mut report = TrainReport::default();
-    let ctx = StepContext { plugin: &plugin, head, head_ad: &head_ad, data, cfg, global };
+    let ctx = StepContext { plugin: &plugin, head, head_ad: &head_ad, data, cfg, prox };
     let started = Instant::now();
     // The best plugin on the validation split so far, and its routed loss.
     let mut best: Option<(Plugin, f64)> = None;
@@ -433,10 +508,10 @@ pub fn train_plugin(
         let mut sum = 0.0f32;
         for chunk in order.chunks(per_step) {
             let step_started = Instant::now();
-            // The mlp step computes its own gradients: its batch stays off the autodiff device.
+            // The mlp step computes its own gradients: it stays off the autodiff device.
             let batch = make_batch(data, &preds, chunk, if per_token { &device } else { &ad });
             let value;
-            (net, value) = train_step(net, &mut optim, &ctx, &batch, epoch)?;
+            (net, value) = train_step(net, &mut stepper, &ctx, &batch, epoch)?;
             report.step_seconds += step_started.elapsed().as_secs_f64();
             report.steps += 1;
             report.tokens += batch.tokens;
@@ -526,9 +601,6 @@ mod tests {
     //! The mlp side's hand-derived gradients against burn's autodiff on the same batch.
     use std::path::PathBuf;
 
-    use burn::module::{Module, ModuleVisitor, Param};
-    use burn::optim::GradientsParams;
-    use burn::tensor::Tensor;
     use rand::rngs::StdRng;
     use rand::{RngExt, SeedableRng};
 
@@ -538,24 +610,21 @@ mod tests {
     use crate::side::{ParamSet, SideConfig};
     use crate::tensor_util::to_vec;
 
-    /// Per parameter, |a - b| against the size of b's gradient; the worst ratio.
-    struct Compare<'a> {
-        a: &'a GradientsParams,
-        b: &'a GradientsParams,
-        worst: f32,
-        count: usize,
-    }
-
-    impl ModuleVisitor for Compare<'_> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            let a = to_vec(self.a.get::<D>(param.id).expect("hand-derived gradient"));
-            let b = to_vec(self.b.get::<D>(param.id).expect("autodiff gradient"));
-            let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    /// Per parameter (pieces of the flat vectors), |a - b| against the size of b's gradient;
+    /// the worst ratio.
+    fn worst_relative_diff(a: &[f32], b: &[f32], sizes: &[(String, usize)]) -> f32 {
+        let mut at = 0;
+        let mut worst = 0.0f32;
+        for (name, n) in sizes {
+            let (a, b) = (&a[at..at + n], &b[at..at + n]);
+            at += n;
+            let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
             let scale = b.iter().map(|y| y.abs()).fold(0.0f32, f32::max);
-            assert!(scale > 1e-6, "a gradient is zero: the check would not see it");
-            self.worst = self.worst.max(diff / scale);
-            self.count += 1;
+            assert!(scale > 1e-6, "the gradient of {name} is zero: the check would not see it");
+            worst = worst.max(diff / scale);
         }
+        assert_eq!(at, a.len());
+        worst
     }
 
     /// Every parameter random (the output adapters start at zero, which would hide the chain).
@@ -570,23 +639,26 @@ mod tests {
         plugin.load(&set).unwrap()
     }
 
-    fn check(gate_uses_side: bool, prox: bool) {
+    /// `taps` empty means every layer; the features always hold every layer, so other taps
+    /// are not their first entries.
+    fn check(gate_uses_side: bool, prox: bool, taps: Vec<usize>) {
         let device = Device::flex();
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
         let bb = load_backbone(&dir, &device).unwrap();
-        let examples: Vec<TokenizedExample> = (0..12u32)
+        // 40 examples: over 128 loss rows, so the per-row loop runs in several blocks.
+        let examples: Vec<TokenizedExample> = (0..40u32)
             .map(|i| TokenizedExample { ids: (0..14).map(|j| (i * 7 + j * 13) % 90 + 3).collect(), reply_start: 6 })
             .collect();
-        let mut side = SideConfig { reduction: 4, ..SideConfig::default() };
+        let mut side = SideConfig { reduction: 4, taps, ..SideConfig::default() };
         side.gate.use_side_state = gate_uses_side;
         let plugin = randomized(Plugin::new(&side, &bb.config, &device).unwrap(), 1);
         let global = randomized(plugin.clone(), 2).shared().unwrap();
-        let data = extract_features(&bb, &examples, &plugin.shape.feature_layers, Positions::LossOnly, 4).unwrap();
+        let every: Vec<usize> = (0..=bb.config.num_layers).collect();
+        let data = extract_features(&bb, &examples, &every, Positions::LossOnly, 4).unwrap();
         let head = FrozenHead::from_backbone(&bb);
         let ad = device.clone().autodiff();
         let head_ad = head.to_device(&ad);
         let cfg = TrainConfig { prox_mu: if prox { 0.5 } else { 0.0 }, gate_cost: 0.3, ..TrainConfig::default() };
-        let ctx = StepContext { plugin: &plugin, head: &head, head_ad: &head_ad, data: &data, cfg: &cfg, global: Some(&global) };
         let mut preds = backbone_preds(&head, &data, &device).unwrap();
         // The random backbone is rarely right: mark half the positions so the gate cost acts.
         for r in preds.right.iter_mut() {
@@ -594,23 +666,35 @@ mod tests {
         }
         let all = units(&data, 0..data.examples.len(), true);
         let chunk: Vec<&Unit> = all.iter().collect();
-        let net = plugin.net.clone().fork(&ad).train();
-        let (va, ga) = mlp_grads(&net, &ctx, &make_batch(&data, &preds, &chunk, &device)).unwrap();
-        let (vb, gb) = autodiff_grads(&net, &ctx, &make_batch(&data, &preds, &chunk, &ad)).unwrap();
+        // Each path as training runs it: the mlp's by hand on the plain device, autodiff on
+        // its own device, each with FedProx's term built there.
+        let step = |net: &PluginNet, dev: &Device| {
+            let prox = prox.then(|| FlatProx::new(net, &global, cfg.prox_mu, dev).unwrap());
+            let ctx = StepContext { plugin: &plugin, head: &head, head_ad: &head_ad, data: &data, cfg: &cfg, prox };
+            let batch = make_batch(&data, &preds, &chunk, dev);
+            if dev.is_autodiff() {
+                let (v, grads) = autodiff_grads(net, &ctx, &batch).unwrap();
+                (v, optim::flat_grads(net, &grads).unwrap())
+            } else {
+                mlp_flat_grads(net, &ctx, &batch).unwrap()
+            }
+        };
+        let (va, ga) = step(&plugin.net, &device);
+        let (vb, gb) = step(&plugin.net.clone().fork(&ad).train(), &ad);
         assert!((va - vb).abs() < 1e-5 * vb.abs().max(1.0), "loss {va} vs {vb}");
-        let mut cmp = Compare { a: &ga, b: &gb, worst: 0.0, count: 0 };
-        net.visit(&mut cmp);
-        assert_eq!(cmp.count, plugin.params().tensors.len());
-        assert!(cmp.worst <= 1e-4, "gradients differ by {} of their size", cmp.worst);
+        let sizes = named_sizes(&plugin.net);
+        assert_eq!(sizes.len(), plugin.params().tensors.len());
+        let worst = worst_relative_diff(&to_vec(ga), &to_vec(gb), &sizes);
+        assert!(worst <= 1e-4, "gradients differ by {worst} of their size");
     }
 
     #[test]
     fn mlp_gradients_match_autodiff() {
-        check(false, false);
+        check(false, false, vec![]);
     }
 
     #[test]
-    fn mlp_gradients_match_autodiff_with_side_state_gate_and_prox() {
-        check(true, true);
+    fn mlp_gradients_match_autodiff_with_side_state_gate_prox_and_tap_subset() {
+        check(true, true, vec![1, 2]);
     }
 }
