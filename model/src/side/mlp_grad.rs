@@ -151,19 +151,27 @@ pub(crate) fn loss_and_grads(
     let (d_wout, d_bout) = (s_last.clone().transpose().matmul(dy.clone()), col_sum(dy.clone()));
     grads.linear(&side.up, d_wout.clone(), d_bout.clone());
     grads.linear(&net.personal, d_wout, d_bout);
-    // The chain's gradients ds_k, last to first; then the taps' weight gradients as one
-    // batched gemm, as in the forward.
+    // The chain's gradients ds_k, last to first. Then the weight gradients, which no longer
+    // depend on each other: the taps' and the adapters' each as one batched gemm, as in the
+    // forward; down_k and adapter_k (k >= 1) share ds_k and so their bias gradient.
     let mut ds = vec![dy.matmul(w_out.transpose())];
     for k in (1..n_taps).rev() {
         let a = &side.adapters[k - 1];
         let dk = ds.last().expect("non-empty").clone();
-        grads.linear(a, r[k - 1].clone().transpose().matmul(dk.clone()), col_sum(dk.clone()));
         ds.push(dk.matmul(a.weight.val().inner().transpose()) * s[k - 1].clone().greater_elem(0.0).float());
     }
     ds.reverse();
-    let dw_down = batch.taps.clone().swap_dims(1, 2).matmul(Tensor::stack::<3>(ds.clone(), 0));
-    for (k, dk) in ds.into_iter().enumerate() {
-        grads.linear(&side.down[k], item(&dw_down, k), col_sum(dk));
+    let ds = Tensor::stack::<3>(ds, 0);
+    let db = ds.clone().sum_dim(1);
+    let dw_down = batch.taps.clone().swap_dims(1, 2).matmul(ds.clone());
+    for (k, l) in side.down.iter().enumerate() {
+        grads.linear(l, item(&dw_down, k), item(&db, k).reshape([-1]));
+    }
+    if n_taps > 1 {
+        let dw_adapt = Tensor::stack::<3>(r, 0).swap_dims(1, 2).matmul(ds.narrow(0, 1, n_taps - 1));
+        for (k, a) in side.adapters.iter().enumerate() {
+            grads.linear(a, item(&dw_adapt, k), item(&db, k + 1).reshape([-1]));
+        }
     }
     // The gate (its input is constant: the side state enters it detached).
     let w2 = &net.gate.w2;
