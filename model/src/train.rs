@@ -7,7 +7,7 @@
 //! where the backbone suffices (fewer device calls at inference).
 use std::time::Instant;
 
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -21,6 +21,7 @@ use crate::features::FeatureSet;
 use crate::side::config::SideVariant;
 use crate::optim::{self, FlatAdamW};
 use crate::side::mlp_grad::{self, MlpBatch};
+use crate::side::params::for_each_param;
 use crate::side::{FrozenHead, Plugin, PluginNet, SharedParams};
 use crate::tensor_util::from_vec;
 
@@ -277,24 +278,9 @@ fn heads(net: &PluginNet, plugin: &Plugin, head: &FrozenHead, data: &FeatureSet,
 
 /// Every float parameter's name and size, in visit order (the layout of `optim::flat_params`).
 fn named_sizes(net: &PluginNet) -> Vec<(String, usize)> {
-    struct Names {
-        path: Vec<String>,
-        out: Vec<(String, usize)>,
-    }
-    impl ModuleVisitor for Names {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.path.push(name.to_string());
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.path.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            self.out.push((self.path.join("."), param.val().shape().num_elements()));
-        }
-    }
-    let mut names = Names { path: vec![], out: vec![] };
-    net.visit(&mut names);
-    names.out
+    let mut out = vec![];
+    for_each_param(net, |name, dims, _| out.push((name, dims.iter().product())));
+    out
 }
 
 /// FedProx's term in the flat layout of `optim::flat_params`: the global values of the

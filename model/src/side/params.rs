@@ -199,31 +199,37 @@ pub fn split_by_role(all: ParamSet, rules: &RoleRules) -> Result<(SharedParams, 
     Ok((SharedParams(shared), private))
 }
 
-struct Exporter {
-    path: Vec<String>,
-    out: ParamSet,
-}
-
-impl ModuleVisitor for Exporter {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.to_string());
+/// Calls `f(name, dims, values flattened)` for every float parameter of `module`, in visit
+/// order, the name being its module path (`side.down.0.weight`).
+pub(crate) fn for_each_param<M: Module>(module: &M, f: impl FnMut(String, Vec<usize>, Tensor<1>)) {
+    struct Walk<F> {
+        path: Vec<String>,
+        f: F,
     }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
+    impl<F: FnMut(String, Vec<usize>, Tensor<1>)> ModuleVisitor for Walk<F> {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let t = param.val();
+            let dims = t.dims().to_vec();
+            let n: usize = dims.iter().product();
+            (self.f)(self.path.join("."), dims, t.reshape([n]));
+        }
     }
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let t = param.val();
-        let shape = t.dims().to_vec();
-        let values = crate::tensor_util::to_vec(t);
-        self.out.tensors.insert(self.path.join("."), NamedTensor { shape, values });
-    }
+    module.visit(&mut Walk { path: vec![], f });
 }
 
 /// Every float parameter of `module`, named by its path.
 pub fn export_params<M: Module>(module: &M) -> ParamSet {
-    let mut e = Exporter { path: vec![], out: ParamSet::default() };
-    module.visit(&mut e);
-    e.out
+    let mut out = ParamSet::default();
+    for_each_param(module, |name, shape, t| {
+        out.tensors.insert(name, NamedTensor { shape, values: crate::tensor_util::to_vec(t) });
+    });
+    out
 }
 
 struct Importer<'a> {
