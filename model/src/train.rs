@@ -401,7 +401,9 @@ fn mlp_flat_grads(net: &PluginNet, ctx: &StepContext, batch: &Batch) -> Result<(
 }
 
 /// How the steps of one call compute gradients and update: the mlp side by hand on the
-/// plain device with one flat AdamW, the ladder by autodiff with burn's AdamW.
+/// plain device with one flat AdamW, the ladder by autodiff with burn's AdamW. One per call:
+/// its size does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Stepper {
     Mlp(FlatAdamW),
     Autodiff(ModuleOptimizer),
