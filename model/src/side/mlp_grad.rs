@@ -83,18 +83,29 @@ pub(crate) fn loss_and_grads(
     let h = batch.h_last.clone();
     let [n_rows, d] = h.dims();
     let n_taps = batch.taps.dims()[0];
-    // Forward: side states s_k and their ReLUs r_k, kept for the backward. The taps' down
-    // projections are independent of each other: one batched gemm, which flex spreads over
-    // the cores by item (each item a whole gemm) instead of splitting each skinny gemm.
-    let w_down = Tensor::stack::<3>(side.down.iter().map(|l| l.weight.val().inner()).collect(), 0);
-    let pre = batch.taps.clone().matmul(w_down);
-    let mut s = vec![add_bias(&side.down[0], item(&pre, 0))];
-    let mut r = Vec::with_capacity(n_taps);
-    for k in 1..n_taps {
-        let rk = relu(s[k - 1].clone());
-        s.push(add_bias(&side.down[k], item(&pre, k)) + lin(&side.adapters[k - 1], rk.clone()));
-        r.push(rk);
-    }
+    // The gate's first layer on norm(h) = h * inv_rms(h) * norm_weight, without materialising
+    // it: the per-row scale moves after the gemm and the norm weight into the weight. It does
+    // not depend on the side chain, so it runs beside it.
+    let inv_h = from_vec(batch.inv_rms.to_vec(), [n_rows, 1], &h.device());
+    let nw = head.norm_weight().unsqueeze_dim::<2>(1);
+    let w1 = net.gate.w1.weight.val().inner();
+    let gate_h = || h.clone().matmul(w1.clone().narrow(0, 0, d) * nw.clone()) * inv_h.clone();
+    // Side states s_k and their ReLUs r_k, kept for the backward. The taps' down projections
+    // are independent of each other: one batched gemm, which flex spreads over the cores by
+    // item (each item a whole gemm) instead of splitting each skinny gemm.
+    let side_chain = || {
+        let w_down = Tensor::stack::<3>(side.down.iter().map(|l| l.weight.val().inner()).collect(), 0);
+        let pre = batch.taps.clone().matmul(w_down);
+        let mut s = vec![add_bias(&side.down[0], item(&pre, 0))];
+        let mut r = Vec::with_capacity(n_taps);
+        for k in 1..n_taps {
+            let rk = relu(s[k - 1].clone());
+            s.push(add_bias(&side.down[k], item(&pre, k)) + lin(&side.adapters[k - 1], rk.clone()));
+            r.push(rk);
+        }
+        (s, r)
+    };
+    let ((s, r), mut a1) = rayon::join(side_chain, gate_h);
     let s_last = s[n_taps - 1].clone();
     // up(s) + personal(s) as one gemm with the summed weights and biases, as in the plugin.
     let w_out = side.up.weight.val().inner() + net.personal.weight.val().inner();
@@ -105,12 +116,6 @@ pub(crate) fn loss_and_grads(
     let y = h.clone() + s_last.clone().matmul(w_out.clone()) + b_out.unsqueeze::<2>();
     let z = y.clone().matmul(head.scaled());
     let inv_y = head.inv_rms(y.clone());
-    // Gate on norm(h) = h * inv_rms(h) * norm_weight without materialising it: the per-row
-    // scale moves after the gemm and the norm weight into the first layer's weight.
-    let inv_h = from_vec(batch.inv_rms.to_vec(), [n_rows, 1], &h.device());
-    let nw = head.norm_weight().unsqueeze_dim::<2>(1);
-    let w1 = net.gate.w1.weight.val().inner();
-    let mut a1 = h.clone().matmul(w1.clone().narrow(0, 0, d) * nw.clone()) * inv_h.clone();
     if gate_uses_side {
         let side_width = w1.dims()[0] - d;
         a1 = a1 + s_last.clone().matmul(w1.clone().narrow(0, d, side_width));
@@ -146,42 +151,56 @@ pub(crate) fn loss_and_grads(
     let da2 = from_vec(da2, [n_rows, 1], &device);
 
     // Backward through the head, the output adapters and the side chain.
-    let mut grads = Grads(GradientsParams::new());
-    let dy = dz.matmul(head.scaled().transpose()) + y * coef;
-    let (d_wout, d_bout) = (s_last.clone().transpose().matmul(dy.clone()), col_sum(dy.clone()));
-    grads.linear(&side.up, d_wout.clone(), d_bout.clone());
-    grads.linear(&net.personal, d_wout, d_bout);
-    // The chain's gradients ds_k, last to first. Then the weight gradients, which no longer
-    // depend on each other: the taps' and the adapters' each as one batched gemm, as in the
-    // forward; down_k and adapter_k (k >= 1) share ds_k and so their bias gradient.
-    let mut ds = vec![dy.matmul(w_out.transpose())];
-    for k in (1..n_taps).rev() {
-        let a = &side.adapters[k - 1];
-        let dk = ds.last().expect("non-empty").clone();
-        ds.push(dk.matmul(a.weight.val().inner().transpose()) * s[k - 1].clone().greater_elem(0.0).float());
-    }
-    ds.reverse();
-    let ds = Tensor::stack::<3>(ds, 0);
-    let db = ds.clone().sum_dim(1);
-    let dw_down = batch.taps.clone().swap_dims(1, 2).matmul(ds.clone());
-    for (k, l) in side.down.iter().enumerate() {
-        grads.linear(l, item(&dw_down, k), item(&db, k).reshape([-1]));
-    }
-    if n_taps > 1 {
-        let dw_adapt = Tensor::stack::<3>(r, 0).swap_dims(1, 2).matmul(ds.narrow(0, 1, n_taps - 1));
-        for (k, a) in side.adapters.iter().enumerate() {
-            grads.linear(a, item(&dw_adapt, k), item(&db, k + 1).reshape([-1]));
-        }
-    }
-    // The gate (its input is constant: the side state enters it detached).
+    // The gate's gradients (its input is constant: the side state enters it detached) do not
+    // depend on the side's: they run beside them.
     let w2 = &net.gate.w2;
-    grads.linear(w2, q.transpose().matmul(da2.clone()), col_sum(da2.clone()));
-    let da1 = da2.matmul(w2.weight.val().inner().transpose()) * a1.greater_elem(0.0).float();
-    let mut dw1 = h.transpose().matmul(da1.clone() * inv_h) * nw;
-    if gate_uses_side {
-        dw1 = Tensor::cat(vec![dw1, s_last.transpose().matmul(da1.clone())], 0);
+    let gate_grads = || {
+        let (dw2, db2) = (q.transpose().matmul(da2.clone()), col_sum(da2.clone()));
+        let da1 = da2.matmul(w2.weight.val().inner().transpose()) * a1.greater_elem(0.0).float();
+        let mut dw1 = h.transpose().matmul(da1.clone() * inv_h) * nw;
+        if gate_uses_side {
+            dw1 = Tensor::cat(vec![dw1, s_last.clone().transpose().matmul(da1.clone())], 0);
+        }
+        (dw2, db2, dw1, col_sum(da1))
+    };
+    let side_grads = || {
+        let mut out = Vec::with_capacity(2 * n_taps + 1);
+        let dy = dz.matmul(head.scaled().transpose()) + y * coef;
+        let (d_wout, d_bout) = (s_last.clone().transpose().matmul(dy.clone()), col_sum(dy.clone()));
+        out.push((&side.up, d_wout.clone(), d_bout.clone()));
+        out.push((&net.personal, d_wout, d_bout));
+        // The chain's gradients ds_k, last to first. Then the weight gradients, which no
+        // longer depend on each other: the taps' and the adapters' each as one batched gemm,
+        // as in the forward; down_k and adapter_k (k >= 1) share ds_k and so their bias
+        // gradient.
+        let mut ds = vec![dy.matmul(w_out.transpose())];
+        for k in (1..n_taps).rev() {
+            let a = &side.adapters[k - 1];
+            let dk = ds.last().expect("non-empty").clone();
+            ds.push(dk.matmul(a.weight.val().inner().transpose()) * s[k - 1].clone().greater_elem(0.0).float());
+        }
+        ds.reverse();
+        let ds = Tensor::stack::<3>(ds, 0);
+        let db = ds.clone().sum_dim(1);
+        let dw_down = batch.taps.clone().swap_dims(1, 2).matmul(ds.clone());
+        for (k, l) in side.down.iter().enumerate() {
+            out.push((l, item(&dw_down, k), item(&db, k).reshape([-1])));
+        }
+        if n_taps > 1 {
+            let dw_adapt = Tensor::stack::<3>(r, 0).swap_dims(1, 2).matmul(ds.narrow(0, 1, n_taps - 1));
+            for (k, a) in side.adapters.iter().enumerate() {
+                out.push((a, item(&dw_adapt, k), item(&db, k + 1).reshape([-1])));
+            }
+        }
+        out
+    };
+    let (side_out, (dw2, db2, dw1, db1)) = rayon::join(side_grads, gate_grads);
+    let mut grads = Grads(GradientsParams::new());
+    for (l, dw, db) in side_out {
+        grads.linear(l, dw, db);
     }
-    grads.linear(&net.gate.w1, dw1, col_sum(da1));
+    grads.linear(w2, dw2, db2);
+    grads.linear(&net.gate.w1, dw1, db1);
     (loss, grads.0)
 }
 
