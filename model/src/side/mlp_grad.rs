@@ -150,7 +150,6 @@ pub(crate) fn loss_and_grads(
     let coef = from_vec(coef, [n_rows, 1], &device);
     let da2 = from_vec(da2, [n_rows, 1], &device);
 
-    // Backward through the head, the output adapters and the side chain.
     // The gate's gradients (its input is constant: the side state enters it detached) do not
     // depend on the side's: they run beside them.
     let w2 = &net.gate.w2;
@@ -163,6 +162,7 @@ pub(crate) fn loss_and_grads(
         }
         (dw2, db2, dw1, col_sum(da1))
     };
+    // Backward through the head, the output adapters and the side chain.
     let side_grads = || {
         let mut out = Vec::with_capacity(2 * n_taps + 1);
         let dy = dz.matmul(head.scaled().transpose()) + y * coef;
