@@ -96,17 +96,13 @@ pub struct TrainReport {
     pub best_epoch: usize,
 }
 
-/// One batch as tensors: features `[layers, B, T, d]` (layer-major, so each layer is a
-/// contiguous slice and taking one copies nothing), targets and mask `[B, T, 1]`, and the
-/// frozen backbone's own prediction at each position (see [`BackbonePreds`]).
+/// One batch: features `[layers, B, T, d]` as a tensor (layer-major, so each layer is a
+/// contiguous slice and taking one copies nothing), and per position the target, the loss
+/// mask and the frozen backbone's own prediction (see [`BackbonePreds`]) as host columns.
 struct Batch {
     feats: Tensor<4>,
-    targets: Tensor<3, Int>,
-    mask: Tensor<3>,
-    bb_logp: Tensor<3>,
-    bb_right: Tensor<3>,
     tokens: usize,
-    /// The per-position columns as host vectors too, `[B * T]` (the mlp step reads them).
+    /// `[B * T]` each (the mlp step reads them as they are).
     host: Columns,
 }
 
@@ -116,6 +112,30 @@ struct Columns {
     bb_logp: Vec<f32>,
     bb_right: Vec<f32>,
     inv_rms: Vec<f32>,
+}
+
+/// The columns the autodiff loss and the evaluation read, as `[B, T, 1]` tensors on the
+/// batch's device.
+struct ColumnTensors {
+    targets: Tensor<3, Int>,
+    mask: Tensor<3>,
+    bb_logp: Tensor<3>,
+    bb_right: Tensor<3>,
+}
+
+impl Batch {
+    fn column_tensors(&self) -> ColumnTensors {
+        let [_, b, t, _] = self.feats.dims();
+        let device = self.feats.device();
+        let col = |v: &[f32]| Tensor::<3>::from_data(TensorData::new(v.to_vec(), [b, t, 1]), &device);
+        let cols = &self.host;
+        ColumnTensors {
+            targets: Tensor::from_data(TensorData::new(cols.targets.clone(), [b, t, 1]), &device),
+            mask: col(&cols.mask),
+            bb_logp: col(&cols.bb_logp),
+            bb_right: col(&cols.bb_right),
+        }
+    }
 }
 
 /// Work units: single tokens (mlp) or whole sequences (ladder).
@@ -243,13 +263,8 @@ fn make_batch(data: &FeatureSet, preds: &BackbonePreds, units: &[&Unit], device:
         }
     }
     let tokens = mask.iter().filter(|&&m| m > 0.0).count();
-    let col = |v: Vec<f32>| Tensor::<3>::from_data(TensorData::new(v, [b, t, 1]), device);
     Batch {
         feats: Tensor::from_data(TensorData::new(feats, [l, b, t, d]), device),
-        targets: Tensor::from_data(TensorData::new(targets.clone(), [b, t, 1]), device),
-        mask: col(mask.clone()),
-        bb_logp: col(bb_logp.clone()),
-        bb_right: col(bb_right.clone()),
         tokens,
         host: Columns { targets, mask, bb_logp, bb_right, inv_rms },
     }
@@ -348,14 +363,15 @@ struct StepContext<'a> {
 fn autodiff_grads(net: &PluginNet, ctx: &StepContext, batch: &Batch) -> Result<(f32, GradientsParams)> {
     let n = batch.tokens.max(1) as f64;
     let h = heads(net, ctx.plugin, ctx.head_ad, ctx.data, batch)?;
-    let mask = batch.mask.clone();
-    let ls = h.lp_side.gather(2, batch.targets.clone());
-    let lb = batch.bb_logp.clone();
+    let cols = batch.column_tensors();
+    let mask = cols.mask.clone();
+    let ls = h.lp_side.gather(2, cols.targets);
+    let lb = cols.bb_logp;
     let ce_side = (ls.clone() * mask.clone()).sum().neg().div_scalar(n);
     let g = h.gate;
     let mix = (g.clone() * ls.detach().exp() + g.clone().neg().add_scalar(1.0) * lb.exp()).clamp_min(1e-9).log();
     let ce_mix = (mix * mask.clone()).sum().neg().div_scalar(n);
-    let cost = (g * batch.bb_right.clone() * mask).sum().div_scalar(n).mul_scalar(ctx.cfg.gate_cost);
+    let cost = (g * cols.bb_right * mask).sum().div_scalar(n).mul_scalar(ctx.cfg.gate_cost);
     let mut loss = ce_side + ce_mix + cost;
     if let Some(prox) = &ctx.prox {
         loss = loss + prox.loss(optim::flat_params(net));
@@ -554,11 +570,12 @@ fn evaluate_units(plugin: &Plugin, head: &FrozenHead, data: &FeatureSet, preds: 
     for chunk in refs.chunks(per_step) {
         let batch = make_batch(data, preds, chunk, &device);
         let h = heads(&plugin.net, plugin, head, data, &batch)?;
-        let mask = batch.mask.clone();
-        let ls = h.lp_side.clone().gather(2, batch.targets.clone());
-        let lb = batch.bb_logp.clone();
-        let side_ok = h.lp_side.argmax(2).equal(batch.targets.clone()).float();
-        let bb_ok = batch.bb_right.clone();
+        let cols = batch.column_tensors();
+        let mask = cols.mask.clone();
+        let ls = h.lp_side.clone().gather(2, cols.targets.clone());
+        let lb = cols.bb_logp;
+        let side_ok = h.lp_side.argmax(2).equal(cols.targets).float();
+        let bb_ok = cols.bb_right;
         let routed = h.gate.greater_elem(thr).float();
         let not_routed = routed.clone().neg().add_scalar(1.0);
         let sum = |t: Tensor<3>| (t * mask.clone()).sum().into_scalar::<f32>() as f64;
