@@ -7,9 +7,9 @@ use spa::simulation::{SimConfig, Simulation};
 use spa_aggregation::strategy::StrategyConfig;
 use spa_model::backbone::load_backbone;
 use spa_model::data::synthetic::synthetic_users;
-use spa_model::generate::{LocalStates, Sampling, generate};
+use spa_model::generate::{Decoding, LocalStates, Sampling, generate_text};
 use spa_model::side::SideConfig;
-use spa_model::tokenizer::Tokenizer;
+use spa_model::tokenizer::{ModelTokens, Tokenizer};
 use spa_model::train::TrainConfig;
 use spa_model::BackendKind;
 
@@ -183,6 +183,7 @@ fn simulate(a: SimArgs, device: &spa_model::burn::tensor::Device) -> Result<()> 
     let model = a.model.clone().unwrap_or_else(default_model);
     let bb = load_backbone(&model, device).with_context(|| format!("loading the backbone from {}", model.display()))?;
     let tok = Tokenizer::from_file(&model.join("tokenizer.json"))?;
+    let tokens = ModelTokens::from_dir(&model)?;
     let strategy = StrategyConfig::from_name(&a.strategy, a.prox_mu as f32)?;
     // μ is FedProx's (whatever the name's case); the other strategies train without it.
     let prox_mu = if matches!(strategy, StrategyConfig::FedProx { .. }) { a.prox_mu } else { 0.0 };
@@ -230,19 +231,18 @@ fn simulate(a: SimArgs, device: &spa_model::burn::tensor::Device) -> Result<()> 
         }
     }
     // Greedy decoding loops on a small character-level model; mild sampling reads better.
-    let sampling = Sampling { temperature: 0.5, top_k: 5, seed: a.seed };
-    let stop = tok.token_to_id("\n");
+    let dec = Decoding { max_new: 80, sampling: Sampling { temperature: 0.5, top_k: 5, seed: a.seed }, stop: tokens.eos.clone() };
     for i in 0..a.show.min(sim.devices.len()) {
         let ex = &sim.devices[i].data.test[0];
-        let prompt = tok.encode(&ex.prompt)?;
+        let prompt = tokens.prompt_ids(&tok, &ex.prompt, false)?;
         let plugin = sim.plugin(i)?;
         let mut src = LocalStates::new(&bb, &plugin.shape.feature_layers)?;
-        let mine = generate(&mut src, sim.head(), Some(&plugin), &prompt, 80, &sampling, stop)?;
+        let (mine, mine_text) = generate_text(&mut src, sim.head(), Some(&plugin), &tok, &prompt, &dec, Some("\n"), &mut |_| {})?;
         let mut src = LocalStates::new(&bb, &[bb.config.num_layers])?;
-        let base = generate(&mut src, sim.head(), None, &prompt, 80, &sampling, stop)?;
+        let (_, base) = generate_text(&mut src, sim.head(), None, &tok, &prompt, &dec, Some("\n"), &mut |_| {})?;
         println!("\n--- device {} ---\n{}", sim.devices[i].name, ex.prompt.trim_end());
-        println!("  backbone alone: {}", tok.decode(&base.ids)?.trim_end());
-        println!("  personalized:   {}   (side plugin spoke {:.0}% of tokens)", tok.decode(&mine.ids)?.trim_end(), 100.0 * mine.side_fraction());
+        println!("  backbone alone: {}", base.trim_end());
+        println!("  personalized:   {}   (side plugin spoke {:.0}% of tokens)", mine_text.trim_end(), 100.0 * mine.side_fraction());
         println!("  reference:      {}", ex.reply.trim_end());
     }
     Ok(())

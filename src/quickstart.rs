@@ -13,6 +13,7 @@ use spa_client::data::Format;
 use spa_client::ops;
 use spa_coordinator::admin_cli::{Target, admin_client, with_admin};
 use spa_model::data::synthetic::synthetic_users;
+use spa_model::generate::Sampling;
 use spa_proto::v1::{CreateTokenRequest, RoundStatusRequest, StartRoundsRequest};
 
 #[derive(Clone, Debug)]
@@ -141,7 +142,13 @@ pub async fn quickstart(cfg: &QuickstartConfig, out: &mut dyn FnMut(Output)) -> 
     for (i, u) in users.iter().enumerate().take(cfg.show) {
         let ex = &u.test[0];
         let h = home(&dir, i);
-        let mine = ops::generate(&h, &ex.prompt, 80, 0.5, 5, cfg.seed + 1, Some("\n"), &mut |_| {}).await?;
+        let opts = ops::GenerateOptions {
+            max_tokens: 80,
+            sampling: Sampling { temperature: 0.5, top_k: 5, seed: cfg.seed + 1 },
+            stop: Some("\n".into()),
+            ..Default::default()
+        };
+        let mine = ops::generate(&h, &ex.prompt, &opts, &mut |_| {}).await?;
         let base = backbone_alone(&ex.prompt, cfg.seed + 1)?;
         out(Output::Sample {
             device: u.user.clone(),
@@ -159,14 +166,15 @@ pub async fn quickstart(cfg: &QuickstartConfig, out: &mut dyn FnMut(Output)) -> 
 
 /// The shipped backbone's own continuation (no side plugin), one line.
 fn backbone_alone(prompt: &str, seed: u64) -> anyhow::Result<String> {
-    use spa_model::generate::{LocalStates, Sampling, generate};
+    use spa_model::generate::{Decoding, LocalStates, generate_text};
     let dir = Path::new(spa_coordinator::config::DEFAULT_BACKBONE);
     let device = spa_model::BackendKind::resolve(None)?.device()?;
     let bb = spa_model::backbone::load_backbone(dir, &device)?;
     let tok = spa_model::tokenizer::Tokenizer::from_file(&dir.join("tokenizer.json"))?;
     let head = spa_model::side::FrozenHead::from_backbone(&bb);
     let mut src = LocalStates::new(&bb, &[bb.config.num_layers])?;
-    let sampling = Sampling { temperature: 0.5, top_k: 5, seed };
-    let r = generate(&mut src, &head, None, &tok.encode(prompt)?, 80, &sampling, tok.token_to_id("\n"))?;
-    Ok(tok.decode(&r.ids)?)
+    let tokens = spa_model::tokenizer::ModelTokens::from_dir(dir)?;
+    let dec = Decoding { max_new: 80, sampling: Sampling { temperature: 0.5, top_k: 5, seed }, stop: tokens.eos.clone() };
+    let (_, text) = generate_text(&mut src, &head, None, &tok, &tokens.prompt_ids(&tok, prompt, false)?, &dec, Some("\n"), &mut |_| {})?;
+    Ok(text)
 }

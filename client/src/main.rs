@@ -89,8 +89,17 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         seed: u64,
         /// Stop at the end of the first generated line.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "stop")]
         stop_at_newline: bool,
+        /// Stop once the generated text contains this.
+        #[arg(long)]
+        stop: Option<String>,
+        /// Wrap the prompt in the model's chat template (tokenizer_config.json).
+        #[arg(long)]
+        chat: bool,
+        /// Keep generating past the model's end-of-sequence token.
+        #[arg(long)]
+        ignore_eos: bool,
         #[arg(long)]
         json: bool,
     },
@@ -256,34 +265,24 @@ fn main() -> Result<()> {
             let n = rt.block_on(agent::run(&home, &opts, &mut |e| eprintln!("{}", describe(&e))))?;
             eprintln!("adopted {n} committed version(s); exiting");
         }
-        Command::Generate {
-            prompt,
-            max_tokens,
-            temperature,
-            top_k,
-            seed,
-            stop_at_newline,
-            json,
-        } => {
+        Command::Generate { prompt, max_tokens, temperature, top_k, seed, stop_at_newline, stop, chat, ignore_eos, json } => {
             let mut out = std::io::stdout();
             if !json {
                 print!("{prompt}");
             }
-            let r = rt.block_on(ops::generate(
-                &home,
-                &prompt,
+            let opts = ops::GenerateOptions {
                 max_tokens,
-                temperature,
-                top_k,
-                seed,
-                stop_at_newline.then_some("\n"),
-                &mut |t| {
-                    if !json {
-                        print!("{t}");
-                        let _ = out.flush();
-                    }
-                },
-            ))?;
+                sampling: spa_model::generate::Sampling { temperature, top_k, seed },
+                stop: if stop_at_newline { Some("\n".into()) } else { stop },
+                chat,
+                ignore_eos,
+            };
+            let r = rt.block_on(ops::generate(&home, &prompt, &opts, &mut |t| {
+                if !json {
+                    print!("{t}");
+                    let _ = out.flush();
+                }
+            }))?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {

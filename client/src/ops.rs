@@ -8,8 +8,8 @@ use spa_model::data::Example;
 use spa_model::experiment::positions_for;
 use spa_model::features::{FeatureSet, TokenizedExample, tokenize_examples};
 use spa_model::side::{FrozenHead, NamedTensor, ParamSet, Plugin};
-use spa_model::tokenizer::Tokenizer;
-use spa_model::generate::{HiddenStates, Sampling, generate_with};
+use spa_model::tokenizer::{ModelTokens, Tokenizer};
+use spa_model::generate::{Decoding, HiddenStates, Sampling, generate_text};
 use spa_model::train::{TrainConfig, TrainEvent, evaluate, train_plugin};
 use spa_model::{BackboneConfig, BackendKind};
 use spa_proto::auth::{generate_pkcs8, now_ms, public_key_of, sha256};
@@ -176,6 +176,8 @@ pub struct Model {
     pub info: ModelInfo,
     pub config: BackboneConfig,
     pub tokenizer: Tokenizer,
+    /// BOS, EOS and chat template, from the checkpoint's own files.
+    pub tokens: ModelTokens,
     pub head: FrozenHead,
 }
 
@@ -189,6 +191,12 @@ pub(crate) async fn model(s: &Session, store: &ClientStore, device: &Device) -> 
         .into_inner();
     let config = BackboneConfig::from_json(&info.config_json)?;
     let tokenizer = Tokenizer::from_json(&info.tokenizer_json)?;
+    let optional = |s: &str| (!s.is_empty()).then(|| s.to_string());
+    let tokens = ModelTokens::from_json(
+        &info.config_json,
+        optional(&info.generation_config_json).as_deref(),
+        optional(&info.tokenizer_config_json).as_deref(),
+    )?;
     if tokenizer.vocab_size() > config.vocab_size {
         return Err(ClientError::Invalid(
             "tokenizer vocabulary larger than the backbone's".into(),
@@ -225,6 +233,7 @@ pub(crate) async fn model(s: &Session, store: &ClientStore, device: &Device) -> 
         info,
         config,
         tokenizer,
+        tokens,
         head,
     })
 }
@@ -488,20 +497,31 @@ pub struct GenerateReport {
     pub seconds: f64,
 }
 
+/// How `spa-client generate` decodes.
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    pub max_tokens: usize,
+    /// Greedy at temperature 0.
+    pub sampling: Sampling,
+    /// End once the generated text contains this.
+    pub stop: Option<String>,
+    /// Wrap the prompt in the model's chat template.
+    pub chat: bool,
+    /// Keep going past the model's end-of-sequence tokens.
+    pub ignore_eos: bool,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self { max_tokens: 200, sampling: Sampling { temperature: 0.0, top_k: 0, seed: 0 }, stop: None, chat: false, ignore_eos: false }
+    }
+}
+
 /// Personalized generation: the coordinator's backbone (one Generate session, KV cache on
-/// the coordinator) and the local side plugin and gate, one round trip per token. Greedy
-/// unless `temperature > 0`; ends after `max_tokens`, at end of sequence, or once the text
-/// ends with `stop`. `on_text` sees each new piece of text.
-pub async fn generate(
-    home: &Path,
-    prompt: &str,
-    max_tokens: usize,
-    temperature: f64,
-    top_k: usize,
-    seed: u64,
-    stop: Option<&str>,
-    on_text: &mut dyn FnMut(&str),
-) -> Result<GenerateReport> {
+/// the coordinator) and the local side plugin and gate, one round trip per token. Ends after
+/// `max_tokens`, at the model's end of sequence, or once the text contains `stop`.
+/// `on_text` sees each new piece of text.
+pub async fn generate(home: &Path, prompt: &str, opts: &GenerateOptions, on_text: &mut dyn FnMut(&str)) -> Result<GenerateReport> {
     let started = std::time::Instant::now();
     let store = ClientStore::open(home)?;
     let s = Session::open(&store).await?;
@@ -523,7 +543,7 @@ pub async fn generate(
         .load(&ParamSet::from_safetensors(&private)?)?;
     // Release the store: a `run` agent on this home may need it while we generate.
     drop(store);
-    let mut ids = m.tokenizer.encode(prompt)?;
+    let mut ids = m.tokens.prompt_ids(&m.tokenizer, prompt, opts.chat)?;
     if ids.is_empty() {
         return Err(ClientError::Invalid(
             "the prompt is empty (or has no known token)".into(),
@@ -533,36 +553,18 @@ pub async fn generate(
     if ids.len() >= ctx {
         ids.drain(..ids.len() + 1 - ctx);
     }
-    let stop_id = match stop {
-        Some(st) => Some(m.tokenizer.token_to_id(st).ok_or_else(|| {
-            ClientError::Invalid(format!("stop text {st:?} is not a single token of this backbone's vocabulary"))
-        })?),
-        None => None,
+    let dec = Decoding {
+        max_new: opts.max_tokens,
+        sampling: opts.sampling.clone(),
+        stop: if opts.ignore_eos { vec![] } else { m.tokens.eos.clone() },
     };
-    let stop_id = stop_id.or(m.tokenizer.eos_id);
     let mut remote = RemoteStates::open(&s, &m, plugin.shape.feature_layers.clone()).await?;
-    let sampling = Sampling { temperature, top_k, seed };
-    let tokenizer = &m.tokenizer;
-    let mut generated: Vec<u32> = Vec::new();
-    let mut text_so_far = String::new();
-    let g = tokio::task::block_in_place(|| {
-        generate_with(&mut remote, &m.head, Some(&plugin), &ids, max_tokens, &sampling, stop_id, &mut |id, _| {
-            if Some(id) == tokenizer.eos_id {
-                return;
-            }
-            generated.push(id);
-            if let Ok(text) = tokenizer.decode(&generated) {
-                if text.len() > text_so_far.len() && text.starts_with(&text_so_far) {
-                    on_text(&text[text_so_far.len()..]);
-                }
-                text_so_far = text;
-            }
-        })
+    let (g, text) = tokio::task::block_in_place(|| {
+        generate_text(&mut remote, &m.head, Some(&plugin), &m.tokenizer, &ids, &dec, opts.stop.as_deref(), on_text)
     })?;
-    let ids: Vec<u32> = g.ids.iter().copied().filter(|&i| Some(i) != tokenizer.eos_id).collect();
     Ok(GenerateReport {
         prompt: prompt.into(),
-        text: tokenizer.decode(&ids)?,
+        text,
         tokens: g.ids.len(),
         side_tokens: g.from_side.iter().filter(|&&x| x).count(),
         round_trips: remote.round_trips,

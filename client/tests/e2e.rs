@@ -83,7 +83,7 @@ async fn two_devices_enroll_train_generate_and_survive_a_restart() {
         .unwrap();
         assert!(s2.resumed);
 
-        let g = ops::generate(&home, &user.test[0].prompt, 24, 0.0, 0, 1, None, &mut |_| {})
+        let g = ops::generate(&home, &user.test[0].prompt, &greedy(24), &mut |_| {})
             .await
             .unwrap();
         assert!(g.tokens > 0 && g.tokens <= 24, "{g:?}");
@@ -126,14 +126,18 @@ async fn two_devices_enroll_train_generate_and_survive_a_restart() {
         );
         drop(store);
         let prompt = "STRANGER:\nWhat news today?\n\n";
-        let a = ops::generate(home, prompt, 12, 0.0, 0, 1, None, &mut |_| {})
+        let a = ops::generate(home, prompt, &greedy(12), &mut |_| {})
             .await
             .unwrap();
-        let b = ops::generate(home, prompt, 12, 0.0, 0, 1, None, &mut |_| {})
+        let b = ops::generate(home, prompt, &greedy(12), &mut |_| {})
             .await
             .unwrap();
         assert_eq!(a.text, b.text);
         let _ = text;
     }
     srv.shutdown().await.unwrap();
+}
+
+fn greedy(max_tokens: usize) -> ops::GenerateOptions {
+    ops::GenerateOptions { max_tokens, ..Default::default() }
 }

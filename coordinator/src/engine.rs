@@ -24,6 +24,17 @@ pub struct ModelMeta {
     pub config: BackboneConfig,
     pub config_json: String,
     pub tokenizer_json: String,
+    /// Empty when the checkpoint has no such file.
+    pub generation_config_json: String,
+    pub tokenizer_config_json: String,
+}
+
+/// A checkpoint file that may be absent (empty string then).
+fn optional_file(path: &Path) -> Result<String, CoordinatorError> {
+    match std::fs::read_to_string(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        other => other.map_err(io(path)),
+    }
 }
 
 /// One sequence of a Features job: ids and the positions [from, to) to return.
@@ -88,6 +99,10 @@ impl Engine {
         let (config_path, tokenizer_path) = (dir.join("config.json"), dir.join("tokenizer.json"));
         let config_json = std::fs::read_to_string(&config_path).map_err(io(&config_path))?;
         let tokenizer_json = std::fs::read_to_string(&tokenizer_path).map_err(io(&tokenizer_path))?;
+        let generation_config_json = optional_file(&dir.join("generation_config.json"))?;
+        let tokenizer_config_json = optional_file(&dir.join("tokenizer_config.json"))?;
+        // The checkpoint's special tokens must parse before devices are told about them.
+        spa_model::tokenizer::ModelTokens::from_dir(dir)?;
         let (tx, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<BackboneConfig, String>>();
         let dir_display = dir.display().to_string();
@@ -118,6 +133,8 @@ impl Engine {
             config,
             config_json,
             tokenizer_json,
+            generation_config_json,
+            tokenizer_config_json,
         };
         Ok(Self {
             tx,

@@ -6,16 +6,17 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use spa_model::backbone::{TokenBatch, load_backbone};
+use spa_model::backbone::{SaveDtype, TokenBatch, load_backbone};
+use spa_model::gguf::import_gguf;
 use spa_model::data::shakespeare::{ExampleLimits, leaf_users, parse_play_script, pretraining_split, rank_roles};
 use spa_model::data::synthetic::synthetic_users;
 use spa_model::experiment::local_personalization;
-use spa_model::generate::{LocalStates, Sampling, generate};
+use spa_model::generate::{Decoding, LocalStates, Sampling, generate_text};
 use spa_model::side::{FrozenHead, SideConfig, SideVariant};
 use spa_model::train::TrainConfig;
 use spa_model::pretrain::{PretrainConfig, PretrainEvent, pretrain, windowed_loss};
 use spa_model::tensor_util::to_vec;
-use spa_model::tokenizer::{Tokenizer, char_level_json};
+use spa_model::tokenizer::{ModelTokens, Tokenizer, char_level_json};
 use spa_model::BackendKind;
 
 #[derive(Subcommand, Debug)]
@@ -27,6 +28,18 @@ pub enum ModelCommand {
         /// Comma-separated token ids.
         #[arg(long, value_delimiter = ',', required = true)]
         ids: Vec<u32>,
+    },
+    /// Import a LLaMA-architecture GGUF file (llama.cpp's format) as an HF checkpoint
+    /// directory: dequantized weights, config.json, generation_config.json, tokenizer.json and
+    /// tokenizer_config.json. Prints what was imported as JSON.
+    Import {
+        #[arg(long)]
+        gguf: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Storage precision of the imported weights (served as stored).
+        #[arg(long, value_enum, default_value_t = Dtype::F16)]
+        dtype: Dtype,
     },
     /// Mean loss (nats/token) of a model on a text file, as JSON.
     Eval {
@@ -43,6 +56,10 @@ pub enum ModelCommand {
         /// Number of evenly spaced windows (0 = enough to cover the text once).
         #[arg(long, default_value_t = 0)]
         windows: usize,
+        /// Window length in tokens (default: the model's context). A text no longer than
+        /// this is one window.
+        #[arg(long)]
+        context: Option<usize>,
     },
     /// Rank the speaking roles of a play-script corpus (the devices of the experiments).
     Roles {
@@ -71,6 +88,15 @@ pub enum ModelCommand {
         top_k: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Wrap the prompt in the model's chat template (tokenizer_config.json).
+        #[arg(long)]
+        chat: bool,
+        /// Keep generating past the model's end-of-sequence token.
+        #[arg(long)]
+        ignore_eos: bool,
+        /// Print {"text", "ids", "tokens", "seconds", "stopped_at_eos"} as JSON instead.
+        #[arg(long)]
+        json: bool,
     },
     /// Local personalization experiment: backbone alone vs a side plugin trained per user.
     Experiment(ExperimentArgs),
@@ -114,6 +140,23 @@ pub struct ExperimentArgs {
     /// Print the per-user results as JSON instead of a markdown table.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum Dtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl From<Dtype> for SaveDtype {
+    fn from(d: Dtype) -> Self {
+        match d {
+            Dtype::F32 => SaveDtype::F32,
+            Dtype::F16 => SaveDtype::F16,
+            Dtype::Bf16 => SaveDtype::BF16,
+        }
+    }
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -181,7 +224,11 @@ pub fn run(cmd: ModelCommand, backend: Option<BackendKind>) -> Result<()> {
             let rows: Vec<&[f32]> = logits.chunks(bb.config.vocab_size).collect();
             println!("{}", serde_json::json!({ "logits": rows }));
         }
-        ModelCommand::Eval { model, text, heldout_fraction, exclude_speakers, windows } => {
+        ModelCommand::Import { gguf, out, dtype } => {
+            let report = import_gguf(&gguf, &out, dtype.into()).with_context(|| format!("importing {}", gguf.display()))?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        ModelCommand::Eval { model, text, heldout_fraction, exclude_speakers, windows, context } => {
             let bb = load_backbone(&model, &device)?;
             let tok = Tokenizer::from_file(&model.join("tokenizer.json"))?;
             let mut content = std::fs::read_to_string(&text).with_context(|| format!("reading {}", text.display()))?;
@@ -193,13 +240,20 @@ pub fn run(cmd: ModelCommand, backend: Option<BackendKind>) -> Result<()> {
                 content = pretraining_split(&parse_play_script(&content), &exclude, frac)?.1;
             }
             let ids = tok.encode(&content)?;
-            let ctx = bb.config.max_position_embeddings;
-            if ids.len() <= ctx + 1 {
-                bail!("text has {} tokens; needs more than the context of {ctx}", ids.len());
+            let max = bb.config.max_position_embeddings;
+            let ctx = context.unwrap_or(max);
+            if ctx == 0 || ctx > max {
+                bail!("--context {ctx} must be in 1..={max} (the model's context)");
             }
-            let n = if windows == 0 { ids.len().div_ceil(ctx) } else { windows };
-            let loss = windowed_loss(&bb, &ids, ctx, n, 8);
-            println!("{}", serde_json::json!({ "loss": loss, "tokens": n * ctx, "text_tokens": ids.len(), "unit": "nats/token" }));
+            if ids.len() < 2 {
+                bail!("text has {} tokens; a loss needs at least 2", ids.len());
+            }
+            // A text no longer than a window is one window of its own length.
+            let ctx = ctx.min(ids.len() - 1);
+            let n = if windows == 0 { ids.len().div_ceil(ctx + 1) } else { windows };
+            // About 4 k positions per forward: the logits of a large vocabulary dominate memory.
+            let loss = windowed_loss(&bb, &ids, ctx, n, (4096 / ctx).max(1));
+            println!("{}", serde_json::json!({ "loss": loss, "tokens": n * ctx, "windows": n, "context": ctx, "text_tokens": ids.len(), "unit": "nats/token" }));
         }
         ModelCommand::Roles { corpus, skip, take } => {
             let text = std::fs::read_to_string(&corpus).with_context(|| format!("reading {}", corpus.display()))?;
@@ -208,18 +262,33 @@ pub fn run(cmd: ModelCommand, backend: Option<BackendKind>) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&sel)?);
         }
         ModelCommand::Pretrain(a) => run_pretrain(a, &device)?,
-        ModelCommand::Generate { model, prompt, max_tokens, temperature, top_k, seed } => {
+        ModelCommand::Generate { model, prompt, max_tokens, temperature, top_k, seed, chat, ignore_eos, json } => {
             let bb = load_backbone(&model, &device)?;
             let tok = Tokenizer::from_file(&model.join("tokenizer.json"))?;
-            let ids = tok.encode(&prompt)?;
+            let tokens = ModelTokens::from_dir(&model)?;
+            let ids = tokens.prompt_ids(&tok, &prompt, chat)?;
             let head = FrozenHead::from_backbone(&bb);
             let mut src = LocalStates::new(&bb, &[bb.config.num_layers])?;
-            let sampling = Sampling { temperature, top_k, seed };
+            let stop = if ignore_eos { vec![] } else { tokens.eos.clone() };
+            let dec = Decoding { max_new: max_tokens, sampling: Sampling { temperature, top_k, seed }, stop };
+            if !json {
+                print!("{prompt}");
+            }
             let started = std::time::Instant::now();
-            let g = generate(&mut src, &head, None, &ids, max_tokens, &sampling, None)?;
+            let (g, text) = generate_text(&mut src, &head, None, &tok, &ids, &dec, None, &mut |t| {
+                if !json {
+                    print!("{t}");
+                    let _ = std::io::Write::flush(&mut std::io::stdout());
+                }
+            })?;
             let secs = started.elapsed().as_secs_f64();
-            println!("{prompt}{}", tok.decode(&g.ids)?);
-            eprintln!("{} tokens in {secs:.2} s ({:.1} tokens/s)", g.ids.len(), g.ids.len() as f64 / secs.max(1e-9));
+            let stopped_at_eos = g.ids.last().is_some_and(|&i| tokens.is_eos(i));
+            if json {
+                println!("{}", serde_json::json!({"text": text, "ids": g.ids, "tokens": g.ids.len(), "seconds": secs, "stopped_at_eos": stopped_at_eos}));
+            } else {
+                println!();
+                eprintln!("{} tokens in {secs:.2} s ({:.1} tokens/s){}", g.ids.len(), g.ids.len() as f64 / secs.max(1e-9), if stopped_at_eos { ", stopped at end of sequence" } else { "" });
+            }
         }
         ModelCommand::Experiment(a) => run_experiment(a, &device)?,
     }

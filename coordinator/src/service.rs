@@ -326,6 +326,8 @@ impl Backbone for BackboneService {
             max_positions: m.config.max_position_embeddings as u32,
             max_sequences_per_request: s.config.limits.max_sequences_per_request,
             max_feature_bytes_per_request: s.config.limits.max_feature_bytes_per_request,
+            generation_config_json: m.generation_config_json.clone(),
+            tokenizer_config_json: m.tokenizer_config_json.clone(),
         }))
     }
 

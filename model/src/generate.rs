@@ -140,33 +140,73 @@ impl History {
     }
 }
 
-/// Decodes up to `max_new` tokens after `prompt`, stopping early at `stop` or at the
-/// source's context limit. With a plugin, its gate routes each token: `g > threshold`
-/// takes the side plugin's distribution, otherwise the backbone's.
+/// How long to decode, how to pick tokens, and where to stop.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Decoding {
+    pub max_new: usize,
+    pub sampling: Sampling,
+    /// Ids that end a generation, kept as its last id: the checkpoint's EOS ids
+    /// ([`crate::tokenizer::ModelTokens::eos`]); empty to run to `max_new`.
+    pub stop: Vec<u32>,
+}
+
+/// Decodes up to `d.max_new` tokens after `prompt`, stopping early after an id of `d.stop`
+/// or at the source's context limit. With a plugin, its gate routes each token:
+/// `g > threshold` takes the side plugin's distribution, otherwise the backbone's.
 pub fn generate(
     source: &mut dyn HiddenStates,
     head: &FrozenHead,
     plugin: Option<&Plugin>,
     prompt: &[u32],
-    max_new: usize,
-    sampling: &Sampling,
-    stop: Option<u32>,
+    d: &Decoding,
 ) -> Result<Generation> {
-    generate_with(source, head, plugin, prompt, max_new, sampling, stop, &mut |_, _| {})
+    generate_with(source, head, plugin, prompt, d, &mut |_, _| true)
 }
 
-/// [`generate`], calling `on_token(id, from_side)` as each token is chosen (for streaming).
+/// The generated text (stop ids left out), ending once it contains `stop_text` if given;
+/// `on_text` sees each new piece as it is decoded.
 #[allow(clippy::too_many_arguments)]
+pub fn generate_text(
+    source: &mut dyn HiddenStates,
+    head: &FrozenHead,
+    plugin: Option<&Plugin>,
+    tok: &crate::tokenizer::Tokenizer,
+    prompt: &[u32],
+    d: &Decoding,
+    stop_text: Option<&str>,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<(Generation, String)> {
+    let mut kept = Vec::new();
+    let mut text = String::new();
+    let g = generate_with(source, head, plugin, prompt, d, &mut |id, _| {
+        if d.stop.contains(&id) {
+            return true;
+        }
+        kept.push(id);
+        // Decoding the whole tail each time keeps multi-byte characters whole.
+        if let Ok(now) = tok.decode(&kept)
+            && now.len() > text.len()
+            && now.starts_with(&text)
+        {
+            on_text(&now[text.len()..]);
+            text = now;
+        }
+        stop_text.is_none_or(|s| !text.contains(s))
+    })?;
+    Ok((g, tok.decode(&kept)?))
+}
+
+/// [`generate`], calling `on_token(id, from_side)` as each token is chosen (for streaming);
+/// decoding ends after a token for which it returns false.
 pub fn generate_with(
     source: &mut dyn HiddenStates,
     head: &FrozenHead,
     plugin: Option<&Plugin>,
     prompt: &[u32],
-    max_new: usize,
-    sampling: &Sampling,
-    stop: Option<u32>,
-    on_token: &mut dyn FnMut(u32, bool),
+    dec: &Decoding,
+    on_token: &mut dyn FnMut(u32, bool) -> bool,
 ) -> Result<Generation> {
+    let sampling = &dec.sampling;
     sampling.validate()?;
     if prompt.is_empty() {
         return Err(ModelError::InvalidInput("empty prompt".into()));
@@ -199,7 +239,7 @@ pub fn generate_with(
     let mut out = Generation::default();
     let mut next_in = prompt.to_vec();
     let room = source.max_positions() - prompt.len();
-    for _ in 0..max_new.min(room) {
+    for _ in 0..dec.max_new.min(room) {
         hist.push(source.extend(&next_in)?);
         let last = hist.layers.len() - 1;
         let h_all = hist.tensor(last, &device);
@@ -222,8 +262,7 @@ pub fn generate_with(
         let id = sampling.pick(&to_vec(logits), &mut rng);
         out.ids.push(id);
         out.from_side.push(side);
-        on_token(id, side);
-        if Some(id) == stop {
+        if !on_token(id, side) || dec.stop.contains(&id) {
             break;
         }
         next_in = vec![id];

@@ -2,6 +2,7 @@
 //!
 //! - [`backbone`]: the frozen LLaMA decoder the coordinator serves (HF checkpoints).
 //! - [`tokenizer`]: HF `tokenizer.json` through the `tokenizers` crate.
+//! - [`gguf`]: llama.cpp's GGUF files, imported into the HF layout.
 //!
 //! Invariant: this crate does no network I/O; file I/O only where a function takes a path.
 pub mod alloc;
@@ -13,6 +14,7 @@ pub mod error;
 pub mod experiment;
 pub mod features;
 pub mod generate;
+pub mod gguf;
 pub mod optim;
 pub mod pretrain;
 pub mod side;

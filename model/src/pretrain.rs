@@ -116,7 +116,8 @@ fn lm_loss(bb: &Backbone, x: Tensor<2, Int>, y: Tensor<2, Int>) -> Tensor<1> {
 
 /// Mean loss (nats/token) of `bb` on fixed, evenly spaced windows of `ids`.
 pub fn windowed_loss(bb: &Backbone, ids: &[u32], t: usize, n_windows: usize, batch: usize) -> f32 {
-    if ids.len() <= t + 1 {
+    // A window is t inputs and their t next tokens.
+    if ids.len() < t + 1 || t == 0 {
         return f32::NAN;
     }
     let span = ids.len() - t - 1;
@@ -169,8 +170,9 @@ pub fn pretrain(
         rope_scaling: RopeScaling::None,
         max_position_embeddings: cfg.context,
         tie_word_embeddings: false,
-        bos_token_id: tokenizer.bos_id,
-        eos_token_ids: tokenizer.eos_id.into_iter().collect(),
+        // The vocabulary is ours (char_level_json, or an earlier run's): its specials are too.
+        bos_token_id: tokenizer.token_to_id(crate::tokenizer::BOS),
+        eos_token_ids: tokenizer.token_to_id(crate::tokenizer::EOS).into_iter().collect(),
     };
     // Round-trip through HF JSON so every config we write is one the loader accepts.
     let config = BackboneConfig::from_json(&config.to_hf_json().to_string())?;

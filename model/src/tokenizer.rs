@@ -1,20 +1,25 @@
 //! Tokenizers are HF `tokenizer.json` files read by the `tokenizers` crate, so any LLaMA
 //! checkpoint's own tokenizer works. [`char_level_json`] writes the one our default backbone
 //! uses: one token per character (a BPE model with no merges, which HF reads natively).
+//! [`ModelTokens`] holds what a checkpoint's own files say of BOS, EOS and its chat
+//! template; no token is ever looked up by a literal string.
 use std::path::Path;
 
-use crate::error::{ModelError, Result};
+use serde_json::Value;
 
+use crate::error::{ModelError, Result, io_err};
+
+/// The special tokens [`char_level_json`] writes, at ids 0, 1 and 2.
 pub const UNK: &str = "<unk>";
 pub const BOS: &str = "<s>";
 pub const EOS: &str = "</s>";
+pub const CHAR_LEVEL_BOS_ID: u32 = 1;
+pub const CHAR_LEVEL_EOS_ID: u32 = 2;
 
 #[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     vocab_size: usize,
-    pub bos_id: Option<u32>,
-    pub eos_id: Option<u32>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -46,9 +51,7 @@ impl Tokenizer {
                 message: e.to_string(),
             })?;
         let vocab_size = inner.get_vocab_size(true);
-        let bos_id = inner.token_to_id(BOS);
-        let eos_id = inner.token_to_id(EOS);
-        Ok(Self { inner, vocab_size, bos_id, eos_id })
+        Ok(Self { inner, vocab_size })
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -72,6 +75,140 @@ impl Tokenizer {
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
+    }
+
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+}
+
+/// BOS, EOS and the chat template of a checkpoint, from its own files: `config.json`, then
+/// `generation_config.json` (which wins, as in HF's `generate`), and `tokenizer_config.json`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ModelTokens {
+    pub bos: Option<u32>,
+    /// Any of these ends a generation (HF allows a list).
+    pub eos: Vec<u32>,
+    /// Prepend BOS to prompts (`add_bos_token`).
+    pub add_bos: bool,
+    pub chat_template: Option<String>,
+    /// The template's `bos_token` / `eos_token` strings.
+    bos_token: String,
+    eos_token: String,
+}
+
+fn token_ids(v: &Value, key: &str) -> Result<Vec<u32>> {
+    let bad = || ModelError::Config { path: key.into(), message: format!("'{key}' must be a token id or a list of them, got {v}") };
+    let one = |x: &Value| x.as_u64().filter(|&i| i <= u32::MAX as u64).map(|i| i as u32).ok_or_else(bad);
+    match v {
+        Value::Null => Ok(vec![]),
+        Value::Array(a) => a.iter().map(one).collect(),
+        x => Ok(vec![one(x)?]),
+    }
+}
+
+/// A special token's content: a string or HF's `{"content": ...}` object.
+fn token_content(v: Option<&Value>) -> String {
+    match v {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Object(o)) => o.get("content").and_then(Value::as_str).unwrap_or("").to_string(),
+        _ => String::new(),
+    }
+}
+
+impl ModelTokens {
+    /// Reads `dir`'s config.json and, where present, generation_config.json and
+    /// tokenizer_config.json.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let read = |name: &str| -> Result<Option<String>> {
+            let path = dir.join(name);
+            match std::fs::read_to_string(&path) {
+                Ok(t) => Ok(Some(t)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(io_err(&path)(e)),
+            }
+        };
+        let config = read("config.json")?.ok_or_else(|| ModelError::MissingFile {
+            path: dir.join("config.json"),
+            hint: "a HuggingFace checkpoint directory needs config.json",
+        })?;
+        Self::from_json(&config, read("generation_config.json")?.as_deref(), read("tokenizer_config.json")?.as_deref())
+    }
+
+    /// The same from the files' contents (a device gets them from the coordinator).
+    pub fn from_json(config: &str, generation: Option<&str>, tokenizer_config: Option<&str>) -> Result<Self> {
+        let parse = |name: &str, text: &str| -> Result<Value> {
+            serde_json::from_str(text).map_err(|e| ModelError::Config { path: name.into(), message: e.to_string() })
+        };
+        let config = parse("config.json", config)?;
+        let generation = generation.map(|g| parse("generation_config.json", g)).transpose()?.unwrap_or(Value::Null);
+        let tc = tokenizer_config.map(|t| parse("tokenizer_config.json", t)).transpose()?.unwrap_or(Value::Null);
+        let pick = |key: &str| generation.get(key).filter(|v| !v.is_null()).or(config.get(key)).unwrap_or(&Value::Null);
+        let bos = token_ids(pick("bos_token_id"), "bos_token_id")?.first().copied();
+        let eos = token_ids(pick("eos_token_id"), "eos_token_id")?;
+        // HF allows one template or a list of named ones; "default" is the chat one.
+        let chat_template = match tc.get("chat_template") {
+            Some(Value::String(t)) => Some(t.clone()),
+            Some(Value::Array(named)) => named
+                .iter()
+                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                .and_then(|t| t.get("template").and_then(Value::as_str))
+                .map(String::from),
+            _ => None,
+        };
+        Ok(Self {
+            bos,
+            eos,
+            add_bos: tc.get("add_bos_token").and_then(Value::as_bool).unwrap_or(false),
+            chat_template,
+            bos_token: token_content(tc.get("bos_token")),
+            eos_token: token_content(tc.get("eos_token")),
+        })
+    }
+
+    pub fn is_eos(&self, id: u32) -> bool {
+        self.eos.contains(&id)
+    }
+
+    /// `user`'s message in the chat template, with the assistant's turn opened; `None` when the
+    /// checkpoint has no template.
+    pub fn chat_prompt(&self, user: &str) -> Result<Option<String>> {
+        let Some(template) = &self.chat_template else { return Ok(None) };
+        let mut env = minijinja::Environment::new();
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        let bad = |e: minijinja::Error| ModelError::Tokenizer { path: "tokenizer_config.json".into(), message: format!("chat template: {e}") };
+        env.add_template("chat", template).map_err(bad)?;
+        let ctx = minijinja::context! {
+            messages => vec![minijinja::context! { role => "user", content => user }],
+            add_generation_prompt => true,
+            bos_token => self.bos_token.clone(),
+            eos_token => self.eos_token.clone(),
+        };
+        env.get_template("chat").and_then(|t| t.render(ctx)).map(Some).map_err(bad)
+    }
+
+    /// A prompt's ids: in the chat template if `chat` (an error if there is none), BOS first
+    /// where the checkpoint asks for it.
+    pub fn prompt_ids(&self, tok: &Tokenizer, text: &str, chat: bool) -> Result<Vec<u32>> {
+        let text = if chat {
+            self.chat_prompt(text)?.ok_or_else(|| ModelError::InvalidInput("--chat: this model has no chat template (tokenizer_config.json)".into()))?
+        } else {
+            text.to_string()
+        };
+        let mut ids = Vec::new();
+        // Templates that write `{{ bos_token }}` themselves get no second one.
+        let has_bos = !self.bos_token.is_empty() && text.starts_with(&self.bos_token);
+        if self.add_bos
+            && let Some(b) = self.bos
+            && !has_bos
+        {
+            ids.push(b);
+        }
+        ids.extend(tok.encode(&text)?);
+        Ok(ids)
     }
 }
 
@@ -128,8 +265,32 @@ mod tests {
         assert_eq!(tok.decode(&ids).unwrap(), "Hello,\nworld!");
         // Characters outside the vocabulary become <unk> (id 0) and decode to nothing.
         assert_eq!(tok.encode("Hz").unwrap(), vec![tok.token_to_id("H").unwrap(), 0]);
-        assert_eq!(tok.bos_id, Some(1));
-        assert_eq!(tok.eos_id, Some(2));
+        assert_eq!(tok.token_to_id(BOS), Some(CHAR_LEVEL_BOS_ID));
+        assert_eq!(tok.token_to_id(EOS), Some(CHAR_LEVEL_EOS_ID));
+    }
+
+    #[test]
+    fn special_tokens_come_from_the_checkpoint_files() {
+        let config = r#"{"bos_token_id": 1, "eos_token_id": 2}"#;
+        let t = ModelTokens::from_json(config, None, None).unwrap();
+        assert_eq!((t.bos, t.eos.clone(), t.add_bos), (Some(1), vec![2], false));
+        assert_eq!(t.chat_prompt("hi").unwrap(), None);
+        // generation_config.json wins, and may list several ends.
+        let t = ModelTokens::from_json(config, Some(r#"{"eos_token_id": [7, 2]}"#), None).unwrap();
+        assert!(t.is_eos(7) && t.is_eos(2) && !t.is_eos(1));
+        let tc = r#"{"add_bos_token": true, "bos_token": {"content": "<s>"},
+            "chat_template": "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'].strip() }}{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"}"#;
+        let t = ModelTokens::from_json(config, None, Some(tc)).unwrap();
+        assert_eq!(t.chat_prompt("  hi ").unwrap().unwrap(), "<s>[user] hi[assistant]");
+        let tok = Tokenizer::from_json(&char_level_json("<s>[]usrhiatn ".chars())).unwrap();
+        // The plain prompt gets BOS; the template wrote it as text already, so not twice.
+        assert_eq!(t.prompt_ids(&tok, "hi", false).unwrap()[0], 1);
+        let chat = t.prompt_ids(&tok, "hi", true).unwrap();
+        assert_eq!((chat[0], chat.iter().filter(|&&i| i == 1).count()), (1, 1));
+        let broken = ModelTokens::from_json(config, None, Some(r#"{"chat_template": "{% if %}"}"#)).unwrap();
+        assert!(broken.chat_prompt("x").unwrap_err().to_string().contains("chat template"));
+        assert!(ModelTokens::from_json(r#"{"eos_token_id": "x"}"#, None, None).is_err());
+        assert!(ModelTokens::default().prompt_ids(&tok, "hi", true).unwrap_err().to_string().contains("no chat template"));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 use std::path::PathBuf;
 
 use spa_model::backbone::{TokenBatch, load_backbone};
-use spa_model::generate::{LocalStates, Sampling, generate};
+use spa_model::generate::{Decoding, LocalStates, Sampling, generate};
 use spa_model::features::{Positions, TokenizedExample, extract_features};
 use spa_model::side::{FrozenHead, Plugin, SideConfig, SideVariant};
 use spa_model::tensor_util::{from_vec, to_vec};
@@ -95,12 +95,12 @@ fn generates_the_habit(plugin: &Plugin) {
     let greedy = Sampling { temperature: 0.0, ..Sampling::default() };
     let prompt = examples(1, 12345)[0].ids[..6].to_vec();
     let mut src = LocalStates::new(&bb, &plugin.shape.feature_layers).unwrap();
-    let g = generate(&mut src, &head, Some(plugin), &prompt, 8, &greedy, None).unwrap();
+    let g = generate(&mut src, &head, Some(plugin), &prompt, &dec(8, &greedy)).unwrap();
     let hits = g.ids.iter().zip(10..18).filter(|(a, b)| **a == *b).count();
     assert!(hits >= 7, "personalized: {:?}", g);
     assert!(g.side_fraction() >= 0.75, "{g:?}");
     let mut src = LocalStates::new(&bb, &[bb.config.num_layers]).unwrap();
-    let base = generate(&mut src, &head, None, &prompt, 8, &greedy, None).unwrap();
+    let base = generate(&mut src, &head, None, &prompt, &dec(8, &greedy)).unwrap();
     assert!(base.ids.iter().zip(10..18).filter(|(a, b)| **a == *b).count() <= 2, "backbone: {base:?}");
 }
 
@@ -111,7 +111,7 @@ fn greedy_generation_matches_a_full_forward_per_token() {
     let prompt = vec![5u32, 9, 42, 17];
     let mut src = LocalStates::new(&bb, &[bb.config.num_layers]).unwrap();
     let greedy = Sampling { temperature: 0.0, ..Sampling::default() };
-    let g = generate(&mut src, &head, None, &prompt, 12, &greedy, None).unwrap();
+    let g = generate(&mut src, &head, None, &prompt, &dec(12, &greedy)).unwrap();
     let mut ids = prompt.clone();
     for _ in 0..12 {
         let tb = TokenBatch::new(vec![ids.clone()], &bb.config, 0).unwrap();
@@ -122,17 +122,23 @@ fn greedy_generation_matches_a_full_forward_per_token() {
     }
     assert_eq!(g.ids, ids[prompt.len()..]);
     assert!(g.from_side.iter().all(|s| !s));
+    // A stop id (EOS) ends decoding right after its first occurrence.
+    let end = g.ids[4];
+    let first = g.ids.iter().position(|&i| i == end).unwrap();
+    let stopped = Decoding { stop: vec![end], ..dec(12, &greedy) };
+    let s = generate(&mut LocalStates::new(&bb, &[bb.config.num_layers]).unwrap(), &head, None, &prompt, &stopped).unwrap();
+    assert_eq!(s.ids, g.ids[..=first]);
     // Sampling is reproducible with a seed, and the context limit is respected.
     let warm = Sampling { temperature: 1.0, top_k: 5, seed: 3 };
-    let a = generate(&mut LocalStates::new(&bb, &[bb.config.num_layers]).unwrap(), &head, None, &prompt, 10, &warm, None).unwrap();
-    let b = generate(&mut LocalStates::new(&bb, &[bb.config.num_layers]).unwrap(), &head, None, &prompt, 10, &warm, None).unwrap();
+    let a = generate(&mut LocalStates::new(&bb, &[bb.config.num_layers]).unwrap(), &head, None, &prompt, &dec(10, &warm)).unwrap();
+    let b = generate(&mut LocalStates::new(&bb, &[bb.config.num_layers]).unwrap(), &head, None, &prompt, &dec(10, &warm)).unwrap();
     assert_eq!(a, b);
     let room = bb.config.max_position_embeddings - prompt.len();
-    let long = generate(&mut LocalStates::new(&bb, &[bb.config.num_layers]).unwrap(), &head, None, &prompt, room + 50, &greedy, None).unwrap();
+    let long = generate(&mut LocalStates::new(&bb, &[bb.config.num_layers]).unwrap(), &head, None, &prompt, &dec(room + 50, &greedy)).unwrap();
     assert_eq!(long.ids.len(), room);
     let bad = Sampling { temperature: f64::NAN, ..Sampling::default() };
-    assert!(generate(&mut LocalStates::new(&bb, &[bb.config.num_layers]).unwrap(), &head, None, &prompt, 1, &bad, None).is_err());
-    assert!(generate(&mut LocalStates::new(&bb, &[bb.config.num_layers]).unwrap(), &head, None, &[], 1, &greedy, None).is_err());
+    assert!(generate(&mut LocalStates::new(&bb, &[bb.config.num_layers]).unwrap(), &head, None, &prompt, &dec(1, &bad)).is_err());
+    assert!(generate(&mut LocalStates::new(&bb, &[bb.config.num_layers]).unwrap(), &head, None, &[], &dec(1, &greedy)).is_err());
 }
 
 #[test]
@@ -261,4 +267,8 @@ fn validation_split_keeps_the_best_epoch() {
     // Bad fractions are refused.
     let bad = TrainConfig { val_fraction: 0.9, ..quick(1) };
     assert!(train_plugin(plugin, &head, &data, &bad, None, &mut |_| {}).is_err());
+}
+
+fn dec(max_new: usize, sampling: &Sampling) -> Decoding {
+    Decoding { max_new, sampling: sampling.clone(), stop: vec![] }
 }

@@ -19,14 +19,14 @@ use crate::tensor_util::to_vec as tensor_values;
 
 /// How a checkpoint tensor is laid out relative to ours.
 #[derive(Clone, Copy, PartialEq)]
-enum Layout {
+pub(crate) enum Layout {
     /// HF `[out, in]`, ours `[in, out]`.
     LinearTransposed,
     AsIs,
 }
 
 /// Every tensor a LLaMA checkpoint must provide, with its HF shape.
-fn expected_tensors(c: &BackboneConfig) -> Vec<(String, Vec<usize>, Layout)> {
+pub(crate) fn expected_tensors(c: &BackboneConfig) -> Vec<(String, Vec<usize>, Layout)> {
     let d = c.hidden_size;
     let (qd, kvd, ff) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
     let mut v = vec![("model.embed_tokens.weight".to_string(), vec![c.vocab_size, d], Layout::AsIs)];
@@ -194,6 +194,27 @@ pub enum SaveDtype {
     F32,
     /// Half the bytes; what the shipped default backbone uses.
     F16,
+    /// Half the bytes, f32's range (HF's usual release dtype).
+    BF16,
+}
+
+impl SaveDtype {
+    /// The `torch_dtype` name HF's config.json uses.
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            Self::F32 => "float32",
+            Self::F16 => "float16",
+            Self::BF16 => "bfloat16",
+        }
+    }
+
+    fn safetensors(self) -> Dtype {
+        match self {
+            Self::F32 => Dtype::F32,
+            Self::F16 => Dtype::F16,
+            Self::BF16 => Dtype::BF16,
+        }
+    }
 }
 
 /// Writes `config.json` and `model.safetensors` in HF layout (the tokenizer is the caller's).
@@ -236,30 +257,32 @@ pub fn save_backbone(backbone: &Backbone, dir: &Path, dtype: SaveDtype) -> Resul
     std::fs::write(&cfg_path, text).map_err(io_err(&cfg_path))
 }
 
-/// Serialises named f32 tensors as safetensors (f32 or f16 on disk).
+/// Serialises named f32 tensors as safetensors (f32, f16 or bf16 on disk).
 pub fn write_safetensors(
     path: &Path,
     tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>,
     dtype: SaveDtype,
 ) -> Result<()> {
-    let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-        .iter()
-        .map(|(n, (s, v))| {
-            let bytes = match dtype {
-                SaveDtype::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                SaveDtype::F16 => v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
-            };
-            (n.clone(), s.clone(), bytes)
-        })
-        .collect();
-    let st_dtype = match dtype {
-        SaveDtype::F32 => Dtype::F32,
-        SaveDtype::F16 => Dtype::F16,
+    let encoded = tensors.iter().map(|(n, (s, v))| encode_tensor(n.clone(), s.clone(), v, dtype)).collect();
+    write_encoded(path, encoded, dtype)
+}
+
+/// A named tensor as its little-endian bytes in `dtype`, ready for [`write_encoded`].
+pub(crate) fn encode_tensor(name: String, shape: Vec<usize>, values: &[f32], dtype: SaveDtype) -> (String, Vec<usize>, Vec<u8>) {
+    let bytes = match dtype {
+        SaveDtype::F32 => values.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        SaveDtype::F16 => values.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
+        SaveDtype::BF16 => values.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
     };
+    (name, shape, bytes)
+}
+
+/// Writes tensors encoded by [`encode_tensor`] with the same `dtype` as one safetensors file.
+pub(crate) fn write_encoded(path: &Path, encoded: Vec<(String, Vec<usize>, Vec<u8>)>, dtype: SaveDtype) -> Result<()> {
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = encoded
         .iter()
         .map(|(n, s, b)| {
-            let view = safetensors::tensor::TensorView::new(st_dtype, s.clone(), b).expect("consistent view");
+            let view = safetensors::tensor::TensorView::new(dtype.safetensors(), s.clone(), b).expect("consistent view");
             (n.clone(), view)
         })
         .collect();
