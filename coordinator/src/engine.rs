@@ -229,7 +229,7 @@ fn worker(bb: Backbone, rx: mpsc::Receiver<Job>, idle: Duration) {
             }
             Job::Head { reply } => {
                 let r = guarded(|| {
-                    let p = FrozenHead::from_backbone(&bb).to_params();
+                    let p = FrozenHead::params_of(&bb);
                     Ok(p.tensors
                         .into_iter()
                         .map(|(n, t)| (n, t.shape.iter().map(|&s| s as u64).collect(), t.values))

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use spa_model::backbone::{SaveDtype, TokenBatch, load_backbone};
+use spa_model::backbone::{SaveDtype, TokenBatch, WeightDtype, load_backbone, load_backbone_as};
 use spa_model::gguf::import_gguf;
 use spa_model::data::shakespeare::{ExampleLimits, leaf_users, parse_play_script, pretraining_split, rank_roles};
 use spa_model::data::synthetic::synthetic_users;
@@ -25,6 +25,9 @@ pub enum ModelCommand {
     Logits {
         #[arg(long)]
         model: PathBuf,
+        /// Precision the weight matrices are held in (auto: as stored, on flex).
+        #[arg(long, value_enum, default_value_t = Weights::Auto)]
+        weights: Weights,
         /// Comma-separated token ids.
         #[arg(long, value_delimiter = ',', required = true)]
         ids: Vec<u32>,
@@ -45,6 +48,9 @@ pub enum ModelCommand {
     Eval {
         #[arg(long)]
         model: PathBuf,
+        /// Precision the weight matrices are held in (auto: as stored, on flex).
+        #[arg(long, value_enum, default_value_t = Weights::Auto)]
+        weights: Weights,
         #[arg(long)]
         text: PathBuf,
         /// Treat --text as a play-script corpus and evaluate on the held-out tail that
@@ -77,6 +83,9 @@ pub enum ModelCommand {
     Generate {
         #[arg(long)]
         model: PathBuf,
+        /// Precision the weight matrices are held in (auto: as stored, on flex).
+        #[arg(long, value_enum, default_value_t = Weights::Auto)]
+        weights: Weights,
         #[arg(long)]
         prompt: String,
         #[arg(long, default_value_t = 200)]
@@ -106,6 +115,9 @@ pub enum ModelCommand {
 pub struct ExperimentArgs {
     #[arg(long)]
     model: PathBuf,
+    /// Precision the weight matrices are held in (auto: as stored, on flex).
+    #[arg(long, value_enum, default_value_t = Weights::Auto)]
+    weights: Weights,
     /// Play-script corpus whose roles are the users (LEAF Shakespeare); without it, synthetic users.
     #[arg(long)]
     corpus: Option<PathBuf>,
@@ -140,6 +152,27 @@ pub struct ExperimentArgs {
     /// Print the per-user results as JSON instead of a markdown table.
     #[arg(long)]
     json: bool,
+}
+
+/// `--weights`: the precision a loaded backbone's matrices are held in.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum Weights {
+    /// The checkpoint's own precision on flex (f32 on other backends).
+    Auto,
+    F32,
+    F16,
+    Bf16,
+}
+
+impl Weights {
+    pub fn dtype(self) -> Option<WeightDtype> {
+        match self {
+            Self::Auto => None,
+            Self::F32 => Some(WeightDtype::F32),
+            Self::F16 => Some(WeightDtype::F16),
+            Self::Bf16 => Some(WeightDtype::BF16),
+        }
+    }
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -217,8 +250,8 @@ pub struct PretrainArgs {
 pub fn run(cmd: ModelCommand, backend: Option<BackendKind>) -> Result<()> {
     let device = BackendKind::resolve(backend)?.device()?;
     match cmd {
-        ModelCommand::Logits { model, ids } => {
-            let bb = load_backbone(&model, &device)?;
+        ModelCommand::Logits { model, weights, ids } => {
+            let bb = load_backbone_as(&model, &device, weights.dtype())?;
             let batch = TokenBatch::new(vec![ids.clone()], &bb.config, 0)?;
             let logits = to_vec(bb.forward(&batch, &[], true, None).logits.expect("logits"));
             let rows: Vec<&[f32]> = logits.chunks(bb.config.vocab_size).collect();
@@ -228,8 +261,8 @@ pub fn run(cmd: ModelCommand, backend: Option<BackendKind>) -> Result<()> {
             let report = import_gguf(&gguf, &out, dtype.into()).with_context(|| format!("importing {}", gguf.display()))?;
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
-        ModelCommand::Eval { model, text, heldout_fraction, exclude_speakers, windows, context } => {
-            let bb = load_backbone(&model, &device)?;
+        ModelCommand::Eval { model, weights, text, heldout_fraction, exclude_speakers, windows, context } => {
+            let bb = load_backbone_as(&model, &device, weights.dtype())?;
             let tok = Tokenizer::from_file(&model.join("tokenizer.json"))?;
             let mut content = std::fs::read_to_string(&text).with_context(|| format!("reading {}", text.display()))?;
             if let Some(frac) = heldout_fraction {
@@ -262,8 +295,8 @@ pub fn run(cmd: ModelCommand, backend: Option<BackendKind>) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&sel)?);
         }
         ModelCommand::Pretrain(a) => run_pretrain(a, &device)?,
-        ModelCommand::Generate { model, prompt, max_tokens, temperature, top_k, seed, chat, ignore_eos, json } => {
-            let bb = load_backbone(&model, &device)?;
+        ModelCommand::Generate { model, weights, prompt, max_tokens, temperature, top_k, seed, chat, ignore_eos, json } => {
+            let bb = load_backbone_as(&model, &device, weights.dtype())?;
             let tok = Tokenizer::from_file(&model.join("tokenizer.json"))?;
             let tokens = ModelTokens::from_dir(&model)?;
             let ids = tokens.prompt_ids(&tok, &prompt, chat)?;
@@ -296,7 +329,7 @@ pub fn run(cmd: ModelCommand, backend: Option<BackendKind>) -> Result<()> {
 }
 
 fn run_experiment(a: ExperimentArgs, device: &spa_model::burn::tensor::Device) -> Result<()> {
-    let bb = load_backbone(&a.model, device)?;
+    let bb = load_backbone_as(&a.model, device, a.weights.dtype())?;
     let tok = Tokenizer::from_file(&a.model.join("tokenizer.json"))?;
     let users = match (&a.corpus, &a.roles) {
         (Some(corpus), roles) => {

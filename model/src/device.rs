@@ -47,6 +47,12 @@ impl BackendKind {
     }
 }
 
+/// Whether `device` is the plain flex CPU backend (not autodiff): where the serving kernels
+/// (`crate::matmul`) run and half-precision weights can be held.
+pub fn is_flex(device: &Device) -> bool {
+    matches!(device.as_dispatch(), burn::backend::DispatchDevice::Flex(_))
+}
+
 #[cfg(feature = "cuda")]
 fn cuda_device() -> Result<Device> {
     Ok(Device::cuda(0))

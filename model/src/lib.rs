@@ -15,6 +15,7 @@ pub mod experiment;
 pub mod features;
 pub mod generate;
 pub mod gguf;
+pub mod matmul;
 pub mod optim;
 pub mod pretrain;
 pub mod side;

@@ -462,6 +462,8 @@ pub fn train_plugin(
     if data.d != plugin.shape.d_model {
         return Err(ModelError::InvalidInput(format!("features have d={}, plugin expects {}", data.d, plugin.shape.d_model)));
     }
+    // The hand-derived backward multiplies by the head with burn's own matmul: f32.
+    let head = &*head.as_f32();
     let per_token = plugin.config.variant == SideVariant::Mlp;
     let n_ex = data.examples.len();
     let n_val = if n_ex >= 2 { ((n_ex as f64 * cfg.val_fraction).ceil() as usize).min(n_ex - 1) } else { 0 };
@@ -552,6 +554,7 @@ pub struct EvalMetrics {
 }
 
 pub fn evaluate(plugin: &Plugin, head: &FrozenHead, data: &FeatureSet, batch_tokens: usize) -> Result<EvalMetrics> {
+    let head = &*head.as_f32();
     let per_token = plugin.config.variant == SideVariant::Mlp;
     let all = units(data, 0..data.examples.len(), per_token);
     let device = plugin.net.side.up.weight.val().device();

@@ -1,38 +1,63 @@
-//! Key/value cache for incremental decoding: one entry per layer, keys already rotated.
-use burn::tensor::Tensor;
+//! Key/value cache for incremental decoding, one sequence per cache: per layer and kv head,
+//! the rotated keys and the values of every position so far, on the host as
+//! `[position][dim]`. Appending a position writes in place (no copy of the history, unlike
+//! concatenating tensors), the few-token forward (`decode.rs`) multiplies by each head's keys
+//! and values directly, and truncating to an accepted prefix (speculative decoding) is a
+//! length change.
+use burn::tensor::{Device, Tensor};
+
+use crate::tensor_util::{from_vec, to_vec};
 
 #[derive(Debug, Clone, Default)]
 pub struct LayerCache {
-    kv: Option<(Tensor<4>, Tensor<4>)>,
+    /// Per kv head, `[position][dim]`.
+    pub(crate) k: Vec<Vec<f32>>,
+    pub(crate) v: Vec<Vec<f32>>,
+    pub(crate) dim: usize,
 }
 
 impl LayerCache {
     pub fn len(&self) -> usize {
-        self.kv.as_ref().map_or(0, |(k, _)| k.dims()[2])
+        match self.k.first() {
+            Some(k) if self.dim > 0 => k.len() / self.dim,
+            _ => 0,
+        }
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Appends this step's keys/values and returns the whole history.
+    /// Appends positions given as `[positions][kv heads][dim]` host rows.
+    pub(crate) fn push(&mut self, k: &[f32], v: &[f32], kv_heads: usize, dim: usize) {
+        if self.k.is_empty() {
+            (self.k, self.v, self.dim) = (vec![Vec::new(); kv_heads], vec![Vec::new(); kv_heads], dim);
+        }
+        for (kr, vr) in k.chunks_exact(kv_heads * dim).zip(v.chunks_exact(kv_heads * dim)) {
+            for g in 0..kv_heads {
+                self.k[g].extend_from_slice(&kr[g * dim..(g + 1) * dim]);
+                self.v[g].extend_from_slice(&vr[g * dim..(g + 1) * dim]);
+            }
+        }
+    }
+
+    /// Appends this step's keys/values `[1, kv heads, t, dim]` and returns the whole history
+    /// in the same layout (the tensor forward's attention reads it).
     pub fn append(&mut self, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
-        let (k, v) = match self.kv.take() {
-            Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
-            None => (k, v),
-        };
-        self.kv = Some((k.clone(), v.clone()));
-        (k, v)
+        let [b, h, _, d] = k.dims();
+        assert_eq!(b, 1, "a KV cache holds one sequence");
+        let device: Device = k.device();
+        self.push(&to_vec(k.swap_dims(1, 2)), &to_vec(v.swap_dims(1, 2)), h, d);
+        let t = self.len();
+        let all = |heads: &Vec<Vec<f32>>| from_vec::<4>(heads.concat(), [1, h, t, d], &device);
+        (all(&self.k), all(&self.v))
     }
 
     /// Drops cached positions from `len` on (used when a drafted suffix is rejected).
     pub fn truncate(&mut self, len: usize) {
-        if let Some((k, v)) = self.kv.take()
-            && len > 0
-        {
-            let [b, h, _, d] = k.dims();
-            let len = len.min(k.dims()[2]);
-            self.kv = Some((k.slice([0..b, 0..h, 0..len, 0..d]), v.slice([0..b, 0..h, 0..len, 0..d])));
+        let keep = len.min(self.len()) * self.dim;
+        for buf in self.k.iter_mut().chain(self.v.iter_mut()) {
+            buf.truncate(keep);
         }
     }
 }
@@ -61,5 +86,10 @@ impl KvCache {
         for l in &mut self.layers {
             l.truncate(len);
         }
+    }
+
+    /// Bytes held (keys and values of every layer).
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().flat_map(|l| l.k.iter().chain(&l.v)).map(|b| 4 * b.len()).sum()
     }
 }

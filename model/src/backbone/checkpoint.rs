@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use burn::module::Param;
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor, TensorData};
 use safetensors::{Dtype, SafeTensors};
 
 use super::attention::SelfAttention;
@@ -81,14 +81,63 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files.into_iter().map(|f| dir.join(f)).collect())
 }
 
-fn to_f32(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
-    let chunks = |w: usize| bytes.chunks_exact(w);
-    Ok(match dtype {
-        Dtype::F32 => chunks(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        Dtype::F16 => chunks(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        Dtype::BF16 => chunks(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        other => return Err(ModelError::WrongDtype { name: name.into(), dtype: format!("{other:?}") }),
-    })
+/// Precision the backbone's matrices (embedding, projections, head) are held in; norms stay
+/// f32. Half precision halves the bytes a decoded token reads; our CPU kernels
+/// (`crate::matmul`) read it directly, so it is for the flex backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightDtype {
+    F32,
+    F16,
+    BF16,
+}
+
+impl WeightDtype {
+    pub fn burn(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::F16 => DType::F16,
+            Self::BF16 => DType::BF16,
+        }
+    }
+
+    fn of(dtype: Dtype) -> Option<Self> {
+        match dtype {
+            Dtype::F32 => Some(Self::F32),
+            Dtype::F16 => Some(Self::F16),
+            Dtype::BF16 => Some(Self::BF16),
+            _ => None,
+        }
+    }
+}
+
+/// Element `i` of a safetensors buffer as f32.
+fn element(dtype: Dtype, b: &[u8], i: usize) -> f32 {
+    match dtype {
+        Dtype::F32 => f32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]),
+        Dtype::F16 => half::f16::from_le_bytes([b[2 * i], b[2 * i + 1]]).to_f32(),
+        _ => half::bf16::from_le_bytes([b[2 * i], b[2 * i + 1]]).to_f32(),
+    }
+}
+
+/// A checkpoint tensor converted to `to`, transposed on the way if HF's `[out, in]` is to
+/// become our `[in, out]`: one pass, straight into the final buffer (no f32 copy of a half
+/// tensor). Half to half is exact through f32.
+fn tensor_from(view: &safetensors::tensor::TensorView<'_>, layout: Layout, to: WeightDtype, device: &Device) -> Tensor<2> {
+    let (src, data) = (view.dtype(), view.data());
+    let shape = view.shape();
+    let (rows, cols) = (shape[0], shape.get(1).copied().unwrap_or(1));
+    let (dims, index): ([usize; 2], Box<dyn Fn(usize) -> usize>) = match layout {
+        // Output element (c, r) of [cols, rows] reads source (r, c).
+        Layout::LinearTransposed => ([cols, rows], Box::new(move |o| (o % rows) * cols + o / rows)),
+        Layout::AsIs => ([rows, cols], Box::new(|o| o)),
+    };
+    let n = rows * cols;
+    let tensor_data = match to {
+        WeightDtype::F32 => TensorData::new((0..n).map(|o| element(src, data, index(o))).collect::<Vec<f32>>(), dims),
+        WeightDtype::F16 => TensorData::new((0..n).map(|o| half::f16::from_f32(element(src, data, index(o)))).collect::<Vec<_>>(), dims),
+        WeightDtype::BF16 => TensorData::new((0..n).map(|o| half::bf16::from_f32(element(src, data, index(o)))).collect::<Vec<_>>(), dims),
+    };
+    Tensor::from_data(tensor_data, (device, to.burn()))
 }
 
 fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
@@ -101,18 +150,51 @@ fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
-/// Loads `dir` (HF layout) onto `device`. Errors name the missing file, the missing or
-/// misshapen tensor, or the unsupported dtype.
+/// Drops the mapped pages of a tensor already converted, so that the file's pages and the
+/// weights built from them are not resident together (loading would peak at twice the
+/// weights). Best effort: pages of a neighbour cut at the edges are simply read again.
+fn release_pages(map: &memmap2::Mmap, bytes: &[u8]) {
+    const PAGE: usize = 4096;
+    let start = (bytes.as_ptr() as usize - map.as_ptr() as usize).next_multiple_of(PAGE);
+    let end = (bytes.as_ptr() as usize - map.as_ptr() as usize + bytes.len()) / PAGE * PAGE;
+    if end > start {
+        // SAFETY: a private read-only file mapping: dropped pages are re-read from the file
+        // if touched again, and nothing still reads these bytes.
+        let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
+    }
+}
+
+/// Loads `dir` (HF layout) onto `device` in f32, laid out for training (burn's matmul).
+/// Errors name the missing file, the missing or misshapen tensor, or the unsupported dtype.
 pub fn load_backbone(dir: &Path, device: &Device) -> Result<Backbone> {
+    load(dir, device, Some(WeightDtype::F32), false)
+}
+
+/// A backbone for serving (inference only): the matrices held as `dtype` (`None`: the
+/// checkpoint's own precision on the flex backend, f32 elsewhere) and, on flex, each linear
+/// weight kept in HF's `[out, in]` order behind a transposed view, so that decoding reads
+/// every weight row front to back (`crate::matmul`).
+pub fn load_backbone_as(dir: &Path, device: &Device, dtype: Option<WeightDtype>) -> Result<Backbone> {
+    load(dir, device, dtype, crate::device::is_flex(device))
+}
+
+/// Files are memory-mapped and each tensor is converted once into its final buffer, so
+/// loading peaks near the weights' own size.
+fn load(dir: &Path, device: &Device, dtype: Option<WeightDtype>, rows_as_stored: bool) -> Result<Backbone> {
     let config = BackboneConfig::from_file(&dir.join("config.json"))?;
     let expected = expected_tensors(&config);
     let wanted: HashMap<&str, (&Vec<usize>, Layout)> =
         expected.iter().map(|(n, s, l)| (n.as_str(), (s, *l))).collect();
-    let mut found: HashMap<String, (Vec<usize>, Vec<f32>)> = HashMap::new();
+    let flex = crate::device::is_flex(device);
+    let mut found: HashMap<String, Tensor<2>> = HashMap::new();
     let mut unexpected = Vec::new();
     for file in weight_files(dir)? {
-        let bytes = std::fs::read(&file).map_err(io_err(&file))?;
-        let st = SafeTensors::deserialize(&bytes)
+        let handle = std::fs::File::open(&file).map_err(io_err(&file))?;
+        // SAFETY: the map is read-only and dropped before we return; a checkpoint rewritten
+        // while it loads is the operator's error (it would give wrong values, not unsafety
+        // beyond what reading a file that changes under us gives).
+        let map = unsafe { memmap2::Mmap::map(&handle) }.map_err(io_err(&file))?;
+        let st = SafeTensors::deserialize(&map)
             .map_err(|e| ModelError::Checkpoint { path: file.clone(), message: e.to_string() })?;
         for (name, view) in st.tensors() {
             let Some((shape, layout)) = wanted.get(name.as_str()) else {
@@ -128,11 +210,22 @@ pub fn load_backbone(dir: &Path, device: &Device) -> Result<Backbone> {
                     found: view.shape().to_vec(),
                 });
             }
-            let mut values = to_f32(&name, view.dtype(), view.data())?;
-            if *layout == Layout::LinearTransposed {
-                values = transpose(&values, shape[0], shape[1]);
-            }
-            found.insert(name, (shape.to_vec(), values));
+            let stored = WeightDtype::of(view.dtype())
+                .ok_or_else(|| ModelError::WrongDtype { name: name.clone(), dtype: format!("{:?}", view.dtype()) })?;
+            // Norms are vectors and stay f32; matrices take the serving precision.
+            let to = match (shape.len(), dtype) {
+                (1, _) => WeightDtype::F32,
+                (_, Some(d)) => d,
+                (_, None) if flex => stored,
+                (_, None) => WeightDtype::F32,
+            };
+            let t = if rows_as_stored && *layout == Layout::LinearTransposed {
+                tensor_from(&view, Layout::AsIs, to, device).transpose()
+            } else {
+                tensor_from(&view, *layout, to, device)
+            };
+            found.insert(name, t);
+            release_pages(&map, view.data());
         }
     }
     if let Some((missing, _, _)) = expected.iter().find(|(n, _, _)| !found.contains_key(n)) {
@@ -150,11 +243,8 @@ pub fn load_backbone(dir: &Path, device: &Device) -> Result<Backbone> {
     }
     let mut take = |name: &str| found.remove(name).expect("checked above");
     let c = &config;
-    let linear = |(shape, v): (Vec<usize>, Vec<f32>)| Linear::from_data(shape[1], shape[0], v, device);
-    let norm = |(shape, v): (Vec<usize>, Vec<f32>)| RmsNorm {
-        weight: Param::from_data(TensorData::new(v, shape), device),
-        eps: c.rms_norm_eps,
-    };
+    let linear = |t: Tensor<2>| Linear { weight: Param::from_tensor(t) };
+    let norm = |t: Tensor<2>| RmsNorm { weight: Param::from_tensor(t.flatten(0, 1)), eps: c.rms_norm_eps };
     let layers = (0..c.num_layers)
         .map(|i| {
             let p = format!("model.layers.{i}");
@@ -178,8 +268,7 @@ pub fn load_backbone(dir: &Path, device: &Device) -> Result<Backbone> {
             }
         })
         .collect();
-    let (eshape, ev) = take("model.embed_tokens.weight");
-    let embed_tokens = Embedding { weight: Param::from_data(TensorData::new(ev, eshape), device) };
+    let embed_tokens = Embedding { weight: Param::from_tensor(take("model.embed_tokens.weight")) };
     let lm_head = (!c.tie_word_embeddings).then(|| linear(take("lm_head.weight")));
     let net = LlamaForCausalLM {
         model: LlamaModel { embed_tokens, layers, norm: norm(take("model.norm.weight")) },

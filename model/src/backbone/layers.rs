@@ -1,10 +1,11 @@
 //! The three leaf layers of a LLaMA decoder, named as in HF checkpoints.
 use burn::module::{Module, Param};
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
 /// A bias-free linear map. The weight is kept as `[in, out]` (burn's matmul layout, the fast
 /// one here); checkpoints store HF's `[out, in]`, and `checkpoint.rs` transposes on the way in
-/// and out, in one place.
+/// and out, in one place. A served weight may be f16 or bf16 (see `WeightDtype`); products
+/// then run through `crate::matmul`'s kernels, which also take few-row f32 products.
 #[derive(Module, Debug)]
 pub struct Linear {
     pub weight: Param<Tensor<2>>,
@@ -26,7 +27,12 @@ impl Linear {
         let dout = w.dims()[1];
         let mut out_dims = dims;
         out_dims[D - 1] = dout;
-        x.reshape([n, din]).matmul(w).reshape(out_dims)
+        let x = x.reshape([n, din]);
+        match crate::matmul::cpu_matmul(&x, &w) {
+            Some(y) => y,
+            None => x.matmul(w),
+        }
+        .reshape(out_dims)
     }
 }
 
@@ -67,7 +73,9 @@ pub struct Embedding {
 }
 
 impl Embedding {
+    /// Always f32, whatever precision the table is held in.
     pub fn forward(&self, ids: Tensor<2, Int>) -> Tensor<3> {
-        burn::tensor::module::embedding(self.weight.val(), ids)
+        let x = burn::tensor::module::embedding(self.weight.val(), ids);
+        if x.dtype() == DType::F32 { x } else { x.cast(DType::F32) }
     }
 }

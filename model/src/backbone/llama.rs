@@ -9,6 +9,7 @@ use super::layers::{Embedding, Linear, RmsNorm};
 use super::rope::Rope;
 use crate::config::BackboneConfig;
 use crate::error::{ModelError, Result};
+use crate::tensor_util::from_vec;
 
 #[derive(Module, Debug)]
 pub struct LlamaModel {
@@ -31,11 +32,16 @@ impl LlamaForCausalLM {
         match &self.lm_head {
             Some(head) => head.forward(h),
             None => {
-                // One 2-D gemm over all positions, like `Linear::forward`.
+                // One 2-D product over all positions, like `Linear::forward`.
                 let [b, t, d] = h.dims();
-                let w = self.model.embed_tokens.weight.val();
-                let v = w.dims()[0];
-                h.reshape([b * t, d]).matmul(w.transpose()).reshape([b, t, v])
+                let w = self.model.embed_tokens.weight.val().transpose();
+                let v = w.dims()[1];
+                let h = h.reshape([b * t, d]);
+                match crate::matmul::cpu_matmul(&h, &w) {
+                    Some(y) => y,
+                    None => h.matmul(w),
+                }
+                .reshape([b, t, v])
             }
         }
     }
@@ -128,6 +134,8 @@ impl Backbone {
 
     /// One forward pass. `taps` must be validated with [`Self::check_taps`]; `batch` with
     /// [`TokenBatch::new`] against this cache's length.
+    /// A few positions of one sequence after a cache take the host path (`decode.rs`);
+    /// everything else the tensor forward.
     pub fn forward(
         &self,
         batch: &TokenBatch,
@@ -135,8 +143,24 @@ impl Backbone {
         want_logits: bool,
         cache: Option<&mut KvCache>,
     ) -> BackboneOutput {
-        let ids = batch.tensor(&self.device);
-        self.forward_ids(ids, taps, want_logits, cache)
+        if let Some(c) = cache {
+            if let [ids] = batch.ids.as_slice()
+                && ids.len() <= super::decode::MAX_POSITIONS
+                && self.dropout == 0.0
+                && let Some(out) = super::decode::forward_few(self, ids, taps, want_logits, c)
+            {
+                let t = ids.len();
+                let (d, v) = (self.config.hidden_size, self.config.vocab_size);
+                let tensor = |values: Vec<f32>, width: usize| from_vec(values, [1, t, width], &self.device);
+                return BackboneOutput {
+                    taps: out.taps.into_iter().map(|x| tensor(x, d)).collect(),
+                    last_hidden: tensor(out.last_hidden, d),
+                    logits: out.logits.map(|l| tensor(l, v)),
+                };
+            }
+            return self.forward_ids(batch.tensor(&self.device), taps, want_logits, Some(c));
+        }
+        self.forward_ids(batch.tensor(&self.device), taps, want_logits, None)
     }
 
     pub fn forward_ids(

@@ -5,11 +5,12 @@ pub mod attention;
 pub mod block;
 pub mod cache;
 pub mod checkpoint;
+pub mod decode;
 pub mod layers;
 pub mod llama;
 pub mod mlp;
 pub mod rope;
 
 pub use cache::KvCache;
-pub use checkpoint::{SaveDtype, load_backbone, save_backbone};
+pub use checkpoint::{SaveDtype, WeightDtype, load_backbone, load_backbone_as, save_backbone};
 pub use llama::{Backbone, BackboneOutput, LlamaForCausalLM, TokenBatch};

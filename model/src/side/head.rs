@@ -1,6 +1,6 @@
 //! The backbone's frozen final norm and LM head, copied to the device once per backbone
 //! version so that side outputs never travel back to the cloud.
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{DType, Device, Tensor};
 
 use super::params::{NamedTensor, ParamSet};
 use crate::backbone::Backbone;
@@ -32,18 +32,46 @@ impl FrozenHead {
         Self::new(bb.net.model.norm.weight.val(), bb.config.rms_norm_eps, weight)
     }
 
+    /// `weight` may be half precision (a served backbone's); `scaled` is computed in f32 and
+    /// held in the same precision.
     fn new(norm_weight: Tensor<1>, eps: f64, weight: Tensor<2>) -> Self {
-        let scaled = weight.clone() * norm_weight.clone().unsqueeze_dim::<2>(1);
+        // f32 (training) as row-major [hidden, vocab], burn's fast matmul layout; half
+        // precision (serving) as row-major [vocab, hidden] seen transposed, the layout the
+        // decoding kernels read front to back (`crate::matmul`), built row by row.
+        let scaled = match crate::matmul::scale_rows(&weight, &to_vec(norm_weight.clone())) {
+            Some(s) => s,
+            None => {
+                let s = weight.clone().cast(DType::F32) * norm_weight.clone().unsqueeze_dim::<2>(1);
+                let dtype = weight.dtype();
+                Tensor::from_data(s.into_data().convert_dtype(dtype), (&weight.device(), dtype))
+            }
+        };
         Self { norm_weight, eps, weight, scaled }
     }
 
-    /// The head as named tensors (HF names, `lm_head` as `[hidden, vocab]`) for shipping.
-    pub fn to_params(&self) -> ParamSet {
+    /// This head in f32, for training (whose hand-derived backward multiplies by `scaled`
+    /// with burn's own matmul); borrowed when it already is.
+    pub fn as_f32(&self) -> std::borrow::Cow<'_, Self> {
+        if self.weight.dtype() == DType::F32 {
+            std::borrow::Cow::Borrowed(self)
+        } else {
+            std::borrow::Cow::Owned(Self::new(self.norm_weight.clone(), self.eps, self.weight.clone().cast(DType::F32)))
+        }
+    }
+
+    /// The head of `bb` as named tensors for shipping (HF names, `lm_head` as
+    /// `[hidden, vocab]`, f32), without building the head: the coordinator only sends it.
+    pub fn params_of(bb: &Backbone) -> ParamSet {
+        let weight = match &bb.net.lm_head {
+            Some(h) => h.weight.val(),
+            None => bb.net.model.embed_tokens.weight.val().transpose(),
+        };
+        let norm = bb.net.model.norm.weight.val();
         let mut p = ParamSet::default();
-        let n = self.norm_weight.dims()[0];
-        p.tensors.insert(NORM.into(), NamedTensor { shape: vec![n], values: to_vec(self.norm_weight.clone()) });
-        let [d, v] = self.weight.dims();
-        p.tensors.insert(HEAD.into(), NamedTensor { shape: vec![d, v], values: to_vec(self.weight.clone()) });
+        let n = norm.dims()[0];
+        p.tensors.insert(NORM.into(), NamedTensor { shape: vec![n], values: to_vec(norm) });
+        let [d, v] = weight.dims();
+        p.tensors.insert(HEAD.into(), NamedTensor { shape: vec![d, v], values: to_vec(weight) });
         p
     }
 
@@ -90,17 +118,23 @@ impl FrozenHead {
         x.clone() * self.inv_rms(x) * self.norm_weight.clone().unsqueeze::<D>()
     }
 
-    /// `norm(hidden) @ weight` as one 2-D gemm over all positions (a batched matmul would
+    /// `norm(hidden) @ weight` as one 2-D product over all positions (a batched matmul would
     /// run one per batch row), the row scaling moved after it (see `scaled`).
     pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
         let [b, t, d] = hidden.dims();
         let v = self.vocab_size();
         let inv = self.inv_rms(hidden.clone());
-        hidden.reshape([b * t, d]).matmul(self.scaled.clone()).reshape([b, t, v]) * inv
+        let h = hidden.reshape([b * t, d]);
+        let z = match crate::matmul::cpu_matmul(&h, &self.scaled) {
+            Some(z) => z,
+            None => h.matmul(self.scaled.clone()),
+        };
+        z.reshape([b, t, v]) * inv
     }
 
-    /// The same head on another device (e.g. the autodiff device used for training).
+    /// The same head on another device, in f32 (e.g. the autodiff device used for training).
     pub fn to_device(&self, device: &Device) -> Self {
-        Self::new(self.norm_weight.clone().to_device(device), self.eps, self.weight.clone().to_device(device))
+        let w = self.weight.clone().cast(DType::F32).to_device(device);
+        Self::new(self.norm_weight.clone().to_device(device), self.eps, w)
     }
 }

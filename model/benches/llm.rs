@@ -1,0 +1,127 @@
+//! A real checkpoint served (SmolLM2-135M by default), each precision measured in the same
+//! run, interleaved repetition by repetition so ratios hold on a noisy machine:
+//! - prefill: one 512-token prompt, no cache (tokens/s);
+//! - decode: 128 greedy tokens with the KV cache after a 6- and a 512-token prompt, through
+//!   the same loop `model generate` runs (the frozen head included);
+//! - the matrix-vector product alone against the machine's memory bandwidth (GB/s of weights
+//!   read), on one core and on all.
+//! Medians of the repetitions. Needs an imported checkpoint (scripts/fetch-smollm2.sh):
+//!   SPA_BENCH_MODEL=models/smollm2 cargo bench -p spa-model --bench llm [-- f32 f16 bf16] [--reps N]
+use std::path::PathBuf;
+use std::time::Instant;
+
+use spa_model::backbone::{TokenBatch, WeightDtype, load_backbone_as};
+use spa_model::generate::{Decoding, LocalStates, Sampling, generate};
+use spa_model::matmul::{Order, Weights, matmul};
+use spa_model::side::FrozenHead;
+use spa_model::{Backbone, BackendKind};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Deterministic ids spread over the vocabulary (speed does not depend on them).
+fn prompt(n: usize, vocab: usize) -> Vec<u32> {
+    (0..n).map(|i| ((i * 7919 + 17) % (vocab - 100) + 100) as u32).collect()
+}
+
+fn prefill_seconds(bb: &Backbone, ids: &[u32]) -> f64 {
+    let t = Instant::now();
+    let batch = TokenBatch::new(vec![ids.to_vec()], &bb.config, 0).unwrap();
+    let out = bb.forward(&batch, &[bb.config.num_layers], false, None);
+    std::hint::black_box(out.last_hidden.dims());
+    t.elapsed().as_secs_f64()
+}
+
+/// Seconds for `new` greedy tokens after `prompt` (the prompt's prefill not counted).
+fn decode_seconds(bb: &Backbone, head: &FrozenHead, prompt: &[u32], new: usize) -> f64 {
+    let mut src = LocalStates::new(bb, &[bb.config.num_layers]).unwrap();
+    // Prefill all but the last prompt token outside the timing; generate() feeds the last.
+    let (warm, last) = prompt.split_at(prompt.len() - 1);
+    if !warm.is_empty() {
+        spa_model::generate::HiddenStates::extend(&mut src, warm).unwrap();
+    }
+    let dec = Decoding { max_new: new, sampling: Sampling { temperature: 0.0, top_k: 0, seed: 0 }, stop: vec![] };
+    let t = Instant::now();
+    let g = generate(&mut src, head, None, last, &dec).unwrap();
+    assert_eq!(g.ids.len(), new);
+    t.elapsed().as_secs_f64()
+}
+
+/// GB/s of weights read by `[1, k] x [k, n]` products (NK order, as served), one core vs all.
+fn gemv_table(reps: usize) {
+    let (k, n) = (576usize, 49152usize);
+    let x: Vec<f32> = (0..k).map(|i| (i as f32 * 0.01).sin()).collect();
+    let w32: Vec<f32> = (0..k * n).map(|i| ((i % 1013) as f32 - 500.0) * 1e-3).collect();
+    let w16: Vec<_> = w32.iter().map(|&v| burn::tensor::f16::from_f32(v)).collect();
+    let mut out = vec![0f32; n];
+    println!("\n| matrix-vector [1,{k}] x [{k},{n}] | threads | median | GB/s of weights |");
+    println!("|---|---|---|---|");
+    for (name, w, bytes) in [("f32", Weights::F32(&w32), 4usize), ("f16", Weights::F16(&w16), 2)] {
+        for threads in [1, rayon::current_num_threads()] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let secs = median(
+                (0..reps * 10)
+                    .map(|_| {
+                        let t = Instant::now();
+                        pool.install(|| matmul(&x, 1, k, w, Order::NK, n, &mut out));
+                        t.elapsed().as_secs_f64()
+                    })
+                    .collect(),
+            );
+            println!("| {name} | {threads} | {:.2} ms | {:.1} |", secs * 1e3, (k * n * bytes) as f64 / secs / 1e9);
+        }
+    }
+}
+
+fn main() {
+    spa_model::alloc::keep_freed_memory();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let reps = args.iter().position(|a| a == "--reps").and_then(|i| args.get(i + 1)).and_then(|r| r.parse().ok()).unwrap_or(3usize);
+    let Some(dir) = std::env::var_os("SPA_BENCH_MODEL").map(PathBuf::from) else {
+        println!("SPA_BENCH_MODEL is not set: nothing to measure (scripts/fetch-smollm2.sh imports SmolLM2)");
+        return;
+    };
+    let mut dtypes: Vec<(&str, WeightDtype)> = [("f32", WeightDtype::F32), ("f16", WeightDtype::F16), ("bf16", WeightDtype::BF16)]
+        .into_iter()
+        .filter(|(n, _)| args.iter().any(|a| a == n))
+        .collect();
+    if dtypes.is_empty() {
+        dtypes = vec![("f32", WeightDtype::F32), ("f16", WeightDtype::F16)];
+    }
+    let device = BackendKind::Flex.device().unwrap();
+    let models: Vec<(&str, Backbone, FrozenHead)> = dtypes
+        .iter()
+        .map(|&(name, d)| {
+            let bb = load_backbone_as(&dir, &device, Some(d)).expect("backbone");
+            let head = FrozenHead::from_backbone(&bb);
+            (name, bb, head)
+        })
+        .collect();
+    let vocab = models[0].1.config.vocab_size;
+    let (short, long) = (prompt(6, vocab), prompt(512, vocab));
+    // rows: per model, [prefill s, decode-after-6 s, decode-after-512 s] per repetition.
+    let mut rows: Vec<Vec<[f64; 3]>> = vec![Vec::new(); models.len()];
+    for _ in 0..reps {
+        for (i, (_, bb, head)) in models.iter().enumerate() {
+            rows[i].push([prefill_seconds(bb, &long), decode_seconds(bb, head, &short, 128), decode_seconds(bb, head, &long, 128)]);
+        }
+    }
+    println!("backbone {} ({} threads, {reps} interleaved repetitions, medians)\n", dir.display(), rayon::current_num_threads());
+    println!("| weights | prefill 1x512 tokens/s | decode 128 after 6 tokens/s | decode 128 after 512 tokens/s |");
+    println!("|---|---|---|---|");
+    for (i, (name, _, _)) in models.iter().enumerate() {
+        let col = |c: usize| median(rows[i].iter().map(|r| r[c]).collect());
+        println!("| {name} | {:.0} | {:.1} | {:.1} |", 512.0 / col(0), 128.0 / col(1), 128.0 / col(2));
+    }
+    if models.len() > 1 {
+        println!("\n| ratio (paired, median) | prefill | decode after 6 | decode after 512 |");
+        println!("|---|---|---|---|");
+        for i in 1..models.len() {
+            let ratio = |c: usize| median(rows[0].iter().zip(&rows[i]).map(|(a, b)| a[c] / b[c]).collect());
+            println!("| {} / {} speed | {:.2} | {:.2} | {:.2} |", models[i].0, models[0].0, ratio(0), ratio(1), ratio(2));
+        }
+    }
+    gemv_table(reps);
+}
