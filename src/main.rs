@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand};
 use spa::quickstart::{Output, QuickstartConfig};
 use spa::simulation::{SimConfig, Simulation};
 use spa_aggregation::strategy::StrategyConfig;
-use spa_model::backbone::load_backbone;
+use spa_model::backbone::load_backbone_as;
 use spa_model::data::synthetic::synthetic_users;
 use spa_model::generate::{Decoding, LocalStates, Sampling, generate_text};
 use spa_model::side::SideConfig;
@@ -55,6 +55,10 @@ struct QuickArgs {
     dir: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Backbone directory (HF layout, e.g. an imported GGUF). Default: the shipped
+    /// models/shakespeare-char.
+    #[arg(long)]
+    model: Option<PathBuf>,
     /// Print the round records and samples as JSON lines.
     #[arg(long)]
     json: bool,
@@ -109,6 +113,7 @@ fn quickstart(a: QuickArgs) -> Result<()> {
         show: a.show,
         dir: a.dir.clone(),
         seed: a.seed,
+        model: a.model.clone(),
     };
     let json = a.json;
     let mut header = false;
@@ -181,7 +186,7 @@ fn main() -> Result<()> {
 
 fn simulate(a: SimArgs, device: &spa_model::burn::tensor::Device) -> Result<()> {
     let model = a.model.clone().unwrap_or_else(default_model);
-    let bb = load_backbone(&model, device).with_context(|| format!("loading the backbone from {}", model.display()))?;
+    let bb = load_backbone_as(&model, device, None).with_context(|| format!("loading the backbone from {}", model.display()))?;
     let tok = Tokenizer::from_file(&model.join("tokenizer.json"))?;
     let tokens = ModelTokens::from_dir(&model)?;
     let strategy = StrategyConfig::from_name(&a.strategy, a.prox_mu as f32)?;

@@ -30,11 +30,13 @@ pub struct QuickstartConfig {
     /// Where homes go (a temporary directory when None).
     pub dir: Option<PathBuf>,
     pub seed: u64,
+    /// Backbone directory (HF layout); None = the shipped default.
+    pub model: Option<PathBuf>,
 }
 
 impl Default for QuickstartConfig {
     fn default() -> Self {
-        Self { devices: 8, examples: 60, rounds: 5, local_epochs: 3, lr: 3e-3, strategy: "fedavg".into(), show: 3, dir: None, seed: 0 }
+        Self { devices: 8, examples: 60, rounds: 5, local_epochs: 3, lr: 3e-3, strategy: "fedavg".into(), show: 3, dir: None, seed: 0, model: None }
     }
 }
 
@@ -62,9 +64,18 @@ pub async fn quickstart(cfg: &QuickstartConfig, out: &mut dyn FnMut(Output)) -> 
     let coord = dir.join("coordinator");
     spa_coordinator::init::init(&coord, &[])?;
     let toml = coord.join("coordinator.toml");
-    let text = std::fs::read_to_string(&toml)?
+    let mut text = std::fs::read_to_string(&toml)?
         .replace("127.0.0.1:7443", "127.0.0.1:0")
         .replace("selection_grace_secs = 2", "selection_grace_secs = 30");
+    let model = match &cfg.model {
+        Some(m) => std::fs::canonicalize(m).map_err(|e| anyhow::anyhow!("--model {}: {e}", m.display()))?,
+        None => PathBuf::from(spa_coordinator::config::DEFAULT_BACKBONE),
+    };
+    if cfg.model.is_some() {
+        // A TOML basic string: the path's backslashes and quotes escaped.
+        let quoted = toml_string(&model.display().to_string());
+        text = text.replace("path = \"\"", &format!("path = {quoted}"));
+    }
     std::fs::write(&toml, text)?;
     let server = spa_coordinator::server::start(&coord).await?;
     let url = format!("https://{}", server.addr);
@@ -149,7 +160,7 @@ pub async fn quickstart(cfg: &QuickstartConfig, out: &mut dyn FnMut(Output)) -> 
             ..Default::default()
         };
         let mine = ops::generate(&h, &ex.prompt, &opts, &mut |_| {}).await?;
-        let base = backbone_alone(&ex.prompt, cfg.seed + 1)?;
+        let base = backbone_alone(&model, &ex.prompt, cfg.seed + 1)?;
         out(Output::Sample {
             device: u.user.clone(),
             prompt: ex.prompt.clone(),
@@ -164,12 +175,15 @@ pub async fn quickstart(cfg: &QuickstartConfig, out: &mut dyn FnMut(Output)) -> 
     Ok(())
 }
 
-/// The shipped backbone's own continuation (no side plugin), one line.
-fn backbone_alone(prompt: &str, seed: u64) -> anyhow::Result<String> {
+fn toml_string(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// The backbone's own continuation (no side plugin), one line.
+fn backbone_alone(dir: &Path, prompt: &str, seed: u64) -> anyhow::Result<String> {
     use spa_model::generate::{Decoding, LocalStates, generate_text};
-    let dir = Path::new(spa_coordinator::config::DEFAULT_BACKBONE);
     let device = spa_model::BackendKind::resolve(None)?.device()?;
-    let bb = spa_model::backbone::load_backbone(dir, &device)?;
+    let bb = spa_model::backbone::load_backbone_as(dir, &device, None)?;
     let tok = spa_model::tokenizer::Tokenizer::from_file(&dir.join("tokenizer.json"))?;
     let head = spa_model::side::FrozenHead::from_backbone(&bb);
     let mut src = LocalStates::new(&bb, &[bb.config.num_layers])?;

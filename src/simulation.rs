@@ -125,7 +125,7 @@ impl<'a> Simulation<'a> {
             devices.push(SimDevice { name: u.user.clone(), data: u, train, test, private });
         }
         let optimizer = ServerOptimizer::new(config.strategy.clone())?;
-        Ok(Self { backbone, head: FrozenHead::from_backbone(backbone), config, devices, global, version: 0, optimizer })
+        Ok(Self { backbone, head: FrozenHead::device_copy(backbone), config, devices, global, version: 0, optimizer })
     }
 
     /// A device's personalized plugin: the current global shared part + its private part.

@@ -181,6 +181,14 @@ pub struct Model {
     pub head: FrozenHead,
 }
 
+impl Model {
+    /// f16 features on the wire for large backbones (half the bytes of a round's features and
+    /// of each generated token), f32 otherwise.
+    pub fn wire_dtype(&self) -> DType {
+        if spa_model::side::config::is_large(&self.config) { DType::DtypeF16 } else { DType::DtypeF32 }
+    }
+}
+
 pub(crate) async fn model(s: &Session, store: &ClientStore, device: &Device) -> Result<Model> {
     let info = s
         .backbone()
@@ -280,7 +288,8 @@ pub async fn features(
         }
     }
     on_progress(have.len(), examples.len());
-    let per_pos = (layers.len() * d * 4) as u64;
+    let wire = m.wire_dtype();
+    let per_pos = (layers.len() * d * spa_proto::tensor::dtype_size(wire as i32)?) as u64;
     let max_bytes = m.info.max_feature_bytes_per_request.max(per_pos);
     let max_seqs = m.info.max_sequences_per_request.max(1) as usize;
     let mut at = 0;
@@ -313,7 +322,7 @@ pub async fn features(
                 })
                 .collect(),
             layers: layers.iter().map(|&l| l as u32).collect(),
-            dtype: DType::DtypeF32 as i32,
+            dtype: wire as i32,
         };
         let mut stream = s
             .backbone()
@@ -341,7 +350,7 @@ pub async fn features(
             a.push(c.offset, c.total_bytes, &c.data)?;
         }
         for (&i, a) in batch.iter().zip(asms) {
-            let vals = decode_f32(&a.finish()?, DType::DtypeF32 as i32, "features")?;
+            let vals = decode_f32(&a.finish()?, wire as i32, "features")?;
             // [positions, layers, d] -> per layer [positions * d].
             let l = layers.len();
             let n = vals.len() / (l * d);
@@ -582,6 +591,7 @@ struct RemoteStates {
     d: usize,
     max_positions: usize,
     round_trips: usize,
+    wire: DType,
 }
 
 impl RemoteStates {
@@ -591,7 +601,7 @@ impl RemoteStates {
             kind: Some(generate_request::Kind::Open(GenerateOpen {
                 backbone_version: m.info.backbone_version.clone(),
                 layers: layers.iter().map(|&x| x as u32).collect(),
-                dtype: DType::DtypeF32 as i32,
+                dtype: m.wire_dtype() as i32,
             })),
         };
         s.record(methods::BACKBONE_GENERATE, &open);
@@ -601,7 +611,7 @@ impl RemoteStates {
         let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
         h.apply(req.metadata_mut());
         let rx = s.backbone().generate(req).await?.into_inner();
-        Ok(Self { tx, rx, layers, d: m.config.hidden_size, max_positions: m.config.max_position_embeddings, round_trips: 0 })
+        Ok(Self { tx, rx, layers, d: m.config.hidden_size, max_positions: m.config.max_position_embeddings, round_trips: 0, wire: m.wire_dtype() })
     }
 
     async fn extend_async(&mut self, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
@@ -613,14 +623,15 @@ impl RemoteStates {
         self.round_trips += 1;
         let resp = self.rx.message().await?.ok_or_else(|| ClientError::Invalid("coordinator ended the generation stream".into()))?;
         let (n, l, d) = (ids.len(), self.layers.len(), self.d);
-        if resp.positions as usize != n || resp.features.len() != n * l * d * 4 {
+        let elem = spa_proto::tensor::dtype_size(self.wire as i32)?;
+        if resp.positions as usize != n || resp.features.len() != n * l * d * elem {
             return Err(ClientError::Invalid(format!(
                 "coordinator returned {} positions / {} bytes for {n} tokens",
                 resp.positions,
                 resp.features.len()
             )));
         }
-        let vals = decode_f32(&resp.features, DType::DtypeF32 as i32, "generation features")?;
+        let vals = decode_f32(&resp.features, self.wire as i32, "generation features")?;
         // [positions, layers, d] -> per layer [positions * d].
         Ok((0..l).map(|k| (0..n).flat_map(|p| vals[(p * l + k) * d..(p * l + k + 1) * d].iter().copied()).collect()).collect())
     }

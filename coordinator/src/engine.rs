@@ -10,7 +10,7 @@ use crate::error::{CoordinatorError, io};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use spa_model::backbone::{TokenBatch, load_backbone};
+use spa_model::backbone::{TokenBatch, WeightDtype, load_backbone_as};
 use spa_model::side::FrozenHead;
 use spa_model::tensor_util::to_vec;
 use spa_model::{Backbone, BackboneConfig, BackendKind, KvCache};
@@ -94,7 +94,8 @@ fn version_of(dir: &Path) -> Result<String, CoordinatorError> {
 
 impl Engine {
     /// Loads the backbone on a dedicated thread; returns once it is ready.
-    pub fn start(dir: &Path, backend: BackendKind, session_idle: Duration) -> Result<Self, CoordinatorError> {
+    /// `dtype`: the weights' precision (`None`: the checkpoint's own, see `load_backbone_as`).
+    pub fn start(dir: &Path, backend: BackendKind, dtype: Option<WeightDtype>, session_idle: Duration) -> Result<Self, CoordinatorError> {
         let version = version_of(dir)?;
         let (config_path, tokenizer_path) = (dir.join("config.json"), dir.join("tokenizer.json"));
         let config_json = std::fs::read_to_string(&config_path).map_err(io(&config_path))?;
@@ -110,7 +111,7 @@ impl Engine {
         std::thread::Builder::new()
             .name("backbone".into())
             .spawn(move || {
-                let loaded = backend.device().and_then(|d| load_backbone(&dir, &d));
+                let loaded = backend.device().and_then(|d| load_backbone_as(&dir, &d, dtype));
                 let bb = match loaded {
                     Ok(bb) => {
                         let _ = ready_tx.send(Ok(bb.config.clone()));

@@ -40,7 +40,7 @@ pub fn local_personalization(
     train: &TrainConfig,
     on_user: &mut dyn FnMut(&UserResult),
 ) -> Result<Vec<UserResult>> {
-    let head = FrozenHead::from_backbone(backbone);
+    let head = FrozenHead::device_copy(backbone);
     let max_len = backbone.config.max_position_embeddings;
     let mut out = Vec::new();
     for u in users {

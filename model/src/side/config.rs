@@ -55,7 +55,8 @@ pub struct SideConfig {
     /// Reduction factor r: the side width is `hidden_size / r`.
     pub reduction: usize,
     /// Backbone layers the side network reads (0 = embeddings, i = output of block i).
-    /// Empty means all of them.
+    /// Empty means all of them, or [`LARGE_DEFAULT_TAPS`] evenly spaced ones on a
+    /// [large](is_large) backbone.
     pub taps: Vec<usize>,
     pub ladder: LadderConfig,
     pub gate: GateConfig,
@@ -76,6 +77,28 @@ impl Default for SideConfig {
             seed: 0,
         }
     }
+}
+
+/// Backbones of at least this many parameters are "large": by default their side plugin taps
+/// [`LARGE_DEFAULT_TAPS`] layers and their features travel as f16. A device fetches
+/// `taps x hidden` values per token; for SmolLM2-135M all 31 taps in f32 are 71 KB per token,
+/// 8 taps in f16 9 KB (docs/BENCHMARKS.md has what the subset costs in quality).
+pub const LARGE_BACKBONE_PARAMS: usize = 50_000_000;
+pub const LARGE_DEFAULT_TAPS: usize = 8;
+
+pub fn is_large(bb: &BackboneConfig) -> bool {
+    bb.num_params() >= LARGE_BACKBONE_PARAMS
+}
+
+/// The taps an empty `taps` means: every layer, or on a large backbone
+/// [`LARGE_DEFAULT_TAPS`] evenly spaced from the embeddings to the last block.
+pub fn default_taps(bb: &BackboneConfig) -> Vec<usize> {
+    let l = bb.num_layers;
+    if !is_large(bb) || l < LARGE_DEFAULT_TAPS {
+        return (0..=l).collect();
+    }
+    let n = LARGE_DEFAULT_TAPS - 1;
+    (0..=n).map(|i| (i * l + n / 2) / n).collect()
 }
 
 /// The config resolved against a backbone: concrete taps and widths.
@@ -118,7 +141,7 @@ impl SideConfig {
             )));
         }
         let d_side = bb.hidden_size / self.reduction;
-        let mut taps = if self.taps.is_empty() { (0..=l).collect() } else { self.taps.clone() };
+        let mut taps = if self.taps.is_empty() { default_taps(bb) } else { self.taps.clone() };
         taps.sort_unstable();
         taps.dedup();
         if let Some(bad) = taps.iter().find(|&&t| t > l) {
@@ -135,5 +158,35 @@ impl SideConfig {
             feature_layers.push(l);
         }
         Ok(SideShape { d_model: bb.hidden_size, d_side, vocab: bb.vocab_size, taps, feature_layers })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn llama(layers: usize, hidden: usize, vocab: usize) -> BackboneConfig {
+        BackboneConfig::from_json(&format!(
+            r#"{{"architectures":["LlamaForCausalLM"],"vocab_size":{vocab},"hidden_size":{hidden},
+            "intermediate_size":{},"num_hidden_layers":{layers},"num_attention_heads":9,"num_key_value_heads":3}}"#,
+            hidden * 8 / 3
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn large_backbones_tap_a_spread_subset_by_default() {
+        // SmolLM2-135M's shape: 8 taps from the embeddings to the last block.
+        let smollm2 = llama(30, 576, 49152);
+        assert!(is_large(&smollm2));
+        assert_eq!(default_taps(&smollm2), vec![0, 4, 9, 13, 17, 21, 26, 30]);
+        let shape = SideConfig::default().resolve(&smollm2).unwrap();
+        assert_eq!(shape.feature_layers, vec![0, 4, 9, 13, 17, 21, 26, 30]);
+        // A small backbone keeps every layer; explicit taps always win.
+        let small = llama(4, 252, 68);
+        assert!(!is_large(&small));
+        assert_eq!(default_taps(&small), (0..=4).collect::<Vec<_>>());
+        let explicit = SideConfig { taps: vec![30, 2], ..SideConfig::default() }.resolve(&smollm2).unwrap();
+        assert_eq!((explicit.taps, explicit.feature_layers), (vec![2, 30], vec![2, 30]));
     }
 }

@@ -24,6 +24,12 @@ pub const NORM: &str = "model.norm.weight";
 pub const HEAD: &str = "lm_head.weight";
 
 impl FrozenHead {
+    /// The head a device holds (f32, as [`Self::params_of`] ships it), for training.
+    pub fn device_copy(bb: &Backbone) -> Self {
+        Self::from_backbone(bb).as_f32().into_owned()
+    }
+
+    /// The head in the backbone's own precision (serving: generation from a local backbone).
     pub fn from_backbone(bb: &Backbone) -> Self {
         let weight = match &bb.net.lm_head {
             Some(h) => h.weight.val(),
