@@ -134,6 +134,10 @@ pub struct ExperimentArgs {
     variant: Variant,
     #[arg(long, default_value_t = 8)]
     reduction: usize,
+    /// Backbone layers the side plugin reads: "all", or a comma-separated list (default: all,
+    /// or 8 evenly spaced on backbones of 50 M parameters or more).
+    #[arg(long)]
+    taps: Option<String>,
     /// Most epochs; with --val-fraction the best one on the user's validation split is kept.
     #[arg(long, default_value_t = 5)]
     epochs: usize,
@@ -349,7 +353,12 @@ fn run_experiment(a: ExperimentArgs, device: &spa_model::burn::tensor::Device) -
         Variant::Mlp => SideVariant::Mlp,
         Variant::Ladder => SideVariant::Ladder,
     };
-    let side = SideConfig { variant, reduction: a.reduction, seed: a.seed, ..SideConfig::default() };
+    let taps = match a.taps.as_deref() {
+        None => vec![],
+        Some("all") => (0..=bb.config.num_layers).collect(),
+        Some(list) => list.split(',').map(|t| t.trim().parse::<usize>().with_context(|| format!("--taps: '{t}' is not a layer number"))).collect::<Result<_>>()?,
+    };
+    let side = SideConfig { variant, reduction: a.reduction, taps, seed: a.seed, ..SideConfig::default() };
     let train = TrainConfig {
         epochs: a.epochs,
         lr: a.lr,

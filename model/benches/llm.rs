@@ -6,7 +6,8 @@
 //! - the matrix-vector product alone against the machine's memory bandwidth (GB/s of weights
 //!   read), on one core and on all.
 //! Medians of the repetitions. Needs an imported checkpoint (scripts/fetch-smollm2.sh):
-//!   SPA_BENCH_MODEL=models/smollm2 cargo bench -p spa-model --bench llm [-- f32 f16 bf16] [--reps N]
+//!   SPA_BENCH_MODEL=models/smollm2 cargo bench --workspace --bench llm [-- f32 f16 bf16] [--reps N] [--json]
+//! (scripts/bench/peers.sh runs it beside HF candle and llama.cpp).
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -108,12 +109,25 @@ fn main() {
             rows[i].push([prefill_seconds(bb, &long), decode_seconds(bb, head, &short, 128), decode_seconds(bb, head, &long, 128)]);
         }
     }
+    let col = |i: usize, c: usize| median(rows[i].iter().map(|r| r[c]).collect());
+    if args.iter().any(|a| a == "--json") {
+        // One line per precision, for scripts/bench/peers.sh.
+        for (i, (name, _, _)) in models.iter().enumerate() {
+            let line = format!(
+                r#"{{"impl": "spa", "weights": "{name}", "prefill_tps": {}, "decode6_tps": {}, "decode512_tps": {}}}"#,
+                512.0 / col(i, 0),
+                128.0 / col(i, 1),
+                128.0 / col(i, 2)
+            );
+            println!("{line}");
+        }
+        return;
+    }
     println!("backbone {} ({} threads, {reps} interleaved repetitions, medians)\n", dir.display(), rayon::current_num_threads());
     println!("| weights | prefill 1x512 tokens/s | decode 128 after 6 tokens/s | decode 128 after 512 tokens/s |");
     println!("|---|---|---|---|");
     for (i, (name, _, _)) in models.iter().enumerate() {
-        let col = |c: usize| median(rows[i].iter().map(|r| r[c]).collect());
-        println!("| {name} | {:.0} | {:.1} | {:.1} |", 512.0 / col(0), 128.0 / col(1), 128.0 / col(2));
+        println!("| {name} | {:.0} | {:.1} | {:.1} |", 512.0 / col(i, 0), 128.0 / col(i, 1), 128.0 / col(i, 2));
     }
     if models.len() > 1 {
         println!("\n| ratio (paired, median) | prefill | decode after 6 | decode after 512 |");
