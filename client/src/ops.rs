@@ -189,6 +189,9 @@ impl Model {
     }
 }
 
+/// The cached head, by backbone version; `v2`: `lm_head.weight` as `[vocab, hidden]`.
+const HEAD_FILE: &str = "head.v2.safetensors";
+
 pub(crate) async fn model(s: &Session, store: &ClientStore, device: &Device) -> Result<Model> {
     let info = s
         .backbone()
@@ -211,7 +214,7 @@ pub(crate) async fn model(s: &Session, store: &ClientStore, device: &Device) -> 
         ));
     }
     let v = &info.backbone_version;
-    let head_bytes = match store.backbone_file(v, "head.safetensors")? {
+    let head_bytes = match store.backbone_file(v, HEAD_FILE)? {
         Some(b) => b,
         None => {
             let req = s.request(
@@ -222,7 +225,7 @@ pub(crate) async fn model(s: &Session, store: &ClientStore, device: &Device) -> 
             );
             let p = receive_params(s.backbone().get_head(req).await?.into_inner()).await?;
             let b = p.to_safetensors();
-            store.put_backbone_file(v, "head.safetensors", &b)?;
+            store.put_backbone_file(v, HEAD_FILE, &b)?;
             store.flush()?;
             b
         }

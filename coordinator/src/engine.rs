@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use spa_model::backbone::{TokenBatch, WeightDtype, load_backbone_as};
 use spa_model::side::FrozenHead;
+use spa_model::side::head::ShippedTensor;
 use spa_model::tensor_util::to_vec;
 use spa_model::{Backbone, BackboneConfig, BackendKind, KvCache};
 use tokio::sync::oneshot;
@@ -54,7 +55,7 @@ enum Job {
         reply: Reply<Vec<Vec<u8>>>,
     },
     Head {
-        reply: Reply<Vec<(String, Vec<u64>, Vec<f32>)>>,
+        reply: Reply<Vec<ShippedTensor>>,
     },
     Extend {
         session: u64,
@@ -168,8 +169,8 @@ impl Engine {
         .await
     }
 
-    /// The frozen final norm and head: (name, shape, values).
-    pub async fn head(&self) -> Result<Vec<(String, Vec<u64>, Vec<f32>)>, String> {
+    /// The frozen final norm and head as devices receive them.
+    pub async fn head(&self) -> Result<Vec<ShippedTensor>, String> {
         self.call(|reply| Job::Head { reply }).await
     }
 
@@ -229,14 +230,7 @@ fn worker(bb: Backbone, rx: mpsc::Receiver<Job>, idle: Duration) {
                 sessions.remove(&session);
             }
             Job::Head { reply } => {
-                let r = guarded(|| {
-                    let p = FrozenHead::params_of(&bb);
-                    Ok(p.tensors
-                        .into_iter()
-                        .map(|(n, t)| (n, t.shape.iter().map(|&s| s as u64).collect(), t.values))
-                        .collect())
-                });
-                let _ = reply.send(r);
+                let _ = reply.send(guarded(|| Ok(FrozenHead::shipped(&bb))));
             }
             Job::Features {
                 seqs,

@@ -9,7 +9,7 @@ use std::time::Instant;
 use spa_proto::auth::{now_ms, random_bytes};
 use spa_proto::limits::{CHUNK_BYTES, MAX_DEVICE_NAME};
 use spa_proto::methods;
-use spa_proto::tensor::{dtype_size, feature_chunks, tensor_chunks};
+use spa_proto::tensor::{dtype_size, feature_chunks, tensor_chunks_lazy};
 use spa_proto::v1::admin_server::Admin;
 use spa_proto::v1::backbone_server::Backbone;
 use spa_proto::v1::device_server::Device;
@@ -340,21 +340,13 @@ impl Backbone for BackboneService {
         self.0.auth.device(&req, methods::BACKBONE_GET_HEAD)?;
         self.check_version(&req.get_ref().backbone_version)?;
         let tensors = self.0.engine.head().await.map_err(internal)?;
-        let mut chunks = Vec::new();
-        for (name, shape, values) in tensors {
-            let bytes =
-                spa_proto::tensor::encode_f32(&values, DType::DtypeF32 as i32).map_err(internal)?;
-            chunks.extend(tensor_chunks(
-                &name,
-                DType::DtypeF32 as i32,
-                &shape,
-                &bytes,
-                CHUNK_BYTES,
-            ));
-        }
-        Ok(Response::new(Box::pin(tokio_stream::iter(
-            chunks.into_iter().map(Ok),
-        ))))
+        // Chunks are cut as the stream is read: one chunk's copy at a time, not the whole head.
+        let chunks = tensors.into_iter().flat_map(|t| {
+            let dtype = if t.f16 { DType::DtypeF16 } else { DType::DtypeF32 } as i32;
+            let shape: Vec<u64> = t.shape.iter().map(|&d| d as u64).collect();
+            tensor_chunks_lazy(t.name, dtype, shape, t.bytes, CHUNK_BYTES)
+        });
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks.map(Ok)))))
     }
 
     type FeaturesStream = BoxStream<FeaturesChunk>;

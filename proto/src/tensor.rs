@@ -84,15 +84,18 @@ pub fn tensor_chunks(
     bytes: &[u8],
     chunk: usize,
 ) -> Vec<TensorChunk> {
-    pieces(bytes, chunk)
-        .map(|(offset, data)| TensorChunk {
-            name: name.into(),
-            dtype,
-            shape: shape.to_vec(),
-            offset,
-            data: data.to_vec(),
-        })
-        .collect()
+    tensor_chunks_lazy(name.into(), dtype, shape.to_vec(), bytes.to_vec(), chunk).collect()
+}
+
+/// [`tensor_chunks`] over an owned buffer, each chunk cut when the iterator reaches it (a
+/// stream then holds one chunk's copy at a time).
+pub fn tensor_chunks_lazy(name: String, dtype: i32, shape: Vec<u64>, bytes: Vec<u8>, chunk: usize) -> impl Iterator<Item = TensorChunk> {
+    let chunk = chunk.max(1);
+    let n = bytes.len().div_ceil(chunk).max(1);
+    (0..n).map(move |i| {
+        let (from, to) = ((i * chunk).min(bytes.len()), ((i + 1) * chunk).min(bytes.len()));
+        TensorChunk { name: name.clone(), dtype, shape: shape.clone(), offset: from as u64, data: bytes[from..to].to_vec() }
+    })
 }
 
 /// `(offset, bytes)` pieces of at most `chunk` bytes; an empty input is one empty piece, so

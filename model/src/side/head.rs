@@ -2,7 +2,7 @@
 //! version so that side outputs never travel back to the cloud.
 use burn::tensor::{DType, Device, Tensor};
 
-use super::params::{NamedTensor, ParamSet};
+use super::params::ParamSet;
 use crate::backbone::Backbone;
 use crate::error::{ModelError, Result};
 use crate::tensor_util::{from_vec, to_vec};
@@ -18,6 +18,15 @@ pub struct FrozenHead {
     /// per-row `inv_rms` applied to the `[N, vocab]` result instead of the `[N, hidden]`
     /// input, two full-width multiplies fewer per call (the side's training step runs it).
     scaled: Tensor<2>,
+}
+
+/// A tensor of the shipped head: little-endian f16 or f32 bytes.
+#[derive(Debug, Clone)]
+pub struct ShippedTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub f16: bool,
+    pub bytes: Vec<u8>,
 }
 
 pub const NORM: &str = "model.norm.weight";
@@ -65,32 +74,37 @@ impl FrozenHead {
         }
     }
 
-    /// The head of `bb` as named tensors for shipping (HF names, `lm_head` as
-    /// `[hidden, vocab]`, f32), without building the head: the coordinator only sends it.
-    pub fn params_of(bb: &Backbone) -> ParamSet {
-        let weight = match &bb.net.lm_head {
-            Some(h) => h.weight.val(),
-            None => bb.net.model.embed_tokens.weight.val().transpose(),
+    /// The head of `bb` as it travels to devices: the norm weight (f32) and `lm_head.weight`
+    /// in HF's `[vocab, hidden]` order, as little-endian bytes in the backbone's precision
+    /// when that is f16 (half the bytes), f32 otherwise. Built straight from the weights'
+    /// storage: one copy of the matrix, no f32 one of a half-precision head.
+    pub fn shipped(bb: &Backbone) -> Vec<ShippedTensor> {
+        let vocab_major = match &bb.net.lm_head {
+            Some(h) => h.weight.val().transpose(),
+            None => bb.net.model.embed_tokens.weight.val(),
         };
-        let norm = bb.net.model.norm.weight.val();
-        let mut p = ParamSet::default();
-        let n = norm.dims()[0];
-        p.tensors.insert(NORM.into(), NamedTensor { shape: vec![n], values: to_vec(norm) });
-        let [d, v] = weight.dims();
-        p.tensors.insert(HEAD.into(), NamedTensor { shape: vec![d, v], values: to_vec(weight) });
-        p
+        let norm = to_vec(bb.net.model.norm.weight.val());
+        let [v, d] = vocab_major.dims();
+        let f16 = vocab_major.dtype() == DType::F16;
+        let data = vocab_major.into_data();
+        let bytes = if f16 { data.into_bytes().to_vec() } else { data.convert::<f32>().into_bytes().to_vec() };
+        vec![
+            ShippedTensor { name: NORM.into(), shape: vec![norm.len()], f16: false, bytes: norm.iter().flat_map(|x| x.to_le_bytes()).collect() },
+            ShippedTensor { name: HEAD.into(), shape: vec![v, d], f16, bytes },
+        ]
     }
 
+    /// The head a device received ([`Self::shipped`]): `lm_head.weight` is `[vocab, hidden]`.
     pub fn from_params(p: &ParamSet, eps: f64, device: &Device) -> Result<Self> {
         let get = |k: &str| p.tensors.get(k).ok_or_else(|| ModelError::Params(format!("head is missing '{k}'")));
         let (norm, head) = (get(NORM)?, get(HEAD)?);
-        if norm.shape.len() != 1 || head.shape.len() != 2 || head.shape[0] != norm.shape[0] {
+        if norm.shape.len() != 1 || head.shape.len() != 2 || head.shape[1] != norm.shape[0] {
             return Err(ModelError::Params(format!("inconsistent head shapes {:?} / {:?}", norm.shape, head.shape)));
         }
         Ok(Self::new(
             from_vec(norm.values.clone(), [norm.shape[0]], device),
             eps,
-            from_vec(head.values.clone(), [head.shape[0], head.shape[1]], device),
+            from_vec(head.values.clone(), [head.shape[0], head.shape[1]], device).transpose(),
         ))
     }
 
