@@ -239,7 +239,6 @@ fn imported_llama_matches_hf_logits() {
     let chat = special.chat_prompt("hi").unwrap().expect("the GGUF's chat template");
     assert_eq!(chat, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
     let tok = Tokenizer::from_file(&out.join("tokenizer.json")).unwrap();
-    // Control tokens are single ids; the merges apply; digits split one by one.
     let t = |s: &str| tok.token_to_id(s).unwrap();
     // Merges apply by rank ("a t" before "Ġ c"), digits split one by one, control tokens are
     // single ids.
