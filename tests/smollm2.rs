@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use spa_model::backbone::{SaveDtype, TokenBatch, WeightDtype, load_backbone_as};
+use spa_model::backbone::{TokenBatch, WeightDtype, load_backbone_as};
 use spa_model::generate::{Decoding, LocalStates, Sampling, generate_text};
 use spa_model::gguf::import_gguf;
 use spa_model::side::FrozenHead;
@@ -34,7 +34,7 @@ fn imported() -> Option<&'static (PathBuf, PathBuf)> {
         };
         let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("smollm2");
         let dirs = (root.join("f32"), root.join("f16"));
-        for (dir, dtype) in [(&dirs.0, SaveDtype::F32), (&dirs.1, SaveDtype::F16)] {
+        for (dir, dtype) in [(&dirs.0, WeightDtype::F32), (&dirs.1, WeightDtype::F16)] {
             let r = import_gguf(&gguf, dir, dtype).expect("import");
             assert_eq!((r.tensors, r.vocab_size, r.eos_token_ids.clone()), (272, 49152, vec![2]), "{r:?}");
             assert!(r.chat_template);

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use spa_model::backbone::{SaveDtype, TokenBatch, WeightDtype, load_backbone, load_backbone_as};
+use spa_model::backbone::{TokenBatch, WeightDtype, load_backbone, load_backbone_as};
 use spa_model::gguf::import_gguf;
 use spa_model::data::shakespeare::{ExampleLimits, leaf_users, parse_play_script, pretraining_split, rank_roles};
 use spa_model::data::synthetic::synthetic_users;
@@ -186,12 +186,12 @@ pub enum Dtype {
     Bf16,
 }
 
-impl From<Dtype> for SaveDtype {
+impl From<Dtype> for WeightDtype {
     fn from(d: Dtype) -> Self {
         match d {
-            Dtype::F32 => SaveDtype::F32,
-            Dtype::F16 => SaveDtype::F16,
-            Dtype::Bf16 => SaveDtype::BF16,
+            Dtype::F32 => WeightDtype::F32,
+            Dtype::F16 => WeightDtype::F16,
+            Dtype::Bf16 => WeightDtype::BF16,
         }
     }
 }

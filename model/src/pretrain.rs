@@ -13,7 +13,7 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::backbone::{Backbone, SaveDtype, save_backbone};
+use crate::backbone::{Backbone, WeightDtype, save_backbone};
 use crate::config::{BackboneConfig, RopeScaling};
 use crate::error::{ModelError, Result};
 use crate::tokenizer::Tokenizer;
@@ -235,7 +235,7 @@ pub fn pretrain(
             if val_loss < report.best_val_loss {
                 report.best_val_loss = val_loss;
                 report.best_step = step + 1;
-                let dtype = if cfg.save_dtype_f16 { SaveDtype::F16 } else { SaveDtype::F32 };
+                let dtype = if cfg.save_dtype_f16 { WeightDtype::F16 } else { WeightDtype::F32 };
                 save_backbone(&eval_bb, out, dtype)?;
                 std::fs::write(out.join("tokenizer.json"), tokenizer_json).map_err(crate::error::io_err(out))?;
             }

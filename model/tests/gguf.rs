@@ -4,7 +4,7 @@
 //! permuted, GGUF names, tokenizer metadata), imported, and checked against HF's logits.
 use std::path::{Path, PathBuf};
 
-use spa_model::backbone::{SaveDtype, TokenBatch, load_backbone};
+use spa_model::backbone::{WeightDtype, TokenBatch, load_backbone};
 use spa_model::gguf::{GgmlType, GgufFile, import_gguf};
 use spa_model::tensor_util::to_vec;
 use spa_model::tokenizer::{ModelTokens, Tokenizer};
@@ -212,7 +212,7 @@ fn reference_logits() -> (Vec<u32>, Vec<f32>) {
     (ids, logits)
 }
 
-fn max_diff_after_import(gguf: &Path, dtype: SaveDtype) -> f32 {
+fn max_diff_after_import(gguf: &Path, dtype: WeightDtype) -> f32 {
     let out = gguf.with_extension("hf");
     import_gguf(gguf, &out, dtype).unwrap();
     let bb = load_backbone(&out, &BackendKind::Flex.device().unwrap()).unwrap();
@@ -226,7 +226,7 @@ fn imported_llama_matches_hf_logits() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
     tiny_llama_gguf(&path, GgmlType::F32, "llama");
-    let d = max_diff_after_import(&path, SaveDtype::F32);
+    let d = max_diff_after_import(&path, WeightDtype::F32);
     assert!(d <= 1e-4, "f32 GGUF -> f32 import: logits max abs diff {d}");
 
     let out = path.with_extension("hf");
@@ -253,7 +253,7 @@ fn half_precision_imports_stay_close() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny16.gguf");
     tiny_llama_gguf(&path, GgmlType::F16, "llama");
-    let d = max_diff_after_import(&path, SaveDtype::BF16);
+    let d = max_diff_after_import(&path, WeightDtype::BF16);
     // f16 storage then bf16 (8 mantissa bits) on weights of std 0.15: logits move by ~1e-2.
     assert!(d <= 0.1, "f16 GGUF -> bf16 import: logits max abs diff {d}");
 }
@@ -263,7 +263,7 @@ fn foreign_and_broken_files_give_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("qwen.gguf");
     tiny_llama_gguf(&path, GgmlType::F32, "qwen2");
-    let err = import_gguf(&path, &dir.path().join("out"), SaveDtype::F32).unwrap_err();
+    let err = import_gguf(&path, &dir.path().join("out"), WeightDtype::F32).unwrap_err();
     assert!(matches!(err, ModelError::UnsupportedArchitecture(ref m) if m.contains("qwen2")), "{err}");
 
     let good = dir.path().join("tiny.gguf");

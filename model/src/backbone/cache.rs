@@ -87,9 +87,4 @@ impl KvCache {
             l.truncate(len);
         }
     }
-
-    /// Bytes held (keys and values of every layer).
-    pub fn bytes(&self) -> usize {
-        self.layers.iter().flat_map(|l| l.k.iter().chain(&l.v)).map(|b| 4 * b.len()).sum()
-    }
 }

@@ -81,17 +81,36 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files.into_iter().map(|f| dir.join(f)).collect())
 }
 
-/// Precision the backbone's matrices (embedding, projections, head) are held in; norms stay
-/// f32. Half precision halves the bytes a decoded token reads; our CPU kernels
-/// (`crate::matmul`) read it directly, so it is for the flex backend.
+/// Precision of weights: on disk in checkpoints we write (the shipped default backbone is
+/// f16), and in memory for the backbone's matrices (embedding, projections, head; norms stay
+/// f32). Half precision halves the bytes a decoded token reads; our CPU kernels
+/// (`crate::matmul`) read it directly, so in memory it is for the flex backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightDtype {
     F32,
     F16,
+    /// f32's range in half the bytes (HF's usual release dtype).
     BF16,
 }
 
 impl WeightDtype {
+    /// The `torch_dtype` name HF's config.json uses.
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            Self::F32 => "float32",
+            Self::F16 => "float16",
+            Self::BF16 => "bfloat16",
+        }
+    }
+
+    fn safetensors(self) -> Dtype {
+        match self {
+            Self::F32 => Dtype::F32,
+            Self::F16 => Dtype::F16,
+            Self::BF16 => Dtype::BF16,
+        }
+    }
+
     pub fn burn(self) -> DType {
         match self {
             Self::F32 => DType::F32,
@@ -277,37 +296,8 @@ fn load(dir: &Path, device: &Device, dtype: Option<WeightDtype>, rows_as_stored:
     Ok(Backbone::from_parts(config, net, device))
 }
 
-/// Storage precision of a checkpoint we write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SaveDtype {
-    F32,
-    /// Half the bytes; what the shipped default backbone uses.
-    F16,
-    /// Half the bytes, f32's range (HF's usual release dtype).
-    BF16,
-}
-
-impl SaveDtype {
-    /// The `torch_dtype` name HF's config.json uses.
-    pub fn torch_name(self) -> &'static str {
-        match self {
-            Self::F32 => "float32",
-            Self::F16 => "float16",
-            Self::BF16 => "bfloat16",
-        }
-    }
-
-    fn safetensors(self) -> Dtype {
-        match self {
-            Self::F32 => Dtype::F32,
-            Self::F16 => Dtype::F16,
-            Self::BF16 => Dtype::BF16,
-        }
-    }
-}
-
 /// Writes `config.json` and `model.safetensors` in HF layout (the tokenizer is the caller's).
-pub fn save_backbone(backbone: &Backbone, dir: &Path, dtype: SaveDtype) -> Result<()> {
+pub fn save_backbone(backbone: &Backbone, dir: &Path, dtype: WeightDtype) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let c = &backbone.config;
     let net = &backbone.net;
@@ -350,24 +340,24 @@ pub fn save_backbone(backbone: &Backbone, dir: &Path, dtype: SaveDtype) -> Resul
 pub fn write_safetensors(
     path: &Path,
     tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>,
-    dtype: SaveDtype,
+    dtype: WeightDtype,
 ) -> Result<()> {
     let encoded = tensors.iter().map(|(n, (s, v))| encode_tensor(n.clone(), s.clone(), v, dtype)).collect();
     write_encoded(path, encoded, dtype)
 }
 
 /// A named tensor as its little-endian bytes in `dtype`, ready for [`write_encoded`].
-pub(crate) fn encode_tensor(name: String, shape: Vec<usize>, values: &[f32], dtype: SaveDtype) -> (String, Vec<usize>, Vec<u8>) {
+pub(crate) fn encode_tensor(name: String, shape: Vec<usize>, values: &[f32], dtype: WeightDtype) -> (String, Vec<usize>, Vec<u8>) {
     let bytes = match dtype {
-        SaveDtype::F32 => values.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        SaveDtype::F16 => values.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
-        SaveDtype::BF16 => values.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
+        WeightDtype::F32 => values.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        WeightDtype::F16 => values.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
+        WeightDtype::BF16 => values.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
     };
     (name, shape, bytes)
 }
 
 /// Writes tensors encoded by [`encode_tensor`] with the same `dtype` as one safetensors file.
-pub(crate) fn write_encoded(path: &Path, encoded: Vec<(String, Vec<usize>, Vec<u8>)>, dtype: SaveDtype) -> Result<()> {
+pub(crate) fn write_encoded(path: &Path, encoded: Vec<(String, Vec<usize>, Vec<u8>)>, dtype: WeightDtype) -> Result<()> {
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = encoded
         .iter()
         .map(|(n, s, b)| {

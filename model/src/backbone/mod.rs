@@ -12,5 +12,5 @@ pub mod mlp;
 pub mod rope;
 
 pub use cache::KvCache;
-pub use checkpoint::{SaveDtype, WeightDtype, load_backbone, load_backbone_as, save_backbone};
+pub use checkpoint::{WeightDtype, load_backbone, load_backbone_as, save_backbone};
 pub use llama::{Backbone, BackboneOutput, LlamaForCausalLM, TokenBatch};

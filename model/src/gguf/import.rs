@@ -8,7 +8,7 @@ use serde::Serialize;
 use serde_json::{Value as Json, json};
 
 use super::file::{GgufFile, TensorInfo, Value};
-use crate::backbone::SaveDtype;
+use crate::backbone::WeightDtype;
 use crate::backbone::checkpoint::{encode_tensor, expected_tensors, write_encoded};
 use crate::config::BackboneConfig;
 use crate::error::{ModelError, Result, io_err};
@@ -200,7 +200,7 @@ fn write_json(dir: &Path, file: &str, v: &Json) -> Result<()> {
 }
 
 /// Imports `gguf` into `out` (created if needed), storing weights as `dtype`.
-pub fn import_gguf(gguf: &Path, out: &Path, dtype: SaveDtype) -> Result<ImportReport> {
+pub fn import_gguf(gguf: &Path, out: &Path, dtype: WeightDtype) -> Result<ImportReport> {
     let g = GgufFile::open(gguf)?;
     let arch = g.get("general.architecture").and_then(Value::as_str).unwrap_or("");
     if arch != "llama" {

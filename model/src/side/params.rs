@@ -113,7 +113,7 @@ impl ParamSet {
 
     pub fn save(&self, path: &Path) -> Result<()> {
         let map = self.tensors.iter().map(|(n, t)| (n.clone(), (t.shape.clone(), t.values.clone()))).collect();
-        crate::backbone::checkpoint::write_safetensors(path, &map, crate::backbone::SaveDtype::F32)
+        crate::backbone::checkpoint::write_safetensors(path, &map, crate::backbone::WeightDtype::F32)
     }
 
     pub fn load(path: &Path) -> Result<Self> {
