@@ -104,7 +104,12 @@ impl Engine {
         let generation_config_json = optional_file(&dir.join("generation_config.json"))?;
         let tokenizer_config_json = optional_file(&dir.join("tokenizer_config.json"))?;
         // The checkpoint's special tokens must parse before devices are told about them.
-        spa_model::tokenizer::ModelTokens::from_dir(dir)?;
+        let present = |s: &String| (!s.is_empty()).then(|| s.clone());
+        spa_model::tokenizer::ModelTokens::from_json(
+            &config_json,
+            present(&generation_config_json).as_deref(),
+            present(&tokenizer_config_json).as_deref(),
+        )?;
         let (tx, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<BackboneConfig, String>>();
         let dir_display = dir.display().to_string();

@@ -31,12 +31,18 @@ fn rms_norm(x: &mut [f32], w: &[f32], eps: f64) {
     }
 }
 
-/// HF's rotate-half RoPE on `rows` of `heads x dim` at consecutive positions from `first`.
-fn rope(x: &mut [f32], heads: usize, dim: usize, first: usize, inv_freq: &[f64]) {
+/// `cos` and `sin` of every rotary frequency at positions `first..first + t`, computed in
+/// f64 as `rope.rs` builds its tables, once per call for every layer.
+fn rotations(first: usize, t: usize, inv_freq: &[f64]) -> Vec<(Vec<f32>, Vec<f32>)> {
+    (first..first + t)
+        .map(|p| inv_freq.iter().map(|f| ((p as f64 * f).cos() as f32, (p as f64 * f).sin() as f32)).unzip())
+        .collect()
+}
+
+/// HF's rotate-half RoPE on rows of `heads x dim`, row `r` rotated by `rot[r]`.
+fn rope(x: &mut [f32], heads: usize, dim: usize, rot: &[(Vec<f32>, Vec<f32>)]) {
     let half = dim / 2;
-    for (r, row) in x.chunks_exact_mut(heads * dim).enumerate() {
-        let p = (first + r) as f64;
-        let (cos, sin): (Vec<f32>, Vec<f32>) = inv_freq.iter().map(|f| ((p * f).cos() as f32, (p * f).sin() as f32)).unzip();
+    for (row, (cos, sin)) in x.chunks_exact_mut(heads * dim).zip(rot) {
         for head in row.chunks_exact_mut(dim) {
             for j in 0..half {
                 let (a, b) = (head[j], head[j + half]);
@@ -112,7 +118,7 @@ fn run(bb: &Backbone, ids: &[u32], taps: &[usize], want_logits: bool, cache: &mu
     let (d, t) = (c.hidden_size, ids.len());
     let (heads, kv_heads, dim) = (c.num_heads, c.num_kv_heads, c.head_dim);
     let first = cache.len();
-    let inv_freq = super::rope::inverse_frequencies(c);
+    let rot = rotations(first, t, &super::rope::inverse_frequencies(c));
     let embed = WeightView::of(&bb.net.model.embed_tokens.weight.val())?;
     let mut x = vec![0f32; t * d];
     for (row, &id) in x.chunks_exact_mut(d).zip(ids) {
@@ -132,8 +138,8 @@ fn run(bb: &Backbone, ids: &[u32], taps: &[usize], want_logits: bool, cache: &mu
         let mut q = WeightView::of(&a.q_proj.weight.val())?.matmul(&h, t);
         let mut k = WeightView::of(&a.k_proj.weight.val())?.matmul(&h, t);
         let v = WeightView::of(&a.v_proj.weight.val())?.matmul(&h, t);
-        rope(&mut q, heads, dim, first, &inv_freq);
-        rope(&mut k, kv_heads, dim, first, &inv_freq);
+        rope(&mut q, heads, dim, &rot);
+        rope(&mut k, kv_heads, dim, &rot);
         let lc = &mut cache.layers[i];
         lc.push(&k, &v, kv_heads, dim);
         let o = attend(&q, lc, heads, kv_heads, dim);
