@@ -2,6 +2,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use spa::experiment::ExperimentConfig;
 use spa::quickstart::{Output, QuickstartConfig};
 use spa::simulation::{SimConfig, Simulation};
 use spa_aggregation::strategy::StrategyConfig;
@@ -31,6 +32,23 @@ enum Command {
     Quickstart(QuickArgs),
     /// An in-process federated simulation with every knob exposed.
     Simulate(SimArgs),
+    /// A personalization table: backbone, local-only, global adapter (+FT) and SPA with its
+    /// ablations on the same devices and seeds (configs/experiments/*.toml). Paths in the
+    /// config are relative to the working directory (run from the repository root).
+    Experiment(ExpArgs),
+}
+
+#[derive(Parser, Debug, Clone)]
+struct ExpArgs {
+    /// The experiment's TOML file.
+    #[arg(long)]
+    config: PathBuf,
+    /// Print the whole result as one JSON object instead of the markdown tables.
+    #[arg(long)]
+    json: bool,
+    /// Also write result.json, table.md and the per-round plots (loss.svg, accuracy.svg) here.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Parser, Debug, Clone)]
@@ -181,7 +199,39 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Quickstart(a) => quickstart(a),
         Command::Simulate(a) => simulate(a, &device),
+        Command::Experiment(a) => experiment(a, &device),
     }
+}
+
+fn experiment(a: ExpArgs, device: &spa_model::burn::tensor::Device) -> Result<()> {
+    let cfg = ExperimentConfig::from_file(&a.config)?;
+    let dir = cfg.backbone.clone().unwrap_or_else(default_model);
+    let bb = load_backbone_as(&dir, device, None).with_context(|| format!("loading the backbone from {}", dir.display()))?;
+    let tok = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
+    let tokens = ModelTokens::from_dir(&dir)?;
+    let users = cfg.users(Path::new("."))?;
+    eprintln!(
+        "{}: backbone {} ({} layers, d={}), {} devices, arms {:?}, seeds {:?}",
+        cfg.name,
+        dir.display(),
+        bb.config.num_layers,
+        bb.config.hidden_size,
+        users.len(),
+        cfg.arms.iter().map(|a| a.name()).collect::<Vec<_>>(),
+        cfg.seeds
+    );
+    let model = spa::experiment::Model { backbone: &bb, tokenizer: &tok, tokens: &tokens, label: dir.display().to_string() };
+    let result = spa::experiment::run(&cfg, &model, users, &mut |line| eprintln!("{line}"))?;
+    if let Some(out) = &a.out {
+        spa::experiment::report::write(&result, out)?;
+        eprintln!("wrote {}/result.json, table.md, loss.svg, accuracy.svg", out.display());
+    }
+    if a.json {
+        println!("{}", serde_json::to_string(&result)?);
+    } else {
+        print!("{}", spa::experiment::report::markdown(&result));
+    }
+    Ok(())
 }
 
 fn simulate(a: SimArgs, device: &spa_model::burn::tensor::Device) -> Result<()> {

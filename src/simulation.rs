@@ -4,7 +4,8 @@
 //! upload only `weight * (shared - global)` through SecAgg+ (the same state machines, crypto
 //! and quantization as the networked service), some devices drop after masking, and the
 //! coordinator decodes the sum and applies the server strategy. The networked round loop
-//! is issue 4; this module is the quickstart until then.
+//! runs over gRPC in `quickstart`; the experiments (`experiment`) run their federated arms here.
+use std::sync::Arc;
 use std::time::Instant;
 
 use rand_chacha::ChaCha20Rng;
@@ -52,9 +53,38 @@ pub struct SimConfig {
 pub struct SimDevice {
     pub name: String,
     pub data: UserData,
-    train: FeatureSet,
-    test: FeatureSet,
-    private: ParamSet,
+    train: Arc<FeatureSet>,
+    test: Arc<FeatureSet>,
+    pub private: ParamSet,
+}
+
+/// A device's data with its backbone features, computed once and shared by every run on it.
+#[derive(Clone)]
+pub struct DeviceFeatures {
+    pub data: UserData,
+    pub train: Arc<FeatureSet>,
+    pub test: Arc<FeatureSet>,
+}
+
+/// Tokenizes each user's data and computes the backbone features `side` reads.
+pub fn device_features(backbone: &Backbone, tokenizer: &Tokenizer, users: Vec<UserData>, side: &SideConfig) -> Result<Vec<DeviceFeatures>> {
+    let template = Plugin::new(side, &backbone.config, &backbone.device)?;
+    let layers = template.shape.feature_layers.clone();
+    let pos = positions_for(side.variant);
+    let max_len = backbone.config.max_position_embeddings;
+    let feats = |ex: &[spa_model::data::Example]| -> Result<Arc<FeatureSet>> {
+        Ok(Arc::new(extract_features(backbone, &tokenize_examples(tokenizer, ex, max_len)?, &layers, pos, 8)?))
+    };
+    users
+        .into_iter()
+        .map(|u| {
+            let (train, test) = (feats(&u.train)?, feats(&u.test)?);
+            if train.num_loss_tokens() == 0 || test.num_loss_tokens() == 0 {
+                return Err(SimError::Invalid(format!("device {} has no train or test tokens", u.user)));
+            }
+            Ok(DeviceFeatures { data: u, train, test })
+        })
+        .collect()
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -90,39 +120,43 @@ impl<'a> Simulation<'a> {
         if users.len() < 2 {
             return Err(SimError::Invalid("a federation needs at least 2 devices".into()));
         }
+        let devices = device_features(backbone, tokenizer, users, &config.side)?;
+        Self::with_features(backbone, devices, config)
+    }
+
+    /// A simulation over devices whose features are already computed (for `config.side`'s
+    /// layers).
+    pub fn with_features(backbone: &'a Backbone, data: Vec<DeviceFeatures>, config: SimConfig) -> Result<Self> {
+        if data.len() < 2 {
+            return Err(SimError::Invalid("a federation needs at least 2 devices".into()));
+        }
         if !(0.0..0.5).contains(&config.dropout) {
             return Err(SimError::Invalid(format!("dropout {} must be in [0, 0.5)", config.dropout)));
         }
         config.local.validate()?;
         // A SecAgg+ client's self-mask needs t shares from other survivors: |U3| >= t + 1.
-        let t = SessionConfig::recommended(1, 0, users.len() as u32, 2)?.threshold as usize;
-        let survivors = users.len() - dropped_count(config.dropout, users.len());
+        let t = SessionConfig::recommended(1, 0, data.len() as u32, 2)?.threshold as usize;
+        let survivors = data.len() - dropped_count(config.dropout, data.len());
         if survivors < t + 1 {
             return Err(SimError::Invalid(format!(
                 "dropout {} leaves {survivors} of {} devices; SecAgg+ needs at least {} survivors (threshold {t} + 1)",
                 config.dropout,
-                users.len(),
+                data.len(),
                 t + 1
             )));
         }
         let template = Plugin::new(&config.side, &backbone.config, &backbone.device)?;
         let (global, _) = template.split()?;
         let layers = template.shape.feature_layers.clone();
-        let pos = positions_for(config.side.variant);
-        let max_len = backbone.config.max_position_embeddings;
         let mut devices = Vec::new();
-        for (i, u) in users.into_iter().enumerate() {
-            let feats = |ex| -> Result<FeatureSet> {
-                Ok(extract_features(backbone, &tokenize_examples(tokenizer, ex, max_len)?, &layers, pos, 8)?)
-            };
-            let (train, test) = (feats(&u.train)?, feats(&u.test)?);
-            if train.num_loss_tokens() == 0 || test.num_loss_tokens() == 0 {
-                return Err(SimError::Invalid(format!("device {} has no train or test tokens", u.user)));
+        for (i, d) in data.into_iter().enumerate() {
+            if d.train.layers != layers {
+                return Err(SimError::Invalid(format!("device {}: features of layers {:?}, the plugin reads {layers:?}", d.data.user, d.train.layers)));
             }
             // Each device initialises its own private layers.
             let own = SideConfig { seed: config.seed.wrapping_add(1 + i as u64), ..config.side.clone() };
             let (_, private) = Plugin::new(&own, &backbone.config, &backbone.device)?.split()?;
-            devices.push(SimDevice { name: u.user.clone(), data: u, train, test, private });
+            devices.push(SimDevice { name: d.data.user.clone(), data: d.data, train: d.train, test: d.test, private });
         }
         let optimizer = ServerOptimizer::new(config.strategy.clone())?;
         Ok(Self { backbone, head: FrozenHead::device_copy(backbone), config, devices, global, version: 0, optimizer })
@@ -138,33 +172,14 @@ impl<'a> Simulation<'a> {
         &self.head
     }
 
+    /// Each device's test metrics with the current global version.
+    pub fn evaluate_each(&self) -> Result<Vec<EvalMetrics>> {
+        (0..self.devices.len()).map(|i| Ok(evaluate(&self.plugin(i)?, &self.head, &self.devices[i].test, 2048)?)).collect()
+    }
+
     /// Mean test metrics over all devices with the current global version.
     pub fn evaluate(&self) -> Result<EvalMetrics> {
-        let mut sum = EvalMetrics::default();
-        for i in 0..self.devices.len() {
-            let m = evaluate(&self.plugin(i)?, &self.head, &self.devices[i].test, 2048)?;
-            sum.tokens += m.tokens;
-            sum.backbone_loss += m.backbone_loss;
-            sum.backbone_acc += m.backbone_acc;
-            sum.side_loss += m.side_loss;
-            sum.side_acc += m.side_acc;
-            sum.routed_loss += m.routed_loss;
-            sum.routed_acc += m.routed_acc;
-            sum.side_fraction += m.side_fraction;
-        }
-        let n = self.devices.len() as f64;
-        for v in [
-            &mut sum.backbone_loss,
-            &mut sum.backbone_acc,
-            &mut sum.side_loss,
-            &mut sum.side_acc,
-            &mut sum.routed_loss,
-            &mut sum.routed_acc,
-            &mut sum.side_fraction,
-        ] {
-            *v /= n;
-        }
-        Ok(sum)
+        Ok(EvalMetrics::mean(&self.evaluate_each()?))
     }
 
     /// One federated round over every device.

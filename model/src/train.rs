@@ -553,6 +553,25 @@ pub struct EvalMetrics {
     pub side_fraction: f64,
 }
 
+impl EvalMetrics {
+    /// The unweighted mean over devices (each device counts once, whatever its token count);
+    /// `tokens` is the total.
+    pub fn mean(all: &[EvalMetrics]) -> EvalMetrics {
+        let n = all.len().max(1) as f64;
+        let avg = |f: fn(&EvalMetrics) -> f64| all.iter().map(f).sum::<f64>() / n;
+        EvalMetrics {
+            tokens: all.iter().map(|m| m.tokens).sum(),
+            backbone_loss: avg(|m| m.backbone_loss),
+            backbone_acc: avg(|m| m.backbone_acc),
+            side_loss: avg(|m| m.side_loss),
+            side_acc: avg(|m| m.side_acc),
+            routed_loss: avg(|m| m.routed_loss),
+            routed_acc: avg(|m| m.routed_acc),
+            side_fraction: avg(|m| m.side_fraction),
+        }
+    }
+}
+
 pub fn evaluate(plugin: &Plugin, head: &FrozenHead, data: &FeatureSet, batch_tokens: usize) -> Result<EvalMetrics> {
     let head = &*head.as_f32();
     let per_token = plugin.config.variant == SideVariant::Mlp;
