@@ -99,6 +99,9 @@ pub struct RoundReport {
     pub max_abs_error_vs_plaintext: f32,
     /// Test metrics averaged over all devices (global shared part + each device's private part).
     pub mean: EvalMetrics,
+    /// Each device's test metrics, of which `mean` is the mean.
+    #[serde(skip)]
+    pub devices: Vec<EvalMetrics>,
     pub seconds: f64,
 }
 
@@ -232,6 +235,7 @@ impl<'a> Simulation<'a> {
         self.optimizer.apply(&mut flat, &mean_delta)?;
         self.global = self.global.apply_flat(&flat)?;
         self.version += 1;
+        let devices = self.evaluate_each()?;
         Ok(RoundReport {
             round,
             version: self.version,
@@ -239,7 +243,8 @@ impl<'a> Simulation<'a> {
             contributors: agg.contributors.len(),
             shared_params: m,
             max_abs_error_vs_plaintext: err,
-            mean: self.evaluate()?,
+            mean: EvalMetrics::mean(&devices),
+            devices,
             seconds: started.elapsed().as_secs_f64(),
         })
     }

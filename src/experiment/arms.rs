@@ -126,8 +126,8 @@ fn federate<'a>(ctx: &Context<'a>, arm: Arm, seed: u64) -> Result<(Simulation<'a
     let mut sim = Simulation::with_features(ctx.model.backbone, ctx.data.to_vec(), sim_cfg)?;
     let mut curve = vec![point(0, &sim.evaluate_each()?, arm.gate(), started)];
     for r in 1..=cfg.rounds {
-        sim.round()?;
-        curve.push(point(r, &sim.evaluate_each()?, arm.gate(), started));
+        let report = sim.round()?;
+        curve.push(point(r, &report.devices, arm.gate(), started));
     }
     Ok((sim, curve))
 }
