@@ -39,10 +39,15 @@ enum Command {
 }
 
 #[derive(Parser, Debug, Clone)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["config", "report"])))]
 struct ExpArgs {
     /// The experiment's TOML file.
     #[arg(long)]
-    config: PathBuf,
+    config: Option<PathBuf>,
+    /// Redraw the tables (and with --out the plots) of a result.json this command wrote,
+    /// without running anything.
+    #[arg(long)]
+    report: Option<PathBuf>,
     /// Print the whole result as one JSON object instead of the markdown tables.
     #[arg(long)]
     json: bool,
@@ -204,7 +209,25 @@ fn main() -> Result<()> {
 }
 
 fn experiment(a: ExpArgs, device: &spa_model::burn::tensor::Device) -> Result<()> {
-    let cfg = ExperimentConfig::from_file(&a.config)?;
+    let result = match (&a.config, &a.report) {
+        (Some(config), _) => run_experiment(config, device)?,
+        (None, Some(report)) => spa::experiment::report::read(report)?,
+        (None, None) => anyhow::bail!("give --config or --report"),
+    };
+    if let Some(out) = &a.out {
+        spa::experiment::report::write(&result, out)?;
+        eprintln!("wrote {}/result.json, table.md, loss.svg, accuracy.svg", out.display());
+    }
+    if a.json {
+        println!("{}", serde_json::to_string(&result)?);
+    } else {
+        print!("{}", spa::experiment::report::markdown(&result));
+    }
+    Ok(())
+}
+
+fn run_experiment(config: &Path, device: &spa_model::burn::tensor::Device) -> Result<spa::experiment::ExperimentResult> {
+    let cfg = ExperimentConfig::from_file(config)?;
     let dir = cfg.backbone.clone().unwrap_or_else(default_model);
     let bb = load_backbone_as(&dir, device, None).with_context(|| format!("loading the backbone from {}", dir.display()))?;
     let tok = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
@@ -221,17 +244,7 @@ fn experiment(a: ExpArgs, device: &spa_model::burn::tensor::Device) -> Result<()
         cfg.seeds
     );
     let model = spa::experiment::Model { backbone: &bb, tokenizer: &tok, tokens: &tokens, label: dir.display().to_string() };
-    let result = spa::experiment::run(&cfg, &model, users, &mut |line| eprintln!("{line}"))?;
-    if let Some(out) = &a.out {
-        spa::experiment::report::write(&result, out)?;
-        eprintln!("wrote {}/result.json, table.md, loss.svg, accuracy.svg", out.display());
-    }
-    if a.json {
-        println!("{}", serde_json::to_string(&result)?);
-    } else {
-        print!("{}", spa::experiment::report::markdown(&result));
-    }
-    Ok(())
+    Ok(spa::experiment::run(&cfg, &model, users, &mut |line| eprintln!("{line}"))?)
 }
 
 fn simulate(a: SimArgs, device: &spa_model::burn::tensor::Device) -> Result<()> {

@@ -75,7 +75,12 @@ fn every_arm_runs_and_the_report_is_written() {
     }
     let svg = std::fs::read_to_string(out_dir.join("loss.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("spa") && svg.contains("polyline"), "{}", &svg[..svg.len().min(300)]);
-    assert!(std::fs::read_to_string(out_dir.join("table.md")).unwrap().contains("| spa |"));
+    let table = std::fs::read_to_string(out_dir.join("table.md")).unwrap();
+    assert!(table.contains("| spa |"));
+    // The tables redrawn from the saved result, without running anything.
+    let again = spa(&["experiment", "--report", out_dir.join("result.json").to_str().unwrap()]);
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    assert_eq!(String::from_utf8_lossy(&again.stdout), table);
 }
 
 #[test]

@@ -52,11 +52,12 @@ pub fn run_seed(ctx: &Context, seed: u64, progress: &mut dyn FnMut(&str)) -> Res
         let t = Instant::now();
         let (sim, curve) = federate(ctx, Arm::Global, seed)?;
         if wants(Arm::Global) {
-            done(Arm::Global, finish(seed, sim_results(ctx, &sim, GateMode::On)?, curve.clone(), t), progress);
+            done(Arm::Global, finish(seed, sim_results(ctx, &sim, GateMode::On)?, curve, t), progress);
         }
         if wants(Arm::GlobalFt) {
+            // Its rounds are the global arm's; only the fine-tuned end point is its own.
             let ft = fine_tune(ctx, &sim, seed)?;
-            done(Arm::GlobalFt, finish(seed, ft, curve, t), progress);
+            done(Arm::GlobalFt, finish(seed, ft, vec![], t), progress);
         }
     }
     if wants(Arm::Spa) {

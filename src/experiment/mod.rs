@@ -10,7 +10,7 @@ pub mod stats;
 
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use spa_model::ModelError;
 use spa_model::backbone::Backbone;
 use spa_model::side::{Plugin, config::is_large};
@@ -28,14 +28,14 @@ pub enum ExperimentError {
     Sim(#[from] SimError),
     #[error(transparent)]
     Model(#[from] ModelError),
-    #[error("writing the report: {0}")]
+    #[error("report: {0}")]
     Report(String),
 }
 
 pub type Result<T> = std::result::Result<T, ExperimentError>;
 
 /// One device's test metrics under one arm and seed.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DeviceResult {
     pub device: String,
     /// Nats per reply token of the distribution the arm speaks with.
@@ -48,7 +48,7 @@ pub struct DeviceResult {
 }
 
 /// Mean test loss and accuracy over devices after a round (round 0 = before training).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RoundPoint {
     pub round: usize,
     pub loss: f64,
@@ -56,7 +56,7 @@ pub struct RoundPoint {
     pub seconds: f64,
 }
 
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Summary {
     pub loss: f64,
     pub accuracy: f64,
@@ -72,7 +72,7 @@ impl Summary {
     }
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SeedRun {
     pub seed: u64,
     pub devices: Vec<DeviceResult>,
@@ -82,7 +82,7 @@ pub struct SeedRun {
     pub seconds: f64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ArmResult {
     pub arm: Arm,
     /// Cloud -> device bytes per generated token in the per-token protocol: the features the
@@ -96,10 +96,10 @@ pub struct ArmResult {
 
 /// SPA against one baseline on one metric, per device (each device's value averaged over
 /// seeds), two-sided tests.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Comparison {
     pub baseline: Arm,
-    pub metric: &'static str,
+    pub metric: String,
     pub devices: usize,
     /// Devices where SPA is better (lower loss, higher accuracy or ROUGE-L).
     pub spa_better: usize,
@@ -109,7 +109,7 @@ pub struct Comparison {
     pub sign_p: f64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ExperimentResult {
     pub name: String,
     pub backbone: String,

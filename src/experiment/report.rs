@@ -11,6 +11,17 @@ use super::{ArmResult, Comparison, ExperimentError, ExperimentResult, Result};
 
 const BASELINES: [Arm; 4] = [Arm::Backbone, Arm::Local, Arm::Global, Arm::GlobalFt];
 
+/// Okabe-Ito: distinguishable with the common colour-vision deficiencies.
+const COLORS: [RGBColor; 7] = [
+    RGBColor(0, 0, 0),
+    RGBColor(0, 158, 115),
+    RGBColor(230, 159, 0),
+    RGBColor(0, 114, 178),
+    RGBColor(213, 94, 0),
+    RGBColor(204, 121, 167),
+    RGBColor(86, 180, 233),
+];
+
 /// Per device, the metric averaged over the arm's seeds.
 fn per_device(arm: &ArmResult, metric: fn(&super::DeviceResult) -> f64) -> Vec<f64> {
     let n = arm.runs.first().map_or(0, |r| r.devices.len());
@@ -30,7 +41,7 @@ pub fn comparisons(arms: &[ArmResult]) -> Vec<Comparison> {
             let better = diffs.iter().filter(|d| if lower_better { **d < 0.0 } else { **d > 0.0 }).count();
             out.push(Comparison {
                 baseline: base.arm,
-                metric: name,
+                metric: name.to_string(),
                 devices: diffs.len(),
                 spa_better: better,
                 mean_diff: mean_sd(&diffs).0,
@@ -110,6 +121,12 @@ pub fn markdown(r: &ExperimentResult) -> String {
     s
 }
 
+/// A result written by [`write`], read back (to redraw its tables and plots).
+pub fn read(path: &Path) -> Result<ExperimentResult> {
+    let text = std::fs::read_to_string(path).map_err(|e| ExperimentError::Report(format!("{}: {e}", path.display())))?;
+    serde_json::from_str(&text).map_err(|e| ExperimentError::Report(format!("{}: not an experiment result: {e}", path.display())))
+}
+
 /// Writes `result.json`, `table.md` and the per-round curves (`loss.svg`, `accuracy.svg`).
 pub fn write(r: &ExperimentResult, dir: &Path) -> Result<()> {
     let err = |e: &dyn std::fmt::Display| ExperimentError::Report(format!("{}: {e}", dir.display()));
@@ -154,7 +171,8 @@ impl Curve {
 /// The mean over seeds of each training arm's per-round metric, the backbone as a flat line.
 fn curves(r: &ExperimentResult, c: Curve) -> Vec<(String, Vec<(f64, f64)>)> {
     let mut out = Vec::new();
-    for a in &r.arms {
+    // global_ft's rounds are the global arm's: only its fine-tuned end point is its own.
+    for a in r.arms.iter().filter(|a| a.arm != Arm::GlobalFt) {
         let len = a.runs.iter().map(|run| run.curve.len()).min().unwrap_or(0);
         if len > 1 {
             let pts = (0..len).map(|i| (i as f64, mean_sd(&a.runs.iter().map(|run| c.at(&run.curve[i])).collect::<Vec<_>>()).0)).collect();
@@ -182,9 +200,16 @@ fn plot(r: &ExperimentResult, path: &Path, c: Curve) -> std::result::Result<(), 
         .x_label_area_size(36)
         .y_label_area_size(60)
         .build_cartesian_2d(0f64..r.rounds as f64, (lo - pad)..(hi + pad))?;
-    chart.configure_mesh().x_labels((r.rounds + 1).min(21)).x_label_formatter(&|x| format!("{x:.0}")).x_desc("round").y_desc(label).draw()?;
+    chart
+        .configure_mesh()
+        .x_labels((r.rounds + 1).min(21))
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .light_line_style(WHITE)
+        .x_desc("round")
+        .y_desc(label)
+        .draw()?;
     for (i, (name, pts)) in series.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
+        let color = COLORS[i % COLORS.len()];
         chart.draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))?.label(name.as_str()).legend(move |(x, y)| {
             PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
         });
