@@ -192,9 +192,11 @@ fn plot(r: &ExperimentResult, path: &Path, c: Curve) -> std::result::Result<(), 
     }
     let (lo, hi) = ys.iter().fold((f64::MAX, f64::MIN), |(a, b), &y| (a.min(y), b.max(y)));
     let pad = ((hi - lo) * 0.08).max(1e-3);
-    let root = SVGBackend::new(path, (720, 440)).into_drawing_area();
+    let root = SVGBackend::new(path, (860, 440)).into_drawing_area();
     root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
+    // The legend gets its own column, so it never hides a curve.
+    let (plot_area, legend) = root.split_horizontally(700);
+    let mut chart = ChartBuilder::on(&plot_area)
         .caption(format!("{}: {label}, mean over {} seeds", r.name, r.seeds.len()), ("sans-serif", 18))
         .margin(12)
         .x_label_area_size(36)
@@ -210,11 +212,11 @@ fn plot(r: &ExperimentResult, path: &Path, c: Curve) -> std::result::Result<(), 
         .draw()?;
     for (i, (name, pts)) in series.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
-        chart.draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))?.label(name.as_str()).legend(move |(x, y)| {
-            PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
-        });
+        chart.draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))?;
+        let y = 60 + 22 * i as i32;
+        legend.draw(&PathElement::new(vec![(4, y), (26, y)], color.stroke_width(2)))?;
+        legend.draw(&Text::new(name.clone(), (32, y - 7), ("sans-serif", 14)))?;
     }
-    chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).draw()?;
     root.present()?;
     Ok(())
 }

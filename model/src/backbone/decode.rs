@@ -106,7 +106,14 @@ fn add(x: &mut [f32], y: &[f32]) {
 /// the caller then takes the tensor forward. `taps` must be validated by the caller.
 pub fn forward_few(bb: &Backbone, ids: &[u32], taps: &[usize], want_logits: bool, cache: &mut super::KvCache) -> Option<HostOutput> {
     let before = cache.len();
-    let out = run(bb, ids, taps, want_logits, cache);
+    // The whole step runs on a pool worker: each of its ~7 products per layer then splits
+    // from inside the pool (the caller's share runs here, the other cores steal), instead of
+    // being injected from outside with the caller asleep on a latch until it is done.
+    let out = if rayon::current_thread_index().is_some() {
+        run(bb, ids, taps, want_logits, cache)
+    } else {
+        rayon::scope(|_| run(bb, ids, taps, want_logits, cache))
+    };
     if out.is_none() {
         cache.truncate(before);
     }
