@@ -71,7 +71,7 @@ pub fn run_seed(ctx: &Context, seed: u64, progress: &mut dyn FnMut(&str)) -> Res
             }
         }
     }
-    for arm in [Arm::SpaPrivateHead, Arm::SpaPrivateUp] {
+    for arm in [Arm::SpaPrivateHead, Arm::SpaPrivateGate, Arm::SpaPrivateUp] {
         if wants(arm) {
             let t = Instant::now();
             let (sim, curve) = federate(ctx, arm, seed)?;

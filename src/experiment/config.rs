@@ -110,6 +110,8 @@ pub enum Arm {
     SpaGateOff,
     /// SPA with only the personal head private (the gate federated too).
     SpaPrivateHead,
+    /// SPA with only the gate private (the personal head federated too).
+    SpaPrivateGate,
     /// SPA with the side network's last layer (`side.up`) private as well as head and gate.
     SpaPrivateUp,
 }
@@ -125,6 +127,7 @@ impl Arm {
             Self::SpaGateOn => "spa_gate_on",
             Self::SpaGateOff => "spa_gate_off",
             Self::SpaPrivateHead => "spa_private_head",
+            Self::SpaPrivateGate => "spa_private_gate",
             Self::SpaPrivateUp => "spa_private_up",
         }
     }
@@ -134,6 +137,7 @@ impl Arm {
         match self {
             Self::Global | Self::GlobalFt => &[],
             Self::SpaPrivateHead => &["personal."],
+            Self::SpaPrivateGate => &["gate."],
             Self::SpaPrivateUp => &["gate.", "personal.", "side.up."],
             _ => &["gate.", "personal."],
         }
