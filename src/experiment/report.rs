@@ -108,7 +108,7 @@ pub fn markdown(r: &ExperimentResult) -> String {
     let per_round: Vec<String> = r
         .arms
         .iter()
-        .filter(|a| a.runs.iter().any(|run| run.curve.len() > 1))
+        .filter(|a| a.arm != Arm::GlobalFt && a.runs.iter().any(|run| run.curve.len() > 1))
         .map(|a| {
             let secs: Vec<f64> = a.runs.iter().map(|run| run.curve.last().map_or(0.0, |p| p.seconds) / (run.curve.len() - 1).max(1) as f64).collect();
             format!("{} {:.2} s", a.arm.name(), mean_sd(&secs).0)
