@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use spa_aggregation::strategy::StrategyConfig;
-use spa_model::data::UserData;
+use spa_model::data::{UserData, split_in_order};
 use spa_model::data::shakespeare::{ExampleLimits, leaf_users, parse_play_script, rank_roles};
 use spa_model::data::synthetic::synthetic_users;
 use spa_model::side::SideConfig;
@@ -22,6 +22,9 @@ pub struct ExperimentConfig {
     #[serde(default)]
     pub backbone: Option<PathBuf>,
     pub corpus: Corpus,
+    /// Each device's first fraction of examples trains, the rest tests (in order, LEAF style).
+    #[serde(default = "train_fraction")]
+    pub train_fraction: f64,
     /// Model seeds (plugin initialisation, batch order, SecAgg+ randomness); the data are the
     /// same for every seed.
     pub seeds: Vec<u64>,
@@ -50,6 +53,10 @@ fn fedavg() -> StrategyConfig {
 
 fn one() -> f32 {
     1.0
+}
+
+fn train_fraction() -> f64 {
+    0.8
 }
 
 /// Where the devices' data come from.
@@ -182,6 +189,9 @@ impl ExperimentConfig {
         if !(0.0..0.5).contains(&self.dropout) {
             return bad(format!("dropout {} must be in [0, 0.5)", self.dropout));
         }
+        if !(self.train_fraction > 0.0 && self.train_fraction < 1.0) {
+            return bad(format!("train_fraction {} must be in (0, 1)", self.train_fraction));
+        }
         if !(self.clip.is_finite() && self.clip > 0.0) {
             return bad(format!("clip {} must be finite and positive", self.clip));
         }
@@ -208,7 +218,10 @@ impl ExperimentConfig {
     /// The devices' data. Relative corpus paths are resolved against `root`.
     pub fn users(&self, root: &Path) -> Result<Vec<UserData>, ExperimentError> {
         match &self.corpus {
-            Corpus::Synthetic { devices, examples, seed } => Ok(synthetic_users(*devices, *examples, *seed)),
+            Corpus::Synthetic { devices, examples, seed } => Ok(synthetic_users(*devices, *examples, *seed)
+                .into_iter()
+                .map(|u| split_in_order(u.user, u.train.into_iter().chain(u.test).collect(), self.train_fraction))
+                .collect()),
             Corpus::Play { path, roles_file, top, skip, max_cue_chars, max_reply_chars, max_train, max_test } => {
                 let read = |p: &Path| {
                     let p = root.join(p);
@@ -229,7 +242,7 @@ impl ExperimentConfig {
                     return Err(ExperimentError::Config(format!("play corpus: {} roles; a federation needs at least 2", names.len())));
                 }
                 let limits = ExampleLimits { max_cue_chars: *max_cue_chars, max_reply_chars: *max_reply_chars };
-                let mut users = leaf_users(&speeches, &names, limits, 0.8);
+                let mut users = leaf_users(&speeches, &names, limits, self.train_fraction);
                 for u in &mut users {
                     u.train.truncate(max_train.unwrap_or(usize::MAX));
                     u.test.truncate(max_test.unwrap_or(usize::MAX));
