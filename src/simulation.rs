@@ -55,7 +55,7 @@ pub struct SimDevice {
     pub data: UserData,
     train: Arc<FeatureSet>,
     test: Arc<FeatureSet>,
-    pub private: ParamSet,
+    private: ParamSet,
 }
 
 /// A device's data with its backbone features, computed once and shared by every run on it.

@@ -50,32 +50,32 @@ pub fn run_seed(ctx: &Context, seed: u64, progress: &mut dyn FnMut(&str)) -> Res
     }
     if wants(Arm::Global) || wants(Arm::GlobalFt) {
         let t = Instant::now();
-        let (sim, curve) = federate(ctx, Arm::Global, seed)?;
+        let fed = federate(ctx, Arm::Global, seed)?;
         if wants(Arm::Global) {
-            done(Arm::Global, finish(seed, sim_results(ctx, &sim, GateMode::On)?, curve, t), progress);
+            done(Arm::Global, finish(seed, sim_results(ctx, &fed, GateMode::On)?, fed.curve.clone(), t), progress);
         }
         if wants(Arm::GlobalFt) {
             // Its rounds are the global arm's; only the fine-tuned end point is its own.
-            let ft = fine_tune(ctx, &sim, seed)?;
+            let ft = fine_tune(ctx, &fed.sim, seed)?;
             done(Arm::GlobalFt, finish(seed, ft, vec![], t), progress);
         }
     }
     if wants(Arm::Spa) {
         let t = Instant::now();
-        let (sim, curve) = federate(ctx, Arm::Spa, seed)?;
-        done(Arm::Spa, finish(seed, sim_results(ctx, &sim, GateMode::Learned)?, curve.clone(), t), progress);
+        let fed = federate(ctx, Arm::Spa, seed)?;
+        done(Arm::Spa, finish(seed, sim_results(ctx, &fed, GateMode::Learned)?, fed.curve.clone(), t), progress);
         for arm in [Arm::SpaGateOn, Arm::SpaGateOff] {
             if wants(arm) {
                 let t = Instant::now();
-                done(arm, finish(seed, sim_results(ctx, &sim, arm.gate())?, vec![], t), progress);
+                done(arm, finish(seed, sim_results(ctx, &fed, arm.gate())?, vec![], t), progress);
             }
         }
     }
     for arm in [Arm::SpaPrivateHead, Arm::SpaPrivateGate, Arm::SpaPrivateUp] {
         if wants(arm) {
             let t = Instant::now();
-            let (sim, curve) = federate(ctx, arm, seed)?;
-            done(arm, finish(seed, sim_results(ctx, &sim, arm.gate())?, curve, t), progress);
+            let fed = federate(ctx, arm, seed)?;
+            done(arm, finish(seed, sim_results(ctx, &fed, arm.gate())?, fed.curve.clone(), t), progress);
         }
     }
     Ok(out)
@@ -111,8 +111,16 @@ fn train_cfg(cfg: &ExperimentConfig, seed: u64) -> TrainConfig {
     TrainConfig { seed, ..cfg.local.clone() }
 }
 
-/// A federation of every device for `cfg.rounds` rounds; the curve in `arm`'s gate mode.
-fn federate<'a>(ctx: &Context<'a>, arm: Arm, seed: u64) -> Result<(Simulation<'a>, Vec<RoundPoint>)> {
+/// A finished federation: its per-round curve (in the arm's gate mode) and each device's test
+/// metrics after the last round.
+struct Federation<'a> {
+    sim: Simulation<'a>,
+    curve: Vec<RoundPoint>,
+    last: Vec<EvalMetrics>,
+}
+
+/// A federation of every device for `cfg.rounds` rounds.
+fn federate<'a>(ctx: &Context<'a>, arm: Arm, seed: u64) -> Result<Federation<'a>> {
     let cfg = ctx.cfg;
     let sim_cfg = SimConfig {
         rounds: cfg.rounds,
@@ -125,12 +133,13 @@ fn federate<'a>(ctx: &Context<'a>, arm: Arm, seed: u64) -> Result<(Simulation<'a
     };
     let started = Instant::now();
     let mut sim = Simulation::with_features(ctx.model.backbone, ctx.data.to_vec(), sim_cfg)?;
-    let mut curve = vec![point(0, &sim.evaluate_each()?, arm.gate(), started)];
+    let mut last = sim.evaluate_each()?;
+    let mut curve = vec![point(0, &last, arm.gate(), started)];
     for r in 1..=cfg.rounds {
-        let report = sim.round()?;
-        curve.push(point(r, &report.devices, arm.gate(), started));
+        last = sim.round()?.devices;
+        curve.push(point(r, &last, arm.gate(), started));
     }
-    Ok((sim, curve))
+    Ok(Federation { sim, curve, last })
 }
 
 /// Each device alone: `rounds` times `local.epochs` epochs (an optimizer restart at each
@@ -147,15 +156,16 @@ fn local(ctx: &Context, seed: u64) -> Result<SeedRun> {
     let eval_all = |plugins: &[Plugin]| -> Result<Vec<EvalMetrics>> {
         plugins.iter().zip(ctx.data).map(|(p, d)| Ok(evaluate(p, &head, &d.test, 2048)?)).collect()
     };
-    let mut curve = vec![point(0, &eval_all(&plugins)?, GateMode::Learned, started)];
+    let mut metrics = eval_all(&plugins)?;
+    let mut curve = vec![point(0, &metrics, GateMode::Learned, started)];
     for r in 1..=ctx.cfg.rounds {
         for (i, (p, d)) in plugins.iter_mut().zip(ctx.data).enumerate() {
             let tc = train_cfg(ctx.cfg, seed.wrapping_add(r as u64 * 1000 + i as u64));
             *p = train_plugin(p.clone(), &head, &d.train, &tc, None, &mut |_| {})?.0;
         }
-        curve.push(point(r, &eval_all(&plugins)?, GateMode::Learned, started));
+        metrics = eval_all(&plugins)?;
+        curve.push(point(r, &metrics, GateMode::Learned, started));
     }
-    let metrics = eval_all(&plugins)?;
     let devices = results(ctx, &head, &plugins, &metrics, GateMode::Learned)?;
     Ok(finish(seed, devices, curve, started))
 }
@@ -175,10 +185,10 @@ fn fine_tune(ctx: &Context, sim: &Simulation, seed: u64) -> Result<Vec<DeviceRes
     results(ctx, head, &plugins, &metrics, GateMode::On)
 }
 
-fn sim_results(ctx: &Context, sim: &Simulation, mode: GateMode) -> Result<Vec<DeviceResult>> {
+fn sim_results(ctx: &Context, fed: &Federation, mode: GateMode) -> Result<Vec<DeviceResult>> {
+    let sim = &fed.sim;
     let plugins = (0..sim.devices.len()).map(|i| sim.plugin(i)).collect::<crate::simulation::Result<Vec<_>>>()?;
-    let metrics = sim.evaluate_each()?;
-    results(ctx, sim.head(), &plugins, &metrics, mode)
+    results(ctx, sim.head(), &plugins, &fed.last, mode)
 }
 
 fn backbone_results(ctx: &Context) -> Result<Vec<DeviceResult>> {
