@@ -153,13 +153,13 @@ pub async fn quickstart(cfg: &QuickstartConfig, out: &mut dyn FnMut(Output)) -> 
     for (i, u) in users.iter().enumerate().take(cfg.show) {
         let ex = &u.test[0];
         let h = home(&dir, i);
-        let opts = ops::GenerateOptions {
+        let opts = spa_client::generate::GenerateOptions {
             max_tokens: 80,
             sampling: Sampling { temperature: 0.5, top_k: 5, seed: cfg.seed + 1 },
             stop: Some("\n".into()),
             ..Default::default()
         };
-        let mine = ops::generate(&h, &ex.prompt, &opts, &mut |_| {}).await?;
+        let mine = spa_client::generate::generate(&h, &ex.prompt, &opts, &mut |_| {}).await?;
         let base = backbone_alone(&model, &ex.prompt, cfg.seed + 1)?;
         out(Output::Sample {
             device: u.user.clone(),

@@ -3,7 +3,8 @@
 //! - [`store`]: the device's sled store (identity, data, feature cache, plugin parts).
 //! - [`net`]: TLS connection to the coordinator, every call signed with the device key.
 //! - [`data`]: local data formats.
-//! - [`ops`]: the commands (enroll, status, data, train, generate) as library functions.
+//! - [`ops`]: the commands (enroll, status, data, train) as library functions.
+//! - [`generate`]: personalized generation over the coordinator's stream, speculative.
 //! - [`agent`]: `run`, the device agent of federated rounds (SecAgg+ client side).
 //!
 //! Invariant: private plugin parameters are written only to the local store; the only
@@ -12,6 +13,7 @@ pub mod agent;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod generate;
 pub mod net;
 pub mod ops;
 pub mod store;

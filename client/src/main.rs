@@ -7,6 +7,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use spa_client::config::ClientConfig;
 use spa_client::data::Format;
 use spa_client::agent::{self, AgentEvent, AgentOptions};
+use spa_client::generate;
 use spa_client::ops::{self, TrainProgress};
 use spa_model::train::TrainEvent;
 
@@ -100,6 +101,17 @@ enum Command {
         /// Keep generating past the model's end-of-sequence token.
         #[arg(long)]
         ignore_eos: bool,
+        /// One round trip per token (no drafts from the coordinator).
+        #[arg(long)]
+        naive: bool,
+        /// Most tokens the coordinator drafts per round trip (the length adapts below it).
+        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=256))]
+        max_draft: u32,
+        /// What the device receives per position: every tap's state, or the shared
+        /// down-projections applied by the coordinator (auto: down when the plugin's are a
+        /// committed global version's).
+        #[arg(long, value_enum, default_value_t = generate::Inputs::Auto)]
+        inputs: generate::Inputs,
         #[arg(long)]
         json: bool,
     },
@@ -265,19 +277,22 @@ fn main() -> Result<()> {
             let n = rt.block_on(agent::run(&home, &opts, &mut |e| eprintln!("{}", describe(&e))))?;
             eprintln!("adopted {n} committed version(s); exiting");
         }
-        Command::Generate { prompt, max_tokens, temperature, top_k, seed, stop_at_newline, stop, chat, ignore_eos, json } => {
+        Command::Generate { prompt, max_tokens, temperature, top_k, seed, stop_at_newline, stop, chat, ignore_eos, naive, max_draft, inputs, json } => {
             let mut out = std::io::stdout();
             if !json {
                 print!("{prompt}");
             }
-            let opts = ops::GenerateOptions {
+            let opts = generate::GenerateOptions {
                 max_tokens,
                 sampling: spa_model::generate::Sampling { temperature, top_k, seed },
                 stop: if stop_at_newline { Some("\n".into()) } else { stop },
                 chat,
                 ignore_eos,
+                naive,
+                max_draft: max_draft as usize,
+                inputs,
             };
-            let r = rt.block_on(ops::generate(&home, &prompt, &opts, &mut |t| {
+            let r = rt.block_on(generate::generate(&home, &prompt, &opts, &mut |t| {
                 if !json {
                     print!("{t}");
                     let _ = out.flush();
@@ -288,8 +303,14 @@ fn main() -> Result<()> {
             } else {
                 println!();
                 eprintln!(
-                    "{} tokens ({} from the side plugin), {} round trips, {:.2}s",
-                    r.tokens, r.side_tokens, r.round_trips, r.seconds
+                    "{} tokens ({} from the side plugin), {} round trips, {}/{} drafts accepted, {} bytes, {:.2}s",
+                    r.tokens,
+                    r.side_tokens,
+                    r.round_trips,
+                    r.accepted,
+                    r.drafted,
+                    r.bytes_sent + r.bytes_received,
+                    r.seconds
                 );
             }
         }

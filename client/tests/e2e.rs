@@ -83,7 +83,7 @@ async fn two_devices_enroll_train_generate_and_survive_a_restart() {
         .unwrap();
         assert!(s2.resumed);
 
-        let g = ops::generate(&home, &user.test[0].prompt, &greedy(24), &mut |_| {})
+        let g = spa_client::generate::generate(&home, &user.test[0].prompt, &greedy(24), &mut |_| {})
             .await
             .unwrap();
         assert!(g.tokens > 0 && g.tokens <= 24, "{g:?}");
@@ -126,10 +126,10 @@ async fn two_devices_enroll_train_generate_and_survive_a_restart() {
         );
         drop(store);
         let prompt = "STRANGER:\nWhat news today?\n\n";
-        let a = ops::generate(home, prompt, &greedy(12), &mut |_| {})
+        let a = spa_client::generate::generate(home, prompt, &greedy(12), &mut |_| {})
             .await
             .unwrap();
-        let b = ops::generate(home, prompt, &greedy(12), &mut |_| {})
+        let b = spa_client::generate::generate(home, prompt, &greedy(12), &mut |_| {})
             .await
             .unwrap();
         assert_eq!(a.text, b.text);
@@ -138,6 +138,6 @@ async fn two_devices_enroll_train_generate_and_survive_a_restart() {
     srv.shutdown().await.unwrap();
 }
 
-fn greedy(max_tokens: usize) -> ops::GenerateOptions {
-    ops::GenerateOptions { max_tokens, ..Default::default() }
+fn greedy(max_tokens: usize) -> spa_client::generate::GenerateOptions {
+    spa_client::generate::GenerateOptions { max_tokens, ..Default::default() }
 }

@@ -113,8 +113,11 @@ pub struct LimitsSection {
     pub max_feature_bytes_per_request: u64,
     /// Concurrent generation sessions (each holds a KV cache).
     pub max_sessions: usize,
-    /// A generation session idle this long is closed.
+    /// A generation session idle this long is closed (a broken-off one, kept for a resume,
+    /// too; at most `max_sessions` of those are kept).
     pub session_idle_secs: u64,
+    /// Most tokens a device may ask the coordinator to draft per Generate step.
+    pub max_draft_tokens: u32,
 }
 
 impl Default for LimitsSection {
@@ -125,6 +128,7 @@ impl Default for LimitsSection {
             max_feature_bytes_per_request: spa_proto::limits::DEFAULT_MAX_FEATURE_BYTES,
             max_sessions: 64,
             session_idle_secs: 600,
+            max_draft_tokens: 32,
         }
     }
 }
@@ -187,6 +191,7 @@ impl CoordinatorConfig {
         ensure(l.max_sequences_per_request > 0, "limits.max_sequences_per_request must be > 0")?;
         ensure(l.max_feature_bytes_per_request > 0, "limits.max_feature_bytes_per_request must be > 0")?;
         ensure(l.max_sessions > 0, "limits.max_sessions must be > 0")?;
+        ensure(l.max_draft_tokens <= 256, "limits.max_draft_tokens must be at most 256")?;
         ensure(self.auth.clock_window_secs > 0, "auth.clock_window_secs must be > 0")?;
         ensure(self.auth.max_nonces > 0, "auth.max_nonces must be > 0")?;
         let r = &self.rounds;

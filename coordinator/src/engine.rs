@@ -14,7 +14,9 @@ use spa_model::backbone::{TokenBatch, WeightDtype, load_backbone_as};
 use spa_model::side::FrozenHead;
 use spa_model::side::head::ShippedTensor;
 use spa_model::tensor_util::to_vec;
-use spa_model::{Backbone, BackboneConfig, BackendKind, KvCache};
+use spa_model::generate::Sampling;
+use spa_model::speculative::{Block, DraftForm, Drafter};
+use spa_model::{Backbone, BackboneConfig, BackendKind};
 use tokio::sync::oneshot;
 
 /// What the handlers know of the served backbone.
@@ -57,16 +59,53 @@ enum Job {
     Head {
         reply: Reply<Vec<ShippedTensor>>,
     },
-    Extend {
+    Open {
         session: u64,
+        opening: Opening,
+        reply: Reply<()>,
+    },
+    Resume {
+        session: u64,
+        owner: String,
+        fingerprint: [u8; 32],
+        length: usize,
+        reply: Reply<bool>,
+    },
+    Step {
+        session: u64,
+        accepted: usize,
         ids: Vec<u32>,
-        layers: Vec<usize>,
-        dtype: i32,
-        reply: Reply<(usize, Vec<u8>)>,
+        draft: usize,
+        reply: Reply<Block>,
+    },
+    /// The stream broke: keep the cache for a resume until it idles out.
+    Detach {
+        session: u64,
     },
     Close {
         session: u64,
     },
+}
+
+/// How a generation session was opened, validated by the handler.
+pub struct Opening {
+    /// The device that opened it; only it may resume it.
+    pub owner: String,
+    /// SHA-256 of the opening message without its resume fields: a resume must repeat it.
+    pub fingerprint: [u8; 32],
+    pub form: DraftForm,
+    pub sampling: Sampling,
+    pub stop: Vec<u32>,
+    pub last_only: bool,
+}
+
+/// A session's state beside the backbone.
+struct Session {
+    drafter: Drafter,
+    owner: String,
+    fingerprint: [u8; 32],
+    used: Instant,
+    attached: bool,
 }
 
 #[derive(Clone)]
@@ -96,7 +135,9 @@ fn version_of(dir: &Path) -> Result<String, CoordinatorError> {
 impl Engine {
     /// Loads the backbone on a dedicated thread; returns once it is ready.
     /// `dtype`: the weights' precision (`None`: the checkpoint's own, see `load_backbone_as`).
-    pub fn start(dir: &Path, backend: BackendKind, dtype: Option<WeightDtype>, session_idle: Duration) -> Result<Self, CoordinatorError> {
+    /// Sessions idle for `session_idle` are dropped; at most `max_detached` broken-off ones
+    /// are kept for a resume.
+    pub fn start(dir: &Path, backend: BackendKind, dtype: Option<WeightDtype>, session_idle: Duration, max_detached: usize) -> Result<Self, CoordinatorError> {
         let version = version_of(dir)?;
         let (config_path, tokenizer_path) = (dir.join("config.json"), dir.join("tokenizer.json"));
         let config_json = std::fs::read_to_string(&config_path).map_err(io(&config_path))?;
@@ -128,7 +169,7 @@ impl Engine {
                         return;
                     }
                 };
-                worker(bb, rx, session_idle);
+                worker(bb, rx, session_idle, max_detached);
             })
             .map_err(|e| CoordinatorError::Other(format!("cannot start the backbone thread: {e}")))?;
         let config = ready_rx
@@ -179,28 +220,42 @@ impl Engine {
         self.call(|reply| Job::Head { reply }).await
     }
 
-    /// Appends `ids` to a session (created on first use); returns the first new position and
-    /// the features of the new positions.
-    pub async fn extend(
-        &self,
-        session: u64,
-        ids: Vec<u32>,
-        layers: Vec<usize>,
-        dtype: i32,
-    ) -> Result<(usize, Vec<u8>), String> {
-        self.call(|reply| Job::Extend {
-            session,
-            ids,
-            layers,
-            dtype,
-            reply,
-        })
-        .await
+    /// Starts session `session` (the handler allocates ids).
+    pub async fn open(&self, session: u64, opening: Opening) -> Result<(), String> {
+        self.call(|reply| Job::Open { session, opening, reply }).await
+    }
+
+    /// Reattaches a detached session of `owner` opened with `fingerprint`, truncated to
+    /// `length` confirmed tokens; false if there is no such session (gone idle, or another's).
+    pub async fn resume(&self, session: u64, owner: String, fingerprint: [u8; 32], length: usize) -> Result<bool, String> {
+        self.call(|reply| Job::Resume { session, owner, fingerprint, length, reply }).await
+    }
+
+    /// [`Drafter::step`] on a session.
+    pub async fn step(&self, session: u64, accepted: usize, ids: Vec<u32>, draft: usize) -> Result<Block, String> {
+        self.call(|reply| Job::Step { session, accepted, ids, draft, reply }).await
+    }
+
+    pub fn detach(&self, session: u64) {
+        let _ = self.tx.send(Job::Detach { session });
     }
 
     pub fn close(&self, session: u64) {
         let _ = self.tx.send(Job::Close { session });
     }
+}
+
+/// A block as the wire carries it: per position, each slot's row, in `dtype`.
+pub fn encode_block(b: &Block, dtype: i32) -> Result<Vec<u8>, String> {
+    let n = b.positions;
+    let mut out = Vec::with_capacity(b.states.iter().map(Vec::len).sum());
+    for p in 0..n {
+        for slot in &b.states {
+            let w = slot.len() / n;
+            out.extend_from_slice(&slot[p * w..(p + 1) * w]);
+        }
+    }
+    spa_proto::tensor::encode_f32(&out, dtype).map_err(|e| e.to_string())
 }
 
 fn layout(
@@ -226,10 +281,10 @@ fn layout(
     spa_proto::tensor::encode_f32(&out, dtype).map_err(|e| e.to_string())
 }
 
-fn worker(bb: Backbone, rx: mpsc::Receiver<Job>, idle: Duration) {
-    let mut sessions: HashMap<u64, (KvCache, Instant)> = HashMap::new();
+fn worker(bb: Backbone, rx: mpsc::Receiver<Job>, idle: Duration, max_detached: usize) {
+    let mut sessions: HashMap<u64, Session> = HashMap::new();
     while let Ok(job) = rx.recv() {
-        sessions.retain(|_, (_, t)| t.elapsed() < idle);
+        sessions.retain(|_, s| s.used.elapsed() < idle);
         match job {
             Job::Close { session } => {
                 sessions.remove(&session);
@@ -263,41 +318,50 @@ fn worker(bb: Backbone, rx: mpsc::Receiver<Job>, idle: Duration) {
                 });
                 let _ = reply.send(r);
             }
-            Job::Extend {
-                session,
-                ids,
-                layers,
-                dtype,
-                reply,
-            } => {
-                let entry = sessions
-                    .entry(session)
-                    .or_insert_with(|| (bb.new_cache(), Instant::now()));
-                entry.1 = Instant::now();
-                let cache = &mut entry.0;
+            Job::Open { session, opening, reply } => {
                 let r = guarded(|| {
-                    let first = cache.len();
-                    let tb = TokenBatch::new(vec![ids.clone()], &bb.config, first)
-                        .map_err(|e| e.to_string())?;
-                    let o = bb.forward(&tb, &layers, false, Some(cache));
-                    let taps: Vec<Vec<f32>> = o.taps.into_iter().map(to_vec).collect();
-                    Ok((
-                        first,
-                        layout(
-                            &taps,
-                            0,
-                            ids.len(),
-                            bb.config.hidden_size,
-                            0,
-                            ids.len(),
-                            dtype,
-                        )?,
-                    ))
+                    let drafter = Drafter::new(&bb, opening.form, opening.sampling, opening.stop, opening.last_only).map_err(|e| e.to_string())?;
+                    let (owner, fingerprint) = (opening.owner, opening.fingerprint);
+                    sessions.insert(session, Session { drafter, owner, fingerprint, used: Instant::now(), attached: true });
+                    Ok(())
                 });
+                let _ = reply.send(r);
+            }
+            Job::Resume { session, owner, fingerprint, length, reply } => {
+                let ok = match sessions.get_mut(&session) {
+                    Some(s) if !s.attached && s.owner == owner && s.fingerprint == fingerprint && length <= s.drafter.confirmed() && length > 0 => {
+                        s.drafter.truncate(length);
+                        s.attached = true;
+                        s.used = Instant::now();
+                        true
+                    }
+                    _ => false,
+                };
+                let _ = reply.send(Ok(ok));
+            }
+            Job::Step { session, accepted, ids, draft, reply } => {
+                let Some(entry) = sessions.get_mut(&session) else {
+                    let _ = reply.send(Err("the generation session is gone (idle too long)".into()));
+                    continue;
+                };
+                entry.used = Instant::now();
+                let r = guarded(|| entry.drafter.step(&bb, accepted, &ids, draft).map_err(|e| e.to_string()));
                 if r.is_err() {
                     sessions.remove(&session);
                 }
                 let _ = reply.send(r);
+            }
+            Job::Detach { session } => {
+                if let Some(s) = sessions.get_mut(&session) {
+                    s.attached = false;
+                    s.used = Instant::now();
+                }
+                // Detached caches are kept for resumes, at most `max_detached` of them.
+                let mut detached: Vec<(Instant, u64)> = sessions.iter().filter(|(_, s)| !s.attached).map(|(id, s)| (s.used, *id)).collect();
+                detached.sort();
+                for (_, id) in detached.iter().take(detached.len().saturating_sub(max_detached)) {
+                    sessions.remove(id);
+                }
             }
         }
     }

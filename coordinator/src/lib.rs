@@ -13,6 +13,7 @@ pub mod auth;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod generation;
 pub mod init;
 pub mod model_cli;
 pub mod net;

@@ -88,8 +88,9 @@ pub async fn start(home: &Path) -> Result<Running> {
     };
     let dir = cfg.backbone_dir(home);
     let idle = Duration::from_secs(cfg.limits.session_idle_secs);
+    let max_detached = cfg.limits.max_sessions;
     let dtype = cfg.backbone.weight_dtype()?;
-    let engine = tokio::task::spawn_blocking(move || Engine::start(&dir, backend, dtype, idle)).await??;
+    let engine = tokio::task::spawn_blocking(move || Engine::start(&dir, backend, dtype, idle, max_detached)).await??;
     {
         let (store, cfg, engine) = (store.clone(), cfg.clone(), engine.clone());
         tokio::task::spawn_blocking(move || seed_checkpoint(&store, &cfg, &engine)).await??;

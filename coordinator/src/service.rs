@@ -3,7 +3,7 @@
 //! validated here before it reaches the store or the backbone worker.
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::time::Instant;
 
 use spa_proto::auth::{now_ms, random_bytes};
@@ -32,8 +32,9 @@ pub struct Shared {
     pub rounds: Arc<crate::rounds::Rounds>,
     pub config: CoordinatorConfig,
     pub started: Instant,
-    sessions: AtomicUsize,
-    next_session: AtomicU64,
+    /// Open Generate streams, and the next session id.
+    pub(crate) sessions: AtomicUsize,
+    pub(crate) next_session: AtomicU64,
 }
 
 impl Shared {
@@ -243,7 +244,7 @@ impl Admin for AdminService {
 }
 
 impl BackboneService {
-    fn check_version(&self, v: &str) -> Result<(), Status> {
+    pub(crate) fn check_version(&self, v: &str) -> Result<(), Status> {
         let served = &self.0.engine.meta.version;
         if !v.is_empty() && v != served {
             return Err(Status::failed_precondition(format!(
@@ -253,7 +254,7 @@ impl BackboneService {
         Ok(())
     }
 
-    fn check_layers(&self, layers: &[u32]) -> Result<Vec<usize>, Status> {
+    pub(crate) fn check_layers(&self, layers: &[u32]) -> Result<Vec<usize>, Status> {
         let n = self.0.engine.meta.config.num_layers;
         if layers.is_empty() {
             return Err(Status::invalid_argument("layers must not be empty"));
@@ -274,7 +275,7 @@ impl BackboneService {
         Ok(layers.iter().map(|&l| l as usize).collect())
     }
 
-    fn check_dtype(dtype: i32) -> Result<usize, Status> {
+    pub(crate) fn check_dtype(dtype: i32) -> Result<usize, Status> {
         match DType::try_from(dtype) {
             Ok(DType::DtypeF32) | Ok(DType::DtypeF16) => {
                 Ok(dtype_size(dtype).expect("known dtype"))
@@ -285,7 +286,7 @@ impl BackboneService {
         }
     }
 
-    fn check_ids(&self, ids: &[u32], already: usize) -> Result<(), Status> {
+    pub(crate) fn check_ids(&self, ids: &[u32], already: usize) -> Result<(), Status> {
         let cfg = &self.0.engine.meta.config;
         if ids.is_empty() {
             return Err(Status::invalid_argument("empty token sequence"));
@@ -416,101 +417,6 @@ impl Backbone for BackboneService {
         &self,
         req: Request<Streaming<GenerateRequest>>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
-        let s = self.0.clone();
-        let md = req.metadata().clone();
-        let mut input = req.into_inner();
-        // The session opens with its first message, which the request signature covers.
-        let first = input
-            .message()
-            .await?
-            .ok_or_else(|| Status::invalid_argument("a Generate stream must start with an `open` message"))?;
-        s.auth
-            .check_digest(&md, methods::BACKBONE_GENERATE, &spa_proto::auth::body_digest(&first))?;
-        let open = match first {
-            GenerateRequest {
-                kind: Some(generate_request::Kind::Open(o)),
-            } => o,
-            _ => {
-                return Err(Status::invalid_argument(
-                    "a Generate stream must start with an `open` message",
-                ));
-            }
-        };
-        let me = BackboneService(s.clone());
-        me.check_version(&open.backbone_version)?;
-        let layers = me.check_layers(&open.layers)?;
-        let elem = Self::check_dtype(open.dtype)?;
-        let max = s.config.limits.max_sessions;
-        if s.sessions.fetch_add(1, Ordering::SeqCst) >= max {
-            s.sessions.fetch_sub(1, Ordering::SeqCst);
-            return Err(Status::resource_exhausted(format!(
-                "{max} generation sessions already open; retry later"
-            )));
-        }
-        let session = s.next_session.fetch_add(1, Ordering::SeqCst);
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<GenerateResponse, Status>>(4);
-        let d = s.engine.meta.config.hidden_size;
-        // Room for the envelope of a response.
-        let max_bytes = s.config.limits.max_message_bytes.saturating_sub(4096);
-        tokio::spawn(async move {
-            let mut len = 0usize;
-            loop {
-                let msg = match input.message().await {
-                    Ok(Some(m)) => m,
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::debug!("generate stream error: {e}");
-                        break;
-                    }
-                };
-                let ids = match msg.kind {
-                    Some(generate_request::Kind::Extend(e)) => e.ids,
-                    _ => {
-                        let _ = tx
-                            .send(Err(Status::invalid_argument(
-                                "only `extend` messages may follow `open`",
-                            )))
-                            .await;
-                        break;
-                    }
-                };
-                if let Err(e) = me.check_ids(&ids, len) {
-                    let _ = tx.send(Err(e)).await;
-                    break;
-                }
-                let bytes = ids.len() * layers.len() * d * elem;
-                if bytes > max_bytes {
-                    let _ = tx.send(Err(Status::invalid_argument(format!("extend would return {bytes} bytes, limit {max_bytes}: send fewer tokens")))).await;
-                    break;
-                }
-                let n = ids.len();
-                match s
-                    .engine
-                    .extend(session, ids, layers.clone(), open.dtype)
-                    .await
-                {
-                    Ok((first, features)) => {
-                        len = first + n;
-                        let resp = GenerateResponse {
-                            first_position: first as u32,
-                            positions: n as u32,
-                            features,
-                        };
-                        if tx.send(Ok(resp)).await.is_err() {
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(internal(e))).await;
-                        break;
-                    }
-                }
-            }
-            s.engine.close(session);
-            s.sessions.fetch_sub(1, Ordering::SeqCst);
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        crate::generation::serve(self.0.clone(), req).await.map(Response::new)
     }
 }

@@ -423,10 +423,11 @@ async fn malformed_inputs_get_clear_statuses_and_valid_ones_match_the_local_back
             backbone_version: String::new(),
             layers,
             dtype: DType::DtypeF32 as i32,
+            ..Default::default()
         })),
     };
     let ext = |ids: Vec<u32>| GenerateRequest {
-        kind: Some(generate_request::Kind::Extend(GenerateExtend { ids })),
+        kind: Some(generate_request::Kind::Extend(GenerateExtend { ids, ..Default::default() })),
     };
     let e = gen_session(&ch, &a, vec![ext(vec![1])]).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
@@ -480,6 +481,30 @@ async fn malformed_inputs_get_clear_statuses_and_valid_ones_match_the_local_back
     let last = decode_f32(&r[1].features, DType::DtypeF32 as i32, "g").unwrap();
     let want = &taps[1][30 * d..31 * d];
     assert!(want.iter().zip(&last).all(|(x, y)| (x - y).abs() < 1e-3));
+
+    // Drafting: greedy drafts continue the prompt as the backbone alone would, with the
+    // states of the last prompt position and of each draft; judging more drafts than were
+    // sent, drafting past the limit, foreign down-projections and unknown sessions are refused.
+    let drafting = |resume_session: u64, inputs: i32| GenerateRequest {
+        kind: Some(generate_request::Kind::Open(GenerateOpen { layers: vec![nl], dtype: DType::DtypeF32 as i32, last_only: true, inputs, down_digest: vec![0; 32], resume_session, resume_length: 3, ..Default::default() })),
+    };
+    let step = |ids: Vec<u32>, accepted: u32, draft: u32| GenerateRequest { kind: Some(generate_request::Kind::Extend(GenerateExtend { ids, accepted, draft })) };
+    let r = gen_session(&ch, &a, vec![drafting(0, 0), step(ids[..30].to_vec(), 0, 4), step(vec![7], 2, 3)]).await.unwrap();
+    assert_eq!((r[0].first_position, r[0].positions, r[0].draft.len()), (29, 5, 4));
+    assert_eq!((r[1].first_position, r[1].positions, r[1].draft.len()), (32, 4, 3));
+    let greedy = spa_model::generate::Decoding { max_new: 4, sampling: spa_model::generate::Sampling { temperature: 0.0, ..Default::default() }, stop: vec![] };
+    let mut local = spa_model::generate::LocalStates::new(&bb, &[bb.config.num_layers]).unwrap();
+    let head = spa_model::side::FrozenHead::from_backbone(&bb);
+    let alone = spa_model::generate::generate(&mut local, &head, None, &ids[..30], &greedy).unwrap();
+    assert_eq!(r[0].draft, alone.ids);
+    let e = gen_session(&ch, &a, vec![drafting(0, 0), step(ids[..3].to_vec(), 0, 2), step(vec![7], 3, 0)]).await.unwrap_err();
+    assert!(e.code() == Code::InvalidArgument && e.message().contains("accepted"), "{e:?}");
+    let e = gen_session(&ch, &a, vec![drafting(0, 0), step(ids[..3].to_vec(), 0, 33)]).await.unwrap_err();
+    assert!(e.code() == Code::InvalidArgument && e.message().contains("limit"), "{e:?}");
+    let e = gen_session(&ch, &a, vec![drafting(0, SideInputs::Down as i32)]).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let e = gen_session(&ch, &a, vec![drafting(999, 0)]).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
 
     // Still serving after all of it.
     ping(&ch, &a).await.unwrap();

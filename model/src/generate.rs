@@ -3,8 +3,6 @@
 //! coordinator's generation stream on a device. The frozen head turns hidden states into
 //! logits on the caller's side, so the backbone's own logits never need to travel.
 use burn::tensor::Tensor;
-use rand::rngs::StdRng;
-use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::backbone::{Backbone, KvCache, TokenBatch};
@@ -79,19 +77,22 @@ impl Sampling {
         }
     }
 
-    fn pick(&self, logits: &[f32], rng: &mut StdRng) -> u32 {
+    /// The token to follow `position` tokens (the new token's index in the sequence). The
+    /// random draw depends only on the seed and that index, so whoever knows both (the
+    /// coordinator drafting for a device) can reproduce it, and a rejected draft costs no draw.
+    pub fn pick(&self, logits: &[f32], position: usize) -> u32 {
         let argmax = || logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i as u32);
         if self.temperature == 0.0 {
             return argmax();
         }
         let mut idx: Vec<usize> = (0..logits.len()).collect();
         if self.top_k > 0 && self.top_k < idx.len() {
-            idx.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+            idx.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
             idx.truncate(self.top_k);
         }
         let max = idx.iter().map(|&i| logits[i]).fold(f32::NEG_INFINITY, f32::max);
         let w: Vec<f64> = idx.iter().map(|&i| (((logits[i] - max) as f64) / self.temperature).exp()).collect();
-        let mut r = rng.random_range(0.0..w.iter().sum::<f64>());
+        let mut r = uniform(self.seed, position) * w.iter().sum::<f64>();
         for (&i, wi) in idx.iter().zip(&w) {
             if r < *wi {
                 return i as u32;
@@ -100,6 +101,19 @@ impl Sampling {
         }
         argmax()
     }
+}
+
+/// SplitMix64's output function: a well-mixed 64-bit value per input.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A uniform draw in [0, 1) for `(seed, position)`.
+fn uniform(seed: u64, position: usize) -> f64 {
+    (mix(seed ^ mix(position as u64)) >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// Generated ids (prompt excluded) and, per token, whether the side plugin produced it.
@@ -115,28 +129,159 @@ impl Generation {
     }
 }
 
-/// Hidden states the plugin has seen so far, per layer (the ladder side attends over all).
+/// What a device receives per position for its side plugin: each tap's hidden state, or
+/// `down_k(h_k)` when the coordinator applies the shared down-projections (`d / r` floats
+/// per tap instead of `d`; see [`crate::speculative::CloudDown`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SideInputs {
+    #[default]
+    Taps,
+    Down,
+}
+
+/// The per-position states a device has received, per slot (a tap layer or a projected tap,
+/// and the final block), rows of positions `first..first + rows`.
 struct History {
-    d: usize,
+    widths: Vec<usize>,
+    /// The ladder side attends over every position; the mlp side reads one.
     keep_all: bool,
-    layers: Vec<Vec<f32>>,
+    first: usize,
+    slots: Vec<Vec<f32>>,
 }
 
 impl History {
-    fn push(&mut self, new: Vec<Vec<f32>>) {
-        for (acc, s) in self.layers.iter_mut().zip(new) {
-            if self.keep_all {
-                acc.extend(s);
-            } else {
-                let last = s.len() - self.d;
-                *acc = s[last..].to_vec();
-            }
+    fn rows(&self) -> usize {
+        self.slots[0].len() / self.widths[0]
+    }
+
+    /// Appends rows for positions `first..`; a gap or an overlap is the caller's bug.
+    fn push(&mut self, first: usize, new: Vec<Vec<f32>>) -> Result<()> {
+        let n = new.first().map_or(0, |s| s.len() / self.widths[0]);
+        let bad = new.len() != self.widths.len() || new.iter().zip(&self.widths).any(|(s, w)| s.len() != n * w);
+        if bad {
+            return Err(ModelError::InvalidInput("hidden states of the wrong size".into()));
+        }
+        if self.rows() > 0 && first != self.first + self.rows() {
+            return Err(ModelError::InvalidInput(format!("states for position {first} after {} rows from {}", self.rows(), self.first)));
+        }
+        if self.rows() == 0 {
+            self.first = first;
+        }
+        for (acc, s) in self.slots.iter_mut().zip(new) {
+            acc.extend(s);
+        }
+        if !self.keep_all {
+            self.forget_before(self.first + self.rows() - n.min(self.rows()));
+        }
+        Ok(())
+    }
+
+    /// Drops rows of positions `end..` (a rejected draft's).
+    fn truncate(&mut self, end: usize) {
+        let keep = end.saturating_sub(self.first).min(self.rows());
+        for (s, w) in self.slots.iter_mut().zip(&self.widths) {
+            s.truncate(keep * w);
         }
     }
 
-    fn tensor(&self, k: usize, plugin_device: &burn::tensor::Device) -> Tensor<3> {
-        let t = self.layers[k].len() / self.d;
-        from_vec(self.layers[k].clone(), [1, t, self.d], plugin_device)
+    /// Drops rows before `position` (the mlp side never reads them again).
+    fn forget_before(&mut self, position: usize) {
+        let drop = position.saturating_sub(self.first).min(self.rows());
+        for (s, w) in self.slots.iter_mut().zip(&self.widths) {
+            s.drain(..drop * w);
+        }
+        self.first += drop;
+    }
+
+    /// Slot `k` at `position` as `[1, t, width]`: with every earlier row for the ladder side.
+    fn tensor(&self, k: usize, position: usize, device: &burn::tensor::Device) -> Tensor<3> {
+        let w = self.widths[k];
+        let at = position - self.first;
+        let from = if self.keep_all { 0 } else { at };
+        let rows = self.slots[k][from * w..(at + 1) * w].to_vec();
+        from_vec(rows, [1, at + 1 - from, w], device)
+    }
+}
+
+/// The device's choice at each position: gate, then the side plugin's or the backbone's
+/// distribution through the frozen head, then the sampler. Naive and speculative decoding
+/// both decide every token here, one position at a time with the same tensor shapes, so
+/// given the same states they choose the same tokens.
+pub(crate) struct Decider<'a> {
+    head: &'a FrozenHead,
+    plugin: Option<&'a Plugin>,
+    sampling: Sampling,
+    inputs: SideInputs,
+    /// Slot of each plugin tap, and of the final block's state.
+    tap_slot: Vec<usize>,
+    last_slot: usize,
+    hist: History,
+}
+
+impl<'a> Decider<'a> {
+    /// `layers`: what a source returns with [`SideInputs::Taps`] (ascending, the last the
+    /// final block). With [`SideInputs::Down`] the slots are the final block's state, then
+    /// one projected state per plugin tap.
+    pub(crate) fn new(
+        head: &'a FrozenHead,
+        plugin: Option<&'a Plugin>,
+        sampling: &Sampling,
+        layers: &[usize],
+        inputs: SideInputs,
+        d: usize,
+    ) -> Result<Self> {
+        sampling.validate()?;
+        if head.hidden_size() != d {
+            return Err(ModelError::InvalidInput(format!("head expects hidden size {}, source gives {d}", head.hidden_size())));
+        }
+        let (tap_slot, widths) = match (inputs, plugin) {
+            (SideInputs::Down, Some(p)) => ((1..=p.shape.taps.len()).collect(), std::iter::once(d).chain(p.shape.taps.iter().map(|_| p.shape.d_side)).collect()),
+            (SideInputs::Down, None) => (vec![], vec![d]),
+            (SideInputs::Taps, _) => {
+                let taps = plugin.map_or(&[][..], |p| &p.shape.taps);
+                let slot = |t: &usize| layers.iter().position(|l| l == t).ok_or_else(|| ModelError::InvalidInput(format!("source lacks tap layer {t}")));
+                (taps.iter().map(slot).collect::<Result<Vec<_>>>()?, vec![d; layers.len()])
+            }
+        };
+        let last_slot = if inputs == SideInputs::Down { 0 } else { widths.len() - 1 };
+        let keep_all = plugin.is_some_and(|p| p.config.variant == SideVariant::Ladder);
+        let slots = vec![Vec::new(); widths.len()];
+        let hist = History { widths, keep_all, first: 0, slots };
+        Ok(Self { head, plugin, sampling: sampling.clone(), inputs, tap_slot, last_slot, hist })
+    }
+
+    pub(crate) fn push(&mut self, first: usize, states: Vec<Vec<f32>>) -> Result<()> {
+        self.hist.push(first, states)
+    }
+
+    pub(crate) fn truncate(&mut self, end: usize) {
+        self.hist.truncate(end);
+    }
+
+    /// The token after `position` (chosen from that position's states) and whether the side
+    /// plugin produced it.
+    pub(crate) fn decide(&self, position: usize) -> (u32, bool) {
+        let device = self.head.device();
+        let h_all = self.hist.tensor(self.last_slot, position, &device);
+        let t = h_all.dims()[1];
+        let (logits, side) = match self.plugin {
+            Some(p) => {
+                let taps: Vec<Tensor<3>> = self.tap_slot.iter().map(|&k| self.hist.tensor(k, position, &device)).collect();
+                let o = match self.inputs {
+                    SideInputs::Taps => p.forward(&taps, h_all.clone(), self.head),
+                    SideInputs::Down => p.forward_projected(&taps, h_all.clone(), self.head),
+                };
+                let g = to_vec(o.gate.narrow(1, t - 1, 1))[0] as f64;
+                if g > p.config.gate.threshold {
+                    (self.head.logits(o.side_hidden.narrow(1, t - 1, 1)), true)
+                } else {
+                    (self.head.logits(h_all.narrow(1, t - 1, 1)), false)
+                }
+            }
+            None => (self.head.logits(h_all.narrow(1, t - 1, 1)), false),
+        };
+        (self.sampling.pick(&to_vec(logits), position + 1), side)
     }
 }
 
@@ -176,28 +321,63 @@ pub fn generate_text(
     stop_text: Option<&str>,
     on_text: &mut dyn FnMut(&str),
 ) -> Result<(Generation, String)> {
-    let mut kept = Vec::new();
-    let mut text = String::new();
-    let g = generate_with(source, head, plugin, prompt, d, &mut |id, _| {
-        if d.stop.contains(&id) {
+    let mut text = TextSink::new(tok, &d.stop, stop_text, on_text);
+    let g = generate_with(source, head, plugin, prompt, d, &mut |id, _| text.token(id))?;
+    let s = text.finish()?;
+    Ok((g, s))
+}
+
+/// Turns ids into text as they are decoded: stop ids left out, multi-byte characters whole.
+pub struct TextSink<'a> {
+    tok: &'a crate::tokenizer::Tokenizer,
+    stop_ids: &'a [u32],
+    stop_text: Option<&'a str>,
+    on_text: &'a mut dyn FnMut(&str),
+    kept: Vec<u32>,
+    text: String,
+}
+
+impl<'a> TextSink<'a> {
+    pub fn new(tok: &'a crate::tokenizer::Tokenizer, stop_ids: &'a [u32], stop_text: Option<&'a str>, on_text: &'a mut dyn FnMut(&str)) -> Self {
+        Self { tok, stop_ids, stop_text, on_text, kept: Vec::new(), text: String::new() }
+    }
+
+    /// Takes the next id; false once the text contains the stop text.
+    pub fn token(&mut self, id: u32) -> bool {
+        if self.stop_ids.contains(&id) {
             return true;
         }
-        kept.push(id);
+        self.kept.push(id);
         // Decoding the whole tail each time keeps multi-byte characters whole.
-        if let Ok(now) = tok.decode(&kept)
-            && now.len() > text.len()
-            && now.starts_with(&text)
+        if let Ok(now) = self.tok.decode(&self.kept)
+            && now.len() > self.text.len()
+            && now.starts_with(&self.text)
         {
-            on_text(&now[text.len()..]);
-            text = now;
+            (self.on_text)(&now[self.text.len()..]);
+            self.text = now;
         }
-        stop_text.is_none_or(|s| !text.contains(s))
-    })?;
-    Ok((g, tok.decode(&kept)?))
+        self.stop_text.is_none_or(|s| !self.text.contains(s))
+    }
+
+    pub fn finish(self) -> Result<String> {
+        self.tok.decode(&self.kept)
+    }
+}
+
+/// Checks a prompt against a context of `max_positions`.
+pub(crate) fn check_prompt(prompt: &[u32], max_positions: usize) -> Result<()> {
+    if prompt.is_empty() {
+        return Err(ModelError::InvalidInput("empty prompt".into()));
+    }
+    if prompt.len() >= max_positions {
+        return Err(ModelError::InvalidInput(format!("prompt of {} tokens leaves no room in the context of {max_positions}", prompt.len())));
+    }
+    Ok(())
 }
 
 /// [`generate`], calling `on_token(id, from_side)` as each token is chosen (for streaming);
-/// decoding ends after a token for which it returns false.
+/// decoding ends after a token for which it returns false. One extension of the source per
+/// token: the naive protocol.
 pub fn generate_with(
     source: &mut dyn HiddenStates,
     head: &FrozenHead,
@@ -206,60 +386,18 @@ pub fn generate_with(
     dec: &Decoding,
     on_token: &mut dyn FnMut(u32, bool) -> bool,
 ) -> Result<Generation> {
-    let sampling = &dec.sampling;
-    sampling.validate()?;
-    if prompt.is_empty() {
-        return Err(ModelError::InvalidInput("empty prompt".into()));
-    }
-    if prompt.len() >= source.max_positions() {
-        return Err(ModelError::InvalidInput(format!(
-            "prompt of {} tokens leaves no room in the context of {}",
-            prompt.len(),
-            source.max_positions()
-        )));
-    }
+    check_prompt(prompt, source.max_positions())?;
     let layers = source.layers().to_vec();
-    let d = source.hidden_size();
-    if head.hidden_size() != d {
-        return Err(ModelError::InvalidInput(format!("head expects hidden size {}, source gives {d}", head.hidden_size())));
-    }
-    let tap_index = match plugin {
-        Some(p) => p
-            .shape
-            .taps
-            .iter()
-            .map(|t| layers.iter().position(|l| l == t).ok_or_else(|| ModelError::InvalidInput(format!("source lacks tap layer {t}"))))
-            .collect::<Result<Vec<_>>>()?,
-        None => vec![],
-    };
-    let keep_all = plugin.is_some_and(|p| p.config.variant == SideVariant::Ladder);
-    let mut hist = History { d, keep_all, layers: vec![Vec::new(); layers.len()] };
-    let device = head.device();
-    let mut rng = StdRng::seed_from_u64(sampling.seed);
+    let mut decider = Decider::new(head, plugin, &dec.sampling, &layers, SideInputs::Taps, source.hidden_size())?;
     let mut out = Generation::default();
     let mut next_in = prompt.to_vec();
+    let mut position = 0;
     let room = source.max_positions() - prompt.len();
     for _ in 0..dec.max_new.min(room) {
-        hist.push(source.extend(&next_in)?);
-        let last = hist.layers.len() - 1;
-        let h_all = hist.tensor(last, &device);
-        let t = h_all.dims()[1];
-        let h_last = h_all.narrow(1, t - 1, 1);
-        let bb_logits = head.logits(h_last.clone());
-        let (logits, side) = match plugin {
-            Some(p) => {
-                let taps: Vec<Tensor<3>> = tap_index.iter().map(|&k| hist.tensor(k, &device)).collect();
-                let o = p.forward(&taps, hist.tensor(last, &device), head);
-                let g = to_vec(o.gate.narrow(1, t - 1, 1))[0] as f64;
-                if g > p.config.gate.threshold {
-                    (head.logits(o.side_hidden.narrow(1, t - 1, 1)), true)
-                } else {
-                    (bb_logits, false)
-                }
-            }
-            None => (bb_logits, false),
-        };
-        let id = sampling.pick(&to_vec(logits), &mut rng);
+        let first = position;
+        position += next_in.len();
+        decider.push(first, source.extend(&next_in)?)?;
+        let (id, side) = decider.decide(position - 1);
         out.ids.push(id);
         out.from_side.push(side);
         if !on_token(id, side) || dec.stop.contains(&id) {

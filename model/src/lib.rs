@@ -19,6 +19,7 @@ pub mod matmul;
 pub mod optim;
 pub mod pretrain;
 pub mod side;
+pub mod speculative;
 pub mod tensor_util;
 pub mod tokenizer;
 pub mod train;

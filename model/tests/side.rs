@@ -272,3 +272,58 @@ fn validation_split_keeps_the_best_epoch() {
 fn dec(max_new: usize, sampling: &Sampling) -> Decoding {
     Decoding { max_new, sampling: sampling.clone(), stop: vec![] }
 }
+
+/// A plugin with random weights everywhere (up, personal and gate included): its gate
+/// opens on some tokens, whose tokens then differ from the backbone's drafts.
+fn scrambled(v: SideVariant, bb: &Backbone) -> Plugin {
+    let plugin = Plugin::new(&config(v), &bb.config, &bb.device).unwrap();
+    let mut params = plugin.params();
+    let mut x = 7u64;
+    for t in params.tensors.values_mut() {
+        for p in &mut t.values {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            *p = ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.6;
+        }
+    }
+    plugin.load(&params).unwrap()
+}
+
+/// Speculative decoding chooses the tokens per-token decoding chooses, greedy and seeded,
+/// for every draft length, with the device's tap states or the coordinator's
+/// down-projections, while drafts are rejected and the side plugin speaks.
+#[test]
+fn speculative_decoding_equals_per_token_decoding() {
+    use spa_model::generate::SideInputs;
+    use spa_model::speculative::{self, CloudDown, DraftForm, Drafter, LocalDrafts};
+    let bb = backbone();
+    let head = FrozenHead::from_backbone(&bb);
+    let prompt = vec![5u32, 9, 42, 17];
+    let n = 40;
+    for v in [SideVariant::Mlp, SideVariant::Ladder] {
+        let plugin = scrambled(v, &bb);
+        let layers = plugin.shape.feature_layers.clone();
+        let down = std::sync::Arc::new(CloudDown::from_params(plugin.shared().unwrap().as_set()).unwrap());
+        let (mut rejected, mut side) = (0, 0);
+        for sampling in [Sampling { temperature: 0.0, ..Sampling::default() }, Sampling { temperature: 0.9, top_k: 0, seed: 11 }] {
+            let d = dec(n, &sampling);
+            let run = |form: DraftForm, k: usize| {
+                let inputs = if matches!(form, DraftForm::Taps(_)) { SideInputs::Taps } else { SideInputs::Down };
+                let drafter = Drafter::new(&bb, form, sampling.clone(), vec![], v == SideVariant::Mlp).unwrap();
+                let mut src = LocalDrafts { backbone: &bb, drafter };
+                speculative::generate(&mut src, &head, Some(&plugin), &layers, inputs, &prompt, &d, k, &mut |_, _| true).unwrap()
+            };
+            let naive = generate(&mut LocalStates::new(&bb, &layers).unwrap(), &head, Some(&plugin), &prompt, &d).unwrap();
+            side += naive.from_side.iter().filter(|&&s| s).count();
+            let by_down = run(DraftForm::Down { taps: plugin.shape.taps.clone(), down: down.clone() }, 0).0;
+            for k in [0, 1, 3, 16] {
+                let (g, st) = run(DraftForm::Taps(layers.clone()), k);
+                assert_eq!(g, naive, "{v:?} {sampling:?} k {k}");
+                assert_eq!(st.round_trips == n, k == 0, "{st:?}");
+                rejected += st.drafted - st.accepted;
+                let (g, _) = run(DraftForm::Down { taps: plugin.shape.taps.clone(), down: down.clone() }, k);
+                assert_eq!(g, by_down, "down-projected {v:?} {sampling:?} k {k}");
+            }
+        }
+        assert!(rejected > 0 && side > 0, "{v:?}: the test must see rejections ({rejected}) and side tokens ({side})");
+    }
+}

@@ -114,22 +114,31 @@ pub struct PluginOutput {
 impl PluginNet {
     /// `taps[k]` is the backbone hidden state at `shape.taps[k]`, each `[B, T, d]`.
     pub fn side_state(&self, taps: &[Tensor<3>]) -> Tensor<3> {
+        self.side_state_from(taps.len(), |k| lin(&self.side.down[k], taps[k].clone()))
+    }
+
+    /// The side state from the taps' down-projections `down_k(h_k)`, each `[B, T, d_side]`
+    /// (computed by whoever holds the shared `down` weights: the coordinator can).
+    pub fn side_state_projected(&self, projected: &[Tensor<3>]) -> Tensor<3> {
+        self.side_state_from(projected.len(), |k| projected[k].clone())
+    }
+
+    fn side_state_from(&self, n: usize, down: impl Fn(usize) -> Tensor<3>) -> Tensor<3> {
         let side = &self.side;
         match &side.alpha {
             Some(alpha) => {
-                let mut s = side.blocks[0].forward(lin(&side.down[0], taps[0].clone()));
-                for k in 1..taps.len() {
+                let mut s = side.blocks[0].forward(down(0));
+                for k in 1..n {
                     let mu = sigmoid(alpha.val().narrow(0, k - 1, 1).div_scalar(side.temperature)).reshape([1, 1, 1]);
-                    let fresh = lin(&side.down[k], taps[k].clone());
-                    s = s * mu.clone() + fresh * mu.neg().add_scalar(1.0);
+                    s = s * mu.clone() + down(k) * mu.neg().add_scalar(1.0);
                     s = side.blocks[k].forward(s);
                 }
                 s
             }
             None => {
-                let mut s = lin(&side.down[0], taps[0].clone());
-                for k in 1..taps.len() {
-                    s = lin(&side.down[k], taps[k].clone()) + lin(&side.adapters[k - 1], relu(s));
+                let mut s = down(0);
+                for k in 1..n {
+                    s = down(k) + lin(&side.adapters[k - 1], relu(s));
                 }
                 s
             }
@@ -147,7 +156,10 @@ impl PluginNet {
     }
 
     pub fn forward(&self, taps: &[Tensor<3>], h_last: Tensor<3>, head: &FrozenHead, gate_uses_side: bool) -> PluginOutput {
-        let s = self.side_state(taps);
+        self.output(self.side_state(taps), h_last, head, gate_uses_side)
+    }
+
+    fn output(&self, s: Tensor<3>, h_last: Tensor<3>, head: &FrozenHead, gate_uses_side: bool) -> PluginOutput {
         let side_hidden = h_last.clone() + lin_sum(&self.side.up, &self.personal, s.clone());
         let gate = self.gate(head.norm(h_last), gate_uses_side.then(|| s.clone().detach()));
         PluginOutput { side_state: s, side_hidden, gate }
@@ -218,6 +230,12 @@ impl Plugin {
 
     pub fn forward(&self, taps: &[Tensor<3>], h_last: Tensor<3>, head: &FrozenHead) -> PluginOutput {
         self.net.forward(taps, h_last, head, self.config.gate.use_side_state)
+    }
+
+    /// [`Self::forward`] from the taps' down-projections (see [`PluginNet::side_state_projected`]).
+    pub fn forward_projected(&self, projected: &[Tensor<3>], h_last: Tensor<3>, head: &FrozenHead) -> PluginOutput {
+        let s = self.net.side_state_projected(projected);
+        self.net.output(s, h_last, head, self.config.gate.use_side_state)
     }
 
     pub fn params(&self) -> ParamSet {

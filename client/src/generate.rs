@@ -1,0 +1,332 @@
+//! `spa-client generate`: the coordinator's backbone (one Generate session, its KV cache on
+//! the coordinator) and the local side plugin and gate. Speculative by default: the
+//! coordinator drafts, this device verifies (spa_model::speculative), a few round trips
+//! per generated token instead of one; `naive` keeps one round trip per token.
+use std::path::Path;
+use std::time::Duration;
+
+use prost::Message;
+use serde::Serialize;
+use spa_model::BackendKind;
+use spa_model::generate::{Decoding, Sampling, SideInputs, TextSink};
+use spa_model::side::{ParamSet, Plugin, SideVariant};
+use spa_model::speculative::{self, Block, CloudDown, DraftSource, SpecStats};
+use spa_proto::auth::now_ms;
+use spa_proto::methods;
+use spa_proto::tensor::{decode_f32, dtype_size};
+use spa_proto::v1::*;
+use tokio::sync::mpsc;
+
+use crate::error::{ClientError, Result};
+use crate::net::Session;
+use crate::ops::{Model, model};
+use crate::store::ClientStore;
+
+/// What the device asks for per position.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Inputs {
+    /// `down` when this device's down-projections are a committed global version's, else `taps`.
+    #[default]
+    Auto,
+    /// Every tap's hidden state (d floats per tap).
+    Taps,
+    /// The coordinator applies the shared down-projections (d / r floats per tap).
+    Down,
+}
+
+/// How `spa-client generate` decodes.
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    pub max_tokens: usize,
+    /// Greedy at temperature 0.
+    pub sampling: Sampling,
+    /// End once the generated text contains this.
+    pub stop: Option<String>,
+    /// Wrap the prompt in the model's chat template.
+    pub chat: bool,
+    /// Keep going past the model's end-of-sequence tokens.
+    pub ignore_eos: bool,
+    /// One round trip per token, no drafts.
+    pub naive: bool,
+    /// Most tokens drafted per round trip (the draft length adapts below it).
+    pub max_draft: usize,
+    pub inputs: Inputs,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self {
+            max_tokens: 200,
+            sampling: Sampling { temperature: 0.0, top_k: 0, seed: 0 },
+            stop: None,
+            chat: false,
+            ignore_eos: false,
+            naive: false,
+            max_draft: 16,
+            inputs: Inputs::Auto,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct GenerateReport {
+    pub prompt: String,
+    pub text: String,
+    pub tokens: usize,
+    /// Tokens the gate routed to the side plugin.
+    pub side_tokens: usize,
+    pub round_trips: usize,
+    /// Drafted tokens received and accepted (0 for naive decoding).
+    pub drafted: usize,
+    pub accepted: usize,
+    /// What the device asked for per position: taps or down.
+    pub inputs: SideInputs,
+    /// gRPC message bytes of the Generate stream, each way.
+    pub bytes_sent: usize,
+    pub bytes_received: usize,
+    pub reconnects: usize,
+    pub seconds: f64,
+}
+
+/// Personalized generation. Ends after `max_tokens`, at the model's end of sequence, or
+/// once the text contains `stop`; `on_text` sees each new piece of text.
+pub async fn generate(home: &Path, prompt: &str, opts: &GenerateOptions, on_text: &mut dyn FnMut(&str)) -> Result<GenerateReport> {
+    let started = std::time::Instant::now();
+    let store = ClientStore::open(home)?;
+    let s = Session::open(&store).await?;
+    let device = BackendKind::resolve(None)?.device()?;
+    let m = model(&s, &store, &device).await?;
+    let Some((shared, private, meta)) = store.plugin()? else {
+        return Err(ClientError::Invalid("no trained plugin on this device: run `spa-client train` first".into()));
+    };
+    if meta.backbone_version != m.info.backbone_version {
+        return Err(ClientError::Invalid(format!(
+            "the plugin was trained on backbone {} but the coordinator serves {}: run `spa-client train --fresh`",
+            meta.backbone_version, m.info.backbone_version
+        )));
+    }
+    let shared = ParamSet::from_safetensors(&shared)?;
+    let plugin = Plugin::new(&meta.side, &m.config, &device)?.load(&shared)?.load(&ParamSet::from_safetensors(&private)?)?;
+    let global = store.global_version()?;
+    // Release the store: a `run` agent on this home may need it while we generate.
+    drop(store);
+    let mut ids = m.tokens.prompt_ids(&m.tokenizer, prompt, opts.chat)?;
+    if ids.is_empty() {
+        return Err(ClientError::Invalid("the prompt is empty (or has no known token)".into()));
+    }
+    let ctx = m.config.max_position_embeddings;
+    if ids.len() >= ctx {
+        ids.drain(..ids.len() + 1 - ctx);
+    }
+    let dec = Decoding {
+        max_new: opts.max_tokens,
+        sampling: opts.sampling.clone(),
+        stop: if opts.ignore_eos { vec![] } else { m.tokens.eos.clone() },
+    };
+    let down = match (opts.inputs, global) {
+        (Inputs::Taps, _) => None,
+        (Inputs::Down, None) => return Err(ClientError::Invalid("--inputs down needs a plugin from federated rounds (`spa-client run`)".into())),
+        (_, None) => None,
+        (_, Some(v)) => Some((v, CloudDown::from_params(&shared)?)),
+    };
+    let mut remote = match down {
+        Some((v, d)) => match RemoteDrafts::open(&s, &m, &plugin, &dec, Some((v, &d))).await {
+            Err(ClientError::Status(st)) if st.code() == tonic::Code::FailedPrecondition && opts.inputs == Inputs::Auto => {
+                tracing::info!("down-projections refused ({}); asking for taps", st.message());
+                RemoteDrafts::open(&s, &m, &plugin, &dec, None).await?
+            }
+            other => other?,
+        },
+        None => RemoteDrafts::open(&s, &m, &plugin, &dec, None).await?,
+    };
+    let max_draft = if opts.naive { 0 } else { opts.max_draft };
+    let mut text = TextSink::new(&m.tokenizer, &dec.stop, opts.stop.as_deref(), on_text);
+    let (layers, inputs) = (plugin.shape.feature_layers.clone(), remote.inputs);
+    let (g, stats) = tokio::task::block_in_place(|| {
+        speculative::generate(&mut remote, &m.head, Some(&plugin), &layers, inputs, &ids, &dec, max_draft, &mut |id, _| text.token(id))
+    })?;
+    let text = text.finish()?;
+    let SpecStats { round_trips, drafted, accepted, .. } = stats;
+    Ok(GenerateReport {
+        prompt: prompt.into(),
+        text,
+        tokens: g.ids.len(),
+        side_tokens: g.from_side.iter().filter(|&&x| x).count(),
+        round_trips,
+        drafted,
+        accepted,
+        inputs,
+        bytes_sent: remote.bytes_sent,
+        bytes_received: remote.bytes_received,
+        reconnects: remote.reconnects,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The coordinator's Generate stream as a [`DraftSource`]. A broken stream is reopened
+/// with a resume of the same session (its KV cache kept on the coordinator), so the
+/// generation goes on where it was.
+struct RemoteDrafts<'a> {
+    s: &'a Session,
+    open: GenerateOpen,
+    tx: mpsc::Sender<GenerateRequest>,
+    rx: tonic::Streaming<GenerateResponse>,
+    session: u64,
+    inputs: SideInputs,
+    /// Floats per position of each slot.
+    widths: Vec<usize>,
+    max_positions: usize,
+    /// Tokens the coordinator holds that this device has confirmed.
+    confirmed: usize,
+    bytes_sent: usize,
+    bytes_received: usize,
+    reconnects: usize,
+}
+
+/// Reconnect attempts per step, and the first pause between them (doubling).
+const RESUME_TRIES: u32 = 4;
+const RESUME_PAUSE: Duration = Duration::from_millis(200);
+
+impl<'a> RemoteDrafts<'a> {
+    async fn open(s: &'a Session, m: &Model, plugin: &Plugin, dec: &Decoding, down: Option<(u64, &CloudDown)>) -> Result<Self> {
+        let d = m.config.hidden_size;
+        let (inputs, layers, widths) = match down {
+            Some((_, cd)) => (SideInputs::Down, plugin.shape.taps.clone(), std::iter::once(d).chain(plugin.shape.taps.iter().map(|_| cd.d_side())).collect()),
+            None => (SideInputs::Taps, plugin.shape.feature_layers.clone(), vec![d; plugin.shape.feature_layers.len()]),
+        };
+        let sampling = &dec.sampling;
+        let open = GenerateOpen {
+            backbone_version: m.info.backbone_version.clone(),
+            layers: layers.iter().map(|&x| x as u32).collect(),
+            dtype: m.wire_dtype() as i32,
+            inputs: if inputs == SideInputs::Down { spa_proto::v1::SideInputs::Down } else { spa_proto::v1::SideInputs::Taps } as i32,
+            down_version: down.map_or(0, |(v, _)| v),
+            down_digest: down.map_or(vec![], |(_, cd)| spa_proto::auth::sha256(&cd.canonical_bytes()).to_vec()),
+            sampling: Some(spa_proto::v1::Sampling { temperature: sampling.temperature, top_k: sampling.top_k as u32, seed: sampling.seed }),
+            stop: dec.stop.clone(),
+            // The ladder side attends over every position; the mlp side reads one.
+            last_only: plugin.config.variant != SideVariant::Ladder,
+            resume_session: 0,
+            resume_length: 0,
+        };
+        let (tx, rx, bytes) = Self::connect(s, &open).await?;
+        Ok(Self {
+            s,
+            open,
+            tx,
+            rx,
+            session: 0,
+            inputs,
+            widths,
+            max_positions: m.config.max_position_embeddings,
+            confirmed: 0,
+            bytes_sent: bytes,
+            bytes_received: 0,
+            reconnects: 0,
+        })
+    }
+
+    /// Opens a stream with `open` as its signed first message.
+    async fn connect(s: &Session, open: &GenerateOpen) -> Result<(mpsc::Sender<GenerateRequest>, tonic::Streaming<GenerateResponse>, usize)> {
+        let (tx, rx) = mpsc::channel::<GenerateRequest>(4);
+        let first = GenerateRequest { kind: Some(generate_request::Kind::Open(open.clone())) };
+        s.record(methods::BACKBONE_GENERATE, &first);
+        // The signature covers the opening message.
+        let h = s.signer.sign(methods::BACKBONE_GENERATE, &first, now_ms());
+        let bytes = first.encoded_len();
+        tx.send(first).await.map_err(|_| closed())?;
+        let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        h.apply(req.metadata_mut());
+        let rx = s.backbone().generate(req).await?.into_inner();
+        Ok((tx, rx, bytes))
+    }
+
+    /// One request and its answer on the current stream.
+    async fn exchange(&mut self, ext: GenerateExtend) -> Result<GenerateResponse> {
+        let req = GenerateRequest { kind: Some(generate_request::Kind::Extend(ext)) };
+        self.bytes_sent += req.encoded_len();
+        self.tx.send(req).await.map_err(|_| closed())?;
+        let resp = self.rx.message().await?.ok_or_else(closed)?;
+        self.bytes_received += resp.encoded_len();
+        Ok(resp)
+    }
+
+    /// The step, reconnecting (resuming the session at `base` confirmed tokens) when the
+    /// stream breaks; a refusal by the coordinator is returned as it is.
+    async fn step_async(&mut self, accepted: usize, ids: &[u32], k: usize) -> Result<Block> {
+        let base = self.confirmed + accepted;
+        let mut ext = GenerateExtend { ids: ids.to_vec(), accepted: accepted as u32, draft: k as u32 };
+        let mut pause = RESUME_PAUSE;
+        let mut tries = 0;
+        let resp = loop {
+            match self.exchange(ext.clone()).await {
+                Ok(r) => break r,
+                Err(e) if broken(&e) && self.session != 0 && tries < RESUME_TRIES => {
+                    tries += 1;
+                    tracing::info!("generation stream broke ({e}); resuming session {}", self.session);
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                    let mut open = self.open.clone();
+                    (open.resume_session, open.resume_length) = (self.session, base as u32);
+                    if let Ok((tx, rx, bytes)) = Self::connect(self.s, &open).await {
+                        (self.tx, self.rx) = (tx, rx);
+                        self.bytes_sent += bytes;
+                        self.reconnects += 1;
+                        // The resumed session holds `base` tokens and no drafts.
+                        ext.accepted = 0;
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        self.session = resp.session;
+        self.confirmed = base + ids.len();
+        self.block(resp)
+    }
+
+    fn block(&self, resp: GenerateResponse) -> Result<Block> {
+        let n = resp.positions as usize;
+        let width: usize = self.widths.iter().sum();
+        let elem = dtype_size(self.open.dtype)?;
+        if resp.features.len() != n * width * elem || resp.draft.len() >= n.max(1) {
+            return Err(ClientError::Invalid(format!("coordinator returned {n} positions / {} bytes / {} drafts", resp.features.len(), resp.draft.len())));
+        }
+        let vals = decode_f32(&resp.features, self.open.dtype, "generation features")?;
+        let mut states: Vec<Vec<f32>> = self.widths.iter().map(|w| Vec::with_capacity(n * w)).collect();
+        for row in vals.chunks_exact(width) {
+            let mut at = 0;
+            for (slot, w) in states.iter_mut().zip(&self.widths) {
+                slot.extend_from_slice(&row[at..at + w]);
+                at += w;
+            }
+        }
+        Ok(Block { first: resp.first_position as usize, positions: n, states, drafts: resp.draft })
+    }
+}
+
+fn closed() -> ClientError {
+    ClientError::Invalid("the coordinator ended the generation stream".into())
+}
+
+/// A transport failure (worth a resume), not a refusal.
+fn broken(e: &ClientError) -> bool {
+    match e {
+        ClientError::Status(s) => matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::Aborted),
+        ClientError::Transport(_) => true,
+        ClientError::Invalid(_) => true,
+        _ => false,
+    }
+}
+
+impl DraftSource for RemoteDrafts<'_> {
+    fn max_positions(&self) -> usize {
+        self.max_positions
+    }
+    fn step(&mut self, accepted: usize, ids: &[u32], k: usize) -> spa_model::Result<Block> {
+        // Called from inside `block_in_place` on a multi-thread runtime.
+        tokio::runtime::Handle::current()
+            .block_on(self.step_async(accepted, ids, k))
+            .map_err(|e| spa_model::ModelError::InvalidInput(format!("backbone stream: {e}")))
+    }
+}

@@ -1,0 +1,193 @@
+//! The Generate stream: a device's generation session, per-token or speculative (the
+//! coordinator drafts, the device verifies; spa_model::speculative). This file validates
+//! every message and keeps the session's bookkeeping; the backbone worker (`engine.rs`)
+//! owns the KV cache and runs the drafts.
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use prost::Message;
+use spa_model::generate::Sampling;
+use spa_model::side::ParamSet;
+use spa_model::speculative::{CloudDown, DraftForm};
+use spa_proto::methods;
+use spa_proto::v1::*;
+use tokio::sync::mpsc;
+use tonic::{Request, Status, Streaming};
+
+use crate::auth::internal;
+use crate::engine::{Opening, encode_block};
+use crate::service::{BackboneService, BoxStream, Shared};
+
+/// Most stop ids an opening may name.
+const MAX_STOP_IDS: usize = 64;
+
+/// What a validated opening asks for, beside what the engine keeps.
+struct Plan {
+    opening: Opening,
+    /// Bytes per position on the wire.
+    position_bytes: usize,
+}
+
+/// Opens (or resumes) a session and serves its stream.
+pub async fn serve(s: Arc<Shared>, req: Request<Streaming<GenerateRequest>>) -> Result<BoxStream<GenerateResponse>, Status> {
+    let md = req.metadata().clone();
+    let mut input = req.into_inner();
+    // The session opens with its first message, which the request signature covers.
+    let first = input.message().await?.ok_or_else(|| Status::invalid_argument("a Generate stream must start with an `open` message"))?;
+    let device = s.auth.check_digest(&md, methods::BACKBONE_GENERATE, &spa_proto::auth::body_digest(&first))?;
+    let Some(generate_request::Kind::Open(open)) = first.kind else {
+        return Err(Status::invalid_argument("a Generate stream must start with an `open` message"));
+    };
+    let plan = check_open(&s, &open, device.device_id)?;
+    let max = s.config.limits.max_sessions;
+    if s.sessions.fetch_add(1, Ordering::SeqCst) >= max {
+        s.sessions.fetch_sub(1, Ordering::SeqCst);
+        return Err(Status::resource_exhausted(format!("{max} generation sessions already open; retry later")));
+    }
+    let started = start_session(&s, &open, plan.opening).await;
+    let (session, confirmed) = match started {
+        Ok(x) => x,
+        Err(e) => {
+            s.sessions.fetch_sub(1, Ordering::SeqCst);
+            return Err(e);
+        }
+    };
+    let (tx, rx) = mpsc::channel::<Result<GenerateResponse, Status>>(4);
+    let stream = Stream { s: s.clone(), session, last_only: open.last_only, dtype: open.dtype, position_bytes: plan.position_bytes, confirmed, pending: 0 };
+    tokio::spawn(stream.run(input, tx));
+    Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+}
+
+/// A new session, or the resumed one with its confirmed length.
+async fn start_session(s: &Shared, open: &GenerateOpen, opening: Opening) -> Result<(u64, usize), Status> {
+    if open.resume_session != 0 {
+        let length = open.resume_length as usize;
+        let ok = s.engine.resume(open.resume_session, opening.owner, opening.fingerprint, length).await.map_err(internal)?;
+        return match ok {
+            true => Ok((open.resume_session, length)),
+            false => Err(Status::not_found("no such generation session to resume (it idled out, or was not opened like this): open a new one")),
+        };
+    }
+    let session = s.next_session.fetch_add(1, Ordering::SeqCst);
+    s.engine.open(session, opening).await.map_err(Status::invalid_argument)?;
+    Ok((session, 0))
+}
+
+fn check_open(s: &Arc<Shared>, open: &GenerateOpen, owner: String) -> Result<Plan, Status> {
+    let me = BackboneService(s.clone());
+    me.check_version(&open.backbone_version)?;
+    let layers = me.check_layers(&open.layers)?;
+    let elem = BackboneService::check_dtype(open.dtype)?;
+    let cfg = &s.engine.meta.config;
+    let sampling = match &open.sampling {
+        Some(x) => Sampling { temperature: x.temperature, top_k: x.top_k as usize, seed: x.seed },
+        None => Sampling { temperature: 0.0, top_k: 0, seed: 0 },
+    };
+    sampling.validate().map_err(|e| Status::invalid_argument(e.to_string()))?;
+    if open.stop.len() > MAX_STOP_IDS || open.stop.iter().any(|&t| t as usize >= cfg.vocab_size) {
+        return Err(Status::invalid_argument(format!("stop: at most {MAX_STOP_IDS} ids, each in the vocabulary")));
+    }
+    let form = match SideInputs::try_from(open.inputs) {
+        Ok(SideInputs::Taps) => DraftForm::Taps(layers),
+        Ok(SideInputs::Down) => DraftForm::Down { down: cloud_down(s, open, layers.len())?, taps: layers },
+        Err(_) => return Err(Status::invalid_argument(format!("unknown side inputs {}", open.inputs))),
+    };
+    let mut bare = open.clone();
+    (bare.resume_session, bare.resume_length) = (0, 0);
+    let fingerprint = spa_proto::auth::sha256(&bare.encode_to_vec());
+    let position_bytes = form.width(cfg.hidden_size) * elem;
+    let opening = Opening { owner, fingerprint, form, sampling, stop: open.stop.clone(), last_only: open.last_only };
+    Ok(Plan { opening, position_bytes })
+}
+
+/// The down-projections of global checkpoint `open.down_version`, if the device holds the
+/// same ones (its digest); otherwise the device must ask for taps.
+fn cloud_down(s: &Shared, open: &GenerateOpen, taps: usize) -> Result<Arc<CloudDown>, Status> {
+    let v = open.down_version;
+    let bytes = s.store.checkpoint(v).map_err(internal)?.ok_or_else(|| Status::failed_precondition(format!("no committed global version {v}")))?;
+    let set = ParamSet::from_safetensors(&bytes).map_err(internal)?;
+    let down = CloudDown::from_params(&set).map_err(|e| Status::failed_precondition(format!("global version {v}: {e}")))?;
+    if spa_proto::auth::sha256(&down.canonical_bytes()).as_slice() != open.down_digest.as_slice() {
+        return Err(Status::failed_precondition(format!(
+            "this device's down-projections differ from global version {v}'s: ask for taps (SIDE_INPUTS_TAPS)"
+        )));
+    }
+    if down.taps() != taps {
+        return Err(Status::invalid_argument(format!("{taps} layers for {} down-projections", down.taps())));
+    }
+    Ok(Arc::new(down))
+}
+
+/// One open stream's bookkeeping, to check each message before the engine sees it.
+struct Stream {
+    s: Arc<Shared>,
+    session: u64,
+    last_only: bool,
+    dtype: i32,
+    position_bytes: usize,
+    /// Tokens the device has confirmed, and drafts it has not yet judged.
+    confirmed: usize,
+    pending: usize,
+}
+
+impl Stream {
+    async fn run(mut self, mut input: Streaming<GenerateRequest>, tx: mpsc::Sender<Result<GenerateResponse, Status>>) {
+        let broke = loop {
+            let msg = match input.message().await {
+                Ok(Some(m)) => m,
+                Ok(None) => break false,
+                Err(e) => {
+                    tracing::debug!("generate stream error: {e}");
+                    break true;
+                }
+            };
+            match self.step(msg).await {
+                Ok(resp) => {
+                    if tx.send(Ok(resp)).await.is_err() {
+                        break true;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    break false;
+                }
+            }
+        };
+        // A broken stream keeps its cache for a resume; a finished or refused one does not.
+        if broke { self.s.engine.detach(self.session) } else { self.s.engine.close(self.session) }
+        self.s.sessions.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    async fn step(&mut self, msg: GenerateRequest) -> Result<GenerateResponse, Status> {
+        let Some(generate_request::Kind::Extend(e)) = msg.kind else {
+            return Err(Status::invalid_argument("only `extend` messages may follow `open`"));
+        };
+        let (accepted, draft) = (e.accepted as usize, e.draft as usize);
+        if accepted > self.pending {
+            return Err(Status::invalid_argument(format!("{accepted} drafts accepted of {} sent", self.pending)));
+        }
+        let limit = self.s.config.limits.max_draft_tokens as usize;
+        if draft > limit {
+            return Err(Status::invalid_argument(format!("draft {draft} exceeds the limit of {limit} tokens")));
+        }
+        let me = BackboneService(self.s.clone());
+        me.check_ids(&e.ids, self.confirmed + accepted)?;
+        let rows = if self.last_only { 1 } else { e.ids.len() } + draft;
+        let bytes = rows * self.position_bytes;
+        let max_bytes = self.s.config.limits.max_message_bytes.saturating_sub(4096);
+        if bytes > max_bytes {
+            return Err(Status::invalid_argument(format!("this step would return {bytes} bytes, limit {max_bytes}: send fewer tokens")));
+        }
+        let n = e.ids.len();
+        let block = self.s.engine.step(self.session, accepted, e.ids, draft).await.map_err(internal)?;
+        self.confirmed += accepted + n;
+        self.pending = block.drafts.len();
+        Ok(GenerateResponse {
+            first_position: block.first as u32,
+            positions: block.positions as u32,
+            features: encode_block(&block, self.dtype).map_err(internal)?,
+            draft: block.drafts,
+            session: self.session,
+        })
+    }
+}
