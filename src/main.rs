@@ -36,6 +36,60 @@ enum Command {
     /// ablations on the same devices and seeds (configs/experiments/*.toml). Paths in the
     /// config are relative to the working directory (run from the repository root).
     Experiment(ExpArgs),
+    /// Collaborative decoding measured end to end: the quickstart's rounds, then generation
+    /// through a loopback proxy that delays each direction, per token and speculative, with
+    /// tap states and cloud-side down-projections. Fails if a speculative text differs from
+    /// its per-token text.
+    GenerateBench(GenBenchArgs),
+}
+
+#[derive(Parser, Debug, Clone)]
+struct GenBenchArgs {
+    /// Backbone directory (HF layout). Default: the shipped models/shakespeare-char.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Devices (synthetic users, or the first roles of --roles-file).
+    #[arg(long, default_value_t = 4)]
+    devices: usize,
+    #[arg(long, default_value_t = 2)]
+    rounds: u32,
+    #[arg(long, default_value_t = 3)]
+    local_epochs: u32,
+    #[arg(long, default_value_t = 3e-3)]
+    lr: f64,
+    /// Devices are roles of this play script (LEAF-style cue -> reply) instead of synthetic users.
+    #[arg(long, requires = "roles_file")]
+    play: Option<PathBuf>,
+    /// One role per line (`#` comments).
+    #[arg(long)]
+    roles_file: Option<PathBuf>,
+    /// Keep each role's first this many train examples.
+    #[arg(long)]
+    max_train: Option<usize>,
+    /// One-way delays, milliseconds (each one a row per mode).
+    #[arg(long, value_delimiter = ',', default_value = "0,10,25")]
+    delay_ms: Vec<u64>,
+    /// Generations per mode.
+    #[arg(long, default_value_t = 5)]
+    prompts: usize,
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[arg(long, default_value_t = 16)]
+    max_draft: usize,
+    /// Cut every connection after this many text pieces of each speculative generation
+    /// (each must resume and still match).
+    #[arg(long)]
+    cut_after: Option<usize>,
+    /// One JSON line per row instead of the markdown table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Parser, Debug, Clone)]
@@ -137,6 +191,7 @@ fn quickstart(a: QuickArgs) -> Result<()> {
         dir: a.dir.clone(),
         seed: a.seed,
         model: a.model.clone(),
+        users: None,
     };
     let json = a.json;
     let mut header = false;
@@ -183,6 +238,49 @@ fn quickstart(a: QuickArgs) -> Result<()> {
     }))
 }
 
+fn generate_bench(a: GenBenchArgs) -> Result<()> {
+    let users = match (&a.play, &a.roles_file) {
+        (Some(play), Some(roles)) => {
+            let read = |p: &Path| std::fs::read_to_string(p).with_context(|| p.display().to_string());
+            let speeches = spa_model::data::shakespeare::parse_play_script(&read(play)?);
+            let names: Vec<String> = read(roles)?.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).take(a.devices).map(str::to_owned).collect();
+            let mut users = spa_model::data::shakespeare::leaf_users(&speeches, &names, Default::default(), 0.8);
+            for u in &mut users {
+                u.train.truncate(a.max_train.unwrap_or(usize::MAX));
+            }
+            anyhow::ensure!(users.iter().all(|u| !u.train.is_empty() && !u.test.is_empty()), "a role has no speeches in {}", play.display());
+            Some(users)
+        }
+        _ => None,
+    };
+    let cfg = spa::genbench::GenBenchConfig {
+        quickstart: QuickstartConfig { devices: a.devices, rounds: a.rounds, local_epochs: a.local_epochs, lr: a.lr, model: a.model.clone(), users, ..QuickstartConfig::default() },
+        delays_ms: a.delay_ms.clone(),
+        prompts: a.prompts,
+        max_tokens: a.max_tokens,
+        sampling: Sampling { temperature: a.temperature, top_k: a.top_k, seed: a.seed },
+        max_draft: a.max_draft,
+        cut_after: a.cut_after,
+    };
+    cfg.sampling.validate()?;
+    if !a.json {
+        println!("| RTT ms | mode | prompts | tokens | round trips / token | acceptance | tokens/s | bytes / token | reconnects |");
+        println!("|---|---|---|---|---|---|---|---|---|");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(spa::genbench::run(&cfg, &mut |r| {
+        if a.json {
+            println!("{}", serde_json::to_string(r).expect("serializes"));
+        } else {
+            println!(
+                "| {} | {} | {} | {:.0} | {:.3} | {:.3} | {:.1} | {:.0} | {} |",
+                r.rtt_ms, r.mode, r.prompts, r.tokens, r.round_trips_per_token, r.acceptance, r.tokens_per_s, r.bytes_per_token, r.reconnects
+            );
+        }
+    }))?;
+    Ok(())
+}
+
 /// The shipped backbone, found from the working directory or from the source tree.
 fn default_model() -> PathBuf {
     let local = Path::new("models/shakespeare-char");
@@ -205,6 +303,7 @@ fn main() -> Result<()> {
         Command::Quickstart(a) => quickstart(a),
         Command::Simulate(a) => simulate(a, &device),
         Command::Experiment(a) => experiment(a, &device),
+        Command::GenerateBench(a) => generate_bench(a),
     }
 }
 

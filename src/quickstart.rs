@@ -12,6 +12,7 @@ use spa_client::agent::{self, AgentOptions};
 use spa_client::data::Format;
 use spa_client::ops;
 use spa_coordinator::admin_cli::{Target, admin_client, with_admin};
+use spa_model::data::UserData;
 use spa_model::data::synthetic::synthetic_users;
 use spa_model::generate::Sampling;
 use spa_proto::v1::{CreateTokenRequest, RoundStatusRequest, StartRoundsRequest};
@@ -32,11 +33,13 @@ pub struct QuickstartConfig {
     pub seed: u64,
     /// Backbone directory (HF layout); None = the shipped default.
     pub model: Option<PathBuf>,
+    /// The devices' data; None = `devices` synthetic users of `examples` examples.
+    pub users: Option<Vec<UserData>>,
 }
 
 impl Default for QuickstartConfig {
     fn default() -> Self {
-        Self { devices: 8, examples: 60, rounds: 5, local_epochs: 3, lr: 3e-3, strategy: "fedavg".into(), show: 3, dir: None, seed: 0, model: None }
+        Self { devices: 8, examples: 60, rounds: 5, local_epochs: 3, lr: 3e-3, strategy: "fedavg".into(), show: 3, dir: None, seed: 0, model: None, users: None }
     }
 }
 
@@ -52,9 +55,76 @@ fn home(dir: &Path, i: usize) -> PathBuf {
     dir.join(format!("device-{i}"))
 }
 
+/// A federation after its rounds: the coordinator still serving, the device homes under
+/// `dir` (`device-{i}` holds `users[i]`'s data and trained plugin).
+pub struct Federation {
+    pub server: spa_coordinator::server::Running,
+    pub dir: PathBuf,
+    pub users: Vec<UserData>,
+    pub model: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
 pub async fn quickstart(cfg: &QuickstartConfig, out: &mut dyn FnMut(Output)) -> anyhow::Result<()> {
-    anyhow::ensure!(cfg.devices >= 3, "the quickstart needs at least 3 devices (secure aggregation threshold)");
-    anyhow::ensure!(cfg.examples >= 10, "at least 10 examples per device (a tenth is held out)");
+    let f = federate(cfg, out).await?;
+    let (dir, users, model) = (&f.dir, &f.users, &f.model);
+
+    // Personalized generation through the service, next to the backbone alone.
+    for (i, u) in users.iter().enumerate().take(cfg.show) {
+        let ex = &u.test[0];
+        let h = home(&dir, i);
+        let opts = spa_client::generate::GenerateOptions {
+            max_tokens: 80,
+            sampling: Sampling { temperature: 0.5, top_k: 5, seed: cfg.seed + 1 },
+            stop: Some("\n".into()),
+            ..Default::default()
+        };
+        let mine = spa_client::generate::generate(&h, &ex.prompt, &opts, &mut |_| {}).await?;
+        let base = backbone_alone(&model, &ex.prompt, cfg.seed + 1)?;
+        out(Output::Sample {
+            device: u.user.clone(),
+            prompt: ex.prompt.clone(),
+            backbone: base,
+            personalized: mine.text.clone(),
+            side_tokens: mine.side_tokens,
+            tokens: mine.tokens,
+            reference: ex.reply.clone(),
+        });
+    }
+    f.server.shutdown().await?;
+    Ok(())
+}
+
+fn toml_string(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// The backbone's own continuation (no side plugin), one line.
+fn backbone_alone(dir: &Path, prompt: &str, seed: u64) -> anyhow::Result<String> {
+    use spa_model::generate::{Decoding, LocalStates, generate_text};
+    let device = spa_model::BackendKind::resolve(None)?.device()?;
+    let bb = spa_model::backbone::load_backbone_as(dir, &device, None)?;
+    let tok = spa_model::tokenizer::Tokenizer::from_file(&dir.join("tokenizer.json"))?;
+    let head = spa_model::side::FrozenHead::from_backbone(&bb);
+    let mut src = LocalStates::new(&bb, &[bb.config.num_layers])?;
+    let tokens = spa_model::tokenizer::ModelTokens::from_dir(dir)?;
+    let dec = Decoding { max_new: 80, sampling: Sampling { temperature: 0.5, top_k: 5, seed }, stop: tokens.eos.clone() };
+    let (_, text) = generate_text(&mut src, &head, None, &tok, &tokens.prompt_ids(&tok, prompt, false)?, &dec, Some("\n"), &mut |_| {})?;
+    Ok(text)
+}
+
+/// Enrolls the devices, adds their data and runs the rounds over the service.
+pub async fn federate(cfg: &QuickstartConfig, out: &mut dyn FnMut(Output)) -> anyhow::Result<Federation> {
+
+    let users = match &cfg.users {
+        Some(u) => u.clone(),
+        None => {
+            anyhow::ensure!(cfg.examples >= 10, "at least 10 examples per device (a tenth is held out)");
+            synthetic_users(cfg.devices, cfg.examples, cfg.seed)
+        }
+    };
+    let devices = users.len();
+    anyhow::ensure!(devices >= 3, "the quickstart needs at least 3 devices (secure aggregation threshold)");
     anyhow::ensure!(cfg.rounds >= 1, "at least one round");
     let tmp = tempfile::tempdir()?;
     let dir = cfg.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
@@ -81,10 +151,9 @@ pub async fn quickstart(cfg: &QuickstartConfig, out: &mut dyn FnMut(Output)) -> 
     let url = format!("https://{}", server.addr);
     let ca = std::fs::read_to_string(coord.join("tls/ca.pem"))?;
     let (mut admin, cred) = admin_client(&Target { home: coord.clone(), coordinator: Some(url.clone()) }).await?;
-    out(Output::Setup { coordinator: url.clone(), devices: cfg.devices, dir: dir.display().to_string() });
+    out(Output::Setup { coordinator: url.clone(), devices, dir: dir.display().to_string() });
 
     // Devices: enroll with one-time tokens, add their (synthetic) private data.
-    let users = synthetic_users(cfg.devices, cfg.examples, cfg.seed);
     for (i, u) in users.iter().enumerate() {
         let token = admin.create_token(with_admin(&cred, CreateTokenRequest { ttl_seconds: 600, note: format!("quickstart {i}") })?).await?.into_inner().token;
         let h = home(&dir, i);
@@ -96,7 +165,7 @@ pub async fn quickstart(cfg: &QuickstartConfig, out: &mut dyn FnMut(Output)) -> 
     }
 
     // Each device agent on its own thread, as a separate process would be.
-    let agents: Vec<_> = (0..cfg.devices)
+    let agents: Vec<_> = (0..devices)
         .map(|i| {
             let h = home(&dir, i);
             let opts = AgentOptions { rounds: Some(cfg.rounds), max_backoff: Duration::from_secs(2) };
@@ -109,8 +178,8 @@ pub async fn quickstart(cfg: &QuickstartConfig, out: &mut dyn FnMut(Output)) -> 
 
     let plan = StartRoundsRequest {
         rounds: cfg.rounds,
-        min_clients: cfg.devices as u32,
-        max_clients: cfg.devices as u32,
+        min_clients: devices as u32,
+        max_clients: devices as u32,
         deadline_seconds: 600,
         local_epochs: cfg.local_epochs,
         lr: cfg.lr,
@@ -148,47 +217,5 @@ pub async fn quickstart(cfg: &QuickstartConfig, out: &mut dyn FnMut(Output)) -> 
     for a in agents {
         a.join().map_err(|_| anyhow::anyhow!("a device agent panicked"))??;
     }
-
-    // Personalized generation through the service, next to the backbone alone.
-    for (i, u) in users.iter().enumerate().take(cfg.show) {
-        let ex = &u.test[0];
-        let h = home(&dir, i);
-        let opts = spa_client::generate::GenerateOptions {
-            max_tokens: 80,
-            sampling: Sampling { temperature: 0.5, top_k: 5, seed: cfg.seed + 1 },
-            stop: Some("\n".into()),
-            ..Default::default()
-        };
-        let mine = spa_client::generate::generate(&h, &ex.prompt, &opts, &mut |_| {}).await?;
-        let base = backbone_alone(&model, &ex.prompt, cfg.seed + 1)?;
-        out(Output::Sample {
-            device: u.user.clone(),
-            prompt: ex.prompt.clone(),
-            backbone: base,
-            personalized: mine.text.clone(),
-            side_tokens: mine.side_tokens,
-            tokens: mine.tokens,
-            reference: ex.reply.clone(),
-        });
-    }
-    server.shutdown().await?;
-    Ok(())
-}
-
-fn toml_string(s: &str) -> String {
-    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
-}
-
-/// The backbone's own continuation (no side plugin), one line.
-fn backbone_alone(dir: &Path, prompt: &str, seed: u64) -> anyhow::Result<String> {
-    use spa_model::generate::{Decoding, LocalStates, generate_text};
-    let device = spa_model::BackendKind::resolve(None)?.device()?;
-    let bb = spa_model::backbone::load_backbone_as(dir, &device, None)?;
-    let tok = spa_model::tokenizer::Tokenizer::from_file(&dir.join("tokenizer.json"))?;
-    let head = spa_model::side::FrozenHead::from_backbone(&bb);
-    let mut src = LocalStates::new(&bb, &[bb.config.num_layers])?;
-    let tokens = spa_model::tokenizer::ModelTokens::from_dir(dir)?;
-    let dec = Decoding { max_new: 80, sampling: Sampling { temperature: 0.5, top_k: 5, seed }, stop: tokens.eos.clone() };
-    let (_, text) = generate_text(&mut src, &head, None, &tok, &tokens.prompt_ids(&tok, prompt, false)?, &dec, Some("\n"), &mut |_| {})?;
-    Ok(text)
+    Ok(Federation { server, dir, users, model, _tmp: tmp })
 }

@@ -52,6 +52,8 @@ pub struct GenerateOptions {
     /// Most tokens drafted per round trip (the draft length adapts below it).
     pub max_draft: usize,
     pub inputs: Inputs,
+    /// Reach the coordinator here instead of at the enrolled address.
+    pub coordinator: Option<String>,
 }
 
 impl Default for GenerateOptions {
@@ -65,6 +67,7 @@ impl Default for GenerateOptions {
             naive: false,
             max_draft: 16,
             inputs: Inputs::Auto,
+            coordinator: None,
         }
     }
 }
@@ -86,6 +89,8 @@ pub struct GenerateReport {
     pub bytes_sent: usize,
     pub bytes_received: usize,
     pub reconnects: usize,
+    /// Decoding alone (the stream open to the last token), and the whole command.
+    pub decode_seconds: f64,
     pub seconds: f64,
 }
 
@@ -94,7 +99,7 @@ pub struct GenerateReport {
 pub async fn generate(home: &Path, prompt: &str, opts: &GenerateOptions, on_text: &mut dyn FnMut(&str)) -> Result<GenerateReport> {
     let started = std::time::Instant::now();
     let store = ClientStore::open(home)?;
-    let s = Session::open(&store).await?;
+    let s = Session::open_at(&store, opts.coordinator.as_deref()).await?;
     let device = BackendKind::resolve(None)?.device()?;
     let m = model(&s, &store, &device).await?;
     let Some((shared, private, meta)) = store.plugin()? else {
@@ -130,6 +135,7 @@ pub async fn generate(home: &Path, prompt: &str, opts: &GenerateOptions, on_text
         (_, None) => None,
         (_, Some(v)) => Some((v, CloudDown::from_params(&shared)?)),
     };
+    let decoding = std::time::Instant::now();
     let mut remote = match down {
         Some((v, d)) => match RemoteDrafts::open(&s, &m, &plugin, &dec, Some((v, &d))).await {
             Err(ClientError::Status(st)) if st.code() == tonic::Code::FailedPrecondition && opts.inputs == Inputs::Auto => {
@@ -160,6 +166,7 @@ pub async fn generate(home: &Path, prompt: &str, opts: &GenerateOptions, on_text
         bytes_sent: remote.bytes_sent,
         bytes_received: remote.bytes_received,
         reconnects: remote.reconnects,
+        decode_seconds: decoding.elapsed().as_secs_f64(),
         seconds: started.elapsed().as_secs_f64(),
     })
 }
@@ -259,6 +266,7 @@ impl<'a> RemoteDrafts<'a> {
         let mut ext = GenerateExtend { ids: ids.to_vec(), accepted: accepted as u32, draft: k as u32 };
         let mut pause = RESUME_PAUSE;
         let mut tries = 0;
+        let mut refused = None;
         let resp = loop {
             match self.exchange(ext.clone()).await {
                 Ok(r) => break r,
@@ -269,15 +277,23 @@ impl<'a> RemoteDrafts<'a> {
                     pause *= 2;
                     let mut open = self.open.clone();
                     (open.resume_session, open.resume_length) = (self.session, base as u32);
-                    if let Ok((tx, rx, bytes)) = Self::connect(self.s, &open).await {
-                        (self.tx, self.rx) = (tx, rx);
-                        self.bytes_sent += bytes;
-                        self.reconnects += 1;
-                        // The resumed session holds `base` tokens and no drafts.
-                        ext.accepted = 0;
+                    match Self::connect(self.s, &open).await {
+                        Ok((tx, rx, bytes)) => {
+                            (self.tx, self.rx) = (tx, rx);
+                            self.bytes_sent += bytes;
+                            self.reconnects += 1;
+                            // The resumed session holds `base` tokens and no drafts.
+                            ext.accepted = 0;
+                        }
+                        Err(e) => refused = Some(e),
                     }
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    return Err(match refused {
+                        Some(r) => ClientError::Invalid(format!("{e}; resuming the session failed: {r}")),
+                        None => e,
+                    });
+                }
             }
         };
         self.session = resp.session;

@@ -291,6 +291,7 @@ fn main() -> Result<()> {
                 naive,
                 max_draft: max_draft as usize,
                 inputs,
+                coordinator: None,
             };
             let r = rt.block_on(generate::generate(&home, &prompt, &opts, &mut |t| {
                 if !json {

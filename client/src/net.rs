@@ -55,7 +55,16 @@ pub const CAPTURE_ENV: &str = "SPA_CAPTURE_OUTGOING";
 
 impl Session {
     pub async fn open(store: &ClientStore) -> Result<Self> {
-        let (pkcs8, identity) = store.require_identity()?;
+        Self::open_at(store, None).await
+    }
+
+    /// [`Self::open`], reaching the coordinator at `url` instead of the enrolled address
+    /// (another route to the same coordinator: its certificate is still checked).
+    pub async fn open_at(store: &ClientStore, url: Option<&str>) -> Result<Self> {
+        let (pkcs8, mut identity) = store.require_identity()?;
+        if let Some(u) = url {
+            identity.coordinator = u.to_string();
+        }
         let signer = DeviceSigner::from_pkcs8(&pkcs8, identity.device_id.clone())
             .map_err(|e| ClientError::Invalid(format!("stored identity key rejected: {e}")))?;
         let channel = connect(&identity.coordinator, identity.ca_pem.as_bytes()).await?;

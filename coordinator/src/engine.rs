@@ -69,10 +69,11 @@ enum Job {
         owner: String,
         fingerprint: [u8; 32],
         length: usize,
-        reply: Reply<bool>,
+        reply: Reply<Option<u64>>,
     },
     Step {
         session: u64,
+        epoch: u64,
         accepted: usize,
         ids: Vec<u32>,
         draft: usize,
@@ -81,9 +82,11 @@ enum Job {
     /// The stream broke: keep the cache for a resume until it idles out.
     Detach {
         session: u64,
+        epoch: u64,
     },
     Close {
         session: u64,
+        epoch: u64,
     },
 }
 
@@ -106,6 +109,9 @@ struct Session {
     fingerprint: [u8; 32],
     used: Instant,
     attached: bool,
+    /// Which stream holds the session: a resume takes it over (the broken stream may not
+    /// have noticed yet), and the old stream's later calls are ignored.
+    epoch: u64,
 }
 
 #[derive(Clone)]
@@ -220,28 +226,29 @@ impl Engine {
         self.call(|reply| Job::Head { reply }).await
     }
 
-    /// Starts session `session` (the handler allocates ids).
+    /// Starts session `session` (the handler allocates ids), held by stream epoch 0.
     pub async fn open(&self, session: u64, opening: Opening) -> Result<(), String> {
         self.call(|reply| Job::Open { session, opening, reply }).await
     }
 
-    /// Reattaches a detached session of `owner` opened with `fingerprint`, truncated to
-    /// `length` confirmed tokens; false if there is no such session (gone idle, or another's).
-    pub async fn resume(&self, session: u64, owner: String, fingerprint: [u8; 32], length: usize) -> Result<bool, String> {
+    /// Hands a session of `owner` opened with `fingerprint` to a new stream, truncated to
+    /// `length` confirmed tokens; the new stream's epoch, or None if there is no such
+    /// session (gone idle, another device's, opened otherwise, or shorter).
+    pub async fn resume(&self, session: u64, owner: String, fingerprint: [u8; 32], length: usize) -> Result<Option<u64>, String> {
         self.call(|reply| Job::Resume { session, owner, fingerprint, length, reply }).await
     }
 
-    /// [`Drafter::step`] on a session.
-    pub async fn step(&self, session: u64, accepted: usize, ids: Vec<u32>, draft: usize) -> Result<Block, String> {
-        self.call(|reply| Job::Step { session, accepted, ids, draft, reply }).await
+    /// [`Drafter::step`] on a session, for the stream that holds it.
+    pub async fn step(&self, session: u64, epoch: u64, accepted: usize, ids: Vec<u32>, draft: usize) -> Result<Block, String> {
+        self.call(|reply| Job::Step { session, epoch, accepted, ids, draft, reply }).await
     }
 
-    pub fn detach(&self, session: u64) {
-        let _ = self.tx.send(Job::Detach { session });
+    pub fn detach(&self, session: u64, epoch: u64) {
+        let _ = self.tx.send(Job::Detach { session, epoch });
     }
 
-    pub fn close(&self, session: u64) {
-        let _ = self.tx.send(Job::Close { session });
+    pub fn close(&self, session: u64, epoch: u64) {
+        let _ = self.tx.send(Job::Close { session, epoch });
     }
 }
 
@@ -286,8 +293,10 @@ fn worker(bb: Backbone, rx: mpsc::Receiver<Job>, idle: Duration, max_detached: u
     while let Ok(job) = rx.recv() {
         sessions.retain(|_, s| s.used.elapsed() < idle);
         match job {
-            Job::Close { session } => {
-                sessions.remove(&session);
+            Job::Close { session, epoch } => {
+                if sessions.get(&session).is_some_and(|s| s.epoch == epoch) {
+                    sessions.remove(&session);
+                }
             }
             Job::Head { reply } => {
                 let _ = reply.send(guarded(|| Ok(FrozenHead::shipped(&bb))));
@@ -322,26 +331,27 @@ fn worker(bb: Backbone, rx: mpsc::Receiver<Job>, idle: Duration, max_detached: u
                 let r = guarded(|| {
                     let drafter = Drafter::new(&bb, opening.form, opening.sampling, opening.stop, opening.last_only).map_err(|e| e.to_string())?;
                     let (owner, fingerprint) = (opening.owner, opening.fingerprint);
-                    sessions.insert(session, Session { drafter, owner, fingerprint, used: Instant::now(), attached: true });
+                    sessions.insert(session, Session { drafter, owner, fingerprint, used: Instant::now(), attached: true, epoch: 0 });
                     Ok(())
                 });
                 let _ = reply.send(r);
             }
             Job::Resume { session, owner, fingerprint, length, reply } => {
                 let ok = match sessions.get_mut(&session) {
-                    Some(s) if !s.attached && s.owner == owner && s.fingerprint == fingerprint && length <= s.drafter.confirmed() && length > 0 => {
+                    Some(s) if s.owner == owner && s.fingerprint == fingerprint && length <= s.drafter.len() && length > 0 => {
                         s.drafter.truncate(length);
                         s.attached = true;
                         s.used = Instant::now();
-                        true
+                        s.epoch += 1;
+                        Some(s.epoch)
                     }
-                    _ => false,
+                    _ => None,
                 };
                 let _ = reply.send(Ok(ok));
             }
-            Job::Step { session, accepted, ids, draft, reply } => {
-                let Some(entry) = sessions.get_mut(&session) else {
-                    let _ = reply.send(Err("the generation session is gone (idle too long)".into()));
+            Job::Step { session, epoch, accepted, ids, draft, reply } => {
+                let Some(entry) = sessions.get_mut(&session).filter(|s| s.epoch == epoch) else {
+                    let _ = reply.send(Err("the generation session is gone (idle too long, or resumed on another stream)".into()));
                     continue;
                 };
                 entry.used = Instant::now();
@@ -351,8 +361,8 @@ fn worker(bb: Backbone, rx: mpsc::Receiver<Job>, idle: Duration, max_detached: u
                 }
                 let _ = reply.send(r);
             }
-            Job::Detach { session } => {
-                if let Some(s) = sessions.get_mut(&session) {
+            Job::Detach { session, epoch } => {
+                if let Some(s) = sessions.get_mut(&session).filter(|s| s.epoch == epoch) {
                     s.attached = false;
                     s.used = Instant::now();
                 }

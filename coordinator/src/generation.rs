@@ -45,7 +45,7 @@ pub async fn serve(s: Arc<Shared>, req: Request<Streaming<GenerateRequest>>) -> 
         return Err(Status::resource_exhausted(format!("{max} generation sessions already open; retry later")));
     }
     let started = start_session(&s, &open, plan.opening).await;
-    let (session, confirmed) = match started {
+    let (session, epoch, confirmed) = match started {
         Ok(x) => x,
         Err(e) => {
             s.sessions.fetch_sub(1, Ordering::SeqCst);
@@ -53,24 +53,24 @@ pub async fn serve(s: Arc<Shared>, req: Request<Streaming<GenerateRequest>>) -> 
         }
     };
     let (tx, rx) = mpsc::channel::<Result<GenerateResponse, Status>>(4);
-    let stream = Stream { s: s.clone(), session, last_only: open.last_only, dtype: open.dtype, position_bytes: plan.position_bytes, confirmed, pending: 0 };
+    let stream = Stream { s: s.clone(), session, epoch, last_only: open.last_only, dtype: open.dtype, position_bytes: plan.position_bytes, confirmed, pending: 0 };
     tokio::spawn(stream.run(input, tx));
     Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
 }
 
-/// A new session, or the resumed one with its confirmed length.
-async fn start_session(s: &Shared, open: &GenerateOpen, opening: Opening) -> Result<(u64, usize), Status> {
+/// A new session, or the resumed one: id, this stream's epoch, confirmed length.
+async fn start_session(s: &Shared, open: &GenerateOpen, opening: Opening) -> Result<(u64, u64, usize), Status> {
     if open.resume_session != 0 {
         let length = open.resume_length as usize;
         let ok = s.engine.resume(open.resume_session, opening.owner, opening.fingerprint, length).await.map_err(internal)?;
         return match ok {
-            true => Ok((open.resume_session, length)),
-            false => Err(Status::not_found("no such generation session to resume (it idled out, or was not opened like this): open a new one")),
+            Some(epoch) => Ok((open.resume_session, epoch, length)),
+            None => Err(Status::not_found("no such generation session to resume (it idled out, or was not opened like this): open a new one")),
         };
     }
     let session = s.next_session.fetch_add(1, Ordering::SeqCst);
     s.engine.open(session, opening).await.map_err(Status::invalid_argument)?;
-    Ok((session, 0))
+    Ok((session, 0, 0))
 }
 
 fn check_open(s: &Arc<Shared>, open: &GenerateOpen, owner: String) -> Result<Plan, Status> {
@@ -122,6 +122,7 @@ fn cloud_down(s: &Shared, open: &GenerateOpen, taps: usize) -> Result<Arc<CloudD
 struct Stream {
     s: Arc<Shared>,
     session: u64,
+    epoch: u64,
     last_only: bool,
     dtype: i32,
     position_bytes: usize,
@@ -154,7 +155,7 @@ impl Stream {
             }
         };
         // A broken stream keeps its cache for a resume; a finished or refused one does not.
-        if broke { self.s.engine.detach(self.session) } else { self.s.engine.close(self.session) }
+        if broke { self.s.engine.detach(self.session, self.epoch) } else { self.s.engine.close(self.session, self.epoch) }
         self.s.sessions.fetch_sub(1, Ordering::SeqCst);
     }
 
@@ -179,7 +180,7 @@ impl Stream {
             return Err(Status::invalid_argument(format!("this step would return {bytes} bytes, limit {max_bytes}: send fewer tokens")));
         }
         let n = e.ids.len();
-        let block = self.s.engine.step(self.session, accepted, e.ids, draft).await.map_err(internal)?;
+        let block = self.s.engine.step(self.session, self.epoch, accepted, e.ids, draft).await.map_err(internal)?;
         self.confirmed += accepted + n;
         self.pending = block.drafts.len();
         Ok(GenerateResponse {

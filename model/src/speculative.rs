@@ -190,9 +190,10 @@ impl Drafter {
         self.cache.len() - self.pending
     }
 
-    /// Back to the first `length` confirmed tokens, unjudged drafts dropped (a resume).
+    /// Back to the first `length` tokens (a resume: the device's confirmed tokens, which may
+    /// include drafts it accepted in a message that never arrived); the rest dropped.
     pub fn truncate(&mut self, length: usize) {
-        self.cache.truncate(length.min(self.confirmed()));
+        self.cache.truncate(length);
         self.pending = 0;
     }
 
