@@ -39,12 +39,19 @@ pub struct Row {
     pub acceptance: f64,
     pub tokens_per_s: f64,
     pub bytes_per_token: f64,
+    pub side_fraction: f64,
     pub reconnects: usize,
 }
 
-/// The modes measured: (name, naive, inputs).
-const MODES: [(&str, bool, Inputs); 4] =
-    [("naive, taps", true, Inputs::Taps), ("speculative, taps", false, Inputs::Taps), ("naive, down", true, Inputs::Down), ("speculative, down", false, Inputs::Down)];
+/// The modes measured: (name, naive, inputs, side drafts). The per-token text of each
+/// inputs kind is the reference its speculative texts must equal.
+const MODES: [(&str, bool, Inputs, bool); 5] = [
+    ("naive, taps", true, Inputs::Taps, false),
+    ("speculative, taps", false, Inputs::Taps, true),
+    ("naive, down f16", true, Inputs::Down, false),
+    ("speculative, down f16", false, Inputs::Down, true),
+    ("speculative, down f16, backbone drafts only", false, Inputs::Down, false),
+];
 
 pub async fn run(cfg: &GenBenchConfig, on_row: &mut dyn FnMut(&Row)) -> anyhow::Result<Vec<Row>> {
     anyhow::ensure!(cfg.prompts > 0 && cfg.max_tokens > 0, "at least one prompt and one token");
@@ -56,7 +63,7 @@ pub async fn run(cfg: &GenBenchConfig, on_row: &mut dyn FnMut(&Row)) -> anyhow::
         let proxy = DelayProxy::start(fed.server.addr, Duration::from_millis(delay)).await?;
         let url = format!("https://{}", proxy.addr);
         let mut texts: Vec<Vec<String>> = Vec::new();
-        for (mode, naive, inputs) in MODES {
+        for (mode, naive, inputs, side_drafts) in MODES {
             let mut reports = Vec::new();
             for j in 0..cfg.prompts {
                 let (i, u) = (j % users.len(), &users[j % users.len()]);
@@ -68,6 +75,7 @@ pub async fn run(cfg: &GenBenchConfig, on_row: &mut dyn FnMut(&Row)) -> anyhow::
                     naive,
                     max_draft: cfg.max_draft,
                     inputs,
+                    side_drafts,
                     coordinator: Some(url.clone()),
                     ..GenerateOptions::default()
                 };
@@ -88,9 +96,9 @@ pub async fn run(cfg: &GenBenchConfig, on_row: &mut dyn FnMut(&Row)) -> anyhow::
             on_row(&row);
             rows.push(row);
         }
-        for (pair, what) in [((0, 1), "taps"), ((2, 3), "down-projections")] {
-            for (j, (a, b)) in texts[pair.0].iter().zip(&texts[pair.1]).enumerate() {
-                anyhow::ensure!(a == b, "prompt {j} with {what}: speculative text differs from per-token text:\n{a:?}\n{b:?}");
+        for (reference, spec) in [(0, 1), (2, 3), (2, 4)] {
+            for (j, (a, b)) in texts[reference].iter().zip(&texts[spec]).enumerate() {
+                anyhow::ensure!(a == b, "prompt {j}: {} differs from {}:\n{a:?}\n{b:?}", MODES[spec].0, MODES[reference].0);
             }
         }
     }
@@ -122,6 +130,7 @@ fn summarize(delay: u64, mode: &'static str, rs: &[GenerateReport]) -> Row {
         acceptance: per(&|r| if r.drafted == 0 { f64::NAN } else { r.accepted as f64 / r.drafted as f64 }),
         tokens_per_s: per(&|r| r.tokens as f64 / r.decode_seconds),
         bytes_per_token: per(&|r| (r.bytes_sent + r.bytes_received) as f64 / tokens(r)),
+        side_fraction: per(&|r| r.side_tokens as f64 / tokens(r)),
         reconnects: rs.iter().map(|r| r.reconnects).sum(),
     }
 }

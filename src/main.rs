@@ -264,8 +264,8 @@ fn generate_bench(a: GenBenchArgs) -> Result<()> {
     };
     cfg.sampling.validate()?;
     if !a.json {
-        println!("| RTT ms | mode | prompts | tokens | round trips / token | acceptance | tokens/s | bytes / token | reconnects |");
-        println!("|---|---|---|---|---|---|---|---|---|");
+        println!("| RTT ms | mode | prompts | tokens | side tokens | round trips / token | acceptance | tokens/s | bytes / token | reconnects |");
+        println!("|---|---|---|---|---|---|---|---|---|---|");
     }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(spa::genbench::run(&cfg, &mut |r| {
@@ -273,8 +273,8 @@ fn generate_bench(a: GenBenchArgs) -> Result<()> {
             println!("{}", serde_json::to_string(r).expect("serializes"));
         } else {
             println!(
-                "| {} | {} | {} | {:.0} | {:.3} | {:.3} | {:.1} | {:.0} | {} |",
-                r.rtt_ms, r.mode, r.prompts, r.tokens, r.round_trips_per_token, r.acceptance, r.tokens_per_s, r.bytes_per_token, r.reconnects
+                "| {} | {} | {} | {:.0} | {:.2} | {:.3} | {:.3} | {:.1} | {:.0} | {} |",
+                r.rtt_ms, r.mode, r.prompts, r.tokens, r.side_fraction, r.round_trips_per_token, r.acceptance, r.tokens_per_s, r.bytes_per_token, r.reconnects
             );
         }
     }))?;

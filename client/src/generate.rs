@@ -52,6 +52,9 @@ pub struct GenerateOptions {
     /// Most tokens drafted per round trip (the draft length adapts below it).
     pub max_draft: usize,
     pub inputs: Inputs,
+    /// Let the coordinator draft from the global side plugin after tokens the gate gave to
+    /// the side (with a plugin from federated rounds).
+    pub side_drafts: bool,
     /// Reach the coordinator here instead of at the enrolled address.
     pub coordinator: Option<String>,
 }
@@ -67,6 +70,7 @@ impl Default for GenerateOptions {
             naive: false,
             max_draft: 16,
             inputs: Inputs::Auto,
+            side_drafts: true,
             coordinator: None,
         }
     }
@@ -133,18 +137,17 @@ pub async fn generate(home: &Path, prompt: &str, opts: &GenerateOptions, on_text
         (Inputs::Taps, _) => None,
         (Inputs::Down, None) => return Err(ClientError::Invalid("--inputs down needs a plugin from federated rounds (`spa-client run`)".into())),
         (_, None) => None,
-        (_, Some(v)) => Some((v, CloudDown::from_params(&shared)?)),
+        (_, Some(_)) => Some(CloudDown::from_params(&shared)?),
     };
     let decoding = std::time::Instant::now();
-    let mut remote = match down {
-        Some((v, d)) => match RemoteDrafts::open(&s, &m, &plugin, &dec, Some((v, &d))).await {
-            Err(ClientError::Status(st)) if st.code() == tonic::Code::FailedPrecondition && opts.inputs == Inputs::Auto => {
-                tracing::info!("down-projections refused ({}); asking for taps", st.message());
-                RemoteDrafts::open(&s, &m, &plugin, &dec, None).await?
-            }
-            other => other?,
-        },
-        None => RemoteDrafts::open(&s, &m, &plugin, &dec, None).await?,
+    let side = opts.side_drafts;
+    let mut remote = match RemoteDrafts::open(&s, &m, &plugin, &dec, global, down.as_ref(), side).await {
+        // Locally trained since: the coordinator's down-projections are not this plugin's.
+        Err(ClientError::Status(st)) if st.code() == tonic::Code::FailedPrecondition && down.is_some() && opts.inputs == Inputs::Auto => {
+            tracing::info!("down-projections refused ({}); asking for taps", st.message());
+            RemoteDrafts::open(&s, &m, &plugin, &dec, global, None, side).await?
+        }
+        other => other?,
     };
     let max_draft = if opts.naive { 0 } else { opts.max_draft };
     let mut text = TextSink::new(&m.tokenizer, &dec.stop, opts.stop.as_deref(), on_text);
@@ -196,26 +199,31 @@ const RESUME_TRIES: u32 = 4;
 const RESUME_PAUSE: Duration = Duration::from_millis(200);
 
 impl<'a> RemoteDrafts<'a> {
-    async fn open(s: &'a Session, m: &Model, plugin: &Plugin, dec: &Decoding, down: Option<(u64, &CloudDown)>) -> Result<Self> {
+    /// `global`: the committed version the plugin's shared part is; `down`: its
+    /// down-projections, if the coordinator is to apply them.
+    async fn open(s: &'a Session, m: &Model, plugin: &Plugin, dec: &Decoding, global: Option<u64>, down: Option<&CloudDown>, side_drafts: bool) -> Result<Self> {
         let d = m.config.hidden_size;
         let (inputs, layers, widths) = match down {
-            Some((_, cd)) => (SideInputs::Down, plugin.shape.taps.clone(), std::iter::once(d).chain(plugin.shape.taps.iter().map(|_| cd.d_side())).collect()),
+            Some(cd) => (SideInputs::Down, plugin.shape.taps.clone(), std::iter::once(d).chain(plugin.shape.taps.iter().map(|_| cd.d_side())).collect()),
             None => (SideInputs::Taps, plugin.shape.feature_layers.clone(), vec![d; plugin.shape.feature_layers.len()]),
         };
         let sampling = &dec.sampling;
         let open = GenerateOpen {
             backbone_version: m.info.backbone_version.clone(),
             layers: layers.iter().map(|&x| x as u32).collect(),
-            dtype: m.wire_dtype() as i32,
+            // f16 with down-projections: a quarter of f32 taps' bytes before the reduction.
+            dtype: if inputs == SideInputs::Down { DType::DtypeF16 } else { m.wire_dtype() } as i32,
             inputs: if inputs == SideInputs::Down { spa_proto::v1::SideInputs::Down } else { spa_proto::v1::SideInputs::Taps } as i32,
-            down_version: down.map_or(0, |(v, _)| v),
-            down_digest: down.map_or(vec![], |(_, cd)| spa_proto::auth::sha256(&cd.canonical_bytes()).to_vec()),
+            global_version: global.unwrap_or(0),
+            down_digest: down.map_or(vec![], |cd| spa_proto::auth::sha256(&cd.canonical_bytes()).to_vec()),
             sampling: Some(spa_proto::v1::Sampling { temperature: sampling.temperature, top_k: sampling.top_k as u32, seed: sampling.seed }),
             stop: dec.stop.clone(),
             // The ladder side attends over every position; the mlp side reads one.
             last_only: plugin.config.variant != SideVariant::Ladder,
             resume_session: 0,
             resume_length: 0,
+            // The coordinator's copy drafts from the last position alone: the mlp side.
+            side_drafts: side_drafts && global.is_some() && plugin.config.variant == SideVariant::Mlp,
         };
         let (tx, rx, bytes) = Self::connect(s, &open).await?;
         Ok(Self {
@@ -261,9 +269,9 @@ impl<'a> RemoteDrafts<'a> {
 
     /// The step, reconnecting (resuming the session at `base` confirmed tokens) when the
     /// stream breaks; a refusal by the coordinator is returned as it is.
-    async fn step_async(&mut self, accepted: usize, ids: &[u32], k: usize) -> Result<Block> {
+    async fn step_async(&mut self, accepted: usize, ids: &[u32], k: usize, side: bool) -> Result<Block> {
         let base = self.confirmed + accepted;
-        let mut ext = GenerateExtend { ids: ids.to_vec(), accepted: accepted as u32, draft: k as u32 };
+        let mut ext = GenerateExtend { ids: ids.to_vec(), accepted: accepted as u32, draft: k as u32, side_draft: side };
         let mut pause = RESUME_PAUSE;
         let mut tries = 0;
         let mut refused = None;
@@ -339,10 +347,10 @@ impl DraftSource for RemoteDrafts<'_> {
     fn max_positions(&self) -> usize {
         self.max_positions
     }
-    fn step(&mut self, accepted: usize, ids: &[u32], k: usize) -> spa_model::Result<Block> {
+    fn step(&mut self, accepted: usize, ids: &[u32], k: usize, side: bool) -> spa_model::Result<Block> {
         // Called from inside `block_in_place` on a multi-thread runtime.
         tokio::runtime::Handle::current()
-            .block_on(self.step_async(accepted, ids, k))
+            .block_on(self.step_async(accepted, ids, k, side))
             .map_err(|e| spa_model::ModelError::InvalidInput(format!("backbone stream: {e}")))
     }
 }

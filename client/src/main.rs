@@ -112,6 +112,9 @@ enum Command {
         /// committed global version's).
         #[arg(long, value_enum, default_value_t = generate::Inputs::Auto)]
         inputs: generate::Inputs,
+        /// Drafts from the backbone only (not from the global side plugin after side tokens).
+        #[arg(long)]
+        no_side_drafts: bool,
         #[arg(long)]
         json: bool,
     },
@@ -277,7 +280,7 @@ fn main() -> Result<()> {
             let n = rt.block_on(agent::run(&home, &opts, &mut |e| eprintln!("{}", describe(&e))))?;
             eprintln!("adopted {n} committed version(s); exiting");
         }
-        Command::Generate { prompt, max_tokens, temperature, top_k, seed, stop_at_newline, stop, chat, ignore_eos, naive, max_draft, inputs, json } => {
+        Command::Generate { prompt, max_tokens, temperature, top_k, seed, stop_at_newline, stop, chat, ignore_eos, naive, max_draft, inputs, no_side_drafts, json } => {
             let mut out = std::io::stdout();
             if !json {
                 print!("{prompt}");
@@ -291,6 +294,7 @@ fn main() -> Result<()> {
                 naive,
                 max_draft: max_draft as usize,
                 inputs,
+                side_drafts: !no_side_drafts,
                 coordinator: None,
             };
             let r = rt.block_on(generate::generate(&home, &prompt, &opts, &mut |t| {

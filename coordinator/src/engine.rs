@@ -11,7 +11,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use spa_model::backbone::{TokenBatch, WeightDtype, load_backbone_as};
-use spa_model::side::FrozenHead;
+use spa_model::side::{FrozenHead, ParamSet, Plugin, SideConfig};
 use spa_model::side::head::ShippedTensor;
 use spa_model::tensor_util::to_vec;
 use spa_model::generate::Sampling;
@@ -77,6 +77,7 @@ enum Job {
         accepted: usize,
         ids: Vec<u32>,
         draft: usize,
+        side: bool,
         reply: Reply<Block>,
     },
     /// The stream broke: keep the cache for a resume until it idles out.
@@ -100,6 +101,8 @@ pub struct Opening {
     pub sampling: Sampling,
     pub stop: Vec<u32>,
     pub last_only: bool,
+    /// The coordinator's side config and a global shared part, for side drafts.
+    pub side: Option<(SideConfig, ParamSet)>,
 }
 
 /// A session's state beside the backbone.
@@ -239,8 +242,8 @@ impl Engine {
     }
 
     /// [`Drafter::step`] on a session, for the stream that holds it.
-    pub async fn step(&self, session: u64, epoch: u64, accepted: usize, ids: Vec<u32>, draft: usize) -> Result<Block, String> {
-        self.call(|reply| Job::Step { session, epoch, accepted, ids, draft, reply }).await
+    pub async fn step(&self, session: u64, epoch: u64, accepted: usize, ids: Vec<u32>, draft: usize, side: bool) -> Result<Block, String> {
+        self.call(|reply| Job::Step { session, epoch, accepted, ids, draft, side, reply }).await
     }
 
     pub fn detach(&self, session: u64, epoch: u64) {
@@ -329,7 +332,11 @@ fn worker(bb: Backbone, rx: mpsc::Receiver<Job>, idle: Duration, max_detached: u
             }
             Job::Open { session, opening, reply } => {
                 let r = guarded(|| {
-                    let drafter = Drafter::new(&bb, opening.form, opening.sampling, opening.stop, opening.last_only).map_err(|e| e.to_string())?;
+                    let mut drafter = Drafter::new(&bb, opening.form, opening.sampling, opening.stop, opening.last_only).map_err(|e| e.to_string())?;
+                    if let Some((cfg, shared)) = &opening.side {
+                        let plugin = Plugin::new(cfg, &bb.config, &bb.device).and_then(|p| p.load(shared)).map_err(|e| e.to_string())?;
+                        drafter = drafter.with_side(plugin).map_err(|e| e.to_string())?;
+                    }
                     let (owner, fingerprint) = (opening.owner, opening.fingerprint);
                     sessions.insert(session, Session { drafter, owner, fingerprint, used: Instant::now(), attached: true, epoch: 0 });
                     Ok(())
@@ -349,13 +356,13 @@ fn worker(bb: Backbone, rx: mpsc::Receiver<Job>, idle: Duration, max_detached: u
                 };
                 let _ = reply.send(Ok(ok));
             }
-            Job::Step { session, epoch, accepted, ids, draft, reply } => {
+            Job::Step { session, epoch, accepted, ids, draft, side, reply } => {
                 let Some(entry) = sessions.get_mut(&session).filter(|s| s.epoch == epoch) else {
                     let _ = reply.send(Err("the generation session is gone (idle too long, or resumed on another stream)".into()));
                     continue;
                 };
                 entry.used = Instant::now();
-                let r = guarded(|| entry.drafter.step(&bb, accepted, &ids, draft).map_err(|e| e.to_string()));
+                let r = guarded(|| entry.drafter.step(&bb, accepted, &ids, draft, side).map_err(|e| e.to_string()));
                 if r.is_err() {
                     sessions.remove(&session);
                 }

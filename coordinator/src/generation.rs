@@ -96,16 +96,25 @@ fn check_open(s: &Arc<Shared>, open: &GenerateOpen, owner: String) -> Result<Pla
     (bare.resume_session, bare.resume_length) = (0, 0);
     let fingerprint = spa_proto::auth::sha256(&bare.encode_to_vec());
     let position_bytes = form.width(cfg.hidden_size) * elem;
-    let opening = Opening { owner, fingerprint, form, sampling, stop: open.stop.clone(), last_only: open.last_only };
+    let side = match open.side_drafts {
+        true => Some((s.config.side.clone(), global(s, open.global_version)?)),
+        false => None,
+    };
+    let opening = Opening { owner, fingerprint, form, sampling, stop: open.stop.clone(), last_only: open.last_only, side };
     Ok(Plan { opening, position_bytes })
 }
 
-/// The down-projections of global checkpoint `open.down_version`, if the device holds the
+/// The shared part of committed global version `v`.
+fn global(s: &Shared, v: u64) -> Result<ParamSet, Status> {
+    let bytes = s.store.checkpoint(v).map_err(internal)?.ok_or_else(|| Status::failed_precondition(format!("no committed global version {v}")))?;
+    ParamSet::from_safetensors(&bytes).map_err(internal)
+}
+
+/// The down-projections of global checkpoint `open.global_version`, if the device holds the
 /// same ones (its digest); otherwise the device must ask for taps.
 fn cloud_down(s: &Shared, open: &GenerateOpen, taps: usize) -> Result<Arc<CloudDown>, Status> {
-    let v = open.down_version;
-    let bytes = s.store.checkpoint(v).map_err(internal)?.ok_or_else(|| Status::failed_precondition(format!("no committed global version {v}")))?;
-    let set = ParamSet::from_safetensors(&bytes).map_err(internal)?;
+    let v = open.global_version;
+    let set = global(s, v)?;
     let down = CloudDown::from_params(&set).map_err(|e| Status::failed_precondition(format!("global version {v}: {e}")))?;
     if spa_proto::auth::sha256(&down.canonical_bytes()).as_slice() != open.down_digest.as_slice() {
         return Err(Status::failed_precondition(format!(
@@ -180,7 +189,7 @@ impl Stream {
             return Err(Status::invalid_argument(format!("this step would return {bytes} bytes, limit {max_bytes}: send fewer tokens")));
         }
         let n = e.ids.len();
-        let block = self.s.engine.step(self.session, self.epoch, accepted, e.ids, draft).await.map_err(internal)?;
+        let block = self.s.engine.step(self.session, self.epoch, accepted, e.ids, draft, e.side_draft).await.map_err(internal)?;
         self.confirmed += accepted + n;
         self.pending = block.drafts.len();
         Ok(GenerateResponse {

@@ -488,7 +488,7 @@ async fn malformed_inputs_get_clear_statuses_and_valid_ones_match_the_local_back
     let drafting = |resume_session: u64, inputs: i32| GenerateRequest {
         kind: Some(generate_request::Kind::Open(GenerateOpen { layers: vec![nl], dtype: DType::DtypeF32 as i32, last_only: true, inputs, down_digest: vec![0; 32], resume_session, resume_length: 3, ..Default::default() })),
     };
-    let step = |ids: Vec<u32>, accepted: u32, draft: u32| GenerateRequest { kind: Some(generate_request::Kind::Extend(GenerateExtend { ids, accepted, draft })) };
+    let step = |ids: Vec<u32>, accepted: u32, draft: u32| GenerateRequest { kind: Some(generate_request::Kind::Extend(GenerateExtend { ids, accepted, draft, side_draft: false })) };
     let r = gen_session(&ch, &a, vec![drafting(0, 0), step(ids[..30].to_vec(), 0, 4), step(vec![7], 2, 3)]).await.unwrap();
     assert_eq!((r[0].first_position, r[0].positions, r[0].draft.len()), (29, 5, 4));
     assert_eq!((r[1].first_position, r[1].positions, r[1].draft.len()), (32, 4, 3));

@@ -151,6 +151,9 @@ pub struct Drafter {
     sampling: Sampling,
     stop: Vec<u32>,
     last_only: bool,
+    /// A global shared part (its private parts zero) to draft from on request, with the
+    /// index in `layers` of each of its taps.
+    side: Option<(Plugin, Vec<usize>)>,
 }
 
 impl Drafter {
@@ -173,7 +176,21 @@ impl Drafter {
                 down.d
             )));
         }
-        Ok(Self { cache: bb.new_cache(), pending: 0, form, layers, sampling, stop, last_only })
+        Ok(Self { cache: bb.new_cache(), pending: 0, form, layers, sampling, stop, last_only, side: None })
+    }
+
+    /// Lets steps draft from `plugin`'s side distribution (`h + up(s) + personal(s)`; the
+    /// coordinator's copy has the global shared part and a zero personal part). Its taps
+    /// must be among the layers this drafter runs.
+    pub fn with_side(mut self, plugin: Plugin) -> Result<Self> {
+        let slots = plugin
+            .shape
+            .taps
+            .iter()
+            .map(|t| self.layers.iter().position(|l| l == t).ok_or_else(|| ModelError::InvalidInput(format!("side drafts need tap layer {t}"))))
+            .collect::<Result<Vec<_>>>()?;
+        self.side = Some((plugin, slots));
+        Ok(self)
     }
 
     /// Tokens in the cache, the unjudged drafts included.
@@ -202,8 +219,9 @@ impl Drafter {
     }
 
     /// Keeps the first `accepted` drafts of the last block, appends `ids` and drafts up to
-    /// `k` tokens after them (fewer at a stop id or the context's end).
-    pub fn step(&mut self, bb: &Backbone, accepted: usize, ids: &[u32], k: usize) -> Result<Block> {
+    /// `k` tokens after them (fewer at a stop id or the context's end), from the backbone's
+    /// distribution or, with `side` (and [`Self::with_side`]), the side plugin's.
+    pub fn step(&mut self, bb: &Backbone, accepted: usize, ids: &[u32], k: usize, side: bool) -> Result<Block> {
         if accepted > self.pending {
             return Err(ModelError::InvalidInput(format!("{accepted} drafts accepted of {} sent", self.pending)));
         }
@@ -216,12 +234,9 @@ impl Drafter {
         self.pending = 0;
         let n = ids.len();
         let tb = TokenBatch::new(vec![ids.to_vec()], &bb.config, keep)?;
-        // Logits of the last new position only (a prompt's others would be wasted).
-        let o = bb.forward(&tb, &self.layers, k > 0 && n == 1, Some(&mut self.cache));
-        let mut logits = match o.logits {
-            Some(l) => Some(to_vec(l)),
-            None => (k > 0).then(|| to_vec(bb.head(o.last_hidden.narrow(1, n - 1, 1)))),
-        };
+        let side = if side { self.side.as_ref() } else { None };
+        let o = bb.forward(&tb, &self.layers, false, Some(&mut self.cache));
+        let mut logits = (k > 0).then(|| draft_logits(bb, &o, side));
         let from = if self.last_only { n - 1 } else { 0 };
         let d = bb.config.hidden_size;
         let mut rows: Vec<Vec<f32>> = o.taps.into_iter().map(|t| to_vec(t)[from * d..].to_vec()).collect();
@@ -235,11 +250,13 @@ impl Drafter {
             drafts.push(t);
             let more = drafts.len() < k && !self.stop.contains(&t);
             let tb = TokenBatch::new(vec![vec![t]], &bb.config, position)?;
-            let o = bb.forward(&tb, &self.layers, more, Some(&mut self.cache));
+            let o = bb.forward(&tb, &self.layers, false, Some(&mut self.cache));
+            if more {
+                logits = Some(draft_logits(bb, &o, side));
+            }
             for (acc, tap) in rows.iter_mut().zip(o.taps) {
                 acc.extend(to_vec(tap));
             }
-            logits = o.logits.map(to_vec);
         }
         self.pending = drafts.len();
         if rows.iter().flatten().any(|v| !v.is_finite()) {
@@ -250,12 +267,30 @@ impl Drafter {
     }
 }
 
+/// The distribution to draft the token after the output's last position from: the
+/// backbone's, or the side plugin's (through the backbone's own final norm and head).
+fn draft_logits(bb: &Backbone, o: &crate::backbone::BackboneOutput, side: Option<&(Plugin, Vec<usize>)>) -> Vec<f32> {
+    let last = |x: &burn::tensor::Tensor<3>| {
+        let t = x.dims()[1];
+        x.clone().narrow(1, t - 1, 1)
+    };
+    let h = last(&o.last_hidden);
+    let hidden = match side {
+        Some((p, slots)) => {
+            let taps: Vec<_> = slots.iter().map(|&k| last(&o.taps[k])).collect();
+            p.net.side_hidden(&taps, h)
+        }
+        None => h,
+    };
+    to_vec(bb.head(hidden))
+}
+
 /// Where drafts come from: the coordinator's Generate stream on a device, or
 /// [`LocalDrafts`].
 pub trait DraftSource {
     fn max_positions(&self) -> usize;
     /// [`Drafter::step`]: one round trip.
-    fn step(&mut self, accepted: usize, ids: &[u32], k: usize) -> Result<Block>;
+    fn step(&mut self, accepted: usize, ids: &[u32], k: usize, side: bool) -> Result<Block>;
 }
 
 /// A local backbone as the drafting side (tests, and measuring without a network).
@@ -268,8 +303,8 @@ impl DraftSource for LocalDrafts<'_> {
     fn max_positions(&self) -> usize {
         self.backbone.config.max_position_embeddings
     }
-    fn step(&mut self, accepted: usize, ids: &[u32], k: usize) -> Result<Block> {
-        self.drafter.step(self.backbone, accepted, ids, k)
+    fn step(&mut self, accepted: usize, ids: &[u32], k: usize, side: bool) -> Result<Block> {
+        self.drafter.step(self.backbone, accepted, ids, k, side)
     }
 }
 
@@ -347,9 +382,11 @@ pub fn generate(
     let (mut out, mut stats) = (Generation::default(), SpecStats::default());
     let mut policy = AdaptiveDraft::new(max_draft);
     let (mut send, mut accepted, mut len) = (prompt.to_vec(), 0, 0);
+    // Drafts from the side plugin while the gate hands the device's tokens to it.
+    let mut side = false;
     while out.ids.len() < limit {
         let k = policy.next().min(limit - out.ids.len() - 1);
-        let block = source.step(accepted, &send, k)?;
+        let block = source.step(accepted, &send, k, side)?;
         len += send.len();
         let rows = block.positions;
         if block.drafts.len() > k || block.first + rows != len + block.drafts.len() || rows < block.drafts.len() + 1 {
@@ -365,10 +402,11 @@ pub fn generate(
         decider.push(block.first, block.states)?;
         let mut acc = 0;
         let id = loop {
-            let (id, side) = decider.decide(len - 1 + acc);
+            let (id, from_side) = decider.decide(len - 1 + acc);
             out.ids.push(id);
-            out.from_side.push(side);
-            if !on_token(id, side) || dec.stop.contains(&id) || out.ids.len() >= limit {
+            out.from_side.push(from_side);
+            side = from_side;
+            if !on_token(id, from_side) || dec.stop.contains(&id) || out.ids.len() >= limit {
                 stats.accepted += acc + usize::from(block.drafts.get(acc) == Some(&id));
                 return Ok((out, stats));
             }

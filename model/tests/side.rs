@@ -306,9 +306,13 @@ fn speculative_decoding_equals_per_token_decoding() {
         let (mut rejected, mut side) = (0, 0);
         for sampling in [Sampling { temperature: 0.0, ..Sampling::default() }, Sampling { temperature: 0.9, top_k: 0, seed: 11 }] {
             let d = dec(n, &sampling);
+            // Side drafts (the plugin's own side, as a coordinator would hold it) for the mlp side.
             let run = |form: DraftForm, k: usize| {
                 let inputs = if matches!(form, DraftForm::Taps(_)) { SideInputs::Taps } else { SideInputs::Down };
-                let drafter = Drafter::new(&bb, form, sampling.clone(), vec![], v == SideVariant::Mlp).unwrap();
+                let mut drafter = Drafter::new(&bb, form, sampling.clone(), vec![], v == SideVariant::Mlp).unwrap();
+                if v == SideVariant::Mlp && k == 3 {
+                    drafter = drafter.with_side(plugin.clone()).unwrap();
+                }
                 let mut src = LocalDrafts { backbone: &bb, drafter };
                 speculative::generate(&mut src, &head, Some(&plugin), &layers, inputs, &prompt, &d, k, &mut |_, _| true).unwrap()
             };

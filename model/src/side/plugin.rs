@@ -159,6 +159,11 @@ impl PluginNet {
         self.output(self.side_state(taps), h_last, head, gate_uses_side)
     }
 
+    /// `h_last + up(s) + personal(s)`: the side plugin's hidden state, without the gate.
+    pub fn side_hidden(&self, taps: &[Tensor<3>], h_last: Tensor<3>) -> Tensor<3> {
+        h_last + lin_sum(&self.side.up, &self.personal, self.side_state(taps))
+    }
+
     fn output(&self, s: Tensor<3>, h_last: Tensor<3>, head: &FrozenHead, gate_uses_side: bool) -> PluginOutput {
         let side_hidden = h_last.clone() + lin_sum(&self.side.up, &self.personal, s.clone());
         let gate = self.gate(head.norm(h_last), gate_uses_side.then(|| s.clone().detach()));
