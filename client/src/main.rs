@@ -112,9 +112,10 @@ enum Command {
         /// committed global version's).
         #[arg(long, value_enum, default_value_t = generate::Inputs::Auto)]
         inputs: generate::Inputs,
-        /// Drafts from the backbone only (not from the global side plugin after side tokens).
+        /// Let the coordinator draft from the global side plugin after tokens the gate gave
+        /// to the side (default: backbone drafts only).
         #[arg(long)]
-        no_side_drafts: bool,
+        side_drafts: bool,
         #[arg(long)]
         json: bool,
     },
@@ -280,7 +281,7 @@ fn main() -> Result<()> {
             let n = rt.block_on(agent::run(&home, &opts, &mut |e| eprintln!("{}", describe(&e))))?;
             eprintln!("adopted {n} committed version(s); exiting");
         }
-        Command::Generate { prompt, max_tokens, temperature, top_k, seed, stop_at_newline, stop, chat, ignore_eos, naive, max_draft, inputs, no_side_drafts, json } => {
+        Command::Generate { prompt, max_tokens, temperature, top_k, seed, stop_at_newline, stop, chat, ignore_eos, naive, max_draft, inputs, side_drafts, json } => {
             let mut out = std::io::stdout();
             if !json {
                 print!("{prompt}");
@@ -294,7 +295,7 @@ fn main() -> Result<()> {
                 naive,
                 max_draft: max_draft as usize,
                 inputs,
-                side_drafts: !no_side_drafts,
+                side_drafts,
                 coordinator: None,
             };
             let r = rt.block_on(generate::generate(&home, &prompt, &opts, &mut |t| {

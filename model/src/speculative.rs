@@ -308,37 +308,71 @@ impl DraftSource for LocalDrafts<'_> {
     }
 }
 
-/// How many tokens to ask the coordinator to draft: the longest draft that, at the recent
-/// per-draft acceptance rate `p`, is accepted whole with probability at least 3/4
-/// (`p^k >= 0.75`), within `1..=max`. Short drafts when the device often disagrees with the
-/// backbone (each rejected position costs bytes and coordinator time), long ones when it
-/// rarely does (each round trip costs latency).
+/// How many tokens to ask the coordinator to draft. Each round trip costs a fixed time
+/// `a` (network, call overheads) plus `b` per position (drafting on the coordinator, bytes,
+/// verifying here), both fitted to the measured round trips; at per-draft acceptance rate
+/// `p` a draft of `k` yields `E(k) = 1 + p + ... + p^k` tokens, so the draft that
+/// maximises `E(k) / (a + b (k + 1))` is the fastest: long drafts on a slow network, short
+/// ones where positions are dear or the device often disagrees with the drafts.
 #[derive(Clone, Debug)]
 pub struct AdaptiveDraft {
     max: usize,
     p: f64,
+    /// Exponentially weighted sums for the least-squares fit of time against positions:
+    /// weight, x, y, xx, xy.
+    fit: [f64; 5],
 }
 
 impl AdaptiveDraft {
     /// `max` 0: no drafts (per-token decoding over the same protocol).
     pub fn new(max: usize) -> Self {
-        Self { max, p: 0.9 }
+        Self { max, p: 0.8, fit: [0.0; 5] }
     }
 
     pub fn next(&self) -> usize {
         if self.max == 0 {
             return 0;
         }
-        let k = if self.p >= 1.0 { self.max as f64 } else { (0.75f64.ln() / self.p.ln()).floor() };
-        (k as usize).clamp(1, self.max)
+        let (a, b) = self.cost();
+        let (mut best, mut best_rate, mut e, mut pk) = (1, 0.0, 1.0, 1.0);
+        for k in 1..=self.max {
+            pk *= self.p;
+            e += pk;
+            let rate = e / (a + b * (k + 1) as f64);
+            if rate > best_rate {
+                (best, best_rate) = (k, rate);
+            }
+        }
+        best
     }
 
-    /// `accepted` drafts were accepted and, if `rejected`, one more was not.
-    pub fn observe(&mut self, accepted: usize, rejected: bool) {
+    /// `(a, b)`: fixed and per-position seconds of a round trip. Until two draft lengths
+    /// were seen, a round trip counts as eight positions.
+    fn cost(&self) -> (f64, f64) {
+        let [w, x, y, xx, xy] = self.fit;
+        let var = xx * w - x * x;
+        if w == 0.0 || var <= 1e-9 * w * w {
+            return (8.0, 1.0);
+        }
+        let b = ((xy * w - x * y) / var).max(1e-6);
+        let a = ((y - b * x) / w).max(b * 0.1);
+        (a, b)
+    }
+
+    /// `accepted` drafts were accepted and, if `rejected`, one more was not; `timing`: the
+    /// round trip's positions and seconds, verification included (None for the prompt's,
+    /// which prefill dominates).
+    pub fn observe(&mut self, accepted: usize, rejected: bool, timing: Option<(usize, f64)>) {
         let outcomes = std::iter::repeat_n(1.0, accepted).chain(rejected.then_some(0.0));
-        for x in outcomes {
+        for o in outcomes {
             // About the last 20 outcomes; kept off 0 and 1 so that k can move both ways.
-            self.p = (self.p + 0.1 * (x - self.p)).clamp(0.05, 0.995);
+            self.p = (self.p + 0.1 * (o - self.p)).clamp(0.05, 0.995);
+        }
+        let Some((positions, seconds)) = timing else { return };
+        let x = positions as f64;
+        // About the last 20 round trips.
+        for (s, v) in self.fit.iter_mut().zip([1.0, x, seconds, x * x, x * seconds]) {
+            *s = 0.95 * *s + v;
         }
     }
 }
@@ -385,6 +419,7 @@ pub fn generate(
     // Drafts from the side plugin while the gate hands the device's tokens to it.
     let mut side = false;
     while out.ids.len() < limit {
+        let started = std::time::Instant::now();
         let k = policy.next().min(limit - out.ids.len() - 1);
         let block = source.step(accepted, &send, k, side)?;
         len += send.len();
@@ -415,7 +450,8 @@ pub fn generate(
             }
             acc += 1;
         };
-        policy.observe(acc, acc < block.drafts.len());
+        let timing = (stats.round_trips > 1).then(|| (rows, started.elapsed().as_secs_f64()));
+        policy.observe(acc, acc < block.drafts.len(), timing);
         stats.accepted += acc;
         decider.truncate(len + acc);
         len += acc;
