@@ -27,6 +27,29 @@ fn quickstart_runs_rounds_over_the_service_and_personalizes() {
     assert!(!sample["personalized"].as_str().unwrap().trim().is_empty(), "{sample}");
 }
 
+/// Speculative generation over the real service equals per-token generation (seeded sampling
+/// and greedy, tap states and cloud-side down-projections: `generate-bench` fails otherwise),
+/// also when every connection is cut mid-generation and the sessions resume.
+#[test]
+fn speculative_generation_over_the_service_equals_per_token_and_survives_cuts() {
+    for sampling in [&["--temperature", "0.8", "--top-k", "20", "--seed", "5"][..], &["--temperature", "0"]] {
+        let mut args = vec!["generate-bench", "--devices", "3", "--rounds", "1", "--prompts", "2", "--max-tokens", "48", "--delay-ms", "1", "--cut-after", "12", "--json"];
+        args.extend_from_slice(sampling);
+        let out = spa(&args);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        let rows: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(rows.len(), 5, "{stdout}");
+        for r in &rows {
+            let speculative = r["mode"].as_str().unwrap().starts_with("speculative");
+            assert_eq!(r["reconnects"].as_u64().unwrap() > 0, speculative, "{r}");
+            assert_eq!(r["round_trips_per_token"].as_f64().unwrap() < 1.0, speculative, "{r}");
+        }
+        let bytes = |mode: &str| rows.iter().find(|r| r["mode"] == mode).unwrap()["bytes_per_token"].as_f64().unwrap();
+        assert!(bytes("naive, down f16") < bytes("naive, taps") / 2.0, "{stdout}");
+    }
+}
+
 #[test]
 fn simulated_rounds_aggregate_securely_and_personalize() {
     let out = spa(&["simulate", "--devices", "5", "--examples", "25", "--rounds", "2", "--local-epochs", "2", "--show", "1", "--json"]);

@@ -313,7 +313,9 @@ impl DraftSource for LocalDrafts<'_> {
 /// verifying here), both fitted to the measured round trips; at per-draft acceptance rate
 /// `p` a draft of `k` yields `E(k) = 1 + p + ... + p^k` tokens, so the draft that
 /// maximises `E(k) / (a + b (k + 1))` is the fastest: long drafts on a slow network, short
-/// ones where positions are dear or the device often disagrees with the drafts.
+/// ones (or none) where positions are dear or the device often disagrees with the drafts.
+/// Every fourth round trip tries half the chosen length (at least 1), so that the fit sees
+/// different lengths and acceptance keeps being measured.
 #[derive(Clone, Debug)]
 pub struct AdaptiveDraft {
     max: usize,
@@ -321,12 +323,13 @@ pub struct AdaptiveDraft {
     /// Exponentially weighted sums for the least-squares fit of time against positions:
     /// weight, x, y, xx, xy.
     fit: [f64; 5],
+    steps: usize,
 }
 
 impl AdaptiveDraft {
     /// `max` 0: no drafts (per-token decoding over the same protocol).
     pub fn new(max: usize) -> Self {
-        Self { max, p: 0.8, fit: [0.0; 5] }
+        Self { max, p: 0.8, fit: [0.0; 5], steps: 0 }
     }
 
     pub fn next(&self) -> usize {
@@ -334,7 +337,7 @@ impl AdaptiveDraft {
             return 0;
         }
         let (a, b) = self.cost();
-        let (mut best, mut best_rate, mut e, mut pk) = (1, 0.0, 1.0, 1.0);
+        let (mut best, mut best_rate, mut e, mut pk) = (0, 1.0 / (a + b), 1.0, 1.0);
         for k in 1..=self.max {
             pk *= self.p;
             e += pk;
@@ -343,16 +346,16 @@ impl AdaptiveDraft {
                 (best, best_rate) = (k, rate);
             }
         }
-        best
+        if self.steps % 4 == 3 { (best / 2).max(1) } else { best }
     }
 
     /// `(a, b)`: fixed and per-position seconds of a round trip. Until two draft lengths
-    /// were seen, a round trip counts as eight positions.
+    /// were seen, a round trip counts as two positions.
     fn cost(&self) -> (f64, f64) {
         let [w, x, y, xx, xy] = self.fit;
         let var = xx * w - x * x;
         if w == 0.0 || var <= 1e-9 * w * w {
-            return (8.0, 1.0);
+            return (1.0, 1.0);
         }
         let b = ((xy * w - x * y) / var).max(1e-6);
         let a = ((y - b * x) / w).max(b * 0.1);
@@ -368,6 +371,7 @@ impl AdaptiveDraft {
             // About the last 20 outcomes; kept off 0 and 1 so that k can move both ways.
             self.p = (self.p + 0.1 * (o - self.p)).clamp(0.05, 0.995);
         }
+        self.steps += 1;
         let Some((positions, seconds)) = timing else { return };
         let x = positions as f64;
         // About the last 20 round trips.
@@ -458,4 +462,48 @@ pub fn generate(
         (send, accepted) = (vec![id], acc);
     }
     Ok((out, stats))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AdaptiveDraft;
+
+    /// The draft length after 60 round trips costing `a + b * positions` seconds, drafts
+    /// accepted at rate `p` (drawn from a fixed sequence).
+    fn settled(max: usize, p: f64, a: f64, b: f64) -> usize {
+        let mut d = AdaptiveDraft::new(max);
+        let mut x = 1u64;
+        for _ in 0..60 {
+            let k = d.next();
+            let mut accepted = 0;
+            while accepted < k {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                if ((x >> 11) as f64 / (1u64 << 53) as f64) >= p {
+                    break;
+                }
+                accepted += 1;
+            }
+            d.observe(accepted, accepted < k, Some((k + 1, a + b * (k + 1) as f64)));
+        }
+        // The choice of a step that does not explore.
+        if d.steps % 4 == 3 {
+            d.steps += 1;
+        }
+        d.next()
+    }
+
+    #[test]
+    fn draft_length_follows_costs_and_acceptance() {
+        assert_eq!(AdaptiveDraft::new(0).next(), 0);
+        // A slow network and drafts that are accepted: long drafts, up to the bound.
+        let slow = settled(16, 0.95, 0.050, 0.001);
+        assert!(slow >= 10, "{slow}");
+        assert!(settled(4, 0.95, 0.050, 0.001) <= 4);
+        // Positions dearer than the round trip, or drafts often refused: short drafts or
+        // none (per-token decoding is then the fastest).
+        let dear = settled(16, 0.95, 0.001, 0.050);
+        let refused = settled(16, 0.3, 0.050, 0.001);
+        assert!(dear <= 2 && refused < slow / 2, "{dear} {refused} {slow}");
+        assert_eq!(settled(16, 0.1, 0.001, 0.050), 0);
+    }
 }
