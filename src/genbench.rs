@@ -47,10 +47,10 @@ pub struct Row {
 /// inputs kind is the reference its speculative texts must equal.
 const MODES: [(&str, bool, Inputs, bool); 5] = [
     ("naive, taps", true, Inputs::Taps, false),
-    ("speculative, taps", false, Inputs::Taps, false),
+    ("speculative, taps", false, Inputs::Taps, true),
     ("naive, down f16", true, Inputs::Down, false),
-    ("speculative, down f16", false, Inputs::Down, false),
-    ("speculative, down f16, side drafts", false, Inputs::Down, true),
+    ("speculative, down f16", false, Inputs::Down, true),
+    ("speculative, down f16, backbone drafts only", false, Inputs::Down, false),
 ];
 
 pub async fn run(cfg: &GenBenchConfig, on_row: &mut dyn FnMut(&Row)) -> anyhow::Result<Vec<Row>> {

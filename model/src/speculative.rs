@@ -381,6 +381,34 @@ impl AdaptiveDraft {
     }
 }
 
+/// Which drafts to ask for after a side token: acceptance rates of side and backbone drafts
+/// there (moving averages), the better one chosen, the other tried every eighth time.
+#[derive(Clone, Debug)]
+struct SourceChoice {
+    rate: [f64; 2],
+    picks: usize,
+}
+
+impl Default for SourceChoice {
+    fn default() -> Self {
+        // Side drafts first: after a side token the side is the likelier next speaker.
+        Self { rate: [0.5, 0.6], picks: 0 }
+    }
+}
+
+impl SourceChoice {
+    fn pick(&mut self) -> bool {
+        self.picks += 1;
+        let side_better = self.rate[1] >= self.rate[0];
+        if self.picks % 8 == 0 { !side_better } else { side_better }
+    }
+
+    fn observe(&mut self, side: bool, accepted: f64) {
+        let r = &mut self.rate[usize::from(side)];
+        *r += 0.2 * (accepted - *r);
+    }
+}
+
 /// What speculative decoding cost.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct SpecStats {
@@ -420,11 +448,13 @@ pub fn generate(
     let (mut out, mut stats) = (Generation::default(), SpecStats::default());
     let mut policy = AdaptiveDraft::new(max_draft);
     let (mut send, mut accepted, mut len) = (prompt.to_vec(), 0, 0);
-    // Drafts from the side plugin while the gate hands the device's tokens to it.
-    let mut side = false;
+    // After a token the gate gave to the side plugin, drafts from the side or the backbone,
+    // whichever has been accepted more there.
+    let (mut after_side, mut sources) = (false, SourceChoice::default());
     while out.ids.len() < limit {
         let started = std::time::Instant::now();
         let k = policy.next().min(limit - out.ids.len() - 1);
+        let side = after_side && sources.pick();
         let block = source.step(accepted, &send, k, side)?;
         len += send.len();
         let rows = block.positions;
@@ -444,7 +474,6 @@ pub fn generate(
             let (id, from_side) = decider.decide(len - 1 + acc);
             out.ids.push(id);
             out.from_side.push(from_side);
-            side = from_side;
             if !on_token(id, from_side) || dec.stop.contains(&id) || out.ids.len() >= limit {
                 stats.accepted += acc + usize::from(block.drafts.get(acc) == Some(&id));
                 return Ok((out, stats));
@@ -456,6 +485,10 @@ pub fn generate(
         };
         let timing = (stats.round_trips > 1).then(|| (rows, started.elapsed().as_secs_f64()));
         policy.observe(acc, acc < block.drafts.len(), timing);
+        if after_side && !block.drafts.is_empty() {
+            sources.observe(side, acc as f64 / (acc + usize::from(acc < block.drafts.len())) as f64);
+        }
+        after_side = out.from_side.last() == Some(&true);
         stats.accepted += acc;
         decider.truncate(len + acc);
         len += acc;
