@@ -74,13 +74,8 @@ struct GenBenchArgs {
     prompts: usize,
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
-    /// 0 = greedy.
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f64,
-    #[arg(long, default_value_t = 0)]
-    top_k: usize,
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
+    #[command(flatten)]
+    sampling: spa_client::generate::SamplingArgs,
     #[arg(long, default_value_t = 16)]
     max_draft: usize,
     /// Cut every connection after this many text pieces of each speculative generation
@@ -258,7 +253,7 @@ fn generate_bench(a: GenBenchArgs) -> Result<()> {
         delays_ms: a.delay_ms.clone(),
         prompts: a.prompts,
         max_tokens: a.max_tokens,
-        sampling: Sampling { temperature: a.temperature, top_k: a.top_k, seed: a.seed },
+        sampling: a.sampling.sampling(),
         max_draft: a.max_draft,
         cut_after: a.cut_after,
     };

@@ -35,6 +35,25 @@ pub enum Inputs {
     Down,
 }
 
+/// The sampler's command-line flags (`spa-client generate`, `spa generate-bench`).
+#[derive(clap::Args, Clone, Debug)]
+pub struct SamplingArgs {
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Sample among the k most likely tokens (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+impl SamplingArgs {
+    pub fn sampling(&self) -> Sampling {
+        Sampling { temperature: self.temperature, top_k: self.top_k, seed: self.seed }
+    }
+}
+
 /// How `spa-client generate` decodes.
 #[derive(Clone, Debug)]
 pub struct GenerateOptions {

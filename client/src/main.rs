@@ -81,14 +81,8 @@ enum Command {
         prompt: String,
         #[arg(long, default_value_t = 120)]
         max_tokens: usize,
-        /// 0 = greedy.
-        #[arg(long, default_value_t = 0.0)]
-        temperature: f64,
-        /// Sample among the k most likely tokens (0 = all).
-        #[arg(long, default_value_t = 0)]
-        top_k: usize,
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
+        #[command(flatten)]
+        sampling: generate::SamplingArgs,
         /// Stop at the end of the first generated line.
         #[arg(long, conflicts_with = "stop")]
         stop_at_newline: bool,
@@ -282,14 +276,14 @@ fn main() -> Result<()> {
             let n = rt.block_on(agent::run(&home, &opts, &mut |e| eprintln!("{}", describe(&e))))?;
             eprintln!("adopted {n} committed version(s); exiting");
         }
-        Command::Generate { prompt, max_tokens, temperature, top_k, seed, stop_at_newline, stop, chat, ignore_eos, naive, max_draft, inputs, no_side_drafts, json } => {
+        Command::Generate { prompt, max_tokens, sampling, stop_at_newline, stop, chat, ignore_eos, naive, max_draft, inputs, no_side_drafts, json } => {
             let mut out = std::io::stdout();
             if !json {
                 print!("{prompt}");
             }
             let opts = generate::GenerateOptions {
                 max_tokens,
-                sampling: spa_model::generate::Sampling { temperature, top_k, seed },
+                sampling: sampling.sampling(),
                 stop: if stop_at_newline { Some("\n".into()) } else { stop },
                 chat,
                 ignore_eos,
