@@ -72,7 +72,7 @@ pub async fn quickstart(cfg: &QuickstartConfig, out: &mut dyn FnMut(Output)) -> 
     // Personalized generation through the service, next to the backbone alone.
     for (i, u) in users.iter().enumerate().take(cfg.show) {
         let ex = &u.test[0];
-        let h = home(&dir, i);
+        let h = home(dir, i);
         let opts = spa_client::generate::GenerateOptions {
             max_tokens: 80,
             sampling: Sampling { temperature: 0.5, top_k: 5, seed: cfg.seed + 1 },
@@ -80,7 +80,7 @@ pub async fn quickstart(cfg: &QuickstartConfig, out: &mut dyn FnMut(Output)) -> 
             ..Default::default()
         };
         let mine = spa_client::generate::generate(&h, &ex.prompt, &opts, &mut |_| {}).await?;
-        let base = backbone_alone(&model, &ex.prompt, cfg.seed + 1)?;
+        let base = backbone_alone(model, &ex.prompt, cfg.seed + 1)?;
         out(Output::Sample {
             device: u.user.clone(),
             prompt: ex.prompt.clone(),

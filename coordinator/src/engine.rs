@@ -61,7 +61,7 @@ enum Job {
     },
     Open {
         session: u64,
-        opening: Opening,
+        opening: Box<Opening>,
         reply: Reply<()>,
     },
     Resume {
@@ -231,7 +231,7 @@ impl Engine {
 
     /// Starts session `session` (the handler allocates ids), held by stream epoch 0.
     pub async fn open(&self, session: u64, opening: Opening) -> Result<(), String> {
-        self.call(|reply| Job::Open { session, opening, reply }).await
+        self.call(|reply| Job::Open { session, opening: Box::new(opening), reply }).await
     }
 
     /// Hands a session of `owner` opened with `fingerprint` to a new stream, truncated to
@@ -332,6 +332,7 @@ fn worker(bb: Backbone, rx: mpsc::Receiver<Job>, idle: Duration, max_detached: u
             }
             Job::Open { session, opening, reply } => {
                 let r = guarded(|| {
+                    let opening = *opening;
                     let mut drafter = Drafter::new(&bb, opening.form, opening.sampling, opening.stop, opening.last_only).map_err(|e| e.to_string())?;
                     if let Some((cfg, shared)) = &opening.side {
                         let plugin = Plugin::new(cfg, &bb.config, &bb.device).and_then(|p| p.load(shared)).map_err(|e| e.to_string())?;

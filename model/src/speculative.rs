@@ -400,7 +400,7 @@ impl SourceChoice {
     fn pick(&mut self) -> bool {
         self.picks += 1;
         let side_better = self.rate[1] >= self.rate[0];
-        if self.picks % 8 == 0 { !side_better } else { side_better }
+        if self.picks.is_multiple_of(8) { !side_better } else { side_better }
     }
 
     fn observe(&mut self, side: bool, accepted: f64) {
