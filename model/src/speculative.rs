@@ -214,10 +214,6 @@ impl Drafter {
         self.pending = 0;
     }
 
-    pub fn form(&self) -> &DraftForm {
-        &self.form
-    }
-
     /// Keeps the first `accepted` drafts of the last block, appends `ids` and drafts up to
     /// `k` tokens after them (fewer at a stop id or the context's end), from the backbone's
     /// distribution or, with `side` (and [`Self::with_side`]), the side plugin's.
@@ -418,12 +414,6 @@ pub struct SpecStats {
     pub accepted: usize,
     /// Positions whose states were received.
     pub positions: usize,
-}
-
-impl SpecStats {
-    pub fn acceptance(&self) -> f64 {
-        self.accepted as f64 / self.drafted.max(1) as f64
-    }
 }
 
 /// Decodes up to `dec.max_new` tokens after `prompt` over drafts from `source`, drafting at
