@@ -20,6 +20,7 @@ pub mod optim;
 pub mod pretrain;
 pub mod side;
 pub mod speculative;
+pub mod team;
 pub mod tensor_util;
 pub mod tokenizer;
 pub mod train;

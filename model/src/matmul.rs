@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 /// Row counts up to this take the matrix-vector kernels (decoding, verifying drafts).
 pub const SMALL_M: usize = 8;
-/// Weights smaller than this many elements run on one core: a rayon round trip costs more.
+/// Weights smaller than this many elements run on one core: starting a second costs more.
 const PARALLEL_MIN: usize = 1 << 18;
 
 /// A weight's elements, borrowed from its tensor.
@@ -56,75 +56,91 @@ pub enum Order {
 /// `x [m, k] @ w [k, n]` into `out [m, n]` (row-major f32).
 pub fn matmul(x: &[f32], m: usize, k: usize, w: Weights, order: Order, n: usize, out: &mut [f32]) {
     assert!(x.len() == m * k && w.len() == k * n && out.len() == m * n, "matmul: inconsistent shapes");
-    match (order, m <= SMALL_M) {
-        (Order::KN, true) => small_kn(x, m, k, w, n, out),
-        (Order::NK, true) => small_nk(x, m, k, w, n, out),
-        _ => panels(x, m, k, w, order, n, out),
+    if m <= SMALL_M {
+        small(x, m, k, w, order, n, out)
+    } else {
+        panels(x, m, k, w, order, n, out)
     }
 }
 
-/// Column blocks `[start, end)` for splitting `n` outputs of a `k x n` weight over the cores.
-fn blocks(k: usize, n: usize, align: usize) -> Vec<(usize, usize)> {
-    let parts = if k * n < PARALLEL_MIN { 1 } else { 4 * rayon::current_num_threads() };
-    let size = n.div_ceil(parts).next_multiple_of(align).max(align);
-    (0..n).step_by(size).map(|s| (s, (s + size).min(n))).collect()
+/// Few rows (at most [`SMALL_M`]): `x [m, k] @ w [k, n]` in column blocks that a
+/// `crate::team` of threads claims (decoding's products run there too, so the pool's
+/// threads are not woken between them).
+fn small(x: &[f32], m: usize, k: usize, w: Weights, order: Order, n: usize, out: &mut [f32]) {
+    let threads = if k * n < PARALLEL_MIN { 1 } else { rayon::current_num_threads() };
+    let chunk = n.div_ceil(4 * threads).next_multiple_of(16);
+    let shared = crate::team::SharedBuf::new(out);
+    crate::team::run(threads, 1, |member| {
+        let mut acc = Vec::new();
+        for cols in member.claims(n, chunk) {
+            let len = cols.len();
+            acc.resize(m * len, 0.0);
+            columns_into(x, m, k, w, order, n, cols.clone(), &mut acc);
+            for i in 0..m {
+                // SAFETY: the claimed columns of row i are this member's alone.
+                unsafe { shared.piece(i * n + cols.start..i * n + cols.end) }.copy_from_slice(&acc[i * len..(i + 1) * len]);
+            }
+        }
+    });
 }
 
-/// Writes each block's `[m, len]` result into its columns of `out`.
-fn scatter(results: Vec<((usize, usize), Vec<f32>)>, m: usize, n: usize, out: &mut [f32]) {
-    for ((s, e), r) in results {
-        let len = e - s;
-        for i in 0..m {
-            out[i * n + s..i * n + e].copy_from_slice(&r[i * len..(i + 1) * len]);
+/// Columns `cols` of `x [m, k] @ w [k, n]` for few rows (at most [`SMALL_M`]), into `acc` as
+/// row-major `[m, cols.len()]`, on the calling thread.
+/// - `[n, k]` weight (the layout served weights use): each output is the dot product of one
+///   weight row (read once, converted on the fly) with each x row, four rows at a time for
+///   one x row where the CPU has AVX-512; the block reads a contiguous run of weight rows,
+///   the access pattern memory likes best.
+/// - `[k, n]` weight: walks the block's columns of every weight row once, four rows at a
+///   time, adding `x[i, r] * w[r, cols]` into the accumulators.
+#[allow(clippy::too_many_arguments)]
+pub fn columns_into(x: &[f32], m: usize, k: usize, w: Weights, order: Order, n: usize, cols: std::ops::Range<usize>, acc: &mut [f32]) {
+    let (s, len) = (cols.start, cols.len());
+    assert!(m <= SMALL_M && cols.end <= n && acc.len() == m * len && x.len() >= m * k, "columns_into: inconsistent shapes");
+    match order {
+        Order::NK => {
+            let mut dots = [0f32; SMALL_M];
+            let mut cols = cols;
+            if m == 1 {
+                while cols.len() >= 4 {
+                    let c = cols.start;
+                    if !simd::dots4(x, k, w, c * k, &mut acc[c - s..c - s + 4]) {
+                        break;
+                    }
+                    cols.start += 4;
+                }
+            }
+            for c in cols {
+                simd::dots(x, m, k, w, c * k, &mut dots[..m]);
+                for i in 0..m {
+                    acc[i * len + c - s] = dots[i];
+                }
+            }
+        }
+        Order::KN => {
+            acc.fill(0.0);
+            if let Weights::F32(w) = w {
+                // f32 rows are read in place, `n` apart: no copy.
+                for r in (0..k).step_by(4) {
+                    let take = (k - r).min(4);
+                    let rows = &w[r * n + s..(r + take - 1) * n + s + len];
+                    for i in 0..m {
+                        simd::axpy_rows(&mut acc[i * len..(i + 1) * len], &x[i * k + r..i * k + r + take], rows, n);
+                    }
+                }
+                return;
+            }
+            let mut rows = vec![0f32; 4 * len];
+            for r in (0..k).step_by(4) {
+                let take = (k - r).min(4);
+                for j in 0..take {
+                    w.read((r + j) * n + s, &mut rows[j * len..(j + 1) * len]);
+                }
+                for i in 0..m {
+                    simd::axpy_rows(&mut acc[i * len..(i + 1) * len], &x[i * k + r..i * k + r + take], &rows[..take * len], len);
+                }
+            }
         }
     }
-}
-
-/// Few rows, `[k, n]` weight: each block walks its columns of every weight row once, four rows
-/// at a time, adding `x[i, r] * w[r, cols]` into the block's accumulators.
-fn small_kn(x: &[f32], m: usize, k: usize, w: Weights, n: usize, out: &mut [f32]) {
-    let run = |&(s, e): &(usize, usize)| {
-        let len = e - s;
-        let mut acc = vec![0f32; m * len];
-        let mut rows = vec![0f32; 4 * len];
-        let mut r = 0;
-        while r < k {
-            let take = (k - r).min(4);
-            for j in 0..take {
-                w.read((r + j) * n + s, &mut rows[j * len..(j + 1) * len]);
-            }
-            for i in 0..m {
-                let a = &x[i * k + r..i * k + r + take];
-                simd::axpy_rows(&mut acc[i * len..(i + 1) * len], a, &rows[..take * len]);
-            }
-            r += take;
-        }
-        ((s, e), acc)
-    };
-    let bl = blocks(k, n, 16);
-    let results: Vec<_> = if bl.len() == 1 { bl.iter().map(run).collect() } else { bl.par_iter().map(run).collect() };
-    scatter(results, m, n, out);
-}
-
-/// Few rows, `[n, k]` weight: each output is the dot product of one weight row (read once,
-/// converted on the fly) with each x row. Each block is a contiguous run of weight rows, the
-/// access pattern memory likes best; this is the layout served weights use.
-fn small_nk(x: &[f32], m: usize, k: usize, w: Weights, n: usize, out: &mut [f32]) {
-    let run = |&(s, e): &(usize, usize)| {
-        let len = e - s;
-        let mut acc = vec![0f32; m * len];
-        let mut dots = [0f32; SMALL_M];
-        for c in s..e {
-            simd::dots(x, m, k, w, c * k, &mut dots[..m]);
-            for i in 0..m {
-                acc[i * len + c - s] = dots[i];
-            }
-        }
-        ((s, e), acc)
-    };
-    let bl = blocks(k, n, 1);
-    let results: Vec<_> = if bl.len() == 1 { bl.iter().map(run).collect() } else { bl.par_iter().map(run).collect() };
-    scatter(results, m, n, out);
 }
 
 /// Many rows: weight panels of a few hundred columns converted to f32 (in parallel), each
@@ -305,6 +321,16 @@ mod simd {
         })
     }
 
+    /// AVX-512F and BW: the four-row kernels (sixteen weights per load, any precision).
+    #[cfg(target_arch = "x86_64")]
+    fn avx512() -> bool {
+        use std::sync::OnceLock;
+        static AVX512: OnceLock<bool> = OnceLock::new();
+        *AVX512.get_or_init(|| {
+            fast() && std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw")
+        })
+    }
+
     pub fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         if fast() {
@@ -323,16 +349,17 @@ mod simd {
         }
     }
 
-    /// `acc += sum_j a[j] * rows[j]`, rows of `acc.len()` each.
-    pub fn axpy_rows(acc: &mut [f32], a: &[f32], rows: &[f32]) {
+    /// `acc += sum_j a[j] * rows[j * stride..][..acc.len()]`.
+    pub fn axpy_rows(acc: &mut [f32], a: &[f32], rows: &[f32], stride: usize) {
+        let len = acc.len();
+        assert!(stride >= len && (a.is_empty() || rows.len() >= (a.len() - 1) * stride + len), "axpy_rows: rows too short");
         #[cfg(target_arch = "x86_64")]
         if fast() {
-            // SAFETY: the CPU has AVX2 and FMA (checked above).
-            return unsafe { x86::axpy_rows(acc, a, rows) };
+            // SAFETY: the CPU has AVX2 and FMA (checked above); rows are long enough (checked).
+            return unsafe { x86::axpy_rows(acc, a, rows, stride) };
         }
-        let len = acc.len();
         for (j, &aj) in a.iter().enumerate() {
-            for (o, &r) in acc.iter_mut().zip(&rows[j * len..(j + 1) * len]) {
+            for (o, &r) in acc.iter_mut().zip(&rows[j * stride..j * stride + len]) {
                 *o += aj * r;
             }
         }
@@ -361,6 +388,26 @@ mod simd {
         }
     }
 
+    /// Four consecutive rows of `w` (from `from`, `k` apart) dotted with one x row; false
+    /// where no such kernel exists for this CPU and dtype.
+    pub fn dots4(x: &[f32], k: usize, w: super::Weights, from: usize, out: &mut [f32]) -> bool {
+        use super::Weights;
+        #[cfg(target_arch = "x86_64")]
+        if avx512() {
+            let (x, out) = (&x[..k], &mut out[..4]);
+            // SAFETY: AVX-512F/BW, F16C and FMA checked; each slice holds 4 rows of k.
+            unsafe {
+                match w {
+                    Weights::F32(v) => x86::dots4_f32_avx512(x, k, &v[from..from + 4 * k], out),
+                    Weights::F16(v) => x86::dots4_f16_avx512(x, k, &v[from..from + 4 * k], out),
+                    Weights::BF16(v) => x86::dots4_bf16_avx512(x, k, &v[from..from + 4 * k], out),
+                }
+            }
+            return true;
+        }
+        false
+    }
+
     #[cfg(target_arch = "x86_64")]
     mod x86 {
         use std::arch::x86_64::*;
@@ -385,22 +432,23 @@ mod simd {
         }
 
         #[target_feature(enable = "avx2,fma")]
-        pub unsafe fn axpy_rows(acc: &mut [f32], a: &[f32], rows: &[f32]) {
+        pub unsafe fn axpy_rows(acc: &mut [f32], a: &[f32], rows: &[f32], stride: usize) {
             let len = acc.len();
             let p = acc.as_mut_ptr();
             let r = rows.as_ptr();
             let mut c = 0;
-            // SAFETY: c + 8 <= len, and rows holds a.len() rows of len.
+            // SAFETY: c + 8 <= len, and rows holds a.len() rows of len, stride apart.
             unsafe {
                 match a.len() {
                     4 => {
                         let (a0, a1, a2, a3) = (_mm256_set1_ps(a[0]), _mm256_set1_ps(a[1]), _mm256_set1_ps(a[2]), _mm256_set1_ps(a[3]));
+                        let (r1, r2, r3) = (r.add(stride), r.add(2 * stride), r.add(3 * stride));
                         while c + 8 <= len {
                             let mut v = _mm256_loadu_ps(p.add(c));
                             v = _mm256_fmadd_ps(a0, _mm256_loadu_ps(r.add(c)), v);
-                            v = _mm256_fmadd_ps(a1, _mm256_loadu_ps(r.add(len + c)), v);
-                            v = _mm256_fmadd_ps(a2, _mm256_loadu_ps(r.add(2 * len + c)), v);
-                            v = _mm256_fmadd_ps(a3, _mm256_loadu_ps(r.add(3 * len + c)), v);
+                            v = _mm256_fmadd_ps(a1, _mm256_loadu_ps(r1.add(c)), v);
+                            v = _mm256_fmadd_ps(a2, _mm256_loadu_ps(r2.add(c)), v);
+                            v = _mm256_fmadd_ps(a3, _mm256_loadu_ps(r3.add(c)), v);
                             _mm256_storeu_ps(p.add(c), v);
                             c += 8;
                         }
@@ -409,7 +457,7 @@ mod simd {
                         while c + 8 <= len {
                             let mut v = _mm256_loadu_ps(p.add(c));
                             for (j, &aj) in a.iter().enumerate() {
-                                v = _mm256_fmadd_ps(_mm256_set1_ps(aj), _mm256_loadu_ps(r.add(j * len + c)), v);
+                                v = _mm256_fmadd_ps(_mm256_set1_ps(aj), _mm256_loadu_ps(r.add(j * stride + c)), v);
                             }
                             _mm256_storeu_ps(p.add(c), v);
                             c += 8;
@@ -419,10 +467,16 @@ mod simd {
             }
             for cc in c..len {
                 for (j, &aj) in a.iter().enumerate() {
-                    acc[cc] += aj * rows[j * len + cc];
+                    acc[cc] += aj * rows[j * stride + cc];
                 }
             }
         }
+
+        /// How far ahead of the weights being read the kernels ask for weights: the hardware
+        /// prefetcher alone left a core's stream latency-bound (f16 decode +15% with one row
+        /// at a time, +20% with four; distances swept in docs/BENCHMARKS.md).
+        const AHEAD_ROW: usize = 2048;
+        const AHEAD_BLOCK: usize = 8192;
 
         /// Eight weights at `p + j` as f32.
         type Load = unsafe fn(*const u8, usize) -> __m256;
@@ -461,15 +515,19 @@ mod simd {
         /// The shared body: one row (m = 1, the decoding case) with four accumulators to
         /// hide the FMA latency, or up to eight rows sharing each loaded weight vector.
         #[inline(always)]
-        unsafe fn dots(x: &[f32], m: usize, k: usize, w: *const u8, tail: impl Fn(usize) -> f32, load: Load, out: &mut [f32]) {
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn dots(x: &[f32], m: usize, k: usize, w: *const u8, esize: usize, tail: impl Fn(usize) -> f32, load: Load, out: &mut [f32]) {
             let px = x.as_ptr();
             let full = k - k % 8;
-            // SAFETY: every load reads within j + 8 <= full <= k of its row.
+                        // SAFETY: every load reads within j + 8 <= full <= k of its row; prefetches never fault.
             unsafe {
                 if m == 1 {
                     let mut s = [_mm256_setzero_ps(); 4];
                     let mut j = 0;
                     while j + 32 <= full {
+                        for line in (0..32 * esize).step_by(64) {
+                            _mm_prefetch::<_MM_HINT_T0>((w as *const i8).wrapping_add(j * esize + line + AHEAD_ROW));
+                        }
                         for (u, acc) in s.iter_mut().enumerate() {
                             *acc = _mm256_fmadd_ps(_mm256_loadu_ps(px.add(j + 8 * u)), load(w, j + 8 * u), *acc);
                         }
@@ -501,19 +559,92 @@ mod simd {
         #[target_feature(enable = "avx2,fma")]
         pub unsafe fn dots_f32(x: &[f32], m: usize, k: usize, w: &[f32], out: &mut [f32]) {
             // SAFETY: w holds k elements.
-            unsafe { dots(x, m, k, w.as_ptr() as *const u8, |j| w[j], load_f32, out) }
+            unsafe { dots(x, m, k, w.as_ptr() as *const u8, 4, |j| w[j], load_f32, out) }
         }
 
         #[target_feature(enable = "avx2,fma,f16c")]
         pub unsafe fn dots_f16(x: &[f32], m: usize, k: usize, w: &[f16], out: &mut [f32]) {
             // SAFETY: w holds k elements.
-            unsafe { dots(x, m, k, w.as_ptr() as *const u8, |j| w[j].to_f32(), load_f16, out) }
+            unsafe { dots(x, m, k, w.as_ptr() as *const u8, 2, |j| w[j].to_f32(), load_f16, out) }
+        }
+
+        /// Sixteen weights at `p + j` as f32 (AVX-512).
+        type Load16 = unsafe fn(*const u8, usize) -> __m512;
+
+        #[inline(always)]
+        unsafe fn load16_f32(p: *const u8, j: usize) -> __m512 {
+            // SAFETY: the caller keeps j + 16 within the row.
+            unsafe { _mm512_loadu_ps((p as *const f32).add(j)) }
+        }
+
+        #[inline(always)]
+        unsafe fn load16_f16(p: *const u8, j: usize) -> __m512 {
+            // SAFETY: as above.
+            unsafe { _mm512_cvtph_ps(_mm256_loadu_si256((p as *const u16).add(j) as *const __m256i)) }
+        }
+
+        #[inline(always)]
+        unsafe fn load16_bf16(p: *const u8, j: usize) -> __m512 {
+            // SAFETY: as above; a bf16 is the top half of an f32.
+            unsafe {
+                let h = _mm256_loadu_si256((p as *const u16).add(j) as *const __m256i);
+                _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+            }
+        }
+
+        /// Four consecutive weight rows (`k` apart from `w`) dotted with one x row, sixteen
+        /// weights per load: four independent streams per core keep more of the memory's
+        /// bandwidth busy than one row at a time, and each x vector is loaded once for four.
+        #[inline(always)]
+        unsafe fn dots4(x: &[f32], k: usize, w: *const u8, esize: usize, tail: impl Fn(usize) -> f32, load: Load16, out: &mut [f32]) {
+            let px = x.as_ptr();
+            let full = k - k % 16;
+                        // SAFETY: loads read within j + 16 <= full <= k of each of the 4 rows; prefetches
+            // never fault.
+            unsafe {
+                let rows = [w, w.add(k * esize), w.add(2 * k * esize), w.add(3 * k * esize)];
+                let mut s = [_mm512_setzero_ps(); 4];
+                let mut j = 0;
+                while j < full {
+                    if (j * esize) % 64 == 0 {
+                        for r in rows {
+                            _mm_prefetch::<_MM_HINT_T0>((r as *const i8).wrapping_add(j * esize + AHEAD_BLOCK));
+                        }
+                    }
+                    let xv = _mm512_loadu_ps(px.add(j));
+                    for (r, acc) in s.iter_mut().enumerate() {
+                        *acc = _mm512_fmadd_ps(xv, load(rows[r], j), *acc);
+                    }
+                    j += 16;
+                }
+                for (r, o) in out.iter_mut().enumerate().take(4) {
+                    *o = _mm512_reduce_add_ps(s[r]) + (full..k).map(|j| x[j] * tail(r * k + j)).sum::<f32>();
+                }
+            }
+        }
+
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        pub unsafe fn dots4_f32_avx512(x: &[f32], k: usize, w: &[f32], out: &mut [f32]) {
+            // SAFETY: w holds 4 rows of k.
+            unsafe { dots4(x, k, w.as_ptr() as *const u8, 4, |j| w[j], load16_f32, out) }
+        }
+
+        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+        pub unsafe fn dots4_f16_avx512(x: &[f32], k: usize, w: &[f16], out: &mut [f32]) {
+            // SAFETY: w holds 4 rows of k.
+            unsafe { dots4(x, k, w.as_ptr() as *const u8, 2, |j| w[j].to_f32(), load16_f16, out) }
+        }
+
+        #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+        pub unsafe fn dots4_bf16_avx512(x: &[f32], k: usize, w: &[bf16], out: &mut [f32]) {
+            // SAFETY: w holds 4 rows of k.
+            unsafe { dots4(x, k, w.as_ptr() as *const u8, 2, |j| w[j].to_f32(), load16_bf16, out) }
         }
 
         #[target_feature(enable = "avx2,fma")]
         pub unsafe fn dots_bf16(x: &[f32], m: usize, k: usize, w: &[bf16], out: &mut [f32]) {
             // SAFETY: w holds k elements.
-            unsafe { dots(x, m, k, w.as_ptr() as *const u8, |j| w[j].to_f32(), load_bf16, out) }
+            unsafe { dots(x, m, k, w.as_ptr() as *const u8, 2, |j| w[j].to_f32(), load_bf16, out) }
         }
     }
 }

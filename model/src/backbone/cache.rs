@@ -41,6 +41,18 @@ impl LayerCache {
         }
     }
 
+    /// Appends `t` zeroed positions for the caller to fill (the few-token forward writes its
+    /// keys and values there directly).
+    pub(crate) fn grow(&mut self, t: usize, kv_heads: usize, dim: usize) {
+        if self.k.is_empty() {
+            (self.k, self.v, self.dim) = (vec![Vec::new(); kv_heads], vec![Vec::new(); kv_heads], dim);
+        }
+        let len = (self.len() + t) * dim;
+        for buf in self.k.iter_mut().chain(self.v.iter_mut()) {
+            buf.resize(len, 0.0);
+        }
+    }
+
     /// Appends this step's keys/values `[1, kv heads, t, dim]` and returns the whole history
     /// in the same layout (the tensor forward's attention reads it).
     pub fn append(&mut self, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {

@@ -4,12 +4,25 @@
 //! heads repeated, the cache concatenated) costs more than its matrix products; this path
 //! has none of it. The math is the tensor forward's (`llama.rs`, `attention.rs`, ...), op for
 //! op, and `tests/parity.rs` holds both to HF's logits.
-use super::cache::LayerCache;
+//!
+//! The step runs on a `crate::team` of threads, one phase per product with a barrier
+//! between: per layer (1) the q, k and v heads, rotated, k and v written into the cache,
+//! (2) attention per query head, (3) `o_proj` added to the residual, (4) `gate` and `up`
+//! with the SwiGLU product, (5) `down_proj` added to the residual; then the head. Each member
+//! normalises the residual itself (a few hundred floats) instead of waiting for another.
+use burn::backend::flex::FlexTensor;
+
+use super::cache::KvCache;
 use super::llama::Backbone;
-use crate::matmul::{Order, SMALL_M, WeightView, Weights, f32_values, matmul};
+use crate::matmul::{Order, SMALL_M, WeightView, Weights, columns_into, f32_values};
+use crate::team::{self, Member, SharedBuf};
 
 /// Most new positions per call; longer inputs (prompts) take the tensor forward.
 pub const MAX_POSITIONS: usize = SMALL_M;
+
+/// Backbones with fewer parameters than this run the step on one thread: the whole step of
+/// the small default backbone is shorter than starting a second one.
+const TEAM_MIN_PARAMS: usize = 1 << 22;
 
 /// What [`forward_few`] returns: `[t, hidden]` per requested tap, the last block's output
 /// (before the final norm) and, if asked, `[t, vocab]` logits.
@@ -17,6 +30,64 @@ pub struct HostOutput {
     pub taps: Vec<Vec<f32>>,
     pub last_hidden: Vec<f32>,
     pub logits: Option<Vec<f32>>,
+}
+
+/// One decoder layer's weights as the kernels read them.
+struct LayerViews {
+    input_norm: FlexTensor,
+    q: WeightView,
+    k: WeightView,
+    v: WeightView,
+    o: WeightView,
+    post_norm: FlexTensor,
+    gate: WeightView,
+    up: WeightView,
+    down: WeightView,
+}
+
+/// Every weight of the model as the kernels read them, or `None` off the flex backend.
+struct Views {
+    embed: WeightView,
+    layers: Vec<LayerViews>,
+    norm: FlexTensor,
+    head: WeightView,
+}
+
+impl Views {
+    fn of(bb: &Backbone) -> Option<Self> {
+        let w = |l: &super::layers::Linear| WeightView::of(&l.weight.val());
+        let layers = bb.net.model.layers.iter().map(|l| {
+            let (a, mlp) = (&l.self_attn, &l.mlp);
+            Some(LayerViews {
+                input_norm: f32_values(&l.input_layernorm.weight.val())?,
+                q: w(&a.q_proj)?,
+                k: w(&a.k_proj)?,
+                v: w(&a.v_proj)?,
+                o: w(&a.o_proj)?,
+                post_norm: f32_values(&l.post_attention_layernorm.weight.val())?,
+                gate: w(&mlp.gate_proj)?,
+                up: w(&mlp.up_proj)?,
+                down: w(&mlp.down_proj)?,
+            })
+        });
+        let head = match &bb.net.lm_head {
+            Some(l) => l.weight.val(),
+            None => bb.net.model.embed_tokens.weight.val().transpose(),
+        };
+        let views = Self {
+            embed: WeightView::of(&bb.net.model.embed_tokens.weight.val())?,
+            layers: layers.collect::<Option<_>>()?,
+            norm: f32_values(&bb.net.model.norm.weight.val())?,
+            head: WeightView::of(&head)?,
+        };
+        // The norms' values must be plain slices too.
+        let plain = views.layers.iter().flat_map(|l| [&l.input_norm, &l.post_norm]).chain([&views.norm]).all(|n| n.as_slice::<f32>().is_some());
+        plain.then_some(views)
+    }
+}
+
+fn values(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>().expect("checked in Views::of")
 }
 
 /// `x * inv_rms(x) * w` per row of `x`, in place.
@@ -39,137 +110,298 @@ fn rotations(first: usize, t: usize, inv_freq: &[f64]) -> Vec<(Vec<f32>, Vec<f32
         .collect()
 }
 
-/// HF's rotate-half RoPE on rows of `heads x dim`, row `r` rotated by `rot[r]`.
-fn rope(x: &mut [f32], heads: usize, dim: usize, rot: &[(Vec<f32>, Vec<f32>)]) {
-    let half = dim / 2;
-    for (row, (cos, sin)) in x.chunks_exact_mut(heads * dim).zip(rot) {
-        for head in row.chunks_exact_mut(dim) {
-            for j in 0..half {
-                let (a, b) = (head[j], head[j + half]);
-                head[j] = a * cos[j] - b * sin[j];
-                head[j + half] = b * cos[j] + a * sin[j];
-            }
-        }
+/// HF's rotate-half RoPE on one head's row.
+fn rope(head: &mut [f32], (cos, sin): &(Vec<f32>, Vec<f32>)) {
+    let half = head.len() / 2;
+    for j in 0..half {
+        let (a, b) = (head[j], head[j + half]);
+        head[j] = a * cos[j] - b * sin[j];
+        head[j + half] = b * cos[j] + a * sin[j];
     }
 }
 
-/// Causal attention of `t` new query rows over the whole cache (which already holds them).
-/// The query heads sharing a kv head go together: their scores are one product with that
-/// head's keys, their outputs one product with its values (no repeated heads, each key and
-/// value read once).
-fn attend(q: &[f32], cache: &LayerCache, heads: usize, kv_heads: usize, dim: usize) -> Vec<f32> {
-    let total = cache.len();
-    let t = q.len() / (heads * dim);
-    let group = heads / kv_heads;
-    let scale = 1.0 / (dim as f32).sqrt();
-    let mut out = vec![0f32; q.len()];
-    for g in 0..kv_heads {
-        // Rows (r, h) of this group's queries, `[t * group, dim]`.
-        let mut qg = Vec::with_capacity(t * group * dim);
-        for r in 0..t {
-            let at = (r * heads + g * group) * dim;
-            qg.extend_from_slice(&q[at..at + group * dim]);
-        }
-        let keys = Weights::F32(&cache.k[g]);
-        let mut p = vec![0f32; t * group * total];
-        matmul(&qg, t * group, dim, keys, Order::NK, total, &mut p);
-        for (row, scores) in p.chunks_exact_mut(total).enumerate() {
-            // Query row r sees the cached positions before it and itself.
-            let visible = total - t + row / group + 1;
-            let max = scores[..visible].iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s * scale));
-            let mut sum = 0f32;
-            for s in &mut scores[..visible] {
-                *s = (*s * scale - max).exp();
-                sum += *s;
-            }
-            scores[..visible].iter_mut().for_each(|s| *s /= sum);
-            scores[visible..].iter_mut().for_each(|s| *s = 0.0);
-        }
-        let mut og = vec![0f32; t * group * dim];
-        matmul(&p, t * group, total, Weights::F32(&cache.v[g]), Order::KN, dim, &mut og);
-        for r in 0..t {
-            let at = (r * heads + g * group) * dim;
-            out[at..at + group * dim].copy_from_slice(&og[r * group * dim..(r + 1) * group * dim]);
-        }
-    }
-    out
-}
-
-fn add(x: &mut [f32], y: &[f32]) {
-    for (a, b) in x.iter_mut().zip(y) {
-        *a += b;
-    }
+/// Pieces of `total` outputs small enough that every member gets several (the last ones
+/// even out members that started late) and large enough that claiming costs nothing.
+fn chunk(total: usize, size: usize) -> usize {
+    total.div_ceil(size * 6).clamp(16, 4096)
 }
 
 /// Runs `ids` (at most [`MAX_POSITIONS`]) after the cached positions, appending to `cache`.
 /// `None` when the weights are not flex tensors (another backend), with `cache` as it was:
 /// the caller then takes the tensor forward. `taps` must be validated by the caller.
-pub fn forward_few(bb: &Backbone, ids: &[u32], taps: &[usize], want_logits: bool, cache: &mut super::KvCache) -> Option<HostOutput> {
-    let before = cache.len();
-    // The whole step runs on a pool worker: each of its ~7 products per layer then splits
-    // from inside the pool (the caller's share runs here, the other cores steal), instead of
-    // being injected from outside with the caller asleep on a latch until it is done.
-    let out = if rayon::current_thread_index().is_some() {
-        run(bb, ids, taps, want_logits, cache)
-    } else {
-        rayon::scope(|_| run(bb, ids, taps, want_logits, cache))
-    };
-    if out.is_none() {
-        cache.truncate(before);
-    }
-    out
+pub fn forward_few(bb: &Backbone, ids: &[u32], taps: &[usize], want_logits: bool, cache: &mut KvCache) -> Option<HostOutput> {
+    let c = &bb.config;
+    let params = c.num_layers * c.hidden_size * (2 * c.num_heads * c.head_dim + 2 * c.num_kv_heads * c.head_dim + 3 * c.intermediate_size);
+    let size = if params >= TEAM_MIN_PARAMS { rayon::current_num_threads() } else { 1 };
+    forward_on(Team::UpTo(size), bb, ids, taps, want_logits, cache)
 }
 
-fn run(bb: &Backbone, ids: &[u32], taps: &[usize], want_logits: bool, cache: &mut super::KvCache) -> Option<HostOutput> {
+/// How many threads run a step.
+enum Team {
+    /// At most this many (`team::run`: alone while another team runs).
+    UpTo(usize),
+    /// Exactly this many (tests of the phases).
+    #[cfg(test)]
+    Exactly(usize),
+}
+
+/// [`forward_few`] on a team of threads.
+fn forward_on(team: Team, bb: &Backbone, ids: &[u32], taps: &[usize], want_logits: bool, cache: &mut KvCache) -> Option<HostOutput> {
+    let views = Views::of(bb)?;
     let c = &bb.config;
     let (d, t) = (c.hidden_size, ids.len());
     let (heads, kv_heads, dim) = (c.num_heads, c.num_kv_heads, c.head_dim);
-    let first = cache.len();
-    let rot = rotations(first, t, &super::rope::inverse_frequencies(c));
-    let embed = WeightView::of(&bb.net.model.embed_tokens.weight.val())?;
+    let before = cache.len();
+    let rot = rotations(before, t, &super::rope::inverse_frequencies(c));
     let mut x = vec![0f32; t * d];
     for (row, &id) in x.chunks_exact_mut(d).zip(ids) {
-        embed.row(id as usize, row);
+        views.embed.row(id as usize, row);
     }
-    let mut kept: Vec<Option<Vec<f32>>> = vec![None; taps.len()];
-    let mut keep = |layer: usize, x: &[f32]| {
-        for (slot, _) in kept.iter_mut().zip(taps).filter(|(_, l)| **l == layer) {
-            *slot = Some(x.to_vec());
-        }
+    let mut q = vec![0f32; t * heads * dim];
+    let mut o = vec![0f32; t * heads * dim];
+    let mut act = vec![0f32; t * c.intermediate_size];
+    let mut logits = vec![0f32; if want_logits { t * views.head.n } else { 0 }];
+    for l in &mut cache.layers {
+        l.grow(t, kv_heads, dim);
+    }
+    let step = Step {
+        views: &views,
+        cfg: c,
+        t,
+        before,
+        rot: &rot,
+        x: SharedBuf::new(&mut x),
+        q: SharedBuf::new(&mut q),
+        o: SharedBuf::new(&mut o),
+        act: SharedBuf::new(&mut act),
+        logits: want_logits.then(|| SharedBuf::new(&mut logits)),
+        cache: cache
+            .layers
+            .iter_mut()
+            .map(|l| {
+                let (k, v) = (l.k.iter_mut(), l.v.iter_mut());
+                k.zip(v).map(|(k, v)| (SharedBuf::new(k), SharedBuf::new(v))).collect()
+            })
+            .collect(),
     };
-    keep(0, &x);
-    for (i, layer) in bb.net.model.layers.iter().enumerate() {
-        let a = &layer.self_attn;
-        let mut h = x.clone();
-        rms_norm(&mut h, f32_values(&layer.input_layernorm.weight.val())?.as_slice()?, c.rms_norm_eps);
-        let mut q = WeightView::of(&a.q_proj.weight.val())?.matmul(&h, t);
-        let mut k = WeightView::of(&a.k_proj.weight.val())?.matmul(&h, t);
-        let v = WeightView::of(&a.v_proj.weight.val())?.matmul(&h, t);
-        rope(&mut q, heads, dim, &rot);
-        rope(&mut k, kv_heads, dim, &rot);
-        let lc = &mut cache.layers[i];
-        lc.push(&k, &v, kv_heads, dim);
-        let o = attend(&q, lc, heads, kv_heads, dim);
-        add(&mut x, &WeightView::of(&a.o_proj.weight.val())?.matmul(&o, t));
-        let mut h = x.clone();
-        rms_norm(&mut h, f32_values(&layer.post_attention_layernorm.weight.val())?.as_slice()?, c.rms_norm_eps);
-        let mlp = &layer.mlp;
-        let g = WeightView::of(&mlp.gate_proj.weight.val())?.matmul(&h, t);
-        let u = WeightView::of(&mlp.up_proj.weight.val())?.matmul(&h, t);
-        let act: Vec<f32> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
-        add(&mut x, &WeightView::of(&mlp.down_proj.weight.val())?.matmul(&act, t));
-        keep(i + 1, &x);
-    }
-    let logits = if want_logits {
-        let mut h = x.clone();
-        rms_norm(&mut h, f32_values(&bb.net.model.norm.weight.val())?.as_slice()?, c.rms_norm_eps);
-        let head = match &bb.net.lm_head {
-            Some(l) => l.weight.val(),
-            None => bb.net.model.embed_tokens.weight.val().transpose(),
+    let lists = 5 * c.num_layers + 1;
+    let kept = match team {
+        Team::UpTo(size) => team::run(size, lists, |m| step.run(m, taps)),
+        #[cfg(test)]
+        Team::Exactly(size) => team::start(size, lists, |m| step.run(m, taps)),
+    };
+    drop(step);
+    Some(HostOutput { taps: kept, last_hidden: x, logits: want_logits.then_some(logits) })
+}
+
+/// One call's buffers, shared by the members: each phase writes some and reads others (see
+/// the module doc); every write goes to a piece a member claimed.
+struct Step<'a> {
+    views: &'a Views,
+    cfg: &'a crate::config::BackboneConfig,
+    t: usize,
+    before: usize,
+    rot: &'a [(Vec<f32>, Vec<f32>)],
+    /// The residual stream `[t, hidden]`.
+    x: SharedBuf<'a>,
+    /// Rotated queries and attention outputs, `[t, heads * dim]`.
+    q: SharedBuf<'a>,
+    o: SharedBuf<'a>,
+    /// SwiGLU products `[t, intermediate]`.
+    act: SharedBuf<'a>,
+    logits: Option<SharedBuf<'a>>,
+    /// Per layer, per kv head: keys and values `[positions][dim]`, this call's rows last.
+    cache: Vec<Vec<(SharedBuf<'a>, SharedBuf<'a>)>>,
+}
+
+impl Step<'_> {
+    /// A member's whole step; member 0 returns the taps.
+    fn run(&self, m: &Member, taps: &[usize]) -> Vec<Vec<f32>> {
+        let (c, t, d) = (self.cfg, self.t, self.cfg.hidden_size);
+        let mut h = vec![0f32; t * d];
+        let mut kept = vec![Vec::new(); if m.index == 0 { taps.len() } else { 0 }];
+        let mut keep = |layer: usize, x: &SharedBuf| {
+            for (slot, _) in kept.iter_mut().zip(taps).filter(|(_, l)| **l == layer) {
+                // SAFETY: called between phases that write x.
+                *slot = unsafe { x.whole() }.to_vec();
+            }
         };
-        Some(WeightView::of(&head)?.matmul(&h, t))
-    } else {
-        None
-    };
-    Some(HostOutput { taps: kept.into_iter().map(|s| s.expect("validated tap")).collect(), last_hidden: x, logits })
+        keep(0, &self.x);
+        for (i, lw) in self.views.layers.iter().enumerate() {
+            // SAFETY (every `whole`/`piece` below): x is written only in phases 3 and 5, q in
+            // 1, o in 2, act in 4, the cache rows of this call in 1; each piece written is a
+            // claimed one; the barriers separate the phases.
+            h.copy_from_slice(unsafe { self.x.whole() });
+            rms_norm(&mut h, values(&lw.input_norm), c.rms_norm_eps);
+            self.qkv(m, i, lw, &h);
+            m.barrier();
+            self.attend(m, i);
+            m.barrier();
+            self.add_product(m, unsafe { self.o.whole() }, &lw.o);
+            m.barrier();
+            h.copy_from_slice(unsafe { self.x.whole() });
+            rms_norm(&mut h, values(&lw.post_norm), c.rms_norm_eps);
+            self.swiglu(m, lw, &h);
+            m.barrier();
+            self.add_product(m, unsafe { self.act.whole() }, &lw.down);
+            m.barrier();
+            keep(i + 1, &self.x);
+        }
+        if let Some(logits) = &self.logits {
+            h.copy_from_slice(unsafe { self.x.whole() });
+            rms_norm(&mut h, values(&self.views.norm), c.rms_norm_eps);
+            let head = &self.views.head;
+            let mut acc = Vec::new();
+            for cols in m.claims(head.n, chunk(head.n, m.size())) {
+                let len = cols.len();
+                acc.resize(t * len, 0.0);
+                columns_into(&h, t, d, head.weights(), head.order, head.n, cols.clone(), &mut acc);
+                for r in 0..t {
+                    let at = r * head.n + cols.start;
+                    unsafe { logits.piece(at..at + len) }.copy_from_slice(&acc[r * len..(r + 1) * len]);
+                }
+            }
+        }
+        kept
+    }
+
+    /// Phase 1: each claimed head of q, k or v, rotated (q, k); queries into `q`, keys and
+    /// values into the cache rows of this call.
+    fn qkv(&self, m: &Member, layer: usize, lw: &LayerViews, h: &[f32]) {
+        let (c, t, d) = (self.cfg, self.t, self.cfg.hidden_size);
+        let (heads, kv_heads, dim) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let mut acc = vec![0f32; t * dim];
+        for blocks in m.claims(heads + 2 * kv_heads, 1) {
+            for b in blocks {
+                let (w, head) = match b {
+                    b if b < heads => (&lw.q, b),
+                    b if b < heads + kv_heads => (&lw.k, b - heads),
+                    b => (&lw.v, b - heads - kv_heads),
+                };
+                columns_into(h, t, d, w.weights(), w.order, w.n, head * dim..(head + 1) * dim, &mut acc);
+                for (r, row) in acc.chunks_exact_mut(dim).enumerate() {
+                    if b < heads + kv_heads {
+                        rope(row, &self.rot[r]);
+                    }
+                    let (buf, at) = match b {
+                        b if b < heads => (&self.q, (r * heads + head) * dim),
+                        b if b < heads + kv_heads => (&self.cache[layer][head].0, (self.before + r) * dim),
+                        _ => (&self.cache[layer][head].1, (self.before + r) * dim),
+                    };
+                    unsafe { buf.piece(at..at + dim) }.copy_from_slice(row);
+                }
+            }
+        }
+    }
+
+    /// Phase 2: causal attention of each claimed query head over its kv head's cache (which
+    /// holds this call's positions), each new position seeing those before it and itself.
+    fn attend(&self, m: &Member, layer: usize) {
+        let c = self.cfg;
+        let (heads, dim) = (c.num_heads, c.head_dim);
+        let group = heads / c.num_kv_heads;
+        let scale = 1.0 / (dim as f32).sqrt();
+        let mut scores = vec![0f32; self.before + self.t];
+        let mut out = vec![0f32; dim];
+        for claimed in m.claims(heads, 1) {
+            for head in claimed {
+                let (kc, vc) = &self.cache[layer][head / group];
+                let (keys, vals) = unsafe { (kc.whole(), vc.whole()) };
+                for r in 0..self.t {
+                    let visible = self.before + r + 1;
+                    let at = (r * heads + head) * dim;
+                    let query = &unsafe { self.q.whole() }[at..at + dim];
+                    let s = &mut scores[..visible];
+                    columns_into(query, 1, dim, Weights::F32(&keys[..visible * dim]), Order::NK, visible, 0..visible, s);
+                    let max = s.iter().fold(f32::NEG_INFINITY, |mx, &v| mx.max(v * scale));
+                    let mut sum = 0f32;
+                    for v in s.iter_mut() {
+                        *v = (*v * scale - max).exp();
+                        sum += *v;
+                    }
+                    s.iter_mut().for_each(|v| *v /= sum);
+                    columns_into(s, 1, visible, Weights::F32(&vals[..visible * dim]), Order::KN, dim, 0..dim, &mut out);
+                    unsafe { self.o.piece(at..at + dim) }.copy_from_slice(&out);
+                }
+            }
+        }
+    }
+
+    /// Phases 3 and 5: `x += src @ w` over claimed columns of the residual.
+    fn add_product(&self, m: &Member, src: &[f32], w: &WeightView) {
+        let (t, d) = (self.t, self.cfg.hidden_size);
+        let mut acc = Vec::new();
+        for cols in m.claims(d, chunk(d, m.size())) {
+            let len = cols.len();
+            acc.resize(t * len, 0.0);
+            columns_into(src, t, w.k, w.weights(), w.order, d, cols.clone(), &mut acc);
+            for r in 0..t {
+                let x = unsafe { self.x.piece(r * d + cols.start..r * d + cols.end) };
+                x.iter_mut().zip(&acc[r * len..]).for_each(|(x, a)| *x += a);
+            }
+        }
+    }
+
+    /// Phase 4: `silu(h @ gate) * (h @ up)` over claimed columns.
+    fn swiglu(&self, m: &Member, lw: &LayerViews, h: &[f32]) {
+        let (t, d, n) = (self.t, self.cfg.hidden_size, self.cfg.intermediate_size);
+        let (mut g, mut u) = (Vec::new(), Vec::new());
+        for cols in m.claims(n, chunk(n, m.size())) {
+            let len = cols.len();
+            g.resize(t * len, 0.0);
+            u.resize(t * len, 0.0);
+            columns_into(h, t, d, lw.gate.weights(), lw.gate.order, n, cols.clone(), &mut g);
+            columns_into(h, t, d, lw.up.weights(), lw.up.order, n, cols.clone(), &mut u);
+            for r in 0..t {
+                let out = unsafe { self.act.piece(r * n + cols.start..r * n + cols.end) };
+                for ((o, g), u) in out.iter_mut().zip(&g[r * len..]).zip(&u[r * len..]) {
+                    *o = g / (1.0 + (-g).exp()) * u;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backbone::{TokenBatch, WeightDtype, load_backbone, load_backbone_as};
+    use crate::tensor_util::to_vec;
+
+    /// Teams of 1 to 3 threads, both weight orders and half precision, prompt then single
+    /// tokens then a block of drafts: the logits and taps of the tensor forward on the whole
+    /// sequence (the tiny fixture is below the size that starts a team on its own).
+    #[test]
+    fn every_team_size_matches_the_tensor_forward() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
+        let device = crate::BackendKind::Flex.device().unwrap();
+        let ids: Vec<u32> = (0..14).map(|i| (i * 37 + 5) % 90).collect();
+        for bb in [
+            load_backbone(&dir, &device).unwrap(),
+            load_backbone_as(&dir, &device, Some(WeightDtype::F32)).unwrap(),
+            load_backbone_as(&dir, &device, Some(WeightDtype::F16)).unwrap(),
+        ] {
+            let taps = [0, 1, bb.config.num_layers];
+            let batch = TokenBatch::new(vec![ids.clone()], &bb.config, 0).unwrap();
+            let full = bb.forward_ids(batch.tensor(&device), &taps, true, None);
+            let want = to_vec(full.logits.unwrap());
+            let want_tap = to_vec(full.taps[1].clone());
+            let (v, d) = (bb.config.vocab_size, bb.config.hidden_size);
+            for size in 1..=3 {
+                let mut cache = bb.new_cache();
+                let (mut logits, mut tap) = (Vec::new(), Vec::new());
+                let mut pos = 0;
+                for step in [5usize, 1, 1, 7] {
+                    let out = forward_on(Team::Exactly(size), &bb, &ids[pos..pos + step], &taps, true, &mut cache).unwrap();
+                    logits.extend(out.logits.unwrap());
+                    tap.extend(out.taps[1].iter());
+                    pos += step;
+                }
+                assert_eq!((cache.len(), logits.len(), tap.len()), (ids.len(), ids.len() * v, ids.len() * d));
+                let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                let (dl, dt) = (diff(&logits, &want), diff(&tap, &want_tap));
+                assert!(dl < 1e-4 && dt < 1e-5, "team of {size}: logits differ by {dl}, taps by {dt}");
+            }
+        }
+    }
 }
