@@ -148,7 +148,7 @@ pub fn columns_into(x: &[f32], m: usize, k: usize, w: Weights, order: Order, n: 
 fn panels(x: &[f32], m: usize, k: usize, w: Weights, order: Order, n: usize, out: &mut [f32]) {
     if let Weights::F32(wf) = w {
         // SAFETY: as below, with the whole weight as the rhs.
-        unsafe { gemm_into(out.as_mut_ptr(), n, x, m, k, wf.as_ptr(), order, n) };
+        unsafe { gemm_into(out.as_mut_ptr(), n, x, m, k, wf.as_ptr(), order, n, gemm::Parallelism::Rayon(0)) };
         return;
     }
     let cols = (1usize << 17).div_ceil(k).clamp(16, n.max(16));
@@ -162,8 +162,16 @@ fn panels(x: &[f32], m: usize, k: usize, w: Weights, order: Order, n: usize, out
             Order::NK => p.par_chunks_mut(k).enumerate().for_each(|(c, row)| w.read((s + c) * k, row)),
         }
         // SAFETY: out has m rows of n and we write columns [s, s + len); p is the panel.
-        unsafe { gemm_into(out.as_mut_ptr().add(s), n, x, m, k, p.as_ptr(), order, len) };
+        unsafe { gemm_into(out.as_mut_ptr().add(s), n, x, m, k, p.as_ptr(), order, len, gemm::Parallelism::Rayon(0)) };
     }
+}
+
+/// `x [m, k] @ w [k, n]` into `out [m, n]` for f32 weights on the calling thread only (for
+/// work already split over the cores, such as attention heads).
+pub fn gemm_serial(x: &[f32], m: usize, k: usize, w: &[f32], order: Order, n: usize, out: &mut [f32]) {
+    assert!(x.len() == m * k && w.len() == k * n && out.len() == m * n, "gemm_serial: inconsistent shapes");
+    // SAFETY: the extents were just checked.
+    unsafe { gemm_into(out.as_mut_ptr(), n, x, m, k, w.as_ptr(), order, n, gemm::Parallelism::None) };
 }
 
 /// `dst[m, len] = x [m, k] @ rhs`, `dst` rows `dst_stride` apart; `rhs` is row-major
@@ -173,7 +181,7 @@ fn panels(x: &[f32], m: usize, k: usize, w: Weights, order: Order, n: usize, out
 /// `dst` must hold `m` rows of `dst_stride` with `len` writable columns, `rhs` `k * len`
 /// elements.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_into(dst: *mut f32, dst_stride: usize, x: &[f32], m: usize, k: usize, rhs: *const f32, order: Order, len: usize) {
+unsafe fn gemm_into(dst: *mut f32, dst_stride: usize, x: &[f32], m: usize, k: usize, rhs: *const f32, order: Order, len: usize, par: gemm::Parallelism) {
     let (rhs_cs, rhs_rs) = match order {
         Order::KN => (1, len as isize),
         Order::NK => (k as isize, 1),
@@ -199,7 +207,7 @@ unsafe fn gemm_into(dst: *mut f32, dst_stride: usize, x: &[f32], m: usize, k: us
             false,
             false,
             false,
-            gemm::Parallelism::Rayon(0),
+            par,
         );
     }
 }

@@ -10,11 +10,10 @@
 //! (2) attention per query head, (3) `o_proj` added to the residual, (4) `gate` and `up`
 //! with the SwiGLU product, (5) `down_proj` added to the residual; then the head. Each member
 //! normalises the residual itself (a few hundred floats) instead of waiting for another.
-use burn::backend::flex::FlexTensor;
-
 use super::cache::KvCache;
+use super::host::{HostOutput, LayerViews, Views, rms_norm, rope, rotations, values};
 use super::llama::Backbone;
-use crate::matmul::{Order, SMALL_M, WeightView, Weights, columns_into, f32_values};
+use crate::matmul::{Order, SMALL_M, WeightView, Weights, columns_into};
 use crate::team::{self, Member, SharedBuf};
 
 /// Most new positions per call; longer inputs (prompts) take the tensor forward.
@@ -23,102 +22,6 @@ pub const MAX_POSITIONS: usize = SMALL_M;
 /// Backbones with fewer parameters than this run the step on one thread: the whole step of
 /// the small default backbone is shorter than starting a second one.
 const TEAM_MIN_PARAMS: usize = 1 << 22;
-
-/// What [`forward_few`] returns: `[t, hidden]` per requested tap, the last block's output
-/// (before the final norm) and, if asked, `[t, vocab]` logits.
-pub struct HostOutput {
-    pub taps: Vec<Vec<f32>>,
-    pub last_hidden: Vec<f32>,
-    pub logits: Option<Vec<f32>>,
-}
-
-/// One decoder layer's weights as the kernels read them.
-struct LayerViews {
-    input_norm: FlexTensor,
-    q: WeightView,
-    k: WeightView,
-    v: WeightView,
-    o: WeightView,
-    post_norm: FlexTensor,
-    gate: WeightView,
-    up: WeightView,
-    down: WeightView,
-}
-
-/// Every weight of the model as the kernels read them, or `None` off the flex backend.
-struct Views {
-    embed: WeightView,
-    layers: Vec<LayerViews>,
-    norm: FlexTensor,
-    head: WeightView,
-}
-
-impl Views {
-    fn of(bb: &Backbone) -> Option<Self> {
-        let w = |l: &super::layers::Linear| WeightView::of(&l.weight.val());
-        let layers = bb.net.model.layers.iter().map(|l| {
-            let (a, mlp) = (&l.self_attn, &l.mlp);
-            Some(LayerViews {
-                input_norm: f32_values(&l.input_layernorm.weight.val())?,
-                q: w(&a.q_proj)?,
-                k: w(&a.k_proj)?,
-                v: w(&a.v_proj)?,
-                o: w(&a.o_proj)?,
-                post_norm: f32_values(&l.post_attention_layernorm.weight.val())?,
-                gate: w(&mlp.gate_proj)?,
-                up: w(&mlp.up_proj)?,
-                down: w(&mlp.down_proj)?,
-            })
-        });
-        let head = match &bb.net.lm_head {
-            Some(l) => l.weight.val(),
-            None => bb.net.model.embed_tokens.weight.val().transpose(),
-        };
-        let views = Self {
-            embed: WeightView::of(&bb.net.model.embed_tokens.weight.val())?,
-            layers: layers.collect::<Option<_>>()?,
-            norm: f32_values(&bb.net.model.norm.weight.val())?,
-            head: WeightView::of(&head)?,
-        };
-        // The norms' values must be plain slices too.
-        let plain = views.layers.iter().flat_map(|l| [&l.input_norm, &l.post_norm]).chain([&views.norm]).all(|n| n.as_slice::<f32>().is_some());
-        plain.then_some(views)
-    }
-}
-
-fn values(t: &FlexTensor) -> &[f32] {
-    t.as_slice::<f32>().expect("checked in Views::of")
-}
-
-/// `x * inv_rms(x) * w` per row of `x`, in place.
-fn rms_norm(x: &mut [f32], w: &[f32], eps: f64) {
-    let d = w.len();
-    for row in x.chunks_exact_mut(d) {
-        let ms = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
-        let inv = 1.0 / (ms + eps as f32).sqrt();
-        for (v, g) in row.iter_mut().zip(w) {
-            *v = *v * inv * g;
-        }
-    }
-}
-
-/// `cos` and `sin` of every rotary frequency at positions `first..first + t`, computed in
-/// f64 as `rope.rs` builds its tables, once per call for every layer.
-fn rotations(first: usize, t: usize, inv_freq: &[f64]) -> Vec<(Vec<f32>, Vec<f32>)> {
-    (first..first + t)
-        .map(|p| inv_freq.iter().map(|f| ((p as f64 * f).cos() as f32, (p as f64 * f).sin() as f32)).unzip())
-        .collect()
-}
-
-/// HF's rotate-half RoPE on one head's row.
-fn rope(head: &mut [f32], (cos, sin): &(Vec<f32>, Vec<f32>)) {
-    let half = head.len() / 2;
-    for j in 0..half {
-        let (a, b) = (head[j], head[j + half]);
-        head[j] = a * cos[j] - b * sin[j];
-        head[j + half] = b * cos[j] + a * sin[j];
-    }
-}
 
 /// Pieces of `total` outputs small enough that every member gets several (the last ones
 /// even out members that started late) and large enough that claiming costs nothing.

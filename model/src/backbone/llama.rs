@@ -133,34 +133,53 @@ impl Backbone {
     }
 
     /// One forward pass. `taps` must be validated with [`Self::check_taps`]; `batch` with
-    /// [`TokenBatch::new`] against this cache's length.
-    /// A few positions of one sequence after a cache take the host path (`decode.rs`);
-    /// everything else the tensor forward.
+    /// [`TokenBatch::new`] against this cache's length. On the flex backend (serving,
+    /// features, generation) the host forwards run: `decode.rs` for a few positions,
+    /// `prefill.rs` for many; elsewhere (autodiff, other backends) the tensor forward.
     pub fn forward(
         &self,
         batch: &TokenBatch,
         taps: &[usize],
         want_logits: bool,
-        cache: Option<&mut KvCache>,
+        mut cache: Option<&mut KvCache>,
     ) -> BackboneOutput {
-        if let Some(c) = cache {
-            if let [ids] = batch.ids.as_slice()
-                && ids.len() <= super::decode::MAX_POSITIONS
-                && self.dropout == 0.0
-                && let Some(out) = super::decode::forward_few(self, ids, taps, want_logits, c)
-            {
-                let t = ids.len();
-                let (d, v) = (self.config.hidden_size, self.config.vocab_size);
-                let tensor = |values: Vec<f32>, width: usize| from_vec(values, [1, t, width], &self.device);
-                return BackboneOutput {
-                    taps: out.taps.into_iter().map(|x| tensor(x, d)).collect(),
-                    last_hidden: tensor(out.last_hidden, d),
-                    logits: out.logits.map(|l| tensor(l, v)),
-                };
-            }
-            return self.forward_ids(batch.tensor(&self.device), taps, want_logits, Some(c));
+        if self.dropout == 0.0
+            && let Some(out) = self.forward_host(batch, taps, want_logits, cache.as_deref_mut())
+        {
+            return out;
         }
-        self.forward_ids(batch.tensor(&self.device), taps, want_logits, None)
+        self.forward_ids(batch.tensor(&self.device), taps, want_logits, cache)
+    }
+
+    /// The host forwards, each sequence of the batch on its own (right padding with id 0, as
+    /// [`TokenBatch::tensor`] pads, so every position is what the tensor forward computes).
+    /// `None` off flex, with any cache untouched.
+    fn forward_host(&self, batch: &TokenBatch, taps: &[usize], want_logits: bool, cache: Option<&mut KvCache>) -> Option<BackboneOutput> {
+        let run = |ids: &[u32], cache: &mut KvCache| {
+            if ids.len() <= super::decode::MAX_POSITIONS {
+                super::decode::forward_few(self, ids, taps, want_logits, cache)
+            } else {
+                super::prefill::forward_many(self, ids, taps, want_logits, cache)
+            }
+        };
+        let outs = match (cache, batch.ids.as_slice()) {
+            (Some(c), [ids]) => vec![run(ids, c)?],
+            (Some(_), _) => return None,
+            (None, seqs) => {
+                let padded = |ids: &Vec<u32>| ids.iter().copied().chain(std::iter::repeat(0)).take(batch.max_len).collect::<Vec<_>>();
+                seqs.iter().map(|ids| run(&padded(ids), &mut self.new_cache())).collect::<Option<Vec<_>>>()?
+            }
+        };
+        let (b, t) = (outs.len(), batch.max_len);
+        let (d, v) = (self.config.hidden_size, self.config.vocab_size);
+        let join = |part: &dyn Fn(&super::host::HostOutput) -> &Vec<f32>, width: usize| {
+            from_vec(outs.iter().flat_map(|o| part(o).iter().copied()).collect(), [b, t, width], &self.device)
+        };
+        Some(BackboneOutput {
+            taps: (0..taps.len()).map(|j| join(&|o| &o.taps[j], d)).collect(),
+            last_hidden: join(&|o| &o.last_hidden, d),
+            logits: want_logits.then(|| join(&|o| o.logits.as_ref().expect("asked for logits"), v)),
+        })
     }
 
     pub fn forward_ids(

@@ -6,9 +6,11 @@ pub mod block;
 pub mod cache;
 pub mod checkpoint;
 pub mod decode;
+pub mod host;
 pub mod layers;
 pub mod llama;
 pub mod mlp;
+pub mod prefill;
 pub mod rope;
 
 pub use cache::KvCache;
