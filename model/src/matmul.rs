@@ -249,8 +249,13 @@ impl WeightView {
     /// `x [m, k] @ self` as a row-major `[m, n]` vector.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         let mut out = vec![0f32; m * self.n];
-        matmul(x, m, self.k, self.weights(), self.order, self.n, &mut out);
+        self.matmul_into(x, m, &mut out);
         out
+    }
+
+    /// `out [m, n] = x [m, k] @ self`.
+    pub fn matmul_into(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        matmul(x, m, self.k, self.weights(), self.order, self.n, out);
     }
 
     /// Row `r` of a row-major (KN) matrix as f32: an embedding lookup.

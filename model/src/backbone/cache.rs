@@ -30,9 +30,7 @@ impl LayerCache {
 
     /// Appends positions given as `[positions][kv heads][dim]` host rows.
     pub(crate) fn push(&mut self, k: &[f32], v: &[f32], kv_heads: usize, dim: usize) {
-        if self.k.is_empty() {
-            (self.k, self.v, self.dim) = (vec![Vec::new(); kv_heads], vec![Vec::new(); kv_heads], dim);
-        }
+        self.reserve(k.len() / (kv_heads * dim), kv_heads, dim);
         for (kr, vr) in k.chunks_exact(kv_heads * dim).zip(v.chunks_exact(kv_heads * dim)) {
             for g in 0..kv_heads {
                 self.k[g].extend_from_slice(&kr[g * dim..(g + 1) * dim]);
@@ -41,12 +39,20 @@ impl LayerCache {
         }
     }
 
-    /// Appends `t` zeroed positions for the caller to fill (the few-token forward writes its
-    /// keys and values there directly).
-    pub(crate) fn grow(&mut self, t: usize, kv_heads: usize, dim: usize) {
+    /// Room for `t` more positions, so that appending them does not move the history.
+    pub(crate) fn reserve(&mut self, t: usize, kv_heads: usize, dim: usize) {
         if self.k.is_empty() {
             (self.k, self.v, self.dim) = (vec![Vec::new(); kv_heads], vec![Vec::new(); kv_heads], dim);
         }
+        for buf in self.k.iter_mut().chain(self.v.iter_mut()) {
+            buf.reserve(t * dim);
+        }
+    }
+
+    /// Appends `t` zeroed positions for the caller to fill (the few-token forward writes its
+    /// keys and values there directly).
+    pub(crate) fn grow(&mut self, t: usize, kv_heads: usize, dim: usize) {
+        self.reserve(t, kv_heads, dim);
         let len = (self.len() + t) * dim;
         for buf in self.k.iter_mut().chain(self.v.iter_mut()) {
             buf.resize(len, 0.0);
