@@ -313,7 +313,11 @@ fn worker(bb: Backbone, rx: mpsc::Receiver<Job>, idle: Duration, max_detached: u
                 let r = guarded(|| {
                     let d = bb.config.hidden_size;
                     let mut out = Vec::with_capacity(seqs.len());
-                    for chunk in seqs.chunks(8) {
+                    // The host forward of flex runs sequences one at a time anyway: one per
+                    // call keeps a request's transient features an eighth as large (and
+                    // computes no padding). The tensor forward of other backends batches.
+                    let per_call = if spa_model::device::is_flex(&bb.device) { 1 } else { 8 };
+                    for chunk in seqs.chunks(per_call) {
                         let tb = TokenBatch::new(
                             chunk.iter().map(|s| s.ids.clone()).collect(),
                             &bb.config,

@@ -35,7 +35,7 @@ impl Weights<'_> {
     }
 
     /// Elements `[from, from + out.len())` as f32.
-    fn read(&self, from: usize, out: &mut [f32]) {
+    pub fn read(&self, from: usize, out: &mut [f32]) {
         let n = out.len();
         match self {
             Self::F32(w) => out.copy_from_slice(&w[from..from + n]),

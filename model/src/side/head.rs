@@ -86,8 +86,29 @@ impl FrozenHead {
         let norm = to_vec(bb.net.model.norm.weight.val());
         let [v, d] = vocab_major.dims();
         let f16 = vocab_major.dtype() == DType::F16;
-        let data = vocab_major.into_data();
-        let bytes = if f16 { data.into_bytes().to_vec() } else { data.convert::<f32>().into_bytes().to_vec() };
+        let bytes = match crate::matmul::WeightView::of(&vocab_major).filter(|w| w.order == crate::matmul::Order::KN) {
+            // Straight from the served weights' storage: the one copy that travels.
+            Some(view) => match view.weights() {
+                crate::matmul::Weights::F16(h) if f16 => {
+                    let mut bytes = Vec::with_capacity(h.len() * 2);
+                    bytes.extend(h.iter().flat_map(|x| x.to_le_bytes()));
+                    bytes
+                }
+                w => {
+                    let mut row = vec![0f32; d];
+                    let mut bytes = Vec::with_capacity(v * d * 4);
+                    for r in 0..v {
+                        w.read(r * d, &mut row);
+                        bytes.extend(row.iter().flat_map(|x| x.to_le_bytes()));
+                    }
+                    bytes
+                }
+            },
+            None => {
+                let data = vocab_major.into_data();
+                if f16 { data.into_bytes().to_vec() } else { data.convert::<f32>().into_bytes().to_vec() }
+            }
+        };
         vec![
             ShippedTensor { name: NORM.into(), shape: vec![norm.len()], f16: false, bytes: norm.iter().flat_map(|x| x.to_le_bytes()).collect() },
             ShippedTensor { name: HEAD.into(), shape: vec![v, d], f16, bytes },
