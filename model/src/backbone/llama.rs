@@ -143,7 +143,8 @@ impl Backbone {
         want_logits: bool,
         mut cache: Option<&mut KvCache>,
     ) -> BackboneOutput {
-        if self.dropout == 0.0
+        // Dropout acts only on an autodiff device, which the host forwards never serve.
+        if !self.device.is_autodiff()
             && let Some(out) = self.forward_host(batch, taps, want_logits, cache.as_deref_mut())
         {
             return out;
