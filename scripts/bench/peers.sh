@@ -36,7 +36,9 @@ for round in $(seq "$ROUNDS"); do
   "$CANDLE" "$PEERS/smollm2-f32" f32 "$REPS" >>"$OUT"
   "$CANDLE" "$PEERS/smollm2-f16" f16 "$REPS" >>"$OUT"
   for q in f32 f16; do "$PY" scripts/bench/llama_cpp_bench.py "$PEERS/smollm2-$q.gguf" $q "$REPS" 2 >>"$OUT"; done
-  "$PY" scripts/bench/llama_cpp_bench.py "$GGUF" q4_1 "$REPS" 2 >>"$OUT"
+  # Q4_1 is a row of its own: llama.cpp 0.3.36 built natively crashed on it on an Intel Xeon
+  # with AMX (2026-12-03); the table then goes on without it.
+  "$PY" scripts/bench/llama_cpp_bench.py "$GGUF" q4_1 "$REPS" 2 >>"$OUT" || echo "llama.cpp q4_1 failed (exit $?): row left out" >&2
 done
 "$PY" - "$OUT" <<'PY'
 import json, statistics, sys
