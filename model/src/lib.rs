@@ -24,6 +24,7 @@ pub mod team;
 pub mod tensor_util;
 pub mod tokenizer;
 pub mod train;
+pub mod vmath;
 
 pub use backbone::{Backbone, BackboneOutput, KvCache, TokenBatch};
 pub use config::BackboneConfig;

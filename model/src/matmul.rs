@@ -14,6 +14,8 @@ use rayon::prelude::*;
 
 /// Row counts up to this take the matrix-vector kernels (decoding, verifying drafts).
 pub const SMALL_M: usize = 8;
+/// Weight rows per pass of the AVX-512 matrix-vector kernels.
+const BLOCK_ROWS: usize = 4;
 /// Weights smaller than this many elements run on one core: starting a second costs more.
 const PARALLEL_MIN: usize = 1 << 18;
 
@@ -101,12 +103,12 @@ pub fn columns_into(x: &[f32], m: usize, k: usize, w: Weights, order: Order, n: 
             let mut dots = [0f32; SMALL_M];
             let mut cols = cols;
             if m == 1 {
-                while cols.len() >= 4 {
+                while cols.len() >= BLOCK_ROWS {
                     let c = cols.start;
-                    if !simd::dots4(x, k, w, c * k, &mut acc[c - s..c - s + 4]) {
+                    if !simd::dots4(x, k, w, c * k, &mut acc[c - s..c - s + BLOCK_ROWS]) {
                         break;
                     }
-                    cols.start += 4;
+                    cols.start += BLOCK_ROWS;
                 }
             }
             for c in cols {
@@ -407,13 +409,13 @@ mod simd {
         use super::Weights;
         #[cfg(target_arch = "x86_64")]
         if avx512() {
-            let (x, out) = (&x[..k], &mut out[..4]);
+            let (x, out) = (&x[..k], &mut out[..super::BLOCK_ROWS]);
             // SAFETY: AVX-512F/BW, F16C and FMA checked; each slice holds 4 rows of k.
             unsafe {
                 match w {
-                    Weights::F32(v) => x86::dots4_f32_avx512(x, k, &v[from..from + 4 * k], out),
-                    Weights::F16(v) => x86::dots4_f16_avx512(x, k, &v[from..from + 4 * k], out),
-                    Weights::BF16(v) => x86::dots4_bf16_avx512(x, k, &v[from..from + 4 * k], out),
+                    Weights::F32(v) => x86::dots4_f32_avx512(x, k, &v[from..from + super::BLOCK_ROWS * k], out),
+                    Weights::F16(v) => x86::dots4_f16_avx512(x, k, &v[from..from + super::BLOCK_ROWS * k], out),
+                    Weights::BF16(v) => x86::dots4_bf16_avx512(x, k, &v[from..from + super::BLOCK_ROWS * k], out),
                 }
             }
             return true;
@@ -612,11 +614,11 @@ mod simd {
         unsafe fn dots4(x: &[f32], k: usize, w: *const u8, esize: usize, tail: impl Fn(usize) -> f32, load: Load16, out: &mut [f32]) {
             let px = x.as_ptr();
             let full = k - k % 16;
-                        // SAFETY: loads read within j + 16 <= full <= k of each of the 4 rows; prefetches
+            // SAFETY: loads read within j + 16 <= full <= k of each of the rows; prefetches
             // never fault.
             unsafe {
-                let rows = [w, w.add(k * esize), w.add(2 * k * esize), w.add(3 * k * esize)];
-                let mut s = [_mm512_setzero_ps(); 4];
+                let rows: [*const u8; super::super::BLOCK_ROWS] = std::array::from_fn(|r| w.add(r * k * esize));
+                let mut s = [_mm512_setzero_ps(); super::super::BLOCK_ROWS];
                 let mut j = 0;
                 while j < full {
                     if (j * esize) % 64 == 0 {
@@ -630,7 +632,7 @@ mod simd {
                     }
                     j += 16;
                 }
-                for (r, o) in out.iter_mut().enumerate().take(4) {
+                for (r, o) in out.iter_mut().enumerate().take(super::super::BLOCK_ROWS) {
                     *o = _mm512_reduce_add_ps(s[r]) + (full..k).map(|j| x[j] * tail(r * k + j)).sum::<f32>();
                 }
             }

@@ -216,13 +216,7 @@ impl Step<'_> {
                     let query = &unsafe { self.q.whole() }[at..at + dim];
                     let s = &mut scores[..visible];
                     columns_into(query, 1, dim, Weights::F32(&keys[..visible * dim]), Order::NK, visible, 0..visible, s);
-                    let max = s.iter().fold(f32::NEG_INFINITY, |mx, &v| mx.max(v * scale));
-                    let mut sum = 0f32;
-                    for v in s.iter_mut() {
-                        *v = (*v * scale - max).exp();
-                        sum += *v;
-                    }
-                    s.iter_mut().for_each(|v| *v /= sum);
+                    crate::vmath::softmax(s, scale);
                     columns_into(s, 1, visible, Weights::F32(&vals[..visible * dim]), Order::KN, dim, 0..dim, &mut out);
                     unsafe { self.o.piece(at..at + dim) }.copy_from_slice(&out);
                 }
@@ -248,18 +242,16 @@ impl Step<'_> {
     /// Phase 4: `silu(h @ gate) * (h @ up)` over claimed columns.
     fn swiglu(&self, m: &Member, lw: &LayerViews, h: &[f32]) {
         let (t, d, n) = (self.t, self.cfg.hidden_size, self.cfg.intermediate_size);
-        let (mut g, mut u) = (Vec::new(), Vec::new());
+        let (mut g, mut u, mut scratch) = (Vec::new(), Vec::new(), Vec::new());
         for cols in m.claims(n, chunk(n, m.size())) {
             let len = cols.len();
             g.resize(t * len, 0.0);
             u.resize(t * len, 0.0);
             columns_into(h, t, d, lw.gate.weights(), lw.gate.order, n, cols.clone(), &mut g);
             columns_into(h, t, d, lw.up.weights(), lw.up.order, n, cols.clone(), &mut u);
+            crate::vmath::swiglu(&mut g, &u, &mut scratch);
             for r in 0..t {
-                let out = unsafe { self.act.piece(r * n + cols.start..r * n + cols.end) };
-                for ((o, g), u) in out.iter_mut().zip(&g[r * len..]).zip(&u[r * len..]) {
-                    *o = g / (1.0 + (-g).exp()) * u;
-                }
+                unsafe { self.act.piece(r * n + cols.start..r * n + cols.end) }.copy_from_slice(&g[r * len..(r + 1) * len]);
             }
         }
     }

@@ -58,11 +58,7 @@ pub fn forward_many(bb: &Backbone, ids: &[u32], taps: &[usize], want_logits: boo
         normed(&x, values(&lw.post_norm), eps, &mut h);
         lw.gate.matmul_into(&h, t, &mut g);
         lw.up.matmul_into(&h, t, &mut u);
-        g.par_chunks_mut(ROWS_PER_TASK * inter).zip(u.par_chunks(ROWS_PER_TASK * inter)).for_each(|(g, u)| {
-            for (g, u) in g.iter_mut().zip(u) {
-                *g = *g / (1.0 + (-*g).exp()) * u;
-            }
-        });
+        g.par_chunks_mut(ROWS_PER_TASK * inter).zip(u.par_chunks(ROWS_PER_TASK * inter)).for_each_init(Vec::new, |scratch, (g, u)| crate::vmath::swiglu(g, u, scratch));
         lw.down.matmul_into(&g, t, &mut proj);
         add(&mut x, &proj);
         keep(i + 1, &x);
@@ -126,13 +122,7 @@ fn attend_head(qh: &[f32], keys: &[f32], vals: &[f32], t: usize, dim: usize) -> 
         gemm_serial(&qh[r0 * dim..(r0 + rows) * dim], rows, dim, &keys[..seen * dim], Order::NK, seen, &mut scores);
         for (r, s) in scores.chunks_exact_mut(seen).enumerate() {
             let visible = before + r0 + r + 1;
-            let max = s[..visible].iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
-            let mut sum = 0f32;
-            for v in &mut s[..visible] {
-                *v = (*v * scale - max).exp();
-                sum += *v;
-            }
-            s[..visible].iter_mut().for_each(|v| *v /= sum);
+            crate::vmath::softmax(&mut s[..visible], scale);
             s[visible..].fill(0.0);
         }
         gemm_serial(&scores, rows, seen, &vals[..seen * dim], Order::KN, dim, &mut out[r0 * dim..(r0 + rows) * dim]);
