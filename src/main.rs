@@ -21,6 +21,9 @@ struct Cli {
     /// Compute backend: flex (default), ndarray, cuda. Overrides BURN_DEVICE.
     #[arg(long, global = true)]
     device: Option<BackendKind>,
+    /// Print results as JSON (one document, or one line per event) instead of text.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -83,7 +86,7 @@ struct GenBenchArgs {
     #[arg(long)]
     cut_after: Option<usize>,
     /// One JSON line per row instead of the markdown table.
-    #[arg(long)]
+    #[arg(skip)]
     json: bool,
 }
 
@@ -98,7 +101,7 @@ struct ExpArgs {
     #[arg(long)]
     report: Option<PathBuf>,
     /// Print the whole result as one JSON object instead of the markdown tables.
-    #[arg(long)]
+    #[arg(skip)]
     json: bool,
     /// Also write result.json, table.md and the per-round plots (loss.svg, accuracy.svg) here.
     #[arg(long)]
@@ -132,7 +135,7 @@ struct QuickArgs {
     #[arg(long)]
     model: Option<PathBuf>,
     /// Print the round records and samples as JSON lines.
-    #[arg(long)]
+    #[arg(skip)]
     json: bool,
 }
 
@@ -166,7 +169,7 @@ struct SimArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Print round reports as JSON lines.
-    #[arg(long)]
+    #[arg(skip)]
     json: bool,
 }
 
@@ -286,19 +289,29 @@ fn default_model() -> PathBuf {
     }
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
     spa_model::alloc::keep_freed_memory();
-    let cli = Cli::parse();
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:?}");
+            std::process::ExitCode::from(spa_proto::exit::code(e.chain()))
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
     if let Some(d) = cli.device {
         // SAFETY: set before any thread starts; the quickstart's coordinator and devices read it.
         unsafe { std::env::set_var("BURN_DEVICE", d.to_string()) };
     }
     let device = BackendKind::resolve(cli.device)?.device()?;
+    // Each command's `json` is this global flag.
     match cli.command {
-        Command::Quickstart(a) => quickstart(a),
-        Command::Simulate(a) => simulate(a, &device),
-        Command::Experiment(a) => experiment(a, &device),
-        Command::GenerateBench(a) => generate_bench(a),
+        Command::Quickstart(a) => quickstart(QuickArgs { json: cli.json, ..a }),
+        Command::Simulate(a) => simulate(SimArgs { json: cli.json, ..a }, &device),
+        Command::Experiment(a) => experiment(ExpArgs { json: cli.json, ..a }, &device),
+        Command::GenerateBench(a) => generate_bench(GenBenchArgs { json: cli.json, ..a }),
     }
 }
 

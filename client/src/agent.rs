@@ -81,13 +81,15 @@ struct InRound {
     input: Option<Vec<u32>>,
 }
 
-/// Test-only fault injection: `SPA_FAULT_EXIT_AT=<phase>` kills the agent (no cleanup, like
-/// SIGKILL) when that phase's request arrives.
+/// Test-only fault injection (the `fault-injection` feature): `SPA_FAULT_EXIT_AT=<phase>`
+/// kills the agent (no cleanup, like SIGKILL) when that phase's request arrives.
 fn fault_point(phase: &str) {
+    #[cfg(feature = "fault-injection")]
     if std::env::var("SPA_FAULT_EXIT_AT").is_ok_and(|v| v == phase) {
         eprintln!("fault injection: exiting at {phase}");
         std::process::abort();
     }
+    let _ = phase;
 }
 
 /// Runs the agent until `opts.rounds` versions were evaluated, or forever.
@@ -359,6 +361,7 @@ async fn train_for_round(ctx: &Ctx<'_>, t: &TrainTask, config: &SessionConfig) -
         // DP: clipped, rotated, rounded, with this device's share of the noise; unweighted.
         Encoding::DistributedDiscreteGaussian(dp) => (dp.encode(&delta, &mut rng).map_err(secagg_err)?, 1),
     };
+    #[cfg(feature = "fault-injection")]
     if std::env::var_os("SPA_TEST_DUMP_UPDATES").is_some() {
         // Tests compare the secure aggregate with a plaintext one; this stays on the device's disk.
         let p = home.join(format!("update-round-{}.json", t.round_id));

@@ -18,6 +18,9 @@ struct Cli {
     /// The device's home directory (its own store and config).
     #[arg(long, global = true, default_value = "spa-device")]
     home: PathBuf,
+    /// Print each result as one JSON document on stdout instead of text.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -37,13 +40,9 @@ enum Command {
         /// A label for this device.
         #[arg(long, default_value = "")]
         name: String,
-        #[arg(long)]
-        json: bool,
     },
     /// Identity, data, training state, and a signed ping of the coordinator.
     Status {
-        #[arg(long)]
-        json: bool,
         /// Do not contact the coordinator.
         #[arg(long)]
         offline: bool,
@@ -64,8 +63,6 @@ enum Command {
         /// Start from a fresh plugin instead of the stored one.
         #[arg(long)]
         fresh: bool,
-        #[arg(long)]
-        json: bool,
     },
     /// Run the device agent: take part in federated rounds until stopped (or --rounds).
     Run {
@@ -111,8 +108,6 @@ enum Command {
         /// accepted more often).
         #[arg(long)]
         no_side_drafts: bool,
-        #[arg(long)]
-        json: bool,
     },
 }
 
@@ -126,14 +121,9 @@ enum DataCommand {
         /// For play scripts: the role whose speeches are this device's replies.
         #[arg(long)]
         speaker: Option<String>,
-        #[arg(long)]
-        json: bool,
     },
     /// List the data sources and example count.
-    List {
-        #[arg(long)]
-        json: bool,
-    },
+    List,
 }
 
 struct Bars {
@@ -178,9 +168,26 @@ impl TrainProgress for Bars {
     }
 }
 
-fn main() -> Result<()> {
+/// `data list --json`.
+#[derive(serde::Serialize)]
+struct DataList<'a, S> {
+    examples: usize,
+    sources: &'a [S],
+}
+
+fn main() -> std::process::ExitCode {
     spa_model::alloc::keep_freed_memory();
-    let cli = Cli::parse();
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:?}");
+            std::process::ExitCode::from(spa_proto::exit::code(e.chain()))
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let json = cli.json;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -191,7 +198,6 @@ fn main() -> Result<()> {
             token,
             ca,
             name,
-            json,
         } => {
             let ca_pem = std::fs::read_to_string(&ca)
                 .with_context(|| format!("reading {}", ca.display()))?;
@@ -205,7 +211,7 @@ fn main() -> Result<()> {
                 );
             }
         }
-        Command::Status { json, offline } => {
+        Command::Status { offline } => {
             let r = rt.block_on(ops::status(&home, offline))?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
@@ -217,7 +223,6 @@ fn main() -> Result<()> {
             file,
             format,
             speaker,
-            json,
         }) => {
             let s = ops::data_add(&home, &file, format, speaker.as_deref())?;
             if json {
@@ -229,10 +234,10 @@ fn main() -> Result<()> {
                 );
             }
         }
-        Command::Data(DataCommand::List { json }) => {
+        Command::Data(DataCommand::List) => {
             let (sources, n) = ops::data_list(&home)?;
             if json {
-                println!("{}", serde_json::json!({"examples": n, "sources": sources}));
+                println!("{}", serde_json::to_string(&DataList { examples: n, sources: &sources })?);
             } else {
                 for s in &sources {
                     println!("{:>6}  {:<6} {}", s.examples, s.format, s.file);
@@ -245,7 +250,6 @@ fn main() -> Result<()> {
             lr,
             val_fraction,
             fresh,
-            json,
         } => {
             let mut tc = ClientConfig::load(&home)?.train;
             if let Some(e) = epochs {
@@ -276,7 +280,7 @@ fn main() -> Result<()> {
             let n = rt.block_on(agent::run(&home, &opts, &mut |e| eprintln!("{}", describe(&e))))?;
             eprintln!("adopted {n} committed version(s); exiting");
         }
-        Command::Generate { prompt, max_tokens, sampling, stop_at_newline, stop, chat, ignore_eos, naive, max_draft, inputs, no_side_drafts, json } => {
+        Command::Generate { prompt, max_tokens, sampling, stop_at_newline, stop, chat, ignore_eos, naive, max_draft, inputs, no_side_drafts } => {
             let mut out = std::io::stdout();
             if !json {
                 print!("{prompt}");

@@ -89,9 +89,14 @@ impl Coordinator {
     }
 
     fn admin_fails(&self, args: &[&str]) -> String {
+        self.admin_exit(args).1
+    }
+
+    /// A failing admin command's exit code and stderr.
+    fn admin_exit(&self, args: &[&str]) -> (i32, String) {
         let out = Command::new(coordinator_bin()).args(args).arg("--home").arg(&self.home).output().unwrap();
         assert!(!out.status.success(), "{args:?} should fail");
-        String::from_utf8_lossy(&out.stderr).into_owned()
+        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
     }
 
     fn round(&self, id: u64) -> Value {
@@ -255,8 +260,13 @@ fn devices_run_rounds_with_secagg_dropouts_and_rejoin() {
             d.run(&[]);
         }
     }
-    // Bad plans are refused before anything is queued.
-    assert!(coord.admin_fails(&["round", "start", "--min-clients", "1"]).contains("min_clients"));
+    // Bad plans are refused before anything is queued; exit codes tell refused (4), not
+    // found (3) and usage (2) apart (docs/OPERATIONS.md).
+    let (code, err) = coord.admin_exit(&["round", "start", "--min-clients", "1"]);
+    assert!(err.contains("min_clients") && code == 4, "{code}: {err}");
+    let (code, err) = coord.admin_exit(&["round", "abort", "999"]);
+    assert!(err.contains("no round 999") && code == 3, "{code}: {err}");
+    assert_eq!(coord.admin_exit(&["round", "start", "--rounds", "many"]).0, 2);
     assert!(coord.admin_fails(&["round", "start", "--strategy", "fedmagic"]).contains("unknown strategy"));
     let run = coord.admin(&["round", "start", "--rounds", "3", "--min-clients", "3", "--max-clients", "10", "--deadline", "120", "--local-epochs", "2", "--lr", "0.01"]);
     assert_eq!(run["run_id"], 1);
@@ -268,6 +278,13 @@ fn devices_run_rounds_with_secagg_dropouts_and_rejoin() {
     assert_eq!(c1.len(), n - killed.len(), "{r1}");
     assert_eq!(r1["committed_version"], 1);
     check_aggregate(&coord, &devices, &r1);
+    // Each killed device is a dropout of round 1 with its reason: silent at masked_input.
+    assert_eq!(r1["dropouts"].as_object().unwrap().len(), killed.len(), "{r1}");
+    for &k in &killed {
+        let d = &r1["dropouts"][devices[k].id.as_str()];
+        assert_eq!(d["phase"], "masked_input", "{r1}");
+        assert_eq!(d["reason"]["kind"], "timed_out", "{r1}");
+    }
     for &k in &killed {
         assert!(!c1.contains(&devices[k].id), "a killed device's update must not be in the sum");
         assert!(devices[k].agent_exited(), "fault injection did not kill device {k}");

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
+use serde::Serialize;
 use spa_proto::auth::HDR_AUTHORIZATION;
 use spa_proto::limits::MAX_MESSAGE_BYTES;
 use spa_proto::v1::admin_client::AdminClient;
@@ -12,6 +13,7 @@ use spa_proto::v1::*;
 use tonic::transport::Channel;
 
 use crate::config::CoordinatorConfig;
+use crate::rounds::RoundRecord;
 use crate::server::ADDR_FILE;
 
 /// Where to reach the coordinator and with which credential.
@@ -38,8 +40,6 @@ pub enum TokenCommand {
         /// Free-text note stored with the token.
         #[arg(long, default_value = "")]
         note: String,
-        #[arg(long)]
-        json: bool,
     },
 }
 
@@ -49,16 +49,12 @@ pub enum DevicesCommand {
     List {
         #[command(flatten)]
         target: Target,
-        #[arg(long)]
-        json: bool,
     },
     /// Revoke a device: its signed calls are refused from now on.
     Revoke {
         #[command(flatten)]
         target: Target,
         id: String,
-        #[arg(long)]
-        json: bool,
     },
 }
 
@@ -113,17 +109,78 @@ pub fn with_admin<M>(cred: &str, body: M) -> Result<tonic::Request<M>> {
     Ok(req)
 }
 
+/// The status stays in the error's chain: the binary's exit code is read from it.
 fn status_err(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("coordinator refused: {} ({:?})", s.message(), s.code())
+    let msg = format!("coordinator refused: {} ({:?})", s.message(), s.code());
+    anyhow::Error::new(s).context(msg)
 }
 
-pub async fn run_token(cmd: TokenCommand) -> Result<()> {
+/// One JSON document on stdout (`--json`).
+pub fn print_json(v: &impl Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string(v)?);
+    Ok(())
+}
+
+// What each verb prints with `--json`.
+#[derive(Serialize)]
+struct TokenCreated {
+    token: String,
+    token_id: String,
+    expires_at_ms: u64,
+}
+
+#[derive(Serialize)]
+struct DeviceRow {
+    device_id: String,
+    name: String,
+    enrolled_at_ms: u64,
+    last_seen_ms: u64,
+    revoked: bool,
+    public_key_hex: String,
+}
+
+#[derive(Serialize)]
+struct Revoked {
+    device_id: String,
+    was_active: bool,
+}
+
+#[derive(Serialize)]
+struct ServerStatus {
+    backbone_version: String,
+    devices: u64,
+    active_devices: u64,
+    uptime_seconds: u64,
+    version: String,
+    global_version: u64,
+    tokens_outstanding: u64,
+}
+
+#[derive(Serialize)]
+struct RunQueued {
+    run_id: u64,
+}
+
+#[derive(Serialize)]
+struct AbortOutcome {
+    round_id: u64,
+    was_running: bool,
+}
+
+#[derive(Serialize)]
+struct Exported {
+    version: u64,
+    tensors: usize,
+    parameters: usize,
+    out: PathBuf,
+}
+
+pub async fn run_token(cmd: TokenCommand, json: bool) -> Result<()> {
     match cmd {
         TokenCommand::Create {
             target,
             ttl,
             note,
-            json,
         } => {
             let ttl = parse_duration(&ttl)?;
             if ttl.is_zero() {
@@ -142,10 +199,7 @@ pub async fn run_token(cmd: TokenCommand) -> Result<()> {
                 .map_err(status_err)?
                 .into_inner();
             if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"token": r.token, "token_id": r.token_id, "expires_at_ms": r.expires_at_ms})
-                );
+                print_json(&TokenCreated { token: r.token, token_id: r.token_id, expires_at_ms: r.expires_at_ms })?;
             } else {
                 println!("{}", r.token);
                 eprintln!(
@@ -158,9 +212,9 @@ pub async fn run_token(cmd: TokenCommand) -> Result<()> {
     Ok(())
 }
 
-pub async fn run_devices(cmd: DevicesCommand) -> Result<()> {
+pub async fn run_devices(cmd: DevicesCommand, json: bool) -> Result<()> {
     match cmd {
-        DevicesCommand::List { target, json } => {
+        DevicesCommand::List { target } => {
             let (mut c, cred) = admin_client(&target).await?;
             let r = c
                 .list_devices(with_admin(&cred, ListDevicesRequest {})?)
@@ -168,15 +222,19 @@ pub async fn run_devices(cmd: DevicesCommand) -> Result<()> {
                 .map_err(status_err)?
                 .into_inner();
             if json {
-                let v: Vec<_> = r
+                let rows: Vec<DeviceRow> = r
                     .devices
                     .iter()
-                    .map(|d| {
-                        serde_json::json!({"device_id": d.device_id, "name": d.name, "enrolled_at_ms": d.enrolled_at_ms,
-                            "last_seen_ms": d.last_seen_ms, "revoked": d.revoked, "public_key_hex": d.public_key_hex})
+                    .map(|d| DeviceRow {
+                        device_id: d.device_id.clone(),
+                        name: d.name.clone(),
+                        enrolled_at_ms: d.enrolled_at_ms,
+                        last_seen_ms: d.last_seen_ms,
+                        revoked: d.revoked,
+                        public_key_hex: d.public_key_hex.clone(),
                     })
                     .collect();
-                println!("{}", serde_json::Value::Array(v));
+                print_json(&rows)?;
             } else {
                 println!(
                     "{:<22} {:<20} {:<8} {:>15}",
@@ -193,7 +251,7 @@ pub async fn run_devices(cmd: DevicesCommand) -> Result<()> {
                 }
             }
         }
-        DevicesCommand::Revoke { target, id, json } => {
+        DevicesCommand::Revoke { target, id } => {
             let (mut c, cred) = admin_client(&target).await?;
             let r = c
                 .revoke_device(with_admin(
@@ -206,10 +264,7 @@ pub async fn run_devices(cmd: DevicesCommand) -> Result<()> {
                 .map_err(status_err)?
                 .into_inner();
             if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"device_id": id, "was_active": r.was_active})
-                );
+                print_json(&Revoked { device_id: id, was_active: r.was_active })?;
             } else if r.was_active {
                 println!("revoked {id}");
             } else {
@@ -227,11 +282,17 @@ pub async fn run_status(target: Target, json: bool) -> Result<()> {
         .await
         .map_err(status_err)?
         .into_inner();
-    let v = serde_json::json!({"backbone_version": r.backbone_version, "devices": r.devices, "active_devices": r.active_devices,
-        "uptime_seconds": r.uptime_seconds, "version": r.version, "global_version": r.global_version,
-        "tokens_outstanding": r.tokens_outstanding});
+    let v = ServerStatus {
+        backbone_version: r.backbone_version,
+        devices: r.devices,
+        active_devices: r.active_devices,
+        uptime_seconds: r.uptime_seconds,
+        version: r.version,
+        global_version: r.global_version,
+        tokens_outstanding: r.tokens_outstanding,
+    };
     if json {
-        println!("{v}");
+        print_json(&v)?;
     } else {
         println!("{}", serde_json::to_string_pretty(&v)?);
     }
@@ -242,7 +303,7 @@ pub async fn run_status(target: Target, json: bool) -> Result<()> {
 pub fn run_init(home: &Path, names: &[String], json: bool) -> Result<()> {
     let r = crate::init::init(home, names)?;
     if json {
-        println!("{}", serde_json::to_string(&r)?);
+        print_json(&r)?;
     } else {
         println!("initialised {}", r.home.display());
         println!("  config:           {}", r.config.display());
@@ -288,8 +349,6 @@ pub enum RoundCommand {
         /// Distributed DP noise multiplier z (central sigma = z * clip).
         #[arg(long, default_value_t = 0.0)]
         dp_noise: f64,
-        #[arg(long)]
-        json: bool,
     },
     /// One round (default: the latest).
     Status {
@@ -299,63 +358,59 @@ pub enum RoundCommand {
         /// Print again every second until the round commits or aborts.
         #[arg(long)]
         watch: bool,
-        #[arg(long)]
-        json: bool,
     },
     /// Every round.
     List {
         #[command(flatten)]
         target: Target,
-        #[arg(long)]
-        json: bool,
     },
     /// Abort a round in progress (and the rest of its run).
     Abort {
         #[command(flatten)]
         target: Target,
         id: u64,
-        #[arg(long)]
-        json: bool,
     },
 }
 
-fn round_line(r: &RoundInfo) -> String {
-    let v: serde_json::Value = serde_json::from_str(&r.record_json).unwrap_or_default();
-    let mean = &v["mean_metrics"];
-    let metrics = if mean.is_object() {
-        format!(
+/// The record a `RoundInfo` carries, read into its type.
+fn round_record(r: &RoundInfo) -> Result<RoundRecord> {
+    serde_json::from_str(&r.record_json).with_context(|| format!("round {}: the coordinator sent a record this CLI cannot read", r.round_id))
+}
+
+fn round_line(r: &RoundRecord) -> String {
+    let metrics = match &r.mean_metrics {
+        Some(m) => format!(
             "  held-out loss {:.3} -> {:.3}, acc {:.3} -> {:.3} ({} devices)",
-            mean["backbone_loss"].as_f64().unwrap_or(f64::NAN),
-            mean["personalized_loss"].as_f64().unwrap_or(f64::NAN),
-            mean["backbone_acc"].as_f64().unwrap_or(f64::NAN),
-            mean["personalized_acc"].as_f64().unwrap_or(f64::NAN),
-            v["metrics"].as_object().map_or(0, |m| m.len()),
-        )
-    } else {
-        String::new()
+            m.backbone_loss,
+            m.personalized_loss,
+            m.backbone_acc,
+            m.personalized_acc,
+            r.metrics.len()
+        ),
+        None => String::new(),
     };
-    format!(
+    let mut line = format!(
         "round {:>4}  run {} #{}  {:<12} base v{} -> {}  cohort {}  contributors {}{}{}",
         r.round_id,
-        v["run_id"],
-        v["index"],
-        r.state,
-        v["base_version"],
-        v["committed_version"].as_u64().map_or("-".into(), |c| format!("v{c}")),
-        v["cohort"].as_array().map_or(0, |a| a.len()),
-        v["contributors"].as_array().map_or(0, |a| a.len()),
-        v["reason"].as_str().map_or(String::new(), |r| format!("  ({r})")),
+        r.run_id,
+        r.index,
+        r.state.name(),
+        r.base_version,
+        r.committed_version.map_or("-".into(), |c| format!("v{c}")),
+        r.cohort.len(),
+        r.contributors.len(),
+        r.reason.as_ref().map_or(String::new(), |r| format!("  ({r})")),
         metrics,
-    )
+    );
+    for (device, d) in &r.dropouts {
+        line.push_str(&format!("\n  dropped {device}: {d}"));
+    }
+    line
 }
 
-fn round_json(r: &RoundInfo) -> serde_json::Value {
-    serde_json::from_str(&r.record_json).unwrap_or_default()
-}
-
-pub async fn run_round(cmd: RoundCommand) -> Result<()> {
+pub async fn run_round(cmd: RoundCommand, json: bool) -> Result<()> {
     match cmd {
-        RoundCommand::Start { target, rounds, min_clients, max_clients, deadline, local_epochs, lr, strategy, prox_mu, dp_clip, dp_noise, json } => {
+        RoundCommand::Start { target, rounds, min_clients, max_clients, deadline, local_epochs, lr, strategy, prox_mu, dp_clip, dp_noise } => {
             let (mut c, cred) = admin_client(&target).await?;
             let req = StartRoundsRequest {
                 rounds,
@@ -371,47 +426,49 @@ pub async fn run_round(cmd: RoundCommand) -> Result<()> {
             };
             let r = c.start_rounds(with_admin(&cred, req)?).await.map_err(status_err)?.into_inner();
             if json {
-                println!("{}", serde_json::json!({ "run_id": r.run_id }));
+                print_json(&RunQueued { run_id: r.run_id })?;
             } else {
                 println!("run {} queued: {rounds} round(s); watch with `round status --watch`", r.run_id);
             }
         }
-        RoundCommand::Status { target, id, watch, json } => {
+        RoundCommand::Status { target, id, watch } => {
             let (mut c, cred) = admin_client(&target).await?;
             let mut id = id.unwrap_or(0);
             loop {
                 let r = c.round_status(with_admin(&cred, RoundStatusRequest { round_id: id })?).await.map_err(status_err)?.into_inner();
                 // Watching "the latest" follows the round it found first, not later ones.
                 id = r.round_id;
+                let rec = round_record(&r)?;
                 if json {
-                    println!("{}", round_json(&r));
+                    print_json(&rec)?;
                 } else {
-                    println!("{}", round_line(&r));
+                    println!("{}", round_line(&rec));
                 }
-                if !watch || r.state == "committed" || r.state == "aborted" {
+                if !watch || rec.state.is_final() {
                     break;
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
-        RoundCommand::List { target, json } => {
+        RoundCommand::List { target } => {
             let (mut c, cred) = admin_client(&target).await?;
             let r = c.list_rounds(with_admin(&cred, ListRoundsRequest {})?).await.map_err(status_err)?.into_inner();
+            let recs = r.rounds.iter().map(round_record).collect::<Result<Vec<_>>>()?;
             if json {
-                println!("{}", serde_json::Value::Array(r.rounds.iter().map(round_json).collect()));
-            } else if r.rounds.is_empty() {
+                print_json(&recs)?;
+            } else if recs.is_empty() {
                 println!("no rounds yet");
             } else {
-                for x in &r.rounds {
+                for x in &recs {
                     println!("{}", round_line(x));
                 }
             }
         }
-        RoundCommand::Abort { target, id, json } => {
+        RoundCommand::Abort { target, id } => {
             let (mut c, cred) = admin_client(&target).await?;
             let r = c.abort_round(with_admin(&cred, AbortRoundRequest { round_id: id })?).await.map_err(status_err)?.into_inner();
             if json {
-                println!("{}", serde_json::json!({ "round_id": id, "was_running": r.was_running }));
+                print_json(&AbortOutcome { round_id: id, was_running: r.was_running })?;
             } else if r.was_running {
                 println!("round {id}: abort requested");
             } else {
@@ -433,13 +490,11 @@ pub enum CheckpointCommand {
         version: Option<u64>,
         #[arg(long)]
         out: PathBuf,
-        #[arg(long)]
-        json: bool,
     },
 }
 
-pub async fn run_checkpoint(cmd: CheckpointCommand) -> Result<()> {
-    let CheckpointCommand::Export { target, version, out, json } = cmd;
+pub async fn run_checkpoint(cmd: CheckpointCommand, json: bool) -> Result<()> {
+    let CheckpointCommand::Export { target, version, out } = cmd;
     let (mut c, cred) = admin_client(&target).await?;
     let version = match version {
         Some(v) => v,
@@ -457,7 +512,7 @@ pub async fn run_checkpoint(cmd: CheckpointCommand) -> Result<()> {
     }
     std::fs::write(&out, set.to_safetensors()).with_context(|| format!("writing {}", out.display()))?;
     if json {
-        println!("{}", serde_json::json!({ "version": version, "tensors": set.tensors.len(), "parameters": set.numel(), "out": out }));
+        print_json(&Exported { version, tensors: set.tensors.len(), parameters: set.numel(), out: out.clone() })?;
     } else {
         println!("global version {version}: {} tensors, {} parameters -> {}", set.tensors.len(), set.numel(), out.display());
     }

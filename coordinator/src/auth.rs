@@ -9,6 +9,7 @@ use spa_proto::auth::{
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Status};
 
+use crate::status::internal;
 use crate::store::{DeviceRecord, Store};
 
 pub struct Auth {
@@ -16,11 +17,6 @@ pub struct Auth {
     nonces: Mutex<NonceWindow>,
     window_ms: u64,
     admin_hash: [u8; 32],
-}
-
-pub(crate) fn internal(e: impl std::fmt::Display) -> Status {
-    tracing::error!("internal error: {e}");
-    Status::internal(format!("coordinator error: {e}"))
 }
 
 /// Constant-time equality of two digests.
@@ -93,7 +89,7 @@ impl Auth {
         self.store
             .record_nonce(&h.device_id, &h.nonce_hex, h.ts_ms)
             .map_err(internal)?;
-        self.store.touch(&h.device_id, now).map_err(internal)?;
+        self.store.touch(&h.device_id, now)?;
         Ok(rec)
     }
 

@@ -47,7 +47,28 @@ pub struct SeqJob {
     pub to: usize,
 }
 
-type Reply<T> = oneshot::Sender<Result<T, String>>;
+/// Why the backbone worker could not do a job.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("backbone worker stopped")]
+    Stopped,
+    #[error("the generation session is gone (idle too long, or resumed on another stream)")]
+    SessionGone,
+    /// A request the handler's checks let through but the model refused (a side config
+    /// that does not fit the backbone, say).
+    #[error("{0}")]
+    Refused(spa_model::ModelError),
+    #[error("backbone: {0}")]
+    Model(#[from] spa_model::ModelError),
+    #[error("backbone produced non-finite features")]
+    NonFinite,
+    #[error("encoding: {0}")]
+    Encoding(#[from] spa_proto::ProtoError),
+    #[error("backbone job panicked: {0}")]
+    Panicked(String),
+}
+
+type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
 
 enum Job {
     Features {
@@ -161,7 +182,7 @@ impl Engine {
             present(&tokenizer_config_json).as_deref(),
         )?;
         let (tx, rx) = mpsc::channel::<Job>();
-        let (ready_tx, ready_rx) = mpsc::channel::<Result<BackboneConfig, String>>();
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<BackboneConfig, spa_model::ModelError>>();
         let dir_display = dir.display().to_string();
         let dir = dir.to_path_buf();
         std::thread::Builder::new()
@@ -174,7 +195,7 @@ impl Engine {
                         bb
                     }
                     Err(e) => {
-                        let _ = ready_tx.send(Err(e.to_string()));
+                        let _ = ready_tx.send(Err(e));
                         return;
                     }
                 };
@@ -199,13 +220,10 @@ impl Engine {
         })
     }
 
-    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Job) -> Result<T, String> {
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Job) -> Result<T, EngineError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(make(reply))
-            .map_err(|_| "backbone worker stopped".to_string())?;
-        rx.await
-            .map_err(|_| "backbone worker stopped".to_string())?
+        self.tx.send(make(reply)).map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)?
     }
 
     /// Per sequence, the features at positions [from, to), laid out [positions, layers, hidden].
@@ -214,7 +232,7 @@ impl Engine {
         seqs: Vec<SeqJob>,
         layers: Vec<usize>,
         dtype: i32,
-    ) -> Result<Vec<Vec<u8>>, String> {
+    ) -> Result<Vec<Vec<u8>>, EngineError> {
         self.call(|reply| Job::Features {
             seqs,
             layers,
@@ -225,24 +243,24 @@ impl Engine {
     }
 
     /// The frozen final norm and head as devices receive them.
-    pub async fn head(&self) -> Result<Vec<ShippedTensor>, String> {
+    pub async fn head(&self) -> Result<Vec<ShippedTensor>, EngineError> {
         self.call(|reply| Job::Head { reply }).await
     }
 
     /// Starts session `session` (the handler allocates ids), held by stream epoch 0.
-    pub async fn open(&self, session: u64, opening: Opening) -> Result<(), String> {
+    pub async fn open(&self, session: u64, opening: Opening) -> Result<(), EngineError> {
         self.call(|reply| Job::Open { session, opening: Box::new(opening), reply }).await
     }
 
     /// Hands a session of `owner` opened with `fingerprint` to a new stream, truncated to
     /// `length` confirmed tokens; the new stream's epoch, or None if there is no such
     /// session (gone idle, another device's, opened otherwise, or shorter).
-    pub async fn resume(&self, session: u64, owner: String, fingerprint: [u8; 32], length: usize) -> Result<Option<u64>, String> {
+    pub async fn resume(&self, session: u64, owner: String, fingerprint: [u8; 32], length: usize) -> Result<Option<u64>, EngineError> {
         self.call(|reply| Job::Resume { session, owner, fingerprint, length, reply }).await
     }
 
     /// [`Drafter::step`] on a session, for the stream that holds it.
-    pub async fn step(&self, session: u64, epoch: u64, accepted: usize, ids: Vec<u32>, draft: usize, side: bool) -> Result<Block, String> {
+    pub async fn step(&self, session: u64, epoch: u64, accepted: usize, ids: Vec<u32>, draft: usize, side: bool) -> Result<Block, EngineError> {
         self.call(|reply| Job::Step { session, epoch, accepted, ids, draft, side, reply }).await
     }
 
@@ -256,7 +274,7 @@ impl Engine {
 }
 
 /// A block as the wire carries it: per position, each slot's row, in `dtype`.
-pub fn encode_block(b: &Block, dtype: i32) -> Result<Vec<u8>, String> {
+pub fn encode_block(b: &Block, dtype: i32) -> Result<Vec<u8>, EngineError> {
     let n = b.positions;
     let mut out = Vec::with_capacity(b.states.iter().map(Vec::len).sum());
     for p in 0..n {
@@ -265,7 +283,7 @@ pub fn encode_block(b: &Block, dtype: i32) -> Result<Vec<u8>, String> {
             out.extend_from_slice(&slot[p * w..(p + 1) * w]);
         }
     }
-    spa_proto::tensor::encode_f32(&out, dtype).map_err(|e| e.to_string())
+    Ok(spa_proto::tensor::encode_f32(&out, dtype)?)
 }
 
 fn layout(
@@ -276,7 +294,7 @@ fn layout(
     from: usize,
     to: usize,
     dtype: i32,
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, EngineError> {
     let l = taps.len();
     let mut out = Vec::with_capacity((to - from) * l * d);
     for p in from..to {
@@ -286,9 +304,9 @@ fn layout(
         }
     }
     if out.iter().any(|v| !v.is_finite()) {
-        return Err("backbone produced non-finite features".into());
+        return Err(EngineError::NonFinite);
     }
-    spa_proto::tensor::encode_f32(&out, dtype).map_err(|e| e.to_string())
+    Ok(spa_proto::tensor::encode_f32(&out, dtype)?)
 }
 
 fn worker(bb: Backbone, rx: mpsc::Receiver<Job>, idle: Duration, max_detached: usize) {
@@ -322,8 +340,7 @@ fn worker(bb: Backbone, rx: mpsc::Receiver<Job>, idle: Duration, max_detached: u
                             chunk.iter().map(|s| s.ids.clone()).collect(),
                             &bb.config,
                             0,
-                        )
-                        .map_err(|e| e.to_string())?;
+                        )?;
                         let o = bb.forward(&tb, &layers, false, None);
                         let taps: Vec<Vec<f32>> = o.taps.into_iter().map(to_vec).collect();
                         for (b, s) in chunk.iter().enumerate() {
@@ -337,10 +354,10 @@ fn worker(bb: Backbone, rx: mpsc::Receiver<Job>, idle: Duration, max_detached: u
             Job::Open { session, opening, reply } => {
                 let r = guarded(|| {
                     let opening = *opening;
-                    let mut drafter = Drafter::new(&bb, opening.form, opening.sampling, opening.stop, opening.last_only).map_err(|e| e.to_string())?;
+                    let mut drafter = Drafter::new(&bb, opening.form, opening.sampling, opening.stop, opening.last_only).map_err(EngineError::Refused)?;
                     if let Some((cfg, shared)) = &opening.side {
-                        let plugin = Plugin::new(cfg, &bb.config, &bb.device).and_then(|p| p.load(shared)).map_err(|e| e.to_string())?;
-                        drafter = drafter.with_side(plugin).map_err(|e| e.to_string())?;
+                        let plugin = Plugin::new(cfg, &bb.config, &bb.device).and_then(|p| p.load(shared)).map_err(EngineError::Refused)?;
+                        drafter = drafter.with_side(plugin).map_err(EngineError::Refused)?;
                     }
                     let (owner, fingerprint) = (opening.owner, opening.fingerprint);
                     sessions.insert(session, Session { drafter, owner, fingerprint, used: Instant::now(), attached: true, epoch: 0 });
@@ -363,11 +380,11 @@ fn worker(bb: Backbone, rx: mpsc::Receiver<Job>, idle: Duration, max_detached: u
             }
             Job::Step { session, epoch, accepted, ids, draft, side, reply } => {
                 let Some(entry) = sessions.get_mut(&session).filter(|s| s.epoch == epoch) else {
-                    let _ = reply.send(Err("the generation session is gone (idle too long, or resumed on another stream)".into()));
+                    let _ = reply.send(Err(EngineError::SessionGone));
                     continue;
                 };
                 entry.used = Instant::now();
-                let r = guarded(|| entry.drafter.step(&bb, accepted, &ids, draft, side).map_err(|e| e.to_string()));
+                let r = guarded(|| Ok(entry.drafter.step(&bb, accepted, &ids, draft, side)?));
                 if r.is_err() {
                     sessions.remove(&session);
                 }
@@ -389,12 +406,12 @@ fn worker(bb: Backbone, rx: mpsc::Receiver<Job>, idle: Duration, max_detached: u
     }
 }
 
-fn guarded<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+fn guarded<T>(f: impl FnOnce() -> Result<T, EngineError>) -> Result<T, EngineError> {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| {
         let msg = p
             .downcast_ref::<String>()
             .cloned()
             .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
-        Err(format!("backbone job failed: {}", msg.unwrap_or_default()))
+        Err(EngineError::Panicked(msg.unwrap_or_default()))
     })
 }

@@ -14,7 +14,7 @@ use spa_proto::v1::*;
 use tokio::sync::mpsc;
 use tonic::{Request, Status, Streaming};
 
-use crate::auth::internal;
+use crate::status::internal;
 use crate::engine::{Opening, encode_block};
 use crate::service::{BackboneService, BoxStream, Shared};
 
@@ -39,21 +39,23 @@ pub async fn serve(s: Arc<Shared>, req: Request<Streaming<GenerateRequest>>) -> 
         return Err(Status::invalid_argument("a Generate stream must start with an `open` message"));
     };
     let plan = check_open(&s, &open, device.device_id)?;
-    let max = s.config.limits.max_sessions;
-    if s.sessions.fetch_add(1, Ordering::SeqCst) >= max {
-        s.sessions.fetch_sub(1, Ordering::SeqCst);
-        return Err(Status::resource_exhausted(format!("{max} generation sessions already open; retry later")));
-    }
-    let started = start_session(&s, &open, plan.opening).await;
-    let (session, epoch, confirmed) = match started {
-        Ok(x) => x,
-        Err(e) => {
-            s.sessions.fetch_sub(1, Ordering::SeqCst);
-            return Err(e);
-        }
-    };
+    let permit = s.sessions.clone().try_acquire_owned().map_err(|_| {
+        let max = s.config.limits.max_sessions;
+        Status::resource_exhausted(format!("{max} generation sessions already open; retry later"))
+    })?;
+    let (session, epoch, confirmed) = start_session(&s, &open, plan.opening).await?;
     let (tx, rx) = mpsc::channel::<Result<GenerateResponse, Status>>(4);
-    let stream = Stream { s: s.clone(), session, epoch, last_only: open.last_only, dtype: open.dtype, position_bytes: plan.position_bytes, confirmed, pending: 0 };
+    let stream = Stream {
+        s: s.clone(),
+        _permit: permit,
+        session,
+        epoch,
+        last_only: open.last_only,
+        dtype: open.dtype,
+        position_bytes: plan.position_bytes,
+        confirmed,
+        pending: 0,
+    };
     tokio::spawn(stream.run(input, tx));
     Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
 }
@@ -62,14 +64,14 @@ pub async fn serve(s: Arc<Shared>, req: Request<Streaming<GenerateRequest>>) -> 
 async fn start_session(s: &Shared, open: &GenerateOpen, opening: Opening) -> Result<(u64, u64, usize), Status> {
     if open.resume_session != 0 {
         let length = open.resume_length as usize;
-        let ok = s.engine.resume(open.resume_session, opening.owner, opening.fingerprint, length).await.map_err(internal)?;
+        let ok = s.engine.resume(open.resume_session, opening.owner, opening.fingerprint, length).await?;
         return match ok {
             Some(epoch) => Ok((open.resume_session, epoch, length)),
             None => Err(Status::not_found("no such generation session to resume (it idled out, or was not opened like this): open a new one")),
         };
     }
     let session = s.next_session.fetch_add(1, Ordering::SeqCst);
-    s.engine.open(session, opening).await.map_err(Status::invalid_argument)?;
+    s.engine.open(session, opening).await?;
     Ok((session, 0, 0))
 }
 
@@ -106,7 +108,7 @@ fn check_open(s: &Arc<Shared>, open: &GenerateOpen, owner: String) -> Result<Pla
 
 /// The shared part of committed global version `v`.
 fn global(s: &Shared, v: u64) -> Result<ParamSet, Status> {
-    let bytes = s.store.checkpoint(v).map_err(internal)?.ok_or_else(|| Status::failed_precondition(format!("no committed global version {v}")))?;
+    let bytes = s.store.checkpoint(v)?.ok_or_else(|| Status::failed_precondition(format!("no committed global version {v}")))?;
     ParamSet::from_safetensors(&bytes).map_err(internal)
 }
 
@@ -130,6 +132,8 @@ fn cloud_down(s: &Shared, open: &GenerateOpen, taps: usize) -> Result<Arc<CloudD
 /// One open stream's bookkeeping, to check each message before the engine sees it.
 struct Stream {
     s: Arc<Shared>,
+    /// This stream's slot among `limits.max_sessions`, given back when the stream is dropped.
+    _permit: tokio::sync::OwnedSemaphorePermit,
     session: u64,
     epoch: u64,
     last_only: bool,
@@ -165,7 +169,6 @@ impl Stream {
         };
         // A broken stream keeps its cache for a resume; a finished or refused one does not.
         if broke { self.s.engine.detach(self.session, self.epoch) } else { self.s.engine.close(self.session, self.epoch) }
-        self.s.sessions.fetch_sub(1, Ordering::SeqCst);
     }
 
     async fn step(&mut self, msg: GenerateRequest) -> Result<GenerateResponse, Status> {
@@ -189,13 +192,13 @@ impl Stream {
             return Err(Status::invalid_argument(format!("this step would return {bytes} bytes, limit {max_bytes}: send fewer tokens")));
         }
         let n = e.ids.len();
-        let block = self.s.engine.step(self.session, self.epoch, accepted, e.ids, draft, e.side_draft).await.map_err(internal)?;
+        let block = self.s.engine.step(self.session, self.epoch, accepted, e.ids, draft, e.side_draft).await?;
         self.confirmed += accepted + n;
         self.pending = block.drafts.len();
         Ok(GenerateResponse {
             first_position: block.first as u32,
             positions: block.positions as u32,
-            features: encode_block(&block, self.dtype).map_err(internal)?,
+            features: encode_block(&block, self.dtype)?,
             draft: block.drafts,
             session: self.session,
         })

@@ -21,6 +21,7 @@ pub mod round_service;
 pub mod rounds;
 pub mod server;
 pub mod service;
+pub mod status;
 pub mod store;
 
 /// Helpers for the binary.

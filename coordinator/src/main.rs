@@ -12,6 +12,9 @@ struct Cli {
     /// Compute backend: flex (default), ndarray, cuda. Overrides BURN_DEVICE.
     #[arg(long, global = true)]
     device: Option<BackendKind>,
+    /// Print each result as one JSON document on stdout instead of text.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -28,8 +31,6 @@ enum Command {
         /// Extra DNS names or IPs for the server certificate (besides localhost, 127.0.0.1).
         #[arg(long = "name")]
         names: Vec<String>,
-        #[arg(long)]
-        json: bool,
     },
     /// Serve the backbone and the device/admin services over TLS until SIGTERM or ctrl-c.
     Serve {
@@ -52,17 +53,25 @@ enum Command {
     Status {
         #[command(flatten)]
         target: Target,
-        #[arg(long)]
-        json: bool,
     },
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
     spa_model::alloc::keep_freed_memory();
-    let cli = Cli::parse();
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:?}");
+            std::process::ExitCode::from(spa_proto::exit::code(e.chain()))
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let json = cli.json;
     match cli.command {
-        Command::Model(cmd) => model_cli::run(cmd, cli.device),
-        Command::Init { home, names, json } => admin_cli::run_init(&home, &names, json),
+        Command::Model(cmd) => model_cli::run(cmd, cli.device, json),
+        Command::Init { home, names } => admin_cli::run_init(&home, &names, json),
         Command::Serve { home } => {
             if let Some(d) = cli.device {
                 // SAFETY: set before any thread is started.
@@ -71,11 +80,11 @@ fn main() -> Result<()> {
             spa_coordinator::service_main::init_tracing();
             Ok(runtime()?.block_on(spa_coordinator::server::serve(&home))?)
         }
-        Command::Token(cmd) => runtime()?.block_on(admin_cli::run_token(cmd)),
-        Command::Devices(cmd) => runtime()?.block_on(admin_cli::run_devices(cmd)),
-        Command::Round(cmd) => runtime()?.block_on(admin_cli::run_round(cmd)),
-        Command::Checkpoint(cmd) => runtime()?.block_on(admin_cli::run_checkpoint(cmd)),
-        Command::Status { target, json } => runtime()?.block_on(admin_cli::run_status(target, json)),
+        Command::Token(cmd) => runtime()?.block_on(admin_cli::run_token(cmd, json)),
+        Command::Devices(cmd) => runtime()?.block_on(admin_cli::run_devices(cmd, json)),
+        Command::Round(cmd) => runtime()?.block_on(admin_cli::run_round(cmd, json)),
+        Command::Checkpoint(cmd) => runtime()?.block_on(admin_cli::run_checkpoint(cmd, json)),
+        Command::Status { target } => runtime()?.block_on(admin_cli::run_status(target, json)),
     }
 }
 

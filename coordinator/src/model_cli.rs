@@ -17,6 +17,8 @@ use spa_model::train::TrainConfig;
 use spa_model::pretrain::{PretrainConfig, PretrainEvent, pretrain, windowed_loss};
 use spa_model::tensor_util::to_vec;
 use spa_model::tokenizer::{ModelTokens, Tokenizer, char_level_json};
+
+use crate::admin_cli::print_json;
 use spa_model::BackendKind;
 
 #[derive(Subcommand, Debug)]
@@ -103,9 +105,6 @@ pub enum ModelCommand {
         /// Keep generating past the model's end-of-sequence token.
         #[arg(long)]
         ignore_eos: bool,
-        /// Print {"text", "ids", "tokens", "seconds", "stopped_at_eos"} as JSON instead.
-        #[arg(long)]
-        json: bool,
     },
     /// Local personalization experiment: backbone alone vs a side plugin trained per user.
     Experiment(ExperimentArgs),
@@ -153,8 +152,8 @@ pub struct ExperimentArgs {
     val_fraction: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Print the per-user results as JSON instead of a markdown table.
-    #[arg(long)]
+    /// Print the per-user results as JSON instead of a markdown table (the global --json).
+    #[arg(skip)]
     json: bool,
 }
 
@@ -251,7 +250,39 @@ pub struct PretrainArgs {
     init: Option<PathBuf>,
 }
 
-pub fn run(cmd: ModelCommand, backend: Option<BackendKind>) -> Result<()> {
+// What the verbs print as JSON.
+#[derive(serde::Serialize)]
+struct Logits<'a> {
+    logits: Vec<&'a [f32]>,
+}
+
+#[derive(serde::Serialize)]
+struct EvalReport {
+    loss: f32,
+    tokens: usize,
+    windows: usize,
+    context: usize,
+    text_tokens: usize,
+    unit: &'static str,
+}
+
+#[derive(serde::Serialize)]
+struct RoleRow<'a> {
+    name: &'a str,
+    speeches: usize,
+    chars: usize,
+}
+
+#[derive(serde::Serialize)]
+struct Generated {
+    text: String,
+    ids: Vec<u32>,
+    tokens: usize,
+    seconds: f64,
+    stopped_at_eos: bool,
+}
+
+pub fn run(cmd: ModelCommand, backend: Option<BackendKind>, json: bool) -> Result<()> {
     let device = BackendKind::resolve(backend)?.device()?;
     match cmd {
         ModelCommand::Logits { model, weights, ids } => {
@@ -259,7 +290,7 @@ pub fn run(cmd: ModelCommand, backend: Option<BackendKind>) -> Result<()> {
             let batch = TokenBatch::new(vec![ids.clone()], &bb.config, 0)?;
             let logits = to_vec(bb.forward(&batch, &[], true, None).logits.expect("logits"));
             let rows: Vec<&[f32]> = logits.chunks(bb.config.vocab_size).collect();
-            println!("{}", serde_json::json!({ "logits": rows }));
+            print_json(&Logits { logits: rows })?;
         }
         ModelCommand::Import { gguf, out, dtype } => {
             let report = import_gguf(&gguf, &out, dtype.into()).with_context(|| format!("importing {}", gguf.display()))?;
@@ -290,16 +321,16 @@ pub fn run(cmd: ModelCommand, backend: Option<BackendKind>) -> Result<()> {
             let n = if windows == 0 { ids.len().div_ceil(ctx + 1) } else { windows };
             // About 4 k positions per forward: the logits of a large vocabulary dominate memory.
             let loss = windowed_loss(&bb, &ids, ctx, n, (4096 / ctx).max(1));
-            println!("{}", serde_json::json!({ "loss": loss, "tokens": n * ctx, "windows": n, "context": ctx, "text_tokens": ids.len(), "unit": "nats/token" }));
+            print_json(&EvalReport { loss, tokens: n * ctx, windows: n, context: ctx, text_tokens: ids.len(), unit: "nats/token" })?;
         }
         ModelCommand::Roles { corpus, skip, take } => {
             let text = std::fs::read_to_string(&corpus).with_context(|| format!("reading {}", corpus.display()))?;
             let ranked = rank_roles(&parse_play_script(&text));
-            let sel: Vec<_> = ranked.iter().skip(skip).take(take).map(|r| serde_json::json!({"name": r.name, "speeches": r.speeches, "chars": r.chars})).collect();
+            let sel: Vec<RoleRow> = ranked.iter().skip(skip).take(take).map(|r| RoleRow { name: &r.name, speeches: r.speeches, chars: r.chars }).collect();
             println!("{}", serde_json::to_string_pretty(&sel)?);
         }
         ModelCommand::Pretrain(a) => run_pretrain(a, &device)?,
-        ModelCommand::Generate { model, weights, prompt, max_tokens, temperature, top_k, seed, chat, ignore_eos, json } => {
+        ModelCommand::Generate { model, weights, prompt, max_tokens, temperature, top_k, seed, chat, ignore_eos } => {
             let bb = load_backbone_as(&model, &device, weights.dtype())?;
             let tok = Tokenizer::from_file(&model.join("tokenizer.json"))?;
             let tokens = ModelTokens::from_dir(&model)?;
@@ -321,13 +352,16 @@ pub fn run(cmd: ModelCommand, backend: Option<BackendKind>) -> Result<()> {
             let secs = started.elapsed().as_secs_f64();
             let stopped_at_eos = g.ids.last().is_some_and(|&i| tokens.is_eos(i));
             if json {
-                println!("{}", serde_json::json!({"text": text, "ids": g.ids, "tokens": g.ids.len(), "seconds": secs, "stopped_at_eos": stopped_at_eos}));
+                print_json(&Generated { tokens: g.ids.len(), text, ids: g.ids, seconds: secs, stopped_at_eos })?;
             } else {
                 println!();
                 eprintln!("{} tokens in {secs:.2} s ({:.1} tokens/s){}", g.ids.len(), g.ids.len() as f64 / secs.max(1e-9), if stopped_at_eos { ", stopped at end of sequence" } else { "" });
             }
         }
-        ModelCommand::Experiment(a) => run_experiment(a, &device)?,
+        ModelCommand::Experiment(mut a) => {
+            a.json = json;
+            run_experiment(a, &device)?
+        }
     }
     Ok(())
 }

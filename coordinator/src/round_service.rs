@@ -13,28 +13,12 @@ use spa_proto::v1::rounds_server::Rounds as RoundsRpc;
 use spa_proto::v1::*;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::auth::internal;
-use crate::rounds::{AnswerError, RoundError, RoundPlan, RoundRecord};
+use crate::status::internal;
+use crate::rounds::{RoundPlan, RoundRecord};
 use crate::service::{BoxStream, Shared};
 use crate::store::DeviceRecord;
 
 pub struct RoundsService(pub Arc<Shared>);
-
-fn answer_status(e: AnswerError) -> Status {
-    match e {
-        AnswerError::NotActive(_) | AnswerError::WrongPhase { .. } => Status::failed_precondition(e.to_string()),
-        AnswerError::NotInCohort => Status::permission_denied(e.to_string()),
-        AnswerError::Invalid(_) => Status::invalid_argument(e.to_string()),
-    }
-}
-
-pub fn round_status(e: RoundError) -> Status {
-    match e {
-        RoundError::Invalid(_) => Status::invalid_argument(e.to_string()),
-        RoundError::SecAgg(_) => Status::invalid_argument(e.to_string()),
-        other => internal(other),
-    }
-}
 
 fn identity_pk(rec: &DeviceRecord) -> Result<[u8; 32], Status> {
     hex::decode(&rec.public_key_hex).ok().and_then(|b| b.try_into().ok()).ok_or_else(|| internal("stored public key is not 32 bytes"))
@@ -42,7 +26,7 @@ fn identity_pk(rec: &DeviceRecord) -> Result<[u8; 32], Status> {
 
 /// A committed checkpoint as a stream of f32 tensor chunks.
 pub fn checkpoint_stream(s: &Shared, version: u64) -> Result<BoxStream<TensorChunk>, Status> {
-    let bytes = s.store.checkpoint(version).map_err(internal)?.ok_or_else(|| Status::not_found(format!("no committed global version {version}")))?;
+    let bytes = s.store.checkpoint(version)?.ok_or_else(|| Status::not_found(format!("no committed global version {version}")))?;
     let set = ParamSet::from_safetensors(&bytes).map_err(internal)?;
     let mut chunks = Vec::new();
     for (name, t) in &set.tensors {
@@ -51,6 +35,37 @@ pub fn checkpoint_stream(s: &Shared, version: u64) -> Result<BoxStream<TensorChu
         chunks.extend(tensor_chunks(name, DType::DtypeF32 as i32, &shape, &raw, CHUNK_BYTES));
     }
     Ok(Box::pin(tokio_stream::iter(chunks.into_iter().map(Ok))))
+}
+
+/// The lanes of a masked upload after its header, checked against the round and the
+/// header's length and hash.
+async fn read_upload(s: &Shared, h: &MaskedUploadHeader, stream: &mut Streaming<MaskedUpload>) -> Result<Vec<u32>, Status> {
+    let m = s.rounds.expected_lanes(h.round_id).ok_or_else(|| Status::failed_precondition(format!("round {} is not in progress", h.round_id)))?;
+    if h.lanes != m {
+        return Err(Status::invalid_argument(format!("upload declares {} lanes, the session has {m}", h.lanes)));
+    }
+    if h.sha256.len() != 32 {
+        return Err(Status::invalid_argument("sha256 must be 32 bytes"));
+    }
+    // Buffered, then added in one step: a device that dies mid-upload is a dropout
+    // rather than a partial vector that would make the sum unrecoverable.
+    let mut bytes = Vec::with_capacity(m as usize * 4);
+    while let Some(msg) = stream.message().await? {
+        let Some(masked_upload::Kind::Lanes(b)) = msg.kind else {
+            return Err(Status::invalid_argument("a second header in one upload"));
+        };
+        if b.len() > CHUNK_BYTES || (bytes.len() + b.len()) as u64 > m * 4 {
+            return Err(Status::invalid_argument("upload chunk too large or past the declared lanes"));
+        }
+        bytes.extend_from_slice(&b);
+    }
+    if bytes.len() as u64 != m * 4 {
+        return Err(Status::invalid_argument(format!("upload truncated: {} of {} bytes", bytes.len(), m * 4)));
+    }
+    if sha256(&bytes)[..] != h.sha256[..] {
+        return Err(Status::invalid_argument("upload does not match its declared SHA-256"));
+    }
+    Ok(secagg::lanes_from_bytes(&bytes)?)
 }
 
 #[tonic::async_trait]
@@ -70,14 +85,14 @@ impl RoundsRpc for RoundsService {
     async fn advertise_keys(&self, req: Request<AdvertiseKeysMsg>) -> Result<Response<Ack>, Status> {
         let rec = self.0.auth.device(&req, methods::ROUNDS_ADVERTISE_KEYS)?;
         let m = secagg::advertise_from_wire(req.get_ref())?;
-        self.0.rounds.advertise(&rec.device_id, identity_pk(&rec)?, m).map_err(answer_status)?;
+        self.0.rounds.advertise(&rec.device_id, identity_pk(&rec)?, m)?;
         Ok(Response::new(Ack {}))
     }
 
     async fn share_keys(&self, req: Request<ShareKeysMsg>) -> Result<Response<Ack>, Status> {
         let rec = self.0.auth.device(&req, methods::ROUNDS_SHARE_KEYS)?;
         let m = req.get_ref();
-        self.0.rounds.share_keys(&rec.device_id, m.round_id, secagg::share_keys_from_wire(m)).map_err(answer_status)?;
+        self.0.rounds.share_keys(&rec.device_id, m.round_id, secagg::share_keys_from_wire(m))?;
         Ok(Response::new(Ack {}))
     }
 
@@ -90,40 +105,21 @@ impl RoundsRpc for RoundsService {
         let Some(masked_upload::Kind::Header(h)) = first.kind else {
             return Err(Status::invalid_argument("an upload starts with its header"));
         };
-        let m = self.0.rounds.expected_lanes(h.round_id).ok_or_else(|| Status::failed_precondition(format!("round {} is not in progress", h.round_id)))?;
-        if h.lanes != m {
-            return Err(Status::invalid_argument(format!("upload declares {} lanes, the session has {m}", h.lanes)));
-        }
-        if h.sha256.len() != 32 {
-            return Err(Status::invalid_argument("sha256 must be 32 bytes"));
-        }
-        // Buffered, then added in one step: a device that dies mid-upload is a dropout
-        // rather than a partial vector that would make the sum unrecoverable.
-        let mut bytes = Vec::with_capacity(m as usize * 4);
-        while let Some(msg) = stream.message().await? {
-            let Some(masked_upload::Kind::Lanes(b)) = msg.kind else {
-                return Err(Status::invalid_argument("a second header in one upload"));
-            };
-            if b.len() > CHUNK_BYTES || (bytes.len() + b.len()) as u64 > m * 4 {
-                return Err(Status::invalid_argument("upload chunk too large or past the declared lanes"));
+        let lanes = match read_upload(&self.0, &h, &mut stream).await {
+            Ok(lanes) => lanes,
+            Err(e) => {
+                self.0.rounds.broken_upload(&rec.device_id, h.round_id, e.message());
+                return Err(e);
             }
-            bytes.extend_from_slice(&b);
-        }
-        if bytes.len() as u64 != m * 4 {
-            return Err(Status::invalid_argument(format!("upload truncated: {} of {} bytes", bytes.len(), m * 4)));
-        }
-        if sha256(&bytes)[..] != h.sha256[..] {
-            return Err(Status::invalid_argument("upload does not match its declared SHA-256"));
-        }
-        let lanes = secagg::lanes_from_bytes(&bytes)?;
-        self.0.rounds.masked_input(&rec.device_id, h.round_id, h.client_id, &lanes).map_err(answer_status)?;
+        };
+        self.0.rounds.masked_input(&rec.device_id, h.round_id, h.client_id, &lanes)?;
         Ok(Response::new(Ack {}))
     }
 
     async fn unmask(&self, req: Request<UnmaskMsg>) -> Result<Response<Ack>, Status> {
         let rec = self.0.auth.device(&req, methods::ROUNDS_UNMASK)?;
         let m = req.get_ref();
-        self.0.rounds.unmask(&rec.device_id, m.round_id, secagg::unmask_from_wire(m)).map_err(answer_status)?;
+        self.0.rounds.unmask(&rec.device_id, m.round_id, secagg::unmask_from_wire(m))?;
         Ok(Response::new(Ack {}))
     }
 
@@ -131,7 +127,7 @@ impl RoundsRpc for RoundsService {
         let rec = self.0.auth.device(&req, methods::ROUNDS_REPORT_METRICS)?;
         let rounds = self.0.rounds.clone();
         let r = req.into_inner();
-        tokio::task::spawn_blocking(move || rounds.report_metrics(&rec.device_id, &r)).await.map_err(internal)?.map_err(answer_status)?;
+        tokio::task::spawn_blocking(move || rounds.report_metrics(&rec.device_id, &r)).await.map_err(internal)??;
         Ok(Response::new(Ack {}))
     }
 }
@@ -151,7 +147,7 @@ pub fn start_rounds(s: &Shared, r: StartRoundsRequest) -> Result<StartRoundsResp
         dp_l2_clip: r.dp_l2_clip,
         dp_noise_multiplier: r.dp_noise_multiplier,
     };
-    let run_id = s.rounds.start_run(plan).map_err(round_status)?;
+    let run_id = s.rounds.start_run(plan)?;
     Ok(StartRoundsResponse { run_id })
 }
 
@@ -160,22 +156,19 @@ fn info(r: &RoundRecord) -> RoundInfo {
 }
 
 pub fn list_rounds(s: &Shared) -> Result<ListRoundsResponse, Status> {
-    Ok(ListRoundsResponse { rounds: s.store.rounds().map_err(internal)?.iter().map(info).collect() })
+    Ok(ListRoundsResponse { rounds: s.store.rounds()?.iter().map(info).collect() })
 }
 
 pub fn round_info(s: &Shared, id: u64) -> Result<RoundInfo, Status> {
     let rec = if id == 0 {
-        s.store.rounds().map_err(internal)?.pop().ok_or_else(|| Status::not_found("no rounds yet"))?
+        s.store.rounds()?.pop().ok_or_else(|| Status::not_found("no rounds yet"))?
     } else {
-        s.store.round(id).map_err(internal)?.ok_or_else(|| Status::not_found(format!("no round {id}")))?
+        s.store.round(id)?.ok_or_else(|| Status::not_found(format!("no round {id}")))?
     };
     Ok(info(&rec))
 }
 
 pub fn abort_round(s: &Shared, id: u64) -> Result<AbortRoundResponse, Status> {
-    let was_running = s.rounds.abort(id).map_err(|e| match e {
-        RoundError::Invalid(m) => Status::not_found(m),
-        other => round_status(other),
-    })?;
+    let was_running = s.rounds.abort(id)?;
     Ok(AbortRoundResponse { was_running })
 }

@@ -3,7 +3,7 @@
 //! validated here before it reaches the store or the backbone worker.
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::atomic::AtomicU64;
 use std::time::Instant;
 
 use spa_proto::auth::{now_ms, random_bytes};
@@ -17,10 +17,11 @@ use spa_proto::v1::*;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::auth::{Auth, internal};
+use crate::auth::Auth;
+use crate::status::internal;
 use crate::config::CoordinatorConfig;
 use crate::engine::{Engine, SeqJob};
-use crate::store::{Store, StoreError, TokenRecord, token_hash};
+use crate::store::{Store, TokenRecord, token_hash};
 
 pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -32,13 +33,15 @@ pub struct Shared {
     pub rounds: Arc<crate::rounds::Rounds>,
     pub config: CoordinatorConfig,
     pub started: Instant,
-    /// Open Generate streams, and the next session id.
-    pub(crate) sessions: AtomicUsize,
+    /// One permit per open Generate stream (`limits.max_sessions`), held by the stream's
+    /// task: released however the task ends, a panic included. And the next session id.
+    pub(crate) sessions: Arc<tokio::sync::Semaphore>,
     pub(crate) next_session: AtomicU64,
 }
 
 impl Shared {
     pub fn new(store: Store, auth: Auth, engine: Engine, rounds: Arc<crate::rounds::Rounds>, config: CoordinatorConfig) -> Arc<Self> {
+        let max_sessions = config.limits.max_sessions;
         Arc::new(Self {
             store,
             auth,
@@ -46,20 +49,9 @@ impl Shared {
             rounds,
             config,
             started: Instant::now(),
-            sessions: AtomicUsize::new(0),
+            sessions: Arc::new(tokio::sync::Semaphore::new(max_sessions)),
             next_session: AtomicU64::new(1),
         })
-    }
-}
-
-fn store_status(e: StoreError) -> Status {
-    match e {
-        StoreError::UnknownToken | StoreError::TokenUsed | StoreError::TokenExpired => {
-            Status::unauthenticated(e.to_string())
-        }
-        StoreError::KeyEnrolled(_) => Status::already_exists(e.to_string()),
-        StoreError::UnknownDevice(_) => Status::not_found(e.to_string()),
-        other => internal(other),
     }
 }
 
@@ -94,7 +86,7 @@ impl Device for DeviceService {
             .enroll(&token_hash(&r.token), &r.public_key, &r.name, now_ms())
             .map_err(|e| {
                 tracing::warn!("enrollment refused: {e}");
-                store_status(e)
+                Status::from(e)
             })?;
         tracing::info!(device = %rec.device_id, name = %rec.name, "device enrolled");
         Ok(Response::new(EnrollResponse {
@@ -141,7 +133,7 @@ impl Admin for AdminService {
             note: r.note,
             used_by: None,
         };
-        s.store.add_token(&hash, &rec).map_err(store_status)?;
+        s.store.add_token(&hash, &rec)?;
         tracing::info!(token_id = %rec.token_id, "enrollment token created");
         Ok(Response::new(CreateTokenResponse {
             token,
@@ -157,9 +149,9 @@ impl Admin for AdminService {
         let s = &self.0;
         s.auth.admin(req.metadata())?;
         let mut devices = Vec::new();
-        for d in s.store.devices().map_err(store_status)? {
+        for d in s.store.devices()? {
             devices.push(DeviceInfo {
-                last_seen_ms: s.store.last_seen(&d.device_id).map_err(store_status)?,
+                last_seen_ms: s.store.last_seen(&d.device_id)?,
                 device_id: d.device_id,
                 name: d.name,
                 enrolled_at_ms: d.enrolled_at_ms,
@@ -180,7 +172,7 @@ impl Admin for AdminService {
         if id.is_empty() || id.len() > 64 {
             return Err(Status::invalid_argument("device_id must be 1..=64 bytes"));
         }
-        let was_active = s.store.revoke(&id, now_ms()).map_err(store_status)?;
+        let was_active = s.store.revoke(&id, now_ms())?;
         tracing::info!(device = %id, "device revoked");
         Ok(Response::new(RevokeDeviceResponse { was_active }))
     }
@@ -191,9 +183,9 @@ impl Admin for AdminService {
     ) -> Result<Response<ServerStatusResponse>, Status> {
         let s = &self.0;
         s.auth.admin(req.metadata())?;
-        let devices = s.store.devices().map_err(store_status)?;
+        let devices = s.store.devices()?;
         let now = now_ms();
-        let tokens = s.store.tokens().map_err(store_status)?;
+        let tokens = s.store.tokens()?;
         Ok(Response::new(ServerStatusResponse {
             backbone_version: s.engine.meta.version.clone(),
             devices: devices.len() as u64,
@@ -203,7 +195,7 @@ impl Admin for AdminService {
             global_version: s
                 .store
                 .latest_checkpoint_version()
-                .map_err(store_status)?
+                ?
                 .unwrap_or(0),
             tokens_outstanding: tokens
                 .iter()
@@ -340,7 +332,7 @@ impl Backbone for BackboneService {
     ) -> Result<Response<Self::GetHeadStream>, Status> {
         self.0.auth.device(&req, methods::BACKBONE_GET_HEAD)?;
         self.check_version(&req.get_ref().backbone_version)?;
-        let tensors = self.0.engine.head().await.map_err(internal)?;
+        let tensors = self.0.engine.head().await?;
         // Chunks are cut as the stream is read: one chunk's copy at a time, not the whole head.
         let chunks = tensors.into_iter().flat_map(|t| {
             let dtype = if t.f16 { DType::DtypeF16 } else { DType::DtypeF32 } as i32;
@@ -396,11 +388,7 @@ impl Backbone for BackboneService {
                 "request asks for {total} bytes of features, limit {limit}: split it"
             )));
         }
-        let blobs = s
-            .engine
-            .features(seqs, layers, r.dtype)
-            .await
-            .map_err(internal)?;
+        let blobs = s.engine.features(seqs, layers, r.dtype).await?;
         let chunks: Vec<FeaturesChunk> = blobs
             .iter()
             .enumerate()

@@ -10,6 +10,7 @@
 //! Invariant: no I/O here; this crate is pure encoding, checking and cryptography.
 pub mod auth;
 pub mod error;
+pub mod exit;
 pub mod limits;
 pub mod secagg;
 pub mod tensor;

@@ -1,0 +1,54 @@
+//! Federated rounds: the round loop and the state the device-facing Rounds service feeds.
+//!
+//! One round at a time, phase by phase (`round_loop.rs`, `run_round`):
+//!
+//! ```text
+//! Selecting   wait for >= min_clients online devices (polled recently), pick <= max_clients
+//! Training    devices fetch global version v, train locally, advertise SecAgg+ keys
+//! ShareKeys   encrypted Shamir shares are routed between neighbours
+//! MaskedInput devices upload masked, quantized updates (weight * (shared - global))
+//! Unmask      survivors reveal shares; dropped devices' masks are removed
+//! Committed   the decoded mean goes through the server strategy -> global version v+1
+//! ```
+//!
+//! Every phase boundary is written to sled before the phase's requests go out, and a commit
+//! writes checkpoint, round record and optimizer state in one transaction. The SecAgg+ server
+//! state lives only in memory: a coordinator that restarts marks a round it finds mid-phase
+//! as aborted ([`recover`]) and its run goes on with the next round from the last committed
+//! version. The coordinator never holds an individual unmasked update: it sees masked lanes.
+//!
+//! Files: `records.rs` (what sled keeps: plans, rounds, runs, dropouts), `state.rs` (what the
+//! loop and the device handlers share, and how an answer is checked), `round_loop.rs` (the
+//! loop and its phases).
+use spa_aggregation::SecAggError;
+
+use crate::store::StoreError;
+
+mod records;
+mod round_loop;
+mod state;
+
+pub use records::{DeviceMetrics, DropReason, Dropout, RoundPlan, RoundRecord, RoundState, RunRecord, RunState};
+pub use round_loop::{recover, round_loop};
+pub use state::{AnswerError, Rounds};
+
+/// Why a round or an operator's request failed. `Aborted*` end a round; the service maps
+/// the rest to statuses (`crate::status`).
+#[derive(Debug, thiserror::Error)]
+pub enum RoundError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("secure aggregation: {0}")]
+    SecAgg(#[from] SecAggError),
+    #[error("{0}")]
+    InvalidPlan(String),
+    #[error("no round {0}")]
+    NoSuchRound(u64),
+    #[error("aborted: {0}")]
+    Aborted(String),
+    #[error("aborted: aborted by the operator")]
+    AbortedByOperator,
+    /// State the coordinator itself keeps is missing or broken.
+    #[error("{0}")]
+    Internal(String),
+}

@@ -1,0 +1,236 @@
+//! What the store keeps of runs and rounds, and what an operator asks for. Serialized as
+//! JSON in sled (fields added later carry `#[serde(default)]` so old records still read) and
+//! sent whole to `round status`.
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use spa_aggregation::strategy::StrategyConfig;
+
+use super::RoundError;
+
+/// What an operator asked for (`round start`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoundPlan {
+    pub rounds: u32,
+    pub min_clients: u32,
+    pub max_clients: u32,
+    /// Deadline of selection and of the training phase, seconds.
+    pub deadline_secs: u32,
+    pub local_epochs: u32,
+    pub lr: f64,
+    pub strategy: String,
+    pub prox_mu: f64,
+    /// Distributed discrete Gaussian DP: L2 clip of each update (0 = off) and the noise
+    /// multiplier z (central sigma = z * clip, split over `min_clients` devices).
+    #[serde(default)]
+    pub dp_l2_clip: f64,
+    #[serde(default)]
+    pub dp_noise_multiplier: f64,
+}
+
+impl RoundPlan {
+    /// Checks every field; the strategy must parse.
+    pub fn validate(&self) -> Result<StrategyConfig, RoundError> {
+        let bad = |m: &str| Err(RoundError::InvalidPlan(m.into()));
+        if self.rounds == 0 || self.rounds > 10_000 {
+            return bad("rounds must be in 1..=10000");
+        }
+        if self.min_clients < 2 {
+            return bad("min_clients must be at least 2 (secure aggregation needs peers)");
+        }
+        if self.max_clients < self.min_clients || self.max_clients > 10_000 {
+            return bad("max_clients must be in min_clients..=10000");
+        }
+        if self.deadline_secs == 0 || self.deadline_secs > 86_400 {
+            return bad("deadline must be in 1..=86400 seconds");
+        }
+        if self.local_epochs == 0 || self.local_epochs > 1000 {
+            return bad("local_epochs must be in 1..=1000");
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0 && self.lr < 10.0) {
+            return bad("lr must be in (0, 10)");
+        }
+        if !(self.prox_mu.is_finite() && self.prox_mu >= 0.0) {
+            return bad("prox_mu must be a finite number >= 0");
+        }
+        if !(self.dp_l2_clip.is_finite() && self.dp_l2_clip >= 0.0 && self.dp_noise_multiplier.is_finite() && self.dp_noise_multiplier >= 0.0) {
+            return bad("dp clip and noise multiplier must be finite numbers >= 0");
+        }
+        if self.dp_l2_clip == 0.0 && self.dp_noise_multiplier > 0.0 {
+            return bad("dp noise needs a dp clip > 0");
+        }
+        StrategyConfig::from_name(&self.strategy, self.prox_mu as f32).map_err(|e| RoundError::InvalidPlan(e.to_string()))
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoundState {
+    Selecting,
+    Training,
+    ShareKeys,
+    MaskedInput,
+    Unmask,
+    Committed,
+    Aborted,
+}
+
+impl RoundState {
+    pub fn name(self) -> &'static str {
+        match self {
+            RoundState::Selecting => "selecting",
+            RoundState::Training => "training",
+            RoundState::ShareKeys => "share_keys",
+            RoundState::MaskedInput => "masked_input",
+            RoundState::Unmask => "unmask",
+            RoundState::Committed => "committed",
+            RoundState::Aborted => "aborted",
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(self, RoundState::Committed | RoundState::Aborted)
+    }
+}
+
+/// Held-out metrics a device reported for a committed version.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DeviceMetrics {
+    pub tokens: u64,
+    pub backbone_loss: f64,
+    pub personalized_loss: f64,
+    pub backbone_acc: f64,
+    pub personalized_acc: f64,
+}
+
+/// A seat that left a round: the phase it was asked to answer, and why it did not.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Dropout {
+    pub phase: RoundState,
+    pub reason: DropReason,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind", content = "detail")]
+pub enum DropReason {
+    /// No answer by the phase's deadline (a device that crashed or went offline shows here:
+    /// devices have no call to report their own failure).
+    TimedOut,
+    /// The SecAgg+ server refused the answer (malformed, inconsistent, forged).
+    Refused(String),
+    /// Its masked upload broke off, was truncated or did not match its hash.
+    BrokenUpload(String),
+}
+
+impl std::fmt::Display for Dropout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let phase = self.phase.name();
+        match &self.reason {
+            DropReason::TimedOut => write!(f, "timed out at {phase}"),
+            DropReason::Refused(why) => write!(f, "refused at {phase}: {why}"),
+            DropReason::BrokenUpload(why) => write!(f, "broken upload at {phase}: {why}"),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoundRecord {
+    pub round_id: u64,
+    pub run_id: u64,
+    /// 1-based position in its run.
+    pub index: u32,
+    pub state: RoundState,
+    pub plan: RoundPlan,
+    pub base_version: u64,
+    pub committed_version: Option<u64>,
+    /// Device ids; seat `i + 1` in the SecAgg+ session is `cohort[i]`.
+    pub cohort: Vec<String>,
+    /// How many seats answered each phase.
+    pub answered: BTreeMap<String, usize>,
+    /// Devices whose updates are in the committed sum.
+    pub contributors: Vec<String>,
+    pub shared_params: u64,
+    pub started_ms: u64,
+    pub updated_ms: u64,
+    pub finished_ms: Option<u64>,
+    pub reason: Option<String>,
+    /// Per device, on the committed version's held-out split.
+    pub metrics: BTreeMap<String, DeviceMetrics>,
+    /// Token-weighted mean of `metrics`.
+    pub mean_metrics: Option<DeviceMetrics>,
+    /// Why each seat that left the round left it, by device id.
+    #[serde(default)]
+    pub dropouts: BTreeMap<String, Dropout>,
+    /// Wall time of each phase, milliseconds.
+    #[serde(default)]
+    pub phase_ms: BTreeMap<String, u64>,
+    /// Time the coordinator spent computing for this round (handling answers, closing
+    /// phases, unmasking, decoding, applying the strategy, committing), milliseconds.
+    #[serde(default)]
+    pub coordinator_busy_ms: f64,
+}
+
+impl RoundRecord {
+    /// Round `round_id`, the next of `run`, selecting.
+    pub fn new(round_id: u64, run: &RunRecord) -> Self {
+        let now = spa_proto::auth::now_ms();
+        RoundRecord {
+            round_id,
+            run_id: run.run_id,
+            index: run.rounds_started,
+            state: RoundState::Selecting,
+            plan: run.plan.clone(),
+            base_version: 0,
+            committed_version: None,
+            cohort: vec![],
+            answered: BTreeMap::new(),
+            contributors: vec![],
+            shared_params: 0,
+            started_ms: now,
+            updated_ms: now,
+            finished_ms: None,
+            reason: None,
+            metrics: BTreeMap::new(),
+            mean_metrics: None,
+            dropouts: BTreeMap::new(),
+            phase_ms: BTreeMap::new(),
+            coordinator_busy_ms: 0.0,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    Active,
+    Done,
+    Cancelled,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub run_id: u64,
+    pub plan: RoundPlan,
+    pub created_ms: u64,
+    pub rounds_started: u32,
+    pub state: RunState,
+}
+
+/// Token-weighted mean of devices' metrics.
+pub(crate) fn mean_metrics<'a>(ms: impl Iterator<Item = &'a DeviceMetrics>) -> DeviceMetrics {
+    let mut out = DeviceMetrics::default();
+    for m in ms {
+        let w = m.tokens as f64;
+        out.tokens += m.tokens;
+        out.backbone_loss += w * m.backbone_loss;
+        out.personalized_loss += w * m.personalized_loss;
+        out.backbone_acc += w * m.backbone_acc;
+        out.personalized_acc += w * m.personalized_acc;
+    }
+    let t = (out.tokens as f64).max(1.0);
+    out.backbone_loss /= t;
+    out.personalized_loss /= t;
+    out.backbone_acc /= t;
+    out.personalized_acc /= t;
+    out
+}

@@ -1,0 +1,376 @@
+//! The round loop: forever, the next round of the oldest active run, one phase after the
+//! other ([`run_round`] reads top to bottom). Each phase is made durable ([`enter`]) before
+//! its requests go out, then waits for answers ([`collect`]).
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use spa_aggregation::server::AggregateOutput;
+use spa_aggregation::strategy::{ServerOptimizer, StrategyConfig};
+use spa_aggregation::{Encoding, SecAggError, SecAggServer, SessionConfig};
+use spa_model::side::ParamSet;
+use spa_proto::auth::now_ms;
+use spa_proto::secagg;
+use spa_proto::v1;
+use spa_proto::v1::poll_response::Task;
+
+use super::RoundError;
+use super::records::{DropReason, Dropout, RoundRecord, RoundState, RunState};
+use super::state::{Active, EvalNotice, Rounds, lock};
+use crate::store::Store;
+
+/// Crash points for the restart tests: with the `fault-injection` feature,
+/// `SPA_FAULT_CRASH_AT=<state>` kills the process (like SIGKILL, no cleanup) right after that
+/// state was made durable. Without the feature this is nothing.
+fn fault_point(state: &str) {
+    #[cfg(feature = "fault-injection")]
+    if std::env::var("SPA_FAULT_CRASH_AT").is_ok_and(|v| v == state) {
+        eprintln!("fault injection: aborting at {state}");
+        std::process::abort();
+    }
+    let _ = state;
+}
+
+/// At start: a round found mid-phase cannot resume (its SecAgg+ secrets died with the
+/// process), so it is marked aborted; its run continues with a fresh round.
+pub fn recover(store: &Store) -> Result<usize, RoundError> {
+    let mut n = 0;
+    for mut r in store.rounds()? {
+        if !r.state.is_final() {
+            r.reason = Some(format!("coordinator restarted during {}", r.state.name()));
+            r.state = RoundState::Aborted;
+            r.finished_ms = Some(now_ms());
+            store.put_round(&r)?;
+            store.log("round.abort", format!("round {}: {}", r.round_id, r.reason.as_deref().unwrap_or("")))?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// The round loop: forever, the next round of the oldest active run.
+pub async fn round_loop(rounds: Arc<Rounds>) {
+    loop {
+        match next_round(&rounds).await {
+            Ok(true) => {}
+            Ok(false) => rounds.nap(Duration::from_secs(1)).await,
+            Err(e) => {
+                tracing::error!("round loop: {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// Starts and runs one round if a run has rounds left; false if there was nothing to do.
+async fn next_round(rounds: &Arc<Rounds>) -> Result<bool, RoundError> {
+    let store = &rounds.store;
+    let Some(mut run) = store.runs()?.into_iter().find(|r| r.state == RunState::Active) else {
+        return Ok(false);
+    };
+    if run.rounds_started >= run.plan.rounds {
+        run.state = RunState::Done;
+        store.put_run(&run)?;
+        return Ok(true);
+    }
+    run.rounds_started += 1;
+    let mut rec = RoundRecord::new(store.next_round_id()?, &run);
+    store.start_round(&run, &rec)?;
+    store.log("round.start", format!("round {} ({} of run {})", rec.round_id, rec.index, run.run_id))?;
+    let result = run_round(rounds, &mut rec).await;
+    *lock(&rounds.active) = None;
+    lock(&rounds.abort_request).take_if(|id| *id == rec.round_id);
+    match result {
+        Ok(()) => {
+            tracing::info!(round = rec.round_id, version = ?rec.committed_version, "round committed");
+            wait_for_evaluations(rounds).await;
+        }
+        Err(e) => record_abort(rounds, &mut rec, e)?,
+    }
+    Ok(true)
+}
+
+/// Evaluation of the new version before the next round (devices poll idle meanwhile).
+async fn wait_for_evaluations(rounds: &Rounds) {
+    let until = Instant::now() + Duration::from_secs(rounds.cfg.evaluate_secs);
+    while Instant::now() < until && lock(&rounds.eval).as_ref().is_some_and(|e| !e.pending.is_empty()) {
+        rounds.nap(Duration::from_millis(200)).await;
+    }
+}
+
+/// Writes down why `rec` ended without a commit, tells its cohort, and cancels the rest of
+/// the run when an operator asked for it.
+fn record_abort(rounds: &Rounds, rec: &mut RoundRecord, e: RoundError) -> Result<(), RoundError> {
+    let store = &rounds.store;
+    let reason = e.to_string();
+    tracing::warn!(round = rec.round_id, "round aborted: {reason}");
+    rec.state = RoundState::Aborted;
+    rec.reason = Some(reason.clone());
+    rec.finished_ms = Some(now_ms());
+    rec.updated_ms = now_ms();
+    store.put_round(rec)?;
+    store.log("round.abort", format!("round {}: {reason}", rec.round_id))?;
+    let cohort: BTreeSet<String> = rec.cohort.iter().cloned().collect();
+    *lock(&rounds.aborted) = Some((rec.round_id, reason, cohort));
+    if matches!(e, RoundError::AbortedByOperator)
+        && let Some(mut run) = store.runs()?.into_iter().find(|r| r.run_id == rec.run_id)
+    {
+        run.state = RunState::Cancelled;
+        store.put_run(&run)?;
+    }
+    Ok(())
+}
+
+/// One round, phase by phase. On error the caller records the abort.
+async fn run_round(rounds: &Rounds, rec: &mut RoundRecord) -> Result<(), RoundError> {
+    let strategy = rec.plan.validate()?;
+    let cohort = select(rounds, rec).await?;
+    let (global, session) = open_session(rounds, rec, cohort)?;
+    let phase = Duration::from_secs(rounds.cfg.phase_timeout_secs);
+
+    // Training + key advertisement: devices fetch the global version, train, advertise.
+    let train_deadline = Instant::now() + Duration::from_secs(rec.plan.deadline_secs as u64);
+    enter(rounds, rec, RoundState::Training, train_tasks(rec, &session, &strategy))?;
+    collect(rounds, rec, train_deadline).await?;
+
+    // ShareKeys: encrypted Shamir shares routed between neighbours.
+    let reqs = with_server(rounds, |s| s.close_advertise())?;
+    let tasks = reqs.iter().map(|(seat, r)| (*seat, Task::ShareKeys(secagg::share_keys_task(rec.round_id, r)))).collect();
+    enter(rounds, rec, RoundState::ShareKeys, tasks)?;
+    collect(rounds, rec, Instant::now() + phase).await?;
+
+    // MaskedInput: masked, quantized updates uploaded.
+    let reqs = with_server(rounds, |s| s.close_share_keys())?;
+    let tasks = reqs.iter().map(|(seat, r)| (*seat, Task::MaskedInput(secagg::masked_input_task(rec.round_id, &r.shares)))).collect();
+    enter(rounds, rec, RoundState::MaskedInput, tasks)?;
+    collect(rounds, rec, Instant::now() + phase).await?;
+
+    // Unmask: survivors reveal shares; dropped devices' masks are removed.
+    let reqs = with_server(rounds, |s| s.close_masked_inputs())?;
+    if reqs.len() < rec.plan.min_clients as usize {
+        return Err(RoundError::Aborted(format!("{} masked inputs arrived, the plan needs {}", reqs.len(), rec.plan.min_clients)));
+    }
+    let tasks = reqs.iter().map(|(seat, r)| (*seat, Task::Unmask(secagg::unmask_task(rec.round_id, r)))).collect();
+    enter(rounds, rec, RoundState::Unmask, tasks)?;
+    collect(rounds, rec, Instant::now() + phase).await?;
+    let out = remove_masks(rounds).await?;
+
+    commit(rounds, rec, global, &session, strategy, out)
+}
+
+/// Selecting: waits for at least `min_clients` online devices (then up to the selection
+/// grace for more), and picks at most `max_clients` of them at random.
+async fn select(rounds: &Rounds, rec: &mut RoundRecord) -> Result<Vec<String>, RoundError> {
+    let plan = &rec.plan;
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(plan.deadline_secs as u64);
+    let mut enough_since: Option<Instant> = None;
+    let mut cohort = loop {
+        let online = rounds.online_devices()?;
+        if online.len() >= plan.min_clients as usize {
+            let since = *enough_since.get_or_insert_with(Instant::now);
+            if online.len() >= plan.max_clients as usize || since.elapsed() >= Duration::from_secs(rounds.cfg.selection_grace_secs) {
+                break online;
+            }
+        }
+        rounds.check_abort(rec.round_id)?;
+        if Instant::now() >= deadline {
+            return Err(RoundError::Aborted(format!("only {} of the {} devices needed are online", online.len(), plan.min_clients)));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    rec.phase_ms.insert("selecting".into(), started.elapsed().as_millis() as u64);
+    // Over-selection: any online device may be picked; a random subset when there are more.
+    if cohort.len() > plan.max_clients as usize {
+        use rand_chacha::rand_core::{RngCore, SeedableRng};
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(rec.round_id ^ now_ms());
+        for i in (1..cohort.len()).rev() {
+            cohort.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+        }
+        cohort.truncate(plan.max_clients as usize);
+        cohort.sort();
+    }
+    Ok(cohort)
+}
+
+/// Loads the latest global version, sizes the SecAgg+ session for `cohort`, and installs
+/// the round's in-memory state (seat `i + 1` is `cohort[i]`).
+fn open_session(rounds: &Rounds, rec: &mut RoundRecord, cohort: Vec<String>) -> Result<(ParamSet, SessionConfig), RoundError> {
+    let store = &rounds.store;
+    let base_version = store.latest_checkpoint_version()?.ok_or_else(|| RoundError::Internal("no global checkpoint".into()))?;
+    let global_bytes = store.checkpoint(base_version)?.ok_or_else(|| RoundError::Internal(format!("checkpoint {base_version} missing")))?;
+    let global = ParamSet::from_safetensors(&global_bytes).map_err(|e| RoundError::Internal(format!("checkpoint {base_version}: {e}")))?;
+    let dim = global.numel();
+    let mut session = SessionConfig::recommended(rec.round_id, base_version, cohort.len() as u32, dim as u64 + 1)?;
+    let quant_bits = session.quant_params().map(|q| q.bits).unwrap_or(16);
+    session.encoding = Encoding::SignedTwosComplement { quant_bits, clip: rounds.cfg.clip, w_max: rounds.cfg.w_max };
+    if rec.plan.dp_l2_clip > 0.0 {
+        let dp = dp_params(&rec.plan, dim, rec.round_id)?;
+        session.m = dp.lanes() as u64;
+        session.encoding = Encoding::DistributedDiscreteGaussian(dp);
+    }
+    session.deadlines.advertise_ms = rec.plan.deadline_secs as u64 * 1000;
+    session.validate()?;
+    let seats: HashMap<String, u32> = cohort.iter().enumerate().map(|(i, d)| (d.clone(), i as u32 + 1)).collect();
+    rec.cohort = cohort;
+    rec.base_version = base_version;
+    rec.shared_params = dim as u64;
+    *lock(&rounds.active) = Some(Active {
+        round_id: rec.round_id,
+        state: RoundState::Selecting,
+        server: SecAggServer::new(session.clone())?,
+        seats,
+        tasks: BTreeMap::new(),
+        answered: BTreeSet::new(),
+        dropped: Vec::new(),
+        busy: Duration::ZERO,
+    });
+    Ok((global, session))
+}
+
+/// Every seat's training request.
+fn train_tasks(rec: &RoundRecord, session: &SessionConfig, strategy: &StrategyConfig) -> BTreeMap<u32, Task> {
+    let config_json = secagg::config_to_json(session);
+    let plan = &rec.plan;
+    (1..=rec.cohort.len() as u32)
+        .map(|seat| {
+            (seat, Task::Train(v1::TrainTask {
+                round_id: rec.round_id,
+                global_version: rec.base_version,
+                session_config_json: config_json.clone(),
+                client_id: seat,
+                local_epochs: plan.local_epochs,
+                lr: plan.lr,
+                prox_mu: strategy.client_proximal_mu() as f64,
+                seed: rec.round_id,
+                deadline_ms: now_ms() + plan.deadline_secs as u64 * 1000,
+            }))
+        })
+        .collect()
+}
+
+/// DP encoding parameters for a round: granularity C / 2^14 and 24-bit lanes leave the summed
+/// noise (z * 2^14 units per coordinate) hundreds of sigmas of headroom, and keep each device's
+/// share of the noise within the exact sampler's range; the rotation seed is public, per round.
+fn dp_params(plan: &super::RoundPlan, dim: usize, round_id: u64) -> Result<spa_aggregation::dp::DpParams, RoundError> {
+    let clip = plan.dp_l2_clip as f32;
+    let mut rotation_seed = [0u8; 32];
+    rotation_seed[..8].copy_from_slice(&round_id.to_le_bytes());
+    rotation_seed[8..16].copy_from_slice(&now_ms().to_le_bytes());
+    Ok(spa_aggregation::dp::DpParams {
+        dim: u32::try_from(dim).map_err(|_| RoundError::InvalidPlan("too many parameters for DP".into()))?,
+        l2_clip: clip,
+        gamma: clip / 16384.0,
+        noise_multiplier: plan.dp_noise_multiplier as f32,
+        expected_clients: plan.min_clients,
+        bits: 24,
+        beta: (-0.5f32).exp(),
+        rotation_seed,
+    })
+}
+
+/// Moves the round to `state`, durably, before that phase's requests go out.
+fn enter(rounds: &Rounds, rec: &mut RoundRecord, state: RoundState, tasks: BTreeMap<u32, Task>) -> Result<(), RoundError> {
+    rec.state = state;
+    rec.updated_ms = now_ms();
+    rounds.store.put_round(rec)?;
+    fault_point(state.name());
+    let mut g = lock(&rounds.active);
+    let a = g.as_mut().ok_or_else(|| RoundError::Internal("no active round".into()))?;
+    a.state = state;
+    a.answered.clear();
+    a.tasks = tasks;
+    Ok(())
+}
+
+/// Waits until every seat with a request answered, the deadline passed, or an abort.
+async fn collect(rounds: &Rounds, rec: &mut RoundRecord, deadline: Instant) -> Result<(), RoundError> {
+    let started = Instant::now();
+    loop {
+        rounds.check_abort(rec.round_id)?;
+        if close_phase(rounds, rec, deadline, started)? {
+            return Ok(());
+        }
+        rounds.nap(Duration::from_millis(200).min(deadline.saturating_duration_since(Instant::now()))).await;
+    }
+}
+
+/// If every seat answered or the deadline passed: seats still silent time out, every
+/// dropout goes into the record, and true.
+fn close_phase(rounds: &Rounds, rec: &mut RoundRecord, deadline: Instant, started: Instant) -> Result<bool, RoundError> {
+    let mut g = lock(&rounds.active);
+    let a = g.as_mut().ok_or_else(|| RoundError::Internal("no active round".into()))?;
+    if !a.tasks.is_empty() && Instant::now() < deadline {
+        return Ok(false);
+    }
+    let silent: Vec<u32> = std::mem::take(&mut a.tasks).into_keys().collect();
+    a.dropped.extend(silent.into_iter().map(|seat| (seat, Dropout { phase: a.state, reason: DropReason::TimedOut })));
+    for (seat, d) in a.dropped.drain(..) {
+        if let Some(device) = rec.cohort.get(seat as usize - 1) {
+            rec.dropouts.insert(device.clone(), d);
+        }
+    }
+    rec.answered.insert(rec.state.name().to_string(), a.answered.len());
+    rec.phase_ms.insert(rec.state.name().to_string(), started.elapsed().as_millis() as u64);
+    Ok(true)
+}
+
+fn with_server<R>(rounds: &Rounds, f: impl FnOnce(&mut SecAggServer) -> Result<R, SecAggError>) -> Result<R, RoundError> {
+    let mut g = lock(&rounds.active);
+    let started = Instant::now();
+    let a = g.as_mut().ok_or_else(|| RoundError::Internal("no active round".into()))?;
+    let r = f(&mut a.server);
+    a.busy += started.elapsed();
+    Ok(r?)
+}
+
+/// Mask removal is the heavy step: it runs on a blocking thread (rayon inside) on a copy of
+/// the server state, so the lock that device polls take is not held meanwhile.
+async fn remove_masks(rounds: &Rounds) -> Result<AggregateOutput, RoundError> {
+    let mut server = lock(&rounds.active).as_ref().ok_or_else(|| RoundError::Internal("no active round".into()))?.server.clone();
+    let started = Instant::now();
+    let out = tokio::task::spawn_blocking(move || server.close_unmask()).await.map_err(|e| RoundError::Internal(format!("unmask task: {e}")))??;
+    if let Some(a) = lock(&rounds.active).as_mut() {
+        a.busy += started.elapsed();
+    }
+    Ok(out)
+}
+
+/// Committed: the decoded mean goes through the server strategy; checkpoint, record and
+/// optimizer state are written in one transaction as global version `base + 1`.
+fn commit(rounds: &Rounds, rec: &mut RoundRecord, global: ParamSet, session: &SessionConfig, strategy: StrategyConfig, out: AggregateOutput) -> Result<(), RoundError> {
+    let store = &rounds.store;
+    let started = Instant::now();
+    let (mean_delta, total_w) = match &session.encoding {
+        Encoding::SignedTwosComplement { .. } => {
+            session.quant_params().ok_or_else(|| RoundError::Internal("no quantization".into()))?.decode_mean(&out.sum)?
+        }
+        // DP updates are unweighted: the mean is the noisy sum over the contributors.
+        Encoding::DistributedDiscreteGaussian(dp) => {
+            let k = out.contributors.len() as f32;
+            (dp.decode_sum(&out.sum)?.into_iter().map(|x| x / k).collect(), out.contributors.len() as u32)
+        }
+    };
+    let mut optimizer = match store.optimizer()? {
+        Some(o) if o.config == strategy => o,
+        _ => ServerOptimizer::new(strategy)?,
+    };
+    let mut flat = global.flatten();
+    optimizer.apply(&mut flat, &mean_delta)?;
+    let new_global = global.with_flat(&flat).map_err(|e| RoundError::Internal(e.to_string()))?;
+    let version = rec.base_version + 1;
+    rec.contributors = out.contributors.iter().filter_map(|&s| rec.cohort.get(s as usize - 1).cloned()).collect();
+    rec.state = RoundState::Committed;
+    rec.committed_version = Some(version);
+    rec.finished_ms = Some(now_ms());
+    rec.updated_ms = now_ms();
+    let bytes = new_global.to_safetensors();
+    // The commit's own write is measured up to here; the record cannot contain its own time.
+    let busy = lock(&rounds.active).as_ref().map_or(Duration::ZERO, |a| a.busy);
+    rec.coordinator_busy_ms = (busy + started.elapsed()).as_secs_f64() * 1000.0;
+    store.commit_round(version, &bytes, rec, &optimizer)?;
+    fault_point("committed");
+    tracing::info!(round = rec.round_id, version, contributors = out.contributors.len(), total_weight = total_w, "global version committed");
+    *lock(&rounds.eval) = Some(EvalNotice { round_id: rec.round_id, version, pending: rec.cohort.iter().cloned().collect() });
+    Ok(())
+}

@@ -1,0 +1,289 @@
+//! The state the round loop and the device-facing handlers share ([`Rounds`]), and how a
+//! device's answer to a phase is checked and handed to the SecAgg+ server.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use spa_aggregation::messages::{AdvertiseKeys, ShareKeysResponse, UnmaskResponse};
+use spa_aggregation::strategy::StrategyConfig;
+use spa_aggregation::{SecAggError, SecAggServer};
+use spa_proto::auth::now_ms;
+use spa_proto::v1;
+use spa_proto::v1::poll_response::Task;
+use tokio::sync::Notify;
+
+use super::RoundError;
+use super::records::{DeviceMetrics, DropReason, Dropout, RoundPlan, RoundState, RunRecord, RunState, mean_metrics};
+use crate::config::RoundsSection;
+use crate::store::{Store, StoreError};
+
+/// The round in progress.
+pub(super) struct Active {
+    pub round_id: u64,
+    pub state: RoundState,
+    pub server: SecAggServer,
+    pub seats: HashMap<String, u32>,
+    /// This phase's request per seat that has not answered yet.
+    pub tasks: BTreeMap<u32, Task>,
+    pub answered: BTreeSet<u32>,
+    /// Seats that left this round, and why; moved into the record as each phase closes.
+    pub dropped: Vec<(u32, Dropout)>,
+    /// Time spent in handlers for this round so far.
+    pub busy: Duration,
+}
+
+/// After a commit: devices of the cohort still to evaluate the new version.
+pub(super) struct EvalNotice {
+    pub round_id: u64,
+    pub version: u64,
+    pub pending: BTreeSet<String>,
+}
+
+/// Shared between the round loop and the Rounds/Admin services.
+pub struct Rounds {
+    pub store: Store,
+    pub cfg: RoundsSection,
+    pub(super) active: Mutex<Option<Active>>,
+    online: Mutex<HashMap<String, Instant>>,
+    pub(super) eval: Mutex<Option<EvalNotice>>,
+    /// Devices of the last aborted round, told once to drop their session state.
+    pub(super) aborted: Mutex<Option<(u64, String, BTreeSet<String>)>>,
+    /// An operator's abort of this round id, seen by the loop at its next check.
+    pub(super) abort_request: Mutex<Option<u64>>,
+    /// Wakes the round loop (an answer arrived, a run was queued, an abort was asked).
+    wake: Notify,
+}
+
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding these locks cannot leave them inconsistent (plain inserts).
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Rounds {
+    pub fn new(store: Store, cfg: RoundsSection) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            cfg,
+            active: Mutex::new(None),
+            online: Mutex::new(HashMap::new()),
+            eval: Mutex::new(None),
+            aborted: Mutex::new(None),
+            abort_request: Mutex::new(None),
+            wake: Notify::new(),
+        })
+    }
+
+    /// Queues a run; the loop starts its rounds in order after any earlier run.
+    pub fn start_run(&self, mut plan: RoundPlan) -> Result<u64, RoundError> {
+        // μ is FedProx's: for any other strategy the run records 0, what devices are sent.
+        if !matches!(plan.validate()?, StrategyConfig::FedProx { .. }) {
+            plan.prox_mu = 0.0;
+        }
+        let run = RunRecord { run_id: self.store.next_run_id()?, plan, created_ms: now_ms(), rounds_started: 0, state: RunState::Active };
+        self.store.put_run(&run)?;
+        self.store.log("run.start", format!("run {} ({} rounds)", run.run_id, run.plan.rounds))?;
+        self.wake.notify_one();
+        Ok(run.run_id)
+    }
+
+    /// Aborts the round in progress if it is `round_id`, and cancels the rest of its run.
+    pub fn abort(&self, round_id: u64) -> Result<bool, RoundError> {
+        let rec = self.store.round(round_id)?.ok_or_else(|| RoundError::NoSuchRound(round_id))?;
+        if rec.state.is_final() {
+            return Ok(false);
+        }
+        *lock(&self.abort_request) = Some(round_id);
+        self.wake.notify_one();
+        Ok(true)
+    }
+
+    /// A device polled: what should it do now?
+    pub fn poll(&self, device: &str) -> Task {
+        lock(&self.online).insert(device.to_string(), Instant::now());
+        if let Some(a) = lock(&self.active).as_ref()
+            && let Some(seat) = a.seats.get(device)
+        {
+            if let Some(t) = a.tasks.get(seat) {
+                return t.clone();
+            }
+            return Task::Idle(v1::Idle { retry_after_ms: 200 });
+        }
+        if let Some((round_id, reason, devices)) = lock(&self.aborted).as_mut()
+            && devices.remove(device)
+        {
+            return Task::Abort(v1::AbortTask { round_id: *round_id, reason: reason.clone() });
+        }
+        if let Some(e) = lock(&self.eval).as_ref()
+            && e.pending.contains(device)
+        {
+            return Task::Evaluate(v1::EvaluateTask { round_id: e.round_id, global_version: e.version });
+        }
+        Task::Idle(v1::Idle { retry_after_ms: 1000 })
+    }
+
+    /// Runs `f` on the active round's SecAgg server if `device` holds a seat in `round_id`
+    /// and the round is in `state`; marks the seat as answered.
+    fn answer<R>(
+        &self,
+        device: &str,
+        round_id: u64,
+        client_id: u32,
+        state: RoundState,
+        f: impl FnOnce(&mut SecAggServer, u32) -> Result<R, SecAggError>,
+    ) -> Result<R, AnswerError> {
+        let mut g = lock(&self.active);
+        let started = Instant::now();
+        let a = g.as_mut().filter(|a| a.round_id == round_id).ok_or(AnswerError::NotActive(round_id))?;
+        let seat = *a.seats.get(device).ok_or(AnswerError::NotInCohort)?;
+        if client_id != seat {
+            return Err(AnswerError::Invalid(format!("client id {client_id} is not this device's seat {seat}")));
+        }
+        if a.state != state {
+            return Err(AnswerError::WrongPhase { expected: state.name(), actual: a.state.name() });
+        }
+        if a.answered.contains(&seat) {
+            return Err(AnswerError::Invalid("already answered this phase".into()));
+        }
+        if !a.tasks.contains_key(&seat) {
+            return Err(AnswerError::Invalid("no request of this phase is pending for this device (it dropped out earlier)".into()));
+        }
+        let r = match f(&mut a.server, seat) {
+            Ok(r) => r,
+            Err(e) => {
+                // The SecAgg+ server refused it: this seat is out of the phase (a dropout), so
+                // the phase need not wait for its deadline.
+                a.tasks.remove(&seat);
+                a.dropped.push((seat, Dropout { phase: state, reason: DropReason::Refused(e.to_string()) }));
+                drop(g);
+                self.wake.notify_one();
+                return Err(AnswerError::Refused(e));
+            }
+        };
+        a.answered.insert(seat);
+        a.tasks.remove(&seat);
+        a.busy += started.elapsed();
+        drop(g);
+        self.wake.notify_one();
+        Ok(r)
+    }
+
+    pub fn advertise(&self, device: &str, identity_pk: [u8; 32], m: AdvertiseKeys) -> Result<(), AnswerError> {
+        let (round, id) = (m.round_id, m.client_id);
+        self.answer(device, round, id, RoundState::Training, |s, _| s.handle_advertise(m, identity_pk))
+    }
+
+    pub fn share_keys(&self, device: &str, round_id: u64, m: ShareKeysResponse) -> Result<(), AnswerError> {
+        let id = m.client_id;
+        self.answer(device, round_id, id, RoundState::ShareKeys, |s, _| s.handle_share_keys(m))
+    }
+
+    /// A complete, verified masked vector.
+    pub fn masked_input(&self, device: &str, round_id: u64, client_id: u32, lanes: &[u32]) -> Result<(), AnswerError> {
+        self.answer(device, round_id, client_id, RoundState::MaskedInput, |s, seat| {
+            for (k, c) in lanes.chunks(spa_aggregation::client::FRAME_LANES).enumerate() {
+                s.handle_masked_chunk(seat, (k * spa_aggregation::client::FRAME_LANES) as u64, c)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// A device's masked upload broke (cut off, truncated, not matching its hash): its seat
+    /// leaves the phase now rather than at the deadline.
+    pub fn broken_upload(&self, device: &str, round_id: u64, why: &str) {
+        let mut g = lock(&self.active);
+        let Some(a) = g.as_mut().filter(|a| a.round_id == round_id && a.state == RoundState::MaskedInput) else {
+            return;
+        };
+        let Some(&seat) = a.seats.get(device) else {
+            return;
+        };
+        if a.tasks.remove(&seat).is_some() {
+            a.dropped.push((seat, Dropout { phase: RoundState::MaskedInput, reason: DropReason::BrokenUpload(why.chars().take(200).collect()) }));
+            drop(g);
+            self.wake.notify_one();
+        }
+    }
+
+    /// The number of lanes the active round expects from a seat (to bound an upload).
+    pub fn expected_lanes(&self, round_id: u64) -> Option<u64> {
+        lock(&self.active).as_ref().filter(|a| a.round_id == round_id).map(|a| a.server.config().m)
+    }
+
+    pub fn unmask(&self, device: &str, round_id: u64, m: UnmaskResponse) -> Result<(), AnswerError> {
+        let id = m.client_id;
+        self.answer(device, round_id, id, RoundState::Unmask, |s, _| s.handle_unmask(m))
+    }
+
+    /// A device's held-out metrics on a committed version.
+    pub fn report_metrics(&self, device: &str, r: &v1::MetricsReport) -> Result<(), AnswerError> {
+        let vals = [r.backbone_loss, r.personalized_loss, r.backbone_acc, r.personalized_acc];
+        if vals.iter().any(|v| !v.is_finite() || *v < 0.0) || r.tokens == 0 {
+            return Err(AnswerError::Invalid("metrics must be finite, >= 0, with tokens > 0".into()));
+        }
+        // The eval lock is held across the record's read-modify-write, so concurrent reports
+        // do not overwrite each other, and a device leaves `pending` only once its metrics are
+        // stored (the next round waits on `pending`).
+        let mut g = lock(&self.eval);
+        let e = g.as_mut().filter(|e| e.round_id == r.round_id && e.version == r.global_version).ok_or(AnswerError::NotActive(r.round_id))?;
+        if !e.pending.contains(device) {
+            return Err(AnswerError::NotInCohort);
+        }
+        let mut rec = self.store.round(r.round_id)?.ok_or(AnswerError::NotActive(r.round_id))?;
+        rec.metrics.insert(device.to_string(), DeviceMetrics {
+            tokens: r.tokens,
+            backbone_loss: r.backbone_loss,
+            personalized_loss: r.personalized_loss,
+            backbone_acc: r.backbone_acc,
+            personalized_acc: r.personalized_acc,
+        });
+        rec.mean_metrics = Some(mean_metrics(rec.metrics.values()));
+        self.store.put_round(&rec)?;
+        e.pending.remove(device);
+        drop(g);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    pub(super) fn online_devices(&self) -> Result<Vec<String>, RoundError> {
+        let horizon = Duration::from_secs(self.cfg.online_secs);
+        let online: Vec<String> = lock(&self.online).iter().filter(|(_, t)| t.elapsed() <= horizon).map(|(d, _)| d.clone()).collect();
+        let mut out = Vec::new();
+        for d in online {
+            if self.store.device(&d)?.is_some_and(|r| !r.revoked) {
+                out.push(d);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Waits up to `timeout` for an answer or an abort.
+    pub(super) async fn nap(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.wake.notified()).await;
+    }
+
+    pub(super) fn check_abort(&self, round_id: u64) -> Result<(), RoundError> {
+        if *lock(&self.abort_request) == Some(round_id) {
+            return Err(RoundError::AbortedByOperator);
+        }
+        Ok(())
+    }
+}
+
+/// Why a device's answer was refused (mapped to gRPC statuses by the service).
+#[derive(Debug, thiserror::Error)]
+pub enum AnswerError {
+    #[error("round {0} is not in progress")]
+    NotActive(u64),
+    #[error("this device is not in the round's cohort")]
+    NotInCohort,
+    #[error("round is in phase {actual}, not {expected}")]
+    WrongPhase { expected: &'static str, actual: &'static str },
+    #[error("{0}")]
+    Invalid(String),
+    /// The SecAgg+ server refused the answer; the seat is out of the round.
+    #[error("secure aggregation refused the answer: {0}")]
+    Refused(SecAggError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
