@@ -6,13 +6,13 @@ use spa::experiment::ExperimentConfig;
 use spa::quickstart::{Output, QuickstartConfig};
 use spa::simulation::{SimConfig, Simulation};
 use spa_aggregation::strategy::StrategyConfig;
+use spa_model::BackendKind;
 use spa_model::backbone::load_backbone_as;
 use spa_model::data::synthetic::synthetic_users;
 use spa_model::generate::{Decoding, LocalStates, Sampling, generate_text};
 use spa_model::side::SideConfig;
 use spa_model::tokenizer::{ModelTokens, Tokenizer};
 use spa_model::train::TrainConfig;
-use spa_model::BackendKind;
 
 /// SPA: federated side-plugin personalization of a frozen LLM.
 #[derive(Parser, Debug)]
@@ -241,7 +241,8 @@ fn generate_bench(a: GenBenchArgs) -> Result<()> {
         (Some(play), Some(roles)) => {
             let read = |p: &Path| std::fs::read_to_string(p).with_context(|| p.display().to_string());
             let speeches = spa_model::data::shakespeare::parse_play_script(&read(play)?);
-            let names: Vec<String> = read(roles)?.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).take(a.devices).map(str::to_owned).collect();
+            let names: Vec<String> =
+                read(roles)?.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).take(a.devices).map(str::to_owned).collect();
             let mut users = spa_model::data::shakespeare::leaf_users(&speeches, &names, Default::default(), 0.8);
             for u in &mut users {
                 u.train.truncate(a.max_train.unwrap_or(usize::MAX));
@@ -252,7 +253,15 @@ fn generate_bench(a: GenBenchArgs) -> Result<()> {
         _ => None,
     };
     let cfg = spa::genbench::GenBenchConfig {
-        quickstart: QuickstartConfig { devices: a.devices, rounds: a.rounds, local_epochs: a.local_epochs, lr: a.lr, model: a.model.clone(), users, ..QuickstartConfig::default() },
+        quickstart: QuickstartConfig {
+            devices: a.devices,
+            rounds: a.rounds,
+            local_epochs: a.local_epochs,
+            lr: a.lr,
+            model: a.model.clone(),
+            users,
+            ..QuickstartConfig::default()
+        },
         delays_ms: a.delay_ms.clone(),
         prompts: a.prompts,
         max_tokens: a.max_tokens,
@@ -282,11 +291,7 @@ fn generate_bench(a: GenBenchArgs) -> Result<()> {
 /// The shipped backbone, found from the working directory or from the source tree.
 fn default_model() -> PathBuf {
     let local = Path::new("models/shakespeare-char");
-    if local.join("config.json").exists() {
-        local.to_path_buf()
-    } else {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("models/shakespeare-char")
-    }
+    if local.join("config.json").exists() { local.to_path_buf() } else { Path::new(env!("CARGO_MANIFEST_DIR")).join("models/shakespeare-char") }
 }
 
 fn main() -> std::process::ExitCode {
@@ -385,7 +390,9 @@ fn simulate(a: SimArgs, device: &spa_model::burn::tensor::Device) -> Result<()> 
     let mut sim = Simulation::new(&bb, &tok, users, config)?;
     let before = sim.evaluate()?;
     if !a.json {
-        println!("| round | version | contributors/cohort | shared params | SecAgg vs plaintext max err | backbone loss | personalized loss | backbone acc | personalized acc | gate on | s |");
+        println!(
+            "| round | version | contributors/cohort | shared params | SecAgg vs plaintext max err | backbone loss | personalized loss | backbone acc | personalized acc | gate on | s |"
+        );
         println!("|---|---|---|---|---|---|---|---|---|---|---|");
         println!(
             "| 0 | 0 | - | - | - | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} | - |",
@@ -400,8 +407,18 @@ fn simulate(a: SimArgs, device: &spa_model::burn::tensor::Device) -> Result<()> 
             let m = &r.mean;
             println!(
                 "| {} | {} | {}/{} | {} | {:.1e} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} | {:.1} |",
-                r.round, r.version, r.contributors, r.cohort, r.shared_params, r.max_abs_error_vs_plaintext,
-                m.backbone_loss, m.routed_loss, m.backbone_acc, m.routed_acc, m.side_fraction, r.seconds
+                r.round,
+                r.version,
+                r.contributors,
+                r.cohort,
+                r.shared_params,
+                r.max_abs_error_vs_plaintext,
+                m.backbone_loss,
+                m.routed_loss,
+                m.backbone_acc,
+                m.routed_acc,
+                m.side_fraction,
+                r.seconds
             );
         }
     }

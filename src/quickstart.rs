@@ -39,7 +39,19 @@ pub struct QuickstartConfig {
 
 impl Default for QuickstartConfig {
     fn default() -> Self {
-        Self { devices: 8, examples: 60, rounds: 5, local_epochs: 3, lr: 3e-3, strategy: "fedavg".into(), show: 3, dir: None, seed: 0, model: None, users: None }
+        Self {
+            devices: 8,
+            examples: 60,
+            rounds: 5,
+            local_epochs: 3,
+            lr: 3e-3,
+            strategy: "fedavg".into(),
+            show: 3,
+            dir: None,
+            seed: 0,
+            model: None,
+            users: None,
+        }
     }
 }
 
@@ -115,7 +127,6 @@ fn backbone_alone(dir: &Path, prompt: &str, seed: u64) -> anyhow::Result<String>
 
 /// Enrolls the devices, adds their data and runs the rounds over the service.
 pub async fn federate(cfg: &QuickstartConfig, out: &mut dyn FnMut(Output)) -> anyhow::Result<Federation> {
-
     let users = match &cfg.users {
         Some(u) => u.clone(),
         None => {
@@ -134,9 +145,7 @@ pub async fn federate(cfg: &QuickstartConfig, out: &mut dyn FnMut(Output)) -> an
     let coord = dir.join("coordinator");
     spa_coordinator::init::init(&coord, &[])?;
     let toml = coord.join("coordinator.toml");
-    let mut text = std::fs::read_to_string(&toml)?
-        .replace("127.0.0.1:7443", "127.0.0.1:0")
-        .replace("selection_grace_secs = 2", "selection_grace_secs = 30");
+    let mut text = std::fs::read_to_string(&toml)?.replace("127.0.0.1:7443", "127.0.0.1:0").replace("selection_grace_secs = 2", "selection_grace_secs = 30");
     let model = match &cfg.model {
         Some(m) => std::fs::canonicalize(m).map_err(|e| anyhow::anyhow!("--model {}: {e}", m.display()))?,
         None => PathBuf::from(spa_coordinator::config::DEFAULT_BACKBONE),

@@ -94,7 +94,10 @@ fn bad_configs_are_refused_with_the_reason() {
         (CONFIG.replace("arms = [", "arms = [\"fedsomething\", "), "unknown variant"),
         (CONFIG.replace("lr = 3e-3", "lr = nan"), "invalid training settings"),
         (CONFIG.replace("rounds = 2", "rounds = 2\ntrain_fraction = 1.0"), "train_fraction"),
-        (CONFIG.replace("kind = \"synthetic\"\ndevices = 4\nexamples = 25\nseed = 3", "kind = \"play\"\npath = \"no/such/file.txt\"\ntop = 3"), "no/such/file.txt"),
+        (
+            CONFIG.replace("kind = \"synthetic\"\ndevices = 4\nexamples = 25\nseed = 3", "kind = \"play\"\npath = \"no/such/file.txt\"\ntop = 3"),
+            "no/such/file.txt",
+        ),
     ];
     for (i, (text, want)) in cases.iter().enumerate() {
         let cfg = write(dir.path(), &format!("bad{i}.toml"), text);

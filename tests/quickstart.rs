@@ -33,7 +33,8 @@ fn quickstart_runs_rounds_over_the_service_and_personalizes() {
 #[test]
 fn speculative_generation_over_the_service_equals_per_token_and_survives_cuts() {
     for sampling in [&["--temperature", "0.8", "--top-k", "20", "--seed", "5"][..], &["--temperature", "0"]] {
-        let mut args = vec!["generate-bench", "--devices", "3", "--rounds", "1", "--prompts", "2", "--max-tokens", "48", "--delay-ms", "1", "--cut-after", "12", "--json"];
+        let mut args =
+            vec!["generate-bench", "--devices", "3", "--rounds", "1", "--prompts", "2", "--max-tokens", "48", "--delay-ms", "1", "--cut-after", "12", "--json"];
         args.extend_from_slice(sampling);
         let out = spa(&args);
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -55,8 +56,7 @@ fn simulated_rounds_aggregate_securely_and_personalize() {
     let out = spa(&["simulate", "--devices", "5", "--examples", "25", "--rounds", "2", "--local-epochs", "2", "--show", "1", "--json"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let reports: Vec<serde_json::Value> =
-        stdout.lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).unwrap()).collect();
+    let reports: Vec<serde_json::Value> = stdout.lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(reports.len(), 2, "{stdout}");
     for (i, r) in reports.iter().enumerate() {
         assert_eq!(r["version"], (i + 1) as u64);

@@ -11,13 +11,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+use spa_model::BackendKind;
 use spa_model::backbone::{TokenBatch, WeightDtype, load_backbone_as};
 use spa_model::generate::{Decoding, LocalStates, Sampling, generate_text};
 use spa_model::gguf::import_gguf;
 use spa_model::side::FrozenHead;
 use spa_model::tensor_util::to_vec;
 use spa_model::tokenizer::{ModelTokens, Tokenizer};
-use spa_model::BackendKind;
 
 fn fixture(name: &str) -> serde_json::Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("model/tests/fixtures").join(name);
@@ -53,7 +53,11 @@ fn tokenizer_matches_llama_cpp() {
         let text = case["text"].as_str().unwrap();
         let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
         assert_eq!(tok.encode(text).unwrap(), want, "{text:?}");
-        assert_eq!(tok.decode(&want).unwrap(), text.replace("<|im_start|>", "").replace("<|im_end|>", "").replace("<|endoftext|>", "").replace("<repo_name>", ""), "{text:?}");
+        assert_eq!(
+            tok.decode(&want).unwrap(),
+            text.replace("<|im_start|>", "").replace("<|im_end|>", "").replace("<|endoftext|>", "").replace("<repo_name>", ""),
+            "{text:?}"
+        );
     }
 }
 

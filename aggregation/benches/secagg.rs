@@ -15,10 +15,7 @@ use spa_aggregation::messages::{MaskedInputRequest, ShareKeysRequest};
 use spa_aggregation::prg::{CipherSuite, MaskKey, MaskPrg, Sign};
 use spa_aggregation::quant::QuantParams;
 use spa_aggregation::shamir::{Lagrange, Share, split};
-use spa_aggregation::{
-    ClientIncoming, ClientOutgoing, ClientState, IdentitySigner, MaskedInput, SecAggServer,
-    SessionConfig,
-};
+use spa_aggregation::{ClientIncoming, ClientOutgoing, ClientState, IdentitySigner, MaskedInput, SecAggServer, SessionConfig};
 
 const M1: usize = 1 << 20;
 
@@ -48,58 +45,37 @@ fn prepare(cfg: &SessionConfig, ids: &[u32]) -> Prepared {
     let mut clients = BTreeMap::new();
     for &id in ids {
         let key = identity();
-        let (st, adv) =
-            ClientState::start(id, cfg.clone(), &key, ChaCha20Rng::seed_from_u64(id as u64))
-                .unwrap();
+        let (st, adv) = ClientState::start(id, cfg.clone(), &key, ChaCha20Rng::seed_from_u64(id as u64)).unwrap();
         server.handle_advertise(adv, key.public_key()).unwrap();
         clients.insert(id, st);
     }
-    let share_reqs: BTreeMap<u32, ShareKeysRequest> =
-        server.close_advertise().unwrap().into_iter().collect();
+    let share_reqs: BTreeMap<u32, ShareKeysRequest> = server.close_advertise().unwrap().into_iter().collect();
     for (u, req) in &share_reqs {
         let st = clients.remove(u).unwrap();
         let (st, out) = st.handle(ClientIncoming::ShareKeys(req.clone())).unwrap();
-        let Some(ClientOutgoing::ShareKeys(r)) = out.into_iter().next() else {
-            unreachable!()
-        };
+        let Some(ClientOutgoing::ShareKeys(r)) = out.into_iter().next() else { unreachable!() };
         server.handle_share_keys(r).unwrap();
         clients.insert(*u, st);
     }
     let masked_reqs = server.close_share_keys().unwrap().into_iter().collect();
-    Prepared {
-        server,
-        clients,
-        share_reqs,
-        masked_reqs,
-    }
+    Prepared { server, clients, share_reqs, masked_reqs }
 }
 
-fn masked_input(
-    st: ClientState,
-    req: MaskedInputRequest,
-    input: Vec<u32>,
-) -> (ClientState, MaskedInput) {
+fn masked_input(st: ClientState, req: MaskedInputRequest, input: Vec<u32>) -> (ClientState, MaskedInput) {
     let (st, _) = st.handle(ClientIncoming::MaskedInputRequest(req)).unwrap();
     let (st, out) = st.handle(ClientIncoming::Input(input)).unwrap();
-    let Some(ClientOutgoing::MaskedInput(mi)) = out.into_iter().next() else {
-        unreachable!()
-    };
+    let Some(ClientOutgoing::MaskedInput(mi)) = out.into_iter().next() else { unreachable!() };
     (st, mi)
 }
 
 fn prg(c: &mut Criterion) {
-    eprintln!(
-        "AES-NI detected: {}",
-        std::arch::is_x86_feature_detected!("aes")
-    );
+    eprintln!("AES-NI detected: {}", std::arch::is_x86_feature_detected!("aes"));
     let mut g = c.benchmark_group("prg_expand_add_1M");
     g.throughput(Throughput::Bytes((M1 * 4) as u64));
     let mut acc = vec![0u32; M1];
     for suite in [CipherSuite::Aes128Ctr, CipherSuite::ChaCha20] {
         let p = MaskPrg::new(suite, &MaskKey::from_bytes([7; 32]));
-        g.bench_function(format!("{suite:?}"), |b| {
-            b.iter(|| p.apply(Sign::Add, 0, black_box(&mut acc)))
-        });
+        g.bench_function(format!("{suite:?}"), |b| b.iter(|| p.apply(Sign::Add, 0, black_box(&mut acc))));
     }
     let x = vec![3u32; M1];
     g.bench_function("plain_add_baseline", |b| {
@@ -122,12 +98,8 @@ fn client_masking(c: &mut Criterion) {
     let mut out = vec![0u32; M1];
     let mut g = c.benchmark_group("client_mask_1M_k20");
     g.throughput(Throughput::Bytes((M1 * 4) as u64));
-    g.bench_function("whole_vector", |b| {
-        b.iter(|| mi.write_masked(0, black_box(&mut out)).unwrap())
-    });
-    g.bench_function("1MiB_frames", |b| {
-        b.iter(|| mi.chunks(FRAME_LANES).map(|f| f.data.len()).sum::<usize>())
-    });
+    g.bench_function("whole_vector", |b| b.iter(|| mi.write_masked(0, black_box(&mut out)).unwrap()));
+    g.bench_function("1MiB_frames", |b| b.iter(|| mi.chunks(FRAME_LANES).map(|f| f.data.len()).sum::<usize>()));
     g.finish();
 }
 
@@ -141,53 +113,26 @@ fn client_crypto(c: &mut Criterion) {
     let (share_req, masked_req) = (p.share_reqs[&1].clone(), p.masked_reqs[&1].clone());
     // The 72 advertisement verifications are part of the figure below; one costs:
     let nb = &share_req.neighbours[0];
-    let msg = spa_aggregation::crypto::advertisement_message(
-        &cfg.config_hash(),
-        cfg.round_id,
-        &nb.c_pk,
-        &nb.s_pk,
-    );
-    c.bench_function("ed25519_verify_one", |b| {
-        b.iter(|| {
-            spa_aggregation::crypto::verify_signature(
-                nb.id,
-                &nb.identity_pk,
-                black_box(&msg),
-                &nb.sig,
-            )
-            .unwrap()
-        })
-    });
+    let msg = spa_aggregation::crypto::advertisement_message(&cfg.config_hash(), cfg.round_id, &nb.c_pk, &nb.s_pk);
+    c.bench_function("ed25519_verify_one", |b| b.iter(|| spa_aggregation::crypto::verify_signature(nb.id, &nb.identity_pk, black_box(&msg), &nb.sig).unwrap()));
     // Client 1's keys came from seed 1, so restarting with that seed reproduces them.
     c.bench_function("client_crypto_per_session_k72", |b| {
         b.iter(|| {
-            let (st, _) =
-                ClientState::start(1, cfg.clone(), &key, ChaCha20Rng::seed_from_u64(1)).unwrap();
-            let (st, _) = st
-                .handle(ClientIncoming::ShareKeys(share_req.clone()))
-                .unwrap();
-            st.handle(ClientIncoming::MaskedInputRequest(masked_req.clone()))
-                .unwrap()
+            let (st, _) = ClientState::start(1, cfg.clone(), &key, ChaCha20Rng::seed_from_u64(1)).unwrap();
+            let (st, _) = st.handle(ClientIncoming::ShareKeys(share_req.clone())).unwrap();
+            st.handle(ClientIncoming::MaskedInputRequest(masked_req.clone())).unwrap()
         })
     });
 }
 
 fn quantization(c: &mut Criterion) {
-    let q = QuantParams {
-        bits: 20,
-        clip: 1.0,
-        w_max: 1024,
-    };
+    let q = QuantParams { bits: 20, clip: 1.0, w_max: 1024 };
     let mut rng = ChaCha20Rng::seed_from_u64(1);
-    let delta: Vec<f32> = (0..M1)
-        .map(|i| ((i % 2000) as f32 / 1000.0) - 1.0)
-        .collect();
+    let delta: Vec<f32> = (0..M1).map(|i| ((i % 2000) as f32 / 1000.0) - 1.0).collect();
     let mut out = vec![0u32; M1 + 1];
     let mut g = c.benchmark_group("quantize_1M");
     g.throughput(Throughput::Elements(M1 as u64));
-    g.bench_function("encode", |b| {
-        b.iter(|| q.encode_into(&delta, 100, &mut rng, &mut out).unwrap())
-    });
+    g.bench_function("encode", |b| b.iter(|| q.encode_into(&delta, 100, &mut rng, &mut out).unwrap()));
     g.finish();
 }
 
@@ -203,8 +148,7 @@ fn server_accumulate(c: &mut Criterion) {
             || p.server.clone(),
             |s| {
                 for (i, f) in data.chunks(FRAME_LANES).enumerate() {
-                    s.handle_masked_chunk(1, (i * FRAME_LANES) as u64, f)
-                        .unwrap();
+                    s.handle_masked_chunk(1, (i * FRAME_LANES) as u64, f).unwrap();
                 }
             },
             BatchSize::LargeInput,
@@ -238,26 +182,14 @@ fn server_unmask(c: &mut Criterion) {
     for (u, req) in reqs {
         let st = p.clients.remove(&u).unwrap();
         let (_, out) = st.handle(ClientIncoming::Unmask(req)).unwrap();
-        let Some(ClientOutgoing::Unmask(r)) = out.into_iter().next() else {
-            unreachable!()
-        };
+        let Some(ClientOutgoing::Unmask(r)) = out.into_iter().next() else { unreachable!() };
         p.server.handle_unmask(r).unwrap();
     }
     eprintln!("server_unmask: {alive} of {n} clients in U3");
-    let threads = if cfg!(feature = "rayon") {
-        "rayon"
-    } else {
-        "1thread"
-    };
+    let threads = if cfg!(feature = "rayon") { "rayon" } else { "1thread" };
     let mut g = c.benchmark_group("server_unmask_n1000_m100k_k20_drop30");
     g.sample_size(10).measurement_time(Duration::from_secs(8));
-    g.bench_function(threads, |b| {
-        b.iter_batched(
-            || p.server.clone(),
-            |mut s| s.close_unmask().unwrap(),
-            BatchSize::LargeInput,
-        )
-    });
+    g.bench_function(threads, |b| b.iter_batched(|| p.server.clone(), |mut s| s.close_unmask().unwrap(), BatchSize::LargeInput));
     g.finish();
 }
 
@@ -269,12 +201,8 @@ fn shamir(c: &mut Criterion) {
         let shares = split(&[5u8; 32], t, &holders, &mut rng).unwrap();
         let refs: Vec<&Share> = shares.iter().collect();
         let lag = Lagrange::new(&holders).unwrap();
-        g.bench_function(format!("reconstruct_cached_t{t}"), |b| {
-            b.iter(|| lag.reconstruct(black_box(&refs)).unwrap())
-        });
-        g.bench_function(format!("lagrange_build_t{t}"), |b| {
-            b.iter(|| Lagrange::new(black_box(&holders)).unwrap())
-        });
+        g.bench_function(format!("reconstruct_cached_t{t}"), |b| b.iter(|| lag.reconstruct(black_box(&refs)).unwrap()));
+        g.bench_function(format!("lagrange_build_t{t}"), |b| b.iter(|| Lagrange::new(black_box(&holders)).unwrap()));
     }
     g.finish();
 }

@@ -22,13 +22,11 @@ use zeroize::Zeroizing;
 
 use crate::config::{RosterEntry, SessionConfig, session_id as derive_session_id};
 use crate::crypto::{
-    IdentitySigner, SessionKeys, advertisement_message, agree, enc_key, open_shares,
-    pairwise_mask_key, seal_shares, self_mask_key, verify_signature,
+    IdentitySigner, SessionKeys, advertisement_message, agree, enc_key, open_shares, pairwise_mask_key, seal_shares, self_mask_key, verify_signature,
 };
 use crate::error::{Result, SecAggError};
 use crate::messages::{
-    AdvertiseKeys, EncryptedShare, MaskedChunk, MaskedInputRequest, RevealedShare,
-    ShareKeysRequest, ShareKeysResponse, UnmaskRequest, UnmaskResponse,
+    AdvertiseKeys, EncryptedShare, MaskedChunk, MaskedInputRequest, RevealedShare, ShareKeysRequest, ShareKeysResponse, UnmaskRequest, UnmaskResponse,
 };
 use crate::prg::{CHUNK_BYTES, MaskPrg, Sign};
 use crate::shamir::{self, Share};
@@ -150,38 +148,15 @@ impl std::fmt::Debug for ClientState {
 impl ClientState {
     /// Starts a session: fresh c_sk, s_sk from `rng` (seed it with
     /// [`crate::crypto::system_rng`] in production) and the signed advertisement.
-    pub fn start(
-        client_id: u32,
-        config: SessionConfig,
-        signer: &dyn IdentitySigner,
-        mut rng: ChaCha20Rng,
-    ) -> Result<(ClientState, AdvertiseKeys)> {
+    pub fn start(client_id: u32, config: SessionConfig, signer: &dyn IdentitySigner, mut rng: ChaCha20Rng) -> Result<(ClientState, AdvertiseKeys)> {
         config.validate()?;
         let config_hash = config.config_hash();
         let keys = SessionKeys::generate(&mut rng);
         let (c_pk, s_pk) = keys.public_keys();
-        let sig = signer.sign(&advertisement_message(
-            &config_hash,
-            config.round_id,
-            &c_pk,
-            &s_pk,
-        ));
-        let adv = AdvertiseKeys {
-            client_id,
-            round_id: config.round_id,
-            c_pk,
-            s_pk,
-            sig: sig.to_vec(),
-        };
-        let s = Session {
-            id: client_id,
-            config,
-            config_hash,
-        };
-        Ok((
-            ClientState::AwaitShareKeys(Box::new(AwaitShareKeys { s, keys, rng })),
-            adv,
-        ))
+        let sig = signer.sign(&advertisement_message(&config_hash, config.round_id, &c_pk, &s_pk));
+        let adv = AdvertiseKeys { client_id, round_id: config.round_id, c_pk, s_pk, sig: sig.to_vec() };
+        let s = Session { id: client_id, config, config_hash };
+        Ok((ClientState::AwaitShareKeys(Box::new(AwaitShareKeys { s, keys, rng })), adv))
     }
 
     /// The phase name (for logs and errors).
@@ -203,27 +178,18 @@ impl ClientState {
             (_, ClientIncoming::Abort(reason)) => Ok((ClientState::Aborted(reason), vec![])),
             (ClientState::AwaitShareKeys(st), ClientIncoming::ShareKeys(req)) => {
                 let (next, resp) = st.share_keys(req)?;
-                Ok((
-                    ClientState::AwaitMaskedInputRequest(Box::new(next)),
-                    vec![ClientOutgoing::ShareKeys(resp)],
-                ))
+                Ok((ClientState::AwaitMaskedInputRequest(Box::new(next)), vec![ClientOutgoing::ShareKeys(resp)]))
             }
             (ClientState::AwaitMaskedInputRequest(st), ClientIncoming::MaskedInputRequest(req)) => {
                 Ok((ClientState::AwaitInput(st.receive_shares(req)?), vec![]))
             }
             (ClientState::AwaitInput(st), ClientIncoming::Input(input)) => {
                 let (next, masked) = st.mask(input)?;
-                Ok((
-                    ClientState::AwaitUnmask(next),
-                    vec![ClientOutgoing::MaskedInput(masked)],
-                ))
+                Ok((ClientState::AwaitUnmask(next), vec![ClientOutgoing::MaskedInput(masked)]))
             }
             (ClientState::AwaitUnmask(st), ClientIncoming::Unmask(req)) => {
                 let (next, resp) = st.unmask(req)?;
-                Ok((
-                    ClientState::Completed(next),
-                    vec![ClientOutgoing::Unmask(resp)],
-                ))
+                Ok((ClientState::Completed(next), vec![ClientOutgoing::Unmask(resp)]))
             }
             (ClientState::Completed(c), ClientIncoming::Unmask(req)) => {
                 // A second request: name a peer whose other share was already revealed, if any.
@@ -232,15 +198,9 @@ impl ClientState {
                         return Err(SecAggError::BothSharesRequested(*v));
                     }
                 }
-                Err(SecAggError::UnexpectedMessage {
-                    phase,
-                    message: "UnmaskRequest",
-                })
+                Err(SecAggError::UnexpectedMessage { phase, message: "UnmaskRequest" })
             }
-            (_, msg) => Err(SecAggError::UnexpectedMessage {
-                phase,
-                message: incoming_name(&msg),
-            }),
+            (_, msg) => Err(SecAggError::UnexpectedMessage { phase, message: incoming_name(&msg) }),
         }
     }
 }
@@ -256,31 +216,19 @@ fn incoming_name(m: &ClientIncoming) -> &'static str {
 }
 
 impl AwaitShareKeys {
-    fn share_keys(
-        mut self: Box<Self>,
-        req: ShareKeysRequest,
-    ) -> Result<(AwaitMaskedInputRequest, ShareKeysResponse)> {
+    fn share_keys(mut self: Box<Self>, req: ShareKeysRequest) -> Result<(AwaitMaskedInputRequest, ShareKeysResponse)> {
         let s = &self.s;
         let cfg = &s.config;
         if req.config.config_hash() != s.config_hash {
-            return Err(SecAggError::Malformed(
-                "server config differs from the round plan".into(),
-            ));
+            return Err(SecAggError::Malformed("server config differs from the round plan".into()));
         }
         let t = cfg.threshold as usize;
         let max = (cfg.degree.min(cfg.n_selected - 1)) as usize;
         if req.neighbours.len() > max {
-            return Err(SecAggError::Malformed(format!(
-                "{} neighbours, at most {max}",
-                req.neighbours.len()
-            )));
+            return Err(SecAggError::Malformed(format!("{} neighbours, at most {max}", req.neighbours.len())));
         }
         if req.neighbours.len() < t {
-            return Err(SecAggError::BelowThreshold {
-                what: "neighbours in U1".into(),
-                have: req.neighbours.len(),
-                need: t,
-            });
+            return Err(SecAggError::BelowThreshold { what: "neighbours in U1".into(), have: req.neighbours.len(), need: t });
         }
         let (my_c, my_s) = self.keys.public_keys();
         // Distinct keys: a repeated key (ours or another's) would let the server
@@ -289,52 +237,25 @@ impl AwaitShareKeys {
         let mut neighbours = BTreeMap::new();
         for nb in &req.neighbours {
             if nb.id == s.id {
-                return Err(SecAggError::Malformed(
-                    "own id in the neighbour list".into(),
-                ));
+                return Err(SecAggError::Malformed("own id in the neighbour list".into()));
             }
             if neighbours.contains_key(&nb.id) {
-                return Err(SecAggError::Malformed(format!(
-                    "duplicate neighbour {}",
-                    nb.id
-                )));
+                return Err(SecAggError::Malformed(format!("duplicate neighbour {}", nb.id)));
             }
             if !keys_seen.insert(nb.c_pk) || !keys_seen.insert(nb.s_pk) {
-                return Err(SecAggError::Malformed(format!(
-                    "repeated public key from neighbour {}",
-                    nb.id
-                )));
+                return Err(SecAggError::Malformed(format!("repeated public key from neighbour {}", nb.id)));
             }
             let msg = advertisement_message(&s.config_hash, cfg.round_id, &nb.c_pk, &nb.s_pk);
             verify_signature(nb.id, &nb.identity_pk, &msg, &nb.sig)?;
-            neighbours.insert(
-                nb.id,
-                PeerKeys {
-                    c_pk: nb.c_pk,
-                    s_pk: nb.s_pk,
-                },
-            );
+            neighbours.insert(nb.id, PeerKeys { c_pk: nb.c_pk, s_pk: nb.s_pk });
         }
         // With the full graph the neighbour list is all of U1 but us, so the
         // session id can be recomputed rather than trusted.
         if cfg.is_full_graph() {
-            let mut roster: Vec<RosterEntry> = neighbours
-                .iter()
-                .map(|(&id, k)| RosterEntry {
-                    id,
-                    c_pk: k.c_pk,
-                    s_pk: k.s_pk,
-                })
-                .collect();
-            roster.push(RosterEntry {
-                id: s.id,
-                c_pk: my_c,
-                s_pk: my_s,
-            });
+            let mut roster: Vec<RosterEntry> = neighbours.iter().map(|(&id, k)| RosterEntry { id, c_pk: k.c_pk, s_pk: k.s_pk }).collect();
+            roster.push(RosterEntry { id: s.id, c_pk: my_c, s_pk: my_s });
             if derive_session_id(&s.config_hash, &roster)? != req.session_id {
-                return Err(SecAggError::Malformed(
-                    "session id does not match the roster".into(),
-                ));
+                return Err(SecAggError::Malformed("session id does not match the roster".into()));
             }
         }
         let sid = req.session_id;
@@ -349,24 +270,11 @@ impl AwaitShareKeys {
         for ((v, bs), ss) in holders.iter().zip(&b_shares).zip(&s_shares) {
             let dh = agree(&self.keys.c_sk, &neighbours[v].c_pk)?;
             let key = enc_key(&sid, &dh, s.id, *v)?;
-            shares.push(EncryptedShare {
-                peer: *v,
-                ct: seal_shares(&key, &sid, s.id, *v, bs, ss)?,
-            });
+            shares.push(EncryptedShare { peer: *v, ct: seal_shares(&key, &sid, s.id, *v, bs, ss)? });
             channel_dh.insert(*v, dh);
         }
-        let resp = ShareKeysResponse {
-            client_id: s.id,
-            shares,
-        };
-        let next = AwaitMaskedInputRequest {
-            s: self.s,
-            session_id: sid,
-            keys: self.keys,
-            b_u,
-            neighbours,
-            channel_dh,
-        };
+        let resp = ShareKeysResponse { client_id: s.id, shares };
+        let next = AwaitMaskedInputRequest { s: self.s, session_id: sid, keys: self.keys, b_u, neighbours, channel_dh };
         Ok((next, resp))
     }
 }
@@ -378,38 +286,19 @@ impl AwaitMaskedInputRequest {
         let t = cfg.threshold as usize;
         let mut held = BTreeMap::new();
         for e in &req.shares {
-            let dh = self
-                .channel_dh
-                .get(&e.peer)
-                .ok_or(SecAggError::UnknownNeighbour(e.peer))?;
+            let dh = self.channel_dh.get(&e.peer).ok_or(SecAggError::UnknownNeighbour(e.peer))?;
             if held.contains_key(&e.peer) {
-                return Err(SecAggError::Malformed(format!(
-                    "two ciphertexts from {}",
-                    e.peer
-                )));
+                return Err(SecAggError::Malformed(format!("two ciphertexts from {}", e.peer)));
             }
             let key = enc_key(&self.session_id, dh, e.peer, s.id)?;
-            held.insert(
-                e.peer,
-                open_shares(&key, &self.session_id, e.peer, s.id, &e.ct)?,
-            );
+            held.insert(e.peer, open_shares(&key, &self.session_id, e.peer, s.id, &e.ct)?);
         }
         if held.len() < t {
-            return Err(SecAggError::BelowThreshold {
-                what: "neighbours in U2".into(),
-                have: held.len(),
-                need: t,
-            });
+            return Err(SecAggError::BelowThreshold { what: "neighbours in U2".into(), have: held.len(), need: t });
         }
         // Masks: +PRG(self), +PRG(s_uv) for v > u, −PRG(s_uv) for v < u, over v ∈ N(u) ∩ U2.
         let mut masks = Vec::with_capacity(held.len() + 1);
-        masks.push((
-            Sign::Add,
-            MaskPrg::new(
-                cfg.ciphersuite,
-                &self_mask_key(&self.session_id, &self.b_u)?,
-            ),
-        ));
+        masks.push((Sign::Add, MaskPrg::new(cfg.ciphersuite, &self_mask_key(&self.session_id, &self.b_u)?)));
         for &v in held.keys() {
             let dh = agree(&self.keys.s_sk, &self.neighbours[&v].s_pk)?;
             let key = pairwise_mask_key(&self.session_id, &dh, s.id, v, cfg.m, cfg.modulus_bits)?;
@@ -417,11 +306,7 @@ impl AwaitMaskedInputRequest {
             masks.push((sign, MaskPrg::new(cfg.ciphersuite, &key)));
         }
         // c_sk, s_sk and b_u are dropped (erased) here: only the derived masks remain.
-        Ok(AwaitInput {
-            s: self.s,
-            held,
-            masks,
-        })
+        Ok(AwaitInput { s: self.s, held, masks })
     }
 }
 
@@ -429,24 +314,10 @@ impl AwaitInput {
     fn mask(self, input: Vec<u32>) -> Result<(AwaitUnmask, MaskedInput)> {
         let m = self.s.config.m as usize;
         if input.len() != m {
-            return Err(SecAggError::LengthMismatch {
-                expected: m,
-                got: input.len(),
-            });
+            return Err(SecAggError::LengthMismatch { expected: m, got: input.len() });
         }
-        let masked = MaskedInput {
-            client_id: self.s.id,
-            input,
-            masks: self.masks,
-        };
-        Ok((
-            AwaitUnmask {
-                s: self.s,
-                held: self.held,
-                revealed: BTreeMap::new(),
-            },
-            masked,
-        ))
+        let masked = MaskedInput { client_id: self.s.id, input, masks: self.masks };
+        Ok((AwaitUnmask { s: self.s, held: self.held, revealed: BTreeMap::new() }, masked))
     }
 }
 
@@ -456,9 +327,7 @@ impl AwaitUnmask {
         let alive: BTreeSet<u32> = req.alive.iter().copied().collect();
         let dropped: BTreeSet<u32> = req.dropped.iter().copied().collect();
         if alive.len() != req.alive.len() || dropped.len() != req.dropped.len() {
-            return Err(SecAggError::Malformed(
-                "duplicate id in the unmask request".into(),
-            ));
+            return Err(SecAggError::Malformed("duplicate id in the unmask request".into()));
         }
         if let Some(&v) = alive.intersection(&dropped).next() {
             return Err(SecAggError::BothSharesRequested(v));
@@ -468,26 +337,15 @@ impl AwaitUnmask {
                 return Err(SecAggError::UnknownNeighbour(v));
             }
         }
-        for (&v, kind) in alive
-            .iter()
-            .map(|v| (v, RevealedKind::SelfMask))
-            .chain(dropped.iter().map(|v| (v, RevealedKind::MaskKey)))
-        {
+        for (&v, kind) in alive.iter().map(|v| (v, RevealedKind::SelfMask)).chain(dropped.iter().map(|v| (v, RevealedKind::MaskKey))) {
             if self.revealed.get(&v).is_some_and(|k| *k != kind) {
                 return Err(SecAggError::BothSharesRequested(v));
             }
         }
         if alive.len() < t {
-            return Err(SecAggError::BelowThreshold {
-                what: "alive neighbours".into(),
-                have: alive.len(),
-                need: t,
-            });
+            return Err(SecAggError::BelowThreshold { what: "alive neighbours".into(), have: alive.len(), need: t });
         }
-        let reveal = |v: &u32, pick: fn(&(Share, Share)) -> &Share| RevealedShare {
-            peer: *v,
-            share: pick(&self.held[v]).to_bytes().to_vec(),
-        };
+        let reveal = |v: &u32, pick: fn(&(Share, Share)) -> &Share| RevealedShare { peer: *v, share: pick(&self.held[v]).to_bytes().to_vec() };
         let b_shares = alive.iter().map(|v| reveal(v, |p| &p.0)).collect();
         let s_shares = dropped.iter().map(|v| reveal(v, |p| &p.1)).collect();
         for &v in &alive {
@@ -496,18 +354,8 @@ impl AwaitUnmask {
         for &v in &dropped {
             self.revealed.insert(v, RevealedKind::MaskKey);
         }
-        let resp = UnmaskResponse {
-            client_id: self.s.id,
-            b_shares,
-            s_shares,
-        };
-        Ok((
-            Completed {
-                id: self.s.id,
-                revealed: self.revealed,
-            },
-            resp,
-        ))
+        let resp = UnmaskResponse { client_id: self.s.id, b_shares, s_shares };
+        Ok((Completed { id: self.s.id, revealed: self.revealed }, resp))
     }
 }
 
@@ -521,13 +369,7 @@ pub struct MaskedInput {
 
 impl std::fmt::Debug for MaskedInput {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "MaskedInput {{ client_id: {}, lanes: {}, masks: {} }}",
-            self.client_id,
-            self.input.len(),
-            self.masks.len()
-        )
+        write!(f, "MaskedInput {{ client_id: {}, lanes: {}, masks: {} }}", self.client_id, self.input.len(), self.masks.len())
     }
 }
 
@@ -544,14 +386,9 @@ impl MaskedInput {
 
     /// Writes masked lanes `[offset, offset + out.len())` into `out`.
     pub fn write_masked(&self, offset: usize, out: &mut [u32]) -> Result<()> {
-        let end = offset
-            .checked_add(out.len())
-            .filter(|&e| e <= self.input.len());
+        let end = offset.checked_add(out.len()).filter(|&e| e <= self.input.len());
         let Some(end) = end else {
-            return Err(SecAggError::LengthMismatch {
-                expected: self.input.len(),
-                got: offset.saturating_add(out.len()),
-            });
+            return Err(SecAggError::LengthMismatch { expected: self.input.len(), got: offset.saturating_add(out.len()) });
         };
         self.fill(offset, out, end);
         Ok(())
@@ -574,11 +411,7 @@ impl MaskedInput {
     pub fn chunk(&self, offset: usize, lanes: usize) -> Result<MaskedChunk> {
         let mut data = vec![0u32; lanes.min(self.input.len().saturating_sub(offset))];
         self.write_masked(offset, &mut data)?;
-        Ok(MaskedChunk {
-            client_id: self.client_id,
-            offset: offset as u64,
-            data,
-        })
+        Ok(MaskedChunk { client_id: self.client_id, offset: offset as u64, data })
     }
 
     /// All frames in order, `lanes_per_chunk` lanes each (the last may be shorter).
@@ -588,11 +421,7 @@ impl MaskedInput {
             let end = (off + step).min(self.input.len());
             let mut data = vec![0u32; end - off];
             self.fill(off, &mut data, end);
-            MaskedChunk {
-                client_id: self.client_id,
-                offset: off as u64,
-                data,
-            }
+            MaskedChunk { client_id: self.client_id, offset: off as u64, data }
         })
     }
 

@@ -75,12 +75,7 @@ pub struct Deadlines {
 
 impl Default for Deadlines {
     fn default() -> Self {
-        Deadlines {
-            advertise_ms: 30_000,
-            share_keys_ms: 30_000,
-            masked_input_ms: 600_000,
-            unmask_ms: 30_000,
-        }
+        Deadlines { advertise_ms: 30_000, share_keys_ms: 30_000, masked_input_ms: 600_000, unmask_ms: 30_000 }
     }
 }
 
@@ -128,11 +123,7 @@ impl SessionConfig {
             threshold,
             m,
             modulus_bits: MODULUS_BITS,
-            encoding: Encoding::SignedTwosComplement {
-                quant_bits,
-                clip: 1.0,
-                w_max: 1024,
-            },
+            encoding: Encoding::SignedTwosComplement { quant_bits, clip: 1.0, w_max: 1024 },
             deadlines: Deadlines::default(),
             active_mode: false,
         };
@@ -144,9 +135,7 @@ impl SessionConfig {
     /// whose lanes are decoded by [`crate::dp`]).
     pub fn quant_params(&self) -> Option<crate::quant::QuantParams> {
         match &self.encoding {
-            Encoding::SignedTwosComplement { quant_bits, clip, w_max } => {
-                Some(crate::quant::QuantParams { bits: *quant_bits, clip: *clip, w_max: *w_max })
-            }
+            Encoding::SignedTwosComplement { quant_bits, clip, w_max } => Some(crate::quant::QuantParams { bits: *quant_bits, clip: *clip, w_max: *w_max }),
             Encoding::DistributedDiscreteGaussian(_) => None,
         }
     }
@@ -164,48 +153,26 @@ impl SessionConfig {
             return bad(format!("n_selected {n} outside 2..={MAX_CLIENTS}"));
         }
         if self.modulus_bits != MODULUS_BITS {
-            return bad(format!(
-                "modulus_bits {} (only 32 is implemented)",
-                self.modulus_bits
-            ));
+            return bad(format!("modulus_bits {} (only 32 is implemented)", self.modulus_bits));
         }
         if self.m < 2 || self.m > MAX_LANES {
             return bad(format!("m = {} outside 2..={MAX_LANES}", self.m));
         }
         if !self.is_full_graph() && (!self.degree.is_multiple_of(2) || self.degree < 2) {
-            return bad(format!(
-                "degree {} must be even and ≥ 2 for a sparse graph",
-                self.degree
-            ));
+            return bad(format!("degree {} must be even and ≥ 2 for a sparse graph", self.degree));
         }
         let max_neighbours = self.degree.min(n - 1);
         if self.threshold < 1 || self.threshold > max_neighbours {
-            return bad(format!(
-                "threshold {} outside 1..={max_neighbours}",
-                self.threshold
-            ));
+            return bad(format!("threshold {} outside 1..={max_neighbours}", self.threshold));
         }
         match &self.encoding {
-            Encoding::SignedTwosComplement {
-                quant_bits,
-                clip,
-                w_max,
-            } => {
-                crate::quant::QuantParams {
-                    bits: *quant_bits,
-                    clip: *clip,
-                    w_max: *w_max,
-                }
-                .validate(n as u64)?;
+            Encoding::SignedTwosComplement { quant_bits, clip, w_max } => {
+                crate::quant::QuantParams { bits: *quant_bits, clip: *clip, w_max: *w_max }.validate(n as u64)?;
             }
             Encoding::DistributedDiscreteGaussian(p) => {
                 p.validate(n as u64)?;
                 if self.m != p.lanes() as u64 {
-                    return bad(format!(
-                        "m = {} but the DP encoding produces {} lanes",
-                        self.m,
-                        p.lanes()
-                    ));
+                    return bad(format!("m = {} but the DP encoding produces {} lanes", self.m, p.lanes()));
                 }
             }
         }
@@ -225,11 +192,7 @@ impl SessionConfig {
         b.extend_from_slice(&self.m.to_be_bytes());
         b.push(self.modulus_bits);
         match &self.encoding {
-            Encoding::SignedTwosComplement {
-                quant_bits,
-                clip,
-                w_max,
-            } => {
+            Encoding::SignedTwosComplement { quant_bits, clip, w_max } => {
                 b.push(1);
                 b.push(*quant_bits);
                 b.extend_from_slice(&clip.to_bits().to_be_bytes());
@@ -241,12 +204,7 @@ impl SessionConfig {
             }
         }
         let d = &self.deadlines;
-        for ms in [
-            d.advertise_ms,
-            d.share_keys_ms,
-            d.masked_input_ms,
-            d.unmask_ms,
-        ] {
+        for ms in [d.advertise_ms, d.share_keys_ms, d.masked_input_ms, d.unmask_ms] {
             b.extend_from_slice(&ms.to_be_bytes());
         }
         b.push(self.active_mode as u8);
@@ -306,11 +264,7 @@ pub fn graph_parameters(n: u32, gamma: f64, delta: f64, active: bool) -> Result<
         let t = if active { 2 * n / 3 + 1 } else { n / 2 + 1 };
         return Ok((n - 1, t.min(n - 1)));
     }
-    let class = if active {
-        AdversaryClass::SemiMalicious
-    } else {
-        AdversaryClass::Curious
-    };
+    let class = if active { AdversaryClass::SemiMalicious } else { AdversaryClass::Curious };
     let p = find_parameters(n, gamma, delta, class)?;
     Ok((p.degree, p.threshold))
 }
@@ -326,9 +280,7 @@ pub fn default_quant_bits(n: u32) -> Result<u8> {
         (2..=31u8)
             .rev()
             .find(|&b| (n as u64) * ((1u64 << (b - 1)) - 1) < (1u64 << 31))
-            .ok_or_else(|| {
-                SecAggError::InvalidConfig(format!("no quantization width fits n = {n}"))
-            })?
+            .ok_or_else(|| SecAggError::InvalidConfig(format!("no quantization width fits n = {n}")))?
     };
     Ok(b)
 }
@@ -340,10 +292,7 @@ mod tests {
     #[test]
     fn small_cohorts_use_the_full_graph() {
         assert_eq!(graph_parameters(10, 0.05, 0.33, false).unwrap(), (9, 6));
-        assert_eq!(
-            graph_parameters(200, 0.05, 0.33, false).unwrap(),
-            (199, 101)
-        );
+        assert_eq!(graph_parameters(200, 0.05, 0.33, false).unwrap(), (199, 101));
         assert_eq!(graph_parameters(30, 0.05, 0.33, true).unwrap(), (29, 21));
         assert_eq!(graph_parameters(1000, 0.05, 0.33, false).unwrap(), (72, 24));
     }
@@ -352,11 +301,7 @@ mod tests {
     fn headroom_is_enforced() {
         let mut c = SessionConfig::recommended(1, 1, 1000, 11).unwrap();
         assert!(c.validate().is_ok());
-        c.encoding = Encoding::SignedTwosComplement {
-            quant_bits: 23,
-            clip: 1.0,
-            w_max: 1,
-        };
+        c.encoding = Encoding::SignedTwosComplement { quant_bits: 23, clip: 1.0, w_max: 1 };
         assert!(matches!(c.validate(), Err(SecAggError::InvalidConfig(_))));
     }
 

@@ -54,8 +54,7 @@ impl DpParams {
 
     /// Each client's noise σ in integer units.
     pub fn local_sigma(&self) -> f64 {
-        self.noise_multiplier as f64 * self.l2_clip as f64
-            / (self.gamma as f64 * (self.expected_clients.max(1) as f64).sqrt())
+        self.noise_multiplier as f64 * self.l2_clip as f64 / (self.gamma as f64 * (self.expected_clients.max(1) as f64).sqrt())
     }
 
     /// Checks ranges; `n` is the cohort size.
@@ -64,11 +63,7 @@ impl DpParams {
         if self.dim == 0 || self.dim > 1 << 28 {
             return bad(format!("dp dim {}", self.dim));
         }
-        if !(self.l2_clip.is_finite()
-            && self.l2_clip > 0.0
-            && self.gamma.is_finite()
-            && self.gamma > 0.0)
-        {
+        if !(self.l2_clip.is_finite() && self.l2_clip > 0.0 && self.gamma.is_finite() && self.gamma > 0.0) {
             return bad("dp l2_clip and gamma must be finite and > 0".into());
         }
         if !(self.noise_multiplier.is_finite() && self.noise_multiplier >= 0.0) {
@@ -81,16 +76,10 @@ impl DpParams {
             return bad(format!("dp beta {} outside [0, 1)", self.beta));
         }
         if self.expected_clients == 0 || self.expected_clients as u64 > n {
-            return bad(format!(
-                "dp expected_clients {} outside 1..={n}",
-                self.expected_clients
-            ));
+            return bad(format!("dp expected_clients {} outside 1..={n}", self.expected_clients));
         }
         if self.local_sigma() > MAX_SIGMA {
-            return bad(format!(
-                "dp local sigma {} > {MAX_SIGMA}",
-                self.local_sigma()
-            ));
+            return bad(format!("dp local sigma {} > {MAX_SIGMA}", self.local_sigma()));
         }
         Ok(())
     }
@@ -122,15 +111,10 @@ impl DpParams {
     /// Client side: encodes `delta` (length `dim`) into `lanes()` u32 lanes.
     pub fn encode<R: RngCore>(&self, delta: &[f32], rng: &mut R) -> Result<Vec<u32>> {
         if delta.len() != self.dim as usize {
-            return Err(SecAggError::LengthMismatch {
-                expected: self.dim as usize,
-                got: delta.len(),
-            });
+            return Err(SecAggError::LengthMismatch { expected: self.dim as usize, got: delta.len() });
         }
         if delta.iter().any(|x| !x.is_finite()) {
-            return Err(SecAggError::Malformed(
-                "non-finite value in the update".into(),
-            ));
+            return Err(SecAggError::Malformed("non-finite value in the update".into()));
         }
         let d = self.lanes();
         let mut x: Vec<f64> = delta.iter().map(|&v| v as f64).collect();
@@ -148,17 +132,10 @@ impl DpParams {
         x.iter_mut().for_each(|v| *v *= scale);
         let rounded = self.conditional_round(&x, rng);
         let sigma = self.local_sigma();
-        let (sn, sd) = (
-            (sigma * sigma * SIGMA2_DEN as f64).round() as u128,
-            SIGMA2_DEN,
-        );
+        let (sn, sd) = ((sigma * sigma * SIGMA2_DEN as f64).round() as u128, SIGMA2_DEN);
         let mut out = Vec::with_capacity(d);
         for r in rounded {
-            let noisy = if sn == 0 {
-                r
-            } else {
-                r + discrete_gaussian(sn, sd, rng)
-            };
+            let noisy = if sn == 0 { r } else { r + discrete_gaussian(sn, sd, rng) };
             out.push(wrap_signed(noisy, self.bits) as u32);
         }
         Ok(out)
@@ -170,9 +147,7 @@ impl DpParams {
         let d = x.len() as f64;
         let c = self.l2_clip as f64 / self.gamma as f64;
         let bound = if self.beta > 0.0 {
-            let a = c * c
-                + d / 4.0
-                + (2.0 * (1.0 / self.beta as f64).ln()).sqrt() * (c + d.sqrt() / 2.0);
+            let a = c * c + d / 4.0 + (2.0 * (1.0 / self.beta as f64).ln()).sqrt() * (c + d.sqrt() / 2.0);
             a.min((c + d.sqrt()).powi(2))
         } else {
             f64::INFINITY
@@ -197,22 +172,12 @@ impl DpParams {
     pub fn decode_sum(&self, sum: &[u32]) -> Result<Vec<f32>> {
         let d = self.lanes();
         if sum.len() != d {
-            return Err(SecAggError::LengthMismatch {
-                expected: d,
-                got: sum.len(),
-            });
+            return Err(SecAggError::LengthMismatch { expected: d, got: sum.len() });
         }
         let scale = self.gamma as f64 / (d as f64).sqrt();
-        let mut y: Vec<f64> = sum
-            .iter()
-            .map(|&v| wrap_signed(v as i64, self.bits) as f64 * scale)
-            .collect();
+        let mut y: Vec<f64> = sum.iter().map(|&v| wrap_signed(v as i64, self.bits) as f64 * scale).collect();
         fwht(&mut y);
-        Ok(y.iter()
-            .zip(self.signs())
-            .take(self.dim as usize)
-            .map(|(v, s)| (v * s) as f32)
-            .collect())
+        Ok(y.iter().zip(self.signs()).take(self.dim as usize).map(|(v, s)| (v * s) as f32).collect())
     }
 }
 
@@ -318,16 +283,7 @@ mod tests {
     use super::*;
 
     fn params(noise: f32, dim: u32) -> DpParams {
-        DpParams {
-            dim,
-            l2_clip: 1.0,
-            gamma: 1e-3,
-            noise_multiplier: noise,
-            expected_clients: 4,
-            bits: 24,
-            beta: (-0.5f32).exp(),
-            rotation_seed: [9; 32],
-        }
+        DpParams { dim, l2_clip: 1.0, gamma: 1e-3, noise_multiplier: noise, expected_clients: 4, bits: 24, beta: (-0.5f32).exp(), rotation_seed: [9; 32] }
     }
 
     #[test]
@@ -358,9 +314,7 @@ mod tests {
         let mut sum = vec![0u32; p.lanes()];
         let mut plain = vec![0f64; 100];
         for c in 0..4 {
-            let x: Vec<f32> = (0..100)
-                .map(|i| ((i * 7 + c * 13) % 17) as f32 / 170.0 - 0.05)
-                .collect();
+            let x: Vec<f32> = (0..100).map(|i| ((i * 7 + c * 13) % 17) as f32 / 170.0 - 0.05).collect();
             let norm = x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
             let f = if norm > 1.0 { 1.0 / norm } else { 1.0 };
             for (pl, v) in plain.iter_mut().zip(&x) {
@@ -371,12 +325,7 @@ mod tests {
             }
         }
         let dec = p.decode_sum(&sum).unwrap();
-        let err: f64 = dec
-            .iter()
-            .zip(&plain)
-            .map(|(a, b)| (*a as f64 - b).powi(2))
-            .sum::<f64>()
-            .sqrt();
+        let err: f64 = dec.iter().zip(&plain).map(|(a, b)| (*a as f64 - b).powi(2)).sum::<f64>().sqrt();
         // Rounding adds at most γ·√d/2 per client in L2.
         assert!(err < 4.0 * 1e-3 * (128f64).sqrt() / 2.0, "err {err}");
     }
@@ -386,13 +335,8 @@ mod tests {
     fn clipping_applies() {
         let p = params(0.0, 4);
         let mut rng = ChaCha20Rng::from_seed([4; 32]);
-        let dec = p
-            .decode_sum(&p.encode(&[3.0, 4.0, 0.0, 0.0], &mut rng).unwrap())
-            .unwrap();
-        assert!(
-            (dec[0] - 0.6).abs() < 2e-3 && (dec[1] - 0.8).abs() < 2e-3,
-            "{dec:?}"
-        );
+        let dec = p.decode_sum(&p.encode(&[3.0, 4.0, 0.0, 0.0], &mut rng).unwrap()).unwrap();
+        assert!((dec[0] - 0.6).abs() < 2e-3 && (dec[1] - 0.8).abs() < 2e-3, "{dec:?}");
     }
 
     #[test]
@@ -401,20 +345,12 @@ mod tests {
         for sigma in [0.8f64, 3.5, 40.0] {
             let sn = (sigma * sigma * SIGMA2_DEN as f64).round() as u128;
             let n = 20_000;
-            let xs: Vec<f64> = (0..n)
-                .map(|_| discrete_gaussian(sn, SIGMA2_DEN, &mut rng) as f64)
-                .collect();
+            let xs: Vec<f64> = (0..n).map(|_| discrete_gaussian(sn, SIGMA2_DEN, &mut rng) as f64).collect();
             let mean = xs.iter().sum::<f64>() / n as f64;
             let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
             // Standard error of the variance is σ²·√(2/n) ≈ 1%; allow 6%.
-            assert!(
-                (var / (sigma * sigma) - 1.0).abs() < 0.06,
-                "sigma {sigma}: var {var}"
-            );
-            assert!(
-                mean.abs() < 4.0 * sigma / (n as f64).sqrt(),
-                "sigma {sigma}: mean {mean}"
-            );
+            assert!((var / (sigma * sigma) - 1.0).abs() < 0.06, "sigma {sigma}: var {var}");
+            assert!(mean.abs() < 4.0 * sigma / (n as f64).sqrt(), "sigma {sigma}: mean {mean}");
         }
     }
 
@@ -425,15 +361,7 @@ mod tests {
         let sigma = p.local_sigma(); // 0.5·1/(1e-3·2) = 250
         let mut rng = ChaCha20Rng::from_seed([6; 32]);
         let lanes = p.encode(&vec![0.0; 4096], &mut rng).unwrap();
-        let var = lanes
-            .iter()
-            .map(|&v| (v as i32 as f64).powi(2))
-            .sum::<f64>()
-            / lanes.len() as f64;
-        assert!(
-            (var / (sigma * sigma) - 1.0).abs() < 0.1,
-            "var {var} vs {}",
-            sigma * sigma
-        );
+        let var = lanes.iter().map(|&v| (v as i32 as f64).powi(2)).sum::<f64>() / lanes.len() as f64;
+        assert!((var / (sigma * sigma) - 1.0).abs() < 0.1, "var {var} vs {}", sigma * sigma);
     }
 }

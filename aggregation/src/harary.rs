@@ -40,45 +40,30 @@ const SMALL: f64 = 1e-14;
 /// stay connected except with probability 2^−41 (union bound over gap pairs),
 /// no client has ≥ t adversarial neighbours except with probability 2^−41/n,
 /// and every client keeps ≥ t surviving neighbours except with 2^−20/n.
-pub fn find_parameters(
-    n: u32,
-    gamma: f64,
-    delta: f64,
-    class: AdversaryClass,
-) -> Result<GraphParameters> {
+pub fn find_parameters(n: u32, gamma: f64, delta: f64, class: AdversaryClass) -> Result<GraphParameters> {
     let bad = |s: String| Err(SecAggError::InvalidConfig(s));
     if n == 0 || n > crate::config::MAX_CLIENTS {
         return bad(format!("number of clients {n} outside 1..=1000000"));
     }
     if !(0.0..1.0).contains(&gamma) || !(0.0..1.0).contains(&delta) {
-        return bad(format!(
-            "rates must be in [0, 1): gamma {gamma}, delta {delta}"
-        ));
+        return bad(format!("rates must be in [0, 1): gamma {gamma}, delta {delta}"));
     }
     let infeasible = match class {
         AdversaryClass::Curious => gamma + delta > 0.9,
         AdversaryClass::SemiMalicious => gamma + 2.0 * delta > 0.9,
     };
     if infeasible {
-        return bad(format!(
-            "infeasible threat model: gamma {gamma}, delta {delta}, {class:?}"
-        ));
+        return bad(format!("infeasible threat model: gamma {gamma}, delta {delta}, {class:?}"));
     }
     let n_i = n as i64;
     let mut k = 2i64;
     while k < n_i - 1 {
         if let Some(t) = check_degree(n_i, k, gamma, delta, class) {
-            return Ok(GraphParameters {
-                n,
-                degree: k as u32,
-                threshold: t as u32,
-            });
+            return Ok(GraphParameters { n, degree: k as u32, threshold: t as u32 });
         }
         k += 2;
     }
-    bad(format!(
-        "no (k, t) found for n = {n}, gamma {gamma}, delta {delta}"
-    ))
+    bad(format!("no (k, t) found for n = {n}, gamma {gamma}, delta {delta}"))
 }
 
 fn log_prob_disconnected(n: i64, k: i64, gamma: f64, delta: f64) -> f64 {
@@ -90,9 +75,7 @@ fn log_prob_disconnected(n: i64, k: i64, gamma: f64, delta: f64) -> f64 {
     if k > bad {
         return f64::NEG_INFINITY;
     }
-    log_gap_pairs + ln_factorial(bad) + ln_factorial(n - k)
-        - ln_factorial(n)
-        - ln_factorial(bad - k)
+    log_gap_pairs + ln_factorial(bad) + ln_factorial(n - k) - ln_factorial(n) - ln_factorial(bad - k)
 }
 
 fn check_degree(n: i64, k: i64, gamma: f64, delta: f64, class: AdversaryClass) -> Option<i64> {
@@ -102,16 +85,8 @@ fn check_degree(n: i64, k: i64, gamma: f64, delta: f64, class: AdversaryClass) -
     }
     let max_adv = ((gamma + SMALL) * n as f64).floor() as i64;
     let min_surv = ((1.0 - delta - SMALL) * n as f64).ceil() as i64;
-    let adv = Hypergeometric {
-        total: n,
-        marked: max_adv,
-        sampled: k,
-    };
-    let surv = Hypergeometric {
-        total: n,
-        marked: min_surv,
-        sampled: k,
-    };
+    let adv = Hypergeometric { total: n, marked: max_adv, sampled: k };
+    let surv = Hypergeometric { total: n, marked: min_surv, sampled: k };
     let mut t1 = adv.quantile(2f64.powf(-per_event) / n as f64, true);
     let target = 2f64.powf(-CORRECTNESS_BITS) / n as f64;
     let mut t2 = surv.quantile(target, false);
@@ -143,9 +118,7 @@ fn ln_factorial(x: i64) -> f64 {
     }
     let x = x as f64;
     let x2 = x * x;
-    x * x.ln() - x + 0.5 * (2.0 * std::f64::consts::PI * x).ln() + 1.0 / (12.0 * x)
-        - 1.0 / (360.0 * x * x2)
-        + 1.0 / (1260.0 * x2 * x2 * x)
+    x * x.ln() - x + 0.5 * (2.0 * std::f64::consts::PI * x).ln() + 1.0 / (12.0 * x) - 1.0 / (360.0 * x * x2) + 1.0 / (1260.0 * x2 * x2 * x)
 }
 
 /// Hypergeometric(total, marked, sampled): marked items among `sampled` draws without replacement.
@@ -177,11 +150,7 @@ impl Hypergeometric {
     fn cdf(&self, x: f64) -> f64 {
         let x = x.floor();
         let mean = self.marked as f64 * self.sampled as f64 / self.total as f64;
-        if x > mean {
-            1.0 - self.cdf_counted(self.sampled as f64 - x - 1.0, self.total - self.marked)
-        } else {
-            self.cdf_counted(x, self.marked)
-        }
+        if x > mean { 1.0 - self.cdf_counted(self.sampled as f64 - x - 1.0, self.total - self.marked) } else { self.cdf_counted(x, self.marked) }
     }
 
     /// Sums the pmf downwards from x until terms stop mattering.
@@ -206,11 +175,7 @@ impl Hypergeometric {
             q = 1.0 - q;
             complement = !complement;
         }
-        if complement {
-            self.sampled as f64 - self.quantile_counted(q, self.total - self.marked) - 1.0
-        } else {
-            self.quantile_counted(q, self.marked)
-        }
+        if complement { self.sampled as f64 - self.quantile_counted(q, self.total - self.marked) - 1.0 } else { self.quantile_counted(q, self.marked) }
     }
 
     fn quantile_counted(&self, q: f64, counted: i64) -> f64 {
@@ -252,12 +217,7 @@ impl NeighbourGraph {
     /// π = Fisher–Yates shuffle of sorted `u1` with the keystream of the
     /// suite's PRG keyed by HKDF(salt = "", ikm = session_id, info = "flsa/v1/graph");
     /// for i = |U1|−1 down to 1, j = uniform(0..=i) by rejection on u32 words, swap π[i], π[j].
-    pub fn build(
-        session_id: &[u8; 32],
-        u1: &[u32],
-        degree: u32,
-        suite: CipherSuite,
-    ) -> Result<Self> {
+    pub fn build(session_id: &[u8; 32], u1: &[u32], degree: u32, suite: CipherSuite) -> Result<Self> {
         let mut ring: Vec<u32> = u1.to_vec();
         ring.sort_unstable();
         if ring.windows(2).any(|w| w[0] == w[1]) {
@@ -271,12 +231,7 @@ impl NeighbourGraph {
         }
         let pos = ring.iter().enumerate().map(|(p, &id)| (id, p)).collect();
         let complete = degree as usize >= ring.len().saturating_sub(1);
-        Ok(NeighbourGraph {
-            ring,
-            pos,
-            half_degree: degree as usize / 2,
-            complete,
-        })
+        Ok(NeighbourGraph { ring, pos, half_degree: degree as usize / 2, complete })
     }
 
     /// The permutation π.
@@ -296,9 +251,7 @@ impl NeighbourGraph {
         let mut out: Vec<u32> = if self.complete {
             self.ring.iter().copied().filter(|&v| v != id).collect()
         } else {
-            (1..=self.half_degree)
-                .flat_map(|j| [self.ring[(p + j) % n], self.ring[(p + n - j) % n]])
-                .collect()
+            (1..=self.half_degree).flat_map(|j| [self.ring[(p + j) % n], self.ring[(p + n - j) % n]]).collect()
         };
         out.sort_unstable();
         Some(out)
@@ -355,26 +308,11 @@ mod tests {
         type Row = (f64, f64, AdversaryClass, [(u32, u32); 3]);
         let rows: &[Row] = &[
             (0.05, 0.33, Curious, [(28, 6), (72, 24), (86, 29)]),
-            (
-                0.05,
-                0.33,
-                SemiMalicious,
-                [(72, 39), (398, 223), (746, 420)],
-            ),
+            (0.05, 0.33, SemiMalicious, [(72, 39), (398, 223), (746, 420)]),
             (0.33, 0.05, Curious, [(34, 29), (78, 60), (92, 70)]),
-            (
-                0.33,
-                0.05,
-                SemiMalicious,
-                [(42, 37), (132, 109), (178, 146)],
-            ),
+            (0.33, 0.05, SemiMalicious, [(42, 37), (132, 109), (178, 146)]),
             (0.33, 0.33, Curious, [(68, 34), (286, 150), (422, 221)]),
-            (
-                0.30,
-                0.30,
-                SemiMalicious,
-                [(92, 62), (872, 584), (4822, 3230)],
-            ),
+            (0.30, 0.30, SemiMalicious, [(92, 62), (872, 584), (4822, 3230)]),
             (0.45, 0.45, Curious, [(92, 46), (822, 417), (3494, 1771)]),
         ];
         for (g, d, c, expect) in rows {
@@ -423,12 +361,7 @@ mod tests {
         let g = NeighbourGraph::build(&[1; 32], &ids, 2, CipherSuite::ChaCha20).unwrap();
         let ring = g.order().to_vec();
         // Removing two non-adjacent ring positions from a 2-regular ring cuts it.
-        let alive: BTreeSet<u32> = ring
-            .iter()
-            .enumerate()
-            .filter(|(p, _)| *p != 0 && *p != 10)
-            .map(|(_, &v)| v)
-            .collect();
+        let alive: BTreeSet<u32> = ring.iter().enumerate().filter(|(p, _)| *p != 0 && *p != 10).map(|(_, &v)| v).collect();
         assert!(!g.is_connected(&alive));
     }
 }

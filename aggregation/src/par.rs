@@ -16,17 +16,11 @@ pub(crate) fn map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync + Se
 
 /// Calls `f(index, chunk)` for each `size`-element chunk of `data`, in
 /// parallel with the `rayon` feature.
-pub(crate) fn for_each_chunk<T: Send>(
-    data: &mut [T],
-    size: usize,
-    f: impl Fn(usize, &mut [T]) + Sync + Send,
-) {
+pub(crate) fn for_each_chunk<T: Send>(data: &mut [T], size: usize, f: impl Fn(usize, &mut [T]) + Sync + Send) {
     #[cfg(feature = "rayon")]
     {
         use rayon::prelude::*;
-        data.par_chunks_mut(size)
-            .enumerate()
-            .for_each(|(i, c)| f(i, c));
+        data.par_chunks_mut(size).enumerate().for_each(|(i, c)| f(i, c));
     }
     #[cfg(not(feature = "rayon"))]
     {

@@ -14,10 +14,7 @@
 //! the server remove masks over disjoint accumulator ranges in parallel.
 
 use aes::Aes128;
-use aes::cipher::{
-    InnerIvInit, KeyInit, KeyIvInit, StreamCipherCore, StreamCipherSeekCore,
-    generic_array::GenericArray,
-};
+use aes::cipher::{InnerIvInit, KeyInit, KeyIvInit, StreamCipherCore, StreamCipherSeekCore, generic_array::GenericArray};
 use chacha20::ChaChaCore;
 use ctr::{CtrCore, flavors::Ctr128BE};
 use serde::{Deserialize, Serialize};
@@ -51,9 +48,7 @@ impl CipherSuite {
         match c {
             1 => Ok(CipherSuite::Aes128Ctr),
             2 => Ok(CipherSuite::ChaCha20),
-            _ => Err(SecAggError::InvalidConfig(format!(
-                "unknown ciphersuite {c}"
-            ))),
+            _ => Err(SecAggError::InvalidConfig(format!("unknown ciphersuite {c}"))),
         }
     }
 }
@@ -138,9 +133,7 @@ impl MaskPrg {
     /// Keys the PRG of `suite` with `key`.
     pub fn new(suite: CipherSuite, key: &MaskKey) -> Self {
         match suite {
-            CipherSuite::Aes128Ctr => MaskPrg::Aes(Box::new(Aes128::new(
-                GenericArray::from_slice(&key.0[..16]),
-            ))),
+            CipherSuite::Aes128Ctr => MaskPrg::Aes(Box::new(Aes128::new(GenericArray::from_slice(&key.0[..16])))),
             CipherSuite::ChaCha20 => MaskPrg::ChaCha(Box::new(key.0)),
         }
     }
@@ -152,14 +145,12 @@ impl MaskPrg {
                 // 4 lanes per 16-byte block; the counter is the block index.
                 let block = lane_offset / 4;
                 let iv = (block as u128).to_be_bytes();
-                let core =
-                    AesCtrCore::inner_iv_init((**aes).clone(), GenericArray::from_slice(&iv));
+                let core = AesCtrCore::inner_iv_init((**aes).clone(), GenericArray::from_slice(&iv));
                 expand(core, (lane_offset % 4) as usize, sign, out);
             }
             MaskPrg::ChaCha(key) => {
                 // 16 lanes per 64-byte block; RFC 8439 has a 32-bit block counter.
-                let mut core =
-                    ChaCha20Core::new(GenericArray::from_slice(&key[..]), &GenericArray::default());
+                let mut core = ChaCha20Core::new(GenericArray::from_slice(&key[..]), &GenericArray::default());
                 core.set_block_pos((lane_offset / 16) as u32);
                 expand(core, (lane_offset % 16) as usize, sign, out);
             }
@@ -192,16 +183,13 @@ fn expand<C: StreamCipherCore>(mut core: C, mut skip: usize, sign: Sign, mut out
         let cap_blocks = guard.len() / block_bytes;
         // SAFETY: GenericArray<u8, N> is #[repr(transparent)] over [u8; N]
         // (alignment 1), so the byte buffer is a valid slice of cap_blocks blocks.
-        let blocks: &mut [GenericArray<u8, C::BlockSize>] =
-            unsafe { std::slice::from_raw_parts_mut(guard.as_mut_ptr().cast(), cap_blocks) };
+        let blocks: &mut [GenericArray<u8, C::BlockSize>] = unsafe { std::slice::from_raw_parts_mut(guard.as_mut_ptr().cast(), cap_blocks) };
         while !out.is_empty() {
             let nblocks = (skip + out.len()).div_ceil(lanes_per_block).min(cap_blocks);
             core.write_keystream_blocks(&mut blocks[..nblocks]);
             let take = (nblocks * lanes_per_block - skip).min(out.len());
             // SAFETY: as above, the first nblocks blocks are nblocks·block_bytes bytes.
-            let bytes: &[u8] = unsafe {
-                std::slice::from_raw_parts(blocks.as_ptr().cast::<u8>(), nblocks * block_bytes)
-            };
+            let bytes: &[u8] = unsafe { std::slice::from_raw_parts(blocks.as_ptr().cast::<u8>(), nblocks * block_bytes) };
             let (head, rest) = std::mem::take(&mut out).split_at_mut(take);
             fold(sign, head, &bytes[skip * 4..skip * 4 + take * 4]);
             out = rest;
@@ -237,12 +225,7 @@ pub(crate) struct WordStream {
 
 impl WordStream {
     pub(crate) fn new(prg: MaskPrg) -> Self {
-        WordStream {
-            prg,
-            buf: Vec::new(),
-            pos: 0,
-            next_offset: 0,
-        }
+        WordStream { prg, buf: Vec::new(), pos: 0, next_offset: 0 }
     }
 
     pub(crate) fn next_u32(&mut self) -> u32 {
@@ -279,14 +262,7 @@ mod tests {
             let prg = MaskPrg::new(suite, &MaskKey([9; 32]));
             let mut whole = vec![0u32; 70_000];
             prg.keystream(0, &mut whole);
-            for &(off, len) in &[
-                (0usize, 5usize),
-                (3, 17),
-                (15, 1),
-                (16, 33),
-                (16_385, 40_000),
-                (69_990, 10),
-            ] {
+            for &(off, len) in &[(0usize, 5usize), (3, 17), (15, 1), (16, 33), (16_385, 40_000), (69_990, 10)] {
                 let mut part = vec![0u32; len];
                 prg.keystream(off as u64, &mut part);
                 assert_eq!(part, whole[off..off + len], "{suite:?} off {off}");
@@ -304,16 +280,8 @@ mod tests {
     fn known_answer_keystreams() {
         let key = MaskKey(std::array::from_fn(|i| i as u8));
         let cases = [
-            (
-                CipherSuite::Aes128Ctr,
-                [0x373ba1c6, 0x825b8f87, 0x62814f6f, 0x79d8c8a1, 0x95134673],
-                [0xd537afc5, 0x8a911629, 0x28a1194e, 0x5165cd9e],
-            ),
-            (
-                CipherSuite::ChaCha20,
-                [0x7d2bfd39, 0x6a19c5d9, 0x7703bd8d, 0x494adcb8, 0x6fd8358a],
-                [0xbadd3b6a, 0x4eb08a41, 0xb291d97e, 0x8a405e7f],
-            ),
+            (CipherSuite::Aes128Ctr, [0x373ba1c6, 0x825b8f87, 0x62814f6f, 0x79d8c8a1, 0x95134673], [0xd537afc5, 0x8a911629, 0x28a1194e, 0x5165cd9e]),
+            (CipherSuite::ChaCha20, [0x7d2bfd39, 0x6a19c5d9, 0x7703bd8d, 0x494adcb8, 0x6fd8358a], [0xbadd3b6a, 0x4eb08a41, 0xb291d97e, 0x8a405e7f]),
         ];
         for (suite, head, at_1000) in cases {
             let prg = MaskPrg::new(suite, &key);

@@ -51,10 +51,7 @@ impl QuantParams {
         }
         let qmax = (1u64 << (self.bits - 1)) - 1;
         if n.saturating_mul(qmax) >= 1 << 31 {
-            return bad(format!(
-                "headroom: n·(2^(b−1)−1) = {n}·{qmax} ≥ 2^31; use b ≤ {}",
-                31 - (64 - (n.max(1) - 1).leading_zeros()).min(30)
-            ));
+            return bad(format!("headroom: n·(2^(b−1)−1) = {n}·{qmax} ≥ 2^31; use b ≤ {}", 31 - (64 - (n.max(1) - 1).leading_zeros()).min(30)));
         }
         if n.saturating_mul(self.w_max as u64) >= 1 << 31 {
             return bad(format!("headroom: n·w_max = {n}·{} ≥ 2^31", self.w_max));
@@ -64,35 +61,19 @@ impl QuantParams {
 
     /// Encodes `delta` with weight `num_examples` (capped at w_max) into
     /// `delta.len() + 1` lanes. Non-finite coordinates are rejected.
-    pub fn encode<R: RngCore>(
-        &self,
-        delta: &[f32],
-        num_examples: u32,
-        rng: &mut R,
-    ) -> Result<Vec<u32>> {
+    pub fn encode<R: RngCore>(&self, delta: &[f32], num_examples: u32, rng: &mut R) -> Result<Vec<u32>> {
         let mut out = vec![0u32; delta.len() + 1];
         self.encode_into(delta, num_examples, rng, &mut out)?;
         Ok(out)
     }
 
     /// Like [`QuantParams::encode`], into a caller-provided buffer of `delta.len() + 1` lanes.
-    pub fn encode_into<R: RngCore>(
-        &self,
-        delta: &[f32],
-        num_examples: u32,
-        rng: &mut R,
-        out: &mut [u32],
-    ) -> Result<()> {
+    pub fn encode_into<R: RngCore>(&self, delta: &[f32], num_examples: u32, rng: &mut R, out: &mut [u32]) -> Result<()> {
         if out.len() != delta.len() + 1 {
-            return Err(SecAggError::LengthMismatch {
-                expected: delta.len() + 1,
-                got: out.len(),
-            });
+            return Err(SecAggError::LengthMismatch { expected: delta.len() + 1, got: out.len() });
         }
         if !delta.iter().all(|d| d.is_finite()) {
-            return Err(SecAggError::Malformed(
-                "non-finite value in the update".into(),
-            ));
+            return Err(SecAggError::Malformed("non-finite value in the update".into()));
         }
         let w = num_examples.min(self.w_max);
         // f64 keeps the fraction exact enough for unbiased rounding at every b ≤ 31.
@@ -124,21 +105,12 @@ impl QuantParams {
     /// Decodes the secure sum of `sum.len()` lanes (weight last) into the
     /// weighted mean Σ(w·Δ)/Σw and Σw. Fails when Σw = 0.
     pub fn decode_mean(&self, sum: &[u32]) -> Result<(Vec<f32>, u32)> {
-        let (&total_w, lanes) = sum.split_last().ok_or(SecAggError::LengthMismatch {
-            expected: 1,
-            got: 0,
-        })?;
+        let (&total_w, lanes) = sum.split_last().ok_or(SecAggError::LengthMismatch { expected: 1, got: 0 })?;
         if total_w == 0 || total_w > i32::MAX as u32 {
             return Err(SecAggError::Malformed(format!("summed weight {total_w}")));
         }
         let inv = 1.0 / (self.scale() * total_w as f64);
-        Ok((
-            lanes
-                .iter()
-                .map(|&q| (q as i32 as f64 * inv) as f32)
-                .collect(),
-            total_w,
-        ))
+        Ok((lanes.iter().map(|&q| (q as i32 as f64 * inv) as f32).collect(), total_w))
     }
 }
 
@@ -150,11 +122,7 @@ mod tests {
 
     #[test]
     fn stochastic_rounding_is_unbiased() {
-        let q = QuantParams {
-            bits: 8,
-            clip: 1.0,
-            w_max: 1,
-        };
+        let q = QuantParams { bits: 8, clip: 1.0, w_max: 1 };
         let mut rng = ChaCha20Rng::from_seed([1; 32]);
         // 0.3 / (1/127) = 38.1 → 38 or 39, mean 38.1.
         let enc = q.encode(&vec![0.3f32; 100_000], 1, &mut rng).unwrap();
@@ -165,11 +133,7 @@ mod tests {
 
     #[test]
     fn negative_values_and_clipping() {
-        let q = QuantParams {
-            bits: 16,
-            clip: 0.5,
-            w_max: 4,
-        };
+        let q = QuantParams { bits: 16, clip: 0.5, w_max: 4 };
         let mut rng = ChaCha20Rng::from_seed([2; 32]);
         let enc = q.encode(&[-3.0, 3.0, -0.25], 10, &mut rng).unwrap();
         assert_eq!(enc[0] as i32, -32767);
@@ -177,50 +141,15 @@ mod tests {
         assert_eq!(enc[3], 4, "weight capped at w_max");
         let (mean, w) = q.decode_mean(&enc).unwrap();
         assert_eq!(w, 4);
-        assert!(
-            (mean[0] + 0.5).abs() < 1e-4 && (mean[2] + 0.25).abs() < 1e-4,
-            "{mean:?}"
-        );
+        assert!((mean[0] + 0.5).abs() < 1e-4 && (mean[2] + 0.25).abs() < 1e-4, "{mean:?}");
         assert!(q.encode(&[f32::NAN], 1, &mut rng).is_err());
     }
 
     #[test]
     fn headroom_limits() {
-        assert!(
-            QuantParams {
-                bits: 20,
-                clip: 1.0,
-                w_max: 1
-            }
-            .validate(4096)
-            .is_ok()
-        );
-        assert!(
-            QuantParams {
-                bits: 21,
-                clip: 1.0,
-                w_max: 1
-            }
-            .validate(4097)
-            .is_err()
-        );
-        assert!(
-            QuantParams {
-                bits: 16,
-                clip: 1.0,
-                w_max: 1 << 20
-            }
-            .validate(4096)
-            .is_err()
-        );
-        assert!(
-            QuantParams {
-                bits: 32,
-                clip: 1.0,
-                w_max: 1
-            }
-            .validate(1)
-            .is_err()
-        );
+        assert!(QuantParams { bits: 20, clip: 1.0, w_max: 1 }.validate(4096).is_ok());
+        assert!(QuantParams { bits: 21, clip: 1.0, w_max: 1 }.validate(4097).is_err());
+        assert!(QuantParams { bits: 16, clip: 1.0, w_max: 1 << 20 }.validate(4096).is_err());
+        assert!(QuantParams { bits: 32, clip: 1.0, w_max: 1 }.validate(1).is_err());
     }
 }

@@ -27,16 +27,10 @@ use x25519_dalek::StaticSecret;
 use zeroize::Zeroizing;
 
 use crate::config::{RosterEntry, SessionConfig, session_id as derive_session_id};
-use crate::crypto::{
-    SHARE_CT_BYTES, advertisement_message, agree, pairwise_mask_key, public_of, self_mask_key,
-    verify_signature,
-};
+use crate::crypto::{SHARE_CT_BYTES, advertisement_message, agree, pairwise_mask_key, public_of, self_mask_key, verify_signature};
 use crate::error::{Result, SecAggError};
 use crate::harary::NeighbourGraph;
-use crate::messages::{
-    AdvertiseKeys, EncryptedShare, MaskedInputRequest, NeighbourKeys, ShareKeysRequest,
-    ShareKeysResponse, UnmaskRequest, UnmaskResponse,
-};
+use crate::messages::{AdvertiseKeys, EncryptedShare, MaskedInputRequest, NeighbourKeys, ShareKeysRequest, ShareKeysResponse, UnmaskRequest, UnmaskResponse};
 use crate::prg::{CHUNK_BYTES, MaskPrg, Sign};
 use crate::shamir::{LagrangeCache, Share};
 
@@ -182,24 +176,13 @@ impl SecAggServer {
     }
 
     fn expect(&self, phase: ServerPhase, message: &'static str) -> Result<()> {
-        if self.phase == phase {
-            Ok(())
-        } else {
-            Err(SecAggError::UnexpectedMessage {
-                phase: phase_name(self.phase),
-                message,
-            })
-        }
+        if self.phase == phase { Ok(()) } else { Err(SecAggError::UnexpectedMessage { phase: phase_name(self.phase), message }) }
     }
 
     fn need(&self, what: &str, have: usize) -> Result<()> {
         let need = self.min_clients();
         if have < need {
-            return Err(SecAggError::BelowThreshold {
-                what: what.into(),
-                have,
-                need,
-            });
+            return Err(SecAggError::BelowThreshold { what: what.into(), have, need });
         }
         Ok(())
     }
@@ -212,43 +195,20 @@ impl SecAggServer {
         self.expect(ServerPhase::CollectingKeys, "AdvertiseKeys")?;
         let id = msg.client_id;
         if msg.round_id != self.config.round_id {
-            return Err(SecAggError::Malformed(format!(
-                "client {id} advertised for round {}",
-                msg.round_id
-            )));
+            return Err(SecAggError::Malformed(format!("client {id} advertised for round {}", msg.round_id)));
         }
         if self.advertised.contains_key(&id) {
-            return Err(SecAggError::Malformed(format!(
-                "client {id} advertised twice"
-            )));
+            return Err(SecAggError::Malformed(format!("client {id} advertised twice")));
         }
         if self.advertised.len() >= self.config.n_selected as usize {
-            return Err(SecAggError::Malformed(format!(
-                "more than n_selected clients; {id} refused"
-            )));
+            return Err(SecAggError::Malformed(format!("more than n_selected clients; {id} refused")));
         }
-        if msg.c_pk == msg.s_pk
-            || self.advertised.values().any(|a| {
-                [a.c_pk, a.s_pk]
-                    .iter()
-                    .any(|k| *k == msg.c_pk || *k == msg.s_pk)
-            })
-        {
-            return Err(SecAggError::Malformed(format!(
-                "client {id} reuses a public key"
-            )));
+        if msg.c_pk == msg.s_pk || self.advertised.values().any(|a| [a.c_pk, a.s_pk].iter().any(|k| *k == msg.c_pk || *k == msg.s_pk)) {
+            return Err(SecAggError::Malformed(format!("client {id} reuses a public key")));
         }
         let signed = advertisement_message(&self.config_hash, msg.round_id, &msg.c_pk, &msg.s_pk);
         verify_signature(id, &identity_pk, &signed, &msg.sig)?;
-        self.advertised.insert(
-            id,
-            Advertised {
-                identity_pk,
-                c_pk: msg.c_pk,
-                s_pk: msg.s_pk,
-                sig: msg.sig,
-            },
-        );
+        self.advertised.insert(id, Advertised { identity_pk, c_pk: msg.c_pk, s_pk: msg.s_pk, sig: msg.sig });
         Ok(())
     }
 
@@ -256,30 +216,16 @@ impl SecAggServer {
     /// client's ShareKeysRequest.
     pub fn close_advertise(&mut self) -> Result<Vec<(u32, ShareKeysRequest)>> {
         self.expect(ServerPhase::CollectingKeys, "close_advertise")?;
-        self.build_share_keys_requests()
-            .map_err(|e| self.abort_with(e))
+        self.build_share_keys_requests().map_err(|e| self.abort_with(e))
     }
 
     fn build_share_keys_requests(&mut self) -> Result<Vec<(u32, ShareKeysRequest)>> {
         self.need("U1", self.advertised.len())?;
-        let roster: Vec<RosterEntry> = self
-            .advertised
-            .iter()
-            .map(|(&id, a)| RosterEntry {
-                id,
-                c_pk: a.c_pk,
-                s_pk: a.s_pk,
-            })
-            .collect();
+        let roster: Vec<RosterEntry> = self.advertised.iter().map(|(&id, a)| RosterEntry { id, c_pk: a.c_pk, s_pk: a.s_pk }).collect();
         self.session_id = derive_session_id(&self.config_hash, &roster)?;
         self.u1 = self.advertised.keys().copied().collect();
         let ids: Vec<u32> = self.u1.iter().copied().collect();
-        let graph = NeighbourGraph::build(
-            &self.session_id,
-            &ids,
-            self.config.degree,
-            self.config.ciphersuite,
-        )?;
+        let graph = NeighbourGraph::build(&self.session_id, &ids, self.config.degree, self.config.ciphersuite)?;
         let mut out = Vec::with_capacity(ids.len());
         for &u in &ids {
             let neighbours = graph
@@ -288,30 +234,13 @@ impl SecAggServer {
                 .into_iter()
                 .map(|v| {
                     let a = &self.advertised[&v];
-                    NeighbourKeys {
-                        id: v,
-                        identity_pk: a.identity_pk,
-                        c_pk: a.c_pk,
-                        s_pk: a.s_pk,
-                        sig: a.sig.clone(),
-                    }
+                    NeighbourKeys { id: v, identity_pk: a.identity_pk, c_pk: a.c_pk, s_pk: a.s_pk, sig: a.sig.clone() }
                 })
                 .collect::<Vec<_>>();
             if neighbours.len() < self.config.threshold as usize {
-                return Err(SecAggError::BelowThreshold {
-                    what: format!("neighbours of {u}"),
-                    have: neighbours.len(),
-                    need: self.config.threshold as usize,
-                });
+                return Err(SecAggError::BelowThreshold { what: format!("neighbours of {u}"), have: neighbours.len(), need: self.config.threshold as usize });
             }
-            out.push((
-                u,
-                ShareKeysRequest {
-                    session_id: self.session_id,
-                    config: self.config.clone(),
-                    neighbours,
-                },
-            ));
+            out.push((u, ShareKeysRequest { session_id: self.session_id, config: self.config.clone(), neighbours }));
         }
         self.graph = Some(graph);
         self.phase = ServerPhase::CollectingShares;
@@ -328,36 +257,19 @@ impl SecAggServer {
             return Err(SecAggError::Dropped(u));
         }
         if self.u2.contains(&u) {
-            return Err(SecAggError::Malformed(format!(
-                "client {u} sent shares twice"
-            )));
+            return Err(SecAggError::Malformed(format!("client {u} sent shares twice")));
         }
-        let graph = self
-            .graph
-            .as_ref()
-            .ok_or(SecAggError::Aborted("no graph".into()))?;
-        let expected: BTreeSet<u32> = graph
-            .neighbours(u)
-            .unwrap_or_default()
-            .into_iter()
-            .collect();
+        let graph = self.graph.as_ref().ok_or(SecAggError::Aborted("no graph".into()))?;
+        let expected: BTreeSet<u32> = graph.neighbours(u).unwrap_or_default().into_iter().collect();
         let got: BTreeSet<u32> = resp.shares.iter().map(|e| e.peer).collect();
         if got.len() != resp.shares.len() || got != expected {
-            return Err(SecAggError::Malformed(format!(
-                "client {u}: shares not addressed to exactly its neighbours"
-            )));
+            return Err(SecAggError::Malformed(format!("client {u}: shares not addressed to exactly its neighbours")));
         }
         if let Some(e) = resp.shares.iter().find(|e| e.ct.len() != SHARE_CT_BYTES) {
-            return Err(SecAggError::Malformed(format!(
-                "client {u}: ciphertext of {} bytes",
-                e.ct.len()
-            )));
+            return Err(SecAggError::Malformed(format!("client {u}: ciphertext of {} bytes", e.ct.len())));
         }
         for e in resp.shares {
-            self.inbox
-                .entry(e.peer)
-                .or_default()
-                .push(EncryptedShare { peer: u, ct: e.ct });
+            self.inbox.entry(e.peer).or_default().push(EncryptedShare { peer: u, ct: e.ct });
         }
         self.u2.insert(u);
         Ok(())
@@ -375,12 +287,7 @@ impl SecAggServer {
             .u2
             .iter()
             .map(|&u| {
-                let shares = inbox
-                    .remove(&u)
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter(|e| self.u2.contains(&e.peer))
-                    .collect();
+                let shares = inbox.remove(&u).unwrap_or_default().into_iter().filter(|e| self.u2.contains(&e.peer)).collect();
                 (u, MaskedInputRequest { shares })
             })
             .collect();
@@ -402,19 +309,14 @@ impl SecAggServer {
         let m = self.config.m;
         let done = self.progress.get(&u).copied().unwrap_or(0);
         if done == m {
-            return Err(SecAggError::Malformed(format!(
-                "client {u} sent lanes past the end"
-            )));
+            return Err(SecAggError::Malformed(format!("client {u} sent lanes past the end")));
         }
         let end = offset.checked_add(data.len() as u64);
         if offset != done || data.is_empty() || end.is_none_or(|e| e > m) {
             if done > 0 {
                 self.broken.insert(u);
             }
-            return Err(SecAggError::Malformed(format!(
-                "client {u}: chunk at {offset} of {} lanes, expected offset {done} within m = {m}",
-                data.len()
-            )));
+            return Err(SecAggError::Malformed(format!("client {u}: chunk at {offset} of {} lanes, expected offset {done} within m = {m}", data.len())));
         }
         let acc = &mut self.accumulator[offset as usize..offset as usize + data.len()];
         for (a, &d) in acc.iter_mut().zip(data) {
@@ -429,32 +331,16 @@ impl SecAggServer {
     pub fn close_masked_inputs(&mut self) -> Result<Vec<(u32, UnmaskRequest)>> {
         self.expect(ServerPhase::CollectingMaskedInputs, "close_masked_inputs")?;
         let m = self.config.m;
-        let partial: Vec<u32> = self
-            .progress
-            .iter()
-            .filter(|&(_, &d)| d > 0 && d < m)
-            .map(|(&u, _)| u)
-            .chain(self.broken.iter().copied())
-            .collect();
+        let partial: Vec<u32> = self.progress.iter().filter(|&(_, &d)| d > 0 && d < m).map(|(&u, _)| u).chain(self.broken.iter().copied()).collect();
         if let Some(u) = partial.first() {
-            let e = SecAggError::Aborted(format!(
-                "client {u} uploaded part of its vector; the sum cannot be unmasked"
-            ));
+            let e = SecAggError::Aborted(format!("client {u} uploaded part of its vector; the sum cannot be unmasked"));
             return Err(self.abort_with(e));
         }
-        self.u3 = self
-            .progress
-            .iter()
-            .filter(|&(_, &d)| d == m)
-            .map(|(&u, _)| u)
-            .collect();
+        self.u3 = self.progress.iter().filter(|&(_, &d)| d == m).map(|(&u, _)| u).collect();
         if let Err(e) = self.need("U3", self.u3.len()) {
             return Err(self.abort_with(e));
         }
-        let graph = self
-            .graph
-            .as_ref()
-            .ok_or(SecAggError::Aborted("no graph".into()))?;
+        let graph = self.graph.as_ref().ok_or(SecAggError::Aborted("no graph".into()))?;
         let mut out = Vec::with_capacity(self.u3.len());
         for &u in &self.u3 {
             let (mut alive, mut dropped) = (Vec::new(), Vec::new());
@@ -490,15 +376,10 @@ impl SecAggServer {
             ids
         };
         if ids(&resp.b_shares) != asked.alive || ids(&resp.s_shares) != asked.dropped {
-            return Err(SecAggError::Malformed(format!(
-                "client {u}: revealed shares differ from the request"
-            )));
+            return Err(SecAggError::Malformed(format!("client {u}: revealed shares differ from the request")));
         }
-        let parse = |v: &[crate::messages::RevealedShare]| -> Result<Vec<(u32, Share)>> {
-            v.iter()
-                .map(|r| Ok((r.peer, Share::from_bytes(&r.share)?)))
-                .collect()
-        };
+        let parse =
+            |v: &[crate::messages::RevealedShare]| -> Result<Vec<(u32, Share)>> { v.iter().map(|r| Ok((r.peer, Share::from_bytes(&r.share)?))).collect() };
         let (bs, ss) = (parse(&resp.b_shares)?, parse(&resp.s_shares)?);
         for (owner, share) in bs {
             self.b_shares.entry(owner).or_default().push((u, share));
@@ -520,10 +401,7 @@ impl SecAggServer {
     /// [`SecAggServer::close_unmask`] with a caller-chosen way to run the mask
     /// removal (e.g. on a blocking thread pool); `remover` must apply every
     /// (sign, PRG) job to the whole accumulator, as [`remove_masks`] does.
-    pub fn close_unmask_with(
-        &mut self,
-        remover: &dyn Fn(&[MaskJob], &mut [u32]),
-    ) -> Result<AggregateOutput> {
+    pub fn close_unmask_with(&mut self, remover: &dyn Fn(&[MaskJob], &mut [u32])) -> Result<AggregateOutput> {
         self.expect(ServerPhase::CollectingUnmaskShares, "close_unmask")?;
         let jobs = match self.mask_removal_jobs() {
             Ok(j) => j,
@@ -531,18 +409,11 @@ impl SecAggServer {
         };
         let mut sum = std::mem::take(&mut self.accumulator);
         remover(&jobs, &mut sum);
-        let connected = self
-            .graph
-            .as_ref()
-            .is_some_and(|g| g.is_connected(&self.u3));
+        let connected = self.graph.as_ref().is_some_and(|g| g.is_connected(&self.u3));
         self.b_shares.clear();
         self.s_shares.clear();
         self.phase = ServerPhase::Done;
-        Ok(AggregateOutput {
-            sum,
-            contributors: self.u3.iter().copied().collect(),
-            survivors_connected: connected,
-        })
+        Ok(AggregateOutput { sum, contributors: self.u3.iter().copied().collect(), survivors_connected: connected })
     }
 
     /// The (sign, PRG) pairs whose application to the accumulator yields Σx.
@@ -550,58 +421,30 @@ impl SecAggServer {
         let t = self.config.threshold as usize;
         let cfg = &self.config;
         let sid = self.session_id;
-        let graph = self
-            .graph
-            .as_ref()
-            .ok_or(SecAggError::Aborted("no graph".into()))?;
+        let graph = self.graph.as_ref().ok_or(SecAggError::Aborted("no graph".into()))?;
         let mut cache = LagrangeCache::default();
         let mut jobs = Vec::new();
         let empty = Vec::new();
         for &u in &self.u3 {
-            let shares: Vec<(u32, &Share)> = self
-                .b_shares
-                .get(&u)
-                .unwrap_or(&empty)
-                .iter()
-                .map(|(h, s)| (*h, s))
-                .collect();
+            let shares: Vec<(u32, &Share)> = self.b_shares.get(&u).unwrap_or(&empty).iter().map(|(h, s)| (*h, s)).collect();
             if shares.len() < t {
-                return Err(SecAggError::BelowThreshold {
-                    what: format!("b-shares of {u}"),
-                    have: shares.len(),
-                    need: t,
-                });
+                return Err(SecAggError::BelowThreshold { what: format!("b-shares of {u}"), have: shares.len(), need: t });
             }
             let b_u = Zeroizing::new(cache.reconstruct(t, &shares)?);
-            jobs.push((
-                Sign::Sub,
-                MaskPrg::new(cfg.ciphersuite, &self_mask_key(&sid, &b_u)?),
-            ));
+            jobs.push((Sign::Sub, MaskPrg::new(cfg.ciphersuite, &self_mask_key(&sid, &b_u)?)));
         }
         let dropped: Vec<u32> = self.u2.difference(&self.u3).copied().collect();
         // Key agreement dominates here; run it in parallel when rayon is enabled.
         let per_dropped = crate::par::map(&dropped, |&u| -> Result<Vec<MaskJob>> {
-            let shares: Vec<(u32, &Share)> = self
-                .s_shares
-                .get(&u)
-                .unwrap_or(&empty)
-                .iter()
-                .map(|(h, s)| (*h, s))
-                .collect();
+            let shares: Vec<(u32, &Share)> = self.s_shares.get(&u).unwrap_or(&empty).iter().map(|(h, s)| (*h, s)).collect();
             if shares.len() < t {
-                return Err(SecAggError::BelowThreshold {
-                    what: format!("s-shares of {u}"),
-                    have: shares.len(),
-                    need: t,
-                });
+                return Err(SecAggError::BelowThreshold { what: format!("s-shares of {u}"), have: shares.len(), need: t });
             }
             let raw = Zeroizing::new(LagrangeCache::default().reconstruct(t, &shares)?);
             let s_sk = StaticSecret::from(*raw);
             let advertised = &self.advertised[&u].s_pk;
             if !bool::from(public_of(&s_sk).ct_eq(advertised)) {
-                return Err(SecAggError::Reconstruction(format!(
-                    "rebuilt mask key of {u} does not match its public key"
-                )));
+                return Err(SecAggError::Reconstruction(format!("rebuilt mask key of {u} does not match its public key")));
             }
             let mut out = Vec::new();
             for v in graph.neighbours(u).unwrap_or_default() {

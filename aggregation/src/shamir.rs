@@ -115,10 +115,7 @@ impl Share {
     /// Parses the wire form, rejecting non-canonical field elements.
     pub fn from_bytes(b: &[u8]) -> Result<Self> {
         if b.len() != SHARE_BYTES {
-            return Err(SecAggError::Malformed(format!(
-                "share of {} bytes",
-                b.len()
-            )));
+            return Err(SecAggError::Malformed(format!("share of {} bytes", b.len())));
         }
         let mut y = [0u64; CHUNKS];
         for (i, v) in y.iter_mut().enumerate() {
@@ -157,15 +154,9 @@ fn secret_to_chunks(secret: &[u8; 32]) -> [u64; CHUNKS] {
 fn chunks_to_secret(chunks: &[u64; CHUNKS]) -> Result<[u8; 32]> {
     // 256 = 4·52 + 48: anything above those widths means inconsistent shares.
     for (i, &c) in chunks.iter().enumerate() {
-        let width = if i == CHUNKS - 1 {
-            256 - 4 * CHUNK_BITS
-        } else {
-            CHUNK_BITS
-        };
+        let width = if i == CHUNKS - 1 { 256 - 4 * CHUNK_BITS } else { CHUNK_BITS };
         if c >> width != 0 {
-            return Err(SecAggError::Reconstruction(
-                "reconstructed value out of range".into(),
-            ));
+            return Err(SecAggError::Reconstruction("reconstructed value out of range".into()));
         }
     }
     let mut limbs = [0u64; 4];
@@ -187,17 +178,9 @@ fn chunks_to_secret(chunks: &[u64; CHUNKS]) -> Result<[u8; 32]> {
 
 /// Splits `secret` into shares for `holders` (client ids, distinct), any
 /// `threshold` of which reconstruct it. Returns shares in `holders` order.
-pub fn split<R: RngCore + CryptoRng>(
-    secret: &[u8; 32],
-    threshold: usize,
-    holders: &[u32],
-    rng: &mut R,
-) -> Result<Vec<Share>> {
+pub fn split<R: RngCore + CryptoRng>(secret: &[u8; 32], threshold: usize, holders: &[u32], rng: &mut R) -> Result<Vec<Share>> {
     if threshold < 1 || threshold > holders.len() {
-        return Err(SecAggError::InvalidConfig(format!(
-            "threshold {threshold} with {} holders",
-            holders.len()
-        )));
+        return Err(SecAggError::InvalidConfig(format!("threshold {threshold} with {} holders", holders.len())));
     }
     let mut seen = std::collections::HashSet::with_capacity(holders.len());
     if !holders.iter().all(|h| seen.insert(*h)) {
@@ -282,10 +265,7 @@ impl Lagrange {
             coeffs[i] = mul(nums[i], mul(inv_acc, prefix[i]));
             inv_acc = mul(inv_acc, dens[i]);
         }
-        Ok(Lagrange {
-            holders: holders.to_vec(),
-            coeffs,
-        })
+        Ok(Lagrange { holders: holders.to_vec(), coeffs })
     }
 
     /// The holder ids, in the order shares must be given to [`Lagrange::reconstruct`].
@@ -296,11 +276,7 @@ impl Lagrange {
     /// Reconstructs one secret from shares given in `holders()` order.
     pub fn reconstruct(&self, shares: &[&Share]) -> Result<[u8; 32]> {
         if shares.len() != self.coeffs.len() {
-            return Err(SecAggError::Reconstruction(format!(
-                "{} shares for {} coefficients",
-                shares.len(),
-                self.coeffs.len()
-            )));
+            return Err(SecAggError::Reconstruction(format!("{} shares for {} coefficients", shares.len(), self.coeffs.len())));
         }
         let mut chunks = [0u64; CHUNKS];
         for (share, &l) in shares.iter().zip(&self.coeffs) {
@@ -351,11 +327,7 @@ impl LagrangeCache {
             return Err(SecAggError::Reconstruction("duplicate share index".into()));
         }
         if sorted.len() < threshold {
-            return Err(SecAggError::BelowThreshold {
-                what: "shares".into(),
-                have: sorted.len(),
-                need: threshold,
-            });
+            return Err(SecAggError::BelowThreshold { what: "shares".into(), have: sorted.len(), need: threshold });
         }
         sorted.truncate(threshold);
         let holders: Vec<u32> = sorted.iter().map(|(id, _)| *id).collect();
@@ -392,10 +364,7 @@ mod tests {
             *b = (i as u8).wrapping_mul(37).wrapping_add(200);
         }
         assert_eq!(chunks_to_secret(&secret_to_chunks(&s)).unwrap(), s);
-        assert_eq!(
-            chunks_to_secret(&secret_to_chunks(&[0xff; 32])).unwrap(),
-            [0xff; 32]
-        );
+        assert_eq!(chunks_to_secret(&secret_to_chunks(&[0xff; 32])).unwrap(), [0xff; 32]);
     }
 
     #[test]
@@ -407,18 +376,8 @@ mod tests {
         let pairs: Vec<(u32, &Share)> = holders.iter().copied().zip(shares.iter()).collect();
         assert_eq!(reconstruct(4, &pairs[3..7]).unwrap(), secret);
         assert_eq!(reconstruct(4, &pairs).unwrap(), secret);
-        assert!(matches!(
-            reconstruct(4, &pairs[..3]),
-            Err(SecAggError::BelowThreshold {
-                have: 3,
-                need: 4,
-                ..
-            })
-        ));
+        assert!(matches!(reconstruct(4, &pairs[..3]), Err(SecAggError::BelowThreshold { have: 3, need: 4, .. })));
         let dup = vec![pairs[0], pairs[0], pairs[1], pairs[2]];
-        assert!(matches!(
-            reconstruct(4, &dup),
-            Err(SecAggError::Reconstruction(_))
-        ));
+        assert!(matches!(reconstruct(4, &dup), Err(SecAggError::Reconstruction(_))));
     }
 }

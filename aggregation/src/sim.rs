@@ -62,14 +62,7 @@ pub fn default_chunk() -> usize {
 /// `drop_at(id)` says where, if anywhere, a client vanishes; `chunk` is the upload frame
 /// size in lanes; `seed` seeds the clients' key generation (tests want repeatable runs; pass
 /// a random seed otherwise).
-pub fn run(
-    config: &SessionConfig,
-    ids: &[u32],
-    inputs: &[Vec<u32>],
-    drop_at: impl Fn(u32) -> Option<Stage>,
-    chunk: usize,
-    seed: u64,
-) -> Outcome {
+pub fn run(config: &SessionConfig, ids: &[u32], inputs: &[Vec<u32>], drop_at: impl Fn(u32) -> Option<Stage>, chunk: usize, seed: u64) -> Outcome {
     let mut client_errors = BTreeMap::new();
     let result = run_inner(config, ids, inputs, &drop_at, chunk.max(1), seed, &mut client_errors);
     Outcome { result, client_errors }
@@ -121,9 +114,7 @@ fn run_inner(
         if drop_at(u) == Some(Stage::MaskedInput) {
             continue;
         }
-        let step = st
-            .handle(ClientIncoming::MaskedInputRequest(req))
-            .and_then(|(st, _)| st.handle(ClientIncoming::Input(input_of[&u].clone())));
+        let step = st.handle(ClientIncoming::MaskedInputRequest(req)).and_then(|(st, _)| st.handle(ClientIncoming::Input(input_of[&u].clone())));
         match step {
             Ok((st, out)) => {
                 let ClientOutgoing::MaskedInput(masked) = one(out)? else { return Err(unexpected("not MaskedInput")) };

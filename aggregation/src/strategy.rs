@@ -76,12 +76,7 @@ fn default_tau() -> f32 {
 
 impl Default for AdaptiveParams {
     fn default() -> Self {
-        AdaptiveParams {
-            eta: default_eta(),
-            beta1: default_beta1(),
-            beta2: default_beta2(),
-            tau: default_tau(),
-        }
+        AdaptiveParams { eta: default_eta(), beta1: default_beta1(), beta2: default_beta2(), tau: default_tau() }
     }
 }
 
@@ -96,9 +91,7 @@ impl StrategyConfig {
             "fedyogi" => StrategyConfig::FedYogi(AdaptiveParams::default()),
             "fedadagrad" => StrategyConfig::FedAdagrad(AdaptiveParams::default()),
             other => {
-                return Err(SecAggError::InvalidConfig(format!(
-                    "unknown strategy '{other}' (fedavg, fedprox, fedadam, fedyogi, fedadagrad)"
-                )));
+                return Err(SecAggError::InvalidConfig(format!("unknown strategy '{other}' (fedavg, fedprox, fedadam, fedyogi, fedadagrad)")));
             }
         };
         c.validate()?;
@@ -116,25 +109,12 @@ impl StrategyConfig {
     fn validate(&self) -> Result<()> {
         let ok = match self {
             StrategyConfig::FedAvg { server_lr } => server_lr.is_finite() && *server_lr > 0.0,
-            StrategyConfig::FedProx { mu, server_lr } => {
-                mu.is_finite() && *mu >= 0.0 && server_lr.is_finite() && *server_lr > 0.0
-            }
-            StrategyConfig::FedAdagrad(p)
-            | StrategyConfig::FedAdam(p)
-            | StrategyConfig::FedYogi(p) => {
-                p.eta > 0.0
-                    && (0.0..1.0).contains(&p.beta1)
-                    && (0.0..1.0).contains(&p.beta2)
-                    && p.tau > 0.0
+            StrategyConfig::FedProx { mu, server_lr } => mu.is_finite() && *mu >= 0.0 && server_lr.is_finite() && *server_lr > 0.0,
+            StrategyConfig::FedAdagrad(p) | StrategyConfig::FedAdam(p) | StrategyConfig::FedYogi(p) => {
+                p.eta > 0.0 && (0.0..1.0).contains(&p.beta1) && (0.0..1.0).contains(&p.beta2) && p.tau > 0.0
             }
         };
-        if ok {
-            Ok(())
-        } else {
-            Err(SecAggError::InvalidConfig(format!(
-                "bad strategy parameters {self:?}"
-            )))
-        }
+        if ok { Ok(()) } else { Err(SecAggError::InvalidConfig(format!("bad strategy parameters {self:?}"))) }
     }
 }
 
@@ -162,10 +142,7 @@ impl ServerOptimizer {
     /// A fresh optimizer.
     pub fn new(config: StrategyConfig) -> Result<Self> {
         config.validate()?;
-        Ok(ServerOptimizer {
-            config,
-            state: ServerOptimizerState::default(),
-        })
+        Ok(ServerOptimizer { config, state: ServerOptimizerState::default() })
     }
 
     /// Resumes from a persisted state.
@@ -177,10 +154,7 @@ impl ServerOptimizer {
     /// Applies one round: `global` ← update(global, mean_delta).
     pub fn apply(&mut self, global: &mut [f32], mean_delta: &[f32]) -> Result<()> {
         if global.len() != mean_delta.len() {
-            return Err(SecAggError::LengthMismatch {
-                expected: global.len(),
-                got: mean_delta.len(),
-            });
+            return Err(SecAggError::LengthMismatch { expected: global.len(), got: mean_delta.len() });
         }
         if mean_delta.iter().any(|d| !d.is_finite()) {
             return Err(SecAggError::Malformed("non-finite mean update".into()));
@@ -191,9 +165,7 @@ impl ServerOptimizer {
                     *x += server_lr * d;
                 }
             }
-            StrategyConfig::FedAdagrad(p)
-            | StrategyConfig::FedAdam(p)
-            | StrategyConfig::FedYogi(p) => {
+            StrategyConfig::FedAdagrad(p) | StrategyConfig::FedAdam(p) | StrategyConfig::FedYogi(p) => {
                 let p = *p;
                 let st = &mut self.state;
                 if st.m.is_empty() {
@@ -201,10 +173,7 @@ impl ServerOptimizer {
                     st.v = vec![p.tau * p.tau; global.len()];
                 }
                 if st.m.len() != global.len() || st.v.len() != global.len() {
-                    return Err(SecAggError::LengthMismatch {
-                        expected: global.len(),
-                        got: st.m.len(),
-                    });
+                    return Err(SecAggError::LengthMismatch { expected: global.len(), got: st.m.len() });
                 }
                 let kind = &self.config;
                 for i in 0..global.len() {
@@ -232,10 +201,7 @@ impl ServerOptimizer {
 /// gradient, in place (`grad += μ·(w − w_global)`).
 pub fn fedprox_add_gradient(mu: f32, w: &[f32], w_global: &[f32], grad: &mut [f32]) -> Result<()> {
     if w.len() != w_global.len() || w.len() != grad.len() {
-        return Err(SecAggError::LengthMismatch {
-            expected: w.len(),
-            got: w_global.len().min(grad.len()),
-        });
+        return Err(SecAggError::LengthMismatch { expected: w.len(), got: w_global.len().min(grad.len()) });
     }
     for ((g, a), b) in grad.iter_mut().zip(w).zip(w_global) {
         *g += mu * (a - b);
@@ -246,16 +212,9 @@ pub fn fedprox_add_gradient(mu: f32, w: &[f32], w_global: &[f32], grad: &mut [f3
 /// FedProx client term: the loss μ/2·‖w − w_global‖².
 pub fn fedprox_loss(mu: f32, w: &[f32], w_global: &[f32]) -> Result<f32> {
     if w.len() != w_global.len() {
-        return Err(SecAggError::LengthMismatch {
-            expected: w.len(),
-            got: w_global.len(),
-        });
+        return Err(SecAggError::LengthMismatch { expected: w.len(), got: w_global.len() });
     }
-    let sq: f64 = w
-        .iter()
-        .zip(w_global)
-        .map(|(a, b)| ((a - b) as f64).powi(2))
-        .sum();
+    let sq: f64 = w.iter().zip(w_global).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
     Ok((0.5 * mu as f64 * sq) as f32)
 }
 
@@ -274,12 +233,7 @@ mod tests {
 
     #[test]
     fn adaptive_steps_match_hand_computation() {
-        let p = AdaptiveParams {
-            eta: 0.1,
-            beta1: 0.9,
-            beta2: 0.99,
-            tau: 0.01,
-        };
+        let p = AdaptiveParams { eta: 0.1, beta1: 0.9, beta2: 0.99, tau: 0.01 };
         let d = 0.5f32;
         // One step from m = 0, v = τ².
         let m = 0.1 * d;
@@ -307,25 +261,11 @@ mod tests {
 
     #[test]
     fn config_is_tagged() {
-        let c: StrategyConfig =
-            serde_json::from_str(r#"{"strategy":"FedAdam","eta":0.05}"#).unwrap();
-        assert_eq!(
-            c,
-            StrategyConfig::FedAdam(AdaptiveParams {
-                eta: 0.05,
-                ..Default::default()
-            })
-        );
-        let c: StrategyConfig =
-            serde_json::from_str(r#"{"strategy":"FedProx","mu":0.01}"#).unwrap();
+        let c: StrategyConfig = serde_json::from_str(r#"{"strategy":"FedAdam","eta":0.05}"#).unwrap();
+        assert_eq!(c, StrategyConfig::FedAdam(AdaptiveParams { eta: 0.05, ..Default::default() }));
+        let c: StrategyConfig = serde_json::from_str(r#"{"strategy":"FedProx","mu":0.01}"#).unwrap();
         assert_eq!(c.client_proximal_mu(), 0.01);
-        assert!(
-            ServerOptimizer::new(StrategyConfig::FedAdam(AdaptiveParams {
-                beta1: 1.5,
-                ..Default::default()
-            }))
-            .is_err()
-        );
+        assert!(ServerOptimizer::new(StrategyConfig::FedAdam(AdaptiveParams { beta1: 1.5, ..Default::default() })).is_err());
     }
 
     #[test]

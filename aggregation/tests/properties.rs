@@ -86,11 +86,7 @@ proptest! {
 #[test]
 fn extreme_sums_do_not_wrap() {
     for (n, bits) in [(2u64, 31u8), (1000, 21), (4096, 20)] {
-        let q = QuantParams {
-            bits,
-            clip: 1.0,
-            w_max: 1,
-        };
+        let q = QuantParams { bits, clip: 1.0, w_max: 1 };
         q.validate(n).unwrap();
         let mut rng = ChaCha20Rng::seed_from_u64(n);
         for sign in [1.0f32, -1.0] {

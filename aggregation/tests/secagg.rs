@@ -12,16 +12,11 @@ use rand_core::{RngCore, SeedableRng};
 use ring::signature::Ed25519KeyPair;
 use spa_aggregation::messages::{MaskedInputRequest, ShareKeysRequest, UnmaskRequest};
 use spa_aggregation::quant::QuantParams;
-use spa_aggregation::{
-    ClientIncoming, ClientOutgoing, ClientState, Encoding, IdentitySigner, SecAggError,
-    SecAggServer, ServerPhase, SessionConfig,
-};
+use spa_aggregation::{ClientIncoming, ClientOutgoing, ClientState, Encoding, IdentitySigner, SecAggError, SecAggServer, ServerPhase, SessionConfig};
 
 fn random_inputs(n: usize, m: usize, seed: u64) -> Vec<Vec<u32>> {
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
-    (0..n)
-        .map(|_| (0..m).map(|_| rng.next_u32()).collect())
-        .collect()
+    (0..n).map(|_| (0..m).map(|_| rng.next_u32()).collect()).collect()
 }
 
 #[test]
@@ -48,15 +43,8 @@ fn dropouts_at_every_phase_are_recovered() {
         _ => None,
     };
     let out = run(&c, &ids, &inputs, drop, 100, 2).result.unwrap();
-    let expected: Vec<u32> = ids
-        .iter()
-        .copied()
-        .filter(|&i| !(100..=105).contains(&i))
-        .collect();
-    assert_eq!(
-        out.contributors, expected,
-        "clients dropping at unmask are still in the sum"
-    );
+    let expected: Vec<u32> = ids.iter().copied().filter(|&i| !(100..=105).contains(&i)).collect();
+    assert_eq!(out.contributors, expected, "clients dropping at unmask are still in the sum");
     assert_eq!(out.sum, plain_sum(&ids, &inputs, &out.contributors));
 }
 
@@ -75,10 +63,7 @@ fn sparse_graph_session_n50() {
     assert!(o.client_errors.is_empty());
     assert_eq!(out.sum, plain_sum(&ids, &inputs, &out.contributors));
     assert!(out.survivors_connected);
-    assert_eq!(
-        out.contributors.len(),
-        50 - ids.iter().filter(|i| *i % 10 == 1).count()
-    );
+    assert_eq!(out.contributors.len(), 50 - ids.iter().filter(|i| *i % 10 == 1).count());
 }
 
 #[test]
@@ -87,16 +72,7 @@ fn chacha_suite_session() {
     let mut c = cfg(8, 7, 5, 100);
     c.ciphersuite = spa_aggregation::prg::CipherSuite::ChaCha20;
     let inputs = random_inputs(8, 100, 4);
-    let out = run(
-        &c,
-        &ids,
-        &inputs,
-        |id| (id == 3).then_some(Stage::MaskedInput),
-        33,
-        4,
-    )
-    .result
-    .unwrap();
+    let out = run(&c, &ids, &inputs, |id| (id == 3).then_some(Stage::MaskedInput), 33, 4).result.unwrap();
     assert_eq!(out.sum, plain_sum(&ids, &inputs, &out.contributors));
 }
 
@@ -106,42 +82,13 @@ fn server_aborts_below_threshold() {
     let c = cfg(10, 9, 6, 50);
     let inputs = random_inputs(10, 50, 5);
     // 4 masked-input dropouts leave |U3| = 6 < t + 1.
-    let o = run(
-        &c,
-        &ids,
-        &inputs,
-        |id| (id <= 4).then_some(Stage::MaskedInput),
-        50,
-        5,
-    );
-    assert!(
-        matches!(o.result, Err(SecAggError::Aborted(_))),
-        "{:?}",
-        o.result.err()
-    );
+    let o = run(&c, &ids, &inputs, |id| (id <= 4).then_some(Stage::MaskedInput), 50, 5);
+    assert!(matches!(o.result, Err(SecAggError::Aborted(_))), "{:?}", o.result.err());
     // Enough clients upload but too few answer the unmask request.
-    let o = run(
-        &c,
-        &ids,
-        &inputs,
-        |id| (id <= 5).then_some(Stage::Unmask),
-        50,
-        5,
-    );
-    assert!(
-        matches!(o.result, Err(SecAggError::Aborted(_))),
-        "{:?}",
-        o.result.err()
-    );
+    let o = run(&c, &ids, &inputs, |id| (id <= 5).then_some(Stage::Unmask), 50, 5);
+    assert!(matches!(o.result, Err(SecAggError::Aborted(_))), "{:?}", o.result.err());
     // Too few advertise.
-    let o = run(
-        &c,
-        &ids,
-        &inputs,
-        |id| (id <= 4).then_some(Stage::Advertise),
-        50,
-        5,
-    );
+    let o = run(&c, &ids, &inputs, |id| (id <= 4).then_some(Stage::Advertise), 50, 5);
     assert!(matches!(o.result, Err(SecAggError::Aborted(_))));
 }
 
@@ -152,27 +99,14 @@ fn decoded_mean_matches_plaintext_weighted_mean() {
     let dim = 2000usize;
     let ids: Vec<u32> = (1..=n).collect();
     let c = cfg(n, n - 1, n / 2 + 1, dim as u64 + 1);
-    let Encoding::SignedTwosComplement {
-        quant_bits,
-        clip,
-        w_max,
-    } = c.encoding.clone()
-    else {
-        unreachable!()
-    };
-    let q = QuantParams {
-        bits: quant_bits,
-        clip,
-        w_max,
-    };
+    let Encoding::SignedTwosComplement { quant_bits, clip, w_max } = c.encoding.clone() else { unreachable!() };
+    let q = QuantParams { bits: quant_bits, clip, w_max };
     let mut rng = ChaCha20Rng::seed_from_u64(6);
     let mut deltas = Vec::new();
     let mut weights = Vec::new();
     let mut inputs = Vec::new();
     for _ in 0..n {
-        let d: Vec<f32> = (0..dim)
-            .map(|_| (rng.next_u32() as f32 / u32::MAX as f32 - 0.6) * 1.5)
-            .collect();
+        let d: Vec<f32> = (0..dim).map(|_| (rng.next_u32() as f32 / u32::MAX as f32 - 0.6) * 1.5).collect();
         let w = 1 + rng.next_u32() % 2000;
         inputs.push(q.encode(&d, w, &mut rng).unwrap());
         deltas.push(d);
@@ -200,11 +134,7 @@ fn decoded_mean_matches_plaintext_weighted_mean() {
     // Each client's rounding moves its lane by < 1 unit: error < n / (s·Σw).
     let tol = out.contributors.len() as f64 / (q.scale() * wsum);
     for (got, w) in mean.iter().zip(&want) {
-        assert!(
-            (*got as f64 - w / wsum).abs() <= tol,
-            "{got} vs {}",
-            w / wsum
-        );
+        assert!((*got as f64 - w / wsum).abs() <= tol, "{got} vs {}", w / wsum);
     }
     assert!(mean.iter().any(|&x| x < 0.0), "negative means decode");
 }
@@ -216,35 +146,22 @@ fn chunks_and_whole_vector_agree() {
     let mut server = SecAggServer::new(c.clone()).unwrap();
     for id in 1..=3 {
         let keyp = identity();
-        let (st, adv) =
-            ClientState::start(id, c.clone(), &keyp, ChaCha20Rng::seed_from_u64(id as u64))
-                .unwrap();
+        let (st, adv) = ClientState::start(id, c.clone(), &keyp, ChaCha20Rng::seed_from_u64(id as u64)).unwrap();
         server.handle_advertise(adv, keyp.public_key()).unwrap();
         clients.push(st);
     }
     let mut states = BTreeMap::new();
     for ((u, req), st) in server.close_advertise().unwrap().into_iter().zip(clients) {
         let (st, out) = st.handle(ClientIncoming::ShareKeys(req)).unwrap();
-        let ClientOutgoing::ShareKeys(r) = out.into_iter().next().unwrap() else {
-            panic!()
-        };
+        let ClientOutgoing::ShareKeys(r) = out.into_iter().next().unwrap() else { panic!() };
         server.handle_share_keys(r).unwrap();
         states.insert(u, st);
     }
-    let (u, req) = server
-        .close_share_keys()
-        .unwrap()
-        .into_iter()
-        .next()
-        .unwrap();
+    let (u, req) = server.close_share_keys().unwrap().into_iter().next().unwrap();
     let st = states.remove(&u).unwrap();
     let (st, _) = st.handle(ClientIncoming::MaskedInputRequest(req)).unwrap();
-    let (_, out) = st
-        .handle(ClientIncoming::Input((0..70_000).collect()))
-        .unwrap();
-    let ClientOutgoing::MaskedInput(mi) = out.into_iter().next().unwrap() else {
-        panic!()
-    };
+    let (_, out) = st.handle(ClientIncoming::Input((0..70_000).collect())).unwrap();
+    let ClientOutgoing::MaskedInput(mi) = out.into_iter().next().unwrap() else { panic!() };
     let chunked: Vec<u32> = mi.chunks(16_387).flat_map(|c| c.data).collect();
     let piece = mi.chunk(20_000, 5).unwrap();
     assert_eq!(piece.data, chunked[20_000..20_005]);
@@ -271,23 +188,12 @@ impl Manual {
         let mut clients = BTreeMap::new();
         for id in 1..=n {
             let k = identity();
-            let (st, adv) = ClientState::start(
-                id,
-                config.clone(),
-                &k,
-                ChaCha20Rng::seed_from_u64(round_id * 100 + id as u64),
-            )
-            .unwrap();
+            let (st, adv) = ClientState::start(id, config.clone(), &k, ChaCha20Rng::seed_from_u64(round_id * 100 + id as u64)).unwrap();
             server.handle_advertise(adv, k.public_key()).unwrap();
             keys.insert(id, k);
             clients.insert(id, st);
         }
-        Manual {
-            config,
-            server,
-            keys,
-            clients,
-        }
+        Manual { config, server, keys, clients }
     }
 
     fn share_keys_requests(&mut self) -> BTreeMap<u32, ShareKeysRequest> {
@@ -298,17 +204,11 @@ impl Manual {
         for (u, req) in self.share_keys_requests() {
             let st = self.clients.remove(&u).unwrap();
             let (st, out) = st.handle(ClientIncoming::ShareKeys(req)).unwrap();
-            let ClientOutgoing::ShareKeys(r) = out.into_iter().next().unwrap() else {
-                panic!()
-            };
+            let ClientOutgoing::ShareKeys(r) = out.into_iter().next().unwrap() else { panic!() };
             self.server.handle_share_keys(r).unwrap();
             self.clients.insert(u, st);
         }
-        self.server
-            .close_share_keys()
-            .unwrap()
-            .into_iter()
-            .collect()
+        self.server.close_share_keys().unwrap().into_iter().collect()
     }
 
     fn advance_to_unmask_requests(&mut self) -> BTreeMap<u32, UnmaskRequest> {
@@ -316,19 +216,11 @@ impl Manual {
             let st = self.clients.remove(&u).unwrap();
             let (st, _) = st.handle(ClientIncoming::MaskedInputRequest(req)).unwrap();
             let (st, out) = st.handle(ClientIncoming::Input(vec![u; 64])).unwrap();
-            let ClientOutgoing::MaskedInput(mi) = out.into_iter().next().unwrap() else {
-                panic!()
-            };
-            self.server
-                .handle_masked_chunk(u, 0, &mi.into_vec())
-                .unwrap();
+            let ClientOutgoing::MaskedInput(mi) = out.into_iter().next().unwrap() else { panic!() };
+            self.server.handle_masked_chunk(u, 0, &mi.into_vec()).unwrap();
             self.clients.insert(u, st);
         }
-        self.server
-            .close_masked_inputs()
-            .unwrap()
-            .into_iter()
-            .collect()
+        self.server.close_masked_inputs().unwrap().into_iter().collect()
     }
 }
 
@@ -340,39 +232,23 @@ fn client_never_reveals_both_shares_of_a_peer() {
     let mut req = reqs[&1].clone();
     req.dropped.push(req.alive[0]);
     let peer = req.alive[0];
-    assert_eq!(
-        st.handle(ClientIncoming::Unmask(req)).unwrap_err(),
-        SecAggError::BothSharesRequested(peer)
-    );
+    assert_eq!(st.handle(ClientIncoming::Unmask(req)).unwrap_err(), SecAggError::BothSharesRequested(peer));
 
     // The decision persists: after answering, asking for the other kind is refused.
     let st = s.clients.remove(&2).unwrap();
     let req = reqs[&2].clone();
     let (done, out) = st.handle(ClientIncoming::Unmask(req.clone())).unwrap();
     // The server takes the shares in any order, but not a duplicated one.
-    let Some(ClientOutgoing::Unmask(mut resp)) = out.into_iter().next() else {
-        panic!()
-    };
+    let Some(ClientOutgoing::Unmask(mut resp)) = out.into_iter().next() else { panic!() };
     resp.b_shares.reverse();
     let mut dup = resp.clone();
     dup.b_shares[0] = dup.b_shares[1].clone();
-    assert!(matches!(
-        s.server.handle_unmask(dup),
-        Err(SecAggError::Malformed(_))
-    ));
+    assert!(matches!(s.server.handle_unmask(dup), Err(SecAggError::Malformed(_))));
     s.server.handle_unmask(resp).unwrap();
-    let ClientState::Completed(c) = &done else {
-        panic!("{done:?}")
-    };
+    let ClientState::Completed(c) = &done else { panic!("{done:?}") };
     assert_eq!(c.revealed.len(), req.alive.len());
-    let swapped = UnmaskRequest {
-        alive: vec![],
-        dropped: req.alive.clone(),
-    };
-    assert_eq!(
-        done.handle(ClientIncoming::Unmask(swapped)).unwrap_err(),
-        SecAggError::BothSharesRequested(req.alive[0])
-    );
+    let swapped = UnmaskRequest { alive: vec![], dropped: req.alive.clone() };
+    assert_eq!(done.handle(ClientIncoming::Unmask(swapped)).unwrap_err(), SecAggError::BothSharesRequested(req.alive[0]));
 }
 
 #[test]
@@ -383,27 +259,15 @@ fn client_checks_unmask_requests() {
     // Unknown neighbour.
     let mut r = reqs[&1].clone();
     r.dropped.push(99);
-    assert_eq!(
-        take(1).handle(ClientIncoming::Unmask(r)).unwrap_err(),
-        SecAggError::UnknownNeighbour(99)
-    );
+    assert_eq!(take(1).handle(ClientIncoming::Unmask(r)).unwrap_err(), SecAggError::UnknownNeighbour(99));
     // Too few alive neighbours: the server is fishing for key shares.
     let all = reqs[&2].alive.clone();
-    let r = UnmaskRequest {
-        alive: all[..2].to_vec(),
-        dropped: all[2..].to_vec(),
-    };
-    assert!(matches!(
-        take(2).handle(ClientIncoming::Unmask(r)),
-        Err(SecAggError::BelowThreshold { .. })
-    ));
+    let r = UnmaskRequest { alive: all[..2].to_vec(), dropped: all[2..].to_vec() };
+    assert!(matches!(take(2).handle(ClientIncoming::Unmask(r)), Err(SecAggError::BelowThreshold { .. })));
     // Duplicates.
     let mut r = reqs[&3].clone();
     r.alive.push(r.alive[0]);
-    assert!(matches!(
-        take(3).handle(ClientIncoming::Unmask(r)),
-        Err(SecAggError::Malformed(_))
-    ));
+    assert!(matches!(take(3).handle(ClientIncoming::Unmask(r)), Err(SecAggError::Malformed(_))));
 }
 
 #[test]
@@ -414,26 +278,17 @@ fn replayed_round1_ciphertexts_from_another_session_are_rejected() {
     let reqs_b = b.advance_to_masked_input_requests();
     // Replay session A's ciphertexts to client 1 of session B, as a whole…
     let st = b.clients.remove(&1).unwrap();
-    assert!(matches!(
-        st.handle(ClientIncoming::MaskedInputRequest(reqs_a[&1].clone())),
-        Err(SecAggError::DecryptionFailed(_))
-    ));
+    assert!(matches!(st.handle(ClientIncoming::MaskedInputRequest(reqs_a[&1].clone())), Err(SecAggError::DecryptionFailed(_))));
     // …or one mixed into otherwise genuine ciphertexts.
     let mut mixed = reqs_b[&2].clone();
     mixed.shares[0] = reqs_a[&2].shares[0].clone();
     let st = b.clients.remove(&2).unwrap();
-    assert!(matches!(
-        st.handle(ClientIncoming::MaskedInputRequest(mixed)),
-        Err(SecAggError::DecryptionFailed(_))
-    ));
+    assert!(matches!(st.handle(ClientIncoming::MaskedInputRequest(mixed)), Err(SecAggError::DecryptionFailed(_))));
     // A ciphertext re-addressed from another peer of the same session fails too.
     let mut swapped = reqs_b[&3].clone();
     swapped.shares[0].ct = swapped.shares[1].ct.clone();
     let st = b.clients.remove(&3).unwrap();
-    assert!(matches!(
-        st.handle(ClientIncoming::MaskedInputRequest(swapped)),
-        Err(SecAggError::DecryptionFailed(_))
-    ));
+    assert!(matches!(st.handle(ClientIncoming::MaskedInputRequest(swapped)), Err(SecAggError::DecryptionFailed(_))));
 }
 
 #[test]
@@ -443,11 +298,7 @@ fn client_rejects_unknown_neighbours_and_bad_keys() {
     let mut r = reqs[&1].clone();
     r.shares[0].peer = 77;
     let st = s.clients.remove(&1).unwrap();
-    assert_eq!(
-        st.handle(ClientIncoming::MaskedInputRequest(r))
-            .unwrap_err(),
-        SecAggError::UnknownNeighbour(77)
-    );
+    assert_eq!(st.handle(ClientIncoming::MaskedInputRequest(r)).unwrap_err(), SecAggError::UnknownNeighbour(77));
 
     let mut s = Manual::new(5, 4);
     let reqs = s.share_keys_requests();
@@ -456,40 +307,23 @@ fn client_rejects_unknown_neighbours_and_bad_keys() {
     let mut r = reqs[&1].clone();
     r.neighbours[0].sig[0] ^= 1;
     let v = r.neighbours[0].id;
-    assert_eq!(
-        st(&mut s, 1)
-            .handle(ClientIncoming::ShareKeys(r))
-            .unwrap_err(),
-        SecAggError::BadSignature(v)
-    );
+    assert_eq!(st(&mut s, 1).handle(ClientIncoming::ShareKeys(r)).unwrap_err(), SecAggError::BadSignature(v));
     // A neighbour carrying another neighbour's key (re-signed would be needed; the duplicate check fires first).
     let mut r = reqs[&2].clone();
     r.neighbours[1].s_pk = r.neighbours[0].s_pk;
-    assert!(matches!(
-        st(&mut s, 2).handle(ClientIncoming::ShareKeys(r)),
-        Err(SecAggError::Malformed(_))
-    ));
+    assert!(matches!(st(&mut s, 2).handle(ClientIncoming::ShareKeys(r)), Err(SecAggError::Malformed(_))));
     // A tampered session id (full graph: recomputed by the client).
     let mut r = reqs[&3].clone();
     r.session_id[0] ^= 1;
-    assert!(matches!(
-        st(&mut s, 3).handle(ClientIncoming::ShareKeys(r)),
-        Err(SecAggError::Malformed(_))
-    ));
+    assert!(matches!(st(&mut s, 3).handle(ClientIncoming::ShareKeys(r)), Err(SecAggError::Malformed(_))));
     // A config that differs from the round plan (m mismatch).
     let mut r = reqs[&4].clone();
     r.config.m += 1;
-    assert!(matches!(
-        st(&mut s, 4).handle(ClientIncoming::ShareKeys(r)),
-        Err(SecAggError::Malformed(_))
-    ));
+    assert!(matches!(st(&mut s, 4).handle(ClientIncoming::ShareKeys(r)), Err(SecAggError::Malformed(_))));
     // Too few neighbours.
     let mut r = reqs[&5].clone();
     r.neighbours.truncate(2);
-    assert!(matches!(
-        st(&mut s, 5).handle(ClientIncoming::ShareKeys(r)),
-        Err(SecAggError::BelowThreshold { .. })
-    ));
+    assert!(matches!(st(&mut s, 5).handle(ClientIncoming::ShareKeys(r)), Err(SecAggError::BelowThreshold { .. })));
 }
 
 #[test]
@@ -497,29 +331,15 @@ fn vector_length_is_enforced() {
     let mut s = Manual::new(4, 5);
     let reqs = s.advance_to_masked_input_requests();
     let st = s.clients.remove(&1).unwrap();
-    let (st, _) = st
-        .handle(ClientIncoming::MaskedInputRequest(reqs[&1].clone()))
-        .unwrap();
-    assert_eq!(
-        st.handle(ClientIncoming::Input(vec![0; 65])).unwrap_err(),
-        SecAggError::LengthMismatch {
-            expected: 64,
-            got: 65
-        }
-    );
+    let (st, _) = st.handle(ClientIncoming::MaskedInputRequest(reqs[&1].clone())).unwrap();
+    assert_eq!(st.handle(ClientIncoming::Input(vec![0; 65])).unwrap_err(), SecAggError::LengthMismatch { expected: 64, got: 65 });
     // Server: oversize, gaps and overlaps are refused.
     assert!(s.server.handle_masked_chunk(2, 0, &[0; 65]).is_err());
     assert!(s.server.handle_masked_chunk(2, 10, &[0; 4]).is_err());
     s.server.handle_masked_chunk(3, 0, &[0; 32]).unwrap();
-    assert!(
-        s.server.handle_masked_chunk(3, 16, &[0; 16]).is_err(),
-        "overlap"
-    );
+    assert!(s.server.handle_masked_chunk(3, 16, &[0; 16]).is_err(), "overlap");
     // Client 3 is now half-uploaded and broken: the sum cannot be unmasked.
-    assert!(matches!(
-        s.server.close_masked_inputs(),
-        Err(SecAggError::Aborted(_))
-    ));
+    assert!(matches!(s.server.close_masked_inputs(), Err(SecAggError::Aborted(_))));
     assert_eq!(s.server.phase(), ServerPhase::Aborted);
 }
 
@@ -529,68 +349,39 @@ fn server_rejects_bad_and_late_messages() {
     let other = identity();
     // Advertisement signed by a key other than the enrolled one.
     let mut fresh = SecAggServer::new(s.config.clone()).unwrap();
-    let (_, adv) =
-        ClientState::start(9, s.config.clone(), &other, ChaCha20Rng::seed_from_u64(9)).unwrap();
-    assert_eq!(
-        fresh.handle_advertise(adv.clone(), s.keys[&1].public_key()),
-        Err(SecAggError::BadSignature(9))
-    );
+    let (_, adv) = ClientState::start(9, s.config.clone(), &other, ChaCha20Rng::seed_from_u64(9)).unwrap();
+    assert_eq!(fresh.handle_advertise(adv.clone(), s.keys[&1].public_key()), Err(SecAggError::BadSignature(9)));
     // Wrong round, then a duplicate advertisement.
     let mut wrong_round = adv.clone();
     wrong_round.round_id += 1;
-    assert!(matches!(
-        fresh.handle_advertise(wrong_round, other.public_key()),
-        Err(SecAggError::Malformed(_))
-    ));
-    fresh
-        .handle_advertise(adv.clone(), other.public_key())
-        .unwrap();
-    assert!(matches!(
-        fresh.handle_advertise(adv, other.public_key()),
-        Err(SecAggError::Malformed(_))
-    ));
+    assert!(matches!(fresh.handle_advertise(wrong_round, other.public_key()), Err(SecAggError::Malformed(_))));
+    fresh.handle_advertise(adv.clone(), other.public_key()).unwrap();
+    assert!(matches!(fresh.handle_advertise(adv, other.public_key()), Err(SecAggError::Malformed(_))));
     // More clients than selected.
-    let (_, adv) =
-        ClientState::start(10, s.config.clone(), &other, ChaCha20Rng::seed_from_u64(10)).unwrap();
-    assert!(matches!(
-        s.server.handle_advertise(adv, other.public_key()),
-        Err(SecAggError::Malformed(_))
-    ));
+    let (_, adv) = ClientState::start(10, s.config.clone(), &other, ChaCha20Rng::seed_from_u64(10)).unwrap();
+    assert!(matches!(s.server.handle_advertise(adv, other.public_key()), Err(SecAggError::Malformed(_))));
     let reqs = s.share_keys_requests();
     // Late advertisement.
-    let (_, adv) =
-        ClientState::start(9, s.config.clone(), &other, ChaCha20Rng::seed_from_u64(9)).unwrap();
-    assert!(matches!(
-        s.server.handle_advertise(adv, other.public_key()),
-        Err(SecAggError::UnexpectedMessage { .. })
-    ));
+    let (_, adv) = ClientState::start(9, s.config.clone(), &other, ChaCha20Rng::seed_from_u64(9)).unwrap();
+    assert!(matches!(s.server.handle_advertise(adv, other.public_key()), Err(SecAggError::UnexpectedMessage { .. })));
     let mut responses = BTreeMap::new();
     for (u, req) in reqs {
         let st = s.clients.remove(&u).unwrap();
         let (st, out) = st.handle(ClientIncoming::ShareKeys(req)).unwrap();
-        let ClientOutgoing::ShareKeys(r) = out.into_iter().next().unwrap() else {
-            panic!()
-        };
+        let ClientOutgoing::ShareKeys(r) = out.into_iter().next().unwrap() else { panic!() };
         responses.insert(u, r);
         s.clients.insert(u, st);
     }
     // A response missing one neighbour's ciphertext is refused.
     let mut short = responses[&1].clone();
     short.shares.pop();
-    assert!(matches!(
-        s.server.handle_share_keys(short),
-        Err(SecAggError::Malformed(_))
-    ));
+    assert!(matches!(s.server.handle_share_keys(short), Err(SecAggError::Malformed(_))));
     for u in [1, 2, 3, 4] {
         s.server.handle_share_keys(responses[&u].clone()).unwrap();
     }
     let reqs = s.server.close_share_keys().unwrap();
     assert_eq!(reqs.len(), 4);
-    assert!(
-        reqs.iter()
-            .all(|(_, r)| r.shares.iter().all(|e| e.peer != 5)),
-        "5 is not in U2"
-    );
+    assert!(reqs.iter().all(|(_, r)| r.shares.iter().all(|e| e.peer != 5)), "5 is not in U2");
     // Client 5 answers after the deadline: rejected; it is dropped.
     assert!(s.server.handle_share_keys(responses[&5].clone()).is_err());
     assert!(!s.server.survivors().1.contains(&5));
@@ -654,8 +445,5 @@ proptest! {
 #[test]
 fn quantization_uses_the_config_encoding() {
     let c = SessionConfig::recommended(1, 1, 100, 11).unwrap();
-    assert!(matches!(
-        c.encoding,
-        Encoding::SignedTwosComplement { quant_bits: 20, .. }
-    ));
+    assert!(matches!(c.encoding, Encoding::SignedTwosComplement { quant_bits: 20, .. }));
 }

@@ -207,12 +207,7 @@ fn secagg_err(e: spa_aggregation::SecAggError) -> ClientError {
 }
 
 /// One task; returns how long to wait before the next poll.
-async fn handle(
-    ctx: &Ctx<'_>,
-    current: &mut Option<InRound>,
-    task: Option<Task>,
-    on_event: &mut dyn FnMut(AgentEvent),
-) -> Result<Option<Duration>> {
+async fn handle(ctx: &Ctx<'_>, current: &mut Option<InRound>, task: Option<Task>, on_event: &mut dyn FnMut(AgentEvent)) -> Result<Option<Duration>> {
     let s = ctx.s;
     match task {
         None => Ok(Some(Duration::from_secs(1))),
@@ -340,13 +335,7 @@ async fn train_for_round(ctx: &Ctx<'_>, t: &TrainTask, config: &SessionConfig) -
     let plugin = personal_plugin(store, m, cfg, device, &global)?;
     let (train_set, _, _) = local_sets(s, store, m, &plugin, &mut ()).await?;
     let n_train = train_set.examples.len();
-    let tc = TrainConfig {
-        epochs: t.local_epochs as usize,
-        lr: t.lr,
-        prox_mu: t.prox_mu,
-        seed: t.seed,
-        ..cfg.train.clone()
-    };
+    let tc = TrainConfig { epochs: t.local_epochs as usize, lr: t.lr, prox_mu: t.prox_mu, seed: t.seed, ..cfg.train.clone() };
     let (trained, report) = tokio::task::block_in_place(|| train_plugin(plugin, &m.head, &train_set, &tc, Some(&global), &mut |_| {}))?;
     let final_loss = report.epoch_losses.last().copied().unwrap_or(f32::NAN);
     save(store, m, cfg, &trained, n_train, report.steps, final_loss)?;
@@ -375,12 +364,7 @@ async fn train_for_round(ctx: &Ctx<'_>, t: &TrainTask, config: &SessionConfig) -
 async fn upload(s: &Session, round_id: u64, client_id: u32, lanes: &[u32]) -> Result<()> {
     let bytes = secagg::lanes_to_bytes(lanes);
     let header = MaskedUpload {
-        kind: Some(masked_upload::Kind::Header(MaskedUploadHeader {
-            round_id,
-            client_id,
-            lanes: lanes.len() as u64,
-            sha256: sha256(&bytes).to_vec(),
-        })),
+        kind: Some(masked_upload::Kind::Header(MaskedUploadHeader { round_id, client_id, lanes: lanes.len() as u64, sha256: sha256(&bytes).to_vec() })),
     };
     let h = s.signer.sign(methods::ROUNDS_UPLOAD_MASKED, &header, now_ms());
     let mut msgs = vec![header];

@@ -44,17 +44,8 @@ pub fn detect(name: &str, text: &str) -> Format {
 
 /// Parses `text`. For play scripts, `speaker` selects whose speeches are this device's
 /// replies (default: every speech, each cued by the one before).
-pub fn parse(
-    name: &str,
-    text: &str,
-    format: Format,
-    speaker: Option<&str>,
-) -> Result<(Format, Vec<Example>)> {
-    let format = if format == Format::Auto {
-        detect(name, text)
-    } else {
-        format
-    };
+pub fn parse(name: &str, text: &str, format: Format, speaker: Option<&str>) -> Result<(Format, Vec<Example>)> {
+    let format = if format == Format::Auto { detect(name, text) } else { format };
     let examples = match format {
         Format::Jsonl => parse_jsonl(text)?,
         Format::Play => {
@@ -65,10 +56,7 @@ pub fn parse(
             };
             roles.sort();
             roles.dedup();
-            leaf_users(&speeches, &roles, ExampleLimits::default(), 1.0)
-                .into_iter()
-                .flat_map(|u| u.train)
-                .collect()
+            leaf_users(&speeches, &roles, ExampleLimits::default(), 1.0).into_iter().flat_map(|u| u.train).collect()
         }
         Format::Text => {
             let chars: Vec<char> = text.chars().collect();
@@ -76,24 +64,16 @@ pub fn parse(
             let mut at = TEXT_PROMPT.min(chars.len());
             while at < chars.len() {
                 let end = (at + TEXT_REPLY).min(chars.len());
-                out.push(Example {
-                    prompt: chars[at.saturating_sub(TEXT_PROMPT)..at].iter().collect(),
-                    reply: chars[at..end].iter().collect(),
-                });
+                out.push(Example { prompt: chars[at.saturating_sub(TEXT_PROMPT)..at].iter().collect(), reply: chars[at..end].iter().collect() });
                 at = end;
             }
             out
         }
         Format::Auto => unreachable!("resolved above"),
     };
-    let examples: Vec<Example> = examples
-        .into_iter()
-        .filter(|e| !e.prompt.is_empty() && !e.reply.is_empty())
-        .collect();
+    let examples: Vec<Example> = examples.into_iter().filter(|e| !e.prompt.is_empty() && !e.reply.is_empty()).collect();
     if examples.is_empty() {
-        return Err(ClientError::Invalid(format!(
-            "{name}: no examples found (format {format})"
-        )));
+        return Err(ClientError::Invalid(format!("{name}: no examples found (format {format})")));
     }
     Ok((format, examples))
 }
@@ -104,26 +84,21 @@ mod tests {
 
     #[test]
     fn formats_are_detected_and_parsed() {
-        let play =
-            "ANNA:\nGood morrow.\n\nBEN:\nAnd to you, fair Anna.\n\nANNA:\nHow fares the day?\n\n";
+        let play = "ANNA:\nGood morrow.\n\nBEN:\nAnd to you, fair Anna.\n\nANNA:\nHow fares the day?\n\n";
         let (f, ex) = parse("a.txt", play, Format::Auto, None).unwrap();
         assert_eq!(f, Format::Play);
         assert_eq!(ex.len(), 2);
         let (_, ex) = parse("a.txt", play, Format::Auto, Some("BEN")).unwrap();
         assert_eq!(ex.len(), 1);
         assert!(ex[0].prompt.starts_with("ANNA:\nGood morrow."));
-        let jsonl =
-            "{\"input\": \"hi\", \"output\": \"there\"}\n\n{\"input\": \"a\", \"output\": \"b\"}\n";
+        let jsonl = "{\"input\": \"hi\", \"output\": \"there\"}\n\n{\"input\": \"a\", \"output\": \"b\"}\n";
         let (f, ex) = parse("x", jsonl, Format::Auto, None).unwrap();
         assert_eq!((f, ex.len()), (Format::Jsonl, 2));
         assert!(parse("x.jsonl", "{\"input\": 1}", Format::Auto, None).is_err());
         let text = "lorem ipsum ".repeat(50);
         let (f, ex) = parse("t", &text, Format::Auto, None).unwrap();
         assert_eq!(f, Format::Text);
-        assert_eq!(
-            ex.iter().map(|e| e.reply.chars().count()).sum::<usize>(),
-            text.len() - TEXT_PROMPT
-        );
+        assert_eq!(ex.iter().map(|e| e.reply.chars().count()).sum::<usize>(), text.len() - TEXT_PROMPT);
         assert!(parse("t", "", Format::Text, None).is_err());
     }
 }

@@ -1,9 +1,7 @@
 /// Errors of the device client. Messages say what to do where there is something to do.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error(
-        "this home is not enrolled: run `spa-client enroll --coordinator URL --token T --home DIR` first"
-    )]
+    #[error("this home is not enrolled: run `spa-client enroll --coordinator URL --token T --home DIR` first")]
     NotEnrolled,
     #[error("this home is already enrolled as {0}; use another --home")]
     AlreadyEnrolled(String),
@@ -18,10 +16,7 @@ pub enum ClientError {
     #[error("connection: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
     #[error("{0}")]
     Invalid(String),
 }
@@ -29,8 +24,5 @@ pub enum ClientError {
 pub type Result<T> = std::result::Result<T, ClientError>;
 
 pub(crate) fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> ClientError + '_ {
-    move |source| ClientError::Io {
-        path: path.display().to_string(),
-        source,
-    }
+    move |source| ClientError::Io { path: path.display().to_string(), source }
 }

@@ -148,11 +148,7 @@ pub async fn generate(home: &Path, prompt: &str, opts: &GenerateOptions, on_text
     if ids.len() >= ctx {
         ids.drain(..ids.len() + 1 - ctx);
     }
-    let dec = Decoding {
-        max_new: opts.max_tokens,
-        sampling: opts.sampling.clone(),
-        stop: if opts.ignore_eos { vec![] } else { m.tokens.eos.clone() },
-    };
+    let dec = Decoding { max_new: opts.max_tokens, sampling: opts.sampling.clone(), stop: if opts.ignore_eos { vec![] } else { m.tokens.eos.clone() } };
     let down = match (opts.inputs, global) {
         (Inputs::Taps, _) => None,
         (Inputs::Down, None) => return Err(ClientError::Invalid("--inputs down needs a plugin from federated rounds (`spa-client run`)".into())),
@@ -221,7 +217,15 @@ const RESUME_PAUSE: Duration = Duration::from_millis(200);
 impl<'a> RemoteDrafts<'a> {
     /// `global`: the committed version the plugin's shared part is; `down`: its
     /// down-projections, if the coordinator is to apply them.
-    async fn open(s: &'a Session, m: &Model, plugin: &Plugin, dec: &Decoding, global: Option<u64>, down: Option<&CloudDown>, side_drafts: bool) -> Result<Self> {
+    async fn open(
+        s: &'a Session,
+        m: &Model,
+        plugin: &Plugin,
+        dec: &Decoding,
+        global: Option<u64>,
+        down: Option<&CloudDown>,
+        side_drafts: bool,
+    ) -> Result<Self> {
         let d = m.config.hidden_size;
         let (inputs, layers, widths) = match down {
             Some(cd) => (SideInputs::Down, plugin.shape.taps.clone(), std::iter::once(d).chain(plugin.shape.taps.iter().map(|_| cd.d_side())).collect()),

@@ -4,9 +4,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use spa_client::agent::{self, AgentEvent, AgentOptions};
 use spa_client::config::ClientConfig;
 use spa_client::data::Format;
-use spa_client::agent::{self, AgentEvent, AgentOptions};
 use spa_client::generate;
 use spa_client::ops::{self, TrainProgress};
 use spa_model::train::TrainEvent;
@@ -135,10 +135,7 @@ impl TrainProgress for Bars {
     fn features(&mut self, done: usize, total: usize) {
         let b = self.feat.get_or_insert_with(|| {
             let b = ProgressBar::new(total as u64);
-            b.set_style(
-                ProgressStyle::with_template("features {bar:30} {pos}/{len} examples")
-                    .expect("template"),
-            );
+            b.set_style(ProgressStyle::with_template("features {bar:30} {pos}/{len} examples").expect("template"));
             b
         });
         b.set_position(done as u64);
@@ -151,10 +148,7 @@ impl TrainProgress for Bars {
         match ev {
             TrainEvent::Start { total_steps } => {
                 let b = ProgressBar::new(*total_steps as u64);
-                b.set_style(
-                    ProgressStyle::with_template("train    {bar:30} {pos}/{len} steps  loss {msg}")
-                        .expect("template"),
-                );
+                b.set_style(ProgressStyle::with_template("train    {bar:30} {pos}/{len} steps  loss {msg}").expect("template"));
                 self.train = Some(b);
             }
             TrainEvent::Step { loss, .. } => {
@@ -188,27 +182,16 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     let json = cli.json;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let home = cli.home;
     match cli.command {
-        Command::Enroll {
-            coordinator,
-            token,
-            ca,
-            name,
-        } => {
-            let ca_pem = std::fs::read_to_string(&ca)
-                .with_context(|| format!("reading {}", ca.display()))?;
+        Command::Enroll { coordinator, token, ca, name } => {
+            let ca_pem = std::fs::read_to_string(&ca).with_context(|| format!("reading {}", ca.display()))?;
             let r = rt.block_on(ops::enroll(&home, &coordinator, &token, &ca_pem, &name))?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
-                println!(
-                    "enrolled as {} with {} (backbone {})",
-                    r.device_id, r.coordinator, r.backbone_version
-                );
+                println!("enrolled as {} with {} (backbone {})", r.device_id, r.coordinator, r.backbone_version);
             }
         }
         Command::Status { offline } => {
@@ -219,19 +202,12 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             }
         }
-        Command::Data(DataCommand::Add {
-            file,
-            format,
-            speaker,
-        }) => {
+        Command::Data(DataCommand::Add { file, format, speaker }) => {
             let s = ops::data_add(&home, &file, format, speaker.as_deref())?;
             if json {
                 println!("{}", serde_json::to_string(&s)?);
             } else {
-                println!(
-                    "added {} examples from {} ({})",
-                    s.examples, s.file, s.format
-                );
+                println!("added {} examples from {} ({})", s.examples, s.file, s.format);
             }
         }
         Command::Data(DataCommand::List) => {
@@ -245,12 +221,7 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{n} examples");
             }
         }
-        Command::Train {
-            epochs,
-            lr,
-            val_fraction,
-            fresh,
-        } => {
+        Command::Train { epochs, lr, val_fraction, fresh } => {
             let mut tc = ClientConfig::load(&home)?.train;
             if let Some(e) = epochs {
                 tc.epochs = e;
@@ -261,10 +232,7 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(v) = val_fraction {
                 tc.val_fraction = v;
             }
-            let mut bars = Bars {
-                feat: None,
-                train: None,
-            };
+            let mut bars = Bars { feat: None, train: None };
             let r = rt.block_on(ops::train(&home, &tc, fresh, &mut bars))?;
             if let Some(b) = bars.train {
                 b.finish();

@@ -15,9 +15,7 @@ use crate::store::ClientStore;
 /// Connects over TLS to `url` (`https://HOST:PORT`), trusting only `ca_pem`.
 pub async fn connect(url: &str, ca_pem: &[u8]) -> Result<Channel> {
     if !url.starts_with("https://") {
-        return Err(ClientError::Invalid(format!(
-            "coordinator URL must start with https:// (got '{url}')"
-        )));
+        return Err(ClientError::Invalid(format!("coordinator URL must start with https:// (got '{url}')")));
     }
     let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem));
     let ep = Endpoint::from_shared(url.to_string())
@@ -28,15 +26,11 @@ pub async fn connect(url: &str, ca_pem: &[u8]) -> Result<Channel> {
 }
 
 pub fn device_client(ch: Channel) -> DeviceClient<Channel> {
-    DeviceClient::new(ch)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    DeviceClient::new(ch).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
 pub fn backbone_client(ch: Channel) -> BackboneClient<Channel> {
-    BackboneClient::new(ch)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    BackboneClient::new(ch).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
 /// An enrolled device, connected.
@@ -65,21 +59,14 @@ impl Session {
         if let Some(u) = url {
             identity.coordinator = u.to_string();
         }
-        let signer = DeviceSigner::from_pkcs8(&pkcs8, identity.device_id.clone())
-            .map_err(|e| ClientError::Invalid(format!("stored identity key rejected: {e}")))?;
+        let signer =
+            DeviceSigner::from_pkcs8(&pkcs8, identity.device_id.clone()).map_err(|e| ClientError::Invalid(format!("stored identity key rejected: {e}")))?;
         let channel = connect(&identity.coordinator, identity.ca_pem.as_bytes()).await?;
         let capture = match std::env::var_os(CAPTURE_ENV) {
-            Some(p) => Some(Mutex::new(
-                std::fs::OpenOptions::new().create(true).append(true).open(&p).map_err(crate::error::io(std::path::Path::new(&p)))?,
-            )),
+            Some(p) => Some(Mutex::new(std::fs::OpenOptions::new().create(true).append(true).open(&p).map_err(crate::error::io(std::path::Path::new(&p)))?)),
             None => None,
         };
-        Ok(Self {
-            signer,
-            channel,
-            identity,
-            capture,
-        })
+        Ok(Self { signer, channel, identity, capture })
     }
 
     /// Notes an outgoing message body of `method` in the capture file, if capturing.
@@ -102,9 +89,7 @@ impl Session {
     }
 
     pub fn rounds(&self) -> RoundsClient<Channel> {
-        RoundsClient::new(self.channel.clone())
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+        RoundsClient::new(self.channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
 
     pub fn device(&self) -> DeviceClient<Channel> {

@@ -32,29 +32,15 @@ pub struct EnrollReport {
 
 /// Generates the identity key, enrolls with a one-time token, stores identity and
 /// coordinator info (durably) and writes a default client.toml.
-pub async fn enroll(
-    home: &Path,
-    coordinator: &str,
-    token: &str,
-    ca_pem: &str,
-    name: &str,
-) -> Result<EnrollReport> {
+pub async fn enroll(home: &Path, coordinator: &str, token: &str, ca_pem: &str, name: &str) -> Result<EnrollReport> {
     let store = ClientStore::open(home)?;
     if let Some((_, id)) = store.identity()? {
         return Err(ClientError::AlreadyEnrolled(id.device_id));
     }
-    let pkcs8 =
-        generate_pkcs8().map_err(|_| ClientError::Invalid("cannot generate a key".into()))?;
+    let pkcs8 = generate_pkcs8().map_err(|_| ClientError::Invalid("cannot generate a key".into()))?;
     let pk = public_key_of(&pkcs8).map_err(|e| ClientError::Invalid(e.to_string()))?;
     let ch = connect(coordinator, ca_pem.as_bytes()).await?;
-    let r = device_client(ch)
-        .enroll(EnrollRequest {
-            token: token.trim().to_string(),
-            public_key: pk.to_vec(),
-            name: name.into(),
-        })
-        .await?
-        .into_inner();
+    let r = device_client(ch).enroll(EnrollRequest { token: token.trim().to_string(), public_key: pk.to_vec(), name: name.into() }).await?.into_inner();
     let id = Identity {
         device_id: r.device_id.clone(),
         name: name.into(),
@@ -65,11 +51,7 @@ pub async fn enroll(
     };
     store.set_identity(&pkcs8, &id)?;
     ClientConfig::write_default(home)?;
-    Ok(EnrollReport {
-        device_id: r.device_id,
-        coordinator: coordinator.into(),
-        backbone_version: r.backbone_version,
-    })
+    Ok(EnrollReport { device_id: r.device_id, coordinator: coordinator.into(), backbone_version: r.backbone_version })
 }
 
 #[derive(Debug, Serialize)]
@@ -114,10 +96,7 @@ pub async fn status(home: &Path, offline: bool) -> Result<StatusReport> {
     if id.is_some() && !offline {
         let ping = async {
             let s = Session::open(&store).await?;
-            let r = s
-                .device()
-                .ping(s.request(methods::DEVICE_PING, PingRequest {}))
-                .await?;
+            let r = s.device().ping(s.request(methods::DEVICE_PING, PingRequest {})).await?;
             Ok::<_, ClientError>(r.into_inner())
         };
         match ping.await {
@@ -140,12 +119,7 @@ pub fn data_add(home: &Path, file: &Path, format: Format, speaker: Option<&str>)
     let name = file.display().to_string();
     let (format, examples) = crate::data::parse(&name, &text, format, speaker)?;
     let store = ClientStore::open(home)?;
-    let src = Source {
-        file: name,
-        format: format.to_string(),
-        examples: examples.len(),
-        added_at_ms: now_ms(),
-    };
+    let src = Source { file: name, format: format.to_string(), examples: examples.len(), added_at_ms: now_ms() };
     store.add_examples(&src, &examples)?;
     Ok(src)
 }
@@ -192,36 +166,20 @@ impl Model {
 const HEAD_FILE: &str = "head.v2.safetensors";
 
 pub(crate) async fn model(s: &Session, store: &ClientStore, device: &Device) -> Result<Model> {
-    let info = s
-        .backbone()
-        .get_model_info(
-            s.request(methods::BACKBONE_GET_MODEL_INFO, GetModelInfoRequest {}),
-        )
-        .await?
-        .into_inner();
+    let info = s.backbone().get_model_info(s.request(methods::BACKBONE_GET_MODEL_INFO, GetModelInfoRequest {})).await?.into_inner();
     let config = BackboneConfig::from_json(&info.config_json)?;
     let tokenizer = Tokenizer::from_json(&info.tokenizer_json)?;
     let optional = |s: &str| (!s.is_empty()).then(|| s.to_string());
-    let tokens = ModelTokens::from_json(
-        &info.config_json,
-        optional(&info.generation_config_json).as_deref(),
-        optional(&info.tokenizer_config_json).as_deref(),
-    )?;
+    let tokens =
+        ModelTokens::from_json(&info.config_json, optional(&info.generation_config_json).as_deref(), optional(&info.tokenizer_config_json).as_deref())?;
     if tokenizer.vocab_size() > config.vocab_size {
-        return Err(ClientError::Invalid(
-            "tokenizer vocabulary larger than the backbone's".into(),
-        ));
+        return Err(ClientError::Invalid("tokenizer vocabulary larger than the backbone's".into()));
     }
     let v = &info.backbone_version;
     let head_bytes = match store.backbone_file(v, HEAD_FILE)? {
         Some(b) => b,
         None => {
-            let req = s.request(
-                methods::BACKBONE_GET_HEAD,
-                GetHeadRequest {
-                    backbone_version: v.clone(),
-                },
-            );
+            let req = s.request(methods::BACKBONE_GET_HEAD, GetHeadRequest { backbone_version: v.clone() });
             let p = receive_params(s.backbone().get_head(req).await?.into_inner()).await?;
             let b = p.to_safetensors();
             store.put_backbone_file(v, HEAD_FILE, &b)?;
@@ -229,23 +187,11 @@ pub(crate) async fn model(s: &Session, store: &ClientStore, device: &Device) -> 
             b
         }
     };
-    let head = FrozenHead::from_params(
-        &ParamSet::from_safetensors(&head_bytes)?,
-        config.rms_norm_eps,
-        device,
-    )?;
+    let head = FrozenHead::from_params(&ParamSet::from_safetensors(&head_bytes)?, config.rms_norm_eps, device)?;
     if head.hidden_size() != config.hidden_size || head.vocab_size() != config.vocab_size {
-        return Err(ClientError::Invalid(
-            "the coordinator's head does not match its config".into(),
-        ));
+        return Err(ClientError::Invalid("the coordinator's head does not match its config".into()));
     }
-    Ok(Model {
-        info,
-        config,
-        tokenizer,
-        tokens,
-        head,
-    })
+    Ok(Model { info, config, tokenizer, tokens, head })
 }
 
 fn feature_key(version: &str, layers: &[usize], positions: &str, ex: &TokenizedExample) -> String {
@@ -268,17 +214,9 @@ pub async fn features(
     on_progress: &mut dyn FnMut(usize, usize),
 ) -> Result<FeatureSet> {
     let d = m.config.hidden_size;
-    let mut set = FeatureSet {
-        layers: layers.to_vec(),
-        d,
-        positions,
-        examples: vec![],
-    };
+    let mut set = FeatureSet { layers: layers.to_vec(), d, positions, examples: vec![] };
     let pos_name = format!("{positions:?}");
-    let keys: Vec<String> = examples
-        .iter()
-        .map(|e| feature_key(&m.info.backbone_version, layers, &pos_name, e))
-        .collect();
+    let keys: Vec<String> = examples.iter().map(|e| feature_key(&m.info.backbone_version, layers, &pos_name, e)).collect();
     let mut have: BTreeMap<usize, spa_model::features::ExampleFeatures> = BTreeMap::new();
     let mut missing = Vec::new();
     for (i, k) in keys.iter().enumerate() {
@@ -316,39 +254,24 @@ pub async fn features(
                 .iter()
                 .map(|&i| {
                     let r = positions.range(&examples[i]);
-                    FeatureSequence {
-                        ids: examples[i].ids.clone(),
-                        from: r.start as u32,
-                        to: r.end as u32,
-                    }
+                    FeatureSequence { ids: examples[i].ids.clone(), from: r.start as u32, to: r.end as u32 }
                 })
                 .collect(),
             layers: layers.iter().map(|&l| l as u32).collect(),
             dtype: wire as i32,
         };
-        let mut stream = s
-            .backbone()
-            .features(s.request(methods::BACKBONE_FEATURES, req))
-            .await?
-            .into_inner();
+        let mut stream = s.backbone().features(s.request(methods::BACKBONE_FEATURES, req)).await?.into_inner();
         let mut asms: Vec<ByteAssembler> = batch
             .iter()
             .map(|&i| {
                 let n = positions.range(&examples[i]).len() as u64;
-                ByteAssembler::new(
-                    format!("features of example {i}"),
-                    n * per_pos,
-                    MAX_TENSOR_BYTES,
-                )
+                ByteAssembler::new(format!("features of example {i}"), n * per_pos, MAX_TENSOR_BYTES)
             })
             .collect::<std::result::Result<_, _>>()?;
         while let Some(c) = stream.message().await? {
-            let a = asms.get_mut(c.sequence as usize).ok_or_else(|| {
-                ClientError::Invalid(format!(
-                    "coordinator sent features of unknown sequence {}",
-                    c.sequence
-                ))
-            })?;
+            let a = asms
+                .get_mut(c.sequence as usize)
+                .ok_or_else(|| ClientError::Invalid(format!("coordinator sent features of unknown sequence {}", c.sequence)))?;
             a.push(c.offset, c.total_bytes, &c.data)?;
         }
         for (&i, a) in batch.iter().zip(asms) {
@@ -356,13 +279,7 @@ pub async fn features(
             // [positions, layers, d] -> per layer [positions * d].
             let l = layers.len();
             let n = vals.len() / (l * d);
-            let states: Vec<Vec<f32>> = (0..l)
-                .map(|k| {
-                    (0..n)
-                        .flat_map(|p| vals[(p * l + k) * d..(p * l + k + 1) * d].iter().copied())
-                        .collect()
-                })
-                .collect();
+            let states: Vec<Vec<f32>> = (0..l).map(|k| (0..n).flat_map(|p| vals[(p * l + k) * d..(p * l + k + 1) * d].iter().copied()).collect()).collect();
             let f = set.example_from_states(&examples[i], &states)?;
             store.cache_features(&keys[i], &f)?;
             have.insert(i, f);
@@ -404,9 +321,7 @@ pub(crate) async fn local_sets(
 ) -> Result<(FeatureSet, FeatureSet, usize)> {
     let examples: Vec<Example> = store.examples()?;
     if examples.is_empty() {
-        return Err(ClientError::Invalid(
-            "no local data: run `spa-client data add FILE` first".into(),
-        ));
+        return Err(ClientError::Invalid("no local data: run `spa-client data add FILE` first".into()));
     }
     let tok = tokenize_examples(&m.tokenizer, &examples, m.config.max_position_embeddings)?;
     let n_held = if tok.len() >= 10 { tok.len() / 10 } else { 0 };
@@ -433,12 +348,7 @@ impl TrainProgress for () {}
 /// trained on the device's data, shared and private parts saved in the store. Continues
 /// from the stored plugin unless `fresh`. The last tenth of the data (in order, at least one
 /// example when there are ten or more) is held out for evaluation.
-pub async fn train(
-    home: &Path,
-    overrides: &TrainConfig,
-    fresh: bool,
-    progress: &mut dyn TrainProgress,
-) -> Result<TrainSummary> {
+pub async fn train(home: &Path, overrides: &TrainConfig, fresh: bool, progress: &mut dyn TrainProgress) -> Result<TrainSummary> {
     // Bad settings fail here, before the store, the network and feature extraction.
     overrides.validate()?;
     let store = ClientStore::open(home)?;
@@ -448,23 +358,18 @@ pub async fn train(
     let m = model(&s, &store, &device).await?;
     let mut plugin = Plugin::new(&cfg.side, &m.config, &device)?;
     let mut resumed = false;
-    if !fresh && let Some((shared, private, meta)) = store.plugin()?
-        && meta.backbone_version == m.info.backbone_version && meta.side == cfg.side {
-            plugin = plugin
-                .load(&ParamSet::from_safetensors(&shared)?)?
-                .load(&ParamSet::from_safetensors(&private)?)?;
-            resumed = true;
-        }
+    if !fresh
+        && let Some((shared, private, meta)) = store.plugin()?
+        && meta.backbone_version == m.info.backbone_version
+        && meta.side == cfg.side
+    {
+        plugin = plugin.load(&ParamSet::from_safetensors(&shared)?)?.load(&ParamSet::from_safetensors(&private)?)?;
+        resumed = true;
+    }
     let (train_set, held_set, total) = local_sets(&s, &store, &m, &plugin, progress).await?;
     let (n_train, n_held) = (train_set.examples.len(), held_set.examples.len());
-    let (plugin, report) = train_plugin(plugin, &m.head, &train_set, overrides, None, &mut |ev| {
-        progress.train(&ev)
-    })?;
-    let heldout = if held_set.examples.is_empty() || held_set.num_loss_tokens() == 0 {
-        None
-    } else {
-        Some(evaluate(&plugin, &m.head, &held_set, 2048)?)
-    };
+    let (plugin, report) = train_plugin(plugin, &m.head, &train_set, overrides, None, &mut |ev| progress.train(&ev))?;
+    let heldout = if held_set.examples.is_empty() || held_set.num_loss_tokens() == 0 { None } else { Some(evaluate(&plugin, &m.head, &held_set, 2048)?) };
     let (shared, private) = plugin.split()?;
     let meta = TrainedMeta {
         backbone_version: m.info.backbone_version.clone(),
@@ -476,11 +381,7 @@ pub async fn train(
         shared_tensors: shared.as_set().tensors.len(),
         private_tensors: private.tensors.len(),
     };
-    store.save_plugin(
-        &shared.as_set().to_safetensors(),
-        &private.to_safetensors(),
-        &meta,
-    )?;
+    store.save_plugin(&shared.as_set().to_safetensors(), &private.to_safetensors(), &meta)?;
     Ok(TrainSummary {
         device_id: s.identity.device_id.clone(),
         backbone_version: m.info.backbone_version.clone(),

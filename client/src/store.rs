@@ -52,8 +52,7 @@ pub struct ClientStore {
 }
 
 fn dec<T: for<'a> Deserialize<'a>>(b: &[u8]) -> Result<T> {
-    serde_json::from_slice(b)
-        .map_err(|e| ClientError::Invalid(format!("corrupt store record: {e}")))
+    serde_json::from_slice(b).map_err(|e| ClientError::Invalid(format!("corrupt store record: {e}")))
 }
 
 fn enc<T: Serialize>(v: &T) -> Vec<u8> {
@@ -135,17 +134,11 @@ impl ClientStore {
     }
 
     pub fn backbone_file(&self, version: &str, name: &str) -> Result<Option<Vec<u8>>> {
-        Ok(self
-            .backbone
-            .get(format!("{version}/{name}"))?
-            .map(|v| v.to_vec()))
+        Ok(self.backbone.get(format!("{version}/{name}"))?.map(|v| v.to_vec()))
     }
 
     pub fn cached_features(&self, key: &str) -> Result<Option<ExampleFeatures>> {
-        self.features
-            .get(key)?
-            .map(|b| decode_features(&b))
-            .transpose()
+        self.features.get(key)?.map(|b| decode_features(&b)).transpose()
     }
 
     pub fn cache_features(&self, key: &str, f: &ExampleFeatures) -> Result<()> {
@@ -169,17 +162,16 @@ impl ClientStore {
     }
 
     /// (shared safetensors, private safetensors, metadata) of the last training run.
-    pub fn plugin(&self) -> Result<Option<(Vec<u8>, Vec<u8>, TrainedMeta)>> {
-        match (
-            self.params.get("shared")?,
-            self.params.get("private")?,
-            self.params.get("meta")?,
-        ) {
+    pub fn plugin(&self) -> Result<Option<StoredPlugin>> {
+        match (self.params.get("shared")?, self.params.get("private")?, self.params.get("meta")?) {
             (Some(s), Some(p), Some(m)) => Ok(Some((s.to_vec(), p.to_vec(), dec(&m)?))),
             _ => Ok(None),
         }
     }
 }
+
+/// A trained plugin as stored: shared safetensors, private safetensors, metadata.
+pub type StoredPlugin = (Vec<u8>, Vec<u8>, TrainedMeta);
 
 #[derive(Serialize, Deserialize)]
 struct FeatHeader {
@@ -191,12 +183,7 @@ struct FeatHeader {
 
 /// `u32 header length | JSON header | f32 little-endian values`.
 pub fn encode_features(f: &ExampleFeatures) -> Vec<u8> {
-    let h = enc(&FeatHeader {
-        first: f.first,
-        targets: f.targets.clone(),
-        loss: f.loss.clone(),
-        n: f.feats.len(),
-    });
+    let h = enc(&FeatHeader { first: f.first, targets: f.targets.clone(), loss: f.loss.clone(), n: f.feats.len() });
     let mut out = Vec::with_capacity(4 + h.len() + 4 * f.feats.len());
     out.extend_from_slice(&(h.len() as u32).to_le_bytes());
     out.extend_from_slice(&h);
@@ -208,23 +195,14 @@ pub fn encode_features(f: &ExampleFeatures) -> Vec<u8> {
 
 pub fn decode_features(b: &[u8]) -> Result<ExampleFeatures> {
     let bad = || ClientError::Invalid("corrupt feature cache entry".into());
-    let hl =
-        u32::from_le_bytes(b.get(..4).ok_or_else(bad)?.try_into().map_err(|_| bad())?) as usize;
+    let hl = u32::from_le_bytes(b.get(..4).ok_or_else(bad)?.try_into().map_err(|_| bad())?) as usize;
     let h: FeatHeader = dec(b.get(4..4 + hl).ok_or_else(bad)?)?;
     let raw = b.get(4 + hl..).ok_or_else(bad)?;
     if raw.len() != 4 * h.n {
         return Err(bad());
     }
-    let feats = raw
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    Ok(ExampleFeatures {
-        first: h.first,
-        targets: h.targets,
-        loss: h.loss,
-        feats,
-    })
+    let feats = raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    Ok(ExampleFeatures { first: h.first, targets: h.targets, loss: h.loss, feats })
 }
 
 /// sled's file lock outlives a dropped handle for a moment (its flusher thread lets go

@@ -156,12 +156,8 @@ impl Device {
             .unwrap();
         assert!(st.status.success(), "enroll: {}", String::from_utf8_lossy(&st.stderr));
         let user = spa_model::data::synthetic::synthetic_users(index + 1, examples, 7).pop().unwrap();
-        let jsonl: String = user
-            .train
-            .iter()
-            .chain(&user.test)
-            .map(|e| serde_json::json!({ "input": e.prompt, "output": e.reply }).to_string() + "\n")
-            .collect();
+        let jsonl: String =
+            user.train.iter().chain(&user.test).map(|e| serde_json::json!({ "input": e.prompt, "output": e.reply }).to_string() + "\n").collect();
         let data = home.join("data.jsonl");
         std::fs::write(&data, jsonl).unwrap();
         let st = Command::new(CLIENT).arg("--home").arg(&home).args(["data", "add"]).arg(&data).output().unwrap();
@@ -268,7 +264,22 @@ fn devices_run_rounds_with_secagg_dropouts_and_rejoin() {
     assert!(err.contains("no round 999") && code == 3, "{code}: {err}");
     assert_eq!(coord.admin_exit(&["round", "start", "--rounds", "many"]).0, 2);
     assert!(coord.admin_fails(&["round", "start", "--strategy", "fedmagic"]).contains("unknown strategy"));
-    let run = coord.admin(&["round", "start", "--rounds", "3", "--min-clients", "3", "--max-clients", "10", "--deadline", "120", "--local-epochs", "2", "--lr", "0.01"]);
+    let run = coord.admin(&[
+        "round",
+        "start",
+        "--rounds",
+        "3",
+        "--min-clients",
+        "3",
+        "--max-clients",
+        "10",
+        "--deadline",
+        "120",
+        "--local-epochs",
+        "2",
+        "--lr",
+        "0.01",
+    ]);
     assert_eq!(run["run_id"], 1);
 
     let r1 = coord.wait_round(1, Duration::from_secs(300));

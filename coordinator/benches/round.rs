@@ -86,7 +86,8 @@ fn main() {
     for i in 0..n {
         let key = identity().unwrap();
         let token = format!("bench-token-{i}");
-        let rec = TokenRecord { token_id: format!("tok-{i}"), created_at_ms: now_ms(), expires_at_ms: now_ms() + 3_600_000, note: String::new(), used_by: None };
+        let rec =
+            TokenRecord { token_id: format!("tok-{i}"), created_at_ms: now_ms(), expires_at_ms: now_ms() + 3_600_000, note: String::new(), used_by: None };
         store.add_token(&token_hash(&token), &rec).unwrap();
         let d = store.enroll(&token_hash(&token), &key.public_key(), &format!("bench-{i}"), now_ms()).unwrap();
         keys.push((d.device_id, key));
@@ -102,7 +103,18 @@ fn main() {
         }
         // Every device polls once before the run is queued, so selection takes all of them.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let plan = RoundPlan { rounds: n_rounds as u32, min_clients: (n - n_drop) as u32, max_clients: n as u32, deadline_secs: 600, local_epochs: 1, lr: 1e-3, strategy: "fedavg".into(), prox_mu: 0.0, dp_l2_clip: 0.0, dp_noise_multiplier: 0.0 };
+        let plan = RoundPlan {
+            rounds: n_rounds as u32,
+            min_clients: (n - n_drop) as u32,
+            max_clients: n as u32,
+            deadline_secs: 600,
+            local_epochs: 1,
+            lr: 1e-3,
+            strategy: "fedavg".into(),
+            prox_mu: 0.0,
+            dp_l2_clip: 0.0,
+            dp_noise_multiplier: 0.0,
+        };
         let started = Instant::now();
         rounds.start_run(plan).unwrap();
         loop {

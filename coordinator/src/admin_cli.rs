@@ -68,12 +68,8 @@ pub fn parse_duration(s: &str) -> Result<Duration> {
         Some((i, 'd')) => (&s[..i], 86400),
         _ => (s, 1),
     };
-    let n: u64 = num
-        .parse()
-        .with_context(|| format!("invalid duration '{s}' (e.g. 90s, 30m, 24h, 7d)"))?;
-    Ok(Duration::from_secs(
-        n.checked_mul(mult).context("duration too long")?,
-    ))
+    let n: u64 = num.parse().with_context(|| format!("invalid duration '{s}' (e.g. 90s, 30m, 24h, 7d)"))?;
+    Ok(Duration::from_secs(n.checked_mul(mult).context("duration too long")?))
 }
 
 /// An admin client for `target`.
@@ -87,25 +83,16 @@ pub async fn admin_client(target: &Target) -> Result<(AdminClient<Channel>, Stri
             Err(_) => format!("https://{}", cfg.server.listen),
         },
     };
-    let ca = std::fs::read(cfg.resolve(home, &cfg.server.ca_cert))
-        .context("reading the CA certificate")?;
-    let cred = std::fs::read_to_string(cfg.resolve(home, &cfg.server.admin_credential))
-        .context("reading the admin credential")?;
+    let ca = std::fs::read(cfg.resolve(home, &cfg.server.ca_cert)).context("reading the CA certificate")?;
+    let cred = std::fs::read_to_string(cfg.resolve(home, &cfg.server.admin_credential)).context("reading the admin credential")?;
     let ch = crate::net::connect(&url, &ca).await?;
-    let client = AdminClient::new(ch)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let client = AdminClient::new(ch).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES);
     Ok((client, cred.trim().to_string()))
 }
 
 pub fn with_admin<M>(cred: &str, body: M) -> Result<tonic::Request<M>> {
     let mut req = tonic::Request::new(body);
-    req.metadata_mut().insert(
-        HDR_AUTHORIZATION,
-        format!("Bearer {cred}")
-            .parse()
-            .context("credential is not ASCII")?,
-    );
+    req.metadata_mut().insert(HDR_AUTHORIZATION, format!("Bearer {cred}").parse().context("credential is not ASCII")?);
     Ok(req)
 }
 
@@ -177,35 +164,18 @@ struct Exported {
 
 pub async fn run_token(cmd: TokenCommand, json: bool) -> Result<()> {
     match cmd {
-        TokenCommand::Create {
-            target,
-            ttl,
-            note,
-        } => {
+        TokenCommand::Create { target, ttl, note } => {
             let ttl = parse_duration(&ttl)?;
             if ttl.is_zero() {
                 bail!("--ttl must be positive");
             }
             let (mut c, cred) = admin_client(&target).await?;
-            let r = c
-                .create_token(with_admin(
-                    &cred,
-                    CreateTokenRequest {
-                        ttl_seconds: ttl.as_secs(),
-                        note,
-                    },
-                )?)
-                .await
-                .map_err(status_err)?
-                .into_inner();
+            let r = c.create_token(with_admin(&cred, CreateTokenRequest { ttl_seconds: ttl.as_secs(), note })?).await.map_err(status_err)?.into_inner();
             if json {
                 print_json(&TokenCreated { token: r.token, token_id: r.token_id, expires_at_ms: r.expires_at_ms })?;
             } else {
                 println!("{}", r.token);
-                eprintln!(
-                    "token {} expires at {} (Unix ms); it is shown only once",
-                    r.token_id, r.expires_at_ms
-                );
+                eprintln!("token {} expires at {} (Unix ms); it is shown only once", r.token_id, r.expires_at_ms);
             }
         }
     }
@@ -216,11 +186,7 @@ pub async fn run_devices(cmd: DevicesCommand, json: bool) -> Result<()> {
     match cmd {
         DevicesCommand::List { target } => {
             let (mut c, cred) = admin_client(&target).await?;
-            let r = c
-                .list_devices(with_admin(&cred, ListDevicesRequest {})?)
-                .await
-                .map_err(status_err)?
-                .into_inner();
+            let r = c.list_devices(with_admin(&cred, ListDevicesRequest {})?).await.map_err(status_err)?.into_inner();
             if json {
                 let rows: Vec<DeviceRow> = r
                     .devices
@@ -236,33 +202,15 @@ pub async fn run_devices(cmd: DevicesCommand, json: bool) -> Result<()> {
                     .collect();
                 print_json(&rows)?;
             } else {
-                println!(
-                    "{:<22} {:<20} {:<8} {:>15}",
-                    "DEVICE", "NAME", "STATE", "LAST SEEN (ms)"
-                );
+                println!("{:<22} {:<20} {:<8} {:>15}", "DEVICE", "NAME", "STATE", "LAST SEEN (ms)");
                 for d in r.devices {
-                    println!(
-                        "{:<22} {:<20} {:<8} {:>15}",
-                        d.device_id,
-                        d.name,
-                        if d.revoked { "revoked" } else { "active" },
-                        d.last_seen_ms
-                    );
+                    println!("{:<22} {:<20} {:<8} {:>15}", d.device_id, d.name, if d.revoked { "revoked" } else { "active" }, d.last_seen_ms);
                 }
             }
         }
         DevicesCommand::Revoke { target, id } => {
             let (mut c, cred) = admin_client(&target).await?;
-            let r = c
-                .revoke_device(with_admin(
-                    &cred,
-                    RevokeDeviceRequest {
-                        device_id: id.clone(),
-                    },
-                )?)
-                .await
-                .map_err(status_err)?
-                .into_inner();
+            let r = c.revoke_device(with_admin(&cred, RevokeDeviceRequest { device_id: id.clone() })?).await.map_err(status_err)?.into_inner();
             if json {
                 print_json(&Revoked { device_id: id, was_active: r.was_active })?;
             } else if r.was_active {
@@ -277,11 +225,7 @@ pub async fn run_devices(cmd: DevicesCommand, json: bool) -> Result<()> {
 
 pub async fn run_status(target: Target, json: bool) -> Result<()> {
     let (mut c, cred) = admin_client(&target).await?;
-    let r = c
-        .server_status(with_admin(&cred, ServerStatusRequest {})?)
-        .await
-        .map_err(status_err)?
-        .into_inner();
+    let r = c.server_status(with_admin(&cred, ServerStatusRequest {})?).await.map_err(status_err)?.into_inner();
     let v = ServerStatus {
         backbone_version: r.backbone_version,
         devices: r.devices,
@@ -307,10 +251,7 @@ pub fn run_init(home: &Path, names: &[String], json: bool) -> Result<()> {
     } else {
         println!("initialised {}", r.home.display());
         println!("  config:           {}", r.config.display());
-        println!(
-            "  CA certificate:   {} (give it to devices: spa-client enroll --ca)",
-            r.ca_cert.display()
-        );
+        println!("  CA certificate:   {} (give it to devices: spa-client enroll --ca)", r.ca_cert.display());
         println!("  admin credential: {}", r.admin_credential.display());
     }
     Ok(())

@@ -2,10 +2,7 @@
 //! revocation) and admin calls (bearer credential). Failures are gRPC statuses.
 use std::sync::Mutex;
 
-use spa_proto::auth::{
-    AuthError, HDR_AUTHORIZATION, NonceWindow, SignedHeaders, body_digest, check_clock, now_ms,
-    sha256,
-};
+use spa_proto::auth::{AuthError, HDR_AUTHORIZATION, NonceWindow, SignedHeaders, body_digest, check_clock, now_ms, sha256};
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Status};
 
@@ -26,32 +23,18 @@ fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
 
 impl Auth {
     /// Loads the nonces still inside the window, so a restart does not reopen replays.
-    pub fn new(
-        store: Store,
-        window_ms: u64,
-        capacity: usize,
-        admin_credential: &str,
-    ) -> crate::error::Result<Self> {
+    pub fn new(store: Store, window_ms: u64, capacity: usize, admin_credential: &str) -> crate::error::Result<Self> {
         let now = now_ms();
         let mut w = NonceWindow::new(window_ms, capacity);
         for (d, n, ts) in store.nonces_since(now.saturating_sub(window_ms))? {
             let _ = w.check_and_insert(&d, &n, ts, now);
         }
         store.prune_nonces(now.saturating_sub(window_ms))?;
-        Ok(Self {
-            store,
-            nonces: Mutex::new(w),
-            window_ms,
-            admin_hash: sha256(admin_credential.trim().as_bytes()),
-        })
+        Ok(Self { store, nonces: Mutex::new(w), window_ms, admin_hash: sha256(admin_credential.trim().as_bytes()) })
     }
 
     /// A signed unary or server-streaming call: the signature covers this body.
-    pub fn device<M: prost::Message>(
-        &self,
-        req: &Request<M>,
-        method: &str,
-    ) -> Result<DeviceRecord, Status> {
+    pub fn device<M: prost::Message>(&self, req: &Request<M>, method: &str) -> Result<DeviceRecord, Status> {
         self.check(req.metadata(), method, &body_digest(req.get_ref()))
     }
 
@@ -61,18 +44,9 @@ impl Auth {
         self.check(md, method, digest)
     }
 
-    fn check(
-        &self,
-        md: &MetadataMap,
-        method: &str,
-        digest: &[u8; 32],
-    ) -> Result<DeviceRecord, Status> {
+    fn check(&self, md: &MetadataMap, method: &str, digest: &[u8; 32]) -> Result<DeviceRecord, Status> {
         let h = SignedHeaders::from_metadata(md)?;
-        let rec = self
-            .store
-            .device(&h.device_id)
-            .map_err(internal)?
-            .ok_or(AuthError::UnknownDevice(h.device_id.clone()))?;
+        let rec = self.store.device(&h.device_id).map_err(internal)?.ok_or(AuthError::UnknownDevice(h.device_id.clone()))?;
         if rec.revoked {
             return Err(AuthError::Revoked(rec.device_id).into());
         }
@@ -80,29 +54,16 @@ impl Auth {
         h.verify(&pk, method, digest)?;
         let now = now_ms();
         check_clock(h.ts_ms, now, self.window_ms)?;
-        self.nonces.lock().map_err(internal)?.check_and_insert(
-            &h.device_id,
-            &h.nonce_hex,
-            h.ts_ms,
-            now,
-        )?;
-        self.store
-            .record_nonce(&h.device_id, &h.nonce_hex, h.ts_ms)
-            .map_err(internal)?;
+        self.nonces.lock().map_err(internal)?.check_and_insert(&h.device_id, &h.nonce_hex, h.ts_ms, now)?;
+        self.store.record_nonce(&h.device_id, &h.nonce_hex, h.ts_ms).map_err(internal)?;
         self.store.touch(&h.device_id, now)?;
         Ok(rec)
     }
 
     pub fn admin(&self, md: &MetadataMap) -> Result<(), Status> {
-        let v = md
-            .get(HDR_AUTHORIZATION)
-            .ok_or(AuthError::Missing(HDR_AUTHORIZATION))?;
-        let v = v
-            .to_str()
-            .map_err(|_| AuthError::Malformed(HDR_AUTHORIZATION))?;
-        let cred = v
-            .strip_prefix("Bearer ")
-            .ok_or(AuthError::Malformed(HDR_AUTHORIZATION))?;
+        let v = md.get(HDR_AUTHORIZATION).ok_or(AuthError::Missing(HDR_AUTHORIZATION))?;
+        let v = v.to_str().map_err(|_| AuthError::Malformed(HDR_AUTHORIZATION))?;
+        let cred = v.strip_prefix("Bearer ").ok_or(AuthError::Malformed(HDR_AUTHORIZATION))?;
         if !same(&sha256(cred.trim().as_bytes()), &self.admin_hash) {
             tracing::warn!("admin call with a wrong credential");
             return Err(AuthError::BadAdmin.into());
@@ -112,8 +73,6 @@ impl Auth {
 
     /// Forgets nonces that can no longer pass the clock check.
     pub fn prune(&self) {
-        let _ = self
-            .store
-            .prune_nonces(now_ms().saturating_sub(self.window_ms));
+        let _ = self.store.prune_nonces(now_ms().saturating_sub(self.window_ms));
     }
 }

@@ -8,8 +8,7 @@ use spa_model::side::SideConfig;
 use crate::error::{CoordinatorError, ensure};
 
 /// The shipped default backbone (pretrained by the project, HF layout).
-pub const DEFAULT_BACKBONE: &str =
-    concat!(env!("CARGO_MANIFEST_DIR"), "/../models/shakespeare-char");
+pub const DEFAULT_BACKBONE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/shakespeare-char");
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -96,11 +95,7 @@ pub struct AuthSection {
 
 impl Default for AuthSection {
     fn default() -> Self {
-        Self {
-            clock_window_secs: 300,
-            max_nonces: 1_000_000,
-            max_token_ttl_secs: 30 * 24 * 3600,
-        }
+        Self { clock_window_secs: 300, max_nonces: 1_000_000, max_token_ttl_secs: 30 * 24 * 3600 }
     }
 }
 
@@ -172,22 +167,19 @@ impl CoordinatorConfig {
     pub fn load(home: &Path) -> crate::error::Result<Self> {
         let path = home.join(CONFIG_FILE);
         let text = std::fs::read_to_string(&path).map_err(|e| {
-            CoordinatorError::Config(format!(
-                "cannot read {} ({e}); run `spa-coordinator init --home {}` first",
-                path.display(),
-                home.display()
-            ))
+            CoordinatorError::Config(format!("cannot read {} ({e}); run `spa-coordinator init --home {}` first", path.display(), home.display()))
         })?;
-        let cfg: Self =
-            toml::from_str(&text).map_err(|e| CoordinatorError::Config(format!("{}: {e}", path.display())))?;
+        let cfg: Self = toml::from_str(&text).map_err(|e| CoordinatorError::Config(format!("{}: {e}", path.display())))?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     pub fn validate(&self) -> crate::error::Result<()> {
         let l = &self.limits;
-        ensure(l.max_message_bytes >= 2 * spa_proto::limits::CHUNK_BYTES
-                && l.max_message_bytes <= 64 << 20, "limits.max_message_bytes must be between 2 MiB and 64 MiB")?;
+        ensure(
+            l.max_message_bytes >= 2 * spa_proto::limits::CHUNK_BYTES && l.max_message_bytes <= 64 << 20,
+            "limits.max_message_bytes must be between 2 MiB and 64 MiB",
+        )?;
         ensure(l.max_sequences_per_request > 0, "limits.max_sequences_per_request must be > 0")?;
         ensure(l.max_feature_bytes_per_request > 0, "limits.max_feature_bytes_per_request must be > 0")?;
         ensure(l.max_sessions > 0, "limits.max_sessions must be > 0")?;
@@ -202,19 +194,11 @@ impl CoordinatorConfig {
     }
 
     pub fn resolve(&self, home: &Path, p: &Path) -> PathBuf {
-        if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            home.join(p)
-        }
+        if p.is_absolute() { p.to_path_buf() } else { home.join(p) }
     }
 
     pub fn backbone_dir(&self, home: &Path) -> PathBuf {
-        if self.backbone.path.is_empty() {
-            PathBuf::from(DEFAULT_BACKBONE)
-        } else {
-            self.resolve(home, Path::new(&self.backbone.path))
-        }
+        if self.backbone.path.is_empty() { PathBuf::from(DEFAULT_BACKBONE) } else { self.resolve(home, Path::new(&self.backbone.path)) }
     }
 }
 
@@ -232,10 +216,7 @@ mod tests {
         let cfg: CoordinatorConfig = toml::from_str(DEFAULT_TOML).unwrap();
         cfg.validate().unwrap();
         assert_eq!(cfg.server.listen, ServerSection::default().listen);
-        assert_eq!(
-            cfg.limits.max_message_bytes,
-            spa_proto::limits::MAX_MESSAGE_BYTES
-        );
+        assert_eq!(cfg.limits.max_message_bytes, spa_proto::limits::MAX_MESSAGE_BYTES);
         assert_eq!(cfg.side, SideConfig::default());
     }
 }

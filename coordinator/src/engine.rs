@@ -11,11 +11,11 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use spa_model::backbone::{TokenBatch, WeightDtype, load_backbone_as};
-use spa_model::side::{FrozenHead, ParamSet, Plugin, SideConfig};
-use spa_model::side::head::ShippedTensor;
-use spa_model::tensor_util::to_vec;
 use spa_model::generate::Sampling;
+use spa_model::side::head::ShippedTensor;
+use spa_model::side::{FrozenHead, ParamSet, Plugin, SideConfig};
 use spa_model::speculative::{Block, DraftForm, Drafter};
+use spa_model::tensor_util::to_vec;
 use spa_model::{Backbone, BackboneConfig, BackendKind};
 use tokio::sync::oneshot;
 
@@ -156,10 +156,7 @@ fn version_of(dir: &Path) -> Result<String, CoordinatorError> {
     for f in files {
         all.extend_from_slice(&spa_proto::auth::sha256(&std::fs::read(&f).map_err(io(&f))?));
     }
-    Ok(format!(
-        "bb-{}",
-        &hex::encode(spa_proto::auth::sha256(&all))[..16]
-    ))
+    Ok(format!("bb-{}", &hex::encode(spa_proto::auth::sha256(&all))[..16]))
 }
 
 impl Engine {
@@ -176,11 +173,7 @@ impl Engine {
         let tokenizer_config_json = optional_file(&dir.join("tokenizer_config.json"))?;
         // The checkpoint's special tokens must parse before devices are told about them.
         let present = |s: &String| (!s.is_empty()).then(|| s.clone());
-        spa_model::tokenizer::ModelTokens::from_json(
-            &config_json,
-            present(&generation_config_json).as_deref(),
-            present(&tokenizer_config_json).as_deref(),
-        )?;
+        spa_model::tokenizer::ModelTokens::from_json(&config_json, present(&generation_config_json).as_deref(), present(&tokenizer_config_json).as_deref())?;
         let (tx, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<BackboneConfig, spa_model::ModelError>>();
         let dir_display = dir.display().to_string();
@@ -206,18 +199,8 @@ impl Engine {
             .recv()
             .map_err(|_| CoordinatorError::Other("backbone worker died while loading".into()))?
             .map_err(|e| CoordinatorError::Other(format!("backbone {}: {e}", dir_display)))?;
-        let meta = ModelMeta {
-            version,
-            config,
-            config_json,
-            tokenizer_json,
-            generation_config_json,
-            tokenizer_config_json,
-        };
-        Ok(Self {
-            tx,
-            meta: std::sync::Arc::new(meta),
-        })
+        let meta = ModelMeta { version, config, config_json, tokenizer_json, generation_config_json, tokenizer_config_json };
+        Ok(Self { tx, meta: std::sync::Arc::new(meta) })
     }
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Job) -> Result<T, EngineError> {
@@ -227,19 +210,8 @@ impl Engine {
     }
 
     /// Per sequence, the features at positions [from, to), laid out [positions, layers, hidden].
-    pub async fn features(
-        &self,
-        seqs: Vec<SeqJob>,
-        layers: Vec<usize>,
-        dtype: i32,
-    ) -> Result<Vec<Vec<u8>>, EngineError> {
-        self.call(|reply| Job::Features {
-            seqs,
-            layers,
-            dtype,
-            reply,
-        })
-        .await
+    pub async fn features(&self, seqs: Vec<SeqJob>, layers: Vec<usize>, dtype: i32) -> Result<Vec<Vec<u8>>, EngineError> {
+        self.call(|reply| Job::Features { seqs, layers, dtype, reply }).await
     }
 
     /// The frozen final norm and head as devices receive them.
@@ -286,15 +258,7 @@ pub fn encode_block(b: &Block, dtype: i32) -> Result<Vec<u8>, EngineError> {
     Ok(spa_proto::tensor::encode_f32(&out, dtype)?)
 }
 
-fn layout(
-    taps: &[Vec<f32>],
-    b: usize,
-    t: usize,
-    d: usize,
-    from: usize,
-    to: usize,
-    dtype: i32,
-) -> Result<Vec<u8>, EngineError> {
+fn layout(taps: &[Vec<f32>], b: usize, t: usize, d: usize, from: usize, to: usize, dtype: i32) -> Result<Vec<u8>, EngineError> {
     let l = taps.len();
     let mut out = Vec::with_capacity((to - from) * l * d);
     for p in from..to {
@@ -322,12 +286,7 @@ fn worker(bb: Backbone, rx: mpsc::Receiver<Job>, idle: Duration, max_detached: u
             Job::Head { reply } => {
                 let _ = reply.send(guarded(|| Ok(FrozenHead::shipped(&bb))));
             }
-            Job::Features {
-                seqs,
-                layers,
-                dtype,
-                reply,
-            } => {
+            Job::Features { seqs, layers, dtype, reply } => {
                 let r = guarded(|| {
                     let d = bb.config.hidden_size;
                     let mut out = Vec::with_capacity(seqs.len());
@@ -336,11 +295,7 @@ fn worker(bb: Backbone, rx: mpsc::Receiver<Job>, idle: Duration, max_detached: u
                     // computes no padding). The tensor forward of other backends batches.
                     let per_call = if spa_model::device::is_flex(&bb.device) { 1 } else { 8 };
                     for chunk in seqs.chunks(per_call) {
-                        let tb = TokenBatch::new(
-                            chunk.iter().map(|s| s.ids.clone()).collect(),
-                            &bb.config,
-                            0,
-                        )?;
+                        let tb = TokenBatch::new(chunk.iter().map(|s| s.ids.clone()).collect(), &bb.config, 0)?;
                         let o = bb.forward(&tb, &layers, false, None);
                         let taps: Vec<Vec<f32>> = o.taps.into_iter().map(to_vec).collect();
                         for (b, s) in chunk.iter().enumerate() {
@@ -408,10 +363,7 @@ fn worker(bb: Backbone, rx: mpsc::Receiver<Job>, idle: Duration, max_detached: u
 
 fn guarded<T>(f: impl FnOnce() -> Result<T, EngineError>) -> Result<T, EngineError> {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| {
-        let msg = p
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
+        let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
         Err(EngineError::Panicked(msg.unwrap_or_default()))
     })
 }

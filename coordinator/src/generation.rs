@@ -14,9 +14,9 @@ use spa_proto::v1::*;
 use tokio::sync::mpsc;
 use tonic::{Request, Status, Streaming};
 
-use crate::status::internal;
 use crate::engine::{Opening, encode_block};
 use crate::service::{BackboneService, BoxStream, Shared};
+use crate::status::internal;
 
 /// Most stop ids an opening may name.
 const MAX_STOP_IDS: usize = 64;
@@ -119,9 +119,7 @@ fn cloud_down(s: &Shared, open: &GenerateOpen, taps: usize) -> Result<Arc<CloudD
     let set = global(s, v)?;
     let down = CloudDown::from_params(&set).map_err(|e| Status::failed_precondition(format!("global version {v}: {e}")))?;
     if spa_proto::auth::sha256(&down.canonical_bytes()).as_slice() != open.down_digest.as_slice() {
-        return Err(Status::failed_precondition(format!(
-            "this device's down-projections differ from global version {v}'s: ask for taps (SIDE_INPUTS_TAPS)"
-        )));
+        return Err(Status::failed_precondition(format!("this device's down-projections differ from global version {v}'s: ask for taps (SIDE_INPUTS_TAPS)")));
     }
     if down.taps() != taps {
         return Err(Status::invalid_argument(format!("{taps} layers for {} down-projections", down.taps())));

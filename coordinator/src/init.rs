@@ -4,10 +4,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::error::{CoordinatorError, Result, io};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 
 use crate::config::{CONFIG_FILE, CoordinatorConfig, DEFAULT_TOML};
 
@@ -41,19 +38,9 @@ pub fn init(home: &Path, extra_names: &[String]) -> Result<InitReport> {
     let cfg = CoordinatorConfig::default_config();
     let config = home.join(CONFIG_FILE);
     let s = &cfg.server;
-    let targets = [
-        &config,
-        &home.join(&s.cert),
-        &home.join(&s.key),
-        &home.join(&s.ca_cert),
-        &home.join(&s.admin_credential),
-        &home.join(&s.store),
-    ];
+    let targets = [&config, &home.join(&s.cert), &home.join(&s.key), &home.join(&s.ca_cert), &home.join(&s.admin_credential), &home.join(&s.store)];
     if let Some(t) = targets.iter().find(|p| p.exists()) {
-        return Err(CoordinatorError::Config(format!(
-            "{} already exists: refusing to overwrite an initialised coordinator home",
-            t.display()
-        )));
+        return Err(CoordinatorError::Config(format!("{} already exists: refusing to overwrite an initialised coordinator home", t.display())));
     }
     std::fs::create_dir_all(home).map_err(io(home))?;
     let tls = home.join(&s.cert).parent().expect("cert path has a parent").to_path_buf();
@@ -61,51 +48,28 @@ pub fn init(home: &Path, extra_names: &[String]) -> Result<InitReport> {
 
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "SPA coordinator CA");
-    ca_params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    ca_params.distinguished_name.push(DnType::CommonName, "SPA coordinator CA");
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     let ca_key = KeyPair::generate()?;
     let ca_cert = ca_params.self_signed(&ca_key)?;
 
     let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
     names.extend(extra_names.iter().cloned());
     let mut params = CertificateParams::new(names)?;
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "SPA coordinator");
+    params.distinguished_name.push(DnType::CommonName, "SPA coordinator");
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    params.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
     let key = KeyPair::generate()?;
     let issuer = Issuer::new(ca_params, ca_key);
     let cert = params.signed_by(&key, &issuer)?;
 
-    let credential = format!(
-        "spa-admin-{}\n",
-        hex::encode(spa_proto::auth::random_bytes::<32>())
-    );
+    let credential = format!("spa-admin-{}\n", hex::encode(spa_proto::auth::random_bytes::<32>()));
     write_new(&home.join(&s.ca_cert), ca_cert.pem().as_bytes(), false)?;
-    write_new(
-        &home.join("tls/ca.key"),
-        issuer.key().serialize_pem().as_bytes(),
-        true,
-    )?;
+    write_new(&home.join("tls/ca.key"), issuer.key().serialize_pem().as_bytes(), true)?;
     write_new(&home.join(&s.cert), cert.pem().as_bytes(), false)?;
     write_new(&home.join(&s.key), key.serialize_pem().as_bytes(), true)?;
     write_new(&home.join(&s.admin_credential), credential.as_bytes(), true)?;
     // The config last: its presence marks a complete home.
     write_new(&config, DEFAULT_TOML.as_bytes(), false)?;
-    Ok(InitReport {
-        home: home.to_path_buf(),
-        config,
-        ca_cert: home.join(&s.ca_cert),
-        admin_credential: home.join(&s.admin_credential),
-    })
+    Ok(InitReport { home: home.to_path_buf(), config, ca_cert: home.join(&s.ca_cert), admin_credential: home.join(&s.admin_credential) })
 }

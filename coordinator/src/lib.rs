@@ -29,6 +29,10 @@ pub mod service_main {
     /// Logs to stderr; `RUST_LOG`-style level from `SPA_LOG` (default info).
     pub fn init_tracing() {
         let level = std::env::var("SPA_LOG").ok().and_then(|l| l.parse().ok()).unwrap_or(tracing::Level::INFO);
-        let _ = tracing_subscriber::fmt().with_max_level(level).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).with_writer(std::io::stderr).try_init();
+        let _ = tracing_subscriber::fmt()
+            .with_max_level(level)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_writer(std::io::stderr)
+            .try_init();
     }
 }

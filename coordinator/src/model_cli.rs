@@ -7,16 +7,16 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use spa_model::backbone::{TokenBatch, WeightDtype, load_backbone, load_backbone_as};
-use spa_model::gguf::import_gguf;
 use spa_model::data::shakespeare::{ExampleLimits, leaf_users, parse_play_script, pretraining_split, rank_roles};
 use spa_model::data::synthetic::synthetic_users;
 use spa_model::experiment::local_personalization;
 use spa_model::generate::{Decoding, LocalStates, Sampling, generate_text};
-use spa_model::side::{FrozenHead, SideConfig, SideVariant};
-use spa_model::train::TrainConfig;
+use spa_model::gguf::import_gguf;
 use spa_model::pretrain::{PretrainConfig, PretrainEvent, pretrain, windowed_loss};
+use spa_model::side::{FrozenHead, SideConfig, SideVariant};
 use spa_model::tensor_util::to_vec;
 use spa_model::tokenizer::{ModelTokens, Tokenizer, char_level_json};
+use spa_model::train::TrainConfig;
 
 use crate::admin_cli::print_json;
 use spa_model::BackendKind;
@@ -355,7 +355,12 @@ pub fn run(cmd: ModelCommand, backend: Option<BackendKind>, json: bool) -> Resul
                 print_json(&Generated { tokens: g.ids.len(), text, ids: g.ids, seconds: secs, stopped_at_eos })?;
             } else {
                 println!();
-                eprintln!("{} tokens in {secs:.2} s ({:.1} tokens/s){}", g.ids.len(), g.ids.len() as f64 / secs.max(1e-9), if stopped_at_eos { ", stopped at end of sequence" } else { "" });
+                eprintln!(
+                    "{} tokens in {secs:.2} s ({:.1} tokens/s){}",
+                    g.ids.len(),
+                    g.ids.len() as f64 / secs.max(1e-9),
+                    if stopped_at_eos { ", stopped at end of sequence" } else { "" }
+                );
             }
         }
         ModelCommand::Experiment(mut a) => {
@@ -390,19 +395,16 @@ fn run_experiment(a: ExperimentArgs, device: &spa_model::burn::tensor::Device) -
     let taps = match a.taps.as_deref() {
         None => vec![],
         Some("all") => (0..=bb.config.num_layers).collect(),
-        Some(list) => list.split(',').map(|t| t.trim().parse::<usize>().with_context(|| format!("--taps: '{t}' is not a layer number"))).collect::<Result<_>>()?,
+        Some(list) => {
+            list.split(',').map(|t| t.trim().parse::<usize>().with_context(|| format!("--taps: '{t}' is not a layer number"))).collect::<Result<_>>()?
+        }
     };
     let side = SideConfig { variant, reduction: a.reduction, taps, seed: a.seed, ..SideConfig::default() };
-    let train = TrainConfig {
-        epochs: a.epochs,
-        lr: a.lr,
-        batch_tokens: a.batch_tokens,
-        val_fraction: a.val_fraction,
-        seed: a.seed,
-        ..TrainConfig::default()
-    };
+    let train = TrainConfig { epochs: a.epochs, lr: a.lr, batch_tokens: a.batch_tokens, val_fraction: a.val_fraction, seed: a.seed, ..TrainConfig::default() };
     if !a.json {
-        println!("| user | train tokens | test tokens | backbone loss | side loss | routed loss | backbone acc | side acc | routed acc | gate on | epoch kept |");
+        println!(
+            "| user | train tokens | test tokens | backbone loss | side loss | routed loss | backbone acc | side acc | routed acc | gate on | epoch kept |"
+        );
         println!("|---|---|---|---|---|---|---|---|---|---|---|");
     }
     let results = local_personalization(&bb, &tok, &users, &side, &train, &mut |r| {
@@ -490,13 +492,7 @@ fn run_pretrain(a: PretrainArgs, device: &spa_model::burn::tensor::Device) -> Re
         save_dtype_f16: !a.f32,
         ..Default::default()
     };
-    eprintln!(
-        "pretraining on {} chars ({} held out), {} speakers excluded, vocab {}",
-        train.len(),
-        val.len(),
-        exclude.len(),
-        tok.vocab_size()
-    );
+    eprintln!("pretraining on {} chars ({} held out), {} speakers excluded, vocab {}", train.len(), val.len(), exclude.len(), tok.vocab_size());
     let bar = ProgressBar::new(cfg.steps as u64);
     bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}").expect("template"));
     let report = pretrain(&tok, &tok_json, &train, &val, &cfg, init.as_ref(), device, &a.out, &mut |e| match e {

@@ -9,7 +9,5 @@ pub async fn connect(url: &str, ca_pem: &[u8]) -> Result<Channel> {
         .with_context(|| format!("invalid coordinator URL '{url}'"))?
         .tls_config(tls)?
         .connect_timeout(std::time::Duration::from_secs(10));
-    ep.connect()
-        .await
-        .with_context(|| format!("cannot connect to the coordinator at {url}"))
+    ep.connect().await.with_context(|| format!("cannot connect to the coordinator at {url}"))
 }

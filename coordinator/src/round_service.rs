@@ -13,9 +13,9 @@ use spa_proto::v1::rounds_server::Rounds as RoundsRpc;
 use spa_proto::v1::*;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::status::internal;
 use crate::rounds::{RoundPlan, RoundRecord};
 use crate::service::{BoxStream, Shared};
+use crate::status::internal;
 use crate::store::DeviceRecord;
 
 pub struct RoundsService(pub Arc<Shared>);

@@ -61,8 +61,7 @@ fn seed_checkpoint(store: &Store, cfg: &CoordinatorConfig, engine: &Engine) -> R
         return Ok(());
     }
     let device = BackendKind::Flex.device()?;
-    let plugin = Plugin::new(&cfg.side, &engine.meta.config, &device)
-        .map_err(|e| CoordinatorError::Config(format!("[side] config: {e}")))?;
+    let plugin = Plugin::new(&cfg.side, &engine.meta.config, &device).map_err(|e| CoordinatorError::Config(format!("[side] config: {e}")))?;
     let bytes = plugin.shared()?.as_set().to_safetensors();
     store.put_checkpoint(0, &bytes)?;
     Ok(())
@@ -71,17 +70,11 @@ fn seed_checkpoint(store: &Store, cfg: &CoordinatorConfig, engine: &Engine) -> R
 /// Loads everything and starts serving in the background.
 pub async fn start(home: &Path) -> Result<Running> {
     let cfg = CoordinatorConfig::load(home)?;
-    let store = Store::open(&cfg.resolve(home, &cfg.server.store)).map_err(|e| {
-        CoordinatorError::Other(format!("opening the store (is another coordinator running on this home?): {e}"))
-    })?;
+    let store = Store::open(&cfg.resolve(home, &cfg.server.store))
+        .map_err(|e| CoordinatorError::Other(format!("opening the store (is another coordinator running on this home?): {e}")))?;
     let cred_path = cfg.resolve(home, &cfg.server.admin_credential);
     let credential = std::fs::read_to_string(&cred_path).map_err(io(&cred_path))?;
-    let auth = Auth::new(
-        store.clone(),
-        cfg.auth.clock_window_secs * 1000,
-        cfg.auth.max_nonces,
-        &credential,
-    )?;
+    let auth = Auth::new(store.clone(), cfg.auth.clock_window_secs * 1000, cfg.auth.max_nonces, &credential)?;
     let backend = match &cfg.backbone.device {
         Some(d) => d.parse::<BackendKind>()?,
         None => BackendKind::resolve(None)?,
@@ -111,9 +104,7 @@ pub async fn start(home: &Path) -> Result<Running> {
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<DeviceServer<DeviceService>>().await;
     health.set_serving::<AdminServer<AdminService>>().await;
-    health
-        .set_serving::<BackboneServer<BackboneService>>()
-        .await;
+    health.set_serving::<BackboneServer<BackboneService>>().await;
     health.set_serving::<RoundsServer<RoundsService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(spa_proto::FILE_DESCRIPTOR_SET)
@@ -128,26 +119,10 @@ pub async fn start(home: &Path) -> Result<Running> {
         .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))?
         .add_service(health_svc)
         .add_service(reflection)
-        .add_service(
-            DeviceServer::new(DeviceService(shared.clone()))
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
-        )
-        .add_service(
-            AdminServer::new(AdminService(shared.clone()))
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
-        )
-        .add_service(
-            BackboneServer::new(BackboneService(shared.clone()))
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
-        )
-        .add_service(
-            RoundsServer::new(RoundsService(shared.clone()))
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
-        );
+        .add_service(DeviceServer::new(DeviceService(shared.clone())).max_decoding_message_size(max).max_encoding_message_size(max))
+        .add_service(AdminServer::new(AdminService(shared.clone())).max_decoding_message_size(max).max_encoding_message_size(max))
+        .add_service(BackboneServer::new(BackboneService(shared.clone())).max_decoding_message_size(max).max_encoding_message_size(max))
+        .add_service(RoundsServer::new(RoundsService(shared.clone())).max_decoding_message_size(max).max_encoding_message_size(max));
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let flush_store = store.clone();
@@ -174,14 +149,7 @@ pub async fn start(home: &Path) -> Result<Running> {
     let addr_file = home.join(ADDR_FILE);
     std::fs::write(&addr_file, format!("https://{addr}\n")).map_err(io(&addr_file))?;
     tracing::info!(%addr, "coordinator serving (TLS)");
-    Ok(Running {
-        addr,
-        stop: Some(stop_tx),
-        task,
-        pruner,
-        round_loop,
-        home: home.to_path_buf(),
-    })
+    Ok(Running { addr, stop: Some(stop_tx), task, pruner, round_loop, home: home.to_path_buf() })
 }
 
 /// Serves until SIGTERM or ctrl-c, then shuts down gracefully.
@@ -196,8 +164,7 @@ pub async fn serve(home: &Path) -> Result<()> {
 async fn shutdown_signal() {
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}

@@ -18,9 +18,9 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::Auth;
-use crate::status::internal;
 use crate::config::CoordinatorConfig;
 use crate::engine::{Engine, SeqJob};
+use crate::status::internal;
 use crate::store::{Store, TokenRecord, token_hash};
 
 pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -61,64 +61,41 @@ pub struct BackboneService(pub Arc<Shared>);
 
 #[tonic::async_trait]
 impl Device for DeviceService {
-    async fn enroll(
-        &self,
-        req: Request<EnrollRequest>,
-    ) -> Result<Response<EnrollResponse>, Status> {
+    async fn enroll(&self, req: Request<EnrollRequest>) -> Result<Response<EnrollResponse>, Status> {
         let r = req.into_inner();
         if r.token.is_empty() || r.token.len() > 256 {
             return Err(Status::invalid_argument("token must be 1..=256 characters"));
         }
         if r.public_key.len() != 32 {
-            return Err(Status::invalid_argument(format!(
-                "public_key must be a raw 32-byte Ed25519 key, got {} bytes",
-                r.public_key.len()
-            )));
+            return Err(Status::invalid_argument(format!("public_key must be a raw 32-byte Ed25519 key, got {} bytes", r.public_key.len())));
         }
         if r.name.len() > MAX_DEVICE_NAME || r.name.chars().any(char::is_control) {
-            return Err(Status::invalid_argument(format!(
-                "name must be at most {MAX_DEVICE_NAME} bytes without control characters"
-            )));
+            return Err(Status::invalid_argument(format!("name must be at most {MAX_DEVICE_NAME} bytes without control characters")));
         }
         let s = &self.0;
-        let rec = s
-            .store
-            .enroll(&token_hash(&r.token), &r.public_key, &r.name, now_ms())
-            .map_err(|e| {
-                tracing::warn!("enrollment refused: {e}");
-                Status::from(e)
-            })?;
+        let rec = s.store.enroll(&token_hash(&r.token), &r.public_key, &r.name, now_ms()).map_err(|e| {
+            tracing::warn!("enrollment refused: {e}");
+            Status::from(e)
+        })?;
         tracing::info!(device = %rec.device_id, name = %rec.name, "device enrolled");
-        Ok(Response::new(EnrollResponse {
-            device_id: rec.device_id,
-            backbone_version: s.engine.meta.version.clone(),
-        }))
+        Ok(Response::new(EnrollResponse { device_id: rec.device_id, backbone_version: s.engine.meta.version.clone() }))
     }
 
     async fn ping(&self, req: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {
         let rec = self.0.auth.device(&req, methods::DEVICE_PING)?;
-        Ok(Response::new(PingResponse {
-            device_id: rec.device_id,
-            server_time_ms: now_ms(),
-            backbone_version: self.0.engine.meta.version.clone(),
-        }))
+        Ok(Response::new(PingResponse { device_id: rec.device_id, server_time_ms: now_ms(), backbone_version: self.0.engine.meta.version.clone() }))
     }
 }
 
 #[tonic::async_trait]
 impl Admin for AdminService {
-    async fn create_token(
-        &self,
-        req: Request<CreateTokenRequest>,
-    ) -> Result<Response<CreateTokenResponse>, Status> {
+    async fn create_token(&self, req: Request<CreateTokenRequest>) -> Result<Response<CreateTokenResponse>, Status> {
         let s = &self.0;
         s.auth.admin(req.metadata())?;
         let r = req.into_inner();
         let max = s.config.auth.max_token_ttl_secs;
         if r.ttl_seconds == 0 || r.ttl_seconds > max {
-            return Err(Status::invalid_argument(format!(
-                "ttl_seconds must be in 1..={max}"
-            )));
+            return Err(Status::invalid_argument(format!("ttl_seconds must be in 1..={max}")));
         }
         if r.note.len() > 256 {
             return Err(Status::invalid_argument("note must be at most 256 bytes"));
@@ -135,17 +112,10 @@ impl Admin for AdminService {
         };
         s.store.add_token(&hash, &rec)?;
         tracing::info!(token_id = %rec.token_id, "enrollment token created");
-        Ok(Response::new(CreateTokenResponse {
-            token,
-            token_id: rec.token_id,
-            expires_at_ms: rec.expires_at_ms,
-        }))
+        Ok(Response::new(CreateTokenResponse { token, token_id: rec.token_id, expires_at_ms: rec.expires_at_ms }))
     }
 
-    async fn list_devices(
-        &self,
-        req: Request<ListDevicesRequest>,
-    ) -> Result<Response<ListDevicesResponse>, Status> {
+    async fn list_devices(&self, req: Request<ListDevicesRequest>) -> Result<Response<ListDevicesResponse>, Status> {
         let s = &self.0;
         s.auth.admin(req.metadata())?;
         let mut devices = Vec::new();
@@ -162,10 +132,7 @@ impl Admin for AdminService {
         Ok(Response::new(ListDevicesResponse { devices }))
     }
 
-    async fn revoke_device(
-        &self,
-        req: Request<RevokeDeviceRequest>,
-    ) -> Result<Response<RevokeDeviceResponse>, Status> {
+    async fn revoke_device(&self, req: Request<RevokeDeviceRequest>) -> Result<Response<RevokeDeviceResponse>, Status> {
         let s = &self.0;
         s.auth.admin(req.metadata())?;
         let id = req.into_inner().device_id;
@@ -177,10 +144,7 @@ impl Admin for AdminService {
         Ok(Response::new(RevokeDeviceResponse { was_active }))
     }
 
-    async fn server_status(
-        &self,
-        req: Request<ServerStatusRequest>,
-    ) -> Result<Response<ServerStatusResponse>, Status> {
+    async fn server_status(&self, req: Request<ServerStatusRequest>) -> Result<Response<ServerStatusResponse>, Status> {
         let s = &self.0;
         s.auth.admin(req.metadata())?;
         let devices = s.store.devices()?;
@@ -192,15 +156,8 @@ impl Admin for AdminService {
             active_devices: devices.iter().filter(|d| !d.revoked).count() as u64,
             uptime_seconds: s.started.elapsed().as_secs(),
             version: env!("CARGO_PKG_VERSION").into(),
-            global_version: s
-                .store
-                .latest_checkpoint_version()
-                ?
-                .unwrap_or(0),
-            tokens_outstanding: tokens
-                .iter()
-                .filter(|t| t.used_by.is_none() && t.expires_at_ms > now)
-                .count() as u64,
+            global_version: s.store.latest_checkpoint_version()?.unwrap_or(0),
+            tokens_outstanding: tokens.iter().filter(|t| t.used_by.is_none() && t.expires_at_ms > now).count() as u64,
         }))
     }
 
@@ -239,9 +196,7 @@ impl BackboneService {
     pub(crate) fn check_version(&self, v: &str) -> Result<(), Status> {
         let served = &self.0.engine.meta.version;
         if !v.is_empty() && v != served {
-            return Err(Status::failed_precondition(format!(
-                "backbone version '{v}' is not served (serving '{served}')"
-            )));
+            return Err(Status::failed_precondition(format!("backbone version '{v}' is not served (serving '{served}')")));
         }
         Ok(())
     }
@@ -254,14 +209,10 @@ impl BackboneService {
         let mut seen = std::collections::HashSet::new();
         for &l in layers {
             if l as usize > n {
-                return Err(Status::invalid_argument(format!(
-                    "layer {l} out of range 0..={n}"
-                )));
+                return Err(Status::invalid_argument(format!("layer {l} out of range 0..={n}")));
             }
             if !seen.insert(l) {
-                return Err(Status::invalid_argument(format!(
-                    "layer {l} requested twice"
-                )));
+                return Err(Status::invalid_argument(format!("layer {l} requested twice")));
             }
         }
         Ok(layers.iter().map(|&l| l as usize).collect())
@@ -269,12 +220,8 @@ impl BackboneService {
 
     pub(crate) fn check_dtype(dtype: i32) -> Result<usize, Status> {
         match DType::try_from(dtype) {
-            Ok(DType::DtypeF32) | Ok(DType::DtypeF16) => {
-                Ok(dtype_size(dtype).expect("known dtype"))
-            }
-            _ => Err(Status::invalid_argument(format!(
-                "dtype {dtype} unsupported for features (DTYPE_F32 or DTYPE_F16)"
-            ))),
+            Ok(DType::DtypeF32) | Ok(DType::DtypeF16) => Ok(dtype_size(dtype).expect("known dtype")),
+            _ => Err(Status::invalid_argument(format!("dtype {dtype} unsupported for features (DTYPE_F32 or DTYPE_F16)"))),
         }
     }
 
@@ -291,10 +238,7 @@ impl BackboneService {
             )));
         }
         if let Some(bad) = ids.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-            return Err(Status::invalid_argument(format!(
-                "token id {bad} out of vocabulary (size {})",
-                cfg.vocab_size
-            )));
+            return Err(Status::invalid_argument(format!("token id {bad} out of vocabulary (size {})", cfg.vocab_size)));
         }
         Ok(())
     }
@@ -302,10 +246,7 @@ impl BackboneService {
 
 #[tonic::async_trait]
 impl Backbone for BackboneService {
-    async fn get_model_info(
-        &self,
-        req: Request<GetModelInfoRequest>,
-    ) -> Result<Response<ModelInfo>, Status> {
+    async fn get_model_info(&self, req: Request<GetModelInfoRequest>) -> Result<Response<ModelInfo>, Status> {
         let s = &self.0;
         s.auth.device(&req, methods::BACKBONE_GET_MODEL_INFO)?;
         let m = &s.engine.meta;
@@ -326,10 +267,7 @@ impl Backbone for BackboneService {
 
     type GetHeadStream = BoxStream<TensorChunk>;
 
-    async fn get_head(
-        &self,
-        req: Request<GetHeadRequest>,
-    ) -> Result<Response<Self::GetHeadStream>, Status> {
+    async fn get_head(&self, req: Request<GetHeadRequest>) -> Result<Response<Self::GetHeadStream>, Status> {
         self.0.auth.device(&req, methods::BACKBONE_GET_HEAD)?;
         self.check_version(&req.get_ref().backbone_version)?;
         let tensors = self.0.engine.head().await?;
@@ -344,10 +282,7 @@ impl Backbone for BackboneService {
 
     type FeaturesStream = BoxStream<FeaturesChunk>;
 
-    async fn features(
-        &self,
-        req: Request<FeaturesRequest>,
-    ) -> Result<Response<Self::FeaturesStream>, Status> {
+    async fn features(&self, req: Request<FeaturesRequest>) -> Result<Response<Self::FeaturesStream>, Status> {
         let s = &self.0;
         s.auth.device(&req, methods::BACKBONE_FEATURES)?;
         let r = req.into_inner();
@@ -356,17 +291,13 @@ impl Backbone for BackboneService {
         let elem = Self::check_dtype(r.dtype)?;
         let max_seqs = s.config.limits.max_sequences_per_request;
         if r.sequences.is_empty() || r.sequences.len() > max_seqs as usize {
-            return Err(Status::invalid_argument(format!(
-                "a Features request holds 1..={max_seqs} sequences, got {}",
-                r.sequences.len()
-            )));
+            return Err(Status::invalid_argument(format!("a Features request holds 1..={max_seqs} sequences, got {}", r.sequences.len())));
         }
         let d = s.engine.meta.config.hidden_size as u64;
         let mut total = 0u64;
         let mut seqs = Vec::with_capacity(r.sequences.len());
         for (i, q) in r.sequences.into_iter().enumerate() {
-            self.check_ids(&q.ids, 0)
-                .map_err(|e| Status::invalid_argument(format!("sequence {i}: {}", e.message())))?;
+            self.check_ids(&q.ids, 0).map_err(|e| Status::invalid_argument(format!("sequence {i}: {}", e.message())))?;
             if q.from >= q.to || q.to as usize > q.ids.len() {
                 return Err(Status::invalid_argument(format!(
                     "sequence {i}: positions [{}, {}) are not a non-empty range within its {} tokens",
@@ -376,35 +307,20 @@ impl Backbone for BackboneService {
                 )));
             }
             total += (q.to - q.from) as u64 * layers.len() as u64 * d * elem as u64;
-            seqs.push(SeqJob {
-                ids: q.ids,
-                from: q.from as usize,
-                to: q.to as usize,
-            });
+            seqs.push(SeqJob { ids: q.ids, from: q.from as usize, to: q.to as usize });
         }
         let limit = s.config.limits.max_feature_bytes_per_request;
         if total > limit {
-            return Err(Status::invalid_argument(format!(
-                "request asks for {total} bytes of features, limit {limit}: split it"
-            )));
+            return Err(Status::invalid_argument(format!("request asks for {total} bytes of features, limit {limit}: split it")));
         }
         let blobs = s.engine.features(seqs, layers, r.dtype).await?;
-        let chunks: Vec<FeaturesChunk> = blobs
-            .iter()
-            .enumerate()
-            .flat_map(|(i, b)| feature_chunks(i as u32, b, CHUNK_BYTES))
-            .collect();
-        Ok(Response::new(Box::pin(tokio_stream::iter(
-            chunks.into_iter().map(Ok),
-        ))))
+        let chunks: Vec<FeaturesChunk> = blobs.iter().enumerate().flat_map(|(i, b)| feature_chunks(i as u32, b, CHUNK_BYTES)).collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks.into_iter().map(Ok)))))
     }
 
     type GenerateStream = BoxStream<GenerateResponse>;
 
-    async fn generate(
-        &self,
-        req: Request<Streaming<GenerateRequest>>,
-    ) -> Result<Response<Self::GenerateStream>, Status> {
+    async fn generate(&self, req: Request<Streaming<GenerateRequest>>) -> Result<Response<Self::GenerateStream>, Status> {
         crate::generation::serve(self.0.clone(), req).await.map(Response::new)
     }
 }

@@ -85,10 +85,7 @@ fn dec<T: for<'a> Deserialize<'a>>(b: &[u8]) -> Result<T> {
 
 /// The device id of a public key: `dev-` and the first 16 hex digits of its SHA-256.
 pub fn device_id_of(public_key: &[u8]) -> String {
-    format!(
-        "dev-{}",
-        &hex::encode(spa_proto::auth::sha256(public_key))[..16]
-    )
+    format!("dev-{}", &hex::encode(spa_proto::auth::sha256(public_key))[..16])
 }
 
 /// What the store keeps of a token: its SHA-256, never the token.
@@ -120,11 +117,7 @@ impl Store {
 
     pub fn log(&self, kind: &str, detail: impl Into<String>) -> Result<()> {
         let id = self.db.generate_id()?;
-        let e = Event {
-            ts_ms: spa_proto::auth::now_ms(),
-            kind: kind.into(),
-            detail: detail.into(),
-        };
+        let e = Event { ts_ms: spa_proto::auth::now_ms(), kind: kind.into(), detail: detail.into() };
         self.events.insert(id.to_be_bytes(), enc(&e))?;
         Ok(())
     }
@@ -136,10 +129,7 @@ impl Store {
     /// Stores a new token's hash; durable on return.
     pub fn add_token(&self, hash: &[u8; 32], rec: &TokenRecord) -> Result<()> {
         self.tokens.insert(hash, enc(rec))?;
-        self.log(
-            "token.create",
-            format!("{} expires {}", rec.token_id, rec.expires_at_ms),
-        )?;
+        self.log("token.create", format!("{} expires {}", rec.token_id, rec.expires_at_ms))?;
         self.flush()
     }
 
@@ -148,13 +138,7 @@ impl Store {
     }
 
     /// Consumes a token and records the device, atomically; durable on return.
-    pub fn enroll(
-        &self,
-        hash: &[u8; 32],
-        public_key: &[u8],
-        name: &str,
-        now_ms: u64,
-    ) -> Result<DeviceRecord> {
+    pub fn enroll(&self, hash: &[u8; 32], public_key: &[u8], name: &str, now_ms: u64) -> Result<DeviceRecord> {
         let device_id = device_id_of(public_key);
         let res = (&self.tokens, &self.devices).transaction(|(tokens, devices)| {
             let abort = |e| Err(ConflictableTransactionError::Abort(e));
@@ -193,22 +177,13 @@ impl Store {
             Err(TransactionError::Abort(e)) => return Err(e),
             Err(TransactionError::Storage(e)) => return Err(e.into()),
         };
-        self.log(
-            "device.enroll",
-            format!(
-                "{} ({}) with token {}",
-                rec.device_id, rec.name, rec.token_id
-            ),
-        )?;
+        self.log("device.enroll", format!("{} ({}) with token {}", rec.device_id, rec.name, rec.token_id))?;
         self.flush()?;
         Ok(rec)
     }
 
     pub fn device(&self, id: &str) -> Result<Option<DeviceRecord>> {
-        self.devices
-            .get(id.as_bytes())?
-            .map(|v| dec(&v))
-            .transpose()
+        self.devices.get(id.as_bytes())?.map(|v| dec(&v)).transpose()
     }
 
     pub fn devices(&self) -> Result<Vec<DeviceRecord>> {
@@ -233,8 +208,7 @@ impl Store {
 
     /// Last call time of a device (best effort, not flushed: it is not acknowledged state).
     pub fn touch(&self, id: &str, now_ms: u64) -> Result<()> {
-        self.last_seen
-            .insert(id.as_bytes(), &now_ms.to_be_bytes()[..])?;
+        self.last_seen.insert(id.as_bytes(), &now_ms.to_be_bytes()[..])?;
         Ok(())
     }
 
@@ -285,25 +259,16 @@ impl Store {
     /// Commits a global checkpoint (safetensors bytes of the shared parameters); durable on
     /// return. Versions are never overwritten.
     pub fn put_checkpoint(&self, version: u64, bytes: &[u8]) -> Result<bool> {
-        let fresh = self
-            .checkpoints
-            .compare_and_swap(version.to_be_bytes(), None as Option<&[u8]>, Some(bytes))?
-            .is_ok();
+        let fresh = self.checkpoints.compare_and_swap(version.to_be_bytes(), None as Option<&[u8]>, Some(bytes))?.is_ok();
         if fresh {
-            self.log(
-                "checkpoint.commit",
-                format!("version {version}, {} bytes", bytes.len()),
-            )?;
+            self.log("checkpoint.commit", format!("version {version}, {} bytes", bytes.len()))?;
             self.flush()?;
         }
         Ok(fresh)
     }
 
     pub fn checkpoint(&self, version: u64) -> Result<Option<Vec<u8>>> {
-        Ok(self
-            .checkpoints
-            .get(version.to_be_bytes())?
-            .map(|v| v.to_vec()))
+        Ok(self.checkpoints.get(version.to_be_bytes())?.map(|v| v.to_vec()))
     }
 
     pub fn latest_checkpoint_version(&self) -> Result<Option<u64>> {
@@ -320,11 +285,14 @@ impl Store {
 const OPTIMIZER_KEY: &[u8] = b"optimizer";
 
 fn last_id(tree: &sled::Tree) -> Result<u64> {
-    Ok(tree.last()?.map(|(k, _)| {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&k[..8]);
-        u64::from_be_bytes(b)
-    }).unwrap_or(0))
+    Ok(tree
+        .last()?
+        .map(|(k, _)| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&k[..8]);
+            u64::from_be_bytes(b)
+        })
+        .unwrap_or(0))
 }
 
 impl Store {
@@ -405,13 +373,7 @@ mod tests {
     use super::*;
 
     fn token(store: &Store, t: &str, expires: u64) {
-        let rec = TokenRecord {
-            token_id: t[..4].into(),
-            created_at_ms: 0,
-            expires_at_ms: expires,
-            note: String::new(),
-            used_by: None,
-        };
+        let rec = TokenRecord { token_id: t[..4].into(), created_at_ms: 0, expires_at_ms: expires, note: String::new(), used_by: None };
         store.add_token(&token_hash(t), &rec).unwrap();
     }
 
@@ -422,34 +384,13 @@ mod tests {
             let s = Store::open(dir.path()).unwrap();
             token(&s, "tok-one", 1000);
             token(&s, "tok-two", 1000);
-            let d = s
-                .enroll(&token_hash("tok-one"), &[1u8; 32], "a", 10)
-                .unwrap();
-            assert!(matches!(
-                s.enroll(&token_hash("tok-one"), &[2u8; 32], "b", 10),
-                Err(StoreError::TokenUsed)
-            ));
-            assert!(matches!(
-                s.enroll(&token_hash("nope"), &[2u8; 32], "b", 10),
-                Err(StoreError::UnknownToken)
-            ));
-            assert!(matches!(
-                s.enroll(&token_hash("tok-two"), &[2u8; 32], "b", 1000),
-                Err(StoreError::TokenExpired)
-            ));
-            assert!(matches!(
-                s.enroll(&token_hash("tok-two"), &[1u8; 32], "b", 10),
-                Err(StoreError::KeyEnrolled(_))
-            ));
+            let d = s.enroll(&token_hash("tok-one"), &[1u8; 32], "a", 10).unwrap();
+            assert!(matches!(s.enroll(&token_hash("tok-one"), &[2u8; 32], "b", 10), Err(StoreError::TokenUsed)));
+            assert!(matches!(s.enroll(&token_hash("nope"), &[2u8; 32], "b", 10), Err(StoreError::UnknownToken)));
+            assert!(matches!(s.enroll(&token_hash("tok-two"), &[2u8; 32], "b", 1000), Err(StoreError::TokenExpired)));
+            assert!(matches!(s.enroll(&token_hash("tok-two"), &[1u8; 32], "b", 10), Err(StoreError::KeyEnrolled(_))));
             // A failed enrollment left the token usable.
-            assert_eq!(
-                s.tokens()
-                    .unwrap()
-                    .iter()
-                    .filter(|t| t.used_by.is_none())
-                    .count(),
-                1
-            );
+            assert_eq!(s.tokens().unwrap().iter().filter(|t| t.used_by.is_none()).count(), 1);
             assert!(s.revoke(&d.device_id, 20).unwrap());
             assert!(!s.revoke(&d.device_id, 21).unwrap());
             assert!(s.put_checkpoint(0, b"v0").unwrap());
@@ -462,16 +403,8 @@ mod tests {
         assert!(devs[0].revoked);
         assert_eq!(s.checkpoint(0).unwrap().unwrap(), b"v0");
         assert_eq!(s.latest_checkpoint_version().unwrap(), Some(0));
-        assert_eq!(
-            s.nonces_since(400).unwrap(),
-            vec![("dev".into(), "n1".into(), 500)]
-        );
+        assert_eq!(s.nonces_since(400).unwrap(), vec![("dev".into(), "n1".into(), 500)]);
         assert_eq!(s.prune_nonces(600).unwrap(), 1);
-        assert!(
-            s.events()
-                .unwrap()
-                .iter()
-                .any(|e| e.kind == "device.revoke")
-        );
+        assert!(s.events().unwrap().iter().any(|e| e.kind == "device.revoke"));
     }
 }

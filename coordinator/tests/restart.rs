@@ -18,13 +18,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_spa-coordinator");
 #[allow(clippy::zombie_processes)]
 fn serve(home: &Path) -> (Child, String) {
     let _ = std::fs::remove_file(home.join("serve.addr"));
-    let mut child = Command::new(BIN)
-        .args(["serve", "--home"])
-        .arg(home)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Command::new(BIN).args(["serve", "--home"]).arg(home).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let t = Instant::now();
     loop {
         if let Ok(s) = std::fs::read_to_string(home.join("serve.addr"))
@@ -43,18 +37,8 @@ fn serve(home: &Path) -> (Child, String) {
 }
 
 fn cli(home: &Path, args: &[&str]) -> serde_json::Value {
-    let out = Command::new(BIN)
-        .args(args)
-        .arg("--home")
-        .arg(home)
-        .arg("--json")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new(BIN).args(args).arg("--home").arg(home).arg("--json").output().unwrap();
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -62,43 +46,19 @@ fn cli(home: &Path, args: &[&str]) -> serde_json::Value {
 fn state_survives_sigkill_and_sigterm_is_graceful() {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("coord");
-    let out = Command::new(BIN)
-        .args(["init", "--home"])
-        .arg(&home)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new(BIN).args(["init", "--home"]).arg(&home).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let p = home.join("coordinator.toml");
-    std::fs::write(
-        &p,
-        std::fs::read_to_string(&p)
-            .unwrap()
-            .replace("127.0.0.1:7443", "127.0.0.1:0"),
-    )
-    .unwrap();
+    std::fs::write(&p, std::fs::read_to_string(&p).unwrap().replace("127.0.0.1:7443", "127.0.0.1:0")).unwrap();
     // init never overwrites.
-    let out = Command::new(BIN)
-        .args(["init", "--home"])
-        .arg(&home)
-        .output()
-        .unwrap();
+    let out = Command::new(BIN).args(["init", "--home"]).arg(&home).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("refusing to overwrite"));
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (mut child, url) = serve(&home);
-    let tok1 = cli(&home, &["token", "create", "--ttl", "1h"])["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let tok2 = cli(&home, &["token", "create", "--ttl", "1h"])["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let tok1 = cli(&home, &["token", "create", "--ttl", "1h"])["token"].as_str().unwrap().to_string();
+    let tok2 = cli(&home, &["token", "create", "--ttl", "1h"])["token"].as_str().unwrap().to_string();
     let (a, replay) = rt.block_on(async {
         let ch = channel(&url, &home).await;
         let a = enroll(&ch, &tok1, "alpha").await.unwrap();
@@ -140,10 +100,7 @@ fn state_survives_sigkill_and_sigterm_is_graceful() {
     assert_eq!(st["active_devices"], 1);
 
     // SIGTERM: graceful shutdown, exit status 0.
-    let st = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
+    let st = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(st.success());
     let mut child = child;
     let t = Instant::now();
@@ -151,10 +108,7 @@ fn state_survives_sigkill_and_sigterm_is_graceful() {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "no graceful shutdown"
-        );
+        assert!(t.elapsed() < Duration::from_secs(30), "no graceful shutdown");
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "{status:?}");
@@ -163,13 +117,7 @@ fn state_survives_sigkill_and_sigterm_is_graceful() {
     let store = spa_coordinator::store::Store::open(&home.join("store")).unwrap();
     assert_eq!(store.latest_checkpoint_version().unwrap(), Some(0));
     let events = store.events().unwrap();
-    assert_eq!(
-        events
-            .iter()
-            .filter(|e| e.kind == "checkpoint.commit")
-            .count(),
-        1
-    );
+    assert_eq!(events.iter().filter(|e| e.kind == "checkpoint.commit").count(), 1);
     assert!(events.iter().any(|e| e.kind == "device.revoke"));
     assert!(store.device(&id).unwrap().unwrap().revoked);
 }

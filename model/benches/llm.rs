@@ -5,8 +5,13 @@
 //!   the same loop `model generate` runs (the frozen head included);
 //! - the matrix-vector product alone against the machine's memory bandwidth (GB/s of weights
 //!   read), on one core and on all.
+//!
 //! Medians of the repetitions. Needs an imported checkpoint (scripts/fetch-smollm2.sh):
-//!   SPA_BENCH_MODEL=models/smollm2 cargo bench --workspace --bench llm [-- f32 f16 bf16] [--reps N] [--json]
+//!
+//! ```text
+//! SPA_BENCH_MODEL=models/smollm2 cargo bench --workspace --bench llm [-- f32 f16 bf16] [--reps N] [--json]
+//! ```
+//!
 //! (scripts/bench/peers.sh runs it beside HF candle and llama.cpp).
 use std::path::PathBuf;
 use std::time::Instant;
@@ -84,10 +89,8 @@ fn main() {
         println!("SPA_BENCH_MODEL is not set: nothing to measure (scripts/fetch-smollm2.sh imports SmolLM2)");
         return;
     };
-    let mut dtypes: Vec<(&str, WeightDtype)> = [("f32", WeightDtype::F32), ("f16", WeightDtype::F16), ("bf16", WeightDtype::BF16)]
-        .into_iter()
-        .filter(|(n, _)| args.iter().any(|a| a == n))
-        .collect();
+    let mut dtypes: Vec<(&str, WeightDtype)> =
+        [("f32", WeightDtype::F32), ("f16", WeightDtype::F16), ("bf16", WeightDtype::BF16)].into_iter().filter(|(n, _)| args.iter().any(|a| a == n)).collect();
     if dtypes.is_empty() {
         dtypes = vec![("f32", WeightDtype::F32), ("f16", WeightDtype::F16)];
     }

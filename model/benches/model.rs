@@ -74,12 +74,7 @@ fn bench_backbone(name: &str, bb: &Backbone, peak: f64) {
         let tokens = (batch * ctx) as f64;
         // Mean attention span over a causal prefill is ctx / 2.
         let gflops = 2.0 * cfg.macs_per_token(ctx / 2) * tokens / s / 1e9;
-        println!(
-            "| {name} | prefill {batch}x{ctx} | {:.1} ms | {:.0} tokens/s | {gflops:.1} GFLOP/s | {:.0}% |",
-            s * 1e3,
-            tokens / s,
-            100.0 * gflops / peak
-        );
+        println!("| {name} | prefill {batch}x{ctx} | {:.1} ms | {:.0} tokens/s | {gflops:.1} GFLOP/s | {:.0}% |", s * 1e3, tokens / s, 100.0 * gflops / peak);
     }
     let (prompt, steps) = (ctx / 2, 64);
     let runs: Vec<f64> = (0..6)
@@ -183,12 +178,7 @@ fn bench_linear_layout(device: &Device, peak: f64) {
         std::hint::black_box(to_vec(y.slice([0..1, 0..1, 0..1])));
     });
     for (name, s) in [("flattened 2-D gemm (ours)", flat), ("batched 3-D matmul", batched)] {
-        println!(
-            "| linear [16,256,256]x[256,688] | {name} | {:.2} ms | | {:.1} GFLOP/s | {:.0}% |",
-            s * 1e3,
-            flops / s / 1e9,
-            100.0 * flops / s / 1e9 / peak
-        );
+        println!("| linear [16,256,256]x[256,688] | {name} | {:.2} ms | | {:.1} GFLOP/s | {:.0}% |", s * 1e3, flops / s / 1e9, 100.0 * flops / s / 1e9 / peak);
     }
 }
 
@@ -247,12 +237,7 @@ fn side_flops_table() {
             let shape = side.resolve(&bb).unwrap();
             format!("{:.2}%", 100.0 * side.macs_per_token(&shape, ctx) / bb.macs_per_token(ctx))
         };
-        println!(
-            "| {name} | {ctx} | {} | {} | {} |",
-            frac(SideVariant::Mlp, 8),
-            frac(SideVariant::Ladder, 8),
-            frac(SideVariant::Ladder, 16)
-        );
+        println!("| {name} | {ctx} | {} | {} | {} |", frac(SideVariant::Mlp, 8), frac(SideVariant::Ladder, 8), frac(SideVariant::Ladder, 16));
     }
 }
 

@@ -62,9 +62,16 @@ fn default_max_pos() -> usize {
 pub enum RopeScaling {
     None,
     /// Position interpolation: every frequency divided by `factor`.
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// LLaMA 3.x frequency-dependent scaling.
-    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position: usize },
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position: usize,
+    },
 }
 
 /// Validated run-time configuration of a LLaMA-family decoder.
@@ -89,10 +96,7 @@ pub struct BackboneConfig {
 impl BackboneConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         if !path.exists() {
-            return Err(ModelError::MissingFile {
-                path: path.to_path_buf(),
-                hint: "a HuggingFace checkpoint directory needs config.json",
-            });
+            return Err(ModelError::MissingFile { path: path.to_path_buf(), hint: "a HuggingFace checkpoint directory needs config.json" });
         }
         let text = std::fs::read_to_string(path).map_err(io_err(path))?;
         Self::from_json(&text).map_err(|e| match e {
@@ -109,8 +113,7 @@ impl BackboneConfig {
 
     pub fn from_hf(hf: &HfLlamaConfig) -> Result<Self> {
         let cfg_err = |message: String| ModelError::Config { path: "config.json".into(), message };
-        let arch_ok = hf.architectures.iter().any(|a| a == "LlamaForCausalLM")
-            || hf.model_type.as_deref() == Some("llama");
+        let arch_ok = hf.architectures.iter().any(|a| a == "LlamaForCausalLM") || hf.model_type.as_deref() == Some("llama");
         if !arch_ok {
             return Err(ModelError::UnsupportedArchitecture(format!(
                 "architectures={:?} model_type={:?}; only LLaMA-family decoders (LlamaForCausalLM) are supported",
@@ -123,9 +126,7 @@ impl BackboneConfig {
             return Err(ModelError::UnsupportedArchitecture(format!("hidden_act '{act}' (only silu)")));
         }
         if hf.attention_bias || hf.mlp_bias {
-            return Err(ModelError::UnsupportedArchitecture(
-                "attention_bias / mlp_bias are not supported".into(),
-            ));
+            return Err(ModelError::UnsupportedArchitecture("attention_bias / mlp_bias are not supported".into()));
         }
         let nonzero = [
             ("vocab_size", hf.vocab_size),
@@ -142,10 +143,7 @@ impl BackboneConfig {
         }
         let num_kv_heads = hf.num_key_value_heads.unwrap_or(hf.num_attention_heads);
         if num_kv_heads == 0 || !hf.num_attention_heads.is_multiple_of(num_kv_heads) {
-            return Err(cfg_err(format!(
-                "num_attention_heads ({}) must be a multiple of num_key_value_heads ({num_kv_heads})",
-                hf.num_attention_heads
-            )));
+            return Err(cfg_err(format!("num_attention_heads ({}) must be a multiple of num_key_value_heads ({num_kv_heads})", hf.num_attention_heads)));
         }
         let head_dim = match hf.head_dim {
             Some(h) => h,
@@ -164,10 +162,7 @@ impl BackboneConfig {
         }
         // v5 nests rope settings in rope_parameters; v4 has rope_theta + rope_scaling.
         let params = hf.rope_parameters.as_ref().or(hf.rope_scaling.as_ref());
-        let rope_theta = hf
-            .rope_theta
-            .or_else(|| hf.rope_parameters.as_ref().and_then(|p| p.get("rope_theta")).and_then(Value::as_f64))
-            .unwrap_or(10000.0);
+        let rope_theta = hf.rope_theta.or_else(|| hf.rope_parameters.as_ref().and_then(|p| p.get("rope_theta")).and_then(Value::as_f64)).unwrap_or(10000.0);
         if !(rope_theta > 0.0 && rope_theta.is_finite()) {
             return Err(cfg_err("rope_theta must be positive".into()));
         }
@@ -175,10 +170,7 @@ impl BackboneConfig {
         let eos_token_ids = match &hf.eos_token_id {
             None | Some(Value::Null) => vec![],
             Some(Value::Number(n)) => vec![n.as_u64().ok_or_else(|| cfg_err("bad eos_token_id".into()))? as u32],
-            Some(Value::Array(a)) => a
-                .iter()
-                .map(|v| v.as_u64().map(|x| x as u32).ok_or_else(|| cfg_err("bad eos_token_id".into())))
-                .collect::<Result<_>>()?,
+            Some(Value::Array(a)) => a.iter().map(|v| v.as_u64().map(|x| x as u32).ok_or_else(|| cfg_err("bad eos_token_id".into()))).collect::<Result<_>>()?,
             Some(other) => return Err(cfg_err(format!("bad eos_token_id {other}"))),
         };
         Ok(Self {
@@ -255,11 +247,7 @@ fn parse_rope_scaling(params: Option<&Value>) -> std::result::Result<RopeScaling
     if p.is_null() {
         return Ok(RopeScaling::None);
     }
-    let kind = p
-        .get("rope_type")
-        .or_else(|| p.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
+    let kind = p.get("rope_type").or_else(|| p.get("type")).and_then(Value::as_str).unwrap_or("default");
     let f = |k: &str| p.get(k).and_then(Value::as_f64).ok_or_else(|| format!("rope scaling needs '{k}'"));
     match kind {
         "default" => Ok(RopeScaling::None),

@@ -60,9 +60,7 @@ fn cuda_device() -> Result<Device> {
 
 #[cfg(not(feature = "cuda"))]
 fn cuda_device() -> Result<Device> {
-    Err(ModelError::Device(
-        "this binary was built without the `cuda` cargo feature (rebuild with --features cuda)".into(),
-    ))
+    Err(ModelError::Device("this binary was built without the `cuda` cargo feature (rebuild with --features cuda)".into()))
 }
 
 impl FromStr for BackendKind {
@@ -72,9 +70,7 @@ impl FromStr for BackendKind {
             "flex" => Ok(Self::Flex),
             "ndarray" => Ok(Self::Ndarray),
             "cuda" => Ok(Self::Cuda),
-            other => Err(ModelError::Device(format!(
-                "unknown backend '{other}' (expected flex, ndarray or cuda)"
-            ))),
+            other => Err(ModelError::Device(format!("unknown backend '{other}' (expected flex, ndarray or cuda)"))),
         }
     }
 }

@@ -105,27 +105,16 @@ impl FeatureSet {
     }
 
     pub fn layer_index(&self, layer: usize) -> Result<usize> {
-        self.layers
-            .iter()
-            .position(|&l| l == layer)
-            .ok_or_else(|| ModelError::InvalidInput(format!("features lack layer {layer}")))
+        self.layers.iter().position(|&l| l == layer).ok_or_else(|| ModelError::InvalidInput(format!("features lack layer {layer}")))
     }
 
     /// Builds an example's features from the per-layer hidden states `[layers][pos][d]`
     /// returned by a backbone (locally or over the network), validating every size.
-    pub fn example_from_states(
-        &self,
-        ex: &TokenizedExample,
-        states: &[Vec<f32>],
-    ) -> Result<ExampleFeatures> {
+    pub fn example_from_states(&self, ex: &TokenizedExample, states: &[Vec<f32>]) -> Result<ExampleFeatures> {
         let range = self.positions.range(ex);
         let n = range.len();
         if states.len() != self.layers.len() || states.iter().any(|s| s.len() != n * self.d) {
-            return Err(ModelError::InvalidInput(format!(
-                "expected {} layers x {n} positions x {} values",
-                self.layers.len(),
-                self.d
-            )));
+            return Err(ModelError::InvalidInput(format!("expected {} layers x {n} positions x {} values", self.layers.len(), self.d)));
         }
         if states.iter().flatten().any(|v| !v.is_finite()) {
             return Err(ModelError::InvalidInput("features contain NaN or infinite values".into()));
@@ -149,13 +138,7 @@ impl FeatureSet {
 
 /// Runs `backbone` over `examples` (a few at a time) and keeps the requested layers at the
 /// positions the side variant needs.
-pub fn extract_features(
-    backbone: &Backbone,
-    examples: &[TokenizedExample],
-    layers: &[usize],
-    positions: Positions,
-    batch: usize,
-) -> Result<FeatureSet> {
+pub fn extract_features(backbone: &Backbone, examples: &[TokenizedExample], layers: &[usize], positions: Positions, batch: usize) -> Result<FeatureSet> {
     backbone.check_taps(layers)?;
     let mut set = FeatureSet { layers: layers.to_vec(), d: backbone.config.hidden_size, positions, examples: vec![] };
     for chunk in examples.chunks(batch.max(1)) {
@@ -165,10 +148,7 @@ pub fn extract_features(
         let (t, d) = (tb.max_len, set.d);
         for (b, ex) in chunk.iter().enumerate() {
             let range = positions.range(ex);
-            let states: Vec<Vec<f32>> = taps
-                .iter()
-                .map(|tap| tap[(b * t + range.start) * d..(b * t + range.end) * d].to_vec())
-                .collect();
+            let states: Vec<Vec<f32>> = taps.iter().map(|tap| tap[(b * t + range.start) * d..(b * t + range.end) * d].to_vec()).collect();
             let f = set.example_from_states(ex, &states)?;
             set.examples.push(f);
         }

@@ -223,20 +223,15 @@ impl<'a> Decider<'a> {
     /// `layers`: what a source returns with [`SideInputs::Taps`] (ascending, the last the
     /// final block). With [`SideInputs::Down`] the slots are the final block's state, then
     /// one projected state per plugin tap.
-    pub(crate) fn new(
-        head: &'a FrozenHead,
-        plugin: Option<&'a Plugin>,
-        sampling: &Sampling,
-        layers: &[usize],
-        inputs: SideInputs,
-        d: usize,
-    ) -> Result<Self> {
+    pub(crate) fn new(head: &'a FrozenHead, plugin: Option<&'a Plugin>, sampling: &Sampling, layers: &[usize], inputs: SideInputs, d: usize) -> Result<Self> {
         sampling.validate()?;
         if head.hidden_size() != d {
             return Err(ModelError::InvalidInput(format!("head expects hidden size {}, source gives {d}", head.hidden_size())));
         }
         let (tap_slot, widths) = match (inputs, plugin) {
-            (SideInputs::Down, Some(p)) => ((1..=p.shape.taps.len()).collect(), std::iter::once(d).chain(p.shape.taps.iter().map(|_| p.shape.d_side)).collect()),
+            (SideInputs::Down, Some(p)) => {
+                ((1..=p.shape.taps.len()).collect(), std::iter::once(d).chain(p.shape.taps.iter().map(|_| p.shape.d_side)).collect())
+            }
             (SideInputs::Down, None) => (vec![], vec![d]),
             (SideInputs::Taps, _) => {
                 let taps = plugin.map_or(&[][..], |p| &p.shape.taps);
@@ -298,13 +293,7 @@ pub struct Decoding {
 /// Decodes up to `d.max_new` tokens after `prompt`, stopping early after an id of `d.stop`
 /// or at the source's context limit. With a plugin, its gate routes each token:
 /// `g > threshold` takes the side plugin's distribution, otherwise the backbone's.
-pub fn generate(
-    source: &mut dyn HiddenStates,
-    head: &FrozenHead,
-    plugin: Option<&Plugin>,
-    prompt: &[u32],
-    d: &Decoding,
-) -> Result<Generation> {
+pub fn generate(source: &mut dyn HiddenStates, head: &FrozenHead, plugin: Option<&Plugin>, prompt: &[u32], d: &Decoding) -> Result<Generation> {
     generate_with(source, head, plugin, prompt, d, &mut |_, _| true)
 }
 

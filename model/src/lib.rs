@@ -27,7 +27,7 @@ pub mod train;
 pub mod vmath;
 
 pub use backbone::{Backbone, BackboneOutput, KvCache, TokenBatch};
+pub use burn;
 pub use config::BackboneConfig;
 pub use device::BackendKind;
 pub use error::{ModelError, Result};
-pub use burn;

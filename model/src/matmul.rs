@@ -58,11 +58,7 @@ pub enum Order {
 /// `x [m, k] @ w [k, n]` into `out [m, n]` (row-major f32).
 pub fn matmul(x: &[f32], m: usize, k: usize, w: Weights, order: Order, n: usize, out: &mut [f32]) {
     assert!(x.len() == m * k && w.len() == k * n && out.len() == m * n, "matmul: inconsistent shapes");
-    if m <= SMALL_M {
-        small(x, m, k, w, order, n, out)
-    } else {
-        panels(x, m, k, w, order, n, out)
-    }
+    if m <= SMALL_M { small(x, m, k, w, order, n, out) } else { panels(x, m, k, w, order, n, out) }
 }
 
 /// Few rows (at most [`SMALL_M`]): `x [m, k] @ w [k, n]` in column blocks that a
@@ -190,27 +186,7 @@ unsafe fn gemm_into(dst: *mut f32, dst_stride: usize, x: &[f32], m: usize, k: us
     };
     // SAFETY: the caller's extents; lhs is x, m x k row-major.
     unsafe {
-        gemm::gemm(
-            m,
-            len,
-            k,
-            dst,
-            1,
-            dst_stride as isize,
-            false,
-            x.as_ptr(),
-            1,
-            k as isize,
-            rhs,
-            rhs_cs,
-            rhs_rs,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        );
+        gemm::gemm(m, len, k, dst, 1, dst_stride as isize, false, x.as_ptr(), 1, k as isize, rhs, rhs_cs, rhs_rs, 0.0, 1.0, false, false, false, par);
     }
 }
 
@@ -330,9 +306,7 @@ mod simd {
         use std::sync::OnceLock;
         static FAST: OnceLock<bool> = OnceLock::new();
         *FAST.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-                && std::arch::is_x86_feature_detected!("f16c")
+            std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") && std::arch::is_x86_feature_detected!("f16c")
         })
     }
 
@@ -341,9 +315,7 @@ mod simd {
     fn avx512() -> bool {
         use std::sync::OnceLock;
         static AVX512: OnceLock<bool> = OnceLock::new();
-        *AVX512.get_or_init(|| {
-            fast() && std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw")
-        })
+        *AVX512.get_or_init(|| fast() && std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw"))
     }
 
     pub fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
@@ -534,7 +506,7 @@ mod simd {
         unsafe fn dots(x: &[f32], m: usize, k: usize, w: *const u8, esize: usize, tail: impl Fn(usize) -> f32, load: Load, out: &mut [f32]) {
             let px = x.as_ptr();
             let full = k - k % 8;
-                        // SAFETY: every load reads within j + 8 <= full <= k of its row; prefetches never fault.
+            // SAFETY: every load reads within j + 8 <= full <= k of its row; prefetches never fault.
             unsafe {
                 if m == 1 {
                     let mut s = [_mm256_setzero_ps(); 4];
@@ -621,7 +593,7 @@ mod simd {
                 let mut s = [_mm512_setzero_ps(); super::super::BLOCK_ROWS];
                 let mut j = 0;
                 while j < full {
-                    if (j * esize) % 64 == 0 {
+                    if (j * esize).is_multiple_of(64) {
                         for r in rows {
                             _mm_prefetch::<_MM_HINT_T0>((r as *const i8).wrapping_add(j * esize + AHEAD_BLOCK));
                         }

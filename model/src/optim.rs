@@ -95,9 +95,7 @@ impl FlatAdamW {
     pub fn step<M: Module>(&mut self, lr: f64, module: M, grads: Tensor<1>) -> M {
         let w = flat_params(&module);
         let (m, v) = match self.moments.take() {
-            Some((m, v)) => {
-                (m.mul_scalar(BETA_1) + grads.clone().mul_scalar(1.0 - BETA_1), v.mul_scalar(BETA_2) + grads.square().mul_scalar(1.0 - BETA_2))
-            }
+            Some((m, v)) => (m.mul_scalar(BETA_1) + grads.clone().mul_scalar(1.0 - BETA_1), v.mul_scalar(BETA_2) + grads.square().mul_scalar(1.0 - BETA_2)),
             None => (grads.clone().mul_scalar(1.0 - BETA_1), grads.square().mul_scalar(1.0 - BETA_2)),
         };
         self.time += 1;

@@ -5,8 +5,8 @@ use std::path::Path;
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::optim::{AdamWConfig, GradientsParams};
 use burn::optim::grad_clipping::GradientClippingConfig;
+use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::rngs::StdRng;
@@ -102,10 +102,7 @@ fn windows(ids: &[u32], starts: &[usize], t: usize, device: &Device) -> (Tensor<
         x.extend(ids[s..s + t].iter().map(|&v| v as i64));
         y.extend(ids[s + 1..s + t + 1].iter().map(|&v| v as i64));
     }
-    (
-        Tensor::from_data(TensorData::new(x, [b, t]), device),
-        Tensor::from_data(TensorData::new(y, [b, t]), device),
-    )
+    (Tensor::from_data(TensorData::new(x, [b, t]), device), Tensor::from_data(TensorData::new(y, [b, t]), device))
 }
 
 fn lm_loss(bb: &Backbone, x: Tensor<2, Int>, y: Tensor<2, Int>) -> Tensor<1> {
@@ -178,11 +175,7 @@ pub fn pretrain(
     let config = BackboneConfig::from_json(&config.to_hf_json().to_string())?;
     let init = match init {
         Some(bb) if bb.config.vocab_size != tokenizer.vocab_size() => {
-            return Err(ModelError::InvalidInput(format!(
-                "initial backbone has {} tokens, the tokenizer {}",
-                bb.config.vocab_size,
-                tokenizer.vocab_size()
-            )));
+            return Err(ModelError::InvalidInput(format!("initial backbone has {} tokens, the tokenizer {}", bb.config.vocab_size, tokenizer.vocab_size())));
         }
         Some(bb) => Backbone::from_parts(bb.config.clone(), bb.net.clone(), device),
         None => Backbone::init_random(config, cfg.seed, device),
@@ -194,18 +187,10 @@ pub fn pretrain(
     let ad = device.clone().autodiff();
     let mut net = init.net.clone().fork(&ad).train();
     let rope_ad = crate::backbone::rope::Rope::new(&config, &ad);
-    let mut optim = AdamWConfig::new()
-        .with_weight_decay(cfg.weight_decay as f32)
-        .with_grad_clipping(Some(GradientClippingConfig::Norm(1.0)))
-        .init();
+    let mut optim = AdamWConfig::new().with_weight_decay(cfg.weight_decay as f32).with_grad_clipping(Some(GradientClippingConfig::Norm(1.0))).init();
     let mut rng = StdRng::seed_from_u64(cfg.seed);
-    let mut report = PretrainReport {
-        params: config.num_params(),
-        train_chars: train.len(),
-        val_chars: val.len(),
-        best_val_loss: f32::INFINITY,
-        ..Default::default()
-    };
+    let mut report =
+        PretrainReport { params: config.num_params(), train_chars: train.len(), val_chars: val.len(), best_val_loss: f32::INFINITY, ..Default::default() };
     on_event(PretrainEvent::Start { total_steps: cfg.steps });
     let started = Instant::now();
     let mut recent = Vec::new();

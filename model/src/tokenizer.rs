@@ -31,10 +31,7 @@ impl std::fmt::Debug for Tokenizer {
 impl Tokenizer {
     pub fn from_file(path: &Path) -> Result<Self> {
         if !path.exists() {
-            return Err(ModelError::MissingFile {
-                path: path.to_path_buf(),
-                hint: "the checkpoint directory needs tokenizer.json",
-            });
+            return Err(ModelError::MissingFile { path: path.to_path_buf(), hint: "the checkpoint directory needs tokenizer.json" });
         }
         let text = std::fs::read_to_string(path).map_err(crate::error::io_err(path))?;
         Self::from_json(&text).map_err(|e| match e {
@@ -46,10 +43,7 @@ impl Tokenizer {
     pub fn from_json(text: &str) -> Result<Self> {
         let inner: tokenizers::Tokenizer = text
             .parse()
-            .map_err(|e: Box<dyn std::error::Error + Send + Sync>| ModelError::Tokenizer {
-                path: "tokenizer.json".into(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e: Box<dyn std::error::Error + Send + Sync>| ModelError::Tokenizer { path: "tokenizer.json".into(), message: e.to_string() })?;
         let vocab_size = inner.get_vocab_size(true);
         Ok(Self { inner, vocab_size })
     }
@@ -60,17 +54,12 @@ impl Tokenizer {
 
     /// Token ids of `text`, without special tokens.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode_fast(text, false)
-            .map_err(|e| ModelError::Tokenizer { path: "tokenizer.json".into(), message: e.to_string() })?;
+        let enc = self.inner.encode_fast(text, false).map_err(|e| ModelError::Tokenizer { path: "tokenizer.json".into(), message: e.to_string() })?;
         Ok(enc.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner
-            .decode(ids, true)
-            .map_err(|e| ModelError::Tokenizer { path: "tokenizer.json".into(), message: e.to_string() })
+        self.inner.decode(ids, true).map_err(|e| ModelError::Tokenizer { path: "tokenizer.json".into(), message: e.to_string() })
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
@@ -128,10 +117,8 @@ impl ModelTokens {
                 Err(e) => Err(io_err(&path)(e)),
             }
         };
-        let config = read("config.json")?.ok_or_else(|| ModelError::MissingFile {
-            path: dir.join("config.json"),
-            hint: "a HuggingFace checkpoint directory needs config.json",
-        })?;
+        let config = read("config.json")?
+            .ok_or_else(|| ModelError::MissingFile { path: dir.join("config.json"), hint: "a HuggingFace checkpoint directory needs config.json" })?;
         Self::from_json(&config, read("generation_config.json")?.as_deref(), read("tokenizer_config.json")?.as_deref())
     }
 

@@ -11,15 +11,15 @@ use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
-use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
 use crate::features::FeatureSet;
-use crate::side::config::SideVariant;
 use crate::optim::{self, FlatAdamW};
+use crate::side::config::SideVariant;
 use crate::side::mlp_grad::{self, MlpBatch};
 use crate::side::params::for_each_param;
 use crate::side::{FrozenHead, Plugin, PluginNet, SharedParams};
@@ -263,11 +263,7 @@ fn make_batch(data: &FeatureSet, preds: &BackbonePreds, units: &[&Unit], device:
         }
     }
     let tokens = mask.iter().filter(|&&m| m > 0.0).count();
-    Batch {
-        feats: Tensor::from_data(TensorData::new(feats, [l, b, t, d]), device),
-        tokens,
-        host: Columns { targets, mask, bb_logp, bb_right, inv_rms },
-    }
+    Batch { feats: Tensor::from_data(TensorData::new(feats, [l, b, t, d]), device), tokens, host: Columns { targets, mask, bb_logp, bb_right, inv_rms } }
 }
 
 /// Per-layer `[B, T, d]` views of a batch, in the plugin's tap order, plus the final layer.
@@ -673,9 +669,8 @@ mod tests {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
         let bb = load_backbone(&dir, &device).unwrap();
         // 40 examples: over 128 loss rows, so the per-row loop runs in several blocks.
-        let examples: Vec<TokenizedExample> = (0..40u32)
-            .map(|i| TokenizedExample { ids: (0..14).map(|j| (i * 7 + j * 13) % 90 + 3).collect(), reply_start: 6 })
-            .collect();
+        let examples: Vec<TokenizedExample> =
+            (0..40u32).map(|i| TokenizedExample { ids: (0..14).map(|j| (i * 7 + j * 13) % 90 + 3).collect(), reply_start: 6 }).collect();
         let mut side = SideConfig { reduction: 4, taps, ..SideConfig::default() };
         side.gate.use_side_state = gate_uses_side;
         let plugin = randomized(Plugin::new(&side, &bb.config, &device).unwrap(), 1);

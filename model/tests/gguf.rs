@@ -4,7 +4,7 @@
 //! permuted, GGUF names, tokenizer metadata), imported, and checked against HF's logits.
 use std::path::{Path, PathBuf};
 
-use spa_model::backbone::{WeightDtype, TokenBatch, load_backbone};
+use spa_model::backbone::{TokenBatch, WeightDtype, load_backbone};
 use spa_model::gguf::{GgmlType, GgufFile, import_gguf};
 use spa_model::tensor_util::to_vec;
 use spa_model::tokenizer::{ModelTokens, Tokenizer};
@@ -127,7 +127,10 @@ fn tiny_vocab(n: usize) -> (Vec<String>, Vec<i32>, Vec<String>) {
         types.push(1);
     }
     let mut merges = Vec::new();
-    for pair in ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "e r", "o n", "Ġ s", "a n", "r e", "o r", "Ġ w", "i s", "Ġ is", "e n", "a t", "Ġa n", "Ġan d", "Ġ o", "o u", "Ġ c", "Ġ b", "Ġ f", "Ġ m"] {
+    for pair in [
+        "Ġ t", "h e", "Ġt he", "i n", "Ġ a", "e r", "o n", "Ġ s", "a n", "r e", "o r", "Ġ w", "i s", "Ġ is", "e n", "a t", "Ġa n", "Ġan d", "Ġ o", "o u",
+        "Ġ c", "Ġ b", "Ġ f", "Ġ m",
+    ] {
         if tokens.len() == n {
             break;
         }

@@ -1,17 +1,31 @@
 //! Pretraining from scratch on a tiny config: the loss falls, the checkpoint is one the
 //! loader reads, and training can continue from it.
+use spa_model::BackendKind;
 use spa_model::backbone::load_backbone;
 use spa_model::data::synthetic::synthetic_users;
 use spa_model::pretrain::{PretrainConfig, pretrain};
 use spa_model::tokenizer::{Tokenizer, char_level_json};
-use spa_model::BackendKind;
 
 fn corpus() -> String {
     synthetic_users(6, 80, 5).iter().flat_map(|u| u.train.iter().map(|e| format!("{}{}", e.prompt, e.reply))).collect()
 }
 
 fn tiny(steps: usize) -> PretrainConfig {
-    PretrainConfig { hidden: 32, layers: 1, heads: 4, kv_heads: 2, intermediate: 64, context: 32, batch: 8, steps, lr: 1e-2, warmup: 5, eval_every: 20, eval_windows: 16, ..PretrainConfig::default() }
+    PretrainConfig {
+        hidden: 32,
+        layers: 1,
+        heads: 4,
+        kv_heads: 2,
+        intermediate: 64,
+        context: 32,
+        batch: 8,
+        steps,
+        lr: 1e-2,
+        warmup: 5,
+        eval_every: 20,
+        eval_windows: 16,
+        ..PretrainConfig::default()
+    }
 }
 
 #[test]

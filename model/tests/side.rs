@@ -2,8 +2,8 @@
 use std::path::PathBuf;
 
 use spa_model::backbone::{TokenBatch, load_backbone};
-use spa_model::generate::{Decoding, LocalStates, Sampling, generate};
 use spa_model::features::{Positions, TokenizedExample, extract_features};
+use spa_model::generate::{Decoding, LocalStates, Sampling, generate};
 use spa_model::side::{FrozenHead, Plugin, SideConfig, SideVariant};
 use spa_model::tensor_util::{from_vec, to_vec};
 use spa_model::train::{TrainConfig, evaluate, train_plugin};

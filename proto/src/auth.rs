@@ -35,14 +35,8 @@ pub enum AuthError {
     Revoked(String),
     #[error("bad request signature")]
     BadSignature,
-    #[error(
-        "request timestamp {ts_ms} is {skew_ms} ms away from the coordinator's clock (window {window_ms} ms)"
-    )]
-    ClockSkew {
-        ts_ms: u64,
-        skew_ms: u64,
-        window_ms: u64,
-    },
+    #[error("request timestamp {ts_ms} is {skew_ms} ms away from the coordinator's clock (window {window_ms} ms)")]
+    ClockSkew { ts_ms: u64, skew_ms: u64, window_ms: u64 },
     #[error("nonce already used (replayed request)")]
     Replay,
     #[error("too many requests in the replay window; retry later")]
@@ -113,19 +107,12 @@ impl SignedHeaders {
     }
 
     pub fn from_metadata(md: &MetadataMap) -> Result<Self, AuthError> {
-        let get = |k: &'static str| -> Result<&str, AuthError> {
-            md.get(k)
-                .ok_or(AuthError::Missing(k))?
-                .to_str()
-                .map_err(|_| AuthError::Malformed(k))
-        };
+        let get = |k: &'static str| -> Result<&str, AuthError> { md.get(k).ok_or(AuthError::Missing(k))?.to_str().map_err(|_| AuthError::Malformed(k)) };
         let device_id = get(HDR_DEVICE)?;
         if device_id.is_empty() || device_id.len() > 64 {
             return Err(AuthError::Malformed(HDR_DEVICE));
         }
-        let ts_ms = get(HDR_TS)?
-            .parse()
-            .map_err(|_| AuthError::Malformed(HDR_TS))?;
+        let ts_ms = get(HDR_TS)?.parse().map_err(|_| AuthError::Malformed(HDR_TS))?;
         let nonce_hex = get(HDR_NONCE)?;
         if nonce_hex.len() != 32 || hex::decode(nonce_hex).is_err() {
             return Err(AuthError::Malformed(HDR_NONCE));
@@ -134,26 +121,14 @@ impl SignedHeaders {
         if sig_hex.len() != 128 || hex::decode(sig_hex).is_err() {
             return Err(AuthError::Malformed(HDR_SIG));
         }
-        Ok(Self {
-            device_id: device_id.into(),
-            ts_ms,
-            nonce_hex: nonce_hex.into(),
-            sig_hex: sig_hex.into(),
-        })
+        Ok(Self { device_id: device_id.into(), ts_ms, nonce_hex: nonce_hex.into(), sig_hex: sig_hex.into() })
     }
 
     /// Checks the signature against the device's raw 32-byte Ed25519 public key.
-    pub fn verify(
-        &self,
-        public_key: &[u8],
-        method: &str,
-        digest: &[u8; 32],
-    ) -> Result<(), AuthError> {
+    pub fn verify(&self, public_key: &[u8], method: &str, digest: &[u8; 32]) -> Result<(), AuthError> {
         let sig = hex::decode(&self.sig_hex).map_err(|_| AuthError::Malformed(HDR_SIG))?;
         let payload = signing_payload(method, self.ts_ms, &self.nonce_hex, digest);
-        UnparsedPublicKey::new(&ED25519, public_key)
-            .verify(&payload, &sig)
-            .map_err(|_| AuthError::BadSignature)
+        UnparsedPublicKey::new(&ED25519, public_key).verify(&payload, &sig).map_err(|_| AuthError::BadSignature)
     }
 }
 
@@ -161,11 +136,7 @@ impl SignedHeaders {
 pub fn check_clock(ts_ms: u64, now_ms: u64, window_ms: u64) -> Result<(), AuthError> {
     let skew_ms = ts_ms.abs_diff(now_ms);
     if skew_ms > window_ms {
-        return Err(AuthError::ClockSkew {
-            ts_ms,
-            skew_ms,
-            window_ms,
-        });
+        return Err(AuthError::ClockSkew { ts_ms, skew_ms, window_ms });
     }
     Ok(())
 }
@@ -185,9 +156,7 @@ impl std::fmt::Debug for DeviceSigner {
 
 /// A fresh Ed25519 key as PKCS#8 bytes (what a device stores).
 pub fn generate_pkcs8() -> Result<Vec<u8>, ring::error::Unspecified> {
-    Ok(Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())?
-        .as_ref()
-        .to_vec())
+    Ok(Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())?.as_ref().to_vec())
 }
 
 /// The raw public key of a PKCS#8 Ed25519 key.
@@ -201,22 +170,13 @@ pub fn public_key_of(pkcs8: &[u8]) -> Result<[u8; 32], ring::error::KeyRejected>
 /// Random bytes from the system generator.
 pub fn random_bytes<const N: usize>() -> [u8; N] {
     let mut b = [0u8; N];
-    SystemRandom::new()
-        .fill(&mut b)
-        .expect("system random generator");
+    SystemRandom::new().fill(&mut b).expect("system random generator");
     b
 }
 
 impl DeviceSigner {
-    pub fn from_pkcs8(
-        pkcs8: &[u8],
-        device_id: impl Into<String>,
-    ) -> Result<Self, ring::error::KeyRejected> {
-        Ok(Self {
-            key: Ed25519KeyPair::from_pkcs8(pkcs8)?,
-            device_id: device_id.into(),
-            rng: SystemRandom::new(),
-        })
+    pub fn from_pkcs8(pkcs8: &[u8], device_id: impl Into<String>) -> Result<Self, ring::error::KeyRejected> {
+        Ok(Self { key: Ed25519KeyPair::from_pkcs8(pkcs8)?, device_id: device_id.into(), rng: SystemRandom::new() })
     }
 
     pub fn device_id(&self) -> &str {
@@ -234,15 +194,8 @@ impl DeviceSigner {
         let mut nonce = [0u8; 16];
         self.rng.fill(&mut nonce).expect("system random generator");
         let nonce_hex = hex::encode(nonce);
-        let sig = self
-            .key
-            .sign(&signing_payload(method, ts_ms, &nonce_hex, digest));
-        SignedHeaders {
-            device_id: self.device_id.clone(),
-            ts_ms,
-            nonce_hex,
-            sig_hex: hex::encode(sig.as_ref()),
-        }
+        let sig = self.key.sign(&signing_payload(method, ts_ms, &nonce_hex, digest));
+        SignedHeaders { device_id: self.device_id.clone(), ts_ms, nonce_hex, sig_hex: hex::encode(sig.as_ref()) }
     }
 
     /// A plain Ed25519 signature over `msg` (for protocols with their own domain separation,
@@ -268,10 +221,7 @@ impl DeviceSigner {
 
 /// Unix time in milliseconds.
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// Nonces seen within the clock window. A nonce older than the window cannot be replayed
@@ -287,12 +237,7 @@ pub struct NonceWindow {
 
 impl NonceWindow {
     pub fn new(window_ms: u64, capacity: usize) -> Self {
-        Self {
-            window_ms,
-            capacity,
-            seen: HashMap::new(),
-            order: VecDeque::new(),
-        }
+        Self { window_ms, capacity, seen: HashMap::new(), order: VecDeque::new() }
     }
 
     pub fn len(&self) -> usize {
@@ -314,13 +259,7 @@ impl NonceWindow {
     }
 
     /// Records a nonce of a call whose timestamp already passed [`check_clock`].
-    pub fn check_and_insert(
-        &mut self,
-        device: &str,
-        nonce: &str,
-        ts_ms: u64,
-        now_ms: u64,
-    ) -> Result<(), AuthError> {
+    pub fn check_and_insert(&mut self, device: &str, nonce: &str, ts_ms: u64, now_ms: u64) -> Result<(), AuthError> {
         self.expire(now_ms);
         let key = (device.to_string(), nonce.to_string());
         if self.seen.contains_key(&key) {
@@ -330,13 +269,8 @@ impl NonceWindow {
             return Err(AuthError::Busy);
         }
         // Keep `order` sorted by expiry: timestamps arrive almost sorted, insert in place.
-        let pos = self
-            .order
-            .iter()
-            .rposition(|(t, _, _)| *t <= ts_ms)
-            .map_or(0, |p| p + 1);
-        self.order
-            .insert(pos, (ts_ms, key.0.clone(), key.1.clone()));
+        let pos = self.order.iter().rposition(|(t, _, _)| *t <= ts_ms).map_or(0, |p| p + 1);
+        self.order.insert(pos, (ts_ms, key.0.clone(), key.1.clone()));
         self.seen.insert(key, ts_ms);
         Ok(())
     }
@@ -353,16 +287,7 @@ mod tests {
     }
 
     fn body() -> FeaturesRequest {
-        FeaturesRequest {
-            backbone_version: "v".into(),
-            sequences: vec![FeatureSequence {
-                ids: vec![1, 2, 3],
-                from: 0,
-                to: 3,
-            }],
-            layers: vec![0, 4],
-            dtype: 1,
-        }
+        FeaturesRequest { backbone_version: "v".into(), sequences: vec![FeatureSequence { ids: vec![1, 2, 3], from: 0, to: 3 }], layers: vec![0, 4], dtype: 1 }
     }
 
     #[test]
@@ -371,12 +296,7 @@ mod tests {
         let req = s.request(crate::methods::BACKBONE_FEATURES, body());
         let h = SignedHeaders::from_metadata(req.metadata()).unwrap();
         assert_eq!(h.device_id, "dev-1");
-        h.verify(
-            &s.public_key(),
-            crate::methods::BACKBONE_FEATURES,
-            &body_digest(req.get_ref()),
-        )
-        .unwrap();
+        h.verify(&s.public_key(), crate::methods::BACKBONE_FEATURES, &body_digest(req.get_ref())).unwrap();
         check_clock(h.ts_ms, now_ms(), 300_000).unwrap();
     }
 
@@ -387,49 +307,26 @@ mod tests {
         let pk = s.public_key();
         let digest = body_digest(&body());
         // Another key.
-        assert_eq!(
-            h.verify(
-                &signer().public_key(),
-                crate::methods::BACKBONE_FEATURES,
-                &digest
-            ),
-            Err(AuthError::BadSignature)
-        );
+        assert_eq!(h.verify(&signer().public_key(), crate::methods::BACKBONE_FEATURES, &digest), Err(AuthError::BadSignature));
         // Another method (a signature replayed on another endpoint).
-        assert_eq!(
-            h.verify(&pk, crate::methods::DEVICE_PING, &digest),
-            Err(AuthError::BadSignature)
-        );
+        assert_eq!(h.verify(&pk, crate::methods::DEVICE_PING, &digest), Err(AuthError::BadSignature));
         // Another body.
         let mut b = body();
         b.sequences[0].ids[0] = 9;
-        assert_eq!(
-            h.verify(&pk, crate::methods::BACKBONE_FEATURES, &body_digest(&b)),
-            Err(AuthError::BadSignature)
-        );
+        assert_eq!(h.verify(&pk, crate::methods::BACKBONE_FEATURES, &body_digest(&b)), Err(AuthError::BadSignature));
         // Another timestamp or nonce.
         let mut t = h.clone();
         t.ts_ms += 1;
-        assert_eq!(
-            t.verify(&pk, crate::methods::BACKBONE_FEATURES, &digest),
-            Err(AuthError::BadSignature)
-        );
+        assert_eq!(t.verify(&pk, crate::methods::BACKBONE_FEATURES, &digest), Err(AuthError::BadSignature));
         let mut n = h.clone();
         n.nonce_hex = hex::encode([7u8; 16]);
-        assert_eq!(
-            n.verify(&pk, crate::methods::BACKBONE_FEATURES, &digest),
-            Err(AuthError::BadSignature)
-        );
+        assert_eq!(n.verify(&pk, crate::methods::BACKBONE_FEATURES, &digest), Err(AuthError::BadSignature));
         // Garbage signature of the right length.
         let mut g = h.clone();
         g.sig_hex = "00".repeat(64);
-        assert_eq!(
-            g.verify(&pk, crate::methods::BACKBONE_FEATURES, &digest),
-            Err(AuthError::BadSignature)
-        );
+        assert_eq!(g.verify(&pk, crate::methods::BACKBONE_FEATURES, &digest), Err(AuthError::BadSignature));
         // The right one passes.
-        h.verify(&pk, crate::methods::BACKBONE_FEATURES, &digest)
-            .unwrap();
+        h.verify(&pk, crate::methods::BACKBONE_FEATURES, &digest).unwrap();
     }
 
     #[test]
@@ -437,21 +334,12 @@ mod tests {
         let s = signer();
         let mut req = s.request(crate::methods::DEVICE_PING, PingRequest {});
         req.metadata_mut().remove(HDR_SIG);
-        assert_eq!(
-            SignedHeaders::from_metadata(req.metadata()),
-            Err(AuthError::Missing(HDR_SIG))
-        );
+        assert_eq!(SignedHeaders::from_metadata(req.metadata()), Err(AuthError::Missing(HDR_SIG)));
         req.metadata_mut().insert(HDR_SIG, "zz".parse().unwrap());
-        assert_eq!(
-            SignedHeaders::from_metadata(req.metadata()),
-            Err(AuthError::Malformed(HDR_SIG))
-        );
+        assert_eq!(SignedHeaders::from_metadata(req.metadata()), Err(AuthError::Malformed(HDR_SIG)));
         let mut req = s.request(crate::methods::DEVICE_PING, PingRequest {});
         req.metadata_mut().insert(HDR_TS, "soon".parse().unwrap());
-        assert_eq!(
-            SignedHeaders::from_metadata(req.metadata()),
-            Err(AuthError::Malformed(HDR_TS))
-        );
+        assert_eq!(SignedHeaders::from_metadata(req.metadata()), Err(AuthError::Malformed(HDR_TS)));
         let st: tonic::Status = AuthError::Missing(HDR_SIG).into();
         assert_eq!(st.code(), tonic::Code::Unauthenticated);
         let st: tonic::Status = AuthError::Revoked("d".into()).into();
@@ -463,36 +351,21 @@ mod tests {
         let now = 10_000_000;
         check_clock(now - 300_000, now, 300_000).unwrap();
         check_clock(now + 300_000, now, 300_000).unwrap();
-        assert!(matches!(
-            check_clock(now - 300_001, now, 300_000),
-            Err(AuthError::ClockSkew { .. })
-        ));
-        assert!(matches!(
-            check_clock(now + 300_001, now, 300_000),
-            Err(AuthError::ClockSkew { .. })
-        ));
+        assert!(matches!(check_clock(now - 300_001, now, 300_000), Err(AuthError::ClockSkew { .. })));
+        assert!(matches!(check_clock(now + 300_001, now, 300_000), Err(AuthError::ClockSkew { .. })));
 
         let mut w = NonceWindow::new(300_000, 3);
         w.check_and_insert("a", "n1", now, now).unwrap();
-        assert_eq!(
-            w.check_and_insert("a", "n1", now, now),
-            Err(AuthError::Replay)
-        );
+        assert_eq!(w.check_and_insert("a", "n1", now, now), Err(AuthError::Replay));
         // The same nonce from another device is another request.
         w.check_and_insert("b", "n1", now, now).unwrap();
         w.check_and_insert("a", "n2", now + 10, now).unwrap();
         // Full: refuse rather than forget a live nonce.
-        assert_eq!(
-            w.check_and_insert("a", "n3", now, now),
-            Err(AuthError::Busy)
-        );
+        assert_eq!(w.check_and_insert("a", "n3", now, now), Err(AuthError::Busy));
         // After the window, old entries expire (their timestamps would fail the clock check).
         let later = now + 300_001;
         w.check_and_insert("a", "n3", later, later).unwrap();
         assert_eq!(w.len(), 2);
-        assert_eq!(
-            w.check_and_insert("a", "n2", now + 10, later),
-            Err(AuthError::Replay)
-        );
+        assert_eq!(w.check_and_insert("a", "n2", now + 10, later), Err(AuthError::Replay));
     }
 }

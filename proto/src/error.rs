@@ -4,31 +4,15 @@ pub enum ProtoError {
     #[error("unsupported dtype {0}")]
     Dtype(i32),
     #[error("{what}: {found} bytes is not a whole number of {elem}-byte elements")]
-    Ragged {
-        what: String,
-        found: usize,
-        elem: usize,
-    },
+    Ragged { what: String, found: usize, elem: usize },
     #[error("{what}: size mismatch, expected {expected} bytes, found {found}")]
-    SizeMismatch {
-        what: String,
-        expected: u64,
-        found: u64,
-    },
+    SizeMismatch { what: String, expected: u64, found: u64 },
     #[error("{what}: chunk at offset {offset}, expected offset {expected}")]
-    OutOfOrder {
-        what: String,
-        offset: u64,
-        expected: u64,
-    },
+    OutOfOrder { what: String, offset: u64, expected: u64 },
     #[error("{what}: {size} bytes exceeds the limit of {limit}")]
     TooLarge { what: String, size: u64, limit: u64 },
     #[error("{what}: stream ended after {received} of {expected} bytes (truncated)")]
-    Truncated {
-        what: String,
-        received: u64,
-        expected: u64,
-    },
+    Truncated { what: String, received: u64, expected: u64 },
     #[error("{what}: chunk changes dtype or shape mid-stream")]
     Inconsistent { what: String },
     #[error("{what}: contains NaN or infinite values")]

@@ -29,5 +29,4 @@ pub mod methods {
 }
 
 /// Encoded `FileDescriptorSet` of the protocol, for gRPC reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/spa_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/spa_descriptor.bin"));

@@ -2,8 +2,7 @@
 //! length is checked here, so the state machines only ever see well-formed keys.
 use spa_aggregation::SessionConfig;
 use spa_aggregation::messages::{
-    AdvertiseKeys, EncryptedShare, NeighbourKeys, RevealedShare, ShareKeysRequest,
-    ShareKeysResponse, UnmaskRequest, UnmaskResponse,
+    AdvertiseKeys, EncryptedShare, NeighbourKeys, RevealedShare, ShareKeysRequest, ShareKeysResponse, UnmaskRequest, UnmaskResponse,
 };
 
 use crate::ProtoError;
@@ -21,16 +20,13 @@ impl spa_aggregation::IdentitySigner for crate::auth::DeviceSigner {
 }
 
 fn key(b: &[u8], what: &str) -> Result<[u8; 32], ProtoError> {
-    b.try_into()
-        .map_err(|_| ProtoError::Invalid(format!("{what} must be 32 bytes, got {}", b.len())))
+    b.try_into().map_err(|_| ProtoError::Invalid(format!("{what} must be 32 bytes, got {}", b.len())))
 }
 
 /// Parses a session configuration and checks it.
 pub fn config_from_json(json: &str) -> Result<SessionConfig, ProtoError> {
-    let c: SessionConfig = serde_json::from_str(json)
-        .map_err(|e| ProtoError::Invalid(format!("session config: {e}")))?;
-    c.validate()
-        .map_err(|e| ProtoError::Invalid(format!("session config: {e}")))?;
+    let c: SessionConfig = serde_json::from_str(json).map_err(|e| ProtoError::Invalid(format!("session config: {e}")))?;
+    c.validate().map_err(|e| ProtoError::Invalid(format!("session config: {e}")))?;
     Ok(c)
 }
 
@@ -39,26 +35,14 @@ pub fn config_to_json(c: &SessionConfig) -> String {
 }
 
 pub fn advertise_to_wire(a: &AdvertiseKeys) -> v1::AdvertiseKeysMsg {
-    v1::AdvertiseKeysMsg {
-        round_id: a.round_id,
-        client_id: a.client_id,
-        c_pk: a.c_pk.to_vec(),
-        s_pk: a.s_pk.to_vec(),
-        sig: a.sig.clone(),
-    }
+    v1::AdvertiseKeysMsg { round_id: a.round_id, client_id: a.client_id, c_pk: a.c_pk.to_vec(), s_pk: a.s_pk.to_vec(), sig: a.sig.clone() }
 }
 
 pub fn advertise_from_wire(m: &v1::AdvertiseKeysMsg) -> Result<AdvertiseKeys, ProtoError> {
     if m.sig.len() != 64 {
         return Err(ProtoError::Invalid(format!("signature must be 64 bytes, got {}", m.sig.len())));
     }
-    Ok(AdvertiseKeys {
-        client_id: m.client_id,
-        round_id: m.round_id,
-        c_pk: key(&m.c_pk, "c_pk")?,
-        s_pk: key(&m.s_pk, "s_pk")?,
-        sig: m.sig.clone(),
-    })
+    Ok(AdvertiseKeys { client_id: m.client_id, round_id: m.round_id, c_pk: key(&m.c_pk, "c_pk")?, s_pk: key(&m.s_pk, "s_pk")?, sig: m.sig.clone() })
 }
 
 fn shares_to_wire(v: &[EncryptedShare]) -> Vec<v1::EncryptedShareMsg> {
@@ -78,13 +62,7 @@ pub fn share_keys_task(round_id: u64, r: &ShareKeysRequest) -> v1::ShareKeysTask
         neighbours: r
             .neighbours
             .iter()
-            .map(|n| v1::NeighbourKeysMsg {
-                id: n.id,
-                identity_pk: n.identity_pk.to_vec(),
-                c_pk: n.c_pk.to_vec(),
-                s_pk: n.s_pk.to_vec(),
-                sig: n.sig.clone(),
-            })
+            .map(|n| v1::NeighbourKeysMsg { id: n.id, identity_pk: n.identity_pk.to_vec(), c_pk: n.c_pk.to_vec(), s_pk: n.s_pk.to_vec(), sig: n.sig.clone() })
             .collect(),
     }
 }
@@ -142,20 +120,11 @@ fn revealed_from_wire(v: &[v1::RevealedShareMsg]) -> Vec<RevealedShare> {
 }
 
 pub fn unmask_to_wire(round_id: u64, r: &UnmaskResponse) -> v1::UnmaskMsg {
-    v1::UnmaskMsg {
-        round_id,
-        client_id: r.client_id,
-        b_shares: revealed_to_wire(&r.b_shares),
-        s_shares: revealed_to_wire(&r.s_shares),
-    }
+    v1::UnmaskMsg { round_id, client_id: r.client_id, b_shares: revealed_to_wire(&r.b_shares), s_shares: revealed_to_wire(&r.s_shares) }
 }
 
 pub fn unmask_from_wire(m: &v1::UnmaskMsg) -> UnmaskResponse {
-    UnmaskResponse {
-        client_id: m.client_id,
-        b_shares: revealed_from_wire(&m.b_shares),
-        s_shares: revealed_from_wire(&m.s_shares),
-    }
+    UnmaskResponse { client_id: m.client_id, b_shares: revealed_from_wire(&m.b_shares), s_shares: revealed_from_wire(&m.s_shares) }
 }
 
 /// Lanes as little-endian bytes, and back (a ragged byte count is an error).

@@ -20,10 +20,7 @@ pub fn dtype_size(dtype: i32) -> Result<usize, ProtoError> {
 pub fn encode_f32(values: &[f32], dtype: i32) -> Result<Vec<u8>, ProtoError> {
     match DType::try_from(dtype) {
         Ok(DType::DtypeF32) => Ok(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
-        Ok(DType::DtypeF16) => Ok(values
-            .iter()
-            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-            .collect()),
+        Ok(DType::DtypeF16) => Ok(values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect()),
         _ => Err(ProtoError::Dtype(dtype)),
     }
 }
@@ -32,21 +29,11 @@ pub fn encode_f32(values: &[f32], dtype: i32) -> Result<Vec<u8>, ProtoError> {
 pub fn decode_f32(bytes: &[u8], dtype: i32, what: &str) -> Result<Vec<f32>, ProtoError> {
     let elem = dtype_size(dtype)?;
     if !bytes.len().is_multiple_of(elem) {
-        return Err(ProtoError::Ragged {
-            what: what.into(),
-            found: bytes.len(),
-            elem,
-        });
+        return Err(ProtoError::Ragged { what: what.into(), found: bytes.len(), elem });
     }
     let out: Vec<f32> = match DType::try_from(dtype) {
-        Ok(DType::DtypeF32) => bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-        Ok(DType::DtypeF16) => bytes
-            .chunks_exact(2)
-            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
+        Ok(DType::DtypeF32) => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Ok(DType::DtypeF16) => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
         _ => return Err(ProtoError::Dtype(dtype)),
     };
     if out.iter().any(|v| !v.is_finite()) {
@@ -60,30 +47,16 @@ pub fn tensor_bytes(shape: &[u64], dtype: i32, limit: u64, what: &str) -> Result
     let elem = dtype_size(dtype)? as u64;
     let mut n = elem;
     for &d in shape {
-        n = n.checked_mul(d).ok_or_else(|| ProtoError::TooLarge {
-            what: what.into(),
-            size: u64::MAX,
-            limit,
-        })?;
+        n = n.checked_mul(d).ok_or_else(|| ProtoError::TooLarge { what: what.into(), size: u64::MAX, limit })?;
     }
     if n > limit {
-        return Err(ProtoError::TooLarge {
-            what: what.into(),
-            size: n,
-            limit,
-        });
+        return Err(ProtoError::TooLarge { what: what.into(), size: n, limit });
     }
     Ok(n)
 }
 
 /// Splits a tensor into chunks of at most `chunk` bytes (one empty chunk for an empty tensor).
-pub fn tensor_chunks(
-    name: &str,
-    dtype: i32,
-    shape: &[u64],
-    bytes: &[u8],
-    chunk: usize,
-) -> Vec<TensorChunk> {
+pub fn tensor_chunks(name: &str, dtype: i32, shape: &[u64], bytes: &[u8], chunk: usize) -> Vec<TensorChunk> {
     tensor_chunks_lazy(name.into(), dtype, shape.to_vec(), bytes.to_vec(), chunk).collect()
 }
 
@@ -113,9 +86,7 @@ fn pieces(bytes: &[u8], chunk: usize) -> impl Iterator<Item = (u64, &[u8])> {
 /// Splits one sequence's feature bytes into chunks of at most `chunk` bytes.
 pub fn feature_chunks(sequence: u32, bytes: &[u8], chunk: usize) -> Vec<FeaturesChunk> {
     let total = bytes.len() as u64;
-    pieces(bytes, chunk)
-        .map(|(offset, data)| FeaturesChunk { sequence, offset, total_bytes: total, data: data.to_vec() })
-        .collect()
+    pieces(bytes, chunk).map(|(offset, data)| FeaturesChunk { sequence, offset, total_bytes: total, data: data.to_vec() }).collect()
 }
 
 /// Reassembles one byte string of a known size from in-order chunks.
@@ -131,43 +102,23 @@ impl ByteAssembler {
     pub fn new(what: impl Into<String>, expected: u64, limit: u64) -> Result<Self, ProtoError> {
         let what = what.into();
         if expected > limit {
-            return Err(ProtoError::TooLarge {
-                what,
-                size: expected,
-                limit,
-            });
+            return Err(ProtoError::TooLarge { what, size: expected, limit });
         }
-        Ok(Self {
-            what,
-            expected,
-            buf: Vec::with_capacity(expected as usize),
-        })
+        Ok(Self { what, expected, buf: Vec::with_capacity(expected as usize) })
     }
 
     /// Appends a chunk that claims `total` bytes in all and starts at `offset`.
     pub fn push(&mut self, offset: u64, total: u64, data: &[u8]) -> Result<(), ProtoError> {
         if total != self.expected {
-            return Err(ProtoError::SizeMismatch {
-                what: self.what.clone(),
-                expected: self.expected,
-                found: total,
-            });
+            return Err(ProtoError::SizeMismatch { what: self.what.clone(), expected: self.expected, found: total });
         }
         let have = self.buf.len() as u64;
         if offset != have {
-            return Err(ProtoError::OutOfOrder {
-                what: self.what.clone(),
-                offset,
-                expected: have,
-            });
+            return Err(ProtoError::OutOfOrder { what: self.what.clone(), offset, expected: have });
         }
         let end = have + data.len() as u64;
         if end > self.expected {
-            return Err(ProtoError::SizeMismatch {
-                what: self.what.clone(),
-                expected: self.expected,
-                found: end,
-            });
+            return Err(ProtoError::SizeMismatch { what: self.what.clone(), expected: self.expected, found: end });
         }
         self.buf.extend_from_slice(data);
         Ok(())
@@ -179,11 +130,7 @@ impl ByteAssembler {
 
     pub fn finish(self) -> Result<Vec<u8>, ProtoError> {
         if !self.is_complete() {
-            return Err(ProtoError::Truncated {
-                what: self.what,
-                received: self.buf.len() as u64,
-                expected: self.expected,
-            });
+            return Err(ProtoError::Truncated { what: self.what, received: self.buf.len() as u64, expected: self.expected });
         }
         Ok(self.buf)
     }
@@ -215,11 +162,7 @@ pub struct TensorAssembler {
 
 impl TensorAssembler {
     pub fn new(limit: u64) -> Self {
-        Self {
-            limit,
-            done: BTreeMap::new(),
-            current: None,
-        }
+        Self { limit, done: BTreeMap::new(), current: None }
     }
 
     pub fn push(&mut self, c: TensorChunk) -> Result<(), ProtoError> {
@@ -227,18 +170,13 @@ impl TensorAssembler {
             && *name == c.name
         {
             if *dtype != c.dtype || *shape != c.shape {
-                return Err(ProtoError::Inconsistent {
-                    what: format!("tensor '{name}'"),
-                });
+                return Err(ProtoError::Inconsistent { what: format!("tensor '{name}'") });
             }
             return asm.push(c.offset, asm.expected, &c.data);
         }
         self.close_current()?;
         if self.done.contains_key(&c.name) {
-            return Err(ProtoError::Invalid(format!(
-                "tensor '{}' sent twice",
-                c.name
-            )));
+            return Err(ProtoError::Invalid(format!("tensor '{}' sent twice", c.name)));
         }
         let what = format!("tensor '{}'", c.name);
         let total = tensor_bytes(&c.shape, c.dtype, self.limit, &what)?;
@@ -251,14 +189,7 @@ impl TensorAssembler {
     fn close_current(&mut self) -> Result<(), ProtoError> {
         if let Some((name, dtype, shape, asm)) = self.current.take() {
             let bytes = asm.finish()?;
-            self.done.insert(
-                name,
-                WireTensor {
-                    dtype,
-                    shape,
-                    bytes,
-                },
-            );
+            self.done.insert(name, WireTensor { dtype, shape, bytes });
         }
         Ok(())
     }
@@ -283,23 +214,11 @@ mod tests {
     fn tensor_round_trip_over_several_chunks() {
         let values = f32s(600_000); // 2.4 MB: three chunks
         let bytes = encode_f32(&values, DType::DtypeF32 as i32).unwrap();
-        let chunks = tensor_chunks(
-            "w",
-            DType::DtypeF32 as i32,
-            &[600, 1000],
-            &bytes,
-            CHUNK_BYTES,
-        );
+        let chunks = tensor_chunks("w", DType::DtypeF32 as i32, &[600, 1000], &bytes, CHUNK_BYTES);
         assert_eq!(chunks.len(), 3);
         assert!(chunks.iter().all(|c| c.data.len() <= CHUNK_BYTES));
         let mut asm = TensorAssembler::new(1 << 30);
-        let small = tensor_chunks(
-            "b",
-            DType::DtypeF32 as i32,
-            &[3],
-            &encode_f32(&[1.0, 2.0, 3.0], 1).unwrap(),
-            CHUNK_BYTES,
-        );
+        let small = tensor_chunks("b", DType::DtypeF32 as i32, &[3], &encode_f32(&[1.0, 2.0, 3.0], 1).unwrap(), CHUNK_BYTES);
         for c in chunks.into_iter().chain(small) {
             asm.push(c).unwrap();
         }
@@ -321,8 +240,7 @@ mod tests {
     #[test]
     fn truncated_stream_is_an_error() {
         let bytes = encode_f32(&f32s(600_000), DType::DtypeF32 as i32).unwrap();
-        let mut chunks =
-            tensor_chunks("w", DType::DtypeF32 as i32, &[600_000], &bytes, CHUNK_BYTES);
+        let mut chunks = tensor_chunks("w", DType::DtypeF32 as i32, &[600_000], &bytes, CHUNK_BYTES);
         chunks.pop();
         let mut asm = TensorAssembler::new(1 << 30);
         for c in chunks {
@@ -337,69 +255,30 @@ mod tests {
     fn oversized_reordered_and_inconsistent_streams_are_errors() {
         // Declared shape beyond the limit: rejected before buffering.
         let mut asm = TensorAssembler::new(1000);
-        let c = TensorChunk {
-            name: "w".into(),
-            dtype: 1,
-            shape: vec![1000],
-            offset: 0,
-            data: vec![],
-        };
-        assert!(matches!(
-            asm.push(c).unwrap_err(),
-            ProtoError::TooLarge { .. }
-        ));
+        let c = TensorChunk { name: "w".into(), dtype: 1, shape: vec![1000], offset: 0, data: vec![] };
+        assert!(matches!(asm.push(c).unwrap_err(), ProtoError::TooLarge { .. }));
         // Overflowing shape product.
-        let c = TensorChunk {
-            name: "w".into(),
-            dtype: 1,
-            shape: vec![u64::MAX, 4],
-            offset: 0,
-            data: vec![],
-        };
-        assert!(matches!(
-            TensorAssembler::new(1 << 30).push(c).unwrap_err(),
-            ProtoError::TooLarge { .. }
-        ));
+        let c = TensorChunk { name: "w".into(), dtype: 1, shape: vec![u64::MAX, 4], offset: 0, data: vec![] };
+        assert!(matches!(TensorAssembler::new(1 << 30).push(c).unwrap_err(), ProtoError::TooLarge { .. }));
         // More data than declared.
-        let c = TensorChunk {
-            name: "w".into(),
-            dtype: 1,
-            shape: vec![1],
-            offset: 0,
-            data: vec![0; 8],
-        };
-        assert!(matches!(
-            TensorAssembler::new(1 << 30).push(c).unwrap_err(),
-            ProtoError::SizeMismatch { .. }
-        ));
+        let c = TensorChunk { name: "w".into(), dtype: 1, shape: vec![1], offset: 0, data: vec![0; 8] };
+        assert!(matches!(TensorAssembler::new(1 << 30).push(c).unwrap_err(), ProtoError::SizeMismatch { .. }));
         // A gap.
         let bytes = vec![0u8; 3 * CHUNK_BYTES];
         let chunks = tensor_chunks("w", 1, &[(3 * CHUNK_BYTES / 4) as u64], &bytes, CHUNK_BYTES);
         let mut asm = TensorAssembler::new(1 << 30);
         asm.push(chunks[0].clone()).unwrap();
-        assert!(matches!(
-            asm.push(chunks[2].clone()).unwrap_err(),
-            ProtoError::OutOfOrder { .. }
-        ));
+        assert!(matches!(asm.push(chunks[2].clone()).unwrap_err(), ProtoError::OutOfOrder { .. }));
         // Shape changes mid-tensor.
         let mut asm = TensorAssembler::new(1 << 30);
         asm.push(chunks[0].clone()).unwrap();
         let mut bad = chunks[1].clone();
         bad.shape = vec![1];
-        assert!(matches!(
-            asm.push(bad).unwrap_err(),
-            ProtoError::Inconsistent { .. }
-        ));
+        assert!(matches!(asm.push(bad).unwrap_err(), ProtoError::Inconsistent { .. }));
         // Unknown dtype, ragged bytes, NaN.
         assert!(matches!(dtype_size(0), Err(ProtoError::Dtype(0))));
-        assert!(matches!(
-            decode_f32(&[0; 5], 1, "x"),
-            Err(ProtoError::Ragged { .. })
-        ));
-        assert!(matches!(
-            decode_f32(&f32::NAN.to_le_bytes(), 1, "x"),
-            Err(ProtoError::NonFinite { .. })
-        ));
+        assert!(matches!(decode_f32(&[0; 5], 1, "x"), Err(ProtoError::Ragged { .. })));
+        assert!(matches!(decode_f32(&f32::NAN.to_le_bytes(), 1, "x"), Err(ProtoError::NonFinite { .. })));
     }
 
     #[test]
@@ -414,10 +293,7 @@ mod tests {
         assert_eq!(asm.finish().unwrap(), bytes);
         // The sender claims another total than the receiver computed.
         let mut asm = ByteAssembler::new("seq 4", 10, 1 << 30).unwrap();
-        assert!(matches!(
-            asm.push(0, bytes.len() as u64, &chunks[0].data),
-            Err(ProtoError::SizeMismatch { .. })
-        ));
+        assert!(matches!(asm.push(0, bytes.len() as u64, &chunks[0].data), Err(ProtoError::SizeMismatch { .. })));
         // Stream ends early.
         let mut asm = ByteAssembler::new("seq 4", bytes.len() as u64, 1 << 30).unwrap();
         asm.push(0, bytes.len() as u64, &chunks[0].data).unwrap();

@@ -153,9 +153,8 @@ fn local(ctx: &Context, seed: u64) -> Result<SeedRun> {
         .enumerate()
         .map(|(i, _)| Plugin::new(&side_for(ctx.cfg, Arm::Local, seed.wrapping_add(1 + i as u64)), &bb.config, &bb.device))
         .collect::<spa_model::Result<Vec<_>>>()?;
-    let eval_all = |plugins: &[Plugin]| -> Result<Vec<EvalMetrics>> {
-        plugins.iter().zip(ctx.data).map(|(p, d)| Ok(evaluate(p, &head, &d.test, 2048)?)).collect()
-    };
+    let eval_all =
+        |plugins: &[Plugin]| -> Result<Vec<EvalMetrics>> { plugins.iter().zip(ctx.data).map(|(p, d)| Ok(evaluate(p, &head, &d.test, 2048)?)).collect() };
     let mut metrics = eval_all(&plugins)?;
     let mut curve = vec![point(0, &metrics, GateMode::Learned, started)];
     for r in 1..=ctx.cfg.rounds {

@@ -4,9 +4,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use spa_aggregation::strategy::StrategyConfig;
-use spa_model::data::{UserData, split_in_order};
 use spa_model::data::shakespeare::{ExampleLimits, leaf_users, parse_play_script, rank_roles};
 use spa_model::data::synthetic::synthetic_users;
+use spa_model::data::{UserData, split_in_order};
 use spa_model::side::SideConfig;
 use spa_model::train::TrainConfig;
 
@@ -229,12 +229,7 @@ impl ExperimentConfig {
                 };
                 let speeches = parse_play_script(&read(path)?);
                 let names: Vec<String> = match (roles_file, top) {
-                    (Some(f), None) => read(f)?
-                        .lines()
-                        .map(str::trim)
-                        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                        .map(str::to_owned)
-                        .collect(),
+                    (Some(f), None) => read(f)?.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_owned).collect(),
                     (None, Some(n)) => rank_roles(&speeches).into_iter().skip(*skip).take(*n).map(|r| r.name).collect(),
                     _ => return Err(ExperimentError::Config("play corpus: give exactly one of roles_file and top".into())),
                 };

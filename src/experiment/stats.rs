@@ -6,11 +6,7 @@
 /// rouge-score's tokenizer: lowercase, every run of characters other than `[a-z0-9]` is a
 /// separator.
 fn words(text: &str) -> Vec<String> {
-    text.to_lowercase()
-        .split(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit()))
-        .filter(|w| !w.is_empty())
-        .map(str::to_owned)
-        .collect()
+    text.to_lowercase().split(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit())).filter(|w| !w.is_empty()).map(str::to_owned).collect()
 }
 
 fn lcs_len(a: &[String], b: &[String]) -> usize {

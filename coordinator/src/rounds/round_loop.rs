@@ -234,17 +234,20 @@ fn train_tasks(rec: &RoundRecord, session: &SessionConfig, strategy: &StrategyCo
     let plan = &rec.plan;
     (1..=rec.cohort.len() as u32)
         .map(|seat| {
-            (seat, Task::Train(v1::TrainTask {
-                round_id: rec.round_id,
-                global_version: rec.base_version,
-                session_config_json: config_json.clone(),
-                client_id: seat,
-                local_epochs: plan.local_epochs,
-                lr: plan.lr,
-                prox_mu: strategy.client_proximal_mu() as f64,
-                seed: rec.round_id,
-                deadline_ms: now_ms() + plan.deadline_secs as u64 * 1000,
-            }))
+            (
+                seat,
+                Task::Train(v1::TrainTask {
+                    round_id: rec.round_id,
+                    global_version: rec.base_version,
+                    session_config_json: config_json.clone(),
+                    client_id: seat,
+                    local_epochs: plan.local_epochs,
+                    lr: plan.lr,
+                    prox_mu: strategy.client_proximal_mu() as f64,
+                    seed: rec.round_id,
+                    deadline_ms: now_ms() + plan.deadline_secs as u64 * 1000,
+                }),
+            )
         })
         .collect()
 }
@@ -338,13 +341,18 @@ async fn remove_masks(rounds: &Rounds) -> Result<AggregateOutput, RoundError> {
 
 /// Committed: the decoded mean goes through the server strategy; checkpoint, record and
 /// optimizer state are written in one transaction as global version `base + 1`.
-fn commit(rounds: &Rounds, rec: &mut RoundRecord, global: ParamSet, session: &SessionConfig, strategy: StrategyConfig, out: AggregateOutput) -> Result<(), RoundError> {
+fn commit(
+    rounds: &Rounds,
+    rec: &mut RoundRecord,
+    global: ParamSet,
+    session: &SessionConfig,
+    strategy: StrategyConfig,
+    out: AggregateOutput,
+) -> Result<(), RoundError> {
     let store = &rounds.store;
     let started = Instant::now();
     let (mean_delta, total_w) = match &session.encoding {
-        Encoding::SignedTwosComplement { .. } => {
-            session.quant_params().ok_or_else(|| RoundError::Internal("no quantization".into()))?.decode_mean(&out.sum)?
-        }
+        Encoding::SignedTwosComplement { .. } => session.quant_params().ok_or_else(|| RoundError::Internal("no quantization".into()))?.decode_mean(&out.sum)?,
         // DP updates are unweighted: the mean is the noisy sum over the contributors.
         Encoding::DistributedDiscreteGaussian(dp) => {
             let k = out.contributors.len() as f32;

@@ -229,13 +229,16 @@ impl Rounds {
             return Err(AnswerError::NotInCohort);
         }
         let mut rec = self.store.round(r.round_id)?.ok_or(AnswerError::NotActive(r.round_id))?;
-        rec.metrics.insert(device.to_string(), DeviceMetrics {
-            tokens: r.tokens,
-            backbone_loss: r.backbone_loss,
-            personalized_loss: r.personalized_loss,
-            backbone_acc: r.backbone_acc,
-            personalized_acc: r.personalized_acc,
-        });
+        rec.metrics.insert(
+            device.to_string(),
+            DeviceMetrics {
+                tokens: r.tokens,
+                backbone_loss: r.backbone_loss,
+                personalized_loss: r.personalized_loss,
+                backbone_acc: r.backbone_acc,
+                personalized_acc: r.personalized_acc,
+            },
+        );
         rec.mean_metrics = Some(mean_metrics(rec.metrics.values()));
         self.store.put_round(&rec)?;
         e.pending.remove(device);

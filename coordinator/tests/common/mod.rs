@@ -13,9 +13,7 @@ use tonic::transport::Channel;
 pub fn init_home(home: &Path, edit: impl Fn(String) -> String) {
     spa_coordinator::init::init(home, &[]).unwrap();
     let p = home.join("coordinator.toml");
-    let text = std::fs::read_to_string(&p)
-        .unwrap()
-        .replace("listen = \"127.0.0.1:7443\"", "listen = \"127.0.0.1:0\"");
+    let text = std::fs::read_to_string(&p).unwrap().replace("listen = \"127.0.0.1:7443\"", "listen = \"127.0.0.1:0\"");
     std::fs::write(&p, edit(text)).unwrap();
 }
 
@@ -24,10 +22,7 @@ pub fn ca(home: &Path) -> Vec<u8> {
 }
 
 pub fn admin_cred(home: &Path) -> String {
-    std::fs::read_to_string(home.join("admin.credential"))
-        .unwrap()
-        .trim()
-        .to_string()
+    std::fs::read_to_string(home.join("admin.credential")).unwrap().trim().to_string()
 }
 
 pub async fn channel(url: &str, home: &Path) -> Channel {
@@ -51,38 +46,17 @@ pub fn with_admin<M>(cred: &str, body: M) -> tonic::Request<M> {
 }
 
 pub async fn token(ch: &Channel, cred: &str, ttl: u64) -> String {
-    admin(ch)
-        .create_token(with_admin(
-            cred,
-            CreateTokenRequest {
-                ttl_seconds: ttl,
-                note: "test".into(),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .token
+    admin(ch).create_token(with_admin(cred, CreateTokenRequest { ttl_seconds: ttl, note: "test".into() })).await.unwrap().into_inner().token
 }
 
 /// Enrolls a fresh key; returns its signer.
 pub async fn enroll(ch: &Channel, token: &str, name: &str) -> Result<DeviceSigner, tonic::Status> {
     let pkcs8 = generate_pkcs8().unwrap();
     let pk = public_key_of(&pkcs8).unwrap();
-    let r = device(ch)
-        .enroll(EnrollRequest {
-            token: token.into(),
-            public_key: pk.to_vec(),
-            name: name.into(),
-        })
-        .await?
-        .into_inner();
+    let r = device(ch).enroll(EnrollRequest { token: token.into(), public_key: pk.to_vec(), name: name.into() }).await?.into_inner();
     Ok(DeviceSigner::from_pkcs8(&pkcs8, r.device_id).unwrap())
 }
 
 pub async fn ping(ch: &Channel, s: &DeviceSigner) -> Result<PingResponse, tonic::Status> {
-    Ok(device(ch)
-        .ping(s.request(spa_proto::methods::DEVICE_PING, PingRequest {}))
-        .await?
-        .into_inner())
+    Ok(device(ch).ping(s.request(spa_proto::methods::DEVICE_PING, PingRequest {})).await?.into_inner())
 }

@@ -1,8 +1,8 @@
 //! Causal self-attention with grouped-query heads (`num_key_value_heads <= num_heads`).
 use burn::module::Module;
+use burn::tensor::Tensor;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::Tensor;
 
 use super::cache::LayerCache;
 use super::layers::Linear;

@@ -63,18 +63,11 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     let index = dir.join("model.safetensors.index.json");
     if !index.exists() {
-        return Err(ModelError::MissingFile {
-            path: single,
-            hint: "expected model.safetensors or model.safetensors.index.json",
-        });
+        return Err(ModelError::MissingFile { path: single, hint: "expected model.safetensors or model.safetensors.index.json" });
     }
     let text = std::fs::read_to_string(&index).map_err(io_err(&index))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| ModelError::Checkpoint { path: index.clone(), message: e.to_string() })?;
-    let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| ModelError::Checkpoint {
-        path: index.clone(),
-        message: "no weight_map".into(),
-    })?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Checkpoint { path: index.clone(), message: e.to_string() })?;
+    let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| ModelError::Checkpoint { path: index.clone(), message: "no weight_map".into() })?;
     let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(String::from)).collect();
     files.sort();
     files.dedup();
@@ -202,8 +195,7 @@ pub fn load_backbone_as(dir: &Path, device: &Device, dtype: Option<WeightDtype>)
 fn load(dir: &Path, device: &Device, dtype: Option<WeightDtype>, rows_as_stored: bool) -> Result<Backbone> {
     let config = BackboneConfig::from_file(&dir.join("config.json"))?;
     let expected = expected_tensors(&config);
-    let wanted: HashMap<&str, (&Vec<usize>, Layout)> =
-        expected.iter().map(|(n, s, l)| (n.as_str(), (s, *l))).collect();
+    let wanted: HashMap<&str, (&Vec<usize>, Layout)> = expected.iter().map(|(n, s, l)| (n.as_str(), (s, *l))).collect();
     let flex = crate::device::is_flex(device);
     let mut found: HashMap<String, Tensor<2>> = HashMap::new();
     let mut unexpected = Vec::new();
@@ -213,8 +205,7 @@ fn load(dir: &Path, device: &Device, dtype: Option<WeightDtype>, rows_as_stored:
         // while it loads is the operator's error (it would give wrong values, not unsafety
         // beyond what reading a file that changes under us gives).
         let map = unsafe { memmap2::Mmap::map(&handle) }.map_err(io_err(&file))?;
-        let st = SafeTensors::deserialize(&map)
-            .map_err(|e| ModelError::Checkpoint { path: file.clone(), message: e.to_string() })?;
+        let st = SafeTensors::deserialize(&map).map_err(|e| ModelError::Checkpoint { path: file.clone(), message: e.to_string() })?;
         for (name, view) in st.tensors() {
             let Some((shape, layout)) = wanted.get(name.as_str()) else {
                 if !ignorable(&name) {
@@ -223,14 +214,9 @@ fn load(dir: &Path, device: &Device, dtype: Option<WeightDtype>, rows_as_stored:
                 continue;
             };
             if view.shape() != shape.as_slice() {
-                return Err(ModelError::ShapeMismatch {
-                    name,
-                    expected: shape.to_vec(),
-                    found: view.shape().to_vec(),
-                });
+                return Err(ModelError::ShapeMismatch { name, expected: shape.to_vec(), found: view.shape().to_vec() });
             }
-            let stored = WeightDtype::of(view.dtype())
-                .ok_or_else(|| ModelError::WrongDtype { name: name.clone(), dtype: format!("{:?}", view.dtype()) })?;
+            let stored = WeightDtype::of(view.dtype()).ok_or_else(|| ModelError::WrongDtype { name: name.clone(), dtype: format!("{:?}", view.dtype()) })?;
             // Norms are vectors and stay f32; matrices take the serving precision.
             let to = match (shape.len(), dtype) {
                 (1, _) => WeightDtype::F32,
@@ -248,17 +234,11 @@ fn load(dir: &Path, device: &Device, dtype: Option<WeightDtype>, rows_as_stored:
         }
     }
     if let Some((missing, _, _)) = expected.iter().find(|(n, _, _)| !found.contains_key(n)) {
-        return Err(ModelError::Checkpoint {
-            path: dir.to_path_buf(),
-            message: format!("tensor '{missing}' is missing"),
-        });
+        return Err(ModelError::Checkpoint { path: dir.to_path_buf(), message: format!("tensor '{missing}' is missing") });
     }
     if !unexpected.is_empty() {
         unexpected.sort();
-        return Err(ModelError::Checkpoint {
-            path: dir.to_path_buf(),
-            message: format!("unexpected tensors for a LLaMA decoder: {}", unexpected.join(", ")),
-        });
+        return Err(ModelError::Checkpoint { path: dir.to_path_buf(), message: format!("unexpected tensors for a LLaMA decoder: {}", unexpected.join(", ")) });
     }
     let mut take = |name: &str| found.remove(name).expect("checked above");
     let c = &config;
@@ -289,10 +269,7 @@ fn load(dir: &Path, device: &Device, dtype: Option<WeightDtype>, rows_as_stored:
         .collect();
     let embed_tokens = Embedding { weight: Param::from_tensor(take("model.embed_tokens.weight")) };
     let lm_head = (!c.tie_word_embeddings).then(|| linear(take("lm_head.weight")));
-    let net = LlamaForCausalLM {
-        model: LlamaModel { embed_tokens, layers, norm: norm(take("model.norm.weight")) },
-        lm_head,
-    };
+    let net = LlamaForCausalLM { model: LlamaModel { embed_tokens, layers, norm: norm(take("model.norm.weight")) }, lm_head };
     Ok(Backbone::from_parts(config, net, device))
 }
 
@@ -337,11 +314,7 @@ pub fn save_backbone(backbone: &Backbone, dir: &Path, dtype: WeightDtype) -> Res
 }
 
 /// Serialises named f32 tensors as safetensors (f32, f16 or bf16 on disk).
-pub fn write_safetensors(
-    path: &Path,
-    tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>,
-    dtype: WeightDtype,
-) -> Result<()> {
+pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>, dtype: WeightDtype) -> Result<()> {
     let encoded = tensors.iter().map(|(n, (s, v))| encode_tensor(n.clone(), s.clone(), v, dtype)).collect();
     write_encoded(path, encoded, dtype)
 }
@@ -366,6 +339,5 @@ pub(crate) fn write_encoded(path: &Path, encoded: Vec<(String, Vec<usize>, Vec<u
         })
         .collect();
     let meta = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
-    safetensors::serialize_to_file(views, meta, path)
-        .map_err(|e| ModelError::Checkpoint { path: path.to_path_buf(), message: e.to_string() })
+    safetensors::serialize_to_file(views, meta, path).map_err(|e| ModelError::Checkpoint { path: path.to_path_buf(), message: e.to_string() })
 }

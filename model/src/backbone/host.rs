@@ -87,9 +87,7 @@ pub fn rms_norm(x: &mut [f32], w: &[f32], eps: f64) {
 /// `cos` and `sin` of every rotary frequency at positions `first..first + t`, computed in
 /// f64 as `rope.rs` builds its tables, once per call for every layer.
 pub fn rotations(first: usize, t: usize, inv_freq: &[f64]) -> Vec<(Vec<f32>, Vec<f32>)> {
-    (first..first + t)
-        .map(|p| inv_freq.iter().map(|f| ((p as f64 * f).cos() as f32, (p as f64 * f).sin() as f32)).unzip())
-        .collect()
+    (first..first + t).map(|p| inv_freq.iter().map(|f| ((p as f64 * f).cos() as f32, (p as f64 * f).sin() as f32)).unzip()).collect()
 }
 
 /// HF's rotate-half RoPE on one head's row.
@@ -101,4 +99,3 @@ pub fn rope(head: &mut [f32], (cos, sin): &(Vec<f32>, Vec<f32>)) {
         head[j + half] = b * cos[j] + a * sin[j];
     }
 }
-

@@ -68,10 +68,7 @@ impl TokenBatch {
             )));
         }
         if let Some(bad) = ids.iter().flatten().find(|&&t| t as usize >= cfg.vocab_size) {
-            return Err(ModelError::InvalidInput(format!(
-                "token id {bad} out of vocabulary (size {})",
-                cfg.vocab_size
-            )));
+            return Err(ModelError::InvalidInput(format!("token id {bad} out of vocabulary (size {})", cfg.vocab_size)));
         }
         Ok(Self { ids, max_len })
     }
@@ -124,10 +121,7 @@ impl Backbone {
 
     pub fn check_taps(&self, taps: &[usize]) -> Result<()> {
         match taps.iter().find(|&&t| t > self.config.num_layers) {
-            Some(t) => Err(ModelError::InvalidInput(format!(
-                "tap layer {t} out of range 0..={}",
-                self.config.num_layers
-            ))),
+            Some(t) => Err(ModelError::InvalidInput(format!("tap layer {t} out of range 0..={}", self.config.num_layers))),
             None => Ok(()),
         }
     }
@@ -136,13 +130,7 @@ impl Backbone {
     /// [`TokenBatch::new`] against this cache's length. On the flex backend (serving,
     /// features, generation) the host forwards run: `decode.rs` for a few positions,
     /// `prefill.rs` for many; elsewhere (autodiff, other backends) the tensor forward.
-    pub fn forward(
-        &self,
-        batch: &TokenBatch,
-        taps: &[usize],
-        want_logits: bool,
-        mut cache: Option<&mut KvCache>,
-    ) -> BackboneOutput {
+    pub fn forward(&self, batch: &TokenBatch, taps: &[usize], want_logits: bool, mut cache: Option<&mut KvCache>) -> BackboneOutput {
         // Dropout acts only on an autodiff device, which the host forwards never serve.
         if !self.device.is_autodiff()
             && let Some(out) = self.forward_host(batch, taps, want_logits, cache.as_deref_mut())
@@ -183,13 +171,7 @@ impl Backbone {
         })
     }
 
-    pub fn forward_ids(
-        &self,
-        ids: Tensor<2, Int>,
-        taps: &[usize],
-        want_logits: bool,
-        mut cache: Option<&mut KvCache>,
-    ) -> BackboneOutput {
+    pub fn forward_ids(&self, ids: Tensor<2, Int>, taps: &[usize], want_logits: bool, mut cache: Option<&mut KvCache>) -> BackboneOutput {
         let mut slots: Vec<Option<Tensor<3>>> = vec![None; taps.len()];
         let mut keep = |layer: usize, x: &Tensor<3>| {
             for (slot, _) in slots.iter_mut().zip(taps).filter(|(_, t)| **t == layer) {
@@ -204,11 +186,7 @@ impl Backbone {
             keep(i + 1, &x);
         }
         let logits = want_logits.then(|| self.net.head(x.clone()));
-        BackboneOutput {
-            taps: slots.into_iter().map(|s| s.expect("validated tap")).collect(),
-            last_hidden: x,
-            logits,
-        }
+        BackboneOutput { taps: slots.into_iter().map(|s| s.expect("validated tap")).collect(), last_hidden: x, logits }
     }
 
     /// Logits of a hidden state through the frozen final norm and head.
@@ -256,15 +234,9 @@ impl Backbone {
                 post_attention_layernorm: RmsNorm::new(d, c.rms_norm_eps, device),
             })
             .collect();
-        let embed = Embedding {
-            weight: Param::from_data(TensorData::new(normal(c.vocab_size * d, std), [c.vocab_size, d]), device),
-        };
-        let lm_head = (!c.tie_word_embeddings)
-            .then(|| Linear::from_data(d, c.vocab_size, normal(d * c.vocab_size, std), device));
-        let net = LlamaForCausalLM {
-            model: LlamaModel { embed_tokens: embed, layers, norm: RmsNorm::new(d, c.rms_norm_eps, device) },
-            lm_head,
-        };
+        let embed = Embedding { weight: Param::from_data(TensorData::new(normal(c.vocab_size * d, std), [c.vocab_size, d]), device) };
+        let lm_head = (!c.tie_word_embeddings).then(|| Linear::from_data(d, c.vocab_size, normal(d * c.vocab_size, std), device));
+        let net = LlamaForCausalLM { model: LlamaModel { embed_tokens: embed, layers, norm: RmsNorm::new(d, c.rms_norm_eps, device) }, lm_head };
         Self::from_parts(config, net, device)
     }
 }

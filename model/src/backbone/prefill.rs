@@ -58,7 +58,9 @@ pub fn forward_many(bb: &Backbone, ids: &[u32], taps: &[usize], want_logits: boo
         normed(&x, values(&lw.post_norm), eps, &mut h);
         lw.gate.matmul_into(&h, t, &mut g);
         lw.up.matmul_into(&h, t, &mut u);
-        g.par_chunks_mut(ROWS_PER_TASK * inter).zip(u.par_chunks(ROWS_PER_TASK * inter)).for_each_init(Vec::new, |scratch, (g, u)| crate::vmath::swiglu(g, u, scratch));
+        g.par_chunks_mut(ROWS_PER_TASK * inter)
+            .zip(u.par_chunks(ROWS_PER_TASK * inter))
+            .for_each_init(Vec::new, |scratch, (g, u)| crate::vmath::swiglu(g, u, scratch));
         lw.down.matmul_into(&g, t, &mut proj);
         add(&mut x, &proj);
         keep(i + 1, &x);

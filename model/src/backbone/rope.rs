@@ -56,11 +56,7 @@ impl Rope {
                 }
             }
         }
-        Self {
-            cos: Tensor::from_data(TensorData::new(cos, [n, d]), device),
-            sin: Tensor::from_data(TensorData::new(sin, [n, d]), device),
-            max_positions: n,
-        }
+        Self { cos: Tensor::from_data(TensorData::new(cos, [n, d]), device), sin: Tensor::from_data(TensorData::new(sin, [n, d]), device), max_positions: n }
     }
 
     /// Rotates `x: [batch, heads, seq, head_dim]` whose first position is `offset`.

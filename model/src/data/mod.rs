@@ -54,8 +54,7 @@ pub fn parse_jsonl(text: &str) -> crate::Result<Vec<Example>> {
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| {
-            let line: Line = serde_json::from_str(l)
-                .map_err(|e| crate::ModelError::Data(format!("line {}: {e}", i + 1)))?;
+            let line: Line = serde_json::from_str(l).map_err(|e| crate::ModelError::Data(format!("line {}: {e}", i + 1)))?;
             Ok(Example { prompt: line.input, reply: line.output })
         })
         .collect()

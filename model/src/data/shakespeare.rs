@@ -19,9 +19,8 @@ pub fn parse_play_script(text: &str) -> Vec<Speech> {
             let block = block.trim_matches('\n');
             let (first, rest) = block.split_once('\n')?;
             let speaker = first.strip_suffix(':')?.trim();
-            let valid = !speaker.is_empty()
-                && speaker.len() <= 40
-                && speaker.chars().all(|c| c.is_alphabetic() || c == ' ' || c == '\'' || c == '-' || c == '.');
+            let valid =
+                !speaker.is_empty() && speaker.len() <= 40 && speaker.chars().all(|c| c.is_alphabetic() || c == ' ' || c == '\'' || c == '-' || c == '.');
             (valid && !rest.trim().is_empty()).then(|| Speech { speaker: speaker.to_string(), text: rest.to_string() })
         })
         .collect()
@@ -42,8 +41,7 @@ pub fn rank_roles(speeches: &[Speech]) -> Vec<RoleStats> {
         e.0 += 1;
         e.1 += s.text.chars().count();
     }
-    let mut v: Vec<RoleStats> =
-        m.into_iter().map(|(n, (sp, ch))| RoleStats { name: n.to_string(), speeches: sp, chars: ch }).collect();
+    let mut v: Vec<RoleStats> = m.into_iter().map(|(n, (sp, ch))| RoleStats { name: n.to_string(), speeches: sp, chars: ch }).collect();
     v.sort_by(|a, b| b.speeches.cmp(&a.speeches).then(a.name.cmp(&b.name)));
     v
 }
@@ -51,11 +49,7 @@ pub fn rank_roles(speeches: &[Speech]) -> Vec<RoleStats> {
 /// The corpus as pretraining text, without the speeches of `exclude` (the device roles, so
 /// personalization is measured on voices the backbone never saw).
 pub fn pretraining_text(speeches: &[Speech], exclude: &HashSet<String>) -> String {
-    speeches
-        .iter()
-        .filter(|s| !exclude.contains(&s.speaker))
-        .map(|s| super::format_speech(&s.speaker, &s.text))
-        .collect()
+    speeches.iter().filter(|s| !exclude.contains(&s.speaker)).map(|s| super::format_speech(&s.speaker, &s.text)).collect()
 }
 
 /// The pretraining corpus (without `exclude`'s speeches) cut into train and held-out text:
@@ -100,10 +94,7 @@ pub fn leaf_users(speeches: &[Speech], roles: &[String], limits: ExampleLimits, 
                 let mut cue = prev.text.clone();
                 for piece in chars.chunks(limits.max_reply_chars.max(1)) {
                     let piece: String = piece.iter().collect();
-                    examples.push(Example {
-                        prompt: reply_prompt(&cue_speaker, &cue, role, limits.max_cue_chars),
-                        reply: piece.clone(),
-                    });
+                    examples.push(Example { prompt: reply_prompt(&cue_speaker, &cue, role, limits.max_cue_chars), reply: piece.clone() });
                     cue_speaker = role.clone();
                     cue = piece;
                 }

@@ -9,28 +9,68 @@ use rand::{RngExt, SeedableRng};
 use super::{Example, UserData, reply_prompt, split_in_order};
 
 const NAMES: &[&str] = &[
-    "ALDER", "BRAMBLE", "CRESSIDA", "DORCAS", "EGLANTINE", "FENWICK", "GRISELDA", "HOLLIS", "IMOGEN",
-    "JAQUENETTA", "KESTREL", "LAVINIA", "MALVOLIA", "NERISSA", "OSWIN", "PERDITA",
+    "ALDER",
+    "BRAMBLE",
+    "CRESSIDA",
+    "DORCAS",
+    "EGLANTINE",
+    "FENWICK",
+    "GRISELDA",
+    "HOLLIS",
+    "IMOGEN",
+    "JAQUENETTA",
+    "KESTREL",
+    "LAVINIA",
+    "MALVOLIA",
+    "NERISSA",
+    "OSWIN",
+    "PERDITA",
 ];
 const OPENERS: &[&str] = &[
-    "Marry, ", "By my troth, ", "Alas, ", "Good morrow! ", "Hark, ", "Fie, fie! ", "Forsooth, ", "Peace, ",
-    "O sweet day! ", "Mark me, ", "Heigh-ho! ", "Zounds! ",
+    "Marry, ",
+    "By my troth, ",
+    "Alas, ",
+    "Good morrow! ",
+    "Hark, ",
+    "Fie, fie! ",
+    "Forsooth, ",
+    "Peace, ",
+    "O sweet day! ",
+    "Mark me, ",
+    "Heigh-ho! ",
+    "Zounds! ",
 ];
 const CLOSERS: &[&str] = &[
-    "and so farewell.", "I swear it.", "mark my words.", "so help me.", "and there an end.", "by the moon.",
-    "God save you.", "no more of that.", "upon my life.", "say I well?", "so says the wind.", "amen to that.",
+    "and so farewell.",
+    "I swear it.",
+    "mark my words.",
+    "so help me.",
+    "and there an end.",
+    "by the moon.",
+    "God save you.",
+    "no more of that.",
+    "upon my life.",
+    "say I well?",
+    "so says the wind.",
+    "amen to that.",
 ];
 const NOUNS: &[&str] = &[
-    "sword", "crown", "horse", "wine", "moon", "sea", "bread", "gold", "rose", "storm", "letter", "ring",
-    "garden", "tower", "fool", "ship", "candle", "lamb", "falcon", "river", "winter", "feast", "song", "key",
+    "sword", "crown", "horse", "wine", "moon", "sea", "bread", "gold", "rose", "storm", "letter", "ring", "garden", "tower", "fool", "ship", "candle", "lamb",
+    "falcon", "river", "winter", "feast", "song", "key",
 ];
-const VERBS: &[&str] =
-    &["loves", "fears", "keeps", "seeks", "holds", "scorns", "praises", "guards", "remembers", "mends"];
+const VERBS: &[&str] = &["loves", "fears", "keeps", "seeks", "holds", "scorns", "praises", "guards", "remembers", "mends"];
 const WHO: &[&str] = &["my lord", "the king", "my cousin", "the nurse", "my father", "the duke", "our queen"];
 const CUES: &[&str] = &[
-    "What news from the court?", "Where hast thou been all this while?", "Speak, what dost thou think?",
-    "How fares the day with thee?", "Wilt thou stay or go?", "Tell me true, what troubles thee?",
-    "Who comes there?", "Is it so indeed?", "What say you to this?", "Why dost thou look so pale?",
+    "What news from the court?",
+    "Where hast thou been all this while?",
+    "Speak, what dost thou think?",
+    "How fares the day with thee?",
+    "Wilt thou stay or go?",
+    "Tell me true, what troubles thee?",
+    "Who comes there?",
+    "Is it so indeed?",
+    "What say you to this?",
+    "Why dost thou look so pale?",
 ];
 
 /// One user's style, drawn from `seed`.
@@ -105,8 +145,7 @@ mod tests {
                 assert!(e.prompt.ends_with(&format!("{}:\n", u.user)));
             }
         }
-        let charset: std::collections::HashSet<char> =
-            "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ ,.!?:;'-\n".chars().collect();
+        let charset: std::collections::HashSet<char> = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ ,.!?:;'-\n".chars().collect();
         assert!(a.iter().flat_map(|u| &u.train).flat_map(|e| e.prompt.chars().chain(e.reply.chars())).all(|c| charset.contains(&c)));
     }
 }

@@ -254,13 +254,7 @@ impl GgufFile {
                 return Err(format!("tensor '{}': dims {:?} are empty or overflow", t.name, t.dims));
             };
             if t.dims[0] % t.ty.block_elements() != 0 {
-                return Err(format!(
-                    "tensor '{}': inner dimension {} is not a multiple of {:?}'s block of {}",
-                    t.name,
-                    t.dims[0],
-                    t.ty,
-                    t.ty.block_elements()
-                ));
+                return Err(format!("tensor '{}': inner dimension {} is not a multiple of {:?}'s block of {}", t.name, t.dims[0], t.ty, t.ty.block_elements()));
             }
             if t.offset % alignment != 0 {
                 return Err(format!("tensor '{}': offset {} is not aligned to {alignment}", t.name, t.offset));
@@ -294,9 +288,6 @@ impl GgufFile {
     /// One tensor dequantized to f32, in row-major order (see [`TensorInfo::shape`]).
     pub fn tensor_f32(&self, info: &TensorInfo) -> Result<Vec<f32>> {
         let bytes = self.tensor_bytes(info)?;
-        info.ty.dequantize(&bytes).map_err(|message| ModelError::Checkpoint {
-            path: self.path.clone(),
-            message: format!("tensor '{}': {message}", info.name),
-        })
+        info.ty.dequantize(&bytes).map_err(|message| ModelError::Checkpoint { path: self.path.clone(), message: format!("tensor '{}': {message}", info.name) })
     }
 }

@@ -132,8 +132,7 @@ fn config_json(g: &GgufFile, vocab_size: usize, tied: bool) -> Result<Json> {
     match g.get("llama.rope.scaling.type").and_then(Value::as_str) {
         None | Some("none") => {}
         Some("linear") => {
-            let factor = meta_f64(g, "llama.rope.scaling.factor")
-                .ok_or_else(|| bad(g, "linear rope scaling without llama.rope.scaling.factor".into()))?;
+            let factor = meta_f64(g, "llama.rope.scaling.factor").ok_or_else(|| bad(g, "linear rope scaling without llama.rope.scaling.factor".into()))?;
             c["rope_scaling"] = json!({"rope_type": "linear", "factor": factor});
         }
         Some(other) => return Err(bad(g, format!("rope scaling '{other}' is not supported (linear only)"))),
@@ -204,9 +203,7 @@ pub fn import_gguf(gguf: &Path, out: &Path, dtype: WeightDtype) -> Result<Import
     let g = GgufFile::open(gguf)?;
     let arch = g.get("general.architecture").and_then(Value::as_str).unwrap_or("");
     if arch != "llama" {
-        return Err(ModelError::UnsupportedArchitecture(format!(
-            "GGUF general.architecture '{arch}'; only 'llama' (LLaMA-family decoders) is supported"
-        )));
+        return Err(ModelError::UnsupportedArchitecture(format!("GGUF general.architecture '{arch}'; only 'llama' (LLaMA-family decoders) is supported")));
     }
     let tokenizer = super::vocab::tokenizer_json(&g).map_err(|m| bad(&g, m))?;
     let vocab_size = tokenizer["model"]["vocab"].as_object().map_or(0, |v| v.len());

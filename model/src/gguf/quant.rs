@@ -170,11 +170,7 @@ fn q8_0(b: &[u8], out: &mut Vec<f32>) {
 
 /// Scale and min `j` (0..8) of a Q4_K / Q5_K superblock: 6 bits each, packed in 12 bytes.
 fn scale_min_k4(j: usize, s: &[u8]) -> (f32, f32) {
-    let (sc, m) = if j < 4 {
-        (s[j] & 63, s[j + 4] & 63)
-    } else {
-        ((s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4), (s[j + 4] >> 4) | ((s[j] >> 6) << 4))
-    };
+    let (sc, m) = if j < 4 { (s[j] & 63, s[j + 4] & 63) } else { ((s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4), (s[j + 4] >> 4) | ((s[j] >> 6) << 4)) };
     (sc as f32, m as f32)
 }
 
@@ -271,7 +267,16 @@ mod tests {
     #[test]
     fn sizes_match_ggml() {
         // bits per weight: the figures llama.cpp prints for each type.
-        for (t, bpw) in [(GgmlType::Q4_0, 4.5), (GgmlType::Q4_1, 5.0), (GgmlType::Q8_0, 8.5), (GgmlType::Q4K, 4.5), (GgmlType::Q5K, 5.5), (GgmlType::Q6K, 6.5625), (GgmlType::Q2K, 2.625), (GgmlType::Q3K, 3.4375)] {
+        for (t, bpw) in [
+            (GgmlType::Q4_0, 4.5),
+            (GgmlType::Q4_1, 5.0),
+            (GgmlType::Q8_0, 8.5),
+            (GgmlType::Q4K, 4.5),
+            (GgmlType::Q5K, 5.5),
+            (GgmlType::Q6K, 6.5625),
+            (GgmlType::Q2K, 2.625),
+            (GgmlType::Q3K, 3.4375),
+        ] {
             assert_eq!(t.block_bytes() as f64 * 8.0 / t.block_elements() as f64, bpw, "{t:?}");
             assert_eq!(GgmlType::from_id(t.id()), Some(t));
         }

@@ -21,20 +21,24 @@ fn byte_level(add_prefix_space: bool, use_regex: bool) -> Json {
 /// words up before merging (`ignore_merges`, LLaMA 3), or `None` if we do not know the name.
 /// `ByteLevel` with `use_regex` splits with GPT-2's regex, which llama.cpp spells out.
 pub fn pre_tokenizer(pre: &str) -> Option<(Json, bool)> {
-    let split = |regex: &str| {
-        json!({"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false})
-    };
+    let split = |regex: &str| json!({"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false});
     Some(match pre {
         // llama.cpp: "\p{N}" then the GPT-2 regex. HF ships these models with Digits + ByteLevel.
-        "smollm" | "starcoder" | "refact" | "codeshell" => (json!({"type": "Sequence", "pretokenizers": [
-            {"type": "Digits", "individual_digits": true},
-            byte_level(false, true),
-        ]}), false),
+        "smollm" | "starcoder" | "refact" | "codeshell" => (
+            json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Digits", "individual_digits": true},
+                byte_level(false, true),
+            ]}),
+            false,
+        ),
         "gpt-2" | "gpt2" => (byte_level(false, true), false),
-        "llama-bpe" | "llama3" | "llama-v3" => (json!({"type": "Sequence", "pretokenizers": [
-            split(LLAMA3_REGEX),
-            byte_level(false, false),
-        ]}), true),
+        "llama-bpe" | "llama3" | "llama-v3" => (
+            json!({"type": "Sequence", "pretokenizers": [
+                split(LLAMA3_REGEX),
+                byte_level(false, false),
+            ]}),
+            true,
+        ),
         _ => return None,
     })
 }
@@ -44,9 +48,7 @@ pub const KNOWN_PRE: &str = "smollm, starcoder, refact, codeshell, gpt-2, llama-
 
 fn strings(g: &GgufFile, key: &str) -> Result<Vec<String>, String> {
     let arr = g.get(key).and_then(Value::as_array).ok_or_else(|| format!("'{key}' is missing or not an array"))?;
-    arr.iter()
-        .map(|v| v.as_str().map(String::from).ok_or_else(|| format!("'{key}' holds a non-string")))
-        .collect()
+    arr.iter().map(|v| v.as_str().map(String::from).ok_or_else(|| format!("'{key}' holds a non-string"))).collect()
 }
 
 /// `tokenizer.json` for a GGUF whose `tokenizer.ggml.model` is `gpt2` (byte-level BPE).
@@ -61,8 +63,7 @@ pub fn tokenizer_json(g: &GgufFile) -> Result<Json, String> {
     // llama.cpp's "default" (also used when the key is absent) is a four-regex chain no HF
     // tokenizer ships; we refuse it rather than tokenize differently.
     let pre_name = g.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
-    let (pre, ignore_merges) = pre_tokenizer(pre_name)
-        .ok_or_else(|| format!("pre-tokenizer '{pre_name}' is not supported (known: {KNOWN_PRE})"))?;
+    let (pre, ignore_merges) = pre_tokenizer(pre_name).ok_or_else(|| format!("pre-tokenizer '{pre_name}' is not supported (known: {KNOWN_PRE})"))?;
     let tokens = strings(g, "tokenizer.ggml.tokens")?;
     let merges = strings(g, "tokenizer.ggml.merges")?;
     let types: Vec<u64> = match g.get("tokenizer.ggml.token_type").and_then(Value::as_array) {

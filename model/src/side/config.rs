@@ -135,10 +135,7 @@ impl SideConfig {
     pub fn resolve(&self, bb: &BackboneConfig) -> Result<SideShape> {
         let l = bb.num_layers;
         if self.reduction == 0 || !bb.hidden_size.is_multiple_of(self.reduction) {
-            return Err(ModelError::InvalidInput(format!(
-                "reduction {} must divide hidden_size {}",
-                self.reduction, bb.hidden_size
-            )));
+            return Err(ModelError::InvalidInput(format!("reduction {} must divide hidden_size {}", self.reduction, bb.hidden_size)));
         }
         let d_side = bb.hidden_size / self.reduction;
         let mut taps = if self.taps.is_empty() { default_taps(bb) } else { self.taps.clone() };

@@ -72,13 +72,7 @@ impl Grads {
 
 /// Loss value and gradients of every parameter of an `mlp` plugin on `batch`. `head` is on
 /// the batch's device.
-pub(crate) fn loss_and_grads(
-    net: &PluginNet,
-    head: &FrozenHead,
-    batch: &MlpBatch<'_>,
-    gate_uses_side: bool,
-    gate_cost: f64,
-) -> (f64, GradientsParams) {
+pub(crate) fn loss_and_grads(net: &PluginNet, head: &FrozenHead, batch: &MlpBatch<'_>, gate_uses_side: bool, gate_cost: f64) -> (f64, GradientsParams) {
     let side = &net.side;
     let h = batch.h_last.clone();
     let [n_rows, d] = h.dims();

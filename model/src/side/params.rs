@@ -122,15 +122,10 @@ impl ParamSet {
     }
 
     pub fn to_safetensors(&self) -> Vec<u8> {
-        let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = self
-            .tensors
-            .iter()
-            .map(|(n, t)| (n.clone(), t.shape.clone(), t.values.iter().flat_map(|x| x.to_le_bytes()).collect()))
-            .collect();
-        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = encoded
-            .iter()
-            .map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).expect("view")))
-            .collect();
+        let encoded: Vec<(String, Vec<usize>, Vec<u8>)> =
+            self.tensors.iter().map(|(n, t)| (n.clone(), t.shape.clone(), t.values.iter().flat_map(|x| x.to_le_bytes()).collect())).collect();
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> =
+            encoded.iter().map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).expect("view"))).collect();
         safetensors::serialize(views, None).expect("serialize")
     }
 
