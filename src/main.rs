@@ -210,20 +210,20 @@ fn quickstart(a: QuickArgs) -> Result<()> {
                     println!("|---|---|---|---|---|---|---|");
                     header = true;
                 }
-                let m = &r["mean_metrics"];
-                let f = |k: &str| m[k].as_f64().map_or("-".to_string(), |x| format!("{x:.3}"));
+                let m = r.mean_metrics.as_ref();
+                let f = |get: fn(&spa_coordinator::rounds::DeviceMetrics) -> f64| m.map_or("-".to_string(), |m| format!("{:.3}", get(m)));
                 println!(
                     "| {} | {} | {}/{} | {} -> {} | {} -> {} | {:.1} | {:.1} |",
-                    r["round_id"],
-                    r["committed_version"],
-                    r["contributors"].as_array().map_or(0, |c| c.len()),
-                    r["cohort"].as_array().map_or(0, |c| c.len()),
-                    f("backbone_loss"),
-                    f("personalized_loss"),
-                    f("backbone_acc"),
-                    f("personalized_acc"),
-                    (r["finished_ms"].as_u64().unwrap_or(0).saturating_sub(r["started_ms"].as_u64().unwrap_or(0))) as f64 / 1000.0,
-                    r["coordinator_busy_ms"].as_f64().unwrap_or(0.0),
+                    r.round_id,
+                    r.committed_version.map_or("-".to_string(), |v| v.to_string()),
+                    r.contributors.len(),
+                    r.cohort.len(),
+                    f(|m| m.backbone_loss),
+                    f(|m| m.personalized_loss),
+                    f(|m| m.backbone_acc),
+                    f(|m| m.personalized_acc),
+                    r.finished_ms.unwrap_or(0).saturating_sub(r.started_ms) as f64 / 1000.0,
+                    r.coordinator_busy_ms,
                 );
             }
             Output::Sample { device, prompt, backbone, personalized, side_tokens, tokens, reference } => {
@@ -296,13 +296,7 @@ fn default_model() -> PathBuf {
 
 fn main() -> std::process::ExitCode {
     spa_model::alloc::keep_freed_memory();
-    match run(Cli::parse()) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("Error: {e:?}");
-            std::process::ExitCode::from(spa_proto::exit::code(e.chain()))
-        }
-    }
+    spa_proto::exit::finish(run(Cli::parse()))
 }
 
 fn run(cli: Cli) -> Result<()> {

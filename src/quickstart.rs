@@ -12,6 +12,7 @@ use spa_client::agent::{self, AgentOptions};
 use spa_client::data::Format;
 use spa_client::ops;
 use spa_coordinator::admin_cli::{Target, admin_client, with_admin};
+use spa_coordinator::rounds::RoundRecord;
 use spa_model::data::UserData;
 use spa_model::data::synthetic::synthetic_users;
 use spa_model::generate::Sampling;
@@ -59,7 +60,7 @@ impl Default for QuickstartConfig {
 #[derive(Debug, Serialize)]
 pub enum Output {
     Setup { coordinator: String, devices: usize, dir: String },
-    Round(serde_json::Value),
+    Round(Box<RoundRecord>),
     Sample { device: String, prompt: String, backbone: String, personalized: String, side_tokens: usize, tokens: usize, reference: String },
 }
 
@@ -206,16 +207,16 @@ pub async fn federate(cfg: &QuickstartConfig, out: &mut dyn FnMut(Output)) -> an
             let r = admin.round_status(with_admin(&cred, RoundStatusRequest { round_id: id })?).await;
             if let Ok(r) = r {
                 let r = r.into_inner();
-                let v: serde_json::Value = serde_json::from_str(&r.record_json)?;
-                let evaluated = v["metrics"].as_object().map_or(0, |m| m.len()) >= v["cohort"].as_array().map_or(0, |c| c.len());
+                let v: RoundRecord = serde_json::from_str(&r.record_json)?;
+                let evaluated = v.metrics.len() >= v.cohort.len();
                 // A device may skip evaluating when the next round takes it first.
                 let next_started = r.state == "committed"
                     && !evaluated
                     && id < cfg.rounds as u64
                     && admin.round_status(with_admin(&cred, RoundStatusRequest { round_id: id + 1 })?).await.is_ok();
                 if r.state == "aborted" || (r.state == "committed" && (evaluated || next_started)) {
-                    anyhow::ensure!(r.state == "committed", "round {id} aborted: {}", v["reason"]);
-                    out(Output::Round(v));
+                    anyhow::ensure!(r.state == "committed", "round {id} aborted: {}", v.reason.as_deref().unwrap_or("?"));
+                    out(Output::Round(Box::new(v)));
                     break;
                 }
             }

@@ -32,7 +32,8 @@ use tonic::Code;
 use crate::config::ClientConfig;
 use crate::error::{ClientError, Result};
 use crate::net::Session;
-use crate::ops::{Model, local_sets, model, receive_params};
+use crate::ops::local_sets;
+use crate::remote::{Model, model, receive_params};
 use crate::store::{ClientStore, TrainedMeta};
 
 /// How the agent runs.
@@ -350,14 +351,21 @@ async fn train_for_round(ctx: &Ctx<'_>, t: &TrainTask, config: &SessionConfig) -
         // DP: clipped, rotated, rounded, with this device's share of the noise; unweighted.
         Encoding::DistributedDiscreteGaussian(dp) => (dp.encode(&delta, &mut rng).map_err(secagg_err)?, 1),
     };
+    dump_update(home, t.round_id, &delta, weight)?;
+    Ok((input, n_train, final_loss))
+}
+
+/// Test-only (the `fault-injection` feature, `SPA_TEST_DUMP_UPDATES`): the plaintext update,
+/// written to the device's own home so tests can compare the secure aggregate with it.
+fn dump_update(home: &Path, round_id: u64, delta: &[f32], weight: u32) -> Result<()> {
     #[cfg(feature = "fault-injection")]
     if std::env::var_os("SPA_TEST_DUMP_UPDATES").is_some() {
-        // Tests compare the secure aggregate with a plaintext one; this stays on the device's disk.
-        let p = home.join(format!("update-round-{}.json", t.round_id));
+        let p = home.join(format!("update-round-{round_id}.json"));
         let body = serde_json::json!({ "delta": delta, "weight": weight });
         std::fs::write(&p, body.to_string()).map_err(crate::error::io(&p))?;
     }
-    Ok((input, n_train, final_loss))
+    let _ = (home, round_id, delta, weight);
+    Ok(())
 }
 
 /// Streams the masked vector: a signed header (lanes, SHA-256), then 1 MiB frames.

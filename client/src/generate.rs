@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 
 use crate::error::{ClientError, Result};
 use crate::net::Session;
-use crate::ops::{Model, model};
+use crate::remote::{Model, model};
 use crate::store::ClientStore;
 
 /// What the device asks for per position.

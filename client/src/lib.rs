@@ -4,6 +4,7 @@
 //! - [`net`]: TLS connection to the coordinator, every call signed with the device key.
 //! - [`data`]: local data formats.
 //! - [`ops`]: the commands (enroll, status, data, train) as library functions.
+//! - [`remote`]: the served model, frozen head and features fetched from the coordinator.
 //! - [`generate`]: personalized generation over the coordinator's stream, speculative.
 //! - [`agent`]: `run`, the device agent of federated rounds (SecAgg+ client side).
 //!
@@ -16,6 +17,7 @@ pub mod error;
 pub mod generate;
 pub mod net;
 pub mod ops;
+pub mod remote;
 pub mod store;
 
 pub use error::{ClientError, Result};

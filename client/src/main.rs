@@ -171,13 +171,7 @@ struct DataList<'a, S> {
 
 fn main() -> std::process::ExitCode {
     spa_model::alloc::keep_freed_memory();
-    match run(Cli::parse()) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("Error: {e:?}");
-            std::process::ExitCode::from(spa_proto::exit::code(e.chain()))
-        }
-    }
+    spa_proto::exit::finish(run(Cli::parse()))
 }
 
 fn run(cli: Cli) -> Result<()> {

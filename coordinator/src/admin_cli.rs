@@ -1,5 +1,7 @@
 //! Operator verbs that call the running coordinator over TLS with the admin credential:
-//! `token create`, `devices list`, `devices revoke`, `status`.
+//! `token create`, `devices list | revoke`, `round start | status | list | abort`,
+//! `checkpoint export`, `status`; and `init`. What each prints with `--json` is a
+//! `Serialize` struct below.
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

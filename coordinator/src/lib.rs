@@ -7,7 +7,8 @@
 //! - [`rounds`]: the federated round loop (selection, SecAgg+ phases, commit) and its state.
 //! - [`round_service`]: the device-facing Rounds service and the admin round verbs.
 //! - [`store`]: sled state (devices, hashed tokens, nonces, checkpoints, event log).
-//! - [`init`], [`admin_cli`]: operator verbs.
+//! - [`status`]: how every error of this library becomes a gRPC status.
+//! - [`init`], [`admin_cli`], [`model_cli`]: operator verbs.
 pub mod admin_cli;
 pub mod auth;
 pub mod config;

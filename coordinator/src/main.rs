@@ -21,7 +21,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Backbone tools: logits, eval, roles, pretrain.
+    /// Backbone tools: logits, eval, roles, pretrain, import (GGUF), generate, experiment.
     #[command(subcommand)]
     Model(ModelCommand),
     /// Create a coordinator home: config, self-signed CA and server certificate, admin credential.
@@ -58,13 +58,7 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     spa_model::alloc::keep_freed_memory();
-    match run(Cli::parse()) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("Error: {e:?}");
-            std::process::ExitCode::from(spa_proto::exit::code(e.chain()))
-        }
-    }
+    spa_proto::exit::finish(run(Cli::parse()))
 }
 
 fn run(cli: Cli) -> Result<()> {

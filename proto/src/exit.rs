@@ -43,6 +43,22 @@ pub fn code<'a>(chain: impl IntoIterator<Item = &'a (dyn Error + 'static)>) -> u
     FAILURE
 }
 
+/// A binary's end: nothing on success; otherwise the error and its causes on stderr (as
+/// `fn main() -> anyhow::Result<()>` prints them) and the code [`code`] picks.
+pub fn finish<E>(result: Result<(), E>) -> std::process::ExitCode
+where
+    E: std::fmt::Debug + AsRef<dyn Error + Send + Sync + 'static>,
+{
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:?}");
+            let top: &(dyn Error + 'static) = e.as_ref();
+            std::process::ExitCode::from(code(std::iter::successors(Some(top), |&e| e.source())))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

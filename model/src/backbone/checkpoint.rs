@@ -8,11 +8,10 @@ use burn::module::Param;
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use safetensors::{Dtype, SafeTensors};
 
-use super::attention::SelfAttention;
 use super::block::DecoderLayer;
 use super::layers::{Embedding, Linear, RmsNorm};
+use super::layout::{EMBED, FINAL_NORM, LM_HEAD, Norm, Proj};
 use super::llama::{Backbone, LlamaForCausalLM, LlamaModel};
-use super::mlp::Mlp;
 use crate::config::BackboneConfig;
 use crate::error::{ModelError, Result, io_err};
 use crate::tensor_util::to_vec as tensor_values;
@@ -25,34 +24,27 @@ pub(crate) enum Layout {
     AsIs,
 }
 
-/// Every tensor a LLaMA checkpoint must provide, with its HF shape.
+/// Every tensor a LLaMA checkpoint must provide, with its HF shape (`layout.rs` names them).
 pub(crate) fn expected_tensors(c: &BackboneConfig) -> Vec<(String, Vec<usize>, Layout)> {
     let d = c.hidden_size;
-    let (qd, kvd, ff) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
-    let mut v = vec![("model.embed_tokens.weight".to_string(), vec![c.vocab_size, d], Layout::AsIs)];
+    let mut v = vec![(EMBED.to_string(), vec![c.vocab_size, d], Layout::AsIs)];
     for i in 0..c.num_layers {
-        let p = format!("model.layers.{i}");
-        let lin = Layout::LinearTransposed;
-        v.push((format!("{p}.self_attn.q_proj.weight"), vec![qd, d], lin));
-        v.push((format!("{p}.self_attn.k_proj.weight"), vec![kvd, d], lin));
-        v.push((format!("{p}.self_attn.v_proj.weight"), vec![kvd, d], lin));
-        v.push((format!("{p}.self_attn.o_proj.weight"), vec![d, qd], lin));
-        v.push((format!("{p}.mlp.gate_proj.weight"), vec![ff, d], lin));
-        v.push((format!("{p}.mlp.up_proj.weight"), vec![ff, d], lin));
-        v.push((format!("{p}.mlp.down_proj.weight"), vec![d, ff], lin));
-        v.push((format!("{p}.input_layernorm.weight"), vec![d], Layout::AsIs));
-        v.push((format!("{p}.post_attention_layernorm.weight"), vec![d], Layout::AsIs));
+        for p in Proj::ALL {
+            let (din, dout) = p.dims(c);
+            v.push((p.name(i), vec![dout, din], Layout::LinearTransposed));
+        }
+        v.extend(Norm::ALL.map(|n| (n.name(i), vec![d], Layout::AsIs)));
     }
-    v.push(("model.norm.weight".into(), vec![d], Layout::AsIs));
+    v.push((FINAL_NORM.into(), vec![d], Layout::AsIs));
     if !c.tie_word_embeddings {
-        v.push(("lm_head.weight".into(), vec![c.vocab_size, d], Layout::LinearTransposed));
+        v.push((LM_HEAD.into(), vec![c.vocab_size, d], Layout::LinearTransposed));
     }
     v
 }
 
 /// Names a checkpoint may carry that we ignore on purpose.
 fn ignorable(name: &str) -> bool {
-    name.ends_with("rotary_emb.inv_freq") || name == "lm_head.weight"
+    name.ends_with("rotary_emb.inv_freq") || name == LM_HEAD
 }
 
 /// The safetensors files of a checkpoint directory, sharded or not.
@@ -246,30 +238,13 @@ fn load(dir: &Path, device: &Device, dtype: Option<WeightDtype>, rows_as_stored:
     let norm = |t: Tensor<2>| RmsNorm { weight: Param::from_tensor(t.flatten(0, 1)), eps: c.rms_norm_eps };
     let layers = (0..c.num_layers)
         .map(|i| {
-            let p = format!("model.layers.{i}");
-            DecoderLayer {
-                self_attn: SelfAttention {
-                    q_proj: linear(take(&format!("{p}.self_attn.q_proj.weight"))),
-                    k_proj: linear(take(&format!("{p}.self_attn.k_proj.weight"))),
-                    v_proj: linear(take(&format!("{p}.self_attn.v_proj.weight"))),
-                    o_proj: linear(take(&format!("{p}.self_attn.o_proj.weight"))),
-                    num_heads: c.num_heads,
-                    num_kv_heads: c.num_kv_heads,
-                    head_dim: c.head_dim,
-                },
-                mlp: Mlp {
-                    gate_proj: linear(take(&format!("{p}.mlp.gate_proj.weight"))),
-                    up_proj: linear(take(&format!("{p}.mlp.up_proj.weight"))),
-                    down_proj: linear(take(&format!("{p}.mlp.down_proj.weight"))),
-                },
-                input_layernorm: norm(take(&format!("{p}.input_layernorm.weight"))),
-                post_attention_layernorm: norm(take(&format!("{p}.post_attention_layernorm.weight"))),
-            }
+            let projs = Proj::ALL.map(|p| linear(take(&p.name(i))));
+            DecoderLayer::assemble(c, projs, Norm::ALL.map(|n| norm(take(&n.name(i)))))
         })
         .collect();
-    let embed_tokens = Embedding { weight: Param::from_tensor(take("model.embed_tokens.weight")) };
-    let lm_head = (!c.tie_word_embeddings).then(|| linear(take("lm_head.weight")));
-    let net = LlamaForCausalLM { model: LlamaModel { embed_tokens, layers, norm: norm(take("model.norm.weight")) }, lm_head };
+    let embed_tokens = Embedding { weight: Param::from_tensor(take(EMBED)) };
+    let lm_head = (!c.tie_word_embeddings).then(|| linear(take(LM_HEAD)));
+    let net = LlamaForCausalLM { model: LlamaModel { embed_tokens, layers, norm: norm(take(FINAL_NORM)) }, lm_head };
     Ok(Backbone::from_parts(config, net, device))
 }
 
@@ -289,23 +264,18 @@ pub fn save_backbone(backbone: &Backbone, dir: &Path, dtype: WeightDtype) -> Res
     };
     let emb = net.model.embed_tokens.weight.val();
     let eshape = emb.dims().to_vec();
-    tensors.insert("model.embed_tokens.weight".into(), (eshape, tensor_values(emb)));
+    tensors.insert(EMBED.into(), (eshape, tensor_values(emb)));
     for (i, layer) in net.model.layers.iter().enumerate() {
-        let p = format!("model.layers.{i}");
-        let a = &layer.self_attn;
-        put_linear(format!("{p}.self_attn.q_proj.weight"), &a.q_proj, &mut tensors);
-        put_linear(format!("{p}.self_attn.k_proj.weight"), &a.k_proj, &mut tensors);
-        put_linear(format!("{p}.self_attn.v_proj.weight"), &a.v_proj, &mut tensors);
-        put_linear(format!("{p}.self_attn.o_proj.weight"), &a.o_proj, &mut tensors);
-        put_linear(format!("{p}.mlp.gate_proj.weight"), &layer.mlp.gate_proj, &mut tensors);
-        put_linear(format!("{p}.mlp.up_proj.weight"), &layer.mlp.up_proj, &mut tensors);
-        put_linear(format!("{p}.mlp.down_proj.weight"), &layer.mlp.down_proj, &mut tensors);
-        put(format!("{p}.input_layernorm.weight"), &layer.input_layernorm.weight, &mut tensors);
-        put(format!("{p}.post_attention_layernorm.weight"), &layer.post_attention_layernorm.weight, &mut tensors);
+        for (p, l) in Proj::ALL.into_iter().zip(layer.projections()) {
+            put_linear(p.name(i), l, &mut tensors);
+        }
+        for (n, w) in Norm::ALL.into_iter().zip(layer.norms()) {
+            put(n.name(i), &w.weight, &mut tensors);
+        }
     }
-    put("model.norm.weight".into(), &net.model.norm.weight, &mut tensors);
+    put(FINAL_NORM.into(), &net.model.norm.weight, &mut tensors);
     if let Some(head) = &net.lm_head {
-        put_linear("lm_head.weight".into(), head, &mut tensors);
+        put_linear(LM_HEAD.into(), head, &mut tensors);
     }
     write_safetensors(&dir.join("model.safetensors"), &tensors, dtype)?;
     let cfg_path = dir.join("config.json");

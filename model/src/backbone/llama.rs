@@ -6,6 +6,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use super::block::DecoderLayer;
 use super::cache::KvCache;
 use super::layers::{Embedding, Linear, RmsNorm};
+use super::layout::{Norm, Proj};
 use super::rope::Rope;
 use crate::config::BackboneConfig;
 use crate::error::{ModelError, Result};
@@ -211,27 +212,15 @@ impl Backbone {
         };
         let c = &config;
         let d = c.hidden_size;
-        let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
         let std = 0.02;
         let out_std = std / (2.0 * c.num_layers as f32).sqrt();
         let layers = (0..c.num_layers)
-            .map(|_| DecoderLayer {
-                self_attn: super::attention::SelfAttention {
-                    q_proj: Linear::from_data(d, qd, normal(d * qd, std), device),
-                    k_proj: Linear::from_data(d, kvd, normal(d * kvd, std), device),
-                    v_proj: Linear::from_data(d, kvd, normal(d * kvd, std), device),
-                    o_proj: Linear::from_data(qd, d, normal(qd * d, out_std), device),
-                    num_heads: c.num_heads,
-                    num_kv_heads: c.num_kv_heads,
-                    head_dim: c.head_dim,
-                },
-                mlp: super::mlp::Mlp {
-                    gate_proj: Linear::from_data(d, c.intermediate_size, normal(d * c.intermediate_size, std), device),
-                    up_proj: Linear::from_data(d, c.intermediate_size, normal(d * c.intermediate_size, std), device),
-                    down_proj: Linear::from_data(c.intermediate_size, d, normal(c.intermediate_size * d, out_std), device),
-                },
-                input_layernorm: RmsNorm::new(d, c.rms_norm_eps, device),
-                post_attention_layernorm: RmsNorm::new(d, c.rms_norm_eps, device),
+            .map(|_| {
+                let projs = Proj::ALL.map(|p| {
+                    let (din, dout) = p.dims(c);
+                    Linear::from_data(din, dout, normal(din * dout, if p.is_output() { out_std } else { std }), device)
+                });
+                DecoderLayer::assemble(c, projs, Norm::ALL.map(|_| RmsNorm::new(d, c.rms_norm_eps, device)))
             })
             .collect();
         let embed = Embedding { weight: Param::from_data(TensorData::new(normal(c.vocab_size * d, std), [c.vocab_size, d]), device) };

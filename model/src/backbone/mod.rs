@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod decode;
 pub mod host;
 pub mod layers;
+pub(crate) mod layout;
 pub mod llama;
 pub mod mlp;
 pub mod prefill;

@@ -10,6 +10,7 @@ use serde_json::{Value as Json, json};
 use super::file::{GgufFile, TensorInfo, Value};
 use crate::backbone::WeightDtype;
 use crate::backbone::checkpoint::{encode_tensor, expected_tensors, write_encoded};
+use crate::backbone::layout::{EMBED, FINAL_NORM, LM_HEAD, Norm, Proj};
 use crate::config::BackboneConfig;
 use crate::error::{ModelError, Result, io_err};
 
@@ -32,9 +33,9 @@ pub struct ImportReport {
 /// The HF name of a GGUF tensor of the llama architecture.
 fn hf_name(gguf: &str) -> Option<String> {
     let fixed = match gguf {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
+        "token_embd.weight" => Some(EMBED),
+        "output_norm.weight" => Some(FINAL_NORM),
+        "output.weight" => Some(LM_HEAD),
         _ => None,
     };
     if let Some(f) = fixed {
@@ -43,19 +44,19 @@ fn hf_name(gguf: &str) -> Option<String> {
     let rest = gguf.strip_prefix("blk.")?;
     let (layer, part) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
-    let hf = match part {
-        "attn_q.weight" => "self_attn.q_proj.weight",
-        "attn_k.weight" => "self_attn.k_proj.weight",
-        "attn_v.weight" => "self_attn.v_proj.weight",
-        "attn_output.weight" => "self_attn.o_proj.weight",
-        "ffn_gate.weight" => "mlp.gate_proj.weight",
-        "ffn_up.weight" => "mlp.up_proj.weight",
-        "ffn_down.weight" => "mlp.down_proj.weight",
-        "attn_norm.weight" => "input_layernorm.weight",
-        "ffn_norm.weight" => "post_attention_layernorm.weight",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{hf}"))
+    let proj = |p: Proj| Some(p.name(layer));
+    match part {
+        "attn_q.weight" => proj(Proj::Q),
+        "attn_k.weight" => proj(Proj::K),
+        "attn_v.weight" => proj(Proj::V),
+        "attn_output.weight" => proj(Proj::O),
+        "ffn_gate.weight" => proj(Proj::Gate),
+        "ffn_up.weight" => proj(Proj::Up),
+        "ffn_down.weight" => proj(Proj::Down),
+        "attn_norm.weight" => Some(Norm::Input.name(layer)),
+        "ffn_norm.weight" => Some(Norm::PostAttention.name(layer)),
+        _ => None,
+    }
 }
 
 /// Undoes llama.cpp's q/k row permutation. Its converter reorders each head's rows from HF's
@@ -221,9 +222,9 @@ pub fn import_gguf(gguf: &Path, out: &Path, dtype: WeightDtype) -> Result<Import
             return Err(bad(&g, format!("tensor '{}' holds a non-finite value at {bad_at}", t.name)));
         }
         let shape = t.shape();
-        if name.ends_with("q_proj.weight") {
+        if name.ends_with(Proj::Q.suffix()) {
             values = unpermute_rows(&values, cfg.num_heads, shape[1]);
-        } else if name.ends_with("k_proj.weight") {
+        } else if name.ends_with(Proj::K.suffix()) {
             values = unpermute_rows(&values, cfg.num_kv_heads, shape[1]);
         }
         encoded.push(encode_tensor(name.clone(), shape, &values, dtype));
