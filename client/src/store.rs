@@ -62,7 +62,9 @@ fn enc<T: Serialize>(v: &T) -> Vec<u8> {
 impl ClientStore {
     pub fn open(home: &Path) -> Result<Self> {
         std::fs::create_dir_all(home).map_err(crate::error::io(home))?;
-        let db = open_db(&home.join("store"))?;
+        let dir = home.join("store");
+        private_dir(&dir)?;
+        let db = open_db(&dir)?;
         Ok(Self {
             meta: db.open_tree("meta")?,
             data: db.open_tree("data")?,
@@ -208,6 +210,32 @@ pub fn decode_features(b: &[u8]) -> Result<ExampleFeatures> {
 /// sled's file lock outlives a dropped handle for a moment (its flusher thread lets go
 /// asynchronously), so opening the store right after another command, in this process or one
 /// that just exited, can find it held: retry for a few seconds before reporting it.
+/// The store holds the device's identity key: it is made mode 0700, and one that group or
+/// others may enter is refused (`chmod 700` it).
+fn private_dir(dir: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        match std::fs::metadata(dir) {
+            Ok(m) => {
+                let mode = m.permissions().mode() & 0o777;
+                if mode & 0o077 != 0 {
+                    return Err(ClientError::Invalid(format!(
+                        "the device store {} holds the identity key but is open to group or others (mode {mode:o}): `chmod 700` it",
+                        dir.display()
+                    )));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::DirBuilder::new().mode(0o700).create(dir).map_err(crate::error::io(dir))?;
+            }
+            Err(e) => return Err(crate::error::io(dir)(e)),
+        }
+    }
+    let _ = dir;
+    Ok(())
+}
+
 fn open_db(path: &Path) -> Result<sled::Db> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
@@ -223,5 +251,25 @@ fn open_db(path: &Path) -> Result<sled::Db> {
             }
             other => return Ok(other?),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The store holding the identity key is private to its owner, and one that others may
+    /// enter is refused rather than used.
+    #[cfg(unix)]
+    #[test]
+    fn the_store_is_private_and_an_open_one_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let home = tempfile::tempdir().unwrap();
+        drop(ClientStore::open(home.path()).unwrap());
+        let dir = home.path().join("store");
+        assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let err = ClientStore::open(home.path()).err().expect("must refuse").to_string();
+        assert!(err.contains("chmod 700"), "{err}");
     }
 }

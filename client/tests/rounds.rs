@@ -36,7 +36,8 @@ impl Coordinator {
             .unwrap()
             .replace("online_secs = 15", "online_secs = 5")
             .replace("selection_grace_secs = 2", &format!("selection_grace_secs = {grace_secs}"))
-            .replace("phase_timeout_secs = 60", "phase_timeout_secs = 20");
+            .replace("phase_timeout_secs = 60", "phase_timeout_secs = 20")
+            .replace("metrics_listen = \"\"", "metrics_listen = \"127.0.0.1:0\"");
         std::fs::write(&p, text).unwrap();
         Self { home, child: None, url: String::new() }
     }
@@ -61,7 +62,7 @@ impl Coordinator {
                 let p = self.home.join("coordinator.toml");
                 let text = std::fs::read_to_string(&p).unwrap();
                 let port = self.url.trim_start_matches("https://");
-                std::fs::write(&p, text.replace("127.0.0.1:0", port)).unwrap();
+                std::fs::write(&p, text.replace("\nlisten = \"127.0.0.1:0\"", &format!("\nlisten = \"{port}\""))).unwrap();
                 return;
             }
             assert!(t.elapsed() < Duration::from_secs(60), "coordinator did not start");
@@ -97,6 +98,18 @@ impl Coordinator {
         let out = Command::new(coordinator_bin()).args(args).arg("--home").arg(&self.home).output().unwrap();
         assert!(!out.status.success(), "{args:?} should fail");
         (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    /// The body of `GET /metrics` on the coordinator's Prometheus endpoint.
+    fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let url = std::fs::read_to_string(self.home.join("metrics.addr")).unwrap();
+        let addr = url.trim().trim_start_matches("http://").trim_end_matches("/metrics").to_string();
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
     }
 
     fn round(&self, id: u64) -> Value {
@@ -327,6 +340,12 @@ fn devices_run_rounds_with_secagg_dropouts_and_rejoin() {
     eprintln!("round 1: {r1}\nround 3: {r3}");
     let listed = coord.admin(&["round", "list"]);
     assert_eq!(listed.as_array().unwrap().len(), 3);
+    // The live coordinator's Prometheus endpoint counted the same rounds and dropouts.
+    let metrics = coord.metrics();
+    assert!(metrics.contains("spa_rounds_total{outcome=\"committed\"} 3\n"), "{metrics}");
+    let timed_out = metrics.lines().find_map(|l| l.strip_prefix("spa_dropouts_total{reason=\"timed_out\"} ")).map(|v| v.parse::<f64>().unwrap());
+    assert!(timed_out.is_some_and(|v| v >= killed.len() as f64), "{metrics}");
+    assert!(metrics.contains("spa_round_phase_seconds_count{phase=\"masked_input\"} 3\n"), "{metrics}");
 
     for d in devices.iter_mut() {
         d.stop();

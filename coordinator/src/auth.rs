@@ -14,6 +14,29 @@ pub struct Auth {
     nonces: Mutex<NonceWindow>,
     window_ms: u64,
     admin_hash: [u8; 32],
+    refused_log: RefusalLog,
+}
+
+/// Refused calls are logged at most once a second, with how many were refused meanwhile: a
+/// flood of bad signatures or credential guesses cannot fill a disk with log lines.
+#[derive(Default)]
+struct RefusalLog(Mutex<Option<(std::time::Instant, u64)>>);
+
+impl RefusalLog {
+    /// `kind`: "device" or "admin" (the metric's label).
+    fn refused(&self, kind: &str, why: &dyn std::fmt::Display) {
+        crate::metrics::METRICS.refused_calls.get_or_create(&crate::metrics::Kind { kind: kind.into() }).inc();
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        match g.as_mut() {
+            Some((last, n)) if now.duration_since(*last) < std::time::Duration::from_secs(1) => *n += 1,
+            _ => {
+                let before = g.map_or(0, |(_, n)| n);
+                tracing::warn!(suppressed = before, "refused a call ({kind}): {why}");
+                *g = Some((now, 0));
+            }
+        }
+    }
 }
 
 /// Constant-time equality of two digests.
@@ -23,14 +46,14 @@ fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
 
 impl Auth {
     /// Loads the nonces still inside the window, so a restart does not reopen replays.
-    pub fn new(store: Store, window_ms: u64, capacity: usize, admin_credential: &str) -> crate::error::Result<Self> {
+    pub fn new(store: Store, window_ms: u64, capacity: usize, per_device: usize, admin_credential: &str) -> crate::error::Result<Self> {
         let now = now_ms();
-        let mut w = NonceWindow::new(window_ms, capacity);
+        let mut w = NonceWindow::new(window_ms, capacity, per_device);
         for (d, n, ts) in store.nonces_since(now.saturating_sub(window_ms))? {
             let _ = w.check_and_insert(&d, &n, ts, now);
         }
         store.prune_nonces(now.saturating_sub(window_ms))?;
-        Ok(Self { store, nonces: Mutex::new(w), window_ms, admin_hash: sha256(admin_credential.trim().as_bytes()) })
+        Ok(Self { store, nonces: Mutex::new(w), window_ms, admin_hash: sha256(admin_credential.trim().as_bytes()), refused_log: RefusalLog::default() })
     }
 
     /// A signed unary or server-streaming call: the signature covers this body.
@@ -45,13 +68,18 @@ impl Auth {
     }
 
     fn check(&self, md: &MetadataMap, method: &str, digest: &[u8; 32]) -> Result<DeviceRecord, Status> {
+        self.check_signed(md, method, digest).inspect_err(|e| self.refused_log.refused("device", &e.message()))
+    }
+
+    fn check_signed(&self, md: &MetadataMap, method: &str, digest: &[u8; 32]) -> Result<DeviceRecord, Status> {
         let h = SignedHeaders::from_metadata(md)?;
         let rec = self.store.device(&h.device_id).map_err(internal)?.ok_or(AuthError::UnknownDevice(h.device_id.clone()))?;
+        let pk = hex::decode(&rec.public_key_hex).map_err(internal)?;
+        // The signature first: only the device itself learns that it is revoked.
+        h.verify(&pk, method, digest)?;
         if rec.revoked {
             return Err(AuthError::Revoked(rec.device_id).into());
         }
-        let pk = hex::decode(&rec.public_key_hex).map_err(internal)?;
-        h.verify(&pk, method, digest)?;
         let now = now_ms();
         check_clock(h.ts_ms, now, self.window_ms)?;
         self.nonces.lock().map_err(internal)?.check_and_insert(&h.device_id, &h.nonce_hex, h.ts_ms, now)?;
@@ -65,7 +93,7 @@ impl Auth {
         let v = v.to_str().map_err(|_| AuthError::Malformed(HDR_AUTHORIZATION))?;
         let cred = v.strip_prefix("Bearer ").ok_or(AuthError::Malformed(HDR_AUTHORIZATION))?;
         if !same(&sha256(cred.trim().as_bytes()), &self.admin_hash) {
-            tracing::warn!("admin call with a wrong credential");
+            self.refused_log.refused("admin", &"wrong credential");
             return Err(AuthError::BadAdmin.into());
         }
         Ok(())

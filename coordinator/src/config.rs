@@ -41,6 +41,11 @@ pub struct ServerSection {
     pub admin_credential: PathBuf,
     /// sled store directory.
     pub store: PathBuf,
+    /// On SIGTERM, how long in-flight calls and open streams may take before they are cut.
+    pub drain_secs: u64,
+    /// Address of the Prometheus endpoint (plain HTTP, `GET /metrics`); empty = none. The
+    /// bound address is written to `<home>/metrics.addr`.
+    pub metrics_listen: String,
 }
 
 impl Default for ServerSection {
@@ -52,6 +57,8 @@ impl Default for ServerSection {
             ca_cert: "tls/ca.pem".into(),
             admin_credential: "admin.credential".into(),
             store: "store".into(),
+            drain_secs: 10,
+            metrics_listen: String::new(),
         }
     }
 }
@@ -89,13 +96,15 @@ pub struct AuthSection {
     pub clock_window_secs: u64,
     /// Nonces remembered within the window (calls beyond it are refused, not forgotten).
     pub max_nonces: usize,
+    /// One device's share of them: a device past it is refused (RESOURCE_EXHAUSTED) alone.
+    pub max_nonces_per_device: usize,
     /// Longest lifetime of an enrollment token.
     pub max_token_ttl_secs: u64,
 }
 
 impl Default for AuthSection {
     fn default() -> Self {
-        Self { clock_window_secs: 300, max_nonces: 1_000_000, max_token_ttl_secs: 30 * 24 * 3600 }
+        Self { clock_window_secs: 300, max_nonces: 1_000_000, max_nonces_per_device: 20_000, max_token_ttl_secs: 30 * 24 * 3600 }
     }
 }
 
@@ -113,6 +122,8 @@ pub struct LimitsSection {
     pub session_idle_secs: u64,
     /// Most tokens a device may ask the coordinator to draft per Generate step.
     pub max_draft_tokens: u32,
+    /// A Generate stream must send its opening message within this many seconds.
+    pub first_message_secs: u64,
 }
 
 impl Default for LimitsSection {
@@ -124,6 +135,7 @@ impl Default for LimitsSection {
             max_sessions: 64,
             session_idle_secs: 600,
             max_draft_tokens: 32,
+            first_message_secs: 10,
         }
     }
 }
@@ -184,8 +196,13 @@ impl CoordinatorConfig {
         ensure(l.max_feature_bytes_per_request > 0, "limits.max_feature_bytes_per_request must be > 0")?;
         ensure(l.max_sessions > 0, "limits.max_sessions must be > 0")?;
         ensure(l.max_draft_tokens <= 256, "limits.max_draft_tokens must be at most 256")?;
+        ensure(l.session_idle_secs > 0 && l.first_message_secs > 0, "limits.session_idle_secs and limits.first_message_secs must be > 0")?;
         ensure(self.auth.clock_window_secs > 0, "auth.clock_window_secs must be > 0")?;
         ensure(self.auth.max_nonces > 0, "auth.max_nonces must be > 0")?;
+        ensure(
+            self.auth.max_nonces_per_device > 0 && self.auth.max_nonces_per_device <= self.auth.max_nonces,
+            "auth.max_nonces_per_device must be in 1..=max_nonces",
+        )?;
         let r = &self.rounds;
         ensure(r.online_secs > 0 && r.phase_timeout_secs > 0, "rounds.online_secs and rounds.phase_timeout_secs must be > 0")?;
         ensure(r.clip.is_finite() && r.clip > 0.0, "rounds.clip must be a positive number")?;

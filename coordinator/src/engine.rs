@@ -7,6 +7,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 
 use crate::error::{CoordinatorError, io};
+use crate::metrics::METRICS;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -297,6 +298,7 @@ fn worker(bb: Backbone, rx: mpsc::Receiver<Job>, idle: Duration, max_detached: u
                     for chunk in seqs.chunks(per_call) {
                         let tb = TokenBatch::new(chunk.iter().map(|s| s.ids.clone()).collect(), &bb.config, 0)?;
                         let o = bb.forward(&tb, &layers, false, None);
+                        METRICS.backbone_tokens.inc_by(chunk.iter().map(|s| s.ids.len() as u64).sum());
                         let taps: Vec<Vec<f32>> = o.taps.into_iter().map(to_vec).collect();
                         for (b, s) in chunk.iter().enumerate() {
                             out.push(layout(&taps, b, tb.max_len, d, s.from, s.to, dtype)?);
@@ -340,6 +342,9 @@ fn worker(bb: Backbone, rx: mpsc::Receiver<Job>, idle: Duration, max_detached: u
                 };
                 entry.used = Instant::now();
                 let r = guarded(|| Ok(entry.drafter.step(&bb, accepted, &ids, draft, side)?));
+                if let Ok(block) = &r {
+                    METRICS.backbone_tokens.inc_by((ids.len() + block.drafts.len()) as u64);
+                }
                 if r.is_err() {
                     sessions.remove(&session);
                 }

@@ -4,6 +4,7 @@
 //! owns the KV cache and runs the drafts.
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use prost::Message;
 use spa_model::generate::Sampling;
@@ -32,13 +33,18 @@ struct Plan {
 pub async fn serve(s: Arc<Shared>, req: Request<Streaming<GenerateRequest>>) -> Result<BoxStream<GenerateResponse>, Status> {
     let md = req.metadata().clone();
     let mut input = req.into_inner();
-    // The session opens with its first message, which the request signature covers.
-    let first = input.message().await?.ok_or_else(|| Status::invalid_argument("a Generate stream must start with an `open` message"))?;
+    // The session opens with its first message, which the request signature covers; a
+    // stream that never sends it is not kept open.
+    let wait = Duration::from_secs(s.config.limits.first_message_secs);
+    let first = tokio::time::timeout(wait, input.message())
+        .await
+        .map_err(|_| Status::deadline_exceeded(format!("no `open` message within {} s", wait.as_secs())))??
+        .ok_or_else(|| Status::invalid_argument("a Generate stream must start with an `open` message"))?;
     let device = s.auth.check_digest(&md, methods::BACKBONE_GENERATE, &spa_proto::auth::body_digest(&first))?;
     let Some(generate_request::Kind::Open(open)) = first.kind else {
         return Err(Status::invalid_argument("a Generate stream must start with an `open` message"));
     };
-    let plan = check_open(&s, &open, device.device_id)?;
+    let plan = check_open(&s, &open, device.device_id.clone())?;
     let permit = s.sessions.clone().try_acquire_owned().map_err(|_| {
         let max = s.config.limits.max_sessions;
         Status::resource_exhausted(format!("{max} generation sessions already open; retry later"))
@@ -48,6 +54,7 @@ pub async fn serve(s: Arc<Shared>, req: Request<Streaming<GenerateRequest>>) -> 
     let stream = Stream {
         s: s.clone(),
         _permit: permit,
+        device: device.device_id,
         session,
         epoch,
         last_only: open.last_only,
@@ -132,6 +139,8 @@ struct Stream {
     s: Arc<Shared>,
     /// This stream's slot among `limits.max_sessions`, given back when the stream is dropped.
     _permit: tokio::sync::OwnedSemaphorePermit,
+    /// Checked before each step: revoking a device ends its open streams.
+    device: String,
     session: u64,
     epoch: u64,
     last_only: bool,
@@ -143,33 +152,45 @@ struct Stream {
 }
 
 impl Stream {
+    /// Serves the stream's steps. A stream idle for `limits.session_idle_secs` (no message,
+    /// or its answers not read) is closed with its session and gives back its slot.
     async fn run(mut self, mut input: Streaming<GenerateRequest>, tx: mpsc::Sender<Result<GenerateResponse, Status>>) {
+        let idle = Duration::from_secs(self.s.config.limits.session_idle_secs);
+        let idle_out = || Status::deadline_exceeded(format!("generation session idle for {} s: closed", idle.as_secs()));
         let broke = loop {
-            let msg = match input.message().await {
-                Ok(Some(m)) => m,
-                Ok(None) => break false,
-                Err(e) => {
+            let msg = match tokio::time::timeout(idle, input.message()).await {
+                Err(_) => {
+                    let _ = tx.try_send(Err(idle_out()));
+                    break false;
+                }
+                Ok(Ok(Some(m))) => m,
+                Ok(Ok(None)) => break false,
+                Ok(Err(e)) => {
                     tracing::debug!("generate stream error: {e}");
                     break true;
                 }
             };
             match self.step(msg).await {
-                Ok(resp) => {
-                    if tx.send(Ok(resp)).await.is_err() {
-                        break true;
-                    }
-                }
+                Ok(resp) => match tokio::time::timeout(idle, tx.send(Ok(resp))).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => break true,
+                    Err(_) => break false,
+                },
                 Err(e) => {
-                    let _ = tx.send(Err(e)).await;
+                    let _ = tx.try_send(Err(e));
                     break false;
                 }
             }
         };
-        // A broken stream keeps its cache for a resume; a finished or refused one does not.
+        // A broken stream keeps its cache for a resume; a finished, refused or idle one does not.
         if broke { self.s.engine.detach(self.session, self.epoch) } else { self.s.engine.close(self.session, self.epoch) }
     }
 
     async fn step(&mut self, msg: GenerateRequest) -> Result<GenerateResponse, Status> {
+        match self.s.store.device(&self.device)? {
+            Some(d) if !d.revoked => {}
+            _ => return Err(Status::permission_denied(format!("device '{}' is revoked", self.device))),
+        }
         let Some(generate_request::Kind::Extend(e)) = msg.kind else {
             return Err(Status::invalid_argument("only `extend` messages may follow `open`"));
         };

@@ -8,6 +8,7 @@
 //! - [`round_service`]: the device-facing Rounds service and the admin round verbs.
 //! - [`store`]: sled state (devices, hashed tokens, nonces, checkpoints, event log).
 //! - [`status`]: how every error of this library becomes a gRPC status.
+//! - [`metrics`]: Prometheus counters and gauges, and the `/metrics` endpoint.
 //! - [`init`], [`admin_cli`], [`model_cli`]: operator verbs.
 pub mod admin_cli;
 pub mod auth;
@@ -16,6 +17,7 @@ pub mod engine;
 pub mod error;
 pub mod generation;
 pub mod init;
+pub mod metrics;
 pub mod model_cli;
 pub mod net;
 pub mod round_service;

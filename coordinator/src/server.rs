@@ -2,6 +2,7 @@
 //! health and reflection, explicit message-size limits, and graceful shutdown.
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{CoordinatorError, Result, io};
@@ -31,18 +32,33 @@ pub struct Running {
     task: tokio::task::JoinHandle<std::result::Result<(), tonic::transport::Error>>,
     pruner: tokio::task::JoinHandle<()>,
     round_loop: tokio::task::JoinHandle<()>,
+    metrics: Option<tokio::task::JoinHandle<()>>,
     home: PathBuf,
+    store: Store,
+    drain: Duration,
 }
 
 impl Running {
-    /// Stops accepting, lets in-flight calls finish, and flushes the store.
+    /// Stops accepting, lets in-flight calls finish within the drain deadline (then cuts
+    /// them), and flushes the store.
     pub async fn shutdown(mut self) -> Result<()> {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
-        let r = (&mut self.task).await;
+        let r = match tokio::time::timeout(self.drain, &mut self.task).await {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::warn!("calls still open {} s after shutdown began: cutting them", self.drain.as_secs());
+                self.task.abort();
+                self.store.flush()?;
+                Ok(Ok(()))
+            }
+        };
         self.pruner.abort();
         self.round_loop.abort();
+        if let Some(m) = &self.metrics {
+            m.abort();
+        }
         let _ = std::fs::remove_file(self.home.join(ADDR_FILE));
         r??;
         Ok(())
@@ -67,14 +83,30 @@ fn seed_checkpoint(store: &Store, cfg: &CoordinatorConfig, engine: &Engine) -> R
     Ok(())
 }
 
+/// Secrets that group or others may read are refused: a copied or carelessly made home.
+fn check_secret_mode(path: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path).map_err(io(path))?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(CoordinatorError::Config(format!("{} is open to group or others (mode {mode:o}): `chmod 600` it", path.display())));
+        }
+    }
+    let _ = path;
+    Ok(())
+}
+
 /// Loads everything and starts serving in the background.
 pub async fn start(home: &Path) -> Result<Running> {
     let cfg = CoordinatorConfig::load(home)?;
+    check_secret_mode(&cfg.resolve(home, &cfg.server.admin_credential))?;
+    check_secret_mode(&cfg.resolve(home, &cfg.server.key))?;
     let store = Store::open(&cfg.resolve(home, &cfg.server.store))
         .map_err(|e| CoordinatorError::Other(format!("opening the store (is another coordinator running on this home?): {e}")))?;
     let cred_path = cfg.resolve(home, &cfg.server.admin_credential);
     let credential = std::fs::read_to_string(&cred_path).map_err(io(&cred_path))?;
-    let auth = Auth::new(store.clone(), cfg.auth.clock_window_secs * 1000, cfg.auth.max_nonces, &credential)?;
+    let auth = Auth::new(store.clone(), cfg.auth.clock_window_secs * 1000, cfg.auth.max_nonces, cfg.auth.max_nonces_per_device, &credential)?;
     let backend = match &cfg.backbone.device {
         Some(d) => d.parse::<BackendKind>()?,
         None => BackendKind::resolve(None)?,
@@ -115,7 +147,13 @@ pub async fn start(home: &Path) -> Result<Running> {
         .await
         .map_err(|e| CoordinatorError::Config(format!("cannot listen on {}: {e}", cfg.server.listen)))?;
     let addr = listener.local_addr().map_err(|e| CoordinatorError::Other(format!("listener address: {e}")))?;
+    // Dead peers are found by HTTP/2 pings (an idle, silent socket is closed after the
+    // timeout), and one connection may not open unbounded concurrent streams.
     let router = Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .tcp_keepalive(Some(Duration::from_secs(60)))
+        .max_concurrent_streams(Some(256))
         .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))?
         .add_service(health_svc)
         .add_service(reflection)
@@ -145,11 +183,30 @@ pub async fn start(home: &Path) -> Result<Running> {
         }
     });
     let round_loop = tokio::spawn(crate::rounds::round_loop(rounds));
+    let metrics = start_metrics(home, &cfg, shared.clone()).await?;
     store.log("server.start", addr.to_string())?;
     let addr_file = home.join(ADDR_FILE);
     std::fs::write(&addr_file, format!("https://{addr}\n")).map_err(io(&addr_file))?;
     tracing::info!(%addr, "coordinator serving (TLS)");
-    Ok(Running { addr, stop: Some(stop_tx), task, pruner, round_loop, home: home.to_path_buf() })
+    let drain = Duration::from_secs(cfg.server.drain_secs);
+    Ok(Running { addr, stop: Some(stop_tx), task, pruner, round_loop, metrics, home: home.to_path_buf(), store, drain })
+}
+
+/// The file holding the Prometheus endpoint's bound address.
+pub const METRICS_ADDR_FILE: &str = "metrics.addr";
+
+/// The Prometheus endpoint, when `server.metrics_listen` names one.
+async fn start_metrics(home: &Path, cfg: &CoordinatorConfig, shared: Arc<Shared>) -> Result<Option<tokio::task::JoinHandle<()>>> {
+    if cfg.server.metrics_listen.is_empty() {
+        return Ok(None);
+    }
+    let listen = &cfg.server.metrics_listen;
+    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| CoordinatorError::Config(format!("server.metrics_listen {listen}: {e}")))?;
+    let addr = listener.local_addr().map_err(|e| CoordinatorError::Other(e.to_string()))?;
+    let file = home.join(METRICS_ADDR_FILE);
+    std::fs::write(&file, format!("http://{addr}/metrics\n")).map_err(io(&file))?;
+    tracing::info!(%addr, "Prometheus metrics on /metrics");
+    Ok(Some(tokio::spawn(crate::metrics::serve(listener, shared))))
 }
 
 /// Serves until SIGTERM or ctrl-c, then shuts down gracefully.

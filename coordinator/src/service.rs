@@ -97,8 +97,8 @@ impl Admin for AdminService {
         if r.ttl_seconds == 0 || r.ttl_seconds > max {
             return Err(Status::invalid_argument(format!("ttl_seconds must be in 1..={max}")));
         }
-        if r.note.len() > 256 {
-            return Err(Status::invalid_argument("note must be at most 256 bytes"));
+        if r.note.len() > 256 || r.note.chars().any(char::is_control) {
+            return Err(Status::invalid_argument("note must be at most 256 bytes without control characters"));
         }
         let token = format!("spa_{}", hex::encode(random_bytes::<24>()));
         let hash = token_hash(&token);
@@ -196,7 +196,7 @@ impl BackboneService {
     pub(crate) fn check_version(&self, v: &str) -> Result<(), Status> {
         let served = &self.0.engine.meta.version;
         if !v.is_empty() && v != served {
-            return Err(Status::failed_precondition(format!("backbone version '{v}' is not served (serving '{served}')")));
+            return Err(Status::failed_precondition(format!("backbone version {} is not served (serving '{served}')", crate::status::echo(v))));
         }
         Ok(())
     }

@@ -14,6 +14,14 @@ pub(crate) fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(format!("coordinator error: {e}"))
 }
 
+/// A caller's string as it may appear in an error message: at most 64 characters, quoted and
+/// escaped (no control characters reach a log or a terminal, and no megabyte comes back).
+pub(crate) fn echo(s: &str) -> String {
+    let cut: String = s.chars().take(64).collect();
+    let more = if cut.len() < s.len() { format!("... ({} bytes)", s.len()) } else { String::new() };
+    format!("{cut:?}{more}")
+}
+
 impl From<StoreError> for Status {
     fn from(e: StoreError) -> Status {
         match e {

@@ -141,6 +141,22 @@ impl BackboneConfig {
                 return Err(cfg_err(format!("{k} must be > 0")));
             }
         }
+        // Upper bounds far above any LLaMA release (Llama 3.1 405B: 126 layers, hidden 16384,
+        // intermediate 53248, vocabulary 128256, context 131072). A config past them is broken
+        // or hostile, and a device would try to allocate for it before anything else refused.
+        let at_most = [
+            ("vocab_size", hf.vocab_size, 1 << 22),
+            ("hidden_size", hf.hidden_size, 1 << 16),
+            ("intermediate_size", hf.intermediate_size, 1 << 18),
+            ("num_hidden_layers", hf.num_hidden_layers, 1024),
+            ("num_attention_heads", hf.num_attention_heads, 1024),
+            ("max_position_embeddings", hf.max_position_embeddings, 1 << 21),
+        ];
+        for (k, v, max) in at_most {
+            if v > max {
+                return Err(cfg_err(format!("{k} = {v} is beyond any supported model (at most {max})")));
+            }
+        }
         let num_kv_heads = hf.num_key_value_heads.unwrap_or(hf.num_attention_heads);
         if num_kv_heads == 0 || !hf.num_attention_heads.is_multiple_of(num_kv_heads) {
             return Err(cfg_err(format!("num_attention_heads ({}) must be a multiple of num_key_value_heads ({num_kv_heads})", hf.num_attention_heads)));
@@ -294,5 +310,15 @@ mod tests {
         assert!(err.contains("multiple of num_key_value_heads"), "{err}");
         let scaled = V5.replace("\"rope_type\":\"default\"", "\"rope_type\":\"yarn\"");
         assert!(BackboneConfig::from_json(&scaled).unwrap_err().to_string().contains("yarn"));
+    }
+
+    /// A hostile or broken coordinator's config is refused before anything is allocated.
+    #[test]
+    fn rejects_sizes_beyond_any_model() {
+        let huge = V5.replace("\"num_hidden_layers\":2", "\"num_hidden_layers\":1000000000");
+        let err = BackboneConfig::from_json(&huge).unwrap_err().to_string();
+        assert!(err.contains("num_hidden_layers") && err.contains("at most 1024"), "{err}");
+        let wide = V5.replace("\"hidden_size\":64", "\"hidden_size\":1048576");
+        assert!(BackboneConfig::from_json(&wide).unwrap_err().to_string().contains("hidden_size"));
     }
 }

@@ -6,7 +6,7 @@
 //!
 //! The receiver checks, in this order: headers well formed, device known, not revoked,
 //! signature valid, timestamp within the clock window, nonce never seen inside the window.
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
@@ -29,11 +29,12 @@ pub enum AuthError {
     Missing(&'static str),
     #[error("malformed metadata '{0}'")]
     Malformed(&'static str),
-    #[error("unknown device '{0}' (enroll first)")]
+    /// Worded as a bad signature is: the reply does not tell which device ids exist.
+    #[error("unknown device or bad request signature")]
     UnknownDevice(String),
     #[error("device '{0}' is revoked")]
     Revoked(String),
-    #[error("bad request signature")]
+    #[error("unknown device or bad request signature")]
     BadSignature,
     #[error("request timestamp {ts_ms} is {skew_ms} ms away from the coordinator's clock (window {window_ms} ms)")]
     ClockSkew { ts_ms: u64, skew_ms: u64, window_ms: u64 },
@@ -41,6 +42,9 @@ pub enum AuthError {
     Replay,
     #[error("too many requests in the replay window; retry later")]
     Busy,
+    /// One device's share of the replay cache is full: only it is slowed down.
+    #[error("this device sent more than {0} signed calls within the replay window; slow down")]
+    DeviceBusy(usize),
     #[error("invalid admin credential")]
     BadAdmin,
 }
@@ -52,6 +56,7 @@ impl From<AuthError> for tonic::Status {
             AuthError::Revoked(_) => tonic::Status::permission_denied(msg),
             AuthError::Malformed(_) => tonic::Status::invalid_argument(msg),
             AuthError::Busy => tonic::Status::unavailable(msg),
+            AuthError::DeviceBusy(_) => tonic::Status::resource_exhausted(msg),
             _ => tonic::Status::unauthenticated(msg),
         }
     }
@@ -227,17 +232,22 @@ pub fn now_ms() -> u64 {
 /// Nonces seen within the clock window. A nonce older than the window cannot be replayed
 /// (its timestamp fails the clock check), so entries expire after `ts + window`; the cache
 /// is bounded, and refuses new calls ([`AuthError::Busy`]) rather than forget live nonces.
+/// Each device may hold at most `per_device` entries ([`AuthError::DeviceBusy`]), so one
+/// device (dating its calls at the window's future edge, say) cannot lock the others out.
 #[derive(Debug)]
 pub struct NonceWindow {
     window_ms: u64,
     capacity: usize,
-    seen: HashMap<(String, String), u64>,
-    order: VecDeque<(u64, String, String)>,
+    per_device: usize,
+    seen: HashSet<(String, String)>,
+    /// (timestamp, device, nonce), in expiry order.
+    order: BTreeSet<(u64, String, String)>,
+    counts: HashMap<String, usize>,
 }
 
 impl NonceWindow {
-    pub fn new(window_ms: u64, capacity: usize) -> Self {
-        Self { window_ms, capacity, seen: HashMap::new(), order: VecDeque::new() }
+    pub fn new(window_ms: u64, capacity: usize, per_device: usize) -> Self {
+        Self { window_ms, capacity, per_device, seen: HashSet::new(), order: BTreeSet::new(), counts: HashMap::new() }
     }
 
     pub fn len(&self) -> usize {
@@ -249,11 +259,17 @@ impl NonceWindow {
     }
 
     fn expire(&mut self, now_ms: u64) {
-        while let Some((ts, _, _)) = self.order.front() {
+        while let Some((ts, _, _)) = self.order.first() {
             if ts.saturating_add(self.window_ms) >= now_ms {
                 break;
             }
-            let (_, d, n) = self.order.pop_front().expect("front");
+            let (_, d, n) = self.order.pop_first().expect("first");
+            if let Some(c) = self.counts.get_mut(&d) {
+                *c -= 1;
+                if *c == 0 {
+                    self.counts.remove(&d);
+                }
+            }
             self.seen.remove(&(d, n));
         }
     }
@@ -262,16 +278,18 @@ impl NonceWindow {
     pub fn check_and_insert(&mut self, device: &str, nonce: &str, ts_ms: u64, now_ms: u64) -> Result<(), AuthError> {
         self.expire(now_ms);
         let key = (device.to_string(), nonce.to_string());
-        if self.seen.contains_key(&key) {
+        if self.seen.contains(&key) {
             return Err(AuthError::Replay);
+        }
+        if self.counts.get(device).is_some_and(|&c| c >= self.per_device) {
+            return Err(AuthError::DeviceBusy(self.per_device));
         }
         if self.seen.len() >= self.capacity {
             return Err(AuthError::Busy);
         }
-        // Keep `order` sorted by expiry: timestamps arrive almost sorted, insert in place.
-        let pos = self.order.iter().rposition(|(t, _, _)| *t <= ts_ms).map_or(0, |p| p + 1);
-        self.order.insert(pos, (ts_ms, key.0.clone(), key.1.clone()));
-        self.seen.insert(key, ts_ms);
+        *self.counts.entry(key.0.clone()).or_insert(0) += 1;
+        self.order.insert((ts_ms, key.0.clone(), key.1.clone()));
+        self.seen.insert(key);
         Ok(())
     }
 }
@@ -354,7 +372,7 @@ mod tests {
         assert!(matches!(check_clock(now - 300_001, now, 300_000), Err(AuthError::ClockSkew { .. })));
         assert!(matches!(check_clock(now + 300_001, now, 300_000), Err(AuthError::ClockSkew { .. })));
 
-        let mut w = NonceWindow::new(300_000, 3);
+        let mut w = NonceWindow::new(300_000, 3, 3);
         w.check_and_insert("a", "n1", now, now).unwrap();
         assert_eq!(w.check_and_insert("a", "n1", now, now), Err(AuthError::Replay));
         // The same nonce from another device is another request.
@@ -367,5 +385,28 @@ mod tests {
         w.check_and_insert("a", "n3", later, later).unwrap();
         assert_eq!(w.len(), 2);
         assert_eq!(w.check_and_insert("a", "n2", now + 10, later), Err(AuthError::Replay));
+    }
+
+    /// One device filling its share (calls dated at the window's future edge, which live
+    /// longest) is refused alone; every other device keeps being served.
+    #[test]
+    fn one_device_cannot_fill_the_replay_cache() {
+        let now = 10_000_000;
+        let mut w = NonceWindow::new(300_000, 100, 10);
+        for i in 0..10 {
+            w.check_and_insert("greedy", &format!("n{i}"), now + 300_000, now).unwrap();
+        }
+        assert_eq!(w.check_and_insert("greedy", "n10", now + 300_000, now), Err(AuthError::DeviceBusy(10)));
+        for d in 0..9 {
+            for i in 0..10 {
+                w.check_and_insert(&format!("dev{d}"), &format!("n{i}"), now, now).unwrap();
+            }
+        }
+        assert_eq!(w.check_and_insert("late", "n0", now, now), Err(AuthError::Busy));
+        // The others' entries expire first; the greedy device's at its own dates.
+        let later = now + 300_001;
+        w.check_and_insert("late", "n0", later, later).unwrap();
+        assert_eq!(w.check_and_insert("greedy", "n10", later, later), Err(AuthError::DeviceBusy(10)));
+        w.check_and_insert("greedy", "n10", now + 600_001, now + 600_001).unwrap();
     }
 }

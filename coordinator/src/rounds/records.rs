@@ -50,11 +50,13 @@ impl RoundPlan {
         if !(self.lr.is_finite() && self.lr > 0.0 && self.lr < 10.0) {
             return bad("lr must be in (0, 10)");
         }
-        if !(self.prox_mu.is_finite() && self.prox_mu >= 0.0) {
-            return bad("prox_mu must be a finite number >= 0");
+        if !(self.prox_mu.is_finite() && (0.0..=1e6).contains(&self.prox_mu)) {
+            return bad("prox_mu must be a number in 0..=1e6");
         }
-        if !(self.dp_l2_clip.is_finite() && self.dp_l2_clip >= 0.0 && self.dp_noise_multiplier.is_finite() && self.dp_noise_multiplier >= 0.0) {
-            return bad("dp clip and noise multiplier must be finite numbers >= 0");
+        // Bounded well inside f32, which the encoding computes in (1e39 is finite as f64 only).
+        let dp_ok = |v: f64| v.is_finite() && (0.0..=1e6).contains(&v);
+        if !(dp_ok(self.dp_l2_clip) && dp_ok(self.dp_noise_multiplier)) {
+            return bad("dp clip and noise multiplier must be numbers in 0..=1e6");
         }
         if self.dp_l2_clip == 0.0 && self.dp_noise_multiplier > 0.0 {
             return bad("dp noise needs a dp clip > 0");
@@ -120,6 +122,17 @@ pub enum DropReason {
     Refused(String),
     /// Its masked upload broke off, was truncated or did not match its hash.
     BrokenUpload(String),
+}
+
+impl DropReason {
+    /// The reason without its detail (a metric label).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DropReason::TimedOut => "timed_out",
+            DropReason::Refused(_) => "refused",
+            DropReason::BrokenUpload(_) => "broken_upload",
+        }
+    }
 }
 
 impl std::fmt::Display for Dropout {

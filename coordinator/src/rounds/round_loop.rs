@@ -17,6 +17,7 @@ use spa_proto::v1::poll_response::Task;
 use super::RoundError;
 use super::records::{DropReason, Dropout, RoundRecord, RoundState, RunState};
 use super::state::{Active, EvalNotice, Rounds, lock};
+use crate::metrics::{METRICS, Outcome, Phase, Reason};
 use crate::store::Store;
 
 /// Crash points for the restart tests: with the `fault-injection` feature,
@@ -77,9 +78,13 @@ async fn next_round(rounds: &Arc<Rounds>) -> Result<bool, RoundError> {
     let mut rec = RoundRecord::new(store.next_round_id()?, &run);
     store.start_round(&run, &rec)?;
     store.log("round.start", format!("round {} ({} of run {})", rec.round_id, rec.index, run.run_id))?;
-    let result = run_round(rounds, &mut rec).await;
+    // Every log line of the round carries its id (and, from `enter` on, its phase).
+    let span = tracing::info_span!("round", round = rec.round_id, run = run.run_id);
+    let result = tracing::Instrument::instrument(run_round(rounds, &mut rec), span).await;
     *lock(&rounds.active) = None;
     lock(&rounds.abort_request).take_if(|id| *id == rec.round_id);
+    let outcome = if result.is_ok() { "committed" } else { "aborted" };
+    METRICS.rounds.get_or_create(&Outcome { outcome: outcome.into() }).inc();
     match result {
         Ok(()) => {
             tracing::info!(round = rec.round_id, version = ?rec.committed_version, "round committed");
@@ -180,6 +185,7 @@ async fn select(rounds: &Rounds, rec: &mut RoundRecord) -> Result<Vec<String>, R
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     rec.phase_ms.insert("selecting".into(), started.elapsed().as_millis() as u64);
+    METRICS.phase_seconds.get_or_create(&Phase { phase: "selecting".into() }).observe(started.elapsed().as_secs_f64());
     // Over-selection: any online device may be picked; a random subset when there are more.
     if cohort.len() > plan.max_clients as usize {
         use rand_chacha::rand_core::{RngCore, SeedableRng};
@@ -277,6 +283,7 @@ fn enter(rounds: &Rounds, rec: &mut RoundRecord, state: RoundState, tasks: BTree
     rec.state = state;
     rec.updated_ms = now_ms();
     rounds.store.put_round(rec)?;
+    tracing::info!(phase = state.name(), "phase entered");
     fault_point(state.name());
     let mut g = lock(&rounds.active);
     let a = g.as_mut().ok_or_else(|| RoundError::Internal("no active round".into()))?;
@@ -309,12 +316,14 @@ fn close_phase(rounds: &Rounds, rec: &mut RoundRecord, deadline: Instant, starte
     let silent: Vec<u32> = std::mem::take(&mut a.tasks).into_keys().collect();
     a.dropped.extend(silent.into_iter().map(|seat| (seat, Dropout { phase: a.state, reason: DropReason::TimedOut })));
     for (seat, d) in a.dropped.drain(..) {
+        METRICS.dropouts.get_or_create(&Reason { reason: d.reason.kind().into() }).inc();
         if let Some(device) = rec.cohort.get(seat as usize - 1) {
             rec.dropouts.insert(device.clone(), d);
         }
     }
     rec.answered.insert(rec.state.name().to_string(), a.answered.len());
     rec.phase_ms.insert(rec.state.name().to_string(), started.elapsed().as_millis() as u64);
+    METRICS.phase_seconds.get_or_create(&Phase { phase: rec.state.name().into() }).observe(started.elapsed().as_secs_f64());
     Ok(true)
 }
 

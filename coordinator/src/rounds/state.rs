@@ -260,6 +260,12 @@ impl Rounds {
         Ok(out)
     }
 
+    /// Devices that polled within `online_secs`.
+    pub fn online_count(&self) -> usize {
+        let horizon = Duration::from_secs(self.cfg.online_secs);
+        lock(&self.online).values().filter(|t| t.elapsed() <= horizon).count()
+    }
+
     /// Waits up to `timeout` for an answer or an abort.
     pub(super) async fn nap(&self, timeout: Duration) {
         let _ = tokio::time::timeout(timeout, self.wake.notified()).await;

@@ -1,0 +1,129 @@
+//! Prometheus metrics: counters the round loop, the auth checks and the backbone worker
+//! bump as things happen, gauges read from the shared state when scraped, and a minimal
+//! HTTP endpoint (`GET /metrics`, text format) on its own listen address
+//! (`server.metrics_listen`). docs/grafana-dashboard.json charts them.
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use crate::service::Shared;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Outcome {
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Phase {
+    pub phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Kind {
+    pub kind: String,
+}
+
+/// Every metric of the process (one registry: a coordinator is one process).
+pub struct Metrics {
+    registry: Registry,
+    pub rounds: Family<Outcome, Counter>,
+    pub phase_seconds: Family<Phase, Histogram>,
+    pub dropouts: Family<Reason, Counter>,
+    pub refused_calls: Family<Kind, Counter>,
+    pub backbone_tokens: Counter,
+    devices_enrolled: Gauge,
+    devices_online: Gauge,
+    generation_sessions: Gauge,
+}
+
+fn phase_histogram() -> Histogram {
+    // 10 ms .. ~45 min.
+    Histogram::new(exponential_buckets(0.01, 4.0, 12))
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("spa");
+        let m = Metrics {
+            rounds: Family::default(),
+            phase_seconds: Family::new_with_constructor(phase_histogram),
+            dropouts: Family::default(),
+            refused_calls: Family::default(),
+            backbone_tokens: Counter::default(),
+            devices_enrolled: Gauge::default(),
+            devices_online: Gauge::default(),
+            generation_sessions: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("rounds", "Rounds ended, by outcome (committed, aborted)", m.rounds.clone());
+        registry.register("round_phase_seconds", "Wall time of each round phase", m.phase_seconds.clone());
+        registry.register("dropouts", "Seats that left a round, by reason", m.dropouts.clone());
+        registry.register("refused_calls", "Refused device and admin calls (auth, replay, quota)", m.refused_calls.clone());
+        registry.register("backbone_tokens", "Token positions the backbone computed (features and generation)", m.backbone_tokens.clone());
+        registry.register("devices_enrolled", "Enrolled devices, revoked ones excluded", m.devices_enrolled.clone());
+        registry.register("devices_online", "Devices that polled within rounds.online_secs", m.devices_online.clone());
+        registry.register("generation_sessions", "Open Generate streams", m.generation_sessions.clone());
+        Metrics { registry, ..m }
+    }
+
+    /// The text exposition, gauges read from `s` first.
+    pub fn render(&self, s: &Shared) -> String {
+        let enrolled = s.store.devices().map(|d| d.iter().filter(|d| !d.revoked).count()).unwrap_or(0);
+        self.devices_enrolled.set(enrolled as i64);
+        self.devices_online.set(s.rounds.online_count() as i64);
+        let open = s.config.limits.max_sessions.saturating_sub(s.sessions.available_permits());
+        self.generation_sessions.set(open as i64);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
+        out
+    }
+}
+
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// Serves `GET /metrics` on `listener` until the task is dropped: one short request per
+/// connection, its head bounded to 8 KiB and 5 s.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let Ok((mut sock, _)) = listener.accept().await else {
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut head = vec![0u8; 8192];
+            let mut n = 0;
+            let read = tokio::time::timeout(Duration::from_secs(5), async {
+                while n < head.len() && !head[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut head[n..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => n += k,
+                    }
+                }
+            });
+            if read.await.is_err() {
+                return;
+            }
+            let reply = if head[..n].starts_with(b"GET /metrics ") {
+                let body = METRICS.render(&shared);
+                format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
+            } else {
+                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_string()
+            };
+            let _ = sock.write_all(reply.as_bytes()).await;
+            let _ = sock.shutdown().await;
+        });
+    }
+}

@@ -1,0 +1,200 @@
+//! Limits a hostile or broken device runs into (issue 15), each reproduced against the real
+//! server on loopback TLS: Generate slots that idle or silent streams cannot hold, revocation
+//! ending open streams, a drain deadline on shutdown, one device's share of the replay cache,
+//! and secrets that group or others may read.
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use spa_proto::auth::{DeviceSigner, now_ms};
+use spa_proto::methods;
+use spa_proto::v1::*;
+use tokio::sync::mpsc;
+use tonic::Code;
+
+type Input = mpsc::Sender<GenerateRequest>;
+
+fn open_msg(layer: u32) -> GenerateRequest {
+    GenerateRequest { kind: Some(generate_request::Kind::Open(GenerateOpen { layers: vec![layer], dtype: DType::DtypeF32 as i32, ..Default::default() })) }
+}
+
+fn extend(ids: Vec<u32>) -> GenerateRequest {
+    GenerateRequest { kind: Some(generate_request::Kind::Extend(GenerateExtend { ids, ..Default::default() })) }
+}
+
+/// A Generate stream whose messages the test sends when it likes; `first` is sent at once
+/// (the signature covers `open_msg(layer)` either way).
+async fn stream(
+    ch: &tonic::transport::Channel,
+    a: &DeviceSigner,
+    layer: u32,
+    first: bool,
+) -> (Input, Result<tonic::Streaming<GenerateResponse>, tonic::Status>) {
+    let (tx, rx) = mpsc::channel(8);
+    if first {
+        tx.send(open_msg(layer)).await.unwrap();
+    }
+    let h = a.sign(methods::BACKBONE_GENERATE, &open_msg(layer), now_ms());
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    h.apply(req.metadata_mut());
+    let r = backbone(ch).generate(req).await.map(|r| r.into_inner());
+    (tx, r)
+}
+
+async fn layers(ch: &tonic::transport::Channel, a: &DeviceSigner) -> u32 {
+    backbone(ch).get_model_info(a.request(methods::BACKBONE_GET_MODEL_INFO, GetModelInfoRequest {})).await.unwrap().into_inner().num_layers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generate_slots_are_freed_by_timeouts_and_revocation_ends_open_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path();
+    init_home(home, |t| {
+        t.replace("max_sessions = 64", "max_sessions = 2")
+            .replace("session_idle_secs = 600", "session_idle_secs = 2")
+            .replace("first_message_secs = 10", "first_message_secs = 1")
+    });
+    let srv = spa_coordinator::server::start(home).await.unwrap();
+    let ch = channel(&format!("https://{}", srv.addr), home).await;
+    let cred = admin_cred(home);
+    let a = enroll(&ch, &token(&ch, &cred, 600).await, "alpha").await.unwrap();
+    let b = enroll(&ch, &token(&ch, &cred, 600).await, "beta").await.unwrap();
+    let nl = layers(&ch, &a).await;
+
+    // A stream that never sends its opening message is ended, not kept.
+    let t = Instant::now();
+    let (_quiet, r) = stream(&ch, &a, nl, false).await;
+    assert_eq!(r.unwrap_err().code(), Code::DeadlineExceeded);
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+
+    // Two open sessions hold both slots; a third is refused.
+    let (_a1, s1) = stream(&ch, &a, nl, true).await;
+    let (_a2, s2) = stream(&ch, &a, nl, true).await;
+    let (mut s1, mut s2) = (s1.unwrap(), s2.unwrap());
+    let (_a3, r) = stream(&ch, &a, nl, true).await;
+    assert_eq!(r.unwrap_err().code(), Code::ResourceExhausted);
+    // Idle past session_idle_secs: both are closed with a status, and their slots come back.
+    assert_eq!(s1.message().await.unwrap_err().code(), Code::DeadlineExceeded);
+    assert_eq!(s2.message().await.unwrap_err().code(), Code::DeadlineExceeded);
+    let t = Instant::now();
+    let (tb, sb) = loop {
+        let (tx, r) = stream(&ch, &b, nl, true).await;
+        match r {
+            Ok(s) => break (tx, s),
+            Err(e) if e.code() == Code::ResourceExhausted && t.elapsed() < Duration::from_secs(3) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(e) => panic!("slot not given back: {e:?}"),
+        }
+    };
+
+    // Revoking a device ends its open stream at the next message.
+    let mut sb = sb;
+    tb.send(extend(vec![1, 2, 3])).await.unwrap();
+    assert_eq!(sb.message().await.unwrap().unwrap().positions, 3);
+    let revoked = admin(&ch).revoke_device(with_admin(&cred, RevokeDeviceRequest { device_id: b.device_id().into() })).await.unwrap();
+    assert!(revoked.into_inner().was_active);
+    tb.send(extend(vec![4])).await.unwrap();
+    let e = sb.message().await.unwrap_err();
+    assert!(e.code() == Code::PermissionDenied && e.message().contains("revoked"), "{e:?}");
+
+    ping(&ch, &a).await.unwrap();
+    srv.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_cuts_a_silent_stream_at_the_drain_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path();
+    init_home(home, |t| t.replace("drain_secs = 10", "drain_secs = 1"));
+    let srv = spa_coordinator::server::start(home).await.unwrap();
+    let ch = channel(&format!("https://{}", srv.addr), home).await;
+    let a = enroll(&ch, &token(&ch, &admin_cred(home), 600).await, "alpha").await.unwrap();
+    let nl = layers(&ch, &a).await;
+    let (_input, s) = stream(&ch, &a, nl, true).await;
+    let _s = s.unwrap();
+    // The stream stays open and silent (its idle timeout is 600 s); shutdown must not wait for it.
+    let t = Instant::now();
+    srv.shutdown().await.unwrap();
+    assert!(t.elapsed() < Duration::from_secs(5), "shutdown took {:?}", t.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_device_cannot_exhaust_the_replay_cache_and_open_secrets_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path();
+    init_home(home, |t| t.replace("max_nonces_per_device = 20000", "max_nonces_per_device = 5"));
+    let srv = spa_coordinator::server::start(home).await.unwrap();
+    let ch = channel(&format!("https://{}", srv.addr), home).await;
+    let cred = admin_cred(home);
+    let greedy = enroll(&ch, &token(&ch, &cred, 600).await, "greedy").await.unwrap();
+    let other = enroll(&ch, &token(&ch, &cred, 600).await, "other").await.unwrap();
+    for _ in 0..5 {
+        ping(&ch, &greedy).await.unwrap();
+    }
+    let e = ping(&ch, &greedy).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    for _ in 0..5 {
+        ping(&ch, &other).await.unwrap();
+    }
+    srv.shutdown().await.unwrap();
+
+    // A credential that group or others may read: the coordinator refuses to start (a home
+    // of its own: the server above may still hold its store while its connections close).
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path();
+        init_home(home, |t| t);
+        let cred_file = home.join("admin.credential");
+        std::fs::set_permissions(&cred_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = spa_coordinator::server::start(home).await.err().expect("must refuse").to_string();
+        assert!(err.contains("chmod 600") && err.contains("admin.credential"), "{err}");
+        std::fs::set_permissions(&cred_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        spa_coordinator::server::start(home).await.unwrap().shutdown().await.unwrap();
+    }
+}
+
+/// `GET path` on the metrics endpoint, the whole reply.
+async fn http_get(addr: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_coordinator_serves_prometheus_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path();
+    init_home(home, |t| t.replace("metrics_listen = \"\"", "metrics_listen = \"127.0.0.1:0\""));
+    let srv = spa_coordinator::server::start(home).await.unwrap();
+    let url = std::fs::read_to_string(home.join("metrics.addr")).unwrap();
+    let addr = url.trim().trim_start_matches("http://").trim_end_matches("/metrics").to_string();
+    let ch = channel(&format!("https://{}", srv.addr), home).await;
+    let cred = admin_cred(home);
+    let a = enroll(&ch, &token(&ch, &cred, 600).await, "alpha").await.unwrap();
+    // A refused device call (a forger signing as alpha) and some backbone work.
+    let forger = spa_proto::auth::DeviceSigner::from_pkcs8(&spa_proto::auth::generate_pkcs8().unwrap(), a.device_id()).unwrap();
+    assert!(ping(&ch, &forger).await.is_err());
+    let nl = layers(&ch, &a).await;
+    let (tx, s) = stream(&ch, &a, nl, true).await;
+    let mut s = s.unwrap();
+    tx.send(extend(vec![1, 2, 3, 4])).await.unwrap();
+    s.message().await.unwrap().unwrap();
+
+    let reply = http_get(&addr, "/metrics").await;
+    assert!(reply.starts_with("HTTP/1.1 200 OK"), "{reply}");
+    let line = |name: &str| reply.lines().find(|l| l.starts_with(name)).map(|l| l.to_string()).unwrap_or_default();
+    assert_eq!(line("spa_devices_enrolled "), "spa_devices_enrolled 1", "{reply}");
+    assert_eq!(line("spa_generation_sessions "), "spa_generation_sessions 1", "{reply}");
+    let refused: f64 = line("spa_refused_calls_total{kind=\"device\"}").rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(refused >= 1.0, "{reply}");
+    let tokens: f64 = line("spa_backbone_tokens_total ").rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(tokens >= 4.0, "{reply}");
+    assert!(http_get(&addr, "/other").await.starts_with("HTTP/1.1 404"));
+    drop(tx);
+    srv.shutdown().await.unwrap();
+}
