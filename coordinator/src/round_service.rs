@@ -13,7 +13,7 @@ use spa_proto::v1::rounds_server::Rounds as RoundsRpc;
 use spa_proto::v1::*;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::rounds::{RoundPlan, RoundRecord};
+use crate::rounds::{AnswerError, RoundPlan, RoundRecord};
 use crate::service::{BoxStream, Shared};
 use crate::status::internal;
 use crate::store::DeviceRecord;
@@ -39,8 +39,12 @@ pub fn checkpoint_stream(s: &Shared, version: u64) -> Result<BoxStream<TensorChu
 
 /// The lanes of a masked upload after its header, checked against the round and the
 /// header's length and hash.
-async fn read_upload(s: &Shared, h: &MaskedUploadHeader, stream: &mut Streaming<MaskedUpload>) -> Result<Vec<u32>, Status> {
+async fn read_upload(s: &Shared, device: &str, h: &MaskedUploadHeader, stream: &mut Streaming<MaskedUpload>) -> Result<Vec<u32>, Status> {
     let m = s.rounds.expected_lanes(h.round_id).ok_or_else(|| Status::failed_precondition(format!("round {} is not in progress", h.round_id)))?;
+    // A device outside the cohort is refused before anything is buffered.
+    if !s.rounds.holds_seat(device, h.round_id) {
+        return Err(AnswerError::NotInCohort.into());
+    }
     if h.lanes != m {
         return Err(Status::invalid_argument(format!("upload declares {} lanes, the session has {m}", h.lanes)));
     }
@@ -105,7 +109,7 @@ impl RoundsRpc for RoundsService {
         let Some(masked_upload::Kind::Header(h)) = first.kind else {
             return Err(Status::invalid_argument("an upload starts with its header"));
         };
-        let lanes = match read_upload(&self.0, &h, &mut stream).await {
+        let lanes = match read_upload(&self.0, &rec.device_id, &h, &mut stream).await {
             Ok(lanes) => lanes,
             Err(e) => {
                 self.0.rounds.broken_upload(&rec.device_id, h.round_id, e.message());

@@ -204,6 +204,11 @@ impl Rounds {
         }
     }
 
+    /// Whether `device` holds a seat in the active round `round_id`.
+    pub fn holds_seat(&self, device: &str, round_id: u64) -> bool {
+        lock(&self.active).as_ref().is_some_and(|a| a.round_id == round_id && a.seats.contains_key(device))
+    }
+
     /// The number of lanes the active round expects from a seat (to bound an upload).
     pub fn expected_lanes(&self, round_id: u64) -> Option<u64> {
         lock(&self.active).as_ref().filter(|a| a.round_id == round_id).map(|a| a.server.config().m)

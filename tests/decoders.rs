@@ -1,0 +1,140 @@
+//! Property-based fuzzing of every decoder that takes bytes from the network or disk (no
+//! nightly toolchain here, so proptest instead of cargo-fuzz): whatever the input, each
+//! returns a value or an error and never panics; valid inputs round-trip. The default run is
+//! short (CI); `PROPTEST_CASES=100000 cargo test --release --workspace --test decoders` is the
+//! long one. Failing inputs are kept in `tests/decoders.proptest-regressions` and replayed first.
+use proptest::prelude::*;
+use prost::Message;
+use spa_proto::secagg;
+use spa_proto::tensor::{ByteAssembler, TensorAssembler, decode_f32, tensor_chunks};
+use spa_proto::v1::*;
+
+fn bytes(max: usize) -> impl Strategy<Value = Vec<u8>> {
+    proptest::collection::vec(any::<u8>(), 0..max)
+}
+
+/// Random protobuf bytes, and the encoding of a message with one field flipped: both reach
+/// the field decoders, not only prost's framing.
+fn wire<M: Message + Default>(bytes: &[u8]) -> Option<M> {
+    M::decode(bytes).ok()
+}
+
+proptest! {
+    /// Chunk reassembly: arbitrary chunk streams are refused or assembled, never a panic.
+    #[test]
+    fn tensor_chunks_never_panic(chunks in proptest::collection::vec((0u8..3, -1i32..5, proptest::collection::vec(0u64..40, 0..4), 0u64..300, bytes(64)), 0..8)) {
+        let mut asm = TensorAssembler::new(4096);
+        for (name, dtype, shape, offset, data) in chunks {
+            if asm.push(TensorChunk { name: format!("t{name}"), dtype, shape, offset, data }).is_err() {
+                return Ok(());
+            }
+        }
+        if let Ok(done) = asm.finish() {
+            for (name, t) in done {
+                let _ = t.to_f32(&name);
+            }
+        }
+    }
+
+    /// Valid chunking round-trips whatever the chunk size.
+    #[test]
+    fn tensor_chunks_round_trip(values in proptest::collection::vec(-1e6f32..1e6, 1..200), chunk in 1usize..64) {
+        let raw: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut asm = TensorAssembler::new(1 << 20);
+        for c in tensor_chunks("w", DType::DtypeF32 as i32, &[values.len() as u64], &raw, chunk) {
+            asm.push(c).unwrap();
+        }
+        let got = asm.finish().unwrap().remove("w").unwrap().to_f32("w").unwrap();
+        prop_assert_eq!(got, values);
+    }
+
+    #[test]
+    fn byte_assembly_and_f32_decoding_never_panic(expected in 0u64..500, pushes in proptest::collection::vec((0u64..600, 0u64..600, bytes(80)), 0..6), dtype in -1i32..6) {
+        if let Ok(mut a) = ByteAssembler::new("fuzz", expected, 512) {
+            for (offset, total, data) in pushes {
+                if a.push(offset, total, &data).is_err() {
+                    break;
+                }
+            }
+            if let Ok(b) = a.finish() {
+                let _ = decode_f32(&b, dtype, "fuzz");
+            }
+        }
+    }
+
+    /// SecAgg+ messages and tasks from the wire: checked conversions only.
+    #[test]
+    fn secagg_wire_messages_never_panic(raw in bytes(400)) {
+        if let Some(m) = wire::<AdvertiseKeysMsg>(&raw) {
+            let _ = secagg::advertise_from_wire(&m);
+        }
+        if let Some(t) = wire::<ShareKeysTask>(&raw) {
+            let _ = secagg::share_keys_request(&t);
+        }
+        if let Some(t) = wire::<MaskedInputTask>(&raw) {
+            let _ = secagg::masked_input_request(&t);
+        }
+        if let Some(t) = wire::<UnmaskTask>(&raw) {
+            let _ = secagg::unmask_request(&t);
+        }
+        if let Some(m) = wire::<ShareKeysMsg>(&raw) {
+            let _ = secagg::share_keys_from_wire(&m);
+        }
+        if let Some(m) = wire::<UnmaskMsg>(&raw) {
+            let _ = secagg::unmask_from_wire(&m);
+        }
+        let _ = secagg::lanes_from_bytes(&raw);
+        let _ = secagg::config_from_json(&String::from_utf8_lossy(&raw));
+    }
+
+    /// Structured advertisements: keys and signatures of every length.
+    #[test]
+    fn advertisements_of_any_shape_are_checked(c_pk in bytes(70), s_pk in bytes(70), sig in bytes(70), client_id in any::<u32>()) {
+        let m = AdvertiseKeysMsg { round_id: 1, client_id, c_pk, s_pk, sig };
+        let ok = secagg::advertise_from_wire(&m).is_ok();
+        prop_assert!(!ok || (m.c_pk.len() == 32 && m.s_pk.len() == 32));
+    }
+
+    /// Safetensors (checkpoints, global versions, cached heads): random bytes and a valid
+    /// file with bytes flipped.
+    #[test]
+    fn safetensors_never_panic(raw in bytes(300), flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..6)) {
+        let _ = spa_model::side::ParamSet::from_safetensors(&raw);
+        let mut set = spa_model::side::ParamSet::default();
+        set.tensors.insert("a".into(), spa_model::side::NamedTensor { shape: vec![2, 3], values: vec![1.0; 6] });
+        let mut good = set.to_safetensors();
+        for (at, b) in flips {
+            let n = good.len();
+            good[at % n] ^= b;
+        }
+        let _ = spa_model::side::ParamSet::from_safetensors(&good);
+    }
+
+    /// GGUF headers: a valid prefix (magic, version, counts) followed by anything.
+    #[test]
+    fn gguf_files_never_panic(version in 0u32..5, n_tensors in 0u64..4, n_kv in 0u64..4, tail in bytes(300)) {
+        let mut raw = b"GGUF".to_vec();
+        raw.extend(version.to_le_bytes());
+        raw.extend(n_tensors.to_le_bytes());
+        raw.extend(n_kv.to_le_bytes());
+        raw.extend(tail);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f.gguf");
+        std::fs::write(&p, &raw).unwrap();
+        if let Ok(g) = spa_model::gguf::GgufFile::open(&p) {
+            for t in g.tensors.clone() {
+                let _ = g.tensor_f32(&t);
+            }
+        }
+    }
+
+    /// Backbone configs as a coordinator serves them.
+    #[test]
+    fn backbone_configs_never_panic(vals in proptest::collection::vec(any::<u64>(), 8), kv in any::<u32>(), theta in any::<f64>()) {
+        let json = format!(
+            r#"{{"architectures":["LlamaForCausalLM"],"vocab_size":{},"hidden_size":{},"intermediate_size":{},"num_hidden_layers":{},"num_attention_heads":{},"num_key_value_heads":{kv},"max_position_embeddings":{},"head_dim":{},"rope_theta":{theta},"rms_norm_eps":1e-5}}"#,
+            vals[0] % 5000, vals[1] % 5000, vals[2], vals[3], vals[4] % 100, vals[5], vals[6] % 300
+        );
+        let _ = spa_model::BackboneConfig::from_json(&json);
+    }
+}
