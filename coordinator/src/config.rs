@@ -117,6 +117,8 @@ pub struct LimitsSection {
     pub max_feature_bytes_per_request: u64,
     /// Concurrent generation sessions (each holds a KV cache).
     pub max_sessions: usize,
+    /// Of those, how many one device may hold.
+    pub max_sessions_per_device: usize,
     /// A generation session idle this long is closed (a broken-off one, kept for a resume,
     /// too; at most `max_sessions` of those are kept).
     pub session_idle_secs: u64,
@@ -133,6 +135,7 @@ impl Default for LimitsSection {
             max_sequences_per_request: spa_proto::limits::DEFAULT_MAX_SEQUENCES,
             max_feature_bytes_per_request: spa_proto::limits::DEFAULT_MAX_FEATURE_BYTES,
             max_sessions: 64,
+            max_sessions_per_device: 4,
             session_idle_secs: 600,
             max_draft_tokens: 32,
             first_message_secs: 10,
@@ -195,6 +198,7 @@ impl CoordinatorConfig {
         ensure(l.max_sequences_per_request > 0, "limits.max_sequences_per_request must be > 0")?;
         ensure(l.max_feature_bytes_per_request > 0, "limits.max_feature_bytes_per_request must be > 0")?;
         ensure(l.max_sessions > 0, "limits.max_sessions must be > 0")?;
+        ensure(l.max_sessions_per_device > 0, "limits.max_sessions_per_device must be > 0")?;
         ensure(l.max_draft_tokens <= 256, "limits.max_draft_tokens must be at most 256")?;
         ensure(l.session_idle_secs > 0 && l.first_message_secs > 0, "limits.session_idle_secs and limits.first_message_secs must be > 0")?;
         ensure(self.auth.clock_window_secs > 0, "auth.clock_window_secs must be > 0")?;

@@ -36,6 +36,8 @@ pub struct Shared {
     /// One permit per open Generate stream (`limits.max_sessions`), held by the stream's
     /// task: released however the task ends, a panic included. And the next session id.
     pub(crate) sessions: Arc<tokio::sync::Semaphore>,
+    /// Open Generate streams per device (`limits.max_sessions_per_device`).
+    pub(crate) device_sessions: std::sync::Mutex<std::collections::HashMap<String, usize>>,
     pub(crate) next_session: AtomicU64,
 }
 
@@ -50,6 +52,7 @@ impl Shared {
             config,
             started: Instant::now(),
             sessions: Arc::new(tokio::sync::Semaphore::new(max_sessions)),
+            device_sessions: Default::default(),
             next_session: AtomicU64::new(1),
         })
     }

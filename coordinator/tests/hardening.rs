@@ -102,6 +102,38 @@ async fn generate_slots_are_freed_by_timeouts_and_revocation_ends_open_streams()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_device_cannot_take_every_generation_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path();
+    init_home(home, |t| t.replace("max_sessions_per_device = 4", "max_sessions_per_device = 1").replace("drain_secs = 10", "drain_secs = 1"));
+    let srv = spa_coordinator::server::start(home).await.unwrap();
+    let ch = channel(&format!("https://{}", srv.addr), home).await;
+    let cred = admin_cred(home);
+    let a = enroll(&ch, &token(&ch, &cred, 600).await, "alpha").await.unwrap();
+    let b = enroll(&ch, &token(&ch, &cred, 600).await, "beta").await.unwrap();
+    let nl = layers(&ch, &a).await;
+    let (a1, s1) = stream(&ch, &a, nl, true).await;
+    let _s1 = s1.unwrap();
+    let (_a2, r) = stream(&ch, &a, nl, true).await;
+    let e = r.unwrap_err();
+    assert!(e.code() == Code::ResourceExhausted && e.message().contains("this device"), "{e:?}");
+    // Another device still gets a slot; and alpha's comes back once its stream ends.
+    let (_b1, sb) = stream(&ch, &b, nl, true).await;
+    sb.unwrap();
+    drop((a1, _s1));
+    let t = Instant::now();
+    loop {
+        let (_tx, r) = stream(&ch, &a, nl, true).await;
+        match r {
+            Ok(_) => break,
+            Err(e) if e.code() == Code::ResourceExhausted && t.elapsed() < Duration::from_secs(3) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(e) => panic!("alpha's slot not given back: {e:?}"),
+        }
+    }
+    srv.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_cuts_a_silent_stream_at_the_drain_deadline() {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path();
