@@ -17,6 +17,44 @@ pub struct Auth {
     refused_log: RefusalLog,
 }
 
+/// Failed attempts per peer address (enrollment with a wrong token): a bucket of
+/// `per_minute` attempts, refilled at that rate; an address with an empty bucket is refused
+/// before its attempt is even checked, so guessing tokens runs at `per_minute`.
+pub struct AttemptLimiter {
+    per_minute: f64,
+    buckets: Mutex<std::collections::HashMap<std::net::IpAddr, (f64, std::time::Instant)>>,
+}
+
+impl AttemptLimiter {
+    pub fn new(per_minute: u32) -> Self {
+        Self { per_minute: per_minute as f64, buckets: Mutex::new(Default::default()) }
+    }
+
+    /// The bucket of `addr` now: (tokens, now).
+    fn level(&self, b: &(f64, std::time::Instant)) -> f64 {
+        (b.0 + b.1.elapsed().as_secs_f64() * self.per_minute / 60.0).min(self.per_minute)
+    }
+
+    /// Whether `addr` may try now (unknown peers always may: there is nothing to key on).
+    pub fn allowed(&self, addr: Option<std::net::IpAddr>) -> bool {
+        let Some(addr) = addr else { return true };
+        let g = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        g.get(&addr).is_none_or(|b| self.level(b) >= 1.0)
+    }
+
+    /// A failed attempt from `addr` costs one.
+    pub fn failed(&self, addr: Option<std::net::IpAddr>) {
+        let Some(addr) = addr else { return };
+        let mut g = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if g.len() > 10_000 {
+            // Forget the addresses whose buckets refilled: the map stays bounded.
+            g.retain(|_, b| (b.0 + b.1.elapsed().as_secs_f64() * self.per_minute / 60.0) < self.per_minute);
+        }
+        let level = g.get(&addr).map_or(self.per_minute, |b| self.level(b));
+        g.insert(addr, ((level - 1.0).max(0.0), std::time::Instant::now()));
+    }
+}
+
 /// Refused calls are logged at most once a second, with how many were refused meanwhile: a
 /// flood of bad signatures or credential guesses cannot fill a disk with log lines.
 #[derive(Default)]

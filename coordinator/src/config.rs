@@ -126,6 +126,8 @@ pub struct LimitsSection {
     pub max_draft_tokens: u32,
     /// A Generate stream must send its opening message within this many seconds.
     pub first_message_secs: u64,
+    /// Enrollments with a wrong token one peer address may try per minute.
+    pub failed_enrollments_per_minute: u32,
 }
 
 impl Default for LimitsSection {
@@ -139,6 +141,7 @@ impl Default for LimitsSection {
             session_idle_secs: 600,
             max_draft_tokens: 32,
             first_message_secs: 10,
+            failed_enrollments_per_minute: 10,
         }
     }
 }
@@ -199,6 +202,7 @@ impl CoordinatorConfig {
         ensure(l.max_feature_bytes_per_request > 0, "limits.max_feature_bytes_per_request must be > 0")?;
         ensure(l.max_sessions > 0, "limits.max_sessions must be > 0")?;
         ensure(l.max_sessions_per_device > 0, "limits.max_sessions_per_device must be > 0")?;
+        ensure(l.failed_enrollments_per_minute > 0, "limits.failed_enrollments_per_minute must be > 0")?;
         ensure(l.max_draft_tokens <= 256, "limits.max_draft_tokens must be at most 256")?;
         ensure(l.session_idle_secs > 0 && l.first_message_secs > 0, "limits.session_idle_secs and limits.first_message_secs must be > 0")?;
         ensure(self.auth.clock_window_secs > 0, "auth.clock_window_secs must be > 0")?;

@@ -21,7 +21,7 @@ use crate::auth::Auth;
 use crate::config::CoordinatorConfig;
 use crate::engine::{Engine, SeqJob};
 use crate::status::internal;
-use crate::store::{Store, TokenRecord, token_hash};
+use crate::store::{Store, StoreError, TokenRecord, token_hash};
 
 pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -36,6 +36,8 @@ pub struct Shared {
     /// One permit per open Generate stream (`limits.max_sessions`), held by the stream's
     /// task: released however the task ends, a panic included. And the next session id.
     pub(crate) sessions: Arc<tokio::sync::Semaphore>,
+    /// Failed enrollments per peer address (`limits.failed_enrollments_per_minute`).
+    pub(crate) enroll_attempts: crate::auth::AttemptLimiter,
     /// Open Generate streams per device (`limits.max_sessions_per_device`).
     pub(crate) device_sessions: std::sync::Mutex<std::collections::HashMap<String, usize>>,
     pub(crate) next_session: AtomicU64,
@@ -44,6 +46,7 @@ pub struct Shared {
 impl Shared {
     pub fn new(store: Store, auth: Auth, engine: Engine, rounds: Arc<crate::rounds::Rounds>, config: CoordinatorConfig) -> Arc<Self> {
         let max_sessions = config.limits.max_sessions;
+        let failed_enrollments = config.limits.failed_enrollments_per_minute;
         Arc::new(Self {
             store,
             auth,
@@ -53,6 +56,7 @@ impl Shared {
             started: Instant::now(),
             sessions: Arc::new(tokio::sync::Semaphore::new(max_sessions)),
             device_sessions: Default::default(),
+            enroll_attempts: crate::auth::AttemptLimiter::new(failed_enrollments),
             next_session: AtomicU64::new(1),
         })
     }
@@ -65,6 +69,10 @@ pub struct BackboneService(pub Arc<Shared>);
 #[tonic::async_trait]
 impl Device for DeviceService {
     async fn enroll(&self, req: Request<EnrollRequest>) -> Result<Response<EnrollResponse>, Status> {
+        let peer = req.remote_addr().map(|a| a.ip());
+        if !self.0.enroll_attempts.allowed(peer) {
+            return Err(Status::resource_exhausted("too many failed enrollment attempts from this address; wait a minute"));
+        }
         let r = req.into_inner();
         if r.token.is_empty() || r.token.len() > 256 {
             return Err(Status::invalid_argument("token must be 1..=256 characters"));
@@ -77,6 +85,9 @@ impl Device for DeviceService {
         }
         let s = &self.0;
         let rec = s.store.enroll(&token_hash(&r.token), &r.public_key, &r.name, now_ms()).map_err(|e| {
+            if matches!(e, StoreError::UnknownToken | StoreError::TokenUsed | StoreError::TokenExpired) {
+                s.enroll_attempts.failed(peer);
+            }
             tracing::warn!("enrollment refused: {e}");
             Status::from(e)
         })?;

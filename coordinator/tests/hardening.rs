@@ -230,3 +230,26 @@ async fn a_live_coordinator_serves_prometheus_metrics() {
     drop(tx);
     srv.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_guessing_is_throttled_per_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path();
+    init_home(home, |t| t.replace("failed_enrollments_per_minute = 10", "failed_enrollments_per_minute = 3"));
+    let srv = spa_coordinator::server::start(home).await.unwrap();
+    let ch = channel(&format!("https://{}", srv.addr), home).await;
+    let cred = admin_cred(home);
+    for i in 0..3 {
+        let e = enroll(&ch, &format!("spa_guess_{i}"), "x").await.unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    }
+    // The fourth guess is refused before it is checked, and so is a good token from there.
+    let e = enroll(&ch, "spa_guess_3", "x").await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    let good = token(&ch, &cred, 600).await;
+    assert_eq!(enroll(&ch, &good, "late").await.unwrap_err().code(), Code::ResourceExhausted);
+    // The bucket refills at 3 a minute: one attempt after ~20 s.
+    tokio::time::sleep(Duration::from_secs(21)).await;
+    enroll(&ch, &good, "late").await.unwrap();
+    srv.shutdown().await.unwrap();
+}
