@@ -30,7 +30,7 @@ impl AttemptLimiter {
         Self { per_minute: per_minute as f64, buckets: Mutex::new(Default::default()) }
     }
 
-    /// The bucket of `addr` now: (tokens, now).
+    /// Attempts left in a bucket (tokens, last update) now.
     fn level(&self, b: &(f64, std::time::Instant)) -> f64 {
         (b.0 + b.1.elapsed().as_secs_f64() * self.per_minute / 60.0).min(self.per_minute)
     }
@@ -38,17 +38,17 @@ impl AttemptLimiter {
     /// Whether `addr` may try now (unknown peers always may: there is nothing to key on).
     pub fn allowed(&self, addr: Option<std::net::IpAddr>) -> bool {
         let Some(addr) = addr else { return true };
-        let g = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let g = crate::lock(&self.buckets);
         g.get(&addr).is_none_or(|b| self.level(b) >= 1.0)
     }
 
     /// A failed attempt from `addr` costs one.
     pub fn failed(&self, addr: Option<std::net::IpAddr>) {
         let Some(addr) = addr else { return };
-        let mut g = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = crate::lock(&self.buckets);
         if g.len() > 10_000 {
             // Forget the addresses whose buckets refilled: the map stays bounded.
-            g.retain(|_, b| (b.0 + b.1.elapsed().as_secs_f64() * self.per_minute / 60.0) < self.per_minute);
+            g.retain(|_, b| self.level(b) < self.per_minute);
         }
         let level = g.get(&addr).map_or(self.per_minute, |b| self.level(b));
         g.insert(addr, ((level - 1.0).max(0.0), std::time::Instant::now()));
@@ -64,7 +64,7 @@ impl RefusalLog {
     /// `kind`: "device" or "admin" (the metric's label).
     fn refused(&self, kind: &str, why: &dyn std::fmt::Display) {
         crate::metrics::METRICS.refused_calls.get_or_create(&crate::metrics::Kind { kind: kind.into() }).inc();
-        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = crate::lock(&self.0);
         let now = std::time::Instant::now();
         match g.as_mut() {
             Some((last, n)) if now.duration_since(*last) < std::time::Duration::from_secs(1) => *n += 1,

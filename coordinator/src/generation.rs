@@ -145,7 +145,7 @@ struct DeviceSlot {
 impl DeviceSlot {
     fn take(s: &Arc<Shared>, device: &str) -> Result<Self, Status> {
         let max = s.config.limits.max_sessions_per_device;
-        let mut open = s.device_sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let mut open = crate::lock(&s.device_sessions);
         let n = open.entry(device.to_string()).or_insert(0);
         if *n >= max {
             return Err(Status::resource_exhausted(format!("this device already has {max} generation sessions open")));
@@ -157,7 +157,7 @@ impl DeviceSlot {
 
 impl Drop for DeviceSlot {
     fn drop(&mut self) {
-        let mut open = self.s.device_sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let mut open = crate::lock(&self.s.device_sessions);
         if let Some(n) = open.get_mut(&self.device) {
             *n -= 1;
             if *n == 0 {

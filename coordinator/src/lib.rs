@@ -27,6 +27,13 @@ pub mod service;
 pub mod status;
 pub mod store;
 
+/// Locks a mutex whose holders only insert, remove or count (round state, rate limiters,
+/// session counts): a panic while holding it cannot leave it inconsistent, so a poisoned
+/// lock is used as it is rather than turned into an error.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Helpers for the binary.
 pub mod service_main {
     /// Logs to stderr; `RUST_LOG`-style level from `SPA_LOG` (default info).

@@ -42,22 +42,29 @@ async fn stream(
     (tx, r)
 }
 
+/// A coordinator on loopback with its config edited by `edit`: the home (keep it alive), the
+/// server, a TLS channel to it and the admin credential.
+async fn serve(edit: impl Fn(String) -> String) -> (tempfile::TempDir, spa_coordinator::server::Running, tonic::transport::Channel, String) {
+    let dir = tempfile::tempdir().unwrap();
+    init_home(dir.path(), edit);
+    let srv = spa_coordinator::server::start(dir.path()).await.unwrap();
+    let ch = channel(&format!("https://{}", srv.addr), dir.path()).await;
+    let cred = admin_cred(dir.path());
+    (dir, srv, ch, cred)
+}
+
 async fn layers(ch: &tonic::transport::Channel, a: &DeviceSigner) -> u32 {
     backbone(ch).get_model_info(a.request(methods::BACKBONE_GET_MODEL_INFO, GetModelInfoRequest {})).await.unwrap().into_inner().num_layers
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generate_slots_are_freed_by_timeouts_and_revocation_ends_open_streams() {
-    let dir = tempfile::tempdir().unwrap();
-    let home = dir.path();
-    init_home(home, |t| {
+    let (_dir, srv, ch, cred) = serve(|t| {
         t.replace("max_sessions = 64", "max_sessions = 2")
             .replace("session_idle_secs = 600", "session_idle_secs = 2")
             .replace("first_message_secs = 10", "first_message_secs = 1")
-    });
-    let srv = spa_coordinator::server::start(home).await.unwrap();
-    let ch = channel(&format!("https://{}", srv.addr), home).await;
-    let cred = admin_cred(home);
+    })
+    .await;
     let a = enroll(&ch, &token(&ch, &cred, 600).await, "alpha").await.unwrap();
     let b = enroll(&ch, &token(&ch, &cred, 600).await, "beta").await.unwrap();
     let nl = layers(&ch, &a).await;
@@ -103,12 +110,8 @@ async fn generate_slots_are_freed_by_timeouts_and_revocation_ends_open_streams()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_device_cannot_take_every_generation_slot() {
-    let dir = tempfile::tempdir().unwrap();
-    let home = dir.path();
-    init_home(home, |t| t.replace("max_sessions_per_device = 4", "max_sessions_per_device = 1").replace("drain_secs = 10", "drain_secs = 1"));
-    let srv = spa_coordinator::server::start(home).await.unwrap();
-    let ch = channel(&format!("https://{}", srv.addr), home).await;
-    let cred = admin_cred(home);
+    let (_dir, srv, ch, cred) =
+        serve(|t| t.replace("max_sessions_per_device = 4", "max_sessions_per_device = 1").replace("drain_secs = 10", "drain_secs = 1")).await;
     let a = enroll(&ch, &token(&ch, &cred, 600).await, "alpha").await.unwrap();
     let b = enroll(&ch, &token(&ch, &cred, 600).await, "beta").await.unwrap();
     let nl = layers(&ch, &a).await;
@@ -135,12 +138,8 @@ async fn one_device_cannot_take_every_generation_slot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_cuts_a_silent_stream_at_the_drain_deadline() {
-    let dir = tempfile::tempdir().unwrap();
-    let home = dir.path();
-    init_home(home, |t| t.replace("drain_secs = 10", "drain_secs = 1"));
-    let srv = spa_coordinator::server::start(home).await.unwrap();
-    let ch = channel(&format!("https://{}", srv.addr), home).await;
-    let a = enroll(&ch, &token(&ch, &admin_cred(home), 600).await, "alpha").await.unwrap();
+    let (_dir, srv, ch, cred) = serve(|t| t.replace("drain_secs = 10", "drain_secs = 1")).await;
+    let a = enroll(&ch, &token(&ch, &cred, 600).await, "alpha").await.unwrap();
     let nl = layers(&ch, &a).await;
     let (_input, s) = stream(&ch, &a, nl, true).await;
     let _s = s.unwrap();
@@ -152,12 +151,7 @@ async fn shutdown_cuts_a_silent_stream_at_the_drain_deadline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_device_cannot_exhaust_the_replay_cache_and_open_secrets_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let home = dir.path();
-    init_home(home, |t| t.replace("max_nonces_per_device = 20000", "max_nonces_per_device = 5"));
-    let srv = spa_coordinator::server::start(home).await.unwrap();
-    let ch = channel(&format!("https://{}", srv.addr), home).await;
-    let cred = admin_cred(home);
+    let (_dir, srv, ch, cred) = serve(|t| t.replace("max_nonces_per_device = 20000", "max_nonces_per_device = 5")).await;
     let greedy = enroll(&ch, &token(&ch, &cred, 600).await, "greedy").await.unwrap();
     let other = enroll(&ch, &token(&ch, &cred, 600).await, "other").await.unwrap();
     for _ in 0..5 {
@@ -199,14 +193,9 @@ async fn http_get(addr: &str, path: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_coordinator_serves_prometheus_metrics() {
-    let dir = tempfile::tempdir().unwrap();
-    let home = dir.path();
-    init_home(home, |t| t.replace("metrics_listen = \"\"", "metrics_listen = \"127.0.0.1:0\""));
-    let srv = spa_coordinator::server::start(home).await.unwrap();
-    let url = std::fs::read_to_string(home.join("metrics.addr")).unwrap();
+    let (dir, srv, ch, cred) = serve(|t| t.replace("metrics_listen = \"\"", "metrics_listen = \"127.0.0.1:0\"")).await;
+    let url = std::fs::read_to_string(dir.path().join("metrics.addr")).unwrap();
     let addr = url.trim().trim_start_matches("http://").trim_end_matches("/metrics").to_string();
-    let ch = channel(&format!("https://{}", srv.addr), home).await;
-    let cred = admin_cred(home);
     let a = enroll(&ch, &token(&ch, &cred, 600).await, "alpha").await.unwrap();
     // A refused device call (a forger signing as alpha) and some backbone work.
     let forger = spa_proto::auth::DeviceSigner::from_pkcs8(&spa_proto::auth::generate_pkcs8().unwrap(), a.device_id()).unwrap();
@@ -233,12 +222,7 @@ async fn a_live_coordinator_serves_prometheus_metrics() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_guessing_is_throttled_per_address() {
-    let dir = tempfile::tempdir().unwrap();
-    let home = dir.path();
-    init_home(home, |t| t.replace("failed_enrollments_per_minute = 10", "failed_enrollments_per_minute = 3"));
-    let srv = spa_coordinator::server::start(home).await.unwrap();
-    let ch = channel(&format!("https://{}", srv.addr), home).await;
-    let cred = admin_cred(home);
+    let (_dir, srv, ch, cred) = serve(|t| t.replace("failed_enrollments_per_minute = 10", "failed_enrollments_per_minute = 3")).await;
     for i in 0..3 {
         let e = enroll(&ch, &format!("spa_guess_{i}"), "x").await.unwrap_err();
         assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");

@@ -16,7 +16,8 @@ use spa_proto::v1::poll_response::Task;
 
 use super::RoundError;
 use super::records::{DropReason, Dropout, RoundRecord, RoundState, RunState};
-use super::state::{Active, EvalNotice, Rounds, lock};
+use super::state::{Active, EvalNotice, Rounds};
+use crate::lock;
 use crate::metrics::{METRICS, Outcome, Phase, Reason};
 use crate::store::Store;
 

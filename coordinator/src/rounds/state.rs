@@ -15,6 +15,7 @@ use tokio::sync::Notify;
 use super::RoundError;
 use super::records::{DeviceMetrics, DropReason, Dropout, RoundPlan, RoundState, RunRecord, RunState, mean_metrics};
 use crate::config::RoundsSection;
+use crate::lock;
 use crate::store::{Store, StoreError};
 
 /// The round in progress.
@@ -30,6 +31,17 @@ pub(super) struct Active {
     pub dropped: Vec<(u32, Dropout)>,
     /// Time spent in handlers for this round so far.
     pub busy: Duration,
+}
+
+impl Active {
+    /// Takes `seat` out of this phase with its reason; false if it had no request pending.
+    fn leave(&mut self, seat: u32, why: Dropout) -> bool {
+        let pending = self.tasks.remove(&seat).is_some();
+        if pending {
+            self.dropped.push((seat, why));
+        }
+        pending
+    }
 }
 
 /// After a commit: devices of the cohort still to evaluate the new version.
@@ -52,11 +64,6 @@ pub struct Rounds {
     pub(super) abort_request: Mutex<Option<u64>>,
     /// Wakes the round loop (an answer arrived, a run was queued, an abort was asked).
     wake: Notify,
-}
-
-pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding these locks cannot leave them inconsistent (plain inserts).
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Rounds {
@@ -152,8 +159,7 @@ impl Rounds {
             Err(e) => {
                 // The SecAgg+ server refused it: this seat is out of the phase (a dropout), so
                 // the phase need not wait for its deadline.
-                a.tasks.remove(&seat);
-                a.dropped.push((seat, Dropout { phase: state, reason: DropReason::Refused(e.to_string()) }));
+                a.leave(seat, Dropout { phase: state, reason: DropReason::Refused(e.to_string()) });
                 drop(g);
                 self.wake.notify_one();
                 return Err(AnswerError::Refused(e));
@@ -197,8 +203,7 @@ impl Rounds {
         let Some(&seat) = a.seats.get(device) else {
             return;
         };
-        if a.tasks.remove(&seat).is_some() {
-            a.dropped.push((seat, Dropout { phase: RoundState::MaskedInput, reason: DropReason::BrokenUpload(why.chars().take(200).collect()) }));
+        if a.leave(seat, Dropout { phase: RoundState::MaskedInput, reason: DropReason::BrokenUpload(why.chars().take(200).collect()) }) {
             drop(g);
             self.wake.notify_one();
         }
@@ -252,11 +257,16 @@ impl Rounds {
         Ok(())
     }
 
-    pub(super) fn online_devices(&self) -> Result<Vec<String>, RoundError> {
+    /// Devices that polled within `online_secs`.
+    fn polled_recently(&self) -> Vec<String> {
         let horizon = Duration::from_secs(self.cfg.online_secs);
-        let online: Vec<String> = lock(&self.online).iter().filter(|(_, t)| t.elapsed() <= horizon).map(|(d, _)| d.clone()).collect();
+        lock(&self.online).iter().filter(|(_, t)| t.elapsed() <= horizon).map(|(d, _)| d.clone()).collect()
+    }
+
+    /// Devices that polled recently and are not revoked, sorted: who may be selected.
+    pub(super) fn online_devices(&self) -> Result<Vec<String>, RoundError> {
         let mut out = Vec::new();
-        for d in online {
+        for d in self.polled_recently() {
             if self.store.device(&d)?.is_some_and(|r| !r.revoked) {
                 out.push(d);
             }
@@ -265,10 +275,9 @@ impl Rounds {
         Ok(out)
     }
 
-    /// Devices that polled within `online_secs`.
+    /// How many devices polled within `online_secs` (a metric).
     pub fn online_count(&self) -> usize {
-        let horizon = Duration::from_secs(self.cfg.online_secs);
-        lock(&self.online).values().filter(|t| t.elapsed() <= horizon).count()
+        self.polled_recently().len()
     }
 
     /// Waits up to `timeout` for an answer or an abort.
