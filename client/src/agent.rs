@@ -82,15 +82,41 @@ struct InRound {
     input: Option<Vec<u32>>,
 }
 
-/// Test-only fault injection (the `fault-injection` feature): `SPA_FAULT_EXIT_AT=<phase>`
-/// kills the agent (no cleanup, like SIGKILL) when that phase's request arrives.
-fn fault_point(phase: &str) {
+/// Test-only fault injection (the `fault-injection` feature), when a phase's request arrives;
+/// each variable holds `PHASE` (every round) or `PHASE@ROUND`, PHASE one of training,
+/// share_keys, masked_input, unmask:
+/// - `SPA_FAULT_EXIT_AT`: the process aborts (no cleanup, like SIGKILL);
+/// - `SPA_FAULT_SILENT_AT`: the agent stops answering, process and connection alive;
+/// - `SPA_FAULT_GARBAGE_AT`: the answer is malformed (see [`garbage`]).
+#[cfg_attr(not(feature = "fault-injection"), allow(unused_variables))]
+fn fault(var: &str, phase: &str, round_id: u64) -> bool {
     #[cfg(feature = "fault-injection")]
-    if std::env::var("SPA_FAULT_EXIT_AT").is_ok_and(|v| v == phase) {
+    if let Ok(v) = std::env::var(var) {
+        return v == phase || v == format!("{phase}@{round_id}");
+    }
+    false
+}
+
+async fn fault_point(phase: &str, round_id: u64) {
+    if fault("SPA_FAULT_EXIT_AT", phase, round_id) {
         eprintln!("fault injection: exiting at {phase}");
         std::process::abort();
     }
-    let _ = phase;
+    if fault("SPA_FAULT_SILENT_AT", phase, round_id) {
+        eprintln!("fault injection: silent from {phase} of round {round_id} on");
+        std::future::pending::<()>().await;
+    }
+}
+
+/// With `SPA_FAULT_GARBAGE_AT` naming this phase: a malformed answer, as a buggy or
+/// hostile device would send (share_keys: one share left out; masked_input: lanes that do
+/// not match the header's hash).
+fn garbage(phase: &str, round_id: u64) -> bool {
+    let on = fault("SPA_FAULT_GARBAGE_AT", phase, round_id);
+    if on {
+        eprintln!("fault injection: malformed {phase} answer in round {round_id}");
+    }
+    on
 }
 
 /// Runs the agent until `opts.rounds` versions were evaluated, or forever.
@@ -218,6 +244,7 @@ async fn handle(ctx: &Ctx<'_>, current: &mut Option<InRound>, task: Option<Task>
                 return Ok(Some(Duration::from_millis(200)));
             }
             *current = None;
+            fault_point("training", t.round_id).await;
             let config = secagg::config_from_json(&t.session_config_json)?;
             if config.round_id != t.round_id || config.model_version != t.global_version {
                 return Err(ClientError::Invalid("the session config names another round or version".into()));
@@ -230,10 +257,13 @@ async fn handle(ctx: &Ctx<'_>, current: &mut Option<InRound>, task: Option<Task>
             Ok(None)
         }
         Some(Task::ShareKeys(t)) => {
-            fault_point("share_keys");
+            fault_point("share_keys", t.round_id).await;
             let mut r = take_round(current, t.round_id)?;
             let (state, out) = r.state.handle(ClientIncoming::ShareKeys(secagg::share_keys_request(&t)?)).map_err(secagg_err)?;
-            let ClientOutgoing::ShareKeys(resp) = one(out)? else { return Err(ClientError::Invalid("unexpected SecAgg+ output".into())) };
+            let ClientOutgoing::ShareKeys(mut resp) = one(out)? else { return Err(ClientError::Invalid("unexpected SecAgg+ output".into())) };
+            if garbage("share_keys", t.round_id) {
+                resp.shares.pop();
+            }
             s.rounds().share_keys(s.request(methods::ROUNDS_SHARE_KEYS, secagg::share_keys_to_wire(t.round_id, &resp))).await?;
             r.state = state;
             on_event(AgentEvent::Phase { round_id: t.round_id, phase: "share_keys" });
@@ -241,20 +271,20 @@ async fn handle(ctx: &Ctx<'_>, current: &mut Option<InRound>, task: Option<Task>
             Ok(None)
         }
         Some(Task::MaskedInput(t)) => {
-            fault_point("masked_input");
+            fault_point("masked_input", t.round_id).await;
             let mut r = take_round(current, t.round_id)?;
             let (state, _) = r.state.handle(ClientIncoming::MaskedInputRequest(secagg::masked_input_request(&t))).map_err(secagg_err)?;
             let input = r.input.take().ok_or_else(|| ClientError::Invalid("no update to mask".into()))?;
             let (state, out) = state.handle(ClientIncoming::Input(input)).map_err(secagg_err)?;
             let ClientOutgoing::MaskedInput(masked) = one(out)? else { return Err(ClientError::Invalid("unexpected SecAgg+ output".into())) };
-            upload(s, t.round_id, r.client_id, &masked.into_vec()).await?;
+            upload(s, t.round_id, r.client_id, &masked.into_vec(), garbage("masked_input", t.round_id)).await?;
             r.state = state;
             on_event(AgentEvent::Phase { round_id: t.round_id, phase: "masked_input" });
             *current = Some(r);
             Ok(None)
         }
         Some(Task::Unmask(t)) => {
-            fault_point("unmask");
+            fault_point("unmask", t.round_id).await;
             let r = take_round(current, t.round_id)?;
             let (state, out) = r.state.handle(ClientIncoming::Unmask(secagg::unmask_request(&t))).map_err(secagg_err)?;
             let ClientOutgoing::Unmask(resp) = one(out)? else { return Err(ClientError::Invalid("unexpected SecAgg+ output".into())) };
@@ -298,7 +328,7 @@ fn personal_plugin(store: &ClientStore, m: &Model, cfg: &ClientConfig, device: &
     Ok(p.load(shared.as_set())?)
 }
 
-fn save(store: &ClientStore, m: &Model, cfg: &ClientConfig, plugin: &Plugin, examples: usize, steps: usize, final_loss: f32) -> Result<()> {
+fn save(store: &ClientStore, m: &Model, cfg: &ClientConfig, plugin: &Plugin, examples: usize, steps: usize, final_loss: Option<f32>) -> Result<()> {
     let (shared, private) = plugin.split()?;
     let meta = TrainedMeta {
         backbone_version: m.info.backbone_version.clone(),
@@ -339,7 +369,7 @@ async fn train_for_round(ctx: &Ctx<'_>, t: &TrainTask, config: &SessionConfig) -
     let tc = TrainConfig { epochs: t.local_epochs as usize, lr: t.lr, prox_mu: t.prox_mu, seed: t.seed, ..cfg.train.clone() };
     let (trained, report) = tokio::task::block_in_place(|| train_plugin(plugin, &m.head, &train_set, &tc, Some(&global), &mut |_| {}))?;
     let final_loss = report.epoch_losses.last().copied().unwrap_or(f32::NAN);
-    save(store, m, cfg, &trained, n_train, report.steps, final_loss)?;
+    save(store, m, cfg, &trained, n_train, report.steps, Some(final_loss).filter(|l| l.is_finite()))?;
     let delta = trained.shared()?.delta_from(&global)?;
     let mut rng = system_rng().map_err(secagg_err)?;
     let (input, weight) = match &config.encoding {
@@ -368,13 +398,17 @@ fn dump_update(home: &Path, round_id: u64, delta: &[f32], weight: u32) -> Result
     Ok(())
 }
 
-/// Streams the masked vector: a signed header (lanes, SHA-256), then 1 MiB frames.
-async fn upload(s: &Session, round_id: u64, client_id: u32, lanes: &[u32]) -> Result<()> {
-    let bytes = secagg::lanes_to_bytes(lanes);
+/// Streams the masked vector: a signed header (lanes, SHA-256), then 1 MiB frames
+/// (`corrupt`: fault injection, the bytes sent are not the ones hashed).
+async fn upload(s: &Session, round_id: u64, client_id: u32, lanes: &[u32], corrupt: bool) -> Result<()> {
+    let mut bytes = secagg::lanes_to_bytes(lanes);
     let header = MaskedUpload {
         kind: Some(masked_upload::Kind::Header(MaskedUploadHeader { round_id, client_id, lanes: lanes.len() as u64, sha256: sha256(&bytes).to_vec() })),
     };
-    let h = s.signer.sign(methods::ROUNDS_UPLOAD_MASKED, &header, now_ms());
+    if corrupt {
+        bytes[0] ^= 1;
+    }
+    let h = s.signer.sign(methods::ROUNDS_UPLOAD_MASKED, &header, crate::net::signing_time_ms());
     let mut msgs = vec![header];
     msgs.extend(bytes.chunks(CHUNK_BYTES).map(|c| MaskedUpload { kind: Some(masked_upload::Kind::Lanes(c.to_vec())) }));
     for msg in &msgs {
@@ -396,7 +430,7 @@ async fn evaluate_version(ctx: &Ctx<'_>, t: &EvaluateTask) -> Result<(f64, f64)>
     let plugin = personal_plugin(store, m, cfg, device, &global)?;
     let (train_set, held, _) = local_sets(s, store, m, &plugin, &mut ()).await?;
     let meta = store.plugin()?.map(|(_, _, meta)| meta);
-    save(store, m, cfg, &plugin, train_set.examples.len(), meta.as_ref().map_or(0, |x| x.steps), meta.as_ref().map_or(f32::NAN, |x| x.final_loss))?;
+    save(store, m, cfg, &plugin, train_set.examples.len(), meta.as_ref().map_or(0, |x| x.steps), meta.as_ref().and_then(|x| x.final_loss))?;
     // Devices with fewer than ten examples hold none out: report on the training split.
     let eval_set = if held.num_loss_tokens() > 0 { held } else { train_set };
     let e = tokio::task::block_in_place(|| evaluate(&plugin, &m.head, &eval_set, 2048))?;

@@ -11,7 +11,6 @@ use spa_model::BackendKind;
 use spa_model::generate::{Decoding, Sampling, SideInputs, TextSink};
 use spa_model::side::{ParamSet, Plugin, SideVariant};
 use spa_model::speculative::{self, Block, CloudDown, DraftSource, SpecStats};
-use spa_proto::auth::now_ms;
 use spa_proto::methods;
 use spa_proto::tensor::{decode_f32, dtype_size};
 use spa_proto::v1::*;
@@ -272,7 +271,7 @@ impl<'a> RemoteDrafts<'a> {
         let first = GenerateRequest { kind: Some(generate_request::Kind::Open(open.clone())) };
         s.record(methods::BACKBONE_GENERATE, &first);
         // The signature covers the opening message.
-        let h = s.signer.sign(methods::BACKBONE_GENERATE, &first, now_ms());
+        let h = s.signer.sign(methods::BACKBONE_GENERATE, &first, crate::net::signing_time_ms());
         let bytes = first.encoded_len();
         tx.send(first).await.map_err(|_| closed())?;
         let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));

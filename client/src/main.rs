@@ -288,7 +288,7 @@ fn run(cli: Cli) -> Result<()> {
 fn describe(e: &AgentEvent) -> String {
     match e {
         AgentEvent::Connected { device_id } => format!("connected as {device_id}; waiting for rounds"),
-        AgentEvent::Unreachable { error, retry_in } => format!("coordinator unreachable ({error}); retrying in {retry_in:?}"),
+        AgentEvent::Unreachable { error, retry_in } => format!("coordinator unreachable or refusing ({error}); retrying in {retry_in:?}"),
         AgentEvent::Trained { round_id, version, examples, final_loss } => {
             format!("round {round_id}: trained on {examples} examples from global v{version} (loss {final_loss:.3}); keys advertised")
         }

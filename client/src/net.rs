@@ -7,6 +7,7 @@ use spa_proto::v1::device_client::DeviceClient;
 use spa_proto::v1::rounds_client::RoundsClient;
 use std::io::Write;
 use std::sync::Mutex;
+use std::time::Duration;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::error::{ClientError, Result};
@@ -21,7 +22,13 @@ pub async fn connect(url: &str, ca_pem: &[u8]) -> Result<Channel> {
     let ep = Endpoint::from_shared(url.to_string())
         .map_err(|e| ClientError::Invalid(format!("invalid coordinator URL '{url}': {e}")))?
         .tls_config(tls)?
-        .connect_timeout(std::time::Duration::from_secs(10));
+        .connect_timeout(Duration::from_secs(10))
+        // A coordinator that stops answering (a partition, a dead peer behind a NAT) is
+        // noticed within ~20 s and the call fails, instead of waiting for the OS (minutes).
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true)
+        .tcp_keepalive(Some(Duration::from_secs(30)));
     Ok(ep.connect().await?)
 }
 
@@ -31,6 +38,17 @@ pub fn device_client(ch: Channel) -> DeviceClient<Channel> {
 
 pub fn backbone_client(ch: Channel) -> BackboneClient<Channel> {
     BackboneClient::new(ch).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+/// The time this device dates its calls with: the system clock, shifted by
+/// `SPA_FAULT_CLOCK_SKEW_SECS` under fault injection (a device whose clock is wrong).
+pub fn signing_time_ms() -> u64 {
+    let now = spa_proto::auth::now_ms();
+    #[cfg(feature = "fault-injection")]
+    if let Some(skew) = std::env::var("SPA_FAULT_CLOCK_SKEW_SECS").ok().and_then(|v| v.parse::<i64>().ok()) {
+        return now.saturating_add_signed(skew * 1000);
+    }
+    now
 }
 
 /// An enrolled device, connected.
@@ -85,7 +103,10 @@ impl Session {
     /// A signed request (recorded when capturing).
     pub fn request<M: prost::Message>(&self, method: &str, body: M) -> tonic::Request<M> {
         self.record(method, &body);
-        self.signer.request(method, body)
+        let h = self.signer.sign(method, &body, signing_time_ms());
+        let mut req = tonic::Request::new(body);
+        h.apply(req.metadata_mut());
+        req
     }
 
     pub fn rounds(&self) -> RoundsClient<Channel> {

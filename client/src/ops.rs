@@ -211,7 +211,7 @@ pub async fn train(home: &Path, overrides: &TrainConfig, fresh: bool, progress: 
         trained_at_ms: now_ms(),
         examples: n_train,
         steps: report.steps,
-        final_loss: report.epoch_losses.last().copied().unwrap_or(f32::NAN),
+        final_loss: report.epoch_losses.last().copied(),
         shared_tensors: shared.as_set().tensors.len(),
         private_tensors: private.tensors.len(),
     };

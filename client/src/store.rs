@@ -35,7 +35,9 @@ pub struct TrainedMeta {
     pub trained_at_ms: u64,
     pub examples: usize,
     pub steps: usize,
-    pub final_loss: f32,
+    /// None when the plugin was adopted without training here (JSON has no NaN: a NaN
+    /// written as null could not be read back, and the agent's next step failed on it).
+    pub final_loss: Option<f32>,
     pub shared_tensors: usize,
     pub private_tensors: usize,
 }
@@ -271,5 +273,27 @@ mod tests {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         let err = ClientStore::open(home.path()).err().expect("must refuse").to_string();
         assert!(err.contains("chmod 700"), "{err}");
+    }
+
+    /// A plugin adopted before any local training has no loss; its record reads back, and
+    /// so does one written before the field was optional.
+    #[test]
+    fn metadata_without_a_loss_reads_back() {
+        let home = tempfile::tempdir().unwrap();
+        let store = ClientStore::open(home.path()).unwrap();
+        let meta = TrainedMeta {
+            backbone_version: "b".into(),
+            side: Default::default(),
+            trained_at_ms: 1,
+            examples: 0,
+            steps: 0,
+            final_loss: None,
+            shared_tensors: 1,
+            private_tensors: 1,
+        };
+        store.save_plugin(b"s", b"p", &meta).unwrap();
+        assert_eq!(store.plugin().unwrap().unwrap().2, meta);
+        let old = serde_json::to_string(&meta).unwrap().replace("\"final_loss\":null", "\"final_loss\":0.5");
+        assert_eq!(serde_json::from_str::<TrainedMeta>(&old).unwrap().final_loss, Some(0.5));
     }
 }

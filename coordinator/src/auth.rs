@@ -14,10 +14,12 @@ pub struct Auth {
     nonces: Mutex<NonceWindow>,
     window_ms: u64,
     admin_hash: [u8; 32],
+    /// Wrong admin credentials per peer address (`limits.failed_admin_calls_per_minute`).
+    admin_attempts: AttemptLimiter,
     refused_log: RefusalLog,
 }
 
-/// Failed attempts per peer address (enrollment with a wrong token): a bucket of
+/// Failed attempts per peer address (a wrong enrollment token, a wrong admin credential): a bucket of
 /// `per_minute` attempts, refilled at that rate; an address with an empty bucket is refused
 /// before its attempt is even checked, so guessing tokens runs at `per_minute`.
 pub struct AttemptLimiter {
@@ -84,14 +86,23 @@ fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
 
 impl Auth {
     /// Loads the nonces still inside the window, so a restart does not reopen replays.
-    pub fn new(store: Store, window_ms: u64, capacity: usize, per_device: usize, admin_credential: &str) -> crate::error::Result<Self> {
+    pub fn new(store: Store, cfg: &crate::config::CoordinatorConfig, admin_credential: &str) -> crate::error::Result<Self> {
+        let window_ms = cfg.auth.clock_window_secs * 1000;
+        let (capacity, per_device) = (cfg.auth.max_nonces, cfg.auth.max_nonces_per_device);
         let now = now_ms();
         let mut w = NonceWindow::new(window_ms, capacity, per_device);
         for (d, n, ts) in store.nonces_since(now.saturating_sub(window_ms))? {
             let _ = w.check_and_insert(&d, &n, ts, now);
         }
         store.prune_nonces(now.saturating_sub(window_ms))?;
-        Ok(Self { store, nonces: Mutex::new(w), window_ms, admin_hash: sha256(admin_credential.trim().as_bytes()), refused_log: RefusalLog::default() })
+        Ok(Self {
+            store,
+            nonces: Mutex::new(w),
+            window_ms,
+            admin_hash: sha256(admin_credential.trim().as_bytes()),
+            admin_attempts: AttemptLimiter::new(cfg.limits.failed_admin_calls_per_minute),
+            refused_log: RefusalLog::default(),
+        })
     }
 
     /// A signed unary or server-streaming call: the signature covers this body.
@@ -126,11 +137,20 @@ impl Auth {
         Ok(rec)
     }
 
-    pub fn admin(&self, md: &MetadataMap) -> Result<(), Status> {
+    /// An admin call: the bearer credential, guessed at most `failed_admin_calls_per_minute`
+    /// times a minute from one address (then refused before it is compared).
+    pub fn admin<M>(&self, req: &Request<M>) -> Result<(), Status> {
+        let peer = req.remote_addr().map(|a| a.ip());
+        if !self.admin_attempts.allowed(peer) {
+            self.refused_log.refused("admin", &"throttled address");
+            return Err(Status::resource_exhausted("too many wrong admin credentials from this address; wait a minute"));
+        }
+        let md = req.metadata();
         let v = md.get(HDR_AUTHORIZATION).ok_or(AuthError::Missing(HDR_AUTHORIZATION))?;
         let v = v.to_str().map_err(|_| AuthError::Malformed(HDR_AUTHORIZATION))?;
         let cred = v.strip_prefix("Bearer ").ok_or(AuthError::Malformed(HDR_AUTHORIZATION))?;
         if !same(&sha256(cred.trim().as_bytes()), &self.admin_hash) {
+            self.admin_attempts.failed(peer);
             self.refused_log.refused("admin", &"wrong credential");
             return Err(AuthError::BadAdmin.into());
         }

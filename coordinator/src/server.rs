@@ -106,7 +106,7 @@ pub async fn start(home: &Path) -> Result<Running> {
         .map_err(|e| CoordinatorError::Other(format!("opening the store (is another coordinator running on this home?): {e}")))?;
     let cred_path = cfg.resolve(home, &cfg.server.admin_credential);
     let credential = std::fs::read_to_string(&cred_path).map_err(io(&cred_path))?;
-    let auth = Auth::new(store.clone(), cfg.auth.clock_window_secs * 1000, cfg.auth.max_nonces, cfg.auth.max_nonces_per_device, &credential)?;
+    let auth = Auth::new(store.clone(), &cfg, &credential)?;
     let backend = match &cfg.backbone.device {
         Some(d) => d.parse::<BackendKind>()?,
         None => BackendKind::resolve(None)?,

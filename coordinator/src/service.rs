@@ -105,7 +105,7 @@ impl Device for DeviceService {
 impl Admin for AdminService {
     async fn create_token(&self, req: Request<CreateTokenRequest>) -> Result<Response<CreateTokenResponse>, Status> {
         let s = &self.0;
-        s.auth.admin(req.metadata())?;
+        s.auth.admin(&req)?;
         let r = req.into_inner();
         let max = s.config.auth.max_token_ttl_secs;
         if r.ttl_seconds == 0 || r.ttl_seconds > max {
@@ -131,7 +131,7 @@ impl Admin for AdminService {
 
     async fn list_devices(&self, req: Request<ListDevicesRequest>) -> Result<Response<ListDevicesResponse>, Status> {
         let s = &self.0;
-        s.auth.admin(req.metadata())?;
+        s.auth.admin(&req)?;
         let mut devices = Vec::new();
         for d in s.store.devices()? {
             devices.push(DeviceInfo {
@@ -148,7 +148,7 @@ impl Admin for AdminService {
 
     async fn revoke_device(&self, req: Request<RevokeDeviceRequest>) -> Result<Response<RevokeDeviceResponse>, Status> {
         let s = &self.0;
-        s.auth.admin(req.metadata())?;
+        s.auth.admin(&req)?;
         let id = req.into_inner().device_id;
         if id.is_empty() || id.len() > 64 {
             return Err(Status::invalid_argument("device_id must be 1..=64 bytes"));
@@ -160,7 +160,7 @@ impl Admin for AdminService {
 
     async fn server_status(&self, req: Request<ServerStatusRequest>) -> Result<Response<ServerStatusResponse>, Status> {
         let s = &self.0;
-        s.auth.admin(req.metadata())?;
+        s.auth.admin(&req)?;
         let devices = s.store.devices()?;
         let now = now_ms();
         let tokens = s.store.tokens()?;
@@ -176,7 +176,7 @@ impl Admin for AdminService {
     }
 
     async fn start_rounds(&self, req: Request<StartRoundsRequest>) -> Result<Response<StartRoundsResponse>, Status> {
-        self.0.auth.admin(req.metadata())?;
+        self.0.auth.admin(&req)?;
         let s = self.0.clone();
         let r = req.into_inner();
         let resp = tokio::task::spawn_blocking(move || crate::round_service::start_rounds(&s, r)).await.map_err(internal)??;
@@ -184,24 +184,24 @@ impl Admin for AdminService {
     }
 
     async fn list_rounds(&self, req: Request<ListRoundsRequest>) -> Result<Response<ListRoundsResponse>, Status> {
-        self.0.auth.admin(req.metadata())?;
+        self.0.auth.admin(&req)?;
         Ok(Response::new(crate::round_service::list_rounds(&self.0)?))
     }
 
     async fn round_status(&self, req: Request<RoundStatusRequest>) -> Result<Response<RoundInfo>, Status> {
-        self.0.auth.admin(req.metadata())?;
+        self.0.auth.admin(&req)?;
         Ok(Response::new(crate::round_service::round_info(&self.0, req.get_ref().round_id)?))
     }
 
     async fn abort_round(&self, req: Request<AbortRoundRequest>) -> Result<Response<AbortRoundResponse>, Status> {
-        self.0.auth.admin(req.metadata())?;
+        self.0.auth.admin(&req)?;
         Ok(Response::new(crate::round_service::abort_round(&self.0, req.get_ref().round_id)?))
     }
 
     type GetCheckpointStream = BoxStream<TensorChunk>;
 
     async fn get_checkpoint(&self, req: Request<GetCheckpointRequest>) -> Result<Response<Self::GetCheckpointStream>, Status> {
-        self.0.auth.admin(req.metadata())?;
+        self.0.auth.admin(&req)?;
         Ok(Response::new(crate::round_service::checkpoint_stream(&self.0, req.get_ref().version)?))
     }
 }

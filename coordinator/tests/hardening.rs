@@ -237,3 +237,21 @@ async fn token_guessing_is_throttled_per_address() {
     enroll(&ch, &good, "late").await.unwrap();
     srv.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_credential_guessing_is_throttled_per_address() {
+    let (_dir, srv, ch, cred) = serve(|t| t.replace("failed_admin_calls_per_minute = 10", "failed_admin_calls_per_minute = 30")).await;
+    for _ in 0..30 {
+        let e = admin(&ch).list_devices(with_admin("spa-admin-guess", ListDevicesRequest {})).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    }
+    // Refused before the comparison, the right credential from that address too.
+    let e = admin(&ch).list_devices(with_admin("spa-admin-guess", ListDevicesRequest {})).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    let e = admin(&ch).list_devices(with_admin(&cred, ListDevicesRequest {})).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    // 30 a minute: one attempt back every 2 s.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    admin(&ch).list_devices(with_admin(&cred, ListDevicesRequest {})).await.unwrap();
+    srv.shutdown().await.unwrap();
+}

@@ -57,6 +57,8 @@ impl From<AuthError> for tonic::Status {
             AuthError::Malformed(_) => tonic::Status::invalid_argument(msg),
             AuthError::Busy => tonic::Status::unavailable(msg),
             AuthError::DeviceBusy(_) => tonic::Status::resource_exhausted(msg),
+            // Not the device's identity but its clock: a retry succeeds once the clock is set.
+            AuthError::ClockSkew { .. } => tonic::Status::failed_precondition(msg),
             _ => tonic::Status::unauthenticated(msg),
         }
     }

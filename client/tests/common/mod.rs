@@ -1,6 +1,8 @@
 //! Helpers shared by the client's integration tests.
 use std::path::Path;
 
+pub mod procs;
+
 /// `spa-coordinator init` into `coord`, listening on an ephemeral loopback port.
 pub fn init_loopback_home(coord: &Path) {
     spa_coordinator::init::init(coord, &[]).unwrap();

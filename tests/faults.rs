@@ -1,0 +1,144 @@
+//! Faults end to end, with real processes on loopback (a `spa-coordinator serve` process, one
+//! `spa-client run` agent per device): a network partition between one device and the
+//! coordinator (a proxy holding every byte, both ways, then healing), latency, devices silent
+//! at each phase, devices sending malformed answers mid-protocol, raw garbage on the
+//! coordinator's port and a device whose clock is off. The rounds go on with the others, each
+//! fault shows as that device's dropout with its reason, every committed sum is the plaintext
+//! mean of its contributors', and every device takes part again once its fault is gone.
+//! The coordinator killed at each phase is in client/tests/rounds.rs.
+#[path = "../client/tests/common/mod.rs"]
+mod common;
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::procs::{Coordinator, Device, check_aggregate, ids};
+use serde_json::Value;
+use spa::netdelay::DelayProxy;
+
+/// Round `r`'s dropout record of device `d` (null when it is not a dropout).
+fn dropout<'a>(r: &'a Value, d: &Device) -> &'a Value {
+    &r["dropouts"][d.id.as_str()]
+}
+
+fn assert_dropout(r: &Value, d: &Device, phase: Option<&str>, reason: &str) {
+    let x = dropout(r, d);
+    assert_eq!(x["reason"]["kind"], reason, "{}: {r}", d.id);
+    if let Some(p) = phase {
+        assert_eq!(x["phase"], p, "{}: {r}", d.id);
+    }
+    assert!(!ids(&r["contributors"]).contains(&d.id), "a dropout's update must not be in the sum: {r}");
+}
+
+fn agent_log(d: &Device) -> String {
+    std::fs::read_to_string(d.home.join("agent.log")).unwrap_or_default()
+}
+
+#[test]
+fn rounds_go_on_through_partitions_silent_and_malformed_devices() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    // Selection waits (up to 60 s) for every device, so each round's cohort is all ten.
+    let mut coord = Coordinator::init(dir, 60);
+    coord.edit_config(|t| t.replace("phase_timeout_secs = 20", "phase_timeout_secs = 8"));
+    coord.start(None);
+    let upstream: SocketAddr = coord.url.trim_start_matches("https://").parse().unwrap();
+    let (slow, flaky) = rt.block_on(async {
+        (DelayProxy::start(upstream, Duration::from_millis(50)).await.unwrap(), DelayProxy::start(upstream, Duration::ZERO).await.unwrap())
+    });
+    let n = 10;
+    let mut devices: Vec<Device> = (0..n)
+        .map(|i| match i {
+            0 => Device::enroll_via(dir, &coord, &format!("https://{}", slow.addr), i, 24),
+            1 => Device::enroll_via(dir, &coord, &format!("https://{}", flaky.addr), i, 24),
+            _ => Device::enroll(dir, &coord, i, 24),
+        })
+        .collect();
+    let faults: [&[(&str, &str)]; 10] = [
+        &[],
+        &[],
+        &[("SPA_FAULT_SILENT_AT", "share_keys@1")],
+        &[("SPA_FAULT_GARBAGE_AT", "masked_input@1")],
+        &[("SPA_FAULT_SILENT_AT", "unmask@2")],
+        &[("SPA_FAULT_SILENT_AT", "training@2")],
+        &[("SPA_FAULT_GARBAGE_AT", "share_keys@2")],
+        &[],
+        &[],
+        &[],
+    ];
+    for (i, d) in devices.iter().enumerate() {
+        eprintln!("device {i}: {}", d.id);
+    }
+    for (d, f) in devices.iter_mut().zip(faults) {
+        d.run(f);
+    }
+    coord.admin(&["round", "start", "--rounds", "3", "--min-clients", "6", "--max-clients", "10", "--deadline", "40", "--local-epochs", "1", "--lr", "0.01"]);
+
+    // Round 1: device 1 is cut off from the coordinator once training began, and raw bytes
+    // that are not HTTP/2 arrive on the coordinator's port.
+    coord.wait_round_state(1, &["training"], Duration::from_secs(120));
+    flaky.partition();
+    let mut raw = std::net::TcpStream::connect(upstream).unwrap();
+    let _ = raw.write_all(&(0..65_536u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect::<Vec<_>>());
+    let r1 = coord.wait_round(1, Duration::from_secs(300));
+    flaky.heal();
+    assert_eq!(r1["state"], "committed", "{r1}");
+    assert_eq!(r1["cohort"].as_array().unwrap().len(), n, "{r1}");
+    assert_dropout(&r1, &devices[1], None, "timed_out");
+    assert_dropout(&r1, &devices[2], Some("share_keys"), "timed_out");
+    assert_dropout(&r1, &devices[3], Some("masked_input"), "broken_upload");
+    assert!(dropout(&r1, &devices[3])["reason"]["detail"].as_str().unwrap().contains("SHA-256"), "{r1}");
+    assert_eq!(ids(&r1["contributors"]).len(), 7, "{r1}");
+    assert!(ids(&r1["contributors"]).contains(&devices[0].id), "50 ms of latency is no fault: {r1}");
+    check_aggregate(&coord, &devices, &r1);
+    // The silent device is stuck for good: restarted, it comes back.
+    devices[2].stop();
+    devices[2].run(&[]);
+
+    // Round 2: silent at training, a share missing, silent at unmask (after its masked input
+    // is in: its update counts, its mask is removed through the others' shares).
+    let r2 = coord.wait_round(2, Duration::from_secs(300));
+    assert_eq!(r2["state"], "committed", "{r2}");
+    assert_eq!(r2["cohort"].as_array().unwrap().len(), n, "the partitioned and the restarted device are back: {r2}");
+    assert_dropout(&r2, &devices[5], Some("training"), "timed_out");
+    assert_dropout(&r2, &devices[6], Some("share_keys"), "refused");
+    assert!(dropout(&r2, &devices[6])["reason"]["detail"].as_str().unwrap().contains("neighbours"), "{r2}");
+    assert_eq!(dropout(&r2, &devices[4])["phase"], "unmask", "{r2}");
+    let c2 = ids(&r2["contributors"]);
+    assert_eq!(c2.len(), 8, "{r2}");
+    assert!(c2.contains(&devices[4].id) && c2.contains(&devices[1].id), "{r2}");
+    check_aggregate(&coord, &devices, &r2);
+    for k in [4, 5] {
+        devices[k].stop();
+        devices[k].run(&[]);
+    }
+
+    // Round 3: every device contributes again.
+    let r3 = coord.wait_round(3, Duration::from_secs(300));
+    assert_eq!(r3["state"], "committed", "{r3}");
+    assert_eq!(ids(&r3["contributors"]).len(), n, "{r3}");
+    assert!(r3["dropouts"].as_object().is_none_or(|d| d.is_empty()), "{r3}");
+    check_aggregate(&coord, &devices, &r3);
+    let metrics = coord.metrics();
+    for reason in ["timed_out", "refused", "broken_upload"] {
+        assert!(metrics.contains(&format!("spa_dropouts_total{{reason=\"{reason}\"}}")), "{reason}: {metrics}");
+    }
+
+    // A device whose clock is ten minutes fast is refused with the reason, keeps retrying
+    // (a clock gets fixed; an identity does not) and does not take the coordinator down.
+    devices[7].stop();
+    devices[7].run(&[("SPA_FAULT_CLOCK_SKEW_SECS", "600")]);
+    let t = Instant::now();
+    while agent_log(&devices[7]).matches("coordinator's clock").count() < 2 {
+        assert!(t.elapsed() < Duration::from_secs(60), "{}", agent_log(&devices[7]));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!devices[7].agent_exited(), "the agent gave up on a clock error: {}", agent_log(&devices[7]));
+    assert_eq!(coord.admin(&["status"])["global_version"], 3);
+    for d in devices.iter_mut() {
+        d.stop();
+    }
+    drop((slow, flaky));
+}
