@@ -11,9 +11,11 @@ mod common;
 
 use std::io::Write;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::procs::{Coordinator, Device, check_aggregate, ids};
+use common::procs::{Coordinator, Device, check_aggregate, coordinator_bin, ids};
 use serde_json::Value;
 use spa::netdelay::DelayProxy;
 
@@ -141,4 +143,80 @@ fn rounds_go_on_through_partitions_silent_and_malformed_devices() {
         d.stop();
     }
     drop((slow, flaky));
+}
+
+/// Whether this machine lets a process mount a small filesystem of its own (in a user and
+/// mount namespace, no privileges needed where those are enabled).
+fn can_mount_tmpfs(dir: &Path) -> bool {
+    Command::new("unshare").args(["-Urm", "sh", "-c", r#"mount -t tmpfs -o size=1m tmpfs "$0""#]).arg(dir).status().is_ok_and(|s| s.success())
+}
+
+#[test]
+fn a_full_disk_fails_writes_cleanly_and_serving_resumes_when_space_returns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut coord = Coordinator::init(dir, 1);
+    let store = coord.home.join("store");
+    std::fs::create_dir_all(&store).unwrap();
+    if !can_mount_tmpfs(&store) {
+        eprintln!("SKIPPED: `unshare -Urm` cannot mount a tmpfs on this machine (user namespaces disabled?)");
+        return;
+    }
+    // The coordinator's store on a 16 MiB filesystem of its own; the test reaches that
+    // filesystem through /proc/PID/root.
+    let mut cmd = Command::new("unshare");
+    cmd.args(["-Urm", "sh", "-c", r#"mount -t tmpfs -o size=16m tmpfs "$1" && exec "$0" serve --home "$2""#]);
+    cmd.arg(coordinator_bin()).arg(&store).arg(&coord.home);
+    coord.spawn(cmd);
+    let pid = coord.child.as_ref().unwrap().id();
+    let inside = PathBuf::from(format!("/proc/{pid}/root")).join(store.strip_prefix("/").unwrap());
+    let d0 = Device::enroll(dir, &coord, 0, 4);
+    let revoked = Device::enroll(dir, &coord, 1, 4);
+    coord.admin(&["devices", "revoke", &revoked.id]);
+
+    // Fill the disk, then write until sled hits it (its log file grows a page at a time).
+    let filler = inside.join("filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    let mb = vec![0u8; 1 << 20];
+    while f.write_all(&mb).is_ok() {}
+    while f.write_all(&mb[..4096]).is_ok() {}
+    drop(f);
+    let mut refused = None;
+    for _ in 0..200 {
+        let out = Command::new(coordinator_bin()).args(["token", "create", "--home"]).arg(&coord.home).output().unwrap();
+        if !out.status.success() {
+            refused = Some((out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned()));
+            break;
+        }
+    }
+    let (code, err) = refused.expect("200 tokens were acknowledged on a full disk");
+    assert_eq!(code, Some(5), "a full disk is UNAVAILABLE (retry later): {err}");
+    assert!(err.contains("store"), "{err}");
+    assert!(coord.child.as_mut().unwrap().try_wait().unwrap().is_none(), "the coordinator died on a full disk");
+    let (code, err) = coord.admin_exit(&["token", "create"]);
+    assert_eq!(code, 5, "{err}");
+
+    // Space returns: within seconds the store is reopened and writes work again.
+    std::fs::remove_file(&filler).unwrap();
+    let t = Instant::now();
+    let token = loop {
+        let out = Command::new(coordinator_bin()).args(["token", "create", "--json", "--home"]).arg(&coord.home).output().unwrap();
+        if out.status.success() {
+            break serde_json::from_slice::<Value>(&out.stdout).unwrap();
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "writes did not resume: {}", String::from_utf8_lossy(&out.stderr));
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert!(token["token"].as_str().unwrap().starts_with("spa_"));
+    // Nothing acknowledged was lost: the enrolled device and the revocation are there, and
+    // devices enroll again.
+    let listed = coord.admin(&["devices", "list"]);
+    let rows = listed.as_array().unwrap();
+    let row = |id: &str| rows.iter().find(|r| r["device_id"] == id).cloned().unwrap_or_default();
+    assert_eq!(row(&d0.id)["revoked"], false, "{listed}");
+    assert_eq!(row(&revoked.id)["revoked"], true, "{listed}");
+    let d2 = Device::enroll(dir, &coord, 2, 4);
+    assert!(coord.admin(&["devices", "list"]).as_array().unwrap().iter().any(|r| r["device_id"] == d2.id.as_str()));
+    let log = std::fs::read_to_string(coord.home.join("serve.log")).unwrap();
+    assert!(log.contains("reopening") && log.contains("open again"), "{log}");
 }

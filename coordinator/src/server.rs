@@ -173,13 +173,18 @@ pub async fn start(home: &Path) -> Result<Running> {
         let _ = flush_store.flush();
         r
     });
-    // Forget expired nonces now and then.
+    // Every 2 s: reopen the store if a write failed (a full disk); every minute: forget
+    // expired nonces.
     let pruner = shared.clone();
     let pruner = tokio::spawn(async move {
-        let mut t = tokio::time::interval(Duration::from_secs(60));
-        loop {
+        let mut t = tokio::time::interval(Duration::from_secs(2));
+        for tick in 0u64.. {
             t.tick().await;
-            pruner.auth.prune();
+            let s = pruner.clone();
+            let healthy = tokio::task::spawn_blocking(move || s.store.heal()).await.unwrap_or(false);
+            if healthy && tick % 30 == 0 {
+                pruner.auth.prune();
+            }
         }
     });
     let round_loop = tokio::spawn(crate::rounds::round_loop(rounds));

@@ -28,7 +28,12 @@ impl From<StoreError> for Status {
             StoreError::UnknownToken | StoreError::TokenUsed | StoreError::TokenExpired => Status::unauthenticated(e.to_string()),
             StoreError::KeyEnrolled(_) => Status::already_exists(e.to_string()),
             StoreError::UnknownDevice(_) => Status::not_found(e.to_string()),
-            StoreError::Sled(_) | StoreError::Corrupt(_) | StoreError::VersionExists(_) => internal(e),
+            // A full or failing disk: the call may be retried once the store works again.
+            _ if e.is_io() => {
+                tracing::error!("store unavailable: {e}");
+                Status::unavailable(format!("coordinator store unavailable: {e}"))
+            }
+            StoreError::Sled(_) | StoreError::Corrupt(_) | StoreError::VersionExists(_) | StoreError::Unavailable => internal(e),
         }
     }
 }

@@ -28,6 +28,15 @@ pub enum StoreError {
     UnknownDevice(String),
     #[error("global version {0} is already committed")]
     VersionExists(u64),
+    #[error("the store is being reopened after a failed write (is its disk full?); retry later")]
+    Unavailable,
+}
+
+impl StoreError {
+    /// Whether the store failed to read or write its files (rather than refusing a request).
+    pub fn is_io(&self) -> bool {
+        matches!(self, StoreError::Sled(sled::Error::Io(_)) | StoreError::Unavailable)
+    }
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -61,8 +70,18 @@ pub struct Event {
     pub detail: String,
 }
 
+/// A handle on the store, shared by every part of the coordinator. After one failed write
+/// (a full disk, say) sled refuses every later call until reopened: [`Store::heal`] closes
+/// and reopens it, which succeeds once space returns; meanwhile calls get
+/// [`StoreError::Unavailable`] or the I/O error, and nothing acknowledged is lost (every
+/// acknowledged change was flushed before the answer).
 #[derive(Clone)]
 pub struct Store {
+    path: std::path::PathBuf,
+    cur: std::sync::Arc<std::sync::RwLock<Option<std::sync::Arc<Trees>>>>,
+}
+
+struct Trees {
     db: sled::Db,
     devices: sled::Tree,
     tokens: sled::Tree,
@@ -93,8 +112,8 @@ pub fn token_hash(token: &str) -> [u8; 32] {
     spa_proto::auth::sha256(token.as_bytes())
 }
 
-impl Store {
-    pub fn open(path: &Path) -> Result<Self> {
+impl Trees {
+    fn open(path: &Path) -> Result<Self> {
         let db = sled::open(path)?;
         Ok(Self {
             devices: db.open_tree("devices")?,
@@ -109,38 +128,82 @@ impl Store {
             db,
         })
     }
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Self> {
+        let trees = Trees::open(path)?;
+        Ok(Self { path: path.to_path_buf(), cur: std::sync::Arc::new(std::sync::RwLock::new(Some(std::sync::Arc::new(trees)))) })
+    }
+
+    /// The open store, or Unavailable while it is being reopened.
+    fn t(&self) -> Result<std::sync::Arc<Trees>> {
+        self.cur.read().unwrap_or_else(|p| p.into_inner()).clone().ok_or(StoreError::Unavailable)
+    }
+
+    /// Checks the store (a flush) and, when it failed, closes and reopens it. Called every
+    /// few seconds; returns whether the store works now. Reopening runs sled's recovery from
+    /// what is on disk, as a restart would; it fails (and is tried again) while the disk is
+    /// still full or a call still holds the old handle.
+    pub fn heal(&self) -> bool {
+        if self.t().is_ok_and(|t| t.db.flush().is_ok()) {
+            return true;
+        }
+        let mut g = self.cur.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = g.take() {
+            tracing::error!("the store failed a write: closing and reopening it");
+            drop(old);
+        }
+        match Trees::open(&self.path) {
+            Ok(t) => {
+                tracing::warn!("the store is open again");
+                *g = Some(std::sync::Arc::new(t));
+                true
+            }
+            Err(e) => {
+                tracing::error!("the store cannot be reopened yet: {e}");
+                false
+            }
+        }
+    }
 
     pub fn flush(&self) -> Result<()> {
-        self.db.flush()?;
+        let t = self.t()?;
+        t.db.flush()?;
         Ok(())
     }
 
     pub fn log(&self, kind: &str, detail: impl Into<String>) -> Result<()> {
-        let id = self.db.generate_id()?;
+        let t = self.t()?;
+        let id = t.db.generate_id()?;
         let e = Event { ts_ms: spa_proto::auth::now_ms(), kind: kind.into(), detail: detail.into() };
-        self.events.insert(id.to_be_bytes(), enc(&e))?;
+        t.events.insert(id.to_be_bytes(), enc(&e))?;
         Ok(())
     }
 
     pub fn events(&self) -> Result<Vec<Event>> {
-        self.events.iter().values().map(|v| dec(&v?)).collect()
+        let t = self.t()?;
+        t.events.iter().values().map(|v| dec(&v?)).collect()
     }
 
     /// Stores a new token's hash; durable on return.
     pub fn add_token(&self, hash: &[u8; 32], rec: &TokenRecord) -> Result<()> {
-        self.tokens.insert(hash, enc(rec))?;
+        let t = self.t()?;
+        t.tokens.insert(hash, enc(rec))?;
         self.log("token.create", format!("{} expires {}", rec.token_id, rec.expires_at_ms))?;
         self.flush()
     }
 
     pub fn tokens(&self) -> Result<Vec<TokenRecord>> {
-        self.tokens.iter().values().map(|v| dec(&v?)).collect()
+        let t = self.t()?;
+        t.tokens.iter().values().map(|v| dec(&v?)).collect()
     }
 
     /// Consumes a token and records the device, atomically; durable on return.
     pub fn enroll(&self, hash: &[u8; 32], public_key: &[u8], name: &str, now_ms: u64) -> Result<DeviceRecord> {
+        let t = self.t()?;
         let device_id = device_id_of(public_key);
-        let res = (&self.tokens, &self.devices).transaction(|(tokens, devices)| {
+        let res = (&t.tokens, &t.devices).transaction(|(tokens, devices)| {
             let abort = |e| Err(ConflictableTransactionError::Abort(e));
             let Some(raw) = tokens.get(hash)? else {
                 return abort(StoreError::UnknownToken);
@@ -183,15 +246,18 @@ impl Store {
     }
 
     pub fn device(&self, id: &str) -> Result<Option<DeviceRecord>> {
-        self.devices.get(id.as_bytes())?.map(|v| dec(&v)).transpose()
+        let t = self.t()?;
+        t.devices.get(id.as_bytes())?.map(|v| dec(&v)).transpose()
     }
 
     pub fn devices(&self) -> Result<Vec<DeviceRecord>> {
-        self.devices.iter().values().map(|v| dec(&v?)).collect()
+        let t = self.t()?;
+        t.devices.iter().values().map(|v| dec(&v?)).collect()
     }
 
     /// Marks a device revoked; durable on return. Returns whether it was active.
     pub fn revoke(&self, id: &str, now_ms: u64) -> Result<bool> {
+        let t = self.t()?;
         let Some(mut rec) = self.device(id)? else {
             return Err(StoreError::UnknownDevice(id.into()));
         };
@@ -199,7 +265,7 @@ impl Store {
         if was_active {
             rec.revoked = true;
             rec.revoked_at_ms = Some(now_ms);
-            self.devices.insert(id.as_bytes(), enc(&rec))?;
+            t.devices.insert(id.as_bytes(), enc(&rec))?;
             self.log("device.revoke", id)?;
             self.flush()?;
         }
@@ -208,12 +274,14 @@ impl Store {
 
     /// Last call time of a device (best effort, not flushed: it is not acknowledged state).
     pub fn touch(&self, id: &str, now_ms: u64) -> Result<()> {
-        self.last_seen.insert(id.as_bytes(), &now_ms.to_be_bytes()[..])?;
+        let t = self.t()?;
+        t.last_seen.insert(id.as_bytes(), &now_ms.to_be_bytes()[..])?;
         Ok(())
     }
 
     pub fn last_seen(&self, id: &str) -> Result<u64> {
-        Ok(self.last_seen.get(id.as_bytes())?.map_or(0, |v| {
+        let t = self.t()?;
+        Ok(t.last_seen.get(id.as_bytes())?.map_or(0, |v| {
             let mut b = [0u8; 8];
             b.copy_from_slice(&v[..8.min(v.len())]);
             u64::from_be_bytes(b)
@@ -222,16 +290,18 @@ impl Store {
 
     /// Persists a nonce so a restart does not reopen the replay window. Key: ts | device | nonce.
     pub fn record_nonce(&self, device: &str, nonce: &str, ts_ms: u64) -> Result<()> {
+        let t = self.t()?;
         let mut k = ts_ms.to_be_bytes().to_vec();
         k.extend_from_slice(format!("{device}\0{nonce}").as_bytes());
-        self.nonces.insert(k, Vec::<u8>::new())?;
+        t.nonces.insert(k, Vec::<u8>::new())?;
         Ok(())
     }
 
     /// Nonces with a timestamp at or after `since_ms`: (device, nonce, ts).
     pub fn nonces_since(&self, since_ms: u64) -> Result<Vec<(String, String, u64)>> {
+        let t = self.t()?;
         let mut out = Vec::new();
-        for kv in self.nonces.range(since_ms.to_be_bytes()..) {
+        for kv in t.nonces.range(since_ms.to_be_bytes()..) {
             let (k, _) = kv?;
             if k.len() < 8 {
                 continue;
@@ -248,9 +318,10 @@ impl Store {
 
     /// Drops nonces older than `before_ms` (they fail the clock check anyway).
     pub fn prune_nonces(&self, before_ms: u64) -> Result<usize> {
+        let t = self.t()?;
         let mut n = 0;
-        for kv in self.nonces.range(..before_ms.to_be_bytes()) {
-            self.nonces.remove(kv?.0)?;
+        for kv in t.nonces.range(..before_ms.to_be_bytes()) {
+            t.nonces.remove(kv?.0)?;
             n += 1;
         }
         Ok(n)
@@ -259,7 +330,8 @@ impl Store {
     /// Commits a global checkpoint (safetensors bytes of the shared parameters); durable on
     /// return. Versions are never overwritten.
     pub fn put_checkpoint(&self, version: u64, bytes: &[u8]) -> Result<bool> {
-        let fresh = self.checkpoints.compare_and_swap(version.to_be_bytes(), None as Option<&[u8]>, Some(bytes))?.is_ok();
+        let t = self.t()?;
+        let fresh = t.checkpoints.compare_and_swap(version.to_be_bytes(), None as Option<&[u8]>, Some(bytes))?.is_ok();
         if fresh {
             self.log("checkpoint.commit", format!("version {version}, {} bytes", bytes.len()))?;
             self.flush()?;
@@ -268,11 +340,13 @@ impl Store {
     }
 
     pub fn checkpoint(&self, version: u64) -> Result<Option<Vec<u8>>> {
-        Ok(self.checkpoints.get(version.to_be_bytes())?.map(|v| v.to_vec()))
+        let t = self.t()?;
+        Ok(t.checkpoints.get(version.to_be_bytes())?.map(|v| v.to_vec()))
     }
 
     pub fn latest_checkpoint_version(&self) -> Result<Option<u64>> {
-        Ok(self.checkpoints.last()?.map(|(k, _)| {
+        let t = self.t()?;
+        Ok(t.checkpoints.last()?.map(|(k, _)| {
             let mut b = [0u8; 8];
             b.copy_from_slice(&k[..8]);
             u64::from_be_bytes(b)
@@ -297,30 +371,36 @@ fn last_id(tree: &sled::Tree) -> Result<u64> {
 
 impl Store {
     pub fn next_run_id(&self) -> Result<u64> {
-        Ok(last_id(&self.runs)? + 1)
+        let t = self.t()?;
+        Ok(last_id(&t.runs)? + 1)
     }
 
     pub fn next_round_id(&self) -> Result<u64> {
-        Ok(last_id(&self.rounds)? + 1)
+        let t = self.t()?;
+        Ok(last_id(&t.rounds)? + 1)
     }
 
     pub fn put_run(&self, run: &RunRecord) -> Result<()> {
-        self.runs.insert(run.run_id.to_be_bytes(), enc(run))?;
+        let t = self.t()?;
+        t.runs.insert(run.run_id.to_be_bytes(), enc(run))?;
         self.flush()
     }
 
     pub fn runs(&self) -> Result<Vec<RunRecord>> {
-        self.runs.iter().values().map(|v| dec(&v?)).collect()
+        let t = self.t()?;
+        t.runs.iter().values().map(|v| dec(&v?)).collect()
     }
 
     pub fn put_round(&self, round: &RoundRecord) -> Result<()> {
-        self.rounds.insert(round.round_id.to_be_bytes(), enc(round))?;
+        let t = self.t()?;
+        t.rounds.insert(round.round_id.to_be_bytes(), enc(round))?;
         self.flush()
     }
 
     /// A run's progress and its new round, together (a crash never leaves one without the other).
     pub fn start_round(&self, run: &RunRecord, round: &RoundRecord) -> Result<()> {
-        (&self.runs, &self.rounds)
+        let t = self.t()?;
+        (&t.runs, &t.rounds)
             .transaction(|(runs, rounds)| {
                 runs.insert(&run.run_id.to_be_bytes(), enc(run))?;
                 rounds.insert(&round.round_id.to_be_bytes(), enc(round))?;
@@ -331,17 +411,20 @@ impl Store {
     }
 
     pub fn round(&self, id: u64) -> Result<Option<RoundRecord>> {
-        self.rounds.get(id.to_be_bytes())?.map(|v| dec(&v)).transpose()
+        let t = self.t()?;
+        t.rounds.get(id.to_be_bytes())?.map(|v| dec(&v)).transpose()
     }
 
     pub fn rounds(&self) -> Result<Vec<RoundRecord>> {
-        self.rounds.iter().values().map(|v| dec(&v?)).collect()
+        let t = self.t()?;
+        t.rounds.iter().values().map(|v| dec(&v?)).collect()
     }
 
     /// Commits a round: the new global checkpoint, the round's record and the server
     /// optimizer's state in one transaction, durable on return. A version is never overwritten.
     pub fn commit_round(&self, version: u64, checkpoint: &[u8], round: &RoundRecord, optimizer: &ServerOptimizer) -> Result<()> {
-        (&self.checkpoints, &self.rounds, &self.meta)
+        let t = self.t()?;
+        (&t.checkpoints, &t.rounds, &t.meta)
             .transaction(|(ck, rounds, meta)| {
                 if ck.get(version.to_be_bytes())?.is_some() {
                     return Err(ConflictableTransactionError::Abort(StoreError::VersionExists(version)));
@@ -357,7 +440,8 @@ impl Store {
     }
 
     pub fn optimizer(&self) -> Result<Option<ServerOptimizer>> {
-        self.meta.get(OPTIMIZER_KEY)?.map(|v| dec(&v)).transpose()
+        let t = self.t()?;
+        t.meta.get(OPTIMIZER_KEY)?.map(|v| dec(&v)).transpose()
     }
 }
 

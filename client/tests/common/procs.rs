@@ -17,7 +17,7 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
-fn coordinator_bin() -> PathBuf {
+pub fn coordinator_bin() -> PathBuf {
     bin("spa-coordinator")
 }
 
@@ -54,13 +54,20 @@ impl Coordinator {
 
     /// Starts `serve`; with `crash_at`, the process aborts right after that round state is durable.
     pub fn start(&mut self, crash_at: Option<&str>) {
-        let _ = std::fs::remove_file(self.home.join("serve.addr"));
         let mut cmd = Command::new(coordinator_bin());
-        cmd.args(["serve", "--home"]).arg(&self.home).stdout(Stdio::null());
-        cmd.stderr(std::fs::OpenOptions::new().create(true).append(true).open(self.home.join("serve.log")).unwrap());
+        cmd.args(["serve", "--home"]).arg(&self.home);
         if let Some(s) = crash_at {
             cmd.env("SPA_FAULT_CRASH_AT", s);
         }
+        self.spawn(cmd);
+    }
+
+    /// Starts `cmd`, which runs `serve` on this home (wrapped in another program, say), and
+    /// waits until it serves.
+    pub fn spawn(&mut self, mut cmd: Command) {
+        let _ = std::fs::remove_file(self.home.join("serve.addr"));
+        cmd.stdout(Stdio::null());
+        cmd.stderr(std::fs::OpenOptions::new().create(true).append(true).open(self.home.join("serve.log")).unwrap());
         self.child = Some(cmd.spawn().unwrap());
         let t = Instant::now();
         loop {
