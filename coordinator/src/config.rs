@@ -130,6 +130,8 @@ pub struct LimitsSection {
     pub failed_enrollments_per_minute: u32,
     /// Admin calls with a wrong credential one peer address may make per minute.
     pub failed_admin_calls_per_minute: u32,
+    /// Features requests one device may have in flight (computing, queued or unread).
+    pub max_feature_requests_per_device: usize,
 }
 
 impl Default for LimitsSection {
@@ -145,6 +147,7 @@ impl Default for LimitsSection {
             first_message_secs: 10,
             failed_enrollments_per_minute: 10,
             failed_admin_calls_per_minute: 10,
+            max_feature_requests_per_device: 2,
         }
     }
 }
@@ -207,6 +210,7 @@ impl CoordinatorConfig {
         ensure(l.max_sessions_per_device > 0, "limits.max_sessions_per_device must be > 0")?;
         ensure(l.failed_enrollments_per_minute > 0, "limits.failed_enrollments_per_minute must be > 0")?;
         ensure(l.failed_admin_calls_per_minute > 0, "limits.failed_admin_calls_per_minute must be > 0")?;
+        ensure(l.max_feature_requests_per_device > 0, "limits.max_feature_requests_per_device must be > 0")?;
         ensure(l.max_draft_tokens <= 256, "limits.max_draft_tokens must be at most 256")?;
         ensure(l.session_idle_secs > 0 && l.first_message_secs > 0, "limits.session_idle_secs and limits.first_message_secs must be > 0")?;
         ensure(self.auth.clock_window_secs > 0, "auth.clock_window_secs must be > 0")?;

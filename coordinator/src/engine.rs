@@ -1,7 +1,9 @@
 //! The backbone worker: one thread owns the frozen backbone and the KV caches of generation
 //! sessions, and runs the jobs the gRPC handlers send it. Requests are validated by the
 //! handlers before they get here ([`ModelMeta::check_*`]); a panic inside a job is caught and
-//! reported as an error, so the worker keeps serving.
+//! reported as an error, so the worker keeps serving. Jobs wait in one queue per device and
+//! devices take turns ([`Fair`]); a Features job yields after each slice of its sequences, so
+//! one device's many or large requests delay another's next step by one slice at most.
 use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
@@ -76,6 +78,8 @@ enum Job {
         seqs: Vec<SeqJob>,
         layers: Vec<usize>,
         dtype: i32,
+        /// What the slices done so far produced, one blob per sequence.
+        done: Vec<Vec<u8>>,
         reply: Reply<Vec<Vec<u8>>>,
     },
     Head {
@@ -139,9 +143,15 @@ struct Session {
     epoch: u64,
 }
 
+/// A job and the device it is for (the unit of fairness).
+struct Queued {
+    owner: String,
+    job: Job,
+}
+
 #[derive(Clone)]
 pub struct Engine {
-    tx: mpsc::Sender<Job>,
+    tx: mpsc::Sender<Queued>,
     pub meta: std::sync::Arc<ModelMeta>,
 }
 
@@ -175,7 +185,7 @@ impl Engine {
         // The checkpoint's special tokens must parse before devices are told about them.
         let present = |s: &String| (!s.is_empty()).then(|| s.clone());
         spa_model::tokenizer::ModelTokens::from_json(&config_json, present(&generation_config_json).as_deref(), present(&tokenizer_config_json).as_deref())?;
-        let (tx, rx) = mpsc::channel::<Job>();
+        let (tx, rx) = mpsc::channel::<Queued>();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<BackboneConfig, spa_model::ModelError>>();
         let dir_display = dir.display().to_string();
         let dir = dir.to_path_buf();
@@ -204,45 +214,87 @@ impl Engine {
         Ok(Self { tx, meta: std::sync::Arc::new(meta) })
     }
 
-    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Job) -> Result<T, EngineError> {
+    async fn call<T>(&self, owner: &str, make: impl FnOnce(Reply<T>) -> Job) -> Result<T, EngineError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(make(reply)).map_err(|_| EngineError::Stopped)?;
+        self.tx.send(Queued { owner: owner.to_string(), job: make(reply) }).map_err(|_| EngineError::Stopped)?;
         rx.await.map_err(|_| EngineError::Stopped)?
     }
 
     /// Per sequence, the features at positions [from, to), laid out [positions, layers, hidden].
-    pub async fn features(&self, seqs: Vec<SeqJob>, layers: Vec<usize>, dtype: i32) -> Result<Vec<Vec<u8>>, EngineError> {
-        self.call(|reply| Job::Features { seqs, layers, dtype, reply }).await
+    pub async fn features(&self, owner: &str, seqs: Vec<SeqJob>, layers: Vec<usize>, dtype: i32) -> Result<Vec<Vec<u8>>, EngineError> {
+        self.call(owner, |reply| Job::Features { done: Vec::with_capacity(seqs.len()), seqs, layers, dtype, reply }).await
     }
 
     /// The frozen final norm and head as devices receive them.
-    pub async fn head(&self) -> Result<Vec<ShippedTensor>, EngineError> {
-        self.call(|reply| Job::Head { reply }).await
+    pub async fn head(&self, owner: &str) -> Result<Vec<ShippedTensor>, EngineError> {
+        self.call(owner, |reply| Job::Head { reply }).await
     }
 
     /// Starts session `session` (the handler allocates ids), held by stream epoch 0.
     pub async fn open(&self, session: u64, opening: Opening) -> Result<(), EngineError> {
-        self.call(|reply| Job::Open { session, opening: Box::new(opening), reply }).await
+        let owner = opening.owner.clone();
+        self.call(&owner, |reply| Job::Open { session, opening: Box::new(opening), reply }).await
     }
 
     /// Hands a session of `owner` opened with `fingerprint` to a new stream, truncated to
     /// `length` confirmed tokens; the new stream's epoch, or None if there is no such
     /// session (gone idle, another device's, opened otherwise, or shorter).
     pub async fn resume(&self, session: u64, owner: String, fingerprint: [u8; 32], length: usize) -> Result<Option<u64>, EngineError> {
-        self.call(|reply| Job::Resume { session, owner, fingerprint, length, reply }).await
+        let queue = owner.clone();
+        self.call(&queue, |reply| Job::Resume { session, owner, fingerprint, length, reply }).await
     }
 
-    /// [`Drafter::step`] on a session, for the stream that holds it.
-    pub async fn step(&self, session: u64, epoch: u64, accepted: usize, ids: Vec<u32>, draft: usize, side: bool) -> Result<Block, EngineError> {
-        self.call(|reply| Job::Step { session, epoch, accepted, ids, draft, side, reply }).await
+    /// [`Drafter::step`] on a session of `owner`, for the stream that holds it.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn step(&self, owner: &str, session: u64, epoch: u64, accepted: usize, ids: Vec<u32>, draft: usize, side: bool) -> Result<Block, EngineError> {
+        self.call(owner, |reply| Job::Step { session, epoch, accepted, ids, draft, side, reply }).await
     }
 
     pub fn detach(&self, session: u64, epoch: u64) {
-        let _ = self.tx.send(Job::Detach { session, epoch });
+        let _ = self.tx.send(Queued { owner: String::new(), job: Job::Detach { session, epoch } });
     }
 
     pub fn close(&self, session: u64, epoch: u64) {
-        let _ = self.tx.send(Job::Close { session, epoch });
+        let _ = self.tx.send(Queued { owner: String::new(), job: Job::Close { session, epoch } });
+    }
+}
+
+/// Jobs waiting, one queue per device, the devices served in turn.
+#[derive(Default)]
+struct Fair {
+    queues: HashMap<String, std::collections::VecDeque<Job>>,
+    turn: std::collections::VecDeque<String>,
+}
+
+impl Fair {
+    fn push(&mut self, q: Queued) {
+        let jobs = self.queues.entry(q.owner.clone()).or_default();
+        if jobs.is_empty() {
+            self.turn.push_back(q.owner);
+        }
+        jobs.push_back(q.job);
+    }
+
+    /// The next device's oldest job.
+    fn pop(&mut self) -> Option<(String, Job)> {
+        let owner = self.turn.pop_front()?;
+        let jobs = self.queues.get_mut(&owner)?;
+        let job = jobs.pop_front()?;
+        if jobs.is_empty() {
+            self.queues.remove(&owner);
+        } else {
+            self.turn.push_back(owner.clone());
+        }
+        Some((owner, job))
+    }
+
+    /// The rest of a job that yielded: first in its device's queue, the device's turn last.
+    fn resume(&mut self, owner: String, job: Job) {
+        let jobs = self.queues.entry(owner.clone()).or_default();
+        if jobs.is_empty() {
+            self.turn.push_back(owner);
+        }
+        jobs.push_front(job);
     }
 }
 
@@ -274,56 +326,55 @@ fn layout(taps: &[Vec<f32>], b: usize, t: usize, d: usize, from: usize, to: usiz
     Ok(spa_proto::tensor::encode_f32(&out, dtype)?)
 }
 
-fn worker(bb: Backbone, rx: mpsc::Receiver<Job>, idle: Duration, max_detached: usize) {
-    let mut sessions: HashMap<u64, Session> = HashMap::new();
-    while let Ok(job) = rx.recv() {
-        sessions.retain(|_, s| s.used.elapsed() < idle);
+fn worker(bb: Backbone, rx: mpsc::Receiver<Queued>, idle: Duration, max_detached: usize) {
+    let mut w = Worker { bb, sessions: HashMap::new(), idle, max_detached };
+    let mut fair = Fair::default();
+    loop {
+        // Block only when nothing waits; then take in everything sent meanwhile.
+        if fair.turn.is_empty() {
+            match rx.recv() {
+                Ok(q) => fair.push(q),
+                Err(_) => return,
+            }
+        }
+        while let Ok(q) = rx.try_recv() {
+            fair.push(q);
+        }
+        let Some((owner, job)) = fair.pop() else { continue };
+        if let Some(rest) = w.run(job) {
+            fair.resume(owner, rest);
+        }
+    }
+}
+
+struct Worker {
+    bb: Backbone,
+    sessions: HashMap<u64, Session>,
+    idle: Duration,
+    max_detached: usize,
+}
+
+impl Worker {
+    /// Runs a job, or a slice of it: what is left of it comes back.
+    fn run(&mut self, job: Job) -> Option<Job> {
+        let idle = self.idle;
+        self.sessions.retain(|_, s| s.used.elapsed() < idle);
         match job {
+            Job::Features { .. } => return self.features_slice(job),
             Job::Close { session, epoch } => {
-                if sessions.get(&session).is_some_and(|s| s.epoch == epoch) {
-                    sessions.remove(&session);
+                if self.sessions.get(&session).is_some_and(|s| s.epoch == epoch) {
+                    self.sessions.remove(&session);
                 }
             }
             Job::Head { reply } => {
-                let _ = reply.send(guarded(|| Ok(FrozenHead::shipped(&bb))));
-            }
-            Job::Features { seqs, layers, dtype, reply } => {
-                let r = guarded(|| {
-                    let d = bb.config.hidden_size;
-                    let mut out = Vec::with_capacity(seqs.len());
-                    // The host forward of flex runs sequences one at a time anyway: one per
-                    // call keeps a request's transient features an eighth as large (and
-                    // computes no padding). The tensor forward of other backends batches.
-                    let per_call = if spa_model::device::is_flex(&bb.device) { 1 } else { 8 };
-                    for chunk in seqs.chunks(per_call) {
-                        let tb = TokenBatch::new(chunk.iter().map(|s| s.ids.clone()).collect(), &bb.config, 0)?;
-                        let o = bb.forward(&tb, &layers, false, None);
-                        METRICS.backbone_tokens.inc_by(chunk.iter().map(|s| s.ids.len() as u64).sum());
-                        let taps: Vec<Vec<f32>> = o.taps.into_iter().map(to_vec).collect();
-                        for (b, s) in chunk.iter().enumerate() {
-                            out.push(layout(&taps, b, tb.max_len, d, s.from, s.to, dtype)?);
-                        }
-                    }
-                    Ok(out)
-                });
-                let _ = reply.send(r);
+                let _ = reply.send(guarded(|| Ok(FrozenHead::shipped(&self.bb))));
             }
             Job::Open { session, opening, reply } => {
-                let r = guarded(|| {
-                    let opening = *opening;
-                    let mut drafter = Drafter::new(&bb, opening.form, opening.sampling, opening.stop, opening.last_only).map_err(EngineError::Refused)?;
-                    if let Some((cfg, shared)) = &opening.side {
-                        let plugin = Plugin::new(cfg, &bb.config, &bb.device).and_then(|p| p.load(shared)).map_err(EngineError::Refused)?;
-                        drafter = drafter.with_side(plugin).map_err(EngineError::Refused)?;
-                    }
-                    let (owner, fingerprint) = (opening.owner, opening.fingerprint);
-                    sessions.insert(session, Session { drafter, owner, fingerprint, used: Instant::now(), attached: true, epoch: 0 });
-                    Ok(())
-                });
+                let r = guarded(|| self.open(session, *opening));
                 let _ = reply.send(r);
             }
             Job::Resume { session, owner, fingerprint, length, reply } => {
-                let ok = match sessions.get_mut(&session) {
+                let ok = match self.sessions.get_mut(&session) {
                     Some(s) if s.owner == owner && s.fingerprint == fingerprint && length <= s.drafter.len() && length > 0 => {
                         s.drafter.truncate(length);
                         s.attached = true;
@@ -336,32 +387,84 @@ fn worker(bb: Backbone, rx: mpsc::Receiver<Job>, idle: Duration, max_detached: u
                 let _ = reply.send(Ok(ok));
             }
             Job::Step { session, epoch, accepted, ids, draft, side, reply } => {
-                let Some(entry) = sessions.get_mut(&session).filter(|s| s.epoch == epoch) else {
+                let Some(entry) = self.sessions.get_mut(&session).filter(|s| s.epoch == epoch) else {
                     let _ = reply.send(Err(EngineError::SessionGone));
-                    continue;
+                    return None;
                 };
                 entry.used = Instant::now();
-                let r = guarded(|| Ok(entry.drafter.step(&bb, accepted, &ids, draft, side)?));
+                let bb = &self.bb;
+                let r = guarded(|| Ok(entry.drafter.step(bb, accepted, &ids, draft, side)?));
                 if let Ok(block) = &r {
                     METRICS.backbone_tokens.inc_by((ids.len() + block.drafts.len()) as u64);
                 }
                 if r.is_err() {
-                    sessions.remove(&session);
+                    self.sessions.remove(&session);
                 }
                 let _ = reply.send(r);
             }
-            Job::Detach { session, epoch } => {
-                if let Some(s) = sessions.get_mut(&session).filter(|s| s.epoch == epoch) {
-                    s.attached = false;
-                    s.used = Instant::now();
-                }
-                // Detached caches are kept for resumes, at most `max_detached` of them.
-                let mut detached: Vec<(Instant, u64)> = sessions.iter().filter(|(_, s)| !s.attached).map(|(id, s)| (s.used, *id)).collect();
-                detached.sort();
-                for (_, id) in detached.iter().take(detached.len().saturating_sub(max_detached)) {
-                    sessions.remove(id);
+            Job::Detach { session, epoch } => self.detach(session, epoch),
+        }
+        None
+    }
+
+    /// The next slice of a Features job (one sequence on flex, whose host forward runs one
+    /// at a time anyway, which also keeps transient features small; eight elsewhere, where
+    /// the tensor forward batches). A job whose caller went away is dropped.
+    fn features_slice(&mut self, job: Job) -> Option<Job> {
+        let Job::Features { seqs, layers, dtype, mut done, reply } = job else { return None };
+        if reply.is_closed() {
+            return None;
+        }
+        let per_call = if spa_model::device::is_flex(&self.bb.device) { 1 } else { 8 };
+        let chunk = &seqs[done.len()..(done.len() + per_call).min(seqs.len())];
+        let bb = &self.bb;
+        let r = guarded(|| {
+            let d = bb.config.hidden_size;
+            let tb = TokenBatch::new(chunk.iter().map(|s| s.ids.clone()).collect(), &bb.config, 0)?;
+            let o = bb.forward(&tb, &layers, false, None);
+            METRICS.backbone_tokens.inc_by(chunk.iter().map(|s| s.ids.len() as u64).sum());
+            let taps: Vec<Vec<f32>> = o.taps.into_iter().map(to_vec).collect();
+            chunk.iter().enumerate().map(|(b, s)| layout(&taps, b, tb.max_len, d, s.from, s.to, dtype)).collect::<Result<Vec<_>, _>>()
+        });
+        match r {
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                None
+            }
+            Ok(blobs) => {
+                done.extend(blobs);
+                if done.len() == seqs.len() {
+                    let _ = reply.send(Ok(done));
+                    None
+                } else {
+                    Some(Job::Features { seqs, layers, dtype, done, reply })
                 }
             }
+        }
+    }
+
+    fn open(&mut self, session: u64, opening: Opening) -> Result<(), EngineError> {
+        let bb = &self.bb;
+        let mut drafter = Drafter::new(bb, opening.form, opening.sampling, opening.stop, opening.last_only).map_err(EngineError::Refused)?;
+        if let Some((cfg, shared)) = &opening.side {
+            let plugin = Plugin::new(cfg, &bb.config, &bb.device).and_then(|p| p.load(shared)).map_err(EngineError::Refused)?;
+            drafter = drafter.with_side(plugin).map_err(EngineError::Refused)?;
+        }
+        let (owner, fingerprint) = (opening.owner, opening.fingerprint);
+        self.sessions.insert(session, Session { drafter, owner, fingerprint, used: Instant::now(), attached: true, epoch: 0 });
+        Ok(())
+    }
+
+    fn detach(&mut self, session: u64, epoch: u64) {
+        if let Some(s) = self.sessions.get_mut(&session).filter(|s| s.epoch == epoch) {
+            s.attached = false;
+            s.used = Instant::now();
+        }
+        // Detached caches are kept for resumes, at most `max_detached` of them.
+        let mut detached: Vec<(Instant, u64)> = self.sessions.iter().filter(|(_, s)| !s.attached).map(|(id, s)| (s.used, *id)).collect();
+        detached.sort();
+        for (_, id) in detached.iter().take(detached.len().saturating_sub(self.max_detached)) {
+            self.sessions.remove(id);
         }
     }
 }

@@ -45,7 +45,11 @@ pub async fn serve(s: Arc<Shared>, req: Request<Streaming<GenerateRequest>>) -> 
         return Err(Status::invalid_argument("a Generate stream must start with an `open` message"));
     };
     let plan = check_open(&s, &open, device.device_id.clone())?;
-    let device_slot = DeviceSlot::take(&s, &device.device_id)?;
+    let max = s.config.limits.max_sessions_per_device;
+    let device_slot = s
+        .device_sessions
+        .take(&device.device_id, max)
+        .ok_or_else(|| Status::resource_exhausted(format!("this device already has {max} generation sessions open")))?;
     let permit = s.sessions.clone().try_acquire_owned().map_err(|_| {
         let max = s.config.limits.max_sessions;
         Status::resource_exhausted(format!("{max} generation sessions already open; retry later"))
@@ -136,43 +140,12 @@ fn cloud_down(s: &Shared, open: &GenerateOpen, taps: usize) -> Result<Arc<CloudD
     Ok(Arc::new(down))
 }
 
-/// One of a device's `limits.max_sessions_per_device` slots, given back on drop.
-struct DeviceSlot {
-    s: Arc<Shared>,
-    device: String,
-}
-
-impl DeviceSlot {
-    fn take(s: &Arc<Shared>, device: &str) -> Result<Self, Status> {
-        let max = s.config.limits.max_sessions_per_device;
-        let mut open = crate::lock(&s.device_sessions);
-        let n = open.entry(device.to_string()).or_insert(0);
-        if *n >= max {
-            return Err(Status::resource_exhausted(format!("this device already has {max} generation sessions open")));
-        }
-        *n += 1;
-        Ok(DeviceSlot { s: s.clone(), device: device.to_string() })
-    }
-}
-
-impl Drop for DeviceSlot {
-    fn drop(&mut self) {
-        let mut open = crate::lock(&self.s.device_sessions);
-        if let Some(n) = open.get_mut(&self.device) {
-            *n -= 1;
-            if *n == 0 {
-                open.remove(&self.device);
-            }
-        }
-    }
-}
-
 /// One open stream's bookkeeping, to check each message before the engine sees it.
 struct Stream {
     s: Arc<Shared>,
     /// This stream's slot among `limits.max_sessions`, given back when the stream is dropped.
     _permit: tokio::sync::OwnedSemaphorePermit,
-    _device_slot: DeviceSlot,
+    _device_slot: crate::service::Held,
     /// Checked before each step: revoking a device ends its open streams.
     device: String,
     session: u64,
@@ -245,7 +218,7 @@ impl Stream {
             return Err(Status::invalid_argument(format!("this step would return {bytes} bytes, limit {max_bytes}: send fewer tokens")));
         }
         let n = e.ids.len();
-        let block = self.s.engine.step(self.session, self.epoch, accepted, e.ids, draft, e.side_draft).await?;
+        let block = self.s.engine.step(&self.device, self.session, self.epoch, accepted, e.ids, draft, e.side_draft).await?;
         self.confirmed += accepted + n;
         self.pending = block.drafts.len();
         Ok(GenerateResponse {

@@ -39,7 +39,9 @@ pub struct Shared {
     /// Failed enrollments per peer address (`limits.failed_enrollments_per_minute`).
     pub(crate) enroll_attempts: crate::auth::AttemptLimiter,
     /// Open Generate streams per device (`limits.max_sessions_per_device`).
-    pub(crate) device_sessions: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    pub(crate) device_sessions: Arc<PerDevice>,
+    /// Features requests per device, computing or not yet read (`limits.max_feature_requests_per_device`).
+    pub(crate) device_features: Arc<PerDevice>,
     pub(crate) next_session: AtomicU64,
 }
 
@@ -56,9 +58,46 @@ impl Shared {
             started: Instant::now(),
             sessions: Arc::new(tokio::sync::Semaphore::new(max_sessions)),
             device_sessions: Default::default(),
+            device_features: Default::default(),
             enroll_attempts: crate::auth::AttemptLimiter::new(failed_enrollments),
             next_session: AtomicU64::new(1),
         })
+    }
+}
+
+/// How many of something each device holds (open Generate streams, Features requests), so
+/// that one device cannot take what all share.
+#[derive(Default)]
+pub(crate) struct PerDevice(std::sync::Mutex<std::collections::HashMap<String, usize>>);
+
+/// One held by a device, given back on drop.
+pub(crate) struct Held {
+    of: Arc<PerDevice>,
+    device: String,
+}
+
+impl PerDevice {
+    /// One more for `device`, unless it holds `max` already.
+    pub(crate) fn take(self: &Arc<Self>, device: &str, max: usize) -> Option<Held> {
+        let mut held = crate::lock(&self.0);
+        let n = held.entry(device.to_string()).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Held { of: self.clone(), device: device.to_string() })
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut held = crate::lock(&self.of.0);
+        if let Some(n) = held.get_mut(&self.device) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.device);
+            }
+        }
     }
 }
 
@@ -282,9 +321,9 @@ impl Backbone for BackboneService {
     type GetHeadStream = BoxStream<TensorChunk>;
 
     async fn get_head(&self, req: Request<GetHeadRequest>) -> Result<Response<Self::GetHeadStream>, Status> {
-        self.0.auth.device(&req, methods::BACKBONE_GET_HEAD)?;
+        let rec = self.0.auth.device(&req, methods::BACKBONE_GET_HEAD)?;
         self.check_version(&req.get_ref().backbone_version)?;
-        let tensors = self.0.engine.head().await?;
+        let tensors = self.0.engine.head(&rec.device_id).await?;
         // Chunks are cut as the stream is read: one chunk's copy at a time, not the whole head.
         let chunks = tensors.into_iter().flat_map(|t| {
             let dtype = if t.f16 { DType::DtypeF16 } else { DType::DtypeF32 } as i32;
@@ -298,7 +337,13 @@ impl Backbone for BackboneService {
 
     async fn features(&self, req: Request<FeaturesRequest>) -> Result<Response<Self::FeaturesStream>, Status> {
         let s = &self.0;
-        s.auth.device(&req, methods::BACKBONE_FEATURES)?;
+        let rec = s.auth.device(&req, methods::BACKBONE_FEATURES)?;
+        // Held until the answer is read or dropped: unread answers count too.
+        let max = s.config.limits.max_feature_requests_per_device;
+        let held = s
+            .device_features
+            .take(&rec.device_id, max)
+            .ok_or_else(|| Status::resource_exhausted(format!("this device already has {max} Features requests in flight; read their answers first")))?;
         let r = req.into_inner();
         self.check_version(&r.backbone_version)?;
         let layers = self.check_layers(&r.layers)?;
@@ -327,9 +372,12 @@ impl Backbone for BackboneService {
         if total > limit {
             return Err(Status::invalid_argument(format!("request asks for {total} bytes of features, limit {limit}: split it")));
         }
-        let blobs = s.engine.features(seqs, layers, r.dtype).await?;
+        let blobs = s.engine.features(&rec.device_id, seqs, layers, r.dtype).await?;
         let chunks: Vec<FeaturesChunk> = blobs.iter().enumerate().flat_map(|(i, b)| feature_chunks(i as u32, b, CHUNK_BYTES)).collect();
-        Ok(Response::new(Box::pin(tokio_stream::iter(chunks.into_iter().map(Ok)))))
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks.into_iter().map(move |c| {
+            let _ = &held;
+            Ok(c)
+        })))))
     }
 
     type GenerateStream = BoxStream<GenerateResponse>;

@@ -255,3 +255,63 @@ async fn admin_credential_guessing_is_throttled_per_address() {
     admin(&ch).list_devices(with_admin(&cred, ListDevicesRequest {})).await.unwrap();
     srv.shutdown().await.unwrap();
 }
+
+/// A Features request of `n` sequences of `len` tokens, the last position of each (`all`:
+/// every position, 1 KiB each on this backbone).
+fn features_of(a: &DeviceSigner, n: usize, len: usize, all: bool) -> tonic::Request<FeaturesRequest> {
+    let from = if all { 0 } else { len as u32 - 1 };
+    let seq = FeatureSequence { ids: (0..len as u32).map(|i| 3 + i % 60).collect(), from, to: len as u32 };
+    let body = FeaturesRequest { backbone_version: String::new(), sequences: vec![seq; n], layers: vec![0], dtype: DType::DtypeF32 as i32 };
+    a.request(methods::BACKBONE_FEATURES, body)
+}
+
+fn features(a: &DeviceSigner, n: usize, len: usize) -> tonic::Request<FeaturesRequest> {
+    features_of(a, n, len, false)
+}
+
+/// Sends a Features request and reads its whole answer; when that was done.
+async fn features_done(ch: tonic::transport::Channel, req: tonic::Request<FeaturesRequest>) -> Instant {
+    let mut s = backbone(&ch).features(req).await.unwrap().into_inner();
+    while s.message().await.unwrap().is_some() {}
+    Instant::now()
+}
+
+/// Item 7: one device's large Features requests hold another device back by one slice of
+/// work, not by all of them; and one device has at most `max_feature_requests_per_device`
+/// in flight, unread answers included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backbone_serves_devices_in_turn_and_caps_requests_in_flight() {
+    let (_dir, srv, ch, cred) = serve(|t| t).await;
+    let a = enroll(&ch, &token(&ch, &cred, 600).await, "a").await.unwrap();
+    let b = enroll(&ch, &token(&ch, &cred, 600).await, "b").await.unwrap();
+    let t0 = Instant::now();
+    let a1 = tokio::spawn(features_done(ch.clone(), features(&a, 64, 200)));
+    let a2 = tokio::spawn(features_done(ch.clone(), features(&a, 64, 200)));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let b_done = features_done(ch.clone(), features(&b, 1, 8)).await;
+    let (a1_done, a2_done) = (a1.await.unwrap(), a2.await.unwrap());
+    let ms = |t: Instant| t.duration_since(t0).as_millis();
+    eprintln!("a1 {} ms, a2 {} ms, b (sent at 300 ms) {} ms", ms(a1_done), ms(a2_done), ms(b_done));
+    // First come, first served would answer b after both of a's requests.
+    assert!(b_done < a1_done && b_done < a2_done, "a1 {} ms, a2 {} ms, b {} ms", ms(a1_done), ms(a2_done), ms(b_done));
+
+    // Two answers left unread (3 MiB each: more than HTTP/2 lets the server send ahead) hold
+    // both of a's places; b is not affected.
+    let held1 = backbone(&ch).features(features_of(&a, 16, 200, true)).await.unwrap();
+    let held2 = backbone(&ch).features(features_of(&a, 16, 200, true)).await.unwrap();
+    let e = backbone(&ch).features(features(&a, 1, 8)).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("in flight"), "{e:?}");
+    features_done(ch.clone(), features(&b, 1, 8)).await;
+    // Dropped unread, they give their places back.
+    drop((held1, held2));
+    let t = Instant::now();
+    loop {
+        match backbone(&ch).features(features(&a, 1, 8)).await {
+            Ok(_) => break,
+            Err(e) => assert!(e.code() == Code::ResourceExhausted && t.elapsed() < Duration::from_secs(5), "{e:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    srv.shutdown().await.unwrap();
+}
