@@ -1,0 +1,210 @@
+//! Many devices over the service: a real `spa-coordinator serve` process, and N light
+//! devices in this process, each with its own enrolled identity and signed calls over loopback
+//! TLS, running the SecAgg+ client machine on a random update instead of training (training
+//! is what `client/tests/rounds.rs` and `tests/faults.rs` run, with one agent process per
+//! device). Every round must commit with every device, the committed step must be the mean of
+//! the devices' updates, and the coordinator's resident memory is sampled after each round.
+//!
+//! Short by default (CI): 30 devices, 3 rounds. By hand, for docs/BENCHMARKS.md:
+//! `SPA_LOAD_DEVICES=1000 SPA_LOAD_ROUNDS=2` (load) and `SPA_LOAD_DEVICES=20
+//! SPA_LOAD_ROUNDS=300` (soak: many short rounds; memory must stay flat).
+#[path = "../client/tests/common/mod.rs"]
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::procs::Coordinator;
+use rand_chacha::ChaCha20Rng;
+use rand_core::{RngCore, SeedableRng};
+use spa_aggregation::{ClientIncoming, ClientOutgoing, ClientState, system_rng};
+use spa_proto::auth::{DeviceSigner, generate_pkcs8, now_ms, public_key_of, sha256};
+use spa_proto::limits::CHUNK_BYTES;
+use spa_proto::v1::admin_client::AdminClient;
+use spa_proto::v1::device_client::DeviceClient;
+use spa_proto::v1::poll_response::Task;
+use spa_proto::v1::rounds_client::RoundsClient;
+use spa_proto::v1::*;
+use spa_proto::{methods, secagg};
+use tonic::transport::Channel;
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Per round, the sum of the updates sent and how many.
+type Sums = Arc<Mutex<HashMap<u64, (Vec<f64>, usize)>>>;
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// A device's part in the round it is in.
+struct InRound {
+    round_id: u64,
+    client_id: u32,
+    state: ClientState,
+    input: Option<Vec<u32>>,
+}
+
+/// One light device: polls and answers until it evaluated `rounds` committed versions.
+async fn device(ch: Channel, signer: DeviceSigner, seed: u64, rounds: usize, sums: Sums) -> Result<(), Error> {
+    let rpc = RoundsClient::new(ch).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    let mut cur: Option<InRound> = None;
+    let mut evaluated = 0;
+    while evaluated < rounds {
+        let task = rpc.clone().poll(signer.request(methods::ROUNDS_POLL, PollRequest {})).await?.into_inner().task;
+        let mut rpc = rpc.clone();
+        match task {
+            None => tokio::time::sleep(Duration::from_secs(1)).await,
+            Some(Task::Idle(i)) => tokio::time::sleep(Duration::from_millis(i.retry_after_ms.clamp(50, 10_000) as u64)).await,
+            Some(Task::Train(t)) => {
+                if cur.as_ref().is_some_and(|r| r.round_id == t.round_id) {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                let config = secagg::config_from_json(&t.session_config_json)?;
+                let quant = config.quant_params().ok_or("no quantization")?;
+                let delta: Vec<f32> = (0..config.m - 1).map(|_| (rng.next_u32() as f32 / u32::MAX as f32 - 0.5) * 0.1).collect();
+                let input = quant.encode(&delta, 1, &mut rng)?;
+                let (state, adv) = ClientState::start(t.client_id, config, &signer, system_rng()?)?;
+                rpc.advertise_keys(signer.request(methods::ROUNDS_ADVERTISE_KEYS, secagg::advertise_to_wire(&adv))).await?;
+                let mut g = sums.lock().unwrap();
+                let (sum, n) = g.entry(t.round_id).or_insert_with(|| (vec![0.0; delta.len()], 0));
+                sum.iter_mut().zip(&delta).for_each(|(s, d)| *s += *d as f64);
+                *n += 1;
+                cur = Some(InRound { round_id: t.round_id, client_id: t.client_id, state, input: Some(input) });
+            }
+            Some(Task::ShareKeys(t)) => {
+                let r = cur.take().filter(|r| r.round_id == t.round_id).ok_or("share_keys outside a round")?;
+                let (state, out) = r.state.handle(ClientIncoming::ShareKeys(secagg::share_keys_request(&t)?))?;
+                let Some(ClientOutgoing::ShareKeys(resp)) = out.into_iter().next() else { return Err("no shares".into()) };
+                rpc.share_keys(signer.request(methods::ROUNDS_SHARE_KEYS, secagg::share_keys_to_wire(t.round_id, &resp))).await?;
+                cur = Some(InRound { state, ..r });
+            }
+            Some(Task::MaskedInput(t)) => {
+                let mut r = cur.take().filter(|r| r.round_id == t.round_id).ok_or("masked_input outside a round")?;
+                let (state, _) = r.state.handle(ClientIncoming::MaskedInputRequest(secagg::masked_input_request(&t)))?;
+                let (state, out) = state.handle(ClientIncoming::Input(r.input.take().ok_or("no input")?))?;
+                let Some(ClientOutgoing::MaskedInput(masked)) = out.into_iter().next() else { return Err("no masked input".into()) };
+                upload(&mut rpc, &signer, t.round_id, r.client_id, &masked.into_vec()).await?;
+                cur = Some(InRound { state, ..r });
+            }
+            Some(Task::Unmask(t)) => {
+                let r = cur.take().filter(|r| r.round_id == t.round_id).ok_or("unmask outside a round")?;
+                let (state, out) = r.state.handle(ClientIncoming::Unmask(secagg::unmask_request(&t)))?;
+                let Some(ClientOutgoing::Unmask(resp)) = out.into_iter().next() else { return Err("no reveal".into()) };
+                rpc.unmask(signer.request(methods::ROUNDS_UNMASK, secagg::unmask_to_wire(t.round_id, &resp))).await?;
+                cur = Some(InRound { state, ..r });
+            }
+            Some(Task::Evaluate(t)) => {
+                cur = None;
+                // Reported, the version is not offered again.
+                let m = MetricsReport {
+                    round_id: t.round_id,
+                    global_version: t.global_version,
+                    tokens: 1,
+                    backbone_loss: 1.0,
+                    personalized_loss: 1.0,
+                    ..Default::default()
+                };
+                rpc.report_metrics(signer.request(methods::ROUNDS_REPORT_METRICS, m)).await?;
+                evaluated += 1;
+            }
+            Some(Task::Abort(t)) => return Err(format!("round {} aborted: {}", t.round_id, t.reason).into()),
+        }
+    }
+    Ok(())
+}
+
+async fn upload(rpc: &mut RoundsClient<Channel>, signer: &DeviceSigner, round_id: u64, client_id: u32, lanes: &[u32]) -> Result<(), Error> {
+    let bytes = secagg::lanes_to_bytes(lanes);
+    let header = MaskedUploadHeader { round_id, client_id, lanes: lanes.len() as u64, sha256: sha256(&bytes).to_vec() };
+    let header = MaskedUpload { kind: Some(masked_upload::Kind::Header(header)) };
+    let h = signer.sign(methods::ROUNDS_UPLOAD_MASKED, &header, now_ms());
+    let mut msgs = vec![header];
+    msgs.extend(bytes.chunks(CHUNK_BYTES).map(|c| MaskedUpload { kind: Some(masked_upload::Kind::Lanes(c.to_vec())) }));
+    let mut req = tonic::Request::new(tokio_stream::iter(msgs));
+    h.apply(req.metadata_mut());
+    rpc.upload_masked(req).await?;
+    Ok(())
+}
+
+/// Resident and peak resident memory of process `pid`, in MB.
+fn rss_mb(pid: u32) -> (f64, f64) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kb = |key: &str| s.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok()).unwrap_or(0.0);
+    (kb("VmRSS:") / 1024.0, kb("VmHWM:") / 1024.0)
+}
+
+#[test]
+fn many_devices_run_rounds_over_the_service_in_flat_memory() {
+    let (n, rounds) = (env_or("SPA_LOAD_DEVICES", 30), env_or("SPA_LOAD_ROUNDS", 3));
+    let tmp = tempfile::tempdir().unwrap();
+    let mut coord = Coordinator::init(tmp.path(), 120);
+    coord.edit_config(|t| t.replace("phase_timeout_secs = 20", "phase_timeout_secs = 120").replace("online_secs = 5", "online_secs = 30"));
+    coord.start(None);
+    let pid = coord.child.as_ref().unwrap().id();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let sums: Sums = Default::default();
+    let t0 = Instant::now();
+    let handles = rt.block_on(async {
+        let ca = std::fs::read(coord.home.join("tls/ca.pem")).unwrap();
+        let cred = std::fs::read_to_string(coord.home.join("admin.credential")).unwrap().trim().to_string();
+        // Devices share 50 connections (HTTP/2 streams): a thousand sockets each side would
+        // pass the usual 1024 open files.
+        let mut channels = Vec::new();
+        for _ in 0..n.min(50) {
+            channels.push(spa_coordinator::net::connect(&coord.url, &ca).await.unwrap());
+        }
+        let mut handles = Vec::new();
+        for i in 0..n {
+            let ch = channels[i % channels.len()].clone();
+            let mut req = tonic::Request::new(CreateTokenRequest { ttl_seconds: 600, note: String::new() });
+            req.metadata_mut().insert("authorization", format!("Bearer {cred}").parse().unwrap());
+            let token = AdminClient::new(ch.clone()).create_token(req).await.unwrap().into_inner().token;
+            let pkcs8 = generate_pkcs8().unwrap();
+            let public_key = public_key_of(&pkcs8).unwrap().to_vec();
+            let id =
+                DeviceClient::new(ch.clone()).enroll(EnrollRequest { token, public_key, name: format!("light-{i}") }).await.unwrap().into_inner().device_id;
+            let signer = DeviceSigner::from_pkcs8(&pkcs8, id).unwrap();
+            handles.push(tokio::spawn(device(ch, signer, i as u64, rounds, sums.clone())));
+        }
+        handles
+    });
+    eprintln!("{n} devices enrolled and polling in {:.1} s; coordinator RSS {:.0} MB", t0.elapsed().as_secs_f64(), rss_mb(pid).0);
+    let n_s = n.to_string();
+    coord.admin(&["round", "start", "--rounds", &rounds.to_string(), "--min-clients", &n_s, "--max-clients", &n_s, "--deadline", "300"]);
+    let mut rss = Vec::new();
+    for id in 1..=rounds as u64 {
+        let r = coord.wait_round(id, Duration::from_secs(900));
+        assert_eq!(r["state"], "committed", "{r}");
+        assert_eq!(r["contributors"].as_array().unwrap().len(), n, "{r}");
+        let (now, peak) = rss_mb(pid);
+        rss.push(now);
+        eprintln!("round {id}: phases {} busy {} ms; coordinator RSS {now:.0} MB (peak {peak:.0})", r["phase_ms"], r["coordinator_busy_ms"]);
+        if id == 1 || id == rounds as u64 {
+            // The committed step is the mean of the updates, up to quantization.
+            let v = r["committed_version"].as_u64().unwrap();
+            let (before, after) = (coord.checkpoint(v - 1), coord.checkpoint(v));
+            let g = sums.lock().unwrap();
+            let (sum, count) = &g[&id];
+            assert_eq!(*count, n);
+            let err = (0..before.len()).map(|i| (after[i] - before[i] - (sum[i] / n as f64) as f32).abs()).fold(0f32, f32::max);
+            assert!(err < 1e-3, "round {id}: the committed step differs from the mean update by {err}");
+        }
+    }
+    rt.block_on(async {
+        for h in handles {
+            h.await.unwrap().unwrap();
+        }
+    });
+    eprintln!("{n} devices, {rounds} rounds in {:.1} s; RSS after each round (MB): {rss:.0?}", t0.elapsed().as_secs_f64());
+    // Flat memory: after the first tenth of the rounds (caches warm), resident memory grows
+    // by less than 20% however many rounds follow.
+    if rounds >= 20 {
+        let warm = rss[rounds / 10];
+        let last = *rss.last().unwrap();
+        assert!(last < warm * 1.2, "coordinator memory grew from {warm:.0} MB to {last:.0} MB over {rounds} rounds");
+    }
+}
