@@ -24,6 +24,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Deterministic encoding of any future map field: request signatures cover the
         // prost encoding of the body, re-encoded by the receiver.
         .btree_map(".")
+        // A message that does not decode is INVALID_ARGUMENT, not tonic-prost's INTERNAL.
+        .codec_path("crate::codec::StrictCodec")
         .file_descriptor_set_path(&descriptor_path)
         .compile_protos(PROTOS, &["proto"])?;
 

@@ -43,6 +43,8 @@ pub struct ServerSection {
     pub store: PathBuf,
     /// On SIGTERM, how long in-flight calls and open streams may take before they are cut.
     pub drain_secs: u64,
+    /// The store's page cache, in MiB (sled's own default, 1 GiB, would grow to that).
+    pub store_cache_mb: u64,
     /// Address of the Prometheus endpoint (plain HTTP, `GET /metrics`); empty = none. The
     /// bound address is written to `<home>/metrics.addr`.
     pub metrics_listen: String,
@@ -58,6 +60,7 @@ impl Default for ServerSection {
             admin_credential: "admin.credential".into(),
             store: "store".into(),
             drain_secs: 10,
+            store_cache_mb: 64,
             metrics_listen: String::new(),
         }
     }
@@ -214,6 +217,7 @@ impl CoordinatorConfig {
         ensure(l.max_draft_tokens <= 256, "limits.max_draft_tokens must be at most 256")?;
         ensure(l.session_idle_secs > 0 && l.first_message_secs > 0, "limits.session_idle_secs and limits.first_message_secs must be > 0")?;
         ensure(self.auth.clock_window_secs > 0, "auth.clock_window_secs must be > 0")?;
+        ensure((1..=65_536).contains(&self.server.store_cache_mb), "server.store_cache_mb must be in 1..=65536")?;
         ensure(self.auth.max_nonces > 0, "auth.max_nonces must be > 0")?;
         ensure(
             self.auth.max_nonces_per_device > 0 && self.auth.max_nonces_per_device <= self.auth.max_nonces,

@@ -57,8 +57,14 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    spa_model::alloc::keep_freed_memory();
-    spa_proto::exit::finish(run(Cli::parse()))
+    let cli = Cli::parse();
+    // The tensor-heavy commands keep freed memory (faster training steps); `serve` runs for
+    // months and must give memory back: kept, it grew by 560 MB over 12 rounds of 1000
+    // devices (docs/BENCHMARKS.md, "1000 devices over the service").
+    if matches!(cli.command, Command::Model(_)) {
+        spa_model::alloc::keep_freed_memory();
+    }
+    spa_proto::exit::finish(run(cli))
 }
 
 fn run(cli: Cli) -> Result<()> {

@@ -102,7 +102,7 @@ pub async fn start(home: &Path) -> Result<Running> {
     let cfg = CoordinatorConfig::load(home)?;
     check_secret_mode(&cfg.resolve(home, &cfg.server.admin_credential))?;
     check_secret_mode(&cfg.resolve(home, &cfg.server.key))?;
-    let store = Store::open(&cfg.resolve(home, &cfg.server.store))
+    let store = Store::open_with_cache(&cfg.resolve(home, &cfg.server.store), cfg.server.store_cache_mb << 20)
         .map_err(|e| CoordinatorError::Other(format!("opening the store (is another coordinator running on this home?): {e}")))?;
     let cred_path = cfg.resolve(home, &cfg.server.admin_credential);
     let credential = std::fs::read_to_string(&cred_path).map_err(io(&cred_path))?;

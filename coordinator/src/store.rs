@@ -78,6 +78,7 @@ pub struct Event {
 #[derive(Clone)]
 pub struct Store {
     path: std::path::PathBuf,
+    cache_bytes: u64,
     cur: std::sync::Arc<std::sync::RwLock<Option<std::sync::Arc<Trees>>>>,
 }
 
@@ -113,8 +114,8 @@ pub fn token_hash(token: &str) -> [u8; 32] {
 }
 
 impl Trees {
-    fn open(path: &Path) -> Result<Self> {
-        let db = sled::open(path)?;
+    fn open(path: &Path, cache_bytes: u64) -> Result<Self> {
+        let db = sled::Config::new().path(path).cache_capacity(cache_bytes).open()?;
         Ok(Self {
             devices: db.open_tree("devices")?,
             tokens: db.open_tree("tokens")?,
@@ -130,10 +131,19 @@ impl Trees {
     }
 }
 
+/// sled's page cache when the config does not say (sled's own default is 1 GiB, which a
+/// coordinator writing a nonce per signed call fills, and keeps).
+pub const DEFAULT_CACHE_BYTES: u64 = 64 << 20;
+
 impl Store {
     pub fn open(path: &Path) -> Result<Self> {
-        let trees = Trees::open(path)?;
-        Ok(Self { path: path.to_path_buf(), cur: std::sync::Arc::new(std::sync::RwLock::new(Some(std::sync::Arc::new(trees)))) })
+        Self::open_with_cache(path, DEFAULT_CACHE_BYTES)
+    }
+
+    /// A store whose page cache holds at most `cache_bytes`.
+    pub fn open_with_cache(path: &Path, cache_bytes: u64) -> Result<Self> {
+        let trees = Trees::open(path, cache_bytes)?;
+        Ok(Self { path: path.to_path_buf(), cache_bytes, cur: std::sync::Arc::new(std::sync::RwLock::new(Some(std::sync::Arc::new(trees)))) })
     }
 
     /// The open store, or Unavailable while it is being reopened.
@@ -154,7 +164,7 @@ impl Store {
             tracing::error!("the store failed a write: closing and reopening it");
             drop(old);
         }
-        match Trees::open(&self.path) {
+        match Trees::open(&self.path, self.cache_bytes) {
             Ok(t) => {
                 tracing::warn!("the store is open again");
                 *g = Some(std::sync::Arc::new(t));

@@ -241,10 +241,26 @@ pub struct NonceWindow {
     window_ms: u64,
     capacity: usize,
     per_device: usize,
-    seen: HashSet<(String, String)>,
+    seen: HashSet<(u64, u128)>,
     /// (timestamp, device, nonce), in expiry order.
-    order: BTreeSet<(u64, String, String)>,
-    counts: HashMap<String, usize>,
+    order: BTreeSet<(u64, u64, u128)>,
+    counts: HashMap<u64, usize>,
+}
+
+/// A device id as the replay cache keys it: 8 bytes of its SHA-256. Entries are fixed-size
+/// (about 100 bytes each, no allocation of their own: a million live nonces are ~100 MB and
+/// do not fragment the heap); two ids sharing a key would only share a quota.
+fn device_key(device: &str) -> u64 {
+    u64::from_le_bytes(sha256(device.as_bytes())[..8].try_into().expect("8 bytes"))
+}
+
+/// A nonce as the replay cache keys it: its 128 bits (callers send 32 hex digits; anything
+/// else is hashed to 128 bits).
+fn nonce_key(nonce: &str) -> u128 {
+    match u128::from_str_radix(nonce, 16) {
+        Ok(n) if nonce.len() == 32 => n,
+        _ => u128::from_le_bytes(sha256(nonce.as_bytes())[..16].try_into().expect("16 bytes")),
+    }
 }
 
 impl NonceWindow {
@@ -261,11 +277,11 @@ impl NonceWindow {
     }
 
     fn expire(&mut self, now_ms: u64) {
-        while let Some((ts, _, _)) = self.order.first() {
+        while let Some(&(ts, d, n)) = self.order.first() {
             if ts.saturating_add(self.window_ms) >= now_ms {
                 break;
             }
-            let (_, d, n) = self.order.pop_first().expect("first");
+            self.order.pop_first();
             if let Some(c) = self.counts.get_mut(&d) {
                 *c -= 1;
                 if *c == 0 {
@@ -279,19 +295,19 @@ impl NonceWindow {
     /// Records a nonce of a call whose timestamp already passed [`check_clock`].
     pub fn check_and_insert(&mut self, device: &str, nonce: &str, ts_ms: u64, now_ms: u64) -> Result<(), AuthError> {
         self.expire(now_ms);
-        let key = (device.to_string(), nonce.to_string());
-        if self.seen.contains(&key) {
+        let (d, n) = (device_key(device), nonce_key(nonce));
+        if self.seen.contains(&(d, n)) {
             return Err(AuthError::Replay);
         }
-        if self.counts.get(device).is_some_and(|&c| c >= self.per_device) {
+        if self.counts.get(&d).is_some_and(|&c| c >= self.per_device) {
             return Err(AuthError::DeviceBusy(self.per_device));
         }
         if self.seen.len() >= self.capacity {
             return Err(AuthError::Busy);
         }
-        *self.counts.entry(key.0.clone()).or_insert(0) += 1;
-        self.order.insert((ts_ms, key.0.clone(), key.1.clone()));
-        self.seen.insert(key);
+        *self.counts.entry(d).or_insert(0) += 1;
+        self.order.insert((ts_ms, d, n));
+        self.seen.insert((d, n));
         Ok(())
     }
 }

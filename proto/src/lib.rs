@@ -9,6 +9,7 @@
 //!
 //! Invariant: no I/O here; this crate is pure encoding, checking and cryptography.
 pub mod auth;
+pub mod codec;
 pub mod error;
 pub mod exit;
 pub mod limits;

@@ -104,7 +104,7 @@ impl Rounds {
         Ok(true)
     }
 
-    /// A device polled: what should it do now?
+    /// A device polled: what should it do now? (Its next poll after an Idle: [`retry_after`].)
     pub fn poll(&self, device: &str) -> Task {
         lock(&self.online).insert(device.to_string(), Instant::now());
         if let Some(a) = lock(&self.active).as_ref()
@@ -113,7 +113,7 @@ impl Rounds {
             if let Some(t) = a.tasks.get(seat) {
                 return t.clone();
             }
-            return Task::Idle(v1::Idle { retry_after_ms: 200 });
+            return Task::Idle(v1::Idle { retry_after_ms: retry_after(200, a.seats.len()) });
         }
         if let Some((round_id, reason, devices)) = lock(&self.aborted).as_mut()
             && devices.remove(device)
@@ -125,7 +125,8 @@ impl Rounds {
         {
             return Task::Evaluate(v1::EvaluateTask { round_id: e.round_id, global_version: e.version });
         }
-        Task::Idle(v1::Idle { retry_after_ms: 1000 })
+        let online = lock(&self.online).len();
+        Task::Idle(v1::Idle { retry_after_ms: retry_after(1000, online) })
     }
 
     /// Runs `f` on the active round's SecAgg server if `device` holds a seat in `round_id`
@@ -309,4 +310,12 @@ pub enum AnswerError {
     Refused(SecAggError),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// How long a device waits before its next poll: `base_ms`, longer with many `devices`, so
+/// that polls stay near a thousand a second in all (each is a signed call, and its nonce sits
+/// in the replay cache for the clock window: at 5 polls a second, 1000 devices would fill a
+/// million-entry cache in under four minutes).
+fn retry_after(base_ms: u32, devices: usize) -> u32 {
+    base_ms.max(devices.min(60_000) as u32)
 }
