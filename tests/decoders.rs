@@ -137,4 +137,56 @@ proptest! {
         );
         let _ = spa_model::BackboneConfig::from_json(&json);
     }
+
+    /// Tokenizer files as a coordinator serves them to devices: the shipped tokenizer.json with
+    /// bytes flipped, cut or inserted parses or is refused, and a parsed one encodes and
+    /// decodes without a panic.
+    #[test]
+    fn tokenizer_files_never_panic(edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..3), 1..6)) {
+        let mut raw = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/models/shakespeare-char/tokenizer.json")).unwrap();
+        for (at, b, op) in edits {
+            let i = at.index(raw.len());
+            match op {
+                0 => raw[i] = b,
+                1 => raw.truncate(i),
+                _ => raw.insert(i, b),
+            }
+            if raw.is_empty() {
+                break;
+            }
+        }
+        if let Ok(text) = std::str::from_utf8(&raw)
+            && let Ok(t) = spa_model::tokenizer::Tokenizer::from_json(text)
+            && let Ok(ids) = t.encode("To be, or not to be")
+        {
+            let _ = t.decode(&ids);
+        }
+    }
+
+    /// Special-token files (config.json, generation_config.json, tokenizer_config.json) with
+    /// any values where ids and templates go.
+    #[test]
+    fn special_token_files_never_panic(bos in any::<i64>(), eos in proptest::collection::vec(any::<i64>(), 0..3), add in any::<bool>(), template in ".{0,40}") {
+        let config = format!(r#"{{"bos_token_id":{bos},"eos_token_id":{eos:?}}}"#);
+        let tok = serde_json::json!({ "add_bos_token": add, "chat_template": template, "bos_token": {"content": template}, "eos_token": "</s>" }).to_string();
+        let _ = spa_model::tokenizer::ModelTokens::from_json(&config, Some(&config), Some(&tok));
+    }
+
+    /// Round records as sled holds them (JSON written by this coordinator, read back after a
+    /// restart): a damaged record is refused, an intact one round-trips.
+    #[test]
+    fn round_records_never_panic(edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4)) {
+        let mut raw = ROUND_RECORD.as_bytes().to_vec();
+        for (at, b) in edits {
+            let i = at.index(raw.len());
+            raw[i] = b;
+        }
+        if let Ok(r) = serde_json::from_slice::<spa_coordinator::rounds::RoundRecord>(&raw) {
+            let again: spa_coordinator::rounds::RoundRecord = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+            prop_assert_eq!(again, r);
+        }
+    }
 }
+
+/// A round record as the coordinator wrote it (tests/faults.rs, a round aborted below threshold).
+const ROUND_RECORD: &str = r#"{"answered":{"masked_input":7,"share_keys":7,"training":8,"unmask":6},"base_version":1,"cohort":["dev-2f1e50e4ccc28d05","dev-4dd2f3745a82f389"],"committed_version":null,"contributors":[],"coordinator_busy_ms":0.0,"dropouts":{"dev-2f1e50e4ccc28d05":{"phase":"unmask","reason":{"kind":"timed_out"}},"dev-771249a06d5acd6d":{"phase":"share_keys","reason":{"detail":"malformed message: client 4: shares not addressed to exactly its neighbours","kind":"refused"}}},"finished_ms":1796331685648,"index":2,"mean_metrics":null,"metrics":{},"phase_ms":{"masked_input":205,"selecting":0,"share_keys":387,"training":40000,"unmask":8001},"plan":{"deadline_secs":40,"dp_l2_clip":0.0,"dp_noise_multiplier":0.0,"local_epochs":1,"lr":0.01,"max_clients":10,"min_clients":6,"prox_mu":0.0,"rounds":3,"strategy":"fedavg"},"reason":"secure aggregation: session aborted: below threshold: b-shares of 2 has 5, needs 6","round_id":2,"run_id":1,"shared_params":53792,"started_ms":1796331637049,"state":"aborted","updated_ms":1796331685648}"#;

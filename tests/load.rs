@@ -130,6 +130,50 @@ async fn upload(rpc: &mut RoundsClient<Channel>, signer: &DeviceSigner, round_id
     Ok(())
 }
 
+/// A device outside every cohort (enrolled, never polling) uploads to each round in turn, a
+/// header and then lanes that never come: the coordinator must refuse it at the header,
+/// before reading any lane (a buffering server would wait for the stream forever). Returns
+/// how many uploads met a round in progress (PERMISSION_DENIED, not in the cohort).
+async fn outsider_uploads(url: String, home: std::path::PathBuf, rounds: u64, stop: Arc<std::sync::atomic::AtomicBool>) -> usize {
+    let ch = spa_coordinator::net::connect(&url, &std::fs::read(home.join("tls/ca.pem")).unwrap()).await.unwrap();
+    let cred = std::fs::read_to_string(home.join("admin.credential")).unwrap().trim().to_string();
+    let mut req = tonic::Request::new(CreateTokenRequest { ttl_seconds: 600, note: String::new() });
+    req.metadata_mut().insert("authorization", format!("Bearer {cred}").parse().unwrap());
+    let token = AdminClient::new(ch.clone()).create_token(req).await.unwrap().into_inner().token;
+    let pkcs8 = generate_pkcs8().unwrap();
+    let public_key = public_key_of(&pkcs8).unwrap().to_vec();
+    let id = DeviceClient::new(ch.clone()).enroll(EnrollRequest { token, public_key, name: "outsider".into() }).await.unwrap().into_inner().device_id;
+    let signer = DeviceSigner::from_pkcs8(&pkcs8, id).unwrap();
+    let mut refused = 0;
+    let mut next = 1;
+    while next <= rounds && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        // The round expected next, or the one after if that one was missed.
+        for round_id in [next, next + 1] {
+            let header =
+                MaskedUpload { kind: Some(masked_upload::Kind::Header(MaskedUploadHeader { round_id, client_id: 1, lanes: 53_793, sha256: vec![0; 32] })) };
+            let h = signer.sign(methods::ROUNDS_UPLOAD_MASKED, &header, now_ms());
+            let lanes = tokio_stream::StreamExt::chain(tokio_stream::iter([header]), tokio_stream::pending());
+            let mut req = tonic::Request::new(lanes);
+            h.apply(req.metadata_mut());
+            let mut rpc = RoundsClient::new(ch.clone());
+            let call = rpc.upload_masked(req);
+            let e = tokio::time::timeout(Duration::from_secs(10), call).await.expect("an outsider's upload was read past its header").unwrap_err();
+            match e.code() {
+                tonic::Code::PermissionDenied => {
+                    refused += 1;
+                    next = round_id + 1;
+                    break;
+                }
+                // No round in progress (not yet, or over).
+                tonic::Code::FailedPrecondition if e.message().contains("not in progress") => {}
+                _ => panic!("outsider upload: {e:?}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    refused
+}
+
 /// Resident and peak resident memory of process `pid`, in MB.
 fn rss_mb(pid: u32) -> (f64, f64) {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -173,6 +217,8 @@ fn many_devices_run_rounds_over_the_service_in_flat_memory() {
         handles
     });
     eprintln!("{n} devices enrolled and polling in {:.1} s; coordinator RSS {:.0} MB", t0.elapsed().as_secs_f64(), rss_mb(pid).0);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let outsider = rt.spawn(outsider_uploads(coord.url.clone(), coord.home.clone(), rounds as u64, stop.clone()));
     let n_s = n.to_string();
     coord.admin(&["round", "start", "--rounds", &rounds.to_string(), "--min-clients", &n_s, "--max-clients", &n_s, "--deadline", "300"]);
     let mut rss = Vec::new();
@@ -199,6 +245,9 @@ fn many_devices_run_rounds_over_the_service_in_flat_memory() {
             h.await.unwrap().unwrap();
         }
     });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let refused = rt.block_on(outsider).unwrap();
+    assert!(refused > 0, "the outsider never found a round in progress to upload to");
     eprintln!("{n} devices, {rounds} rounds in {:.1} s; RSS after each round (MB): {rss:.0?}", t0.elapsed().as_secs_f64());
     // Flat memory: after the first tenth of the rounds (caches warm), resident memory grows
     // by less than 20% however many rounds follow.

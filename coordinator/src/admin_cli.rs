@@ -259,6 +259,21 @@ pub fn run_init(home: &Path, names: &[String], json: bool) -> Result<()> {
     Ok(())
 }
 
+/// `rotate-credential` entry point for the binary.
+pub fn run_rotate_credential(home: &Path, json: bool) -> Result<()> {
+    let path = crate::init::rotate_admin_credential(home)?;
+    #[derive(serde::Serialize)]
+    struct Rotated<'a> {
+        admin_credential: &'a Path,
+    }
+    if json {
+        print_json(&Rotated { admin_credential: &path })?;
+    } else {
+        println!("new admin credential in {} (the old one no longer works)", path.display());
+    }
+    Ok(())
+}
+
 #[derive(Subcommand, Debug)]
 pub enum RoundCommand {
     /// Queue a run of federated rounds over the enrolled, online devices.

@@ -13,7 +13,8 @@ pub struct Auth {
     store: Store,
     nonces: Mutex<NonceWindow>,
     window_ms: u64,
-    admin_hash: [u8; 32],
+    /// The admin credential's file, read on each admin call (rotation takes effect at once).
+    admin_path: std::path::PathBuf,
     /// Wrong admin credentials per peer address (`limits.failed_admin_calls_per_minute`).
     admin_attempts: AttemptLimiter,
     refused_log: RefusalLog,
@@ -86,7 +87,7 @@ fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
 
 impl Auth {
     /// Loads the nonces still inside the window, so a restart does not reopen replays.
-    pub fn new(store: Store, cfg: &crate::config::CoordinatorConfig, admin_credential: &str) -> crate::error::Result<Self> {
+    pub fn new(store: Store, cfg: &crate::config::CoordinatorConfig, admin_path: &std::path::Path) -> crate::error::Result<Self> {
         let window_ms = cfg.auth.clock_window_secs * 1000;
         let (capacity, per_device) = (cfg.auth.max_nonces, cfg.auth.max_nonces_per_device);
         let now = now_ms();
@@ -99,7 +100,7 @@ impl Auth {
             store,
             nonces: Mutex::new(w),
             window_ms,
-            admin_hash: sha256(admin_credential.trim().as_bytes()),
+            admin_path: admin_path.to_path_buf(),
             admin_attempts: AttemptLimiter::new(cfg.limits.failed_admin_calls_per_minute),
             refused_log: RefusalLog::default(),
         })
@@ -149,7 +150,11 @@ impl Auth {
         let v = md.get(HDR_AUTHORIZATION).ok_or(AuthError::Missing(HDR_AUTHORIZATION))?;
         let v = v.to_str().map_err(|_| AuthError::Malformed(HDR_AUTHORIZATION))?;
         let cred = v.strip_prefix("Bearer ").ok_or(AuthError::Malformed(HDR_AUTHORIZATION))?;
-        if !same(&sha256(cred.trim().as_bytes()), &self.admin_hash) {
+        let current = std::fs::read_to_string(&self.admin_path).map_err(|e| {
+            tracing::error!("cannot read the admin credential {}: {e}", self.admin_path.display());
+            Status::unavailable("the coordinator cannot read its admin credential file")
+        })?;
+        if !same(&sha256(cred.trim().as_bytes()), &sha256(current.trim().as_bytes())) {
             self.admin_attempts.failed(peer);
             self.refused_log.refused("admin", &"wrong credential");
             return Err(AuthError::BadAdmin.into());

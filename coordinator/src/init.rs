@@ -32,6 +32,24 @@ fn write_new(path: &Path, bytes: &[u8], secret: bool) -> Result<()> {
     Ok(())
 }
 
+/// A fresh admin credential: `spa-admin-` and 256 random bits in hex.
+fn new_credential() -> String {
+    format!("spa-admin-{}\n", hex::encode(spa_proto::auth::random_bytes::<32>()))
+}
+
+/// Replaces the admin credential of `home` with a fresh one (written mode 0600 beside the old
+/// one, then renamed over it: never a half-written file). A running coordinator reads the file
+/// on each admin call: the old credential stops working at once. Returns the file's path.
+pub fn rotate_admin_credential(home: &Path) -> Result<std::path::PathBuf> {
+    let cfg = CoordinatorConfig::load(home)?;
+    let path = cfg.resolve(home, &cfg.server.admin_credential);
+    let tmp = path.with_extension("new");
+    let _ = std::fs::remove_file(&tmp);
+    write_new(&tmp, new_credential().as_bytes(), true)?;
+    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    Ok(path)
+}
+
 /// `extra_names`: more DNS names or IP addresses the server certificate is valid for
 /// (beyond localhost and 127.0.0.1).
 pub fn init(home: &Path, extra_names: &[String]) -> Result<InitReport> {
@@ -63,7 +81,7 @@ pub fn init(home: &Path, extra_names: &[String]) -> Result<InitReport> {
     let issuer = Issuer::new(ca_params, ca_key);
     let cert = params.signed_by(&key, &issuer)?;
 
-    let credential = format!("spa-admin-{}\n", hex::encode(spa_proto::auth::random_bytes::<32>()));
+    let credential = new_credential();
     write_new(&home.join(&s.ca_cert), ca_cert.pem().as_bytes(), false)?;
     write_new(&home.join("tls/ca.key"), issuer.key().serialize_pem().as_bytes(), true)?;
     write_new(&home.join(&s.cert), cert.pem().as_bytes(), false)?;

@@ -40,6 +40,12 @@ enum Command {
     /// Enrollment tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Replace the admin credential with a fresh one (a running coordinator takes it at its
+    /// next admin call; the old one stops working).
+    RotateCredential {
+        #[arg(long)]
+        home: std::path::PathBuf,
+    },
     /// Enrolled devices.
     #[command(subcommand)]
     Devices(DevicesCommand),
@@ -59,10 +65,10 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // The tensor-heavy commands keep freed memory (faster training steps); `serve` runs for
-    // months and must give memory back: kept, it grew by 560 MB over 12 rounds of 1000
-    // devices (docs/BENCHMARKS.md, "1000 devices over the service").
-    if matches!(cli.command, Command::Model(_)) {
-        spa_model::alloc::keep_freed_memory();
+    // months and gives memory back (docs/BENCHMARKS.md, "1000 devices over the service").
+    match cli.command {
+        Command::Model(_) => spa_model::alloc::keep_freed_memory(),
+        _ => spa_model::alloc::return_freed_memory(),
     }
     spa_proto::exit::finish(run(cli))
 }
@@ -80,6 +86,7 @@ fn run(cli: Cli) -> Result<()> {
             spa_coordinator::service_main::init_tracing();
             Ok(runtime()?.block_on(spa_coordinator::server::serve(&home))?)
         }
+        Command::RotateCredential { home } => admin_cli::run_rotate_credential(&home, json),
         Command::Token(cmd) => runtime()?.block_on(admin_cli::run_token(cmd, json)),
         Command::Devices(cmd) => runtime()?.block_on(admin_cli::run_devices(cmd, json)),
         Command::Round(cmd) => runtime()?.block_on(admin_cli::run_round(cmd, json)),

@@ -105,8 +105,8 @@ pub async fn start(home: &Path) -> Result<Running> {
     let store = Store::open_with_cache(&cfg.resolve(home, &cfg.server.store), cfg.server.store_cache_mb << 20)
         .map_err(|e| CoordinatorError::Other(format!("opening the store (is another coordinator running on this home?): {e}")))?;
     let cred_path = cfg.resolve(home, &cfg.server.admin_credential);
-    let credential = std::fs::read_to_string(&cred_path).map_err(io(&cred_path))?;
-    let auth = Auth::new(store.clone(), &cfg, &credential)?;
+    std::fs::read_to_string(&cred_path).map_err(io(&cred_path))?;
+    let auth = Auth::new(store.clone(), &cfg, &cred_path)?;
     let backend = match &cfg.backbone.device {
         Some(d) => d.parse::<BackendKind>()?,
         None => BackendKind::resolve(None)?,

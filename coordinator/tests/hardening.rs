@@ -256,6 +256,22 @@ async fn admin_credential_guessing_is_throttled_per_address() {
     srv.shutdown().await.unwrap();
 }
 
+/// Rotating the admin credential while serving: the new one works at once, the old one no
+/// longer; the new file is private.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_credential_rotates_while_serving() {
+    use std::os::unix::fs::PermissionsExt;
+    let (dir, srv, ch, old) = serve(|t| t).await;
+    let path = spa_coordinator::init::rotate_admin_credential(dir.path()).unwrap();
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    let new = admin_cred(dir.path());
+    assert_ne!(new, old);
+    let e = admin(&ch).list_devices(with_admin(&old, ListDevicesRequest {})).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    admin(&ch).list_devices(with_admin(&new, ListDevicesRequest {})).await.unwrap();
+    srv.shutdown().await.unwrap();
+}
+
 /// A Features request of `n` sequences of `len` tokens, the last position of each (`all`:
 /// every position, 1 KiB each on this backbone).
 fn features_of(a: &DeviceSigner, n: usize, len: usize, all: bool) -> tonic::Request<FeaturesRequest> {
