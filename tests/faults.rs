@@ -87,6 +87,7 @@ fn rounds_go_on_through_partitions_silent_and_malformed_devices() {
     let r1 = coord.wait_round(1, Duration::from_secs(300));
     flaky.heal();
     assert_eq!(r1["state"], "committed", "{r1}");
+    eprintln!("round 1: contributors {}, dropouts {}, phases (ms) {}", ids(&r1["contributors"]).len(), r1["dropouts"], r1["phase_ms"]);
     assert_eq!(r1["cohort"].as_array().unwrap().len(), n, "{r1}");
     assert_dropout(&r1, &devices[1], None, "timed_out");
     assert_dropout(&r1, &devices[2], Some("share_keys"), "timed_out");
@@ -103,6 +104,7 @@ fn rounds_go_on_through_partitions_silent_and_malformed_devices() {
     // is in: its update counts, its mask is removed through the others' shares).
     let r2 = coord.wait_round(2, Duration::from_secs(300));
     assert_eq!(r2["state"], "committed", "{r2}");
+    eprintln!("round 2: contributors {}, dropouts {}, phases (ms) {}", ids(&r2["contributors"]).len(), r2["dropouts"], r2["phase_ms"]);
     assert_eq!(r2["cohort"].as_array().unwrap().len(), n, "the partitioned and the restarted device are back: {r2}");
     assert_dropout(&r2, &devices[5], Some("training"), "timed_out");
     assert_dropout(&r2, &devices[6], Some("share_keys"), "refused");
@@ -120,6 +122,7 @@ fn rounds_go_on_through_partitions_silent_and_malformed_devices() {
     // Round 3: every device contributes again.
     let r3 = coord.wait_round(3, Duration::from_secs(300));
     assert_eq!(r3["state"], "committed", "{r3}");
+    eprintln!("round 3: contributors {}, dropouts {}, phases (ms) {}", ids(&r3["contributors"]).len(), r3["dropouts"], r3["phase_ms"]);
     assert_eq!(ids(&r3["contributors"]).len(), n, "{r3}");
     assert!(r3["dropouts"].as_object().is_none_or(|d| d.is_empty()), "{r3}");
     check_aggregate(&coord, &devices, &r3);
@@ -199,6 +202,7 @@ fn a_full_disk_fails_writes_cleanly_and_serving_resumes_when_space_returns() {
     // Space returns: within seconds the store is reopened and writes work again.
     std::fs::remove_file(&filler).unwrap();
     let t = Instant::now();
+    let freed = Instant::now();
     let token = loop {
         let out = Command::new(coordinator_bin()).args(["token", "create", "--json", "--home"]).arg(&coord.home).output().unwrap();
         if out.status.success() {
@@ -208,6 +212,11 @@ fn a_full_disk_fails_writes_cleanly_and_serving_resumes_when_space_returns() {
         std::thread::sleep(Duration::from_millis(250));
     };
     assert!(token["token"].as_str().unwrap().starts_with("spa_"));
+    eprintln!(
+        "writes refused while the disk was full ({}); accepted again {} ms after space returned",
+        err.lines().next().unwrap_or(""),
+        freed.elapsed().as_millis()
+    );
     // Nothing acknowledged was lost: the enrolled device and the revocation are there, and
     // devices enroll again.
     let listed = coord.admin(&["devices", "list"]);

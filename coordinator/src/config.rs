@@ -135,6 +135,10 @@ pub struct LimitsSection {
     pub failed_admin_calls_per_minute: u32,
     /// Features requests one device may have in flight (computing, queued or unread).
     pub max_feature_requests_per_device: usize,
+    /// TCP connections open at once; more are closed as they arrive.
+    pub max_connections: usize,
+    /// A TLS handshake must finish within this many seconds.
+    pub tls_handshake_secs: u64,
 }
 
 impl Default for LimitsSection {
@@ -151,6 +155,8 @@ impl Default for LimitsSection {
             failed_enrollments_per_minute: 10,
             failed_admin_calls_per_minute: 10,
             max_feature_requests_per_device: 2,
+            max_connections: 4096,
+            tls_handshake_secs: 10,
         }
     }
 }
@@ -214,6 +220,7 @@ impl CoordinatorConfig {
         ensure(l.failed_enrollments_per_minute > 0, "limits.failed_enrollments_per_minute must be > 0")?;
         ensure(l.failed_admin_calls_per_minute > 0, "limits.failed_admin_calls_per_minute must be > 0")?;
         ensure(l.max_feature_requests_per_device > 0, "limits.max_feature_requests_per_device must be > 0")?;
+        ensure(l.max_connections > 0 && l.tls_handshake_secs > 0, "limits.max_connections and limits.tls_handshake_secs must be > 0")?;
         ensure(l.max_draft_tokens <= 256, "limits.max_draft_tokens must be at most 256")?;
         ensure(l.session_idle_secs > 0 && l.first_message_secs > 0, "limits.session_idle_secs and limits.first_message_secs must be > 0")?;
         ensure(self.auth.clock_window_secs > 0, "auth.clock_window_secs must be > 0")?;

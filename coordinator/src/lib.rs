@@ -13,6 +13,7 @@
 pub mod admin_cli;
 pub mod auth;
 pub mod config;
+pub mod conn;
 pub mod engine;
 pub mod error;
 pub mod generation;

@@ -148,13 +148,14 @@ pub async fn start(home: &Path) -> Result<Running> {
         .map_err(|e| CoordinatorError::Config(format!("cannot listen on {}: {e}", cfg.server.listen)))?;
     let addr = listener.local_addr().map_err(|e| CoordinatorError::Other(format!("listener address: {e}")))?;
     // Dead peers are found by HTTP/2 pings (an idle, silent socket is closed after the
-    // timeout), and one connection may not open unbounded concurrent streams.
+    // timeout), a TLS handshake must finish in time, and one connection may not open
+    // unbounded concurrent streams. TCP options and the connection cap: `conn::capped`.
+    let lim = &cfg.limits;
     let router = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .tcp_keepalive(Some(Duration::from_secs(60)))
         .max_concurrent_streams(Some(256))
-        .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))?
+        .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)).timeout(Duration::from_secs(lim.tls_handshake_secs)))?
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(DeviceServer::new(DeviceService(shared.clone())).max_decoding_message_size(max).max_encoding_message_size(max))
@@ -162,7 +163,7 @@ pub async fn start(home: &Path) -> Result<Running> {
         .add_service(BackboneServer::new(BackboneService(shared.clone())).max_decoding_message_size(max).max_encoding_message_size(max))
         .add_service(RoundsServer::new(RoundsService(shared.clone())).max_decoding_message_size(max).max_encoding_message_size(max));
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let incoming = crate::conn::capped(listener, cfg.limits.max_connections);
     let flush_store = store.clone();
     let task = tokio::spawn(async move {
         let r = router

@@ -418,3 +418,36 @@ async fn every_method_answers_undecodable_and_random_bodies_as_the_callers_error
     ping(&ch, &a).await.unwrap();
     srv.shutdown().await.unwrap();
 }
+
+/// Whether the server closed `s` within `within` (a read returns end of file or an error).
+async fn closed_by_server(s: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut b = [0u8; 64];
+    matches!(tokio::time::timeout(within, s.read(&mut b)).await, Ok(Ok(0)) | Ok(Err(_)))
+}
+
+/// `limits.max_connections` and `limits.tls_handshake_secs`: sockets that connect and never
+/// speak hold their place only until the handshake deadline, and one past the cap is closed as
+/// it arrives; connections already open are served throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_capped_and_silent_ones_dropped_at_the_handshake_deadline() {
+    let (dir, srv, ch, cred) =
+        serve(|t| t.replace("max_connections = 4096", "max_connections = 3").replace("tls_handshake_secs = 10", "tls_handshake_secs = 1")).await;
+    admin(&ch).list_devices(with_admin(&cred, ListDevicesRequest {})).await.unwrap();
+    // `ch` is one connection; two silent sockets take the other places.
+    let mut silent = Vec::new();
+    for _ in 0..2 {
+        silent.push(tokio::net::TcpStream::connect(srv.addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut extra = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+    assert!(closed_by_server(&mut extra, Duration::from_millis(500)).await, "a connection past the cap was kept");
+    admin(&ch).list_devices(with_admin(&cred, ListDevicesRequest {})).await.unwrap();
+    // The silent ones are dropped at the 1 s handshake deadline, and their places come back.
+    for s in silent.iter_mut() {
+        assert!(closed_by_server(s, Duration::from_secs(5)).await, "a socket that never sent a TLS hello was kept");
+    }
+    let again = channel(&format!("https://{}", srv.addr), dir.path()).await;
+    admin(&again).list_devices(with_admin(&cred, ListDevicesRequest {})).await.unwrap();
+    srv.shutdown().await.unwrap();
+}

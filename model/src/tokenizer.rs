@@ -40,10 +40,14 @@ impl Tokenizer {
         })
     }
 
+    /// Parses a tokenizer.json (a device gets it from its coordinator: any bytes). tokenizers
+    /// 0.22 panics on some malformed files (`expect("Helper")` in its decoder section, found
+    /// by `tests/decoders.rs`): that is caught and reported as a malformed file.
     pub fn from_json(text: &str) -> Result<Self> {
-        let inner: tokenizers::Tokenizer = text
-            .parse()
-            .map_err(|e: Box<dyn std::error::Error + Send + Sync>| ModelError::Tokenizer { path: "tokenizer.json".into(), message: e.to_string() })?;
+        let bad = |message: String| ModelError::Tokenizer { path: "tokenizer.json".into(), message };
+        let parsed = std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>())
+            .map_err(|_| bad("malformed tokenizer.json (the tokenizers parser panicked on it)".into()))?;
+        let inner = parsed.map_err(|e| bad(e.to_string()))?;
         let vocab_size = inner.get_vocab_size(true);
         Ok(Self { inner, vocab_size })
     }
