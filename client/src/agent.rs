@@ -177,13 +177,14 @@ pub async fn run(home: &Path, opts: &AgentOptions, on_event: &mut dyn FnMut(Agen
     }
 }
 
-/// Errors that no retry fixes: revoked or unknown device, a broken local store.
+/// Errors that no retry fixes: revoked or unknown device, a broken local store, a device key
+/// that cannot be opened.
 fn fatal(e: &ClientError) -> Result<()> {
     match e {
         ClientError::Status(s) if s.code() == Code::Unauthenticated || (s.code() == Code::PermissionDenied && s.message().contains("revoked")) => {
             Err(ClientError::Invalid(format!("the coordinator refuses this device: {}", s.message())))
         }
-        ClientError::NotEnrolled | ClientError::Store(_) => Err(ClientError::Invalid(e.to_string())),
+        ClientError::NotEnrolled | ClientError::Store(_) | ClientError::Key(_) => Err(ClientError::Invalid(e.to_string())),
         _ => Ok(()),
     }
 }

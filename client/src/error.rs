@@ -17,6 +17,10 @@ pub enum ClientError {
     Transport(#[from] tonic::transport::Error),
     #[error("{path}: {source}")]
     Io { path: String, source: std::io::Error },
+    /// The identity key cannot be had (sealed without its passphrase, or a wrong one): no
+    /// retry helps.
+    #[error("device key: {0}")]
+    Key(String),
     #[error("{0}")]
     Invalid(String),
 }

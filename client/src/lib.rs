@@ -1,6 +1,7 @@
 //! spa-client: the device side of SPA.
 //!
 //! - [`store`]: the device's sled store (identity, data, feature cache, plugin parts).
+//! - [`keyseal`]: the identity key sealed with a passphrase at rest.
 //! - [`net`]: TLS connection to the coordinator, every call signed with the device key.
 //! - [`data`]: local data formats.
 //! - [`ops`]: the commands (enroll, status, data, train) as library functions.
@@ -15,6 +16,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod generate;
+pub mod keyseal;
 pub mod net;
 pub mod ops;
 pub mod remote;

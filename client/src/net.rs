@@ -73,7 +73,7 @@ impl Session {
     /// [`Self::open`], reaching the coordinator at `url` instead of the enrolled address
     /// (another route to the same coordinator: its certificate is still checked).
     pub async fn open_at(store: &ClientStore, url: Option<&str>) -> Result<Self> {
-        let (pkcs8, mut identity) = store.require_identity()?;
+        let (pkcs8, mut identity) = store.require_identity(crate::keyseal::passphrase()?.as_deref())?;
         if let Some(u) = url {
             identity.coordinator = u.to_string();
         }

@@ -30,7 +30,7 @@ pub struct EnrollReport {
 /// coordinator info (durably) and writes a default client.toml.
 pub async fn enroll(home: &Path, coordinator: &str, token: &str, ca_pem: &str, name: &str) -> Result<EnrollReport> {
     let store = ClientStore::open(home)?;
-    if let Some((_, id)) = store.identity()? {
+    if let Some(id) = store.identity()? {
         return Err(ClientError::AlreadyEnrolled(id.device_id));
     }
     let pkcs8 = generate_pkcs8().map_err(|_| ClientError::Invalid("cannot generate a key".into()))?;
@@ -45,7 +45,7 @@ pub async fn enroll(home: &Path, coordinator: &str, token: &str, ca_pem: &str, n
         enrolled_at_ms: now_ms(),
         backbone_version: r.backbone_version.clone(),
     };
-    store.set_identity(&pkcs8, &id)?;
+    store.set_identity(&pkcs8, &id, crate::keyseal::passphrase()?.as_deref())?;
     ClientConfig::write_default(home)?;
     Ok(EnrollReport { device_id: r.device_id, coordinator: coordinator.into(), backbone_version: r.backbone_version })
 }
@@ -54,6 +54,8 @@ pub async fn enroll(home: &Path, coordinator: &str, token: &str, ca_pem: &str, n
 pub struct StatusReport {
     pub home: String,
     pub enrolled: bool,
+    /// The identity key is sealed with a passphrase at rest (keyseal.rs).
+    pub key_sealed: bool,
     pub device_id: Option<String>,
     pub name: Option<String>,
     pub coordinator: Option<String>,
@@ -72,10 +74,11 @@ pub struct StatusReport {
 
 pub async fn status(home: &Path, offline: bool) -> Result<StatusReport> {
     let store = ClientStore::open(home)?;
-    let id = store.identity()?.map(|(_, i)| i);
+    let id = store.identity()?;
     let mut rep = StatusReport {
         home: home.display().to_string(),
         enrolled: id.is_some(),
+        key_sealed: store.key_sealed()?,
         device_id: id.as_ref().map(|i| i.device_id.clone()),
         name: id.as_ref().map(|i| i.name.clone()),
         coordinator: id.as_ref().map(|i| i.coordinator.clone()),

@@ -93,22 +93,47 @@ impl ClientStore {
         Ok(self.meta.get("global_version")?.and_then(|b| b.as_ref().try_into().ok()).map(u64::from_be_bytes))
     }
 
-    /// Stores the identity key and coordinator info; durable on return.
-    pub fn set_identity(&self, pkcs8: &[u8], id: &Identity) -> Result<()> {
-        self.meta.insert("identity.pkcs8", pkcs8)?;
+    /// Stores the identity key (sealed when `pass` is given: keyseal.rs) and coordinator info;
+    /// durable on return.
+    pub fn set_identity(&self, pkcs8: &[u8], id: &Identity, pass: Option<&[u8]>) -> Result<()> {
+        match pass {
+            Some(p) => {
+                self.meta.insert("identity.sealed", enc(&crate::keyseal::seal(pkcs8, p)?))?;
+                self.meta.remove("identity.pkcs8")?;
+            }
+            None => {
+                self.meta.insert("identity.pkcs8", pkcs8)?;
+            }
+        }
         self.meta.insert("identity", enc(id))?;
         self.flush()
     }
 
-    pub fn identity(&self) -> Result<Option<(Vec<u8>, Identity)>> {
-        match (self.meta.get("identity.pkcs8")?, self.meta.get("identity")?) {
-            (Some(k), Some(i)) => Ok(Some((k.to_vec(), dec(&i)?))),
-            _ => Ok(None),
-        }
+    /// Who this device is (no key).
+    pub fn identity(&self) -> Result<Option<Identity>> {
+        self.meta.get("identity")?.map(|i| dec(&i)).transpose()
     }
 
-    pub fn require_identity(&self) -> Result<(Vec<u8>, Identity)> {
-        self.identity()?.ok_or(ClientError::NotEnrolled)
+    /// Whether the identity key is sealed with a passphrase.
+    pub fn key_sealed(&self) -> Result<bool> {
+        Ok(self.meta.contains_key("identity.sealed")?)
+    }
+
+    /// The identity key (opened with `pass` when sealed) and who this device is.
+    pub fn require_identity(&self, pass: Option<&[u8]>) -> Result<(Vec<u8>, Identity)> {
+        let id = self.identity()?.ok_or(ClientError::NotEnrolled)?;
+        if let Some(k) = self.meta.get("identity.pkcs8")? {
+            return Ok((k.to_vec(), id));
+        }
+        let sealed: crate::keyseal::Sealed = dec(&self.meta.get("identity.sealed")?.ok_or(ClientError::NotEnrolled)?)?;
+        let pass = pass.ok_or_else(|| {
+            ClientError::Key(format!(
+                "it is sealed: give its passphrase in the file named by {} (or in {})",
+                crate::keyseal::PASSPHRASE_FILE_ENV,
+                crate::keyseal::PASSPHRASE_ENV
+            ))
+        })?;
+        Ok((crate::keyseal::open(&sealed, pass)?, id))
     }
 
     /// Adds examples from one source; durable on return.
@@ -295,5 +320,41 @@ mod tests {
         assert_eq!(store.plugin().unwrap().unwrap().2, meta);
         let old = serde_json::to_string(&meta).unwrap().replace("\"final_loss\":null", "\"final_loss\":0.5");
         assert_eq!(serde_json::from_str::<TrainedMeta>(&old).unwrap().final_loss, Some(0.5));
+    }
+
+    /// A sealed identity key is not in the store's files; it opens with the passphrase only.
+    #[test]
+    fn a_sealed_identity_key_is_not_kept_in_clear() {
+        let home = tempfile::tempdir().unwrap();
+        let store = ClientStore::open(home.path()).unwrap();
+        let pkcs8 = spa_proto::auth::generate_pkcs8().unwrap();
+        let id = Identity {
+            device_id: "dev-1".into(),
+            name: "n".into(),
+            coordinator: "https://x".into(),
+            ca_pem: String::new(),
+            enrolled_at_ms: 0,
+            backbone_version: String::new(),
+        };
+        store.set_identity(&pkcs8, &id, Some(b"pass")).unwrap();
+        assert!(store.key_sealed().unwrap());
+        assert_eq!(store.require_identity(Some(b"pass")).unwrap().0, pkcs8);
+        assert!(store.require_identity(None).unwrap_err().to_string().contains("sealed"));
+        assert!(store.require_identity(Some(b"other")).is_err());
+        drop(store);
+        let mut on_disk = Vec::new();
+        for e in walk(&home.path().join("store")) {
+            on_disk.extend(std::fs::read(e).unwrap());
+        }
+        assert!(!on_disk.windows(32).any(|w| w == &pkcs8[pkcs8.len() - 32..]), "the key's bytes are on disk");
+    }
+
+    fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() { out.extend(walk(&p)) } else { out.push(p) }
+        }
+        out
     }
 }

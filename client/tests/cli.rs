@@ -75,5 +75,26 @@ async fn client_binary_walkthrough() {
     .await
     .unwrap();
     assert!(out.starts_with("dev-"));
+
+    // A device whose key is sealed with a passphrase: it works with the passphrase, and
+    // without it says why rather than failing obscurely.
+    let ch = spa_coordinator::net::connect(&format!("https://{}", srv.addr), &std::fs::read(&ca).unwrap()).await.unwrap();
+    let req = spa_coordinator::admin_cli::with_admin(cred.trim(), spa_proto::v1::CreateTokenRequest { ttl_seconds: 600, note: String::new() }).unwrap();
+    let token = spa_proto::v1::admin_client::AdminClient::new(ch).create_token(req).await.unwrap().into_inner().token;
+    let (home2, url2, ca2) = (dir.path().join("sealed"), format!("https://{}", srv.addr), ca.to_str().unwrap().to_string());
+    let pass = dir.path().join("pass");
+    std::fs::write(&pass, "a long device passphrase\n").unwrap();
+    tokio::task::spawn_blocking(move || {
+        let with_pass = |args: &[&str]| Command::new(BIN).arg("--home").arg(&home2).args(args).env("SPA_KEY_PASSPHRASE_FILE", &pass).output().unwrap();
+        let out = with_pass(&["enroll", "--coordinator", &url2, "--token", &token, "--ca", &ca2, "--name", "sealed"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let s: serde_json::Value = serde_json::from_slice(&with_pass(&["status", "--json"]).stdout).unwrap();
+        assert_eq!((s["key_sealed"].as_bool(), s["coordinator_reachable"].as_bool()), (Some(true), Some(true)), "{s}");
+        let s: serde_json::Value = serde_json::from_str(&client(&home2, &["status", "--json"])).unwrap();
+        assert_eq!(s["coordinator_reachable"], false, "{s}");
+        assert!(s["coordinator_error"].as_str().unwrap().contains("sealed"), "{s}");
+    })
+    .await
+    .unwrap();
     srv.shutdown().await.unwrap();
 }

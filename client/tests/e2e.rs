@@ -71,7 +71,7 @@ async fn two_devices_enroll_train_generate_and_survive_a_restart() {
     // and greedy generation gives the same text.
     for (home, id, text) in &outputs {
         let store = spa_client::store::ClientStore::open(home).unwrap();
-        let (_, ident) = store.require_identity().unwrap();
+        let (_, ident) = store.require_identity(None).unwrap();
         assert_eq!(&ident.device_id, id);
         let (shared, private, meta) = store.plugin().unwrap().unwrap();
         let private = spa_model::side::ParamSet::from_safetensors(&private).unwrap();
