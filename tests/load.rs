@@ -174,6 +174,16 @@ async fn outsider_uploads(url: String, home: std::path::PathBuf, rounds: u64, st
     refused
 }
 
+/// The size of the files under `dir`, in MB.
+fn dir_mb(dir: &std::path::Path) -> f64 {
+    let mut bytes = 0u64;
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        bytes += if p.is_dir() { (dir_mb(&p) * 1e6) as u64 } else { e.metadata().map_or(0, |m| m.len()) };
+    }
+    bytes as f64 / 1e6
+}
+
 /// Resident and peak resident memory of process `pid`, in MB.
 fn rss_mb(pid: u32) -> (f64, f64) {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -228,7 +238,12 @@ fn many_devices_run_rounds_over_the_service_in_flat_memory() {
         assert_eq!(r["contributors"].as_array().unwrap().len(), n, "{r}");
         let (now, peak) = rss_mb(pid);
         rss.push(now);
-        eprintln!("round {id}: phases {} busy {} ms; coordinator RSS {now:.0} MB (peak {peak:.0})", r["phase_ms"], r["coordinator_busy_ms"]);
+        eprintln!(
+            "round {id}: phases {} busy {} ms; coordinator RSS {now:.0} MB (peak {peak:.0}); store on disk {:.0} MB",
+            r["phase_ms"],
+            r["coordinator_busy_ms"],
+            dir_mb(&coord.home.join("store"))
+        );
         if id == 1 || id == rounds as u64 {
             // The committed step is the mean of the updates, up to quantization.
             let v = r["committed_version"].as_u64().unwrap();
