@@ -130,6 +130,17 @@ async fn upload(rpc: &mut RoundsClient<Channel>, signer: &DeviceSigner, round_id
     Ok(())
 }
 
+/// A new device: a token from the admin service (credential `cred`), a fresh key, enrolled.
+async fn enroll(ch: &Channel, cred: &str, name: &str) -> DeviceSigner {
+    let mut req = tonic::Request::new(CreateTokenRequest { ttl_seconds: 600, note: String::new() });
+    req.metadata_mut().insert("authorization", format!("Bearer {cred}").parse().unwrap());
+    let token = AdminClient::new(ch.clone()).create_token(req).await.unwrap().into_inner().token;
+    let pkcs8 = generate_pkcs8().unwrap();
+    let public_key = public_key_of(&pkcs8).unwrap().to_vec();
+    let id = DeviceClient::new(ch.clone()).enroll(EnrollRequest { token, public_key, name: name.into() }).await.unwrap().into_inner().device_id;
+    DeviceSigner::from_pkcs8(&pkcs8, id).unwrap()
+}
+
 /// A device outside every cohort (enrolled, never polling) uploads to each round in turn, a
 /// header and then lanes that never come: the coordinator must refuse it at the header,
 /// before reading any lane (a buffering server would wait for the stream forever). Returns
@@ -137,13 +148,7 @@ async fn upload(rpc: &mut RoundsClient<Channel>, signer: &DeviceSigner, round_id
 async fn outsider_uploads(url: String, home: std::path::PathBuf, rounds: u64, stop: Arc<std::sync::atomic::AtomicBool>) -> usize {
     let ch = spa_coordinator::net::connect(&url, &std::fs::read(home.join("tls/ca.pem")).unwrap()).await.unwrap();
     let cred = std::fs::read_to_string(home.join("admin.credential")).unwrap().trim().to_string();
-    let mut req = tonic::Request::new(CreateTokenRequest { ttl_seconds: 600, note: String::new() });
-    req.metadata_mut().insert("authorization", format!("Bearer {cred}").parse().unwrap());
-    let token = AdminClient::new(ch.clone()).create_token(req).await.unwrap().into_inner().token;
-    let pkcs8 = generate_pkcs8().unwrap();
-    let public_key = public_key_of(&pkcs8).unwrap().to_vec();
-    let id = DeviceClient::new(ch.clone()).enroll(EnrollRequest { token, public_key, name: "outsider".into() }).await.unwrap().into_inner().device_id;
-    let signer = DeviceSigner::from_pkcs8(&pkcs8, id).unwrap();
+    let signer = enroll(&ch, &cred, "outsider").await;
     let mut refused = 0;
     let mut next = 1;
     while next <= rounds && !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -214,14 +219,7 @@ fn many_devices_run_rounds_over_the_service_in_flat_memory() {
         let mut handles = Vec::new();
         for i in 0..n {
             let ch = channels[i % channels.len()].clone();
-            let mut req = tonic::Request::new(CreateTokenRequest { ttl_seconds: 600, note: String::new() });
-            req.metadata_mut().insert("authorization", format!("Bearer {cred}").parse().unwrap());
-            let token = AdminClient::new(ch.clone()).create_token(req).await.unwrap().into_inner().token;
-            let pkcs8 = generate_pkcs8().unwrap();
-            let public_key = public_key_of(&pkcs8).unwrap().to_vec();
-            let id =
-                DeviceClient::new(ch.clone()).enroll(EnrollRequest { token, public_key, name: format!("light-{i}") }).await.unwrap().into_inner().device_id;
-            let signer = DeviceSigner::from_pkcs8(&pkcs8, id).unwrap();
+            let signer = enroll(&ch, &cred, &format!("light-{i}")).await;
             handles.push(tokio::spawn(device(ch, signer, i as u64, rounds, sums.clone())));
         }
         handles
