@@ -13,6 +13,8 @@ pub struct Auth {
     store: Store,
     nonces: Mutex<NonceWindow>,
     window_ms: u64,
+    /// Calls dated before this are refused: their nonces were not kept across the restart.
+    start_ms: u64,
     /// The admin credential's file, read on each admin call (rotation takes effect at once).
     admin_path: std::path::PathBuf,
     /// Wrong admin credentials per peer address (`limits.failed_admin_calls_per_minute`).
@@ -86,7 +88,10 @@ fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
 }
 
 impl Auth {
-    /// Loads the nonces still inside the window, so a restart does not reopen replays.
+    /// Replays across a restart: calls dated before this start (or before the last tick of the
+    /// previous run, if the clock went back) are refused whole; the nonces of calls dated
+    /// after their acceptance (a device clock running fast) were persisted and are loaded.
+    /// So an ordinary call costs no write.
     pub fn new(store: Store, cfg: &crate::config::CoordinatorConfig, admin_path: &std::path::Path) -> crate::error::Result<Self> {
         let window_ms = cfg.auth.clock_window_secs * 1000;
         let (capacity, per_device) = (cfg.auth.max_nonces, cfg.auth.max_nonces_per_device);
@@ -96,10 +101,12 @@ impl Auth {
             let _ = w.check_and_insert(&d, &n, ts, now);
         }
         store.prune_nonces(now.saturating_sub(window_ms))?;
+        let start_ms = now.max(store.clock_mark()?);
         Ok(Self {
             store,
             nonces: Mutex::new(w),
             window_ms,
+            start_ms,
             admin_path: admin_path.to_path_buf(),
             admin_attempts: AttemptLimiter::new(cfg.limits.failed_admin_calls_per_minute),
             refused_log: RefusalLog::default(),
@@ -132,9 +139,14 @@ impl Auth {
         }
         let now = now_ms();
         check_clock(h.ts_ms, now, self.window_ms)?;
+        if h.ts_ms < self.start_ms {
+            return Err(AuthError::SignedBeforeStart { ts_ms: h.ts_ms, start_ms: self.start_ms }.into());
+        }
         self.nonces.lock().map_err(internal)?.check_and_insert(&h.device_id, &h.nonce_hex, h.ts_ms, now)?;
-        self.store.record_nonce(&h.device_id, &h.nonce_hex, h.ts_ms).map_err(internal)?;
-        self.store.touch(&h.device_id, now)?;
+        if h.ts_ms > now {
+            self.store.record_nonce(&h.device_id, &h.nonce_hex, h.ts_ms).map_err(internal)?;
+        }
+        self.store.touch(&h.device_id, now);
         Ok(rec)
     }
 
@@ -162,8 +174,13 @@ impl Auth {
         Ok(())
     }
 
-    /// Forgets nonces that can no longer pass the clock check.
-    pub fn prune(&self) {
-        let _ = self.store.prune_nonces(now_ms().saturating_sub(self.window_ms));
+    /// The server's tick: records the clock mark; `prune` also forgets persisted nonces
+    /// that can no longer pass the clock check.
+    pub fn tick(&self, prune: bool) {
+        let now = now_ms();
+        let _ = self.store.set_clock_mark(now);
+        if prune {
+            let _ = self.store.prune_nonces(now.saturating_sub(self.window_ms));
+        }
     }
 }

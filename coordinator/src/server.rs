@@ -174,18 +174,20 @@ pub async fn start(home: &Path) -> Result<Running> {
         let _ = flush_store.flush();
         r
     });
-    // Every 2 s: reopen the store if a write failed (a full disk); every minute: forget
-    // expired nonces.
+    // Every 2 s: write pending last-call times, reopen the store if a write failed (a full
+    // disk), mark the clock; every minute: forget expired nonces.
     let pruner = shared.clone();
     let pruner = tokio::spawn(async move {
         let mut t = tokio::time::interval(Duration::from_secs(2));
         for tick in 0u64.. {
             t.tick().await;
             let s = pruner.clone();
-            let healthy = tokio::task::spawn_blocking(move || s.store.heal()).await.unwrap_or(false);
-            if healthy && tick % 30 == 0 {
-                pruner.auth.prune();
-            }
+            let _ = tokio::task::spawn_blocking(move || {
+                if s.store.heal() {
+                    s.auth.tick(tick % 30 == 0);
+                }
+            })
+            .await;
         }
     });
     let round_loop = tokio::spawn(crate::rounds::round_loop(rounds));

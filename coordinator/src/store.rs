@@ -80,6 +80,8 @@ pub struct Store {
     path: std::path::PathBuf,
     cache_bytes: u64,
     cur: std::sync::Arc<std::sync::RwLock<Option<std::sync::Arc<Trees>>>>,
+    /// Last-call times not yet written: a signed call is too frequent to cost a write each.
+    seen: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>>,
 }
 
 struct Trees {
@@ -143,7 +145,8 @@ impl Store {
     /// A store whose page cache holds at most `cache_bytes`.
     pub fn open_with_cache(path: &Path, cache_bytes: u64) -> Result<Self> {
         let trees = Trees::open(path, cache_bytes)?;
-        Ok(Self { path: path.to_path_buf(), cache_bytes, cur: std::sync::Arc::new(std::sync::RwLock::new(Some(std::sync::Arc::new(trees)))) })
+        let cur = std::sync::Arc::new(std::sync::RwLock::new(Some(std::sync::Arc::new(trees))));
+        Ok(Self { path: path.to_path_buf(), cache_bytes, cur, seen: Default::default() })
     }
 
     /// The open store, or Unavailable while it is being reopened.
@@ -156,7 +159,7 @@ impl Store {
     /// what is on disk, as a restart would; it fails (and is tried again) while the disk is
     /// still full or a call still holds the old handle.
     pub fn heal(&self) -> bool {
-        if self.t().is_ok_and(|t| t.db.flush().is_ok()) {
+        if self.flush().is_ok() {
             return true;
         }
         let mut g = self.cur.write().unwrap_or_else(|p| p.into_inner());
@@ -177,9 +180,27 @@ impl Store {
         }
     }
 
+    /// Writes the pending last-call times and makes everything written so far durable.
     pub fn flush(&self) -> Result<()> {
         let t = self.t()?;
+        self.write_seen(&t)?;
         t.db.flush()?;
+        Ok(())
+    }
+
+    fn write_seen(&self, t: &Trees) -> Result<()> {
+        let pending = std::mem::take(&mut *self.seen.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut batch = sled::Batch::default();
+        for (id, ms) in &pending {
+            batch.insert(id.as_bytes(), &ms.to_be_bytes()[..]);
+        }
+        t.last_seen.apply_batch(batch).inspect_err(|_| {
+            // Kept for the next try (unless newer times arrived meanwhile).
+            let mut g = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            for (id, ms) in pending {
+                g.entry(id).or_insert(ms);
+            }
+        })?;
         Ok(())
     }
 
@@ -282,14 +303,16 @@ impl Store {
         Ok(was_active)
     }
 
-    /// Last call time of a device (best effort, not flushed: it is not acknowledged state).
-    pub fn touch(&self, id: &str, now_ms: u64) -> Result<()> {
-        let t = self.t()?;
-        t.last_seen.insert(id.as_bytes(), &now_ms.to_be_bytes()[..])?;
-        Ok(())
+    /// Last call time of a device: kept in memory and written at the next [`Store::flush`]
+    /// (the server's 2 s tick, or any acknowledged change); best effort, not acknowledged state.
+    pub fn touch(&self, id: &str, now_ms: u64) {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_string(), now_ms);
     }
 
     pub fn last_seen(&self, id: &str) -> Result<u64> {
+        if let Some(ms) = self.seen.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
+            return Ok(*ms);
+        }
         let t = self.t()?;
         Ok(t.last_seen.get(id.as_bytes())?.map_or(0, |v| {
             let mut b = [0u8; 8];
@@ -298,13 +321,26 @@ impl Store {
         }))
     }
 
-    /// Persists a nonce so a restart does not reopen the replay window. Key: ts | device | nonce.
+    /// Persists the nonce of a call dated after its acceptance, so a restart does not reopen
+    /// the replay window (calls dated before the restart are refused whole). Key: ts | device | nonce.
     pub fn record_nonce(&self, device: &str, nonce: &str, ts_ms: u64) -> Result<()> {
         let t = self.t()?;
         let mut k = ts_ms.to_be_bytes().to_vec();
         k.extend_from_slice(format!("{device}\0{nonce}").as_bytes());
         t.nonces.insert(k, Vec::<u8>::new())?;
         Ok(())
+    }
+
+    /// The time of the server's last tick: after a restart, calls dated before it are refused
+    /// even if the clock went back meanwhile.
+    pub fn set_clock_mark(&self, now_ms: u64) -> Result<()> {
+        self.t()?.meta.insert(CLOCK_MARK_KEY, &now_ms.to_be_bytes()[..])?;
+        Ok(())
+    }
+
+    pub fn clock_mark(&self) -> Result<u64> {
+        let v = self.t()?.meta.get(CLOCK_MARK_KEY)?;
+        Ok(v.and_then(|v| <[u8; 8]>::try_from(&v[..]).ok()).map_or(0, u64::from_be_bytes))
     }
 
     /// Nonces with a timestamp at or after `since_ms`: (device, nonce, ts).
@@ -367,6 +403,7 @@ impl Store {
 // ---- rounds -------------------------------------------------------------------------
 
 const OPTIMIZER_KEY: &[u8] = b"optimizer";
+const CLOCK_MARK_KEY: &[u8] = b"clock_mark";
 
 fn last_id(tree: &sled::Tree) -> Result<u64> {
     Ok(tree
@@ -490,6 +527,10 @@ mod tests {
             assert!(s.put_checkpoint(0, b"v0").unwrap());
             assert!(!s.put_checkpoint(0, b"other").unwrap());
             s.record_nonce("dev", "n1", 500).unwrap();
+            s.set_clock_mark(1234).unwrap();
+            s.touch("dev", 77);
+            assert_eq!(s.last_seen("dev").unwrap(), 77);
+            s.flush().unwrap();
         }
         let s = Store::open(dir.path()).unwrap();
         let devs = s.devices().unwrap();
@@ -499,6 +540,7 @@ mod tests {
         assert_eq!(s.latest_checkpoint_version().unwrap(), Some(0));
         assert_eq!(s.nonces_since(400).unwrap(), vec![("dev".into(), "n1".into(), 500)]);
         assert_eq!(s.prune_nonces(600).unwrap(), 1);
+        assert_eq!((s.last_seen("dev").unwrap(), s.clock_mark().unwrap()), (77, 1234));
         assert!(s.events().unwrap().iter().any(|e| e.kind == "device.revoke"));
     }
 }

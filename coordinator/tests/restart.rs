@@ -11,6 +11,7 @@ use common::*;
 use spa_proto::auth::now_ms;
 use spa_proto::methods;
 use spa_proto::v1::PingRequest;
+use tonic::Code;
 
 const BIN: &str = env!("CARGO_BIN_EXE_spa-coordinator");
 
@@ -59,34 +60,44 @@ fn state_survives_sigkill_and_sigterm_is_graceful() {
     let (mut child, url) = serve(&home);
     let tok1 = cli(&home, &["token", "create", "--ttl", "1h"])["token"].as_str().unwrap().to_string();
     let tok2 = cli(&home, &["token", "create", "--ttl", "1h"])["token"].as_str().unwrap().to_string();
-    let (a, replay) = rt.block_on(async {
+    let (a, replays) = rt.block_on(async {
         let ch = channel(&url, &home).await;
         let a = enroll(&ch, &tok1, "alpha").await.unwrap();
-        // A request that was accepted before the crash...
-        let h = a.sign(methods::DEVICE_PING, &PingRequest {}, now_ms());
-        let mut r = tonic::Request::new(PingRequest {});
-        h.apply(r.metadata_mut());
-        device(&ch).ping(r).await.unwrap();
-        (a, h)
+        // Requests accepted before the crash: one dated now, one by a clock 60 s fast...
+        let mut signed = Vec::new();
+        for ts in [now_ms(), now_ms() + 60_000] {
+            let h = a.sign(methods::DEVICE_PING, &PingRequest {}, ts);
+            let mut r = tonic::Request::new(PingRequest {});
+            h.apply(r.metadata_mut());
+            device(&ch).ping(r).await.unwrap();
+            signed.push(h);
+        }
+        (a, signed)
     });
     let devices = cli(&home, &["devices", "list"]);
     assert_eq!(devices.as_array().unwrap().len(), 1);
-    // Let sled's background flush persist the nonce (nonces are not acknowledged state).
-    std::thread::sleep(Duration::from_millis(1200));
+    // Let the 2 s tick write the last-call time and sled's background flush the future-dated
+    // nonce (neither is acknowledged state).
+    std::thread::sleep(Duration::from_millis(2500));
 
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
 
     let (child, url) = serve(&home);
+    let devices = cli(&home, &["devices", "list"]);
+    assert!(devices[0]["last_seen_ms"].as_u64().unwrap() > 0, "{devices}");
     rt.block_on(async {
         let ch = channel(&url, &home).await;
         // The device is still enrolled and can call.
         ping(&ch, &a).await.unwrap();
-        // ...is still a replay after it.
-        let mut r = tonic::Request::new(PingRequest {});
-        replay.apply(r.metadata_mut());
-        let e = device(&ch).ping(r).await.unwrap_err();
-        assert!(e.message().contains("replay"), "{e:?}");
+        // ...are still refused after it: the first as dated before the restart, the second by
+        // its persisted nonce.
+        for (h, code) in replays.iter().zip([Code::FailedPrecondition, Code::Unauthenticated]) {
+            let mut r = tonic::Request::new(PingRequest {});
+            h.apply(r.metadata_mut());
+            let e = device(&ch).ping(r).await.unwrap_err();
+            assert!(e.message().contains("replay") && e.code() == code, "{e:?}");
+        }
         // The unused token is still valid; the used one still used.
         assert!(enroll(&ch, &tok1, "again").await.is_err());
         enroll(&ch, &tok2, "beta").await.unwrap();

@@ -38,6 +38,9 @@ pub enum AuthError {
     BadSignature,
     #[error("request timestamp {ts_ms} is {skew_ms} ms away from the coordinator's clock (window {window_ms} ms)")]
     ClockSkew { ts_ms: u64, skew_ms: u64, window_ms: u64 },
+    /// Nonces of calls dated before the coordinator started are not kept across restarts.
+    #[error("request signed at {ts_ms} ms, before the coordinator started at {start_ms} ms: refused as a possible replay; sign it again")]
+    SignedBeforeStart { ts_ms: u64, start_ms: u64 },
     #[error("nonce already used (replayed request)")]
     Replay,
     #[error("too many requests in the replay window; retry later")]
@@ -58,7 +61,7 @@ impl From<AuthError> for tonic::Status {
             AuthError::Busy => tonic::Status::unavailable(msg),
             AuthError::DeviceBusy(_) => tonic::Status::resource_exhausted(msg),
             // Not the device's identity but its clock: a retry succeeds once the clock is set.
-            AuthError::ClockSkew { .. } => tonic::Status::failed_precondition(msg),
+            AuthError::ClockSkew { .. } | AuthError::SignedBeforeStart { .. } => tonic::Status::failed_precondition(msg),
             _ => tonic::Status::unauthenticated(msg),
         }
     }
