@@ -29,11 +29,15 @@ pub struct Sealed {
 /// of the file is not part of it).
 pub fn passphrase() -> Result<Option<Vec<u8>>> {
     if let Some(p) = std::env::var_os(PASSPHRASE_FILE_ENV) {
-        let path = std::path::PathBuf::from(p);
-        let text = std::fs::read_to_string(&path).map_err(crate::error::io(&path))?;
-        return Ok(Some(text.trim_end_matches(['\n', '\r']).as_bytes().to_vec()));
+        return passphrase_file(std::path::Path::new(&p)).map(Some);
     }
     Ok(std::env::var(PASSPHRASE_ENV).ok().map(String::into_bytes))
+}
+
+/// A passphrase kept in a file (without its trailing newline).
+pub fn passphrase_file(path: &std::path::Path) -> Result<Vec<u8>> {
+    let text = std::fs::read_to_string(path).map_err(crate::error::io(path))?;
+    Ok(text.trim_end_matches(['\n', '\r']).as_bytes().to_vec())
 }
 
 fn key(pass: &[u8], salt: &[u8], iterations: u32) -> Result<LessSafeKey> {

@@ -20,6 +20,7 @@ pub mod keyseal;
 pub mod net;
 pub mod ops;
 pub mod remote;
+pub mod rotate;
 pub mod store;
 
 pub use error::{ClientError, Result};

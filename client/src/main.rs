@@ -47,6 +47,14 @@ enum Command {
         #[arg(long)]
         offline: bool,
     },
+    /// Replace the identity key in place (same device id); the old key is refused afterwards.
+    /// The new key is sealed with the passphrase (SPA_KEY_PASSPHRASE_FILE / SPA_KEY_PASSPHRASE)
+    /// or with --new-passphrase-file. Run it again if it was interrupted: it finishes.
+    RotateKey {
+        /// Seal the new key with the passphrase in this file instead (changes the passphrase).
+        #[arg(long)]
+        new_passphrase_file: Option<PathBuf>,
+    },
     /// Local data.
     #[command(subcommand)]
     Data(DataCommand),
@@ -186,6 +194,17 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!("enrolled as {} with {} (backbone {})", r.device_id, r.coordinator, r.backbone_version);
+            }
+        }
+        Command::RotateKey { new_passphrase_file } => {
+            let new_pass = new_passphrase_file.as_deref().map(spa_client::keyseal::passphrase_file).transpose()?;
+            let r = rt.block_on(spa_client::rotate::rotate_key(&home, new_pass))?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                let how = if r.key_sealed { "sealed" } else { "in clear" };
+                let done = if r.finished_interrupted { " (finished an interrupted rotation)" } else { "" };
+                println!("{}: new identity key in use, kept {how}{done}", r.device_id);
             }
         }
         Command::Status { offline } => {

@@ -61,6 +61,27 @@ fn enc<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("records serialize")
 }
 
+/// Key slots in the meta tree: `SLOT.pkcs8` (in clear) or `SLOT.sealed` (keyseal.rs), never both.
+const CURRENT_KEY: &str = "identity";
+const NEXT_KEY: &str = "identity.next";
+
+/// Writes `pkcs8` into `slot`, sealed when `pass` is given, and clears the other form.
+fn key_batch(slot: &str, pkcs8: &[u8], pass: Option<&[u8]>) -> Result<sled::Batch> {
+    let mut b = sled::Batch::default();
+    let (clear, sealed) = (format!("{slot}.pkcs8"), format!("{slot}.sealed"));
+    match pass {
+        Some(p) => {
+            b.insert(sealed.as_str(), enc(&crate::keyseal::seal(pkcs8, p)?));
+            b.remove(clear.as_str());
+        }
+        None => {
+            b.insert(clear.as_str(), pkcs8);
+            b.remove(sealed.as_str());
+        }
+    }
+    Ok(b)
+}
+
 impl ClientStore {
     pub fn open(home: &Path) -> Result<Self> {
         std::fs::create_dir_all(home).map_err(crate::error::io(home))?;
@@ -96,16 +117,9 @@ impl ClientStore {
     /// Stores the identity key (sealed when `pass` is given: keyseal.rs) and coordinator info;
     /// durable on return.
     pub fn set_identity(&self, pkcs8: &[u8], id: &Identity, pass: Option<&[u8]>) -> Result<()> {
-        match pass {
-            Some(p) => {
-                self.meta.insert("identity.sealed", enc(&crate::keyseal::seal(pkcs8, p)?))?;
-                self.meta.remove("identity.pkcs8")?;
-            }
-            None => {
-                self.meta.insert("identity.pkcs8", pkcs8)?;
-            }
-        }
-        self.meta.insert("identity", enc(id))?;
+        let mut b = key_batch(CURRENT_KEY, pkcs8, pass)?;
+        b.insert("identity", enc(id));
+        self.meta.apply_batch(b)?;
         self.flush()
     }
 
@@ -116,16 +130,57 @@ impl ClientStore {
 
     /// Whether the identity key is sealed with a passphrase.
     pub fn key_sealed(&self) -> Result<bool> {
-        Ok(self.meta.contains_key("identity.sealed")?)
+        Ok(self.meta.contains_key(format!("{CURRENT_KEY}.sealed"))?)
     }
 
     /// The identity key (opened with `pass` when sealed) and who this device is.
     pub fn require_identity(&self, pass: Option<&[u8]>) -> Result<(Vec<u8>, Identity)> {
         let id = self.identity()?.ok_or(ClientError::NotEnrolled)?;
-        if let Some(k) = self.meta.get("identity.pkcs8")? {
-            return Ok((k.to_vec(), id));
+        Ok((self.key(CURRENT_KEY, pass)?.ok_or(ClientError::NotEnrolled)?, id))
+    }
+
+    /// A key being rotated to, stored before the coordinator is asked (so a crash between its
+    /// answer and [`ClientStore::promote_next_key`] loses nothing); durable on return.
+    pub fn set_next_key(&self, pkcs8: &[u8], pass: Option<&[u8]>) -> Result<()> {
+        self.meta.apply_batch(key_batch(NEXT_KEY, pkcs8, pass)?)?;
+        self.flush()
+    }
+
+    pub fn next_key(&self, pass: Option<&[u8]>) -> Result<Option<Vec<u8>>> {
+        self.key(NEXT_KEY, pass)
+    }
+
+    /// The next key becomes the identity key (sealed as it was stored), atomically; durable.
+    pub fn promote_next_key(&self) -> Result<()> {
+        let mut b = sled::Batch::default();
+        for form in ["pkcs8", "sealed"] {
+            match self.meta.get(format!("{NEXT_KEY}.{form}"))? {
+                Some(v) => b.insert(format!("{CURRENT_KEY}.{form}").as_str(), v),
+                None => b.remove(format!("{CURRENT_KEY}.{form}").as_str()),
+            }
+            b.remove(format!("{NEXT_KEY}.{form}").as_str());
         }
-        let sealed: crate::keyseal::Sealed = dec(&self.meta.get("identity.sealed")?.ok_or(ClientError::NotEnrolled)?)?;
+        self.meta.apply_batch(b)?;
+        self.flush()
+    }
+
+    pub fn drop_next_key(&self) -> Result<()> {
+        let mut b = sled::Batch::default();
+        b.remove(format!("{NEXT_KEY}.pkcs8").as_str());
+        b.remove(format!("{NEXT_KEY}.sealed").as_str());
+        self.meta.apply_batch(b)?;
+        self.flush()
+    }
+
+    /// The key in `slot`, in clear or sealed (then opened with `pass`).
+    fn key(&self, slot: &str, pass: Option<&[u8]>) -> Result<Option<Vec<u8>>> {
+        if let Some(k) = self.meta.get(format!("{slot}.pkcs8"))? {
+            return Ok(Some(k.to_vec()));
+        }
+        let Some(raw) = self.meta.get(format!("{slot}.sealed"))? else {
+            return Ok(None);
+        };
+        let sealed: crate::keyseal::Sealed = dec(&raw)?;
         let pass = pass.ok_or_else(|| {
             ClientError::Key(format!(
                 "it is sealed: give its passphrase in the file named by {} (or in {})",
@@ -133,7 +188,7 @@ impl ClientStore {
                 crate::keyseal::PASSPHRASE_ENV
             ))
         })?;
-        Ok((crate::keyseal::open(&sealed, pass)?, id))
+        crate::keyseal::open(&sealed, pass).map(Some)
     }
 
     /// Adds examples from one source; durable on return.

@@ -98,3 +98,117 @@ async fn client_binary_walkthrough() {
     .unwrap();
     srv.shutdown().await.unwrap();
 }
+
+/// An admin client of the in-process coordinator, and a fresh enrollment token.
+async fn admin_and_token(coord: &Path, addr: std::net::SocketAddr) -> (spa_proto::v1::admin_client::AdminClient<tonic::transport::Channel>, String) {
+    let cred = std::fs::read_to_string(coord.join("admin.credential")).unwrap();
+    let ch = spa_coordinator::net::connect(&format!("https://{addr}"), &std::fs::read(coord.join("tls/ca.pem")).unwrap()).await.unwrap();
+    let mut admin = spa_proto::v1::admin_client::AdminClient::new(ch);
+    let req = spa_coordinator::admin_cli::with_admin(cred.trim(), spa_proto::v1::CreateTokenRequest { ttl_seconds: 600, note: String::new() }).unwrap();
+    let token = admin.create_token(req).await.unwrap().into_inner().token;
+    (admin, token)
+}
+
+/// A ping signed by `pkcs8` as device `id`: the coordinator's answer code.
+async fn ping_code(addr: std::net::SocketAddr, ca: &Path, pkcs8: &[u8], id: &str) -> tonic::Code {
+    let ch = spa_coordinator::net::connect(&format!("https://{addr}"), &std::fs::read(ca).unwrap()).await.unwrap();
+    let signer = spa_proto::auth::DeviceSigner::from_pkcs8(pkcs8, id).unwrap();
+    let req = signer.request(spa_proto::methods::DEVICE_PING, spa_proto::v1::PingRequest {});
+    match spa_proto::v1::device_client::DeviceClient::new(ch).ping(req).await {
+        Ok(_) => tonic::Code::Ok,
+        Err(e) => e.code(),
+    }
+}
+
+/// `rotate-key`: same device id, new key (sealed when a passphrase is given), the old key
+/// refused and never enrollable again; a rotation interrupted after the coordinator took the
+/// new key, or before it heard of it, is finished by the next run; a bad proof is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_rotates_its_key_in_place() {
+    use spa_client::store::ClientStore;
+    let dir = tempfile::tempdir().unwrap();
+    let coord = dir.path().join("coord");
+    common::init_loopback_home(&coord);
+    let srv = spa_coordinator::server::start(&coord).await.unwrap();
+    let addr = srv.addr;
+    let (mut admin, token) = admin_and_token(&coord, addr).await;
+    let (home, ca) = (dir.path().join("dev"), coord.join("tls/ca.pem"));
+    let pass = dir.path().join("pass");
+    std::fs::write(&pass, "a long device passphrase\n").unwrap();
+    let (h, c, p) = (home.clone(), ca.clone(), pass.clone());
+    let (id, old_key, rotated) = tokio::task::spawn_blocking(move || {
+        let url = format!("https://{addr}");
+        let e: serde_json::Value =
+            serde_json::from_str(&client(&h, &["enroll", "--coordinator", &url, "--token", &token, "--ca", c.to_str().unwrap(), "--json"])).unwrap();
+        let old_key = ClientStore::open(&h).unwrap().require_identity(None).unwrap().0;
+        // Rotating with a passphrase seals the new key.
+        let out = Command::new(BIN).arg("--home").arg(&h).args(["rotate-key", "--json"]).env("SPA_KEY_PASSPHRASE_FILE", &p).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (e["device_id"].as_str().unwrap().to_string(), old_key, r)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        (rotated["device_id"].as_str(), rotated["key_sealed"].as_bool(), rotated["finished_interrupted"].as_bool()),
+        (Some(id.as_str()), Some(true), Some(false)),
+        "{rotated}"
+    );
+    let store = ClientStore::open(&home).unwrap();
+    assert!(store.key_sealed().unwrap());
+    let new_key = store.require_identity(Some(b"a long device passphrase")).unwrap().0;
+    drop(store);
+    assert_eq!(ping_code(addr, &ca, &new_key, &id).await, tonic::Code::Ok);
+    assert_eq!(ping_code(addr, &ca, &old_key, &id).await, tonic::Code::Unauthenticated);
+    // The old key cannot enroll again (as a new device) with a fresh token.
+    let (_, token2) = admin_and_token(&coord, addr).await;
+    let ch = spa_coordinator::net::connect(&format!("https://{addr}"), &std::fs::read(&ca).unwrap()).await.unwrap();
+    let old_pk = spa_proto::auth::public_key_of(&old_key).unwrap().to_vec();
+    let e = spa_proto::v1::device_client::DeviceClient::new(ch.clone())
+        .enroll(spa_proto::v1::EnrollRequest { token: token2, public_key: old_pk, name: "again".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
+
+    // A bad proof (signed by another key) is refused and changes nothing.
+    let signer = spa_proto::auth::DeviceSigner::from_pkcs8(&new_key, id.clone()).unwrap();
+    let other = spa_proto::auth::DeviceSigner::from_pkcs8(&spa_proto::auth::generate_pkcs8().unwrap(), id.clone()).unwrap();
+    let bogus = spa_proto::auth::DeviceSigner::from_pkcs8(&spa_proto::auth::generate_pkcs8().unwrap(), id.clone()).unwrap();
+    let pk = other.public_key();
+    let body = spa_proto::v1::RotateKeyRequest { new_public_key: pk.to_vec(), proof: bogus.sign_raw(&spa_proto::auth::rotation_message(&id, &pk)).to_vec() };
+    let e =
+        spa_proto::v1::device_client::DeviceClient::new(ch.clone()).rotate_key(signer.request(spa_proto::methods::DEVICE_ROTATE_KEY, body)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert_eq!(ping_code(addr, &ca, &new_key, &id).await, tonic::Code::Ok);
+
+    // Interrupted after the coordinator took the next key (its answer lost): the next run
+    // finds the coordinator accepts the stored next key and finishes.
+    let next = spa_proto::auth::generate_pkcs8().unwrap();
+    ClientStore::open(&home).unwrap().set_next_key(&next, Some(b"a long device passphrase")).unwrap();
+    let n = spa_proto::auth::DeviceSigner::from_pkcs8(&next, id.clone()).unwrap();
+    let pk = n.public_key();
+    let body = spa_proto::v1::RotateKeyRequest { new_public_key: pk.to_vec(), proof: n.sign_raw(&spa_proto::auth::rotation_message(&id, &pk)).to_vec() };
+    spa_proto::v1::device_client::DeviceClient::new(ch.clone()).rotate_key(signer.request(spa_proto::methods::DEVICE_ROTATE_KEY, body)).await.unwrap();
+    let (h, p) = (home.clone(), pass.clone());
+    let r = tokio::task::spawn_blocking(move || {
+        let out = Command::new(BIN).arg("--home").arg(&h).args(["rotate-key", "--json"]).env("SPA_KEY_PASSPHRASE_FILE", &p).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        // Interrupted before the coordinator heard of it: the stored next key is used.
+        ClientStore::open(&h).unwrap().set_next_key(&spa_proto::auth::generate_pkcs8().unwrap(), Some(b"a long device passphrase")).unwrap();
+        let out2 = Command::new(BIN).arg("--home").arg(&h).args(["rotate-key", "--json"]).env("SPA_KEY_PASSPHRASE_FILE", &p).output().unwrap();
+        assert!(out2.status.success(), "{}", String::from_utf8_lossy(&out2.stderr));
+        let s = Command::new(BIN).arg("--home").arg(&h).args(["status", "--json"]).env("SPA_KEY_PASSPHRASE_FILE", &p).output().unwrap();
+        let v = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).unwrap();
+        (v(&out.stdout), v(&out2.stdout), v(&s.stdout))
+    })
+    .await
+    .unwrap();
+    assert_eq!((r.0["finished_interrupted"].as_bool(), r.1["finished_interrupted"].as_bool()), (Some(true), Some(false)), "{r:?}");
+    assert_eq!((r.2["device_id"].as_str(), r.2["coordinator_reachable"].as_bool()), (Some(id.as_str()), Some(true)), "{r:?}");
+    assert_eq!(ping_code(addr, &ca, &next, &id).await, tonic::Code::Unauthenticated, "the key before the last rotation is refused");
+    let cred = std::fs::read_to_string(coord.join("admin.credential")).unwrap();
+    let list =
+        admin.list_devices(spa_coordinator::admin_cli::with_admin(cred.trim(), spa_proto::v1::ListDevicesRequest {}).unwrap()).await.unwrap().into_inner();
+    assert!(list.devices[0].key_rotated_at_ms > 0, "{list:?}");
+    srv.shutdown().await.unwrap();
+}

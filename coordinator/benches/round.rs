@@ -86,8 +86,14 @@ fn main() {
     for i in 0..n {
         let key = identity().unwrap();
         let token = format!("bench-token-{i}");
-        let rec =
-            TokenRecord { token_id: format!("tok-{i}"), created_at_ms: now_ms(), expires_at_ms: now_ms() + 3_600_000, note: String::new(), used_by: None };
+        let rec = TokenRecord {
+            token_id: format!("tok-{i}"),
+            created_at_ms: now_ms(),
+            expires_at_ms: now_ms() + 3_600_000,
+            note: String::new(),
+            used_by: None,
+            revoked_at_ms: None,
+        };
         store.add_token(&token_hash(&token), &rec).unwrap();
         let d = store.enroll(&token_hash(&token), &key.public_key(), &format!("bench-{i}"), now_ms()).unwrap();
         keys.push((d.device_id, key));

@@ -43,6 +43,17 @@ pub enum TokenCommand {
         #[arg(long, default_value = "")]
         note: String,
     },
+    /// List tokens (ids and states; the tokens themselves are never kept).
+    List {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Revoke an unused token by its id (`tok-...`): it can no longer enroll a device.
+    Revoke {
+        #[command(flatten)]
+        target: Target,
+        token_id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -124,6 +135,7 @@ struct DeviceRow {
     name: String,
     enrolled_at_ms: u64,
     last_seen_ms: u64,
+    key_rotated_at_ms: u64,
     revoked: bool,
     public_key_hex: String,
 }
@@ -180,6 +192,48 @@ pub async fn run_token(cmd: TokenCommand, json: bool) -> Result<()> {
                 eprintln!("token {} expires at {} (Unix ms); it is shown only once", r.token_id, r.expires_at_ms);
             }
         }
+        TokenCommand::List { target } => list_tokens(target, json).await?,
+        TokenCommand::Revoke { target, token_id } => {
+            let (mut c, cred) = admin_client(&target).await?;
+            let r = c.revoke_token(with_admin(&cred, RevokeTokenRequest { token_id: token_id.clone() })?).await.map_err(status_err)?.into_inner();
+            if json {
+                print_json(&serde_json::json!({ "token_id": token_id, "was_usable": r.was_usable }))?;
+            } else if r.was_usable {
+                println!("revoked {token_id}");
+            } else {
+                println!("revoked {token_id} (it could no longer enroll anyway: used, expired or revoked before)");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn list_tokens(target: Target, json: bool) -> Result<()> {
+    let (mut c, cred) = admin_client(&target).await?;
+    let r = c.list_tokens(with_admin(&cred, ListTokensRequest {})?).await.map_err(status_err)?.into_inner();
+    let now = spa_proto::auth::now_ms();
+    let state = |t: &TokenInfo| match () {
+        _ if t.revoked_at_ms > 0 => "revoked",
+        _ if !t.used_by.is_empty() => "used",
+        _ if t.expires_at_ms <= now => "expired",
+        _ => "usable",
+    };
+    if json {
+        let rows: Vec<_> = r
+            .tokens
+            .iter()
+            .map(|t| {
+                serde_json::json!({
+                    "token_id": t.token_id, "state": state(t), "created_at_ms": t.created_at_ms, "expires_at_ms": t.expires_at_ms,
+                    "note": t.note, "used_by": t.used_by, "revoked_at_ms": t.revoked_at_ms,
+                })
+            })
+            .collect();
+        return print_json(&rows);
+    }
+    println!("{:<18} {:<8} {:>15} {:<22} NOTE", "TOKEN", "STATE", "EXPIRES (ms)", "USED BY");
+    for t in &r.tokens {
+        println!("{:<18} {:<8} {:>15} {:<22} {}", t.token_id, state(t), t.expires_at_ms, t.used_by, t.note);
     }
     Ok(())
 }
@@ -200,6 +254,7 @@ pub async fn run_devices(cmd: DevicesCommand, json: bool) -> Result<()> {
                         last_seen_ms: d.last_seen_ms,
                         revoked: d.revoked,
                         public_key_hex: d.public_key_hex.clone(),
+                        key_rotated_at_ms: d.key_rotated_at_ms,
                     })
                     .collect();
                 print_json(&rows)?;
@@ -270,6 +325,16 @@ pub fn run_rotate_credential(home: &Path, json: bool) -> Result<()> {
         print_json(&Rotated { admin_credential: &path })?;
     } else {
         println!("new admin credential in {} (the old one no longer works)", path.display());
+    }
+    Ok(())
+}
+
+pub fn run_rotate_tls(home: &Path, names: &[String], json: bool) -> Result<()> {
+    let r = crate::init::rotate_tls(home, names)?;
+    if json {
+        print_json(&r)?;
+    } else {
+        println!("new server key and certificate for {} in {} (devices trust the same CA); restart serve to use them", r.names.join(", "), r.cert.display());
     }
     Ok(())
 }

@@ -139,6 +139,11 @@ pub struct LimitsSection {
     pub max_connections: usize,
     /// A TLS handshake must finish within this many seconds.
     pub tls_handshake_secs: u64,
+    /// A connection is asked to close (HTTP/2 GOAWAY) once this old, however busy or idle:
+    /// a live but idle peer cannot hold a place forever. Clients reconnect transparently.
+    pub max_connection_age_secs: u64,
+    /// Calls still open on an aged connection get this long to finish before it is cut.
+    pub connection_age_grace_secs: u64,
 }
 
 impl Default for LimitsSection {
@@ -157,6 +162,8 @@ impl Default for LimitsSection {
             max_feature_requests_per_device: 2,
             max_connections: 4096,
             tls_handshake_secs: 10,
+            max_connection_age_secs: 3600,
+            connection_age_grace_secs: 60,
         }
     }
 }
@@ -221,6 +228,10 @@ impl CoordinatorConfig {
         ensure(l.failed_admin_calls_per_minute > 0, "limits.failed_admin_calls_per_minute must be > 0")?;
         ensure(l.max_feature_requests_per_device > 0, "limits.max_feature_requests_per_device must be > 0")?;
         ensure(l.max_connections > 0 && l.tls_handshake_secs > 0, "limits.max_connections and limits.tls_handshake_secs must be > 0")?;
+        ensure(
+            l.max_connection_age_secs > 0 && l.connection_age_grace_secs > 0,
+            "limits.max_connection_age_secs and limits.connection_age_grace_secs must be > 0",
+        )?;
         ensure(l.max_draft_tokens <= 256, "limits.max_draft_tokens must be at most 256")?;
         ensure(l.session_idle_secs > 0 && l.first_message_secs > 0, "limits.session_idle_secs and limits.first_message_secs must be > 0")?;
         ensure(self.auth.clock_window_secs > 0, "auth.clock_window_secs must be > 0")?;

@@ -26,9 +26,8 @@ impl Drop for Place {
     }
 }
 
-/// The listener's connections, at most `max` open at once.
-pub fn capped(listener: TcpListener, max: usize) -> impl Stream<Item = std::io::Result<Capped>> {
-    let open = Arc::new(AtomicUsize::new(0));
+/// The listener's connections, at most `max` open at once (`open` counts them).
+pub fn capped(listener: TcpListener, max: usize, open: Arc<AtomicUsize>) -> impl Stream<Item = std::io::Result<Capped>> {
     tokio_stream::wrappers::TcpListenerStream::new(listener).filter_map(move |r| match r {
         Err(e) => Some(Err(e)),
         Ok(s) => {

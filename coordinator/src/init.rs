@@ -50,6 +50,71 @@ pub fn rotate_admin_credential(home: &Path) -> Result<std::path::PathBuf> {
     Ok(path)
 }
 
+/// The CA key, and the names the server certificate was issued for (one per line).
+const CA_KEY_FILE: &str = "tls/ca.key";
+const NAMES_FILE: &str = "tls/server.names";
+
+/// The CA's parameters: the same at init and at each rotation, so that certificates issued
+/// later name the same issuer.
+fn ca_params() -> Result<CertificateParams> {
+    let mut p = CertificateParams::new(Vec::<String>::new())?;
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.distinguished_name.push(DnType::CommonName, "SPA coordinator CA");
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    Ok(p)
+}
+
+fn server_names(extra: &[String]) -> Vec<String> {
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    names.extend(extra.iter().filter(|n| !names.contains(n)).cloned().collect::<Vec<_>>());
+    names
+}
+
+/// A fresh server key and a certificate for `names` signed by the CA: (cert PEM, key PEM).
+fn server_cert(names: &[String], issuer: &Issuer<'_, KeyPair>) -> Result<(String, String)> {
+    let mut params = CertificateParams::new(names.to_vec())?;
+    params.distinguished_name.push(DnType::CommonName, "SPA coordinator");
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, issuer)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct TlsRotated {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub names: Vec<String>,
+}
+
+/// Issues a new server key and certificate from the home's CA (devices trust the CA, so they
+/// need nothing new) and puts them in place, each written beside the old and renamed over
+/// it. `extra_names` empty: the names of the last issue (init's or a rotation's). The running
+/// coordinator reads its certificate at start: restart it to serve the new one.
+pub fn rotate_tls(home: &Path, extra_names: &[String]) -> Result<TlsRotated> {
+    let cfg = CoordinatorConfig::load(home)?;
+    let ca_key_path = home.join(CA_KEY_FILE);
+    let ca_pem = std::fs::read_to_string(&ca_key_path).map_err(io(&ca_key_path))?;
+    let issuer = Issuer::new(ca_params()?, KeyPair::from_pem(&ca_pem)?);
+    let names = match extra_names {
+        [] => match std::fs::read_to_string(home.join(NAMES_FILE)) {
+            Ok(s) => s.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect(),
+            Err(_) => server_names(&[]),
+        },
+        extra => server_names(extra),
+    };
+    let (cert, key) = server_cert(&names, &issuer)?;
+    let (cert_path, key_path) = (cfg.resolve(home, &cfg.server.cert), cfg.resolve(home, &cfg.server.key));
+    for (path, bytes, secret) in [(&key_path, &key, true), (&cert_path, &cert, false), (&home.join(NAMES_FILE), &names.join("\n"), false)] {
+        let tmp = path.with_extension("new");
+        let _ = std::fs::remove_file(&tmp);
+        write_new(&tmp, bytes.as_bytes(), secret)?;
+        std::fs::rename(&tmp, path).map_err(io(path))?;
+    }
+    Ok(TlsRotated { cert: cert_path, key: key_path, names })
+}
+
 /// `extra_names`: more DNS names or IP addresses the server certificate is valid for
 /// (beyond localhost and 127.0.0.1).
 pub fn init(home: &Path, extra_names: &[String]) -> Result<InitReport> {
@@ -64,28 +129,17 @@ pub fn init(home: &Path, extra_names: &[String]) -> Result<InitReport> {
     let tls = home.join(&s.cert).parent().expect("cert path has a parent").to_path_buf();
     std::fs::create_dir_all(&tls).map_err(io(&tls))?;
 
-    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, "SPA coordinator CA");
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     let ca_key = KeyPair::generate()?;
-    let ca_cert = ca_params.self_signed(&ca_key)?;
-
-    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
-    names.extend(extra_names.iter().cloned());
-    let mut params = CertificateParams::new(names)?;
-    params.distinguished_name.push(DnType::CommonName, "SPA coordinator");
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-    let key = KeyPair::generate()?;
-    let issuer = Issuer::new(ca_params, ca_key);
-    let cert = params.signed_by(&key, &issuer)?;
-
+    let ca_cert = ca_params()?.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca_params()?, ca_key);
+    let names = server_names(extra_names);
+    let (cert, key) = server_cert(&names, &issuer)?;
     let credential = new_credential();
     write_new(&home.join(&s.ca_cert), ca_cert.pem().as_bytes(), false)?;
-    write_new(&home.join("tls/ca.key"), issuer.key().serialize_pem().as_bytes(), true)?;
-    write_new(&home.join(&s.cert), cert.pem().as_bytes(), false)?;
-    write_new(&home.join(&s.key), key.serialize_pem().as_bytes(), true)?;
+    write_new(&home.join(CA_KEY_FILE), issuer.key().serialize_pem().as_bytes(), true)?;
+    write_new(&home.join(&s.cert), cert.as_bytes(), false)?;
+    write_new(&home.join(&s.key), key.as_bytes(), true)?;
+    write_new(&home.join(NAMES_FILE), names.join("\n").as_bytes(), false)?;
     write_new(&home.join(&s.admin_credential), credential.as_bytes(), true)?;
     // The config last: its presence marks a complete home.
     write_new(&config, DEFAULT_TOML.as_bytes(), false)?;

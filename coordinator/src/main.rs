@@ -46,6 +46,15 @@ enum Command {
         #[arg(long)]
         home: std::path::PathBuf,
     },
+    /// Issue a new server TLS key and certificate from the home's CA (devices need nothing
+    /// new); `serve` uses them from its next start.
+    RotateTls {
+        #[arg(long)]
+        home: std::path::PathBuf,
+        /// DNS names or IPs besides localhost and 127.0.0.1 (default: those of the last issue).
+        #[arg(long = "name")]
+        names: Vec<String>,
+    },
     /// Enrolled devices.
     #[command(subcommand)]
     Devices(DevicesCommand),
@@ -87,6 +96,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(runtime()?.block_on(spa_coordinator::server::serve(&home))?)
         }
         Command::RotateCredential { home } => admin_cli::run_rotate_credential(&home, json),
+        Command::RotateTls { home, names } => admin_cli::run_rotate_tls(&home, &names, json),
         Command::Token(cmd) => runtime()?.block_on(admin_cli::run_token(cmd, json)),
         Command::Devices(cmd) => runtime()?.block_on(admin_cli::run_devices(cmd, json)),
         Command::Round(cmd) => runtime()?.block_on(admin_cli::run_round(cmd, json)),

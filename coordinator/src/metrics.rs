@@ -47,6 +47,7 @@ pub struct Metrics {
     devices_enrolled: Gauge,
     devices_online: Gauge,
     generation_sessions: Gauge,
+    open_connections: Gauge,
 }
 
 fn phase_histogram() -> Histogram {
@@ -66,6 +67,7 @@ impl Metrics {
             devices_enrolled: Gauge::default(),
             devices_online: Gauge::default(),
             generation_sessions: Gauge::default(),
+            open_connections: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("rounds", "Rounds ended, by outcome (committed, aborted)", m.rounds.clone());
@@ -76,6 +78,7 @@ impl Metrics {
         registry.register("devices_enrolled", "Enrolled devices, revoked ones excluded", m.devices_enrolled.clone());
         registry.register("devices_online", "Devices that polled within rounds.online_secs", m.devices_online.clone());
         registry.register("generation_sessions", "Open Generate streams", m.generation_sessions.clone());
+        registry.register("open_connections", "TCP connections open (limits.max_connections)", m.open_connections.clone());
         Metrics { registry, ..m }
     }
 
@@ -86,6 +89,7 @@ impl Metrics {
         self.devices_online.set(s.rounds.online_count() as i64);
         let open = s.config.limits.max_sessions.saturating_sub(s.sessions.available_permits());
         self.generation_sessions.set(open as i64);
+        self.open_connections.set(s.connections.load(std::sync::atomic::Ordering::SeqCst) as i64);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
         out

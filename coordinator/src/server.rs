@@ -36,9 +36,15 @@ pub struct Running {
     home: PathBuf,
     store: Store,
     drain: Duration,
+    shared: Arc<Shared>,
 }
 
 impl Running {
+    /// TCP connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.shared.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Stops accepting, lets in-flight calls finish within the drain deadline (then cuts
     /// them), and flushes the store.
     pub async fn shutdown(mut self) -> Result<()> {
@@ -155,6 +161,8 @@ pub async fn start(home: &Path) -> Result<Running> {
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .max_concurrent_streams(Some(256))
+        .max_connection_age(Duration::from_secs(lim.max_connection_age_secs))
+        .max_connection_age_grace(Duration::from_secs(lim.connection_age_grace_secs))
         .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)).timeout(Duration::from_secs(lim.tls_handshake_secs)))?
         .add_service(health_svc)
         .add_service(reflection)
@@ -163,7 +171,7 @@ pub async fn start(home: &Path) -> Result<Running> {
         .add_service(BackboneServer::new(BackboneService(shared.clone())).max_decoding_message_size(max).max_encoding_message_size(max))
         .add_service(RoundsServer::new(RoundsService(shared.clone())).max_decoding_message_size(max).max_encoding_message_size(max));
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let incoming = crate::conn::capped(listener, cfg.limits.max_connections);
+    let incoming = crate::conn::capped(listener, cfg.limits.max_connections, shared.connections.clone());
     let flush_store = store.clone();
     let task = tokio::spawn(async move {
         let r = router
@@ -197,7 +205,7 @@ pub async fn start(home: &Path) -> Result<Running> {
     std::fs::write(&addr_file, format!("https://{addr}\n")).map_err(io(&addr_file))?;
     tracing::info!(%addr, "coordinator serving (TLS)");
     let drain = Duration::from_secs(cfg.server.drain_secs);
-    Ok(Running { addr, stop: Some(stop_tx), task, pruner, round_loop, metrics, home: home.to_path_buf(), store, drain })
+    Ok(Running { addr, stop: Some(stop_tx), task, pruner, round_loop, metrics, home: home.to_path_buf(), store, drain, shared })
 }
 
 /// The file holding the Prometheus endpoint's bound address.

@@ -43,6 +43,8 @@ pub struct Shared {
     /// Features requests per device, computing or not yet read (`limits.max_feature_requests_per_device`).
     pub(crate) device_features: Arc<PerDevice>,
     pub(crate) next_session: AtomicU64,
+    /// TCP connections open now (`conn::capped` counts them; `limits.max_connections`).
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Shared {
@@ -61,6 +63,7 @@ impl Shared {
             device_features: Default::default(),
             enroll_attempts: crate::auth::AttemptLimiter::new(failed_enrollments),
             next_session: AtomicU64::new(1),
+            connections: Default::default(),
         })
     }
 }
@@ -124,7 +127,7 @@ impl Device for DeviceService {
         }
         let s = &self.0;
         let rec = s.store.enroll(&token_hash(&r.token), &r.public_key, &r.name, now_ms()).map_err(|e| {
-            if matches!(e, StoreError::UnknownToken | StoreError::TokenUsed | StoreError::TokenExpired) {
+            if matches!(e, StoreError::UnknownToken | StoreError::TokenUsed | StoreError::TokenExpired | StoreError::TokenRevoked) {
                 s.enroll_attempts.failed(peer);
             }
             tracing::warn!("enrollment refused: {e}");
@@ -137,6 +140,22 @@ impl Device for DeviceService {
     async fn ping(&self, req: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {
         let rec = self.0.auth.device(&req, methods::DEVICE_PING)?;
         Ok(Response::new(PingResponse { device_id: rec.device_id, server_time_ms: now_ms(), backbone_version: self.0.engine.meta.version.clone() }))
+    }
+
+    async fn rotate_key(&self, req: Request<RotateKeyRequest>) -> Result<Response<RotateKeyResponse>, Status> {
+        let rec = self.0.auth.device(&req, methods::DEVICE_ROTATE_KEY)?;
+        let r = req.into_inner();
+        if r.new_public_key.len() != 32 {
+            return Err(Status::invalid_argument(format!("new_public_key must be a raw 32-byte Ed25519 key, got {} bytes", r.new_public_key.len())));
+        }
+        spa_proto::auth::verify_rotation(&rec.device_id, &r.new_public_key, &r.proof)
+            .map_err(|_| Status::invalid_argument("proof is not the new key's signature of the rotation message"))?;
+        let now = now_ms();
+        let s = self.0.clone();
+        let id = rec.device_id.clone();
+        tokio::task::spawn_blocking(move || s.store.rotate_key(&id, &r.new_public_key, now)).await.map_err(internal)??;
+        tracing::info!(device = %rec.device_id, "device key rotated");
+        Ok(Response::new(RotateKeyResponse { device_id: rec.device_id, rotated_at_ms: now }))
     }
 }
 
@@ -162,6 +181,7 @@ impl Admin for AdminService {
             expires_at_ms: now + r.ttl_seconds * 1000,
             note: r.note,
             used_by: None,
+            revoked_at_ms: None,
         };
         s.store.add_token(&hash, &rec)?;
         tracing::info!(token_id = %rec.token_id, "enrollment token created");
@@ -180,9 +200,37 @@ impl Admin for AdminService {
                 enrolled_at_ms: d.enrolled_at_ms,
                 revoked: d.revoked,
                 public_key_hex: d.public_key_hex,
+                key_rotated_at_ms: d.key_rotated_at_ms.unwrap_or(0),
             });
         }
         Ok(Response::new(ListDevicesResponse { devices }))
+    }
+
+    async fn list_tokens(&self, req: Request<ListTokensRequest>) -> Result<Response<ListTokensResponse>, Status> {
+        self.0.auth.admin(&req)?;
+        let mut tokens: Vec<TokenInfo> = (self.0.store.tokens()?.into_iter())
+            .map(|t| TokenInfo {
+                token_id: t.token_id,
+                created_at_ms: t.created_at_ms,
+                expires_at_ms: t.expires_at_ms,
+                note: t.note,
+                used_by: t.used_by.unwrap_or_default(),
+                revoked_at_ms: t.revoked_at_ms.unwrap_or(0),
+            })
+            .collect();
+        tokens.sort_by_key(|t| t.created_at_ms);
+        Ok(Response::new(ListTokensResponse { tokens }))
+    }
+
+    async fn revoke_token(&self, req: Request<RevokeTokenRequest>) -> Result<Response<RevokeTokenResponse>, Status> {
+        self.0.auth.admin(&req)?;
+        let id = req.into_inner().token_id;
+        if id.is_empty() || id.len() > 64 {
+            return Err(Status::invalid_argument("token_id must be 1..=64 bytes"));
+        }
+        let was_usable = self.0.store.revoke_token(&id, now_ms())?;
+        tracing::info!(token_id = %id, "enrollment token revoked");
+        Ok(Response::new(RevokeTokenResponse { was_usable }))
     }
 
     async fn revoke_device(&self, req: Request<RevokeDeviceRequest>) -> Result<Response<RevokeDeviceResponse>, Status> {
@@ -210,7 +258,7 @@ impl Admin for AdminService {
             uptime_seconds: s.started.elapsed().as_secs(),
             version: env!("CARGO_PKG_VERSION").into(),
             global_version: s.store.latest_checkpoint_version()?.unwrap_or(0),
-            tokens_outstanding: tokens.iter().filter(|t| t.used_by.is_none() && t.expires_at_ms > now).count() as u64,
+            tokens_outstanding: tokens.iter().filter(|t| t.used_by.is_none() && t.revoked_at_ms.is_none() && t.expires_at_ms > now).count() as u64,
         }))
     }
 

@@ -25,9 +25,10 @@ pub(crate) fn echo(s: &str) -> String {
 impl From<StoreError> for Status {
     fn from(e: StoreError) -> Status {
         match e {
-            StoreError::UnknownToken | StoreError::TokenUsed | StoreError::TokenExpired => Status::unauthenticated(e.to_string()),
+            StoreError::UnknownToken | StoreError::TokenUsed | StoreError::TokenExpired | StoreError::TokenRevoked => Status::unauthenticated(e.to_string()),
             StoreError::KeyEnrolled(_) => Status::already_exists(e.to_string()),
-            StoreError::UnknownDevice(_) => Status::not_found(e.to_string()),
+            StoreError::DeviceRevoked(_) => Status::permission_denied(e.to_string()),
+            StoreError::UnknownDevice(_) | StoreError::UnknownTokenId(_) => Status::not_found(e.to_string()),
             // A full or failing disk: the call may be retried once the store works again.
             _ if e.is_io() => {
                 tracing::error!("store unavailable: {e}");

@@ -22,10 +22,16 @@ pub enum StoreError {
     TokenUsed,
     #[error("enrollment token expired")]
     TokenExpired,
+    #[error("enrollment token revoked")]
+    TokenRevoked,
+    #[error("unknown enrollment token id '{0}'")]
+    UnknownTokenId(String),
     #[error("this public key is already enrolled as {0}")]
     KeyEnrolled(String),
     #[error("unknown device '{0}'")]
     UnknownDevice(String),
+    #[error("device '{0}' is revoked")]
+    DeviceRevoked(String),
     #[error("global version {0} is already committed")]
     VersionExists(u64),
     #[error("the store is being reopened after a failed write (is its disk full?); retry later")]
@@ -51,6 +57,9 @@ pub struct DeviceRecord {
     pub revoked: bool,
     #[serde(default)]
     pub revoked_at_ms: Option<u64>,
+    /// When its key was last replaced (`RotateKey`); the id stays that of the first key.
+    #[serde(default)]
+    pub key_rotated_at_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -61,6 +70,8 @@ pub struct TokenRecord {
     pub note: String,
     #[serde(default)]
     pub used_by: Option<String>,
+    #[serde(default)]
+    pub revoked_at_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -92,6 +103,9 @@ struct Trees {
     checkpoints: sled::Tree,
     events: sled::Tree,
     last_seen: sled::Tree,
+    /// SHA-256 of every public key a device used (enrolled or rotated to) -> its device id:
+    /// a key is never accepted twice.
+    keys: sled::Tree,
     rounds: sled::Tree,
     runs: sled::Tree,
     meta: sled::Tree,
@@ -125,6 +139,7 @@ impl Trees {
             checkpoints: db.open_tree("checkpoints")?,
             events: db.open_tree("events")?,
             last_seen: db.open_tree("last_seen")?,
+            keys: db.open_tree("keys")?,
             rounds: db.open_tree("rounds")?,
             runs: db.open_tree("runs")?,
             meta: db.open_tree("meta")?,
@@ -234,7 +249,8 @@ impl Store {
     pub fn enroll(&self, hash: &[u8; 32], public_key: &[u8], name: &str, now_ms: u64) -> Result<DeviceRecord> {
         let t = self.t()?;
         let device_id = device_id_of(public_key);
-        let res = (&t.tokens, &t.devices).transaction(|(tokens, devices)| {
+        let key_hash = spa_proto::auth::sha256(public_key);
+        let res = (&t.tokens, &t.devices, &t.keys).transaction(|(tokens, devices, keys)| {
             let abort = |e| Err(ConflictableTransactionError::Abort(e));
             let Some(raw) = tokens.get(hash)? else {
                 return abort(StoreError::UnknownToken);
@@ -246,11 +262,17 @@ impl Store {
             if tok.used_by.is_some() {
                 return abort(StoreError::TokenUsed);
             }
+            if tok.revoked_at_ms.is_some() {
+                return abort(StoreError::TokenRevoked);
+            }
             if tok.expires_at_ms <= now_ms {
                 return abort(StoreError::TokenExpired);
             }
             if devices.get(device_id.as_bytes())?.is_some() {
                 return abort(StoreError::KeyEnrolled(device_id.clone()));
+            }
+            if let Some(owner) = keys.get(key_hash)? {
+                return abort(StoreError::KeyEnrolled(String::from_utf8_lossy(&owner).into_owned()));
             }
             tok.used_by = Some(device_id.clone());
             let rec = DeviceRecord {
@@ -261,9 +283,11 @@ impl Store {
                 token_id: tok.token_id.clone(),
                 revoked: false,
                 revoked_at_ms: None,
+                key_rotated_at_ms: None,
             };
             tokens.insert(&hash[..], enc(&tok))?;
             devices.insert(device_id.as_bytes(), enc(&rec))?;
+            keys.insert(&key_hash[..], device_id.as_bytes())?;
             Ok(rec)
         });
         let rec = match res {
@@ -274,6 +298,71 @@ impl Store {
         self.log("device.enroll", format!("{} ({}) with token {}", rec.device_id, rec.name, rec.token_id))?;
         self.flush()?;
         Ok(rec)
+    }
+
+    /// Replaces an active device's public key (the caller checked the old key's signature and
+    /// the new key's proof); refused if any device ever used the new key. Durable on return.
+    pub fn rotate_key(&self, id: &str, new_key: &[u8], now_ms: u64) -> Result<DeviceRecord> {
+        let t = self.t()?;
+        let new_hash = spa_proto::auth::sha256(new_key);
+        let res = (&t.devices, &t.keys).transaction(|(devices, keys)| {
+            let abort = |e| Err(ConflictableTransactionError::Abort(e));
+            let Some(raw) = devices.get(id.as_bytes())? else {
+                return abort(StoreError::UnknownDevice(id.into()));
+            };
+            let mut rec: DeviceRecord = match dec(&raw) {
+                Ok(r) => r,
+                Err(e) => return abort(e),
+            };
+            if rec.revoked {
+                return abort(StoreError::DeviceRevoked(id.into()));
+            }
+            let new_id = device_id_of(new_key);
+            if let Some(owner) = keys.get(new_hash)? {
+                return abort(StoreError::KeyEnrolled(String::from_utf8_lossy(&owner).into_owned()));
+            }
+            if devices.get(new_id.as_bytes())?.is_some() {
+                return abort(StoreError::KeyEnrolled(new_id));
+            }
+            // Stores from before the keys tree: the old key is recorded as used here too.
+            let old = hex::decode(&rec.public_key_hex).unwrap_or_default();
+            keys.insert(&spa_proto::auth::sha256(&old)[..], id.as_bytes())?;
+            keys.insert(&new_hash[..], id.as_bytes())?;
+            rec.public_key_hex = hex::encode(new_key);
+            rec.key_rotated_at_ms = Some(now_ms);
+            devices.insert(id.as_bytes(), enc(&rec))?;
+            Ok(rec)
+        });
+        let rec = match res {
+            Ok(r) => r,
+            Err(TransactionError::Abort(e)) => return Err(e),
+            Err(TransactionError::Storage(e)) => return Err(e.into()),
+        };
+        self.log("device.rotate_key", id)?;
+        self.flush()?;
+        Ok(rec)
+    }
+
+    /// Revokes an unused enrollment token by its id; returns whether it was still usable.
+    /// Durable on return.
+    pub fn revoke_token(&self, token_id: &str, now_ms: u64) -> Result<bool> {
+        let t = self.t()?;
+        for kv in t.tokens.iter() {
+            let (k, v) = kv?;
+            let mut rec: TokenRecord = dec(&v)?;
+            if rec.token_id != token_id {
+                continue;
+            }
+            let was_usable = rec.used_by.is_none() && rec.revoked_at_ms.is_none() && rec.expires_at_ms > now_ms;
+            if rec.revoked_at_ms.is_none() {
+                rec.revoked_at_ms = Some(now_ms);
+                t.tokens.insert(k, enc(&rec))?;
+                self.log("token.revoke", token_id)?;
+                self.flush()?;
+            }
+            return Ok(was_usable);
+        }
+        Err(StoreError::UnknownTokenId(token_id.into()))
     }
 
     pub fn device(&self, id: &str) -> Result<Option<DeviceRecord>> {
@@ -504,7 +593,7 @@ mod tests {
     use super::*;
 
     fn token(store: &Store, t: &str, expires: u64) {
-        let rec = TokenRecord { token_id: t[..4].into(), created_at_ms: 0, expires_at_ms: expires, note: String::new(), used_by: None };
+        let rec = TokenRecord { token_id: t[..4].into(), created_at_ms: 0, expires_at_ms: expires, note: String::new(), used_by: None, revoked_at_ms: None };
         store.add_token(&token_hash(t), &rec).unwrap();
     }
 

@@ -451,3 +451,34 @@ async fn connections_are_capped_and_silent_ones_dropped_at_the_handshake_deadlin
     admin(&again).list_devices(with_admin(&cred, ListDevicesRequest {})).await.unwrap();
     srv.shutdown().await.unwrap();
 }
+
+/// `limits.max_connection_age_secs`: a connection, busy or idle, is asked to close once that
+/// old and cut after the grace, so a live but idle peer cannot hold its place forever; the
+/// client reconnects on its next call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_closed_at_their_max_age_and_clients_reconnect() {
+    let (_dir, srv, ch, cred) = serve(|t| {
+        t.replace("max_connection_age_secs = 3600", "max_connection_age_secs = 2").replace("connection_age_grace_secs = 60", "connection_age_grace_secs = 1")
+    })
+    .await;
+    admin(&ch).list_devices(with_admin(&cred, ListDevicesRequest {})).await.unwrap();
+    assert_eq!(srv.open_connections(), 1);
+    let t = std::time::Instant::now();
+    while srv.open_connections() > 0 {
+        assert!(t.elapsed() < Duration::from_secs(10), "an idle connection outlived its maximum age");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Closed after the age (2 s), not before.
+    assert!(t.elapsed() >= Duration::from_millis(1500), "{:?}", t.elapsed());
+    // The same channel reconnects (a call may see the closed connection once: clients retry).
+    let mut ok = false;
+    for _ in 0..3 {
+        ok |= admin(&ch).list_devices(with_admin(&cred, ListDevicesRequest {})).await.is_ok();
+        if ok {
+            break;
+        }
+    }
+    assert!(ok, "the client did not reconnect");
+    assert_eq!(srv.open_connections(), 1);
+    srv.shutdown().await.unwrap();
+}

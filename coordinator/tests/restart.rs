@@ -102,6 +102,17 @@ fn state_survives_sigkill_and_sigterm_is_graceful() {
         assert!(enroll(&ch, &tok1, "again").await.is_err());
         enroll(&ch, &tok2, "beta").await.unwrap();
     });
+    // A spare token revoked by its id can no longer enroll; the list shows each state.
+    let tok3 = cli(&home, &["token", "create", "--ttl", "1h", "--note", "spare"]);
+    let id3 = tok3["token_id"].as_str().unwrap();
+    assert_eq!(cli(&home, &["token", "revoke", id3])["was_usable"], true);
+    assert_eq!(cli(&home, &["token", "revoke", id3])["was_usable"], false);
+    let e = rt.block_on(async { enroll(&channel(&url, &home).await, tok3["token"].as_str().unwrap(), "gamma").await.unwrap_err() });
+    assert!(e.message().contains("revoked"), "{e:?}");
+    let states: Vec<_> = cli(&home, &["token", "list"]).as_array().unwrap().iter().map(|t| t["state"].as_str().unwrap().to_string()).collect();
+    assert_eq!(states, ["used", "used", "revoked"]);
+    let out = Command::new(BIN).args(["token", "revoke", "tok-nonexistent", "--home"]).arg(&home).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("unknown enrollment token id"));
     let devices = cli(&home, &["devices", "list"]);
     assert_eq!(devices.as_array().unwrap().len(), 2);
     let id = a.device_id().to_string();
@@ -131,4 +142,26 @@ fn state_survives_sigkill_and_sigterm_is_graceful() {
     assert_eq!(events.iter().filter(|e| e.kind == "checkpoint.commit").count(), 1);
     assert!(events.iter().any(|e| e.kind == "device.revoke"));
     assert!(store.device(&id).unwrap().unwrap().revoked);
+    drop(store);
+
+    // A new server key and certificate from the same CA: devices connect with the CA they
+    // have, and enroll and call as before.
+    let before = std::fs::read(home.join("tls/server.pem")).unwrap();
+    let r = cli(&home, &["rotate-tls"]);
+    assert_eq!(r["names"], serde_json::json!(["localhost", "127.0.0.1"]), "init's names kept");
+    assert_ne!(std::fs::read(home.join("tls/server.pem")).unwrap(), before);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(home.join("tls/server.key")).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+    let (mut child, url) = serve(&home);
+    let tok = cli(&home, &["token", "create", "--ttl", "1h"])["token"].as_str().unwrap().to_string();
+    rt.block_on(async {
+        let ch = channel(&url, &home).await;
+        let d = enroll(&ch, &tok, "after-rotation").await.unwrap();
+        ping(&ch, &d).await.unwrap();
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
 }

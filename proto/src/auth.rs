@@ -151,6 +151,17 @@ pub fn check_clock(ts_ms: u64, now_ms: u64, window_ms: u64) -> Result<(), AuthEr
     Ok(())
 }
 
+/// What a device's new identity key signs when it replaces the current one: domain-separated
+/// from request signatures (which sign [`signing_payload`]) and bound to the device.
+pub fn rotation_message(device_id: &str, new_public_key: &[u8]) -> Vec<u8> {
+    [b"spa.v1.rotate-key\0".as_slice(), device_id.as_bytes(), b"\0", new_public_key].concat()
+}
+
+/// Checks a rotation proof: `proof` is the new key's signature over [`rotation_message`].
+pub fn verify_rotation(device_id: &str, new_public_key: &[u8], proof: &[u8]) -> Result<(), AuthError> {
+    UnparsedPublicKey::new(&ED25519, new_public_key).verify(&rotation_message(device_id, new_public_key), proof).map_err(|_| AuthError::BadSignature)
+}
+
 /// A device's identity key.
 pub struct DeviceSigner {
     key: Ed25519KeyPair,
