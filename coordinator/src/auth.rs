@@ -19,18 +19,21 @@ pub struct Auth {
     admin_path: std::path::PathBuf,
     /// Wrong admin credentials per peer address (`limits.failed_admin_calls_per_minute`).
     admin_attempts: AttemptLimiter,
+    /// Signed calls per device (`limits.signed_calls_per_device_per_minute`).
+    device_calls: AttemptLimiter<String>,
     refused_log: RefusalLog,
 }
 
-/// Failed attempts per peer address (a wrong enrollment token, a wrong admin credential): a bucket of
-/// `per_minute` attempts, refilled at that rate; an address with an empty bucket is refused
-/// before its attempt is even checked, so guessing tokens runs at `per_minute`.
-pub struct AttemptLimiter {
+/// A token bucket per key (a peer address, a device): `per_minute` in all, refilled at that
+/// rate. For failed attempts (a wrong enrollment token, a wrong admin credential), a key with
+/// an empty bucket is refused before its attempt is even checked, so guessing runs at
+/// `per_minute`; for signed calls, each call takes one.
+pub struct AttemptLimiter<K = std::net::IpAddr> {
     per_minute: f64,
-    buckets: Mutex<std::collections::HashMap<std::net::IpAddr, (f64, std::time::Instant)>>,
+    buckets: Mutex<std::collections::HashMap<K, (f64, std::time::Instant)>>,
 }
 
-impl AttemptLimiter {
+impl<K: std::hash::Hash + Eq> AttemptLimiter<K> {
     pub fn new(per_minute: u32) -> Self {
         Self { per_minute: per_minute as f64, buckets: Mutex::new(Default::default()) }
     }
@@ -40,23 +43,30 @@ impl AttemptLimiter {
         (b.0 + b.1.elapsed().as_secs_f64() * self.per_minute / 60.0).min(self.per_minute)
     }
 
-    /// Whether `addr` may try now (unknown peers always may: there is nothing to key on).
-    pub fn allowed(&self, addr: Option<std::net::IpAddr>) -> bool {
-        let Some(addr) = addr else { return true };
+    /// Whether `key` may try now (unknown peers always may: there is nothing to key on).
+    pub fn allowed(&self, key: Option<K>) -> bool {
+        let Some(key) = key else { return true };
         let g = crate::lock(&self.buckets);
-        g.get(&addr).is_none_or(|b| self.level(b) >= 1.0)
+        g.get(&key).is_none_or(|b| self.level(b) >= 1.0)
     }
 
-    /// A failed attempt from `addr` costs one.
-    pub fn failed(&self, addr: Option<std::net::IpAddr>) {
-        let Some(addr) = addr else { return };
+    /// A failed attempt from `key` costs one.
+    pub fn failed(&self, key: Option<K>) {
+        if let Some(key) = key {
+            self.take(key);
+        }
+    }
+
+    /// Takes one from `key`'s bucket if it holds one; whether it did.
+    pub fn take(&self, key: K) -> bool {
         let mut g = crate::lock(&self.buckets);
         if g.len() > 10_000 {
-            // Forget the addresses whose buckets refilled: the map stays bounded.
+            // Forget the keys whose buckets refilled: the map stays bounded.
             g.retain(|_, b| self.level(b) < self.per_minute);
         }
-        let level = g.get(&addr).map_or(self.per_minute, |b| self.level(b));
-        g.insert(addr, ((level - 1.0).max(0.0), std::time::Instant::now()));
+        let level = g.get(&key).map_or(self.per_minute, |b| self.level(b));
+        g.insert(key, ((level - 1.0).max(0.0), std::time::Instant::now()));
+        level >= 1.0
     }
 }
 
@@ -109,6 +119,7 @@ impl Auth {
             start_ms,
             admin_path: admin_path.to_path_buf(),
             admin_attempts: AttemptLimiter::new(cfg.limits.failed_admin_calls_per_minute),
+            device_calls: AttemptLimiter::new(cfg.limits.signed_calls_per_device_per_minute),
             refused_log: RefusalLog::default(),
         })
     }
@@ -136,6 +147,9 @@ impl Auth {
         h.verify(&pk, method, digest)?;
         if rec.revoked {
             return Err(AuthError::Revoked(rec.device_id).into());
+        }
+        if !self.device_calls.take(rec.device_id.clone()) {
+            return Err(Status::resource_exhausted("this device makes signed calls faster than limits.signed_calls_per_device_per_minute; slow down"));
         }
         let now = now_ms();
         check_clock(h.ts_ms, now, self.window_ms)?;

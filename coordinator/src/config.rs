@@ -133,6 +133,8 @@ pub struct LimitsSection {
     pub failed_enrollments_per_minute: u32,
     /// Admin calls with a wrong credential one peer address may make per minute.
     pub failed_admin_calls_per_minute: u32,
+    /// Signed calls one device may make per minute (a bucket of that size, refilled at that rate).
+    pub signed_calls_per_device_per_minute: u32,
     /// Features requests one device may have in flight (computing, queued or unread).
     pub max_feature_requests_per_device: usize,
     /// TCP connections open at once; more are closed as they arrive.
@@ -160,6 +162,7 @@ impl Default for LimitsSection {
             failed_enrollments_per_minute: 10,
             failed_admin_calls_per_minute: 10,
             max_feature_requests_per_device: 2,
+            signed_calls_per_device_per_minute: 1200,
             max_connections: 4096,
             tls_handshake_secs: 10,
             max_connection_age_secs: 3600,
@@ -227,6 +230,7 @@ impl CoordinatorConfig {
         ensure(l.failed_enrollments_per_minute > 0, "limits.failed_enrollments_per_minute must be > 0")?;
         ensure(l.failed_admin_calls_per_minute > 0, "limits.failed_admin_calls_per_minute must be > 0")?;
         ensure(l.max_feature_requests_per_device > 0, "limits.max_feature_requests_per_device must be > 0")?;
+        ensure(l.signed_calls_per_device_per_minute > 0, "limits.signed_calls_per_device_per_minute must be > 0")?;
         ensure(l.max_connections > 0 && l.tls_handshake_secs > 0, "limits.max_connections and limits.tls_handshake_secs must be > 0")?;
         ensure(
             l.max_connection_age_secs > 0 && l.connection_age_grace_secs > 0,

@@ -181,6 +181,29 @@ async fn one_device_cannot_exhaust_the_replay_cache_and_open_secrets_are_refused
     }
 }
 
+/// `limits.signed_calls_per_device_per_minute`: a device calling faster is refused
+/// (RESOURCE_EXHAUSTED) once its bucket is empty, alone, and calls again as it refills.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_making_signed_calls_too_fast_is_slowed_alone() {
+    let (_dir, srv, ch, cred) = serve(|t| t.replace("signed_calls_per_device_per_minute = 1200", "signed_calls_per_device_per_minute = 60")).await;
+    let greedy = enroll(&ch, &token(&ch, &cred, 600).await, "greedy").await.unwrap();
+    let other = enroll(&ch, &token(&ch, &cred, 600).await, "other").await.unwrap();
+    let mut refused = 0;
+    for _ in 0..70 {
+        match ping(&ch, &greedy).await {
+            Ok(_) => {}
+            Err(e) if e.code() == Code::ResourceExhausted && e.message().contains("signed_calls_per_device_per_minute") => refused += 1,
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    // 60 in the bucket (and at most a few refilled while the loop ran).
+    assert!((5..=10).contains(&refused), "{refused} of 70 refused");
+    ping(&ch, &other).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    ping(&ch, &greedy).await.unwrap();
+    srv.shutdown().await.unwrap();
+}
+
 /// `GET path` on the metrics endpoint, the whole reply.
 async fn http_get(addr: &str, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
