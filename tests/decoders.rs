@@ -188,5 +188,100 @@ proptest! {
     }
 }
 
+proptest! {
+    /// The device's sled records (identity, keys in clear and sealed, data, sources, feature
+    /// cache, plugin, global version) as a damaged disk or another program may leave them:
+    /// written valid by the store, then bytes changed in place; every reader returns a value
+    /// or an error, never a panic.
+    #[test]
+    fn device_store_records_never_panic(edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<prop::sample::Index>(), any::<u8>(), any::<bool>()), 1..6)) {
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path();
+        valid_device_store(home);
+        {
+            let db = raw_store(home);
+            let mut records = Vec::new();
+            for name in db.tree_names() {
+                let t = db.open_tree(&name).unwrap();
+                records.extend(t.iter().map(|kv| (t.clone(), kv.unwrap())));
+            }
+            for (which, at, b, truncate) in edits {
+                let (t, (k, v)) = &records[which.index(records.len())];
+                let mut v = v.to_vec();
+                if v.is_empty() {
+                    continue;
+                }
+                let i = at.index(v.len());
+                if truncate { v.truncate(i) } else { v[i] = b }
+                t.insert(k, v).unwrap();
+            }
+            db.flush().unwrap();
+        }
+        let Ok(store) = spa_client::store::ClientStore::open(home) else { return Ok(()) };
+        let _ = store.identity();
+        let _ = store.key_sealed();
+        let _ = store.require_identity(Some(b"pass"));
+        let _ = store.require_identity(None);
+        let _ = store.next_key(Some(b"pass"));
+        let _ = store.examples();
+        let _ = store.sources();
+        let _ = store.cached_features("k");
+        let _ = store.plugin();
+        let _ = store.global_version();
+    }
+}
+
+/// The store's sled database, retried while the lock of the last handle is let go (sled
+/// releases it from its flusher thread, a moment after the drop).
+fn raw_store(home: &std::path::Path) -> sled::Db {
+    let t = std::time::Instant::now();
+    loop {
+        match sled::open(home.join("store")) {
+            Ok(db) => return db,
+            Err(e) if t.elapsed() > std::time::Duration::from_secs(10) => panic!("{e}"),
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+        }
+    }
+}
+
+/// A device store holding one record of each kind, written by the store itself (a sealed key
+/// with a low work factor: the fuzzing is of the decoding, not of PBKDF2).
+fn valid_device_store(home: &std::path::Path) {
+    use spa_client::store::*;
+    let store = ClientStore::open(home).unwrap();
+    let pkcs8 = spa_proto::auth::generate_pkcs8().unwrap();
+    let id = Identity {
+        device_id: "dev-1".into(),
+        name: "n".into(),
+        coordinator: "https://x".into(),
+        ca_pem: "pem".into(),
+        enrolled_at_ms: 1,
+        backbone_version: "bb".into(),
+    };
+    store.set_identity(&pkcs8, &id, None).unwrap();
+    store.set_global_version(3).unwrap();
+    let src = Source { file: "f".into(), format: "play".into(), examples: 1, added_at_ms: 2 };
+    store.add_examples(&src, &[spa_model::data::Example { prompt: "p".into(), reply: "r".into() }]).unwrap();
+    let f = spa_model::features::ExampleFeatures { first: 1, targets: vec![4, 5], loss: vec![true, false], feats: vec![0.5; 8] };
+    store.cache_features("k", &f).unwrap();
+    let meta = TrainedMeta {
+        backbone_version: "bb".into(),
+        side: spa_model::side::SideConfig::default(),
+        trained_at_ms: 3,
+        examples: 1,
+        steps: 2,
+        final_loss: Some(1.5),
+        shared_tensors: 1,
+        private_tensors: 1,
+    };
+    store.save_plugin(b"shared", b"private", &meta).unwrap();
+    store.flush().unwrap();
+    drop(store);
+    let db = raw_store(home);
+    let sealed = spa_client::keyseal::seal_with(&pkcs8, b"pass", 1000).unwrap();
+    db.open_tree("meta").unwrap().insert("identity.next.sealed", serde_json::to_vec(&sealed).unwrap()).unwrap();
+    db.flush().unwrap();
+}
+
 /// A round record as the coordinator wrote it (tests/faults.rs, a round aborted below threshold).
 const ROUND_RECORD: &str = r#"{"answered":{"masked_input":7,"share_keys":7,"training":8,"unmask":6},"base_version":1,"cohort":["dev-2f1e50e4ccc28d05","dev-4dd2f3745a82f389"],"committed_version":null,"contributors":[],"coordinator_busy_ms":0.0,"dropouts":{"dev-2f1e50e4ccc28d05":{"phase":"unmask","reason":{"kind":"timed_out"}},"dev-771249a06d5acd6d":{"phase":"share_keys","reason":{"detail":"malformed message: client 4: shares not addressed to exactly its neighbours","kind":"refused"}}},"finished_ms":1796331685648,"index":2,"mean_metrics":null,"metrics":{},"phase_ms":{"masked_input":205,"selecting":0,"share_keys":387,"training":40000,"unmask":8001},"plan":{"deadline_secs":40,"dp_l2_clip":0.0,"dp_noise_multiplier":0.0,"local_epochs":1,"lr":0.01,"max_clients":10,"min_clients":6,"prox_mu":0.0,"rounds":3,"strategy":"fedavg"},"reason":"secure aggregation: session aborted: below threshold: b-shares of 2 has 5, needs 6","round_id":2,"run_id":1,"shared_params":53792,"started_ms":1796331637049,"state":"aborted","updated_ms":1796331685648}"#;

@@ -282,7 +282,10 @@ pub fn decode_features(b: &[u8]) -> Result<ExampleFeatures> {
     let hl = u32::from_le_bytes(b.get(..4).ok_or_else(bad)?.try_into().map_err(|_| bad())?) as usize;
     let h: FeatHeader = dec(b.get(4..4 + hl).ok_or_else(bad)?)?;
     let raw = b.get(4 + hl..).ok_or_else(bad)?;
-    if raw.len() != 4 * h.n {
+    // One value per position and feature: a record whose parts disagree would be indexed
+    // out of bounds by its readers.
+    let positions = h.targets.len();
+    if Some(raw.len()) != h.n.checked_mul(4) || h.loss.len() != positions || (positions == 0) != (h.n == 0) || (positions > 0 && h.n % positions != 0) {
         return Err(bad());
     }
     let feats = raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
