@@ -28,10 +28,7 @@ async fn client_binary_walkthrough() {
     common::init_loopback_home(&coord);
     let srv = spa_coordinator::server::start(&coord).await.unwrap();
     let url = format!("https://{}", srv.addr);
-    let cred = std::fs::read_to_string(coord.join("admin.credential")).unwrap();
-    let ch = spa_coordinator::net::connect(&url, &std::fs::read(coord.join("tls/ca.pem")).unwrap()).await.unwrap();
-    let req = spa_coordinator::admin_cli::with_admin(cred.trim(), spa_proto::v1::CreateTokenRequest { ttl_seconds: 600, note: String::new() }).unwrap();
-    let token = spa_proto::v1::admin_client::AdminClient::new(ch).create_token(req).await.unwrap().into_inner().token;
+    let (_, token) = admin_and_token(&coord, srv.addr).await;
 
     let home = dir.path().join("dev");
     let ca = coord.join("tls/ca.pem");
@@ -78,9 +75,7 @@ async fn client_binary_walkthrough() {
 
     // A device whose key is sealed with a passphrase: it works with the passphrase, and
     // without it says why rather than failing obscurely.
-    let ch = spa_coordinator::net::connect(&format!("https://{}", srv.addr), &std::fs::read(&ca).unwrap()).await.unwrap();
-    let req = spa_coordinator::admin_cli::with_admin(cred.trim(), spa_proto::v1::CreateTokenRequest { ttl_seconds: 600, note: String::new() }).unwrap();
-    let token = spa_proto::v1::admin_client::AdminClient::new(ch).create_token(req).await.unwrap().into_inner().token;
+    let (_, token) = admin_and_token(&coord, srv.addr).await;
     let (home2, url2, ca2) = (dir.path().join("sealed"), format!("https://{}", srv.addr), ca.to_str().unwrap().to_string());
     let pass = dir.path().join("pass");
     std::fs::write(&pass, "a long device passphrase\n").unwrap();
