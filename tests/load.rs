@@ -19,8 +19,7 @@ use common::procs::Coordinator;
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
 use spa_aggregation::{ClientIncoming, ClientOutgoing, ClientState, system_rng};
-use spa_proto::auth::{DeviceSigner, generate_pkcs8, now_ms, public_key_of, sha256};
-use spa_proto::limits::CHUNK_BYTES;
+use spa_proto::auth::{DeviceSigner, generate_pkcs8, now_ms, public_key_of};
 use spa_proto::v1::admin_client::AdminClient;
 use spa_proto::v1::device_client::DeviceClient;
 use spa_proto::v1::poll_response::Task;
@@ -118,12 +117,8 @@ async fn device(ch: Channel, signer: DeviceSigner, seed: u64, rounds: usize, sum
 }
 
 async fn upload(rpc: &mut RoundsClient<Channel>, signer: &DeviceSigner, round_id: u64, client_id: u32, lanes: &[u32]) -> Result<(), Error> {
-    let bytes = secagg::lanes_to_bytes(lanes);
-    let header = MaskedUploadHeader { round_id, client_id, lanes: lanes.len() as u64, sha256: sha256(&bytes).to_vec() };
-    let header = MaskedUpload { kind: Some(masked_upload::Kind::Header(header)) };
-    let h = signer.sign(methods::ROUNDS_UPLOAD_MASKED, &header, now_ms());
-    let mut msgs = vec![header];
-    msgs.extend(bytes.chunks(CHUNK_BYTES).map(|c| MaskedUpload { kind: Some(masked_upload::Kind::Lanes(c.to_vec())) }));
+    let msgs = secagg::upload_messages(round_id, client_id, lanes, false);
+    let h = signer.sign(methods::ROUNDS_UPLOAD_MASKED, &msgs[0], now_ms());
     let mut req = tonic::Request::new(tokio_stream::iter(msgs));
     h.apply(req.metadata_mut());
     rpc.upload_masked(req).await?;

@@ -21,8 +21,7 @@ use spa_aggregation::{ClientIncoming, ClientOutgoing, ClientState, Encoding, Ses
 use spa_model::BackendKind;
 use spa_model::side::{ParamSet, Plugin, SharedParams};
 use spa_model::train::{TrainConfig, evaluate, train_plugin};
-use spa_proto::auth::{now_ms, sha256};
-use spa_proto::limits::CHUNK_BYTES;
+use spa_proto::auth::now_ms;
 use spa_proto::methods;
 use spa_proto::secagg;
 use spa_proto::v1::poll_response::Task;
@@ -402,16 +401,8 @@ fn dump_update(home: &Path, round_id: u64, delta: &[f32], weight: u32) -> Result
 /// Streams the masked vector: a signed header (lanes, SHA-256), then 1 MiB frames
 /// (`corrupt`: fault injection, the bytes sent are not the ones hashed).
 async fn upload(s: &Session, round_id: u64, client_id: u32, lanes: &[u32], corrupt: bool) -> Result<()> {
-    let mut bytes = secagg::lanes_to_bytes(lanes);
-    let header = MaskedUpload {
-        kind: Some(masked_upload::Kind::Header(MaskedUploadHeader { round_id, client_id, lanes: lanes.len() as u64, sha256: sha256(&bytes).to_vec() })),
-    };
-    if corrupt {
-        bytes[0] ^= 1;
-    }
-    let h = s.signer.sign(methods::ROUNDS_UPLOAD_MASKED, &header, crate::net::signing_time_ms());
-    let mut msgs = vec![header];
-    msgs.extend(bytes.chunks(CHUNK_BYTES).map(|c| MaskedUpload { kind: Some(masked_upload::Kind::Lanes(c.to_vec())) }));
+    let msgs = secagg::upload_messages(round_id, client_id, lanes, corrupt);
+    let h = s.signer.sign(methods::ROUNDS_UPLOAD_MASKED, &msgs[0], crate::net::signing_time_ms());
     for msg in &msgs {
         s.record(methods::ROUNDS_UPLOAD_MASKED, msg);
     }

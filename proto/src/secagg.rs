@@ -127,6 +127,22 @@ pub fn unmask_from_wire(m: &v1::UnmaskMsg) -> UnmaskResponse {
     UnmaskResponse { client_id: m.client_id, b_shares: revealed_from_wire(&m.b_shares), s_shares: revealed_from_wire(&m.s_shares) }
 }
 
+/// The messages of an `UploadMasked` stream: first the header (lane count and the SHA-256 of
+/// the lanes' bytes; the call's signature covers it), then the lanes in chunks. `corrupt`
+/// flips a bit after hashing (fault injection: the coordinator must refuse the upload).
+pub fn upload_messages(round_id: u64, client_id: u32, lanes: &[u32], corrupt: bool) -> Vec<v1::MaskedUpload> {
+    use v1::masked_upload::Kind;
+    let mut bytes = lanes_to_bytes(lanes);
+    let sha256 = crate::auth::sha256(&bytes).to_vec();
+    let header = v1::MaskedUploadHeader { round_id, client_id, lanes: lanes.len() as u64, sha256 };
+    if corrupt && let Some(b) = bytes.first_mut() {
+        *b ^= 1;
+    }
+    let mut msgs = vec![v1::MaskedUpload { kind: Some(Kind::Header(header)) }];
+    msgs.extend(bytes.chunks(crate::limits::CHUNK_BYTES).map(|c| v1::MaskedUpload { kind: Some(Kind::Lanes(c.to_vec())) }));
+    msgs
+}
+
 /// Lanes as little-endian bytes, and back (a ragged byte count is an error).
 pub fn lanes_to_bytes(lanes: &[u32]) -> Vec<u8> {
     lanes.iter().flat_map(|l| l.to_le_bytes()).collect()
