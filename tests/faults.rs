@@ -2,7 +2,8 @@
 //! `spa-client run` agent per device): a network partition between one device and the
 //! coordinator (a proxy holding every byte, both ways, then healing), latency, devices silent
 //! at each phase, devices sending malformed answers mid-protocol, raw garbage on the
-//! coordinator's port and a device whose clock is off. The rounds go on with the others, each
+//! coordinator's port, a device whose clock is off and a peer whose network goes silent
+//! (dropped by the coordinator's keepalive). The rounds go on with the others, each
 //! fault shows as that device's dropout with its reason, every committed sum is the plaintext
 //! mean of its contributors', and every device takes part again once its fault is gone.
 //! The coordinator killed at each phase is in client/tests/rounds.rs.
@@ -228,4 +229,38 @@ fn a_full_disk_fails_writes_cleanly_and_serving_resumes_when_space_returns() {
     assert!(coord.admin(&["devices", "list"]).as_array().unwrap().iter().any(|r| r["device_id"] == d2.id.as_str()));
     let log = std::fs::read_to_string(coord.home.join("serve.log")).unwrap();
     assert!(log.contains("reopening") && log.contains("open again"), "{log}");
+}
+
+/// `limits.keepalive_secs` / `keepalive_timeout_secs`: a peer that stops answering (the
+/// network between holds its bytes) is dropped once a ping goes unanswered, its place freed;
+/// a peer that answers keeps its connection across several pings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_answering_is_dropped_by_keepalive() {
+    use spa_proto::v1::{ListDevicesRequest, admin_client::AdminClient};
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("coord");
+    common::init_loopback_home(&home);
+    let p = home.join("coordinator.toml");
+    let toml = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace("keepalive_secs = 30", "keepalive_secs = 1")
+        .replace("keepalive_timeout_secs = 10", "keepalive_timeout_secs = 1");
+    std::fs::write(&p, toml).unwrap();
+    let srv = spa_coordinator::server::start(&home).await.unwrap();
+    let proxy = DelayProxy::start(srv.addr, Duration::ZERO).await.unwrap();
+    let ch = spa_coordinator::net::connect(&format!("https://{}", proxy.addr), &std::fs::read(home.join("tls/ca.pem")).unwrap()).await.unwrap();
+    let cred = std::fs::read_to_string(home.join("admin.credential")).unwrap();
+    let list = || spa_coordinator::admin_cli::with_admin(cred.trim(), ListDevicesRequest {}).unwrap();
+    AdminClient::new(ch.clone()).list_devices(list()).await.unwrap();
+    // Idle but answering: still open after several pings.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(srv.open_connections(), 1, "a connection that answers pings was dropped");
+    proxy.partition();
+    let t = Instant::now();
+    while srv.open_connections() > 0 {
+        assert!(t.elapsed() < Duration::from_secs(10), "a peer that stopped answering kept its connection");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("silent peer dropped {} ms after the partition", t.elapsed().as_millis());
+    srv.shutdown().await.unwrap();
 }

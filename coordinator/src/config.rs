@@ -146,6 +146,10 @@ pub struct LimitsSection {
     pub max_connection_age_secs: u64,
     /// Calls still open on an aged connection get this long to finish before it is cut.
     pub connection_age_grace_secs: u64,
+    /// An HTTP/2 ping goes to each connection this often; one not answered within
+    /// `keepalive_timeout_secs` closes the connection (a peer gone without a word).
+    pub keepalive_secs: u64,
+    pub keepalive_timeout_secs: u64,
 }
 
 impl Default for LimitsSection {
@@ -167,6 +171,8 @@ impl Default for LimitsSection {
             tls_handshake_secs: 10,
             max_connection_age_secs: 3600,
             connection_age_grace_secs: 60,
+            keepalive_secs: 30,
+            keepalive_timeout_secs: 10,
         }
     }
 }
@@ -187,11 +193,14 @@ pub struct RoundsSection {
     pub clip: f32,
     /// Cap on a device's weight (its number of training examples).
     pub w_max: u32,
+    /// Global versions kept in the store, the newest ones (0: all); older ones are deleted
+    /// after each commit, so the store does not grow by a checkpoint every round.
+    pub keep_checkpoints: u64,
 }
 
 impl Default for RoundsSection {
     fn default() -> Self {
-        Self { online_secs: 15, selection_grace_secs: 2, phase_timeout_secs: 60, evaluate_secs: 30, clip: 1.0, w_max: 1024 }
+        Self { online_secs: 15, selection_grace_secs: 2, phase_timeout_secs: 60, evaluate_secs: 30, clip: 1.0, w_max: 1024, keep_checkpoints: 50 }
     }
 }
 

@@ -48,11 +48,19 @@ pub struct Metrics {
     devices_online: Gauge,
     generation_sessions: Gauge,
     open_connections: Gauge,
+    /// The registered families' names, as exposed (`spa_` and the name).
+    families: Vec<String>,
 }
 
 fn phase_histogram() -> Histogram {
     // 10 ms .. ~45 min.
     Histogram::new(exponential_buckets(0.01, 4.0, 12))
+}
+
+/// Registers `metric` and notes its family's name as exposed.
+fn reg(registry: &mut Registry, families: &mut Vec<String>, name: &str, help: &str, metric: impl prometheus_client::registry::Metric) {
+    families.push(format!("spa_{name}"));
+    registry.register(name, help, metric);
 }
 
 impl Metrics {
@@ -69,17 +77,25 @@ impl Metrics {
             generation_sessions: Gauge::default(),
             open_connections: Gauge::default(),
             registry: Registry::default(),
+            families: Vec::new(),
         };
-        registry.register("rounds", "Rounds ended, by outcome (committed, aborted)", m.rounds.clone());
-        registry.register("round_phase_seconds", "Wall time of each round phase", m.phase_seconds.clone());
-        registry.register("dropouts", "Seats that left a round, by reason", m.dropouts.clone());
-        registry.register("refused_calls", "Refused device and admin calls (auth, replay, quota)", m.refused_calls.clone());
-        registry.register("backbone_tokens", "Token positions the backbone computed (features and generation)", m.backbone_tokens.clone());
-        registry.register("devices_enrolled", "Enrolled devices, revoked ones excluded", m.devices_enrolled.clone());
-        registry.register("devices_online", "Devices that polled within rounds.online_secs", m.devices_online.clone());
-        registry.register("generation_sessions", "Open Generate streams", m.generation_sessions.clone());
-        registry.register("open_connections", "TCP connections open (limits.max_connections)", m.open_connections.clone());
-        Metrics { registry, ..m }
+        let mut families = Vec::new();
+        reg(&mut registry, &mut families, "rounds", "Rounds ended, by outcome (committed, aborted)", m.rounds.clone());
+        reg(&mut registry, &mut families, "round_phase_seconds", "Wall time of each round phase", m.phase_seconds.clone());
+        reg(&mut registry, &mut families, "dropouts", "Seats that left a round, by reason", m.dropouts.clone());
+        reg(&mut registry, &mut families, "refused_calls", "Refused device and admin calls (auth, replay, quota)", m.refused_calls.clone());
+        reg(&mut registry, &mut families, "backbone_tokens", "Token positions the backbone computed (features and generation)", m.backbone_tokens.clone());
+        reg(&mut registry, &mut families, "devices_enrolled", "Enrolled devices, revoked ones excluded", m.devices_enrolled.clone());
+        reg(&mut registry, &mut families, "devices_online", "Devices that polled within rounds.online_secs", m.devices_online.clone());
+        reg(&mut registry, &mut families, "generation_sessions", "Open Generate streams", m.generation_sessions.clone());
+        reg(&mut registry, &mut families, "open_connections", "TCP connections open (limits.max_connections)", m.open_connections.clone());
+        Metrics { registry, families, ..m }
+    }
+
+    /// The name of every metric family served (a family without samples yet is not in the
+    /// exposition at all, so this is what a dashboard is checked against).
+    pub fn families(&self) -> &[String] {
+        &self.families
     }
 
     /// The text exposition, gauges read from `s` first.

@@ -158,8 +158,8 @@ pub async fn start(home: &Path) -> Result<Running> {
     // unbounded concurrent streams. TCP options and the connection cap: `conn::capped`.
     let lim = &cfg.limits;
     let router = Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .http2_keepalive_interval(Some(Duration::from_secs(lim.keepalive_secs)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(lim.keepalive_timeout_secs)))
         .max_concurrent_streams(Some(256))
         .max_connection_age(Duration::from_secs(lim.max_connection_age_secs))
         .max_connection_age_grace(Duration::from_secs(lim.connection_age_grace_secs))

@@ -479,6 +479,24 @@ impl Store {
         Ok(t.checkpoints.get(version.to_be_bytes())?.map(|v| v.to_vec()))
     }
 
+    /// Deletes every version but the newest `keep` (0 keeps all); returns how many went.
+    pub fn prune_checkpoints(&self, keep: u64) -> Result<usize> {
+        let Some(latest) = self.latest_checkpoint_version()? else { return Ok(0) };
+        if keep == 0 || latest < keep {
+            return Ok(0);
+        }
+        let t = self.t()?;
+        let mut n = 0;
+        for kv in t.checkpoints.range(..(latest + 1 - keep).to_be_bytes()) {
+            t.checkpoints.remove(kv?.0)?;
+            n += 1;
+        }
+        if n > 0 {
+            self.log("checkpoint.prune", format!("{n} versions before {}", latest + 1 - keep))?;
+        }
+        Ok(n)
+    }
+
     pub fn latest_checkpoint_version(&self) -> Result<Option<u64>> {
         let t = self.t()?;
         Ok(t.checkpoints.last()?.map(|(k, _)| {
@@ -630,6 +648,12 @@ mod tests {
         assert_eq!(s.nonces_since(400).unwrap(), vec![("dev".into(), "n1".into(), 500)]);
         assert_eq!(s.prune_nonces(600).unwrap(), 1);
         assert_eq!((s.last_seen("dev").unwrap(), s.clock_mark().unwrap()), (77, 1234));
+        for v in 1..=5 {
+            assert!(s.put_checkpoint(v, b"v").unwrap());
+        }
+        assert_eq!(s.prune_checkpoints(0).unwrap(), 0);
+        assert_eq!(s.prune_checkpoints(2).unwrap(), 4);
+        assert_eq!((s.checkpoint(3).unwrap(), s.checkpoint(4).unwrap().is_some(), s.latest_checkpoint_version().unwrap()), (None, true, Some(5)));
         assert!(s.events().unwrap().iter().any(|e| e.kind == "device.revoke"));
     }
 }

@@ -238,6 +238,16 @@ async fn a_live_coordinator_serves_prometheus_metrics() {
     assert!(refused >= 1.0, "{reply}");
     let tokens: f64 = line("spa_backbone_tokens_total ").rsplit(' ').next().unwrap().parse().unwrap();
     assert!(tokens >= 4.0, "{reply}");
+    assert_eq!(line("spa_open_connections "), "spa_open_connections 1", "{reply}");
+    // Every metric the shipped Grafana dashboard charts is registered (a family without
+    // samples yet is left out of the exposition, so the registry is what is checked).
+    let dashboard = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/grafana-dashboard.json")).unwrap();
+    for expr in dashboard.split("\"expr\": \"").skip(1) {
+        let name: String = expr[expr.find("spa_").unwrap()..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+        let family = name.trim_end_matches("_bucket").trim_end_matches("_total");
+        let families = spa_coordinator::metrics::METRICS.families();
+        assert!(families.iter().any(|f| f == family), "the dashboard charts {name}, which is not served: {families:?}");
+    }
     assert!(http_get(&addr, "/other").await.starts_with("HTTP/1.1 404"));
     drop(tx);
     srv.shutdown().await.unwrap();

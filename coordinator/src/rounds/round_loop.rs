@@ -388,6 +388,9 @@ fn commit(
     rec.coordinator_busy_ms = (busy + started.elapsed()).as_secs_f64() * 1000.0;
     store.commit_round(version, &bytes, rec, &optimizer)?;
     fault_point("committed");
+    if let Err(e) = store.prune_checkpoints(rounds.cfg.keep_checkpoints) {
+        tracing::warn!("could not delete old global versions: {e}");
+    }
     tracing::info!(round = rec.round_id, version, contributors = out.contributors.len(), total_weight = total_w, "global version committed");
     *lock(&rounds.eval) = Some(EvalNotice { round_id: rec.round_id, version, pending: rec.cohort.iter().cloned().collect() });
     Ok(())
