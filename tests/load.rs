@@ -6,8 +6,8 @@
 //! the devices' updates, and the coordinator's resident memory is sampled after each round.
 //!
 //! Short by default (CI): 30 devices, 3 rounds. By hand, for docs/BENCHMARKS.md:
-//! `SPA_LOAD_DEVICES=1000 SPA_LOAD_ROUNDS=2` (load) and `SPA_LOAD_DEVICES=20
-//! SPA_LOAD_ROUNDS=300` (soak: many short rounds; memory must stay flat).
+//! `SPA_LOAD_DEVICES=1000 SPA_LOAD_ROUNDS=40` (load) and `SPA_LOAD_DEVICES=100
+//! SPA_LOAD_ROUNDS=480` (soak: many short rounds; memory must stay flat).
 #[path = "../client/tests/common/mod.rs"]
 mod common;
 
@@ -257,11 +257,17 @@ fn many_devices_run_rounds_over_the_service_in_flat_memory() {
     let refused = rt.block_on(outsider).unwrap();
     assert!(refused > 0, "the outsider never found a round in progress to upload to");
     eprintln!("{n} devices, {rounds} rounds in {:.1} s; RSS after each round (MB): {rss:.0?}", t0.elapsed().as_secs_f64());
-    // Flat memory: after the first tenth of the rounds (caches warm), resident memory grows
-    // by less than 20% however many rounds follow.
+    // Flat memory in the steady state: the last quarter of the rounds holds, on average, at
+    // most 10% more than the third. (Warming up takes time, not rounds: the replay cache fills
+    // for one clock window, 300 s, and sled's page cache up to its cap; a fixed fraction of
+    // the rounds is still warming up when rounds are short.) A leak of 0.1 MB a round over
+    // 480 rounds fails it.
     if rounds >= 20 {
-        let warm = rss[rounds / 10];
-        let last = *rss.last().unwrap();
-        assert!(last < warm * 1.2, "coordinator memory grew from {warm:.0} MB to {last:.0} MB over {rounds} rounds");
+        let mean = |q: &[f64]| q.iter().sum::<f64>() / q.len() as f64;
+        let (third, last) = (mean(&rss[rounds / 2..rounds * 3 / 4]), mean(&rss[rounds * 3 / 4..]));
+        assert!(
+            last <= third * 1.1,
+            "coordinator memory still grows: {third:.0} MB on average over the third quarter of {rounds} rounds, {last:.0} MB over the last"
+        );
     }
 }
