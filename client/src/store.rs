@@ -285,7 +285,7 @@ pub fn decode_features(b: &[u8]) -> Result<ExampleFeatures> {
     // One value per position and feature: a record whose parts disagree would be indexed
     // out of bounds by its readers.
     let positions = h.targets.len();
-    if Some(raw.len()) != h.n.checked_mul(4) || h.loss.len() != positions || (positions == 0) != (h.n == 0) || (positions > 0 && h.n % positions != 0) {
+    if Some(raw.len()) != h.n.checked_mul(4) || h.loss.len() != positions || (positions == 0) != (h.n == 0) || !h.n.is_multiple_of(positions) {
         return Err(bad());
     }
     let feats = raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
