@@ -253,6 +253,16 @@ fn many_devices_run_rounds_over_the_service_in_flat_memory() {
             h.await.unwrap().unwrap();
         }
     });
+    if rounds >= 2 {
+        // Round records page back (all at once would outgrow the message limit: ~40 KB a
+        // round at 1000 devices).
+        let page = coord.admin(&["round", "list", "--limit", "2"]);
+        let ids: Vec<u64> = page.as_array().unwrap().iter().map(|r| r["round_id"].as_u64().unwrap()).collect();
+        assert_eq!(ids, [rounds as u64 - 1, rounds as u64]);
+        let back = coord.admin(&["round", "list", "--limit", "1000", "--before", &ids[0].to_string()]);
+        assert_eq!(back.as_array().unwrap().len(), rounds - 2);
+        assert!(coord.admin_fails(&["round", "list", "--limit", "1001"]).contains("at most 1000"));
+    }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let refused = rt.block_on(outsider).unwrap();
     assert!(refused > 0, "the outsider never found a round in progress to upload to");

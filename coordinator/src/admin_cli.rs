@@ -382,10 +382,16 @@ pub enum RoundCommand {
         #[arg(long)]
         watch: bool,
     },
-    /// Every round.
+    /// The newest rounds, oldest first.
     List {
         #[command(flatten)]
         target: Target,
+        /// How many (at most 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Only rounds with ids below this one (page back).
+        #[arg(long)]
+        before: Option<u64>,
     },
     /// Abort a round in progress (and the rest of its run).
     Abort {
@@ -473,9 +479,10 @@ pub async fn run_round(cmd: RoundCommand, json: bool) -> Result<()> {
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
-        RoundCommand::List { target } => {
+        RoundCommand::List { target, limit, before } => {
             let (mut c, cred) = admin_client(&target).await?;
-            let r = c.list_rounds(with_admin(&cred, ListRoundsRequest {})?).await.map_err(status_err)?.into_inner();
+            let req = ListRoundsRequest { limit, before_round_id: before.unwrap_or(0) };
+            let r = c.list_rounds(with_admin(&cred, req)?).await.map_err(status_err)?.into_inner();
             let recs = r.rounds.iter().map(round_record).collect::<Result<Vec<_>>>()?;
             if json {
                 print_json(&recs)?;

@@ -159,13 +159,21 @@ fn info(r: &RoundRecord) -> RoundInfo {
     RoundInfo { round_id: r.round_id, state: r.state.name().into(), record_json: serde_json::to_string(r).expect("record serializes") }
 }
 
-pub fn list_rounds(s: &Shared) -> Result<ListRoundsResponse, Status> {
-    Ok(ListRoundsResponse { rounds: s.store.rounds()?.iter().map(info).collect() })
+/// A page of rounds (every round at once would outgrow the message limit: at 1000 devices a
+/// record is ~40 KB).
+pub fn list_rounds(s: &Shared, r: &ListRoundsRequest) -> Result<ListRoundsResponse, Status> {
+    let limit = match r.limit {
+        0 => 100,
+        n @ 1..=1000 => n as usize,
+        n => return Err(Status::invalid_argument(format!("limit must be at most 1000, got {n}"))),
+    };
+    let before = (r.before_round_id > 0).then_some(r.before_round_id);
+    Ok(ListRoundsResponse { rounds: s.store.rounds_before(before, limit)?.iter().map(info).collect() })
 }
 
 pub fn round_info(s: &Shared, id: u64) -> Result<RoundInfo, Status> {
     let rec = if id == 0 {
-        s.store.rounds()?.pop().ok_or_else(|| Status::not_found("no rounds yet"))?
+        s.store.latest_round()?.ok_or_else(|| Status::not_found("no rounds yet"))?
     } else {
         s.store.round(id)?.ok_or_else(|| Status::not_found(format!("no round {id}")))?
     };

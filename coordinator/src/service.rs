@@ -272,7 +272,7 @@ impl Admin for AdminService {
 
     async fn list_rounds(&self, req: Request<ListRoundsRequest>) -> Result<Response<ListRoundsResponse>, Status> {
         self.0.auth.admin(&req)?;
-        Ok(Response::new(crate::round_service::list_rounds(&self.0)?))
+        Ok(Response::new(crate::round_service::list_rounds(&self.0, req.get_ref())?))
     }
 
     async fn round_status(&self, req: Request<RoundStatusRequest>) -> Result<Response<RoundInfo>, Status> {

@@ -569,6 +569,23 @@ impl Store {
         t.rounds.get(id.to_be_bytes())?.map(|v| dec(&v)).transpose()
     }
 
+    /// The newest `limit` rounds with ids below `before` (None: any), oldest first.
+    pub fn rounds_before(&self, before: Option<u64>, limit: usize) -> Result<Vec<RoundRecord>> {
+        let t = self.t()?;
+        let it = match before {
+            Some(b) => t.rounds.range(..b.to_be_bytes()),
+            None => t.rounds.range::<&[u8], _>(..),
+        };
+        let mut out = it.rev().take(limit).map(|kv| dec(&kv?.1)).collect::<Result<Vec<_>>>()?;
+        out.reverse();
+        Ok(out)
+    }
+
+    pub fn latest_round(&self) -> Result<Option<RoundRecord>> {
+        let t = self.t()?;
+        t.rounds.last()?.map(|(_, v)| dec(&v)).transpose()
+    }
+
     pub fn rounds(&self) -> Result<Vec<RoundRecord>> {
         let t = self.t()?;
         t.rounds.iter().values().map(|v| dec(&v?)).collect()
