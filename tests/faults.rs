@@ -264,3 +264,44 @@ async fn a_peer_that_stops_answering_is_dropped_by_keepalive() {
     eprintln!("silent peer dropped {} ms after the partition", t.elapsed().as_millis());
     srv.shutdown().await.unwrap();
 }
+
+/// A coordinator that accepts calls and never answers them (wedged: its connection stays
+/// healthy, so keepalive sees nothing wrong). The device's `[net]` deadlines fail the calls: a
+/// unary call at `call_timeout_secs`, a stream that goes silent at `stream_stall_secs`. The
+/// same deadlines do not disturb a coordinator that answers.
+#[test]
+fn a_coordinator_that_never_answers_fails_device_calls_at_their_deadlines() {
+    use spa_proto::methods;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut coord = Coordinator::init(dir, 2);
+    let mut cmd = Command::new(coordinator_bin());
+    cmd.args(["serve", "--home"]).arg(&coord.home).env("SPA_FAULT_STALL", format!("{},{}", methods::DEVICE_PING, methods::BACKBONE_FEATURES));
+    coord.spawn(cmd);
+    let dev = Device::enroll(dir, &coord, 0, 8);
+    let cfg = dev.home.join("client.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("call_timeout_secs = 300", "call_timeout_secs = 2").replace("stream_stall_secs = 120", "stream_stall_secs = 2")).unwrap();
+    let client = |args: &[&str]| {
+        let t = Instant::now();
+        let out = Command::new(common::procs::bin("spa-client")).arg("--home").arg(&dev.home).args(args).output().unwrap();
+        (out, t.elapsed())
+    };
+    let (out, took) = client(&["status", "--json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["coordinator_reachable"], false, "{v}");
+    assert!(v["coordinator_error"].as_str().unwrap().contains("Timeout expired"), "{v}");
+    assert!(took < Duration::from_secs(20), "a stalled ping held the device {took:?}");
+    let (out, took) = client(&["train"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("sent nothing for 2 s"), "{err}");
+    assert!(took < Duration::from_secs(60), "a stalled stream held the device {took:?}");
+    // The same deadlines, a coordinator that answers.
+    drop(coord.child.take().map(|mut c| (c.kill(), c.wait())));
+    coord.start(None);
+    let (out, _) = client(&["status", "--json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["coordinator_reachable"], true, "{v}");
+    let (out, _) = client(&["train"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -200,7 +200,7 @@ async fn back_off(e: ClientError, backoff: &mut Duration, max: Duration, on_even
 
 async fn connect(home: &Path, device: &spa_model::burn::tensor::Device) -> Result<(Session, Model)> {
     let store = ClientStore::open(home)?;
-    let s = Session::open(&store).await?;
+    let s = Session::open(home, &store).await?;
     let m = model(&s, &store, device).await?;
     Ok((s, m))
 }
@@ -312,7 +312,7 @@ async fn handle(ctx: &Ctx<'_>, current: &mut Option<InRound>, task: Option<Task>
 /// Global version `v` from the coordinator, checked against the local plugin's layout.
 async fn fetch_global(s: &Session, version: u64, layout: &SharedParams) -> Result<SharedParams> {
     let stream = s.rounds().get_global(s.request(methods::ROUNDS_GET_GLOBAL, GetGlobalRequest { version })).await?.into_inner();
-    Ok(SharedParams::from_coordinator(receive_params(stream).await?, layout)?)
+    Ok(SharedParams::from_coordinator(receive_params(s, stream).await?, layout)?)
 }
 
 /// The plugin with global `shared` and this device's stored private part (fresh private

@@ -18,6 +18,36 @@ pub struct ClientConfig {
     pub side: SideConfig,
     #[serde(default)]
     pub train: TrainConfig,
+    #[serde(default)]
+    pub net: NetConfig,
+}
+
+/// Deadlines on the device's calls to its coordinator. HTTP/2 keepalive notices a dead peer;
+/// these bound a live one that accepted a call and never answers (wedged, overloaded).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetConfig {
+    /// The wait for a call's answer: a unary call's reply, a stream's opening.
+    pub call_timeout_secs: u64,
+    /// The wait for each next message of an open stream (features, checkpoints, drafts).
+    pub stream_stall_secs: u64,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        Self { call_timeout_secs: 300, stream_stall_secs: 120 }
+    }
+}
+
+impl NetConfig {
+    pub fn validate(&self) -> Result<()> {
+        for (name, v) in [("call_timeout_secs", self.call_timeout_secs), ("stream_stall_secs", self.stream_stall_secs)] {
+            if !(1..=86_400).contains(&v) {
+                return Err(ClientError::Invalid(format!("[net] {name} must be 1..=86400 seconds, got {v}")));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl ClientConfig {
@@ -28,7 +58,9 @@ impl ClientConfig {
             return Ok(Self::default());
         }
         let text = std::fs::read_to_string(&path).map_err(crate::error::io(&path))?;
-        toml::from_str(&text).map_err(|e| ClientError::Invalid(format!("{}: {e}", path.display())))
+        let c: Self = toml::from_str(&text).map_err(|e| ClientError::Invalid(format!("{}: {e}", path.display())))?;
+        c.net.validate().map_err(|e| ClientError::Invalid(format!("{}: {e}", path.display())))?;
+        Ok(c)
     }
 
     /// Writes the documented default unless the home already has a config.
@@ -50,5 +82,17 @@ mod tests {
         let c: ClientConfig = toml::from_str(DEFAULT_TOML).unwrap();
         assert_eq!(c.side, SideConfig::default());
         c.train.validate().unwrap();
+        assert_eq!(c.net, NetConfig::default());
+    }
+
+    #[test]
+    fn net_deadlines_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(CONFIG_FILE), "[net]\ncall_timeout_secs = 0\n").unwrap();
+        let e = ClientConfig::load(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("call_timeout_secs must be 1..=86400"), "{e}");
+        std::fs::write(dir.path().join(CONFIG_FILE), "[net]\nstream_stall_secs = 5\n").unwrap();
+        let c = ClientConfig::load(dir.path()).unwrap();
+        assert_eq!((c.net.call_timeout_secs, c.net.stream_stall_secs), (300, 5));
     }
 }

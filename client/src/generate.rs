@@ -122,7 +122,7 @@ pub struct GenerateReport {
 pub async fn generate(home: &Path, prompt: &str, opts: &GenerateOptions, on_text: &mut dyn FnMut(&str)) -> Result<GenerateReport> {
     let started = std::time::Instant::now();
     let store = ClientStore::open(home)?;
-    let s = Session::open_at(&store, opts.coordinator.as_deref()).await?;
+    let s = Session::open_at(home, &store, opts.coordinator.as_deref()).await?;
     let device = BackendKind::resolve(None)?.device()?;
     let m = model(&s, &store, &device).await?;
     let Some((shared, private, meta)) = store.plugin()? else {
@@ -285,7 +285,7 @@ impl<'a> RemoteDrafts<'a> {
         let req = GenerateRequest { kind: Some(generate_request::Kind::Extend(ext)) };
         self.bytes_sent += req.encoded_len();
         self.tx.send(req).await.map_err(|_| closed())?;
-        let resp = self.rx.message().await?.ok_or_else(closed)?;
+        let resp = self.s.next(&mut self.rx).await?.ok_or_else(closed)?;
         self.bytes_received += resp.encoded_len();
         Ok(resp)
     }
@@ -359,7 +359,9 @@ fn closed() -> ClientError {
 /// A transport failure (worth a resume), not a refusal.
 fn broken(e: &ClientError) -> bool {
     match e {
-        ClientError::Status(s) => matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::Aborted),
+        ClientError::Status(s) => {
+            matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::Aborted | tonic::Code::DeadlineExceeded)
+        }
         ClientError::Transport(_) => true,
         ClientError::Invalid(_) => true,
         _ => false,

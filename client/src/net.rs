@@ -6,15 +6,18 @@ use spa_proto::v1::backbone_client::BackboneClient;
 use spa_proto::v1::device_client::DeviceClient;
 use spa_proto::v1::rounds_client::RoundsClient;
 use std::io::Write;
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
+use crate::config::{ClientConfig, NetConfig};
 use crate::error::{ClientError, Result};
 use crate::store::ClientStore;
 
-/// Connects over TLS to `url` (`https://HOST:PORT`), trusting only `ca_pem`.
-pub async fn connect(url: &str, ca_pem: &[u8]) -> Result<Channel> {
+/// Connects over TLS to `url` (`https://HOST:PORT`), trusting only `ca_pem`; every call on the
+/// channel fails (CANCELLED, "Timeout expired") if its answer takes over `net.call_timeout_secs`.
+pub async fn connect(url: &str, ca_pem: &[u8], net: &NetConfig) -> Result<Channel> {
     if !url.starts_with("https://") {
         return Err(ClientError::Invalid(format!("coordinator URL must start with https:// (got '{url}')")));
     }
@@ -23,6 +26,7 @@ pub async fn connect(url: &str, ca_pem: &[u8]) -> Result<Channel> {
         .map_err(|e| ClientError::Invalid(format!("invalid coordinator URL '{url}': {e}")))?
         .tls_config(tls)?
         .connect_timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(net.call_timeout_secs))
         // A coordinator that stops answering (a partition, a dead peer behind a NAT) is
         // noticed within ~20 s and the call fails, instead of waiting for the OS (minutes).
         .http2_keep_alive_interval(Duration::from_secs(10))
@@ -56,6 +60,7 @@ pub struct Session {
     pub signer: DeviceSigner,
     pub channel: Channel,
     pub identity: crate::store::Identity,
+    net: NetConfig,
     capture: Option<Mutex<std::fs::File>>,
 }
 
@@ -66,25 +71,38 @@ pub struct Session {
 pub const CAPTURE_ENV: &str = "SPA_CAPTURE_OUTGOING";
 
 impl Session {
-    pub async fn open(store: &ClientStore) -> Result<Self> {
-        Self::open_at(store, None).await
+    /// The enrolled device of `home` (its store open as `store`), connected.
+    pub async fn open(home: &Path, store: &ClientStore) -> Result<Self> {
+        Self::open_at(home, store, None).await
     }
 
     /// [`Self::open`], reaching the coordinator at `url` instead of the enrolled address
     /// (another route to the same coordinator: its certificate is still checked).
-    pub async fn open_at(store: &ClientStore, url: Option<&str>) -> Result<Self> {
+    pub async fn open_at(home: &Path, store: &ClientStore, url: Option<&str>) -> Result<Self> {
+        let net = ClientConfig::load(home)?.net;
         let (pkcs8, mut identity) = store.require_identity(crate::keyseal::passphrase()?.as_deref())?;
         if let Some(u) = url {
             identity.coordinator = u.to_string();
         }
         let signer =
             DeviceSigner::from_pkcs8(&pkcs8, identity.device_id.clone()).map_err(|e| ClientError::Invalid(format!("stored identity key rejected: {e}")))?;
-        let channel = connect(&identity.coordinator, identity.ca_pem.as_bytes()).await?;
+        let channel = connect(&identity.coordinator, identity.ca_pem.as_bytes(), &net).await?;
         let capture = match std::env::var_os(CAPTURE_ENV) {
             Some(p) => Some(Mutex::new(std::fs::OpenOptions::new().create(true).append(true).open(&p).map_err(crate::error::io(std::path::Path::new(&p)))?)),
             None => None,
         };
-        Ok(Self { signer, channel, identity, capture })
+        Ok(Self { signer, channel, identity, net, capture })
+    }
+
+    /// The next message of a server stream. One silent for `net.stream_stall_secs` fails
+    /// (DEADLINE_EXCEEDED) rather than holding the device: keepalive cannot tell a wedged
+    /// coordinator from a slow one.
+    pub async fn next<T>(&self, stream: &mut tonic::Streaming<T>) -> Result<Option<T>> {
+        let stall = Duration::from_secs(self.net.stream_stall_secs);
+        match tokio::time::timeout(stall, stream.message()).await {
+            Ok(m) => Ok(m?),
+            Err(_) => Err(tonic::Status::deadline_exceeded(format!("the coordinator sent nothing for {} s on an open stream", stall.as_secs())).into()),
+        }
     }
 
     /// Notes an outgoing message body of `method` in the capture file, if capturing.

@@ -35,7 +35,7 @@ pub async fn enroll(home: &Path, coordinator: &str, token: &str, ca_pem: &str, n
     }
     let pkcs8 = generate_pkcs8().map_err(|_| ClientError::Invalid("cannot generate a key".into()))?;
     let pk = public_key_of(&pkcs8).map_err(|e| ClientError::Invalid(e.to_string()))?;
-    let ch = connect(coordinator, ca_pem.as_bytes()).await?;
+    let ch = connect(coordinator, ca_pem.as_bytes(), &ClientConfig::load(home)?.net).await?;
     let r = device_client(ch).enroll(EnrollRequest { token: token.trim().to_string(), public_key: pk.to_vec(), name: name.into() }).await?.into_inner();
     let id = Identity {
         device_id: r.device_id.clone(),
@@ -94,7 +94,7 @@ pub async fn status(home: &Path, offline: bool) -> Result<StatusReport> {
     };
     if id.is_some() && !offline {
         let ping = async {
-            let s = Session::open(&store).await?;
+            let s = Session::open(home, &store).await?;
             let r = s.device().ping(s.request(methods::DEVICE_PING, PingRequest {})).await?;
             Ok::<_, ClientError>(r.into_inner())
         };
@@ -190,7 +190,7 @@ pub async fn train(home: &Path, overrides: &TrainConfig, fresh: bool, progress: 
     overrides.validate()?;
     let store = ClientStore::open(home)?;
     let cfg = ClientConfig::load(home)?;
-    let s = Session::open(&store).await?;
+    let s = Session::open(home, &store).await?;
     let device = BackendKind::resolve(None)?.device()?;
     let m = model(&s, &store, &device).await?;
     let mut plugin = Plugin::new(&cfg.side, &m.config, &device)?;

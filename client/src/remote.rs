@@ -21,9 +21,9 @@ use crate::store::ClientStore;
 
 /// A stream of tensor chunks (frozen head, a global version) as a parameter set; sizes are
 /// checked before buffering, NaN/Inf and ragged tensors are refused.
-pub(crate) async fn receive_params(mut stream: tonic::Streaming<TensorChunk>) -> Result<ParamSet> {
+pub(crate) async fn receive_params(s: &Session, mut stream: tonic::Streaming<TensorChunk>) -> Result<ParamSet> {
     let mut asm = TensorAssembler::new(MAX_TENSOR_BYTES);
-    while let Some(c) = stream.message().await? {
+    while let Some(c) = s.next(&mut stream).await? {
         asm.push(c)?;
     }
     let mut p = ParamSet::default();
@@ -70,7 +70,7 @@ pub(crate) async fn model(s: &Session, store: &ClientStore, device: &Device) -> 
         Some(b) => b,
         None => {
             let req = s.request(methods::BACKBONE_GET_HEAD, GetHeadRequest { backbone_version: v.clone() });
-            let p = receive_params(s.backbone().get_head(req).await?.into_inner()).await?;
+            let p = receive_params(s, s.backbone().get_head(req).await?.into_inner()).await?;
             let b = p.to_safetensors();
             store.put_backbone_file(v, HEAD_FILE, &b)?;
             store.flush()?;
@@ -145,7 +145,7 @@ pub async fn features(
                 ByteAssembler::new(format!("features of example {i}"), n * per_pos, MAX_TENSOR_BYTES)
             })
             .collect::<std::result::Result<_, _>>()?;
-        while let Some(c) = stream.message().await? {
+        while let Some(c) = s.next(&mut stream).await? {
             let a = asms
                 .get_mut(c.sequence as usize)
                 .ok_or_else(|| ClientError::Invalid(format!("coordinator sent features of unknown sequence {}", c.sequence)))?;

@@ -34,7 +34,7 @@ pub async fn rotate_key(home: &Path, new_pass: Option<Vec<u8>>) -> Result<Rotate
     let store = ClientStore::open(home)?;
     let pass = crate::keyseal::passphrase()?;
     let new_pass = new_pass.or(pass);
-    let s = Session::open(&store).await?;
+    let s = Session::open(home, &store).await?;
     let id = s.identity.device_id.clone();
     let report = |finished_interrupted| RotateReport {
         device_id: id.clone(),

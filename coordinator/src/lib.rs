@@ -16,6 +16,7 @@ pub mod config;
 pub mod conn;
 pub mod engine;
 pub mod error;
+mod fault;
 pub mod generation;
 pub mod init;
 pub mod metrics;

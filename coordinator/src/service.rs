@@ -139,6 +139,7 @@ impl Device for DeviceService {
 
     async fn ping(&self, req: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {
         let rec = self.0.auth.device(&req, methods::DEVICE_PING)?;
+        crate::fault::stall_point(methods::DEVICE_PING).await;
         Ok(Response::new(PingResponse { device_id: rec.device_id, server_time_ms: now_ms(), backbone_version: self.0.engine.meta.version.clone() }))
     }
 
@@ -386,6 +387,9 @@ impl Backbone for BackboneService {
     async fn features(&self, req: Request<FeaturesRequest>) -> Result<Response<Self::FeaturesStream>, Status> {
         let s = &self.0;
         let rec = s.auth.device(&req, methods::BACKBONE_FEATURES)?;
+        if crate::fault::stalls(methods::BACKBONE_FEATURES) {
+            return Ok(Response::new(Box::pin(tokio_stream::pending())));
+        }
         // Held until the answer is read or dropped: unread answers count too.
         let max = s.config.limits.max_feature_requests_per_device;
         let held = s
