@@ -55,7 +55,8 @@ const MODES: [(&str, bool, Inputs, bool); 5] = [
 
 pub async fn run(cfg: &GenBenchConfig, on_row: &mut dyn FnMut(&Row)) -> anyhow::Result<Vec<Row>> {
     anyhow::ensure!(cfg.prompts > 0 && cfg.max_tokens > 0, "at least one prompt and one token");
-    let qs = QuickstartConfig { show: 0, ..cfg.quickstart.clone() };
+    // The down-projected modes need personal models that keep the body's down-projections.
+    let qs = QuickstartConfig { show: 0, shared_down: true, ..cfg.quickstart.clone() };
     let fed = federate(&qs, &mut |_| {}).await?;
     let (dir, users) = (&fed.dir, &fed.users);
     let mut rows = Vec::new();

@@ -10,6 +10,7 @@ use spa_model::BackendKind;
 use spa_model::backbone::load_backbone_as;
 use spa_model::data::synthetic::synthetic_users;
 use spa_model::generate::{Decoding, LocalStates, Sampling, generate_text};
+use spa_model::personal::PersonalModel;
 use spa_model::side::SideConfig;
 use spa_model::tokenizer::{ModelTokens, Tokenizer};
 use spa_model::train::TrainConfig;
@@ -190,6 +191,7 @@ fn quickstart(a: QuickArgs) -> Result<()> {
         seed: a.seed,
         model: a.model.clone(),
         users: None,
+        shared_down: false,
     };
     let json = a.json;
     let mut header = false;
@@ -385,13 +387,10 @@ fn simulate(a: SimArgs, device: &spa_model::burn::tensor::Device) -> Result<()> 
     let before = sim.evaluate()?;
     if !a.json {
         println!(
-            "| round | version | contributors/cohort | shared params | SecAgg vs plaintext max err | backbone loss | personalized loss | backbone acc | personalized acc | gate on | s |"
+            "| round | version | contributors/cohort | shared params | SecAgg vs plaintext max err | backbone loss | federated side loss | backbone acc | federated side acc | s |"
         );
-        println!("|---|---|---|---|---|---|---|---|---|---|---|");
-        println!(
-            "| 0 | 0 | - | - | - | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} | - |",
-            before.backbone_loss, before.routed_loss, before.backbone_acc, before.routed_acc, before.side_fraction
-        );
+        println!("|---|---|---|---|---|---|---|---|---|---|");
+        println!("| 0 | 0 | - | - | - | {:.3} | {:.3} | {:.3} | {:.3} | - |", before.backbone_loss, before.side_loss, before.backbone_acc, before.side_acc);
     }
     for _ in 0..a.rounds {
         let r = sim.round()?;
@@ -400,7 +399,7 @@ fn simulate(a: SimArgs, device: &spa_model::burn::tensor::Device) -> Result<()> 
         } else {
             let m = &r.mean;
             println!(
-                "| {} | {} | {}/{} | {} | {:.1e} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} | {:.1} |",
+                "| {} | {} | {}/{} | {} | {:.1e} | {:.3} | {:.3} | {:.3} | {:.3} | {:.1} |",
                 r.round,
                 r.version,
                 r.contributors,
@@ -408,10 +407,9 @@ fn simulate(a: SimArgs, device: &spa_model::burn::tensor::Device) -> Result<()> 
                 r.shared_params,
                 r.max_abs_error_vs_plaintext,
                 m.backbone_loss,
-                m.routed_loss,
+                m.side_loss,
                 m.backbone_acc,
-                m.routed_acc,
-                m.side_fraction,
+                m.side_acc,
                 r.seconds
             );
         }
@@ -421,14 +419,14 @@ fn simulate(a: SimArgs, device: &spa_model::burn::tensor::Device) -> Result<()> 
     for i in 0..a.show.min(sim.devices.len()) {
         let ex = &sim.devices[i].data.test[0];
         let prompt = tokens.prompt_ids(&tok, &ex.prompt, false)?;
-        let plugin = sim.plugin(i)?;
-        let mut src = LocalStates::new(&bb, &plugin.shape.feature_layers)?;
-        let (mine, mine_text) = generate_text(&mut src, sim.head(), Some(&plugin), &tok, &prompt, &dec, Some("\n"), &mut |_| {})?;
+        let body = PersonalModel::of_body(sim.plugin(i)?);
+        let mut src = LocalStates::new(&bb, &body.body.shape.feature_layers)?;
+        let (mine, mine_text) = generate_text(&mut src, sim.head(), Some(&body), &tok, &prompt, &dec, Some("\n"), &mut |_| {})?;
         let mut src = LocalStates::new(&bb, &[bb.config.num_layers])?;
         let (_, base) = generate_text(&mut src, sim.head(), None, &tok, &prompt, &dec, Some("\n"), &mut |_| {})?;
         println!("\n--- device {} ---\n{}", sim.devices[i].name, ex.prompt.trim_end());
         println!("  backbone alone: {}", base.trim_end());
-        println!("  personalized:   {}   (side plugin spoke {:.0}% of tokens)", mine_text.trim_end(), 100.0 * mine.side_fraction());
+        println!("  federated side: {}   (side spoke {:.0}% of tokens)", mine_text.trim_end(), 100.0 * mine.side_fraction());
         println!("  reference:      {}", ex.reply.trim_end());
     }
     Ok(())

@@ -36,6 +36,9 @@ pub struct QuickstartConfig {
     pub model: Option<PathBuf>,
     /// The devices' data; None = `devices` synthetic users of `examples` examples.
     pub users: Option<Vec<UserData>>,
+    /// Devices keep the body's down-projections in their personal models, so generation can
+    /// ask the coordinator for projected inputs (`[personal] shared_down`).
+    pub shared_down: bool,
 }
 
 impl Default for QuickstartConfig {
@@ -52,6 +55,7 @@ impl Default for QuickstartConfig {
             seed: 0,
             model: None,
             users: None,
+            shared_down: false,
         }
     }
 }
@@ -168,6 +172,11 @@ pub async fn federate(cfg: &QuickstartConfig, out: &mut dyn FnMut(Output)) -> an
         let token = admin.create_token(with_admin(&cred, CreateTokenRequest { ttl_seconds: 600, note: format!("quickstart {i}") })?).await?.into_inner().token;
         let h = home(&dir, i);
         ops::enroll(&h, &url, &token, &ca, &u.user).await?;
+        if cfg.shared_down {
+            let mut c = spa_client::config::ClientConfig::load(&h)?;
+            c.personal.shared_down = true;
+            c.save(&h)?;
+        }
         let jsonl: String = u.train.iter().chain(&u.test).map(|e| serde_json::json!({ "input": e.prompt, "output": e.reply }).to_string() + "\n").collect();
         let file = h.join("data.jsonl");
         std::fs::write(&file, jsonl)?;

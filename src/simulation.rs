@@ -20,7 +20,7 @@ use spa_model::experiment::positions_for;
 use spa_model::features::{FeatureSet, extract_features, tokenize_examples};
 use spa_model::side::{FrozenHead, ParamSet, Plugin, SharedParams, SideConfig};
 use spa_model::tokenizer::Tokenizer;
-use spa_model::train::{EvalMetrics, TrainConfig, evaluate, train_plugin};
+use spa_model::train::{EvalMetrics, TrainConfig, evaluate, train_plugin, train_with_validation};
 use spa_model::{Backbone, ModelError};
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +54,7 @@ pub struct SimDevice {
     pub name: String,
     pub data: UserData,
     train: Arc<FeatureSet>,
+    val: Option<Arc<FeatureSet>>,
     test: Arc<FeatureSet>,
     private: ParamSet,
 }
@@ -63,6 +64,9 @@ pub struct SimDevice {
 pub struct DeviceFeatures {
     pub data: UserData,
     pub train: Arc<FeatureSet>,
+    /// Present when the user's data has a validation split: each round's local training
+    /// keeps its best epoch on it.
+    pub val: Option<Arc<FeatureSet>>,
     pub test: Arc<FeatureSet>,
 }
 
@@ -79,10 +83,11 @@ pub fn device_features(backbone: &Backbone, tokenizer: &Tokenizer, users: Vec<Us
         .into_iter()
         .map(|u| {
             let (train, test) = (feats(&u.train)?, feats(&u.test)?);
-            if train.num_loss_tokens() == 0 || test.num_loss_tokens() == 0 {
-                return Err(SimError::Invalid(format!("device {} has no train or test tokens", u.user)));
+            let val = if u.val.is_empty() { None } else { Some(feats(&u.val)?) };
+            if train.num_loss_tokens() == 0 || test.num_loss_tokens() == 0 || val.as_ref().is_some_and(|v| v.num_loss_tokens() == 0) {
+                return Err(SimError::Invalid(format!("device {} has no train, validation or test tokens", u.user)));
             }
-            Ok(DeviceFeatures { data: u, train, test })
+            Ok(DeviceFeatures { data: u, train, val, test })
         })
         .collect()
 }
@@ -159,7 +164,7 @@ impl<'a> Simulation<'a> {
             // Each device initialises its own private layers.
             let own = SideConfig { seed: config.seed.wrapping_add(1 + i as u64), ..config.side.clone() };
             let (_, private) = Plugin::new(&own, &backbone.config, &backbone.device)?.split()?;
-            devices.push(SimDevice { name: d.data.user.clone(), data: d.data, train: d.train, test: d.test, private });
+            devices.push(SimDevice { name: d.data.user.clone(), data: d.data, train: d.train, val: d.val, test: d.test, private });
         }
         let optimizer = ServerOptimizer::new(config.strategy.clone())?;
         Ok(Self { backbone, head: FrozenHead::device_copy(backbone), config, devices, global, version: 0, optimizer })
@@ -194,7 +199,11 @@ impl<'a> Simulation<'a> {
         for i in 0..n {
             let plugin = self.plugin(i)?;
             let cfg = TrainConfig { seed: self.config.local.seed.wrapping_add(round as u64 * 1000 + i as u64), ..self.config.local.clone() };
-            let (trained, _) = train_plugin(plugin, &self.head, &self.devices[i].train, &cfg, Some(&self.global), &mut |_| {})?;
+            let d = &self.devices[i];
+            let (trained, _) = match &d.val {
+                Some(val) => train_with_validation(plugin, &self.head, &d.train, val, &cfg, Some(&self.global), &mut |_| {})?,
+                None => train_plugin(plugin, &self.head, &d.train, &cfg, Some(&self.global), &mut |_| {})?,
+            };
             let (shared, private) = trained.split()?;
             // Private layers stay on the device; only the shared delta goes to aggregation.
             self.devices[i].private = private;

@@ -226,7 +226,12 @@ proptest! {
         let _ = store.examples();
         let _ = store.sources();
         let _ = store.cached_features("k");
-        let _ = store.plugin();
+        let _ = store.body();
+        if let Ok(Some(p)) = store.personal() {
+            let _ = serde_json::from_slice::<spa_client::personal::PersonalRecord>(&p.record);
+            let _ = spa_model::side::ParamSet::from_safetensors(&p.params);
+            let _ = p.datastore.as_deref().map(spa_model::personal::knn::Datastore::from_bytes);
+        }
         let _ = store.global_version();
     }
 }
@@ -265,6 +270,7 @@ fn valid_device_store(home: &std::path::Path) {
     let f = spa_model::features::ExampleFeatures { first: 1, targets: vec![4, 5], loss: vec![true, false], feats: vec![0.5; 8] };
     store.cache_features("k", &f).unwrap();
     let meta = TrainedMeta {
+        format: 2,
         backbone_version: "bb".into(),
         side: spa_model::side::SideConfig::default(),
         trained_at_ms: 3,
@@ -274,7 +280,23 @@ fn valid_device_store(home: &std::path::Path) {
         shared_tensors: 1,
         private_tensors: 1,
     };
-    store.save_plugin(b"shared", b"private", &meta).unwrap();
+    let record = spa_client::personal::PersonalRecord {
+        backbone_version: "bb".into(),
+        global_version: Some(3),
+        side: spa_model::side::SideConfig::default(),
+        meta: spa_model::personal::PersonalMeta::default(),
+        fitted_at_ms: 4,
+        train_examples: 1,
+        val_examples: 1,
+        heldout: None,
+        heldout_global: None,
+        heldout_backbone: None,
+    };
+    let mut params = spa_model::side::ParamSet::default();
+    params.tensors.insert("gate.w2.bias".into(), spa_model::side::NamedTensor { shape: vec![1], values: vec![2.2] });
+    let datastore = spa_model::personal::knn::Datastore::new(2, vec![1.0, 0.0, 0.0, 1.0], vec![3, 4], vec![0, 0]).unwrap();
+    let personal = StoredPersonal { record: serde_json::to_vec(&record).unwrap(), params: params.to_safetensors(), datastore: Some(datastore.to_bytes()) };
+    store.save_model(b"shared", &meta, Some(&personal)).unwrap();
     store.flush().unwrap();
     drop(store);
     let db = raw_store(home);

@@ -11,12 +11,16 @@ const CONFIG: &str = r#"
 name = "tiny"
 seeds = [0, 1]
 rounds = 2
-rouge_examples = 2
-arms = ["backbone", "local", "global", "global_ft", "spa", "spa_gate_on", "spa_gate_off", "spa_private_head"]
+min_val = 4
+rouge_examples = 1
+cross_users = 4
+data_fractions = [0.5, 1.0]
+arms = ["backbone", "local", "global", "global_ft", "fedprox", "ditto", "fedrep", "knn_per", "spa_v1",
+        "spa_v2_select", "spa_v2_mix", "spa_v2_knn", "spa_v2", "spa_v2_gated"]
 
 [corpus]
 kind = "synthetic"
-devices = 4
+devices = 5
 examples = 25
 seed = 3
 
@@ -24,6 +28,15 @@ seed = 3
 epochs = 2
 lr = 3e-3
 batch_tokens = 256
+
+[tune]
+lrs = [3e-3, 1e-2]
+fedprox_mus = [0.01, 0.1]
+
+[personal]
+epochs = 2
+lrs = [3e-3, 1e-2]
+ditto_lambdas = [1.0]
 "#;
 
 fn write(dir: &Path, name: &str, text: &str) -> String {
@@ -43,40 +56,52 @@ fn every_arm_runs_and_the_report_is_written() {
     let r: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
     let arm = |name: &str| r["arms"].as_array().unwrap().iter().find(|a| a["arm"] == name).unwrap_or_else(|| panic!("arm {name}: {r}"));
     let mean = |name: &str, k: &str| arm(name)["mean"][k].as_f64().unwrap();
-    assert_eq!(r["arms"].as_array().unwrap().len(), 8);
+    assert_eq!(r["arms"].as_array().unwrap().len(), 14);
+    // 5 devices: one newcomer held out of the federations (20%), four federated.
+    assert_eq!((r["devices"].as_array().unwrap().len(), r["newcomers"].as_array().unwrap().len()), (4, 1));
     for a in r["arms"].as_array().unwrap() {
         let runs = a["runs"].as_array().unwrap();
         assert_eq!(runs.len(), 2, "one run per seed: {a}");
-        assert!(runs.iter().all(|s| s["devices"].as_array().unwrap().len() == 4));
-        for k in ["loss", "accuracy", "rouge_l", "gate_on"] {
+        assert!(runs.iter().all(|s| s["devices"].as_array().unwrap().len() == 5 && s["mean"]["devices"] == 4));
+        for k in ["loss", "token_loss", "accuracy", "side_fraction"] {
             assert!(a["mean"][k].as_f64().unwrap().is_finite() && a["sd"][k].as_f64().unwrap() >= 0.0, "{k}: {a}");
         }
     }
-    // The gate forced off is the backbone, exactly; forced on, the side speaks everywhere.
-    for k in ["loss", "accuracy", "rouge_l"] {
-        assert_eq!(mean("spa_gate_off", k), mean("backbone", k), "{k}");
-    }
-    assert_eq!(mean("spa_gate_on", "gate_on"), 1.0);
-    assert_eq!(mean("global", "gate_on"), 1.0);
+    // The backbone never lets a side speak; the global adapter always does.
+    assert_eq!((mean("backbone", "side_fraction"), mean("global", "side_fraction")), (0.0, 1.0));
     assert_eq!(arm("backbone")["bytes_per_token"], 4);
-    // Synthetic users are easy to personalize: every trained arm beats the backbone.
-    for name in ["local", "global_ft", "spa", "spa_private_head"] {
+    // Synthetic users are easy to personalize: every trained arm beats the backbone, and SPA
+    // v2, whose candidates include FedAvg+FT, is not worse than the global adapter.
+    for name in ["local", "global", "global_ft", "ditto", "fedrep", "knn_per", "spa_v1", "spa_v2"] {
         assert!(mean(name, "loss") < mean("backbone", "loss"), "{name}: {r}");
     }
-    let spa_curve = arm("spa")["runs"][0]["curve"].as_array().unwrap();
-    assert_eq!(spa_curve.len(), 3, "round 0 and 2 rounds");
-    // Four baselines x three metrics, each with p-values in (0, 1].
+    assert!(mean("spa_v2", "loss") < mean("global", "loss"), "{r}");
+    // The knobs tuned on the first seed are reported; ROUGE of the main arms on it.
+    assert_eq!(r["tuned"].as_array().unwrap().len(), 4, "{}", r["tuned"]);
+    assert!(arm("spa_v2")["mean"]["rouge"]["replies"].as_u64().unwrap() == 4 && arm("ditto")["mean"]["rouge"].is_null());
+    let global_curve = arm("global")["runs"][0]["curve"].as_array().unwrap();
+    assert_eq!(global_curve.len(), 3, "round 0 and 2 rounds");
+    // Nine baselines x two metrics, p-values in (0, 1], Holm's never below the raw ones.
     let cmp = r["comparisons"].as_array().unwrap();
-    assert_eq!(cmp.len(), 12);
-    assert!(cmp.iter().all(|c| (0.0..=1.0).contains(&c["wilcoxon_p"].as_f64().unwrap()) && c["devices"] == 4));
-    for f in ["result.json", "table.md", "loss.svg", "accuracy.svg"] {
+    assert_eq!(cmp.len(), 18);
+    for c in cmp {
+        let (p, h) = (c["wilcoxon_p"].as_f64().unwrap(), c["holm_p"].as_f64().unwrap());
+        assert!((0.0..=1.0).contains(&p) && h >= p && h <= 1.0 && c["devices"] == 4, "{c}");
+        assert!(c["ci_low"].as_f64().unwrap() <= c["mean_diff"].as_f64().unwrap() && c["mean_diff"].as_f64().unwrap() <= c["ci_high"].as_f64().unwrap(), "{c}");
+    }
+    let x = &r["extras"];
+    assert_eq!(x["cross_user"]["loss"].as_array().unwrap().len(), 4);
+    assert_eq!(x["side_curve"].as_array().unwrap().len(), 21);
+    assert_eq!(x["fractions"].as_array().unwrap().len(), 2);
+    assert_eq!(x["choices"]["devices"], 4);
+    for f in ["result.json", "table.md", "loss.svg", "accuracy.svg", "side.svg", "cross_user.svg", "fractions.svg"] {
         let text = std::fs::read_to_string(out_dir.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
         assert!(!text.is_empty(), "{f}");
     }
     let svg = std::fs::read_to_string(out_dir.join("loss.svg")).unwrap();
-    assert!(svg.starts_with("<svg") && svg.contains("spa") && svg.contains("polyline"), "{}", &svg[..svg.len().min(300)]);
+    assert!(svg.starts_with("<svg") && svg.contains("global") && svg.contains("polyline"), "{}", &svg[..svg.len().min(300)]);
     let table = std::fs::read_to_string(out_dir.join("table.md")).unwrap();
-    assert!(table.contains("| spa |"));
+    assert!(table.contains("| spa_v2 |") && table.contains("Cross-user matrix") && table.contains("Holm"));
     // The tables redrawn from the saved result, without running anything.
     let again = spa(&["experiment", "--report", out_dir.join("result.json").to_str().unwrap()]);
     assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
@@ -88,14 +113,15 @@ fn bad_configs_are_refused_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
         (CONFIG.replace("rounds = 2", "rounds = 2\nround = 3"), "unknown field"),
-        (CONFIG.replace("\"spa_private_head\"]", "\"spa_private_head\", \"spa\"]"), "listed twice"),
-        (CONFIG.replace("\"spa\", ", ""), "list spa too"),
+        (CONFIG.replace("\"spa_v2_gated\"]", "\"spa_v2_gated\", \"spa_v2\"]"), "listed twice"),
+        (CONFIG.replace("ditto_lambdas = [1.0]", "ditto_lambdas = [1.0]\nalphas = [1.5]"), "personal"),
+        (CONFIG.replace("data_fractions = [0.5, 1.0]", "data_fractions = [0.0]"), "data_fractions"),
         (CONFIG.replace("seeds = [0, 1]", "seeds = []"), "seeds"),
         (CONFIG.replace("arms = [", "arms = [\"fedsomething\", "), "unknown variant"),
         (CONFIG.replace("lr = 3e-3", "lr = nan"), "invalid training settings"),
         (CONFIG.replace("rounds = 2", "rounds = 2\ntrain_fraction = 1.0"), "train_fraction"),
         (
-            CONFIG.replace("kind = \"synthetic\"\ndevices = 4\nexamples = 25\nseed = 3", "kind = \"play\"\npath = \"no/such/file.txt\"\ntop = 3"),
+            CONFIG.replace("kind = \"synthetic\"\ndevices = 5\nexamples = 25\nseed = 3", "kind = \"play\"\npath = \"no/such/file.txt\"\ntop = 3"),
             "no/such/file.txt",
         ),
     ];

@@ -67,8 +67,8 @@ fn simulated_rounds_aggregate_securely_and_personalize() {
         assert!(r["max_abs_error_vs_plaintext"].as_f64().unwrap() < 1e-4, "{r}");
     }
     let last = &reports[1]["mean"];
-    assert!(last["routed_loss"].as_f64().unwrap() < last["backbone_loss"].as_f64().unwrap(), "{last}");
-    assert!(stdout.contains("personalized:"), "{stdout}");
+    assert!(last["side_loss"].as_f64().unwrap() < last["backbone_loss"].as_f64().unwrap(), "{last}");
+    assert!(stdout.contains("federated side:"), "{stdout}");
 }
 
 /// `spa args` exits non-zero and says `needle` on stderr.

@@ -2,26 +2,27 @@
 //! unreachable) and does what each answer says:
 //!
 //! ```text
-//! Train        fetch global version v, train shared + private parts locally, quantize
-//!              weight * (shared - v), start the SecAgg+ client machine, advertise keys
+//! Train        fetch global version v, train the body (the side network) locally, keeping
+//!              its best epoch on the validation split, quantize weight * (shared - v),
+//!              start the SecAgg+ client machine, advertise keys
 //! ShareKeys    encrypted shares for the neighbours
 //! MaskedInput  decrypt the shares addressed to us, mask the update, upload it (streamed)
 //! Unmask       reveal the shares the server asks for (never both kinds for one peer)
-//! Evaluate     a new version was committed: adopt it, evaluate on the held-out split, report
+//! Evaluate     a new version was committed: adopt it as the body, fit the personal model
+//!              against it (SPA v2, personal.rs), evaluate on the held-out split, report
 //! Abort        forget the round's secrets
 //! ```
 //!
 //! Only the shared part ever leaves the device, and only masked: the update is built from
 //! [`SharedParams::delta_from`] (the one place a plugin's parameters become an outgoing
-//! vector); private layers are saved to the local store.
+//! vector); the personal model is saved to the local store.
 use std::path::Path;
 use std::time::Duration;
 
 use spa_aggregation::{ClientIncoming, ClientOutgoing, ClientState, Encoding, SessionConfig, system_rng};
 use spa_model::BackendKind;
-use spa_model::side::{ParamSet, Plugin, SharedParams};
-use spa_model::train::{TrainConfig, evaluate, train_plugin};
-use spa_proto::auth::now_ms;
+use spa_model::side::{Plugin, SharedParams};
+use spa_model::train::{TrainConfig, train_plugin, train_with_validation};
 use spa_proto::methods;
 use spa_proto::secagg;
 use spa_proto::v1::poll_response::Task;
@@ -31,9 +32,9 @@ use tonic::Code;
 use crate::config::ClientConfig;
 use crate::error::{ClientError, Result};
 use crate::net::Session;
-use crate::ops::local_sets;
+use crate::personal::local_splits;
 use crate::remote::{Model, model, receive_params};
-use crate::store::{ClientStore, TrainedMeta};
+use crate::store::ClientStore;
 
 /// How the agent runs.
 #[derive(Clone, Debug)]
@@ -315,38 +316,14 @@ async fn fetch_global(s: &Session, version: u64, layout: &SharedParams) -> Resul
     Ok(SharedParams::from_coordinator(receive_params(s, stream).await?, layout)?)
 }
 
-/// The plugin with global `shared` and this device's stored private part (fresh private
-/// layers when none is stored for this backbone and layout).
-fn personal_plugin(store: &ClientStore, m: &Model, cfg: &ClientConfig, device: &spa_model::burn::tensor::Device, shared: &SharedParams) -> Result<Plugin> {
-    let mut p = Plugin::new(&cfg.side, &m.config, device)?;
-    if let Some((_, private, meta)) = store.plugin()?
-        && meta.backbone_version == m.info.backbone_version
-        && meta.side == cfg.side
-    {
-        p = p.load(&ParamSet::from_safetensors(&private)?)?;
-    }
-    Ok(p.load(shared.as_set())?)
+/// The body of global version `shared`.
+fn body_of(m: &Model, cfg: &ClientConfig, device: &spa_model::burn::tensor::Device, shared: &SharedParams) -> Result<Plugin> {
+    Ok(Plugin::new(&cfg.side, &m.config, device)?.load(shared.as_set())?)
 }
 
-fn save(store: &ClientStore, m: &Model, cfg: &ClientConfig, plugin: &Plugin, examples: usize, steps: usize, final_loss: Option<f32>) -> Result<()> {
-    let (shared, private) = plugin.split()?;
-    let meta = TrainedMeta {
-        backbone_version: m.info.backbone_version.clone(),
-        side: cfg.side.clone(),
-        trained_at_ms: now_ms(),
-        examples,
-        steps,
-        final_loss,
-        shared_tensors: shared.as_set().tensors.len(),
-        private_tensors: private.tensors.len(),
-    };
-    store.save_plugin(&shared.as_set().to_safetensors(), &private.to_safetensors(), &meta)?;
-    Ok(())
-}
-
-/// Local training for a round; returns the encoded update, the number of training
-/// examples and the last epoch's loss. The private part is saved; the shared part leaves
-/// only as the masked update.
+/// Local training of the body for a round; returns the encoded update, the number of
+/// training examples and the last epoch's loss. The trained body leaves only as the masked
+/// update (the device keeps the committed versions it adopts).
 async fn train_for_round(ctx: &Ctx<'_>, t: &TrainTask, config: &SessionConfig) -> Result<(Vec<u32>, usize, f32)> {
     let Ctx { home, s, m, cfg, device } = *ctx;
     let store = &ClientStore::open(home)?;
@@ -363,13 +340,18 @@ async fn train_for_round(ctx: &Ctx<'_>, t: &TrainTask, config: &SessionConfig) -
             config.m
         )));
     }
-    let plugin = personal_plugin(store, m, cfg, device, &global)?;
-    let (train_set, _, _) = local_sets(s, store, m, &plugin, &mut ()).await?;
-    let n_train = train_set.examples.len();
-    let tc = TrainConfig { epochs: t.local_epochs as usize, lr: t.lr, prox_mu: t.prox_mu, seed: t.seed, ..cfg.train.clone() };
-    let (trained, report) = tokio::task::block_in_place(|| train_plugin(plugin, &m.head, &train_set, &tc, Some(&global), &mut |_| {}))?;
+    let body = body_of(m, cfg, device, &global)?;
+    let splits = local_splits(s, store, m, &body, &mut ()).await?;
+    let n_train = splits.train.examples.len();
+    let tc = TrainConfig { epochs: t.local_epochs as usize, lr: t.lr, prox_mu: t.prox_mu, seed: t.seed, val_fraction: 0.0, ..cfg.train.clone() };
+    let (trained, report) = tokio::task::block_in_place(|| {
+        if splits.val.num_loss_tokens() > 0 {
+            train_with_validation(body, &m.head, &splits.train, &splits.val, &tc, Some(&global), &mut |_| {})
+        } else {
+            train_plugin(body, &m.head, &splits.train, &tc, Some(&global), &mut |_| {})
+        }
+    })?;
     let final_loss = report.epoch_losses.last().copied().unwrap_or(f32::NAN);
-    save(store, m, cfg, &trained, n_train, report.steps, Some(final_loss).filter(|l| l.is_finite()))?;
     let delta = trained.shared()?.delta_from(&global)?;
     let mut rng = system_rng().map_err(secagg_err)?;
     let (input, weight) = match &config.encoding {
@@ -412,20 +394,26 @@ async fn upload(s: &Session, round_id: u64, client_id: u32, lanes: &[u32], corru
     Ok(())
 }
 
-/// Adopts committed version `v` (global shared part + this device's private part),
-/// evaluates it on the held-out split and reports the metrics.
+/// Adopts committed version `v` as the body, fits the personal model against it, saves
+/// both, evaluates on the held-out split (the training split for devices with fewer than
+/// ten examples) and reports the metrics.
 async fn evaluate_version(ctx: &Ctx<'_>, t: &EvaluateTask) -> Result<(f64, f64)> {
     let Ctx { home, s, m, cfg, device } = *ctx;
     let store = &ClientStore::open(home)?;
     let layout = Plugin::new(&cfg.side, &m.config, device)?.shared()?;
     let global = fetch_global(s, t.global_version, &layout).await?;
-    let plugin = personal_plugin(store, m, cfg, device, &global)?;
-    let (train_set, held, _) = local_sets(s, store, m, &plugin, &mut ()).await?;
-    let meta = store.plugin()?.map(|(_, _, meta)| meta);
-    save(store, m, cfg, &plugin, train_set.examples.len(), meta.as_ref().map_or(0, |x| x.steps), meta.as_ref().and_then(|x| x.final_loss))?;
-    // Devices with fewer than ten examples hold none out: report on the training split.
-    let eval_set = if held.num_loss_tokens() > 0 { held } else { train_set };
-    let e = tokio::task::block_in_place(|| evaluate(&plugin, &m.head, &eval_set, 2048))?;
+    let body = body_of(m, cfg, device, &global)?;
+    let splits = local_splits(s, store, m, &body, &mut ()).await?;
+    let seed = cfg.train.seed ^ t.global_version;
+    let (model, heldout) = tokio::task::block_in_place(|| crate::personal::fit_model(&body, &m.head, &splits, &cfg.personal, seed))?;
+    let h = match heldout {
+        Some(h) => h,
+        None => tokio::task::block_in_place(|| crate::personal::heldout(&model, &m.head, &splits.train))?,
+    };
+    let (e, bb) = (h.model, h.backbone);
+    let record = crate::personal::record(m, &cfg.side, Some(t.global_version), &splits, heldout);
+    let meta = crate::store::TrainedMeta { examples: splits.train.examples.len(), ..crate::ops::body_meta(m, cfg, &body)? };
+    crate::personal::save(store, &meta, &model, &record)?;
     s.rounds()
         .report_metrics(s.request(
             methods::ROUNDS_REPORT_METRICS,
@@ -433,13 +421,13 @@ async fn evaluate_version(ctx: &Ctx<'_>, t: &EvaluateTask) -> Result<(f64, f64)>
                 round_id: t.round_id,
                 global_version: t.global_version,
                 tokens: e.tokens as u64,
-                backbone_loss: e.backbone_loss,
-                personalized_loss: e.routed_loss,
-                backbone_acc: e.backbone_acc,
-                personalized_acc: e.routed_acc,
+                backbone_loss: bb.loss,
+                personalized_loss: e.loss,
+                backbone_acc: bb.accuracy,
+                personalized_acc: e.accuracy,
             },
         ))
         .await?;
     store.set_global_version(t.global_version)?;
-    Ok((e.backbone_loss, e.routed_loss))
+    Ok((bb.loss, e.loss))
 }

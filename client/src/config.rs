@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+use spa_model::personal::PersonalConfig;
 use spa_model::side::SideConfig;
 use spa_model::train::TrainConfig;
 
@@ -16,8 +17,12 @@ pub const DEFAULT_TOML: &str = include_str!("../../configs/client.toml");
 pub struct ClientConfig {
     #[serde(default)]
     pub side: SideConfig,
+    /// Local training of the body in rounds.
     #[serde(default)]
     pub train: TrainConfig,
+    /// The personal model's fit (SPA v2), after each adopted version and on `train`.
+    #[serde(default)]
+    pub personal: PersonalConfig,
     #[serde(default)]
     pub net: NetConfig,
 }
@@ -60,7 +65,22 @@ impl ClientConfig {
         let text = std::fs::read_to_string(&path).map_err(crate::error::io(&path))?;
         let c: Self = toml::from_str(&text).map_err(|e| ClientError::Invalid(format!("{}: {e}", path.display())))?;
         c.net.validate().map_err(|e| ClientError::Invalid(format!("{}: {e}", path.display())))?;
+        c.train.validate().map_err(|e| ClientError::Invalid(format!("{}: [train] {e}", path.display())))?;
+        if c.train.objective == spa_model::train::Objective::Gated {
+            return Err(ClientError::Invalid(format!(
+                "{}: [train] objective \"gated\" is SPA v1, an experiment arm (spa experiment); a device trains the body (\"side\") and fits its personal model",
+                path.display()
+            )));
+        }
+        c.personal.validate().map_err(|e| ClientError::Invalid(format!("{}: [personal] {e}", path.display())))?;
         Ok(c)
+    }
+
+    /// Writes this config as the home's (the documented file's comments are not kept).
+    pub fn save(&self, home: &Path) -> Result<()> {
+        let path = home.join(CONFIG_FILE);
+        let text = toml::to_string(self).map_err(|e| ClientError::Invalid(format!("{}: {e}", path.display())))?;
+        std::fs::write(&path, text).map_err(crate::error::io(&path))
     }
 
     /// Writes the documented default unless the home already has a config.

@@ -21,6 +21,9 @@ pub enum ClientError {
     /// retry helps.
     #[error("device key: {0}")]
     Key(String),
+    /// The device has no usable personal model (never fitted, another backbone, a v1 store).
+    #[error("{0}")]
+    NoPersonalModel(String),
     #[error("{0}")]
     Invalid(String),
 }

@@ -1,5 +1,5 @@
 //! `spa-client generate`: the coordinator's backbone (one Generate session, its KV cache on
-//! the coordinator) and the local side plugin and gate. Speculative by default: the
+//! the coordinator) and the device's personal model (SPA v2: side networks, memory, gate). Speculative by default: the
 //! coordinator drafts, this device verifies (spa_model::speculative), a few round trips
 //! per generated token instead of one; `naive` keeps one round trip per token.
 use std::path::Path;
@@ -9,7 +9,7 @@ use prost::Message;
 use serde::Serialize;
 use spa_model::BackendKind;
 use spa_model::generate::{Decoding, Sampling, SideInputs, TextSink};
-use spa_model::side::{ParamSet, Plugin, SideVariant};
+use spa_model::side::{Plugin, SideVariant};
 use spa_model::speculative::{self, Block, CloudDown, DraftSource, SpecStats};
 use spa_proto::methods;
 use spa_proto::tensor::{decode_f32, dtype_size};
@@ -100,7 +100,7 @@ pub struct GenerateReport {
     pub prompt: String,
     pub text: String,
     pub tokens: usize,
-    /// Tokens the gate routed to the side plugin.
+    /// Tokens the personal model spoke (the gate routed the rest to the backbone).
     pub side_tokens: usize,
     pub round_trips: usize,
     /// Drafted tokens received and accepted (0 for naive decoding).
@@ -125,18 +125,9 @@ pub async fn generate(home: &Path, prompt: &str, opts: &GenerateOptions, on_text
     let s = Session::open_at(home, &store, opts.coordinator.as_deref()).await?;
     let device = BackendKind::resolve(None)?.device()?;
     let m = model(&s, &store, &device).await?;
-    let Some((shared, private, meta)) = store.plugin()? else {
-        return Err(ClientError::Invalid("no trained plugin on this device: run `spa-client train` first".into()));
-    };
-    if meta.backbone_version != m.info.backbone_version {
-        return Err(ClientError::Invalid(format!(
-            "the plugin was trained on backbone {} but the coordinator serves {}: run `spa-client train --fresh`",
-            meta.backbone_version, m.info.backbone_version
-        )));
-    }
-    let shared = ParamSet::from_safetensors(&shared)?;
-    let plugin = Plugin::new(&meta.side, &m.config, &device)?.load(&shared)?.load(&ParamSet::from_safetensors(&private)?)?;
-    let global = store.global_version()?;
+    let (personal, record) = crate::personal::load(&store, &m, &device)?;
+    let plugin = &personal.body;
+    let global = record.global_version;
     // Release the store: a `run` agent on this home may need it while we generate.
     drop(store);
     let mut ids = m.tokens.prompt_ids(&m.tokenizer, prompt, opts.chat)?;
@@ -148,19 +139,24 @@ pub async fn generate(home: &Path, prompt: &str, opts: &GenerateOptions, on_text
         ids.drain(..ids.len() + 1 - ctx);
     }
     let dec = Decoding { max_new: opts.max_tokens, sampling: opts.sampling.clone(), stop: if opts.ignore_eos { vec![] } else { m.tokens.eos.clone() } };
+    let own_down = !personal.reads_body_down();
     let down = match (opts.inputs, global) {
         (Inputs::Taps, _) => None,
-        (Inputs::Down, None) => return Err(ClientError::Invalid("--inputs down needs a plugin from federated rounds (`spa-client run`)".into())),
-        (_, None) => None,
-        (_, Some(_)) => Some(CloudDown::from_params(&shared)?),
+        (Inputs::Down, None) => return Err(ClientError::Invalid("--inputs down needs a body from federated rounds (`spa-client run`)".into())),
+        (Inputs::Down, Some(_)) if own_down => {
+            return Err(ClientError::Invalid("--inputs down: this device's personal side network has down-projections of its own; use --inputs taps".into()));
+        }
+        (Inputs::Auto, None) => None,
+        (Inputs::Auto, _) if own_down => None,
+        (_, Some(_)) => Some(CloudDown::from_params(plugin.shared()?.as_set())?),
     };
     let decoding = std::time::Instant::now();
     let side = opts.side_drafts;
-    let mut remote = match RemoteDrafts::open(&s, &m, &plugin, &dec, global, down.as_ref(), side).await {
+    let mut remote = match RemoteDrafts::open(&s, &m, plugin, &dec, global, down.as_ref(), side).await {
         // Locally trained since: the coordinator's down-projections are not this plugin's.
         Err(ClientError::Status(st)) if st.code() == tonic::Code::FailedPrecondition && down.is_some() && opts.inputs == Inputs::Auto => {
             tracing::info!("down-projections refused ({}); asking for taps", st.message());
-            RemoteDrafts::open(&s, &m, &plugin, &dec, global, None, side).await?
+            RemoteDrafts::open(&s, &m, plugin, &dec, global, None, side).await?
         }
         other => other?,
     };
@@ -168,7 +164,7 @@ pub async fn generate(home: &Path, prompt: &str, opts: &GenerateOptions, on_text
     let mut text = TextSink::new(&m.tokenizer, &dec.stop, opts.stop.as_deref(), on_text);
     let (layers, inputs) = (plugin.shape.feature_layers.clone(), remote.inputs);
     let (g, stats) = tokio::task::block_in_place(|| {
-        speculative::generate(&mut remote, &m.head, Some(&plugin), &layers, inputs, &ids, &dec, max_draft, &mut |id, _| text.token(id))
+        speculative::generate(&mut remote, &m.head, Some(&personal), &layers, inputs, &ids, &dec, max_draft, &mut |id, _| text.token(id))
     })?;
     let text = text.finish()?;
     let SpecStats { round_trips, drafted, accepted, .. } = stats;

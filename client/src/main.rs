@@ -8,8 +8,8 @@ use spa_client::agent::{self, AgentEvent, AgentOptions};
 use spa_client::config::ClientConfig;
 use spa_client::data::Format;
 use spa_client::generate;
-use spa_client::ops::{self, TrainProgress};
-use spa_model::train::TrainEvent;
+use spa_client::ops;
+use spa_client::personal::FeatureProgress;
 
 /// SPA device client: enroll, add local data, train the side plugin, generate.
 #[derive(Parser, Debug)]
@@ -58,17 +58,17 @@ enum Command {
     /// Local data.
     #[command(subcommand)]
     Data(DataCommand),
-    /// Train the side plugin and gate on local data (features from the coordinator).
+    /// Fit the personal model (SPA v2) against the stored body on local data (features from
+    /// the coordinator): personal side network, mixture, private memory, gate, each chosen
+    /// on the device's validation split. Settings: client.toml's [personal].
     Train {
+        /// Most epochs of each trained candidate (default: [personal] epochs).
         #[arg(long)]
         epochs: Option<usize>,
+        /// The one learning rate tried (default: [personal] lrs).
         #[arg(long)]
         lr: Option<f64>,
-        /// Hold out this last fraction of the training examples and keep the best epoch on it
-        /// (0-0.5; default: client.toml's [train] val_fraction).
-        #[arg(long)]
-        val_fraction: Option<f64>,
-        /// Start from a fresh plugin instead of the stored one.
+        /// Fit against a fresh body instead of the stored one (the last adopted version).
         #[arg(long)]
         fresh: bool,
     },
@@ -136,10 +136,9 @@ enum DataCommand {
 
 struct Bars {
     feat: Option<ProgressBar>,
-    train: Option<ProgressBar>,
 }
 
-impl TrainProgress for Bars {
+impl FeatureProgress for Bars {
     fn features(&mut self, done: usize, total: usize) {
         let b = self.feat.get_or_insert_with(|| {
             let b = ProgressBar::new(total as u64);
@@ -149,23 +148,6 @@ impl TrainProgress for Bars {
         b.set_position(done as u64);
         if done == total {
             b.finish();
-        }
-    }
-
-    fn train(&mut self, ev: &TrainEvent) {
-        match ev {
-            TrainEvent::Start { total_steps } => {
-                let b = ProgressBar::new(*total_steps as u64);
-                b.set_style(ProgressStyle::with_template("train    {bar:30} {pos}/{len} steps  loss {msg}").expect("template"));
-                self.train = Some(b);
-            }
-            TrainEvent::Step { loss, .. } => {
-                if let Some(b) = &self.train {
-                    b.inc(1);
-                    b.set_message(format!("{loss:.4}"));
-                }
-            }
-            TrainEvent::EpochEnd { .. } => {}
         }
     }
 }
@@ -234,20 +216,17 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{n} examples");
             }
         }
-        Command::Train { epochs, lr, val_fraction, fresh } => {
-            let mut tc = ClientConfig::load(&home)?.train;
+        Command::Train { epochs, lr, fresh } => {
+            let mut pc = ClientConfig::load(&home)?.personal;
             if let Some(e) = epochs {
-                tc.epochs = e;
+                pc.epochs = e;
             }
             if let Some(l) = lr {
-                tc.lr = l;
+                pc.lrs = vec![l];
             }
-            if let Some(v) = val_fraction {
-                tc.val_fraction = v;
-            }
-            let mut bars = Bars { feat: None, train: None };
-            let r = rt.block_on(ops::train(&home, &tc, fresh, &mut bars))?;
-            if let Some(b) = bars.train {
+            let mut bars = Bars { feat: None };
+            let r = rt.block_on(ops::train(&home, &pc, fresh, &mut bars))?;
+            if let Some(b) = bars.feat {
                 b.finish();
             }
             if json {

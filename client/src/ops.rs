@@ -3,11 +3,8 @@ use std::path::Path;
 
 use serde::Serialize;
 use spa_model::BackendKind;
-use spa_model::data::Example;
-use spa_model::experiment::positions_for;
-use spa_model::features::{FeatureSet, tokenize_examples};
-use spa_model::side::{ParamSet, Plugin};
-use spa_model::train::{TrainConfig, TrainEvent, evaluate, train_plugin};
+use spa_model::personal::{PersonalConfig, PersonalMeta, Score};
+use spa_model::side::Plugin;
 use spa_proto::auth::{generate_pkcs8, now_ms, public_key_of};
 use spa_proto::methods;
 use spa_proto::v1::*;
@@ -16,7 +13,8 @@ use crate::config::ClientConfig;
 use crate::data::Format;
 use crate::error::{ClientError, Result};
 use crate::net::{Session, connect, device_client};
-use crate::remote::{Model, features, model};
+use crate::personal::{FeatureProgress, PersonalRecord, local_splits};
+use crate::remote::{Model, model};
 use crate::store::{ClientStore, Identity, Source, TrainedMeta};
 
 #[derive(Debug, Serialize)]
@@ -62,7 +60,9 @@ pub struct StatusReport {
     pub examples: usize,
     pub sources: Vec<Source>,
     pub cached_features: usize,
+    /// The stored body, and the personal model fitted against it.
     pub trained: Option<TrainedMeta>,
+    pub personal: Option<PersonalRecord>,
     /// The committed global version the stored shared part comes from (set by `run`).
     pub global_version: Option<u64>,
     /// Result of a signed Ping: the coordinator's view, or why it failed.
@@ -85,7 +85,8 @@ pub async fn status(home: &Path, offline: bool) -> Result<StatusReport> {
         examples: store.examples()?.len(),
         sources: store.sources()?,
         cached_features: store.feature_cache_len(),
-        trained: store.plugin()?.map(|(_, _, m)| m),
+        trained: store.body()?.map(|(_, m)| m),
+        personal: store.personal()?.and_then(|p| serde_json::from_slice(&p.record).ok()),
         global_version: store.global_version()?,
         coordinator_reachable: None,
         coordinator_error: None,
@@ -132,105 +133,80 @@ pub fn data_list(home: &Path) -> Result<(Vec<Source>, usize)> {
 pub struct TrainSummary {
     pub device_id: String,
     pub backbone_version: String,
+    /// The committed global version the body is (None: a fresh body, before any round).
+    pub global_version: Option<u64>,
     pub examples: usize,
     pub train_examples: usize,
+    pub val_examples: usize,
     pub heldout_examples: usize,
-    pub steps: usize,
-    pub epoch_losses: Vec<f32>,
-    /// With a validation split: its routed loss before training and after each epoch, and
-    /// the epoch kept (0 = the untrained or resumed plugin).
-    pub val_losses: Vec<f64>,
-    pub epoch_kept: Option<usize>,
+    /// What the fit chose (candidate, alpha, memory, threshold, validation loss per stage).
+    pub personal: PersonalMeta,
+    pub datastore_entries: usize,
+    /// On the held-out examples: the personal model as it speaks, the body alone (the global
+    /// adapter), and the backbone alone.
+    pub heldout: Option<Score>,
+    pub heldout_global: Option<Score>,
+    pub heldout_backbone: Option<Score>,
     pub seconds: f64,
-    pub resumed: bool,
-    pub heldout: Option<spa_model::train::EvalMetrics>,
 }
 
-/// The device's examples as backbone features for `plugin`'s layers, split in order into
-/// training and held-out parts (the last tenth, when there are ten or more examples), and
-/// the number of examples.
-pub(crate) async fn local_sets(
-    s: &Session,
-    store: &ClientStore,
-    m: &Model,
-    plugin: &Plugin,
-    progress: &mut dyn TrainProgress,
-) -> Result<(FeatureSet, FeatureSet, usize)> {
-    let examples: Vec<Example> = store.examples()?;
-    if examples.is_empty() {
-        return Err(ClientError::Invalid("no local data: run `spa-client data add FILE` first".into()));
-    }
-    let tok = tokenize_examples(&m.tokenizer, &examples, m.config.max_position_embeddings)?;
-    let n_held = if tok.len() >= 10 { tok.len() / 10 } else { 0 };
-    let n_train = tok.len() - n_held;
-    let layers = plugin.shape.feature_layers.clone();
-    let pos = positions_for(plugin.config.variant);
-    let set = features(s, store, m, &tok, &layers, pos, &mut |d, t| progress.features(d, t)).await?;
-    let mut train_set = set.clone();
-    train_set.examples.truncate(n_train);
-    let mut held_set = set;
-    held_set.examples.drain(..n_train);
-    Ok((train_set, held_set, tok.len()))
-}
-
-/// Progress callbacks of [`train`].
-pub trait TrainProgress {
-    fn features(&mut self, _done: usize, _total: usize) {}
-    fn train(&mut self, _ev: &TrainEvent) {}
-}
-
-impl TrainProgress for () {}
-
-/// Local personalization: features from the coordinator (cached), the side plugin and gate
-/// trained on the device's data, shared and private parts saved in the store. Continues
-/// from the stored plugin unless `fresh`. The last tenth of the data (in order, at least one
-/// example when there are ten or more) is held out for evaluation.
-pub async fn train(home: &Path, overrides: &TrainConfig, fresh: bool, progress: &mut dyn TrainProgress) -> Result<TrainSummary> {
+/// Fits the device's personal model (SPA v2) against its body on its local data (features
+/// from the coordinator, cached) and saves it. The body is the stored one (the last adopted
+/// global version) unless `fresh` or there is none for the served backbone and layout.
+pub async fn train(home: &Path, personal: &PersonalConfig, fresh: bool, progress: &mut dyn FeatureProgress) -> Result<TrainSummary> {
     // Bad settings fail here, before the store, the network and feature extraction.
-    overrides.validate()?;
+    personal.validate()?;
+    let started = std::time::Instant::now();
     let store = ClientStore::open(home)?;
     let cfg = ClientConfig::load(home)?;
     let s = Session::open(home, &store).await?;
     let device = BackendKind::resolve(None)?.device()?;
     let m = model(&s, &store, &device).await?;
-    let mut plugin = Plugin::new(&cfg.side, &m.config, &device)?;
-    let mut resumed = false;
-    if !fresh
-        && let Some((shared, private, meta)) = store.plugin()?
-        && meta.backbone_version == m.info.backbone_version
-        && meta.side == cfg.side
-    {
-        plugin = plugin.load(&ParamSet::from_safetensors(&shared)?)?.load(&ParamSet::from_safetensors(&private)?)?;
-        resumed = true;
-    }
-    let (train_set, held_set, total) = local_sets(&s, &store, &m, &plugin, progress).await?;
-    let (n_train, n_held) = (train_set.examples.len(), held_set.examples.len());
-    let (plugin, report) = train_plugin(plugin, &m.head, &train_set, overrides, None, &mut |ev| progress.train(&ev))?;
-    let heldout = if held_set.examples.is_empty() || held_set.num_loss_tokens() == 0 { None } else { Some(evaluate(&plugin, &m.head, &held_set, 2048)?) };
-    let (shared, private) = plugin.split()?;
-    let meta = TrainedMeta {
-        backbone_version: m.info.backbone_version.clone(),
-        side: cfg.side.clone(),
-        trained_at_ms: now_ms(),
-        examples: n_train,
-        steps: report.steps,
-        final_loss: report.epoch_losses.last().copied(),
-        shared_tensors: shared.as_set().tensors.len(),
-        private_tensors: private.tensors.len(),
+    let stored = if fresh { None } else { crate::personal::load_body(&store, &m, &cfg.side, &device)? };
+    let global_version = if stored.is_some() { store.global_version()? } else { None };
+    let (body, meta) = match stored {
+        Some(b) => b,
+        None => {
+            let body = Plugin::new(&cfg.side, &m.config, &device)?;
+            let meta = body_meta(&m, &cfg, &body)?;
+            (body, meta)
+        }
     };
-    store.save_plugin(&shared.as_set().to_safetensors(), &private.to_safetensors(), &meta)?;
+    let splits = local_splits(&s, &store, &m, &body, progress).await?;
+    let (model, heldout) = tokio::task::block_in_place(|| crate::personal::fit_model(&body, &m.head, &splits, personal, cfg.train.seed))?;
+    let record = crate::personal::record(&m, &cfg.side, global_version, &splits, heldout);
+    crate::personal::save(&store, &TrainedMeta { examples: splits.train.examples.len(), ..meta }, &model, &record)?;
+    if fresh {
+        store.clear_global_version()?;
+    }
     Ok(TrainSummary {
         device_id: s.identity.device_id.clone(),
         backbone_version: m.info.backbone_version.clone(),
-        examples: total,
-        train_examples: n_train,
-        heldout_examples: n_held,
-        steps: report.steps,
-        epoch_losses: report.epoch_losses,
-        epoch_kept: (!report.val_losses.is_empty()).then_some(report.best_epoch),
-        val_losses: report.val_losses,
-        seconds: report.seconds,
-        resumed,
-        heldout,
+        global_version,
+        examples: splits.examples,
+        train_examples: splits.train.examples.len(),
+        val_examples: splits.val.examples.len(),
+        heldout_examples: splits.held.examples.len(),
+        datastore_entries: model.knn.as_ref().map_or(0, |(d, _)| d.len()),
+        personal: model.private_parts().1,
+        heldout: heldout.map(|h| h.model),
+        heldout_global: heldout.map(|h| h.global),
+        heldout_backbone: heldout.map(|h| h.backbone),
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The metadata of a body adopted or created now.
+pub(crate) fn body_meta(m: &Model, cfg: &ClientConfig, body: &Plugin) -> Result<TrainedMeta> {
+    Ok(TrainedMeta {
+        format: 2,
+        backbone_version: m.info.backbone_version.clone(),
+        side: cfg.side.clone(),
+        trained_at_ms: now_ms(),
+        examples: 0,
+        steps: 0,
+        final_loss: None,
+        shared_tensors: body.shared()?.as_set().tensors.len(),
+        private_tensors: 0,
     })
 }

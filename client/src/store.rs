@@ -1,6 +1,8 @@
 //! The device's own sled store: identity key and coordinator info, local data, backbone
-//! files and frozen head by version, the feature cache, and the trained plugin (shared and
-//! private parts). Every change a command reports as done is flushed first.
+//! files and frozen head by version, the feature cache, the body (the side network's shared
+//! part: a committed global version, or trained here) and the personal model fitted
+//! against it (SPA v2's private parts: `personal.rs`). Every change a command reports as
+//! done is flushed first.
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -27,9 +29,13 @@ pub struct Source {
     pub added_at_ms: u64,
 }
 
-/// Metadata of the last training run.
+/// Metadata of the stored body.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrainedMeta {
+    /// 2 from SPA v2 on; records without it were written by SPA v1 (whose private part was
+    /// a co-trained gate and personal layer, and is not read any more).
+    #[serde(default)]
+    pub format: u32,
     pub backbone_version: String,
     pub side: spa_model::side::SideConfig,
     pub trained_at_ms: u64,
@@ -107,6 +113,12 @@ impl ClientStore {
     /// The committed global version the stored shared part is (set by `run`), durable.
     pub fn set_global_version(&self, v: u64) -> Result<()> {
         self.meta.insert("global_version", &v.to_be_bytes())?;
+        self.flush()
+    }
+
+    /// The stored shared part is no longer a committed version (a fresh body), durable.
+    pub fn clear_global_version(&self) -> Result<()> {
+        self.meta.remove("global_version")?;
         self.flush()
     }
 
@@ -234,28 +246,59 @@ impl ClientStore {
         self.features.len()
     }
 
-    /// Saves the trained plugin: shared and private parts and run metadata, atomically and
-    /// durably.
-    pub fn save_plugin(&self, shared: &[u8], private: &[u8], meta: &TrainedMeta) -> Result<()> {
+    /// Saves the body (shared safetensors) and, fitted against it, the personal model, in
+    /// one atomic, durable batch; without a personal model the stored one (fitted against
+    /// an earlier body) is removed with it. SPA v1's private record goes.
+    pub fn save_model(&self, shared: &[u8], meta: &TrainedMeta, personal: Option<&StoredPersonal>) -> Result<()> {
         let mut b = sled::Batch::default();
         b.insert("shared", shared);
-        b.insert("private", private);
         b.insert("meta", enc(meta));
+        b.remove("private");
+        match personal {
+            Some(p) => {
+                b.insert("personal.record", p.record.as_slice());
+                b.insert("personal.params", p.params.as_slice());
+                match &p.datastore {
+                    Some(d) => b.insert("personal.datastore", d.as_slice()),
+                    None => b.remove("personal.datastore"),
+                }
+            }
+            None => {
+                for k in ["personal.record", "personal.params", "personal.datastore"] {
+                    b.remove(k);
+                }
+            }
+        }
         self.params.apply_batch(b)?;
         self.flush()
     }
 
-    /// (shared safetensors, private safetensors, metadata) of the last training run.
-    pub fn plugin(&self) -> Result<Option<StoredPlugin>> {
-        match (self.params.get("shared")?, self.params.get("private")?, self.params.get("meta")?) {
-            (Some(s), Some(p), Some(m)) => Ok(Some((s.to_vec(), p.to_vec(), dec(&m)?))),
+    /// The body: shared safetensors and its metadata.
+    pub fn body(&self) -> Result<Option<(Vec<u8>, TrainedMeta)>> {
+        match (self.params.get("shared")?, self.params.get("meta")?) {
+            (Some(s), Some(m)) => Ok(Some((s.to_vec(), dec(&m)?))),
+            _ => Ok(None),
+        }
+    }
+
+    /// The personal model's stored parts (JSON record, private safetensors, datastore).
+    pub fn personal(&self) -> Result<Option<StoredPersonal>> {
+        match (self.params.get("personal.record")?, self.params.get("personal.params")?) {
+            (Some(r), Some(p)) => {
+                Ok(Some(StoredPersonal { record: r.to_vec(), params: p.to_vec(), datastore: self.params.get("personal.datastore")?.map(|d| d.to_vec()) }))
+            }
             _ => Ok(None),
         }
     }
 }
 
-/// A trained plugin as stored: shared safetensors, private safetensors, metadata.
-pub type StoredPlugin = (Vec<u8>, Vec<u8>, TrainedMeta);
+/// A personal model as stored (decoded by `personal.rs`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredPersonal {
+    pub record: Vec<u8>,
+    pub params: Vec<u8>,
+    pub datastore: Option<Vec<u8>>,
+}
 
 #[derive(Serialize, Deserialize)]
 struct FeatHeader {
@@ -365,6 +408,7 @@ mod tests {
         let home = tempfile::tempdir().unwrap();
         let store = ClientStore::open(home.path()).unwrap();
         let meta = TrainedMeta {
+            format: 2,
             backbone_version: "b".into(),
             side: Default::default(),
             trained_at_ms: 1,
@@ -374,10 +418,11 @@ mod tests {
             shared_tensors: 1,
             private_tensors: 1,
         };
-        store.save_plugin(b"s", b"p", &meta).unwrap();
-        assert_eq!(store.plugin().unwrap().unwrap().2, meta);
-        let old = serde_json::to_string(&meta).unwrap().replace("\"final_loss\":null", "\"final_loss\":0.5");
-        assert_eq!(serde_json::from_str::<TrainedMeta>(&old).unwrap().final_loss, Some(0.5));
+        store.save_model(b"s", &meta, None).unwrap();
+        assert_eq!(store.body().unwrap().unwrap().1, meta);
+        let old = serde_json::to_string(&meta).unwrap().replace("\"final_loss\":null", "\"final_loss\":0.5").replace("\"format\":2,", "");
+        let old: TrainedMeta = serde_json::from_str(&old).unwrap();
+        assert_eq!((old.final_loss, old.format), (Some(0.5), 0), "SPA v1's records read back as format 0");
     }
 
     /// A sealed identity key is not in the store's files; it opens with the passphrase only.

@@ -113,11 +113,26 @@ fn devices_run_rounds_with_secagg_dropouts_and_rejoin() {
     for d in devices.iter_mut() {
         d.stop();
     }
+    // Each device fitted its personal model (SPA v2) against the version it adopted; on its
+    // held-out text it beats the global adapter (the body alone) and the backbone.
+    for d in &devices {
+        let store = spa_client::store::ClientStore::open(&d.home).unwrap();
+        let stored = store.personal().unwrap().unwrap_or_else(|| panic!("{}: no personal model", d.id));
+        let r: spa_client::personal::PersonalRecord = serde_json::from_slice(&stored.record).unwrap();
+        assert_eq!(r.global_version, Some(3), "{}: {r:?}", d.id);
+        let (v2, global, backbone) = (r.heldout.unwrap(), r.heldout_global.unwrap(), r.heldout_backbone.unwrap());
+        assert!(v2.loss < global.loss && global.loss < backbone.loss, "{}: v2 {v2:?} global {global:?} backbone {backbone:?}", d.id);
+    }
     // What device 0 sent over three rounds: no 16-byte run of any private tensor is in it.
     let sent = std::fs::read(&capture).unwrap();
     let store = spa_client::store::ClientStore::open(&devices[0].home).unwrap();
-    let (_, private, _) = store.plugin().unwrap().expect("device 0 saved its plugin");
-    let private = ParamSet::from_safetensors(&private).unwrap();
+    let stored = store.personal().unwrap().expect("device 0 saved its personal model");
+    let mut private = ParamSet::from_safetensors(&stored.params).unwrap();
+    // The private memory too: its keys come from the device's own text.
+    if let Some(d) = stored.datastore.as_deref() {
+        let d = spa_model::personal::knn::Datastore::from_bytes(d).unwrap();
+        private.tensors.insert("datastore.keys".into(), spa_model::side::NamedTensor { shape: vec![d.keys.len()], values: d.keys });
+    }
     let shared_params = coord.checkpoint(0).len();
     // Per round, the SecAgg+ messages (keys, shares, masked upload, reveals) cost about as
     // much as the shared parameters in f32: the masked vector is one u32 lane per parameter.

@@ -1,5 +1,5 @@
-//! Text generation, by the backbone alone or personalized (side plugin + gate), over any
-//! source of backbone hidden states: a local backbone with a KV cache here, the
+//! Text generation, by the backbone alone or personalized (the device's
+//! [`PersonalModel`]: side networks, memory, gate), over any source of backbone hidden states: a local backbone with a KV cache here, the
 //! coordinator's generation stream on a device. The frozen head turns hidden states into
 //! logits on the caller's side, so the backbone's own logits never need to travel.
 use burn::tensor::Tensor;
@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::backbone::{Backbone, KvCache, TokenBatch};
 use crate::error::{ModelError, Result};
-use crate::side::{FrozenHead, Plugin, SideVariant};
+use crate::personal::PersonalModel;
+use crate::side::FrozenHead;
 use crate::tensor_util::{from_vec, to_vec};
 
 /// Hidden states of a growing sequence, position by position.
@@ -204,13 +205,14 @@ impl History {
     }
 }
 
-/// The device's choice at each position: gate, then the side plugin's or the backbone's
-/// distribution through the frozen head, then the sampler. Naive and speculative decoding
-/// both decide every token here, one position at a time with the same tensor shapes, so
-/// given the same states they choose the same tokens.
+/// The device's choice at each position: the personal model's distribution (gate, side
+/// networks, memory: [`PersonalModel::decide_row`]) or the backbone's through the frozen
+/// head, then the sampler. Naive and speculative decoding both decide every token here, one
+/// position at a time with the same tensor shapes, so given the same states they choose the
+/// same tokens.
 pub(crate) struct Decider<'a> {
     head: &'a FrozenHead,
-    plugin: Option<&'a Plugin>,
+    model: Option<&'a PersonalModel>,
     sampling: Sampling,
     inputs: SideInputs,
     /// Slot of each plugin tap, and of the final block's state.
@@ -223,11 +225,22 @@ impl<'a> Decider<'a> {
     /// `layers`: what a source returns with [`SideInputs::Taps`] (ascending, the last the
     /// final block). With [`SideInputs::Down`] the slots are the final block's state, then
     /// one projected state per plugin tap.
-    pub(crate) fn new(head: &'a FrozenHead, plugin: Option<&'a Plugin>, sampling: &Sampling, layers: &[usize], inputs: SideInputs, d: usize) -> Result<Self> {
+    pub(crate) fn new(
+        head: &'a FrozenHead,
+        model: Option<&'a PersonalModel>,
+        sampling: &Sampling,
+        layers: &[usize],
+        inputs: SideInputs,
+        d: usize,
+    ) -> Result<Self> {
         sampling.validate()?;
         if head.hidden_size() != d {
             return Err(ModelError::InvalidInput(format!("head expects hidden size {}, source gives {d}", head.hidden_size())));
         }
+        if inputs == SideInputs::Down && model.is_some_and(|m| !m.reads_body_down()) {
+            return Err(ModelError::InvalidInput("the personal side network has its own down-projections: it needs the taps".into()));
+        }
+        let plugin = model.map(|m| &m.body);
         let (tap_slot, widths) = match (inputs, plugin) {
             (SideInputs::Down, Some(p)) => {
                 ((1..=p.shape.taps.len()).collect(), std::iter::once(d).chain(p.shape.taps.iter().map(|_| p.shape.d_side)).collect())
@@ -240,10 +253,10 @@ impl<'a> Decider<'a> {
             }
         };
         let last_slot = if inputs == SideInputs::Down { 0 } else { widths.len() - 1 };
-        let keep_all = plugin.is_some_and(|p| p.config.variant == SideVariant::Ladder);
+        let keep_all = model.is_some_and(PersonalModel::keeps_history);
         let slots = vec![Vec::new(); widths.len()];
         let hist = History { widths, keep_all, first: 0, slots };
-        Ok(Self { head, plugin, sampling: sampling.clone(), inputs, tap_slot, last_slot, hist })
+        Ok(Self { head, model, sampling: sampling.clone(), inputs, tap_slot, last_slot, hist })
     }
 
     pub(crate) fn push(&mut self, first: usize, states: Vec<Vec<f32>>) -> Result<()> {
@@ -254,29 +267,20 @@ impl<'a> Decider<'a> {
         self.hist.truncate(end);
     }
 
-    /// The token after `position` (chosen from that position's states) and whether the side
-    /// plugin produced it.
+    /// The token after `position` (chosen from that position's states) and whether the
+    /// personal model produced it.
     pub(crate) fn decide(&self, position: usize) -> (u32, bool) {
         let device = self.head.device();
         let h_all = self.hist.tensor(self.last_slot, position, &device);
         let t = h_all.dims()[1];
-        let (logits, side) = match self.plugin {
-            Some(p) => {
+        let (logits, side) = match self.model {
+            Some(m) => {
                 let taps: Vec<Tensor<3>> = self.tap_slot.iter().map(|&k| self.hist.tensor(k, position, &device)).collect();
-                let o = match self.inputs {
-                    SideInputs::Taps => p.forward(&taps, h_all.clone(), self.head),
-                    SideInputs::Down => p.forward_projected(&taps, h_all.clone(), self.head),
-                };
-                let g = to_vec(o.gate.narrow(1, t - 1, 1))[0] as f64;
-                if g > p.config.gate.threshold {
-                    (self.head.logits(o.side_hidden.narrow(1, t - 1, 1)), true)
-                } else {
-                    (self.head.logits(h_all.narrow(1, t - 1, 1)), false)
-                }
+                m.decide_row(self.head, &taps, h_all, self.inputs == SideInputs::Down)
             }
-            None => (self.head.logits(h_all.narrow(1, t - 1, 1)), false),
+            None => (to_vec(self.head.logits(h_all.narrow(1, t - 1, 1))), false),
         };
-        (self.sampling.pick(&to_vec(logits), position + 1), side)
+        (self.sampling.pick(&logits, position + 1), side)
     }
 }
 
@@ -291,10 +295,10 @@ pub struct Decoding {
 }
 
 /// Decodes up to `d.max_new` tokens after `prompt`, stopping early after an id of `d.stop`
-/// or at the source's context limit. With a plugin, its gate routes each token:
-/// `g > threshold` takes the side plugin's distribution, otherwise the backbone's.
-pub fn generate(source: &mut dyn HiddenStates, head: &FrozenHead, plugin: Option<&Plugin>, prompt: &[u32], d: &Decoding) -> Result<Generation> {
-    generate_with(source, head, plugin, prompt, d, &mut |_, _| true)
+/// or at the source's context limit. With a personal model, its gate routes each token:
+/// `g > threshold` takes the model's distribution, otherwise the backbone's.
+pub fn generate(source: &mut dyn HiddenStates, head: &FrozenHead, model: Option<&PersonalModel>, prompt: &[u32], d: &Decoding) -> Result<Generation> {
+    generate_with(source, head, model, prompt, d, &mut |_, _| true)
 }
 
 /// The generated text (stop ids left out), ending once it contains `stop_text` if given;
@@ -303,7 +307,7 @@ pub fn generate(source: &mut dyn HiddenStates, head: &FrozenHead, plugin: Option
 pub fn generate_text(
     source: &mut dyn HiddenStates,
     head: &FrozenHead,
-    plugin: Option<&Plugin>,
+    model: Option<&PersonalModel>,
     tok: &crate::tokenizer::Tokenizer,
     prompt: &[u32],
     d: &Decoding,
@@ -311,7 +315,7 @@ pub fn generate_text(
     on_text: &mut dyn FnMut(&str),
 ) -> Result<(Generation, String)> {
     let mut text = TextSink::new(tok, &d.stop, stop_text, on_text);
-    let g = generate_with(source, head, plugin, prompt, d, &mut |id, _| text.token(id))?;
+    let g = generate_with(source, head, model, prompt, d, &mut |id, _| text.token(id))?;
     let s = text.finish()?;
     Ok((g, s))
 }
@@ -370,14 +374,14 @@ pub(crate) fn check_prompt(prompt: &[u32], max_positions: usize) -> Result<()> {
 pub fn generate_with(
     source: &mut dyn HiddenStates,
     head: &FrozenHead,
-    plugin: Option<&Plugin>,
+    model: Option<&PersonalModel>,
     prompt: &[u32],
     dec: &Decoding,
     on_token: &mut dyn FnMut(u32, bool) -> bool,
 ) -> Result<Generation> {
     check_prompt(prompt, source.max_positions())?;
     let layers = source.layers().to_vec();
-    let mut decider = Decider::new(head, plugin, &dec.sampling, &layers, SideInputs::Taps, source.hidden_size())?;
+    let mut decider = Decider::new(head, model, &dec.sampling, &layers, SideInputs::Taps, source.hidden_size())?;
     let mut out = Generation::default();
     let mut next_in = prompt.to_vec();
     let mut position = 0;

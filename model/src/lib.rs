@@ -17,6 +17,7 @@ pub mod generate;
 pub mod gguf;
 pub mod matmul;
 pub mod optim;
+pub mod personal;
 pub mod pretrain;
 pub mod side;
 pub mod speculative;

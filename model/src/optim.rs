@@ -59,6 +59,27 @@ pub fn flat_grads<M: Module>(module: &M, grads: &GradientsParams) -> Result<Tens
     Ok(Tensor::cat(c.out, 0))
 }
 
+/// [`flat_grads`], with zeros for the parameters that have no gradient (frozen ones).
+pub fn flat_grads_or_zero<M: Module>(module: &M, grads: &GradientsParams) -> Tensor<1> {
+    struct Collect<'a> {
+        grads: &'a GradientsParams,
+        out: Vec<Tensor<1>>,
+    }
+    impl ModuleVisitor for Collect<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let n = param.val().shape().num_elements();
+            let g = match self.grads.get::<D>(param.id) {
+                Some(g) => g.reshape([n]),
+                None => Tensor::zeros([n], &param.val().device()),
+            };
+            self.out.push(g);
+        }
+    }
+    let mut c = Collect { grads, out: vec![] };
+    module.visit(&mut c);
+    Tensor::cat(c.out, 0)
+}
+
 /// `module` with its float parameters replaced by consecutive pieces of `flat`.
 fn unflatten<M: Module>(module: M, flat: &Tensor<1>) -> M {
     struct Split<'a> {
@@ -84,11 +105,19 @@ pub struct FlatAdamW {
     weight_decay: f32,
     moments: Option<(Tensor<1>, Tensor<1>)>,
     time: i32,
+    /// 1 where a parameter trains, 0 where it is frozen (laid out as [`flat_params`]).
+    trainable: Option<Tensor<1>>,
 }
 
 impl FlatAdamW {
     pub fn new(weight_decay: f32) -> Self {
-        Self { weight_decay, moments: None, time: 0 }
+        Self { weight_decay, moments: None, time: 0, trainable: None }
+    }
+
+    /// Only the parameters where `mask` is 1 move (neither step nor weight decay elsewhere).
+    pub fn with_trainable(mut self, mask: Tensor<1>) -> Self {
+        self.trainable = Some(mask);
+        self
     }
 
     /// One update of `module` with `grads` laid out as [`flat_params`].
@@ -101,10 +130,15 @@ impl FlatAdamW {
         self.time += 1;
         let m_hat = m.clone().div_scalar(1.0 - BETA_1.powi(self.time));
         let v_hat = v.clone().div_scalar(1.0 - BETA_2.powi(self.time));
-        let delta = m_hat / v_hat.sqrt().add_scalar(EPSILON);
+        let mut delta = (m_hat / v_hat.sqrt().add_scalar(EPSILON)).mul_scalar(lr);
         let decay = lr * self.weight_decay as f64;
-        let w = if decay == 0.0 { w } else { w.mul_scalar(1.0 - decay) };
-        let w = w - delta.mul_scalar(lr);
+        if decay != 0.0 {
+            delta = delta + w.clone().mul_scalar(decay);
+        }
+        if let Some(mask) = &self.trainable {
+            delta = delta * mask.clone();
+        }
+        let w = w - delta;
         self.moments = Some((m, v));
         unflatten(module, &w)
     }

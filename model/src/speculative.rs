@@ -17,6 +17,7 @@ use serde::Serialize;
 use crate::backbone::{Backbone, KvCache, TokenBatch};
 use crate::error::{ModelError, Result};
 use crate::generate::{Decider, Decoding, Generation, Sampling, SideInputs, check_prompt};
+use crate::personal::PersonalModel;
 use crate::side::{FrozenHead, ParamSet, Plugin};
 use crate::tensor_util::to_vec;
 
@@ -424,7 +425,7 @@ pub struct SpecStats {
 pub fn generate(
     source: &mut dyn DraftSource,
     head: &FrozenHead,
-    plugin: Option<&Plugin>,
+    model: Option<&PersonalModel>,
     layers: &[usize],
     inputs: SideInputs,
     prompt: &[u32],
@@ -433,7 +434,7 @@ pub fn generate(
     on_token: &mut dyn FnMut(u32, bool) -> bool,
 ) -> Result<(Generation, SpecStats)> {
     check_prompt(prompt, source.max_positions())?;
-    let mut decider = Decider::new(head, plugin, &dec.sampling, layers, inputs, head.hidden_size())?;
+    let mut decider = Decider::new(head, model, &dec.sampling, layers, inputs, head.hidden_size())?;
     let limit = dec.max_new.min(source.max_positions() - prompt.len());
     let (mut out, mut stats) = (Generation::default(), SpecStats::default());
     let mut policy = AdaptiveDraft::new(max_draft);

@@ -1,10 +1,21 @@
-//! Local training of the side plugin and gate on cached backbone features, and their
-//! evaluation. The backbone never runs here: features come from a [`FeatureSet`].
+//! Local training of the side plugin (and, for SPA v1, its gate) on cached backbone features,
+//! and their evaluation. The backbone never runs here: features come from a [`FeatureSet`].
 //!
-//! Loss = CE(side) + CE(mixture) + lambda * cost + mu/2 * ||shared - global||^2, where the
-//! mixture `g * p_side + (1 - g) * p_backbone` trains the gate (p_side detached, so the side
-//! learns only from its own CE), and the cost `g * [backbone already right]` pushes g to 0
-//! where the backbone suffices (fewer device calls at inference).
+//! The [`Objective`] says what trains on which loss:
+//! - `side` (the default; SPA v2's federated body, its personal candidates, the global
+//!   adapter): the side network `side.*` on CE(side) + mu/2 * ||shared - global||^2 (FedProx,
+//!   Ditto); the gate and v1's personal layer stay as they are;
+//! - `above_down`: the same loss, the side network but its down-projections (they stay the
+//!   body's, so the coordinator, which holds the body, can apply them for the device);
+//! - `up`: the same loss, only `side.up.*` moves (FedRep's head on a frozen body);
+//! - `gated` (SPA v1): everything on CE(side) + CE(mixture) + lambda * cost + the proximal
+//!   term, where the mixture `g * p_side + (1 - g) * p_backbone` trains the gate (p_side
+//!   detached, so the side learns only from its own CE), and the cost
+//!   `g * [backbone already right]` pushes g to 0 where the backbone suffices.
+//!
+//! With a validation set, the epoch kept is the one with the lowest validation loss of the
+//! distribution the objective is scored with (the side's for `side`/`up`, the routed one for
+//! `gated`), the untrained start included.
 use std::time::Instant;
 
 use burn::module::Module;
@@ -20,26 +31,59 @@ use crate::error::{ModelError, Result};
 use crate::features::FeatureSet;
 use crate::optim::{self, FlatAdamW};
 use crate::side::config::SideVariant;
-use crate::side::mlp_grad::{self, MlpBatch};
+use crate::side::mlp_grad::{self, GateTerms, MlpBatch};
 use crate::side::params::for_each_param;
 use crate::side::{FrozenHead, Plugin, PluginNet, SharedParams};
-use crate::tensor_util::from_vec;
+use crate::tensor_util::{from_vec, to_vec};
+
+/// What a training call trains, and on which loss (see the module doc).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Objective {
+    #[default]
+    Side,
+    AboveDown,
+    Up,
+    Gated,
+}
+
+impl Objective {
+    /// Whether the parameter at `path` moves under this objective.
+    pub fn trains(self, path: &str) -> bool {
+        match self {
+            Self::Gated => true,
+            Self::Side => path.starts_with("side."),
+            Self::AboveDown => path.starts_with("side.") && !path.starts_with("side.down."),
+            Self::Up => path.starts_with("side.up."),
+        }
+    }
+
+    /// The validation loss an epoch is kept by: the distribution the objective is scored with.
+    fn selection_loss(self, m: &EvalMetrics) -> f64 {
+        match self {
+            Self::Gated => m.routed_loss,
+            Self::Side | Self::AboveDown | Self::Up => m.side_loss,
+        }
+    }
+}
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
+    /// What trains, on which loss.
+    pub objective: Objective,
     pub epochs: usize,
     pub lr: f64,
     /// Tokens per step for the `mlp` side (per-token), sequences per step for `ladder`.
     pub batch_tokens: usize,
     pub batch_sequences: usize,
     pub weight_decay: f64,
-    /// Weight of the gate's cost term.
+    /// Weight of the gate's cost term (`gated` objective only).
     pub gate_cost: f64,
     /// FedProx proximal weight (0 = plain local training).
     pub prox_mu: f64,
-    /// Fraction of the examples (the last ones, in order) held out to pick the best epoch by
-    /// routed loss, the untrained plugin (= the backbone) included; 0 = train on all and
+    /// Fraction of the examples (the last ones, in order) held out to pick the best epoch
+    /// (see the module doc) when the caller gives no validation set; 0 = train on all and
     /// keep the last epoch.
     pub val_fraction: f64,
     pub seed: u64,
@@ -47,7 +91,18 @@ pub struct TrainConfig {
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        Self { epochs: 3, lr: 3e-3, batch_tokens: 1024, batch_sequences: 8, weight_decay: 0.0, gate_cost: 0.1, prox_mu: 0.0, val_fraction: 0.0, seed: 0 }
+        Self {
+            objective: Objective::Side,
+            epochs: 3,
+            lr: 3e-3,
+            batch_tokens: 1024,
+            batch_sequences: 8,
+            weight_decay: 0.0,
+            gate_cost: 0.1,
+            prox_mu: 0.0,
+            val_fraction: 0.0,
+            seed: 0,
+        }
     }
 }
 
@@ -90,8 +145,8 @@ pub struct TrainReport {
     #[serde(default)]
     pub step_seconds: f64,
     pub tokens_per_second: f64,
-    /// With a validation split: routed loss on it before training (index 0) and after each
-    /// epoch, and the epoch kept (0 = the untrained plugin).
+    /// With a validation split: its loss (the objective's, see the module doc) before
+    /// training (index 0) and after each epoch, and the epoch kept (0 = the untrained plugin).
     pub val_losses: Vec<f64>,
     pub best_epoch: usize,
 }
@@ -363,17 +418,58 @@ fn autodiff_grads(net: &PluginNet, ctx: &StepContext, batch: &Batch) -> Result<(
     let mask = cols.mask.clone();
     let ls = h.lp_side.gather(2, cols.targets);
     let lb = cols.bb_logp;
-    let ce_side = (ls.clone() * mask.clone()).sum().neg().div_scalar(n);
-    let g = h.gate;
-    let mix = (g.clone() * ls.detach().exp() + g.clone().neg().add_scalar(1.0) * lb.exp()).clamp_min(1e-9).log();
-    let ce_mix = (mix * mask.clone()).sum().neg().div_scalar(n);
-    let cost = (g * cols.bb_right * mask).sum().div_scalar(n).mul_scalar(ctx.cfg.gate_cost);
-    let mut loss = ce_side + ce_mix + cost;
+    let mut loss = (ls.clone() * mask.clone()).sum().neg().div_scalar(n);
+    if ctx.cfg.objective == Objective::Gated {
+        let g = h.gate;
+        let mix = (g.clone() * ls.detach().exp() + g.clone().neg().add_scalar(1.0) * lb.exp()).clamp_min(1e-9).log();
+        let ce_mix = (mix * mask.clone()).sum().neg().div_scalar(n);
+        let cost = (g * cols.bb_right * mask).sum().div_scalar(n).mul_scalar(ctx.cfg.gate_cost);
+        loss = loss + ce_mix + cost;
+    }
     if let Some(prox) = &ctx.prox {
         loss = loss + prox.loss(optim::flat_params(net));
     }
     let value = loss.clone().into_scalar::<f32>();
-    Ok((value, GradientsParams::from_grads(loss.backward(), net)))
+    let grads = GradientsParams::from_grads(loss.backward(), net);
+    Ok((value, trainable_grads(net, grads, ctx.cfg.objective)))
+}
+
+/// `grads` without the parameters `objective` keeps frozen (the optimizer then leaves them).
+fn trainable_grads(net: &PluginNet, mut grads: GradientsParams, objective: Objective) -> GradientsParams {
+    struct Keep<'a> {
+        path: Vec<String>,
+        from: &'a mut GradientsParams,
+        out: GradientsParams,
+        objective: Objective,
+    }
+    impl burn::module::ModuleVisitor for Keep<'_> {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+            if let Some(g) = self.from.remove::<D>(param.id)
+                && self.objective.trains(&self.path.join("."))
+            {
+                self.out.register(param.id, g);
+            }
+        }
+    }
+    let mut keep = Keep { path: vec![], from: &mut grads, out: GradientsParams::new(), objective };
+    net.visit(&mut keep);
+    keep.out
+}
+
+/// 1 for each parameter value `objective` trains, 0 elsewhere, laid out as `optim::flat_params`.
+fn trainable_mask(net: &PluginNet, objective: Objective, device: &Device) -> Tensor<1> {
+    let mut mask = Vec::new();
+    for (name, n) in named_sizes(net) {
+        mask.resize(mask.len() + n, if objective.trains(&name) { 1.0f32 } else { 0.0 });
+    }
+    let n = mask.len();
+    from_vec(mask, [n], device)
 }
 
 /// The same for the `mlp` side with hand-derived gradients (`side::mlp_grad`), laid out as
@@ -401,9 +497,11 @@ fn mlp_flat_grads(net: &PluginNet, ctx: &StepContext, batch: &Batch) -> Result<(
         inv_rms: &cols.inv_rms,
         n: batch.tokens.max(1) as f64,
     };
-    let gate_uses_side = ctx.plugin.config.gate.use_side_state;
-    let (mut value, grads) = mlp_grad::loss_and_grads(net, ctx.head, &mlp, gate_uses_side, ctx.cfg.gate_cost);
-    let mut flat = optim::flat_grads(net, &grads)?;
+    let gate = (ctx.cfg.objective == Objective::Gated).then_some(GateTerms { uses_side: ctx.plugin.config.gate.use_side_state, cost: ctx.cfg.gate_cost });
+    let (mut value, grads) = mlp_grad::loss_and_grads(net, ctx.head, &mlp, gate);
+    // Frozen parameters may lack a gradient (the gate's without the gated objective); the
+    // optimizer's mask keeps them still.
+    let mut flat = optim::flat_grads_or_zero(net, &grads);
     if let Some(prox) = &ctx.prox {
         let (v, g) = prox.term(optim::flat_params(net));
         value += v;
@@ -444,8 +542,9 @@ fn check_finite(loss: f32, epoch: usize) -> Result<()> {
     if loss.is_finite() { Ok(()) } else { Err(ModelError::Data(format!("training diverged (loss {loss}) at epoch {epoch}"))) }
 }
 
-/// Trains `plugin` (shared and private parts) on `data`. With `global` and `prox_mu > 0`,
-/// adds FedProx's proximal term towards the round's global shared parameters.
+/// Trains `plugin` on `data` (what trains is `cfg.objective`'s). With `global` and
+/// `prox_mu > 0`, adds the proximal term towards the round's global shared parameters. The
+/// last `cfg.val_fraction` of the examples, if any, pick the epoch kept.
 pub fn train_plugin(
     plugin: Plugin,
     head: &FrozenHead,
@@ -455,16 +554,82 @@ pub fn train_plugin(
     on_event: &mut dyn FnMut(TrainEvent),
 ) -> Result<(Plugin, TrainReport)> {
     cfg.validate()?;
-    if data.d != plugin.shape.d_model {
-        return Err(ModelError::InvalidInput(format!("features have d={}, plugin expects {}", data.d, plugin.shape.d_model)));
+    let n_ex = data.examples.len();
+    let n_val = if n_ex >= 2 { ((n_ex as f64 * cfg.val_fraction).ceil() as usize).min(n_ex - 1) } else { 0 };
+    let val = (n_val > 0).then_some((data, n_ex - n_val..n_ex));
+    train_units(plugin, head, (data, 0..n_ex - n_val), val, cfg, global, on_event)
+}
+
+/// [`train_plugin`] with a validation set of its own (`cfg.val_fraction` must be 0): the
+/// epoch kept is the best on `val`, the untrained start included.
+pub fn train_with_validation(
+    plugin: Plugin,
+    head: &FrozenHead,
+    train: &FeatureSet,
+    val: &FeatureSet,
+    cfg: &TrainConfig,
+    global: Option<&SharedParams>,
+    on_event: &mut dyn FnMut(TrainEvent),
+) -> Result<(Plugin, TrainReport)> {
+    cfg.validate()?;
+    if cfg.val_fraction != 0.0 {
+        return Err(ModelError::InvalidInput("a validation set is given: val_fraction must be 0".into()));
+    }
+    train_units(plugin, head, (train, 0..train.examples.len()), Some((val, 0..val.examples.len())), cfg, global, on_event)
+}
+
+/// Examples `range` of a feature set.
+type Slice<'a> = (&'a FeatureSet, std::ops::Range<usize>);
+
+/// The best plugin on a validation slice so far.
+struct Selection<'a> {
+    data: &'a FeatureSet,
+    preds: BackbonePreds,
+    units: Vec<Unit>,
+    objective: Objective,
+    best: Option<(Plugin, f64)>,
+}
+
+impl<'a> Selection<'a> {
+    fn new((data, range): Slice<'a>, per_token: bool, head: &FrozenHead, objective: Objective, device: &Device) -> Result<Self> {
+        let preds = backbone_preds(head, data, device)?;
+        Ok(Self { units: units(data, range, per_token), data, preds, objective, best: None })
+    }
+
+    /// Scores `net` after `epoch` epochs, keeping it if it is the best so far.
+    fn offer(&mut self, plugin: &Plugin, net: &PluginNet, head: &FrozenHead, epoch: usize, report: &mut TrainReport) -> Result<()> {
+        if self.units.is_empty() {
+            return Ok(());
+        }
+        let candidate = Plugin { net: net.clone(), ..plugin.clone() };
+        let loss = self.objective.selection_loss(&evaluate_units(&candidate, head, self.data, &self.preds, &self.units, 2048)?);
+        report.val_losses.push(loss);
+        if self.best.as_ref().is_none_or(|(_, l)| loss < *l) {
+            self.best = Some((candidate, loss));
+            report.best_epoch = epoch;
+        }
+        Ok(())
+    }
+}
+
+fn train_units(
+    plugin: Plugin,
+    head: &FrozenHead,
+    (data, range): Slice<'_>,
+    val: Option<Slice<'_>>,
+    cfg: &TrainConfig,
+    global: Option<&SharedParams>,
+    on_event: &mut dyn FnMut(TrainEvent),
+) -> Result<(Plugin, TrainReport)> {
+    for set in std::iter::once(data).chain(val.as_ref().map(|v| v.0)) {
+        if set.d != plugin.shape.d_model {
+            return Err(ModelError::InvalidInput(format!("features have d={}, plugin expects {}", set.d, plugin.shape.d_model)));
+        }
     }
     // The hand-derived backward multiplies by the head with burn's own matmul: f32.
     let head = &*head.as_f32();
     let per_token = plugin.config.variant == SideVariant::Mlp;
-    let n_ex = data.examples.len();
-    let n_val = if n_ex >= 2 { ((n_ex as f64 * cfg.val_fraction).ceil() as usize).min(n_ex - 1) } else { 0 };
-    let all = units(data, 0..n_ex - n_val, per_token);
-    let val = units(data, n_ex - n_val..n_ex, per_token);
+    let all = units(data, range, per_token);
     if all.is_empty() {
         return Err(ModelError::Data("no training tokens".into()));
     }
@@ -472,7 +637,8 @@ pub fn train_plugin(
     let ad = device.clone().autodiff();
     let head_ad = head.to_device(&ad);
     let (mut net, mut stepper) = if per_token {
-        (plugin.net.clone(), Stepper::Mlp(FlatAdamW::new(cfg.weight_decay as f32)))
+        let optim = FlatAdamW::new(cfg.weight_decay as f32).with_trainable(trainable_mask(&plugin.net, cfg.objective, &device));
+        (plugin.net.clone(), Stepper::Mlp(optim))
     } else {
         (plugin.net.clone().fork(&ad).train(), Stepper::Autodiff(AdamWConfig::new().with_weight_decay(cfg.weight_decay as f32).init()))
     };
@@ -489,22 +655,10 @@ pub fn train_plugin(
     let mut report = TrainReport::default();
     let ctx = StepContext { plugin: &plugin, head, head_ad: &head_ad, data, cfg, prox };
     let started = Instant::now();
-    // The best plugin on the validation split so far, and its routed loss.
-    let mut best: Option<(Plugin, f64)> = None;
-    let mut validate = |net: &PluginNet, epoch: usize, report: &mut TrainReport| -> Result<()> {
-        if val.is_empty() {
-            return Ok(());
-        }
-        let candidate = Plugin { net: net.clone(), ..plugin.clone() };
-        let loss = evaluate_units(&candidate, head, data, &preds, &val, 2048)?.routed_loss;
-        report.val_losses.push(loss);
-        if best.as_ref().is_none_or(|(_, l)| loss < *l) {
-            best = Some((candidate, loss));
-            report.best_epoch = epoch;
-        }
-        Ok(())
-    };
-    validate(&plugin.net, 0, &mut report)?;
+    let mut selection = val.map(|v| Selection::new(v, per_token, head, cfg.objective, &device)).transpose()?;
+    if let Some(sel) = &mut selection {
+        sel.offer(&plugin, &plugin.net, head, 0, &mut report)?;
+    }
     for epoch in 0..cfg.epochs {
         order.shuffle(&mut rng);
         let mut sum = 0.0f32;
@@ -523,11 +677,13 @@ pub fn train_plugin(
         let mean = sum / steps_per_epoch as f32;
         report.epoch_losses.push(mean);
         on_event(TrainEvent::EpochEnd { epoch, mean_loss: mean });
-        validate(&net.valid().fork(&device), epoch + 1, &mut report)?;
+        if let Some(sel) = &mut selection {
+            sel.offer(&plugin, &net.valid().fork(&device), head, epoch + 1, &mut report)?;
+        }
     }
     report.seconds = started.elapsed().as_secs_f64();
     report.tokens_per_second = report.tokens as f64 / report.seconds.max(1e-9);
-    let trained = match best {
+    let trained = match selection.and_then(|s| s.best) {
         Some((p, _)) => p,
         None => Plugin { net: net.valid().fork(&device), ..plugin },
     };
@@ -566,6 +722,78 @@ impl EvalMetrics {
             side_fraction: avg(|m| m.side_fraction),
         }
     }
+}
+
+/// Loss positions of a feature set, a chunk at a time, in order (example by example,
+/// position by position): what the backbone predicts there, its final hidden state, and the
+/// side distribution of each of a list of plugins.
+pub struct Rows {
+    pub targets: Vec<u32>,
+    /// The frozen backbone's log-probability of each target, and whether its argmax is it.
+    pub bb_logp: Vec<f32>,
+    pub bb_right: Vec<bool>,
+    /// The example each row belongs to (its index in the feature set).
+    pub examples: Vec<u32>,
+    /// Final hidden state, `[rows, d]`.
+    pub h_last: Vec<f32>,
+    /// Per plugin, the side's log-probabilities `[rows, vocab]`.
+    pub side: Vec<Vec<f32>>,
+}
+
+impl Rows {
+    pub fn len(&self) -> usize {
+        self.targets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.targets.is_empty()
+    }
+}
+
+/// Calls `f` on [`Rows`] of every loss position of `data`, a few thousand values of
+/// vocabulary-wide rows at a time; `plugins` share one variant and shape.
+pub fn for_each_rows(plugins: &[&Plugin], head: &FrozenHead, data: &FeatureSet, f: &mut dyn FnMut(Rows) -> Result<()>) -> Result<()> {
+    let Some(first) = plugins.first() else { return Err(ModelError::InvalidInput("no plugin to read rows with".into())) };
+    let head = &*head.as_f32();
+    let per_token = first.config.variant == SideVariant::Mlp;
+    let device = first.net.side.up.weight.val().device();
+    let preds = backbone_preds(head, data, &device)?;
+    let all = units(data, 0..data.examples.len(), per_token);
+    let refs: Vec<&Unit> = all.iter().collect();
+    // About 4 M log-probabilities per plugin per chunk.
+    let tokens = ((1usize << 22) / head.vocab_size().max(1)).max(16);
+    let per_chunk = if per_token { tokens } else { (tokens / 64).max(1) };
+    let last = data.last_layer_index()?;
+    for chunk in refs.chunks(per_chunk) {
+        let batch = make_batch(data, &preds, chunk, &device);
+        let [_, b, t, d] = batch.feats.dims();
+        let keep: Vec<usize> = (0..b * t).filter(|&i| batch.host.mask[i] > 0.0).collect();
+        let rows_of = |values: Vec<f32>, w: usize| keep.iter().flat_map(|&i| values[i * w..(i + 1) * w].to_vec()).collect::<Vec<f32>>();
+        let h_all = to_vec(batch.feats.clone().narrow(0, last, 1).reshape([b * t, d]));
+        let mut side = Vec::with_capacity(plugins.len());
+        for p in plugins {
+            let lp = heads(&p.net, p, head, data, &batch)?.lp_side;
+            let v = lp.dims()[2];
+            side.push(rows_of(to_vec(lp.reshape([b * t, v])), v));
+        }
+        let ex_of: Vec<u32> = chunk
+            .iter()
+            .flat_map(|u| match u {
+                Unit::Token { ex, .. } => vec![*ex as u32],
+                Unit::Sequence { ex } => vec![*ex as u32; t],
+            })
+            .collect();
+        let cols = &batch.host;
+        f(Rows {
+            targets: keep.iter().map(|&i| cols.targets[i] as u32).collect(),
+            bb_logp: keep.iter().map(|&i| cols.bb_logp[i]).collect(),
+            bb_right: keep.iter().map(|&i| cols.bb_right[i] > 0.5).collect(),
+            examples: keep.iter().map(|&i| ex_of[i]).collect(),
+            h_last: rows_of(h_all, d),
+            side,
+        })?;
+    }
+    Ok(())
 }
 
 pub fn evaluate(plugin: &Plugin, head: &FrozenHead, data: &FeatureSet, batch_tokens: usize) -> Result<EvalMetrics> {
@@ -633,14 +861,17 @@ mod tests {
     use crate::side::{ParamSet, SideConfig};
     use crate::tensor_util::to_vec;
 
-    /// Per parameter (pieces of the flat vectors), |a - b| against the size of b's gradient;
-    /// the worst ratio.
-    fn worst_relative_diff(a: &[f32], b: &[f32], sizes: &[(String, usize)]) -> f32 {
+    /// Per parameter `objective` trains (pieces of the flat vectors), |a - b| against the size
+    /// of b's gradient; the worst ratio.
+    fn worst_relative_diff(a: &[f32], b: &[f32], sizes: &[(String, usize)], objective: Objective) -> f32 {
         let mut at = 0;
         let mut worst = 0.0f32;
         for (name, n) in sizes {
             let (a, b) = (&a[at..at + n], &b[at..at + n]);
             at += n;
+            if !objective.trains(name) {
+                continue;
+            }
             let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
             let scale = b.iter().map(|y| y.abs()).fold(0.0f32, f32::max);
             assert!(scale > 1e-6, "the gradient of {name} is zero: the check would not see it");
@@ -664,7 +895,7 @@ mod tests {
 
     /// `taps` empty means every layer; the features always hold every layer, so other taps
     /// are not their first entries.
-    fn check(gate_uses_side: bool, prox: bool, taps: Vec<usize>) {
+    fn check(objective: Objective, gate_uses_side: bool, prox: bool, taps: Vec<usize>) {
         let device = Device::flex();
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
         let bb = load_backbone(&dir, &device).unwrap();
@@ -680,7 +911,7 @@ mod tests {
         let head = FrozenHead::from_backbone(&bb);
         let ad = device.clone().autodiff();
         let head_ad = head.to_device(&ad);
-        let cfg = TrainConfig { prox_mu: if prox { 0.5 } else { 0.0 }, gate_cost: 0.3, ..TrainConfig::default() };
+        let cfg = TrainConfig { objective, prox_mu: if prox { 0.5 } else { 0.0 }, gate_cost: 0.3, ..TrainConfig::default() };
         let mut preds = backbone_preds(&head, &data, &device).unwrap();
         // The random backbone is rarely right: mark half the positions so the gate cost acts.
         for r in preds.right.iter_mut() {
@@ -696,7 +927,7 @@ mod tests {
             let batch = make_batch(&data, &preds, &chunk, dev);
             if dev.is_autodiff() {
                 let (v, grads) = autodiff_grads(net, &ctx, &batch).unwrap();
-                (v, optim::flat_grads(net, &grads).unwrap())
+                (v, optim::flat_grads_or_zero(net, &grads))
             } else {
                 mlp_flat_grads(net, &ctx, &batch).unwrap()
             }
@@ -706,17 +937,42 @@ mod tests {
         assert!((va - vb).abs() < 1e-5 * vb.abs().max(1.0), "loss {va} vs {vb}");
         let sizes = named_sizes(&plugin.net);
         assert_eq!(sizes.len(), plugin.params().tensors.len());
-        let worst = worst_relative_diff(&to_vec(ga), &to_vec(gb), &sizes);
+        let worst = worst_relative_diff(&to_vec(ga), &to_vec(gb), &sizes, objective);
         assert!(worst <= 1e-4, "gradients differ by {worst} of their size");
     }
 
     #[test]
     fn mlp_gradients_match_autodiff() {
-        check(false, false, vec![]);
+        check(Objective::Gated, false, false, vec![]);
+        check(Objective::Side, false, false, vec![]);
     }
 
     #[test]
     fn mlp_gradients_match_autodiff_with_side_state_gate_prox_and_tap_subset() {
-        check(true, true, vec![1, 2]);
+        check(Objective::Gated, true, true, vec![1, 2]);
+        check(Objective::Side, false, true, vec![1, 2]);
+    }
+
+    /// Under `up` only `side.up` moves; under `side` the gate and v1's personal layer stay.
+    #[test]
+    fn objectives_freeze_what_they_do_not_train() {
+        let device = Device::flex();
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
+        let bb = load_backbone(&dir, &device).unwrap();
+        let examples: Vec<TokenizedExample> =
+            (0..12u32).map(|i| TokenizedExample { ids: (0..14).map(|j| (i * 5 + j * 11) % 90 + 3).collect(), reply_start: 6 }).collect();
+        let every: Vec<usize> = (0..=bb.config.num_layers).collect();
+        let data = extract_features(&bb, &examples, &every, Positions::LossOnly, 4).unwrap();
+        let head = FrozenHead::from_backbone(&bb);
+        let plugin = randomized(Plugin::new(&SideConfig { reduction: 4, ..SideConfig::default() }, &bb.config, &device).unwrap(), 3);
+        for objective in [Objective::Up, Objective::AboveDown, Objective::Side, Objective::Gated] {
+            let cfg = TrainConfig { objective, epochs: 1, batch_tokens: 16, weight_decay: 0.1, ..TrainConfig::default() };
+            let (trained, _) = train_plugin(plugin.clone(), &head, &data, &cfg, None, &mut |_| {}).unwrap();
+            let (before, after) = (plugin.params(), trained.params());
+            for (name, t) in &before.tensors {
+                let moved = t.values != after.tensors[name].values;
+                assert_eq!(moved, objective.trains(name), "{objective:?}: {name} moved = {moved}");
+            }
+        }
     }
 }

@@ -4,9 +4,11 @@ use std::path::PathBuf;
 use spa_model::backbone::{TokenBatch, load_backbone};
 use spa_model::features::{Positions, TokenizedExample, extract_features};
 use spa_model::generate::{Decoding, LocalStates, Sampling, generate};
+use spa_model::personal::knn::{Datastore, KnnParams, normalize_rows};
+use spa_model::personal::{PersonalConfig, PersonalModel, Route, Stage, fit};
 use spa_model::side::{FrozenHead, Plugin, SideConfig, SideVariant};
 use spa_model::tensor_util::{from_vec, to_vec};
-use spa_model::train::{TrainConfig, evaluate, train_plugin};
+use spa_model::train::{Objective, TrainConfig, evaluate, train_plugin};
 use spa_model::{Backbone, BackendKind};
 
 fn backbone() -> Backbone {
@@ -83,19 +85,21 @@ fn train_and_eval(v: SideVariant, seed: u64, cfg: &TrainConfig) -> (Plugin, spa_
     (plugin, before, after)
 }
 
+/// SPA v1's training (side, gate and personal layer together): what these tests exercise.
 fn quick(epochs: usize) -> TrainConfig {
-    TrainConfig { epochs, lr: 1e-2, batch_tokens: 64, batch_sequences: 8, ..TrainConfig::default() }
+    TrainConfig { objective: Objective::Gated, epochs, lr: 1e-2, batch_tokens: 64, batch_sequences: 8, ..TrainConfig::default() }
 }
 
 /// Greedy personalized decoding after an unseen prompt reproduces the private habit, with
 /// the gate handing those tokens to the side plugin; the backbone alone does not.
 fn generates_the_habit(plugin: &Plugin) {
+    let model = PersonalModel::v1(plugin.clone()).unwrap();
     let bb = backbone();
     let head = FrozenHead::from_backbone(&bb);
     let greedy = Sampling { temperature: 0.0, ..Sampling::default() };
     let prompt = examples(1, 12345)[0].ids[..6].to_vec();
-    let mut src = LocalStates::new(&bb, &plugin.shape.feature_layers).unwrap();
-    let g = generate(&mut src, &head, Some(plugin), &prompt, &dec(8, &greedy)).unwrap();
+    let mut src = LocalStates::new(&bb, &model.body.shape.feature_layers).unwrap();
+    let g = generate(&mut src, &head, Some(&model), &prompt, &dec(8, &greedy)).unwrap();
     let hits = g.ids.iter().zip(10..18).filter(|(a, b)| **a == *b).count();
     assert!(hits >= 7, "personalized: {:?}", g);
     assert!(g.side_fraction() >= 0.75, "{g:?}");
@@ -299,8 +303,9 @@ fn speculative_decoding_equals_per_token_decoding() {
     let head = FrozenHead::from_backbone(&bb);
     let prompt = vec![5u32, 9, 42, 17];
     let n = 40;
-    for v in [SideVariant::Mlp, SideVariant::Ladder] {
+    for (v, mixed) in [(SideVariant::Mlp, false), (SideVariant::Ladder, false), (SideVariant::Mlp, true), (SideVariant::Ladder, true)] {
         let plugin = scrambled(v, &bb);
+        let model = if mixed { mixture_with_memory(&bb, &plugin) } else { PersonalModel::v1(plugin.clone()).unwrap() };
         let layers = plugin.shape.feature_layers.clone();
         let down = std::sync::Arc::new(CloudDown::from_params(plugin.shared().unwrap().as_set()).unwrap());
         let (mut rejected, mut side) = (0, 0);
@@ -314,9 +319,9 @@ fn speculative_decoding_equals_per_token_decoding() {
                     drafter = drafter.with_side(plugin.clone()).unwrap();
                 }
                 let mut src = LocalDrafts { backbone: &bb, drafter };
-                speculative::generate(&mut src, &head, Some(&plugin), &layers, inputs, &prompt, &d, k, &mut |_, _| true).unwrap()
+                speculative::generate(&mut src, &head, Some(&model), &layers, inputs, &prompt, &d, k, &mut |_, _| true).unwrap()
             };
-            let naive = generate(&mut LocalStates::new(&bb, &layers).unwrap(), &head, Some(&plugin), &prompt, &d).unwrap();
+            let naive = generate(&mut LocalStates::new(&bb, &layers).unwrap(), &head, Some(&model), &prompt, &d).unwrap();
             side += naive.from_side.iter().filter(|&&s| s).count();
             let by_down = run(DraftForm::Down { taps: plugin.shape.taps.clone(), down: down.clone() }, 0).0;
             for k in [0, 1, 3, 16] {
@@ -330,4 +335,80 @@ fn speculative_decoding_equals_per_token_decoding() {
         }
         assert!(rejected > 0 && side > 0, "{v:?}: the test must see rejections ({rejected}) and side tokens ({side})");
     }
+}
+
+/// SPA v2's whole speaking path over `plugin` as the body: a personal side network (the
+/// body's down-projections, its own adapters, ladder blocks and `up`), mixed with the body,
+/// a private memory over the habit's examples, and a gate that opens on some tokens.
+fn mixture_with_memory(bb: &Backbone, plugin: &Plugin) -> PersonalModel {
+    let mut own = plugin.params();
+    for (name, t) in own.tensors.iter_mut() {
+        if !name.starts_with("side.down.") {
+            t.values.iter_mut().enumerate().for_each(|(i, v)| *v = -*v + 0.01 * (i % 7) as f32);
+        }
+    }
+    let personal = plugin.clone().load(&own).unwrap();
+    let data = extract_features(bb, &examples(8, 3), &plugin.shape.feature_layers, Positions::LossOnly, 8).unwrap();
+    let (last, d) = (data.layers.len() - 1, data.d);
+    let row = data.layers.len() * d;
+    let (mut keys, mut tokens, mut ex) = (vec![], vec![], vec![]);
+    for (i, e) in data.examples.iter().enumerate() {
+        for p in 0..e.len() {
+            keys.extend_from_slice(&e.feats[p * row + last * d..p * row + (last + 1) * d]);
+            tokens.push(e.targets[p]);
+            ex.push(i as u32);
+        }
+    }
+    let store = Datastore::new(d, normalize_rows(&keys, d), tokens, ex).unwrap();
+    let mut m = PersonalModel::v1(plugin.clone()).unwrap();
+    m.personal = Some(personal);
+    m.alpha = 0.4;
+    m.knn = Some((std::sync::Arc::new(store), KnnParams { k: 4, temperature: 0.1, weight: 0.3 }));
+    assert!(m.reads_body_down());
+    m
+}
+
+/// SPA v2 on the habit: the fit's candidates learn it, validation keeps them, and the model
+/// the device keeps speaks it (and beats the body it was fitted against).
+#[test]
+fn the_personal_fit_learns_the_habit_and_keeps_what_validation_supports() {
+    let bb = backbone();
+    let head = FrozenHead::from_backbone(&bb);
+    let body = Plugin::new(&config(SideVariant::Mlp), &bb.config, &bb.device).unwrap();
+    let layers = body.shape.feature_layers.clone();
+    let train = extract_features(&bb, &examples(40, 7), &layers, Positions::LossOnly, 16).unwrap();
+    let val = extract_features(&bb, &examples(10, 8), &layers, Positions::LossOnly, 16).unwrap();
+    let test = extract_features(&bb, &examples(16, 99), &layers, Positions::LossOnly, 16).unwrap();
+    let cfg = PersonalConfig { epochs: 20, lrs: vec![1e-2], batch_tokens: 64, ..PersonalConfig::default() };
+    let f = fit(&body, &head, &train, &val, &cfg, 0).unwrap();
+    let names: Vec<&str> = f.candidates.iter().map(|c| c.candidate.name()).collect();
+    assert_eq!(names, ["global", "finetune", "ditto", "fedrep"]);
+    assert!(f.candidates[1].val_loss < 0.5 * f.candidates[0].val_loss, "fine-tuning learns the habit: {:?}", f.stages);
+    // Each stage is kept only when it does not raise the validation loss.
+    let loss = |name: &str| f.stages.iter().find(|s| s.0 == name).unwrap().1;
+    assert!(
+        loss("select") <= loss("global") && loss("mix") <= loss("select") && loss("knn") <= loss("mix") && loss("gated_best") <= loss("knn") + 1e-6,
+        "{:?}",
+        f.stages
+    );
+    let score = |stage: Stage| {
+        let m = f.model(&body, stage);
+        m.score(&head, &test).unwrap().at(m.threshold)
+    };
+    let (global, v2) = (score(Stage::Global), score(Stage::Gated(Route::Best)));
+    assert!(v2.loss < 0.5 * global.loss && v2.accuracy > 0.9, "global {global:?} v2 {v2:?} stages {:?}", f.stages);
+    let model = f.device_model(&body, &cfg);
+    // Stored and read back, it is the same model.
+    let (private, meta, store) = model.private_parts();
+    let back = PersonalModel::from_parts(body.clone(), &private, meta, store.map(|s| (*s).clone())).unwrap();
+    assert_eq!(back.score(&head, &test).unwrap().model_lp, model.score(&head, &test).unwrap().model_lp);
+    // Decoding speaks what scoring measures: every greedy token is the argmax of the
+    // distribution the model is scored with at its position (memory and gate included).
+    let greedy = Sampling { temperature: 0.0, ..Sampling::default() };
+    let prompt = examples(1, 4242)[0].ids[..6].to_vec();
+    let g = generate(&mut LocalStates::new(&bb, &layers).unwrap(), &head, Some(&back), &prompt, &dec(8, &greedy)).unwrap();
+    let ids: Vec<u32> = prompt.iter().chain(&g.ids).copied().collect();
+    let spoken = extract_features(&bb, &[TokenizedExample { ids, reply_start: prompt.len() }], &layers, Positions::LossOnly, 1).unwrap();
+    let s = back.score(&head, &spoken).unwrap().at(back.threshold);
+    assert_eq!((s.tokens, s.accuracy), (8, 1.0), "{g:?}");
 }

@@ -1,254 +1,360 @@
-//! Running the arms for one seed. Arms that share training share the run: `global` and
-//! `global_ft` one federation, `spa`, `spa_gate_on` and `spa_gate_off` one federation
-//! evaluated three ways. The backbone's greedy replies do not depend on the seed and are
-//! scored once.
-use std::cell::RefCell;
+//! Running the arms for one seed. Arms that share training share the run: one federation
+//! trains the body (`global`), and one fit per device ([`spa_model::personal::fit`]) gives
+//! every arm built on it (`global_ft`, `ditto`, `fedrep`, `knn_per`, the `spa_v2` stages);
+//! `fedprox` and `spa_v1` are federations of their own; `local` trains each device alone.
+//! Every arm is scored the same way: its [`PersonalModel`] on the device's test split.
 use std::time::Instant;
 
 use spa_model::data::Example;
 use spa_model::generate::{Decoding, LocalStates, Sampling, generate_text};
-use spa_model::side::{FrozenHead, Plugin, RoleRules, SideConfig};
-use spa_model::train::{EvalMetrics, TrainConfig, evaluate, train_plugin};
+use spa_model::personal::{DeviceCost, Fit, PersonalModel, fit, gate};
+use spa_model::side::{FrozenHead, Plugin, SideConfig};
+use spa_model::train::{Objective, TrainConfig, train_with_validation};
 
-use super::config::{Arm, ExperimentConfig, GateMode};
-use super::stats::rouge_l;
-use super::{DeviceResult, Model, Result, RoundPoint, SeedRun, Summary};
+use super::config::Arm;
+use super::extras::{self, Extras};
+use super::stats::{rouge_l, rouge_n};
+use super::{DeviceResult, ExperimentConfig, Model, Result, Rouge, RoundPoint, SeedRun};
 use crate::simulation::{DeviceFeatures, SimConfig, Simulation};
 
 pub struct Context<'a> {
     pub cfg: &'a ExperimentConfig,
     pub model: &'a Model<'a>,
-    pub data: &'a [DeviceFeatures],
-    /// Per device, the backbone's mean ROUGE-L (seed-independent).
-    pub rouge_cache: RefCell<Option<Vec<f64>>>,
+    /// Devices that take part in the federations, and newcomers held out of them.
+    pub fed: &'a [DeviceFeatures],
+    pub new: &'a [DeviceFeatures],
+}
+
+impl Context<'_> {
+    /// Every device, newcomers last, with whether it is one.
+    fn all(&self) -> impl Iterator<Item = (&DeviceFeatures, bool)> {
+        self.fed.iter().map(|d| (d, false)).chain(self.new.iter().map(|d| (d, true)))
+    }
+
+    fn head(&self) -> FrozenHead {
+        FrozenHead::device_copy(self.model.backbone)
+    }
+}
+
+/// Knobs chosen on the first seed, reused by the others.
+#[derive(Clone, Debug, Default)]
+pub struct Tuned {
+    pub body_lr: Option<f64>,
+    pub local_lr: Option<f64>,
+    pub v1_lr: Option<f64>,
+    pub fedprox_mu: Option<f64>,
+}
+
+impl Tuned {
+    pub fn report(&self) -> Vec<(String, f64)> {
+        [("federation lr", self.body_lr), ("local lr", self.local_lr), ("spa_v1 lr", self.v1_lr), ("fedprox mu", self.fedprox_mu)]
+            .into_iter()
+            .filter_map(|(n, v)| v.map(|v| (n.to_string(), v)))
+            .collect()
+    }
+}
+
+/// One seed's runs; the extras and device costs are measured on the first seed only.
+pub struct SeedOutput {
+    pub runs: Vec<(Arm, SeedRun)>,
+    pub extras: Extras,
+    pub costs: Vec<(Arm, DeviceCost)>,
 }
 
 /// Every configured arm for `seed`, in the config's order.
-pub fn run_seed(ctx: &Context, seed: u64, progress: &mut dyn FnMut(&str)) -> Result<Vec<(Arm, SeedRun)>> {
+pub fn run_seed(ctx: &Context, seed: u64, tuned: &mut Tuned, first: bool, progress: &mut dyn FnMut(&str)) -> Result<SeedOutput> {
     let wants = |a: Arm| ctx.cfg.arms.contains(&a);
-    let mut out = Vec::new();
+    let mut out = SeedOutput { runs: Vec::new(), extras: Extras::default(), costs: Vec::new() };
     let mut done = |arm: Arm, run: SeedRun, progress: &mut dyn FnMut(&str)| {
-        let m = &run.mean;
+        let (m, n) = (&run.mean, &run.newcomers);
         progress(&format!(
-            "seed {seed} {:<16} loss {:.4} acc {:.4} rouge-L {:.4} gate {:.2} ({:.1} s)",
+            "seed {seed} {:<14} loss {:.4} acc {:.4} side {:.2} | newcomers loss {:.4} ({:.1} s)",
             arm.name(),
             m.loss,
             m.accuracy,
-            m.rouge_l,
-            m.gate_on,
+            m.side_fraction,
+            n.loss,
             run.seconds
         ));
-        out.push((arm, run));
+        out.runs.push((arm, run));
     };
     if wants(Arm::Backbone) {
         let t = Instant::now();
-        let devices = backbone_results(ctx)?;
-        done(Arm::Backbone, finish(seed, devices, vec![], t), progress);
+        let models = backbone_models(ctx, seed)?;
+        done(Arm::Backbone, scored(ctx, Arm::Backbone, seed, &models, first, vec![], t)?, progress);
     }
     if wants(Arm::Local) {
-        done(Arm::Local, local(ctx, seed)?, progress);
-    }
-    if wants(Arm::Global) || wants(Arm::GlobalFt) {
         let t = Instant::now();
-        let fed = federate(ctx, Arm::Global, seed)?;
-        if wants(Arm::Global) {
-            done(Arm::Global, finish(seed, sim_results(ctx, &fed, GateMode::On)?, fed.curve.clone(), t), progress);
-        }
-        if wants(Arm::GlobalFt) {
-            // Its rounds are the global arm's; only the fine-tuned end point is its own.
-            let ft = fine_tune(ctx, &fed.sim, seed)?;
-            done(Arm::GlobalFt, finish(seed, ft, vec![], t), progress);
-        }
+        let (models, curve) = local(ctx, seed, tuned, progress)?;
+        done(Arm::Local, scored(ctx, Arm::Local, seed, &models, first, curve, t)?, progress);
     }
-    if wants(Arm::Spa) {
+    let body_arms: Vec<Arm> = ctx.cfg.arms.iter().copied().filter(|a| a.stage().is_some()).collect();
+    if !body_arms.is_empty() {
         let t = Instant::now();
-        let fed = federate(ctx, Arm::Spa, seed)?;
-        done(Arm::Spa, finish(seed, sim_results(ctx, &fed, GateMode::Learned)?, fed.curve.clone(), t), progress);
-        for arm in [Arm::SpaGateOn, Arm::SpaGateOff] {
-            if wants(arm) {
-                let t = Instant::now();
-                done(arm, finish(seed, sim_results(ctx, &fed, arm.gate())?, vec![], t), progress);
-            }
-        }
-    }
-    for arm in [Arm::SpaPrivateHead, Arm::SpaPrivateGate, Arm::SpaPrivateUp] {
-        if wants(arm) {
+        let (sim, curve) = tuned_federation(ctx, Arm::Global, seed, tuned, progress)?;
+        let body = sim.plugin(0)?;
+        let fed_secs = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let fits = fit_all(ctx, &body, seed)?;
+        progress(&format!("seed {seed} personal fits of {} devices in {:.1} s", fits.len(), t.elapsed().as_secs_f64()));
+        let fit_secs = t.elapsed().as_secs_f64() / body_arms.len() as f64;
+        for arm in body_arms {
             let t = Instant::now();
-            let fed = federate(ctx, arm, seed)?;
-            done(arm, finish(seed, sim_results(ctx, &fed, arm.gate())?, fed.curve.clone(), t), progress);
+            let stage = arm.stage().expect("body arm");
+            let models: Vec<PersonalModel> = fits.iter().map(|f| f.model(&body, stage)).collect();
+            if first {
+                out.costs.push((arm, mean_cost(&models, ctx.model.backbone.config.max_position_embeddings)));
+            }
+            let curve = if arm == Arm::Global { curve.clone() } else { vec![] };
+            let mut run = scored(ctx, arm, seed, &models, first, curve, t)?;
+            run.seconds += fit_secs + if arm == Arm::Global { fed_secs } else { 0.0 };
+            done(arm, run, progress);
         }
+        if first {
+            out.extras = extras::measure(ctx, &body, &fits, seed, progress)?;
+        }
+    }
+    if wants(Arm::Fedprox) {
+        let t = Instant::now();
+        let (sim, curve) = tuned_federation(ctx, Arm::Fedprox, seed, tuned, progress)?;
+        let models = vec![PersonalModel::of_body(sim.plugin(0)?); ctx.fed.len() + ctx.new.len()];
+        done(Arm::Fedprox, scored(ctx, Arm::Fedprox, seed, &models, first, curve, t)?, progress);
+    }
+    if wants(Arm::SpaV1) {
+        let t = Instant::now();
+        let (sim, curve) = tuned_federation(ctx, Arm::SpaV1, seed, tuned, progress)?;
+        // Newcomers get the global side with fresh private layers (SPA v1 has no fit).
+        let fresh = Plugin::new(&SideConfig { seed, ..ctx.cfg.side.clone() }, &ctx.model.backbone.config, &ctx.model.backbone.device)?;
+        let newcomer = fresh.load(sim.global.as_set())?;
+        let mut models = (0..ctx.fed.len()).map(|i| Ok(PersonalModel::v1(sim.plugin(i)?)?)).collect::<Result<Vec<_>>>()?;
+        models.extend((0..ctx.new.len()).map(|_| PersonalModel::v1(newcomer.clone())).collect::<spa_model::Result<Vec<_>>>()?);
+        done(Arm::SpaV1, scored(ctx, Arm::SpaV1, seed, &models, first, curve, t)?, progress);
     }
     Ok(out)
 }
 
-fn finish(seed: u64, devices: Vec<DeviceResult>, curve: Vec<RoundPoint>, started: Instant) -> SeedRun {
-    SeedRun { seed, mean: Summary::of(&devices), devices, curve, seconds: started.elapsed().as_secs_f64() }
-}
-
-/// `(loss, accuracy, gate on)` of the distribution the gate mode speaks with.
-fn pick(m: &EvalMetrics, mode: GateMode) -> (f64, f64, f64) {
-    match mode {
-        GateMode::Learned => (m.routed_loss, m.routed_acc, m.side_fraction),
-        GateMode::On => (m.side_loss, m.side_acc, 1.0),
-        GateMode::Off => (m.backbone_loss, m.backbone_acc, 0.0),
+/// Scores each device's model (federated devices first, then newcomers, as `ctx.all`) on its
+/// test split; ROUGE of greedy replies for the main arms on the first seed.
+fn scored(ctx: &Context, arm: Arm, seed: u64, models: &[PersonalModel], first: bool, curve: Vec<RoundPoint>, started: Instant) -> Result<SeedRun> {
+    let head = ctx.head();
+    let mut devices = Vec::new();
+    let rouge_on = first && ctx.cfg.rouge_examples > 0 && ctx.cfg.rouge_arms.contains(&arm);
+    for ((d, held_out), m) in ctx.all().zip(models) {
+        let threshold = if arm == Arm::Backbone { gate::NEVER } else { m.threshold };
+        let s = m.score(&head, &d.test)?.at(threshold);
+        let speaker = (arm != Arm::Backbone).then_some(m);
+        let rouge = if rouge_on { Some(device_rouge(ctx, &head, speaker, &d.data.test)?) } else { None };
+        devices.push(DeviceResult {
+            device: d.data.user.clone(),
+            held_out,
+            tokens: s.tokens,
+            loss: s.loss,
+            accuracy: s.accuracy,
+            side_fraction: s.side_fraction,
+            rouge,
+        });
     }
+    Ok(SeedRun::new(seed, devices, curve, started.elapsed().as_secs_f64()))
 }
 
-fn point(round: usize, all: &[EvalMetrics], mode: GateMode, started: Instant) -> RoundPoint {
-    let m = EvalMetrics::mean(all);
-    let (loss, accuracy, _) = pick(&m, mode);
-    RoundPoint { round, loss, accuracy, seconds: started.elapsed().as_secs_f64() }
+/// Untrained plugins (their scores at threshold "never" are the backbone's).
+fn backbone_models(ctx: &Context, seed: u64) -> Result<Vec<PersonalModel>> {
+    let bb = ctx.model.backbone;
+    let p = Plugin::new(&SideConfig { seed, ..ctx.cfg.side.clone() }, &bb.config, &bb.device)?;
+    Ok(vec![PersonalModel::of_body(p); ctx.fed.len() + ctx.new.len()])
 }
 
-/// The arm's side config: everything but `arm.private()` federated.
-fn side_for(cfg: &ExperimentConfig, arm: Arm, seed: u64) -> SideConfig {
-    let private: Vec<String> = arm.private().iter().map(|p| p.to_string()).collect();
-    let shared = ["side.", "gate.", "personal."].into_iter().filter(|p| !arm.private().contains(p)).map(str::to_owned).collect();
-    SideConfig { seed, roles: RoleRules { shared, private }, ..cfg.side.clone() }
+fn train_cfg(ctx: &Context, objective: Objective, lr: f64, seed: u64) -> TrainConfig {
+    let gate_cost = if objective == Objective::Gated { ctx.cfg.local.gate_cost } else { 0.0 };
+    TrainConfig { objective, lr, seed, gate_cost, val_fraction: 0.0, ..ctx.cfg.local.clone() }
 }
 
-fn train_cfg(cfg: &ExperimentConfig, seed: u64) -> TrainConfig {
-    TrainConfig { seed, ..cfg.local.clone() }
+/// Each device alone from a fresh side network: `rounds` calls of `local.epochs` epochs,
+/// each keeping its best epoch on validation; the learning rate tuned on the first seed.
+fn local(ctx: &Context, seed: u64, tuned: &mut Tuned, progress: &mut dyn FnMut(&str)) -> Result<(Vec<PersonalModel>, Vec<RoundPoint>)> {
+    let lrs = if tuned.local_lr.is_some() || ctx.cfg.tune.lrs.is_empty() { vec![tuned.local_lr.unwrap_or(ctx.cfg.local.lr)] } else { ctx.cfg.tune.lrs.clone() };
+    let mut best: Option<(f64, Vec<PersonalModel>, Vec<RoundPoint>, f64)> = None;
+    for &lr in &lrs {
+        let (models, curve) = local_at(ctx, seed, lr)?;
+        let val = mean_val_loss(ctx, &models, ctx.fed.len())?;
+        if lrs.len() > 1 {
+            progress(&format!("seed {seed} local lr {lr}: validation loss {val:.4}"));
+        }
+        if best.as_ref().is_none_or(|b| val < b.3) {
+            best = Some((lr, models, curve, val));
+        }
+    }
+    let (lr, models, curve, _) = best.expect("at least one lr");
+    tuned.local_lr = Some(lr);
+    Ok((models, curve))
 }
 
-/// A finished federation: its per-round curve (in the arm's gate mode) and each device's test
-/// metrics after the last round.
-struct Federation<'a> {
-    sim: Simulation<'a>,
-    curve: Vec<RoundPoint>,
-    last: Vec<EvalMetrics>,
+fn local_at(ctx: &Context, seed: u64, lr: f64) -> Result<(Vec<PersonalModel>, Vec<RoundPoint>)> {
+    let started = Instant::now();
+    let (bb, head) = (ctx.model.backbone, ctx.head());
+    let all: Vec<(&DeviceFeatures, bool)> = ctx.all().collect();
+    let mut plugins = all
+        .iter()
+        .enumerate()
+        .map(|(i, _)| Plugin::new(&SideConfig { seed: seed.wrapping_add(1 + i as u64), ..ctx.cfg.side.clone() }, &bb.config, &bb.device))
+        .collect::<spa_model::Result<Vec<_>>>()?;
+    let mut curve = vec![point(ctx, 0, &plugins, &head, started)?];
+    for r in 1..=ctx.cfg.rounds {
+        for (i, (p, (d, _))) in plugins.iter_mut().zip(&all).enumerate() {
+            let tc = train_cfg(ctx, Objective::Side, lr, seed.wrapping_add(r as u64 * 1000 + i as u64));
+            let val = d.val.as_ref().expect("experiment devices have a validation split");
+            *p = train_with_validation(p.clone(), &head, &d.train, val, &tc, None, &mut |_| {})?.0;
+        }
+        curve.push(point(ctx, r, &plugins, &head, started)?);
+    }
+    Ok((plugins.into_iter().map(PersonalModel::of_body).collect(), curve))
 }
 
-/// A federation of every device for `cfg.rounds` rounds.
-fn federate<'a>(ctx: &Context<'a>, arm: Arm, seed: u64) -> Result<Federation<'a>> {
+/// Mean test loss and accuracy over the federated devices of their plugins speaking always.
+fn point(ctx: &Context, round: usize, plugins: &[Plugin], head: &FrozenHead, started: Instant) -> Result<RoundPoint> {
+    let (mut loss, mut acc) = (0.0, 0.0);
+    for (p, d) in plugins.iter().zip(ctx.fed) {
+        let s = PersonalModel::of_body(p.clone()).score(head, &d.test)?.at(gate::ALWAYS);
+        loss += s.loss;
+        acc += s.accuracy;
+    }
+    let n = ctx.fed.len().max(1) as f64;
+    Ok(RoundPoint { round, loss: loss / n, accuracy: acc / n, seconds: started.elapsed().as_secs_f64() })
+}
+
+/// The mean validation loss of the first `n` devices' models, as they speak.
+fn mean_val_loss(ctx: &Context, models: &[PersonalModel], n: usize) -> Result<f64> {
+    let head = ctx.head();
+    let mut sum = 0.0;
+    for (m, (d, _)) in models.iter().zip(ctx.all()).take(n) {
+        let val = d.val.as_ref().expect("experiment devices have a validation split");
+        sum += m.score(&head, val)?.at(m.threshold).loss;
+    }
+    Ok(sum / n.max(1) as f64)
+}
+
+/// A federation for `arm` (`global`: the body; `fedprox`; `spa_v1`), its knobs tuned on the
+/// first seed by the mean validation loss of the arm's models.
+fn tuned_federation<'a>(
+    ctx: &Context<'a>,
+    arm: Arm,
+    seed: u64,
+    tuned: &mut Tuned,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(Simulation<'a>, Vec<RoundPoint>)> {
+    let tune = &ctx.cfg.tune;
+    let given_lr = |t: Option<f64>| if t.is_some() || tune.lrs.is_empty() { vec![t.unwrap_or(ctx.cfg.local.lr)] } else { tune.lrs.clone() };
+    let grid: Vec<(f64, f64)> = match arm {
+        Arm::Global => given_lr(tuned.body_lr).into_iter().map(|lr| (lr, 0.0)).collect(),
+        Arm::SpaV1 => given_lr(tuned.v1_lr).into_iter().map(|lr| (lr, 0.0)).collect(),
+        _ => {
+            let lr = tuned.body_lr.unwrap_or(ctx.cfg.local.lr);
+            let mus = if tuned.fedprox_mu.is_some() || tune.fedprox_mus.is_empty() {
+                vec![tuned.fedprox_mu.unwrap_or(ctx.cfg.fedprox_mu)]
+            } else {
+                tune.fedprox_mus.clone()
+            };
+            mus.into_iter().map(|mu| (lr, mu)).collect()
+        }
+    };
+    let mut best: Option<(f64, f64, Simulation<'a>, Vec<RoundPoint>, f64)> = None;
+    for (lr, mu) in grid.iter().copied() {
+        let (sim, curve) = federate(ctx, arm, seed, lr, mu)?;
+        let models = if arm == Arm::SpaV1 {
+            (0..ctx.fed.len()).map(|i| Ok(PersonalModel::v1(sim.plugin(i)?)?)).collect::<Result<Vec<_>>>()?
+        } else {
+            vec![PersonalModel::of_body(sim.plugin(0)?); ctx.fed.len()]
+        };
+        let val = if grid.len() > 1 { mean_val_loss(ctx, &models, ctx.fed.len())? } else { 0.0 };
+        if grid.len() > 1 {
+            progress(&format!("seed {seed} {} lr {lr} mu {mu}: validation loss {val:.4}", arm.name()));
+        }
+        if best.as_ref().is_none_or(|b| val < b.4) {
+            best = Some((lr, mu, sim, curve, val));
+        }
+    }
+    let (lr, mu, sim, curve, _) = best.expect("a grid point");
+    match arm {
+        Arm::Global => tuned.body_lr = Some(lr),
+        Arm::SpaV1 => tuned.v1_lr = Some(lr),
+        _ => tuned.fedprox_mu = Some(mu),
+    }
+    Ok((sim, curve))
+}
+
+/// A federation of the federated devices for `cfg.rounds` rounds.
+fn federate<'a>(ctx: &Context<'a>, arm: Arm, seed: u64, lr: f64, mu: f64) -> Result<(Simulation<'a>, Vec<RoundPoint>)> {
     let cfg = ctx.cfg;
+    let objective = if arm == Arm::SpaV1 { Objective::Gated } else { Objective::Side };
     let sim_cfg = SimConfig {
         rounds: cfg.rounds,
-        side: side_for(cfg, arm, seed),
-        local: train_cfg(cfg, seed),
+        side: SideConfig { seed, ..cfg.side.clone() },
+        local: TrainConfig { prox_mu: mu, ..train_cfg(ctx, objective, lr, seed) },
         strategy: cfg.strategy.clone(),
         dropout: cfg.dropout,
         clip: cfg.clip,
         seed,
     };
     let started = Instant::now();
-    let mut sim = Simulation::with_features(ctx.model.backbone, ctx.data.to_vec(), sim_cfg)?;
-    let mut last = sim.evaluate_each()?;
-    let mut curve = vec![point(0, &last, arm.gate(), started)];
-    for r in 1..=cfg.rounds {
-        last = sim.round()?.devices;
-        curve.push(point(r, &last, arm.gate(), started));
-    }
-    Ok(Federation { sim, curve, last })
-}
-
-/// Each device alone: `rounds` times `local.epochs` epochs (an optimizer restart at each
-/// round-equivalent, as a federated device gets), shared and private parts together.
-fn local(ctx: &Context, seed: u64) -> Result<SeedRun> {
-    let started = Instant::now();
-    let (bb, head) = (ctx.model.backbone, FrozenHead::device_copy(ctx.model.backbone));
-    let mut plugins = ctx
-        .data
-        .iter()
-        .enumerate()
-        .map(|(i, _)| Plugin::new(&side_for(ctx.cfg, Arm::Local, seed.wrapping_add(1 + i as u64)), &bb.config, &bb.device))
-        .collect::<spa_model::Result<Vec<_>>>()?;
-    let eval_all =
-        |plugins: &[Plugin]| -> Result<Vec<EvalMetrics>> { plugins.iter().zip(ctx.data).map(|(p, d)| Ok(evaluate(p, &head, &d.test, 2048)?)).collect() };
-    let mut metrics = eval_all(&plugins)?;
-    let mut curve = vec![point(0, &metrics, GateMode::Learned, started)];
-    for r in 1..=ctx.cfg.rounds {
-        for (i, (p, d)) in plugins.iter_mut().zip(ctx.data).enumerate() {
-            let tc = train_cfg(ctx.cfg, seed.wrapping_add(r as u64 * 1000 + i as u64));
-            *p = train_plugin(p.clone(), &head, &d.train, &tc, None, &mut |_| {})?.0;
-        }
-        metrics = eval_all(&plugins)?;
-        curve.push(point(r, &metrics, GateMode::Learned, started));
-    }
-    let devices = results(ctx, &head, &plugins, &metrics, GateMode::Learned)?;
-    Ok(finish(seed, devices, curve, started))
-}
-
-/// FedAvg+FT: each device fine-tunes the final global plugin on its own data for one
-/// round's local epochs.
-fn fine_tune(ctx: &Context, sim: &Simulation, seed: u64) -> Result<Vec<DeviceResult>> {
-    let head = sim.head();
-    let mut plugins = Vec::new();
-    let mut metrics = Vec::new();
-    for (i, d) in ctx.data.iter().enumerate() {
-        let tc = train_cfg(ctx.cfg, seed.wrapping_add(999_000 + i as u64));
-        let p = train_plugin(sim.plugin(i)?, head, &d.train, &tc, None, &mut |_| {})?.0;
-        metrics.push(evaluate(&p, head, &d.test, 2048)?);
-        plugins.push(p);
-    }
-    results(ctx, head, &plugins, &metrics, GateMode::On)
-}
-
-fn sim_results(ctx: &Context, fed: &Federation, mode: GateMode) -> Result<Vec<DeviceResult>> {
-    let sim = &fed.sim;
-    let plugins = (0..sim.devices.len()).map(|i| sim.plugin(i)).collect::<crate::simulation::Result<Vec<_>>>()?;
-    results(ctx, sim.head(), &plugins, &fed.last, mode)
-}
-
-fn backbone_results(ctx: &Context) -> Result<Vec<DeviceResult>> {
-    let bb = ctx.model.backbone;
-    let head = FrozenHead::device_copy(bb);
-    let plugins = (0..ctx.data.len()).map(|_| Plugin::new(&ctx.cfg.side, &bb.config, &bb.device)).collect::<spa_model::Result<Vec<_>>>()?;
-    let metrics = plugins.iter().zip(ctx.data).map(|(p, d)| Ok(evaluate(p, &head, &d.test, 2048)?)).collect::<Result<Vec<_>>>()?;
-    results(ctx, &head, &plugins, &metrics, GateMode::Off)
-}
-
-/// Per-device results: the metrics in `mode`, and the ROUGE-L of greedy replies from the
-/// plugin with its gate forced to `mode` (the backbone's replies scored once, as they do not
-/// depend on a plugin).
-fn results(ctx: &Context, head: &FrozenHead, plugins: &[Plugin], metrics: &[EvalMetrics], mode: GateMode) -> Result<Vec<DeviceResult>> {
-    let rouge = if mode == GateMode::Off {
-        let mut cache = ctx.rouge_cache.borrow_mut();
-        if cache.is_none() {
-            *cache = Some(ctx.data.iter().map(|d| device_rouge(ctx, head, None, &d.data.test)).collect::<Result<_>>()?);
-        }
-        cache.clone().expect("filled above")
-    } else {
-        plugins.iter().zip(ctx.data).map(|(p, d)| device_rouge(ctx, head, Some(&forced(p, mode)), &d.data.test)).collect::<Result<_>>()?
+    let mut sim = Simulation::with_features(ctx.model.backbone, ctx.fed.to_vec(), sim_cfg)?;
+    let pick = |m: &spa_model::train::EvalMetrics| if objective == Objective::Gated { (m.routed_loss, m.routed_acc) } else { (m.side_loss, m.side_acc) };
+    let at = |round: usize, all: &[spa_model::train::EvalMetrics]| {
+        let n = all.len().max(1) as f64;
+        let (l, a) = all.iter().map(pick).fold((0.0, 0.0), |s, (l, a)| (s.0 + l, s.1 + a));
+        RoundPoint { round, loss: l / n, accuracy: a / n, seconds: started.elapsed().as_secs_f64() }
     };
-    Ok(ctx
-        .data
-        .iter()
-        .zip(metrics)
-        .zip(rouge)
-        .map(|((d, m), rouge_l)| {
-            let (loss, accuracy, gate_on) = pick(m, mode);
-            DeviceResult { device: d.data.user.clone(), loss, accuracy, rouge_l, gate_on }
-        })
-        .collect())
-}
-
-/// The plugin with its gate threshold set so that `mode` holds (`g > threshold` routes to
-/// the side; g is a probability in [0, 1]).
-fn forced(p: &Plugin, mode: GateMode) -> Plugin {
-    let mut p = p.clone();
-    match mode {
-        GateMode::Learned => {}
-        GateMode::On => p.config.gate.threshold = -1.0,
-        GateMode::Off => p.config.gate.threshold = 2.0,
+    let mut curve = vec![at(0, &sim.evaluate_each()?)];
+    for r in 1..=cfg.rounds {
+        let rep = sim.round()?;
+        curve.push(at(r, &rep.devices));
     }
-    p
+    Ok((sim, curve))
 }
 
-/// Mean ROUGE-L F1 over the device's first `rouge_examples` test examples of the greedy
-/// reply (at most the reference's length in tokens + 20%, ending at EOS or a blank line).
-fn device_rouge(ctx: &Context, head: &FrozenHead, plugin: Option<&Plugin>, test: &[Example]) -> Result<f64> {
+/// The personal fit of every device (federated, then newcomers) against `body`.
+fn fit_all(ctx: &Context, body: &Plugin, seed: u64) -> Result<Vec<Fit>> {
+    let head = ctx.head();
+    ctx.all()
+        .enumerate()
+        .map(|(i, (d, _))| {
+            let val = d.val.as_ref().expect("experiment devices have a validation split");
+            Ok(fit(body, &head, &d.train, val, &ctx.cfg.personal, seed.wrapping_add(7 * i as u64))?)
+        })
+        .collect()
+}
+
+/// The mean of the devices' costs.
+fn mean_cost(models: &[PersonalModel], ctx_len: usize) -> DeviceCost {
+    let costs: Vec<DeviceCost> = models.iter().map(|m| m.cost(ctx_len)).collect();
+    let n = costs.len().max(1);
+    DeviceCost {
+        side_macs: costs.iter().map(|c| c.side_macs).sum::<f64>() / n as f64,
+        head_macs: costs.iter().map(|c| c.head_macs).sum::<f64>() / n as f64,
+        knn_macs: costs.iter().map(|c| c.knn_macs).sum::<f64>() / n as f64,
+        datastore_bytes: costs.iter().map(|c| c.datastore_bytes).sum::<usize>() / n,
+        private_bytes: costs.iter().map(|c| c.private_bytes).sum::<usize>() / n,
+    }
+}
+
+/// Mean ROUGE-1/2/L F1 over the device's first `rouge_examples` test examples of the greedy
+/// reply (at most the reference's length in tokens + 20%, ending at EOS or a blank line),
+/// by `model` (None: the backbone alone).
+fn device_rouge(ctx: &Context, head: &FrozenHead, model: Option<&PersonalModel>, test: &[Example]) -> Result<Rouge> {
     let (bb, tok, tokens) = (ctx.model.backbone, ctx.model.tokenizer, ctx.model.tokens);
-    let take = if ctx.cfg.rouge_examples == 0 { test.len() } else { ctx.cfg.rouge_examples.min(test.len()) };
-    let mut sum = 0.0;
+    let take = ctx.cfg.rouge_examples.min(test.len());
+    let mut r = Rouge { replies: take, ..Rouge::default() };
     for ex in &test[..take] {
         let prompt = tokens.prompt_ids(tok, &ex.prompt, false)?;
         let ref_len = tok.encode(&ex.reply)?.len();
         let dec = Decoding { max_new: (ref_len * 6).div_ceil(5).max(1), sampling: Sampling { temperature: 0.0, top_k: 0, seed: 0 }, stop: tokens.eos.clone() };
-        let layers = plugin.map_or_else(|| vec![bb.config.num_layers], |p| p.shape.feature_layers.clone());
+        let layers = model.map_or_else(|| vec![bb.config.num_layers], |m| m.body.shape.feature_layers.clone());
         let mut src = LocalStates::new(bb, &layers)?;
-        let (_, text) = generate_text(&mut src, head, plugin, tok, &prompt, &dec, Some("\n\n"), &mut |_| {})?;
-        sum += rouge_l(&ex.reply, &text);
+        let (_, text) = generate_text(&mut src, head, model, tok, &prompt, &dec, Some("\n\n"), &mut |_| {})?;
+        r.rouge_1 += rouge_n(&ex.reply, &text, 1);
+        r.rouge_2 += rouge_n(&ex.reply, &text, 2);
+        r.rouge_l += rouge_l(&ex.reply, &text);
     }
-    Ok(if take == 0 { 0.0 } else { sum / take as f64 })
+    let n = take.max(1) as f64;
+    (r.rouge_1, r.rouge_2, r.rouge_l) = (r.rouge_1 / n, r.rouge_2 / n, r.rouge_l / n);
+    Ok(r)
 }

@@ -7,6 +7,7 @@ use spa_aggregation::strategy::StrategyConfig;
 use spa_model::data::shakespeare::{ExampleLimits, leaf_users, parse_play_script, rank_roles};
 use spa_model::data::synthetic::synthetic_users;
 use spa_model::data::{UserData, split_in_order};
+use spa_model::personal::{PersonalConfig, Route, Stage};
 use spa_model::side::SideConfig;
 use spa_model::train::TrainConfig;
 
@@ -25,12 +26,29 @@ pub struct ExperimentConfig {
     /// Each device's first fraction of examples trains, the rest tests (in order, LEAF style).
     #[serde(default = "train_fraction")]
     pub train_fraction: f64,
+    /// The last examples of each device's train part validate (every arm's knobs): this
+    /// fraction of all its examples, and at least `min_val`.
+    #[serde(default = "val_fraction")]
+    pub val_fraction: f64,
+    #[serde(default = "min_val")]
+    pub min_val: usize,
+    /// Fraction of devices held out of federation (newcomers, reported apart).
+    #[serde(default = "holdout")]
+    pub holdout: f64,
     /// Model seeds (plugin initialisation, batch order, SecAgg+ randomness); the data are the
     /// same for every seed.
     pub seeds: Vec<u64>,
     pub rounds: usize,
     /// Local training per round (federated arms) and per round-equivalent (local arm).
     pub local: TrainConfig,
+    /// The per-device fit of SPA v2 and of the arms it shares stages with.
+    #[serde(default)]
+    pub personal: PersonalConfig,
+    /// FedProx's proximal weight (unless tuned).
+    #[serde(default = "fedprox_mu")]
+    pub fedprox_mu: f64,
+    #[serde(default)]
+    pub tune: Tune,
     #[serde(default)]
     pub side: SideConfig,
     #[serde(default = "fedavg")]
@@ -41,9 +59,19 @@ pub struct ExperimentConfig {
     /// Per-coordinate clip of updates before quantization.
     #[serde(default = "one")]
     pub clip: f32,
-    /// Test examples per device whose greedy reply is scored with ROUGE-L (0 = all).
+    /// Test examples per device whose greedy reply is scored with ROUGE (the main arms, the
+    /// first seed; 0 = none).
     #[serde(default)]
     pub rouge_examples: usize,
+    /// The arms whose replies are scored with ROUGE.
+    #[serde(default = "rouge_arms")]
+    pub rouge_arms: Vec<Arm>,
+    /// Devices of the cross-user matrix (SPA v2 of user i on user j's test set; first seed).
+    #[serde(default)]
+    pub cross_users: usize,
+    /// Fractions of each newcomer's train split its personal model is fitted on (first seed).
+    #[serde(default)]
+    pub data_fractions: Vec<f64>,
     pub arms: Vec<Arm>,
 }
 
@@ -57,6 +85,26 @@ fn one() -> f32 {
 
 fn train_fraction() -> f64 {
     0.8
+}
+
+fn rouge_arms() -> Vec<Arm> {
+    vec![Arm::Backbone, Arm::Local, Arm::Global, Arm::GlobalFt, Arm::KnnPer, Arm::SpaV1, Arm::SpaV2, Arm::SpaV2Gated]
+}
+
+fn val_fraction() -> f64 {
+    0.1
+}
+
+fn min_val() -> usize {
+    8
+}
+
+fn holdout() -> f64 {
+    0.2
+}
+
+fn fedprox_mu() -> f64 {
+    0.01
 }
 
 /// Where the devices' data come from.
@@ -97,30 +145,40 @@ fn reply_chars() -> usize {
     ExampleLimits::default().max_reply_chars
 }
 
-/// The arms (EXPERIMENTS.md): baselines, SPA, and SPA's ablations.
+/// The arms (EXPERIMENTS.md, docs/BENCHMARKS.md). Every arm but `local` and the federated
+/// ones is fitted per device from the same federated body (`global`), on the device's own
+/// train split, its knobs chosen on its validation split.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Arm {
     /// The frozen backbone alone.
     Backbone,
-    /// Each device trains shared + private parts alone, `rounds x local.epochs` epochs.
+    /// Each device trains a side network alone (from scratch), `rounds x local.epochs`
+    /// epochs in `rounds` calls, each keeping its best epoch on validation.
     Local,
-    /// LST-style global adapter: every plugin tensor shared and federated, the side always speaks.
+    /// The federated body: the side network, every tensor shared, FedAvg; it always speaks.
     Global,
-    /// The global adapter, then `local.epochs` of fine-tuning on each device (FedAvg+FT).
+    /// The body fine-tuned on each device (epochs and lr on validation).
     GlobalFt,
-    /// SPA: the side network federated with SecAgg+, gate and personal head private.
-    Spa,
-    /// SPA's trained plugins with the gate forced on (the side always speaks).
-    SpaGateOn,
-    /// SPA's trained plugins with the gate forced off (= the backbone, by construction).
-    SpaGateOff,
-    /// SPA with only the personal head private (the gate federated too).
-    SpaPrivateHead,
-    /// SPA with only the gate private (the personal head federated too).
-    SpaPrivateGate,
-    /// SPA with the side network's last layer (`side.up`) private as well as head and gate.
-    SpaPrivateUp,
+    /// A federation with FedProx's proximal term (its mu on validation), speaking always.
+    Fedprox,
+    /// Ditto: the device's copy of the body pulled towards it (lambda and lr on validation).
+    Ditto,
+    /// FedRep: the body's output layer `up` re-fit on the device.
+    Fedrep,
+    /// kNN-Per over the global adapter: the body with the device's private memory.
+    KnnPer,
+    /// SPA v1 as it was: the side network federated, gate and personal layer private and
+    /// co-trained (gate cost), routed by its own gate.
+    SpaV1,
+    /// SPA v2's stages: the best personal candidate alone; mixed with the body; with the
+    /// memory; all of it routed by the gate at the threshold of lowest validation loss
+    /// (`spa_v2`, the headline) or at the fewest side tokens within 1% of it (`spa_v2_gated`).
+    SpaV2Select,
+    SpaV2Mix,
+    SpaV2Knn,
+    SpaV2,
+    SpaV2Gated,
 }
 
 impl Arm {
@@ -130,44 +188,50 @@ impl Arm {
             Self::Local => "local",
             Self::Global => "global",
             Self::GlobalFt => "global_ft",
-            Self::Spa => "spa",
-            Self::SpaGateOn => "spa_gate_on",
-            Self::SpaGateOff => "spa_gate_off",
-            Self::SpaPrivateHead => "spa_private_head",
-            Self::SpaPrivateGate => "spa_private_gate",
-            Self::SpaPrivateUp => "spa_private_up",
+            Self::Fedprox => "fedprox",
+            Self::Ditto => "ditto",
+            Self::Fedrep => "fedrep",
+            Self::KnnPer => "knn_per",
+            Self::SpaV1 => "spa_v1",
+            Self::SpaV2Select => "spa_v2_select",
+            Self::SpaV2Mix => "spa_v2_mix",
+            Self::SpaV2Knn => "spa_v2_knn",
+            Self::SpaV2 => "spa_v2",
+            Self::SpaV2Gated => "spa_v2_gated",
         }
     }
 
-    /// Tensor-path prefixes that stay on the device (the rest is federated).
-    pub fn private(self) -> &'static [&'static str] {
-        match self {
-            Self::Global | Self::GlobalFt => &[],
-            Self::SpaPrivateHead => &["personal."],
-            Self::SpaPrivateGate => &["gate."],
-            Self::SpaPrivateUp => &["gate.", "personal.", "side.up."],
-            _ => &["gate.", "personal."],
-        }
+    /// The fit's stage this arm is, for the arms fitted per device from the body.
+    pub fn stage(self) -> Option<Stage> {
+        Some(match self {
+            Self::Global => Stage::Global,
+            Self::GlobalFt => Stage::Candidate("finetune"),
+            Self::Ditto => Stage::Candidate("ditto"),
+            Self::Fedrep => Stage::Candidate("fedrep"),
+            Self::KnnPer => Stage::KnnGlobal,
+            Self::SpaV2Select => Stage::Select,
+            Self::SpaV2Mix => Stage::Mix,
+            Self::SpaV2Knn => Stage::Knn,
+            Self::SpaV2 => Stage::Gated(Route::Best),
+            Self::SpaV2Gated => Stage::Gated(Route::Frugal),
+            _ => return None,
+        })
     }
 
-    /// How the trained plugin picks between side and backbone at test time.
-    pub fn gate(self) -> GateMode {
-        match self {
-            Self::Backbone | Self::SpaGateOff => GateMode::Off,
-            Self::Global | Self::GlobalFt | Self::SpaGateOn => GateMode::On,
-            _ => GateMode::Learned,
-        }
+    /// SPA v2 and its ablations (compared with the rest, not with each other).
+    pub fn is_v2(self) -> bool {
+        matches!(self, Self::SpaV2Select | Self::SpaV2Mix | Self::SpaV2Knn | Self::SpaV2 | Self::SpaV2Gated)
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum GateMode {
-    Learned,
-    /// The side plugin speaks at every token.
-    On,
-    /// The backbone speaks at every token.
-    Off,
+/// Knobs of the federations tuned on the first seed by the mean validation loss of the arm,
+/// then reused for the others (empty: `local.lr` and `fedprox_mu` as given).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tune {
+    /// Learning rates of local training in rounds (every federation, and the local arm).
+    pub lrs: Vec<f64>,
+    pub fedprox_mus: Vec<f64>,
 }
 
 impl ExperimentConfig {
@@ -203,10 +267,17 @@ impl ExperimentConfig {
                 return bad(format!("arm {} listed twice", a.name()));
             }
         }
-        if !self.arms.contains(&Arm::Spa) && self.arms.iter().any(|a| matches!(a, Arm::SpaGateOn | Arm::SpaGateOff)) {
-            return bad("spa_gate_on and spa_gate_off re-evaluate spa's plugins: list spa too".into());
+        if !(0.0..0.5).contains(&self.val_fraction) || !(0.0..0.9).contains(&self.holdout) {
+            return bad(format!("val_fraction {} must be in [0, 0.5) and holdout {} in [0, 0.9)", self.val_fraction, self.holdout));
+        }
+        if !(self.fedprox_mu.is_finite() && self.fedprox_mu > 0.0) || self.tune.fedprox_mus.iter().chain(&self.tune.lrs).any(|x| !(x.is_finite() && *x > 0.0)) {
+            return bad("fedprox_mu and the tuned values must be finite and positive".into());
+        }
+        if self.data_fractions.iter().any(|f| !(*f > 0.0 && *f <= 1.0)) {
+            return bad("data_fractions must be in (0, 1]".into());
         }
         self.local.validate().map_err(|e| ExperimentError::Config(format!("local: {e}")))?;
+        self.personal.validate().map_err(|e| ExperimentError::Config(format!("personal: {e}")))?;
         if let Corpus::Synthetic { devices, examples, .. } = self.corpus
             && (!(2..=10_000).contains(&devices) || !(5..=100_000).contains(&examples))
         {

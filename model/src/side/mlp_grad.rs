@@ -70,9 +70,19 @@ impl Grads {
     }
 }
 
-/// Loss value and gradients of every parameter of an `mlp` plugin on `batch`. `head` is on
-/// the batch's device.
-pub(crate) fn loss_and_grads(net: &PluginNet, head: &FrozenHead, batch: &MlpBatch<'_>, gate_uses_side: bool, gate_cost: f64) -> (f64, GradientsParams) {
+/// The gate's part of the loss (SPA v1's objective): whether it reads the side state, and
+/// the weight of its cost term.
+#[derive(Clone, Copy)]
+pub(crate) struct GateTerms {
+    pub uses_side: bool,
+    pub cost: f64,
+}
+
+/// Loss value and gradients of an `mlp` plugin on `batch`: the side's cross-entropy, plus
+/// with `gate` the mixture's and the gate cost (then the gate's parameters get gradients
+/// too; without, only the side network and the personal layer). `head` is on the batch's
+/// device.
+pub(crate) fn loss_and_grads(net: &PluginNet, head: &FrozenHead, batch: &MlpBatch<'_>, gate: Option<GateTerms>) -> (f64, GradientsParams) {
     let side = &net.side;
     let h = batch.h_last.clone();
     let [n_rows, d] = h.dims();
@@ -99,7 +109,13 @@ pub(crate) fn loss_and_grads(net: &PluginNet, head: &FrozenHead, batch: &MlpBatc
         }
         (s, r)
     };
-    let ((s, r), mut a1) = rayon::join(side_chain, gate_h);
+    let ((s, r), a1) = match gate {
+        Some(_) => {
+            let (chain, a1) = rayon::join(side_chain, gate_h);
+            (chain, Some(a1))
+        }
+        None => (side_chain(), None),
+    };
     let s_last = s[n_taps - 1].clone();
     // up(s) + personal(s) as one gemm with the summed weights and biases, as in the plugin.
     let w_out = side.up.weight.val().inner() + net.personal.weight.val().inner();
@@ -110,20 +126,27 @@ pub(crate) fn loss_and_grads(net: &PluginNet, head: &FrozenHead, batch: &MlpBatc
     let y = h.clone() + s_last.clone().matmul(w_out.clone()) + b_out.unsqueeze::<2>();
     let z = y.clone().matmul(head.scaled());
     let inv_y = head.inv_rms(y.clone());
-    if gate_uses_side {
-        let side_width = w1.dims()[0] - d;
-        a1 = a1 + s_last.clone().matmul(w1.clone().narrow(0, d, side_width));
-    }
-    if let Some(b) = &net.gate.w1.bias {
-        a1 = a1 + b.val().inner().unsqueeze::<2>();
-    }
-    let q = relu(a1.clone());
-    let g = sigmoid(lin(&net.gate.w2, q.clone()));
+    // The gate's forward: first layer's pre-activation, its ReLU, and g.
+    let gate_fwd = a1.map(|mut a1| {
+        if gate.is_some_and(|g| g.uses_side) {
+            let side_width = w1.dims()[0] - d;
+            a1 = a1 + s_last.clone().matmul(w1.clone().narrow(0, d, side_width));
+        }
+        if let Some(b) = &net.gate.w1.bias {
+            a1 = a1 + b.val().inner().unsqueeze::<2>();
+        }
+        let q = relu(a1.clone());
+        let g = sigmoid(lin(&net.gate.w2, q.clone()));
+        (a1, q, g)
+    });
 
-    // Per row: logits = z * inv_y; the side's CE, the mixture's CE (side detached) and the
-    // gate cost, with their gradients wrt z, inv_y and the gate's pre-activation. Blocks of
-    // rows go to the cores; their losses are summed in block order (deterministic).
-    let (zv, invv, gv) = (to_vec(z), to_vec(inv_y), to_vec(g));
+    // Per row: logits = z * inv_y; the side's CE, and with the gate the mixture's CE (side
+    // detached) and the gate cost, with their gradients wrt z, inv_y and the gate's
+    // pre-activation. Blocks of rows go to the cores; their losses are summed in block
+    // order (deterministic).
+    let (zv, invv) = (to_vec(z), to_vec(inv_y));
+    let gv = gate_fwd.as_ref().map(|(_, _, g)| to_vec(g.clone()));
+    let gate_cost = gate.map_or(0.0, |g| g.cost) as f32;
     let v = zv.len() / n_rows;
     let (mut dz, mut coef, mut da2) = (vec![0.0f32; n_rows * v], vec![0.0f32; n_rows], vec![0.0f32; n_rows]);
     const BLOCK: usize = 128;
@@ -135,7 +158,7 @@ pub(crate) fn loss_and_grads(net: &PluginNet, head: &FrozenHead, batch: &MlpBatc
         .map(|(blk, ((dz, coef), da2))| {
             let rows = blk * BLOCK..blk * BLOCK + coef.len();
             let out = RowOut { dz, coef, da2 };
-            row_terms(batch, rows, &zv, &invv, &gv, d, gate_cost as f32, out)
+            row_terms(batch, rows, &zv, &invv, gv.as_deref(), d, gate_cost, out)
         })
         .collect();
     let loss: f64 = partial.iter().sum();
@@ -147,11 +170,11 @@ pub(crate) fn loss_and_grads(net: &PluginNet, head: &FrozenHead, batch: &MlpBatc
     // The gate's gradients (its input is constant: the side state enters it detached) do not
     // depend on the side's: they run beside them.
     let w2 = &net.gate.w2;
-    let gate_grads = || {
+    let gate_grads = |(a1, q, _): (Tensor<2>, Tensor<2>, Tensor<2>)| {
         let (dw2, db2) = (q.transpose().matmul(da2.clone()), col_sum(da2.clone()));
         let da1 = da2.matmul(w2.weight.val().inner().transpose()) * a1.greater_elem(0.0).float();
         let mut dw1 = h.transpose().matmul(da1.clone() * inv_h) * nw;
-        if gate_uses_side {
+        if gate.is_some_and(|g| g.uses_side) {
             dw1 = Tensor::cat(vec![dw1, s_last.clone().transpose().matmul(da1.clone())], 0);
         }
         (dw2, db2, dw1, col_sum(da1))
@@ -188,13 +211,19 @@ pub(crate) fn loss_and_grads(net: &PluginNet, head: &FrozenHead, batch: &MlpBatc
         }
         out
     };
-    let (side_out, (dw2, db2, dw1, db1)) = rayon::join(side_grads, gate_grads);
     let mut grads = Grads(GradientsParams::new());
+    let side_out = match gate_fwd {
+        Some(fwd) => {
+            let (side_out, (dw2, db2, dw1, db1)) = rayon::join(side_grads, || gate_grads(fwd));
+            grads.linear(w2, dw2, db2);
+            grads.linear(&net.gate.w1, dw1, db1);
+            side_out
+        }
+        None => side_grads(),
+    };
     for (l, dw, db) in side_out {
         grads.linear(l, dw, db);
     }
-    grads.linear(w2, dw2, db2);
-    grads.linear(&net.gate.w1, dw1, db1);
     (loss, grads.0)
 }
 
@@ -205,9 +234,19 @@ struct RowOut<'a> {
     da2: &'a mut [f32],
 }
 
-/// The per-row part of `loss_and_grads` for `rows` (`z` is `[N, v]`); returns their loss.
+/// The per-row part of `loss_and_grads` for `rows` (`z` is `[N, v]`, `gv` the gate's values
+/// when it trains); returns their loss.
 #[allow(clippy::too_many_arguments)]
-fn row_terms(batch: &MlpBatch<'_>, rows: std::ops::Range<usize>, zv: &[f32], invv: &[f32], gv: &[f32], d: usize, gate_cost: f32, out: RowOut<'_>) -> f64 {
+fn row_terms(
+    batch: &MlpBatch<'_>,
+    rows: std::ops::Range<usize>,
+    zv: &[f32],
+    invv: &[f32],
+    gv: Option<&[f32]>,
+    d: usize,
+    gate_cost: f32,
+    out: RowOut<'_>,
+) -> f64 {
     let v = zv.len() / invv.len();
     let mut loss = 0.0f64;
     let mut e = vec![0.0f32; v];
@@ -237,6 +276,7 @@ fn row_terms(batch: &MlpBatch<'_>, rows: std::ops::Range<usize>, zv: &[f32], inv
         }
         // inv = (|y|^2 / d + eps)^-1/2: d inv / dy = -inv^3 y / d.
         out.coef[r] = -dinv * inv * inv * inv / d as f32;
+        let Some(gv) = gv else { continue };
         let (gi, e_ls, e_lb) = (gv[i], lp_t.exp(), batch.bb_logp[i].exp());
         let mix = gi * e_ls + (1.0 - gi) * e_lb;
         let right = batch.bb_right[i];

@@ -93,6 +93,13 @@ pub struct GateNet {
     pub w2: Linear,
 }
 
+impl GateNet {
+    /// `g = sigmoid(w2(relu(w1(x))))`, `[B, T, in] -> [B, T, 1]`.
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        sigmoid(lin(&self.w2, relu(lin(&self.w1, x))))
+    }
+}
+
 #[derive(Module, Debug)]
 pub struct PluginNet {
     pub side: SideNet,
@@ -152,7 +159,7 @@ impl PluginNet {
             Some(s) => Tensor::cat(vec![h_last_normed, s], 2),
             None => h_last_normed,
         };
-        sigmoid(lin(&self.gate.w2, relu(lin(&self.gate.w1, x))))
+        self.gate.forward(x)
     }
 
     pub fn forward(&self, taps: &[Tensor<3>], h_last: Tensor<3>, head: &FrozenHead, gate_uses_side: bool) -> PluginOutput {
@@ -161,7 +168,12 @@ impl PluginNet {
 
     /// `h_last + up(s) + personal(s)`: the side plugin's hidden state, without the gate.
     pub fn side_hidden(&self, taps: &[Tensor<3>], h_last: Tensor<3>) -> Tensor<3> {
-        h_last + lin_sum(&self.side.up, &self.personal, self.side_state(taps))
+        self.side_hidden_from_state(self.side_state(taps), h_last)
+    }
+
+    /// The same from the side state `s`.
+    pub fn side_hidden_from_state(&self, s: Tensor<3>, h_last: Tensor<3>) -> Tensor<3> {
+        h_last + lin_sum(&self.side.up, &self.personal, s)
     }
 
     fn output(&self, s: Tensor<3>, h_last: Tensor<3>, head: &FrozenHead, gate_uses_side: bool) -> PluginOutput {
@@ -179,14 +191,14 @@ pub struct Plugin {
     pub shape: SideShape,
 }
 
-struct Init(StdRng);
+pub(crate) struct Init(pub(crate) StdRng);
 
 impl Init {
     fn uniform(&mut self, n: usize, bound: f32) -> Vec<f32> {
         (0..n).map(|_| self.0.random_range(-bound..bound)).collect()
     }
 
-    fn linear(&mut self, din: usize, dout: usize, zero: bool, device: &Device) -> Linear {
+    pub(crate) fn linear(&mut self, din: usize, dout: usize, zero: bool, device: &Device) -> Linear {
         let bound = 1.0 / (din as f32).sqrt();
         let w = if zero { vec![0.0; din * dout] } else { self.uniform(din * dout, bound) };
         Linear {
