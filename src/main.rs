@@ -340,19 +340,22 @@ fn run_experiment(config: &Path, device: &spa_model::burn::tensor::Device) -> Re
     let bb = load_backbone_as(&dir, device, None).with_context(|| format!("loading the backbone from {}", dir.display()))?;
     let tok = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
     let tokens = ModelTokens::from_dir(&dir)?;
-    let users = cfg.users(Path::new("."))?;
+    let (users, left_out) = cfg.users(Path::new("."))?;
     eprintln!(
-        "{}: backbone {} ({} layers, d={}), {} devices, arms {:?}, seeds {:?}",
+        "{}: backbone {} ({} layers, d={}), {} devices ({} roles left out: in the backbone's pretraining), arms {:?}, seeds {:?}",
         cfg.name,
         dir.display(),
         bb.config.num_layers,
         bb.config.hidden_size,
         users.len(),
+        left_out.len(),
         cfg.arms.iter().map(|a| a.name()).collect::<Vec<_>>(),
         cfg.seeds
     );
     let model = spa::experiment::Model { backbone: &bb, tokenizer: &tok, tokens: &tokens, label: dir.display().to_string() };
-    Ok(spa::experiment::run(&cfg, &model, users, &mut |line| eprintln!("{line}"))?)
+    let mut result = spa::experiment::run(&cfg, &model, users, &mut |line| eprintln!("{line}"))?;
+    result.left_out = left_out;
+    Ok(result)
 }
 
 fn simulate(a: SimArgs, device: &spa_model::burn::tensor::Device) -> Result<()> {
@@ -371,6 +374,8 @@ fn simulate(a: SimArgs, device: &spa_model::burn::tensor::Device) -> Result<()> 
         dropout: a.dropout,
         clip: 1.0,
         seed: a.seed,
+        cohort: None,
+        eval_devices: 0,
     };
     eprintln!(
         "backbone {} ({} layers, d={}); {} synthetic devices, {} rounds, strategy {}, {:.0}% dropout after masking",
@@ -417,7 +422,8 @@ fn simulate(a: SimArgs, device: &spa_model::burn::tensor::Device) -> Result<()> 
     // Greedy decoding loops on a small character-level model; mild sampling reads better.
     let dec = Decoding { max_new: 80, sampling: Sampling { temperature: 0.5, top_k: 5, seed: a.seed }, stop: tokens.eos.clone() };
     for i in 0..a.show.min(sim.devices.len()) {
-        let ex = &sim.devices[i].data.test[0];
+        let features = sim.features(i)?;
+        let ex = &features.data.test[0];
         let prompt = tokens.prompt_ids(&tok, &ex.prompt, false)?;
         let body = PersonalModel::of_body(sim.plugin(i)?);
         let mut src = LocalStates::new(&bb, &body.body.shape.feature_layers)?;

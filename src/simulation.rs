@@ -5,6 +5,10 @@
 //! and quantization as the networked service), some devices drop after masking, and the
 //! coordinator decodes the sum and applies the server strategy. The networked round loop
 //! runs over gRPC in `quickstart`; the experiments (`experiment`) run their federated arms here.
+//!
+//! Devices' features come from a [`FeatureBank`]: all in memory ([`MemoryBank`]), or on disk
+//! and loaded per use ([`DiskBank`]), so that a federation of hundreds of devices with a
+//! cohort sampled per round holds only the cohort's features in memory.
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -47,15 +51,18 @@ pub struct SimConfig {
     /// Per-coordinate clip of updates before quantization.
     pub clip: f32,
     pub seed: u64,
+    /// Devices per round, sampled uniformly without replacement (LEAF's and production FL's
+    /// cohorts); None: every device every round.
+    pub cohort: Option<usize>,
+    /// Devices evaluated after each round (the first ones of the bank); 0: all.
+    pub eval_devices: usize,
 }
 
-/// One device: its private data (as cached backbone features) and private layers.
+/// One device: its name, weight in the aggregate (train examples) and private layers; its
+/// data and features are in the simulation's bank.
 pub struct SimDevice {
     pub name: String,
-    pub data: UserData,
-    train: Arc<FeatureSet>,
-    val: Option<Arc<FeatureSet>>,
-    test: Arc<FeatureSet>,
+    pub weight: usize,
     private: ParamSet,
 }
 
@@ -72,6 +79,10 @@ pub struct DeviceFeatures {
 
 /// Tokenizes each user's data and computes the backbone features `side` reads.
 pub fn device_features(backbone: &Backbone, tokenizer: &Tokenizer, users: Vec<UserData>, side: &SideConfig) -> Result<Vec<DeviceFeatures>> {
+    users.into_iter().map(|u| one_device(backbone, tokenizer, u, side)).collect()
+}
+
+fn one_device(backbone: &Backbone, tokenizer: &Tokenizer, u: UserData, side: &SideConfig) -> Result<DeviceFeatures> {
     let template = Plugin::new(side, &backbone.config, &backbone.device)?;
     let layers = template.shape.feature_layers.clone();
     let pos = positions_for(side.variant);
@@ -79,17 +90,132 @@ pub fn device_features(backbone: &Backbone, tokenizer: &Tokenizer, users: Vec<Us
     let feats = |ex: &[spa_model::data::Example]| -> Result<Arc<FeatureSet>> {
         Ok(Arc::new(extract_features(backbone, &tokenize_examples(tokenizer, ex, max_len)?, &layers, pos, 8)?))
     };
-    users
-        .into_iter()
-        .map(|u| {
-            let (train, test) = (feats(&u.train)?, feats(&u.test)?);
-            let val = if u.val.is_empty() { None } else { Some(feats(&u.val)?) };
-            if train.num_loss_tokens() == 0 || test.num_loss_tokens() == 0 || val.as_ref().is_some_and(|v| v.num_loss_tokens() == 0) {
-                return Err(SimError::Invalid(format!("device {} has no train, validation or test tokens", u.user)));
-            }
-            Ok(DeviceFeatures { data: u, train, val, test })
-        })
-        .collect()
+    let (train, test) = (feats(&u.train)?, feats(&u.test)?);
+    let val = if u.val.is_empty() { None } else { Some(feats(&u.val)?) };
+    if train.num_loss_tokens() == 0 || test.num_loss_tokens() == 0 || val.as_ref().is_some_and(|v| v.num_loss_tokens() == 0) {
+        return Err(SimError::Invalid(format!("device {} has no train, validation or test tokens", u.user)));
+    }
+    Ok(DeviceFeatures { data: u, train, val, test })
+}
+
+/// Devices' data and features, by index.
+pub trait FeatureBank: Send + Sync {
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    fn name(&self, i: usize) -> &str;
+    /// Train examples (the device's weight in an aggregate).
+    fn weight(&self, i: usize) -> usize;
+    fn get(&self, i: usize) -> Result<DeviceFeatures>;
+}
+
+/// Every device's features in memory.
+pub struct MemoryBank(pub Vec<DeviceFeatures>);
+
+impl FeatureBank for MemoryBank {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn name(&self, i: usize) -> &str {
+        &self.0[i].data.user
+    }
+    fn weight(&self, i: usize) -> usize {
+        self.0[i].data.train.len()
+    }
+    fn get(&self, i: usize) -> Result<DeviceFeatures> {
+        Ok(self.0[i].clone())
+    }
+}
+
+/// Every device's features computed once and written to a private temporary directory,
+/// read back per use: memory holds only the devices in use.
+pub struct DiskBank {
+    dir: tempfile::TempDir,
+    names: Vec<String>,
+    weights: Vec<usize>,
+}
+
+impl DiskBank {
+    /// Computes and writes each user's features, one user in memory at a time.
+    pub fn build(backbone: &Backbone, tokenizer: &Tokenizer, users: Vec<UserData>, side: &SideConfig) -> Result<Self> {
+        let dir = tempfile::tempdir().map_err(|e| SimError::Invalid(format!("feature bank directory: {e}")))?;
+        let (mut names, mut weights) = (Vec::new(), Vec::new());
+        for (i, u) in users.into_iter().enumerate() {
+            let d = one_device(backbone, tokenizer, u, side)?;
+            names.push(d.data.user.clone());
+            weights.push(d.data.train.len());
+            let path = dir.path().join(format!("{i}.bin"));
+            std::fs::write(&path, encode_device(&d)).map_err(|e| SimError::Invalid(format!("{}: {e}", path.display())))?;
+        }
+        Ok(Self { dir, names, weights })
+    }
+}
+
+impl FeatureBank for DiskBank {
+    fn len(&self) -> usize {
+        self.names.len()
+    }
+    fn name(&self, i: usize) -> &str {
+        &self.names[i]
+    }
+    fn weight(&self, i: usize) -> usize {
+        self.weights[i]
+    }
+    fn get(&self, i: usize) -> Result<DeviceFeatures> {
+        let path = self.dir.path().join(format!("{i}.bin"));
+        let bytes = std::fs::read(&path).map_err(|e| SimError::Invalid(format!("{}: {e}", path.display())))?;
+        decode_device(&bytes)
+    }
+}
+
+/// What a feature set is besides its examples.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SetHeader {
+    layers: Vec<usize>,
+    d: usize,
+    positions: spa_model::features::Positions,
+    examples: usize,
+}
+
+/// `u32 length | JSON user data`, then per set (train, val if any, test) `u32 length | JSON
+/// header` and its examples, each `u32 length | client feature-cache record`.
+fn encode_device(d: &DeviceFeatures) -> Vec<u8> {
+    fn chunk(out: &mut Vec<u8>, b: &[u8]) {
+        out.extend((b.len() as u32).to_le_bytes());
+        out.extend_from_slice(b);
+    }
+    let mut out = Vec::new();
+    chunk(&mut out, &serde_json::to_vec(&d.data).expect("serializes"));
+    for set in [Some(&d.train), d.val.as_ref(), Some(&d.test)].into_iter().flatten() {
+        let h = SetHeader { layers: set.layers.clone(), d: set.d, positions: set.positions, examples: set.examples.len() };
+        chunk(&mut out, &serde_json::to_vec(&h).expect("serializes"));
+        for e in &set.examples {
+            chunk(&mut out, &spa_client::store::encode_features(e));
+        }
+    }
+    out
+}
+
+fn decode_device(b: &[u8]) -> Result<DeviceFeatures> {
+    let bad = || SimError::Invalid("corrupt feature bank record".into());
+    let mut at = 0;
+    let mut next = || -> Result<&[u8]> {
+        let n = u32::from_le_bytes(b.get(at..at + 4).ok_or_else(bad)?.try_into().map_err(|_| bad())?) as usize;
+        let s = b.get(at + 4..at + 4 + n).ok_or_else(bad)?;
+        at += 4 + n;
+        Ok(s)
+    };
+    let data: UserData = serde_json::from_slice(next()?).map_err(|_| bad())?;
+    let mut sets = Vec::new();
+    for _ in 0..if data.val.is_empty() { 2 } else { 3 } {
+        let h: SetHeader = serde_json::from_slice(next()?).map_err(|_| bad())?;
+        let examples = (0..h.examples).map(|_| spa_client::store::decode_features(next()?).map_err(|_| bad())).collect::<Result<Vec<_>>>()?;
+        sets.push(Arc::new(FeatureSet { layers: h.layers, d: h.d, positions: h.positions, examples }));
+    }
+    let test = sets.pop().ok_or_else(bad)?;
+    let val = if sets.len() == 2 { sets.pop() } else { None };
+    Ok(DeviceFeatures { data, train: sets.pop().ok_or_else(bad)?, val, test })
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -115,6 +241,7 @@ pub struct Simulation<'a> {
     backbone: &'a Backbone,
     head: FrozenHead,
     pub config: SimConfig,
+    bank: Arc<dyn FeatureBank>,
     pub devices: Vec<SimDevice>,
     pub global: SharedParams,
     pub version: u64,
@@ -135,39 +262,70 @@ impl<'a> Simulation<'a> {
     /// A simulation over devices whose features are already computed (for `config.side`'s
     /// layers).
     pub fn with_features(backbone: &'a Backbone, data: Vec<DeviceFeatures>, config: SimConfig) -> Result<Self> {
-        if data.len() < 2 {
+        Self::with_bank(backbone, Arc::new(MemoryBank(data)), config)
+    }
+
+    /// A simulation over the devices of `bank`.
+    pub fn with_bank(backbone: &'a Backbone, bank: Arc<dyn FeatureBank>, config: SimConfig) -> Result<Self> {
+        let n = bank.len();
+        if n < 2 {
             return Err(SimError::Invalid("a federation needs at least 2 devices".into()));
         }
         if !(0.0..0.5).contains(&config.dropout) {
             return Err(SimError::Invalid(format!("dropout {} must be in [0, 0.5)", config.dropout)));
         }
+        if config.cohort.is_some_and(|c| c < 2 || c > n) {
+            return Err(SimError::Invalid(format!("a cohort of {:?} devices out of {n}: 2 to {n}", config.cohort)));
+        }
         config.local.validate()?;
         // A SecAgg+ client's self-mask needs t shares from other survivors: |U3| >= t + 1.
-        let t = SessionConfig::recommended(1, 0, data.len() as u32, 2)?.threshold as usize;
-        let survivors = data.len() - dropped_count(config.dropout, data.len());
+        let c = config.cohort.unwrap_or(n);
+        let t = SessionConfig::recommended(1, 0, c as u32, 2)?.threshold as usize;
+        let survivors = c - dropped_count(config.dropout, c);
         if survivors < t + 1 {
             return Err(SimError::Invalid(format!(
-                "dropout {} leaves {survivors} of {} devices; SecAgg+ needs at least {} survivors (threshold {t} + 1)",
+                "dropout {} leaves {survivors} of {c} devices; SecAgg+ needs at least {} survivors (threshold {t} + 1)",
                 config.dropout,
-                data.len(),
                 t + 1
             )));
         }
         let template = Plugin::new(&config.side, &backbone.config, &backbone.device)?;
         let (global, _) = template.split()?;
         let layers = template.shape.feature_layers.clone();
+        let first = bank.get(0)?;
+        if first.train.layers != layers {
+            return Err(SimError::Invalid(format!("device {}: features of layers {:?}, the plugin reads {layers:?}", first.data.user, first.train.layers)));
+        }
         let mut devices = Vec::new();
-        for (i, d) in data.into_iter().enumerate() {
-            if d.train.layers != layers {
-                return Err(SimError::Invalid(format!("device {}: features of layers {:?}, the plugin reads {layers:?}", d.data.user, d.train.layers)));
-            }
+        for i in 0..n {
             // Each device initialises its own private layers.
             let own = SideConfig { seed: config.seed.wrapping_add(1 + i as u64), ..config.side.clone() };
             let (_, private) = Plugin::new(&own, &backbone.config, &backbone.device)?.split()?;
-            devices.push(SimDevice { name: d.data.user.clone(), data: d.data, train: d.train, val: d.val, test: d.test, private });
+            devices.push(SimDevice { name: bank.name(i).to_string(), weight: bank.weight(i), private });
         }
         let optimizer = ServerOptimizer::new(config.strategy.clone())?;
-        Ok(Self { backbone, head: FrozenHead::device_copy(backbone), config, devices, global, version: 0, optimizer })
+        Ok(Self { backbone, head: FrozenHead::device_copy(backbone), config, bank, devices, global, version: 0, optimizer })
+    }
+
+    /// Device `i`'s data and features.
+    pub fn features(&self, i: usize) -> Result<DeviceFeatures> {
+        self.bank.get(i)
+    }
+
+    /// The devices of round `round`: a seeded sample of `cohort` of them, in index order.
+    fn cohort(&self, round: usize) -> Vec<usize> {
+        let n = self.devices.len();
+        let Some(c) = self.config.cohort.filter(|&c| c < n) else { return (0..n).collect() };
+        let mut rng = ChaCha20Rng::seed_from_u64(self.config.seed ^ 0xc0407 ^ (round as u64).wrapping_mul(0x2545_F491));
+        let mut idx: Vec<usize> = (0..n).collect();
+        // A partial Fisher-Yates shuffle: the first c are a uniform sample.
+        for k in 0..c {
+            let j = k + (rand_core::RngCore::next_u64(&mut rng) % (n - k) as u64) as usize;
+            idx.swap(k, j);
+        }
+        let mut chosen = idx[..c].to_vec();
+        chosen.sort_unstable();
+        chosen
     }
 
     /// A device's personalized plugin: the current global shared part + its private part.
@@ -180,9 +338,11 @@ impl<'a> Simulation<'a> {
         &self.head
     }
 
-    /// Each device's test metrics with the current global version.
+    /// Test metrics with the current global version of each evaluated device (the first
+    /// `config.eval_devices`, or all).
     pub fn evaluate_each(&self) -> Result<Vec<EvalMetrics>> {
-        (0..self.devices.len()).map(|i| Ok(evaluate(&self.plugin(i)?, &self.head, &self.devices[i].test, 2048)?)).collect()
+        let n = if self.config.eval_devices == 0 { self.devices.len() } else { self.config.eval_devices.min(self.devices.len()) };
+        (0..n).map(|i| Ok(evaluate(&self.plugin(i)?, &self.head, &self.bank.get(i)?.test, 2048)?)).collect()
     }
 
     /// Mean test metrics over all devices with the current global version.
@@ -190,16 +350,17 @@ impl<'a> Simulation<'a> {
         Ok(EvalMetrics::mean(&self.evaluate_each()?))
     }
 
-    /// One federated round over every device.
+    /// One federated round over the round's cohort.
     pub fn round(&mut self) -> Result<RoundReport> {
         let started = Instant::now();
         let round = self.version as usize + 1;
-        let n = self.devices.len();
+        let cohort = self.cohort(round);
+        let n = cohort.len();
         let mut deltas = Vec::with_capacity(n);
-        for i in 0..n {
+        for &i in &cohort {
             let plugin = self.plugin(i)?;
             let cfg = TrainConfig { seed: self.config.local.seed.wrapping_add(round as u64 * 1000 + i as u64), ..self.config.local.clone() };
-            let d = &self.devices[i];
+            let d = self.bank.get(i)?;
             let (trained, _) = match &d.val {
                 Some(val) => train_with_validation(plugin, &self.head, &d.train, val, &cfg, Some(&self.global), &mut |_| {})?,
                 None => train_plugin(plugin, &self.head, &d.train, &cfg, Some(&self.global), &mut |_| {})?,
@@ -211,7 +372,7 @@ impl<'a> Simulation<'a> {
         }
         let m = deltas[0].len();
         let mut session = SessionConfig::recommended(round as u64, self.version, n as u32, m as u64 + 1)?;
-        let w_max = self.devices.iter().map(|d| d.data.train.len() as u32).max().unwrap_or(1).max(1);
+        let w_max = cohort.iter().map(|&i| self.devices[i].weight as u32).max().unwrap_or(1).max(1);
         let Encoding::SignedTwosComplement { quant_bits, .. } = session.encoding else {
             return Err(SimError::Invalid("unexpected default encoding".into()));
         };
@@ -219,7 +380,7 @@ impl<'a> Simulation<'a> {
         session.validate()?;
         let quant = QuantParams { bits: quant_bits, clip: self.config.clip, w_max };
         let mut rng = ChaCha20Rng::seed_from_u64(self.config.seed ^ (round as u64).wrapping_mul(0x9E37_79B9));
-        let weights: Vec<u32> = self.devices.iter().map(|d| (d.data.train.len() as u32).min(w_max)).collect();
+        let weights: Vec<u32> = cohort.iter().map(|&i| (self.devices[i].weight as u32).min(w_max)).collect();
         let inputs = deltas.iter().zip(&weights).map(|(d, &w)| quant.encode(d, w, &mut rng)).collect::<std::result::Result<Vec<_>, _>>()?;
         let ids: Vec<u32> = (1..=n as u32).collect();
         let n_drop = dropped_count(self.config.dropout, n);

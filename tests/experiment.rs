@@ -108,6 +108,47 @@ fn every_arm_runs_and_the_report_is_written() {
     assert_eq!(String::from_utf8_lossy(&again.stdout), table);
 }
 
+/// A cohort sampled per round, and the devices' features on disk: the same numbers as in
+/// memory; the complete works' layout (a play in Gutenberg's form) as a corpus.
+#[test]
+fn cohorts_disk_features_and_the_works_corpus() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = CONFIG
+        .replace("seeds = [0, 1]", "seeds = [0]\ncohort = 3")
+        .replace("cross_users = 4", "cross_users = 0")
+        .replace("rouge_examples = 1", "rouge_examples = 0")
+        .replace("data_fractions = [0.5, 1.0]", "data_fractions = []");
+    let run = |name: &str, text: &str| -> serde_json::Value {
+        let cfg = write(dir.path(), name, text);
+        let out = spa(&["experiment", "--config", &cfg, "--json"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let losses = |r: &serde_json::Value| r["arms"].as_array().unwrap().iter().map(|a| (a["arm"].clone(), a["mean"]["loss"].clone())).collect::<Vec<_>>();
+    let memory = run("memory.toml", &small);
+    let disk = run("disk.toml", &small.replace("cohort = 3", "cohort = 3\nfeatures_on_disk = true"));
+    assert_eq!(losses(&memory), losses(&disk));
+    // Three rounds of a cohort of 3 out of 4 federated devices.
+    assert_eq!(memory["arms"].as_array().unwrap().iter().find(|a| a["arm"] == "global").unwrap()["runs"][0]["curve"].as_array().unwrap().len(), 3);
+
+    let plays = dir.path().join("plays");
+    std::fs::create_dir(&plays).unwrap();
+    let mut play = String::from("A PLAY\n\nACT I.\n\n");
+    for i in 0..30 {
+        for (who, line) in [("Ann", "my lord, the morning comes"), ("Bob", "and so it does, my lady"), ("Cy", "we shall see")] {
+            play.push_str(&format!("{who}.\n{line}, {i} times over.\n\n"));
+        }
+    }
+    std::fs::write(plays.join("a_play_gut.txt"), &play).unwrap();
+    let works = small.replace(
+        "kind = \"synthetic\"\ndevices = 5\nexamples = 25\nseed = 3",
+        &format!("kind = \"works\"\ndir = {:?}\nmin_speeches = 20", plays.to_str().unwrap()),
+    );
+    let r = run("works.toml", &works.replace("cohort = 3\n", "holdout = 0.0\n"));
+    let names: Vec<&str> = r["devices"].as_array().unwrap().iter().map(|d| d.as_str().unwrap()).collect();
+    assert_eq!(names, ["a_play/ANN", "a_play/BOB", "a_play/CY"]);
+}
+
 #[test]
 fn bad_configs_are_refused_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();

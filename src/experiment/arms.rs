@@ -3,6 +3,7 @@
 //! every arm built on it (`global_ft`, `ditto`, `fedrep`, `knn_per`, the `spa_v2` stages);
 //! `fedprox` and `spa_v1` are federations of their own; `local` trains each device alone.
 //! Every arm is scored the same way: its [`PersonalModel`] on the device's test split.
+use std::sync::Arc;
 use std::time::Instant;
 
 use spa_model::data::Example;
@@ -15,25 +16,41 @@ use super::config::Arm;
 use super::extras::{self, Extras};
 use super::stats::{rouge_l, rouge_n};
 use super::{DeviceResult, ExperimentConfig, Model, Result, Rouge, RoundPoint, SeedRun};
-use crate::simulation::{DeviceFeatures, SimConfig, Simulation};
+use crate::simulation::{DeviceFeatures, FeatureBank, SimConfig, Simulation};
 
 pub struct Context<'a> {
     pub cfg: &'a ExperimentConfig,
     pub model: &'a Model<'a>,
     /// Devices that take part in the federations, and newcomers held out of them.
-    pub fed: &'a [DeviceFeatures],
-    pub new: &'a [DeviceFeatures],
+    pub fed: Arc<dyn FeatureBank>,
+    pub new: Arc<dyn FeatureBank>,
 }
 
 impl Context<'_> {
-    /// Every device, newcomers last, with whether it is one.
-    fn all(&self) -> impl Iterator<Item = (&DeviceFeatures, bool)> {
-        self.fed.iter().map(|d| (d, false)).chain(self.new.iter().map(|d| (d, true)))
+    /// How many devices there are, newcomers included.
+    pub fn len(&self) -> usize {
+        self.fed.len() + self.new.len()
+    }
+
+    /// Device `i` of [`Self::len`] (newcomers after the federated ones): its features, and
+    /// whether it is a newcomer. Loaded per use (a disk bank keeps memory to what is in use).
+    pub fn device(&self, i: usize) -> Result<(DeviceFeatures, bool)> {
+        let nf = self.fed.len();
+        Ok(if i < nf { (self.fed.get(i)?, false) } else { (self.new.get(i - nf)?, true) })
     }
 
     fn head(&self) -> FrozenHead {
         FrozenHead::device_copy(self.model.backbone)
     }
+
+    /// The devices the per-round curves are measured on (the first federated ones).
+    fn curve_devices(&self) -> usize {
+        if self.cfg.eval_devices == 0 { self.fed.len() } else { self.cfg.eval_devices.min(self.fed.len()) }
+    }
+}
+
+fn val_of(d: &DeviceFeatures) -> &spa_model::features::FeatureSet {
+    d.val.as_ref().expect("experiment devices have a validation split")
 }
 
 /// Knobs chosen on the first seed, reused by the others.
@@ -117,7 +134,7 @@ pub fn run_seed(ctx: &Context, seed: u64, tuned: &mut Tuned, first: bool, progre
     if wants(Arm::Fedprox) {
         let t = Instant::now();
         let (sim, curve) = tuned_federation(ctx, Arm::Fedprox, seed, tuned, progress)?;
-        let models = vec![PersonalModel::of_body(sim.plugin(0)?); ctx.fed.len() + ctx.new.len()];
+        let models = vec![PersonalModel::of_body(sim.plugin(0)?); ctx.len()];
         done(Arm::Fedprox, scored(ctx, Arm::Fedprox, seed, &models, first, curve, t)?, progress);
     }
     if wants(Arm::SpaV1) {
@@ -139,11 +156,13 @@ fn scored(ctx: &Context, arm: Arm, seed: u64, models: &[PersonalModel], first: b
     let head = ctx.head();
     let mut devices = Vec::new();
     let rouge_on = first && ctx.cfg.rouge_examples > 0 && ctx.cfg.rouge_arms.contains(&arm);
-    for ((d, held_out), m) in ctx.all().zip(models) {
+    for (i, m) in models.iter().enumerate() {
+        let (d, held_out) = ctx.device(i)?;
         let threshold = if arm == Arm::Backbone { gate::NEVER } else { m.threshold };
         let s = m.score(&head, &d.test)?.at(threshold);
         let speaker = (arm != Arm::Backbone).then_some(m);
-        let rouge = if rouge_on { Some(device_rouge(ctx, &head, speaker, &d.data.test)?) } else { None };
+        let rouge_here = rouge_on && !held_out && (ctx.cfg.rouge_devices == 0 || i < ctx.cfg.rouge_devices);
+        let rouge = if rouge_here { Some(device_rouge(ctx, &head, speaker, &d.data.test)?) } else { None };
         devices.push(DeviceResult {
             device: d.data.user.clone(),
             held_out,
@@ -161,7 +180,7 @@ fn scored(ctx: &Context, arm: Arm, seed: u64, models: &[PersonalModel], first: b
 fn backbone_models(ctx: &Context, seed: u64) -> Result<Vec<PersonalModel>> {
     let bb = ctx.model.backbone;
     let p = Plugin::new(&SideConfig { seed, ..ctx.cfg.side.clone() }, &bb.config, &bb.device)?;
-    Ok(vec![PersonalModel::of_body(p); ctx.fed.len() + ctx.new.len()])
+    Ok(vec![PersonalModel::of_body(p); ctx.len()])
 }
 
 fn train_cfg(ctx: &Context, objective: Objective, lr: f64, seed: u64) -> TrainConfig {
@@ -169,14 +188,16 @@ fn train_cfg(ctx: &Context, objective: Objective, lr: f64, seed: u64) -> TrainCo
     TrainConfig { objective, lr, seed, gate_cost, val_fraction: 0.0, ..ctx.cfg.local.clone() }
 }
 
-/// Each device alone from a fresh side network: `rounds` calls of `local.epochs` epochs,
-/// each keeping its best epoch on validation; the learning rate tuned on the first seed.
+/// Each device alone from a fresh side network: as many calls of `local.epochs` epochs as a
+/// federated device trains in rounds (`rounds`, or its expected share of them with a sampled
+/// cohort), each keeping its best epoch on validation; the learning rate tuned on the first
+/// seed.
 fn local(ctx: &Context, seed: u64, tuned: &mut Tuned, progress: &mut dyn FnMut(&str)) -> Result<(Vec<PersonalModel>, Vec<RoundPoint>)> {
     let lrs = if tuned.local_lr.is_some() || ctx.cfg.tune.lrs.is_empty() { vec![tuned.local_lr.unwrap_or(ctx.cfg.local.lr)] } else { ctx.cfg.tune.lrs.clone() };
     let mut best: Option<(f64, Vec<PersonalModel>, Vec<RoundPoint>, f64)> = None;
     for &lr in &lrs {
         let (models, curve) = local_at(ctx, seed, lr)?;
-        let val = mean_val_loss(ctx, &models, ctx.fed.len())?;
+        let val = mean_val_loss(ctx, &models)?;
         if lrs.len() > 1 {
             progress(&format!("seed {seed} local lr {lr}: validation loss {val:.4}"));
         }
@@ -192,43 +213,46 @@ fn local(ctx: &Context, seed: u64, tuned: &mut Tuned, progress: &mut dyn FnMut(&
 fn local_at(ctx: &Context, seed: u64, lr: f64) -> Result<(Vec<PersonalModel>, Vec<RoundPoint>)> {
     let started = Instant::now();
     let (bb, head) = (ctx.model.backbone, ctx.head());
-    let all: Vec<(&DeviceFeatures, bool)> = ctx.all().collect();
-    let mut plugins = all
-        .iter()
-        .enumerate()
-        .map(|(i, _)| Plugin::new(&SideConfig { seed: seed.wrapping_add(1 + i as u64), ..ctx.cfg.side.clone() }, &bb.config, &bb.device))
+    let mut plugins = (0..ctx.len())
+        .map(|i| Plugin::new(&SideConfig { seed: seed.wrapping_add(1 + i as u64), ..ctx.cfg.side.clone() }, &bb.config, &bb.device))
         .collect::<spa_model::Result<Vec<_>>>()?;
     let mut curve = vec![point(ctx, 0, &plugins, &head, started)?];
-    for r in 1..=ctx.cfg.rounds {
-        for (i, (p, (d, _))) in plugins.iter_mut().zip(&all).enumerate() {
+    let calls = match ctx.cfg.cohort {
+        Some(c) => (ctx.cfg.rounds * c).div_ceil(ctx.fed.len()).max(1),
+        None => ctx.cfg.rounds,
+    };
+    for r in 1..=calls {
+        for (i, p) in plugins.iter_mut().enumerate() {
             let tc = train_cfg(ctx, Objective::Side, lr, seed.wrapping_add(r as u64 * 1000 + i as u64));
-            let val = d.val.as_ref().expect("experiment devices have a validation split");
-            *p = train_with_validation(p.clone(), &head, &d.train, val, &tc, None, &mut |_| {})?.0;
+            let (d, _) = ctx.device(i)?;
+            *p = train_with_validation(p.clone(), &head, &d.train, val_of(&d), &tc, None, &mut |_| {})?.0;
         }
         curve.push(point(ctx, r, &plugins, &head, started)?);
     }
     Ok((plugins.into_iter().map(PersonalModel::of_body).collect(), curve))
 }
 
-/// Mean test loss and accuracy over the federated devices of their plugins speaking always.
+/// Mean test loss and accuracy over the curve's devices of their plugins speaking always.
 fn point(ctx: &Context, round: usize, plugins: &[Plugin], head: &FrozenHead, started: Instant) -> Result<RoundPoint> {
     let (mut loss, mut acc) = (0.0, 0.0);
-    for (p, d) in plugins.iter().zip(ctx.fed) {
-        let s = PersonalModel::of_body(p.clone()).score(head, &d.test)?.at(gate::ALWAYS);
+    let n = ctx.curve_devices();
+    for (i, p) in plugins.iter().enumerate().take(n) {
+        let s = PersonalModel::of_body(p.clone()).score(head, &ctx.fed.get(i)?.test)?.at(gate::ALWAYS);
         loss += s.loss;
         acc += s.accuracy;
     }
-    let n = ctx.fed.len().max(1) as f64;
+    let n = n.max(1) as f64;
     Ok(RoundPoint { round, loss: loss / n, accuracy: acc / n, seconds: started.elapsed().as_secs_f64() })
 }
 
-/// The mean validation loss of the first `n` devices' models, as they speak.
-fn mean_val_loss(ctx: &Context, models: &[PersonalModel], n: usize) -> Result<f64> {
+/// The mean validation loss of the federated devices' models (the first of `models`), as
+/// they speak.
+fn mean_val_loss(ctx: &Context, models: &[PersonalModel]) -> Result<f64> {
     let head = ctx.head();
+    let n = ctx.fed.len();
     let mut sum = 0.0;
-    for (m, (d, _)) in models.iter().zip(ctx.all()).take(n) {
-        let val = d.val.as_ref().expect("experiment devices have a validation split");
-        sum += m.score(&head, val)?.at(m.threshold).loss;
+    for (i, m) in models.iter().enumerate().take(n) {
+        sum += m.score(&head, val_of(&ctx.fed.get(i)?))?.at(m.threshold).loss;
     }
     Ok(sum / n.max(1) as f64)
 }
@@ -265,7 +289,7 @@ fn tuned_federation<'a>(
         } else {
             vec![PersonalModel::of_body(sim.plugin(0)?); ctx.fed.len()]
         };
-        let val = if grid.len() > 1 { mean_val_loss(ctx, &models, ctx.fed.len())? } else { 0.0 };
+        let val = if grid.len() > 1 { mean_val_loss(ctx, &models)? } else { 0.0 };
         if grid.len() > 1 {
             progress(&format!("seed {seed} {} lr {lr} mu {mu}: validation loss {val:.4}", arm.name()));
         }
@@ -294,9 +318,11 @@ fn federate<'a>(ctx: &Context<'a>, arm: Arm, seed: u64, lr: f64, mu: f64) -> Res
         dropout: cfg.dropout,
         clip: cfg.clip,
         seed,
+        cohort: cfg.cohort,
+        eval_devices: ctx.curve_devices(),
     };
     let started = Instant::now();
-    let mut sim = Simulation::with_features(ctx.model.backbone, ctx.fed.to_vec(), sim_cfg)?;
+    let mut sim = Simulation::with_bank(ctx.model.backbone, ctx.fed.clone(), sim_cfg)?;
     let pick = |m: &spa_model::train::EvalMetrics| if objective == Objective::Gated { (m.routed_loss, m.routed_acc) } else { (m.side_loss, m.side_acc) };
     let at = |round: usize, all: &[spa_model::train::EvalMetrics]| {
         let n = all.len().max(1) as f64;
@@ -314,11 +340,10 @@ fn federate<'a>(ctx: &Context<'a>, arm: Arm, seed: u64, lr: f64, mu: f64) -> Res
 /// The personal fit of every device (federated, then newcomers) against `body`.
 fn fit_all(ctx: &Context, body: &Plugin, seed: u64) -> Result<Vec<Fit>> {
     let head = ctx.head();
-    ctx.all()
-        .enumerate()
-        .map(|(i, (d, _))| {
-            let val = d.val.as_ref().expect("experiment devices have a validation split");
-            Ok(fit(body, &head, &d.train, val, &ctx.cfg.personal, seed.wrapping_add(7 * i as u64))?)
+    (0..ctx.len())
+        .map(|i| {
+            let (d, _) = ctx.device(i)?;
+            Ok(fit(body, &head, &d.train, val_of(&d), &ctx.cfg.personal, seed.wrapping_add(7 * i as u64))?)
         })
         .collect()
 }

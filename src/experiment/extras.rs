@@ -73,17 +73,18 @@ pub fn measure(ctx: &Context, body: &Plugin, fits: &[Fit], seed: u64, progress: 
     let n = ctx.cfg.cross_users.min(ctx.fed.len());
     if n >= 2 {
         let mut loss = vec![vec![0.0; n]; n];
-        for (i, m) in v2.iter().take(n).enumerate() {
-            for (j, d) in ctx.fed.iter().take(n).enumerate() {
-                loss[i][j] = m.score(&head, &d.test)?.at(m.threshold).loss;
+        for j in 0..n {
+            let test = ctx.fed.get(j)?.test;
+            for (i, m) in v2.iter().take(n).enumerate() {
+                loss[i][j] = m.score(&head, &test)?.at(m.threshold).loss;
             }
         }
         let own_best = (0..n).filter(|&j| (0..n).all(|i| loss[j][j] <= loss[i][j])).count();
         let diag = (0..n).map(|i| loss[i][i]).sum::<f64>() / n as f64;
         let off = (0..n).flat_map(|i| (0..n).filter(move |&j| j != i).map(move |j| (i, j))).map(|(i, j)| loss[i][j]).sum::<f64>() / (n * (n - 1)) as f64;
         progress(&format!("cross-user matrix of {n} users: own model best on {own_best}/{n} test sets, diagonal {diag:.4} vs off-diagonal {off:.4}"));
-        out.cross_user =
-            Some(CrossUser { users: ctx.fed[..n].iter().map(|d| d.data.user.clone()).collect(), loss, own_best, mean_diagonal: diag, mean_off_diagonal: off });
+        let users = (0..n).map(|i| ctx.fed.name(i).to_string()).collect();
+        out.cross_user = Some(CrossUser { users, loss, own_best, mean_diagonal: diag, mean_off_diagonal: off });
     }
     out.side_curve = side_curve(&v2, &head, ctx)?;
     for &fraction in ctx.cfg.data_fractions.iter().filter(|_| !ctx.new.is_empty()) {
@@ -122,8 +123,8 @@ fn choices(fits: &[Fit], models: &[PersonalModel]) -> Choices {
 fn side_curve(models: &[PersonalModel], head: &spa_model::side::FrozenHead, ctx: &Context) -> Result<Vec<SidePoint>> {
     const STEPS: usize = 20;
     let mut acc = vec![(0.0f64, 0.0f64); STEPS + 1];
-    for (m, d) in models.iter().zip(ctx.fed) {
-        let s = m.score(head, &d.test)?;
+    for (i, m) in models.iter().enumerate() {
+        let s = m.score(head, &ctx.fed.get(i)?.test)?;
         let mut g = s.gate.clone();
         g.sort_by(f32::total_cmp);
         for (q, a) in acc.iter_mut().enumerate() {
@@ -152,7 +153,8 @@ fn fraction_point(ctx: &Context, body: &Plugin, head: &spa_model::side::FrozenHe
         [(Arm::Global, Stage::Global), (Arm::GlobalFt, Stage::Candidate("finetune")), (Arm::KnnPer, Stage::KnnGlobal), (Arm::SpaV2, Stage::Gated(Route::Best))];
     let mut loss = vec![0.0; arms.len()];
     let mut examples = 0usize;
-    for (i, d) in ctx.new.iter().enumerate() {
+    for i in 0..ctx.new.len() {
+        let d = ctx.new.get(i)?;
         let train = Arc::new(head_of(&d.train, fraction));
         examples += train.examples.len();
         let val = d.val.as_ref().expect("experiment devices have a validation split");

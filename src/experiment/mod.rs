@@ -16,6 +16,7 @@ pub mod extras;
 pub mod report;
 pub mod stats;
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -27,7 +28,7 @@ use spa_model::tokenizer::{ModelTokens, Tokenizer};
 
 pub use config::{Arm, ExperimentConfig};
 
-use crate::simulation::{SimError, device_features};
+use crate::simulation::{DiskBank, FeatureBank, MemoryBank, SimError, device_features};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExperimentError {
@@ -177,6 +178,9 @@ pub struct ExperimentResult {
     pub backbone: String,
     pub devices: Vec<String>,
     pub newcomers: Vec<String>,
+    /// Roles of the corpus left out because the backbone was pretrained on their text.
+    #[serde(default)]
+    pub left_out: Vec<String>,
     pub seeds: Vec<u64>,
     pub rounds: usize,
     pub local_epochs: usize,
@@ -201,19 +205,26 @@ pub struct Model<'a> {
 pub fn run(cfg: &ExperimentConfig, model: &Model, users: Vec<spa_model::data::UserData>, progress: &mut dyn FnMut(&str)) -> Result<ExperimentResult> {
     let started = Instant::now();
     let users = users.into_iter().map(|u| u.with_validation(cfg.val_fraction, cfg.min_val)).collect::<spa_model::Result<Vec<_>>>()?;
-    let data = device_features(model.backbone, model.tokenizer, users, &cfg.side)?;
-    progress(&format!("features of {} devices computed in {:.1} s", data.len(), started.elapsed().as_secs_f64()));
     // Newcomers: every k-th device, so they spread over the ranking of roles.
-    let n_new = (cfg.holdout * data.len() as f64).round() as usize;
-    let every = data.len().checked_div(n_new);
+    let n_new = (cfg.holdout * users.len() as f64).round() as usize;
+    let every = users.len().checked_div(n_new);
     let (mut fed, mut new) = (Vec::new(), Vec::new());
-    for (i, d) in data.into_iter().enumerate() {
-        if every.is_some_and(|e| i % e == e - 1) && new.len() < n_new { new.push(d) } else { fed.push(d) }
+    for (i, u) in users.into_iter().enumerate() {
+        if every.is_some_and(|e| i % e == e - 1) && new.len() < n_new { new.push(u) } else { fed.push(u) }
     }
     if fed.len() < 2 {
         return Err(ExperimentError::Config(format!("{} devices left to federate after the holdout; at least 2", fed.len())));
     }
-    let ctx = arms::Context { cfg, model, fed: &fed, new: &new };
+    let bank = |users: Vec<spa_model::data::UserData>| -> Result<Arc<dyn FeatureBank>> {
+        Ok(if cfg.features_on_disk {
+            Arc::new(DiskBank::build(model.backbone, model.tokenizer, users, &cfg.side)?)
+        } else {
+            Arc::new(MemoryBank(device_features(model.backbone, model.tokenizer, users, &cfg.side)?))
+        })
+    };
+    let (fed, new) = (bank(fed)?, bank(new)?);
+    progress(&format!("features of {} devices computed in {:.1} s", fed.len() + new.len(), started.elapsed().as_secs_f64()));
+    let ctx = arms::Context { cfg, model, fed: fed.clone(), new: new.clone() };
     let mut runs: Vec<(Arm, Vec<SeedRun>)> = cfg.arms.iter().map(|&a| (a, Vec::new())).collect();
     let mut tuned = arms::Tuned::default();
     let mut extras = extras::Extras::default();
@@ -242,8 +253,9 @@ pub fn run(cfg: &ExperimentConfig, model: &Model, users: Vec<spa_model::data::Us
     Ok(ExperimentResult {
         name: cfg.name.clone(),
         backbone: model.label.clone(),
-        devices: fed.iter().map(|d| d.data.user.clone()).collect(),
-        newcomers: new.iter().map(|d| d.data.user.clone()).collect(),
+        devices: (0..fed.len()).map(|i| fed.name(i).to_string()).collect(),
+        newcomers: (0..new.len()).map(|i| new.name(i).to_string()).collect(),
+        left_out: vec![],
         seeds: cfg.seeds.clone(),
         rounds: cfg.rounds,
         local_epochs: cfg.local.epochs,

@@ -209,6 +209,9 @@ pub fn markdown(r: &ExperimentResult) -> String {
         r.seeds,
         if tuned.is_empty() { String::new() } else { format!(", tuned on seed {}: {}", r.seeds[0], tuned.join(", ")) }
     );
+    if !r.left_out.is_empty() {
+        let _ = writeln!(s, "{} roles left out: the backbone was pretrained on their text ({}).\n", r.left_out.len(), r.left_out.join(", "));
+    }
     arms_table(&mut s, r);
     rouge_table(&mut s, r);
     comparison_table(&mut s, r);

@@ -161,6 +161,37 @@ pub fn leaf_users(speeches: &[Speech], roles: &[String], limits: ExampleLimits, 
         .collect()
 }
 
+/// LEAF's partition of the complete works: one user per (play, role) with at least
+/// `min_speeches` speeches, named `play/ROLE`, from `(play name, Gutenberg text)` pairs. With
+/// `seen` (a corpus a backbone was pretrained on), roles a fifth or more of whose speeches
+/// open with a line of that corpus are left out and returned apart.
+pub fn works_users(
+    plays: &[(String, String)],
+    min_speeches: usize,
+    limits: ExampleLimits,
+    train_frac: f64,
+    seen: Option<&str>,
+) -> (Vec<UserData>, Vec<String>) {
+    let seen_lines: HashSet<&str> = seen.map(|t| t.lines().map(str::trim).filter(|l| l.len() >= 20).collect()).unwrap_or_default();
+    let (mut users, mut left_out) = (Vec::new(), Vec::new());
+    for (play, text) in plays {
+        let speeches = parse_gutenberg_play(text);
+        for role in rank_roles(&speeches).into_iter().filter(|r| r.speeches >= min_speeches) {
+            let name = format!("{play}/{}", role.name);
+            let theirs: Vec<&Speech> = speeches.iter().filter(|s| s.speaker == role.name).collect();
+            let known = theirs.iter().filter(|s| s.text.lines().next().is_some_and(|l| seen_lines.contains(l.trim()))).count();
+            if !seen_lines.is_empty() && known * 5 >= theirs.len() {
+                left_out.push(name);
+                continue;
+            }
+            let mut u = leaf_users(&speeches, std::slice::from_ref(&role.name), limits, train_frac).remove(0);
+            u.user = name;
+            users.push(u);
+        }
+    }
+    (users, left_out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,6 +223,26 @@ mod tests {
         let sp = parse_gutenberg_play(play);
         let got: Vec<(&str, &str)> = sp.iter().map(|s| (s.speaker.as_str(), s.text.as_str())).collect();
         assert_eq!(got, [("BER", "Who's there?"), ("FRAN", "Nay, answer me:  stand,\nand unfold yourself."), ("FIRST CITIZEN", "Speak.")]);
+    }
+
+    #[test]
+    fn works_users_are_play_roles_and_seen_roles_are_left_out() {
+        let speech = |who: &str, i: usize| format!("{who}.\nThe {i}th line that {who} speaks today, friends.\n\n");
+        let mut play = String::from("ACT I.\n\n");
+        for i in 0..6 {
+            play.push_str(&speech("Ann", i));
+            play.push_str(&speech("Bob", i));
+        }
+        play.push_str(&speech("Cat", 0));
+        let plays = vec![("a_play".to_string(), play)];
+        let (users, left) = works_users(&plays, 5, ExampleLimits::default(), 0.5, None);
+        let names: Vec<&str> = users.iter().map(|u| u.user.as_str()).collect();
+        assert_eq!((names, left.len()), (vec!["a_play/ANN", "a_play/BOB"], 0));
+        assert_eq!(users[0].train.len() + users[0].test.len(), 6);
+        // Bob's lines are in the pretraining text: Bob is left out.
+        let seen: String = (0..3).map(|i| format!("The {i}th line that Bob speaks today, friends.\n")).collect();
+        let (users, left) = works_users(&plays, 5, ExampleLimits::default(), 0.5, Some(&seen));
+        assert_eq!((users.len(), left), (1, vec!["a_play/BOB".to_string()]));
     }
 
     #[test]
