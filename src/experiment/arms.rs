@@ -28,11 +28,11 @@ pub struct Context<'a> {
 
 impl Context<'_> {
     /// How many devices there are, newcomers included.
-    pub fn len(&self) -> usize {
+    pub fn devices(&self) -> usize {
         self.fed.len() + self.new.len()
     }
 
-    /// Device `i` of [`Self::len`] (newcomers after the federated ones): its features, and
+    /// Device `i` of [`Self::devices`] (newcomers after the federated ones): its features, and
     /// whether it is a newcomer. Loaded per use (a disk bank keeps memory to what is in use).
     pub fn device(&self, i: usize) -> Result<(DeviceFeatures, bool)> {
         let nf = self.fed.len();
@@ -134,7 +134,7 @@ pub fn run_seed(ctx: &Context, seed: u64, tuned: &mut Tuned, first: bool, progre
     if wants(Arm::Fedprox) {
         let t = Instant::now();
         let (sim, curve) = tuned_federation(ctx, Arm::Fedprox, seed, tuned, progress)?;
-        let models = vec![PersonalModel::of_body(sim.plugin(0)?); ctx.len()];
+        let models = vec![PersonalModel::of_body(sim.plugin(0)?); ctx.devices()];
         done(Arm::Fedprox, scored(ctx, Arm::Fedprox, seed, &models, first, curve, t)?, progress);
     }
     if wants(Arm::SpaV1) {
@@ -180,7 +180,7 @@ fn scored(ctx: &Context, arm: Arm, seed: u64, models: &[PersonalModel], first: b
 fn backbone_models(ctx: &Context, seed: u64) -> Result<Vec<PersonalModel>> {
     let bb = ctx.model.backbone;
     let p = Plugin::new(&SideConfig { seed, ..ctx.cfg.side.clone() }, &bb.config, &bb.device)?;
-    Ok(vec![PersonalModel::of_body(p); ctx.len()])
+    Ok(vec![PersonalModel::of_body(p); ctx.devices()])
 }
 
 fn train_cfg(ctx: &Context, objective: Objective, lr: f64, seed: u64) -> TrainConfig {
@@ -213,7 +213,7 @@ fn local(ctx: &Context, seed: u64, tuned: &mut Tuned, progress: &mut dyn FnMut(&
 fn local_at(ctx: &Context, seed: u64, lr: f64) -> Result<(Vec<PersonalModel>, Vec<RoundPoint>)> {
     let started = Instant::now();
     let (bb, head) = (ctx.model.backbone, ctx.head());
-    let mut plugins = (0..ctx.len())
+    let mut plugins = (0..ctx.devices())
         .map(|i| Plugin::new(&SideConfig { seed: seed.wrapping_add(1 + i as u64), ..ctx.cfg.side.clone() }, &bb.config, &bb.device))
         .collect::<spa_model::Result<Vec<_>>>()?;
     let mut curve = vec![point(ctx, 0, &plugins, &head, started)?];
@@ -340,7 +340,7 @@ fn federate<'a>(ctx: &Context<'a>, arm: Arm, seed: u64, lr: f64, mu: f64) -> Res
 /// The personal fit of every device (federated, then newcomers) against `body`.
 fn fit_all(ctx: &Context, body: &Plugin, seed: u64) -> Result<Vec<Fit>> {
     let head = ctx.head();
-    (0..ctx.len())
+    (0..ctx.devices())
         .map(|i| {
             let (d, _) = ctx.device(i)?;
             Ok(fit(body, &head, &d.train, val_of(&d), &ctx.cfg.personal, seed.wrapping_add(7 * i as u64))?)

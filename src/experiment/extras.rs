@@ -72,13 +72,13 @@ pub fn measure(ctx: &Context, body: &Plugin, fits: &[Fit], seed: u64, progress: 
     let mut out = Extras { choices: Some(choices(fed_fits, &v2)), ..Extras::default() };
     let n = ctx.cfg.cross_users.min(ctx.fed.len());
     if n >= 2 {
-        let mut loss = vec![vec![0.0; n]; n];
+        // Column j: every model on user j's test set (loaded once).
+        let mut columns = Vec::with_capacity(n);
         for j in 0..n {
             let test = ctx.fed.get(j)?.test;
-            for (i, m) in v2.iter().take(n).enumerate() {
-                loss[i][j] = m.score(&head, &test)?.at(m.threshold).loss;
-            }
+            columns.push(v2.iter().take(n).map(|m| Ok(m.score(&head, &test)?.at(m.threshold).loss)).collect::<Result<Vec<f64>>>()?);
         }
+        let loss: Vec<Vec<f64>> = (0..n).map(|i| columns.iter().map(|c| c[i]).collect()).collect();
         let own_best = (0..n).filter(|&j| (0..n).all(|i| loss[j][j] <= loss[i][j])).count();
         let diag = (0..n).map(|i| loss[i][i]).sum::<f64>() / n as f64;
         let off = (0..n).flat_map(|i| (0..n).filter(move |&j| j != i).map(move |j| (i, j))).map(|(i, j)| loss[i][j]).sum::<f64>() / (n * (n - 1)) as f64;
