@@ -187,6 +187,10 @@ pub struct ExperimentResult {
     /// Knobs tuned on the first seed (name, value).
     pub tuned: Vec<(String, f64)>,
     pub rouge_examples: usize,
+    /// The backbone's multiply-accumulates per token at a context of 128 (what the device
+    /// costs are set beside).
+    #[serde(default)]
+    pub backbone_macs: f64,
     pub arms: Vec<ArmResult>,
     pub comparisons: Vec<Comparison>,
     pub extras: extras::Extras,
@@ -261,6 +265,7 @@ pub fn run(cfg: &ExperimentConfig, model: &Model, users: Vec<spa_model::data::Us
         local_epochs: cfg.local.epochs,
         tuned: tuned.report(),
         rouge_examples: cfg.rouge_examples,
+        backbone_macs: model.backbone.config.macs_per_token(128),
         arms,
         comparisons,
         extras,

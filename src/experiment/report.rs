@@ -152,7 +152,8 @@ fn extras_text(s: &mut String, r: &ExperimentResult) {
     }
     let costs: Vec<_> = r.arms.iter().filter_map(|a| a.device_cost.as_ref().map(|c| (a.arm, c))).collect();
     if !costs.is_empty() {
-        let _ = writeln!(s, "\nDevice cost per token beside the backbone (mean over devices), and what a device holds:\n");
+        let beside = if r.backbone_macs > 0.0 { format!(" ({:.3e} MACs per token at a context of 128)", r.backbone_macs) } else { String::new() };
+        let _ = writeln!(s, "\nDevice cost per token beside the backbone's{beside} (mean over devices), and what a device holds:\n");
         let _ = writeln!(s, "| arm | side + gate MACs | extra head MACs | kNN MACs | datastore MB | private MB |");
         let _ = writeln!(s, "|---|---|---|---|---|---|");
         for (arm, c) in costs {
