@@ -59,7 +59,9 @@ pub enum AgentEvent {
     Trained { round_id: u64, version: u64, examples: usize, final_loss: f32 },
     Phase { round_id: u64, phase: &'static str },
     RoundFailed { round_id: u64, error: String },
-    Evaluated { round_id: u64, version: u64, backbone_loss: f64, personalized_loss: f64 },
+    /// Held-out loss of the backbone alone, the adopted body alone (the global adapter) and
+    /// the personal model fitted against it.
+    Evaluated { round_id: u64, version: u64, backbone_loss: f64, global_loss: f64, personalized_loss: f64 },
 }
 
 /// What every step needs: the connection, the served model, the config. The store is opened
@@ -296,8 +298,14 @@ async fn handle(ctx: &Ctx<'_>, current: &mut Option<InRound>, task: Option<Task>
         }
         Some(Task::Evaluate(t)) => {
             *current = None;
-            let (bl, pl) = evaluate_version(ctx, &t).await?;
-            on_event(AgentEvent::Evaluated { round_id: t.round_id, version: t.global_version, backbone_loss: bl, personalized_loss: pl });
+            let h = evaluate_version(ctx, &t).await?;
+            on_event(AgentEvent::Evaluated {
+                round_id: t.round_id,
+                version: t.global_version,
+                backbone_loss: h.backbone.loss,
+                global_loss: h.global.loss,
+                personalized_loss: h.model.loss,
+            });
             Ok(None)
         }
         Some(Task::Abort(t)) => {
@@ -397,7 +405,7 @@ async fn upload(s: &Session, round_id: u64, client_id: u32, lanes: &[u32], corru
 /// Adopts committed version `v` as the body, fits the personal model against it, saves
 /// both, evaluates on the held-out split (the training split for devices with fewer than
 /// ten examples) and reports the metrics.
-async fn evaluate_version(ctx: &Ctx<'_>, t: &EvaluateTask) -> Result<(f64, f64)> {
+async fn evaluate_version(ctx: &Ctx<'_>, t: &EvaluateTask) -> Result<crate::personal::Heldout> {
     let Ctx { home, s, m, cfg, device } = *ctx;
     let store = &ClientStore::open(home)?;
     let layout = Plugin::new(&cfg.side, &m.config, device)?.shared()?;
@@ -429,5 +437,5 @@ async fn evaluate_version(ctx: &Ctx<'_>, t: &EvaluateTask) -> Result<(f64, f64)>
         ))
         .await?;
     store.set_global_version(t.global_version)?;
-    Ok((bb.loss, e.loss))
+    Ok(h)
 }

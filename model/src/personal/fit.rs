@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::gate::{self, Calibration, GateData, GateTrain};
 use super::knn::{Datastore, KnnParams, Neighbours, normalize_rows};
-use super::{PersonalMeta, PersonalModel};
+use super::PersonalModel;
 use crate::error::{ModelError, Result};
 use crate::features::FeatureSet;
 use crate::side::plugin::GateNet;
@@ -493,12 +493,5 @@ impl Fit {
     /// The model a device keeps: every stage, routed as `cfg.route` says.
     pub fn device_model(&self, body: &Plugin, cfg: &PersonalConfig) -> PersonalModel {
         if self.gate.is_some() { self.model(body, Stage::Gated(cfg.route)) } else { self.model(body, Stage::Knn) }
-    }
-}
-
-impl PersonalMeta {
-    /// The stage losses as `name=value` pairs, for logs.
-    pub fn stage_summary(&self) -> String {
-        self.stages.iter().map(|(n, l)| format!("{n}={l:.4}")).collect::<Vec<_>>().join(" ")
     }
 }
