@@ -341,14 +341,14 @@ fn run_experiment(config: &Path, device: &spa_model::burn::tensor::Device) -> Re
     let tok = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
     let tokens = ModelTokens::from_dir(&dir)?;
     let (users, left_out) = cfg.users(Path::new("."))?;
+    let left = if left_out.is_empty() { String::new() } else { format!(" ({} roles left out: in the backbone's pretraining)", left_out.len()) };
     eprintln!(
-        "{}: backbone {} ({} layers, d={}), {} devices ({} roles left out: in the backbone's pretraining), arms {:?}, seeds {:?}",
+        "{}: backbone {} ({} layers, d={}), {} devices{left}, arms {:?}, seeds {:?}",
         cfg.name,
         dir.display(),
         bb.config.num_layers,
         bb.config.hidden_size,
         users.len(),
-        left_out.len(),
         cfg.arms.iter().map(|a| a.name()).collect::<Vec<_>>(),
         cfg.seeds
     );

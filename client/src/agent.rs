@@ -54,14 +54,36 @@ impl Default for AgentOptions {
 /// What the agent reports as it goes (the binary prints these).
 #[derive(Debug)]
 pub enum AgentEvent {
-    Connected { device_id: String },
-    Unreachable { error: String, retry_in: Duration },
-    Trained { round_id: u64, version: u64, examples: usize, final_loss: f32 },
-    Phase { round_id: u64, phase: &'static str },
-    RoundFailed { round_id: u64, error: String },
+    Connected {
+        device_id: String,
+    },
+    Unreachable {
+        error: String,
+        retry_in: Duration,
+    },
+    Trained {
+        round_id: u64,
+        version: u64,
+        examples: usize,
+        final_loss: f32,
+    },
+    Phase {
+        round_id: u64,
+        phase: &'static str,
+    },
+    RoundFailed {
+        round_id: u64,
+        error: String,
+    },
     /// Held-out loss of the backbone alone, the adopted body alone (the global adapter) and
     /// the personal model fitted against it.
-    Evaluated { round_id: u64, version: u64, backbone_loss: f64, global_loss: f64, personalized_loss: f64 },
+    Evaluated {
+        round_id: u64,
+        version: u64,
+        backbone_loss: f64,
+        global_loss: f64,
+        personalized_loss: f64,
+    },
 }
 
 /// What every step needs: the connection, the served model, the config. The store is opened

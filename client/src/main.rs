@@ -293,7 +293,9 @@ fn describe(e: &AgentEvent) -> String {
         AgentEvent::Phase { round_id, phase } => format!("round {round_id}: {phase} sent"),
         AgentEvent::RoundFailed { round_id, error } => format!("round {round_id}: left the round: {error}"),
         AgentEvent::Evaluated { round_id, version, backbone_loss, global_loss, personalized_loss } => {
-            format!("round {round_id}: adopted global v{version}; held-out loss backbone {backbone_loss:.3} / global {global_loss:.3} / personalized {personalized_loss:.3}")
+            format!(
+                "round {round_id}: adopted global v{version}; held-out loss backbone {backbone_loss:.3} / global {global_loss:.3} / personalized {personalized_loss:.3}"
+            )
         }
     }
 }

@@ -20,9 +20,9 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::PersonalModel;
 use super::gate::{self, Calibration, GateData, GateTrain};
 use super::knn::{Datastore, KnnParams, Neighbours, normalize_rows};
-use super::PersonalModel;
 use crate::error::{ModelError, Result};
 use crate::features::FeatureSet;
 use crate::side::plugin::GateNet;
