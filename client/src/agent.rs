@@ -226,7 +226,7 @@ async fn back_off(e: ClientError, backoff: &mut Duration, max: Duration, on_even
 async fn connect(home: &Path, device: &spa_model::burn::tensor::Device) -> Result<(Session, Model)> {
     let store = ClientStore::open(home)?;
     let s = Session::open(home, &store).await?;
-    let m = model(&s, &store, device).await?;
+    let m = model(&s, &store, device, &ClientConfig::load(home)?).await?;
     Ok((s, m))
 }
 

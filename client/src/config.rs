@@ -25,6 +25,24 @@ pub struct ClientConfig {
     pub personal: PersonalConfig,
     #[serde(default)]
     pub net: NetConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// What the device will allocate for the model the coordinator describes: a coordinator is
+/// trusted with the backbone's outputs, not with this device's memory.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// The most the served model's head and this device's plugin (with its training state)
+    /// may take, in MiB; checked before either is fetched or built.
+    pub memory_mb: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self { memory_mb: 1024 }
+    }
 }
 
 /// Deadlines on the device's calls to its coordinator. HTTP/2 keepalive notices a dead peer;
@@ -73,6 +91,9 @@ impl ClientConfig {
             )));
         }
         c.personal.validate().map_err(|e| ClientError::Invalid(format!("{}: [personal] {e}", path.display())))?;
+        if !(64..=1 << 20).contains(&c.limits.memory_mb) {
+            return Err(ClientError::Invalid(format!("{}: [limits] memory_mb must be 64..=1048576, got {}", path.display(), c.limits.memory_mb)));
+        }
         Ok(c)
     }
 
@@ -103,6 +124,7 @@ mod tests {
         assert_eq!(c.side, SideConfig::default());
         c.train.validate().unwrap();
         assert_eq!(c.net, NetConfig::default());
+        assert_eq!(c.limits, LimitsConfig::default());
     }
 
     #[test]

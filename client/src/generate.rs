@@ -16,6 +16,7 @@ use spa_proto::tensor::{decode_f32, dtype_size};
 use spa_proto::v1::*;
 use tokio::sync::mpsc;
 
+use crate::config::ClientConfig;
 use crate::error::{ClientError, Result};
 use crate::net::Session;
 use crate::remote::{Model, model};
@@ -124,7 +125,7 @@ pub async fn generate(home: &Path, prompt: &str, opts: &GenerateOptions, on_text
     let store = ClientStore::open(home)?;
     let s = Session::open_at(home, &store, opts.coordinator.as_deref()).await?;
     let device = BackendKind::resolve(None)?.device()?;
-    let m = model(&s, &store, &device).await?;
+    let m = model(&s, &store, &device, &ClientConfig::load(home)?).await?;
     let (personal, record) = crate::personal::load(&store, &m, &device)?;
     let plugin = &personal.body;
     let global = record.global_version;

@@ -161,7 +161,7 @@ pub async fn train(home: &Path, personal: &PersonalConfig, fresh: bool, progress
     let cfg = ClientConfig::load(home)?;
     let s = Session::open(home, &store).await?;
     let device = BackendKind::resolve(None)?.device()?;
-    let m = model(&s, &store, &device).await?;
+    let m = model(&s, &store, &device, &cfg).await?;
     let stored = if fresh { None } else { crate::personal::load_body(&store, &m, &cfg.side, &device)? };
     let global_version = if stored.is_some() { store.global_version()? } else { None };
     let (body, meta) = match stored {

@@ -7,7 +7,7 @@ use std::ops::Range;
 use spa_model::BackboneConfig;
 use spa_model::burn::tensor::Device;
 use spa_model::features::{FeatureSet, TokenizedExample};
-use spa_model::side::{FrozenHead, NamedTensor, ParamSet};
+use spa_model::side::{FrozenHead, NamedTensor, ParamSet, SideConfig};
 use spa_model::tokenizer::{ModelTokens, Tokenizer};
 use spa_proto::auth::sha256;
 use spa_proto::limits::MAX_TENSOR_BYTES;
@@ -15,6 +15,7 @@ use spa_proto::methods;
 use spa_proto::tensor::{ByteAssembler, TensorAssembler, decode_f32};
 use spa_proto::v1::*;
 
+use crate::config::ClientConfig;
 use crate::error::{ClientError, Result};
 use crate::net::Session;
 use crate::store::ClientStore;
@@ -55,9 +56,37 @@ impl Model {
 /// The cached head, by backbone version; `v2`: `lm_head.weight` as `[vocab, hidden]`.
 const HEAD_FILE: &str = "head.v2.safetensors";
 
-pub(crate) async fn model(s: &Session, store: &ClientStore, device: &Device) -> Result<Model> {
+/// Bytes the device needs for `config`'s head and a plugin of `side`: the head's f32 values
+/// received, assembled and on the device (3 copies); the plugin's parameters with gradients,
+/// Adam's two moments, the body beside the personal model and its candidates (8 copies).
+pub fn memory_needed(config: &BackboneConfig, side: &SideConfig) -> Result<u64> {
+    let head = 3 * 4 * config.vocab_size as u64 * config.hidden_size as u64;
+    let plugin = 8 * 4 * side.param_count(&side.resolve(config)?) as u64;
+    Ok(head + plugin)
+}
+
+/// Whether this device can hold `config`'s head and its plugin within `cfg.limits.memory_mb`.
+pub fn check_memory(config: &BackboneConfig, cfg: &ClientConfig) -> Result<()> {
+    let (need, budget) = (memory_needed(config, &cfg.side)?, cfg.limits.memory_mb << 20);
+    if need > budget {
+        return Err(ClientError::Invalid(format!(
+            "the served backbone (hidden {}, {} layers, vocabulary {}) needs ~{} MiB here for its head and this device's plugin, over [limits] memory_mb = {}: raise it if this device has the memory",
+            config.hidden_size,
+            config.num_layers,
+            config.vocab_size,
+            need >> 20,
+            cfg.limits.memory_mb
+        )));
+    }
+    Ok(())
+}
+
+/// The served model, if this device can hold it (`cfg.limits.memory_mb`, checked before the
+/// head is fetched: a coordinator describing a model too large gets a refusal, not an abort).
+pub(crate) async fn model(s: &Session, store: &ClientStore, device: &Device, cfg: &ClientConfig) -> Result<Model> {
     let info = s.backbone().get_model_info(s.request(methods::BACKBONE_GET_MODEL_INFO, GetModelInfoRequest {})).await?.into_inner();
     let config = BackboneConfig::from_json(&info.config_json)?;
+    check_memory(&config, cfg)?;
     let tokenizer = Tokenizer::from_json(&info.tokenizer_json)?;
     let optional = |s: &str| (!s.is_empty()).then(|| s.to_string());
     let tokens =
@@ -188,7 +217,31 @@ pub fn plan_batches(sizes: &[u64], max_bytes: u64, max_seqs: usize) -> Vec<Range
 
 #[cfg(test)]
 mod tests {
-    use super::plan_batches;
+    use super::*;
+
+    fn llama(layers: usize, hidden: usize, vocab: usize, heads: usize) -> BackboneConfig {
+        BackboneConfig::from_json(&format!(
+            r#"{{"architectures":["LlamaForCausalLM"],"vocab_size":{vocab},"hidden_size":{hidden},
+            "intermediate_size":{},"num_hidden_layers":{layers},"num_attention_heads":{heads},"num_key_value_heads":{heads}}}"#,
+            hidden * 8 / 3
+        ))
+        .unwrap()
+    }
+
+    /// What a hostile coordinator described (every field within its own bound) is refused with
+    /// the budget's name before anything is allocated; SmolLM2 and the default backbone fit.
+    #[test]
+    fn models_over_the_memory_budget_are_refused_before_allocation() {
+        let cfg = ClientConfig::default();
+        for bb in [llama(4, 65536, 32, 64), llama(126, 16384, 32, 64)] {
+            let e = check_memory(&bb, &cfg).unwrap_err().to_string();
+            assert!(e.contains("[limits] memory_mb = 1024"), "{e}");
+        }
+        check_memory(&llama(30, 576, 49152, 9), &cfg).unwrap();
+        check_memory(&llama(4, 256, 68, 4), &cfg).unwrap();
+        let tight = ClientConfig { limits: crate::config::LimitsConfig { memory_mb: 64 }, ..ClientConfig::default() };
+        assert!(check_memory(&llama(30, 576, 49152, 9), &tight).is_err());
+    }
 
     #[test]
     fn batches_respect_both_limits_and_keep_order() {

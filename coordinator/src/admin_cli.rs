@@ -261,7 +261,9 @@ pub async fn run_devices(cmd: DevicesCommand, json: bool) -> Result<()> {
             } else {
                 println!("{:<22} {:<20} {:<8} {:>15}", "DEVICE", "NAME", "STATE", "LAST SEEN (ms)");
                 for d in r.devices {
-                    println!("{:<22} {:<20} {:<8} {:>15}", d.device_id, d.name, if d.revoked { "revoked" } else { "active" }, d.last_seen_ms);
+                    // Names from before names were checked at entry may hold anything.
+                    let name = if crate::status::check_label("name", &d.name, 64).is_ok() { d.name.clone() } else { crate::status::echo(&d.name) };
+                    println!("{:<22} {:<20} {:<8} {:>15}", d.device_id, name, if d.revoked { "revoked" } else { "active" }, d.last_seen_ms);
                 }
             }
         }

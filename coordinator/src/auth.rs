@@ -92,6 +92,28 @@ impl RefusalLog {
     }
 }
 
+/// Why an open stream may no longer be served, checked between its messages or chunks.
+pub enum Ended {
+    /// Revoked: the stream and its session end.
+    Revoked(Status),
+    /// The key the stream was opened with was rotated: the stream ends, its session stays
+    /// resumable by the same device under its new key.
+    Rotated(Status),
+}
+
+/// Whether `device` may still be served on a stream opened with `key_hex`.
+pub fn still_allowed(store: &Store, device: &str, key_hex: &str) -> Result<(), Ended> {
+    match store.device(device) {
+        Ok(Some(d)) if d.revoked => Err(Ended::Revoked(AuthError::Revoked(d.device_id).into())),
+        Ok(Some(d)) if d.public_key_hex != key_hex => {
+            Err(Ended::Rotated(Status::unauthenticated("this device's key was rotated after the stream opened: open it again with the new key")))
+        }
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(Ended::Revoked(AuthError::UnknownDevice(device.into()).into())),
+        Err(e) => Err(Ended::Revoked(e.into())),
+    }
+}
+
 /// Constant-time equality of two digests.
 fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -143,6 +165,8 @@ impl Auth {
         let h = SignedHeaders::from_metadata(md)?;
         let rec = self.store.device(&h.device_id).map_err(internal)?.ok_or(AuthError::UnknownDevice(h.device_id.clone()))?;
         let pk = hex::decode(&rec.public_key_hex).map_err(internal)?;
+        // A weak key enrolled before keys were checked (listed at start) signs nothing.
+        spa_proto::auth::check_public_key(&pk).map_err(|_| AuthError::BadSignature)?;
         // The signature first: only the device itself learns that it is revoked.
         h.verify(&pk, method, digest)?;
         if rec.revoked {

@@ -173,9 +173,9 @@ fn version_of(dir: &Path) -> Result<String, CoordinatorError> {
 impl Engine {
     /// Loads the backbone on a dedicated thread; returns once it is ready.
     /// `dtype`: the weights' precision (`None`: the checkpoint's own, see `load_backbone_as`).
-    /// Sessions idle for `session_idle` are dropped; at most `max_detached` broken-off ones
-    /// are kept for a resume.
-    pub fn start(dir: &Path, backend: BackendKind, dtype: Option<WeightDtype>, session_idle: Duration, max_detached: usize) -> Result<Self, CoordinatorError> {
+    /// Sessions idle for `session_idle` are dropped; broken-off ones are kept for a resume,
+    /// at most `parked.per_device` of one device and `parked.total` in all.
+    pub fn start(dir: &Path, backend: BackendKind, dtype: Option<WeightDtype>, session_idle: Duration, parked: Parked) -> Result<Self, CoordinatorError> {
         let version = version_of(dir)?;
         let (config_path, tokenizer_path) = (dir.join("config.json"), dir.join("tokenizer.json"));
         let config_json = std::fs::read_to_string(&config_path).map_err(io(&config_path))?;
@@ -203,7 +203,7 @@ impl Engine {
                         return;
                     }
                 };
-                worker(bb, rx, session_idle, max_detached);
+                worker(bb, rx, session_idle, parked);
             })
             .map_err(|e| CoordinatorError::Other(format!("cannot start the backbone thread: {e}")))?;
         let config = ready_rx
@@ -326,8 +326,8 @@ fn layout(taps: &[Vec<f32>], b: usize, t: usize, d: usize, from: usize, to: usiz
     Ok(spa_proto::tensor::encode_f32(&out, dtype)?)
 }
 
-fn worker(bb: Backbone, rx: mpsc::Receiver<Queued>, idle: Duration, max_detached: usize) {
-    let mut w = Worker { bb, sessions: HashMap::new(), idle, max_detached };
+fn worker(bb: Backbone, rx: mpsc::Receiver<Queued>, idle: Duration, parked: Parked) {
+    let mut w = Worker { bb, sessions: HashMap::new(), idle, parked };
     let mut fair = Fair::default();
     loop {
         // Block only when nothing waits; then take in everything sent meanwhile.
@@ -347,11 +347,18 @@ fn worker(bb: Backbone, rx: mpsc::Receiver<Queued>, idle: Duration, max_detached
     }
 }
 
+/// How many broken-off sessions are kept for a resume.
+#[derive(Clone, Copy, Debug)]
+pub struct Parked {
+    pub per_device: usize,
+    pub total: usize,
+}
+
 struct Worker {
     bb: Backbone,
     sessions: HashMap<u64, Session>,
     idle: Duration,
-    max_detached: usize,
+    parked: Parked,
 }
 
 impl Worker {
@@ -460,11 +467,21 @@ impl Worker {
             s.attached = false;
             s.used = Instant::now();
         }
-        // Detached caches are kept for resumes, at most `max_detached` of them.
-        let mut detached: Vec<(Instant, u64)> = self.sessions.iter().filter(|(_, s)| !s.attached).map(|(id, s)| (s.used, *id)).collect();
-        detached.sort();
-        for (_, id) in detached.iter().take(detached.len().saturating_sub(self.max_detached)) {
-            self.sessions.remove(id);
+        // Detached caches are kept for resumes. Over a device's share, that device loses its
+        // own oldest; over the total, the device holding the most does: one device parking
+        // many sessions never evicts another's.
+        loop {
+            let mut by_owner: HashMap<&str, Vec<(Instant, u64)>> = HashMap::new();
+            for (id, s) in self.sessions.iter().filter(|(_, s)| !s.attached) {
+                by_owner.entry(s.owner.as_str()).or_default().push((s.used, *id));
+            }
+            let total: usize = by_owner.values().map(Vec::len).sum();
+            let Some(most) = by_owner.into_values().max_by_key(|v| v.len()) else { return };
+            if most.len() <= self.parked.per_device && total <= self.parked.total {
+                return;
+            }
+            let oldest = most.iter().min().expect("non-empty").1;
+            self.sessions.remove(&oldest);
         }
     }
 }

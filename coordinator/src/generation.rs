@@ -13,8 +13,9 @@ use spa_model::speculative::{CloudDown, DraftForm};
 use spa_proto::methods;
 use spa_proto::v1::*;
 use tokio::sync::mpsc;
-use tonic::{Request, Status, Streaming};
+use tonic::{Code, Request, Status, Streaming};
 
+use crate::auth::Ended;
 use crate::engine::{Opening, encode_block};
 use crate::service::{BackboneService, BoxStream, Shared};
 use crate::status::internal;
@@ -61,6 +62,7 @@ pub async fn serve(s: Arc<Shared>, req: Request<Streaming<GenerateRequest>>) -> 
         _permit: permit,
         _device_slot: device_slot,
         device: device.device_id,
+        key_hex: device.public_key_hex,
         session,
         epoch,
         last_only: open.last_only,
@@ -140,14 +142,24 @@ fn cloud_down(s: &Shared, open: &GenerateOpen, taps: usize) -> Result<Arc<CloudD
     Ok(Arc::new(down))
 }
 
+/// What becomes of a session when its stream ends: kept for a resume by the same device
+/// (for `limits.session_idle_secs`, within the device's share of parked sessions), or closed
+/// (refused, revoked or idle), with the status the device is told.
+enum End {
+    Park,
+    Close(Status),
+}
+
 /// One open stream's bookkeeping, to check each message before the engine sees it.
 struct Stream {
     s: Arc<Shared>,
     /// This stream's slot among `limits.max_sessions`, given back when the stream is dropped.
     _permit: tokio::sync::OwnedSemaphorePermit,
     _device_slot: crate::service::Held,
-    /// Checked before each step: revoking a device ends its open streams.
+    /// Checked before each step: revoking a device, or rotating the key the stream was
+    /// opened with, ends its open streams.
     device: String,
+    key_hex: String,
     session: u64,
     epoch: u64,
     last_only: bool,
@@ -162,42 +174,55 @@ impl Stream {
     /// Serves the stream's steps. A stream idle for `limits.session_idle_secs` (no message,
     /// or its answers not read) is closed with its session and gives back its slot.
     async fn run(mut self, mut input: Streaming<GenerateRequest>, tx: mpsc::Sender<Result<GenerateResponse, Status>>) {
+        match self.serve(&mut input, &tx).await {
+            End::Park => self.s.engine.detach(self.session, self.epoch),
+            End::Close(e) => {
+                let _ = tx.try_send(Err(e));
+                self.s.engine.close(self.session, self.epoch)
+            }
+        }
+    }
+
+    async fn serve(&mut self, input: &mut Streaming<GenerateRequest>, tx: &mpsc::Sender<Result<GenerateResponse, Status>>) -> End {
         let idle = Duration::from_secs(self.s.config.limits.session_idle_secs);
-        let idle_out = || Status::deadline_exceeded(format!("generation session idle for {} s: closed", idle.as_secs()));
-        let broke = loop {
+        let idle_out = || End::Close(Status::deadline_exceeded(format!("generation session idle for {} s: closed", idle.as_secs())));
+        loop {
             let msg = match tokio::time::timeout(idle, input.message()).await {
-                Err(_) => {
-                    let _ = tx.try_send(Err(idle_out()));
-                    break false;
-                }
+                Err(_) => return idle_out(),
                 Ok(Ok(Some(m))) => m,
-                Ok(Ok(None)) => break false,
+                // Finished, or cut between steps: a client's cancel arrives as a clean end,
+                // so the server cannot tell them apart and keeps the cache for a resume.
+                Ok(Ok(None)) => return End::Park,
+                // A message that does not decode (spa_proto::codec) or is too large: the caller's.
+                Ok(Err(e)) if matches!(e.code(), Code::InvalidArgument | Code::Internal | Code::OutOfRange | Code::ResourceExhausted) => {
+                    return End::Close(Status::invalid_argument(format!("undecodable Generate message: {}", e.message())));
+                }
                 Ok(Err(e)) => {
-                    tracing::debug!("generate stream error: {e}");
-                    break true;
+                    tracing::debug!("generate stream broken: {e}");
+                    return End::Park;
                 }
             };
-            match self.step(msg).await {
-                Ok(resp) => match tokio::time::timeout(idle, tx.send(Ok(resp))).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) => break true,
-                    Err(_) => break false,
-                },
-                Err(e) => {
+            match crate::auth::still_allowed(&self.s.store, &self.device, &self.key_hex) {
+                Ok(()) => {}
+                Err(Ended::Revoked(e)) => return End::Close(e),
+                Err(Ended::Rotated(e)) => {
                     let _ = tx.try_send(Err(e));
-                    break false;
+                    return End::Park;
                 }
             }
-        };
-        // A broken stream keeps its cache for a resume; a finished, refused or idle one does not.
-        if broke { self.s.engine.detach(self.session, self.epoch) } else { self.s.engine.close(self.session, self.epoch) }
+            let resp = match self.step(msg).await {
+                Ok(resp) => resp,
+                Err(e) => return End::Close(e),
+            };
+            match tokio::time::timeout(idle, tx.send(Ok(resp))).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return End::Park,
+                Err(_) => return idle_out(),
+            }
+        }
     }
 
     async fn step(&mut self, msg: GenerateRequest) -> Result<GenerateResponse, Status> {
-        match self.s.store.device(&self.device)? {
-            Some(d) if !d.revoked => {}
-            _ => return Err(Status::permission_denied(format!("device '{}' is revoked", self.device))),
-        }
         let Some(generate_request::Kind::Extend(e)) = msg.kind else {
             return Err(Status::invalid_argument("only `extend` messages may follow `open`"));
         };

@@ -139,6 +139,10 @@ impl RoundsRpc for RoundsService {
 // ---- Admin verbs ------------------------------------------------------------------------
 
 pub fn start_rounds(s: &Shared, r: StartRoundsRequest) -> Result<StartRoundsResponse, Status> {
+    // Checked before the name reaches a message: only a short word is ever echoed.
+    if r.strategy.len() > 32 || !r.strategy.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(Status::invalid_argument(format!("unknown strategy {} (fedavg, fedprox, fedadam, fedyogi, fedadagrad)", crate::status::echo(&r.strategy))));
+    }
     let plan = RoundPlan {
         rounds: r.rounds,
         min_clients: r.min_clients,

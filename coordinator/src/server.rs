@@ -113,15 +113,22 @@ pub async fn start(home: &Path) -> Result<Running> {
     let cred_path = cfg.resolve(home, &cfg.server.admin_credential);
     std::fs::read_to_string(&cred_path).map_err(io(&cred_path))?;
     let auth = Auth::new(store.clone(), &cfg, &cred_path)?;
+    let weak: Vec<String> = (store.devices()?.into_iter())
+        .filter(|d| !d.revoked && !hex::decode(&d.public_key_hex).is_ok_and(|k| spa_proto::auth::check_public_key(&k).is_ok()))
+        .map(|d| d.device_id)
+        .collect();
+    if !weak.is_empty() {
+        tracing::error!(devices = ?weak, "devices enrolled with weak keys (small order or not canonical): their calls are refused; revoke them and enroll again");
+    }
     let backend = match &cfg.backbone.device {
         Some(d) => d.parse::<BackendKind>()?,
         None => BackendKind::resolve(None)?,
     };
     let dir = cfg.backbone_dir(home);
     let idle = Duration::from_secs(cfg.limits.session_idle_secs);
-    let max_detached = cfg.limits.max_sessions;
+    let parked = crate::engine::Parked { per_device: cfg.limits.max_sessions_per_device, total: cfg.limits.max_sessions };
     let dtype = cfg.backbone.weight_dtype()?;
-    let engine = tokio::task::spawn_blocking(move || Engine::start(&dir, backend, dtype, idle, max_detached)).await??;
+    let engine = tokio::task::spawn_blocking(move || Engine::start(&dir, backend, dtype, idle, parked)).await??;
     {
         let (store, cfg, engine) = (store.clone(), cfg.clone(), engine.clone());
         tokio::task::spawn_blocking(move || seed_checkpoint(&store, &cfg, &engine)).await??;

@@ -119,12 +119,8 @@ impl Device for DeviceService {
         if r.token.is_empty() || r.token.len() > 256 {
             return Err(Status::invalid_argument("token must be 1..=256 characters"));
         }
-        if r.public_key.len() != 32 {
-            return Err(Status::invalid_argument(format!("public_key must be a raw 32-byte Ed25519 key, got {} bytes", r.public_key.len())));
-        }
-        if r.name.len() > MAX_DEVICE_NAME || r.name.chars().any(char::is_control) {
-            return Err(Status::invalid_argument(format!("name must be at most {MAX_DEVICE_NAME} bytes without control characters")));
-        }
+        spa_proto::auth::check_public_key(&r.public_key)?;
+        crate::status::check_label("name", &r.name, MAX_DEVICE_NAME)?;
         let s = &self.0;
         let rec = s.store.enroll(&token_hash(&r.token), &r.public_key, &r.name, now_ms()).map_err(|e| {
             if matches!(e, StoreError::UnknownToken | StoreError::TokenUsed | StoreError::TokenExpired | StoreError::TokenRevoked) {
@@ -146,15 +142,14 @@ impl Device for DeviceService {
     async fn rotate_key(&self, req: Request<RotateKeyRequest>) -> Result<Response<RotateKeyResponse>, Status> {
         let rec = self.0.auth.device(&req, methods::DEVICE_ROTATE_KEY)?;
         let r = req.into_inner();
-        if r.new_public_key.len() != 32 {
-            return Err(Status::invalid_argument(format!("new_public_key must be a raw 32-byte Ed25519 key, got {} bytes", r.new_public_key.len())));
-        }
+        spa_proto::auth::check_public_key(&r.new_public_key)?;
         spa_proto::auth::verify_rotation(&rec.device_id, &r.new_public_key, &r.proof)
             .map_err(|_| Status::invalid_argument("proof is not the new key's signature of the rotation message"))?;
         let now = now_ms();
         let s = self.0.clone();
         let id = rec.device_id.clone();
-        tokio::task::spawn_blocking(move || s.store.rotate_key(&id, &r.new_public_key, now)).await.map_err(internal)??;
+        let signed_with = rec.public_key_hex.clone();
+        tokio::task::spawn_blocking(move || s.store.rotate_key(&id, &signed_with, &r.new_public_key, now)).await.map_err(internal)??;
         tracing::info!(device = %rec.device_id, "device key rotated");
         Ok(Response::new(RotateKeyResponse { device_id: rec.device_id, rotated_at_ms: now }))
     }
@@ -170,9 +165,7 @@ impl Admin for AdminService {
         if r.ttl_seconds == 0 || r.ttl_seconds > max {
             return Err(Status::invalid_argument(format!("ttl_seconds must be in 1..={max}")));
         }
-        if r.note.len() > 256 || r.note.chars().any(char::is_control) {
-            return Err(Status::invalid_argument("note must be at most 256 bytes without control characters"));
-        }
+        crate::status::check_label("note", &r.note, 256)?;
         let token = format!("spa_{}", hex::encode(random_bytes::<24>()));
         let hash = token_hash(&token);
         let now = now_ms();
@@ -226,9 +219,7 @@ impl Admin for AdminService {
     async fn revoke_token(&self, req: Request<RevokeTokenRequest>) -> Result<Response<RevokeTokenResponse>, Status> {
         self.0.auth.admin(&req)?;
         let id = req.into_inner().token_id;
-        if id.is_empty() || id.len() > 64 {
-            return Err(Status::invalid_argument("token_id must be 1..=64 bytes"));
-        }
+        crate::status::check_id("token_id", &id)?;
         let was_usable = self.0.store.revoke_token(&id, now_ms())?;
         tracing::info!(token_id = %id, "enrollment token revoked");
         Ok(Response::new(RevokeTokenResponse { was_usable }))
@@ -238,9 +229,7 @@ impl Admin for AdminService {
         let s = &self.0;
         s.auth.admin(&req)?;
         let id = req.into_inner().device_id;
-        if id.is_empty() || id.len() > 64 {
-            return Err(Status::invalid_argument("device_id must be 1..=64 bytes"));
-        }
+        crate::status::check_id("device_id", &id)?;
         let was_active = s.store.revoke(&id, now_ms())?;
         tracing::info!(device = %id, "device revoked");
         Ok(Response::new(RevokeDeviceResponse { was_active }))
@@ -425,11 +414,24 @@ impl Backbone for BackboneService {
             return Err(Status::invalid_argument(format!("request asks for {total} bytes of features, limit {limit}: split it")));
         }
         let blobs = s.engine.features(&rec.device_id, seqs, layers, r.dtype).await?;
-        let chunks: Vec<FeaturesChunk> = blobs.iter().enumerate().flat_map(|(i, b)| feature_chunks(i as u32, b, CHUNK_BYTES)).collect();
-        Ok(Response::new(Box::pin(tokio_stream::iter(chunks.into_iter().map(move |c| {
+        let mut chunks = blobs.iter().enumerate().flat_map(|(i, b)| feature_chunks(i as u32, b, CHUNK_BYTES)).collect::<Vec<_>>().into_iter();
+        // Revocation (or rotating the key it was signed with) cuts the answer between chunks.
+        let (store, mut ended) = (s.store.clone(), false);
+        let items = std::iter::from_fn(move || {
             let _ = &held;
-            Ok(c)
-        })))))
+            if ended {
+                return None;
+            }
+            let c = chunks.next()?;
+            match crate::auth::still_allowed(&store, &rec.device_id, &rec.public_key_hex) {
+                Ok(()) => Some(Ok(c)),
+                Err(crate::auth::Ended::Revoked(e) | crate::auth::Ended::Rotated(e)) => {
+                    ended = true;
+                    Some(Err(e))
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::iter(items))))
     }
 
     type GenerateStream = BoxStream<GenerateResponse>;

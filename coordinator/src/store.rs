@@ -32,6 +32,8 @@ pub enum StoreError {
     UnknownDevice(String),
     #[error("device '{0}' is revoked")]
     DeviceRevoked(String),
+    #[error("device '{0}' changed its key after this call was signed (another rotation won); nothing was changed")]
+    KeyChanged(String),
     #[error("global version {0} is already committed")]
     VersionExists(u64),
     #[error("the store is being reopened after a failed write (is its disk full?); retry later")]
@@ -301,8 +303,11 @@ impl Store {
     }
 
     /// Replaces an active device's public key (the caller checked the old key's signature and
-    /// the new key's proof); refused if any device ever used the new key. Durable on return.
-    pub fn rotate_key(&self, id: &str, new_key: &[u8], now_ms: u64) -> Result<DeviceRecord> {
+    /// the new key's proof) if it is still `signed_with`, the key that call was signed with: a
+    /// compare-and-swap, so of two rotations signed by the same key one wins and the other is
+    /// refused with its new key left unused. Refused if any device ever used the new key.
+    /// Durable on return.
+    pub fn rotate_key(&self, id: &str, signed_with: &str, new_key: &[u8], now_ms: u64) -> Result<DeviceRecord> {
         let t = self.t()?;
         let new_hash = spa_proto::auth::sha256(new_key);
         let res = (&t.devices, &t.keys).transaction(|(devices, keys)| {
@@ -316,6 +321,9 @@ impl Store {
             };
             if rec.revoked {
                 return abort(StoreError::DeviceRevoked(id.into()));
+            }
+            if rec.public_key_hex != signed_with {
+                return abort(StoreError::KeyChanged(id.into()));
             }
             let new_id = device_id_of(new_key);
             if let Some(owner) = keys.get(new_hash)? {
@@ -672,5 +680,25 @@ mod tests {
         assert_eq!(s.prune_checkpoints(2).unwrap(), 4);
         assert_eq!((s.checkpoint(3).unwrap(), s.checkpoint(4).unwrap().is_some(), s.latest_checkpoint_version().unwrap()), (None, true, Some(5)));
         assert!(s.events().unwrap().iter().any(|e| e.kind == "device.revoke"));
+    }
+
+    #[test]
+    fn of_two_rotations_signed_by_the_same_key_one_wins_and_the_loser_s_key_stays_unused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        token(&s, "tok-one", 1000);
+        let old = [1u8; 32];
+        let d = s.enroll(&token_hash("tok-one"), &old, "a", 10).unwrap();
+        // Both callers were authenticated with the old key; the first to reach the store wins.
+        let won = s.rotate_key(&d.device_id, &hex::encode(old), &[2u8; 32], 20).unwrap();
+        assert_eq!(won.public_key_hex, hex::encode([2u8; 32]));
+        let lost = s.rotate_key(&d.device_id, &hex::encode(old), &[3u8; 32], 21).unwrap_err();
+        assert!(matches!(lost, StoreError::KeyChanged(_)), "{lost}");
+        assert_eq!(s.device(&d.device_id).unwrap().unwrap().public_key_hex, hex::encode([2u8; 32]));
+        // The loser's key was not burnt: the owner of the current key may rotate to it.
+        s.rotate_key(&d.device_id, &hex::encode([2u8; 32]), &[3u8; 32], 22).unwrap();
+        // The old keys are burnt for good.
+        let again = s.rotate_key(&d.device_id, &hex::encode([3u8; 32]), &old, 23).unwrap_err();
+        assert!(matches!(again, StoreError::KeyEnrolled(_)), "{again}");
     }
 }

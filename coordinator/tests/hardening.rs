@@ -1,7 +1,8 @@
-//! Limits a hostile or broken device runs into (issue 15), each reproduced against the real
-//! server on loopback TLS: Generate slots that idle or silent streams cannot hold, revocation
-//! ending open streams, a drain deadline on shutdown, one device's share of the replay cache,
-//! and secrets that group or others may read.
+//! Limits a hostile or broken device runs into (issues 15 and 27), each reproduced against the
+//! real server on loopback TLS: Generate slots that idle or silent streams cannot hold,
+//! revocation and key rotation ending open streams, a drain deadline on shutdown, one device's
+//! share of the replay cache and of parked sessions, secrets that group or others may read,
+//! concurrent key rotations, weak keys, and callers' strings in answers.
 mod common;
 
 use std::time::{Duration, Instant};
@@ -513,5 +514,257 @@ async fn connections_are_closed_at_their_max_age_and_clients_reconnect() {
     }
     assert!(ok, "the client did not reconnect");
     assert_eq!(srv.open_connections(), 1);
+    srv.shutdown().await.unwrap();
+}
+
+// ---- Issue 27: what an independent hostile client found ---------------------------------
+
+/// A new key for `a`'s device: its signer and the RotateKey request, signed by `a`.
+fn rotation(a: &DeviceSigner) -> (DeviceSigner, tonic::Request<RotateKeyRequest>) {
+    let next = DeviceSigner::from_pkcs8(&spa_proto::auth::generate_pkcs8().unwrap(), a.device_id()).unwrap();
+    let pk = next.public_key();
+    let proof = next.sign_raw(&spa_proto::auth::rotation_message(a.device_id(), &pk)).to_vec();
+    let req = a.request(methods::DEVICE_ROTATE_KEY, RotateKeyRequest { new_public_key: pk.to_vec(), proof });
+    (next, req)
+}
+
+/// Item 1: ten rotations signed by the same key at once: one wins, the others are refused,
+/// only the winner's key works afterwards, and a loser's key was not burnt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_key_rotations_have_one_winner() {
+    let (_dir, srv, ch, cred) = serve(|t| t).await;
+    let a = enroll(&ch, &token(&ch, &cred, 600).await, "a").await.unwrap();
+    let tries: Vec<(DeviceSigner, tonic::Request<RotateKeyRequest>)> = (0..10).map(|_| rotation(&a)).collect();
+    let mut calls = Vec::new();
+    let mut keys = Vec::new();
+    for (next, req) in tries {
+        let ch = ch.clone();
+        calls.push(tokio::spawn(async move { device(&ch).rotate_key(req).await.map(|_| ()) }));
+        keys.push(next);
+    }
+    let mut results = Vec::new();
+    for c in calls {
+        results.push(c.await.unwrap());
+    }
+    let winners: Vec<usize> = (0..10).filter(|&i| results[i].is_ok()).collect();
+    assert_eq!(winners.len(), 1, "{results:?}");
+    for (i, r) in results.iter().enumerate() {
+        if let Err(e) = r {
+            assert!(matches!(e.code(), Code::Aborted | Code::Unauthenticated), "{i}: {e:?}");
+        }
+    }
+    let w = &keys[winners[0]];
+    let working: Vec<bool> = pings(&ch, &keys).await;
+    assert_eq!(working.iter().filter(|&&ok| ok).count(), 1, "{working:?}");
+    assert!(ping(&ch, w).await.is_ok() && ping(&ch, &a).await.is_err());
+    // A loser's key is not burnt: the winner may rotate to it.
+    let loser = &keys[(winners[0] + 1) % 10];
+    let pk = loser.public_key();
+    let proof = loser.sign_raw(&spa_proto::auth::rotation_message(w.device_id(), &pk)).to_vec();
+    device(&ch).rotate_key(w.request(methods::DEVICE_ROTATE_KEY, RotateKeyRequest { new_public_key: pk.to_vec(), proof })).await.unwrap();
+    ping(&ch, loser).await.unwrap();
+    srv.shutdown().await.unwrap();
+}
+
+async fn pings(ch: &tonic::transport::Channel, keys: &[DeviceSigner]) -> Vec<bool> {
+    let mut out = Vec::new();
+    for k in keys {
+        out.push(ping(ch, k).await.is_ok());
+    }
+    out
+}
+
+/// Item 2: the eight points of small order, the identity under a second encoding and a
+/// large-order point under its second encoding are refused at enrollment and rotation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weak_and_non_canonical_keys_are_refused_at_enrollment_and_rotation() {
+    let (_dir, srv, ch, cred) = serve(|t| t).await;
+    let small_order = [
+        "0100000000000000000000000000000000000000000000000000000000000000",
+        "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+        "0000000000000000000000000000000000000000000000000000000000000000",
+        "0000000000000000000000000000000000000000000000000000000000000080",
+        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac03fa",
+        "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+        "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc85",
+    ];
+    let second_encodings =
+        ["0100000000000000000000000000000000000000000000000000000000000080", "f0ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"];
+    let tok = token(&ch, &cred, 600).await;
+    for k in small_order.iter().chain(&second_encodings) {
+        let e = device(&ch).enroll(EnrollRequest { token: tok.clone(), public_key: hex::decode(k).unwrap(), name: "weak".into() }).await.unwrap_err();
+        assert!(e.code() == Code::InvalidArgument && e.message().contains("public key refused"), "{k}: {e:?}");
+    }
+    // The token was not used up by the refusals.
+    let a = enroll(&ch, &tok, "a").await.unwrap();
+    // Rotation to the identity (with a "proof" that verifies against it: R = identity, s = 0).
+    let mut sig = [0u8; 64];
+    sig[0] = 1;
+    let req = a.request(methods::DEVICE_ROTATE_KEY, RotateKeyRequest { new_public_key: hex::decode(small_order[0]).unwrap(), proof: sig.to_vec() });
+    let e = device(&ch).rotate_key(req).await.unwrap_err();
+    assert!(e.code() == Code::InvalidArgument && e.message().contains("small order"), "{e:?}");
+    ping(&ch, &a).await.unwrap();
+    srv.shutdown().await.unwrap();
+}
+
+/// A Generate stream opened by `first` (signed by `a`), sent at once.
+async fn stream_with(
+    ch: &tonic::transport::Channel,
+    a: &DeviceSigner,
+    first: GenerateRequest,
+) -> (Input, Result<tonic::Streaming<GenerateResponse>, tonic::Status>) {
+    let (tx, rx) = mpsc::channel(8);
+    let h = a.sign(methods::BACKBONE_GENERATE, &first, now_ms());
+    tx.send(first).await.unwrap();
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    h.apply(req.metadata_mut());
+    (tx, backbone(ch).generate(req).await.map(|r| r.into_inner()))
+}
+
+fn resume_msg(layer: u32, session: u64, length: u32) -> GenerateRequest {
+    let mut m = open_msg(layer);
+    if let Some(generate_request::Kind::Open(o)) = &mut m.kind {
+        (o.resume_session, o.resume_length) = (session, length);
+    }
+    m
+}
+
+/// Items 3 and 8: rotating the key ends the streams opened with the old one, and the session
+/// resumes under the new key; a stream cut between steps (the client cancels) resumes too;
+/// an undecodable later message is an error, not a clean end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_ends_old_streams_and_sessions_cut_between_steps_resume() {
+    let (_dir, srv, ch, cred) = serve(|t| t).await;
+    let a = enroll(&ch, &token(&ch, &cred, 600).await, "a").await.unwrap();
+    let nl = layers(&ch, &a).await;
+    let (tx, s) = stream(&ch, &a, nl, true).await;
+    let mut s = s.unwrap();
+    tx.send(extend(vec![1, 2, 3])).await.unwrap();
+    let first = s.message().await.unwrap().unwrap();
+    let session = first.session;
+    let (b, req) = rotation(&a);
+    device(&ch).rotate_key(req).await.unwrap();
+    tx.send(extend(vec![4])).await.unwrap();
+    let e = s.message().await.unwrap_err();
+    assert!(e.code() == Code::Unauthenticated && e.message().contains("rotated"), "{e:?}");
+    // The same device resumes under its new key; the old key opens nothing.
+    let (_tx, r) = stream_with(&ch, &a, resume_msg(nl, session, 3)).await;
+    assert_eq!(r.unwrap_err().code(), Code::Unauthenticated);
+    let (tx, s) = stream_with(&ch, &b, resume_msg(nl, session, 3)).await;
+    let mut s = s.unwrap();
+    tx.send(extend(vec![4])).await.unwrap();
+    assert_eq!(s.message().await.unwrap().unwrap().first_position, 3);
+
+    // Cut between steps: the client drops its stream (a cancel), then resumes.
+    drop((tx, s));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (tx, s) = stream_with(&ch, &b, resume_msg(nl, session, 4)).await;
+    let mut s = s.expect("a session cut between steps resumes");
+    tx.send(extend(vec![5])).await.unwrap();
+    assert_eq!(s.message().await.unwrap().unwrap().first_position, 4);
+
+    // An undecodable message after the opening one: an error status.
+    let open = open_msg(nl);
+    let h = b.sign(methods::BACKBONE_GENERATE, &open, now_ms());
+    let mut grpc = tonic::client::Grpc::new(ch.clone());
+    grpc.ready().await.unwrap();
+    let mut req = tonic::Request::new(tokio_stream::iter(vec![prost::Message::encode_to_vec(&open), vec![0x0a, 0xff]]));
+    h.apply(req.metadata_mut());
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(methods::BACKBONE_GENERATE);
+    let mut r = grpc.streaming(req, path, Raw).await.unwrap().into_inner();
+    let end = loop {
+        match r.message().await {
+            Ok(Some(_)) => {}
+            Ok(None) => break Code::Ok,
+            Err(e) => break e.code(),
+        }
+    };
+    assert_eq!(end, Code::InvalidArgument);
+    srv.shutdown().await.unwrap();
+}
+
+/// Opens a session, takes one step of two tokens, cuts the stream: the session is parked.
+async fn park(ch: &tonic::transport::Channel, who: &DeviceSigner, nl: u32) -> u64 {
+    let (tx, s) = stream(ch, who, nl, true).await;
+    let mut s = s.unwrap();
+    tx.send(extend(vec![1, 2])).await.unwrap();
+    let id = s.message().await.unwrap().unwrap().session;
+    drop((tx, s));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    id
+}
+
+async fn resumes(ch: &tonic::transport::Channel, who: &DeviceSigner, nl: u32, id: u64) -> Result<(), tonic::Status> {
+    stream_with(ch, who, resume_msg(nl, id, 2)).await.1.map(|_| ())
+}
+
+/// Item 4: a device parking many sessions loses its own oldest, never another device's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_sessions_count_against_their_own_device() {
+    let (_dir, srv, ch, cred) = serve(|t| t.replace("max_sessions = 64", "max_sessions = 8")).await;
+    let a = enroll(&ch, &token(&ch, &cred, 600).await, "a").await.unwrap();
+    let b = enroll(&ch, &token(&ch, &cred, 600).await, "b").await.unwrap();
+    let nl = layers(&ch, &a).await;
+    let b_session = park(&ch, &b, nl).await;
+    let mut a_sessions = Vec::new();
+    for _ in 0..12 {
+        a_sessions.push(park(&ch, &a, nl).await);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    resumes(&ch, &b, nl, b_session).await.expect("another device's parked session survives");
+    // a keeps its newest max_sessions_per_device (4); its oldest are gone.
+    assert_eq!(resumes(&ch, &a, nl, a_sessions[0]).await.unwrap_err().code(), Code::NotFound);
+    resumes(&ch, &a, nl, a_sessions[11]).await.unwrap();
+    srv.shutdown().await.unwrap();
+}
+
+/// Item 6: revoking a device cuts its Features answer between chunks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_cuts_a_features_answer_between_chunks() {
+    let (_dir, srv, ch, cred) = serve(|t| t).await;
+    let a = enroll(&ch, &token(&ch, &cred, 600).await, "a").await.unwrap();
+    // 64 chunks of 200 KiB.
+    let mut s = backbone(&ch).features(features_of(&a, 64, 200, true)).await.unwrap().into_inner();
+    s.message().await.unwrap().unwrap();
+    admin(&ch).revoke_device(with_admin(&cred, RevokeDeviceRequest { device_id: a.device_id().into() })).await.unwrap();
+    let mut after = 0;
+    let e = loop {
+        match s.message().await {
+            Ok(Some(_)) => after += 1,
+            Ok(None) => panic!("all {after} remaining chunks were delivered after the revocation"),
+            Err(e) => break e,
+        }
+    };
+    assert!(e.code() == Code::PermissionDenied && after < 32, "{after} chunks, then {e:?}");
+    srv.shutdown().await.unwrap();
+}
+
+/// Item 7: strings a caller chose come back short and escaped, and labels that would hide or
+/// reorder text are refused at entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_strings_are_echoed_short_and_escaped_and_bidi_labels_refused() {
+    let (_dir, srv, ch, cred) = serve(|t| t).await;
+    let strategy = format!("x\n{}", "y".repeat(100_000));
+    let plan =
+        StartRoundsRequest { rounds: 1, min_clients: 1, max_clients: 1, deadline_seconds: 60, local_epochs: 1, lr: 0.01, strategy, ..Default::default() };
+    let e = admin(&ch).start_rounds(with_admin(&cred, plan)).await.unwrap_err();
+    assert!(
+        e.code() == Code::InvalidArgument && e.message().len() < 300 && !e.message().contains('\n'),
+        "{} bytes: {:?}",
+        e.message().len(),
+        e.message().chars().take(80).collect::<String>()
+    );
+    let e = admin(&ch).revoke_token(with_admin(&cred, RevokeTokenRequest { token_id: "tok-\u{1b}[2J\r".into() })).await.unwrap_err();
+    assert!(e.code() == Code::InvalidArgument && !e.message().contains('\u{1b}'), "{e:?}");
+    let tok = token(&ch, &cred, 600).await;
+    for name in ["evil\u{202e}gnp.exe", "zero\u{200b}width", "line\u{2028}break"] {
+        let pk = spa_proto::auth::public_key_of(&spa_proto::auth::generate_pkcs8().unwrap()).unwrap();
+        let e = device(&ch).enroll(EnrollRequest { token: tok.clone(), public_key: pk.to_vec(), name: name.into() }).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{name:?}: {e:?}");
+    }
+    let e = admin(&ch).create_token(with_admin(&cred, CreateTokenRequest { ttl_seconds: 60, note: "a\u{202e}b".into() })).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    enroll(&ch, &tok, "plain name, ünïcode fine").await.unwrap();
     srv.shutdown().await.unwrap();
 }

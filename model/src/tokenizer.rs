@@ -109,6 +109,26 @@ fn token_content(v: Option<&Value>) -> String {
     }
 }
 
+/// A writer that refuses to grow past `max` bytes.
+struct Capped {
+    buf: Vec<u8>,
+    max: usize,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + b.len() > self.max {
+            return Err(std::io::Error::other(format!("output over {} bytes", self.max)));
+        }
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 impl ModelTokens {
     /// Reads `dir`'s config.json and, where present, generation_config.json and
     /// tokenizer_config.json.
@@ -162,23 +182,34 @@ impl ModelTokens {
     }
 
     /// `user`'s message in the chat template, with the assistant's turn opened; `None` when the
-    /// checkpoint has no template.
+    /// checkpoint has no template. The template may come from a coordinator the device does not
+    /// trust: its size, the instructions it runs and the text it writes are bounded (the
+    /// SmolLM2 template renders in a few hundred instructions).
     pub fn chat_prompt(&self, user: &str) -> Result<Option<String>> {
+        const MAX_TEMPLATE: usize = 256 << 10;
+        const MAX_FUEL: u64 = 200_000;
+        const MAX_OUTPUT: usize = 1 << 20;
         let Some(template) = &self.chat_template else { return Ok(None) };
+        let bad = |m: String| ModelError::Tokenizer { path: "tokenizer_config.json".into(), message: format!("chat template: {m}") };
+        if template.len() > MAX_TEMPLATE {
+            return Err(bad(format!("{} bytes, over the limit of {MAX_TEMPLATE}", template.len())));
+        }
         let mut env = minijinja::Environment::new();
+        env.set_fuel(Some(MAX_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
         });
-        let bad = |e: minijinja::Error| ModelError::Tokenizer { path: "tokenizer_config.json".into(), message: format!("chat template: {e}") };
-        env.add_template("chat", template).map_err(bad)?;
+        env.add_template("chat", template).map_err(|e| bad(e.to_string()))?;
         let ctx = minijinja::context! {
             messages => vec![minijinja::context! { role => "user", content => user }],
             add_generation_prompt => true,
             bos_token => self.bos_token.clone(),
             eos_token => self.eos_token.clone(),
         };
-        env.get_template("chat").and_then(|t| t.render(ctx)).map(Some).map_err(bad)
+        let mut out = Capped { buf: Vec::new(), max: MAX_OUTPUT };
+        env.get_template("chat").and_then(|t| t.render_captured_to(ctx, &mut out)).map_err(|e| bad(e.to_string()))?;
+        String::from_utf8(out.buf).map(Some).map_err(|_| bad("not UTF-8".into()))
     }
 
     /// A prompt's ids: in the chat template if `chat` (an error if there is none), BOS first
@@ -287,5 +318,57 @@ mod tests {
     #[test]
     fn rejects_garbage() {
         assert!(Tokenizer::from_json("{not json").is_err());
+    }
+
+    /// Templates a hostile coordinator could serve: each fails fast with an error, none hangs
+    /// or exhausts memory.
+    #[test]
+    fn hostile_chat_templates_are_bounded() {
+        let with = |t: &str| {
+            let tc = serde_json::json!({ "chat_template": t }).to_string();
+            ModelTokens::from_json("{}", None, Some(&tc)).unwrap()
+        };
+        let t0 = std::time::Instant::now();
+        for t in [
+            "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+            "{% for i in range(100000) %}{{ 'x' * 99999999 }}{% endfor %}",
+            "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+            "{{ range(1000000000) }}",
+        ] {
+            let e = with(t).chat_prompt("hi").unwrap_err();
+            assert!(e.to_string().contains("chat template"), "{t}: {e}");
+        }
+        assert!(with(&"x".repeat(300 << 10)).chat_prompt("hi").unwrap_err().to_string().contains("over the limit"));
+        assert!(t0.elapsed() < std::time::Duration::from_secs(20), "{:?}", t0.elapsed());
+        assert_eq!(with("{{ messages[0]['content'] }}!").chat_prompt("ok").unwrap().unwrap(), "ok!");
+    }
+
+    /// A coordinator's tokenizer.json, mutated: refused or accepted, never a panic.
+    #[test]
+    fn mutated_tokenizer_json_never_panics() {
+        let good = char_level_json("abcdefgh ".chars());
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..300 {
+            let mut b = good.clone().into_bytes();
+            for _ in 0..1 + next() % 4 {
+                let i = (next() as usize) % b.len();
+                match next() % 3 {
+                    0 => b[i] = next() as u8,
+                    1 => {
+                        b.remove(i);
+                    }
+                    _ => b.insert(i, b"{}[]\",:0-9e"[(next() % 11) as usize]),
+                }
+            }
+            let text = String::from_utf8_lossy(&b).into_owned();
+            let r = std::panic::catch_unwind(|| Tokenizer::from_json(&text).map(|t| t.encode("abc hhh").map(|ids| t.decode(&ids))));
+            assert!(r.is_ok(), "panicked on {text}");
+        }
     }
 }

@@ -50,6 +50,8 @@ pub enum AuthError {
     DeviceBusy(usize),
     #[error("invalid admin credential")]
     BadAdmin,
+    #[error("public key refused: {0}")]
+    WeakKey(&'static str),
 }
 
 impl From<AuthError> for tonic::Status {
@@ -57,7 +59,7 @@ impl From<AuthError> for tonic::Status {
         let msg = e.to_string();
         match e {
             AuthError::Revoked(_) => tonic::Status::permission_denied(msg),
-            AuthError::Malformed(_) => tonic::Status::invalid_argument(msg),
+            AuthError::Malformed(_) | AuthError::WeakKey(_) => tonic::Status::invalid_argument(msg),
             AuthError::Busy => tonic::Status::unavailable(msg),
             AuthError::DeviceBusy(_) => tonic::Status::resource_exhausted(msg),
             // Not the device's identity but its clock: a retry succeeds once the clock is set.
@@ -140,6 +142,23 @@ impl SignedHeaders {
         let payload = signing_payload(method, self.ts_ms, &self.nonce_hex, digest);
         UnparsedPublicKey::new(&ED25519, public_key).verify(&payload, &sig).map_err(|_| AuthError::BadSignature)
     }
+}
+
+/// Whether `pk` may be a device's identity key: 32 bytes, the canonical encoding of a curve
+/// point, not of small order. A small-order key verifies signatures that no private key made
+/// (R = identity, s = 0 passes for the identity key), and one point under two encodings would
+/// be two "different" keys; so only canonical encodings are accepted and keys compare as bytes.
+pub fn check_public_key(pk: &[u8]) -> Result<(), AuthError> {
+    use curve25519_dalek::edwards::CompressedEdwardsY;
+    let bytes: [u8; 32] = pk.try_into().map_err(|_| AuthError::WeakKey("not 32 bytes"))?;
+    let point = CompressedEdwardsY(bytes).decompress().ok_or(AuthError::WeakKey("not a point of Ed25519"))?;
+    if point.compress().to_bytes() != bytes {
+        return Err(AuthError::WeakKey("not the canonical encoding of its point"));
+    }
+    if point.is_small_order() {
+        return Err(AuthError::WeakKey("a point of small order (signatures with it can be forged)"));
+    }
+    Ok(())
 }
 
 /// `|ts - now| <= window`.
@@ -440,5 +459,46 @@ mod tests {
         w.check_and_insert("late", "n0", later, later).unwrap();
         assert_eq!(w.check_and_insert("greedy", "n10", later, later), Err(AuthError::DeviceBusy(10)));
         w.check_and_insert("greedy", "n10", now + 600_001, now + 600_001).unwrap();
+    }
+
+    /// The eight points of small order, canonically encoded (checked against a reference
+    /// implementation of the curve: orders 1, 2, 4, 4, 8, 8, 8, 8).
+    const SMALL_ORDER: [&str; 8] = [
+        "0100000000000000000000000000000000000000000000000000000000000000",
+        "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+        "0000000000000000000000000000000000000000000000000000000000000000",
+        "0000000000000000000000000000000000000000000000000000000000000080",
+        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac03fa",
+        "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+        "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc85",
+    ];
+
+    #[test]
+    fn small_order_and_non_canonical_keys_are_refused_and_real_ones_pass() {
+        for k in SMALL_ORDER {
+            let e = check_public_key(&hex::decode(k).unwrap()).unwrap_err();
+            assert!(e.to_string().contains("small order"), "{k}: {e}");
+        }
+        // The identity with the sign bit set, y = p + 1 (the identity again), y = p + 3 (a point
+        // of large order, under its second encoding), y = p (order 4): each names a point under
+        // a second encoding.
+        for k in [
+            "0100000000000000000000000000000000000000000000000000000000000080",
+            "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+            "f0ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+            "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+        ] {
+            let e = check_public_key(&hex::decode(k).unwrap()).unwrap_err();
+            assert!(matches!(e, AuthError::WeakKey(_)) && !e.to_string().contains("small order"), "{k}: {e}");
+        }
+        // y = 2 is on no point of the curve; 31 bytes is no key.
+        let mut y2 = [0u8; 32];
+        y2[0] = 2;
+        assert_eq!(check_public_key(&y2), Err(AuthError::WeakKey("not a point of Ed25519")));
+        assert_eq!(check_public_key(&[7u8; 31]), Err(AuthError::WeakKey("not 32 bytes")));
+        for _ in 0..32 {
+            check_public_key(&signer().public_key()).unwrap();
+        }
     }
 }

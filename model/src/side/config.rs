@@ -132,6 +132,23 @@ impl SideConfig {
         macs + gin * self.gate.hidden as f64 + self.gate.hidden as f64
     }
 
+    /// Parameters of the plugin this config builds on `shape` (side network, gate, personal
+    /// layer). Analytic, so a device can check its memory before building one.
+    pub fn param_count(&self, shape: &SideShape) -> usize {
+        let (d, ds, n) = (shape.d_model, shape.d_side, shape.taps.len());
+        let lin = |i: usize, o: usize| i * o + o;
+        let mut p = n * lin(d, ds) + 2 * lin(ds, d); // down, up, personal
+        match self.variant {
+            SideVariant::Mlp => p += n.saturating_sub(1) * lin(ds, ds),
+            SideVariant::Ladder => {
+                let f = self.ladder.ffn_mult * ds;
+                p += n * (2 * ds + lin(ds, 3 * ds) + lin(ds, ds) + lin(ds, f) + lin(f, ds)) + n.saturating_sub(1);
+            }
+        }
+        let gin = d + if self.gate.use_side_state { ds } else { 0 };
+        p + lin(gin, self.gate.hidden) + lin(self.gate.hidden, 1)
+    }
+
     pub fn resolve(&self, bb: &BackboneConfig) -> Result<SideShape> {
         let l = bb.num_layers;
         if self.reduction == 0 || !bb.hidden_size.is_multiple_of(self.reduction) {
@@ -185,5 +202,18 @@ mod tests {
         assert_eq!(default_taps(&small), (0..=4).collect::<Vec<_>>());
         let explicit = SideConfig { taps: vec![30, 2], ..SideConfig::default() }.resolve(&smollm2).unwrap();
         assert_eq!((explicit.taps, explicit.feature_layers), (vec![2, 30], vec![2, 30]));
+    }
+
+    #[test]
+    fn the_analytic_parameter_count_is_the_built_plugin_s() {
+        let bb = llama(4, 288, 68);
+        for variant in [SideVariant::Mlp, SideVariant::Ladder] {
+            let mut cfg = SideConfig { variant, ..SideConfig::default() };
+            cfg.ladder.heads = 4;
+            let shape = cfg.resolve(&bb).unwrap();
+            let built = crate::side::Plugin::new(&cfg, &bb, &crate::burn::tensor::Device::flex()).unwrap().params();
+            let n: usize = built.tensors.values().map(|t| t.values.len()).sum();
+            assert_eq!(cfg.param_count(&shape), n, "{variant:?}");
+        }
     }
 }
