@@ -768,3 +768,36 @@ async fn callers_strings_are_echoed_short_and_escaped_and_bidi_labels_refused() 
     enroll(&ch, &tok, "plain name, ünïcode fine").await.unwrap();
     srv.shutdown().await.unwrap();
 }
+
+/// Item 2, stores from before the check: a device enrolled with the identity point (written
+/// to the store directly, as an older coordinator would have) signs nothing, not even with
+/// the signature that verifies against that key without any private key (R = identity, s = 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_weak_key_already_in_the_store_signs_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    init_home(dir.path(), |t| t);
+    let identity = hex::decode("0100000000000000000000000000000000000000000000000000000000000000").unwrap();
+    let id = {
+        let store = spa_coordinator::store::Store::open(&dir.path().join("store")).unwrap();
+        let rec = spa_coordinator::store::TokenRecord {
+            token_id: "tok-old".into(),
+            created_at_ms: 0,
+            expires_at_ms: u64::MAX,
+            note: String::new(),
+            used_by: None,
+            revoked_at_ms: None,
+        };
+        store.add_token(&spa_coordinator::store::token_hash("old-token"), &rec).unwrap();
+        store.enroll(&spa_coordinator::store::token_hash("old-token"), &identity, "old", now_ms()).unwrap().device_id
+    };
+    let srv = spa_coordinator::server::start(dir.path()).await.unwrap();
+    let ch = channel(&format!("https://{}", srv.addr), dir.path()).await;
+    let mut sig = [0u8; 64];
+    sig[0] = 1;
+    let h = spa_proto::auth::SignedHeaders { device_id: id, ts_ms: now_ms(), nonce_hex: "ab".repeat(16), sig_hex: hex::encode(sig) };
+    let mut req = tonic::Request::new(PingRequest {});
+    h.apply(req.metadata_mut());
+    let e = device(&ch).ping(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    srv.shutdown().await.unwrap();
+}
