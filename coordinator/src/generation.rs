@@ -17,7 +17,7 @@ use tonic::{Code, Request, Status, Streaming};
 
 use crate::auth::Ended;
 use crate::engine::{Opening, encode_block};
-use crate::service::{BackboneService, BoxStream, Shared};
+use crate::state::{BoxStream, Shared};
 use crate::status::internal;
 
 /// Most stop ids an opening may name.
@@ -91,10 +91,9 @@ async fn start_session(s: &Shared, open: &GenerateOpen, opening: Opening) -> Res
 }
 
 fn check_open(s: &Arc<Shared>, open: &GenerateOpen, owner: String) -> Result<Plan, Status> {
-    let me = BackboneService(s.clone());
-    me.check_version(&open.backbone_version)?;
-    let layers = me.check_layers(&open.layers)?;
-    let elem = BackboneService::check_dtype(open.dtype)?;
+    s.check_version(&open.backbone_version)?;
+    let layers = s.check_layers(&open.layers)?;
+    let elem = Shared::check_dtype(open.dtype)?;
     let cfg = &s.engine.meta.config;
     let sampling = match &open.sampling {
         Some(x) => Sampling { temperature: x.temperature, top_k: x.top_k as usize, seed: x.seed },
@@ -155,7 +154,7 @@ struct Stream {
     s: Arc<Shared>,
     /// This stream's slot among `limits.max_sessions`, given back when the stream is dropped.
     _permit: tokio::sync::OwnedSemaphorePermit,
-    _device_slot: crate::service::Held,
+    _device_slot: crate::state::Held,
     /// Checked before each step: revoking a device, or rotating the key the stream was
     /// opened with, ends its open streams.
     device: String,
@@ -234,8 +233,7 @@ impl Stream {
         if draft > limit {
             return Err(Status::invalid_argument(format!("draft {draft} exceeds the limit of {limit} tokens")));
         }
-        let me = BackboneService(self.s.clone());
-        me.check_ids(&e.ids, self.confirmed + accepted)?;
+        self.s.check_ids(&e.ids, self.confirmed + accepted)?;
         let rows = if self.last_only { 1 } else { e.ids.len() } + draft;
         let bytes = rows * self.position_bytes;
         let max_bytes = self.s.config.limits.max_message_bytes.saturating_sub(4096);

@@ -1,7 +1,10 @@
 //! spa-coordinator: the cloud side of SPA. See docs/ARCHITECTURE.md and docs/PROTOCOL.md.
 //!
 //! - [`server`]: the TLS gRPC server (Device, Admin, Backbone, health, reflection).
-//! - [`service`]: the service handlers, which validate every input.
+//! - [`state`]: what every handler shares ([`state::Shared`]) and the per-device permits:
+//!   the bottom floor the handlers import, so that they never import each other.
+//! - [`service`]: the Device, Admin and Backbone handlers, which validate every input;
+//!   [`generation`]: the Generate stream.
 //! - [`auth`]: signed device calls and admin calls.
 //! - [`engine`]: the thread that owns the backbone and generation sessions' KV caches.
 //! - [`rounds`]: the federated round loop (selection, SecAgg+ phases, commit) and its state.
@@ -11,22 +14,23 @@
 //! - [`metrics`]: Prometheus counters and gauges, and the `/metrics` endpoint.
 //! - [`init`], [`admin_cli`], [`model_cli`]: operator verbs.
 pub mod admin_cli;
-pub mod auth;
+pub(crate) mod auth;
 pub mod config;
-pub mod conn;
-pub mod engine;
+pub(crate) mod conn;
+pub(crate) mod engine;
 pub mod error;
 mod fault;
-pub mod generation;
+pub(crate) mod generation;
 pub mod init;
 pub mod metrics;
 pub mod model_cli;
 pub mod net;
-pub mod round_service;
+pub(crate) mod round_service;
 pub mod rounds;
 pub mod server;
-pub mod service;
-pub mod status;
+pub(crate) mod service;
+pub(crate) mod state;
+pub(crate) mod status;
 pub mod store;
 
 /// Locks a mutex whose holders only insert, remove or count (round state, rate limiters,

@@ -14,8 +14,6 @@ use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use crate::service::Shared;
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Outcome {
     pub outcome: String,
@@ -98,14 +96,12 @@ impl Metrics {
         &self.families
     }
 
-    /// The text exposition, gauges read from `s` first.
-    pub fn render(&self, s: &Shared) -> String {
-        let enrolled = s.store.devices().map(|d| d.iter().filter(|d| !d.revoked).count()).unwrap_or(0);
-        self.devices_enrolled.set(enrolled as i64);
-        self.devices_online.set(s.rounds.online_count() as i64);
-        let open = s.config.limits.max_sessions.saturating_sub(s.sessions.available_permits());
-        self.generation_sessions.set(open as i64);
-        self.open_connections.set(s.connections.load(std::sync::atomic::Ordering::SeqCst) as i64);
+    /// The text exposition, with the gauges `g` read just before.
+    pub fn render(&self, g: Gauges) -> String {
+        self.devices_enrolled.set(g.devices_enrolled as i64);
+        self.devices_online.set(g.devices_online as i64);
+        self.generation_sessions.set(g.generation_sessions as i64);
+        self.open_connections.set(g.open_connections as i64);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
         out
@@ -114,14 +110,22 @@ impl Metrics {
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
+/// What the gauges show, read from the running service when the endpoint is asked.
+pub struct Gauges {
+    pub devices_enrolled: usize,
+    pub devices_online: usize,
+    pub generation_sessions: usize,
+    pub open_connections: usize,
+}
+
 /// Serves `GET /metrics` on `listener` until the task is dropped: one short request per
 /// connection, its head bounded to 8 KiB and 5 s.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+pub async fn serve(listener: TcpListener, gauges: Arc<dyn Fn() -> Gauges + Send + Sync>) {
     loop {
         let Ok((mut sock, _)) = listener.accept().await else {
             continue;
         };
-        let shared = shared.clone();
+        let gauges = gauges.clone();
         tokio::spawn(async move {
             let mut head = vec![0u8; 8192];
             let mut n = 0;
@@ -137,7 +141,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 return;
             }
             let reply = if head[..n].starts_with(b"GET /metrics ") {
-                let body = METRICS.render(&shared);
+                let body = METRICS.render(gauges());
                 format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
             } else {
                 "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_string()

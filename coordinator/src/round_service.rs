@@ -14,7 +14,7 @@ use spa_proto::v1::*;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::rounds::{AnswerError, RoundPlan, RoundRecord};
-use crate::service::{BoxStream, Shared};
+use crate::state::{BoxStream, Shared};
 use crate::status::internal;
 use crate::store::DeviceRecord;
 

@@ -19,7 +19,8 @@ use crate::auth::Auth;
 use crate::config::CoordinatorConfig;
 use crate::engine::Engine;
 use crate::round_service::RoundsService;
-use crate::service::{AdminService, BackboneService, DeviceService, Shared};
+use crate::service::{AdminService, BackboneService, DeviceService};
+use crate::state::Shared;
 use crate::store::Store;
 
 /// The file `serve` writes with the address it listens on, once it accepts connections.
@@ -229,7 +230,7 @@ async fn start_metrics(home: &Path, cfg: &CoordinatorConfig, shared: Arc<Shared>
     let file = home.join(METRICS_ADDR_FILE);
     std::fs::write(&file, format!("http://{addr}/metrics\n")).map_err(io(&file))?;
     tracing::info!(%addr, "Prometheus metrics on /metrics");
-    Ok(Some(tokio::spawn(crate::metrics::serve(listener, shared))))
+    Ok(Some(tokio::spawn(crate::metrics::serve(listener, Arc::new(move || shared.gauges())))))
 }
 
 /// Serves until SIGTERM or ctrl-c, then shuts down gracefully.

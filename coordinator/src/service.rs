@@ -1,108 +1,23 @@
 //! The gRPC services: Device (enrollment, ping), Admin (tokens, devices, status) and
-//! Backbone (model info, frozen head, features, generation sessions). Every input is
-//! validated here before it reaches the store or the backbone worker.
-use std::pin::Pin;
+//! Backbone (model info, frozen head, features; generation sessions in `generation.rs`).
+//! Every input is validated before it reaches the store or the backbone worker (the
+//! backbone's checks are on [`Shared`], which generation shares).
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
-use std::time::Instant;
 
 use spa_proto::auth::{now_ms, random_bytes};
 use spa_proto::limits::{CHUNK_BYTES, MAX_DEVICE_NAME};
 use spa_proto::methods;
-use spa_proto::tensor::{dtype_size, feature_chunks, tensor_chunks_lazy};
+use spa_proto::tensor::{feature_chunks, tensor_chunks_lazy};
 use spa_proto::v1::admin_server::Admin;
 use spa_proto::v1::backbone_server::Backbone;
 use spa_proto::v1::device_server::Device;
 use spa_proto::v1::*;
-use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::auth::Auth;
-use crate::config::CoordinatorConfig;
-use crate::engine::{Engine, SeqJob};
+use crate::engine::SeqJob;
+use crate::state::{BoxStream, Shared};
 use crate::status::internal;
-use crate::store::{Store, StoreError, TokenRecord, token_hash};
-
-pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
-
-/// State shared by the services.
-pub struct Shared {
-    pub store: Store,
-    pub auth: Auth,
-    pub engine: Engine,
-    pub rounds: Arc<crate::rounds::Rounds>,
-    pub config: CoordinatorConfig,
-    pub started: Instant,
-    /// One permit per open Generate stream (`limits.max_sessions`), held by the stream's
-    /// task: released however the task ends, a panic included. And the next session id.
-    pub(crate) sessions: Arc<tokio::sync::Semaphore>,
-    /// Failed enrollments per peer address (`limits.failed_enrollments_per_minute`).
-    pub(crate) enroll_attempts: crate::auth::AttemptLimiter,
-    /// Open Generate streams per device (`limits.max_sessions_per_device`).
-    pub(crate) device_sessions: Arc<PerDevice>,
-    /// Features requests per device, computing or not yet read (`limits.max_feature_requests_per_device`).
-    pub(crate) device_features: Arc<PerDevice>,
-    pub(crate) next_session: AtomicU64,
-    /// TCP connections open now (`conn::capped` counts them; `limits.max_connections`).
-    pub connections: Arc<std::sync::atomic::AtomicUsize>,
-}
-
-impl Shared {
-    pub fn new(store: Store, auth: Auth, engine: Engine, rounds: Arc<crate::rounds::Rounds>, config: CoordinatorConfig) -> Arc<Self> {
-        let max_sessions = config.limits.max_sessions;
-        let failed_enrollments = config.limits.failed_enrollments_per_minute;
-        Arc::new(Self {
-            store,
-            auth,
-            engine,
-            rounds,
-            config,
-            started: Instant::now(),
-            sessions: Arc::new(tokio::sync::Semaphore::new(max_sessions)),
-            device_sessions: Default::default(),
-            device_features: Default::default(),
-            enroll_attempts: crate::auth::AttemptLimiter::new(failed_enrollments),
-            next_session: AtomicU64::new(1),
-            connections: Default::default(),
-        })
-    }
-}
-
-/// How many of something each device holds (open Generate streams, Features requests), so
-/// that one device cannot take what all share.
-#[derive(Default)]
-pub(crate) struct PerDevice(std::sync::Mutex<std::collections::HashMap<String, usize>>);
-
-/// One held by a device, given back on drop.
-pub(crate) struct Held {
-    of: Arc<PerDevice>,
-    device: String,
-}
-
-impl PerDevice {
-    /// One more for `device`, unless it holds `max` already.
-    pub(crate) fn take(self: &Arc<Self>, device: &str, max: usize) -> Option<Held> {
-        let mut held = crate::lock(&self.0);
-        let n = held.entry(device.to_string()).or_insert(0);
-        if *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(Held { of: self.clone(), device: device.to_string() })
-    }
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        let mut held = crate::lock(&self.of.0);
-        if let Some(n) = held.get_mut(&self.device) {
-            *n -= 1;
-            if *n == 0 {
-                held.remove(&self.device);
-            }
-        }
-    }
-}
+use crate::store::{StoreError, TokenRecord, token_hash};
 
 pub struct DeviceService(pub Arc<Shared>);
 pub struct AdminService(pub Arc<Shared>);
@@ -283,58 +198,6 @@ impl Admin for AdminService {
     }
 }
 
-impl BackboneService {
-    pub(crate) fn check_version(&self, v: &str) -> Result<(), Status> {
-        let served = &self.0.engine.meta.version;
-        if !v.is_empty() && v != served {
-            return Err(Status::failed_precondition(format!("backbone version {} is not served (serving '{served}')", crate::status::echo(v))));
-        }
-        Ok(())
-    }
-
-    pub(crate) fn check_layers(&self, layers: &[u32]) -> Result<Vec<usize>, Status> {
-        let n = self.0.engine.meta.config.num_layers;
-        if layers.is_empty() {
-            return Err(Status::invalid_argument("layers must not be empty"));
-        }
-        let mut seen = std::collections::HashSet::new();
-        for &l in layers {
-            if l as usize > n {
-                return Err(Status::invalid_argument(format!("layer {l} out of range 0..={n}")));
-            }
-            if !seen.insert(l) {
-                return Err(Status::invalid_argument(format!("layer {l} requested twice")));
-            }
-        }
-        Ok(layers.iter().map(|&l| l as usize).collect())
-    }
-
-    pub(crate) fn check_dtype(dtype: i32) -> Result<usize, Status> {
-        match DType::try_from(dtype) {
-            Ok(DType::DtypeF32) | Ok(DType::DtypeF16) => Ok(dtype_size(dtype).expect("known dtype")),
-            _ => Err(Status::invalid_argument(format!("dtype {dtype} unsupported for features (DTYPE_F32 or DTYPE_F16)"))),
-        }
-    }
-
-    pub(crate) fn check_ids(&self, ids: &[u32], already: usize) -> Result<(), Status> {
-        let cfg = &self.0.engine.meta.config;
-        if ids.is_empty() {
-            return Err(Status::invalid_argument("empty token sequence"));
-        }
-        if already + ids.len() > cfg.max_position_embeddings {
-            return Err(Status::invalid_argument(format!(
-                "sequence of {} tokens (+{already} already in the session) exceeds the context of {}",
-                ids.len(),
-                cfg.max_position_embeddings
-            )));
-        }
-        if let Some(bad) = ids.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-            return Err(Status::invalid_argument(format!("token id {bad} out of vocabulary (size {})", cfg.vocab_size)));
-        }
-        Ok(())
-    }
-}
-
 #[tonic::async_trait]
 impl Backbone for BackboneService {
     async fn get_model_info(&self, req: Request<GetModelInfoRequest>) -> Result<Response<ModelInfo>, Status> {
@@ -360,7 +223,7 @@ impl Backbone for BackboneService {
 
     async fn get_head(&self, req: Request<GetHeadRequest>) -> Result<Response<Self::GetHeadStream>, Status> {
         let rec = self.0.auth.device(&req, methods::BACKBONE_GET_HEAD)?;
-        self.check_version(&req.get_ref().backbone_version)?;
+        self.0.check_version(&req.get_ref().backbone_version)?;
         let tensors = self.0.engine.head(&rec.device_id).await?;
         // Chunks are cut as the stream is read: one chunk's copy at a time, not the whole head.
         let chunks = tensors.into_iter().flat_map(|t| {
@@ -386,9 +249,9 @@ impl Backbone for BackboneService {
             .take(&rec.device_id, max)
             .ok_or_else(|| Status::resource_exhausted(format!("this device already has {max} Features requests in flight; read their answers first")))?;
         let r = req.into_inner();
-        self.check_version(&r.backbone_version)?;
-        let layers = self.check_layers(&r.layers)?;
-        let elem = Self::check_dtype(r.dtype)?;
+        self.0.check_version(&r.backbone_version)?;
+        let layers = self.0.check_layers(&r.layers)?;
+        let elem = Shared::check_dtype(r.dtype)?;
         let max_seqs = s.config.limits.max_sequences_per_request;
         if r.sequences.is_empty() || r.sequences.len() > max_seqs as usize {
             return Err(Status::invalid_argument(format!("a Features request holds 1..={max_seqs} sequences, got {}", r.sequences.len())));
@@ -397,7 +260,7 @@ impl Backbone for BackboneService {
         let mut total = 0u64;
         let mut seqs = Vec::with_capacity(r.sequences.len());
         for (i, q) in r.sequences.into_iter().enumerate() {
-            self.check_ids(&q.ids, 0).map_err(|e| Status::invalid_argument(format!("sequence {i}: {}", e.message())))?;
+            self.0.check_ids(&q.ids, 0).map_err(|e| Status::invalid_argument(format!("sequence {i}: {}", e.message())))?;
             if q.from >= q.to || q.to as usize > q.ids.len() {
                 return Err(Status::invalid_argument(format!(
                     "sequence {i}: positions [{}, {}) are not a non-empty range within its {} tokens",

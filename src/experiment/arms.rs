@@ -3,7 +3,6 @@
 //! every arm built on it (`global_ft`, `ditto`, `fedrep`, `knn_per`, the `spa_v2` stages);
 //! `fedprox` and `spa_v1` are federations of their own; `local` trains each device alone.
 //! Every arm is scored the same way: its [`PersonalModel`] on the device's test split.
-use std::sync::Arc;
 use std::time::Instant;
 
 use spa_model::data::Example;
@@ -15,39 +14,8 @@ use spa_model::train::{Objective, TrainConfig, train_with_validation};
 use super::config::Arm;
 use super::extras::{self, Extras};
 use super::stats::{rouge_l, rouge_n};
-use super::{DeviceResult, ExperimentConfig, Model, Result, Rouge, RoundPoint, SeedRun};
-use crate::simulation::{DeviceFeatures, FeatureBank, SimConfig, Simulation};
-
-pub struct Context<'a> {
-    pub cfg: &'a ExperimentConfig,
-    pub model: &'a Model<'a>,
-    /// Devices that take part in the federations, and newcomers held out of them.
-    pub fed: Arc<dyn FeatureBank>,
-    pub new: Arc<dyn FeatureBank>,
-}
-
-impl Context<'_> {
-    /// How many devices there are, newcomers included.
-    pub fn devices(&self) -> usize {
-        self.fed.len() + self.new.len()
-    }
-
-    /// Device `i` of [`Self::devices`] (newcomers after the federated ones): its features, and
-    /// whether it is a newcomer. Loaded per use (a disk bank keeps memory to what is in use).
-    pub fn device(&self, i: usize) -> Result<(DeviceFeatures, bool)> {
-        let nf = self.fed.len();
-        Ok(if i < nf { (self.fed.get(i)?, false) } else { (self.new.get(i - nf)?, true) })
-    }
-
-    fn head(&self) -> FrozenHead {
-        FrozenHead::device_copy(self.model.backbone)
-    }
-
-    /// The devices the per-round curves are measured on (the first federated ones).
-    fn curve_devices(&self) -> usize {
-        if self.cfg.eval_devices == 0 { self.fed.len() } else { self.cfg.eval_devices.min(self.fed.len()) }
-    }
-}
+use super::{Context, DeviceResult, Result, Rouge, RoundPoint, SeedRun};
+use crate::simulation::{DeviceFeatures, SimConfig, Simulation};
 
 fn val_of(d: &DeviceFeatures) -> &spa_model::features::FeatureSet {
     d.val.as_ref().expect("experiment devices have a validation split")

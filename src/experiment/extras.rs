@@ -9,8 +9,8 @@ use spa_model::features::FeatureSet;
 use spa_model::personal::{Fit, PersonalModel, Route, Stage, fit};
 use spa_model::side::Plugin;
 
+use super::Context;
 use super::Result;
-use super::arms::Context;
 use super::config::Arm;
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

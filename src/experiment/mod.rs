@@ -205,6 +205,38 @@ pub struct Model<'a> {
     pub label: String,
 }
 
+/// What every arm of a seed reads: the config, the backbone, and the devices' features.
+pub struct Context<'a> {
+    pub cfg: &'a ExperimentConfig,
+    pub model: &'a Model<'a>,
+    /// Devices that take part in the federations, and newcomers held out of them.
+    pub fed: Arc<dyn FeatureBank>,
+    pub new: Arc<dyn FeatureBank>,
+}
+
+impl Context<'_> {
+    /// How many devices there are, newcomers included.
+    pub fn devices(&self) -> usize {
+        self.fed.len() + self.new.len()
+    }
+
+    /// Device `i` of [`Self::devices`] (newcomers after the federated ones): its features, and
+    /// whether it is a newcomer. Loaded per use (a disk bank keeps memory to what is in use).
+    pub fn device(&self, i: usize) -> Result<(crate::simulation::DeviceFeatures, bool)> {
+        let nf = self.fed.len();
+        Ok(if i < nf { (self.fed.get(i)?, false) } else { (self.new.get(i - nf)?, true) })
+    }
+
+    pub(crate) fn head(&self) -> spa_model::side::FrozenHead {
+        spa_model::side::FrozenHead::device_copy(self.model.backbone)
+    }
+
+    /// The devices the per-round curves are measured on (the first federated ones).
+    pub(crate) fn curve_devices(&self) -> usize {
+        if self.cfg.eval_devices == 0 { self.fed.len() } else { self.cfg.eval_devices.min(self.fed.len()) }
+    }
+}
+
 /// Runs every arm of `cfg` for every seed; `progress` sees a line per finished run.
 pub fn run(cfg: &ExperimentConfig, model: &Model, users: Vec<spa_model::data::UserData>, progress: &mut dyn FnMut(&str)) -> Result<ExperimentResult> {
     let started = Instant::now();
@@ -228,7 +260,7 @@ pub fn run(cfg: &ExperimentConfig, model: &Model, users: Vec<spa_model::data::Us
     };
     let (fed, new) = (bank(fed)?, bank(new)?);
     progress(&format!("features of {} devices computed in {:.1} s", fed.len() + new.len(), started.elapsed().as_secs_f64()));
-    let ctx = arms::Context { cfg, model, fed: fed.clone(), new: new.clone() };
+    let ctx = Context { cfg, model, fed: fed.clone(), new: new.clone() };
     let mut runs: Vec<(Arm, Vec<SeedRun>)> = cfg.arms.iter().map(|&a| (a, Vec::new())).collect();
     let mut tuned = arms::Tuned::default();
     let mut extras = extras::Extras::default();

@@ -1,0 +1,162 @@
+//! What every handler shares (the store, auth, the backbone worker, rounds, config) and the
+//! per-device permits: the bottom floor of the service, so that handlers are siblings that
+//! import it, never each other.
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Instant;
+
+use spa_proto::tensor::dtype_size;
+use spa_proto::v1::DType;
+use tokio_stream::Stream;
+use tonic::Status;
+
+use crate::auth::Auth;
+use crate::config::CoordinatorConfig;
+use crate::engine::Engine;
+use crate::store::Store;
+
+pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// State shared by the services.
+pub struct Shared {
+    pub store: Store,
+    pub auth: Auth,
+    pub engine: Engine,
+    pub rounds: Arc<crate::rounds::Rounds>,
+    pub config: CoordinatorConfig,
+    pub started: Instant,
+    /// One permit per open Generate stream (`limits.max_sessions`), held by the stream's
+    /// task: released however the task ends, a panic included. And the next session id.
+    pub(crate) sessions: Arc<tokio::sync::Semaphore>,
+    /// Failed enrollments per peer address (`limits.failed_enrollments_per_minute`).
+    pub(crate) enroll_attempts: crate::auth::AttemptLimiter,
+    /// Open Generate streams per device (`limits.max_sessions_per_device`).
+    pub(crate) device_sessions: Arc<PerDevice>,
+    /// Features requests per device, computing or not yet read (`limits.max_feature_requests_per_device`).
+    pub(crate) device_features: Arc<PerDevice>,
+    pub(crate) next_session: AtomicU64,
+    /// TCP connections open now (`conn::capped` counts them; `limits.max_connections`).
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Shared {
+    pub fn new(store: Store, auth: Auth, engine: Engine, rounds: Arc<crate::rounds::Rounds>, config: CoordinatorConfig) -> Arc<Self> {
+        let max_sessions = config.limits.max_sessions;
+        let failed_enrollments = config.limits.failed_enrollments_per_minute;
+        Arc::new(Self {
+            store,
+            auth,
+            engine,
+            rounds,
+            config,
+            started: Instant::now(),
+            sessions: Arc::new(tokio::sync::Semaphore::new(max_sessions)),
+            device_sessions: Default::default(),
+            device_features: Default::default(),
+            enroll_attempts: crate::auth::AttemptLimiter::new(failed_enrollments),
+            next_session: AtomicU64::new(1),
+            connections: Default::default(),
+        })
+    }
+}
+
+/// How many of something each device holds (open Generate streams, Features requests), so
+/// that one device cannot take what all share.
+#[derive(Default)]
+pub(crate) struct PerDevice(std::sync::Mutex<std::collections::HashMap<String, usize>>);
+
+/// One held by a device, given back on drop.
+pub(crate) struct Held {
+    of: Arc<PerDevice>,
+    device: String,
+}
+
+impl PerDevice {
+    /// One more for `device`, unless it holds `max` already.
+    pub(crate) fn take(self: &Arc<Self>, device: &str, max: usize) -> Option<Held> {
+        let mut held = crate::lock(&self.0);
+        let n = held.entry(device.to_string()).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Held { of: self.clone(), device: device.to_string() })
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut held = crate::lock(&self.of.0);
+        if let Some(n) = held.get_mut(&self.device) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.device);
+            }
+        }
+    }
+}
+
+impl Shared {
+    pub fn check_version(&self, v: &str) -> Result<(), Status> {
+        let served = &self.engine.meta.version;
+        if !v.is_empty() && v != served {
+            return Err(Status::failed_precondition(format!("backbone version {} is not served (serving '{served}')", crate::status::echo(v))));
+        }
+        Ok(())
+    }
+
+    pub fn check_layers(&self, layers: &[u32]) -> Result<Vec<usize>, Status> {
+        let n = self.engine.meta.config.num_layers;
+        if layers.is_empty() {
+            return Err(Status::invalid_argument("layers must not be empty"));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for &l in layers {
+            if l as usize > n {
+                return Err(Status::invalid_argument(format!("layer {l} out of range 0..={n}")));
+            }
+            if !seen.insert(l) {
+                return Err(Status::invalid_argument(format!("layer {l} requested twice")));
+            }
+        }
+        Ok(layers.iter().map(|&l| l as usize).collect())
+    }
+
+    pub fn check_dtype(dtype: i32) -> Result<usize, Status> {
+        match DType::try_from(dtype) {
+            Ok(DType::DtypeF32) | Ok(DType::DtypeF16) => Ok(dtype_size(dtype).expect("known dtype")),
+            _ => Err(Status::invalid_argument(format!("dtype {dtype} unsupported for features (DTYPE_F32 or DTYPE_F16)"))),
+        }
+    }
+
+    pub fn check_ids(&self, ids: &[u32], already: usize) -> Result<(), Status> {
+        let cfg = &self.engine.meta.config;
+        if ids.is_empty() {
+            return Err(Status::invalid_argument("empty token sequence"));
+        }
+        if already + ids.len() > cfg.max_position_embeddings {
+            return Err(Status::invalid_argument(format!(
+                "sequence of {} tokens (+{already} already in the session) exceeds the context of {}",
+                ids.len(),
+                cfg.max_position_embeddings
+            )));
+        }
+        if let Some(bad) = ids.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+            return Err(Status::invalid_argument(format!("token id {bad} out of vocabulary (size {})", cfg.vocab_size)));
+        }
+        Ok(())
+    }
+}
+
+impl Shared {
+    /// The gauges of the metrics endpoint, read now.
+    pub fn gauges(&self) -> crate::metrics::Gauges {
+        crate::metrics::Gauges {
+            devices_enrolled: self.store.devices().map(|d| d.iter().filter(|d| !d.revoked).count()).unwrap_or(0),
+            devices_online: self.rounds.online_count(),
+            generation_sessions: self.config.limits.max_sessions.saturating_sub(self.sessions.available_permits()),
+            open_connections: self.connections.load(std::sync::atomic::Ordering::SeqCst),
+        }
+    }
+}
