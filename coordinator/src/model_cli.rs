@@ -141,7 +141,7 @@ pub struct ExperimentArgs {
     #[arg(long, default_value_t = 5)]
     epochs: usize,
     /// Chosen on roles 11-20 of configs/device_roles.txt, which the recorded table (roles
-    /// 1-10) does not use (docs/BENCHMARKS.md).
+    /// 1-10) does not use (docs/bench-log/2026-11-26-local-personalization.md).
     #[arg(long, default_value_t = 1e-3)]
     lr: f64,
     #[arg(long, default_value_t = 256)]

@@ -5,7 +5,7 @@
 /// training step allocates on every op are page-faulted in and zeroed by the kernel again
 /// each time. Serving everything from the heaps and never trimming them keeps those pages:
 /// the process holds on to its peak working set, as GPU caching allocators do. Measured on
-/// the pretraining step (docs/BENCHMARKS.md): faster than glibc's defaults and than mimalloc.
+/// the pretraining step (docs/bench-log/2026-11-26-allocator-side-step-flops.md): faster than glibc's defaults and than mimalloc.
 /// Call first thing in `main`; a no-op off glibc.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -22,7 +22,7 @@ pub fn keep_freed_memory() {
 /// glibc's defaults the coordinator's resident memory grew round after round under 1000
 /// devices (a transient 215 KB vector per masked upload, between long-lived replay-cache
 /// entries, and a mmap threshold that rises to 32 MiB after the first large free): 123 ->
-/// 514 MB over 10 rounds; with these, 231-259 MB from round 3 on (docs/BENCHMARKS.md).
+/// 514 MB over 10 rounds; with these, 231-259 MB from round 3 on (docs/bench-log/2026-12-03-1000-devices-service-memory.md).
 /// Call first thing in `main`; a no-op off glibc.
 pub fn return_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

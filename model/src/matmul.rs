@@ -461,7 +461,7 @@ mod simd {
 
         /// How far ahead of the weights being read the kernels ask for weights: the hardware
         /// prefetcher alone left a core's stream latency-bound (f16 decode +15% with one row
-        /// at a time, +20% with four; distances swept in docs/BENCHMARKS.md).
+        /// at a time, +20% with four; distances swept in docs/bench-log/2026-12-03-smollm2-thread-team-prefetch.md).
         const AHEAD_ROW: usize = 2048;
         const AHEAD_BLOCK: usize = 8192;
 

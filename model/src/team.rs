@@ -3,7 +3,7 @@
 //! shared counter, and meets the others at a spinning barrier before the next phase reads
 //! what this one wrote. A token of a 30-layer model is ~150 short products; handing each to
 //! a task pool costs a wake-up per product (a fifth of decode time in rayon's scheduler,
-//! docs/BENCHMARKS.md), while members that spin meet at a barrier in well under a
+//! docs/bench-log/2026-12-03-smollm2-thread-team-prefetch.md), while members that spin meet at a barrier in well under a
 //! microsecond.
 //!
 //! [`run`] starts the members (scoped threads: they borrow the caller's data and are joined

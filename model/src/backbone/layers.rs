@@ -18,7 +18,7 @@ impl Linear {
 
     /// Leading dimensions are flattened first: one `[N, in] x [in, out]` gemm. A batched 3-D
     /// matmul runs one gemm per batch row, which is no slower for `[16, 256, d]` but ruinous
-    /// for per-token batches `[N, 1, d]` (benches/model.rs, docs/BENCHMARKS.md).
+    /// for per-token batches `[N, 1, d]` (benches/model.rs, docs/bench-log/2026-11-25-model-hot-paths.md).
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let dims = x.dims();
         let din = dims[D - 1];

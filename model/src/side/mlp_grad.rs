@@ -2,7 +2,7 @@
 //!
 //! Under burn's autodiff the mlp side's step is ~60 small ops, each a full pass over its
 //! operands and most of them single-threaded: at the side's widths about a third of the step
-//! went outside the gemms (docs/BENCHMARKS.md). Here the forward keeps what the backward needs,
+//! went outside the gemms (docs/bench-log/2026-11-26-allocator-side-step-flops.md). Here the forward keeps what the backward needs,
 //! the per-position work (log-softmax, mixture, gate cost and their gradients) is one loop over
 //! rows, and the gradients are those autodiff would give (they go to `crate::optim`'s flat
 //! AdamW). The loss is the one documented in `train.rs`; its tests check these gradients

@@ -20,7 +20,7 @@ use crate::error::Result;
 
 /// `[B, T, in] -> [B, T, out]` as one 2-D gemm. burn's `Linear` on a 3-D input runs a
 /// batched matmul, one small gemm per batch row: for per-token batches `[N, 1, d]` that is
-/// N gemms of one row each (`side_train` in benches/model.rs, docs/BENCHMARKS.md).
+/// N gemms of one row each (`side_train` in benches/model.rs, docs/bench-log/2026-11-25-model-hot-paths.md).
 fn lin(l: &Linear, x: Tensor<3>) -> Tensor<3> {
     let [b, t, d] = x.dims();
     let y = l.forward(x.reshape([b * t, d]));
