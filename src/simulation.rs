@@ -15,7 +15,6 @@ use std::time::Instant;
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
 use serde::Serialize;
-use spa_aggregation::quant::QuantParams;
 use spa_aggregation::sim::{Stage, default_chunk, run};
 use spa_aggregation::strategy::{ServerOptimizer, StrategyConfig};
 use spa_aggregation::{Encoding, SecAggError, SessionConfig};
@@ -378,17 +377,21 @@ impl<'a> Simulation<'a> {
         };
         session.encoding = Encoding::SignedTwosComplement { quant_bits, clip: self.config.clip, w_max };
         session.validate()?;
-        let quant = QuantParams { bits: quant_bits, clip: self.config.clip, w_max };
         let mut rng = ChaCha20Rng::seed_from_u64(self.config.seed ^ (round as u64).wrapping_mul(0x9E37_79B9));
-        let weights: Vec<u32> = cohort.iter().map(|&i| (self.devices[i].weight as u32).min(w_max)).collect();
-        let inputs = deltas.iter().zip(&weights).map(|(d, &w)| quant.encode(d, w, &mut rng)).collect::<std::result::Result<Vec<_>, _>>()?;
+        let mut inputs = Vec::with_capacity(n);
+        let mut weights = Vec::with_capacity(n);
+        for (d, &i) in deltas.iter().zip(&cohort) {
+            let (input, w) = session.encode_update(d, self.devices[i].weight as u32, &mut rng)?;
+            inputs.push(input);
+            weights.push(w);
+        }
         let ids: Vec<u32> = (1..=n as u32).collect();
         let n_drop = dropped_count(self.config.dropout, n);
         // Drop the last n_drop devices of a round-dependent rotation after masking starts.
         let dropped: Vec<u32> = (0..n_drop).map(|k| ids[(round * 7 + k) % n]).collect();
         let out = run(&session, &ids, &inputs, |id| dropped.contains(&id).then_some(Stage::MaskedInput), default_chunk(), rng_seed(&mut rng));
         let agg = out.result?;
-        let (mean_delta, _total_w) = quant.decode_mean(&agg.sum)?;
+        let (mean_delta, _total_w) = session.decode_mean(&agg.sum, agg.contributors.len())?;
         // The plaintext mean of the same contributors, to report the encoding error.
         let mut plain = vec![0.0f64; m];
         let mut wsum = 0.0f64;

@@ -140,6 +140,37 @@ impl SessionConfig {
         }
     }
 
+    /// A device's update as its SecAgg+ input under this session's encoding, with the weight
+    /// it carries: quantized and weighted by its `examples` (capped at `w_max`), or under DP
+    /// clipped, rotated and noised with this device's share, unweighted. One implementation
+    /// for the device and the simulation.
+    pub fn encode_update<R: rand_core::RngCore>(&self, delta: &[f32], examples: u32, rng: &mut R) -> Result<(Vec<u32>, u32)> {
+        match &self.encoding {
+            Encoding::SignedTwosComplement { .. } => {
+                let quant = self.quant_params().expect("the quantized encoding");
+                let weight = examples.min(quant.w_max).max(1);
+                Ok((quant.encode(delta, weight, rng)?, weight))
+            }
+            Encoding::DistributedDiscreteGaussian(dp) => Ok((dp.encode(delta, rng)?, 1)),
+        }
+    }
+
+    /// The round's mean update from the aggregated sum of `contributors` inputs, and its
+    /// total weight: the weighted mean (quantized), or the noisy sum over the contributors
+    /// (DP, unweighted). What the coordinator commits and the simulation applies.
+    pub fn decode_mean(&self, sum: &[u32], contributors: usize) -> Result<(Vec<f32>, u32)> {
+        match &self.encoding {
+            Encoding::SignedTwosComplement { .. } => self.quant_params().expect("the quantized encoding").decode_mean(sum),
+            Encoding::DistributedDiscreteGaussian(dp) => {
+                if contributors == 0 {
+                    return Err(SecAggError::Malformed("a DP sum of no contributors".into()));
+                }
+                let k = contributors as f32;
+                Ok((dp.decode_sum(sum)?.into_iter().map(|x| x / k).collect(), contributors as u32))
+            }
+        }
+    }
+
     /// Whether every client is every other client's neighbour.
     pub fn is_full_graph(&self) -> bool {
         self.degree >= self.n_selected.saturating_sub(1)
@@ -288,6 +319,49 @@ pub fn default_quant_bits(n: u32) -> Result<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The round's arithmetic both ways, as the device encodes and the coordinator (and the
+    /// simulation) decodes: a weighted mean when quantized, the plain mean of the clipped
+    /// updates under noiseless DP.
+    #[test]
+    fn updates_encoded_by_devices_decode_to_the_round_mean() {
+        use rand_core::SeedableRng;
+        let mut rng = rand_chacha::ChaCha20Rng::from_seed([5; 32]);
+        let updates = [vec![0.1f32, -0.2, 0.3, 0.0], vec![-0.3f32, 0.1, 0.1, 0.2]];
+        let sum = |inputs: &[Vec<u32>]| (0..inputs[0].len()).map(|j| inputs.iter().fold(0u32, |a, x| a.wrapping_add(x[j]))).collect::<Vec<u32>>();
+        let mut cfg = SessionConfig::recommended(1, 0, 2, 5).unwrap();
+        cfg.encoding = Encoding::SignedTwosComplement { quant_bits: 20, clip: 1.0, w_max: 10 };
+        let (a, wa) = cfg.encode_update(&updates[0], 3, &mut rng).unwrap();
+        let (b, wb) = cfg.encode_update(&updates[1], 50, &mut rng).unwrap();
+        assert_eq!((wa, wb), (3, 10), "weights are the examples, capped at w_max");
+        let (mean, total) = cfg.decode_mean(&sum(&[a, b]), 2).unwrap();
+        assert_eq!(total, 13);
+        for j in 0..4 {
+            let want = (3.0 * updates[0][j] + 10.0 * updates[1][j]) / 13.0;
+            assert!((mean[j] - want).abs() < 1e-3, "{j}: {} vs {want}", mean[j]);
+        }
+        let dp = crate::dp::DpParams {
+            dim: 4,
+            l2_clip: 1.0,
+            gamma: 1e-3,
+            noise_multiplier: 0.0,
+            expected_clients: 2,
+            bits: 24,
+            beta: (-0.5f32).exp(),
+            rotation_seed: [9; 32],
+        };
+        cfg.encoding = Encoding::DistributedDiscreteGaussian(dp);
+        let (a, wa) = cfg.encode_update(&updates[0], 3, &mut rng).unwrap();
+        let (b, _) = cfg.encode_update(&updates[1], 50, &mut rng).unwrap();
+        assert_eq!(wa, 1, "DP updates are unweighted");
+        let (mean, total) = cfg.decode_mean(&sum(&[a, b]), 2).unwrap();
+        assert_eq!(total, 2);
+        for j in 0..4 {
+            let want = (updates[0][j] + updates[1][j]) / 2.0;
+            assert!((mean[j] - want).abs() < 5e-3, "{j}: {} vs {want}", mean[j]);
+        }
+        assert!(cfg.decode_mean(&sum(&[vec![0; 4]]), 0).is_err());
+    }
 
     #[test]
     fn small_cohorts_use_the_full_graph() {

@@ -384,15 +384,7 @@ async fn train_for_round(ctx: &Ctx<'_>, t: &TrainTask, config: &SessionConfig) -
     let final_loss = report.epoch_losses.last().copied().unwrap_or(f32::NAN);
     let delta = trained.shared()?.delta_from(&global)?;
     let mut rng = system_rng().map_err(secagg_err)?;
-    let (input, weight) = match &config.encoding {
-        Encoding::SignedTwosComplement { .. } => {
-            let quant = config.quant_params().ok_or_else(|| ClientError::Invalid("no quantization".into()))?;
-            let weight = (n_train as u32).min(quant.w_max).max(1);
-            (quant.encode(&delta, weight, &mut rng).map_err(secagg_err)?, weight)
-        }
-        // DP: clipped, rotated, rounded, with this device's share of the noise; unweighted.
-        Encoding::DistributedDiscreteGaussian(dp) => (dp.encode(&delta, &mut rng).map_err(secagg_err)?, 1),
-    };
+    let (input, weight) = config.encode_update(&delta, n_train as u32, &mut rng).map_err(secagg_err)?;
     dump_update(home, t.round_id, &delta, weight)?;
     Ok((input, n_train, final_loss))
 }

@@ -361,14 +361,7 @@ fn commit(
 ) -> Result<(), RoundError> {
     let store = &rounds.store;
     let started = Instant::now();
-    let (mean_delta, total_w) = match &session.encoding {
-        Encoding::SignedTwosComplement { .. } => session.quant_params().ok_or_else(|| RoundError::Internal("no quantization".into()))?.decode_mean(&out.sum)?,
-        // DP updates are unweighted: the mean is the noisy sum over the contributors.
-        Encoding::DistributedDiscreteGaussian(dp) => {
-            let k = out.contributors.len() as f32;
-            (dp.decode_sum(&out.sum)?.into_iter().map(|x| x / k).collect(), out.contributors.len() as u32)
-        }
-    };
+    let (mean_delta, total_w) = session.decode_mean(&out.sum, out.contributors.len())?;
     let mut optimizer = match store.optimizer()? {
         Some(o) if o.config == strategy => o,
         _ => ServerOptimizer::new(strategy)?,
