@@ -238,7 +238,9 @@ mod tests {
         let (users, left) = works_users(&plays, 5, ExampleLimits::default(), 0.5, None);
         let names: Vec<&str> = users.iter().map(|u| u.user.as_str()).collect();
         assert_eq!((names, left.len()), (vec!["a_play/ANN", "a_play/BOB"], 0));
-        assert_eq!(users[0].train.len() + users[0].test.len(), 6);
+        // Ann's first speech opens the play: no cue before it, so no example; each of Bob's has one.
+        assert_eq!(users[0].train.len() + users[0].test.len(), 5);
+        assert_eq!(users[1].train.len() + users[1].test.len(), 6);
         // Bob's lines are in the pretraining text: Bob is left out.
         let seen: String = (0..3).map(|i| format!("The {i}th line that Bob speaks today, friends.\n")).collect();
         let (users, left) = works_users(&plays, 5, ExampleLimits::default(), 0.5, Some(&seen));
