@@ -33,7 +33,7 @@ if [ "${1:-}" = "--gguf-only" ]; then
   exit 0
 fi
 OUT=${1:-models/smollm2}
-BIN=${SPA_COORDINATOR:-target/release/spa-coordinator}
+BIN=${SPA_BIN:-target/release/spa}
 [ -x "$BIN" ] || cargo build --release --workspace >&2
 "$BIN" model import --gguf "$GGUF" --out "$OUT" --dtype f16
 echo "imported into $OUT: serve it with [backbone] path = \"$(cd "$OUT" && pwd)\" or pass --model $OUT" >&2

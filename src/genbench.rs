@@ -28,6 +28,30 @@ pub struct GenBenchConfig {
     pub cut_after: Option<usize>,
 }
 
+impl Row {
+    /// The markdown table's header, for rows printed with `Display`.
+    pub const HEADER: &str = "| RTT ms | mode | prompts | tokens | side tokens | round trips / token | acceptance | tokens/s | bytes / token | reconnects |\n|---|---|---|---|---|---|---|---|---|---|\n";
+}
+
+impl std::fmt::Display for Row {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "| {} | {} | {} | {:.0} | {:.2} | {:.3} | {:.3} | {:.1} | {:.0} | {} |",
+            self.rtt_ms,
+            self.mode,
+            self.prompts,
+            self.tokens,
+            self.side_fraction,
+            self.round_trips_per_token,
+            self.acceptance,
+            self.tokens_per_s,
+            self.bytes_per_token,
+            self.reconnects
+        )
+    }
+}
+
 /// One mode at one delay: medians over the prompts.
 #[derive(Clone, Debug, Serialize)]
 pub struct Row {
@@ -78,6 +102,7 @@ pub async fn run(cfg: &GenBenchConfig, on_row: &mut dyn FnMut(&Row)) -> anyhow::
                     inputs,
                     side_drafts,
                     coordinator: Some(url.clone()),
+                    backend: qs.backend,
                     ..GenerateOptions::default()
                 };
                 let mut pieces = 0;

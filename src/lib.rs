@@ -5,6 +5,7 @@
 //! `generate-bench` ([`genbench`]: collaborative decoding through [`netdelay`]'s delaying proxy).
 pub mod experiment;
 pub mod genbench;
+pub mod model_cli;
 pub mod netdelay;
 pub mod quickstart;
 pub mod simulation;

@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand};
 use spa::experiment::ExperimentConfig;
 use spa::quickstart::{Output, QuickstartConfig};
 use spa::simulation::{SimConfig, Simulation};
-use spa_aggregation::strategy::StrategyConfig;
+use spa_aggregation::strategy::StrategyName;
 use spa_model::BackendKind;
 use spa_model::backbone::load_backbone_as;
 use spa_model::data::synthetic::synthetic_users;
@@ -45,6 +45,9 @@ enum Command {
     /// tap states and cloud-side down-projections. Fails if a speculative text differs from
     /// its per-token text.
     GenerateBench(GenBenchArgs),
+    /// The backbone workbench: import a GGUF, pretrain, evaluate, logits, roles, generate.
+    #[command(subcommand)]
+    Model(spa::model_cli::ModelCommand),
 }
 
 #[derive(Parser, Debug, Clone)]
@@ -121,8 +124,9 @@ struct QuickArgs {
     local_epochs: u32,
     #[arg(long, default_value_t = 3e-3)]
     lr: f64,
-    #[arg(long, value_parser = ["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"], default_value = "fedavg")]
-    strategy: String,
+    /// fedavg | fedprox | fedadam | fedyogi | fedadagrad
+    #[arg(long, default_value = "fedavg")]
+    strategy: StrategyName,
     /// Devices whose personalized text is shown at the end.
     #[arg(long, default_value_t = 3)]
     show: usize,
@@ -156,8 +160,9 @@ struct SimArgs {
     local_epochs: usize,
     #[arg(long, default_value_t = 3e-3)]
     lr: f64,
-    #[arg(long, value_parser = ["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"], default_value = "fedavg")]
-    strategy: String,
+    /// fedavg | fedprox | fedadam | fedyogi | fedadagrad
+    #[arg(long, default_value = "fedavg")]
+    strategy: StrategyName,
     /// FedProx's mu (with --strategy fedprox).
     #[arg(long, default_value_t = 0.01)]
     prox_mu: f64,
@@ -174,71 +179,38 @@ struct SimArgs {
     json: bool,
 }
 
-fn first_line(s: &str) -> &str {
-    s.lines().next().unwrap_or("").trim_end()
-}
-
-fn quickstart(a: QuickArgs) -> Result<()> {
+fn quickstart(a: QuickArgs, backend: BackendKind) -> Result<()> {
     let cfg = QuickstartConfig {
         devices: a.devices,
         examples: a.examples,
         rounds: a.rounds,
         local_epochs: a.local_epochs,
         lr: a.lr,
-        strategy: a.strategy.clone(),
+        strategy: a.strategy,
         show: a.show,
         dir: a.dir.clone(),
         seed: a.seed,
         model: a.model.clone(),
         users: None,
         shared_down: false,
+        backend,
     };
     let json = a.json;
-    let mut header = false;
+    let mut first_round = true;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(spa::quickstart::quickstart(&cfg, &mut |o| {
         if json {
             println!("{}", serde_json::to_string(&o).expect("serializes"));
-            return;
-        }
-        match o {
-            Output::Setup { coordinator, devices, dir } => {
-                println!("coordinator serving on {coordinator} (TLS); {devices} devices enrolled with one-time tokens; homes in {dir}");
-                println!("each device trains the side plugin + gate on its own data; only SecAgg+-masked updates of the shared part leave it\n");
-            }
-            Output::Round(r) => {
-                if !header {
-                    println!("| round | global version | contributors/cohort | held-out loss: backbone -> personalized | accuracy: backbone -> personalized | wall s | coordinator busy ms |");
-                    println!("|---|---|---|---|---|---|---|");
-                    header = true;
-                }
-                let m = r.mean_metrics.as_ref();
-                let f = |get: fn(&spa_coordinator::rounds::DeviceMetrics) -> f64| m.map_or("-".to_string(), |m| format!("{:.3}", get(m)));
-                println!(
-                    "| {} | {} | {}/{} | {} -> {} | {} -> {} | {:.1} | {:.1} |",
-                    r.round_id,
-                    r.committed_version.map_or("-".to_string(), |v| v.to_string()),
-                    r.contributors.len(),
-                    r.cohort.len(),
-                    f(|m| m.backbone_loss),
-                    f(|m| m.personalized_loss),
-                    f(|m| m.backbone_acc),
-                    f(|m| m.personalized_acc),
-                    r.finished_ms.unwrap_or(0).saturating_sub(r.started_ms) as f64 / 1000.0,
-                    r.coordinator_busy_ms,
-                );
-            }
-            Output::Sample { device, prompt, backbone, personalized, side_tokens, tokens, reference } => {
-                println!("\n--- {device} ---\n{}", prompt.trim_end());
-                println!("  backbone alone: {}", first_line(&backbone));
-                println!("  personalized:   {}   (side plugin spoke {side_tokens} of {tokens} tokens)", first_line(&personalized));
-                println!("  reference:      {}", reference.trim_end());
-            }
+        } else {
+            // The round table's header goes above the first round.
+            let header = first_round && matches!(o, Output::Round(_));
+            first_round &= !header;
+            print!("{}", o.text(header));
         }
     }))
 }
 
-fn generate_bench(a: GenBenchArgs) -> Result<()> {
+fn generate_bench(a: GenBenchArgs, backend: BackendKind) -> Result<()> {
     let users = match (&a.play, &a.roles_file) {
         (Some(play), Some(roles)) => {
             let read = |p: &Path| std::fs::read_to_string(p).with_context(|| p.display().to_string());
@@ -262,6 +234,7 @@ fn generate_bench(a: GenBenchArgs) -> Result<()> {
             lr: a.lr,
             model: a.model.clone(),
             users,
+            backend,
             ..QuickstartConfig::default()
         },
         delays_ms: a.delay_ms.clone(),
@@ -273,18 +246,14 @@ fn generate_bench(a: GenBenchArgs) -> Result<()> {
     };
     cfg.sampling.validate()?;
     if !a.json {
-        println!("| RTT ms | mode | prompts | tokens | side tokens | round trips / token | acceptance | tokens/s | bytes / token | reconnects |");
-        println!("|---|---|---|---|---|---|---|---|---|---|");
+        print!("{}", spa::genbench::Row::HEADER);
     }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(spa::genbench::run(&cfg, &mut |r| {
         if a.json {
             println!("{}", serde_json::to_string(r).expect("serializes"));
         } else {
-            println!(
-                "| {} | {} | {} | {:.0} | {:.2} | {:.3} | {:.3} | {:.1} | {:.0} | {} |",
-                r.rtt_ms, r.mode, r.prompts, r.tokens, r.side_fraction, r.round_trips_per_token, r.acceptance, r.tokens_per_s, r.bytes_per_token, r.reconnects
-            );
+            println!("{r}");
         }
     }))?;
     Ok(())
@@ -302,17 +271,15 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    if let Some(d) = cli.device {
-        // SAFETY: set before any thread starts; the quickstart's coordinator and devices read it.
-        unsafe { std::env::set_var("BURN_DEVICE", d.to_string()) };
-    }
-    let device = BackendKind::resolve(cli.device)?.device()?;
+    let backend = BackendKind::resolve(cli.device)?;
+    let device = backend.device()?;
     // Each command's `json` is this global flag.
     match cli.command {
-        Command::Quickstart(a) => quickstart(QuickArgs { json: cli.json, ..a }),
+        Command::Quickstart(a) => quickstart(QuickArgs { json: cli.json, ..a }, backend),
         Command::Simulate(a) => simulate(SimArgs { json: cli.json, ..a }, &device),
         Command::Experiment(a) => experiment(ExpArgs { json: cli.json, ..a }, &device),
-        Command::GenerateBench(a) => generate_bench(GenBenchArgs { json: cli.json, ..a }),
+        Command::GenerateBench(a) => generate_bench(GenBenchArgs { json: cli.json, ..a }, backend),
+        Command::Model(cmd) => spa::model_cli::run(cmd, &device, cli.json),
     }
 }
 
@@ -363,9 +330,8 @@ fn simulate(a: SimArgs, device: &spa_model::burn::tensor::Device) -> Result<()> 
     let bb = load_backbone_as(&model, device, None).with_context(|| format!("loading the backbone from {}", model.display()))?;
     let tok = Tokenizer::from_file(&model.join("tokenizer.json"))?;
     let tokens = ModelTokens::from_dir(&model)?;
-    let strategy = StrategyConfig::from_name(&a.strategy, a.prox_mu as f32)?;
-    // μ is FedProx's (whatever the name's case); the other strategies train without it.
-    let prox_mu = if matches!(strategy, StrategyConfig::FedProx { .. }) { a.prox_mu } else { 0.0 };
+    let strategy = a.strategy.config(a.prox_mu as f32)?;
+    let prox_mu = a.strategy.client_mu(a.prox_mu);
     let config = SimConfig {
         rounds: a.rounds,
         side: SideConfig { seed: a.seed, ..SideConfig::default() },
@@ -391,32 +357,14 @@ fn simulate(a: SimArgs, device: &spa_model::burn::tensor::Device) -> Result<()> 
     let mut sim = Simulation::new(&bb, &tok, users, config)?;
     let before = sim.evaluate()?;
     if !a.json {
-        println!(
-            "| round | version | contributors/cohort | shared params | SecAgg vs plaintext max err | backbone loss | federated side loss | backbone acc | federated side acc | s |"
-        );
-        println!("|---|---|---|---|---|---|---|---|---|---|");
-        println!("| 0 | 0 | - | - | - | {:.3} | {:.3} | {:.3} | {:.3} | - |", before.backbone_loss, before.side_loss, before.backbone_acc, before.side_acc);
+        print!("{}", spa::simulation::RoundReport::header(&before));
     }
     for _ in 0..a.rounds {
         let r = sim.round()?;
         if a.json {
             println!("{}", serde_json::to_string(&r)?);
         } else {
-            let m = &r.mean;
-            println!(
-                "| {} | {} | {}/{} | {} | {:.1e} | {:.3} | {:.3} | {:.3} | {:.3} | {:.1} |",
-                r.round,
-                r.version,
-                r.contributors,
-                r.cohort,
-                r.shared_params,
-                r.max_abs_error_vs_plaintext,
-                m.backbone_loss,
-                m.side_loss,
-                m.backbone_acc,
-                m.side_acc,
-                r.seconds
-            );
+            println!("{r}");
         }
     }
     // Greedy decoding loops on a small character-level model; mild sampling reads better.

@@ -8,11 +8,14 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use spa_aggregation::strategy::StrategyName;
 use spa_client::agent::{self, AgentOptions};
 use spa_client::data::Format;
 use spa_client::ops;
-use spa_coordinator::admin_cli::{Target, admin_client, with_admin};
-use spa_coordinator::rounds::RoundRecord;
+use spa_coordinator::admin_cli::{Admin, Target, admin_client, with_admin};
+use spa_coordinator::config::CoordinatorConfig;
+use spa_coordinator::rounds::{DeviceMetrics, RoundRecord};
+use spa_model::BackendKind;
 use spa_model::data::UserData;
 use spa_model::data::synthetic::synthetic_users;
 use spa_model::generate::Sampling;
@@ -26,7 +29,7 @@ pub struct QuickstartConfig {
     pub rounds: u32,
     pub local_epochs: u32,
     pub lr: f64,
-    pub strategy: String,
+    pub strategy: StrategyName,
     /// Devices whose personalized text is shown at the end.
     pub show: usize,
     /// Where homes go (a temporary directory when None).
@@ -39,6 +42,8 @@ pub struct QuickstartConfig {
     /// Devices keep the body's down-projections in their personal models, so generation can
     /// ask the coordinator for projected inputs (`[personal] shared_down`).
     pub shared_down: bool,
+    /// Where the coordinator serves the backbone and the devices train and generate.
+    pub backend: BackendKind,
 }
 
 impl Default for QuickstartConfig {
@@ -49,13 +54,14 @@ impl Default for QuickstartConfig {
             rounds: 5,
             local_epochs: 3,
             lr: 3e-3,
-            strategy: "fedavg".into(),
+            strategy: StrategyName::FedAvg,
             show: 3,
             dir: None,
             seed: 0,
             model: None,
             users: None,
             shared_down: false,
+            backend: BackendKind::default(),
         }
     }
 }
@@ -66,6 +72,50 @@ pub enum Output {
     Setup { coordinator: String, devices: usize, dir: String },
     Round(Box<RoundRecord>),
     Sample { device: String, prompt: String, backbone: String, personalized: String, side_tokens: usize, tokens: usize, reference: String },
+}
+
+impl Output {
+    /// The text form: a line of setup, a row of the round table (`header`: with the table's
+    /// header above it), or a sample beside the backbone's and the reference.
+    pub fn text(&self, header: bool) -> String {
+        let first_line = |s: &str| s.lines().next().unwrap_or("").trim_end().to_string();
+        match self {
+            Output::Setup { coordinator, devices, dir } => format!(
+                "coordinator serving on {coordinator} (TLS); {devices} devices enrolled with one-time tokens; homes in {dir}\n\
+                 each device trains the side plugin + gate on its own data; only SecAgg+-masked updates of the shared part leave it\n\n"
+            ),
+            Output::Round(r) => {
+                let mut s = String::new();
+                if header {
+                    s += "| round | global version | contributors/cohort | held-out loss: backbone -> personalized | accuracy: backbone -> personalized | wall s | coordinator busy ms |\n";
+                    s += "|---|---|---|---|---|---|---|\n";
+                }
+                let m = r.mean_metrics.as_ref();
+                let f = |get: fn(&DeviceMetrics) -> f64| m.map_or("-".to_string(), |m| format!("{:.3}", get(m)));
+                s += &format!(
+                    "| {} | {} | {}/{} | {} -> {} | {} -> {} | {:.1} | {:.1} |\n",
+                    r.round_id,
+                    r.committed_version.map_or("-".to_string(), |v| v.to_string()),
+                    r.contributors.len(),
+                    r.cohort.len(),
+                    f(|m| m.backbone_loss),
+                    f(|m| m.personalized_loss),
+                    f(|m| m.backbone_acc),
+                    f(|m| m.personalized_acc),
+                    r.finished_ms.unwrap_or(0).saturating_sub(r.started_ms) as f64 / 1000.0,
+                    r.coordinator_busy_ms,
+                );
+                s
+            }
+            Output::Sample { device, prompt, backbone, personalized, side_tokens, tokens, reference } => format!(
+                "\n--- {device} ---\n{}\n  backbone alone: {}\n  personalized:   {}   (side plugin spoke {side_tokens} of {tokens} tokens)\n  reference:      {}\n",
+                prompt.trim_end(),
+                first_line(backbone),
+                first_line(personalized),
+                reference.trim_end()
+            ),
+        }
+    }
 }
 
 fn home(dir: &Path, i: usize) -> PathBuf {
@@ -94,10 +144,11 @@ pub async fn quickstart(cfg: &QuickstartConfig, out: &mut dyn FnMut(Output)) -> 
             max_tokens: 80,
             sampling: Sampling { temperature: 0.5, top_k: 5, seed: cfg.seed + 1 },
             stop: Some("\n".into()),
+            backend: cfg.backend,
             ..Default::default()
         };
         let mine = spa_client::generate::generate(&h, &ex.prompt, &opts, &mut |_| {}).await?;
-        let base = backbone_alone(model, &ex.prompt, cfg.seed + 1)?;
+        let base = backbone_alone(model, &ex.prompt, cfg.seed + 1, cfg.backend)?;
         out(Output::Sample {
             device: u.user.clone(),
             prompt: ex.prompt.clone(),
@@ -112,14 +163,10 @@ pub async fn quickstart(cfg: &QuickstartConfig, out: &mut dyn FnMut(Output)) -> 
     Ok(())
 }
 
-fn toml_string(s: &str) -> String {
-    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
-}
-
 /// The backbone's own continuation (no side plugin), one line.
-fn backbone_alone(dir: &Path, prompt: &str, seed: u64) -> anyhow::Result<String> {
+fn backbone_alone(dir: &Path, prompt: &str, seed: u64, backend: BackendKind) -> anyhow::Result<String> {
     use spa_model::generate::{Decoding, LocalStates, generate_text};
-    let device = spa_model::BackendKind::resolve(None)?.device()?;
+    let device = backend.device()?;
     let bb = spa_model::backbone::load_backbone_as(dir, &device, None)?;
     let tok = spa_model::tokenizer::Tokenizer::from_file(&dir.join("tokenizer.json"))?;
     let head = spa_model::side::FrozenHead::from_backbone(&bb);
@@ -145,33 +192,70 @@ pub async fn federate(cfg: &QuickstartConfig, out: &mut dyn FnMut(Output)) -> an
     let tmp = tempfile::tempdir()?;
     let dir = cfg.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
     std::fs::create_dir_all(&dir)?;
-
-    // The coordinator: init a home (loopback, free port), serve it.
+    let (server, model) = serve_coordinator(cfg, &dir.join("coordinator")).await?;
+    let url = format!("https://{}", server.addr);
     let coord = dir.join("coordinator");
-    spa_coordinator::init::init(&coord, &[])?;
-    let toml = coord.join("coordinator.toml");
-    let mut text = std::fs::read_to_string(&toml)?.replace("127.0.0.1:7443", "127.0.0.1:0").replace("selection_grace_secs = 2", "selection_grace_secs = 30");
+    let (mut admin, cred) = admin_client(&Target { home: coord.clone(), coordinator: Some(url.clone()) }).await?;
+    out(Output::Setup { coordinator: url.clone(), devices, dir: dir.display().to_string() });
+    let ca = std::fs::read_to_string(coord.join("tls/ca.pem"))?;
+    enroll_devices(cfg, &users, &dir, &url, &ca, &mut admin, &cred).await?;
+
+    // Each device agent on its own thread, as a separate process would be.
+    let agents: Vec<_> = (0..devices)
+        .map(|i| {
+            let h = home(&dir, i);
+            let opts = AgentOptions { rounds: Some(cfg.rounds), max_backoff: Duration::from_secs(2), backend: cfg.backend };
+            std::thread::spawn(move || -> anyhow::Result<u32> {
+                let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+                Ok(rt.block_on(agent::run(&h, &opts, &mut |_| {}))?)
+            })
+        })
+        .collect();
+    let plan = StartRoundsRequest {
+        rounds: cfg.rounds,
+        min_clients: devices as u32,
+        max_clients: devices as u32,
+        deadline_seconds: 600,
+        local_epochs: cfg.local_epochs,
+        lr: cfg.lr,
+        strategy: cfg.strategy.to_string(),
+        prox_mu: cfg.strategy.client_mu(0.01),
+        dp_l2_clip: 0.0,
+        dp_noise_multiplier: 0.0,
+    };
+    admin.start_rounds(with_admin(&cred, plan)?).await?;
+    watch_rounds(cfg.rounds, &mut admin, &cred, out).await?;
+    for a in agents {
+        a.join().map_err(|_| anyhow::anyhow!("a device agent panicked"))??;
+    }
+    Ok(Federation { server, dir, users, model, _tmp: tmp })
+}
+
+/// A coordinator home in `coord` (loopback, a free port, `cfg`'s backbone), served; and the
+/// backbone's directory.
+async fn serve_coordinator(cfg: &QuickstartConfig, coord: &Path) -> anyhow::Result<(spa_coordinator::server::Running, PathBuf)> {
+    spa_coordinator::init::init(coord, &[])?;
     let model = match &cfg.model {
         Some(m) => std::fs::canonicalize(m).map_err(|e| anyhow::anyhow!("--model {}: {e}", m.display()))?,
         None => PathBuf::from(spa_coordinator::config::DEFAULT_BACKBONE),
     };
+    let mut ccfg = CoordinatorConfig::load(coord)?;
+    // A free loopback port; every device is online before the first round selects.
+    ccfg.server.listen = "127.0.0.1:0".into();
+    ccfg.rounds.selection_grace_secs = 30;
     if cfg.model.is_some() {
-        // A TOML basic string: the path's backslashes and quotes escaped.
-        let quoted = toml_string(&model.display().to_string());
-        text = text.replace("path = \"\"", &format!("path = {quoted}"));
+        ccfg.backbone.path = model.display().to_string();
     }
-    std::fs::write(&toml, text)?;
-    let server = spa_coordinator::server::start(&coord).await?;
-    let url = format!("https://{}", server.addr);
-    let ca = std::fs::read_to_string(coord.join("tls/ca.pem"))?;
-    let (mut admin, cred) = admin_client(&Target { home: coord.clone(), coordinator: Some(url.clone()) }).await?;
-    out(Output::Setup { coordinator: url.clone(), devices, dir: dir.display().to_string() });
+    ccfg.save(coord)?;
+    Ok((spa_coordinator::server::start_on(coord, Some(cfg.backend)).await?, model))
+}
 
-    // Devices: enroll with one-time tokens, add their (synthetic) private data.
+/// Each device enrolls with a one-time token and adds its private data.
+async fn enroll_devices(cfg: &QuickstartConfig, users: &[UserData], dir: &Path, url: &str, ca: &str, admin: &mut Admin, cred: &str) -> anyhow::Result<()> {
     for (i, u) in users.iter().enumerate() {
-        let token = admin.create_token(with_admin(&cred, CreateTokenRequest { ttl_seconds: 600, note: format!("quickstart {i}") })?).await?.into_inner().token;
-        let h = home(&dir, i);
-        ops::enroll(&h, &url, &token, &ca, &u.user).await?;
+        let token = admin.create_token(with_admin(cred, CreateTokenRequest { ttl_seconds: 600, note: format!("quickstart {i}") })?).await?.into_inner().token;
+        let h = home(dir, i);
+        ops::enroll(&h, url, &token, ca, &u.user).await?;
         if cfg.shared_down {
             let mut c = spa_client::config::ClientConfig::load(&h)?;
             c.personal.shared_down = true;
@@ -182,38 +266,16 @@ pub async fn federate(cfg: &QuickstartConfig, out: &mut dyn FnMut(Output)) -> an
         std::fs::write(&file, jsonl)?;
         ops::data_add(&h, &file, Format::Jsonl, None)?;
     }
+    Ok(())
+}
 
-    // Each device agent on its own thread, as a separate process would be.
-    let agents: Vec<_> = (0..devices)
-        .map(|i| {
-            let h = home(&dir, i);
-            let opts = AgentOptions { rounds: Some(cfg.rounds), max_backoff: Duration::from_secs(2) };
-            std::thread::spawn(move || -> anyhow::Result<u32> {
-                let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
-                Ok(rt.block_on(agent::run(&h, &opts, &mut |_| {}))?)
-            })
-        })
-        .collect();
-
-    let plan = StartRoundsRequest {
-        rounds: cfg.rounds,
-        min_clients: devices as u32,
-        max_clients: devices as u32,
-        deadline_seconds: 600,
-        local_epochs: cfg.local_epochs,
-        lr: cfg.lr,
-        strategy: cfg.strategy.clone(),
-        // Used by fedprox only (the coordinator records 0 for the other strategies).
-        prox_mu: 0.01,
-        dp_l2_clip: 0.0,
-        dp_noise_multiplier: 0.0,
-    };
-    admin.start_rounds(with_admin(&cred, plan)?).await?;
+/// Shows each of the run's rounds once it is final and evaluated (rounds are numbered from 1
+/// in a fresh home).
+async fn watch_rounds(rounds: u32, admin: &mut Admin, cred: &str, out: &mut dyn FnMut(Output)) -> anyhow::Result<()> {
     let started = Instant::now();
-    // Rounds are numbered from 1 in a fresh home; show each once it is final and evaluated.
-    for id in 1..=cfg.rounds as u64 {
+    for id in 1..=rounds as u64 {
         loop {
-            let r = admin.round_status(with_admin(&cred, RoundStatusRequest { round_id: id })?).await;
+            let r = admin.round_status(with_admin(cred, RoundStatusRequest { round_id: id })?).await;
             if let Ok(r) = r {
                 let r = r.into_inner();
                 let v: RoundRecord = serde_json::from_str(&r.record_json)?;
@@ -221,8 +283,8 @@ pub async fn federate(cfg: &QuickstartConfig, out: &mut dyn FnMut(Output)) -> an
                 // A device may skip evaluating when the next round takes it first.
                 let next_started = r.state == "committed"
                     && !evaluated
-                    && id < cfg.rounds as u64
-                    && admin.round_status(with_admin(&cred, RoundStatusRequest { round_id: id + 1 })?).await.is_ok();
+                    && id < rounds as u64
+                    && admin.round_status(with_admin(cred, RoundStatusRequest { round_id: id + 1 })?).await.is_ok();
                 if r.state == "aborted" || (r.state == "committed" && (evaluated || next_started)) {
                     anyhow::ensure!(r.state == "committed", "round {id} aborted: {}", v.reason.as_deref().unwrap_or("?"));
                     out(Output::Round(Box::new(v)));
@@ -233,8 +295,5 @@ pub async fn federate(cfg: &QuickstartConfig, out: &mut dyn FnMut(Output)) -> an
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-    for a in agents {
-        a.join().map_err(|_| anyhow::anyhow!("a device agent panicked"))??;
-    }
-    Ok(Federation { server, dir, users, model, _tmp: tmp })
+    Ok(())
 }

@@ -19,7 +19,6 @@ use spa_aggregation::sim::{Stage, default_chunk, run};
 use spa_aggregation::strategy::{ServerOptimizer, StrategyConfig};
 use spa_aggregation::{Encoding, SecAggError, SessionConfig};
 use spa_model::data::UserData;
-use spa_model::experiment::positions_for;
 use spa_model::features::{FeatureSet, extract_features, tokenize_examples};
 use spa_model::side::{FrozenHead, ParamSet, Plugin, SharedParams, SideConfig};
 use spa_model::tokenizer::Tokenizer;
@@ -84,7 +83,7 @@ pub fn device_features(backbone: &Backbone, tokenizer: &Tokenizer, users: Vec<Us
 fn one_device(backbone: &Backbone, tokenizer: &Tokenizer, u: UserData, side: &SideConfig) -> Result<DeviceFeatures> {
     let template = Plugin::new(side, &backbone.config, &backbone.device)?;
     let layers = template.shape.feature_layers.clone();
-    let pos = positions_for(side.variant);
+    let pos = side.variant.positions();
     let max_len = backbone.config.max_position_embeddings;
     let feats = |ex: &[spa_model::data::Example]| -> Result<Arc<FeatureSet>> {
         Ok(Arc::new(extract_features(backbone, &tokenize_examples(tokenizer, ex, max_len)?, &layers, pos, 8)?))
@@ -233,6 +232,39 @@ pub struct RoundReport {
     #[serde(skip)]
     pub devices: Vec<EvalMetrics>,
     pub seconds: f64,
+}
+
+impl RoundReport {
+    /// The markdown table's header, and its row 0 (the fresh plugin's metrics, `before`).
+    pub fn header(before: &EvalMetrics) -> String {
+        format!(
+            "| round | version | contributors/cohort | shared params | SecAgg vs plaintext max err | backbone loss | federated side loss | backbone acc | federated side acc | s |\n\
+             |---|---|---|---|---|---|---|---|---|---|\n\
+             | 0 | 0 | - | - | - | {:.3} | {:.3} | {:.3} | {:.3} | - |\n",
+            before.backbone_loss, before.side_loss, before.backbone_acc, before.side_acc
+        )
+    }
+}
+
+impl std::fmt::Display for RoundReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let m = &self.mean;
+        write!(
+            f,
+            "| {} | {} | {}/{} | {} | {:.1e} | {:.3} | {:.3} | {:.3} | {:.3} | {:.1} |",
+            self.round,
+            self.version,
+            self.contributors,
+            self.cohort,
+            self.shared_params,
+            self.max_abs_error_vs_plaintext,
+            m.backbone_loss,
+            m.side_loss,
+            m.backbone_acc,
+            m.side_acc,
+            self.seconds
+        )
+    }
 }
 
 /// The state of a simulation between rounds.

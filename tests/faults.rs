@@ -7,8 +7,6 @@
 //! fault shows as that device's dropout with its reason, every committed sum is the plaintext
 //! mean of its contributors', and every device takes part again once its fault is gone.
 //! The coordinator killed at each phase is in client/tests/rounds.rs.
-#[path = "../client/tests/common/mod.rs"]
-mod common;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -16,9 +14,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::procs::{Coordinator, Device, check_aggregate, coordinator_bin, ids};
 use serde_json::Value;
 use spa::netdelay::DelayProxy;
+use spa_testkit::procs::{Coordinator, Device, check_aggregate, coordinator_bin, ids};
 
 /// Round `r`'s dropout record of device `d` (null when it is not a dropout).
 fn dropout<'a>(r: &'a Value, d: &Device) -> &'a Value {
@@ -45,7 +43,7 @@ fn rounds_go_on_through_partitions_silent_and_malformed_devices() {
     let dir = tmp.path();
     // Selection waits (up to 60 s) for every device, so each round's cohort is all ten.
     let mut coord = Coordinator::init(dir, 60);
-    coord.edit_config(|t| t.replace("phase_timeout_secs = 20", "phase_timeout_secs = 8"));
+    coord.edit_config(|c| c.rounds.phase_timeout_secs = 8);
     coord.start(None);
     let upstream: SocketAddr = coord.url.trim_start_matches("https://").parse().unwrap();
     let (slow, flaky) = rt.block_on(async {
@@ -239,7 +237,7 @@ async fn a_peer_that_stops_answering_is_dropped_by_keepalive() {
     use spa_proto::v1::{ListDevicesRequest, admin_client::AdminClient};
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("coord");
-    common::init_loopback_home(&home);
+    spa_testkit::init_loopback_home(&home);
     let p = home.join("coordinator.toml");
     let toml = std::fs::read_to_string(&p)
         .unwrap()
@@ -284,7 +282,7 @@ fn a_coordinator_that_never_answers_fails_device_calls_at_their_deadlines() {
     std::fs::write(&cfg, text.replace("call_timeout_secs = 300", "call_timeout_secs = 2").replace("stream_stall_secs = 120", "stream_stall_secs = 2")).unwrap();
     let client = |args: &[&str]| {
         let t = Instant::now();
-        let out = Command::new(common::procs::bin("spa-client")).arg("--home").arg(&dev.home).args(args).output().unwrap();
+        let out = Command::new(spa_testkit::procs::bin("spa-client")).arg("--home").arg(&dev.home).args(args).output().unwrap();
         (out, t.elapsed())
     };
     let (out, took) = client(&["status", "--json"]);

@@ -8,14 +8,11 @@
 //! Short by default (CI): 30 devices, 3 rounds. By hand, for docs/BENCHMARKS.md:
 //! `SPA_LOAD_DEVICES=1000 SPA_LOAD_ROUNDS=40` (load) and `SPA_LOAD_DEVICES=100
 //! SPA_LOAD_ROUNDS=480` (soak: many short rounds; memory must stay flat).
-#[path = "../client/tests/common/mod.rs"]
-mod common;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::procs::Coordinator;
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
 use spa_aggregation::{ClientIncoming, ClientOutgoing, ClientState, system_rng};
@@ -26,6 +23,7 @@ use spa_proto::v1::poll_response::Task;
 use spa_proto::v1::rounds_client::RoundsClient;
 use spa_proto::v1::*;
 use spa_proto::{methods, secagg};
+use spa_testkit::procs::Coordinator;
 use tonic::transport::Channel;
 
 fn env_or(name: &str, default: usize) -> usize {
@@ -196,7 +194,10 @@ fn many_devices_run_rounds_over_the_service_in_flat_memory() {
     let (n, rounds) = (env_or("SPA_LOAD_DEVICES", 30), env_or("SPA_LOAD_ROUNDS", 3));
     let tmp = tempfile::tempdir().unwrap();
     let mut coord = Coordinator::init(tmp.path(), 120);
-    coord.edit_config(|t| t.replace("phase_timeout_secs = 20", "phase_timeout_secs = 120").replace("online_secs = 5", "online_secs = 30"));
+    coord.edit_config(|c| {
+        c.rounds.phase_timeout_secs = 120;
+        c.rounds.online_secs = 30;
+    });
     coord.start(None);
     let pid = coord.child.as_ref().unwrap().id();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();

@@ -80,24 +80,90 @@ impl Default for AdaptiveParams {
     }
 }
 
-impl StrategyConfig {
-    /// The strategy named on a command line (`fedavg`, `fedprox`, `fedadam`, `fedyogi`,
-    /// `fedadagrad`) with default hyper-parameters; `mu` is FedProx's proximal weight.
-    pub fn from_name(name: &str, mu: f32) -> Result<Self> {
-        let c = match name.to_ascii_lowercase().as_str() {
-            "fedavg" => StrategyConfig::FedAvg { server_lr: 1.0 },
-            "fedprox" => StrategyConfig::FedProx { mu, server_lr: 1.0 },
-            "fedadam" => StrategyConfig::FedAdam(AdaptiveParams::default()),
-            "fedyogi" => StrategyConfig::FedYogi(AdaptiveParams::default()),
-            "fedadagrad" => StrategyConfig::FedAdagrad(AdaptiveParams::default()),
-            other => {
-                return Err(SecAggError::InvalidConfig(format!("unknown strategy '{other}' (fedavg, fedprox, fedadam, fedyogi, fedadagrad)")));
-            }
+/// A server strategy by name: what an operator types (any case) and a round plan records.
+/// Parsed once where the name enters (CLI, RPC); stored as the lowercase name.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum StrategyName {
+    /// [`StrategyConfig::FedAvg`].
+    #[default]
+    FedAvg,
+    /// [`StrategyConfig::FedProx`].
+    FedProx,
+    /// [`StrategyConfig::FedAdagrad`].
+    FedAdagrad,
+    /// [`StrategyConfig::FedAdam`].
+    FedAdam,
+    /// [`StrategyConfig::FedYogi`].
+    FedYogi,
+}
+
+impl StrategyName {
+    /// Every strategy, in the order help texts list them.
+    pub const ALL: [StrategyName; 5] = [Self::FedAvg, Self::FedProx, Self::FedAdagrad, Self::FedAdam, Self::FedYogi];
+
+    /// The lowercase name (what records store).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::FedAvg => "fedavg",
+            Self::FedProx => "fedprox",
+            Self::FedAdagrad => "fedadagrad",
+            Self::FedAdam => "fedadam",
+            Self::FedYogi => "fedyogi",
+        }
+    }
+
+    /// The μ devices train with: FedProx's, and 0 for every other strategy.
+    pub fn client_mu(self, mu: f64) -> f64 {
+        if self == Self::FedProx { mu } else { 0.0 }
+    }
+
+    /// The strategy with default hyper-parameters; `mu` is FedProx's proximal weight (the
+    /// others ignore it).
+    pub fn config(self, mu: f32) -> Result<StrategyConfig> {
+        let c = match self {
+            Self::FedAvg => StrategyConfig::FedAvg { server_lr: 1.0 },
+            Self::FedProx => StrategyConfig::FedProx { mu, server_lr: 1.0 },
+            Self::FedAdagrad => StrategyConfig::FedAdagrad(AdaptiveParams::default()),
+            Self::FedAdam => StrategyConfig::FedAdam(AdaptiveParams::default()),
+            Self::FedYogi => StrategyConfig::FedYogi(AdaptiveParams::default()),
         };
         c.validate()?;
         Ok(c)
     }
+}
 
+impl std::str::FromStr for StrategyName {
+    type Err = SecAggError;
+    /// The error does not repeat the input: it may reach a reply or a log.
+    fn from_str(s: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|n| n.as_str().eq_ignore_ascii_case(s))
+            .ok_or_else(|| SecAggError::InvalidConfig(format!("unknown strategy (expected one of {})", Self::ALL.map(|n| n.as_str()).join(", "))))
+    }
+}
+
+impl std::fmt::Display for StrategyName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for StrategyName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for StrategyName {
+    /// Any case, as records written before the name was typed hold what the operator typed.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl StrategyConfig {
     /// FedProx's μ for the round plan (0 for the other strategies).
     pub fn client_proximal_mu(&self) -> f32 {
         match self {

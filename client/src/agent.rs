@@ -24,6 +24,7 @@ use spa_model::BackendKind;
 use spa_model::side::{Plugin, SharedParams};
 use spa_model::train::{TrainConfig, train_plugin, train_with_validation};
 use spa_proto::methods;
+use spa_proto::reason::Reason;
 use spa_proto::secagg;
 use spa_proto::v1::poll_response::Task;
 use spa_proto::v1::*;
@@ -43,11 +44,13 @@ pub struct AgentOptions {
     pub rounds: Option<u32>,
     /// Longest wait between polls when the coordinator is unreachable.
     pub max_backoff: Duration,
+    /// Where the device trains its plugin.
+    pub backend: BackendKind,
 }
 
 impl Default for AgentOptions {
     fn default() -> Self {
-        Self { rounds: None, max_backoff: Duration::from_secs(10) }
+        Self { rounds: None, max_backoff: Duration::from_secs(10), backend: BackendKind::default() }
     }
 }
 
@@ -146,7 +149,7 @@ fn garbage(phase: &str, round_id: u64) -> bool {
 /// Runs the agent until `opts.rounds` versions were evaluated, or forever.
 pub async fn run(home: &Path, opts: &AgentOptions, on_event: &mut dyn FnMut(AgentEvent)) -> Result<u32> {
     let cfg = ClientConfig::load(home)?;
-    let device = BackendKind::resolve(None)?.device()?;
+    let device = opts.backend.device()?;
     let mut backoff = Duration::from_millis(500);
     let mut evaluated = 0u32;
     loop {
@@ -205,8 +208,8 @@ pub async fn run(home: &Path, opts: &AgentOptions, on_event: &mut dyn FnMut(Agen
 /// that cannot be opened.
 fn fatal(e: &ClientError) -> Result<()> {
     match e {
-        ClientError::Status(s) if s.code() == Code::Unauthenticated || (s.code() == Code::PermissionDenied && s.message().contains("revoked")) => {
-            Err(ClientError::Invalid(format!("the coordinator refuses this device: {}", s.message())))
+        ClientError::Status(s) if s.code() == Code::Unauthenticated || Reason::of(s) == Some(Reason::DeviceRevoked) => {
+            Err(ClientError::Refused(s.message().into()))
         }
         ClientError::NotEnrolled | ClientError::Store(_) | ClientError::Key(_) => Err(ClientError::Invalid(e.to_string())),
         _ => Ok(()),

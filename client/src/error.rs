@@ -24,6 +24,9 @@ pub enum ClientError {
     /// The device has no usable personal model (never fitted, another backbone, a v1 store).
     #[error("{0}")]
     NoPersonalModel(String),
+    /// Revoked or unknown to the coordinator: no retry helps.
+    #[error("the coordinator refuses this device: {0}")]
+    Refused(String),
     #[error("{0}")]
     Invalid(String),
 }

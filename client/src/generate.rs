@@ -12,6 +12,7 @@ use spa_model::generate::{Decoding, Sampling, SideInputs, TextSink};
 use spa_model::side::{Plugin, SideVariant};
 use spa_model::speculative::{self, Block, CloudDown, DraftSource, SpecStats};
 use spa_proto::methods;
+use spa_proto::reason::Reason;
 use spa_proto::tensor::{decode_f32, dtype_size};
 use spa_proto::v1::*;
 use tokio::sync::mpsc;
@@ -77,6 +78,8 @@ pub struct GenerateOptions {
     pub side_drafts: bool,
     /// Reach the coordinator here instead of at the enrolled address.
     pub coordinator: Option<String>,
+    /// Where the device runs its personal model.
+    pub backend: BackendKind,
 }
 
 impl Default for GenerateOptions {
@@ -92,6 +95,7 @@ impl Default for GenerateOptions {
             inputs: Inputs::Auto,
             side_drafts: true,
             coordinator: None,
+            backend: BackendKind::default(),
         }
     }
 }
@@ -124,7 +128,7 @@ pub async fn generate(home: &Path, prompt: &str, opts: &GenerateOptions, on_text
     let started = std::time::Instant::now();
     let store = ClientStore::open(home)?;
     let s = Session::open_at(home, &store, opts.coordinator.as_deref()).await?;
-    let device = BackendKind::resolve(None)?.device()?;
+    let device = opts.backend.device()?;
     let m = model(&s, &store, &device, &ClientConfig::load(home)?).await?;
     let (personal, record) = crate::personal::load(&store, &m, &device)?;
     let plugin = &personal.body;
@@ -155,7 +159,7 @@ pub async fn generate(home: &Path, prompt: &str, opts: &GenerateOptions, on_text
     let side = opts.side_drafts;
     let mut remote = match RemoteDrafts::open(&s, &m, plugin, &dec, global, down.as_ref(), side).await {
         // Locally trained since: the coordinator's down-projections are not this plugin's.
-        Err(ClientError::Status(st)) if st.code() == tonic::Code::FailedPrecondition && down.is_some() && opts.inputs == Inputs::Auto => {
+        Err(ClientError::Status(st)) if Reason::of(&st) == Some(Reason::DownProjectionsUnavailable) && down.is_some() && opts.inputs == Inputs::Auto => {
             tracing::info!("down-projections refused ({}); asking for taps", st.message());
             RemoteDrafts::open(&s, &m, plugin, &dec, global, None, side).await?
         }

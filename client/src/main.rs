@@ -10,6 +10,7 @@ use spa_client::data::Format;
 use spa_client::generate;
 use spa_client::ops;
 use spa_client::personal::FeatureProgress;
+use spa_model::BackendKind;
 
 /// SPA device client: enroll, add local data, train the side plugin, generate.
 #[derive(Parser, Debug)]
@@ -21,6 +22,10 @@ struct Cli {
     /// Print each result as one JSON document on stdout instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// Compute backend for training and generation: flex (default), ndarray, cuda. Overrides
+    /// BURN_DEVICE.
+    #[arg(long, global = true)]
+    device: Option<BackendKind>,
     #[command(subcommand)]
     command: Command,
 }
@@ -168,53 +173,36 @@ fn run(cli: Cli) -> Result<()> {
     let json = cli.json;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let home = cli.home;
+    let backend = BackendKind::resolve(cli.device)?;
     match cli.command {
         Command::Enroll { coordinator, token, ca, name } => {
             let ca_pem = std::fs::read_to_string(&ca).with_context(|| format!("reading {}", ca.display()))?;
             let r = rt.block_on(ops::enroll(&home, &coordinator, &token, &ca_pem, &name))?;
-            if json {
-                println!("{}", serde_json::to_string(&r)?);
-            } else {
-                println!("enrolled as {} with {} (backbone {})", r.device_id, r.coordinator, r.backbone_version);
-            }
+            emit(json, &r, |r| format!("enrolled as {} with {} (backbone {})", r.device_id, r.coordinator, r.backbone_version))?;
         }
         Command::RotateKey { new_passphrase_file } => {
             let new_pass = new_passphrase_file.as_deref().map(spa_client::keyseal::passphrase_file).transpose()?;
             let r = rt.block_on(spa_client::rotate::rotate_key(&home, new_pass))?;
-            if json {
-                println!("{}", serde_json::to_string(&r)?);
-            } else {
+            emit(json, &r, |r| {
                 let how = if r.key_sealed { "sealed" } else { "in clear" };
                 let done = if r.finished_interrupted { " (finished an interrupted rotation)" } else { "" };
-                println!("{}: new identity key in use, kept {how}{done}", r.device_id);
-            }
+                format!("{}: new identity key in use, kept {how}{done}", r.device_id)
+            })?;
         }
         Command::Status { offline } => {
             let r = rt.block_on(ops::status(&home, offline))?;
-            if json {
-                println!("{}", serde_json::to_string(&r)?);
-            } else {
-                println!("{}", serde_json::to_string_pretty(&r)?);
-            }
+            emit(json, &r, |r| serde_json::to_string_pretty(r).expect("serializes"))?;
         }
         Command::Data(DataCommand::Add { file, format, speaker }) => {
             let s = ops::data_add(&home, &file, format, speaker.as_deref())?;
-            if json {
-                println!("{}", serde_json::to_string(&s)?);
-            } else {
-                println!("added {} examples from {} ({})", s.examples, s.file, s.format);
-            }
+            emit(json, &s, |s| format!("added {} examples from {} ({})", s.examples, s.file, s.format))?;
         }
         Command::Data(DataCommand::List) => {
             let (sources, n) = ops::data_list(&home)?;
-            if json {
-                println!("{}", serde_json::to_string(&DataList { examples: n, sources: &sources })?);
-            } else {
-                for s in &sources {
-                    println!("{:>6}  {:<6} {}", s.examples, s.format, s.file);
-                }
-                println!("{n} examples");
-            }
+            emit(json, &DataList { examples: n, sources: &sources }, |l| {
+                let rows: String = l.sources.iter().map(|s| format!("{:>6}  {:<6} {}\n", s.examples, s.format, s.file)).collect();
+                format!("{rows}{n} examples")
+            })?;
         }
         Command::Train { epochs, lr, fresh } => {
             let mut pc = ClientConfig::load(&home)?.personal;
@@ -225,26 +213,18 @@ fn run(cli: Cli) -> Result<()> {
                 pc.lrs = vec![l];
             }
             let mut bars = Bars { feat: None };
-            let r = rt.block_on(ops::train(&home, &pc, fresh, &mut bars))?;
+            let r = rt.block_on(ops::train(&home, &pc, fresh, backend, &mut bars))?;
             if let Some(b) = bars.feat {
                 b.finish();
             }
-            if json {
-                println!("{}", serde_json::to_string(&r)?);
-            } else {
-                println!("{}", serde_json::to_string_pretty(&r)?);
-            }
+            emit(json, &r, |r| serde_json::to_string_pretty(r).expect("serializes"))?;
         }
         Command::Run { rounds, max_backoff } => {
-            let opts = AgentOptions { rounds, max_backoff: std::time::Duration::from_secs(max_backoff.max(1)) };
+            let opts = AgentOptions { rounds, max_backoff: std::time::Duration::from_secs(max_backoff.max(1)), backend };
             let n = rt.block_on(agent::run(&home, &opts, &mut |e| eprintln!("{}", describe(&e))))?;
             eprintln!("adopted {n} committed version(s); exiting");
         }
         Command::Generate { prompt, max_tokens, sampling, stop_at_newline, stop, chat, ignore_eos, naive, max_draft, inputs, no_side_drafts } => {
-            let mut out = std::io::stdout();
-            if !json {
-                print!("{prompt}");
-            }
             let opts = generate::GenerateOptions {
                 max_tokens,
                 sampling: sampling.sampling(),
@@ -256,29 +236,52 @@ fn run(cli: Cli) -> Result<()> {
                 inputs,
                 side_drafts: !no_side_drafts,
                 coordinator: None,
+                backend,
             };
-            let r = rt.block_on(generate::generate(&home, &prompt, &opts, &mut |t| {
-                if !json {
-                    print!("{t}");
-                    let _ = out.flush();
-                }
-            }))?;
-            if json {
-                println!("{}", serde_json::to_string(&r)?);
-            } else {
-                println!();
-                eprintln!(
-                    "{} tokens ({} from the side plugin), {} round trips, {}/{} drafts accepted, {} bytes, {:.2}s",
-                    r.tokens,
-                    r.side_tokens,
-                    r.round_trips,
-                    r.accepted,
-                    r.drafted,
-                    r.bytes_sent + r.bytes_received,
-                    r.seconds
-                );
-            }
+            rt.block_on(generate_text(&home, &prompt, &opts, json))?;
         }
+    }
+    Ok(())
+}
+
+/// Prints a result: one JSON document with `--json`, else its text form.
+fn emit<T: serde::Serialize>(json: bool, r: &T, text: impl FnOnce(&T) -> String) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(r)?);
+    } else {
+        println!("{}", text(r));
+    }
+    Ok(())
+}
+
+/// `generate`: the text streams to stdout as it comes (the prompt first), then a summary on
+/// stderr; with `--json`, one document at the end.
+async fn generate_text(home: &std::path::Path, prompt: &str, opts: &generate::GenerateOptions, json: bool) -> Result<()> {
+    let mut out = std::io::stdout();
+    if !json {
+        print!("{prompt}");
+    }
+    let r = generate::generate(home, prompt, opts, &mut |t| {
+        if !json {
+            print!("{t}");
+            let _ = out.flush();
+        }
+    })
+    .await?;
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!();
+        eprintln!(
+            "{} tokens ({} from the side plugin), {} round trips, {}/{} drafts accepted, {} bytes, {:.2}s",
+            r.tokens,
+            r.side_tokens,
+            r.round_trips,
+            r.accepted,
+            r.drafted,
+            r.bytes_sent + r.bytes_received,
+            r.seconds
+        );
     }
     Ok(())
 }

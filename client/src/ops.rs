@@ -153,14 +153,14 @@ pub struct TrainSummary {
 /// Fits the device's personal model (SPA v2) against its body on its local data (features
 /// from the coordinator, cached) and saves it. The body is the stored one (the last adopted
 /// global version) unless `fresh` or there is none for the served backbone and layout.
-pub async fn train(home: &Path, personal: &PersonalConfig, fresh: bool, progress: &mut dyn FeatureProgress) -> Result<TrainSummary> {
+pub async fn train(home: &Path, personal: &PersonalConfig, fresh: bool, backend: BackendKind, progress: &mut dyn FeatureProgress) -> Result<TrainSummary> {
     // Bad settings fail here, before the store, the network and feature extraction.
     personal.validate()?;
     let started = std::time::Instant::now();
     let store = ClientStore::open(home)?;
     let cfg = ClientConfig::load(home)?;
     let s = Session::open(home, &store).await?;
-    let device = BackendKind::resolve(None)?.device()?;
+    let device = backend.device()?;
     let m = model(&s, &store, &device, &cfg).await?;
     let stored = if fresh { None } else { crate::personal::load_body(&store, &m, &cfg.side, &device)? };
     let global_version = if stored.is_some() { store.global_version()? } else { None };

@@ -6,7 +6,6 @@
 use serde::{Deserialize, Serialize};
 use spa_model::burn::tensor::Device;
 use spa_model::data::Example;
-use spa_model::experiment::positions_for;
 use spa_model::features::{FeatureSet, tokenize_examples};
 use spa_model::personal::knn::Datastore;
 use spa_model::personal::{PersonalConfig, PersonalMeta, PersonalModel, Score, fit, gate};
@@ -51,7 +50,7 @@ pub(crate) async fn local_splits(s: &Session, store: &ClientStore, m: &Model, bo
     let tok = tokenize_examples(&m.tokenizer, &examples, m.config.max_position_embeddings)?;
     let (n_train, n_val, _) = split_counts(tok.len());
     let layers = body.shape.feature_layers.clone();
-    let pos = positions_for(body.config.variant);
+    let pos = body.config.variant.positions();
     let mut train = features(s, store, m, &tok, &layers, pos, &mut |d, t| progress.features(d, t)).await?;
     let held = train.examples.split_off(n_train + n_val);
     let val = train.examples.split_off(n_train);

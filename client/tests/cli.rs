@@ -1,7 +1,6 @@
 //! The `spa-client` binary against an in-process coordinator (TLS on loopback): the
 //! walk-through of docs/OPERATIONS.md, including a restarted client process that keeps its
 //! identity and trained plugin.
-mod common;
 
 use std::path::Path;
 use std::process::Command;
@@ -25,7 +24,7 @@ fn client_fails(home: &Path, args: &[&str]) -> String {
 async fn client_binary_walkthrough() {
     let dir = tempfile::tempdir().unwrap();
     let coord = dir.path().join("coord");
-    common::init_loopback_home(&coord);
+    spa_testkit::init_loopback_home(&coord);
     let srv = spa_coordinator::server::start(&coord).await.unwrap();
     let url = format!("https://{}", srv.addr);
     let (_, token) = admin_and_token(&coord, srv.addr).await;
@@ -124,7 +123,7 @@ async fn a_device_rotates_its_key_in_place() {
     use spa_client::store::ClientStore;
     let dir = tempfile::tempdir().unwrap();
     let coord = dir.path().join("coord");
-    common::init_loopback_home(&coord);
+    spa_testkit::init_loopback_home(&coord);
     let srv = spa_coordinator::server::start(&coord).await.unwrap();
     let addr = srv.addr;
     let (mut admin, token) = admin_and_token(&coord, addr).await;

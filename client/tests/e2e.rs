@@ -2,7 +2,6 @@
 //! devices that enroll, add data, fit their personal model (SPA v2) from the coordinator's
 //! features, and generate; then a client "restart" (stores reopened) keeps identity and
 //! the personal model; a store SPA v1 wrote is refused with what to do.
-mod common;
 
 use std::path::Path;
 
@@ -20,7 +19,7 @@ fn write_jsonl(path: &Path, user: &spa_model::data::UserData) {
 async fn two_devices_enroll_train_generate_and_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let coord = dir.path().join("coord");
-    common::init_loopback_home(&coord);
+    spa_testkit::init_loopback_home(&coord);
     let srv = spa_coordinator::server::start(&coord).await.unwrap();
     let url = format!("https://{}", srv.addr);
     let ca = std::fs::read_to_string(coord.join("tls/ca.pem")).unwrap();
@@ -45,7 +44,7 @@ async fn two_devices_enroll_train_generate_and_survive_a_restart() {
         let src = ops::data_add(&home, &data, spa_client::data::Format::Auto, None).unwrap();
         assert_eq!((src.examples, src.format.as_str()), (30, "jsonl"));
 
-        let s = ops::train(&home, &personal, false, &mut ()).await.unwrap();
+        let s = ops::train(&home, &personal, false, Default::default(), &mut ()).await.unwrap();
         assert_eq!((s.examples, s.train_examples, s.val_examples, s.heldout_examples), (30, 19, 8, 3));
         assert_eq!(s.global_version, None, "no round yet: a fresh body");
         let stages: Vec<&str> = s.personal.stages.iter().map(|(n, _)| n.as_str()).collect();
@@ -54,7 +53,7 @@ async fn two_devices_enroll_train_generate_and_survive_a_restart() {
         let (held, bb) = (s.heldout.unwrap(), s.heldout_backbone.unwrap());
         assert!(held.tokens > 0 && held.loss < bb.loss, "the personal model beats the backbone on held-out text: {s:?}");
         // Again: features come from the local cache.
-        let s2 = ops::train(&home, &PersonalConfig { epochs: 1, ..personal.clone() }, false, &mut ()).await.unwrap();
+        let s2 = ops::train(&home, &PersonalConfig { epochs: 1, ..personal.clone() }, false, Default::default(), &mut ()).await.unwrap();
         assert_eq!(s2.examples, 30);
 
         let g = spa_client::generate::generate(&home, &user.test[0].prompt, &greedy(24), &mut |_| {}).await.unwrap();
@@ -100,7 +99,7 @@ async fn two_devices_enroll_train_generate_and_survive_a_restart() {
     drop(store);
     let e = spa_client::generate::generate(home, prompt, &greedy(4), &mut |_| {}).await.unwrap_err();
     assert!(matches!(e, spa_client::ClientError::NoPersonalModel(_)) && e.to_string().contains("SPA v1") && e.to_string().contains("spa-client train"), "{e}");
-    let s = ops::train(home, &personal, false, &mut ()).await.unwrap();
+    let s = ops::train(home, &personal, false, Default::default(), &mut ()).await.unwrap();
     assert!(s.heldout.is_some());
     spa_client::generate::generate(home, prompt, &greedy(4), &mut |_| {}).await.unwrap();
     srv.shutdown().await.unwrap();

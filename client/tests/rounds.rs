@@ -2,13 +2,12 @@
 //! process, one `spa-client run` agent process per device, and the operator's CLI. Devices
 //! are killed mid-round (fault injection makes a process abort at a chosen phase, like
 //! SIGKILL), and so is the coordinator, at each phase.
-mod common;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::procs::{Coordinator, Device, check_aggregate, ids};
 use spa_model::side::ParamSet;
+use spa_testkit::procs::{Coordinator, Device, check_aggregate, ids};
 
 #[test]
 fn devices_run_rounds_with_secagg_dropouts_and_rejoin() {

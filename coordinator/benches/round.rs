@@ -118,7 +118,7 @@ fn main() {
             deadline_secs: 600,
             local_epochs: 1,
             lr: 1e-3,
-            strategy: "fedavg".into(),
+            strategy: spa_aggregation::strategy::StrategyName::FedAvg,
             prox_mu: 0.0,
             dp_l2_clip: 0.0,
             dp_noise_multiplier: 0.0,

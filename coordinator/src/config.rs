@@ -226,6 +226,15 @@ impl CoordinatorConfig {
         Ok(cfg)
     }
 
+    /// Writes this configuration as `<home>/coordinator.toml` (every key, without the
+    /// default file's comments).
+    pub fn save(&self, home: &Path) -> crate::error::Result<()> {
+        self.validate()?;
+        let text = toml::to_string(self).map_err(|e| CoordinatorError::Config(format!("serializing the configuration: {e}")))?;
+        let path = home.join(CONFIG_FILE);
+        std::fs::write(&path, text).map_err(|e| CoordinatorError::Config(format!("writing {}: {e}", path.display())))
+    }
+
     pub fn validate(&self) -> crate::error::Result<()> {
         let l = &self.limits;
         ensure(

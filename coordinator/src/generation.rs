@@ -11,6 +11,7 @@ use spa_model::generate::Sampling;
 use spa_model::side::ParamSet;
 use spa_model::speculative::{CloudDown, DraftForm};
 use spa_proto::methods;
+use spa_proto::reason::Reason;
 use spa_proto::v1::*;
 use tokio::sync::mpsc;
 use tonic::{Code, Request, Status, Streaming};
@@ -130,10 +131,11 @@ fn global(s: &Shared, v: u64) -> Result<ParamSet, Status> {
 /// same ones (its digest); otherwise the device must ask for taps.
 fn cloud_down(s: &Shared, open: &GenerateOpen, taps: usize) -> Result<Arc<CloudDown>, Status> {
     let v = open.global_version;
-    let set = global(s, v)?;
-    let down = CloudDown::from_params(&set).map_err(|e| Status::failed_precondition(format!("global version {v}: {e}")))?;
+    let unavailable = |why: String| Reason::DownProjectionsUnavailable.status(Code::FailedPrecondition, format!("{why}: ask for taps (SIDE_INPUTS_TAPS)"));
+    let set = global(s, v).map_err(|e| unavailable(e.message().to_string()))?;
+    let down = CloudDown::from_params(&set).map_err(|e| unavailable(format!("global version {v}: {e}")))?;
     if spa_proto::auth::sha256(&down.canonical_bytes()).as_slice() != open.down_digest.as_slice() {
-        return Err(Status::failed_precondition(format!("this device's down-projections differ from global version {v}'s: ask for taps (SIDE_INPUTS_TAPS)")));
+        return Err(unavailable(format!("this device's down-projections differ from global version {v}'s")));
     }
     if down.taps() != taps {
         return Err(Status::invalid_argument(format!("{taps} layers for {} down-projections", down.taps())));

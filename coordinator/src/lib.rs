@@ -12,7 +12,7 @@
 //! - [`store`]: sled state (devices, hashed tokens, nonces, checkpoints, event log).
 //! - [`status`]: how every error of this library becomes a gRPC status.
 //! - [`metrics`]: Prometheus counters and gauges, and the `/metrics` endpoint.
-//! - [`init`], [`admin_cli`], [`model_cli`]: operator verbs.
+//! - [`init`], [`admin_cli`]: operator verbs.
 pub mod admin_cli;
 pub(crate) mod auth;
 pub mod config;
@@ -23,7 +23,6 @@ mod fault;
 pub(crate) mod generation;
 pub mod init;
 pub mod metrics;
-pub mod model_cli;
 pub mod net;
 pub(crate) mod round_service;
 pub mod rounds;

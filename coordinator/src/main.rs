@@ -2,14 +2,14 @@ use anyhow::Result;
 
 use clap::{Parser, Subcommand};
 use spa_coordinator::admin_cli::{self, CheckpointCommand, DevicesCommand, RoundCommand, Target, TokenCommand};
-use spa_coordinator::model_cli::{self, ModelCommand};
 use spa_model::BackendKind;
 
 /// SPA coordinator: serves the frozen backbone and runs federated personalization rounds.
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Cli {
-    /// Compute backend: flex (default), ndarray, cuda. Overrides BURN_DEVICE.
+    /// Compute backend of `serve`: flex, ndarray, cuda. Overrides coordinator.toml's
+    /// `[backbone] device`, then BURN_DEVICE (default flex).
     #[arg(long, global = true)]
     device: Option<BackendKind>,
     /// Print each result as one JSON document on stdout instead of text.
@@ -21,9 +21,6 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Backbone tools: logits, eval, roles, pretrain, import (GGUF), generate, experiment.
-    #[command(subcommand)]
-    Model(ModelCommand),
     /// Create a coordinator home: config, self-signed CA and server certificate, admin credential.
     Init {
         #[arg(long)]
@@ -73,27 +70,19 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    // The tensor-heavy commands keep freed memory (faster training steps); `serve` runs for
-    // months and gives memory back (docs/BENCHMARKS.md, "1000 devices over the service").
-    match cli.command {
-        Command::Model(_) => spa_model::alloc::keep_freed_memory(),
-        _ => spa_model::alloc::return_freed_memory(),
-    }
+    // `serve` runs for months and gives freed memory back (docs/BENCHMARKS.md, "1000 devices
+    // over the service").
+    spa_model::alloc::return_freed_memory();
     spa_proto::exit::finish(run(cli))
 }
 
 fn run(cli: Cli) -> Result<()> {
     let json = cli.json;
     match cli.command {
-        Command::Model(cmd) => model_cli::run(cmd, cli.device, json),
         Command::Init { home, names } => admin_cli::run_init(&home, &names, json),
         Command::Serve { home } => {
-            if let Some(d) = cli.device {
-                // SAFETY: set before any thread is started.
-                unsafe { std::env::set_var("BURN_DEVICE", d.to_string()) };
-            }
             spa_coordinator::service_main::init_tracing();
-            Ok(runtime()?.block_on(spa_coordinator::server::serve(&home))?)
+            Ok(runtime()?.block_on(spa_coordinator::server::serve(&home, cli.device))?)
         }
         Command::RotateCredential { home } => admin_cli::run_rotate_credential(&home, json),
         Command::RotateTls { home, names } => admin_cli::run_rotate_tls(&home, &names, json),

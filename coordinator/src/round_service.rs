@@ -3,6 +3,7 @@
 //! round logic is in [`crate::rounds`].
 use std::sync::Arc;
 
+use spa_aggregation::strategy::StrategyName;
 use spa_model::side::ParamSet;
 use spa_proto::auth::{body_digest, sha256};
 use spa_proto::limits::CHUNK_BYTES;
@@ -139,10 +140,8 @@ impl RoundsRpc for RoundsService {
 // ---- Admin verbs ------------------------------------------------------------------------
 
 pub fn start_rounds(s: &Shared, r: StartRoundsRequest) -> Result<StartRoundsResponse, Status> {
-    // Checked before the name reaches a message: only a short word is ever echoed.
-    if r.strategy.len() > 32 || !r.strategy.bytes().all(|b| b.is_ascii_alphanumeric()) {
-        return Err(Status::invalid_argument(format!("unknown strategy {} (fedavg, fedprox, fedadam, fedyogi, fedadagrad)", crate::status::echo(&r.strategy))));
-    }
+    // The parse error does not repeat the name: a reply never echoes what a caller sent.
+    let strategy = r.strategy.parse::<StrategyName>().map_err(|e| Status::invalid_argument(e.to_string()))?;
     let plan = RoundPlan {
         rounds: r.rounds,
         min_clients: r.min_clients,
@@ -150,7 +149,7 @@ pub fn start_rounds(s: &Shared, r: StartRoundsRequest) -> Result<StartRoundsResp
         deadline_secs: r.deadline_seconds,
         local_epochs: r.local_epochs,
         lr: r.lr,
-        strategy: r.strategy,
+        strategy,
         prox_mu: r.prox_mu,
         dp_l2_clip: r.dp_l2_clip,
         dp_noise_multiplier: r.dp_noise_multiplier,

@@ -104,80 +104,32 @@ fn check_secret_mode(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Loads everything and starts serving in the background.
+/// Loads everything and starts serving in the background, on coordinator.toml's backend.
 pub async fn start(home: &Path) -> Result<Running> {
+    start_on(home, None).await
+}
+
+/// [`start`], with `backend` (the CLI's `--device`) in place of `[backbone] device`.
+pub async fn start_on(home: &Path, backend: Option<BackendKind>) -> Result<Running> {
     let cfg = CoordinatorConfig::load(home)?;
     check_secret_mode(&cfg.resolve(home, &cfg.server.admin_credential))?;
     check_secret_mode(&cfg.resolve(home, &cfg.server.key))?;
-    let store = Store::open_with_cache(&cfg.resolve(home, &cfg.server.store), cfg.server.store_cache_mb << 20)
-        .map_err(|e| CoordinatorError::Other(format!("opening the store (is another coordinator running on this home?): {e}")))?;
+    let store = open_store(home, &cfg)?;
     let cred_path = cfg.resolve(home, &cfg.server.admin_credential);
     std::fs::read_to_string(&cred_path).map_err(io(&cred_path))?;
     let auth = Auth::new(store.clone(), &cfg, &cred_path)?;
-    let weak: Vec<String> = (store.devices()?.into_iter())
-        .filter(|d| !d.revoked && !hex::decode(&d.public_key_hex).is_ok_and(|k| spa_proto::auth::check_public_key(&k).is_ok()))
-        .map(|d| d.device_id)
-        .collect();
-    if !weak.is_empty() {
-        tracing::error!(devices = ?weak, "devices enrolled with weak keys (small order or not canonical): their calls are refused; revoke them and enroll again");
-    }
-    let backend = match &cfg.backbone.device {
-        Some(d) => d.parse::<BackendKind>()?,
-        None => BackendKind::resolve(None)?,
-    };
-    let dir = cfg.backbone_dir(home);
-    let idle = Duration::from_secs(cfg.limits.session_idle_secs);
-    let parked = crate::engine::Parked { per_device: cfg.limits.max_sessions_per_device, total: cfg.limits.max_sessions };
-    let dtype = cfg.backbone.weight_dtype()?;
-    let engine = tokio::task::spawn_blocking(move || Engine::start(&dir, backend, dtype, idle, parked)).await??;
-    {
-        let (store, cfg, engine) = (store.clone(), cfg.clone(), engine.clone());
-        tokio::task::spawn_blocking(move || seed_checkpoint(&store, &cfg, &engine)).await??;
-    }
-    tracing::info!(version = %engine.meta.version, "backbone loaded");
-
-    let (cert_path, key_path) = (cfg.resolve(home, &cfg.server.cert), cfg.resolve(home, &cfg.server.key));
-    let cert = std::fs::read(&cert_path).map_err(io(&cert_path))?;
-    let key = std::fs::read(&key_path).map_err(io(&key_path))?;
-    let max = cfg.limits.max_message_bytes;
+    let engine = start_engine(home, &cfg, &store, backend).await?;
     let aborted = crate::rounds::recover(&store)?;
     if aborted > 0 {
         tracing::warn!("{aborted} round(s) interrupted by the last shutdown were marked aborted");
     }
     let rounds = crate::rounds::Rounds::new(store.clone(), cfg.rounds.clone());
     let shared = Shared::new(store.clone(), auth, engine, rounds.clone(), cfg.clone());
-
-    let (health, health_svc) = tonic_health::server::health_reporter();
-    health.set_serving::<DeviceServer<DeviceService>>().await;
-    health.set_serving::<AdminServer<AdminService>>().await;
-    health.set_serving::<BackboneServer<BackboneService>>().await;
-    health.set_serving::<RoundsServer<RoundsService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(spa_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-
     let listener = tokio::net::TcpListener::bind(&cfg.server.listen)
         .await
         .map_err(|e| CoordinatorError::Config(format!("cannot listen on {}: {e}", cfg.server.listen)))?;
     let addr = listener.local_addr().map_err(|e| CoordinatorError::Other(format!("listener address: {e}")))?;
-    // Dead peers are found by HTTP/2 pings (an idle, silent socket is closed after the
-    // timeout), a TLS handshake must finish in time, and one connection may not open
-    // unbounded concurrent streams. TCP options and the connection cap: `conn::capped`.
-    let lim = &cfg.limits;
-    let router = Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(lim.keepalive_secs)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(lim.keepalive_timeout_secs)))
-        .max_concurrent_streams(Some(256))
-        .max_connection_age(Duration::from_secs(lim.max_connection_age_secs))
-        .max_connection_age_grace(Duration::from_secs(lim.connection_age_grace_secs))
-        .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)).timeout(Duration::from_secs(lim.tls_handshake_secs)))?
-        .add_service(health_svc)
-        .add_service(reflection)
-        .add_service(DeviceServer::new(DeviceService(shared.clone())).max_decoding_message_size(max).max_encoding_message_size(max))
-        .add_service(AdminServer::new(AdminService(shared.clone())).max_decoding_message_size(max).max_encoding_message_size(max))
-        .add_service(BackboneServer::new(BackboneService(shared.clone())).max_decoding_message_size(max).max_encoding_message_size(max))
-        .add_service(RoundsServer::new(RoundsService(shared.clone())).max_decoding_message_size(max).max_encoding_message_size(max));
+    let router = router(home, &cfg, &shared).await?;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let incoming = crate::conn::capped(listener, cfg.limits.max_connections, shared.connections.clone());
     let flush_store = store.clone();
@@ -190,22 +142,7 @@ pub async fn start(home: &Path) -> Result<Running> {
         let _ = flush_store.flush();
         r
     });
-    // Every 2 s: write pending last-call times, reopen the store if a write failed (a full
-    // disk), mark the clock; every minute: forget expired nonces.
-    let pruner = shared.clone();
-    let pruner = tokio::spawn(async move {
-        let mut t = tokio::time::interval(Duration::from_secs(2));
-        for tick in 0u64.. {
-            t.tick().await;
-            let s = pruner.clone();
-            let _ = tokio::task::spawn_blocking(move || {
-                if s.store.heal() {
-                    s.auth.tick(tick % 30 == 0);
-                }
-            })
-            .await;
-        }
-    });
+    let pruner = tokio::spawn(housekeeping(shared.clone()));
     let round_loop = tokio::spawn(crate::rounds::round_loop(rounds));
     let metrics = start_metrics(home, &cfg, shared.clone()).await?;
     store.log("server.start", addr.to_string())?;
@@ -214,6 +151,92 @@ pub async fn start(home: &Path) -> Result<Running> {
     tracing::info!(%addr, "coordinator serving (TLS)");
     let drain = Duration::from_secs(cfg.server.drain_secs);
     Ok(Running { addr, stop: Some(stop_tx), task, pruner, round_loop, metrics, home: home.to_path_buf(), store, drain, shared })
+}
+
+/// The store, with a warning for devices enrolled with keys now refused as weak.
+fn open_store(home: &Path, cfg: &CoordinatorConfig) -> Result<Store> {
+    let store = Store::open_with_cache(&cfg.resolve(home, &cfg.server.store), cfg.server.store_cache_mb << 20)
+        .map_err(|e| CoordinatorError::Other(format!("opening the store (is another coordinator running on this home?): {e}")))?;
+    let weak: Vec<String> = (store.devices()?.into_iter())
+        .filter(|d| !d.revoked && !hex::decode(&d.public_key_hex).is_ok_and(|k| spa_proto::auth::check_public_key(&k).is_ok()))
+        .map(|d| d.device_id)
+        .collect();
+    if !weak.is_empty() {
+        tracing::error!(devices = ?weak, "devices enrolled with weak keys (small order or not canonical): their calls are refused; revoke them and enroll again");
+    }
+    Ok(store)
+}
+
+/// The backbone worker on `backend` (else `[backbone] device`, else BURN_DEVICE, else
+/// flex), and global version 0 on a first start.
+async fn start_engine(home: &Path, cfg: &CoordinatorConfig, store: &Store, backend: Option<BackendKind>) -> Result<Engine> {
+    let backend = match (backend, &cfg.backbone.device) {
+        (Some(b), _) => b,
+        (None, Some(d)) => d.parse::<BackendKind>()?,
+        (None, None) => BackendKind::resolve(None)?,
+    };
+    let dir = cfg.backbone_dir(home);
+    let idle = Duration::from_secs(cfg.limits.session_idle_secs);
+    let parked = crate::engine::Parked { per_device: cfg.limits.max_sessions_per_device, total: cfg.limits.max_sessions };
+    let dtype = cfg.backbone.weight_dtype()?;
+    let engine = tokio::task::spawn_blocking(move || Engine::start(&dir, backend, dtype, idle, parked)).await??;
+    {
+        let (store, cfg, engine) = (store.clone(), cfg.clone(), engine.clone());
+        tokio::task::spawn_blocking(move || seed_checkpoint(&store, &cfg, &engine)).await??;
+    }
+    tracing::info!(version = %engine.meta.version, "backbone loaded");
+    Ok(engine)
+}
+
+/// The four services, health and reflection behind TLS, with the connection limits.
+async fn router(home: &Path, cfg: &CoordinatorConfig, shared: &Arc<Shared>) -> Result<tonic::transport::server::Router> {
+    let (cert_path, key_path) = (cfg.resolve(home, &cfg.server.cert), cfg.resolve(home, &cfg.server.key));
+    let cert = std::fs::read(&cert_path).map_err(io(&cert_path))?;
+    let key = std::fs::read(&key_path).map_err(io(&key_path))?;
+    let max = cfg.limits.max_message_bytes;
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health.set_serving::<DeviceServer<DeviceService>>().await;
+    health.set_serving::<AdminServer<AdminService>>().await;
+    health.set_serving::<BackboneServer<BackboneService>>().await;
+    health.set_serving::<RoundsServer<RoundsService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(spa_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    // Dead peers are found by HTTP/2 pings (an idle, silent socket is closed after the
+    // timeout), a TLS handshake must finish in time, and one connection may not open
+    // unbounded concurrent streams. TCP options and the connection cap: `conn::capped`.
+    let lim = &cfg.limits;
+    Ok(Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(lim.keepalive_secs)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(lim.keepalive_timeout_secs)))
+        .max_concurrent_streams(Some(256))
+        .max_connection_age(Duration::from_secs(lim.max_connection_age_secs))
+        .max_connection_age_grace(Duration::from_secs(lim.connection_age_grace_secs))
+        .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)).timeout(Duration::from_secs(lim.tls_handshake_secs)))?
+        .add_service(health_svc)
+        .add_service(reflection)
+        .add_service(DeviceServer::new(DeviceService(shared.clone())).max_decoding_message_size(max).max_encoding_message_size(max))
+        .add_service(AdminServer::new(AdminService(shared.clone())).max_decoding_message_size(max).max_encoding_message_size(max))
+        .add_service(BackboneServer::new(BackboneService(shared.clone())).max_decoding_message_size(max).max_encoding_message_size(max))
+        .add_service(RoundsServer::new(RoundsService(shared.clone())).max_decoding_message_size(max).max_encoding_message_size(max)))
+}
+
+/// Every 2 s: write pending last-call times, reopen the store if a write failed (a full
+/// disk), mark the clock; every minute: forget expired nonces.
+async fn housekeeping(shared: Arc<Shared>) {
+    let mut t = tokio::time::interval(Duration::from_secs(2));
+    for tick in 0u64.. {
+        t.tick().await;
+        let s = shared.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if s.store.heal() {
+                s.auth.tick(tick % 30 == 0);
+            }
+        })
+        .await;
+    }
 }
 
 /// The file holding the Prometheus endpoint's bound address.
@@ -234,8 +257,8 @@ async fn start_metrics(home: &Path, cfg: &CoordinatorConfig, shared: Arc<Shared>
 }
 
 /// Serves until SIGTERM or ctrl-c, then shuts down gracefully.
-pub async fn serve(home: &Path) -> Result<()> {
-    let running = start(home).await?;
+pub async fn serve(home: &Path, backend: Option<BackendKind>) -> Result<()> {
+    let running = start_on(home, backend).await?;
     println!("serving on https://{}", running.addr);
     shutdown_signal().await;
     tracing::info!("shutting down");

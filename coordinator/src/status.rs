@@ -2,7 +2,8 @@
 //! type, so a handler says `?` and the code a client sees is decided here. Anything the
 //! caller cannot fix is `internal` (and logged); the message names the cause without the
 //! coordinator's internals.
-use tonic::Status;
+use spa_proto::reason::Reason;
+use tonic::{Code, Status};
 
 use crate::engine::EngineError;
 use crate::rounds::{AnswerError, RoundError};
@@ -54,7 +55,7 @@ impl From<StoreError> for Status {
         match e {
             StoreError::UnknownToken | StoreError::TokenUsed | StoreError::TokenExpired | StoreError::TokenRevoked => Status::unauthenticated(e.to_string()),
             StoreError::KeyEnrolled(_) => Status::already_exists(e.to_string()),
-            StoreError::DeviceRevoked(_) => Status::permission_denied(e.to_string()),
+            StoreError::DeviceRevoked(_) => Reason::DeviceRevoked.status(Code::PermissionDenied, e.to_string()),
             StoreError::KeyChanged(_) => Status::aborted(e.to_string()),
             StoreError::UnknownDevice(_) | StoreError::UnknownTokenId(_) => Status::not_found(e.to_string()),
             // A full or failing disk: the call may be retried once the store works again.

@@ -122,7 +122,7 @@ fn bench_side(bb: &Backbone, peak: f64, variants: &[SideVariant]) {
     for (variant, r) in runs.into_iter().filter(|(v, _)| variants.contains(v)) {
         let side = SideConfig { variant, reduction: r, ..SideConfig::default() };
         let plugin = Plugin::new(&side, &bb.config, &bb.device).unwrap();
-        let pos = spa_model::experiment::positions_for(variant);
+        let pos = variant.positions();
         let feats = extract_features(bb, &ex, &plugin.shape.feature_layers, pos, 8).unwrap();
         let train = TrainConfig { epochs: 1, batch_tokens: 1024, batch_sequences: 8, ..TrainConfig::default() };
         let (mut tokens, mut steps) = (0, 0);

@@ -93,6 +93,56 @@ pub struct BackboneConfig {
     pub eos_token_ids: Vec<u32>,
 }
 
+/// The architecture is one we run, and every size is positive and below any released model's.
+fn check_hf(hf: &HfLlamaConfig) -> Result<()> {
+    let cfg_err = |message: String| ModelError::Config { path: "config.json".into(), message };
+    let arch_ok = hf.architectures.iter().any(|a| a == "LlamaForCausalLM") || hf.model_type.as_deref() == Some("llama");
+    if !arch_ok {
+        return Err(ModelError::UnsupportedArchitecture(format!(
+            "architectures={:?} model_type={:?}; only LLaMA-family decoders (LlamaForCausalLM) are supported",
+            hf.architectures, hf.model_type
+        )));
+    }
+    if let Some(act) = &hf.hidden_act
+        && act != "silu"
+    {
+        return Err(ModelError::UnsupportedArchitecture(format!("hidden_act '{act}' (only silu)")));
+    }
+    if hf.attention_bias || hf.mlp_bias {
+        return Err(ModelError::UnsupportedArchitecture("attention_bias / mlp_bias are not supported".into()));
+    }
+    let nonzero = [
+        ("vocab_size", hf.vocab_size),
+        ("hidden_size", hf.hidden_size),
+        ("intermediate_size", hf.intermediate_size),
+        ("num_hidden_layers", hf.num_hidden_layers),
+        ("num_attention_heads", hf.num_attention_heads),
+        ("max_position_embeddings", hf.max_position_embeddings),
+    ];
+    for (k, v) in nonzero {
+        if v == 0 {
+            return Err(cfg_err(format!("{k} must be > 0")));
+        }
+    }
+    // Upper bounds far above any LLaMA release (Llama 3.1 405B: 126 layers, hidden 16384,
+    // intermediate 53248, vocabulary 128256, context 131072). A config past them is broken
+    // or hostile, and a device would try to allocate for it before anything else refused.
+    let at_most = [
+        ("vocab_size", hf.vocab_size, 1 << 22),
+        ("hidden_size", hf.hidden_size, 1 << 16),
+        ("intermediate_size", hf.intermediate_size, 1 << 18),
+        ("num_hidden_layers", hf.num_hidden_layers, 1024),
+        ("num_attention_heads", hf.num_attention_heads, 1024),
+        ("max_position_embeddings", hf.max_position_embeddings, 1 << 21),
+    ];
+    for (k, v, max) in at_most {
+        if v > max {
+            return Err(cfg_err(format!("{k} = {v} is beyond any supported model (at most {max})")));
+        }
+    }
+    Ok(())
+}
+
 impl BackboneConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         if !path.exists() {
@@ -113,50 +163,7 @@ impl BackboneConfig {
 
     pub fn from_hf(hf: &HfLlamaConfig) -> Result<Self> {
         let cfg_err = |message: String| ModelError::Config { path: "config.json".into(), message };
-        let arch_ok = hf.architectures.iter().any(|a| a == "LlamaForCausalLM") || hf.model_type.as_deref() == Some("llama");
-        if !arch_ok {
-            return Err(ModelError::UnsupportedArchitecture(format!(
-                "architectures={:?} model_type={:?}; only LLaMA-family decoders (LlamaForCausalLM) are supported",
-                hf.architectures, hf.model_type
-            )));
-        }
-        if let Some(act) = &hf.hidden_act
-            && act != "silu"
-        {
-            return Err(ModelError::UnsupportedArchitecture(format!("hidden_act '{act}' (only silu)")));
-        }
-        if hf.attention_bias || hf.mlp_bias {
-            return Err(ModelError::UnsupportedArchitecture("attention_bias / mlp_bias are not supported".into()));
-        }
-        let nonzero = [
-            ("vocab_size", hf.vocab_size),
-            ("hidden_size", hf.hidden_size),
-            ("intermediate_size", hf.intermediate_size),
-            ("num_hidden_layers", hf.num_hidden_layers),
-            ("num_attention_heads", hf.num_attention_heads),
-            ("max_position_embeddings", hf.max_position_embeddings),
-        ];
-        for (k, v) in nonzero {
-            if v == 0 {
-                return Err(cfg_err(format!("{k} must be > 0")));
-            }
-        }
-        // Upper bounds far above any LLaMA release (Llama 3.1 405B: 126 layers, hidden 16384,
-        // intermediate 53248, vocabulary 128256, context 131072). A config past them is broken
-        // or hostile, and a device would try to allocate for it before anything else refused.
-        let at_most = [
-            ("vocab_size", hf.vocab_size, 1 << 22),
-            ("hidden_size", hf.hidden_size, 1 << 16),
-            ("intermediate_size", hf.intermediate_size, 1 << 18),
-            ("num_hidden_layers", hf.num_hidden_layers, 1024),
-            ("num_attention_heads", hf.num_attention_heads, 1024),
-            ("max_position_embeddings", hf.max_position_embeddings, 1 << 21),
-        ];
-        for (k, v, max) in at_most {
-            if v > max {
-                return Err(cfg_err(format!("{k} = {v} is beyond any supported model (at most {max})")));
-            }
-        }
+        check_hf(hf)?;
         let num_kv_heads = hf.num_key_value_heads.unwrap_or(hf.num_attention_heads);
         if num_kv_heads == 0 || !hf.num_attention_heads.is_multiple_of(num_kv_heads) {
             return Err(cfg_err(format!("num_attention_heads ({}) must be a multiple of num_key_value_heads ({num_kv_heads})", hf.num_attention_heads)));

@@ -11,7 +11,6 @@ pub mod config;
 pub mod data;
 pub mod device;
 pub mod error;
-pub mod experiment;
 pub mod features;
 pub mod generate;
 pub mod gguf;

@@ -127,6 +127,37 @@ pub fn windowed_loss(bb: &Backbone, ids: &[u32], t: usize, n_windows: usize, bat
     total / starts.len() as f32
 }
 
+/// The backbone pretraining starts from: `init` (its vocabulary must be the tokenizer's), or
+/// random weights of `cfg`'s shape.
+fn start_model(tokenizer: &Tokenizer, cfg: &PretrainConfig, init: Option<&Backbone>, device: &Device) -> Result<Backbone> {
+    let config = BackboneConfig {
+        vocab_size: tokenizer.vocab_size(),
+        hidden_size: cfg.hidden,
+        intermediate_size: cfg.intermediate,
+        num_layers: cfg.layers,
+        num_heads: cfg.heads,
+        num_kv_heads: cfg.kv_heads,
+        head_dim: cfg.hidden / cfg.heads,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        rope_scaling: RopeScaling::None,
+        max_position_embeddings: cfg.context,
+        tie_word_embeddings: false,
+        // The vocabulary is ours (char_level_json, or an earlier run's): its specials are too.
+        bos_token_id: tokenizer.token_to_id(crate::tokenizer::BOS),
+        eos_token_ids: tokenizer.token_to_id(crate::tokenizer::EOS).into_iter().collect(),
+    };
+    // Round-trip through HF JSON so every config we write is one the loader accepts.
+    let config = BackboneConfig::from_json(&config.to_hf_json().to_string())?;
+    Ok(match init {
+        Some(bb) if bb.config.vocab_size != tokenizer.vocab_size() => {
+            return Err(ModelError::InvalidInput(format!("initial backbone has {} tokens, the tokenizer {}", bb.config.vocab_size, tokenizer.vocab_size())));
+        }
+        Some(bb) => Backbone::from_parts(bb.config.clone(), bb.net.clone(), device),
+        None => Backbone::init_random(config, cfg.seed, device),
+    })
+}
+
 /// Pretrains on `train_text`, evaluating on `val_text`, and writes the best checkpoint (HF
 /// layout plus `tokenizer.json` and `pretrain.json`) to `out`. With `init`, training continues
 /// from that backbone (its architecture wins over `cfg`'s; its vocabulary must be the
@@ -154,32 +185,7 @@ pub fn pretrain(
     if !(0.0..1.0).contains(&cfg.dropout) {
         return Err(ModelError::InvalidInput(format!("dropout {} outside [0, 1)", cfg.dropout)));
     }
-    let config = BackboneConfig {
-        vocab_size: tokenizer.vocab_size(),
-        hidden_size: cfg.hidden,
-        intermediate_size: cfg.intermediate,
-        num_layers: cfg.layers,
-        num_heads: cfg.heads,
-        num_kv_heads: cfg.kv_heads,
-        head_dim: cfg.hidden / cfg.heads,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        rope_scaling: RopeScaling::None,
-        max_position_embeddings: cfg.context,
-        tie_word_embeddings: false,
-        // The vocabulary is ours (char_level_json, or an earlier run's): its specials are too.
-        bos_token_id: tokenizer.token_to_id(crate::tokenizer::BOS),
-        eos_token_ids: tokenizer.token_to_id(crate::tokenizer::EOS).into_iter().collect(),
-    };
-    // Round-trip through HF JSON so every config we write is one the loader accepts.
-    let config = BackboneConfig::from_json(&config.to_hf_json().to_string())?;
-    let init = match init {
-        Some(bb) if bb.config.vocab_size != tokenizer.vocab_size() => {
-            return Err(ModelError::InvalidInput(format!("initial backbone has {} tokens, the tokenizer {}", bb.config.vocab_size, tokenizer.vocab_size())));
-        }
-        Some(bb) => Backbone::from_parts(bb.config.clone(), bb.net.clone(), device),
-        None => Backbone::init_random(config, cfg.seed, device),
-    };
+    let init = start_model(tokenizer, cfg, init, device)?;
     let config = init.config.clone();
     if cfg.context > config.max_position_embeddings {
         return Err(ModelError::InvalidInput(format!("context {} exceeds the backbone's {}", cfg.context, config.max_position_embeddings)));

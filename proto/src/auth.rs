@@ -58,7 +58,7 @@ impl From<AuthError> for tonic::Status {
     fn from(e: AuthError) -> Self {
         let msg = e.to_string();
         match e {
-            AuthError::Revoked(_) => tonic::Status::permission_denied(msg),
+            AuthError::Revoked(_) => crate::reason::Reason::DeviceRevoked.status(tonic::Code::PermissionDenied, msg),
             AuthError::Malformed(_) | AuthError::WeakKey(_) => tonic::Status::invalid_argument(msg),
             AuthError::Busy => tonic::Status::unavailable(msg),
             AuthError::DeviceBusy(_) => tonic::Status::resource_exhausted(msg),

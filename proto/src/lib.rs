@@ -6,6 +6,7 @@
 //! - [`tensor`]: tensors as dtype + shape + little-endian bytes, chunking and reassembly.
 //! - [`secagg`]: SecAgg+ messages between wire form and spa-aggregation's structs.
 //! - [`auth`]: Ed25519 request signing and verification, clock window, replay window.
+//! - [`reason`]: why a call was refused, as typed details a client matches on.
 //!
 //! Invariant: no I/O here; this crate is pure encoding, checking and cryptography.
 pub mod auth;
@@ -13,6 +14,7 @@ pub mod codec;
 pub mod error;
 pub mod exit;
 pub mod limits;
+pub mod reason;
 pub mod secagg;
 pub mod tensor;
 

@@ -16,7 +16,7 @@ mkdir -p "$PEERS"
 GGUF=$(scripts/fetch-smollm2.sh --gguf-only)
 cargo build --release --workspace >&2
 for d in f32 f16; do
-  [ -f "$PEERS/smollm2-$d/model.safetensors" ] || target/release/spa-coordinator model import --gguf "$GGUF" --out "$PEERS/smollm2-$d" --dtype $d >/dev/null
+  [ -f "$PEERS/smollm2-$d/model.safetensors" ] || target/release/spa model import --gguf "$GGUF" --out "$PEERS/smollm2-$d" --dtype $d >/dev/null
 done
 [ -x "$PEERS/venv/bin/python" ] || { python3 -m venv "$PEERS/venv" && "$PEERS/venv/bin/pip" install --quiet llama-cpp-python numpy >&2; }
 PY="$PEERS/venv/bin/python"

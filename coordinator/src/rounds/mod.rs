@@ -17,20 +17,25 @@
 //! as aborted ([`recover`]) and its run goes on with the next round from the last committed
 //! version. The coordinator never holds an individual unmasked update: it sees masked lanes.
 //!
-//! Files: `records.rs` (what sled keeps: plans, rounds, runs, dropouts), `state.rs` (what the
-//! loop and the device handlers share, and how an answer is checked), `round_loop.rs` (the
-//! loop and its phases).
+//! Files: `state.rs` (what the loop and the device handlers share, and how an answer is
+//! checked), `round_loop.rs` (the loop and its phases). What sled keeps of plans, rounds, runs
+//! and dropouts is `crate::store::records`.
 use spa_aggregation::SecAggError;
 
 use crate::store::StoreError;
 
-mod records;
 mod round_loop;
 mod state;
 
-pub use records::{DeviceMetrics, DropReason, Dropout, RoundPlan, RoundRecord, RoundState, RunRecord, RunState};
+pub use crate::store::records::{DeviceMetrics, DropReason, Dropout, RoundPlan, RoundRecord, RoundState, RunRecord, RunState};
 pub use round_loop::{recover, round_loop};
 pub use state::{AnswerError, Rounds};
+
+impl From<crate::store::records::InvalidPlan> for RoundError {
+    fn from(e: crate::store::records::InvalidPlan) -> Self {
+        RoundError::InvalidPlan(e.0)
+    }
+}
 
 /// Why a round or an operator's request failed. `Aborted*` end a round; the service maps
 /// the rest to statuses (`crate::status`).

@@ -15,11 +15,11 @@ use spa_proto::v1;
 use spa_proto::v1::poll_response::Task;
 
 use super::RoundError;
-use super::records::{DropReason, Dropout, RoundRecord, RoundState, RunState};
 use super::state::{Active, EvalNotice, Rounds};
 use crate::lock;
 use crate::metrics::{METRICS, Outcome, Phase, Reason};
 use crate::store::Store;
+use crate::store::records::{DropReason, Dropout, RoundRecord, RoundState, RunState};
 
 /// Crash points for the restart tests: with the `fault-injection` feature,
 /// `SPA_FAULT_CRASH_AT=<state>` kills the process (like SIGKILL, no cleanup) right after that

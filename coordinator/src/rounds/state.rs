@@ -5,7 +5,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use spa_aggregation::messages::{AdvertiseKeys, ShareKeysResponse, UnmaskResponse};
-use spa_aggregation::strategy::StrategyConfig;
 use spa_aggregation::{SecAggError, SecAggServer};
 use spa_proto::auth::now_ms;
 use spa_proto::v1;
@@ -13,9 +12,9 @@ use spa_proto::v1::poll_response::Task;
 use tokio::sync::Notify;
 
 use super::RoundError;
-use super::records::{DeviceMetrics, DropReason, Dropout, RoundPlan, RoundState, RunRecord, RunState, mean_metrics};
 use crate::config::RoundsSection;
 use crate::lock;
+use crate::store::records::{DeviceMetrics, DropReason, Dropout, RoundPlan, RoundState, RunRecord, RunState, mean_metrics};
 use crate::store::{Store, StoreError};
 
 /// The round in progress.
@@ -82,10 +81,8 @@ impl Rounds {
 
     /// Queues a run; the loop starts its rounds in order after any earlier run.
     pub fn start_run(&self, mut plan: RoundPlan) -> Result<u64, RoundError> {
-        // μ is FedProx's: for any other strategy the run records 0, what devices are sent.
-        if !matches!(plan.validate()?, StrategyConfig::FedProx { .. }) {
-            plan.prox_mu = 0.0;
-        }
+        plan.validate()?;
+        plan.prox_mu = plan.strategy.client_mu(plan.prox_mu);
         let run = RunRecord { run_id: self.store.next_run_id()?, plan, created_ms: now_ms(), rounds_started: 0, state: RunState::Active };
         self.store.put_run(&run)?;
         self.store.log("run.start", format!("run {} ({} rounds)", run.run_id, run.plan.rounds))?;

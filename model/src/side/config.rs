@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 use super::params::RoleRules;
 use crate::config::BackboneConfig;
 use crate::error::{ModelError, Result};
+use crate::features::Positions;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -13,6 +14,17 @@ pub enum SideVariant {
     Mlp,
     /// LST: small side transformer blocks fed through gated ladder connections.
     Ladder,
+}
+
+impl SideVariant {
+    /// The positions whose backbone states the variant reads: the MLP is per token, so only
+    /// the positions that carry a loss; the ladder attends over every position.
+    pub fn positions(self) -> Positions {
+        match self {
+            Self::Mlp => Positions::LossOnly,
+            Self::Ladder => Positions::All,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

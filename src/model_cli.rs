@@ -1,25 +1,22 @@
-//! `spa-coordinator model ...`: inspect, evaluate and pretrain backbones. Thin wrappers over
-//! spa-model that print JSON.
+//! `spa model ...`: the backbone workbench (import a GGUF, pretrain, evaluate, print logits,
+//! rank roles, sample text). Thin wrappers over spa-model that print JSON.
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
 use spa_model::backbone::{TokenBatch, WeightDtype, load_backbone, load_backbone_as};
-use spa_model::data::shakespeare::{ExampleLimits, leaf_users, parse_play_script, pretraining_split, rank_roles};
-use spa_model::data::synthetic::synthetic_users;
-use spa_model::experiment::local_personalization;
+use spa_model::data::shakespeare::{parse_play_script, pretraining_split, rank_roles};
 use spa_model::generate::{Decoding, LocalStates, Sampling, generate_text};
 use spa_model::gguf::import_gguf;
 use spa_model::pretrain::{PretrainConfig, PretrainEvent, pretrain, windowed_loss};
-use spa_model::side::{FrozenHead, SideConfig, SideVariant};
+use spa_model::side::FrozenHead;
 use spa_model::tensor_util::to_vec;
 use spa_model::tokenizer::{ModelTokens, Tokenizer, char_level_json};
-use spa_model::train::TrainConfig;
 
-use crate::admin_cli::print_json;
-use spa_model::BackendKind;
+use spa_model::burn::tensor::Device;
 
 #[derive(Subcommand, Debug)]
 pub enum ModelCommand {
@@ -82,79 +79,33 @@ pub enum ModelCommand {
     /// Pretrain a small LLaMA-architecture backbone with a character-level tokenizer.
     Pretrain(PretrainArgs),
     /// Sample text from a backbone (no side plugin).
-    Generate {
-        #[arg(long)]
-        model: PathBuf,
-        /// Precision the weight matrices are held in (auto: as stored, on flex).
-        #[arg(long, value_enum, default_value_t = Weights::Auto)]
-        weights: Weights,
-        #[arg(long)]
-        prompt: String,
-        #[arg(long, default_value_t = 200)]
-        max_tokens: usize,
-        /// 0 = greedy.
-        #[arg(long, default_value_t = 0.8)]
-        temperature: f64,
-        #[arg(long, default_value_t = 0)]
-        top_k: usize,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Wrap the prompt in the model's chat template (tokenizer_config.json).
-        #[arg(long)]
-        chat: bool,
-        /// Keep generating past the model's end-of-sequence token.
-        #[arg(long)]
-        ignore_eos: bool,
-    },
-    /// Local personalization experiment: backbone alone vs a side plugin trained per user.
-    Experiment(ExperimentArgs),
+    Generate(GenerateArgs),
 }
 
 #[derive(Args, Debug)]
-pub struct ExperimentArgs {
+pub struct GenerateArgs {
     #[arg(long)]
     model: PathBuf,
     /// Precision the weight matrices are held in (auto: as stored, on flex).
     #[arg(long, value_enum, default_value_t = Weights::Auto)]
     weights: Weights,
-    /// Play-script corpus whose roles are the users (LEAF Shakespeare); without it, synthetic users.
     #[arg(long)]
-    corpus: Option<PathBuf>,
-    /// One role per line (default: configs/device_roles.txt's format); needs --corpus.
-    #[arg(long)]
-    roles: Option<PathBuf>,
-    /// Number of users (roles taken in file order, or synthetic users).
-    #[arg(long, default_value_t = 10)]
-    users: usize,
-    /// Examples per synthetic user.
-    #[arg(long, default_value_t = 60)]
-    examples: usize,
-    #[arg(long, value_enum, default_value_t = Variant::Mlp)]
-    variant: Variant,
-    #[arg(long, default_value_t = 8)]
-    reduction: usize,
-    /// Backbone layers the side plugin reads: "all", or a comma-separated list (default: all,
-    /// or 8 evenly spaced on backbones of 50 M parameters or more).
-    #[arg(long)]
-    taps: Option<String>,
-    /// Most epochs; with --val-fraction the best one on the user's validation split is kept.
-    #[arg(long, default_value_t = 5)]
-    epochs: usize,
-    /// Chosen on roles 11-20 of configs/device_roles.txt, which the recorded table (roles
-    /// 1-10) does not use (docs/bench-log/2026-11-26-local-personalization.md).
-    #[arg(long, default_value_t = 1e-3)]
-    lr: f64,
-    #[arg(long, default_value_t = 256)]
-    batch_tokens: usize,
-    /// Last fraction of each user's training examples held out to pick the epoch (0 = keep
-    /// the last epoch). The test split is never used for it.
-    #[arg(long, default_value_t = 0.1)]
-    val_fraction: f64,
+    prompt: String,
+    #[arg(long, default_value_t = 200)]
+    max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Print the per-user results as JSON instead of a markdown table (the global --json).
-    #[arg(skip)]
-    json: bool,
+    /// Wrap the prompt in the model's chat template (tokenizer_config.json).
+    #[arg(long)]
+    chat: bool,
+    /// Keep generating past the model's end-of-sequence token.
+    #[arg(long)]
+    ignore_eos: bool,
 }
 
 /// `--weights`: the precision a loaded backbone's matrices are held in.
@@ -193,12 +144,6 @@ impl From<Dtype> for WeightDtype {
             Dtype::Bf16 => WeightDtype::BF16,
         }
     }
-}
-
-#[derive(clap::ValueEnum, Clone, Copy, Debug)]
-pub enum Variant {
-    Mlp,
-    Ladder,
 }
 
 #[derive(Args, Debug)]
@@ -251,12 +196,12 @@ pub struct PretrainArgs {
 }
 
 // What the verbs print as JSON.
-#[derive(serde::Serialize)]
+#[derive(Serialize)]
 struct Logits<'a> {
     logits: Vec<&'a [f32]>,
 }
 
-#[derive(serde::Serialize)]
+#[derive(Serialize)]
 struct EvalReport {
     loss: f32,
     tokens: usize,
@@ -266,14 +211,14 @@ struct EvalReport {
     unit: &'static str,
 }
 
-#[derive(serde::Serialize)]
+#[derive(Serialize)]
 struct RoleRow<'a> {
     name: &'a str,
     speeches: usize,
     chars: usize,
 }
 
-#[derive(serde::Serialize)]
+#[derive(Serialize)]
 struct Generated {
     text: String,
     ids: Vec<u32>,
@@ -282,11 +227,10 @@ struct Generated {
     stopped_at_eos: bool,
 }
 
-pub fn run(cmd: ModelCommand, backend: Option<BackendKind>, json: bool) -> Result<()> {
-    let device = BackendKind::resolve(backend)?.device()?;
+pub fn run(cmd: ModelCommand, device: &Device, json: bool) -> Result<()> {
     match cmd {
         ModelCommand::Logits { model, weights, ids } => {
-            let bb = load_backbone_as(&model, &device, weights.dtype())?;
+            let bb = load_backbone_as(&model, device, weights.dtype())?;
             let batch = TokenBatch::new(vec![ids.clone()], &bb.config, 0)?;
             let logits = to_vec(bb.forward(&batch, &[], true, None).logits.expect("logits"));
             let rows: Vec<&[f32]> = logits.chunks(bb.config.vocab_size).collect();
@@ -297,7 +241,7 @@ pub fn run(cmd: ModelCommand, backend: Option<BackendKind>, json: bool) -> Resul
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
         ModelCommand::Eval { model, weights, text, heldout_fraction, exclude_speakers, windows, context } => {
-            let bb = load_backbone_as(&model, &device, weights.dtype())?;
+            let bb = load_backbone_as(&model, device, weights.dtype())?;
             let tok = Tokenizer::from_file(&model.join("tokenizer.json"))?;
             let mut content = std::fs::read_to_string(&text).with_context(|| format!("reading {}", text.display()))?;
             if let Some(frac) = heldout_fraction {
@@ -329,134 +273,62 @@ pub fn run(cmd: ModelCommand, backend: Option<BackendKind>, json: bool) -> Resul
             let sel: Vec<RoleRow> = ranked.iter().skip(skip).take(take).map(|r| RoleRow { name: &r.name, speeches: r.speeches, chars: r.chars }).collect();
             println!("{}", serde_json::to_string_pretty(&sel)?);
         }
-        ModelCommand::Pretrain(a) => run_pretrain(a, &device)?,
-        ModelCommand::Generate { model, weights, prompt, max_tokens, temperature, top_k, seed, chat, ignore_eos } => {
-            let bb = load_backbone_as(&model, &device, weights.dtype())?;
-            let tok = Tokenizer::from_file(&model.join("tokenizer.json"))?;
-            let tokens = ModelTokens::from_dir(&model)?;
-            let ids = tokens.prompt_ids(&tok, &prompt, chat)?;
-            let head = FrozenHead::from_backbone(&bb);
-            let mut src = LocalStates::new(&bb, &[bb.config.num_layers])?;
-            let stop = if ignore_eos { vec![] } else { tokens.eos.clone() };
-            let dec = Decoding { max_new: max_tokens, sampling: Sampling { temperature, top_k, seed }, stop };
-            if !json {
-                print!("{prompt}");
-            }
-            let started = std::time::Instant::now();
-            let (g, text) = generate_text(&mut src, &head, None, &tok, &ids, &dec, None, &mut |t| {
-                if !json {
-                    print!("{t}");
-                    let _ = std::io::Write::flush(&mut std::io::stdout());
-                }
-            })?;
-            let secs = started.elapsed().as_secs_f64();
-            let stopped_at_eos = g.ids.last().is_some_and(|&i| tokens.is_eos(i));
-            if json {
-                print_json(&Generated { tokens: g.ids.len(), text, ids: g.ids, seconds: secs, stopped_at_eos })?;
-            } else {
-                println!();
-                eprintln!(
-                    "{} tokens in {secs:.2} s ({:.1} tokens/s){}",
-                    g.ids.len(),
-                    g.ids.len() as f64 / secs.max(1e-9),
-                    if stopped_at_eos { ", stopped at end of sequence" } else { "" }
-                );
-            }
-        }
-        ModelCommand::Experiment(mut a) => {
-            a.json = json;
-            run_experiment(a, &device)?
-        }
+        ModelCommand::Pretrain(a) => run_pretrain(a, device)?,
+        ModelCommand::Generate(a) => generate(a, device, json)?,
     }
     Ok(())
 }
 
-fn run_experiment(a: ExperimentArgs, device: &spa_model::burn::tensor::Device) -> Result<()> {
-    let bb = load_backbone_as(&a.model, device, a.weights.dtype())?;
-    let tok = Tokenizer::from_file(&a.model.join("tokenizer.json"))?;
-    let users = match (&a.corpus, &a.roles) {
-        (Some(corpus), roles) => {
-            let text = std::fs::read_to_string(corpus).with_context(|| format!("reading {}", corpus.display()))?;
-            let speeches = parse_play_script(&text);
-            let names: Vec<String> = match roles {
-                Some(r) => read_lines_ordered(r)?,
-                None => rank_roles(&speeches).into_iter().map(|r| r.name).collect(),
-            };
-            let names: Vec<String> = names.into_iter().take(a.users).collect();
-            leaf_users(&speeches, &names, ExampleLimits::default(), 0.8)
-        }
-        (None, Some(_)) => bail!("--roles needs --corpus"),
-        (None, None) => synthetic_users(a.users, a.examples, a.seed),
-    };
-    let variant = match a.variant {
-        Variant::Mlp => SideVariant::Mlp,
-        Variant::Ladder => SideVariant::Ladder,
-    };
-    let taps = match a.taps.as_deref() {
-        None => vec![],
-        Some("all") => (0..=bb.config.num_layers).collect(),
-        Some(list) => {
-            list.split(',').map(|t| t.trim().parse::<usize>().with_context(|| format!("--taps: '{t}' is not a layer number"))).collect::<Result<_>>()?
-        }
-    };
-    let side = SideConfig { variant, reduction: a.reduction, taps, seed: a.seed, ..SideConfig::default() };
-    let train = TrainConfig { epochs: a.epochs, lr: a.lr, batch_tokens: a.batch_tokens, val_fraction: a.val_fraction, seed: a.seed, ..TrainConfig::default() };
-    if !a.json {
-        println!(
-            "| user | train tokens | test tokens | backbone loss | side loss | routed loss | backbone acc | side acc | routed acc | gate on | epoch kept |"
-        );
-        println!("|---|---|---|---|---|---|---|---|---|---|---|");
+/// `model generate`: the text streams to stdout (the prompt first), a summary to stderr; with
+/// `--json`, one document at the end.
+fn generate(a: GenerateArgs, device: &Device, json: bool) -> Result<()> {
+    let GenerateArgs { model, weights, prompt, max_tokens, temperature, top_k, seed, chat, ignore_eos } = a;
+    let bb = load_backbone_as(&model, device, weights.dtype())?;
+    let tok = Tokenizer::from_file(&model.join("tokenizer.json"))?;
+    let tokens = ModelTokens::from_dir(&model)?;
+    let ids = tokens.prompt_ids(&tok, &prompt, chat)?;
+    let head = FrozenHead::from_backbone(&bb);
+    let mut src = LocalStates::new(&bb, &[bb.config.num_layers])?;
+    let stop = if ignore_eos { vec![] } else { tokens.eos.clone() };
+    let dec = Decoding { max_new: max_tokens, sampling: Sampling { temperature, top_k, seed }, stop };
+    if !json {
+        print!("{prompt}");
     }
-    let results = local_personalization(&bb, &tok, &users, &side, &train, &mut |r| {
-        if !a.json {
-            let t = &r.test;
-            println!(
-                "| {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} | {} |",
-                r.user,
-                r.train_tokens,
-                t.tokens,
-                t.backbone_loss,
-                t.side_loss,
-                t.routed_loss,
-                t.backbone_acc,
-                t.side_acc,
-                t.routed_acc,
-                t.side_fraction,
-                if r.train.val_losses.is_empty() { "last".to_string() } else { r.train.best_epoch.to_string() }
-            );
+    let started = std::time::Instant::now();
+    let (g, text) = generate_text(&mut src, &head, None, &tok, &ids, &dec, None, &mut |t| {
+        if !json {
+            print!("{t}");
+            let _ = std::io::Write::flush(&mut std::io::stdout());
         }
     })?;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&results)?);
+    let secs = started.elapsed().as_secs_f64();
+    let stopped_at_eos = g.ids.last().is_some_and(|&i| tokens.is_eos(i));
+    if json {
+        print_json(&Generated { tokens: g.ids.len(), text, ids: g.ids, seconds: secs, stopped_at_eos })?;
     } else {
-        let wins = results.iter().filter(|r| r.side_wins()).count();
-        let routed_wins = results.iter().filter(|r| r.test.routed_loss < r.test.backbone_loss).count();
-        let ties = results.iter().filter(|r| r.test.routed_loss == r.test.backbone_loss).count();
-        let n = results.len();
-        let mean = |f: &dyn Fn(&spa_model::train::EvalMetrics) -> f64| results.iter().map(|r| f(&r.test)).sum::<f64>() / results.len().max(1) as f64;
-        println!(
-            "\nside plugin beats the backbone (test loss) on {wins}/{n} users, routed on {routed_wins}/{n} ({ties} ties: the backbone kept); mean test loss {:.3} -> {:.3} (routed {:.3}), mean accuracy {:.3} -> {:.3} (routed {:.3})",
-            mean(&|t| t.backbone_loss),
-            mean(&|t| t.side_loss),
-            mean(&|t| t.routed_loss),
-            mean(&|t| t.backbone_acc),
-            mean(&|t| t.side_acc),
-            mean(&|t| t.routed_acc),
+        println!();
+        eprintln!(
+            "{} tokens in {secs:.2} s ({:.1} tokens/s){}",
+            g.ids.len(),
+            g.ids.len() as f64 / secs.max(1e-9),
+            if stopped_at_eos { ", stopped at end of sequence" } else { "" }
         );
     }
     Ok(())
 }
 
-fn read_lines_ordered(path: &Path) -> Result<Vec<String>> {
+/// One name per line; blank lines and `#` comments skipped.
+fn read_lines(path: &Path) -> Result<HashSet<String>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     Ok(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from).collect())
 }
 
-fn read_lines(path: &Path) -> Result<HashSet<String>> {
-    Ok(read_lines_ordered(path)?.into_iter().collect())
+fn print_json(v: &impl Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string(v)?);
+    Ok(())
 }
 
-fn run_pretrain(a: PretrainArgs, device: &spa_model::burn::tensor::Device) -> Result<()> {
+fn run_pretrain(a: PretrainArgs, device: &Device) -> Result<()> {
     let text = std::fs::read_to_string(&a.corpus).with_context(|| format!("reading {}", a.corpus.display()))?;
     let exclude = match &a.exclude_speakers {
         Some(p) => read_lines(p)?,

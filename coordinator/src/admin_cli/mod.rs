@@ -15,8 +15,11 @@ use spa_proto::v1::*;
 use tonic::transport::Channel;
 
 use crate::config::CoordinatorConfig;
-use crate::rounds::RoundRecord;
 use crate::server::ADDR_FILE;
+
+mod rounds;
+
+pub use rounds::{CheckpointCommand, RoundCommand, run_checkpoint, run_round};
 
 /// Where to reach the coordinator and with which credential.
 #[derive(Args, Debug, Clone)]
@@ -86,7 +89,10 @@ pub fn parse_duration(s: &str) -> Result<Duration> {
 }
 
 /// An admin client for `target`.
-pub async fn admin_client(target: &Target) -> Result<(AdminClient<Channel>, String)> {
+/// An Admin service client over the coordinator's TLS channel.
+pub type Admin = AdminClient<Channel>;
+
+pub async fn admin_client(target: &Target) -> Result<(Admin, String)> {
     let home = &target.home;
     let cfg = CoordinatorConfig::load(home)?;
     let url = match &target.coordinator {
@@ -110,7 +116,7 @@ pub fn with_admin<M>(cred: &str, body: M) -> Result<tonic::Request<M>> {
 }
 
 /// The status stays in the error's chain: the binary's exit code is read from it.
-fn status_err(s: tonic::Status) -> anyhow::Error {
+pub(crate) fn status_err(s: tonic::Status) -> anyhow::Error {
     let msg = format!("coordinator refused: {} ({:?})", s.message(), s.code());
     anyhow::Error::new(s).context(msg)
 }
@@ -155,25 +161,6 @@ struct ServerStatus {
     version: String,
     global_version: u64,
     tokens_outstanding: u64,
-}
-
-#[derive(Serialize)]
-struct RunQueued {
-    run_id: u64,
-}
-
-#[derive(Serialize)]
-struct AbortOutcome {
-    round_id: u64,
-    was_running: bool,
-}
-
-#[derive(Serialize)]
-struct Exported {
-    version: u64,
-    tensors: usize,
-    parameters: usize,
-    out: PathBuf,
 }
 
 pub async fn run_token(cmd: TokenCommand, json: bool) -> Result<()> {
@@ -337,216 +324,6 @@ pub fn run_rotate_tls(home: &Path, names: &[String], json: bool) -> Result<()> {
         print_json(&r)?;
     } else {
         println!("new server key and certificate for {} in {} (devices trust the same CA); restart serve to use them", r.names.join(", "), r.cert.display());
-    }
-    Ok(())
-}
-
-#[derive(Subcommand, Debug)]
-pub enum RoundCommand {
-    /// Queue a run of federated rounds over the enrolled, online devices.
-    Start {
-        #[command(flatten)]
-        target: Target,
-        #[arg(long, default_value_t = 1)]
-        rounds: u32,
-        /// Fewest devices that must contribute (the round aborts below this).
-        #[arg(long, default_value_t = 3)]
-        min_clients: u32,
-        /// Most devices selected per round.
-        #[arg(long, default_value_t = 100)]
-        max_clients: u32,
-        /// Seconds for selection and for local training (each).
-        #[arg(long, default_value_t = 300)]
-        deadline: u32,
-        #[arg(long, default_value_t = 1)]
-        local_epochs: u32,
-        #[arg(long, default_value_t = 3e-3)]
-        lr: f64,
-        /// fedavg | fedprox | fedadam | fedyogi | fedadagrad
-        #[arg(long, default_value = "fedavg")]
-        strategy: String,
-        /// FedProx's proximal weight (with --strategy fedprox).
-        #[arg(long, default_value_t = 0.01)]
-        prox_mu: f64,
-        /// Distributed DP: L2 clip of each device's update (0 = off).
-        #[arg(long, default_value_t = 0.0)]
-        dp_clip: f64,
-        /// Distributed DP noise multiplier z (central sigma = z * clip).
-        #[arg(long, default_value_t = 0.0)]
-        dp_noise: f64,
-    },
-    /// One round (default: the latest).
-    Status {
-        #[command(flatten)]
-        target: Target,
-        id: Option<u64>,
-        /// Print again every second until the round commits or aborts.
-        #[arg(long)]
-        watch: bool,
-    },
-    /// The newest rounds, oldest first.
-    List {
-        #[command(flatten)]
-        target: Target,
-        /// How many (at most 1000).
-        #[arg(long, default_value_t = 100)]
-        limit: u32,
-        /// Only rounds with ids below this one (page back).
-        #[arg(long)]
-        before: Option<u64>,
-    },
-    /// Abort a round in progress (and the rest of its run).
-    Abort {
-        #[command(flatten)]
-        target: Target,
-        id: u64,
-    },
-}
-
-/// The record a `RoundInfo` carries, read into its type.
-fn round_record(r: &RoundInfo) -> Result<RoundRecord> {
-    serde_json::from_str(&r.record_json).with_context(|| format!("round {}: the coordinator sent a record this CLI cannot read", r.round_id))
-}
-
-fn round_line(r: &RoundRecord) -> String {
-    let metrics = match &r.mean_metrics {
-        Some(m) => format!(
-            "  held-out loss {:.3} -> {:.3}, acc {:.3} -> {:.3} ({} devices)",
-            m.backbone_loss,
-            m.personalized_loss,
-            m.backbone_acc,
-            m.personalized_acc,
-            r.metrics.len()
-        ),
-        None => String::new(),
-    };
-    let mut line = format!(
-        "round {:>4}  run {} #{}  {:<12} base v{} -> {}  cohort {}  contributors {}{}{}",
-        r.round_id,
-        r.run_id,
-        r.index,
-        r.state.name(),
-        r.base_version,
-        r.committed_version.map_or("-".into(), |c| format!("v{c}")),
-        r.cohort.len(),
-        r.contributors.len(),
-        r.reason.as_ref().map_or(String::new(), |r| format!("  ({r})")),
-        metrics,
-    );
-    for (device, d) in &r.dropouts {
-        line.push_str(&format!("\n  dropped {device}: {d}"));
-    }
-    line
-}
-
-pub async fn run_round(cmd: RoundCommand, json: bool) -> Result<()> {
-    match cmd {
-        RoundCommand::Start { target, rounds, min_clients, max_clients, deadline, local_epochs, lr, strategy, prox_mu, dp_clip, dp_noise } => {
-            let (mut c, cred) = admin_client(&target).await?;
-            let req = StartRoundsRequest {
-                rounds,
-                min_clients,
-                max_clients,
-                deadline_seconds: deadline,
-                local_epochs,
-                lr,
-                strategy,
-                prox_mu,
-                dp_l2_clip: dp_clip,
-                dp_noise_multiplier: dp_noise,
-            };
-            let r = c.start_rounds(with_admin(&cred, req)?).await.map_err(status_err)?.into_inner();
-            if json {
-                print_json(&RunQueued { run_id: r.run_id })?;
-            } else {
-                println!("run {} queued: {rounds} round(s); watch with `round status --watch`", r.run_id);
-            }
-        }
-        RoundCommand::Status { target, id, watch } => {
-            let (mut c, cred) = admin_client(&target).await?;
-            let mut id = id.unwrap_or(0);
-            loop {
-                let r = c.round_status(with_admin(&cred, RoundStatusRequest { round_id: id })?).await.map_err(status_err)?.into_inner();
-                // Watching "the latest" follows the round it found first, not later ones.
-                id = r.round_id;
-                let rec = round_record(&r)?;
-                if json {
-                    print_json(&rec)?;
-                } else {
-                    println!("{}", round_line(&rec));
-                }
-                if !watch || rec.state.is_final() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-        RoundCommand::List { target, limit, before } => {
-            let (mut c, cred) = admin_client(&target).await?;
-            let req = ListRoundsRequest { limit, before_round_id: before.unwrap_or(0) };
-            let r = c.list_rounds(with_admin(&cred, req)?).await.map_err(status_err)?.into_inner();
-            let recs = r.rounds.iter().map(round_record).collect::<Result<Vec<_>>>()?;
-            if json {
-                print_json(&recs)?;
-            } else if recs.is_empty() {
-                println!("no rounds yet");
-            } else {
-                for x in &recs {
-                    println!("{}", round_line(x));
-                }
-            }
-        }
-        RoundCommand::Abort { target, id } => {
-            let (mut c, cred) = admin_client(&target).await?;
-            let r = c.abort_round(with_admin(&cred, AbortRoundRequest { round_id: id })?).await.map_err(status_err)?.into_inner();
-            if json {
-                print_json(&AbortOutcome { round_id: id, was_running: r.was_running })?;
-            } else if r.was_running {
-                println!("round {id}: abort requested");
-            } else {
-                println!("round {id} had already finished");
-            }
-        }
-    }
-    Ok(())
-}
-
-#[derive(Subcommand, Debug)]
-pub enum CheckpointCommand {
-    /// Write a committed global version (shared side-plugin parameters) as safetensors.
-    Export {
-        #[command(flatten)]
-        target: Target,
-        /// Global version (default: the latest).
-        #[arg(long)]
-        version: Option<u64>,
-        #[arg(long)]
-        out: PathBuf,
-    },
-}
-
-pub async fn run_checkpoint(cmd: CheckpointCommand, json: bool) -> Result<()> {
-    let CheckpointCommand::Export { target, version, out } = cmd;
-    let (mut c, cred) = admin_client(&target).await?;
-    let version = match version {
-        Some(v) => v,
-        None => c.server_status(with_admin(&cred, ServerStatusRequest {})?).await.map_err(status_err)?.into_inner().global_version,
-    };
-    let mut stream = c.get_checkpoint(with_admin(&cred, GetCheckpointRequest { version })?).await.map_err(status_err)?.into_inner();
-    let mut asm = spa_proto::tensor::TensorAssembler::new(spa_proto::limits::MAX_TENSOR_BYTES);
-    while let Some(chunk) = stream.message().await.map_err(status_err)? {
-        asm.push(chunk)?;
-    }
-    let mut set = spa_model::side::ParamSet::default();
-    for (name, t) in asm.finish()? {
-        let values = t.to_f32(&name)?;
-        set.tensors.insert(name, spa_model::side::NamedTensor { shape: t.shape.iter().map(|&d| d as usize).collect(), values });
-    }
-    std::fs::write(&out, set.to_safetensors()).with_context(|| format!("writing {}", out.display()))?;
-    if json {
-        print_json(&Exported { version, tensors: set.tensors.len(), parameters: set.numel(), out: out.clone() })?;
-    } else {
-        println!("global version {version}: {} tensors, {} parameters -> {}", set.tensors.len(), set.numel(), out.display());
     }
     Ok(())
 }

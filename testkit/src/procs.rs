@@ -1,13 +1,13 @@
 //! Real processes on loopback for end-to-end tests: a `spa-coordinator serve` process with
 //! its admin CLI, and device homes with one `spa-client run` agent process each. Shared by
-//! client/tests/rounds.rs and tests/faults.rs (each uses a part of it).
-#![allow(dead_code)]
+//! client/tests/rounds.rs, tests/faults.rs and tests/load.rs.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use spa_coordinator::config::CoordinatorConfig;
 use spa_model::side::ParamSet;
 
 /// A binary of the same build (`cargo test --workspace` builds them all next to `deps/`).
@@ -34,22 +34,21 @@ pub struct Coordinator {
 impl Coordinator {
     pub fn init(dir: &Path, grace_secs: u64) -> Self {
         let home = dir.join("coord");
-        super::init_loopback_home(&home);
-        let p = home.join("coordinator.toml");
-        let text = std::fs::read_to_string(&p)
-            .unwrap()
-            .replace("online_secs = 15", "online_secs = 5")
-            .replace("selection_grace_secs = 2", &format!("selection_grace_secs = {grace_secs}"))
-            .replace("phase_timeout_secs = 60", "phase_timeout_secs = 20")
-            .replace("metrics_listen = \"\"", "metrics_listen = \"127.0.0.1:0\"");
-        std::fs::write(&p, text).unwrap();
+        crate::init_loopback_home(&home);
+        let mut cfg = CoordinatorConfig::load(&home).unwrap();
+        cfg.rounds.online_secs = 5;
+        cfg.rounds.selection_grace_secs = grace_secs;
+        cfg.rounds.phase_timeout_secs = 20;
+        cfg.server.metrics_listen = "127.0.0.1:0".into();
+        cfg.save(&home).unwrap();
         Self { home, child: None, url: String::new() }
     }
 
-    /// Rewrites coordinator.toml (before [`Self::start`]).
-    pub fn edit_config(&self, edit: impl Fn(String) -> String) {
-        let p = self.home.join("coordinator.toml");
-        std::fs::write(&p, edit(std::fs::read_to_string(&p).unwrap())).unwrap();
+    /// Changes coordinator.toml (before [`Self::start`]).
+    pub fn edit_config(&self, edit: impl FnOnce(&mut CoordinatorConfig)) {
+        let mut cfg = CoordinatorConfig::load(&self.home).unwrap();
+        edit(&mut cfg);
+        cfg.save(&self.home).unwrap();
     }
 
     /// Starts `serve`; with `crash_at`, the process aborts right after that round state is durable.

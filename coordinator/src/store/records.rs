@@ -4,9 +4,12 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use spa_aggregation::strategy::StrategyConfig;
+use spa_aggregation::strategy::{StrategyConfig, StrategyName};
 
-use super::RoundError;
+/// Why a plan was refused (the field and its bounds).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidPlan(pub String);
 
 /// What an operator asked for (`round start`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -18,7 +21,8 @@ pub struct RoundPlan {
     pub deadline_secs: u32,
     pub local_epochs: u32,
     pub lr: f64,
-    pub strategy: String,
+    pub strategy: StrategyName,
+    /// FedProx's μ (0 for the other strategies: what devices are sent).
     pub prox_mu: f64,
     /// Distributed discrete Gaussian DP: L2 clip of each update (0 = off) and the noise
     /// multiplier z (central sigma = z * clip, split over `min_clients` devices).
@@ -29,9 +33,9 @@ pub struct RoundPlan {
 }
 
 impl RoundPlan {
-    /// Checks every field; the strategy must parse.
-    pub fn validate(&self) -> Result<StrategyConfig, RoundError> {
-        let bad = |m: &str| Err(RoundError::InvalidPlan(m.into()));
+    /// Checks every field; the strategy's parameters must be valid.
+    pub fn validate(&self) -> Result<StrategyConfig, InvalidPlan> {
+        let bad = |m: &str| Err(InvalidPlan(m.into()));
         if self.rounds == 0 || self.rounds > 10_000 {
             return bad("rounds must be in 1..=10000");
         }
@@ -61,7 +65,7 @@ impl RoundPlan {
         if self.dp_l2_clip == 0.0 && self.dp_noise_multiplier > 0.0 {
             return bad("dp noise needs a dp clip > 0");
         }
-        StrategyConfig::from_name(&self.strategy, self.prox_mu as f32).map_err(|e| RoundError::InvalidPlan(e.to_string()))
+        self.strategy.config(self.prox_mu as f32).map_err(|e| InvalidPlan(e.to_string()))
     }
 }
 

@@ -1,0 +1,284 @@
+//! Devices and their enrollment: one-time tokens (kept as hashes), device records, the keys
+//! ever used (never accepted twice), last-call times, and the nonces of signed calls.
+use serde::{Deserialize, Serialize};
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+
+use super::{Result, Store, StoreError, dec, enc};
+
+const CLOCK_MARK_KEY: &[u8] = b"clock_mark";
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    pub device_id: String,
+    pub name: String,
+    pub public_key_hex: String,
+    pub enrolled_at_ms: u64,
+    pub token_id: String,
+    pub revoked: bool,
+    #[serde(default)]
+    pub revoked_at_ms: Option<u64>,
+    /// When its key was last replaced (`RotateKey`); the id stays that of the first key.
+    #[serde(default)]
+    pub key_rotated_at_ms: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub token_id: String,
+    pub created_at_ms: u64,
+    pub expires_at_ms: u64,
+    pub note: String,
+    #[serde(default)]
+    pub used_by: Option<String>,
+    #[serde(default)]
+    pub revoked_at_ms: Option<u64>,
+}
+
+/// The device id of a public key: `dev-` and the first 16 hex digits of its SHA-256.
+pub fn device_id_of(public_key: &[u8]) -> String {
+    format!("dev-{}", &hex::encode(spa_proto::auth::sha256(public_key))[..16])
+}
+
+/// What the store keeps of a token: its SHA-256, never the token.
+pub fn token_hash(token: &str) -> [u8; 32] {
+    spa_proto::auth::sha256(token.as_bytes())
+}
+
+impl Store {
+    /// Stores a new token's hash; durable on return.
+    pub fn add_token(&self, hash: &[u8; 32], rec: &TokenRecord) -> Result<()> {
+        let t = self.t()?;
+        t.tokens.insert(hash, enc(rec))?;
+        self.log("token.create", format!("{} expires {}", rec.token_id, rec.expires_at_ms))?;
+        self.flush()
+    }
+
+    pub fn tokens(&self) -> Result<Vec<TokenRecord>> {
+        let t = self.t()?;
+        t.tokens.iter().values().map(|v| dec(&v?)).collect()
+    }
+
+    /// Consumes a token and records the device, atomically; durable on return.
+    pub fn enroll(&self, hash: &[u8; 32], public_key: &[u8], name: &str, now_ms: u64) -> Result<DeviceRecord> {
+        let t = self.t()?;
+        let device_id = device_id_of(public_key);
+        let key_hash = spa_proto::auth::sha256(public_key);
+        let res = (&t.tokens, &t.devices, &t.keys).transaction(|(tokens, devices, keys)| {
+            let abort = |e| Err(ConflictableTransactionError::Abort(e));
+            let Some(raw) = tokens.get(hash)? else {
+                return abort(StoreError::UnknownToken);
+            };
+            let mut tok: TokenRecord = match dec(&raw) {
+                Ok(t) => t,
+                Err(e) => return abort(e),
+            };
+            if tok.used_by.is_some() {
+                return abort(StoreError::TokenUsed);
+            }
+            if tok.revoked_at_ms.is_some() {
+                return abort(StoreError::TokenRevoked);
+            }
+            if tok.expires_at_ms <= now_ms {
+                return abort(StoreError::TokenExpired);
+            }
+            if devices.get(device_id.as_bytes())?.is_some() {
+                return abort(StoreError::KeyEnrolled(device_id.clone()));
+            }
+            if let Some(owner) = keys.get(key_hash)? {
+                return abort(StoreError::KeyEnrolled(String::from_utf8_lossy(&owner).into_owned()));
+            }
+            tok.used_by = Some(device_id.clone());
+            let rec = DeviceRecord {
+                device_id: device_id.clone(),
+                name: name.into(),
+                public_key_hex: hex::encode(public_key),
+                enrolled_at_ms: now_ms,
+                token_id: tok.token_id.clone(),
+                revoked: false,
+                revoked_at_ms: None,
+                key_rotated_at_ms: None,
+            };
+            tokens.insert(&hash[..], enc(&tok))?;
+            devices.insert(device_id.as_bytes(), enc(&rec))?;
+            keys.insert(&key_hash[..], device_id.as_bytes())?;
+            Ok(rec)
+        });
+        let rec = match res {
+            Ok(r) => r,
+            Err(TransactionError::Abort(e)) => return Err(e),
+            Err(TransactionError::Storage(e)) => return Err(e.into()),
+        };
+        self.log("device.enroll", format!("{} ({}) with token {}", rec.device_id, rec.name, rec.token_id))?;
+        self.flush()?;
+        Ok(rec)
+    }
+
+    /// Replaces an active device's public key (the caller checked the old key's signature and
+    /// the new key's proof) if it is still `signed_with`, the key that call was signed with: a
+    /// compare-and-swap, so of two rotations signed by the same key one wins and the other is
+    /// refused with its new key left unused. Refused if any device ever used the new key.
+    /// Durable on return.
+    pub fn rotate_key(&self, id: &str, signed_with: &str, new_key: &[u8], now_ms: u64) -> Result<DeviceRecord> {
+        let t = self.t()?;
+        let new_hash = spa_proto::auth::sha256(new_key);
+        let res = (&t.devices, &t.keys).transaction(|(devices, keys)| {
+            let abort = |e| Err(ConflictableTransactionError::Abort(e));
+            let Some(raw) = devices.get(id.as_bytes())? else {
+                return abort(StoreError::UnknownDevice(id.into()));
+            };
+            let mut rec: DeviceRecord = match dec(&raw) {
+                Ok(r) => r,
+                Err(e) => return abort(e),
+            };
+            if rec.revoked {
+                return abort(StoreError::DeviceRevoked(id.into()));
+            }
+            if rec.public_key_hex != signed_with {
+                return abort(StoreError::KeyChanged(id.into()));
+            }
+            let new_id = device_id_of(new_key);
+            if let Some(owner) = keys.get(new_hash)? {
+                return abort(StoreError::KeyEnrolled(String::from_utf8_lossy(&owner).into_owned()));
+            }
+            if devices.get(new_id.as_bytes())?.is_some() {
+                return abort(StoreError::KeyEnrolled(new_id));
+            }
+            // Stores from before the keys tree: the old key is recorded as used here too.
+            let old = hex::decode(&rec.public_key_hex).unwrap_or_default();
+            keys.insert(&spa_proto::auth::sha256(&old)[..], id.as_bytes())?;
+            keys.insert(&new_hash[..], id.as_bytes())?;
+            rec.public_key_hex = hex::encode(new_key);
+            rec.key_rotated_at_ms = Some(now_ms);
+            devices.insert(id.as_bytes(), enc(&rec))?;
+            Ok(rec)
+        });
+        let rec = match res {
+            Ok(r) => r,
+            Err(TransactionError::Abort(e)) => return Err(e),
+            Err(TransactionError::Storage(e)) => return Err(e.into()),
+        };
+        self.log("device.rotate_key", id)?;
+        self.flush()?;
+        Ok(rec)
+    }
+
+    /// Revokes an unused enrollment token by its id; returns whether it was still usable.
+    /// Durable on return.
+    pub fn revoke_token(&self, token_id: &str, now_ms: u64) -> Result<bool> {
+        let t = self.t()?;
+        for kv in t.tokens.iter() {
+            let (k, v) = kv?;
+            let mut rec: TokenRecord = dec(&v)?;
+            if rec.token_id != token_id {
+                continue;
+            }
+            let was_usable = rec.used_by.is_none() && rec.revoked_at_ms.is_none() && rec.expires_at_ms > now_ms;
+            if rec.revoked_at_ms.is_none() {
+                rec.revoked_at_ms = Some(now_ms);
+                t.tokens.insert(k, enc(&rec))?;
+                self.log("token.revoke", token_id)?;
+                self.flush()?;
+            }
+            return Ok(was_usable);
+        }
+        Err(StoreError::UnknownTokenId(token_id.into()))
+    }
+
+    pub fn device(&self, id: &str) -> Result<Option<DeviceRecord>> {
+        let t = self.t()?;
+        t.devices.get(id.as_bytes())?.map(|v| dec(&v)).transpose()
+    }
+
+    pub fn devices(&self) -> Result<Vec<DeviceRecord>> {
+        let t = self.t()?;
+        t.devices.iter().values().map(|v| dec(&v?)).collect()
+    }
+
+    /// Marks a device revoked; durable on return. Returns whether it was active.
+    pub fn revoke(&self, id: &str, now_ms: u64) -> Result<bool> {
+        let t = self.t()?;
+        let Some(mut rec) = self.device(id)? else {
+            return Err(StoreError::UnknownDevice(id.into()));
+        };
+        let was_active = !rec.revoked;
+        if was_active {
+            rec.revoked = true;
+            rec.revoked_at_ms = Some(now_ms);
+            t.devices.insert(id.as_bytes(), enc(&rec))?;
+            self.log("device.revoke", id)?;
+            self.flush()?;
+        }
+        Ok(was_active)
+    }
+
+    /// Last call time of a device: kept in memory and written at the next [`Store::flush`]
+    /// (the server's 2 s tick, or any acknowledged change); best effort, not acknowledged state.
+    pub fn touch(&self, id: &str, now_ms: u64) {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_string(), now_ms);
+    }
+
+    pub fn last_seen(&self, id: &str) -> Result<u64> {
+        if let Some(ms) = self.seen.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
+            return Ok(*ms);
+        }
+        let t = self.t()?;
+        Ok(t.last_seen.get(id.as_bytes())?.map_or(0, |v| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&v[..8.min(v.len())]);
+            u64::from_be_bytes(b)
+        }))
+    }
+
+    /// Persists the nonce of a call dated after its acceptance, so a restart does not reopen
+    /// the replay window (calls dated before the restart are refused whole). Key: ts | device | nonce.
+    pub fn record_nonce(&self, device: &str, nonce: &str, ts_ms: u64) -> Result<()> {
+        let t = self.t()?;
+        let mut k = ts_ms.to_be_bytes().to_vec();
+        k.extend_from_slice(format!("{device}\0{nonce}").as_bytes());
+        t.nonces.insert(k, Vec::<u8>::new())?;
+        Ok(())
+    }
+
+    /// The time of the server's last tick: after a restart, calls dated before it are refused
+    /// even if the clock went back meanwhile.
+    pub fn set_clock_mark(&self, now_ms: u64) -> Result<()> {
+        self.t()?.meta.insert(CLOCK_MARK_KEY, &now_ms.to_be_bytes()[..])?;
+        Ok(())
+    }
+
+    pub fn clock_mark(&self) -> Result<u64> {
+        let v = self.t()?.meta.get(CLOCK_MARK_KEY)?;
+        Ok(v.and_then(|v| <[u8; 8]>::try_from(&v[..]).ok()).map_or(0, u64::from_be_bytes))
+    }
+
+    /// Nonces with a timestamp at or after `since_ms`: (device, nonce, ts).
+    pub fn nonces_since(&self, since_ms: u64) -> Result<Vec<(String, String, u64)>> {
+        let t = self.t()?;
+        let mut out = Vec::new();
+        for kv in t.nonces.range(since_ms.to_be_bytes()..) {
+            let (k, _) = kv?;
+            if k.len() < 8 {
+                continue;
+            }
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&k[..8]);
+            let rest = String::from_utf8_lossy(&k[8..]).into_owned();
+            if let Some((d, n)) = rest.split_once('\0') {
+                out.push((d.to_string(), n.to_string(), u64::from_be_bytes(b)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Drops nonces older than `before_ms` (they fail the clock check anyway).
+    pub fn prune_nonces(&self, before_ms: u64) -> Result<usize> {
+        let t = self.t()?;
+        let mut n = 0;
+        for kv in t.nonces.range(..before_ms.to_be_bytes()) {
+            t.nonces.remove(kv?.0)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+}

@@ -1,0 +1,160 @@
+//! What the round loop keeps: global checkpoints by version, runs, rounds, and the server
+//! optimizer's state; a commit writes checkpoint, round and optimizer in one transaction.
+use sled::Transactional;
+use sled::transaction::ConflictableTransactionError;
+use spa_aggregation::strategy::ServerOptimizer;
+
+use super::records::{RoundRecord, RunRecord};
+use super::{Result, Store, StoreError, dec, enc, tx_err};
+
+impl Store {
+    /// Commits a global checkpoint (safetensors bytes of the shared parameters); durable on
+    /// return. Versions are never overwritten.
+    pub fn put_checkpoint(&self, version: u64, bytes: &[u8]) -> Result<bool> {
+        let t = self.t()?;
+        let fresh = t.checkpoints.compare_and_swap(version.to_be_bytes(), None as Option<&[u8]>, Some(bytes))?.is_ok();
+        if fresh {
+            self.log("checkpoint.commit", format!("version {version}, {} bytes", bytes.len()))?;
+            self.flush()?;
+        }
+        Ok(fresh)
+    }
+
+    pub fn checkpoint(&self, version: u64) -> Result<Option<Vec<u8>>> {
+        let t = self.t()?;
+        Ok(t.checkpoints.get(version.to_be_bytes())?.map(|v| v.to_vec()))
+    }
+
+    /// Deletes every version but the newest `keep` (0 keeps all); returns how many went.
+    pub fn prune_checkpoints(&self, keep: u64) -> Result<usize> {
+        let Some(latest) = self.latest_checkpoint_version()? else { return Ok(0) };
+        if keep == 0 || latest < keep {
+            return Ok(0);
+        }
+        let t = self.t()?;
+        let mut n = 0;
+        for kv in t.checkpoints.range(..(latest + 1 - keep).to_be_bytes()) {
+            t.checkpoints.remove(kv?.0)?;
+            n += 1;
+        }
+        if n > 0 {
+            self.log("checkpoint.prune", format!("{n} versions before {}", latest + 1 - keep))?;
+        }
+        Ok(n)
+    }
+
+    pub fn latest_checkpoint_version(&self) -> Result<Option<u64>> {
+        let t = self.t()?;
+        Ok(t.checkpoints.last()?.map(|(k, _)| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&k[..8]);
+            u64::from_be_bytes(b)
+        }))
+    }
+}
+
+const OPTIMIZER_KEY: &[u8] = b"optimizer";
+
+fn last_id(tree: &sled::Tree) -> Result<u64> {
+    Ok(tree
+        .last()?
+        .map(|(k, _)| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&k[..8]);
+            u64::from_be_bytes(b)
+        })
+        .unwrap_or(0))
+}
+
+impl Store {
+    pub fn next_run_id(&self) -> Result<u64> {
+        let t = self.t()?;
+        Ok(last_id(&t.runs)? + 1)
+    }
+
+    pub fn next_round_id(&self) -> Result<u64> {
+        let t = self.t()?;
+        Ok(last_id(&t.rounds)? + 1)
+    }
+
+    pub fn put_run(&self, run: &RunRecord) -> Result<()> {
+        let t = self.t()?;
+        t.runs.insert(run.run_id.to_be_bytes(), enc(run))?;
+        self.flush()
+    }
+
+    pub fn runs(&self) -> Result<Vec<RunRecord>> {
+        let t = self.t()?;
+        t.runs.iter().values().map(|v| dec(&v?)).collect()
+    }
+
+    pub fn put_round(&self, round: &RoundRecord) -> Result<()> {
+        let t = self.t()?;
+        t.rounds.insert(round.round_id.to_be_bytes(), enc(round))?;
+        self.flush()
+    }
+
+    /// A run's progress and its new round, together (a crash never leaves one without the other).
+    pub fn start_round(&self, run: &RunRecord, round: &RoundRecord) -> Result<()> {
+        let t = self.t()?;
+        (&t.runs, &t.rounds)
+            .transaction(|(runs, rounds)| {
+                runs.insert(&run.run_id.to_be_bytes(), enc(run))?;
+                rounds.insert(&round.round_id.to_be_bytes(), enc(round))?;
+                Ok::<_, ConflictableTransactionError<StoreError>>(())
+            })
+            .map_err(tx_err)?;
+        self.flush()
+    }
+
+    pub fn round(&self, id: u64) -> Result<Option<RoundRecord>> {
+        let t = self.t()?;
+        t.rounds.get(id.to_be_bytes())?.map(|v| dec(&v)).transpose()
+    }
+
+    /// The newest `limit` rounds with ids below `before` (None: any), oldest first.
+    pub fn rounds_before(&self, before: Option<u64>, limit: usize) -> Result<Vec<RoundRecord>> {
+        let t = self.t()?;
+        let it = match before {
+            Some(b) => t.rounds.range(..b.to_be_bytes()),
+            None => t.rounds.range::<&[u8], _>(..),
+        };
+        let mut out = it.rev().take(limit).map(|kv| dec(&kv?.1)).collect::<Result<Vec<_>>>()?;
+        out.reverse();
+        Ok(out)
+    }
+
+    pub fn latest_round(&self) -> Result<Option<RoundRecord>> {
+        let t = self.t()?;
+        t.rounds.last()?.map(|(_, v)| dec(&v)).transpose()
+    }
+
+    pub fn rounds(&self) -> Result<Vec<RoundRecord>> {
+        let t = self.t()?;
+        t.rounds.iter().values().map(|v| dec(&v?)).collect()
+    }
+
+    /// Commits a round: the new global checkpoint, the round's record and the server
+    /// optimizer's state in one transaction, durable on return. A version is never overwritten.
+    pub fn commit_round(&self, version: u64, checkpoint: &[u8], round: &RoundRecord, optimizer: &ServerOptimizer) -> Result<()> {
+        let t = self.t()?;
+        (&t.checkpoints, &t.rounds, &t.meta)
+            .transaction(|(ck, rounds, meta)| {
+                if ck.get(version.to_be_bytes())?.is_some() {
+                    return Err(ConflictableTransactionError::Abort(StoreError::VersionExists(version)));
+                }
+                ck.insert(&version.to_be_bytes(), checkpoint)?;
+                rounds.insert(&round.round_id.to_be_bytes(), enc(round))?;
+                meta.insert(OPTIMIZER_KEY, enc(optimizer))?;
+                Ok(())
+            })
+            .map_err(tx_err)?;
+        self.log("checkpoint.commit", format!("version {version} by round {}, {} bytes", round.round_id, checkpoint.len()))?;
+        self.flush()
+    }
+
+    pub fn optimizer(&self) -> Result<Option<ServerOptimizer>> {
+        let t = self.t()?;
+        t.meta.get(OPTIMIZER_KEY)?.map(|v| dec(&v)).transpose()
+    }
+}

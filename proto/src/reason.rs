@@ -1,0 +1,62 @@
+//! Why the coordinator refused a call, in a form a client acts on: a google.rpc.ErrorInfo
+//! (domain `spa`) in the status details, beside the human message. Clients match on
+//! [`Reason`], never on the message's words.
+use std::collections::HashMap;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// The ErrorInfo domain of SPA's reasons.
+pub const DOMAIN: &str = "spa";
+
+/// A refusal a client handles differently from "retry later".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// The device was revoked: no retry helps, the agent stops.
+    DeviceRevoked,
+    /// The coordinator cannot project this device's inputs (its global version is not kept,
+    /// or the device's down-projections differ from it): ask for taps instead.
+    DownProjectionsUnavailable,
+}
+
+impl Reason {
+    const ALL: [Reason; 2] = [Reason::DeviceRevoked, Reason::DownProjectionsUnavailable];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::DeviceRevoked => "DEVICE_REVOKED",
+            Reason::DownProjectionsUnavailable => "DOWN_PROJECTIONS_UNAVAILABLE",
+        }
+    }
+
+    /// A status of `code` and `message` that carries this reason.
+    pub fn status(self, code: Code, message: impl Into<String>) -> Status {
+        Status::with_error_details(code, message, ErrorDetails::with_error_info(self.as_str(), DOMAIN, HashMap::new()))
+    }
+
+    /// The reason `status` carries, if it carries one of ours.
+    pub fn of(status: &Status) -> Option<Reason> {
+        let info = status.get_error_details().error_info().cloned()?;
+        if info.domain != DOMAIN {
+            return None;
+        }
+        Self::ALL.into_iter().find(|r| r.as_str() == info.reason)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reason_survives_the_status_and_words_do_not_make_one() {
+        for r in Reason::ALL {
+            let st = r.status(Code::PermissionDenied, "anything");
+            assert_eq!(Reason::of(&st), Some(r));
+            assert_eq!(st.message(), "anything");
+        }
+        assert_eq!(Reason::of(&Status::permission_denied("device 'x' is revoked")), None);
+        let foreign = Status::with_error_details(Code::PermissionDenied, "m", ErrorDetails::with_error_info("DEVICE_REVOKED", "other", HashMap::new()));
+        assert_eq!(Reason::of(&foreign), None);
+    }
+}
