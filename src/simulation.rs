@@ -13,8 +13,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use rand_chacha::ChaCha20Rng;
-use rand_core::SeedableRng;
+use rand_core::{RngCore, SeedableRng};
 use serde::Serialize;
+use spa_aggregation::dp::DpParams;
 use spa_aggregation::sim::{Stage, default_chunk, run};
 use spa_aggregation::strategy::{ServerOptimizer, StrategyConfig};
 use spa_aggregation::{Encoding, SecAggError, SessionConfig};
@@ -54,6 +55,17 @@ pub struct SimConfig {
     pub cohort: Option<usize>,
     /// Devices evaluated after each round (the first ones of the bank); 0: all.
     pub eval_devices: usize,
+    /// Distributed DP as the coordinator runs it (`round start --dp-clip --dp-noise`): each
+    /// update L2-clipped and noised on the device, unweighted; None: quantized, weighted.
+    pub dp: Option<SimDp>,
+}
+
+/// Distributed discrete Gaussian DP of a simulated round.
+#[derive(Clone, Copy, Debug)]
+pub struct SimDp {
+    pub l2_clip: f32,
+    /// z: central sigma = z * l2_clip, split over the cohort.
+    pub noise_multiplier: f32,
 }
 
 /// One device: its name, weight in the aggregate (train examples) and private layers; its
@@ -224,7 +236,8 @@ pub struct RoundReport {
     pub cohort: usize,
     pub contributors: usize,
     pub shared_params: usize,
-    /// Max |secure aggregate - plaintext weighted mean| over coordinates (quantization error).
+    /// Max |secure aggregate - plaintext mean| over coordinates: the quantization error, and
+    /// with DP the noise too.
     pub max_abs_error_vs_plaintext: f32,
     /// Test metrics averaged over all devices (global shared part + each device's private part).
     pub mean: EvalMetrics,
@@ -301,6 +314,11 @@ impl<'a> Simulation<'a> {
         let n = bank.len();
         if n < 2 {
             return Err(SimError::Invalid("a federation needs at least 2 devices".into()));
+        }
+        if let Some(dp) = config.dp
+            && !(dp.l2_clip.is_finite() && dp.l2_clip > 0.0 && dp.noise_multiplier.is_finite() && (0.0..=1e6).contains(&dp.noise_multiplier))
+        {
+            return Err(SimError::Invalid(format!("dp clip {} must be > 0 and noise {} in 0..=1e6", dp.l2_clip, dp.noise_multiplier)));
         }
         if !(0.0..0.5).contains(&config.dropout) {
             return Err(SimError::Invalid(format!("dropout {} must be in [0, 0.5)", config.dropout)));
@@ -408,8 +426,13 @@ impl<'a> Simulation<'a> {
             return Err(SimError::Invalid("unexpected default encoding".into()));
         };
         session.encoding = Encoding::SignedTwosComplement { quant_bits, clip: self.config.clip, w_max };
-        session.validate()?;
         let mut rng = ChaCha20Rng::seed_from_u64(self.config.seed ^ (round as u64).wrapping_mul(0x9E37_79B9));
+        if let Some(dp) = self.config.dp {
+            let mut rotation_seed = [0u8; 32];
+            rng.fill_bytes(&mut rotation_seed);
+            session.use_dp(DpParams::for_round(m, dp.l2_clip, dp.noise_multiplier, n as u32, rotation_seed)?);
+        }
+        session.validate()?;
         let mut inputs = Vec::with_capacity(n);
         let mut weights = Vec::with_capacity(n);
         for (d, &i) in deltas.iter().zip(&cohort) {
@@ -424,15 +447,20 @@ impl<'a> Simulation<'a> {
         let out = run(&session, &ids, &inputs, |id| dropped.contains(&id).then_some(Stage::MaskedInput), default_chunk(), rng_seed(&mut rng));
         let agg = out.result?;
         let (mean_delta, _total_w) = session.decode_mean(&agg.sum, agg.contributors.len())?;
-        // The plaintext mean of the same contributors, to report the encoding error.
+        // The plaintext mean of the same contributors, clipped as the encoding clips them
+        // (per coordinate, or in L2 under DP), to report what the encoding (and DP) costs.
         let mut plain = vec![0.0f64; m];
         let mut wsum = 0.0f64;
         for &id in &agg.contributors {
             let k = id as usize - 1;
             let w = weights[k] as f64;
             wsum += w;
+            let l2 = deltas[k].iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
             for (p, d) in plain.iter_mut().zip(&deltas[k]) {
-                *p += w * d.clamp(-self.config.clip, self.config.clip) as f64;
+                *p += w * match self.config.dp {
+                    Some(dp) => *d as f64 * (dp.l2_clip as f64 / l2).min(1.0),
+                    None => d.clamp(-self.config.clip, self.config.clip) as f64,
+                };
             }
         }
         let err = plain.iter().zip(&mean_delta).map(|(p, s)| ((p / wsum) as f32 - s).abs()).fold(0.0, f32::max);

@@ -71,6 +71,41 @@ fn simulated_rounds_aggregate_securely_and_personalize() {
     assert!(stdout.contains("federated side:"), "{stdout}");
 }
 
+/// Distributed DP in the simulation, as the coordinator's rounds run it: without noise the
+/// aggregate is the mean of the L2-clipped updates up to rounding; with noise it is not.
+#[test]
+fn simulated_rounds_with_distributed_dp() {
+    let err = |z: &str| {
+        let args = [
+            "simulate",
+            "--devices",
+            "5",
+            "--examples",
+            "25",
+            "--rounds",
+            "1",
+            "--local-epochs",
+            "1",
+            "--show",
+            "0",
+            "--dp-clip",
+            "0.5",
+            "--dp-noise",
+            z,
+            "--json",
+        ];
+        let out = spa(&args);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        let r: serde_json::Value = serde_json::from_str(stdout.lines().find(|l| l.starts_with('{')).unwrap()).unwrap();
+        assert_eq!(r["contributors"], 4, "{r}");
+        r["max_abs_error_vs_plaintext"].as_f64().unwrap()
+    };
+    let (exact, noisy) = (err("0"), err("1"));
+    assert!(exact < 1e-3, "{exact}");
+    assert!(noisy > 10.0 * exact, "{noisy} vs {exact}");
+}
+
 /// `spa args` exits non-zero and says `needle` on stderr.
 fn fails_with(args: &[&str], needle: &str) {
     let out = spa(args);
@@ -88,4 +123,6 @@ fn bad_arguments_fail_clearly() {
     fails_with(&["simulate", "--devices", "1"], "at least 2");
     fails_with(&["simulate", "--strategy", "fedsgd"], "fedsgd");
     fails_with(&["simulate", "--lr", "nan"], "invalid training settings");
+    fails_with(&["simulate", "--dp-noise", "1"], "--dp-clip");
+    fails_with(&["simulate", "--dp-clip", "nan"], "dp clip");
 }

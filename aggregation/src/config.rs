@@ -131,6 +131,13 @@ impl SessionConfig {
         Ok(cfg)
     }
 
+    /// Switches the session to distributed DP: the DP encoding, and as many lanes as it pads
+    /// the update to.
+    pub fn use_dp(&mut self, dp: crate::dp::DpParams) {
+        self.m = dp.lanes() as u64;
+        self.encoding = Encoding::DistributedDiscreteGaussian(dp);
+    }
+
     /// The quantization of the signed two's-complement encoding (None for the DP encoding,
     /// whose lanes are decoded by [`crate::dp`]).
     pub fn quant_params(&self) -> Option<crate::quant::QuantParams> {

@@ -47,6 +47,15 @@ pub struct DpParams {
 }
 
 impl DpParams {
+    /// The parameters a round uses for an update of `dim` values, L2 clip `l2_clip` and noise
+    /// multiplier `z`, the noise split over `expected_clients`: 24-bit modular clipping, a
+    /// granularity of clip / 2^14 and conditional rounding at beta = e^-0.5. One definition
+    /// for the coordinator's rounds and the simulation.
+    pub fn for_round(dim: usize, l2_clip: f32, z: f32, expected_clients: u32, rotation_seed: [u8; 32]) -> Result<Self> {
+        let dim = u32::try_from(dim).map_err(|_| SecAggError::InvalidConfig(format!("{dim} parameters are too many for DP")))?;
+        Ok(Self { dim, l2_clip, gamma: l2_clip / 16384.0, noise_multiplier: z, expected_clients, bits: 24, beta: (-0.5f32).exp(), rotation_seed })
+    }
+
     /// Lanes on the wire: d = next power of two ≥ dim.
     pub fn lanes(&self) -> usize {
         (self.dim.max(1) as usize).next_power_of_two()

@@ -279,6 +279,7 @@ fn federate<'a>(ctx: &Context<'a>, arm: Arm, seed: u64, lr: f64, mu: f64) -> Res
     let cfg = ctx.cfg;
     let objective = if arm == Arm::SpaV1 { Objective::Gated } else { Objective::Side };
     let sim_cfg = SimConfig {
+        dp: None,
         rounds: cfg.rounds,
         side: SideConfig { seed, ..cfg.side.clone() },
         local: TrainConfig { prox_mu: mu, ..train_cfg(ctx, objective, lr, seed) },

@@ -212,9 +212,7 @@ fn open_session(rounds: &Rounds, rec: &mut RoundRecord, cohort: Vec<String>) -> 
     let quant_bits = session.quant_params().map(|q| q.bits).unwrap_or(16);
     session.encoding = Encoding::SignedTwosComplement { quant_bits, clip: rounds.cfg.clip, w_max: rounds.cfg.w_max };
     if rec.plan.dp_l2_clip > 0.0 {
-        let dp = dp_params(&rec.plan, dim, rec.round_id)?;
-        session.m = dp.lanes() as u64;
-        session.encoding = Encoding::DistributedDiscreteGaussian(dp);
+        session.use_dp(dp_params(&rec.plan, dim, rec.round_id)?);
     }
     session.deadlines.advertise_ms = rec.plan.deadline_secs as u64 * 1000;
     session.validate()?;
@@ -263,20 +261,11 @@ fn train_tasks(rec: &RoundRecord, session: &SessionConfig, strategy: &StrategyCo
 /// noise (z * 2^14 units per coordinate) hundreds of sigmas of headroom, and keep each device's
 /// share of the noise within the exact sampler's range; the rotation seed is public, per round.
 fn dp_params(plan: &super::RoundPlan, dim: usize, round_id: u64) -> Result<spa_aggregation::dp::DpParams, RoundError> {
-    let clip = plan.dp_l2_clip as f32;
     let mut rotation_seed = [0u8; 32];
     rotation_seed[..8].copy_from_slice(&round_id.to_le_bytes());
     rotation_seed[8..16].copy_from_slice(&now_ms().to_le_bytes());
-    Ok(spa_aggregation::dp::DpParams {
-        dim: u32::try_from(dim).map_err(|_| RoundError::InvalidPlan("too many parameters for DP".into()))?,
-        l2_clip: clip,
-        gamma: clip / 16384.0,
-        noise_multiplier: plan.dp_noise_multiplier as f32,
-        expected_clients: plan.min_clients,
-        bits: 24,
-        beta: (-0.5f32).exp(),
-        rotation_seed,
-    })
+    spa_aggregation::dp::DpParams::for_round(dim, plan.dp_l2_clip as f32, plan.dp_noise_multiplier as f32, plan.min_clients, rotation_seed)
+        .map_err(|e| RoundError::InvalidPlan(e.to_string()))
 }
 
 /// Moves the round to `state`, durably, before that phase's requests go out.
