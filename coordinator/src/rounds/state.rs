@@ -83,8 +83,7 @@ impl Rounds {
     pub fn start_run(&self, mut plan: RoundPlan) -> Result<u64, RoundError> {
         plan.validate()?;
         plan.prox_mu = plan.strategy.client_mu(plan.prox_mu);
-        let run = RunRecord { run_id: self.store.next_run_id()?, plan, created_ms: now_ms(), rounds_started: 0, state: RunState::Active };
-        self.store.put_run(&run)?;
+        let run = self.store.create_run(|run_id| RunRecord { run_id, plan: plan.clone(), created_ms: now_ms(), rounds_started: 0, state: RunState::Active })?;
         self.store.log("run.start", format!("run {} ({} rounds)", run.run_id, run.plan.rounds))?;
         self.wake.notify_one();
         Ok(run.run_id)

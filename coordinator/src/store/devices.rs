@@ -167,22 +167,28 @@ impl Store {
     /// Durable on return.
     pub fn revoke_token(&self, token_id: &str, now_ms: u64) -> Result<bool> {
         let t = self.t()?;
-        for kv in t.tokens.iter() {
-            let (k, v) = kv?;
-            let mut rec: TokenRecord = dec(&v)?;
-            if rec.token_id != token_id {
-                continue;
+        'retry: loop {
+            for kv in t.tokens.iter() {
+                let (k, v) = kv?;
+                let mut rec: TokenRecord = dec(&v)?;
+                if rec.token_id != token_id {
+                    continue;
+                }
+                let was_usable = rec.used_by.is_none() && rec.revoked_at_ms.is_none() && rec.expires_at_ms > now_ms;
+                if rec.revoked_at_ms.is_none() {
+                    rec.revoked_at_ms = Some(now_ms);
+                    // Against the record as read: an enrollment that used the token meanwhile
+                    // is kept (read again), not overwritten.
+                    if t.tokens.compare_and_swap(&k, Some(&v), Some(enc(&rec)))?.is_err() {
+                        continue 'retry;
+                    }
+                    self.log("token.revoke", token_id)?;
+                    self.flush()?;
+                }
+                return Ok(was_usable);
             }
-            let was_usable = rec.used_by.is_none() && rec.revoked_at_ms.is_none() && rec.expires_at_ms > now_ms;
-            if rec.revoked_at_ms.is_none() {
-                rec.revoked_at_ms = Some(now_ms);
-                t.tokens.insert(k, enc(&rec))?;
-                self.log("token.revoke", token_id)?;
-                self.flush()?;
-            }
-            return Ok(was_usable);
+            return Err(StoreError::UnknownTokenId(token_id.into()));
         }
-        Err(StoreError::UnknownTokenId(token_id.into()))
     }
 
     pub fn device(&self, id: &str) -> Result<Option<DeviceRecord>> {
@@ -198,18 +204,23 @@ impl Store {
     /// Marks a device revoked; durable on return. Returns whether it was active.
     pub fn revoke(&self, id: &str, now_ms: u64) -> Result<bool> {
         let t = self.t()?;
-        let Some(mut rec) = self.device(id)? else {
-            return Err(StoreError::UnknownDevice(id.into()));
-        };
-        let was_active = !rec.revoked;
-        if was_active {
+        loop {
+            let Some(raw) = t.devices.get(id.as_bytes())? else {
+                return Err(StoreError::UnknownDevice(id.into()));
+            };
+            let mut rec: DeviceRecord = dec(&raw)?;
+            if rec.revoked {
+                return Ok(false);
+            }
             rec.revoked = true;
             rec.revoked_at_ms = Some(now_ms);
-            t.devices.insert(id.as_bytes(), enc(&rec))?;
-            self.log("device.revoke", id)?;
-            self.flush()?;
+            // Against the record as read: a key rotated meanwhile is kept (read again).
+            if t.devices.compare_and_swap(id.as_bytes(), Some(&raw), Some(enc(&rec)))?.is_ok() {
+                self.log("device.revoke", id)?;
+                self.flush()?;
+                return Ok(true);
+            }
         }
-        Ok(was_active)
     }
 
     /// Last call time of a device: kept in memory and written at the next [`Store::flush`]

@@ -67,9 +67,18 @@ fn last_id(tree: &sled::Tree) -> Result<u64> {
 }
 
 impl Store {
-    pub fn next_run_id(&self) -> Result<u64> {
+    /// Stores a new run under the next free id (`make` builds it for that id); durable on
+    /// return. The insert is a compare-and-swap on an empty key, so two concurrent calls never
+    /// share an id (the second takes the next one).
+    pub fn create_run(&self, make: impl Fn(u64) -> RunRecord) -> Result<RunRecord> {
         let t = self.t()?;
-        Ok(last_id(&t.runs)? + 1)
+        loop {
+            let run = make(last_id(&t.runs)? + 1);
+            if t.runs.compare_and_swap(run.run_id.to_be_bytes(), None as Option<&[u8]>, Some(enc(&run)))?.is_ok() {
+                self.flush()?;
+                return Ok(run);
+            }
+        }
     }
 
     pub fn next_round_id(&self) -> Result<u64> {
