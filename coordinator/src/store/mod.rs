@@ -274,6 +274,58 @@ mod tests {
         assert!(s.events().unwrap().iter().any(|e| e.kind == "device.revoke"));
     }
 
+    /// The rounds domain: runs and rounds by id, a commit (checkpoint, round, optimizer) as
+    /// one transaction that never overwrites a version, and all of it after a reopen.
+    #[test]
+    fn rounds_commit_as_one_and_read_back_in_order() {
+        use crate::store::records::{RoundPlan, RoundRecord, RoundState, RunRecord, RunState};
+        use spa_aggregation::strategy::{ServerOptimizer, StrategyName};
+        let dir = tempfile::tempdir().unwrap();
+        let plan = RoundPlan {
+            rounds: 3,
+            min_clients: 2,
+            max_clients: 2,
+            deadline_secs: 60,
+            local_epochs: 1,
+            lr: 0.01,
+            strategy: StrategyName::FedAdam,
+            prox_mu: 0.0,
+            dp_l2_clip: 0.0,
+            dp_noise_multiplier: 0.0,
+        };
+        let optimizer = ServerOptimizer::new(StrategyName::FedAdam.config(0.0).unwrap()).unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            let mut run = s.create_run(|run_id| RunRecord { run_id, plan: plan.clone(), created_ms: 0, rounds_started: 0, state: RunState::Active }).unwrap();
+            for id in 1..=3 {
+                run.rounds_started += 1;
+                let rec = RoundRecord::new(s.next_round_id().unwrap(), &run);
+                assert_eq!(rec.round_id, id);
+                s.start_round(&run, &rec).unwrap();
+            }
+            let mut rec = s.round(2).unwrap().unwrap();
+            (rec.state, rec.committed_version) = (RoundState::Committed, Some(1));
+            s.commit_round(1, b"v1", &rec, &optimizer).unwrap();
+            // A version is never overwritten, and a refused commit changes nothing.
+            let mut other = s.round(3).unwrap().unwrap();
+            other.state = RoundState::Committed;
+            assert!(matches!(s.commit_round(1, b"other", &other, &optimizer), Err(StoreError::VersionExists(1))));
+            assert_eq!(s.round(3).unwrap().unwrap().state, RoundState::Selecting);
+            s.flush().unwrap();
+        }
+        let s = reopen(dir.path());
+        assert_eq!(s.runs().unwrap()[0].rounds_started, 3);
+        assert_eq!(s.checkpoint(1).unwrap().unwrap(), b"v1");
+        assert_eq!(s.round(2).unwrap().unwrap().committed_version, Some(1));
+        let ids = |rs: Vec<RoundRecord>| rs.iter().map(|r| r.round_id).collect::<Vec<_>>();
+        assert_eq!(ids(s.rounds_before(Some(3), 1).unwrap()), [2]);
+        assert_eq!(ids(s.rounds_before(None, 2).unwrap()), [2, 3]);
+        assert_eq!(s.latest_round().unwrap().unwrap().round_id, 3);
+        let json = |o: &ServerOptimizer| serde_json::to_string(o).unwrap();
+        assert_eq!(json(&s.optimizer().unwrap().unwrap()), json(&optimizer));
+        assert!(s.events().unwrap().iter().any(|e| e.kind == "checkpoint.commit"));
+    }
+
     /// Concurrent writers of one record: run ids are never shared, a token revocation keeps
     /// the enrollment that used it meanwhile, a device revocation keeps a key rotated meanwhile.
     #[test]
