@@ -192,9 +192,9 @@ pub async fn federate(cfg: &QuickstartConfig, out: &mut dyn FnMut(Output)) -> an
     let tmp = tempfile::tempdir()?;
     let dir = cfg.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
     std::fs::create_dir_all(&dir)?;
-    let (server, model) = serve_coordinator(cfg, &dir.join("coordinator")).await?;
-    let url = format!("https://{}", server.addr);
     let coord = dir.join("coordinator");
+    let (server, model) = serve_coordinator(cfg, &coord).await?;
+    let url = format!("https://{}", server.addr);
     let (mut admin, cred) = admin_client(&Target { home: coord.clone(), coordinator: Some(url.clone()) }).await?;
     out(Output::Setup { coordinator: url.clone(), devices, dir: dir.display().to_string() });
     let ca = std::fs::read_to_string(coord.join("tls/ca.pem"))?;

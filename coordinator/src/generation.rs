@@ -132,7 +132,10 @@ fn global(s: &Shared, v: u64) -> Result<ParamSet, Status> {
 fn cloud_down(s: &Shared, open: &GenerateOpen, taps: usize) -> Result<Arc<CloudDown>, Status> {
     let v = open.global_version;
     let unavailable = |why: String| Reason::DownProjectionsUnavailable.status(Code::FailedPrecondition, format!("{why}: ask for taps (SIDE_INPUTS_TAPS)"));
-    let set = global(s, v).map_err(|e| unavailable(e.message().to_string()))?;
+    // Only a version the store no longer keeps is the device's to work around; a store
+    // failure stays the store's status.
+    let Some(bytes) = s.store.checkpoint(v)? else { return Err(unavailable(format!("no committed global version {v}"))) };
+    let set = ParamSet::from_safetensors(&bytes).map_err(internal)?;
     let down = CloudDown::from_params(&set).map_err(|e| unavailable(format!("global version {v}: {e}")))?;
     if spa_proto::auth::sha256(&down.canonical_bytes()).as_slice() != open.down_digest.as_slice() {
         return Err(unavailable(format!("this device's down-projections differ from global version {v}'s")));
