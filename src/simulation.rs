@@ -356,6 +356,13 @@ impl<'a> Simulation<'a> {
         Ok(Self { backbone, head: FrozenHead::device_copy(backbone), config, bank, devices, global, version: 0, optimizer })
     }
 
+    /// Trains and scores with `head` (the backbone's, as [`FrozenHead::device_copy`] makes
+    /// it) instead of its own copy, so that the predictions the head memoizes over each
+    /// device's features are shared with the caller's other uses of them.
+    pub fn with_head(self, head: FrozenHead) -> Self {
+        Self { head, ..self }
+    }
+
     /// Device `i`'s data and features.
     pub fn features(&self, i: usize) -> Result<DeviceFeatures> {
         self.bank.get(i)

@@ -13,6 +13,7 @@ use spa_model::train::{Objective, TrainConfig, train_with_validation};
 
 use super::config::Arm;
 use super::extras::{self, Extras};
+use super::flips::Flips;
 use super::stats::{rouge_l, rouge_n};
 use super::{Context, DeviceResult, Result, Rouge, RoundPoint, SeedRun};
 use crate::simulation::{DeviceFeatures, SimConfig, Simulation};
@@ -50,6 +51,7 @@ pub struct SeedOutput {
 pub fn run_seed(ctx: &Context, seed: u64, tuned: &mut Tuned, first: bool, progress: &mut dyn FnMut(&str)) -> Result<SeedOutput> {
     let wants = |a: Arm| ctx.cfg.arms.contains(&a);
     let mut out = SeedOutput { runs: Vec::new(), extras: Extras::default(), costs: Vec::new() };
+    let mut flips = Flips::default();
     let mut done = |arm: Arm, run: SeedRun, progress: &mut dyn FnMut(&str)| {
         let (m, n) = (&run.mean, &run.newcomers);
         progress(&format!(
@@ -66,12 +68,12 @@ pub fn run_seed(ctx: &Context, seed: u64, tuned: &mut Tuned, first: bool, progre
     if wants(Arm::Backbone) {
         let t = Instant::now();
         let models = backbone_models(ctx, seed)?;
-        done(Arm::Backbone, scored(ctx, Arm::Backbone, seed, &models, first, vec![], t)?, progress);
+        done(Arm::Backbone, scored(ctx, Arm::Backbone, seed, &models, first.then_some(&mut flips), vec![], t)?, progress);
     }
     if wants(Arm::Local) {
         let t = Instant::now();
         let (models, curve) = local(ctx, seed, tuned, progress)?;
-        done(Arm::Local, scored(ctx, Arm::Local, seed, &models, first, curve, t)?, progress);
+        done(Arm::Local, scored(ctx, Arm::Local, seed, &models, first.then_some(&mut flips), curve, t)?, progress);
     }
     let body_arms: Vec<Arm> = ctx.cfg.arms.iter().copied().filter(|a| a.stage().is_some()).collect();
     if !body_arms.is_empty() {
@@ -91,7 +93,7 @@ pub fn run_seed(ctx: &Context, seed: u64, tuned: &mut Tuned, first: bool, progre
                 out.costs.push((arm, mean_cost(&models, ctx.model.backbone.config.max_position_embeddings)));
             }
             let curve = if arm == Arm::Global { curve.clone() } else { vec![] };
-            let mut run = scored(ctx, arm, seed, &models, first, curve, t)?;
+            let mut run = scored(ctx, arm, seed, &models, first.then_some(&mut flips), curve, t)?;
             run.seconds += fit_secs + if arm == Arm::Global { fed_secs } else { 0.0 };
             done(arm, run, progress);
         }
@@ -103,7 +105,7 @@ pub fn run_seed(ctx: &Context, seed: u64, tuned: &mut Tuned, first: bool, progre
         let t = Instant::now();
         let (sim, curve) = tuned_federation(ctx, Arm::Fedprox, seed, tuned, progress)?;
         let models = vec![PersonalModel::of_body(sim.plugin(0)?); ctx.devices()];
-        done(Arm::Fedprox, scored(ctx, Arm::Fedprox, seed, &models, first, curve, t)?, progress);
+        done(Arm::Fedprox, scored(ctx, Arm::Fedprox, seed, &models, first.then_some(&mut flips), curve, t)?, progress);
     }
     if wants(Arm::SpaV1) {
         let t = Instant::now();
@@ -113,21 +115,38 @@ pub fn run_seed(ctx: &Context, seed: u64, tuned: &mut Tuned, first: bool, progre
         let newcomer = fresh.load(sim.global.as_set())?;
         let mut models = (0..ctx.fed.len()).map(|i| Ok(PersonalModel::v1(sim.plugin(i)?)?)).collect::<Result<Vec<_>>>()?;
         models.extend((0..ctx.new.len()).map(|_| PersonalModel::v1(newcomer.clone())).collect::<spa_model::Result<Vec<_>>>()?);
-        done(Arm::SpaV1, scored(ctx, Arm::SpaV1, seed, &models, first, curve, t)?, progress);
+        done(Arm::SpaV1, scored(ctx, Arm::SpaV1, seed, &models, first.then_some(&mut flips), curve, t)?, progress);
     }
+    out.extras.flips = flips.rows(Arm::GlobalFt);
     Ok(out)
 }
 
 /// Scores each device's model (federated devices first, then newcomers, as `ctx.all`) on its
-/// test split; ROUGE of greedy replies for the main arms on the first seed.
-fn scored(ctx: &Context, arm: Arm, seed: u64, models: &[PersonalModel], first: bool, curve: Vec<RoundPoint>, started: Instant) -> Result<SeedRun> {
+/// test split. On the first seed (`flips` given): ROUGE of greedy replies for the main arms,
+/// and the federated devices' per-token scores of an arm without a gate kept in `flips`.
+fn scored(
+    ctx: &Context,
+    arm: Arm,
+    seed: u64,
+    models: &[PersonalModel],
+    flips: Option<&mut Flips>,
+    curve: Vec<RoundPoint>,
+    started: Instant,
+) -> Result<SeedRun> {
     let head = ctx.head();
     let mut devices = Vec::new();
+    let first = flips.is_some();
     let rouge_on = first && ctx.cfg.rouge_examples > 0 && ctx.cfg.rouge_arms.contains(&arm);
+    let keep = first && arm != Arm::Backbone && models.iter().all(|m| m.gate.is_none());
+    let mut kept = Vec::new();
     for (i, m) in models.iter().enumerate() {
         let (d, held_out) = ctx.device(i)?;
         let threshold = if arm == Arm::Backbone { gate::NEVER } else { m.threshold };
-        let s = m.score(&head, &d.test)?.at(threshold);
+        let scores = m.score(&head, &d.test)?;
+        let s = scores.at(threshold);
+        if keep && !held_out {
+            kept.push(scores);
+        }
         let speaker = (arm != Arm::Backbone).then_some(m);
         let rouge_here = rouge_on && !held_out && (ctx.cfg.rouge_devices == 0 || i < ctx.cfg.rouge_devices);
         let rouge = if rouge_here { Some(device_rouge(ctx, &head, speaker, &d.data.test)?) } else { None };
@@ -140,6 +159,9 @@ fn scored(ctx: &Context, arm: Arm, seed: u64, models: &[PersonalModel], first: b
             side_fraction: s.side_fraction,
             rouge,
         });
+    }
+    if let Some(flips) = flips.filter(|_| keep) {
+        flips.keep(arm, kept);
     }
     Ok(SeedRun::new(seed, devices, curve, started.elapsed().as_secs_f64()))
 }
@@ -291,7 +313,7 @@ fn federate<'a>(ctx: &Context<'a>, arm: Arm, seed: u64, lr: f64, mu: f64) -> Res
         eval_devices: ctx.curve_devices(),
     };
     let started = Instant::now();
-    let mut sim = Simulation::with_bank(ctx.model.backbone, ctx.fed.clone(), sim_cfg)?;
+    let mut sim = Simulation::with_bank(ctx.model.backbone, ctx.fed.clone(), sim_cfg)?.with_head(ctx.head());
     let pick = |m: &spa_model::train::EvalMetrics| if objective == Objective::Gated { (m.routed_loss, m.routed_acc) } else { (m.side_loss, m.side_acc) };
     let at = |round: usize, all: &[spa_model::train::EvalMetrics]| {
         let n = all.len().max(1) as f64;

@@ -19,6 +19,9 @@ pub struct Extras {
     pub cross_user: Option<CrossUser>,
     pub side_curve: Vec<SidePoint>,
     pub fractions: Vec<FractionPoint>,
+    /// Each arm without a gate against FedAvg+FT, token by token (see [`super::flips`]).
+    #[serde(default)]
+    pub flips: Vec<super::flips::FlipRow>,
 }
 
 /// What the federated devices' SPA v2 fits chose.
@@ -66,7 +69,7 @@ pub struct FractionPoint {
 }
 
 pub fn measure(ctx: &Context, body: &Plugin, fits: &[Fit], seed: u64, progress: &mut dyn FnMut(&str)) -> Result<Extras> {
-    let head = spa_model::side::FrozenHead::device_copy(ctx.model.backbone);
+    let head = ctx.head();
     let fed_fits = &fits[..ctx.fed.len()];
     let v2: Vec<PersonalModel> = fed_fits.iter().map(|f| f.model(body, Stage::Gated(Route::Best))).collect();
     let mut out = Extras { choices: Some(choices(fed_fits, &v2)), ..Extras::default() };

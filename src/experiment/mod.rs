@@ -13,6 +13,7 @@
 pub mod arms;
 pub mod config;
 pub mod extras;
+pub mod flips;
 pub mod report;
 pub mod stats;
 
@@ -212,6 +213,9 @@ pub struct Context<'a> {
     /// Devices that take part in the federations, and newcomers held out of them.
     pub fed: Arc<dyn FeatureBank>,
     pub new: Arc<dyn FeatureBank>,
+    /// The backbone's head as devices hold it, built once: its clones share the predictions
+    /// it memoizes over each device's features.
+    head: spa_model::side::FrozenHead,
 }
 
 impl Context<'_> {
@@ -228,7 +232,7 @@ impl Context<'_> {
     }
 
     pub(crate) fn head(&self) -> spa_model::side::FrozenHead {
-        spa_model::side::FrozenHead::device_copy(self.model.backbone)
+        self.head.clone()
     }
 
     /// The devices the per-round curves are measured on (the first federated ones).
@@ -260,7 +264,8 @@ pub fn run(cfg: &ExperimentConfig, model: &Model, users: Vec<spa_model::data::Us
     };
     let (fed, new) = (bank(fed)?, bank(new)?);
     progress(&format!("features of {} devices computed in {:.1} s", fed.len() + new.len(), started.elapsed().as_secs_f64()));
-    let ctx = Context { cfg, model, fed: fed.clone(), new: new.clone() };
+    let head = spa_model::side::FrozenHead::device_copy(model.backbone);
+    let ctx = Context { cfg, model, fed: fed.clone(), new: new.clone(), head };
     let mut runs: Vec<(Arm, Vec<SeedRun>)> = cfg.arms.iter().map(|&a| (a, Vec::new())).collect();
     let mut tuned = arms::Tuned::default();
     let mut extras = extras::Extras::default();

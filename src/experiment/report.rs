@@ -182,6 +182,31 @@ fn extras_text(s: &mut String, r: &ExperimentResult) {
         let _ =
             writeln!(s, "\nSPA v2's test loss against the fraction of tokens its gate lets the model speak (mean over federated devices): {}.", pts.join(", "));
     }
+    if !x.flips.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nAgainst FedAvg+FT token by token (the federated devices' {} test tokens, seed {}; arms without a gate): where each arm's argmax differs, who is right there, and the loss difference split by whether the argmax moved (negative: lower than FedAvg+FT's):\n",
+            x.flips[0].tokens, r.seeds[0]
+        );
+        let _ = writeln!(
+            s,
+            "| arm | argmax changed | arm right there | FedAvg+FT right there | accuracy gain | loss gain, argmax kept | loss gain, argmax changed |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+        for f in &x.flips {
+            let _ = writeln!(
+                s,
+                "| {} | {:.2}% | {:.3} | {:.3} | {:+.4} | {:+.4} | {:+.4} |",
+                f.arm.name(),
+                100.0 * f.changed,
+                f.arm_right_on_changed,
+                f.reference_right_on_changed,
+                f.accuracy_gain,
+                f.loss_gain_unchanged,
+                f.loss_gain_changed
+            );
+        }
+    }
     if !x.fractions.is_empty() {
         let arms: Vec<Arm> = x.fractions[0].loss.iter().map(|(a, _)| *a).collect();
         let _ = writeln!(s, "\nNewcomers (never federated), personal model fitted on the first part of their train split:\n");

@@ -224,7 +224,7 @@ impl Table {
     fn read(plugins: &[&Plugin], head: &FrozenHead, data: &FeatureSet) -> Result<Self> {
         let mut t = Table { lp: vec![vec![]; plugins.len()], targets: vec![], bb_lp: vec![], bb_right: vec![], examples: vec![], h: vec![], d: data.d };
         for_each_rows(plugins, head, data, &mut |rows| {
-            let v = rows.side[0].len() / rows.len().max(1);
+            let v = rows.side.first().map_or(0, |s| s.len() / rows.len().max(1));
             for (k, side) in rows.side.iter().enumerate() {
                 t.lp[k].extend(rows.targets.iter().enumerate().map(|(r, &y)| side[r * v + y as usize]));
             }
@@ -385,7 +385,7 @@ pub fn fit(body: &Plugin, head: &FrozenHead, train: &FeatureSet, val: &FeatureSe
     let mut memory: Option<(Datastore, Neighbours)> = None;
     if cfg.knn.enabled {
         // The memory, over the train split's states (the keys need no side network).
-        let tt = Table::read(&[body], head, train)?;
+        let tt = Table::read(&[], head, train)?;
         let store = Datastore::new(tt.d, tt.keys(), tt.targets.clone(), tt.examples.clone())?.keep_last(cfg.knn.max_entries);
         let kmax = cfg.knn.ks.iter().copied().max().unwrap_or(1);
         let nb = store.search(&vt.keys(), kmax, None, &device);

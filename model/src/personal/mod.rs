@@ -38,6 +38,11 @@ use crate::side::{FrozenHead, Plugin, SideVariant};
 use crate::tensor_util::{from_vec, to_vec};
 use crate::train::for_each_rows;
 
+/// The least probability a mixed distribution holds, and its log: a token no part of the
+/// model can produce still costs a finite loss.
+const FLOOR: f32 = 1e-30;
+const LN_FLOOR: f32 = -69.077_55;
+
 /// The device's model (see the module doc).
 #[derive(Clone, Debug)]
 pub struct PersonalModel {
@@ -71,12 +76,13 @@ pub struct PersonalMeta {
 }
 
 /// Per scored token: the gate's value (1 without a gate), the model's and the backbone's
-/// log-probability of the target and whether each one's argmax is it.
+/// log-probability of the target and whether each one's argmax is it, and the model's argmax.
 #[derive(Clone, Debug, Default)]
 pub struct TokenScores {
     pub gate: Vec<f32>,
     pub model_lp: Vec<f32>,
     pub model_right: Vec<bool>,
+    pub model_top: Vec<u32>,
     pub backbone_lp: Vec<f32>,
     pub backbone_right: Vec<bool>,
 }
@@ -183,7 +189,7 @@ impl PersonalModel {
             out.iter_mut().for_each(|o| *o *= 1.0 - w);
             nb.add_distribution(r, params, w, out);
         }
-        out.iter_mut().for_each(|o| *o = o.max(1e-30).ln());
+        out.iter_mut().for_each(|o| *o = o.max(FLOOR).ln());
     }
 
     /// Neighbours of the rows of final hidden states `h` (`[n, d]`), when the model has a memory.
@@ -212,13 +218,22 @@ impl PersonalModel {
             let v = rows.side[0].len() / n.max(1);
             let nb = self.neighbours(&rows.h_last, d, &device);
             out.gate.extend(self.gate_at(head, &rows.h_last, d));
-            let mut row = vec![0.0f32; v];
+            let mut buf = vec![0.0f32; v];
+            // One side distribution and no memory: the row is already the model's (the mix's
+            // exp and ln of a 49k-way row per token would only round it).
+            let alone = rows.side.len() == 1 && nb.is_none();
             for r in 0..n {
                 let side: Vec<&[f32]> = rows.side.iter().map(|s| &s[r * v..(r + 1) * v]).collect();
-                self.mix_row(&side, nb.as_ref().map(|nb| (nb, r)), &mut row);
-                let t = rows.targets[r] as usize;
-                out.model_lp.push(row[t]);
-                out.model_right.push(argmax(&row) == t);
+                let row: &[f32] = if alone {
+                    side[0]
+                } else {
+                    self.mix_row(&side, nb.as_ref().map(|nb| (nb, r)), &mut buf);
+                    &buf
+                };
+                let (t, top) = (rows.targets[r] as usize, argmax(row));
+                out.model_lp.push(row[t].max(LN_FLOOR));
+                out.model_right.push(top == t);
+                out.model_top.push(top as u32);
             }
             out.backbone_lp.extend(&rows.bb_logp);
             out.backbone_right.extend(&rows.bb_right);

@@ -1,5 +1,9 @@
 //! The backbone's frozen final norm and LM head, copied to the device once per backbone
 //! version so that side outputs never travel back to the cloud.
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use burn::tensor::{DType, Device, Tensor};
 
 use super::params::ParamSet;
@@ -18,7 +22,23 @@ pub struct FrozenHead {
     /// per-row `inv_rms` applied to the `[N, vocab]` result instead of the `[N, hidden]`
     /// input, two full-width multiplies fewer per call (the side's training step runs it).
     scaled: Tensor<2>,
+    /// Results of pure functions of this head's values (its predictions over a feature set),
+    /// shared by its clones: training, selection and scoring read the same
+    /// features many times, and each reading is a full vocabulary projection.
+    memo: Arc<Mutex<Memo>>,
 }
+
+/// A bounded table of memoized results, keyed by a hash of their inputs.
+#[derive(Debug, Default)]
+struct Memo {
+    entries: HashMap<u64, Arc<dyn Any + Send + Sync>>,
+    /// The entries' sizes as their makers count them (tokens); the table empties past
+    /// [`MEMO_CAPACITY`].
+    size: usize,
+}
+
+/// About 48 MB of per-token predictions (12 bytes a token).
+const MEMO_CAPACITY: usize = 1 << 22;
 
 /// A tensor of the shipped head: little-endian f16 or f32 bytes.
 #[derive(Debug, Clone)]
@@ -61,7 +81,24 @@ impl FrozenHead {
                 Tensor::from_data(s.into_data().convert_dtype(dtype), (&weight.device(), dtype))
             }
         };
-        Self { norm_weight, eps, weight, scaled }
+        Self { norm_weight, eps, weight, scaled, memo: Arc::default() }
+    }
+
+    /// `make()`'s result for `key` (a hash of everything it reads besides this head's values),
+    /// computed once while it stays in the table; `size` counts toward the table's capacity.
+    pub(crate) fn memoized<T: Any + Send + Sync>(&self, key: u64, size: usize, make: impl FnOnce() -> Result<T>) -> Result<Arc<T>> {
+        let lock = || self.memo.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(hit) = lock().entries.get(&key).cloned().and_then(|v| v.downcast::<T>().ok()) {
+            return Ok(hit);
+        }
+        let value = Arc::new(make()?);
+        let mut memo = lock();
+        if memo.size + size > MEMO_CAPACITY {
+            *memo = Memo::default();
+        }
+        memo.size += size;
+        memo.entries.insert(key, value.clone());
+        Ok(value)
     }
 
     /// This head in f32, for training (whose hand-derived backward multiplies by `scaled`

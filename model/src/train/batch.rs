@@ -2,6 +2,8 @@
 //! sequences), the frozen backbone's own predictions computed once per call, and the
 //! per-position heads every loss and metric is built from.
 
+use std::sync::Arc;
+
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
@@ -72,15 +74,59 @@ pub(super) fn units(data: &FeatureSet, examples: std::ops::Range<usize>, per_tok
 
 /// The frozen backbone's log-probability of each target and whether its argmax is the
 /// target, per example and position, and its final hidden state's `inv_rms` (the gate's
-/// input norm). They depend on the features alone, so they are computed once per call
-/// instead of once per step and epoch.
+/// input norm). They depend on the features alone, so they are computed once per feature
+/// set (see [`backbone_preds`]) instead of once per step, epoch and call.
 pub(super) struct BackbonePreds {
     pub(super) logp: Vec<Vec<f32>>,
     pub(super) right: Vec<Vec<f32>>,
     pub(super) inv_rms: Vec<Vec<f32>>,
 }
 
-pub(super) fn backbone_preds(head: &FrozenHead, data: &FeatureSet, device: &Device) -> Result<BackbonePreds> {
+/// The head's predictions over `data`, computed once per feature set and head (see
+/// [`FrozenHead::memoized`]): a device's sets are read by every epoch's selection, every
+/// candidate of its personal fit and every score, and each reading is a full vocabulary
+/// projection (49k-way on SmolLM2).
+pub(super) fn backbone_preds(head: &FrozenHead, data: &FeatureSet, device: &Device) -> Result<Arc<BackbonePreds>> {
+    let k = data.last_layer_index()?;
+    let tokens = data.examples.iter().map(|e| e.len()).sum();
+    head.memoized(preds_key(data, k), tokens, || compute_preds(head, data, device))
+}
+
+/// A hash of what the predictions read: every position's final hidden state and target.
+fn preds_key(data: &FeatureSet, k: usize) -> u64 {
+    let (row, d) = (data.layers.len() * data.d, data.d);
+    let mut h = WordHash::new(data.examples.len() as u64);
+    for e in &data.examples {
+        h.add(e.len() as u64);
+        for p in 0..e.len() {
+            e.feats[p * row + k * d..p * row + (k + 1) * d].iter().for_each(|x| h.add(x.to_bits() as u64));
+        }
+        e.targets.iter().for_each(|&t| h.add(t as u64));
+    }
+    h.finish()
+}
+
+/// A fast 64-bit hash of words (a multiply-xorshift mix per word): a memo key, not a
+/// defence against crafted collisions (nothing here is attacker-chosen).
+struct WordHash(u64);
+
+impl WordHash {
+    fn new(seed: u64) -> Self {
+        Self(seed ^ 0x9e37_79b9_7f4a_7c15)
+    }
+
+    fn add(&mut self, w: u64) {
+        self.0 = (self.0 ^ w).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        self.0 ^= self.0 >> 31;
+    }
+
+    fn finish(&self) -> u64 {
+        let x = (self.0 ^ (self.0 >> 33)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        x ^ (x >> 29)
+    }
+}
+
+pub(super) fn compute_preds(head: &FrozenHead, data: &FeatureSet, device: &Device) -> Result<BackbonePreds> {
     let k = data.last_layer_index()?;
     let (row, d) = (data.layers.len() * data.d, data.d);
     let mut preds = BackbonePreds { logp: Vec::new(), right: Vec::new(), inv_rms: Vec::new() };
@@ -198,4 +244,41 @@ pub(super) fn heads(net: &PluginNet, plugin: &Plugin, head: &FrozenHead, data: &
     let out = net.forward(&taps, h_last, head, plugin.config.gate.use_side_state);
     let lp_side = log_softmax(head.logits(out.side_hidden), 2);
     Ok(Heads { lp_side, gate: out.gate })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use burn::tensor::Device;
+
+    use super::*;
+    use crate::backbone::load_backbone;
+    use crate::features::{Positions, TokenizedExample, extract_features};
+
+    #[test]
+    fn predictions_are_memoized_per_feature_set_and_head() {
+        let device = Device::flex();
+        let bb = load_backbone(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama"), &device).unwrap();
+        let examples: Vec<TokenizedExample> =
+            (0..4u32).map(|i| TokenizedExample { ids: (0..10).map(|j| (i * 7 + j * 13) % 90 + 3).collect(), reply_start: 4 }).collect();
+        let last = bb.config.num_layers;
+        let data = extract_features(&bb, &examples, &[last], Positions::All, 4).unwrap();
+        let head = FrozenHead::device_copy(&bb);
+        let first = backbone_preds(&head, &data, &device).unwrap();
+        let fresh = compute_preds(&head, &data, &device).unwrap();
+        assert_eq!((&first.logp, &first.right, &first.inv_rms), (&fresh.logp, &fresh.right, &fresh.inv_rms));
+        // The same values (a clone of the set, a clone of the head): the one computation.
+        assert!(Arc::ptr_eq(&first, &backbone_preds(&head.clone(), &data.clone(), &device).unwrap()));
+        // One changed state or target, or another head: computed again.
+        let mut moved = data.clone();
+        moved.examples[3].feats[0] += 1.0;
+        let again = backbone_preds(&head, &moved, &device).unwrap();
+        assert!(!Arc::ptr_eq(&first, &again));
+        assert_ne!(again.inv_rms[3][0], first.inv_rms[3][0]);
+        let mut retargeted = data.clone();
+        retargeted.examples[0].targets[0] ^= 1;
+        assert!(!Arc::ptr_eq(&first, &backbone_preds(&head, &retargeted, &device).unwrap()));
+        assert!(!Arc::ptr_eq(&first, &backbone_preds(&FrozenHead::device_copy(&bb), &data, &device).unwrap()));
+    }
 }

@@ -5,7 +5,7 @@ use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::batch::{BackbonePreds, Unit, backbone_preds, heads, make_batch, units};
-use crate::error::{ModelError, Result};
+use crate::error::Result;
 use crate::features::FeatureSet;
 use crate::side::config::SideVariant;
 use crate::side::{FrozenHead, Plugin};
@@ -72,12 +72,13 @@ impl Rows {
 }
 
 /// Calls `f` on [`Rows`] of every loss position of `data`, a few thousand values of
-/// vocabulary-wide rows at a time; `plugins` share one variant and shape.
+/// vocabulary-wide rows at a time; `plugins` share one variant and shape (none: the rows'
+/// states, targets and backbone predictions alone, no side projection).
 pub fn for_each_rows(plugins: &[&Plugin], head: &FrozenHead, data: &FeatureSet, f: &mut dyn FnMut(Rows) -> Result<()>) -> Result<()> {
-    let Some(first) = plugins.first() else { return Err(ModelError::InvalidInput("no plugin to read rows with".into())) };
     let head = &*head.as_f32();
-    let per_token = first.config.variant == SideVariant::Mlp;
-    let device = first.net.side.up.weight.val().device();
+    // Without plugins (the rows' states and targets alone) token units read the same rows.
+    let per_token = plugins.first().is_none_or(|p| p.config.variant == SideVariant::Mlp);
+    let device = head.device();
     let preds = backbone_preds(head, data, &device)?;
     let all = units(data, 0..data.examples.len(), per_token);
     let refs: Vec<&Unit> = all.iter().collect();

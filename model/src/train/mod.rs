@@ -199,7 +199,7 @@ type Slice<'a> = (&'a FeatureSet, std::ops::Range<usize>);
 /// The best plugin on a validation slice so far.
 struct Selection<'a> {
     data: &'a FeatureSet,
-    preds: BackbonePreds,
+    preds: std::sync::Arc<BackbonePreds>,
     units: Vec<Unit>,
     objective: Objective,
     best: Option<(Plugin, f64)>,
@@ -250,7 +250,8 @@ fn train_units(
     }
     let device = plugin.net.side.up.weight.val().device();
     let ad = device.clone().autodiff();
-    let head_ad = head.to_device(&ad);
+    // Only the autodiff (ladder) step reads the head on the autodiff device.
+    let head_ad = if per_token { head.clone() } else { head.to_device(&ad) };
     let (mut net, mut stepper) = if per_token {
         let optim = FlatAdamW::new(cfg.weight_decay as f32).with_trainable(trainable_mask(&plugin.net, cfg.objective, &device));
         (plugin.net.clone(), Stepper::Mlp(optim))

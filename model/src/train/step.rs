@@ -228,7 +228,7 @@ mod tests {
     use crate::features::{Positions, TokenizedExample, extract_features};
     use crate::side::{ParamSet, SideConfig};
     use crate::tensor_util::to_vec;
-    use crate::train::batch::{Unit, backbone_preds, make_batch, units};
+    use crate::train::batch::{Unit, compute_preds, make_batch, units};
     use crate::train::train_plugin;
 
     /// Per parameter `objective` trains (pieces of the flat vectors), |a - b| against the size
@@ -282,7 +282,7 @@ mod tests {
         let ad = device.clone().autodiff();
         let head_ad = head.to_device(&ad);
         let cfg = TrainConfig { objective, prox_mu: if prox { 0.5 } else { 0.0 }, gate_cost: 0.3, ..TrainConfig::default() };
-        let mut preds = backbone_preds(&head, &data, &device).unwrap();
+        let mut preds = compute_preds(&head, &data, &device).unwrap();
         // The random backbone is rarely right: mark half the positions so the gate cost acts.
         for r in preds.right.iter_mut() {
             r.iter_mut().enumerate().for_each(|(p, v)| *v = (p % 2) as f32);
