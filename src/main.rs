@@ -169,12 +169,9 @@ struct SimArgs {
     /// Fraction of each cohort that drops after masking starts.
     #[arg(long, default_value_t = 0.25)]
     dropout: f64,
-    /// Distributed DP: L2 clip of each device's update (0 = off; as `round start --dp-clip`).
-    #[arg(long, default_value_t = 0.0)]
-    dp_clip: f32,
-    /// Distributed DP noise multiplier z (central sigma = z * clip).
-    #[arg(long, default_value_t = 0.0)]
-    dp_noise: f32,
+    /// As the coordinator's `round start` takes them.
+    #[command(flatten)]
+    dp: spa_coordinator::admin_cli::DpArgs,
     /// Devices whose personalized text is shown at the end.
     #[arg(long, default_value_t = 3)]
     show: usize,
@@ -336,8 +333,7 @@ fn simulate(a: SimArgs, device: &spa_model::burn::tensor::Device) -> Result<()> 
     let bb = load_backbone_as(&model, device, None).with_context(|| format!("loading the backbone from {}", model.display()))?;
     let tok = Tokenizer::from_file(&model.join("tokenizer.json"))?;
     let tokens = ModelTokens::from_dir(&model)?;
-    anyhow::ensure!(a.dp_clip.is_finite() && a.dp_clip >= 0.0, "--dp-clip {}: the dp clip must be a finite number >= 0", a.dp_clip);
-    anyhow::ensure!(a.dp_noise == 0.0 || a.dp_clip > 0.0, "--dp-noise needs --dp-clip > 0");
+    let dp = a.dp.params()?;
     let strategy = a.strategy.config(a.prox_mu as f32)?;
     let prox_mu = a.strategy.client_mu(a.prox_mu);
     let config = SimConfig {
@@ -350,7 +346,7 @@ fn simulate(a: SimArgs, device: &spa_model::burn::tensor::Device) -> Result<()> 
         seed: a.seed,
         cohort: None,
         eval_devices: 0,
-        dp: (a.dp_clip > 0.0).then_some(spa::simulation::SimDp { l2_clip: a.dp_clip, noise_multiplier: a.dp_noise }),
+        dp: dp.map(|(clip, noise)| spa::simulation::SimDp { l2_clip: clip as f32, noise_multiplier: noise as f32 }),
     };
     eprintln!(
         "backbone {} ({} layers, d={}); {} synthetic devices, {} rounds, strategy {}, {:.0}% dropout after masking",

@@ -19,7 +19,7 @@ use crate::server::ADDR_FILE;
 
 mod rounds;
 
-pub use rounds::{CheckpointCommand, RoundCommand, run_checkpoint, run_round};
+pub use rounds::{CheckpointCommand, DpArgs, RoundCommand, run_checkpoint, run_round};
 
 /// Where to reach the coordinator and with which credential.
 #[derive(Args, Debug, Clone)]
@@ -127,6 +127,15 @@ pub fn print_json(v: &impl Serialize) -> Result<()> {
     Ok(())
 }
 
+/// What a verb prints: `v` as one JSON document with `--json`, else as `text` writes it.
+pub fn emit<T: Serialize>(json: bool, v: &T, text: impl FnOnce(&T)) -> Result<()> {
+    if json {
+        return print_json(v);
+    }
+    text(v);
+    Ok(())
+}
+
 // What each verb prints with `--json`.
 #[derive(Serialize)]
 struct TokenCreated {
@@ -172,24 +181,22 @@ pub async fn run_token(cmd: TokenCommand, json: bool) -> Result<()> {
             }
             let (mut c, cred) = admin_client(&target).await?;
             let r = c.create_token(with_admin(&cred, CreateTokenRequest { ttl_seconds: ttl.as_secs(), note })?).await.map_err(status_err)?.into_inner();
-            if json {
-                print_json(&TokenCreated { token: r.token, token_id: r.token_id, expires_at_ms: r.expires_at_ms })?;
-            } else {
-                println!("{}", r.token);
-                eprintln!("token {} expires at {} (Unix ms); it is shown only once", r.token_id, r.expires_at_ms);
-            }
+            emit(json, &TokenCreated { token: r.token, token_id: r.token_id, expires_at_ms: r.expires_at_ms }, |t| {
+                println!("{}", t.token);
+                eprintln!("token {} expires at {} (Unix ms); it is shown only once", t.token_id, t.expires_at_ms);
+            })?;
         }
         TokenCommand::List { target } => list_tokens(target, json).await?,
         TokenCommand::Revoke { target, token_id } => {
             let (mut c, cred) = admin_client(&target).await?;
             let r = c.revoke_token(with_admin(&cred, RevokeTokenRequest { token_id: token_id.clone() })?).await.map_err(status_err)?.into_inner();
-            if json {
-                print_json(&serde_json::json!({ "token_id": token_id, "was_usable": r.was_usable }))?;
-            } else if r.was_usable {
-                println!("revoked {token_id}");
-            } else {
-                println!("revoked {token_id} (it could no longer enroll anyway: used, expired or revoked before)");
-            }
+            emit(json, &serde_json::json!({ "token_id": token_id, "was_usable": r.was_usable }), |_| {
+                if r.was_usable {
+                    println!("revoked {token_id}");
+                } else {
+                    println!("revoked {token_id} (it could no longer enroll anyway: used, expired or revoked before)");
+                }
+            })?;
         }
     }
     Ok(())
@@ -257,13 +264,13 @@ pub async fn run_devices(cmd: DevicesCommand, json: bool) -> Result<()> {
         DevicesCommand::Revoke { target, id } => {
             let (mut c, cred) = admin_client(&target).await?;
             let r = c.revoke_device(with_admin(&cred, RevokeDeviceRequest { device_id: id.clone() })?).await.map_err(status_err)?.into_inner();
-            if json {
-                print_json(&Revoked { device_id: id, was_active: r.was_active })?;
-            } else if r.was_active {
-                println!("revoked {id}");
-            } else {
-                println!("{id} was already revoked");
-            }
+            emit(json, &Revoked { device_id: id, was_active: r.was_active }, |v| {
+                if v.was_active {
+                    println!("revoked {}", v.device_id);
+                } else {
+                    println!("{} was already revoked", v.device_id);
+                }
+            })?;
         }
     }
     Ok(())
@@ -281,26 +288,19 @@ pub async fn run_status(target: Target, json: bool) -> Result<()> {
         global_version: r.global_version,
         tokens_outstanding: r.tokens_outstanding,
     };
-    if json {
-        print_json(&v)?;
-    } else {
-        println!("{}", serde_json::to_string_pretty(&v)?);
-    }
-    Ok(())
+    // The text form is the same document, indented.
+    let pretty = serde_json::to_string_pretty(&v)?;
+    emit(json, &v, |_| println!("{pretty}"))
 }
 
 /// `init` entry point for the binary.
 pub fn run_init(home: &Path, names: &[String], json: bool) -> Result<()> {
-    let r = crate::init::init(home, names)?;
-    if json {
-        print_json(&r)?;
-    } else {
+    emit(json, &crate::init::init(home, names)?, |r| {
         println!("initialised {}", r.home.display());
         println!("  config:           {}", r.config.display());
         println!("  CA certificate:   {} (give it to devices: spa-client enroll --ca)", r.ca_cert.display());
         println!("  admin credential: {}", r.admin_credential.display());
-    }
-    Ok(())
+    })
 }
 
 /// `rotate-credential` entry point for the binary.
@@ -310,20 +310,11 @@ pub fn run_rotate_credential(home: &Path, json: bool) -> Result<()> {
     struct Rotated<'a> {
         admin_credential: &'a Path,
     }
-    if json {
-        print_json(&Rotated { admin_credential: &path })?;
-    } else {
-        println!("new admin credential in {} (the old one no longer works)", path.display());
-    }
-    Ok(())
+    emit(json, &Rotated { admin_credential: &path }, |r| println!("new admin credential in {} (the old one no longer works)", r.admin_credential.display()))
 }
 
 pub fn run_rotate_tls(home: &Path, names: &[String], json: bool) -> Result<()> {
-    let r = crate::init::rotate_tls(home, names)?;
-    if json {
-        print_json(&r)?;
-    } else {
-        println!("new server key and certificate for {} in {} (devices trust the same CA); restart serve to use them", r.names.join(", "), r.cert.display());
-    }
-    Ok(())
+    emit(json, &crate::init::rotate_tls(home, names)?, |r| {
+        println!("new server key and certificate for {} in {} (devices trust the same CA); restart serve to use them", r.names.join(", "), r.cert.display())
+    })
 }

@@ -9,7 +9,7 @@ use serde::Serialize;
 use spa_aggregation::strategy::StrategyName;
 use spa_proto::v1::*;
 
-use super::{Target, admin_client, print_json, status_err, with_admin};
+use super::{Target, admin_client, emit, status_err, with_admin};
 use crate::rounds::RoundRecord;
 
 #[derive(Serialize)]
@@ -58,12 +58,8 @@ pub enum RoundCommand {
         /// FedProx's proximal weight (with --strategy fedprox).
         #[arg(long, default_value_t = 0.01)]
         prox_mu: f64,
-        /// Distributed DP: L2 clip of each device's update (0 = off).
-        #[arg(long, default_value_t = 0.0)]
-        dp_clip: f64,
-        /// Distributed DP noise multiplier z (central sigma = z * clip).
-        #[arg(long, default_value_t = 0.0)]
-        dp_noise: f64,
+        #[command(flatten)]
+        dp: DpArgs,
     },
     /// One round (default: the latest).
     Status {
@@ -131,7 +127,7 @@ fn round_line(r: &RoundRecord) -> String {
 
 pub async fn run_round(cmd: RoundCommand, json: bool) -> Result<()> {
     match cmd {
-        RoundCommand::Start { target, rounds, min_clients, max_clients, deadline, local_epochs, lr, strategy, prox_mu, dp_clip, dp_noise } => {
+        RoundCommand::Start { target, rounds, min_clients, max_clients, deadline, local_epochs, lr, strategy, prox_mu, dp } => {
             let (mut c, cred) = admin_client(&target).await?;
             let req = StartRoundsRequest {
                 rounds,
@@ -142,15 +138,11 @@ pub async fn run_round(cmd: RoundCommand, json: bool) -> Result<()> {
                 lr,
                 strategy: strategy.to_string(),
                 prox_mu,
-                dp_l2_clip: dp_clip,
-                dp_noise_multiplier: dp_noise,
+                dp_l2_clip: dp.dp_clip,
+                dp_noise_multiplier: dp.dp_noise,
             };
             let r = c.start_rounds(with_admin(&cred, req)?).await.map_err(status_err)?.into_inner();
-            if json {
-                print_json(&RunQueued { run_id: r.run_id })?;
-            } else {
-                println!("run {} queued: {rounds} round(s); watch with `round status --watch`", r.run_id);
-            }
+            emit(json, &RunQueued { run_id: r.run_id }, |q| println!("run {} queued: {rounds} round(s); watch with `round status --watch`", q.run_id))?;
         }
         RoundCommand::Status { target, id, watch } => {
             let (mut c, cred) = admin_client(&target).await?;
@@ -160,11 +152,7 @@ pub async fn run_round(cmd: RoundCommand, json: bool) -> Result<()> {
                 // Watching "the latest" follows the round it found first, not later ones.
                 id = r.round_id;
                 let rec = round_record(&r)?;
-                if json {
-                    print_json(&rec)?;
-                } else {
-                    println!("{}", round_line(&rec));
-                }
+                emit(json, &rec, |rec| println!("{}", round_line(rec)))?;
                 if !watch || rec.state.is_final() {
                     break;
                 }
@@ -176,29 +164,49 @@ pub async fn run_round(cmd: RoundCommand, json: bool) -> Result<()> {
             let req = ListRoundsRequest { limit, before_round_id: before.unwrap_or(0) };
             let r = c.list_rounds(with_admin(&cred, req)?).await.map_err(status_err)?.into_inner();
             let recs = r.rounds.iter().map(round_record).collect::<Result<Vec<_>>>()?;
-            if json {
-                print_json(&recs)?;
-            } else if recs.is_empty() {
-                println!("no rounds yet");
-            } else {
-                for x in &recs {
-                    println!("{}", round_line(x));
+            emit(json, &recs, |recs| {
+                if recs.is_empty() {
+                    println!("no rounds yet");
                 }
-            }
+                recs.iter().for_each(|x| println!("{}", round_line(x)));
+            })?;
         }
         RoundCommand::Abort { target, id } => {
             let (mut c, cred) = admin_client(&target).await?;
             let r = c.abort_round(with_admin(&cred, AbortRoundRequest { round_id: id })?).await.map_err(status_err)?.into_inner();
-            if json {
-                print_json(&AbortOutcome { round_id: id, was_running: r.was_running })?;
-            } else if r.was_running {
-                println!("round {id}: abort requested");
-            } else {
-                println!("round {id} had already finished");
-            }
+            emit(json, &AbortOutcome { round_id: id, was_running: r.was_running }, |a| {
+                if a.was_running {
+                    println!("round {id}: abort requested");
+                } else {
+                    println!("round {id} had already finished");
+                }
+            })?;
         }
     }
     Ok(())
+}
+
+/// Distributed DP's two knobs, as `round start` and `spa simulate` take them.
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct DpArgs {
+    /// Distributed DP: L2 clip of each device's update (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    pub dp_clip: f64,
+    /// Distributed DP noise multiplier z (central sigma = z * clip).
+    #[arg(long, default_value_t = 0.0)]
+    pub dp_noise: f64,
+}
+
+impl DpArgs {
+    /// (clip, noise multiplier) when DP is on, None when off; the values no round accepts
+    /// are an error (the coordinator checks a round's plan again: it is the authority).
+    pub fn params(&self) -> Result<Option<(f64, f64)>> {
+        let (clip, noise) = (self.dp_clip, self.dp_noise);
+        anyhow::ensure!(clip.is_finite() && clip >= 0.0, "--dp-clip {clip}: the dp clip must be a finite number >= 0");
+        anyhow::ensure!(noise.is_finite() && noise >= 0.0, "--dp-noise {noise}: the noise multiplier must be a finite number >= 0");
+        anyhow::ensure!(noise == 0.0 || clip > 0.0, "--dp-noise needs --dp-clip > 0");
+        Ok((clip > 0.0).then_some((clip, noise)))
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -233,10 +241,7 @@ pub async fn run_checkpoint(cmd: CheckpointCommand, json: bool) -> Result<()> {
         set.tensors.insert(name, spa_model::side::NamedTensor { shape: t.shape.iter().map(|&d| d as usize).collect(), values });
     }
     std::fs::write(&out, set.to_safetensors()).with_context(|| format!("writing {}", out.display()))?;
-    if json {
-        print_json(&Exported { version, tensors: set.tensors.len(), parameters: set.numel(), out: out.clone() })?;
-    } else {
-        println!("global version {version}: {} tensors, {} parameters -> {}", set.tensors.len(), set.numel(), out.display());
-    }
-    Ok(())
+    emit(json, &Exported { version, tensors: set.tensors.len(), parameters: set.numel(), out }, |e| {
+        println!("global version {version}: {} tensors, {} parameters -> {}", e.tensors, e.parameters, e.out.display())
+    })
 }
