@@ -306,11 +306,13 @@ impl<'a> Simulation<'a> {
     /// A simulation over devices whose features are already computed (for `config.side`'s
     /// layers).
     pub fn with_features(backbone: &'a Backbone, data: Vec<DeviceFeatures>, config: SimConfig) -> Result<Self> {
-        Self::with_bank(backbone, Arc::new(MemoryBank(data)), config)
+        Self::with_bank(backbone, FrozenHead::device_copy(backbone), Arc::new(MemoryBank(data)), config)
     }
 
-    /// A simulation over the devices of `bank`.
-    pub fn with_bank(backbone: &'a Backbone, bank: Arc<dyn FeatureBank>, config: SimConfig) -> Result<Self> {
+    /// A simulation over the devices of `bank`, training and scoring with `head` (the
+    /// backbone's, as [`FrozenHead::device_copy`] makes it; a caller that shares it shares the
+    /// predictions it memoizes over each device's features).
+    pub fn with_bank(backbone: &'a Backbone, head: FrozenHead, bank: Arc<dyn FeatureBank>, config: SimConfig) -> Result<Self> {
         let n = bank.len();
         if n < 2 {
             return Err(SimError::Invalid("a federation needs at least 2 devices".into()));
@@ -353,14 +355,7 @@ impl<'a> Simulation<'a> {
             devices.push(SimDevice { name: bank.name(i).to_string(), weight: bank.weight(i), private });
         }
         let optimizer = ServerOptimizer::new(config.strategy.clone())?;
-        Ok(Self { backbone, head: FrozenHead::device_copy(backbone), config, bank, devices, global, version: 0, optimizer })
-    }
-
-    /// Trains and scores with `head` (the backbone's, as [`FrozenHead::device_copy`] makes
-    /// it) instead of its own copy, so that the predictions the head memoizes over each
-    /// device's features are shared with the caller's other uses of them.
-    pub fn with_head(self, head: FrozenHead) -> Self {
-        Self { head, ..self }
+        Ok(Self { backbone, head, config, bank, devices, global, version: 0, optimizer })
     }
 
     /// Device `i`'s data and features.

@@ -313,7 +313,7 @@ fn federate<'a>(ctx: &Context<'a>, arm: Arm, seed: u64, lr: f64, mu: f64) -> Res
         eval_devices: ctx.curve_devices(),
     };
     let started = Instant::now();
-    let mut sim = Simulation::with_bank(ctx.model.backbone, ctx.fed.clone(), sim_cfg)?.with_head(ctx.head());
+    let mut sim = Simulation::with_bank(ctx.model.backbone, ctx.head(), ctx.fed.clone(), sim_cfg)?;
     let pick = |m: &spa_model::train::EvalMetrics| if objective == Objective::Gated { (m.routed_loss, m.routed_acc) } else { (m.side_loss, m.side_acc) };
     let at = |round: usize, all: &[spa_model::train::EvalMetrics]| {
         let n = all.len().max(1) as f64;

@@ -227,6 +227,24 @@ mod tests {
         }
     }
 
+    /// A new run of `rounds` rounds of `strategy` with run id `run_id` (as `create_run` asks).
+    fn new_run(run_id: u64, rounds: u32, strategy: spa_aggregation::strategy::StrategyName) -> crate::store::records::RunRecord {
+        use crate::store::records::{RoundPlan, RunRecord, RunState};
+        let plan = RoundPlan {
+            rounds,
+            min_clients: 2,
+            max_clients: 2,
+            deadline_secs: 60,
+            local_epochs: 1,
+            lr: 0.01,
+            strategy,
+            prox_mu: 0.0,
+            dp_l2_clip: 0.0,
+            dp_noise_multiplier: 0.0,
+        };
+        RunRecord { run_id, plan, created_ms: 0, rounds_started: 0, state: RunState::Active }
+    }
+
     fn token(store: &Store, t: &str, expires: u64) {
         let rec = TokenRecord { token_id: t[..4].into(), created_at_ms: 0, expires_at_ms: expires, note: String::new(), used_by: None, revoked_at_ms: None };
         store.add_token(&token_hash(t), &rec).unwrap();
@@ -278,25 +296,13 @@ mod tests {
     /// one transaction that never overwrites a version, and all of it after a reopen.
     #[test]
     fn rounds_commit_as_one_and_read_back_in_order() {
-        use crate::store::records::{RoundPlan, RoundRecord, RoundState, RunRecord, RunState};
+        use crate::store::records::{RoundRecord, RoundState};
         use spa_aggregation::strategy::{ServerOptimizer, StrategyName};
         let dir = tempfile::tempdir().unwrap();
-        let plan = RoundPlan {
-            rounds: 3,
-            min_clients: 2,
-            max_clients: 2,
-            deadline_secs: 60,
-            local_epochs: 1,
-            lr: 0.01,
-            strategy: StrategyName::FedAdam,
-            prox_mu: 0.0,
-            dp_l2_clip: 0.0,
-            dp_noise_multiplier: 0.0,
-        };
         let optimizer = ServerOptimizer::new(StrategyName::FedAdam.config(0.0).unwrap()).unwrap();
         {
             let s = Store::open(dir.path()).unwrap();
-            let mut run = s.create_run(|run_id| RunRecord { run_id, plan: plan.clone(), created_ms: 0, rounds_started: 0, state: RunState::Active }).unwrap();
+            let mut run = s.create_run(|run_id| new_run(run_id, 3, StrategyName::FedAdam)).unwrap();
             for id in 1..=3 {
                 run.rounds_started += 1;
                 let rec = RoundRecord::new(s.next_round_id().unwrap(), &run);
@@ -330,23 +336,10 @@ mod tests {
     /// the enrollment that used it meanwhile, a device revocation keeps a key rotated meanwhile.
     #[test]
     fn concurrent_writers_lose_nothing() {
-        use crate::store::records::{RoundPlan, RunRecord, RunState};
         use spa_aggregation::strategy::StrategyName;
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
-        let plan = RoundPlan {
-            rounds: 1,
-            min_clients: 2,
-            max_clients: 2,
-            deadline_secs: 60,
-            local_epochs: 1,
-            lr: 0.01,
-            strategy: StrategyName::FedAvg,
-            prox_mu: 0.0,
-            dp_l2_clip: 0.0,
-            dp_noise_multiplier: 0.0,
-        };
-        let make = |run_id| RunRecord { run_id, plan: plan.clone(), created_ms: 0, rounds_started: 0, state: RunState::Active };
+        let make = |run_id| new_run(run_id, 1, StrategyName::FedAvg);
         let mut ids: Vec<u64> = std::thread::scope(|sc| {
             let hs: Vec<_> = (0..4).map(|_| sc.spawn(|| (0..8).map(|_| s.create_run(make).unwrap().run_id).collect::<Vec<_>>())).collect();
             hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
