@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
+use rayon::prelude::*;
 use serde::Serialize;
 use spa_aggregation::dp::DpParams;
 use spa_aggregation::sim::{Stage, default_chunk, run};
@@ -89,7 +90,8 @@ pub struct DeviceFeatures {
 
 /// Tokenizes each user's data and computes the backbone features `side` reads.
 pub fn device_features(backbone: &Backbone, tokenizer: &Tokenizer, users: Vec<UserData>, side: &SideConfig) -> Result<Vec<DeviceFeatures>> {
-    users.into_iter().map(|u| one_device(backbone, tokenizer, u, side)).collect()
+    // Devices side by side: a prefill's own kernels keep two cores about 70% busy.
+    users.into_par_iter().map(|u| one_device(backbone, tokenizer, u, side)).collect()
 }
 
 fn one_device(backbone: &Backbone, tokenizer: &Tokenizer, u: UserData, side: &SideConfig) -> Result<DeviceFeatures> {
@@ -393,12 +395,25 @@ impl<'a> Simulation<'a> {
     /// `config.eval_devices`, or all).
     pub fn evaluate_each(&self) -> Result<Vec<EvalMetrics>> {
         let n = if self.config.eval_devices == 0 { self.devices.len() } else { self.config.eval_devices.min(self.devices.len()) };
-        (0..n).map(|i| Ok(evaluate(&self.plugin(i)?, &self.head, &self.bank.get(i)?.test, 2048)?)).collect()
+        (0..n).into_par_iter().map(|i| Ok(evaluate(&self.plugin(i)?, &self.head, &self.bank.get(i)?.test, 2048)?)).collect()
     }
 
     /// Mean test metrics over all devices with the current global version.
     pub fn evaluate(&self) -> Result<EvalMetrics> {
         Ok(EvalMetrics::mean(&self.evaluate_each()?))
+    }
+
+    /// Device `i`'s local training in `round` from the current global: its shared and
+    /// private parts.
+    fn train_device(&self, i: usize, round: usize) -> Result<(SharedParams, ParamSet)> {
+        let plugin = self.plugin(i)?;
+        let cfg = TrainConfig { seed: self.config.local.seed.wrapping_add(round as u64 * 1000 + i as u64), ..self.config.local.clone() };
+        let d = self.bank.get(i)?;
+        let (trained, _) = match &d.val {
+            Some(val) => train_with_validation(plugin, &self.head, &d.train, val, &cfg, Some(&self.global), &mut |_| {})?,
+            None => train_plugin(plugin, &self.head, &d.train, &cfg, Some(&self.global), &mut |_| {})?,
+        };
+        Ok(trained.split()?)
     }
 
     /// One federated round over the round's cohort.
@@ -407,16 +422,11 @@ impl<'a> Simulation<'a> {
         let round = self.version as usize + 1;
         let cohort = self.cohort(round);
         let n = cohort.len();
+        // The cohort trains side by side (each device's result depends on its data alone).
+        let trained = cohort.par_iter().map(|&i| self.train_device(i, round)).collect::<Vec<Result<_>>>();
         let mut deltas = Vec::with_capacity(n);
-        for &i in &cohort {
-            let plugin = self.plugin(i)?;
-            let cfg = TrainConfig { seed: self.config.local.seed.wrapping_add(round as u64 * 1000 + i as u64), ..self.config.local.clone() };
-            let d = self.bank.get(i)?;
-            let (trained, _) = match &d.val {
-                Some(val) => train_with_validation(plugin, &self.head, &d.train, val, &cfg, Some(&self.global), &mut |_| {})?,
-                None => train_plugin(plugin, &self.head, &d.train, &cfg, Some(&self.global), &mut |_| {})?,
-            };
-            let (shared, private) = trained.split()?;
+        for (&i, t) in cohort.iter().zip(trained) {
+            let (shared, private) = t?;
             // Private layers stay on the device; only the shared delta goes to aggregation.
             self.devices[i].private = private;
             deltas.push(shared.delta_from(&self.global)?);

@@ -5,7 +5,7 @@ use spa_model::backbone::{TokenBatch, load_backbone};
 use spa_model::features::{Positions, TokenizedExample, extract_features};
 use spa_model::generate::{Decoding, LocalStates, Sampling, generate};
 use spa_model::personal::knn::{Datastore, KnnParams, normalize_rows};
-use spa_model::personal::{PersonalConfig, PersonalModel, Route, Stage, fit};
+use spa_model::personal::{PersonalConfig, PersonalModel, Route, Stage, fit, score_all};
 use spa_model::side::{FrozenHead, Plugin, SideConfig, SideVariant};
 use spa_model::tensor_util::{from_vec, to_vec};
 use spa_model::train::{Objective, TrainConfig, evaluate, train_plugin};
@@ -397,6 +397,15 @@ fn the_personal_fit_learns_the_habit_and_keeps_what_validation_supports() {
     };
     let (global, v2) = (score(Stage::Global), score(Stage::Gated(Route::Best)));
     assert!(v2.loss < 0.5 * global.loss && v2.accuracy > 0.9, "global {global:?} v2 {v2:?} stages {:?}", f.stages);
+    // Scored together (each distinct side network projected once), every stage scores as it
+    // does alone.
+    let stages = [Stage::Global, Stage::Candidate("finetune"), Stage::KnnGlobal, Stage::Select, Stage::Mix, Stage::Knn, Stage::Gated(Route::Best)];
+    let models: Vec<PersonalModel> = stages.iter().map(|&s| f.model(&body, s)).collect();
+    let together = score_all(&models.iter().collect::<Vec<_>>(), &head, &test).unwrap();
+    for (m, t) in models.iter().zip(&together) {
+        let alone = m.score(&head, &test).unwrap();
+        assert_eq!((&t.model_lp, &t.model_top, &t.gate, &t.backbone_lp), (&alone.model_lp, &alone.model_top, &alone.gate, &alone.backbone_lp));
+    }
     let model = f.device_model(&body, &cfg);
     // Stored and read back, it is the same model.
     let (private, meta, store) = model.private_parts();

@@ -5,9 +5,11 @@
 //! Every arm is scored the same way: its [`PersonalModel`] on the device's test split.
 use std::time::Instant;
 
+use rayon::prelude::*;
+
 use spa_model::data::Example;
 use spa_model::generate::{Decoding, LocalStates, Sampling, generate_text};
-use spa_model::personal::{DeviceCost, Fit, PersonalModel, fit, gate};
+use spa_model::personal::{DeviceCost, Fit, PersonalModel, TokenScores, fit, gate, score_all};
 use spa_model::side::{FrozenHead, Plugin, SideConfig};
 use spa_model::train::{Objective, TrainConfig, train_with_validation};
 
@@ -50,6 +52,7 @@ pub struct SeedOutput {
 /// Every configured arm for `seed`, in the config's order.
 pub fn run_seed(ctx: &Context, seed: u64, tuned: &mut Tuned, first: bool, progress: &mut dyn FnMut(&str)) -> Result<SeedOutput> {
     let wants = |a: Arm| ctx.cfg.arms.contains(&a);
+    let head = ctx.head();
     let mut out = SeedOutput { runs: Vec::new(), extras: Extras::default(), costs: Vec::new() };
     let mut flips = Flips::default();
     let mut done = |arm: Arm, run: SeedRun, progress: &mut dyn FnMut(&str)| {
@@ -68,12 +71,14 @@ pub fn run_seed(ctx: &Context, seed: u64, tuned: &mut Tuned, first: bool, progre
     if wants(Arm::Backbone) {
         let t = Instant::now();
         let models = backbone_models(ctx, seed)?;
-        done(Arm::Backbone, scored(ctx, Arm::Backbone, seed, &models, first.then_some(&mut flips), vec![], t)?, progress);
+        let devices = scored(ctx, Arm::Backbone, &models, &mut alone(&head), first.then_some(&mut flips))?;
+        done(Arm::Backbone, SeedRun::new(seed, devices, vec![], t.elapsed().as_secs_f64()), progress);
     }
     if wants(Arm::Local) {
         let t = Instant::now();
         let (models, curve) = local(ctx, seed, tuned, progress)?;
-        done(Arm::Local, scored(ctx, Arm::Local, seed, &models, first.then_some(&mut flips), curve, t)?, progress);
+        let devices = scored(ctx, Arm::Local, &models, &mut alone(&head), first.then_some(&mut flips))?;
+        done(Arm::Local, SeedRun::new(seed, devices, curve, t.elapsed().as_secs_f64()), progress);
     }
     let body_arms: Vec<Arm> = ctx.cfg.arms.iter().copied().filter(|a| a.stage().is_some()).collect();
     if !body_arms.is_empty() {
@@ -85,17 +90,19 @@ pub fn run_seed(ctx: &Context, seed: u64, tuned: &mut Tuned, first: bool, progre
         let fits = fit_all(ctx, &body, seed)?;
         progress(&format!("seed {seed} personal fits of {} devices in {:.1} s", fits.len(), t.elapsed().as_secs_f64()));
         let fit_secs = t.elapsed().as_secs_f64() / body_arms.len() as f64;
-        for arm in body_arms {
+        let models: Vec<Vec<PersonalModel>> = body_arms.iter().map(|a| fits.iter().map(|f| f.model(&body, a.stage().expect("body arm"))).collect()).collect();
+        let t = Instant::now();
+        let mut scores = score_together(ctx, &models)?;
+        let score_secs = t.elapsed().as_secs_f64() / body_arms.len() as f64;
+        for ((arm, models), scores) in body_arms.into_iter().zip(&models).zip(&mut scores) {
             let t = Instant::now();
-            let stage = arm.stage().expect("body arm");
-            let models: Vec<PersonalModel> = fits.iter().map(|f| f.model(&body, stage)).collect();
             if first {
-                out.costs.push((arm, mean_cost(&models, ctx.model.backbone.config.max_position_embeddings)));
+                out.costs.push((arm, mean_cost(models, ctx.model.backbone.config.max_position_embeddings)));
             }
             let curve = if arm == Arm::Global { curve.clone() } else { vec![] };
-            let mut run = scored(ctx, arm, seed, &models, first.then_some(&mut flips), curve, t)?;
-            run.seconds += fit_secs + if arm == Arm::Global { fed_secs } else { 0.0 };
-            done(arm, run, progress);
+            let devices = scored(ctx, arm, models, &mut |i, _, _| Ok(std::mem::take(&mut scores[i])), first.then_some(&mut flips))?;
+            let shared = fit_secs + score_secs + if arm == Arm::Global { fed_secs } else { 0.0 };
+            done(arm, SeedRun::new(seed, devices, curve, t.elapsed().as_secs_f64() + shared), progress);
         }
         if first {
             out.extras = extras::measure(ctx, &body, &fits, seed, progress)?;
@@ -105,7 +112,8 @@ pub fn run_seed(ctx: &Context, seed: u64, tuned: &mut Tuned, first: bool, progre
         let t = Instant::now();
         let (sim, curve) = tuned_federation(ctx, Arm::Fedprox, seed, tuned, progress)?;
         let models = vec![PersonalModel::of_body(sim.plugin(0)?); ctx.devices()];
-        done(Arm::Fedprox, scored(ctx, Arm::Fedprox, seed, &models, first.then_some(&mut flips), curve, t)?, progress);
+        let devices = scored(ctx, Arm::Fedprox, &models, &mut alone(&head), first.then_some(&mut flips))?;
+        done(Arm::Fedprox, SeedRun::new(seed, devices, curve, t.elapsed().as_secs_f64()), progress);
     }
     if wants(Arm::SpaV1) {
         let t = Instant::now();
@@ -115,24 +123,24 @@ pub fn run_seed(ctx: &Context, seed: u64, tuned: &mut Tuned, first: bool, progre
         let newcomer = fresh.load(sim.global.as_set())?;
         let mut models = (0..ctx.fed.len()).map(|i| Ok(PersonalModel::v1(sim.plugin(i)?)?)).collect::<Result<Vec<_>>>()?;
         models.extend((0..ctx.new.len()).map(|_| PersonalModel::v1(newcomer.clone())).collect::<spa_model::Result<Vec<_>>>()?);
-        done(Arm::SpaV1, scored(ctx, Arm::SpaV1, seed, &models, first.then_some(&mut flips), curve, t)?, progress);
+        let devices = scored(ctx, Arm::SpaV1, &models, &mut alone(&head), first.then_some(&mut flips))?;
+        done(Arm::SpaV1, SeedRun::new(seed, devices, curve, t.elapsed().as_secs_f64()), progress);
     }
     out.extras.flips = flips.rows(Arm::GlobalFt);
     Ok(out)
 }
 
-/// Scores each device's model (federated devices first, then newcomers, as `ctx.all`) on its
-/// test split. On the first seed (`flips` given): ROUGE of greedy replies for the main arms,
-/// and the federated devices' per-token scores of an arm without a gate kept in `flips`.
+/// Each device's result with its model (federated devices first, then newcomers, as
+/// `ctx.device`) on its test split, scored by `score` (device index, features, model). On the
+/// first seed (`flips` given): ROUGE of greedy replies for the main arms, and the federated
+/// devices' per-token scores of an arm without a gate kept in `flips`.
 fn scored(
     ctx: &Context,
     arm: Arm,
-    seed: u64,
     models: &[PersonalModel],
+    score: &mut dyn FnMut(usize, &DeviceFeatures, &PersonalModel) -> Result<TokenScores>,
     flips: Option<&mut Flips>,
-    curve: Vec<RoundPoint>,
-    started: Instant,
-) -> Result<SeedRun> {
+) -> Result<Vec<DeviceResult>> {
     let head = ctx.head();
     let mut devices = Vec::new();
     let first = flips.is_some();
@@ -142,7 +150,7 @@ fn scored(
     for (i, m) in models.iter().enumerate() {
         let (d, held_out) = ctx.device(i)?;
         let threshold = if arm == Arm::Backbone { gate::NEVER } else { m.threshold };
-        let scores = m.score(&head, &d.test)?;
+        let scores = score(i, &d, m)?;
         let s = scores.at(threshold);
         if keep && !held_out {
             kept.push(scores);
@@ -163,7 +171,32 @@ fn scored(
     if let Some(flips) = flips.filter(|_| keep) {
         flips.keep(arm, kept);
     }
-    Ok(SeedRun::new(seed, devices, curve, started.elapsed().as_secs_f64()))
+    Ok(devices)
+}
+
+/// Each device's model scored on its own test split.
+fn alone(head: &FrozenHead) -> impl FnMut(usize, &DeviceFeatures, &PersonalModel) -> Result<TokenScores> + '_ {
+    |_, d, m| Ok(m.score(head, &d.test)?)
+}
+
+/// Per arm, per device: the test scores of `models[arm][device]`, a device's arms scored
+/// together (they share the body and the fit's candidates: each projected once).
+fn score_together(ctx: &Context, models: &[Vec<PersonalModel>]) -> Result<Vec<Vec<TokenScores>>> {
+    let head = ctx.head();
+    let per_device = (0..ctx.devices())
+        .into_par_iter()
+        .map(|i| {
+            let here: Vec<&PersonalModel> = models.iter().map(|m| &m[i]).collect();
+            Ok(score_all(&here, &head, &ctx.device(i)?.0.test)?)
+        })
+        .collect::<Result<Vec<Vec<TokenScores>>>>()?;
+    let mut out: Vec<Vec<TokenScores>> = vec![Vec::with_capacity(ctx.devices()); models.len()];
+    for device in per_device {
+        for (arm, s) in out.iter_mut().zip(device) {
+            arm.push(s);
+        }
+    }
+    Ok(out)
 }
 
 /// Untrained plugins (their scores at threshold "never" are the backbone's).
@@ -212,11 +245,12 @@ fn local_at(ctx: &Context, seed: u64, lr: f64) -> Result<(Vec<PersonalModel>, Ve
         None => ctx.cfg.rounds,
     };
     for r in 1..=calls {
-        for (i, p) in plugins.iter_mut().enumerate() {
+        plugins.par_iter_mut().enumerate().try_for_each(|(i, p)| -> Result<()> {
             let tc = train_cfg(ctx, Objective::Side, lr, seed.wrapping_add(r as u64 * 1000 + i as u64));
             let (d, _) = ctx.device(i)?;
             *p = train_with_validation(p.clone(), &head, &d.train, val_of(&d), &tc, None, &mut |_| {})?.0;
-        }
+            Ok(())
+        })?;
         curve.push(point(ctx, r, &plugins, &head, started)?);
     }
     Ok((plugins.into_iter().map(PersonalModel::of_body).collect(), curve))
@@ -224,13 +258,13 @@ fn local_at(ctx: &Context, seed: u64, lr: f64) -> Result<(Vec<PersonalModel>, Ve
 
 /// Mean test loss and accuracy over the curve's devices of their plugins speaking always.
 fn point(ctx: &Context, round: usize, plugins: &[Plugin], head: &FrozenHead, started: Instant) -> Result<RoundPoint> {
-    let (mut loss, mut acc) = (0.0, 0.0);
     let n = ctx.curve_devices();
-    for (i, p) in plugins.iter().enumerate().take(n) {
-        let s = PersonalModel::of_body(p.clone()).score(head, &ctx.fed.get(i)?.test)?.at(gate::ALWAYS);
-        loss += s.loss;
-        acc += s.accuracy;
-    }
+    let scores = plugins[..n.min(plugins.len())]
+        .par_iter()
+        .enumerate()
+        .map(|(i, p)| Ok(PersonalModel::of_body(p.clone()).score(head, &ctx.fed.get(i)?.test)?.at(gate::ALWAYS)))
+        .collect::<Result<Vec<_>>>()?;
+    let (loss, acc) = scores.iter().fold((0.0, 0.0), |(l, a), s| (l + s.loss, a + s.accuracy));
     let n = n.max(1) as f64;
     Ok(RoundPoint { round, loss: loss / n, accuracy: acc / n, seconds: started.elapsed().as_secs_f64() })
 }
@@ -239,12 +273,10 @@ fn point(ctx: &Context, round: usize, plugins: &[Plugin], head: &FrozenHead, sta
 /// they speak.
 fn mean_val_loss(ctx: &Context, models: &[PersonalModel]) -> Result<f64> {
     let head = ctx.head();
-    let n = ctx.fed.len();
-    let mut sum = 0.0;
-    for (i, m) in models.iter().enumerate().take(n) {
-        sum += m.score(&head, val_of(&ctx.fed.get(i)?))?.at(m.threshold).loss;
-    }
-    Ok(sum / n.max(1) as f64)
+    let n = ctx.fed.len().min(models.len());
+    let losses =
+        models[..n].par_iter().enumerate().map(|(i, m)| Ok(m.score(&head, val_of(&ctx.fed.get(i)?))?.at(m.threshold).loss)).collect::<Result<Vec<f64>>>()?;
+    Ok(losses.iter().sum::<f64>() / n.max(1) as f64)
 }
 
 /// A federation for `arm` (`global`: the body; `fedprox`; `spa_v1`), its knobs tuned on the
@@ -332,6 +364,7 @@ fn federate<'a>(ctx: &Context<'a>, arm: Arm, seed: u64, lr: f64, mu: f64) -> Res
 fn fit_all(ctx: &Context, body: &Plugin, seed: u64) -> Result<Vec<Fit>> {
     let head = ctx.head();
     (0..ctx.devices())
+        .into_par_iter()
         .map(|i| {
             let (d, _) = ctx.device(i)?;
             Ok(fit(body, &head, &d.train, val_of(&d), &ctx.cfg.personal, seed.wrapping_add(7 * i as u64))?)

@@ -3,10 +3,13 @@
 //! tokens the side speaks (what the gate costs), and the newcomers' curve over how much of
 //! their data their personal model is fitted on.
 use std::sync::Arc;
+use std::time::Instant;
+
+use rayon::prelude::*;
 
 use serde::{Deserialize, Serialize};
 use spa_model::features::FeatureSet;
-use spa_model::personal::{Fit, PersonalModel, Route, Stage, fit};
+use spa_model::personal::{Fit, PersonalModel, Route, Stage, TokenScores, fit, score_all};
 use spa_model::side::Plugin;
 
 use super::Context;
@@ -74,25 +77,42 @@ pub fn measure(ctx: &Context, body: &Plugin, fits: &[Fit], seed: u64, progress: 
     let v2: Vec<PersonalModel> = fed_fits.iter().map(|f| f.model(body, Stage::Gated(Route::Best))).collect();
     let mut out = Extras { choices: Some(choices(fed_fits, &v2)), ..Extras::default() };
     let n = ctx.cfg.cross_users.min(ctx.fed.len());
+    // Each device's own model on its own test set: the matrix's diagonal, then the side curve.
+    let mut own: Vec<Option<TokenScores>> = vec![None; v2.len()];
     if n >= 2 {
-        // Column j: every model on user j's test set (loaded once).
+        let t = Instant::now();
+        // Column j: every model on user j's test set (loaded once; the body projected once).
+        let models: Vec<&PersonalModel> = v2.iter().take(n).collect();
+        let scored = (0..n).into_par_iter().map(|j| Ok(score_all(&models, &head, &ctx.fed.get(j)?.test)?)).collect::<Result<Vec<_>>>()?;
         let mut columns = Vec::with_capacity(n);
-        for j in 0..n {
-            let test = ctx.fed.get(j)?.test;
-            columns.push(v2.iter().take(n).map(|m| Ok(m.score(&head, &test)?.at(m.threshold).loss)).collect::<Result<Vec<f64>>>()?);
+        for (j, mut scores) in scored.into_iter().enumerate() {
+            columns.push(models.iter().zip(&scores).map(|(m, s)| s.at(m.threshold).loss).collect::<Vec<f64>>());
+            own[j] = Some(scores.swap_remove(j));
         }
         let loss: Vec<Vec<f64>> = (0..n).map(|i| columns.iter().map(|c| c[i]).collect()).collect();
         let own_best = (0..n).filter(|&j| (0..n).all(|i| loss[j][j] <= loss[i][j])).count();
         let diag = (0..n).map(|i| loss[i][i]).sum::<f64>() / n as f64;
         let off = (0..n).flat_map(|i| (0..n).filter(move |&j| j != i).map(move |j| (i, j))).map(|(i, j)| loss[i][j]).sum::<f64>() / (n * (n - 1)) as f64;
-        progress(&format!("cross-user matrix of {n} users: own model best on {own_best}/{n} test sets, diagonal {diag:.4} vs off-diagonal {off:.4}"));
+        progress(&format!(
+            "cross-user matrix of {n} users: own model best on {own_best}/{n} test sets, diagonal {diag:.4} vs off-diagonal {off:.4} ({:.1} s)",
+            t.elapsed().as_secs_f64()
+        ));
         let users = (0..n).map(|i| ctx.fed.name(i).to_string()).collect();
         out.cross_user = Some(CrossUser { users, loss, own_best, mean_diagonal: diag, mean_off_diagonal: off });
     }
-    out.side_curve = side_curve(&v2, &head, ctx)?;
+    let own = own
+        .into_par_iter()
+        .enumerate()
+        .map(|(i, s)| match s {
+            Some(s) => Ok(s),
+            None => Ok(v2[i].score(&head, &ctx.fed.get(i)?.test)?),
+        })
+        .collect::<Result<Vec<TokenScores>>>()?;
+    out.side_curve = side_curve(&own);
     for &fraction in ctx.cfg.data_fractions.iter().filter(|_| !ctx.new.is_empty()) {
+        let t = Instant::now();
         out.fractions.push(fraction_point(ctx, body, &head, fraction, seed)?);
-        progress(&format!("newcomers fitted on {:.0}% of their data", fraction * 100.0));
+        progress(&format!("newcomers fitted on {:.0}% of their data ({:.1} s)", fraction * 100.0, t.elapsed().as_secs_f64()));
     }
     Ok(out)
 }
@@ -123,11 +143,12 @@ fn choices(fits: &[Fit], models: &[PersonalModel]) -> Choices {
     }
 }
 
-fn side_curve(models: &[PersonalModel], head: &spa_model::side::FrozenHead, ctx: &Context) -> Result<Vec<SidePoint>> {
+/// Each device's model's test scores at thresholds that let it speak on 0, 5, ..., 100% of
+/// its tokens (the gate's test quantiles).
+fn side_curve(scores: &[TokenScores]) -> Vec<SidePoint> {
     const STEPS: usize = 20;
     let mut acc = vec![(0.0f64, 0.0f64); STEPS + 1];
-    for (i, m) in models.iter().enumerate() {
-        let s = m.score(head, &ctx.fed.get(i)?.test)?;
+    for s in scores {
         let mut g = s.gate.clone();
         g.sort_by(f32::total_cmp);
         for (q, a) in acc.iter_mut().enumerate() {
@@ -139,8 +160,8 @@ fn side_curve(models: &[PersonalModel], head: &spa_model::side::FrozenHead, ctx:
             a.1 += p.loss;
         }
     }
-    let n = models.len().max(1) as f64;
-    Ok(acc.into_iter().map(|(s, l)| SidePoint { side_fraction: s / n, loss: l / n }).collect())
+    let n = scores.len().max(1) as f64;
+    acc.into_iter().map(|(s, l)| SidePoint { side_fraction: s / n, loss: l / n }).collect()
 }
 
 /// The first `fraction` of a feature set's examples (at least one).
@@ -154,19 +175,21 @@ fn head_of(set: &FeatureSet, fraction: f64) -> FeatureSet {
 fn fraction_point(ctx: &Context, body: &Plugin, head: &spa_model::side::FrozenHead, fraction: f64, seed: u64) -> Result<FractionPoint> {
     let arms =
         [(Arm::Global, Stage::Global), (Arm::GlobalFt, Stage::Candidate("finetune")), (Arm::KnnPer, Stage::KnnGlobal), (Arm::SpaV2, Stage::Gated(Route::Best))];
-    let mut loss = vec![0.0; arms.len()];
-    let mut examples = 0usize;
-    for i in 0..ctx.new.len() {
-        let d = ctx.new.get(i)?;
-        let train = Arc::new(head_of(&d.train, fraction));
-        examples += train.examples.len();
-        let val = d.val.as_ref().expect("experiment devices have a validation split");
-        let f = fit(body, head, &train, val, &ctx.cfg.personal, seed.wrapping_add(31 * i as u64))?;
-        for (k, (_, stage)) in arms.iter().enumerate() {
-            let m = f.model(body, *stage);
-            loss[k] += m.score(head, &d.test)?.at(m.threshold).loss;
-        }
-    }
+    // Per newcomer: its train examples and each arm's test loss.
+    let per_device = (0..ctx.new.len())
+        .into_par_iter()
+        .map(|i| {
+            let d = ctx.new.get(i)?;
+            let train = Arc::new(head_of(&d.train, fraction));
+            let val = d.val.as_ref().expect("experiment devices have a validation split");
+            let f = fit(body, head, &train, val, &ctx.cfg.personal, seed.wrapping_add(31 * i as u64))?;
+            let models: Vec<PersonalModel> = arms.iter().map(|(_, stage)| f.model(body, *stage)).collect();
+            let scores = score_all(&models.iter().collect::<Vec<_>>(), head, &d.test)?;
+            Ok((train.examples.len(), models.iter().zip(&scores).map(|(m, s)| s.at(m.threshold).loss).collect::<Vec<f64>>()))
+        })
+        .collect::<Result<Vec<(usize, Vec<f64>)>>>()?;
+    let examples: usize = per_device.iter().map(|(e, _)| e).sum();
+    let loss: Vec<f64> = (0..arms.len()).map(|k| per_device.iter().map(|(_, l)| l[k]).sum()).collect();
     let n = ctx.new.len().max(1) as f64;
     Ok(FractionPoint { fraction, mean_train_examples: examples as f64 / n, loss: arms.iter().zip(loss).map(|((a, _), l)| (*a, l / n)).collect() })
 }

@@ -36,7 +36,7 @@ use crate::side::params::{NamedTensor, ParamSet};
 use crate::side::plugin::GateNet;
 use crate::side::{FrozenHead, Plugin, SideVariant};
 use crate::tensor_util::{from_vec, to_vec};
-use crate::train::for_each_rows;
+use crate::train::{Rows, for_each_rows};
 
 /// The least probability a mixed distribution holds, and its log: a token no part of the
 /// model can produce still costs a finite loss.
@@ -211,35 +211,35 @@ impl PersonalModel {
 
     /// Per-token scores on every loss position of `data` (test metrics, calibration curves).
     pub fn score(&self, head: &FrozenHead, data: &FeatureSet) -> Result<TokenScores> {
-        let mut out = TokenScores::default();
-        let device = head.device();
-        for_each_rows(&self.plugins(), head, data, &mut |rows| {
-            let (n, d) = (rows.len(), data.d);
-            let v = rows.side[0].len() / n.max(1);
-            let nb = self.neighbours(&rows.h_last, d, &device);
-            out.gate.extend(self.gate_at(head, &rows.h_last, d));
-            let mut buf = vec![0.0f32; v];
-            // One side distribution and no memory: the row is already the model's (the mix's
-            // exp and ln of a 49k-way row per token would only round it).
-            let alone = rows.side.len() == 1 && nb.is_none();
-            for r in 0..n {
-                let side: Vec<&[f32]> = rows.side.iter().map(|s| &s[r * v..(r + 1) * v]).collect();
-                let row: &[f32] = if alone {
-                    side[0]
-                } else {
-                    self.mix_row(&side, nb.as_ref().map(|nb| (nb, r)), &mut buf);
-                    &buf
-                };
-                let (t, top) = (rows.targets[r] as usize, argmax(row));
-                out.model_lp.push(row[t].max(LN_FLOOR));
-                out.model_right.push(top == t);
-                out.model_top.push(top as u32);
-            }
-            out.backbone_lp.extend(&rows.bb_logp);
-            out.backbone_right.extend(&rows.bb_right);
-            Ok(())
-        })?;
-        Ok(out)
+        Ok(score_all(&[self], head, data)?.pop().expect("one model"))
+    }
+
+    /// Appends the scores of one chunk of rows; `side` holds the side log-probabilities of
+    /// [`Self::plugins`] (`[rows, vocab]` each), `d` the width of the final states.
+    fn score_rows(&self, head: &FrozenHead, rows: &Rows, d: usize, side: &[&[f32]], out: &mut TokenScores) {
+        let n = rows.len();
+        let v = side[0].len() / n.max(1);
+        let nb = self.neighbours(&rows.h_last, d, &head.device());
+        out.gate.extend(self.gate_at(head, &rows.h_last, d));
+        let mut buf = vec![0.0f32; v];
+        // One side distribution and no memory: the row is already the model's (the mix's
+        // exp and ln of a 49k-way row per token would only round it).
+        let alone = side.len() == 1 && nb.is_none();
+        for r in 0..n {
+            let at: Vec<&[f32]> = side.iter().map(|s| &s[r * v..(r + 1) * v]).collect();
+            let row: &[f32] = if alone {
+                at[0]
+            } else {
+                self.mix_row(&at, nb.as_ref().map(|nb| (nb, r)), &mut buf);
+                &buf
+            };
+            let (t, top) = (rows.targets[r] as usize, argmax(row));
+            out.model_lp.push(row[t].max(LN_FLOOR));
+            out.model_right.push(top == t);
+            out.model_top.push(top as u32);
+        }
+        out.backbone_lp.extend(&rows.bb_logp);
+        out.backbone_right.extend(&rows.bb_right);
     }
 
     /// The logits the device speaks with at the last position of `h_all` (`[1, t, d]`) and
@@ -355,6 +355,40 @@ impl PersonalModel {
         };
         Ok(Self { body, personal, alpha: meta.alpha, knn, gate, threshold: meta.threshold, meta })
     }
+}
+
+/// Per-token scores of several models on `data`, each distinct side network's distribution
+/// computed once: models fitted from one body share it (a seed's arms on a device, the
+/// cross-user matrix's column), and the vocabulary projection is most of the cost. The
+/// models' side networks must share one variant and feature layers.
+pub fn score_all(models: &[&PersonalModel], head: &FrozenHead, data: &FeatureSet) -> Result<Vec<TokenScores>> {
+    let mut distinct: Vec<(&Plugin, ParamSet)> = Vec::new();
+    let mut index: Vec<Vec<usize>> = Vec::with_capacity(models.len());
+    for m in models {
+        let mut at = Vec::new();
+        for p in m.plugins() {
+            let params = p.params();
+            let k = distinct.iter().position(|(_, q)| *q == params).unwrap_or_else(|| {
+                distinct.push((p, params));
+                distinct.len() - 1
+            });
+            at.push(k);
+        }
+        index.push(at);
+    }
+    let plugins: Vec<&Plugin> = distinct.iter().map(|(p, _)| *p).collect();
+    if plugins.iter().any(|p| p.config.variant != plugins[0].config.variant || p.shape.feature_layers != plugins[0].shape.feature_layers) {
+        return Err(ModelError::InvalidInput("models scored together must share the side variant and feature layers".into()));
+    }
+    let mut out = vec![TokenScores::default(); models.len()];
+    for_each_rows(&plugins, head, data, &mut |rows| {
+        for ((m, at), o) in models.iter().zip(&index).zip(out.iter_mut()) {
+            let side: Vec<&[f32]> = at.iter().map(|&k| rows.side[k].as_slice()).collect();
+            m.score_rows(head, &rows, data.d, &side, o);
+        }
+        Ok(())
+    })?;
+    Ok(out)
 }
 
 fn argmax(row: &[f32]) -> usize {
