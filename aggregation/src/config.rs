@@ -14,33 +14,12 @@ use crate::dp::DpParams;
 use crate::error::{Result, SecAggError};
 use crate::harary::{AdversaryClass, find_parameters};
 use crate::prg::CipherSuite;
-
-/// Domain-separation labels (ASCII; part of the spec).
-pub mod labels {
-    /// Canonical config encoding prefix.
-    pub const CONFIG: &[u8] = b"flsa/v1/config";
-    /// session_id derivation.
-    pub const SESSION: &[u8] = b"flsa/v1/session";
-    /// Neighbour-graph shuffle key (HKDF info).
-    pub const GRAPH: &[u8] = b"flsa/v1/graph";
-    /// Directional share-channel key (HKDF info prefix).
-    pub const ENC: &[u8] = b"flsa/v1/enc";
-    /// Pairwise mask seed (HKDF info prefix).
-    pub const MASK: &[u8] = b"flsa/v1/mask";
-    /// Self-mask key (HKDF info).
-    pub const SELF: &[u8] = b"flsa/v1/self";
-    /// Key advertisement signature prefix.
-    pub const ADV: &[u8] = b"flsa/v1/adv";
-    /// Additional data of the share ciphertexts.
-    pub const SHARE_AAD: &[u8] = b"flsa/v1/share";
-}
+use crate::spec::{MAX_CLIENTS, labels};
 
 /// The only modulus implemented: u32 lanes.
 pub const MODULUS_BITS: u8 = 32;
 /// Upper bound on `m` accepted from a config (guards allocations driven by peers).
 pub const MAX_LANES: u64 = 1 << 30;
-/// Upper bound on the cohort size (the parameter finder's range).
-pub const MAX_CLIENTS: u32 = 1_000_000;
 
 /// How client vectors are encoded into u32 lanes.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

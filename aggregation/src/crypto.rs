@@ -16,10 +16,10 @@ use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::{Zeroize, Zeroizing};
 
-use crate::config::labels;
 use crate::error::{Result, SecAggError};
 use crate::prg::MaskKey;
 use crate::shamir::{SHARE_BYTES, Share};
+use crate::spec::labels;
 
 /// Length of an encrypted share pair: u‖v‖share_b‖share_s plus the Poly1305 tag.
 pub const SHARE_CT_BYTES: usize = 8 + 2 * SHARE_BYTES + 16;

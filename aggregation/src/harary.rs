@@ -5,10 +5,10 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::labels;
 use crate::crypto::hkdf32;
 use crate::error::{Result, SecAggError};
 use crate::prg::{CipherSuite, MaskKey, MaskPrg, WordStream};
+use crate::spec::{MAX_CLIENTS, labels};
 
 /// Which server the parameters must defend against.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,7 +42,7 @@ const SMALL: f64 = 1e-14;
 /// and every client keeps ≥ t surviving neighbours except with 2^−20/n.
 pub fn find_parameters(n: u32, gamma: f64, delta: f64, class: AdversaryClass) -> Result<GraphParameters> {
     let bad = |s: String| Err(SecAggError::InvalidConfig(s));
-    if n == 0 || n > crate::config::MAX_CLIENTS {
+    if n == 0 || n > MAX_CLIENTS {
         return bad(format!("number of clients {n} outside 1..=1000000"));
     }
     if !(0.0..1.0).contains(&gamma) || !(0.0..1.0).contains(&delta) {

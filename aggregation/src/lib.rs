@@ -26,6 +26,7 @@ pub mod quant;
 pub mod server;
 pub mod shamir;
 pub mod sim;
+pub mod spec;
 pub mod strategy;
 
 pub use client::{ClientIncoming, ClientOutgoing, ClientState, MaskedInput};

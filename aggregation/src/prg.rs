@@ -252,6 +252,21 @@ impl WordStream {
     }
 }
 
+/// One mask to remove: apply `PRG` with this sign over the whole accumulator.
+pub type MaskJob = (Sign, MaskPrg);
+
+/// Applies every (sign, PRG) job to the accumulator, 64 KiB range by range
+/// (parallel over ranges with the `rayon` feature): each range stays in cache
+/// while all jobs pass over it.
+pub fn remove_masks(jobs: &[MaskJob], acc: &mut [u32]) {
+    let piece = CHUNK_BYTES / 4;
+    crate::par::for_each_chunk(acc, piece, |i, part| {
+        for (sign, prg) in jobs {
+            prg.apply(*sign, (i * piece) as u64, part);
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -31,11 +31,8 @@ use crate::crypto::{SHARE_CT_BYTES, advertisement_message, agree, pairwise_mask_
 use crate::error::{Result, SecAggError};
 use crate::harary::NeighbourGraph;
 use crate::messages::{AdvertiseKeys, EncryptedShare, MaskedInputRequest, NeighbourKeys, ShareKeysRequest, ShareKeysResponse, UnmaskRequest, UnmaskResponse};
-use crate::prg::{CHUNK_BYTES, MaskPrg, Sign};
+use crate::prg::{MaskJob, MaskPrg, Sign, remove_masks};
 use crate::shamir::{LagrangeCache, Share};
-
-/// One mask to remove: apply `PRG` with this sign over the whole accumulator.
-pub type MaskJob = (Sign, MaskPrg);
 
 /// The server's phase.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -395,20 +392,13 @@ impl SecAggServer {
     /// removes the masks and returns the sum. Aborts if any reconstruction has
     /// fewer than t shares or a rebuilt key does not match its advertised key.
     pub fn close_unmask(&mut self) -> Result<AggregateOutput> {
-        self.close_unmask_with(&|jobs, acc| remove_masks(jobs, acc))
-    }
-
-    /// [`SecAggServer::close_unmask`] with a caller-chosen way to run the mask
-    /// removal (e.g. on a blocking thread pool); `remover` must apply every
-    /// (sign, PRG) job to the whole accumulator, as [`remove_masks`] does.
-    pub fn close_unmask_with(&mut self, remover: &dyn Fn(&[MaskJob], &mut [u32])) -> Result<AggregateOutput> {
         self.expect(ServerPhase::CollectingUnmaskShares, "close_unmask")?;
         let jobs = match self.mask_removal_jobs() {
             Ok(j) => j,
             Err(e) => return Err(self.abort_with(e)),
         };
         let mut sum = std::mem::take(&mut self.accumulator);
-        remover(&jobs, &mut sum);
+        remove_masks(&jobs, &mut sum);
         let connected = self.graph.as_ref().is_some_and(|g| g.is_connected(&self.u3));
         self.b_shares.clear();
         self.s_shares.clear();
@@ -464,18 +454,6 @@ impl SecAggServer {
         }
         Ok(jobs)
     }
-}
-
-/// Applies every (sign, PRG) job to the accumulator, 64 KiB range by range
-/// (parallel over ranges with the `rayon` feature): each range stays in cache
-/// while all jobs pass over it.
-pub fn remove_masks(jobs: &[MaskJob], acc: &mut [u32]) {
-    let piece = CHUNK_BYTES / 4;
-    crate::par::for_each_chunk(acc, piece, |i, part| {
-        for (sign, prg) in jobs {
-            prg.apply(*sign, (i * piece) as u64, part);
-        }
-    });
 }
 
 fn phase_name(p: ServerPhase) -> &'static str {

@@ -17,6 +17,7 @@ pub mod agent;
 pub mod config;
 pub mod data;
 pub mod error;
+mod fault;
 pub mod generate;
 pub mod keyseal;
 pub mod net;

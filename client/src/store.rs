@@ -234,11 +234,11 @@ impl ClientStore {
     }
 
     pub fn cached_features(&self, key: &str) -> Result<Option<ExampleFeatures>> {
-        self.features.get(key)?.map(|b| decode_features(&b)).transpose()
+        Ok(self.features.get(key)?.map(|b| ExampleFeatures::from_bytes(&b)).transpose()?)
     }
 
     pub fn cache_features(&self, key: &str, f: &ExampleFeatures) -> Result<()> {
-        self.features.insert(key, encode_features(f))?;
+        self.features.insert(key, f.to_bytes())?;
         Ok(())
     }
 
@@ -298,41 +298,6 @@ pub struct StoredPersonal {
     pub record: Vec<u8>,
     pub params: Vec<u8>,
     pub datastore: Option<Vec<u8>>,
-}
-
-#[derive(Serialize, Deserialize)]
-struct FeatHeader {
-    first: usize,
-    targets: Vec<u32>,
-    loss: Vec<bool>,
-    n: usize,
-}
-
-/// `u32 header length | JSON header | f32 little-endian values`.
-pub fn encode_features(f: &ExampleFeatures) -> Vec<u8> {
-    let h = enc(&FeatHeader { first: f.first, targets: f.targets.clone(), loss: f.loss.clone(), n: f.feats.len() });
-    let mut out = Vec::with_capacity(4 + h.len() + 4 * f.feats.len());
-    out.extend_from_slice(&(h.len() as u32).to_le_bytes());
-    out.extend_from_slice(&h);
-    for v in &f.feats {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
-    out
-}
-
-pub fn decode_features(b: &[u8]) -> Result<ExampleFeatures> {
-    let bad = || ClientError::Invalid("corrupt feature cache entry".into());
-    let hl = u32::from_le_bytes(b.get(..4).ok_or_else(bad)?.try_into().map_err(|_| bad())?) as usize;
-    let h: FeatHeader = dec(b.get(4..4 + hl).ok_or_else(bad)?)?;
-    let raw = b.get(4 + hl..).ok_or_else(bad)?;
-    // One value per position and feature: a record whose parts disagree would be indexed
-    // out of bounds by its readers.
-    let positions = h.targets.len();
-    if Some(raw.len()) != h.n.checked_mul(4) || h.loss.len() != positions || (positions == 0) != (h.n == 0) || !h.n.is_multiple_of(positions) {
-        return Err(bad());
-    }
-    let feats = raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-    Ok(ExampleFeatures { first: h.first, targets: h.targets, loss: h.loss, feats })
 }
 
 /// sled's file lock outlives a dropped handle for a moment (its flusher thread lets go

@@ -2,7 +2,8 @@
 //! revocation) and admin calls (bearer credential). Failures are gRPC statuses.
 use std::sync::Mutex;
 
-use spa_proto::auth::{AuthError, HDR_AUTHORIZATION, NonceWindow, SignedHeaders, body_digest, check_clock, now_ms, sha256};
+use spa_proto::auth::{AuthError, HDR_AUTHORIZATION, SignedHeaders, body_digest, check_clock, now_ms, sha256};
+use spa_proto::replay::NonceWindow;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Status};
 

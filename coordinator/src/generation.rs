@@ -1,6 +1,6 @@
 //! The Generate stream: a device's generation session, per-token or speculative (the
 //! coordinator drafts, the device verifies; spa_model::speculative). This file validates
-//! every message and keeps the session's bookkeeping; the backbone worker (`engine.rs`)
+//! every message and keeps the session's bookkeeping; the backbone worker (`engine/`)
 //! owns the KV cache and runs the drafts.
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

@@ -57,9 +57,48 @@ pub struct ExampleFeatures {
     pub feats: Vec<f32>,
 }
 
+/// What an example's features are besides their values, in its byte form.
+#[derive(Serialize, Deserialize)]
+struct RecordHeader {
+    first: usize,
+    targets: Vec<u32>,
+    loss: Vec<bool>,
+    n: usize,
+}
+
 impl ExampleFeatures {
     pub fn len(&self) -> usize {
         self.targets.len()
+    }
+
+    /// `u32 header length | JSON header | f32 little-endian values`: a device's feature
+    /// cache record, and the experiments' features on disk.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let h = serde_json::to_vec(&RecordHeader { first: self.first, targets: self.targets.clone(), loss: self.loss.clone(), n: self.feats.len() })
+            .expect("a header serializes");
+        let mut out = Vec::with_capacity(4 + h.len() + 4 * self.feats.len());
+        out.extend_from_slice(&(h.len() as u32).to_le_bytes());
+        out.extend_from_slice(&h);
+        for v in &self.feats {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out
+    }
+
+    /// The inverse of [`Self::to_bytes`]; a record whose parts disagree is refused.
+    pub fn from_bytes(b: &[u8]) -> Result<Self> {
+        let bad = || ModelError::Data("corrupt feature record".into());
+        let hl = u32::from_le_bytes(b.get(..4).ok_or_else(bad)?.try_into().map_err(|_| bad())?) as usize;
+        let h: RecordHeader = serde_json::from_slice(b.get(4..4 + hl).ok_or_else(bad)?).map_err(|_| bad())?;
+        let raw = b.get(4 + hl..).ok_or_else(bad)?;
+        // One value per position and feature: a record whose parts disagree would be indexed
+        // out of bounds by its readers.
+        let positions = h.targets.len();
+        if Some(raw.len()) != h.n.checked_mul(4) || h.loss.len() != positions || (positions == 0) != (h.n == 0) || !h.n.is_multiple_of(positions) {
+            return Err(bad());
+        }
+        let feats = raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        Ok(Self { first: h.first, targets: h.targets, loss: h.loss, feats })
     }
 
     pub fn is_empty(&self) -> bool {

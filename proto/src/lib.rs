@@ -5,7 +5,8 @@
 //! - [`limits`]: message-size limits both sides configure explicitly.
 //! - [`tensor`]: tensors as dtype + shape + little-endian bytes, chunking and reassembly.
 //! - [`secagg`]: SecAgg+ messages between wire form and spa-aggregation's structs.
-//! - [`auth`]: Ed25519 request signing and verification, clock window, replay window.
+//! - [`auth`]: Ed25519 request signing and verification, clock window.
+//! - [`replay`]: the replay window of signed calls' nonces.
 //! - [`reason`]: why a call was refused, as typed details a client matches on.
 //!
 //! Invariant: no I/O here; this crate is pure encoding, checking and cryptography.
@@ -15,6 +16,7 @@ pub mod error;
 pub mod exit;
 pub mod limits;
 pub mod reason;
+pub mod replay;
 pub mod secagg;
 pub mod tensor;
 

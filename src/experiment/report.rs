@@ -150,6 +150,36 @@ fn extras_text(s: &mut String, r: &ExperimentResult) {
             stages.join(", ")
         );
     }
+    costs_text(s, r);
+    if let Some(c) = &x.cross_user {
+        let n = c.users.len();
+        let _ = writeln!(
+            s,
+            "\nCross-user matrix ({n} users, SPA v2 of user i on user j's test set): the user's own model is the best on {}/{n} test sets; mean loss on the diagonal {:.4}, off it {:.4}.",
+            c.own_best, c.mean_diagonal, c.mean_off_diagonal
+        );
+    }
+    if !x.side_curve.is_empty() {
+        let pts: Vec<String> = x.side_curve.iter().step_by(4).map(|p| format!("{:.2} -> {:.4}", p.side_fraction, p.loss)).collect();
+        let _ =
+            writeln!(s, "\nSPA v2's test loss against the fraction of tokens its gate lets the model speak (mean over federated devices): {}.", pts.join(", "));
+    }
+    flips_text(s, r);
+    if !x.fractions.is_empty() {
+        let arms: Vec<Arm> = x.fractions[0].loss.iter().map(|(a, _)| *a).collect();
+        let _ = writeln!(s, "\nNewcomers (never federated), personal model fitted on the first part of their train split:\n");
+        let _ = writeln!(s, "| fraction | train examples | {} |", arms.iter().map(|a| a.name()).collect::<Vec<_>>().join(" | "));
+        let _ = writeln!(s, "|---|---|{}", "---|".repeat(arms.len()));
+        for p in &x.fractions {
+            let ls: Vec<String> = p.loss.iter().map(|(_, l)| format!("{l:.4}")).collect();
+            let _ = writeln!(s, "| {:.2} | {:.1} | {} |", p.fraction, p.mean_train_examples, ls.join(" | "));
+        }
+    }
+}
+
+/// The device cost table: per arm, compute per token beside the backbone's and what a
+/// device holds.
+fn costs_text(s: &mut String, r: &ExperimentResult) {
     let costs: Vec<_> = r.arms.iter().filter_map(|a| a.device_cost.as_ref().map(|c| (a.arm, c))).collect();
     if !costs.is_empty() {
         let beside = if r.backbone_macs > 0.0 { format!(" ({:.3e} MACs per token at a context of 128)", r.backbone_macs) } else { String::new() };
@@ -169,53 +199,34 @@ fn extras_text(s: &mut String, r: &ExperimentResult) {
             );
         }
     }
-    if let Some(c) = &x.cross_user {
-        let n = c.users.len();
+}
+
+/// Each arm without a gate against FedAvg+FT, token by token.
+fn flips_text(s: &mut String, r: &ExperimentResult) {
+    let x = &r.extras;
+    if x.flips.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\nAgainst FedAvg+FT token by token (the federated devices' {} test tokens, seed {}; arms without a gate): where each arm's argmax differs, who is right there, and the loss difference split by whether the argmax moved (negative: lower than FedAvg+FT's):\n",
+        x.flips[0].tokens, r.seeds[0]
+    );
+    let _ =
+        writeln!(s, "| arm | argmax changed | arm right there | FedAvg+FT right there | accuracy gain | loss gain, argmax kept | loss gain, argmax changed |");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+    for f in &x.flips {
         let _ = writeln!(
             s,
-            "\nCross-user matrix ({n} users, SPA v2 of user i on user j's test set): the user's own model is the best on {}/{n} test sets; mean loss on the diagonal {:.4}, off it {:.4}.",
-            c.own_best, c.mean_diagonal, c.mean_off_diagonal
+            "| {} | {:.2}% | {:.3} | {:.3} | {:+.4} | {:+.4} | {:+.4} |",
+            f.arm.name(),
+            100.0 * f.changed,
+            f.arm_right_on_changed,
+            f.reference_right_on_changed,
+            f.accuracy_gain,
+            f.loss_gain_unchanged,
+            f.loss_gain_changed
         );
-    }
-    if !x.side_curve.is_empty() {
-        let pts: Vec<String> = x.side_curve.iter().step_by(4).map(|p| format!("{:.2} -> {:.4}", p.side_fraction, p.loss)).collect();
-        let _ =
-            writeln!(s, "\nSPA v2's test loss against the fraction of tokens its gate lets the model speak (mean over federated devices): {}.", pts.join(", "));
-    }
-    if !x.flips.is_empty() {
-        let _ = writeln!(
-            s,
-            "\nAgainst FedAvg+FT token by token (the federated devices' {} test tokens, seed {}; arms without a gate): where each arm's argmax differs, who is right there, and the loss difference split by whether the argmax moved (negative: lower than FedAvg+FT's):\n",
-            x.flips[0].tokens, r.seeds[0]
-        );
-        let _ = writeln!(
-            s,
-            "| arm | argmax changed | arm right there | FedAvg+FT right there | accuracy gain | loss gain, argmax kept | loss gain, argmax changed |"
-        );
-        let _ = writeln!(s, "|---|---|---|---|---|---|---|");
-        for f in &x.flips {
-            let _ = writeln!(
-                s,
-                "| {} | {:.2}% | {:.3} | {:.3} | {:+.4} | {:+.4} | {:+.4} |",
-                f.arm.name(),
-                100.0 * f.changed,
-                f.arm_right_on_changed,
-                f.reference_right_on_changed,
-                f.accuracy_gain,
-                f.loss_gain_unchanged,
-                f.loss_gain_changed
-            );
-        }
-    }
-    if !x.fractions.is_empty() {
-        let arms: Vec<Arm> = x.fractions[0].loss.iter().map(|(a, _)| *a).collect();
-        let _ = writeln!(s, "\nNewcomers (never federated), personal model fitted on the first part of their train split:\n");
-        let _ = writeln!(s, "| fraction | train examples | {} |", arms.iter().map(|a| a.name()).collect::<Vec<_>>().join(" | "));
-        let _ = writeln!(s, "|---|---|{}", "---|".repeat(arms.len()));
-        for p in &x.fractions {
-            let ls: Vec<String> = p.loss.iter().map(|(_, l)| format!("{l:.4}")).collect();
-            let _ = writeln!(s, "| {:.2} | {:.1} | {} |", p.fraction, p.mean_train_examples, ls.join(" | "));
-        }
     }
 }
 

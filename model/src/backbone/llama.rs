@@ -10,7 +10,6 @@ use super::layout::{Norm, Proj};
 use super::rope::Rope;
 use crate::config::BackboneConfig;
 use crate::error::{ModelError, Result};
-use crate::tensor_util::from_vec;
 
 #[derive(Module, Debug)]
 pub struct LlamaModel {
@@ -127,51 +126,8 @@ impl Backbone {
         }
     }
 
-    /// One forward pass. `taps` must be validated with [`Self::check_taps`]; `batch` with
-    /// [`TokenBatch::new`] against this cache's length. On the flex backend (serving,
-    /// features, generation) the host forwards run: `decode.rs` for a few positions,
-    /// `prefill.rs` for many; elsewhere (autodiff, other backends) the tensor forward.
-    pub fn forward(&self, batch: &TokenBatch, taps: &[usize], want_logits: bool, mut cache: Option<&mut KvCache>) -> BackboneOutput {
-        // Dropout acts only on an autodiff device, which the host forwards never serve.
-        if !self.device.is_autodiff()
-            && let Some(out) = self.forward_host(batch, taps, want_logits, cache.as_deref_mut())
-        {
-            return out;
-        }
-        self.forward_ids(batch.tensor(&self.device), taps, want_logits, cache)
-    }
-
-    /// The host forwards, each sequence of the batch on its own (right padding with id 0, as
-    /// [`TokenBatch::tensor`] pads, so every position is what the tensor forward computes).
-    /// `None` off flex, with any cache untouched.
-    fn forward_host(&self, batch: &TokenBatch, taps: &[usize], want_logits: bool, cache: Option<&mut KvCache>) -> Option<BackboneOutput> {
-        let run = |ids: &[u32], cache: &mut KvCache| {
-            if ids.len() <= super::decode::MAX_POSITIONS {
-                super::decode::forward_few(self, ids, taps, want_logits, cache)
-            } else {
-                super::prefill::forward_many(self, ids, taps, want_logits, cache)
-            }
-        };
-        let outs = match (cache, batch.ids.as_slice()) {
-            (Some(c), [ids]) => vec![run(ids, c)?],
-            (Some(_), _) => return None,
-            (None, seqs) => {
-                let padded = |ids: &Vec<u32>| ids.iter().copied().chain(std::iter::repeat(0)).take(batch.max_len).collect::<Vec<_>>();
-                seqs.iter().map(|ids| run(&padded(ids), &mut self.new_cache())).collect::<Option<Vec<_>>>()?
-            }
-        };
-        let (b, t) = (outs.len(), batch.max_len);
-        let (d, v) = (self.config.hidden_size, self.config.vocab_size);
-        let join = |part: &dyn Fn(&super::host::HostOutput) -> &Vec<f32>, width: usize| {
-            from_vec(outs.iter().flat_map(|o| part(o).iter().copied()).collect(), [b, t, width], &self.device)
-        };
-        Some(BackboneOutput {
-            taps: (0..taps.len()).map(|j| join(&|o| &o.taps[j], d)).collect(),
-            last_hidden: join(&|o| &o.last_hidden, d),
-            logits: want_logits.then(|| join(&|o| o.logits.as_ref().expect("asked for logits"), v)),
-        })
-    }
-
+    /// The tensor forward (any backend, autodiff included); [`Self::forward`] (forward.rs)
+    /// picks the host forwards on flex.
     pub fn forward_ids(&self, ids: Tensor<2, Int>, taps: &[usize], want_logits: bool, mut cache: Option<&mut KvCache>) -> BackboneOutput {
         let mut slots: Vec<Option<Tensor<3>>> = vec![None; taps.len()];
         let mut keep = |layer: usize, x: &Tensor<3>| {

@@ -16,6 +16,7 @@
 //! adapter, FedAvg+FT) are among its candidates by construction. [`PersonalModel::score`]
 //! measures any such model on a feature set; generation decides tokens with
 //! [`PersonalModel::decide_row`] (crate::generate's `Decider`), the same arithmetic.
+pub mod config;
 pub mod fit;
 pub mod gate;
 pub mod knn;
@@ -26,7 +27,8 @@ use burn::tensor::Tensor;
 use burn::tensor::activation::log_softmax;
 use serde::{Deserialize, Serialize};
 
-pub use fit::{Candidate, Fit, PersonalConfig, Route, Stage, fit};
+pub use config::{KnnGrid, PersonalConfig, Route};
+pub use fit::{Candidate, Fit, Stage, fit};
 pub use gate::{Calibration, GateTrain};
 pub use knn::{Datastore, KnnParams, Neighbours};
 

@@ -83,6 +83,44 @@ pub(crate) struct GateTerms {
 /// too; without, only the side network and the personal layer). `head` is on the batch's
 /// device.
 pub(crate) fn loss_and_grads(net: &PluginNet, head: &FrozenHead, batch: &MlpBatch<'_>, gate: Option<GateTerms>) -> (f64, GradientsParams) {
+    let fwd = forward(net, head, batch, gate);
+    let (loss, rows) = per_row(batch, &fwd, gate);
+    let mut grads = Grads(GradientsParams::new());
+    let side_out = match &fwd.gate {
+        Some(g) => {
+            let (side_out, (dw2, db2, dw1, db1)) = rayon::join(|| side_grads(net, head, batch, &fwd, &rows), || gate_grads(net, &fwd, g, &rows, gate));
+            grads.linear(&net.gate.w2, dw2, db2);
+            grads.linear(&net.gate.w1, dw1, db1);
+            side_out
+        }
+        None => side_grads(net, head, batch, &fwd, &rows),
+    };
+    for (l, dw, db) in side_out {
+        grads.linear(l, dw, db);
+    }
+    (loss, grads.0)
+}
+
+/// What the forward keeps for the backward.
+struct Forward {
+    h: Tensor<2>,
+    /// `inv_rms(h)` as a column, and the final norm's weight as a column.
+    inv_h: Tensor<2>,
+    nw: Tensor<2>,
+    /// Side states s_k and the ReLUs r_k of all but the last.
+    s: Vec<Tensor<2>>,
+    r: Vec<Tensor<2>>,
+    /// `up + personal`'s summed weight, the corrected hidden state y and the logits before
+    /// the final norm's per-row scale (z = y @ scaled head), and that scale.
+    w_out: Tensor<2>,
+    y: Tensor<2>,
+    z: Tensor<2>,
+    inv_y: Tensor<2>,
+    /// The gate's first layer's pre-activation, its ReLU, and g.
+    gate: Option<(Tensor<2>, Tensor<2>, Tensor<2>)>,
+}
+
+fn forward(net: &PluginNet, head: &FrozenHead, batch: &MlpBatch<'_>, gate: Option<GateTerms>) -> Forward {
     let side = &net.side;
     let h = batch.h_last.clone();
     let [n_rows, d] = h.dims();
@@ -126,8 +164,7 @@ pub(crate) fn loss_and_grads(net: &PluginNet, head: &FrozenHead, batch: &MlpBatc
     let y = h.clone() + s_last.clone().matmul(w_out.clone()) + b_out.unsqueeze::<2>();
     let z = y.clone().matmul(head.scaled());
     let inv_y = head.inv_rms(y.clone());
-    // The gate's forward: first layer's pre-activation, its ReLU, and g.
-    let gate_fwd = a1.map(|mut a1| {
+    let gate = a1.map(|mut a1| {
         if gate.is_some_and(|g| g.uses_side) {
             let side_width = w1.dims()[0] - d;
             a1 = a1 + s_last.clone().matmul(w1.clone().narrow(0, d, side_width));
@@ -139,13 +176,25 @@ pub(crate) fn loss_and_grads(net: &PluginNet, head: &FrozenHead, batch: &MlpBatc
         let g = sigmoid(lin(&net.gate.w2, q.clone()));
         (a1, q, g)
     });
+    Forward { h, inv_h, nw, s, r, w_out, y, z, inv_y, gate }
+}
 
-    // Per row: logits = z * inv_y; the side's CE, and with the gate the mixture's CE (side
-    // detached) and the gate cost, with their gradients wrt z, inv_y and the gate's
-    // pre-activation. Blocks of rows go to the cores; their losses are summed in block
-    // order (deterministic).
-    let (zv, invv) = (to_vec(z), to_vec(inv_y));
-    let gv = gate_fwd.as_ref().map(|(_, _, g)| to_vec(g.clone()));
+/// The per-row gradients: wrt z, the coefficient of y in the gradient through inv_y, and
+/// wrt the gate's pre-sigmoid output.
+struct RowGrads {
+    dz: Tensor<2>,
+    coef: Tensor<2>,
+    da2: Tensor<2>,
+}
+
+/// Per row: logits = z * inv_y; the side's CE, and with the gate the mixture's CE (side
+/// detached) and the gate cost, with their gradients wrt z, inv_y and the gate's
+/// pre-activation. Blocks of rows go to the cores; their losses are summed in block order
+/// (deterministic).
+fn per_row(batch: &MlpBatch<'_>, fwd: &Forward, gate: Option<GateTerms>) -> (f64, RowGrads) {
+    let [n_rows, d] = fwd.h.dims();
+    let (zv, invv) = (to_vec(fwd.z.clone()), to_vec(fwd.inv_y.clone()));
+    let gv = fwd.gate.as_ref().map(|(_, _, g)| to_vec(g.clone()));
     let gate_cost = gate.map_or(0.0, |g| g.cost) as f32;
     let v = zv.len() / n_rows;
     let (mut dz, mut coef, mut da2) = (vec![0.0f32; n_rows * v], vec![0.0f32; n_rows], vec![0.0f32; n_rows]);
@@ -161,70 +210,65 @@ pub(crate) fn loss_and_grads(net: &PluginNet, head: &FrozenHead, batch: &MlpBatc
             row_terms(batch, rows, &zv, &invv, gv.as_deref(), d, gate_cost, out)
         })
         .collect();
-    let loss: f64 = partial.iter().sum();
-    let device = y.device();
-    let dz = from_vec(dz, [n_rows, v], &device);
-    let coef = from_vec(coef, [n_rows, 1], &device);
-    let da2 = from_vec(da2, [n_rows, 1], &device);
+    let device = fwd.y.device();
+    let grads = RowGrads { dz: from_vec(dz, [n_rows, v], &device), coef: from_vec(coef, [n_rows, 1], &device), da2: from_vec(da2, [n_rows, 1], &device) };
+    (partial.iter().sum(), grads)
+}
 
-    // The gate's gradients (its input is constant: the side state enters it detached) do not
-    // depend on the side's: they run beside them.
-    let w2 = &net.gate.w2;
-    let gate_grads = |(a1, q, _): (Tensor<2>, Tensor<2>, Tensor<2>)| {
-        let (dw2, db2) = (q.transpose().matmul(da2.clone()), col_sum(da2.clone()));
-        let da1 = da2.matmul(w2.weight.val().inner().transpose()) * a1.greater_elem(0.0).float();
-        let mut dw1 = h.transpose().matmul(da1.clone() * inv_h) * nw;
-        if gate.is_some_and(|g| g.uses_side) {
-            dw1 = Tensor::cat(vec![dw1, s_last.clone().transpose().matmul(da1.clone())], 0);
-        }
-        (dw2, db2, dw1, col_sum(da1))
-    };
-    // Backward through the head, the output adapters and the side chain.
-    let side_grads = || {
-        let mut out = Vec::with_capacity(2 * n_taps + 1);
-        let dy = dz.matmul(head.scaled().transpose()) + y * coef;
-        let (d_wout, d_bout) = (s_last.clone().transpose().matmul(dy.clone()), col_sum(dy.clone()));
-        out.push((&side.up, d_wout.clone(), d_bout.clone()));
-        out.push((&net.personal, d_wout, d_bout));
-        // The chain's gradients ds_k, last to first. Then the weight gradients, which no
-        // longer depend on each other: the taps' and the adapters' each as one batched gemm,
-        // as in the forward; down_k and adapter_k (k >= 1) share ds_k and so their bias
-        // gradient.
-        let mut ds = vec![dy.matmul(w_out.transpose())];
-        for k in (1..n_taps).rev() {
-            let a = &side.adapters[k - 1];
-            let dk = ds.last().expect("non-empty").clone();
-            ds.push(dk.matmul(a.weight.val().inner().transpose()) * s[k - 1].clone().greater_elem(0.0).float());
-        }
-        ds.reverse();
-        let ds = Tensor::stack::<3>(ds, 0);
-        let db = ds.clone().sum_dim(1);
-        let dw_down = batch.taps.clone().swap_dims(1, 2).matmul(ds.clone());
-        for (k, l) in side.down.iter().enumerate() {
-            out.push((l, item(&dw_down, k), item(&db, k).reshape([-1])));
-        }
-        if n_taps > 1 {
-            let dw_adapt = Tensor::stack::<3>(r, 0).swap_dims(1, 2).matmul(ds.narrow(0, 1, n_taps - 1));
-            for (k, a) in side.adapters.iter().enumerate() {
-                out.push((a, item(&dw_adapt, k), item(&db, k + 1).reshape([-1])));
-            }
-        }
-        out
-    };
-    let mut grads = Grads(GradientsParams::new());
-    let side_out = match gate_fwd {
-        Some(fwd) => {
-            let (side_out, (dw2, db2, dw1, db1)) = rayon::join(side_grads, || gate_grads(fwd));
-            grads.linear(w2, dw2, db2);
-            grads.linear(&net.gate.w1, dw1, db1);
-            side_out
-        }
-        None => side_grads(),
-    };
-    for (l, dw, db) in side_out {
-        grads.linear(l, dw, db);
+/// The gate's gradients (its input is constant: the side state enters it detached); they do
+/// not depend on the side's, so they run beside them.
+fn gate_grads(
+    net: &PluginNet,
+    fwd: &Forward,
+    (a1, q, _): &(Tensor<2>, Tensor<2>, Tensor<2>),
+    rows: &RowGrads,
+    gate: Option<GateTerms>,
+) -> (Tensor<2>, Tensor<1>, Tensor<2>, Tensor<1>) {
+    let da2 = rows.da2.clone();
+    let (dw2, db2) = (q.clone().transpose().matmul(da2.clone()), col_sum(da2.clone()));
+    let da1 = da2.matmul(net.gate.w2.weight.val().inner().transpose()) * a1.clone().greater_elem(0.0).float();
+    let mut dw1 = fwd.h.clone().transpose().matmul(da1.clone() * fwd.inv_h.clone()) * fwd.nw.clone();
+    if gate.is_some_and(|g| g.uses_side) {
+        let s_last = fwd.s.last().expect("at least one tap").clone();
+        dw1 = Tensor::cat(vec![dw1, s_last.transpose().matmul(da1.clone())], 0);
     }
-    (loss, grads.0)
+    (dw2, db2, dw1, col_sum(da1))
+}
+
+/// Backward through the head, the output adapters and the side chain: each linear layer's
+/// weight and bias gradients.
+fn side_grads<'n>(net: &'n PluginNet, head: &FrozenHead, batch: &MlpBatch<'_>, fwd: &Forward, rows: &RowGrads) -> Vec<(&'n Linear, Tensor<2>, Tensor<1>)> {
+    let side = &net.side;
+    let n_taps = fwd.s.len();
+    let s_last = fwd.s[n_taps - 1].clone();
+    let mut out = Vec::with_capacity(2 * n_taps + 1);
+    let dy = rows.dz.clone().matmul(head.scaled().transpose()) + fwd.y.clone() * rows.coef.clone();
+    let (d_wout, d_bout) = (s_last.transpose().matmul(dy.clone()), col_sum(dy.clone()));
+    out.push((&side.up, d_wout.clone(), d_bout.clone()));
+    out.push((&net.personal, d_wout, d_bout));
+    // The chain's gradients ds_k, last to first. Then the weight gradients, which no longer
+    // depend on each other: the taps' and the adapters' each as one batched gemm, as in the
+    // forward; down_k and adapter_k (k >= 1) share ds_k and so their bias gradient.
+    let mut ds = vec![dy.matmul(fwd.w_out.clone().transpose())];
+    for k in (1..n_taps).rev() {
+        let a = &side.adapters[k - 1];
+        let dk = ds.last().expect("non-empty").clone();
+        ds.push(dk.matmul(a.weight.val().inner().transpose()) * fwd.s[k - 1].clone().greater_elem(0.0).float());
+    }
+    ds.reverse();
+    let ds = Tensor::stack::<3>(ds, 0);
+    let db = ds.clone().sum_dim(1);
+    let dw_down = batch.taps.clone().swap_dims(1, 2).matmul(ds.clone());
+    for (k, l) in side.down.iter().enumerate() {
+        out.push((l, item(&dw_down, k), item(&db, k).reshape([-1])));
+    }
+    if n_taps > 1 {
+        let dw_adapt = Tensor::stack::<3>(fwd.r.clone(), 0).swap_dims(1, 2).matmul(ds.narrow(0, 1, n_taps - 1));
+        for (k, a) in side.adapters.iter().enumerate() {
+            out.push((a, item(&dw_adapt, k), item(&db, k + 1).reshape([-1])));
+        }
+    }
+    out
 }
 
 /// Gradient outputs of a block of rows.

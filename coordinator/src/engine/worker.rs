@@ -1,0 +1,261 @@
+//! The backbone worker's thread: the devices' queues served in turn ([`Fair`]), the
+//! generation sessions' KV caches ([`Session`]), each job run under a panic guard.
+use std::collections::HashMap;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use spa_model::Backbone;
+use spa_model::backbone::TokenBatch;
+use spa_model::side::{FrozenHead, Plugin};
+use spa_model::speculative::{Block, Drafter};
+use spa_model::tensor_util::to_vec;
+
+use super::jobs::{EngineError, Job, Opening, Queued};
+use crate::metrics::METRICS;
+
+/// A session's state beside the backbone.
+struct Session {
+    drafter: Drafter,
+    owner: String,
+    fingerprint: [u8; 32],
+    used: Instant,
+    attached: bool,
+    /// Which stream holds the session: a resume takes it over (the broken stream may not
+    /// have noticed yet), and the old stream's later calls are ignored.
+    epoch: u64,
+}
+
+/// Jobs waiting, one queue per device, the devices served in turn.
+#[derive(Default)]
+struct Fair {
+    queues: HashMap<String, std::collections::VecDeque<Job>>,
+    turn: std::collections::VecDeque<String>,
+}
+
+impl Fair {
+    fn push(&mut self, q: Queued) {
+        let jobs = self.queues.entry(q.owner.clone()).or_default();
+        if jobs.is_empty() {
+            self.turn.push_back(q.owner);
+        }
+        jobs.push_back(q.job);
+    }
+
+    /// The next device's oldest job.
+    fn pop(&mut self) -> Option<(String, Job)> {
+        let owner = self.turn.pop_front()?;
+        let jobs = self.queues.get_mut(&owner)?;
+        let job = jobs.pop_front()?;
+        if jobs.is_empty() {
+            self.queues.remove(&owner);
+        } else {
+            self.turn.push_back(owner.clone());
+        }
+        Some((owner, job))
+    }
+
+    /// The rest of a job that yielded: first in its device's queue, the device's turn last.
+    fn resume(&mut self, owner: String, job: Job) {
+        let jobs = self.queues.entry(owner.clone()).or_default();
+        if jobs.is_empty() {
+            self.turn.push_back(owner);
+        }
+        jobs.push_front(job);
+    }
+}
+
+/// A block as the wire carries it: per position, each slot's row, in `dtype`.
+pub fn encode_block(b: &Block, dtype: i32) -> Result<Vec<u8>, EngineError> {
+    let n = b.positions;
+    let mut out = Vec::with_capacity(b.states.iter().map(Vec::len).sum());
+    for p in 0..n {
+        for slot in &b.states {
+            let w = slot.len() / n;
+            out.extend_from_slice(&slot[p * w..(p + 1) * w]);
+        }
+    }
+    Ok(spa_proto::tensor::encode_f32(&out, dtype)?)
+}
+
+fn layout(taps: &[Vec<f32>], b: usize, t: usize, d: usize, from: usize, to: usize, dtype: i32) -> Result<Vec<u8>, EngineError> {
+    let l = taps.len();
+    let mut out = Vec::with_capacity((to - from) * l * d);
+    for p in from..to {
+        for tap in taps {
+            let at = (b * t + p) * d;
+            out.extend_from_slice(&tap[at..at + d]);
+        }
+    }
+    if out.iter().any(|v| !v.is_finite()) {
+        return Err(EngineError::NonFinite);
+    }
+    Ok(spa_proto::tensor::encode_f32(&out, dtype)?)
+}
+
+pub(super) fn worker(bb: Backbone, rx: mpsc::Receiver<Queued>, idle: Duration, parked: Parked) {
+    let mut w = Worker { bb, sessions: HashMap::new(), idle, parked };
+    let mut fair = Fair::default();
+    loop {
+        // Block only when nothing waits; then take in everything sent meanwhile.
+        if fair.turn.is_empty() {
+            match rx.recv() {
+                Ok(q) => fair.push(q),
+                Err(_) => return,
+            }
+        }
+        while let Ok(q) = rx.try_recv() {
+            fair.push(q);
+        }
+        let Some((owner, job)) = fair.pop() else { continue };
+        if let Some(rest) = w.run(job) {
+            fair.resume(owner, rest);
+        }
+    }
+}
+
+/// How many broken-off sessions are kept for a resume.
+#[derive(Clone, Copy, Debug)]
+pub struct Parked {
+    pub per_device: usize,
+    pub total: usize,
+}
+
+struct Worker {
+    bb: Backbone,
+    sessions: HashMap<u64, Session>,
+    idle: Duration,
+    parked: Parked,
+}
+
+impl Worker {
+    /// Runs a job, or a slice of it: what is left of it comes back.
+    fn run(&mut self, job: Job) -> Option<Job> {
+        let idle = self.idle;
+        self.sessions.retain(|_, s| s.used.elapsed() < idle);
+        match job {
+            Job::Features { .. } => return self.features_slice(job),
+            Job::Close { session, epoch } => {
+                if self.sessions.get(&session).is_some_and(|s| s.epoch == epoch) {
+                    self.sessions.remove(&session);
+                }
+            }
+            Job::Head { reply } => {
+                let _ = reply.send(guarded(|| Ok(FrozenHead::shipped(&self.bb))));
+            }
+            Job::Open { session, opening, reply } => {
+                let r = guarded(|| self.open(session, *opening));
+                let _ = reply.send(r);
+            }
+            Job::Resume { session, owner, fingerprint, length, reply } => {
+                let ok = match self.sessions.get_mut(&session) {
+                    Some(s) if s.owner == owner && s.fingerprint == fingerprint && length <= s.drafter.len() && length > 0 => {
+                        s.drafter.truncate(length);
+                        s.attached = true;
+                        s.used = Instant::now();
+                        s.epoch += 1;
+                        Some(s.epoch)
+                    }
+                    _ => None,
+                };
+                let _ = reply.send(Ok(ok));
+            }
+            Job::Step { session, epoch, accepted, ids, draft, side, reply } => {
+                let Some(entry) = self.sessions.get_mut(&session).filter(|s| s.epoch == epoch) else {
+                    let _ = reply.send(Err(EngineError::SessionGone));
+                    return None;
+                };
+                entry.used = Instant::now();
+                let bb = &self.bb;
+                let r = guarded(|| Ok(entry.drafter.step(bb, accepted, &ids, draft, side)?));
+                if let Ok(block) = &r {
+                    METRICS.backbone_tokens.inc_by((ids.len() + block.drafts.len()) as u64);
+                }
+                if r.is_err() {
+                    self.sessions.remove(&session);
+                }
+                let _ = reply.send(r);
+            }
+            Job::Detach { session, epoch } => self.detach(session, epoch),
+        }
+        None
+    }
+
+    /// The next slice of a Features job (one sequence on flex, whose host forward runs one
+    /// at a time anyway, which also keeps transient features small; eight elsewhere, where
+    /// the tensor forward batches). A job whose caller went away is dropped.
+    fn features_slice(&mut self, job: Job) -> Option<Job> {
+        let Job::Features { seqs, layers, dtype, mut done, reply } = job else { return None };
+        if reply.is_closed() {
+            return None;
+        }
+        let per_call = if spa_model::device::is_flex(&self.bb.device) { 1 } else { 8 };
+        let chunk = &seqs[done.len()..(done.len() + per_call).min(seqs.len())];
+        let bb = &self.bb;
+        let r = guarded(|| {
+            let d = bb.config.hidden_size;
+            let tb = TokenBatch::new(chunk.iter().map(|s| s.ids.clone()).collect(), &bb.config, 0)?;
+            let o = bb.forward(&tb, &layers, false, None);
+            METRICS.backbone_tokens.inc_by(chunk.iter().map(|s| s.ids.len() as u64).sum());
+            let taps: Vec<Vec<f32>> = o.taps.into_iter().map(to_vec).collect();
+            chunk.iter().enumerate().map(|(b, s)| layout(&taps, b, tb.max_len, d, s.from, s.to, dtype)).collect::<Result<Vec<_>, _>>()
+        });
+        match r {
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                None
+            }
+            Ok(blobs) => {
+                done.extend(blobs);
+                if done.len() == seqs.len() {
+                    let _ = reply.send(Ok(done));
+                    None
+                } else {
+                    Some(Job::Features { seqs, layers, dtype, done, reply })
+                }
+            }
+        }
+    }
+
+    fn open(&mut self, session: u64, opening: Opening) -> Result<(), EngineError> {
+        let bb = &self.bb;
+        let mut drafter = Drafter::new(bb, opening.form, opening.sampling, opening.stop, opening.last_only).map_err(EngineError::Refused)?;
+        if let Some((cfg, shared)) = &opening.side {
+            let plugin = Plugin::new(cfg, &bb.config, &bb.device).and_then(|p| p.load(shared)).map_err(EngineError::Refused)?;
+            drafter = drafter.with_side(plugin).map_err(EngineError::Refused)?;
+        }
+        let (owner, fingerprint) = (opening.owner, opening.fingerprint);
+        self.sessions.insert(session, Session { drafter, owner, fingerprint, used: Instant::now(), attached: true, epoch: 0 });
+        Ok(())
+    }
+
+    fn detach(&mut self, session: u64, epoch: u64) {
+        if let Some(s) = self.sessions.get_mut(&session).filter(|s| s.epoch == epoch) {
+            s.attached = false;
+            s.used = Instant::now();
+        }
+        // Detached caches are kept for resumes. Over a device's share, that device loses its
+        // own oldest; over the total, the device holding the most does: one device parking
+        // many sessions never evicts another's.
+        loop {
+            let mut by_owner: HashMap<&str, Vec<(Instant, u64)>> = HashMap::new();
+            for (id, s) in self.sessions.iter().filter(|(_, s)| !s.attached) {
+                by_owner.entry(s.owner.as_str()).or_default().push((s.used, *id));
+            }
+            let total: usize = by_owner.values().map(Vec::len).sum();
+            let Some(most) = by_owner.into_values().max_by_key(|v| v.len()) else { return };
+            if most.len() <= self.parked.per_device && total <= self.parked.total {
+                return;
+            }
+            let oldest = most.iter().min().expect("non-empty").1;
+            self.sessions.remove(&oldest);
+        }
+    }
+}
+
+fn guarded<T>(f: impl FnOnce() -> Result<T, EngineError>) -> Result<T, EngineError> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
+        Err(EngineError::Panicked(msg.unwrap_or_default()))
+    })
+}
