@@ -11,7 +11,7 @@ pub enum ClientError {
     Model(#[from] spa_model::ModelError),
     #[error("protocol: {0}")]
     Proto(#[from] spa_proto::ProtoError),
-    #[error("coordinator: {} ({:?})", .0.message(), .0.code())]
+    #[error("coordinator: {} ({:?}{})", .0.message(), .0.code(), fields(.0))]
     Status(#[from] tonic::Status),
     #[error("connection: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -35,4 +35,9 @@ pub type Result<T> = std::result::Result<T, ClientError>;
 
 pub(crate) fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> ClientError + '_ {
     move |source| ClientError::Io { path: path.display().to_string(), source }
+}
+
+/// ", field X" for the request fields a refusal names.
+fn fields(status: &tonic::Status) -> String {
+    spa_proto::reason::invalid_fields(status).iter().map(|f| format!(", field {f}")).collect()
 }

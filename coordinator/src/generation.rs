@@ -11,7 +11,7 @@ use spa_model::generate::Sampling;
 use spa_model::side::ParamSet;
 use spa_model::speculative::{CloudDown, DraftForm};
 use spa_proto::methods;
-use spa_proto::reason::Reason;
+use spa_proto::reason::{Reason, invalid};
 use spa_proto::v1::*;
 use tokio::sync::mpsc;
 use tonic::{Code, Request, Status, Streaming};
@@ -100,14 +100,14 @@ fn check_open(s: &Arc<Shared>, open: &GenerateOpen, owner: String) -> Result<Pla
         Some(x) => Sampling { temperature: x.temperature, top_k: x.top_k as usize, seed: x.seed },
         None => Sampling { temperature: 0.0, top_k: 0, seed: 0 },
     };
-    sampling.validate().map_err(|e| Status::invalid_argument(e.to_string()))?;
+    sampling.validate().map_err(|e| invalid("open.sampling", e.to_string()))?;
     if open.stop.len() > MAX_STOP_IDS || open.stop.iter().any(|&t| t as usize >= cfg.vocab_size) {
-        return Err(Status::invalid_argument(format!("stop: at most {MAX_STOP_IDS} ids, each in the vocabulary")));
+        return Err(invalid("open.stop", format!("stop: at most {MAX_STOP_IDS} ids, each in the vocabulary")));
     }
     let form = match SideInputs::try_from(open.inputs) {
         Ok(SideInputs::Taps) => DraftForm::Taps(layers),
         Ok(SideInputs::Down) => DraftForm::Down { down: cloud_down(s, open, layers.len())?, taps: layers },
-        Err(_) => return Err(Status::invalid_argument(format!("unknown side inputs {}", open.inputs))),
+        Err(_) => return Err(invalid("open.inputs", format!("unknown side inputs {}", open.inputs))),
     };
     let mut bare = open.clone();
     (bare.resume_session, bare.resume_length) = (0, 0);
@@ -141,7 +141,7 @@ fn cloud_down(s: &Shared, open: &GenerateOpen, taps: usize) -> Result<Arc<CloudD
         return Err(unavailable(format!("this device's down-projections differ from global version {v}'s")));
     }
     if down.taps() != taps {
-        return Err(Status::invalid_argument(format!("{taps} layers for {} down-projections", down.taps())));
+        return Err(invalid("open.layers", format!("{taps} layers for {} down-projections", down.taps())));
     }
     Ok(Arc::new(down))
 }
@@ -232,18 +232,18 @@ impl Stream {
         };
         let (accepted, draft) = (e.accepted as usize, e.draft as usize);
         if accepted > self.pending {
-            return Err(Status::invalid_argument(format!("{accepted} drafts accepted of {} sent", self.pending)));
+            return Err(invalid("extend.accepted", format!("{accepted} drafts accepted of {} sent", self.pending)));
         }
         let limit = self.s.config.limits.max_draft_tokens as usize;
         if draft > limit {
-            return Err(Status::invalid_argument(format!("draft {draft} exceeds the limit of {limit} tokens")));
+            return Err(invalid("extend.draft", format!("draft {draft} exceeds the limit of {limit} tokens")));
         }
-        self.s.check_ids(&e.ids, self.confirmed + accepted)?;
+        self.s.check_ids("extend.ids", &e.ids, self.confirmed + accepted)?;
         let rows = if self.last_only { 1 } else { e.ids.len() } + draft;
         let bytes = rows * self.position_bytes;
         let max_bytes = self.s.config.limits.max_message_bytes.saturating_sub(4096);
         if bytes > max_bytes {
-            return Err(Status::invalid_argument(format!("this step would return {bytes} bytes, limit {max_bytes}: send fewer tokens")));
+            return Err(invalid("extend.ids", format!("this step would return {bytes} bytes, limit {max_bytes}: send fewer tokens")));
         }
         let n = e.ids.len();
         let block = self.s.engine.step(&self.device, self.session, self.epoch, accepted, e.ids, draft, e.side_draft).await?;

@@ -8,6 +8,7 @@ use spa_model::side::ParamSet;
 use spa_proto::auth::{body_digest, sha256};
 use spa_proto::limits::CHUNK_BYTES;
 use spa_proto::methods;
+use spa_proto::reason::invalid;
 use spa_proto::secagg;
 use spa_proto::tensor::{encode_f32, tensor_chunks};
 use spa_proto::v1::rounds_server::Rounds as RoundsRpc;
@@ -47,10 +48,10 @@ async fn read_upload(s: &Shared, device: &str, h: &MaskedUploadHeader, stream: &
         return Err(AnswerError::NotInCohort.into());
     }
     if h.lanes != m {
-        return Err(Status::invalid_argument(format!("upload declares {} lanes, the session has {m}", h.lanes)));
+        return Err(invalid("header.lanes", format!("upload declares {} lanes, the session has {m}", h.lanes)));
     }
     if h.sha256.len() != 32 {
-        return Err(Status::invalid_argument("sha256 must be 32 bytes"));
+        return Err(invalid("header.sha256", "sha256 must be 32 bytes"));
     }
     // Buffered, then added in one step: a device that dies mid-upload is a dropout
     // rather than a partial vector that would make the sum unrecoverable.
@@ -60,15 +61,15 @@ async fn read_upload(s: &Shared, device: &str, h: &MaskedUploadHeader, stream: &
             return Err(Status::invalid_argument("a second header in one upload"));
         };
         if b.len() > CHUNK_BYTES || (bytes.len() + b.len()) as u64 > m * 4 {
-            return Err(Status::invalid_argument("upload chunk too large or past the declared lanes"));
+            return Err(invalid("lanes", "upload chunk too large or past the declared lanes"));
         }
         bytes.extend_from_slice(&b);
     }
     if bytes.len() as u64 != m * 4 {
-        return Err(Status::invalid_argument(format!("upload truncated: {} of {} bytes", bytes.len(), m * 4)));
+        return Err(invalid("lanes", format!("upload truncated: {} of {} bytes", bytes.len(), m * 4)));
     }
     if sha256(&bytes)[..] != h.sha256[..] {
-        return Err(Status::invalid_argument("upload does not match its declared SHA-256"));
+        return Err(invalid("header.sha256", "upload does not match its declared SHA-256"));
     }
     Ok(secagg::lanes_from_bytes(&bytes)?)
 }
@@ -141,7 +142,7 @@ impl RoundsRpc for RoundsService {
 
 pub fn start_rounds(s: &Shared, r: StartRoundsRequest) -> Result<StartRoundsResponse, Status> {
     // The parse error does not repeat the name: a reply never echoes what a caller sent.
-    let strategy = r.strategy.parse::<StrategyName>().map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let strategy = r.strategy.parse::<StrategyName>().map_err(|e| invalid("strategy", e.to_string()))?;
     let plan = RoundPlan {
         rounds: r.rounds,
         min_clients: r.min_clients,
@@ -168,7 +169,7 @@ pub fn list_rounds(s: &Shared, r: &ListRoundsRequest) -> Result<ListRoundsRespon
     let limit = match r.limit {
         0 => 100,
         n @ 1..=1000 => n as usize,
-        n => return Err(Status::invalid_argument(format!("limit must be at most 1000, got {n}"))),
+        n => return Err(invalid("limit", format!("limit must be at most 1000, got {n}"))),
     };
     let before = (r.before_round_id > 0).then_some(r.before_round_id);
     Ok(ListRoundsResponse { rounds: s.store.rounds_before(before, limit)?.iter().map(info).collect() })

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use spa_proto::auth::{now_ms, random_bytes};
 use spa_proto::limits::{CHUNK_BYTES, MAX_DEVICE_NAME};
 use spa_proto::methods;
+use spa_proto::reason::invalid;
 use spa_proto::tensor::{feature_chunks, tensor_chunks_lazy};
 use spa_proto::v1::admin_server::Admin;
 use spa_proto::v1::backbone_server::Backbone;
@@ -32,7 +33,7 @@ impl Device for DeviceService {
         }
         let r = req.into_inner();
         if r.token.is_empty() || r.token.len() > 256 {
-            return Err(Status::invalid_argument("token must be 1..=256 characters"));
+            return Err(invalid("token", "token must be 1..=256 characters"));
         }
         spa_proto::auth::check_public_key(&r.public_key)?;
         crate::status::check_label("name", &r.name, MAX_DEVICE_NAME)?;
@@ -59,7 +60,7 @@ impl Device for DeviceService {
         let r = req.into_inner();
         spa_proto::auth::check_public_key(&r.new_public_key)?;
         spa_proto::auth::verify_rotation(&rec.device_id, &r.new_public_key, &r.proof)
-            .map_err(|_| Status::invalid_argument("proof is not the new key's signature of the rotation message"))?;
+            .map_err(|_| invalid("proof", "proof is not the new key's signature of the rotation message"))?;
         let now = now_ms();
         let s = self.0.clone();
         let id = rec.device_id.clone();
@@ -78,7 +79,7 @@ impl Admin for AdminService {
         let r = req.into_inner();
         let max = s.config.auth.max_token_ttl_secs;
         if r.ttl_seconds == 0 || r.ttl_seconds > max {
-            return Err(Status::invalid_argument(format!("ttl_seconds must be in 1..={max}")));
+            return Err(invalid("ttl_seconds", format!("ttl_seconds must be in 1..={max}")));
         }
         crate::status::check_label("note", &r.note, 256)?;
         let token = format!("spa_{}", hex::encode(random_bytes::<24>()));
@@ -254,27 +255,25 @@ impl Backbone for BackboneService {
         let elem = Shared::check_dtype(r.dtype)?;
         let max_seqs = s.config.limits.max_sequences_per_request;
         if r.sequences.is_empty() || r.sequences.len() > max_seqs as usize {
-            return Err(Status::invalid_argument(format!("a Features request holds 1..={max_seqs} sequences, got {}", r.sequences.len())));
+            return Err(invalid("sequences", format!("a Features request holds 1..={max_seqs} sequences, got {}", r.sequences.len())));
         }
         let d = s.engine.meta.config.hidden_size as u64;
         let mut total = 0u64;
         let mut seqs = Vec::with_capacity(r.sequences.len());
         for (i, q) in r.sequences.into_iter().enumerate() {
-            self.0.check_ids(&q.ids, 0).map_err(|e| Status::invalid_argument(format!("sequence {i}: {}", e.message())))?;
+            self.0.check_ids(&format!("sequences.{i}.ids"), &q.ids, 0)?;
             if q.from >= q.to || q.to as usize > q.ids.len() {
-                return Err(Status::invalid_argument(format!(
-                    "sequence {i}: positions [{}, {}) are not a non-empty range within its {} tokens",
-                    q.from,
-                    q.to,
-                    q.ids.len()
-                )));
+                return Err(invalid(
+                    &format!("sequences.{i}"),
+                    format!("sequence {i}: positions [{}, {}) are not a non-empty range within its {} tokens", q.from, q.to, q.ids.len()),
+                ));
             }
             total += (q.to - q.from) as u64 * layers.len() as u64 * d * elem as u64;
             seqs.push(SeqJob { ids: q.ids, from: q.from as usize, to: q.to as usize });
         }
         let limit = s.config.limits.max_feature_bytes_per_request;
         if total > limit {
-            return Err(Status::invalid_argument(format!("request asks for {total} bytes of features, limit {limit}: split it")));
+            return Err(invalid("sequences", format!("request asks for {total} bytes of features, limit {limit}: split it")));
         }
         let blobs = s.engine.features(&rec.device_id, seqs, layers, r.dtype).await?;
         let mut chunks = blobs.iter().enumerate().flat_map(|(i, b)| feature_chunks(i as u32, b, CHUNK_BYTES)).collect::<Vec<_>>().into_iter();

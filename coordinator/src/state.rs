@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Instant;
 
+use spa_proto::reason::invalid;
 use spa_proto::tensor::dtype_size;
 use spa_proto::v1::DType;
 use tokio_stream::Stream;
@@ -109,15 +110,15 @@ impl Shared {
     pub fn check_layers(&self, layers: &[u32]) -> Result<Vec<usize>, Status> {
         let n = self.engine.meta.config.num_layers;
         if layers.is_empty() {
-            return Err(Status::invalid_argument("layers must not be empty"));
+            return Err(invalid("layers", "layers must not be empty"));
         }
         let mut seen = std::collections::HashSet::new();
         for &l in layers {
             if l as usize > n {
-                return Err(Status::invalid_argument(format!("layer {l} out of range 0..={n}")));
+                return Err(invalid("layers", format!("layer {l} out of range 0..={n}")));
             }
             if !seen.insert(l) {
-                return Err(Status::invalid_argument(format!("layer {l} requested twice")));
+                return Err(invalid("layers", format!("layer {l} requested twice")));
             }
         }
         Ok(layers.iter().map(|&l| l as usize).collect())
@@ -126,24 +127,28 @@ impl Shared {
     pub fn check_dtype(dtype: i32) -> Result<usize, Status> {
         match DType::try_from(dtype) {
             Ok(DType::DtypeF32) | Ok(DType::DtypeF16) => Ok(dtype_size(dtype).expect("known dtype")),
-            _ => Err(Status::invalid_argument(format!("dtype {dtype} unsupported for features (DTYPE_F32 or DTYPE_F16)"))),
+            _ => Err(invalid("dtype", format!("dtype {dtype} unsupported for features (DTYPE_F32 or DTYPE_F16)"))),
         }
     }
 
-    pub fn check_ids(&self, ids: &[u32], already: usize) -> Result<(), Status> {
+    /// Token ids of request field `field`, `already` tokens in the session before them.
+    pub fn check_ids(&self, field: &str, ids: &[u32], already: usize) -> Result<(), Status> {
         let cfg = &self.engine.meta.config;
         if ids.is_empty() {
-            return Err(Status::invalid_argument("empty token sequence"));
+            return Err(invalid(field, format!("{field}: empty token sequence")));
         }
         if already + ids.len() > cfg.max_position_embeddings {
-            return Err(Status::invalid_argument(format!(
-                "sequence of {} tokens (+{already} already in the session) exceeds the context of {}",
-                ids.len(),
-                cfg.max_position_embeddings
-            )));
+            return Err(invalid(
+                field,
+                format!(
+                    "{field}: a sequence of {} tokens (+{already} already in the session) exceeds the context of {}",
+                    ids.len(),
+                    cfg.max_position_embeddings
+                ),
+            ));
         }
         if let Some(bad) = ids.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-            return Err(Status::invalid_argument(format!("token id {bad} out of vocabulary (size {})", cfg.vocab_size)));
+            return Err(invalid(field, format!("{field}: token id {bad} out of vocabulary (size {})", cfg.vocab_size)));
         }
         Ok(())
     }

@@ -2,7 +2,7 @@
 //! type, so a handler says `?` and the code a client sees is decided here. Anything the
 //! caller cannot fix is `internal` (and logged); the message names the cause without the
 //! coordinator's internals.
-use spa_proto::reason::Reason;
+use spa_proto::reason::{Reason, invalid};
 use tonic::{Code, Status};
 
 use crate::engine::EngineError;
@@ -36,7 +36,7 @@ fn is_hiding(c: char) -> bool {
 /// most `max` bytes, no control character and none that reorders or hides text.
 pub(crate) fn check_label(field: &str, s: &str, max: usize) -> Result<(), Status> {
     if s.len() > max || s.chars().any(|c| c.is_control() || is_hiding(c)) {
-        return Err(Status::invalid_argument(format!("{field} must be at most {max} bytes without control or bidi/format characters")));
+        return Err(invalid(field, format!("{field} must be at most {max} bytes without control or bidi/format characters")));
     }
     Ok(())
 }
@@ -45,7 +45,7 @@ pub(crate) fn check_label(field: &str, s: &str, max: usize) -> Result<(), Status
 /// that it can be echoed and logged as it is.
 pub(crate) fn check_id(field: &str, s: &str) -> Result<(), Status> {
     if s.is_empty() || s.len() > 64 || !s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
-        return Err(Status::invalid_argument(format!("{field} must be 1..=64 characters of [A-Za-z0-9._-]")));
+        return Err(invalid(field, format!("{field} must be 1..=64 characters of [A-Za-z0-9._-]")));
     }
     Ok(())
 }

@@ -139,24 +139,27 @@ async fn malformed_inputs_get_clear_statuses_and_valid_ones_match_the_local_back
     let (vocab, ctx, nl, d) = (info.vocab_size, info.max_positions, info.num_layers, info.hidden_size as usize);
 
     let bad = |seqs: Vec<(Vec<u32>, u32, u32)>, layers: Vec<u32>, dtype: DType| features_req(seqs, layers, dtype);
-    let cases: Vec<(FeaturesRequest, &str)> = vec![
-        (bad(vec![(vec![1, vocab], 0, 2)], vec![0], DType::DtypeF32), "out of vocabulary"),
-        (bad(vec![(vec![1; ctx as usize + 1], 0, 2)], vec![0], DType::DtypeF32), "exceeds the context"),
-        (bad(vec![(vec![1, 2], 0, 2)], vec![nl + 1], DType::DtypeF32), "out of range"),
-        (bad(vec![(vec![1, 2], 0, 2)], vec![1, 1], DType::DtypeF32), "twice"),
-        (bad(vec![(vec![1, 2], 0, 2)], vec![], DType::DtypeF32), "layers"),
-        (bad(vec![(vec![1, 2], 0, 2)], vec![0], DType::DtypeU32), "dtype"),
-        (bad(vec![(vec![1, 2], 2, 2)], vec![0], DType::DtypeF32), "positions"),
-        (bad(vec![(vec![1, 2], 0, 3)], vec![0], DType::DtypeF32), "positions"),
-        (bad(vec![(vec![], 0, 0)], vec![0], DType::DtypeF32), "empty"),
-        (bad(vec![], vec![0], DType::DtypeF32), "sequences"),
-        (bad(vec![(vec![1, 2], 0, 2); 5], vec![0], DType::DtypeF32), "sequences"),
-        (bad(vec![(vec![1; 200], 0, 200)], (0..=nl).collect(), DType::DtypeF32), "limit"),
+    // Each refusal names the request field at fault in its details, beside the words.
+    let ok = vec![(vec![1, 2], 0, 2)];
+    let cases: Vec<(FeaturesRequest, &str, &str)> = vec![
+        (bad(vec![(vec![1, 2], 0, 2), (vec![1, vocab], 0, 2)], vec![0], DType::DtypeF32), "out of vocabulary", "sequences.1.ids"),
+        (bad(vec![(vec![1; ctx as usize + 1], 0, 2)], vec![0], DType::DtypeF32), "exceeds the context", "sequences.0.ids"),
+        (bad(ok.clone(), vec![nl + 1], DType::DtypeF32), "out of range", "layers"),
+        (bad(ok.clone(), vec![1, 1], DType::DtypeF32), "twice", "layers"),
+        (bad(ok.clone(), vec![], DType::DtypeF32), "layers", "layers"),
+        (bad(ok.clone(), vec![0], DType::DtypeU32), "dtype", "dtype"),
+        (bad(vec![(vec![1, 2], 2, 2)], vec![0], DType::DtypeF32), "positions", "sequences.0"),
+        (bad(vec![(vec![1, 2], 0, 3)], vec![0], DType::DtypeF32), "positions", "sequences.0"),
+        (bad(vec![(vec![], 0, 0)], vec![0], DType::DtypeF32), "empty", "sequences.0.ids"),
+        (bad(vec![], vec![0], DType::DtypeF32), "sequences", "sequences"),
+        (bad(vec![(vec![1, 2], 0, 2); 5], vec![0], DType::DtypeF32), "sequences", "sequences"),
+        (bad(vec![(vec![1; 200], 0, 200)], (0..=nl).collect(), DType::DtypeF32), "limit", "sequences"),
     ];
-    for (req, needle) in cases {
+    for (req, needle, field) in cases {
         let e = backbone(&ch).features(a.request(methods::BACKBONE_FEATURES, req)).await.expect_err(needle);
         assert_eq!(e.code(), Code::InvalidArgument, "{needle}: {e:?}");
         assert!(e.message().contains(needle), "{needle}: {e:?}");
+        assert_eq!(spa_proto::reason::invalid_fields(&e), [field], "{needle}: {e:?}");
     }
     let mut wrong_version = bad(vec![(vec![1, 2], 0, 2)], vec![0], DType::DtypeF32);
     wrong_version.backbone_version = "bb-other".into();

@@ -1,6 +1,7 @@
 //! Why the coordinator refused a call, in a form a client acts on: a google.rpc.ErrorInfo
-//! (domain `spa`) in the status details, beside the human message. Clients match on
-//! [`Reason`], never on the message's words.
+//! (domain `spa`) in the status details, beside the human message, and for invalid input the
+//! field at fault (google.rpc.BadRequest). Clients match on [`Reason`] and
+//! [`invalid_fields`], never on the message's words.
 use std::collections::HashMap;
 
 use tonic::{Code, Status};
@@ -44,6 +45,19 @@ impl Reason {
     }
 }
 
+/// An INVALID_ARGUMENT that names the request field at fault, as a google.rpc.BadRequest
+/// field violation (`field` a dot path into the request message, as `sequences.3.ids`)
+/// beside the human message: a client finds the field without reading the words.
+pub fn invalid(field: &str, message: impl Into<String>) -> Status {
+    let message = message.into();
+    Status::with_error_details(Code::InvalidArgument, message.clone(), ErrorDetails::with_bad_request_violation(field, message))
+}
+
+/// The request fields `status` says are at fault (none: it names none).
+pub fn invalid_fields(status: &Status) -> Vec<String> {
+    status.get_error_details().bad_request().map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect()).unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -58,5 +72,13 @@ mod tests {
         assert_eq!(Reason::of(&Status::permission_denied("device 'x' is revoked")), None);
         let foreign = Status::with_error_details(Code::PermissionDenied, "m", ErrorDetails::with_error_info("DEVICE_REVOKED", "other", HashMap::new()));
         assert_eq!(Reason::of(&foreign), None);
+    }
+
+    #[test]
+    fn an_invalid_field_survives_the_status() {
+        let st = invalid("sequences.2.ids", "token id 99 out of vocabulary");
+        assert_eq!((st.code(), st.message()), (Code::InvalidArgument, "token id 99 out of vocabulary"));
+        assert_eq!(invalid_fields(&st), ["sequences.2.ids"]);
+        assert!(invalid_fields(&Status::invalid_argument("sequences.2.ids is bad")).is_empty());
     }
 }

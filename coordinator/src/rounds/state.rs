@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 use super::RoundError;
 use crate::config::RoundsSection;
 use crate::lock;
-use crate::store::records::{DeviceMetrics, DropReason, Dropout, RoundPlan, RoundState, RunRecord, RunState, mean_metrics};
+use crate::store::records::{DeviceMetrics, DropReason, Dropout, RoundPlan, RoundState, RunRecord, RunState};
 use crate::store::{Store, StoreError};
 
 /// The round in progress.
@@ -227,29 +227,28 @@ impl Rounds {
         if vals.iter().any(|v| !v.is_finite() || *v < 0.0) || r.tokens == 0 {
             return Err(AnswerError::Invalid("metrics must be finite, >= 0, with tokens > 0".into()));
         }
-        // The eval lock is held across the record's read-modify-write, so concurrent reports
-        // do not overwrite each other, and a device leaves `pending` only once its metrics are
-        // stored (the next round waits on `pending`).
-        let mut g = lock(&self.eval);
-        let e = g.as_mut().filter(|e| e.round_id == r.round_id && e.version == r.global_version).ok_or(AnswerError::NotActive(r.round_id))?;
-        if !e.pending.contains(device) {
-            return Err(AnswerError::NotInCohort);
+        let expected = |e: &EvalNotice| e.round_id == r.round_id && e.version == r.global_version;
+        match lock(&self.eval).as_ref().filter(|e| expected(e)) {
+            None => return Err(AnswerError::NotActive(r.round_id)),
+            Some(e) if !e.pending.contains(device) => return Err(AnswerError::NotInCohort),
+            Some(_) => {}
         }
-        let mut rec = self.store.round(r.round_id)?.ok_or(AnswerError::NotActive(r.round_id))?;
-        rec.metrics.insert(
-            device.to_string(),
-            DeviceMetrics {
-                tokens: r.tokens,
-                backbone_loss: r.backbone_loss,
-                personalized_loss: r.personalized_loss,
-                backbone_acc: r.backbone_acc,
-                personalized_acc: r.personalized_acc,
-            },
-        );
-        rec.mean_metrics = Some(mean_metrics(rec.metrics.values()));
-        self.store.put_round(&rec)?;
-        e.pending.remove(device);
-        drop(g);
+        // The store changes the record atomically; no lock is held across its write.
+        let m = DeviceMetrics {
+            tokens: r.tokens,
+            backbone_loss: r.backbone_loss,
+            personalized_loss: r.personalized_loss,
+            backbone_acc: r.backbone_acc,
+            personalized_acc: r.personalized_acc,
+        };
+        if !self.store.add_round_metrics(r.round_id, device, m)? {
+            return Err(AnswerError::NotActive(r.round_id));
+        }
+        // A device leaves `pending` only once its metrics are stored (the next round waits on
+        // `pending`), and only from the evaluation it reported to.
+        if let Some(e) = lock(&self.eval).as_mut().filter(|e| expected(e)) {
+            e.pending.remove(device);
+        }
         self.wake.notify_one();
         Ok(())
     }

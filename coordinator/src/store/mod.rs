@@ -332,8 +332,9 @@ mod tests {
         assert!(s.events().unwrap().iter().any(|e| e.kind == "checkpoint.commit"));
     }
 
-    /// Concurrent writers of one record: run ids are never shared, a token revocation keeps
-    /// the enrollment that used it meanwhile, a device revocation keeps a key rotated meanwhile.
+    /// Concurrent writers of one record: run ids are never shared, concurrent evaluations of a
+    /// round are all kept, a token revocation keeps the enrollment that used it meanwhile, a
+    /// device revocation keeps a key rotated meanwhile.
     #[test]
     fn concurrent_writers_lose_nothing() {
         use spa_aggregation::strategy::StrategyName;
@@ -347,6 +348,20 @@ mod tests {
         ids.sort();
         assert_eq!(ids, (1..=32).collect::<Vec<u64>>());
         assert_eq!(s.runs().unwrap().len(), 32);
+        // Devices reporting their evaluations of one round at once: every report is kept.
+        let run = s.runs().unwrap().remove(0);
+        let rec = crate::store::records::RoundRecord::new(s.next_round_id().unwrap(), &run);
+        s.start_round(&run, &rec).unwrap();
+        let metrics = |k: u64| crate::store::records::DeviceMetrics { tokens: k + 1, ..Default::default() };
+        std::thread::scope(|sc| {
+            for t in 0..4u64 {
+                let s = &s;
+                sc.spawn(move || (0..8).for_each(|k| assert!(s.add_round_metrics(rec.round_id, &format!("dev-{t}-{k}"), metrics(k)).unwrap())));
+            }
+        });
+        let back = s.round(rec.round_id).unwrap().unwrap();
+        assert_eq!((back.metrics.len(), back.mean_metrics.map(|m| m.tokens)), (32, Some(4 * (1..=8).sum::<u64>())));
+        assert!(!s.add_round_metrics(rec.round_id + 100, "dev", metrics(0)).unwrap(), "no such round");
         for i in 0..40u8 {
             let name = format!("tok-{i:03}-race");
             let rec =

@@ -4,7 +4,7 @@ use sled::Transactional;
 use sled::transaction::ConflictableTransactionError;
 use spa_aggregation::strategy::ServerOptimizer;
 
-use super::records::{RoundRecord, RunRecord};
+use super::records::{DeviceMetrics, RoundRecord, RunRecord, mean_metrics};
 use super::{Result, Store, StoreError, dec, enc, tx_err};
 
 impl Store {
@@ -101,6 +101,34 @@ impl Store {
         let t = self.t()?;
         t.rounds.insert(round.round_id.to_be_bytes(), enc(round))?;
         self.flush()
+    }
+
+    /// Adds (or replaces) one device's evaluation to round `round_id`'s record and its mean, as
+    /// one atomic change of the record (concurrent reports never overwrite each other); durable
+    /// on return. False if there is no such round.
+    pub fn add_round_metrics(&self, round_id: u64, device: &str, m: DeviceMetrics) -> Result<bool> {
+        let t = self.t()?;
+        let mut bad = None;
+        let updated = t.rounds.update_and_fetch(round_id.to_be_bytes(), |old| {
+            let old = old?;
+            match dec::<RoundRecord>(old) {
+                Ok(mut rec) => {
+                    rec.metrics.insert(device.to_string(), m.clone());
+                    rec.mean_metrics = Some(mean_metrics(rec.metrics.values()));
+                    Some(enc(&rec))
+                }
+                // Left as it is; the error is reported below.
+                Err(e) => {
+                    bad = Some(e);
+                    Some(old.to_vec())
+                }
+            }
+        })?;
+        if let Some(e) = bad {
+            return Err(e);
+        }
+        self.flush()?;
+        Ok(updated.is_some())
     }
 
     /// A run's progress and its new round, together (a crash never leaves one without the other).
