@@ -73,15 +73,11 @@ async fn device<K: IdentitySigner + Send + Sync + 'static>(rounds: Arc<Rounds>, 
     }
 }
 
-fn main() {
-    let (n, n_rounds, m) = (arg(1, 100), arg(2, 3), arg(3, 53_792));
-    let dropout: f64 = std::env::args().filter(|a| !a.starts_with('-')).nth(4).and_then(|a| a.parse().ok()).unwrap_or(0.0);
-    let n_drop = (dropout * n as f64).floor() as usize;
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("store")).unwrap();
+/// The initial global version (`m` parameters) and `n` enrolled devices: their ids and keys.
+async fn enroll(store: &Store, n: usize, m: usize) -> Vec<(String, impl IdentitySigner + Send + Sync + 'static)> {
     let mut set = ParamSet::default();
     set.tensors.insert("shared.w".into(), NamedTensor { shape: vec![m], values: vec![0.0; m] });
-    store.put_checkpoint(0, &set.to_safetensors()).unwrap();
+    store.put_checkpoint(0, &set.to_safetensors()).await.unwrap();
     let mut keys = Vec::new();
     for i in 0..n {
         let key = identity().unwrap();
@@ -94,15 +90,25 @@ fn main() {
             used_by: None,
             revoked_at_ms: None,
         };
-        store.add_token(&token_hash(&token), &rec).unwrap();
-        let d = store.enroll(&token_hash(&token), &key.public_key(), &format!("bench-{i}"), now_ms()).unwrap();
+        store.add_token(&token_hash(&token), &rec).await.unwrap();
+        let d = store.enroll(&token_hash(&token), &key.public_key(), &format!("bench-{i}"), now_ms()).await.unwrap();
         keys.push((d.device_id, key));
     }
+    keys
+}
+
+fn main() {
+    let (n, n_rounds, m) = (arg(1, 100), arg(2, 3), arg(3, 53_792));
+    let dropout: f64 = std::env::args().filter(|a| !a.starts_with('-')).nth(4).and_then(|a| a.parse().ok()).unwrap_or(0.0);
+    let n_drop = (dropout * n as f64).floor() as usize;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let keys = rt.block_on(enroll(&store, n, m));
     // With dropouts a phase ends at its deadline; the devices of this process must still
     // finish their own work within it (1000 devices mask for ~10 s on 2 cores).
     let phase_timeout_secs = if n_drop > 0 { (n as u64 / 50).max(2) } else { 600 };
     let cfg = RoundsSection { online_secs: 600, selection_grace_secs: 0, phase_timeout_secs, evaluate_secs: 0, clip: 1.0, w_max: 1024, keep_checkpoints: 0 };
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let rounds = Rounds::new(store.clone(), cfg);
         tokio::spawn(round_loop(rounds.clone()));
@@ -124,9 +130,9 @@ fn main() {
             dp_noise_multiplier: 0.0,
         };
         let started = Instant::now();
-        rounds.start_run(plan).unwrap();
+        rounds.start_run(plan).await.unwrap();
         loop {
-            let rs = store.rounds().unwrap();
+            let rs = store.rounds().await.unwrap();
             if rs.len() == n_rounds && rs.iter().all(|r| r.state == RoundState::Committed || r.state == RoundState::Aborted) {
                 break;
             }
@@ -140,7 +146,7 @@ fn main() {
     println!("| round | state | contributors | wall ms | coordinator busy ms | busy / wall | phases (ms) |");
     println!("|---|---|---|---|---|---|---|");
     let mut busy = Vec::new();
-    for r in store.rounds().unwrap() {
+    for r in rt.block_on(store.rounds()).unwrap() {
         let wall = r.finished_ms.unwrap_or(r.updated_ms) - r.started_ms;
         busy.push(r.coordinator_busy_ms);
         println!(

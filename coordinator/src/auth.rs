@@ -103,8 +103,8 @@ pub enum Ended {
 }
 
 /// Whether `device` may still be served on a stream opened with `key_hex`.
-pub fn still_allowed(store: &Store, device: &str, key_hex: &str) -> Result<(), Ended> {
-    match store.device(device) {
+pub async fn still_allowed(store: &Store, device: &str, key_hex: &str) -> Result<(), Ended> {
+    match store.device(device).await {
         Ok(Some(d)) if d.revoked => Err(Ended::Revoked(AuthError::Revoked(d.device_id).into())),
         Ok(Some(d)) if d.public_key_hex != key_hex => {
             Err(Ended::Rotated(Status::unauthenticated("this device's key was rotated after the stream opened: open it again with the new key")))
@@ -113,6 +113,24 @@ pub fn still_allowed(store: &Store, device: &str, key_hex: &str) -> Result<(), E
         Ok(None) => Err(Ended::Revoked(AuthError::UnknownDevice(device.into()).into())),
         Err(e) => Err(Ended::Revoked(e.into())),
     }
+}
+
+/// `items` as a stream that ends with the status as soon as `rec`'s device is revoked or
+/// its key rotated (checked before each item); `held` lives as long as the stream.
+pub fn cut_on_revocation<T: Send + 'static>(
+    store: Store,
+    rec: DeviceRecord,
+    items: Vec<T>,
+    held: impl Send + 'static,
+) -> impl futures_util::Stream<Item = Result<T, Status>> + Send {
+    futures_util::stream::unfold((items.into_iter(), Some((store, rec, held))), |(mut items, live)| async move {
+        let (store, rec, held) = live?;
+        let item = items.next()?;
+        match still_allowed(&store, &rec.device_id, &rec.public_key_hex).await {
+            Ok(()) => Some((Ok(item), (items, Some((store, rec, held))))),
+            Err(Ended::Revoked(e) | Ended::Rotated(e)) => Some((Err(e), (items, None))),
+        }
+    })
 }
 
 /// Constant-time equality of two digests.
@@ -125,16 +143,16 @@ impl Auth {
     /// previous run, if the clock went back) are refused whole; the nonces of calls dated
     /// after their acceptance (a device clock running fast) were persisted and are loaded.
     /// So an ordinary call costs no write.
-    pub fn new(store: Store, cfg: &crate::config::CoordinatorConfig, admin_path: &std::path::Path) -> crate::error::Result<Self> {
+    pub async fn new(store: Store, cfg: &crate::config::CoordinatorConfig, admin_path: &std::path::Path) -> crate::error::Result<Self> {
         let window_ms = cfg.auth.clock_window_secs * 1000;
         let (capacity, per_device) = (cfg.auth.max_nonces, cfg.auth.max_nonces_per_device);
         let now = now_ms();
         let mut w = NonceWindow::new(window_ms, capacity, per_device);
-        for (d, n, ts) in store.nonces_since(now.saturating_sub(window_ms))? {
+        for (d, n, ts) in store.nonces_since(now.saturating_sub(window_ms)).await? {
             let _ = w.check_and_insert(&d, &n, ts, now);
         }
-        store.prune_nonces(now.saturating_sub(window_ms))?;
-        let start_ms = now.max(store.clock_mark()?);
+        store.prune_nonces(now.saturating_sub(window_ms)).await?;
+        let start_ms = now.max(store.clock_mark().await?);
         Ok(Self {
             store,
             nonces: Mutex::new(w),
@@ -148,23 +166,23 @@ impl Auth {
     }
 
     /// A signed unary or server-streaming call: the signature covers this body.
-    pub fn device<M: prost::Message>(&self, req: &Request<M>, method: &str) -> Result<DeviceRecord, Status> {
-        self.check(req.metadata(), method, &body_digest(req.get_ref()))
+    pub async fn device<M: prost::Message>(&self, req: &Request<M>, method: &str) -> Result<DeviceRecord, Status> {
+        self.check(req.metadata(), method, &body_digest(req.get_ref())).await
     }
 
     /// A client-streaming call: the signature covers its first message (`digest` = that
     /// message's body digest), which the handler reads before anything else.
-    pub fn check_digest(&self, md: &MetadataMap, method: &str, digest: &[u8; 32]) -> Result<DeviceRecord, Status> {
-        self.check(md, method, digest)
+    pub async fn check_digest(&self, md: &MetadataMap, method: &str, digest: &[u8; 32]) -> Result<DeviceRecord, Status> {
+        self.check(md, method, digest).await
     }
 
-    fn check(&self, md: &MetadataMap, method: &str, digest: &[u8; 32]) -> Result<DeviceRecord, Status> {
-        self.check_signed(md, method, digest).inspect_err(|e| self.refused_log.refused("device", &e.message()))
+    async fn check(&self, md: &MetadataMap, method: &str, digest: &[u8; 32]) -> Result<DeviceRecord, Status> {
+        self.check_signed(md, method, digest).await.inspect_err(|e| self.refused_log.refused("device", &e.message()))
     }
 
-    fn check_signed(&self, md: &MetadataMap, method: &str, digest: &[u8; 32]) -> Result<DeviceRecord, Status> {
+    async fn check_signed(&self, md: &MetadataMap, method: &str, digest: &[u8; 32]) -> Result<DeviceRecord, Status> {
         let h = SignedHeaders::from_metadata(md)?;
-        let rec = self.store.device(&h.device_id).map_err(internal)?.ok_or(AuthError::UnknownDevice(h.device_id.clone()))?;
+        let rec = self.store.device(&h.device_id).await.map_err(internal)?.ok_or(AuthError::UnknownDevice(h.device_id.clone()))?;
         let pk = hex::decode(&rec.public_key_hex).map_err(internal)?;
         // A weak key enrolled before keys were checked (listed at start) signs nothing.
         spa_proto::auth::check_public_key(&pk).map_err(|_| AuthError::BadSignature)?;
@@ -183,7 +201,7 @@ impl Auth {
         }
         self.nonces.lock().map_err(internal)?.check_and_insert(&h.device_id, &h.nonce_hex, h.ts_ms, now)?;
         if h.ts_ms > now {
-            self.store.record_nonce(&h.device_id, &h.nonce_hex, h.ts_ms).map_err(internal)?;
+            self.store.record_nonce(&h.device_id, &h.nonce_hex, h.ts_ms).await.map_err(internal)?;
         }
         self.store.touch(&h.device_id, now);
         Ok(rec)
@@ -215,11 +233,11 @@ impl Auth {
 
     /// The server's tick: records the clock mark; `prune` also forgets persisted nonces
     /// that can no longer pass the clock check.
-    pub fn tick(&self, prune: bool) {
+    pub async fn tick(&self, prune: bool) {
         let now = now_ms();
-        let _ = self.store.set_clock_mark(now);
+        let _ = self.store.set_clock_mark(now).await;
         if prune {
-            let _ = self.store.prune_nonces(now.saturating_sub(self.window_ms));
+            let _ = self.store.prune_nonces(now.saturating_sub(self.window_ms)).await;
         }
     }
 }

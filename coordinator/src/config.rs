@@ -39,8 +39,16 @@ pub struct ServerSection {
     pub ca_cert: PathBuf,
     /// File holding the admin credential (created by `init`, mode 0600).
     pub admin_credential: PathBuf,
+    /// Where the state lives: `sled` (embedded, in `store`; the default) or `postgres` (one
+    /// database that replicas share; its connection string in `postgres_conninfo`).
+    pub store_backend: StoreBackend,
     /// sled store directory.
     pub store: PathBuf,
+    /// File holding the PostgreSQL connection string (libpq form or URL), mode 0600: it may
+    /// hold a password.
+    pub postgres_conninfo: PathBuf,
+    /// Connections to PostgreSQL this process keeps at most.
+    pub postgres_connections: usize,
     /// On SIGTERM, how long in-flight calls and open streams may take before they are cut.
     pub drain_secs: u64,
     /// The store's page cache, in MiB (sled's own default, 1 GiB, would grow to that).
@@ -58,12 +66,23 @@ impl Default for ServerSection {
             key: "tls/server.key".into(),
             ca_cert: "tls/ca.pem".into(),
             admin_credential: "admin.credential".into(),
+            store_backend: StoreBackend::Sled,
             store: "store".into(),
+            postgres_conninfo: "postgres.conninfo".into(),
+            postgres_connections: 16,
             drain_secs: 10,
             store_cache_mb: 64,
             metrics_listen: String::new(),
         }
     }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    #[default]
+    Sled,
+    Postgres,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -258,6 +277,7 @@ impl CoordinatorConfig {
         ensure(l.session_idle_secs > 0 && l.first_message_secs > 0, "limits.session_idle_secs and limits.first_message_secs must be > 0")?;
         ensure(self.auth.clock_window_secs > 0, "auth.clock_window_secs must be > 0")?;
         ensure((1..=65_536).contains(&self.server.store_cache_mb), "server.store_cache_mb must be in 1..=65536")?;
+        ensure((2..=1024).contains(&self.server.postgres_connections), "server.postgres_connections must be in 2..=1024")?;
         ensure(self.auth.max_nonces > 0, "auth.max_nonces must be > 0")?;
         ensure(
             self.auth.max_nonces_per_device > 0 && self.auth.max_nonces_per_device <= self.auth.max_nonces,

@@ -42,11 +42,11 @@ pub async fn serve(s: Arc<Shared>, req: Request<Streaming<GenerateRequest>>) -> 
         .await
         .map_err(|_| Status::deadline_exceeded(format!("no `open` message within {} s", wait.as_secs())))??
         .ok_or_else(|| Status::invalid_argument("a Generate stream must start with an `open` message"))?;
-    let device = s.auth.check_digest(&md, methods::BACKBONE_GENERATE, &spa_proto::auth::body_digest(&first))?;
+    let device = s.auth.check_digest(&md, methods::BACKBONE_GENERATE, &spa_proto::auth::body_digest(&first)).await?;
     let Some(generate_request::Kind::Open(open)) = first.kind else {
         return Err(Status::invalid_argument("a Generate stream must start with an `open` message"));
     };
-    let plan = check_open(&s, &open, device.device_id.clone())?;
+    let plan = check_open(&s, &open, device.device_id.clone()).await?;
     let max = s.config.limits.max_sessions_per_device;
     let device_slot = s
         .device_sessions
@@ -91,7 +91,7 @@ async fn start_session(s: &Shared, open: &GenerateOpen, opening: Opening) -> Res
     Ok((session, 0, 0))
 }
 
-fn check_open(s: &Arc<Shared>, open: &GenerateOpen, owner: String) -> Result<Plan, Status> {
+async fn check_open(s: &Arc<Shared>, open: &GenerateOpen, owner: String) -> Result<Plan, Status> {
     s.check_version(&open.backbone_version)?;
     let layers = s.check_layers(&open.layers)?;
     let elem = Shared::check_dtype(open.dtype)?;
@@ -106,7 +106,7 @@ fn check_open(s: &Arc<Shared>, open: &GenerateOpen, owner: String) -> Result<Pla
     }
     let form = match SideInputs::try_from(open.inputs) {
         Ok(SideInputs::Taps) => DraftForm::Taps(layers),
-        Ok(SideInputs::Down) => DraftForm::Down { down: cloud_down(s, open, layers.len())?, taps: layers },
+        Ok(SideInputs::Down) => DraftForm::Down { down: cloud_down(s, open, layers.len()).await?, taps: layers },
         Err(_) => return Err(invalid("open.inputs", format!("unknown side inputs {}", open.inputs))),
     };
     let mut bare = open.clone();
@@ -114,7 +114,7 @@ fn check_open(s: &Arc<Shared>, open: &GenerateOpen, owner: String) -> Result<Pla
     let fingerprint = spa_proto::auth::sha256(&bare.encode_to_vec());
     let position_bytes = form.width(cfg.hidden_size) * elem;
     let side = match open.side_drafts {
-        true => Some((s.config.side.clone(), global(s, open.global_version)?)),
+        true => Some((s.config.side.clone(), global(s, open.global_version).await?)),
         false => None,
     };
     let opening = Opening { owner, fingerprint, form, sampling, stop: open.stop.clone(), last_only: open.last_only, side };
@@ -122,19 +122,19 @@ fn check_open(s: &Arc<Shared>, open: &GenerateOpen, owner: String) -> Result<Pla
 }
 
 /// The shared part of committed global version `v`.
-fn global(s: &Shared, v: u64) -> Result<ParamSet, Status> {
-    let bytes = s.store.checkpoint(v)?.ok_or_else(|| Status::failed_precondition(format!("no committed global version {v}")))?;
+async fn global(s: &Shared, v: u64) -> Result<ParamSet, Status> {
+    let bytes = s.store.checkpoint(v).await?.ok_or_else(|| Status::failed_precondition(format!("no committed global version {v}")))?;
     ParamSet::from_safetensors(&bytes).map_err(internal)
 }
 
 /// The down-projections of global checkpoint `open.global_version`, if the device holds the
 /// same ones (its digest); otherwise the device must ask for taps.
-fn cloud_down(s: &Shared, open: &GenerateOpen, taps: usize) -> Result<Arc<CloudDown>, Status> {
+async fn cloud_down(s: &Shared, open: &GenerateOpen, taps: usize) -> Result<Arc<CloudDown>, Status> {
     let v = open.global_version;
     let unavailable = |why: String| Reason::DownProjectionsUnavailable.status(Code::FailedPrecondition, format!("{why}: ask for taps (SIDE_INPUTS_TAPS)"));
     // Only a version the store no longer keeps is the device's to work around; a store
     // failure stays the store's status.
-    let Some(bytes) = s.store.checkpoint(v)? else { return Err(unavailable(format!("no committed global version {v}"))) };
+    let Some(bytes) = s.store.checkpoint(v).await? else { return Err(unavailable(format!("no committed global version {v}"))) };
     let set = ParamSet::from_safetensors(&bytes).map_err(internal)?;
     let down = CloudDown::from_params(&set).map_err(|e| unavailable(format!("global version {v}: {e}")))?;
     if spa_proto::auth::sha256(&down.canonical_bytes()).as_slice() != open.down_digest.as_slice() {
@@ -206,7 +206,7 @@ impl Stream {
                     return End::Park;
                 }
             };
-            match crate::auth::still_allowed(&self.s.store, &self.device, &self.key_hex) {
+            match crate::auth::still_allowed(&self.s.store, &self.device, &self.key_hex).await {
                 Ok(()) => {}
                 Err(Ended::Revoked(e)) => return End::Close(e),
                 Err(Ended::Rotated(e)) => {

@@ -9,7 +9,7 @@
 //! - [`engine`]: the thread that owns the backbone and generation sessions' KV caches.
 //! - [`rounds`]: the federated round loop (selection, SecAgg+ phases, commit) and its state.
 //! - [`round_service`]: the device-facing Rounds service and the admin round verbs.
-//! - [`store`]: sled state (devices, hashed tokens, nonces, checkpoints, event log).
+//! - [`store`]: the durable state behind one interface ([`store::Backend`]); sled by default.
 //! - [`status`]: how every error of this library becomes a gRPC status.
 //! - [`metrics`]: Prometheus counters and gauges, and the `/metrics` endpoint.
 //! - [`init`], [`admin_cli`]: operator verbs.

@@ -110,6 +110,9 @@ impl Metrics {
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
+/// Reads the gauges (from the store, among others) when the endpoint is asked.
+pub type ReadGauges = Arc<dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = Gauges> + Send>> + Send + Sync>;
+
 /// What the gauges show, read from the running service when the endpoint is asked.
 pub struct Gauges {
     pub devices_enrolled: usize,
@@ -120,7 +123,7 @@ pub struct Gauges {
 
 /// Serves `GET /metrics` on `listener` until the task is dropped: one short request per
 /// connection, its head bounded to 8 KiB and 5 s.
-pub async fn serve(listener: TcpListener, gauges: Arc<dyn Fn() -> Gauges + Send + Sync>) {
+pub async fn serve(listener: TcpListener, gauges: ReadGauges) {
     loop {
         let Ok((mut sock, _)) = listener.accept().await else {
             continue;
@@ -141,7 +144,7 @@ pub async fn serve(listener: TcpListener, gauges: Arc<dyn Fn() -> Gauges + Send 
                 return;
             }
             let reply = if head[..n].starts_with(b"GET /metrics ") {
-                let body = METRICS.render(gauges());
+                let body = METRICS.render(gauges().await);
                 format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
             } else {
                 "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_string()

@@ -27,8 +27,8 @@ fn identity_pk(rec: &DeviceRecord) -> Result<[u8; 32], Status> {
 }
 
 /// A committed checkpoint as a stream of f32 tensor chunks.
-pub fn checkpoint_stream(s: &Shared, version: u64) -> Result<BoxStream<TensorChunk>, Status> {
-    let bytes = s.store.checkpoint(version)?.ok_or_else(|| Status::not_found(format!("no committed global version {version}")))?;
+pub async fn checkpoint_stream(s: &Shared, version: u64) -> Result<BoxStream<TensorChunk>, Status> {
+    let bytes = s.store.checkpoint(version).await?.ok_or_else(|| Status::not_found(format!("no committed global version {version}")))?;
     let set = ParamSet::from_safetensors(&bytes).map_err(internal)?;
     let mut chunks = Vec::new();
     for (name, t) in &set.tensors {
@@ -77,26 +77,26 @@ async fn read_upload(s: &Shared, device: &str, h: &MaskedUploadHeader, stream: &
 #[tonic::async_trait]
 impl RoundsRpc for RoundsService {
     async fn poll(&self, req: Request<PollRequest>) -> Result<Response<PollResponse>, Status> {
-        let rec = self.0.auth.device(&req, methods::ROUNDS_POLL)?;
+        let rec = self.0.auth.device(&req, methods::ROUNDS_POLL).await?;
         Ok(Response::new(PollResponse { task: Some(self.0.rounds.poll(&rec.device_id)) }))
     }
 
     type GetGlobalStream = BoxStream<TensorChunk>;
 
     async fn get_global(&self, req: Request<GetGlobalRequest>) -> Result<Response<Self::GetGlobalStream>, Status> {
-        self.0.auth.device(&req, methods::ROUNDS_GET_GLOBAL)?;
-        Ok(Response::new(checkpoint_stream(&self.0, req.get_ref().version)?))
+        self.0.auth.device(&req, methods::ROUNDS_GET_GLOBAL).await?;
+        Ok(Response::new(checkpoint_stream(&self.0, req.get_ref().version).await?))
     }
 
     async fn advertise_keys(&self, req: Request<AdvertiseKeysMsg>) -> Result<Response<Ack>, Status> {
-        let rec = self.0.auth.device(&req, methods::ROUNDS_ADVERTISE_KEYS)?;
+        let rec = self.0.auth.device(&req, methods::ROUNDS_ADVERTISE_KEYS).await?;
         let m = secagg::advertise_from_wire(req.get_ref())?;
         self.0.rounds.advertise(&rec.device_id, identity_pk(&rec)?, m)?;
         Ok(Response::new(Ack {}))
     }
 
     async fn share_keys(&self, req: Request<ShareKeysMsg>) -> Result<Response<Ack>, Status> {
-        let rec = self.0.auth.device(&req, methods::ROUNDS_SHARE_KEYS)?;
+        let rec = self.0.auth.device(&req, methods::ROUNDS_SHARE_KEYS).await?;
         let m = req.get_ref();
         self.0.rounds.share_keys(&rec.device_id, m.round_id, secagg::share_keys_from_wire(m))?;
         Ok(Response::new(Ack {}))
@@ -107,7 +107,7 @@ impl RoundsRpc for RoundsService {
         let mut stream = req.into_inner();
         // The signature covers the header message, so it is checked once the header arrived.
         let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("empty upload"))?;
-        let rec = self.0.auth.check_digest(&md, methods::ROUNDS_UPLOAD_MASKED, &body_digest(&first))?;
+        let rec = self.0.auth.check_digest(&md, methods::ROUNDS_UPLOAD_MASKED, &body_digest(&first)).await?;
         let Some(masked_upload::Kind::Header(h)) = first.kind else {
             return Err(Status::invalid_argument("an upload starts with its header"));
         };
@@ -123,24 +123,22 @@ impl RoundsRpc for RoundsService {
     }
 
     async fn unmask(&self, req: Request<UnmaskMsg>) -> Result<Response<Ack>, Status> {
-        let rec = self.0.auth.device(&req, methods::ROUNDS_UNMASK)?;
+        let rec = self.0.auth.device(&req, methods::ROUNDS_UNMASK).await?;
         let m = req.get_ref();
         self.0.rounds.unmask(&rec.device_id, m.round_id, secagg::unmask_from_wire(m))?;
         Ok(Response::new(Ack {}))
     }
 
     async fn report_metrics(&self, req: Request<MetricsReport>) -> Result<Response<Ack>, Status> {
-        let rec = self.0.auth.device(&req, methods::ROUNDS_REPORT_METRICS)?;
-        let rounds = self.0.rounds.clone();
-        let r = req.into_inner();
-        tokio::task::spawn_blocking(move || rounds.report_metrics(&rec.device_id, &r)).await.map_err(internal)??;
+        let rec = self.0.auth.device(&req, methods::ROUNDS_REPORT_METRICS).await?;
+        self.0.rounds.report_metrics(&rec.device_id, req.get_ref()).await?;
         Ok(Response::new(Ack {}))
     }
 }
 
 // ---- Admin verbs ------------------------------------------------------------------------
 
-pub fn start_rounds(s: &Shared, r: StartRoundsRequest) -> Result<StartRoundsResponse, Status> {
+pub async fn start_rounds(s: &Shared, r: StartRoundsRequest) -> Result<StartRoundsResponse, Status> {
     // The parse error does not repeat the name: a reply never echoes what a caller sent.
     let strategy = r.strategy.parse::<StrategyName>().map_err(|e| invalid("strategy", e.to_string()))?;
     let plan = RoundPlan {
@@ -155,7 +153,7 @@ pub fn start_rounds(s: &Shared, r: StartRoundsRequest) -> Result<StartRoundsResp
         dp_l2_clip: r.dp_l2_clip,
         dp_noise_multiplier: r.dp_noise_multiplier,
     };
-    let run_id = s.rounds.start_run(plan)?;
+    let run_id = s.rounds.start_run(plan).await?;
     Ok(StartRoundsResponse { run_id })
 }
 
@@ -165,26 +163,26 @@ fn info(r: &RoundRecord) -> RoundInfo {
 
 /// A page of rounds (every round at once would outgrow the message limit: at 1000 devices a
 /// record is ~40 KB).
-pub fn list_rounds(s: &Shared, r: &ListRoundsRequest) -> Result<ListRoundsResponse, Status> {
+pub async fn list_rounds(s: &Shared, r: &ListRoundsRequest) -> Result<ListRoundsResponse, Status> {
     let limit = match r.limit {
         0 => 100,
         n @ 1..=1000 => n as usize,
         n => return Err(invalid("limit", format!("limit must be at most 1000, got {n}"))),
     };
     let before = (r.before_round_id > 0).then_some(r.before_round_id);
-    Ok(ListRoundsResponse { rounds: s.store.rounds_before(before, limit)?.iter().map(info).collect() })
+    Ok(ListRoundsResponse { rounds: s.store.rounds_before(before, limit).await?.iter().map(info).collect() })
 }
 
-pub fn round_info(s: &Shared, id: u64) -> Result<RoundInfo, Status> {
+pub async fn round_info(s: &Shared, id: u64) -> Result<RoundInfo, Status> {
     let rec = if id == 0 {
-        s.store.latest_round()?.ok_or_else(|| Status::not_found("no rounds yet"))?
+        s.store.latest_round().await?.ok_or_else(|| Status::not_found("no rounds yet"))?
     } else {
-        s.store.round(id)?.ok_or_else(|| Status::not_found(format!("no round {id}")))?
+        s.store.round(id).await?.ok_or_else(|| Status::not_found(format!("no round {id}")))?
     };
     Ok(info(&rec))
 }
 
-pub fn abort_round(s: &Shared, id: u64) -> Result<AbortRoundResponse, Status> {
-    let was_running = s.rounds.abort(id)?;
+pub async fn abort_round(s: &Shared, id: u64) -> Result<AbortRoundResponse, Status> {
+    let was_running = s.rounds.abort(id).await?;
     Ok(AbortRoundResponse { was_running })
 }

@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
 use crate::auth::Auth;
-use crate::config::CoordinatorConfig;
+use crate::config::{CoordinatorConfig, StoreBackend};
 use crate::engine::Engine;
 use crate::round_service::RoundsService;
 use crate::service::{AdminService, BackboneService, DeviceService};
@@ -57,7 +57,7 @@ impl Running {
             Err(_) => {
                 tracing::warn!("calls still open {} s after shutdown began: cutting them", self.drain.as_secs());
                 self.task.abort();
-                self.store.flush()?;
+                self.store.flush().await?;
                 Ok(Ok(()))
             }
         };
@@ -79,14 +79,14 @@ impl Running {
 }
 
 /// Seeds global checkpoint version 0 (a fresh plugin's shared part) on first start.
-fn seed_checkpoint(store: &Store, cfg: &CoordinatorConfig, engine: &Engine) -> Result<()> {
-    if store.latest_checkpoint_version()?.is_some() {
+async fn seed_checkpoint(store: &Store, cfg: &CoordinatorConfig, engine: &Engine) -> Result<()> {
+    if store.latest_checkpoint_version().await?.is_some() {
         return Ok(());
     }
     let device = BackendKind::Flex.device()?;
     let plugin = Plugin::new(&cfg.side, &engine.meta.config, &device).map_err(|e| CoordinatorError::Config(format!("[side] config: {e}")))?;
     let bytes = plugin.shared()?.as_set().to_safetensors();
-    store.put_checkpoint(0, &bytes)?;
+    store.put_checkpoint(0, &bytes).await?;
     Ok(())
 }
 
@@ -114,12 +114,12 @@ pub async fn start_on(home: &Path, backend: Option<BackendKind>) -> Result<Runni
     let cfg = CoordinatorConfig::load(home)?;
     check_secret_mode(&cfg.resolve(home, &cfg.server.admin_credential))?;
     check_secret_mode(&cfg.resolve(home, &cfg.server.key))?;
-    let store = open_store(home, &cfg)?;
+    let store = open_store(home, &cfg).await?;
     let cred_path = cfg.resolve(home, &cfg.server.admin_credential);
     std::fs::read_to_string(&cred_path).map_err(io(&cred_path))?;
-    let auth = Auth::new(store.clone(), &cfg, &cred_path)?;
+    let auth = Auth::new(store.clone(), &cfg, &cred_path).await?;
     let engine = start_engine(home, &cfg, &store, backend).await?;
-    let aborted = crate::rounds::recover(&store)?;
+    let aborted = crate::rounds::recover(&store).await?;
     if aborted > 0 {
         tracing::warn!("{aborted} round(s) interrupted by the last shutdown were marked aborted");
     }
@@ -139,13 +139,13 @@ pub async fn start_on(home: &Path, backend: Option<BackendKind>) -> Result<Runni
                 let _ = stop_rx.await;
             })
             .await;
-        let _ = flush_store.flush();
+        let _ = flush_store.flush().await;
         r
     });
     let pruner = tokio::spawn(housekeeping(shared.clone()));
     let round_loop = tokio::spawn(crate::rounds::round_loop(rounds));
     let metrics = start_metrics(home, &cfg, shared.clone()).await?;
-    store.log("server.start", addr.to_string())?;
+    store.log("server.start", &addr.to_string()).await?;
     let addr_file = home.join(ADDR_FILE);
     std::fs::write(&addr_file, format!("https://{addr}\n")).map_err(io(&addr_file))?;
     tracing::info!(%addr, "coordinator serving (TLS)");
@@ -153,11 +153,22 @@ pub async fn start_on(home: &Path, backend: Option<BackendKind>) -> Result<Runni
     Ok(Running { addr, stop: Some(stop_tx), task, pruner, round_loop, metrics, home: home.to_path_buf(), store, drain, shared })
 }
 
-/// The store, with a warning for devices enrolled with keys now refused as weak.
-fn open_store(home: &Path, cfg: &CoordinatorConfig) -> Result<Store> {
-    let store = Store::open_with_cache(&cfg.resolve(home, &cfg.server.store), cfg.server.store_cache_mb << 20)
-        .map_err(|e| CoordinatorError::Other(format!("opening the store (is another coordinator running on this home?): {e}")))?;
-    let weak: Vec<String> = (store.devices()?.into_iter())
+/// The configured store, with a warning for devices enrolled with keys now refused as weak.
+async fn open_store(home: &Path, cfg: &CoordinatorConfig) -> Result<Store> {
+    let s = &cfg.server;
+    let store = match s.store_backend {
+        StoreBackend::Sled => Store::open_with_cache(&cfg.resolve(home, &s.store), s.store_cache_mb << 20)
+            .map_err(|e| CoordinatorError::Other(format!("opening the store (is another coordinator running on this home?): {e}")))?,
+        StoreBackend::Postgres => {
+            let file = cfg.resolve(home, &s.postgres_conninfo);
+            check_secret_mode(&file)?;
+            let conninfo = std::fs::read_to_string(&file).map_err(io(&file))?;
+            Store::connect_postgres(conninfo.trim(), s.postgres_connections)
+                .await
+                .map_err(|e| CoordinatorError::Other(format!("opening the PostgreSQL store ({}): {e}", file.display())))?
+        }
+    };
+    let weak: Vec<String> = (store.devices().await?.into_iter())
         .filter(|d| !d.revoked && !hex::decode(&d.public_key_hex).is_ok_and(|k| spa_proto::auth::check_public_key(&k).is_ok()))
         .map(|d| d.device_id)
         .collect();
@@ -180,10 +191,7 @@ async fn start_engine(home: &Path, cfg: &CoordinatorConfig, store: &Store, backe
     let parked = crate::engine::Parked { per_device: cfg.limits.max_sessions_per_device, total: cfg.limits.max_sessions };
     let dtype = cfg.backbone.weight_dtype()?;
     let engine = tokio::task::spawn_blocking(move || Engine::start(&dir, backend, dtype, idle, parked)).await??;
-    {
-        let (store, cfg, engine) = (store.clone(), cfg.clone(), engine.clone());
-        tokio::task::spawn_blocking(move || seed_checkpoint(&store, &cfg, &engine)).await??;
-    }
+    seed_checkpoint(store, cfg, &engine).await?;
     tracing::info!(version = %engine.meta.version, "backbone loaded");
     Ok(engine)
 }
@@ -229,13 +237,9 @@ async fn housekeeping(shared: Arc<Shared>) {
     let mut t = tokio::time::interval(Duration::from_secs(2));
     for tick in 0u64.. {
         t.tick().await;
-        let s = shared.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            if s.store.heal() {
-                s.auth.tick(tick % 30 == 0);
-            }
-        })
-        .await;
+        if shared.store.heal().await {
+            shared.auth.tick(tick % 30 == 0).await;
+        }
     }
 }
 
@@ -253,7 +257,11 @@ async fn start_metrics(home: &Path, cfg: &CoordinatorConfig, shared: Arc<Shared>
     let file = home.join(METRICS_ADDR_FILE);
     std::fs::write(&file, format!("http://{addr}/metrics\n")).map_err(io(&file))?;
     tracing::info!(%addr, "Prometheus metrics on /metrics");
-    Ok(Some(tokio::spawn(crate::metrics::serve(listener, Arc::new(move || shared.gauges())))))
+    let gauges: crate::metrics::ReadGauges = Arc::new(move || {
+        let s = shared.clone();
+        Box::pin(async move { s.gauges().await })
+    });
+    Ok(Some(tokio::spawn(crate::metrics::serve(listener, gauges))))
 }
 
 /// Serves until SIGTERM or ctrl-c, then shuts down gracefully.

@@ -17,7 +17,6 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::engine::SeqJob;
 use crate::state::{BoxStream, Shared};
-use crate::status::internal;
 use crate::store::{StoreError, TokenRecord, token_hash};
 
 pub struct DeviceService(pub Arc<Shared>);
@@ -38,7 +37,7 @@ impl Device for DeviceService {
         spa_proto::auth::check_public_key(&r.public_key)?;
         crate::status::check_label("name", &r.name, MAX_DEVICE_NAME)?;
         let s = &self.0;
-        let rec = s.store.enroll(&token_hash(&r.token), &r.public_key, &r.name, now_ms()).map_err(|e| {
+        let rec = s.store.enroll(&token_hash(&r.token), &r.public_key, &r.name, now_ms()).await.map_err(|e| {
             if matches!(e, StoreError::UnknownToken | StoreError::TokenUsed | StoreError::TokenExpired | StoreError::TokenRevoked) {
                 s.enroll_attempts.failed(peer);
             }
@@ -50,22 +49,19 @@ impl Device for DeviceService {
     }
 
     async fn ping(&self, req: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {
-        let rec = self.0.auth.device(&req, methods::DEVICE_PING)?;
+        let rec = self.0.auth.device(&req, methods::DEVICE_PING).await?;
         crate::fault::stall_point(methods::DEVICE_PING).await;
         Ok(Response::new(PingResponse { device_id: rec.device_id, server_time_ms: now_ms(), backbone_version: self.0.engine.meta.version.clone() }))
     }
 
     async fn rotate_key(&self, req: Request<RotateKeyRequest>) -> Result<Response<RotateKeyResponse>, Status> {
-        let rec = self.0.auth.device(&req, methods::DEVICE_ROTATE_KEY)?;
+        let rec = self.0.auth.device(&req, methods::DEVICE_ROTATE_KEY).await?;
         let r = req.into_inner();
         spa_proto::auth::check_public_key(&r.new_public_key)?;
         spa_proto::auth::verify_rotation(&rec.device_id, &r.new_public_key, &r.proof)
             .map_err(|_| invalid("proof", "proof is not the new key's signature of the rotation message"))?;
         let now = now_ms();
-        let s = self.0.clone();
-        let id = rec.device_id.clone();
-        let signed_with = rec.public_key_hex.clone();
-        tokio::task::spawn_blocking(move || s.store.rotate_key(&id, &signed_with, &r.new_public_key, now)).await.map_err(internal)??;
+        self.0.store.rotate_key(&rec.device_id, &rec.public_key_hex, &r.new_public_key, now).await?;
         tracing::info!(device = %rec.device_id, "device key rotated");
         Ok(Response::new(RotateKeyResponse { device_id: rec.device_id, rotated_at_ms: now }))
     }
@@ -93,7 +89,7 @@ impl Admin for AdminService {
             used_by: None,
             revoked_at_ms: None,
         };
-        s.store.add_token(&hash, &rec)?;
+        s.store.add_token(&hash, &rec).await?;
         tracing::info!(token_id = %rec.token_id, "enrollment token created");
         Ok(Response::new(CreateTokenResponse { token, token_id: rec.token_id, expires_at_ms: rec.expires_at_ms }))
     }
@@ -102,9 +98,9 @@ impl Admin for AdminService {
         let s = &self.0;
         s.auth.admin(&req)?;
         let mut devices = Vec::new();
-        for d in s.store.devices()? {
+        for d in s.store.devices().await? {
             devices.push(DeviceInfo {
-                last_seen_ms: s.store.last_seen(&d.device_id)?,
+                last_seen_ms: s.store.last_seen(&d.device_id).await?,
                 device_id: d.device_id,
                 name: d.name,
                 enrolled_at_ms: d.enrolled_at_ms,
@@ -118,7 +114,7 @@ impl Admin for AdminService {
 
     async fn list_tokens(&self, req: Request<ListTokensRequest>) -> Result<Response<ListTokensResponse>, Status> {
         self.0.auth.admin(&req)?;
-        let mut tokens: Vec<TokenInfo> = (self.0.store.tokens()?.into_iter())
+        let mut tokens: Vec<TokenInfo> = (self.0.store.tokens().await?.into_iter())
             .map(|t| TokenInfo {
                 token_id: t.token_id,
                 created_at_ms: t.created_at_ms,
@@ -136,7 +132,7 @@ impl Admin for AdminService {
         self.0.auth.admin(&req)?;
         let id = req.into_inner().token_id;
         crate::status::check_id("token_id", &id)?;
-        let was_usable = self.0.store.revoke_token(&id, now_ms())?;
+        let was_usable = self.0.store.revoke_token(&id, now_ms()).await?;
         tracing::info!(token_id = %id, "enrollment token revoked");
         Ok(Response::new(RevokeTokenResponse { was_usable }))
     }
@@ -146,7 +142,7 @@ impl Admin for AdminService {
         s.auth.admin(&req)?;
         let id = req.into_inner().device_id;
         crate::status::check_id("device_id", &id)?;
-        let was_active = s.store.revoke(&id, now_ms())?;
+        let was_active = s.store.revoke(&id, now_ms()).await?;
         tracing::info!(device = %id, "device revoked");
         Ok(Response::new(RevokeDeviceResponse { was_active }))
     }
@@ -154,48 +150,45 @@ impl Admin for AdminService {
     async fn server_status(&self, req: Request<ServerStatusRequest>) -> Result<Response<ServerStatusResponse>, Status> {
         let s = &self.0;
         s.auth.admin(&req)?;
-        let devices = s.store.devices()?;
+        let devices = s.store.devices().await?;
         let now = now_ms();
-        let tokens = s.store.tokens()?;
+        let tokens = s.store.tokens().await?;
         Ok(Response::new(ServerStatusResponse {
             backbone_version: s.engine.meta.version.clone(),
             devices: devices.len() as u64,
             active_devices: devices.iter().filter(|d| !d.revoked).count() as u64,
             uptime_seconds: s.started.elapsed().as_secs(),
             version: env!("CARGO_PKG_VERSION").into(),
-            global_version: s.store.latest_checkpoint_version()?.unwrap_or(0),
+            global_version: s.store.latest_checkpoint_version().await?.unwrap_or(0),
             tokens_outstanding: tokens.iter().filter(|t| t.used_by.is_none() && t.revoked_at_ms.is_none() && t.expires_at_ms > now).count() as u64,
         }))
     }
 
     async fn start_rounds(&self, req: Request<StartRoundsRequest>) -> Result<Response<StartRoundsResponse>, Status> {
         self.0.auth.admin(&req)?;
-        let s = self.0.clone();
-        let r = req.into_inner();
-        let resp = tokio::task::spawn_blocking(move || crate::round_service::start_rounds(&s, r)).await.map_err(internal)??;
-        Ok(Response::new(resp))
+        Ok(Response::new(crate::round_service::start_rounds(&self.0, req.into_inner()).await?))
     }
 
     async fn list_rounds(&self, req: Request<ListRoundsRequest>) -> Result<Response<ListRoundsResponse>, Status> {
         self.0.auth.admin(&req)?;
-        Ok(Response::new(crate::round_service::list_rounds(&self.0, req.get_ref())?))
+        Ok(Response::new(crate::round_service::list_rounds(&self.0, req.get_ref()).await?))
     }
 
     async fn round_status(&self, req: Request<RoundStatusRequest>) -> Result<Response<RoundInfo>, Status> {
         self.0.auth.admin(&req)?;
-        Ok(Response::new(crate::round_service::round_info(&self.0, req.get_ref().round_id)?))
+        Ok(Response::new(crate::round_service::round_info(&self.0, req.get_ref().round_id).await?))
     }
 
     async fn abort_round(&self, req: Request<AbortRoundRequest>) -> Result<Response<AbortRoundResponse>, Status> {
         self.0.auth.admin(&req)?;
-        Ok(Response::new(crate::round_service::abort_round(&self.0, req.get_ref().round_id)?))
+        Ok(Response::new(crate::round_service::abort_round(&self.0, req.get_ref().round_id).await?))
     }
 
     type GetCheckpointStream = BoxStream<TensorChunk>;
 
     async fn get_checkpoint(&self, req: Request<GetCheckpointRequest>) -> Result<Response<Self::GetCheckpointStream>, Status> {
         self.0.auth.admin(&req)?;
-        Ok(Response::new(crate::round_service::checkpoint_stream(&self.0, req.get_ref().version)?))
+        Ok(Response::new(crate::round_service::checkpoint_stream(&self.0, req.get_ref().version).await?))
     }
 }
 
@@ -203,7 +196,7 @@ impl Admin for AdminService {
 impl Backbone for BackboneService {
     async fn get_model_info(&self, req: Request<GetModelInfoRequest>) -> Result<Response<ModelInfo>, Status> {
         let s = &self.0;
-        s.auth.device(&req, methods::BACKBONE_GET_MODEL_INFO)?;
+        s.auth.device(&req, methods::BACKBONE_GET_MODEL_INFO).await?;
         let m = &s.engine.meta;
         Ok(Response::new(ModelInfo {
             backbone_version: m.version.clone(),
@@ -223,7 +216,7 @@ impl Backbone for BackboneService {
     type GetHeadStream = BoxStream<TensorChunk>;
 
     async fn get_head(&self, req: Request<GetHeadRequest>) -> Result<Response<Self::GetHeadStream>, Status> {
-        let rec = self.0.auth.device(&req, methods::BACKBONE_GET_HEAD)?;
+        let rec = self.0.auth.device(&req, methods::BACKBONE_GET_HEAD).await?;
         self.0.check_version(&req.get_ref().backbone_version)?;
         let tensors = self.0.engine.head(&rec.device_id).await?;
         // Chunks are cut as the stream is read: one chunk's copy at a time, not the whole head.
@@ -239,7 +232,7 @@ impl Backbone for BackboneService {
 
     async fn features(&self, req: Request<FeaturesRequest>) -> Result<Response<Self::FeaturesStream>, Status> {
         let s = &self.0;
-        let rec = s.auth.device(&req, methods::BACKBONE_FEATURES)?;
+        let rec = s.auth.device(&req, methods::BACKBONE_FEATURES).await?;
         if crate::fault::stalls(methods::BACKBONE_FEATURES) {
             return Ok(Response::new(Box::pin(tokio_stream::pending())));
         }
@@ -276,24 +269,9 @@ impl Backbone for BackboneService {
             return Err(invalid("sequences", format!("request asks for {total} bytes of features, limit {limit}: split it")));
         }
         let blobs = s.engine.features(&rec.device_id, seqs, layers, r.dtype).await?;
-        let mut chunks = blobs.iter().enumerate().flat_map(|(i, b)| feature_chunks(i as u32, b, CHUNK_BYTES)).collect::<Vec<_>>().into_iter();
+        let chunks = blobs.iter().enumerate().flat_map(|(i, b)| feature_chunks(i as u32, b, CHUNK_BYTES)).collect();
         // Revocation (or rotating the key it was signed with) cuts the answer between chunks.
-        let (store, mut ended) = (s.store.clone(), false);
-        let items = std::iter::from_fn(move || {
-            let _ = &held;
-            if ended {
-                return None;
-            }
-            let c = chunks.next()?;
-            match crate::auth::still_allowed(&store, &rec.device_id, &rec.public_key_hex) {
-                Ok(()) => Some(Ok(c)),
-                Err(crate::auth::Ended::Revoked(e) | crate::auth::Ended::Rotated(e)) => {
-                    ended = true;
-                    Some(Err(e))
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(tokio_stream::iter(items))))
+        Ok(Response::new(Box::pin(crate::auth::cut_on_revocation(s.store.clone(), rec, chunks, held))))
     }
 
     type GenerateStream = BoxStream<GenerateResponse>;

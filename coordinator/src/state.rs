@@ -156,9 +156,9 @@ impl Shared {
 
 impl Shared {
     /// The gauges of the metrics endpoint, read now.
-    pub fn gauges(&self) -> crate::metrics::Gauges {
+    pub async fn gauges(&self) -> crate::metrics::Gauges {
         crate::metrics::Gauges {
-            devices_enrolled: self.store.devices().map(|d| d.iter().filter(|d| !d.revoked).count()).unwrap_or(0),
+            devices_enrolled: self.store.devices().await.map(|d| d.iter().filter(|d| !d.revoked).count()).unwrap_or(0),
             devices_online: self.rounds.online_count(),
             generation_sessions: self.config.limits.max_sessions.saturating_sub(self.sessions.available_permits()),
             open_connections: self.connections.load(std::sync::atomic::Ordering::SeqCst),

@@ -63,7 +63,12 @@ impl From<StoreError> for Status {
                 tracing::error!("store unavailable: {e}");
                 Status::unavailable(format!("coordinator store unavailable: {e}"))
             }
-            StoreError::Sled(_) | StoreError::Corrupt(_) | StoreError::VersionExists(_) | StoreError::Unavailable => internal(e),
+            StoreError::Io(_)
+            | StoreError::Backend(_)
+            | StoreError::Corrupt(_)
+            | StoreError::Schema(_)
+            | StoreError::VersionExists(_)
+            | StoreError::Unavailable => internal(e),
         }
     }
 }

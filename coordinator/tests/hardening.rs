@@ -787,8 +787,8 @@ async fn a_weak_key_already_in_the_store_signs_nothing() {
             used_by: None,
             revoked_at_ms: None,
         };
-        store.add_token(&spa_coordinator::store::token_hash("old-token"), &rec).unwrap();
-        store.enroll(&spa_coordinator::store::token_hash("old-token"), &identity, "old", now_ms()).unwrap().device_id
+        store.add_token(&spa_coordinator::store::token_hash("old-token"), &rec).await.unwrap();
+        store.enroll(&spa_coordinator::store::token_hash("old-token"), &identity, "old", now_ms()).await.unwrap().device_id
     };
     let srv = spa_coordinator::server::start(dir.path()).await.unwrap();
     let ch = channel(&format!("https://{}", srv.addr), dir.path()).await;

@@ -136,13 +136,14 @@ fn state_survives_sigkill_and_sigterm_is_graceful() {
     assert!(status.success(), "{status:?}");
 
     // The store holds the state: one checkpoint commit (not re-seeded), the revocation.
-    let store = spa_coordinator::store::Store::open(&home.join("store")).unwrap();
-    assert_eq!(store.latest_checkpoint_version().unwrap(), Some(0));
-    let events = store.events().unwrap();
-    assert_eq!(events.iter().filter(|e| e.kind == "checkpoint.commit").count(), 1);
-    assert!(events.iter().any(|e| e.kind == "device.revoke"));
-    assert!(store.device(&id).unwrap().unwrap().revoked);
-    drop(store);
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let store = spa_coordinator::store::Store::open(&home.join("store")).unwrap();
+        assert_eq!(store.latest_checkpoint_version().await.unwrap(), Some(0));
+        let events = store.events().await.unwrap();
+        assert_eq!(events.iter().filter(|e| e.kind == "checkpoint.commit").count(), 1);
+        assert!(events.iter().any(|e| e.kind == "device.revoke"));
+        assert!(store.device(&id).await.unwrap().unwrap().revoked);
+    });
 
     // A new server key and certificate from the same CA: devices connect with the CA they
     // have, and enroll and call as before.

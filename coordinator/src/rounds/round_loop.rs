@@ -35,15 +35,14 @@ fn fault_point(state: &str) {
 
 /// At start: a round found mid-phase cannot resume (its SecAgg+ secrets died with the
 /// process), so it is marked aborted; its run continues with a fresh round.
-pub fn recover(store: &Store) -> Result<usize, RoundError> {
+pub async fn recover(store: &Store) -> Result<usize, RoundError> {
     let mut n = 0;
-    for mut r in store.rounds()? {
+    for mut r in store.rounds().await? {
         if !r.state.is_final() {
             r.reason = Some(format!("coordinator restarted during {}", r.state.name()));
             r.state = RoundState::Aborted;
             r.finished_ms = Some(now_ms());
-            store.put_round(&r)?;
-            store.log("round.abort", format!("round {}: {}", r.round_id, r.reason.as_deref().unwrap_or("")))?;
+            store.abort_round(&r).await?;
             n += 1;
         }
     }
@@ -67,18 +66,16 @@ pub async fn round_loop(rounds: Arc<Rounds>) {
 /// Starts and runs one round if a run has rounds left; false if there was nothing to do.
 async fn next_round(rounds: &Arc<Rounds>) -> Result<bool, RoundError> {
     let store = &rounds.store;
-    let Some(mut run) = store.runs()?.into_iter().find(|r| r.state == RunState::Active) else {
+    let Some(mut run) = store.runs().await?.into_iter().find(|r| r.state == RunState::Active) else {
         return Ok(false);
     };
     if run.rounds_started >= run.plan.rounds {
         run.state = RunState::Done;
-        store.put_run(&run)?;
+        store.put_run(&run).await?;
         return Ok(true);
     }
     run.rounds_started += 1;
-    let mut rec = RoundRecord::new(store.next_round_id()?, &run);
-    store.start_round(&run, &rec)?;
-    store.log("round.start", format!("round {} ({} of run {})", rec.round_id, rec.index, run.run_id))?;
+    let mut rec = store.start_round(&run).await?;
     // Every log line of the round carries its id (and, from `enter` on, its phase).
     let span = tracing::info_span!("round", round = rec.round_id, run = run.run_id);
     let result = tracing::Instrument::instrument(run_round(rounds, &mut rec), span).await;
@@ -91,7 +88,7 @@ async fn next_round(rounds: &Arc<Rounds>) -> Result<bool, RoundError> {
             tracing::info!(round = rec.round_id, version = ?rec.committed_version, "round committed");
             wait_for_evaluations(rounds).await;
         }
-        Err(e) => record_abort(rounds, &mut rec, e)?,
+        Err(e) => record_abort(rounds, &mut rec, e).await?,
     }
     Ok(true)
 }
@@ -106,7 +103,7 @@ async fn wait_for_evaluations(rounds: &Rounds) {
 
 /// Writes down why `rec` ended without a commit, tells its cohort, and cancels the rest of
 /// the run when an operator asked for it.
-fn record_abort(rounds: &Rounds, rec: &mut RoundRecord, e: RoundError) -> Result<(), RoundError> {
+async fn record_abort(rounds: &Rounds, rec: &mut RoundRecord, e: RoundError) -> Result<(), RoundError> {
     let store = &rounds.store;
     let reason = e.to_string();
     tracing::warn!(round = rec.round_id, "round aborted: {reason}");
@@ -114,15 +111,14 @@ fn record_abort(rounds: &Rounds, rec: &mut RoundRecord, e: RoundError) -> Result
     rec.reason = Some(reason.clone());
     rec.finished_ms = Some(now_ms());
     rec.updated_ms = now_ms();
-    store.put_round(rec)?;
-    store.log("round.abort", format!("round {}: {reason}", rec.round_id))?;
+    store.abort_round(rec).await?;
     let cohort: BTreeSet<String> = rec.cohort.iter().cloned().collect();
     *lock(&rounds.aborted) = Some((rec.round_id, reason, cohort));
     if matches!(e, RoundError::AbortedByOperator)
-        && let Some(mut run) = store.runs()?.into_iter().find(|r| r.run_id == rec.run_id)
+        && let Some(mut run) = store.runs().await?.into_iter().find(|r| r.run_id == rec.run_id)
     {
         run.state = RunState::Cancelled;
-        store.put_run(&run)?;
+        store.put_run(&run).await?;
     }
     Ok(())
 }
@@ -131,24 +127,24 @@ fn record_abort(rounds: &Rounds, rec: &mut RoundRecord, e: RoundError) -> Result
 async fn run_round(rounds: &Rounds, rec: &mut RoundRecord) -> Result<(), RoundError> {
     let strategy = rec.plan.validate()?;
     let cohort = select(rounds, rec).await?;
-    let (global, session) = open_session(rounds, rec, cohort)?;
+    let (global, session) = open_session(rounds, rec, cohort).await?;
     let phase = Duration::from_secs(rounds.cfg.phase_timeout_secs);
 
     // Training + key advertisement: devices fetch the global version, train, advertise.
     let train_deadline = Instant::now() + Duration::from_secs(rec.plan.deadline_secs as u64);
-    enter(rounds, rec, RoundState::Training, train_tasks(rec, &session, &strategy))?;
+    enter(rounds, rec, RoundState::Training, train_tasks(rec, &session, &strategy)).await?;
     collect(rounds, rec, train_deadline).await?;
 
     // ShareKeys: encrypted Shamir shares routed between neighbours.
     let reqs = with_server(rounds, |s| s.close_advertise())?;
     let tasks = reqs.iter().map(|(seat, r)| (*seat, Task::ShareKeys(secagg::share_keys_task(rec.round_id, r)))).collect();
-    enter(rounds, rec, RoundState::ShareKeys, tasks)?;
+    enter(rounds, rec, RoundState::ShareKeys, tasks).await?;
     collect(rounds, rec, Instant::now() + phase).await?;
 
     // MaskedInput: masked, quantized updates uploaded.
     let reqs = with_server(rounds, |s| s.close_share_keys())?;
     let tasks = reqs.iter().map(|(seat, r)| (*seat, Task::MaskedInput(secagg::masked_input_task(rec.round_id, &r.shares)))).collect();
-    enter(rounds, rec, RoundState::MaskedInput, tasks)?;
+    enter(rounds, rec, RoundState::MaskedInput, tasks).await?;
     collect(rounds, rec, Instant::now() + phase).await?;
 
     // Unmask: survivors reveal shares; dropped devices' masks are removed.
@@ -157,11 +153,11 @@ async fn run_round(rounds: &Rounds, rec: &mut RoundRecord) -> Result<(), RoundEr
         return Err(RoundError::Aborted(format!("{} masked inputs arrived, the plan needs {}", reqs.len(), rec.plan.min_clients)));
     }
     let tasks = reqs.iter().map(|(seat, r)| (*seat, Task::Unmask(secagg::unmask_task(rec.round_id, r)))).collect();
-    enter(rounds, rec, RoundState::Unmask, tasks)?;
+    enter(rounds, rec, RoundState::Unmask, tasks).await?;
     collect(rounds, rec, Instant::now() + phase).await?;
     let out = remove_masks(rounds).await?;
 
-    commit(rounds, rec, global, &session, strategy, out)
+    commit(rounds, rec, global, &session, strategy, out).await
 }
 
 /// Selecting: waits for at least `min_clients` online devices (then up to the selection
@@ -172,7 +168,7 @@ async fn select(rounds: &Rounds, rec: &mut RoundRecord) -> Result<Vec<String>, R
     let deadline = started + Duration::from_secs(plan.deadline_secs as u64);
     let mut enough_since: Option<Instant> = None;
     let mut cohort = loop {
-        let online = rounds.online_devices()?;
+        let online = rounds.online_devices().await?;
         if online.len() >= plan.min_clients as usize {
             let since = *enough_since.get_or_insert_with(Instant::now);
             if online.len() >= plan.max_clients as usize || since.elapsed() >= Duration::from_secs(rounds.cfg.selection_grace_secs) {
@@ -202,10 +198,10 @@ async fn select(rounds: &Rounds, rec: &mut RoundRecord) -> Result<Vec<String>, R
 
 /// Loads the latest global version, sizes the SecAgg+ session for `cohort`, and installs
 /// the round's in-memory state (seat `i + 1` is `cohort[i]`).
-fn open_session(rounds: &Rounds, rec: &mut RoundRecord, cohort: Vec<String>) -> Result<(ParamSet, SessionConfig), RoundError> {
+async fn open_session(rounds: &Rounds, rec: &mut RoundRecord, cohort: Vec<String>) -> Result<(ParamSet, SessionConfig), RoundError> {
     let store = &rounds.store;
-    let base_version = store.latest_checkpoint_version()?.ok_or_else(|| RoundError::Internal("no global checkpoint".into()))?;
-    let global_bytes = store.checkpoint(base_version)?.ok_or_else(|| RoundError::Internal(format!("checkpoint {base_version} missing")))?;
+    let base_version = store.latest_checkpoint_version().await?.ok_or_else(|| RoundError::Internal("no global checkpoint".into()))?;
+    let global_bytes = store.checkpoint(base_version).await?.ok_or_else(|| RoundError::Internal(format!("checkpoint {base_version} missing")))?;
     let global = ParamSet::from_safetensors(&global_bytes).map_err(|e| RoundError::Internal(format!("checkpoint {base_version}: {e}")))?;
     let dim = global.numel();
     let mut session = SessionConfig::recommended(rec.round_id, base_version, cohort.len() as u32, dim as u64 + 1)?;
@@ -269,10 +265,10 @@ fn dp_params(plan: &super::RoundPlan, dim: usize, round_id: u64) -> Result<spa_a
 }
 
 /// Moves the round to `state`, durably, before that phase's requests go out.
-fn enter(rounds: &Rounds, rec: &mut RoundRecord, state: RoundState, tasks: BTreeMap<u32, Task>) -> Result<(), RoundError> {
+async fn enter(rounds: &Rounds, rec: &mut RoundRecord, state: RoundState, tasks: BTreeMap<u32, Task>) -> Result<(), RoundError> {
     rec.state = state;
     rec.updated_ms = now_ms();
-    rounds.store.put_round(rec)?;
+    rounds.store.put_round(rec).await?;
     tracing::info!(phase = state.name(), "phase entered");
     fault_point(state.name());
     let mut g = lock(&rounds.active);
@@ -340,7 +336,7 @@ async fn remove_masks(rounds: &Rounds) -> Result<AggregateOutput, RoundError> {
 
 /// Committed: the decoded mean goes through the server strategy; checkpoint, record and
 /// optimizer state are written in one transaction as global version `base + 1`.
-fn commit(
+async fn commit(
     rounds: &Rounds,
     rec: &mut RoundRecord,
     global: ParamSet,
@@ -351,7 +347,7 @@ fn commit(
     let store = &rounds.store;
     let started = Instant::now();
     let (mean_delta, total_w) = session.decode_mean(&out.sum, out.contributors.len())?;
-    let mut optimizer = match store.optimizer()? {
+    let mut optimizer = match store.optimizer().await? {
         Some(o) if o.config == strategy => o,
         _ => ServerOptimizer::new(strategy)?,
     };
@@ -368,9 +364,9 @@ fn commit(
     // The commit's own write is measured up to here; the record cannot contain its own time.
     let busy = lock(&rounds.active).as_ref().map_or(Duration::ZERO, |a| a.busy);
     rec.coordinator_busy_ms = (busy + started.elapsed()).as_secs_f64() * 1000.0;
-    store.commit_round(version, &bytes, rec, &optimizer)?;
+    store.commit_round(version, &bytes, rec, &optimizer).await?;
     fault_point("committed");
-    if let Err(e) = store.prune_checkpoints(rounds.cfg.keep_checkpoints) {
+    if let Err(e) = store.prune_checkpoints(rounds.cfg.keep_checkpoints).await {
         tracing::warn!("could not delete old global versions: {e}");
     }
     tracing::info!(round = rec.round_id, version, contributors = out.contributors.len(), total_weight = total_w, "global version committed");

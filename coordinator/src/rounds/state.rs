@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 use super::RoundError;
 use crate::config::RoundsSection;
 use crate::lock;
-use crate::store::records::{DeviceMetrics, DropReason, Dropout, RoundPlan, RoundState, RunRecord, RunState};
+use crate::store::records::{DeviceMetrics, DropReason, Dropout, RoundPlan, RoundState};
 use crate::store::{Store, StoreError};
 
 /// The round in progress.
@@ -80,18 +80,17 @@ impl Rounds {
     }
 
     /// Queues a run; the loop starts its rounds in order after any earlier run.
-    pub fn start_run(&self, mut plan: RoundPlan) -> Result<u64, RoundError> {
+    pub async fn start_run(&self, mut plan: RoundPlan) -> Result<u64, RoundError> {
         plan.validate()?;
         plan.prox_mu = plan.strategy.client_mu(plan.prox_mu);
-        let run = self.store.create_run(|run_id| RunRecord { run_id, plan: plan.clone(), created_ms: now_ms(), rounds_started: 0, state: RunState::Active })?;
-        self.store.log("run.start", format!("run {} ({} rounds)", run.run_id, run.plan.rounds))?;
+        let run = self.store.create_run(&plan, now_ms()).await?;
         self.wake.notify_one();
         Ok(run.run_id)
     }
 
     /// Aborts the round in progress if it is `round_id`, and cancels the rest of its run.
-    pub fn abort(&self, round_id: u64) -> Result<bool, RoundError> {
-        let rec = self.store.round(round_id)?.ok_or_else(|| RoundError::NoSuchRound(round_id))?;
+    pub async fn abort(&self, round_id: u64) -> Result<bool, RoundError> {
+        let rec = self.store.round(round_id).await?.ok_or(RoundError::NoSuchRound(round_id))?;
         if rec.state.is_final() {
             return Ok(false);
         }
@@ -222,7 +221,7 @@ impl Rounds {
     }
 
     /// A device's held-out metrics on a committed version.
-    pub fn report_metrics(&self, device: &str, r: &v1::MetricsReport) -> Result<(), AnswerError> {
+    pub async fn report_metrics(&self, device: &str, r: &v1::MetricsReport) -> Result<(), AnswerError> {
         let vals = [r.backbone_loss, r.personalized_loss, r.backbone_acc, r.personalized_acc];
         if vals.iter().any(|v| !v.is_finite() || *v < 0.0) || r.tokens == 0 {
             return Err(AnswerError::Invalid("metrics must be finite, >= 0, with tokens > 0".into()));
@@ -241,7 +240,7 @@ impl Rounds {
             backbone_acc: r.backbone_acc,
             personalized_acc: r.personalized_acc,
         };
-        if !self.store.add_round_metrics(r.round_id, device, m)? {
+        if !self.store.add_round_metrics(r.round_id, device, m).await? {
             return Err(AnswerError::NotActive(r.round_id));
         }
         // A device leaves `pending` only once its metrics are stored (the next round waits on
@@ -260,10 +259,10 @@ impl Rounds {
     }
 
     /// Devices that polled recently and are not revoked, sorted: who may be selected.
-    pub(super) fn online_devices(&self) -> Result<Vec<String>, RoundError> {
+    pub(super) async fn online_devices(&self) -> Result<Vec<String>, RoundError> {
         let mut out = Vec::new();
         for d in self.polled_recently() {
-            if self.store.device(&d)?.is_some_and(|r| !r.revoked) {
+            if self.store.device(&d).await?.is_some_and(|r| !r.revoked) {
                 out.push(d);
             }
         }

@@ -1,6 +1,6 @@
-//! What the store keeps of runs and rounds, and what an operator asks for. Serialized as
-//! JSON in sled (fields added later carry `#[serde(default)]` so old records still read) and
-//! sent whole to `round status`.
+//! What the store keeps: devices and enrollment tokens, runs and rounds (and what an operator
+//! asks for). Serialized as JSON by the backends (fields added later carry `#[serde(default)]`
+//! so old records still read); a round record is sent whole to `round status`.
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
@@ -233,6 +233,13 @@ pub struct RunRecord {
     pub state: RunState,
 }
 
+impl RunRecord {
+    /// A new active run of `plan`, no round started yet.
+    pub fn new(run_id: u64, plan: &RoundPlan, created_ms: u64) -> Self {
+        Self { run_id, plan: plan.clone(), created_ms, rounds_started: 0, state: RunState::Active }
+    }
+}
+
 /// Token-weighted mean of devices' metrics.
 pub(crate) fn mean_metrics<'a>(ms: impl Iterator<Item = &'a DeviceMetrics>) -> DeviceMetrics {
     let mut out = DeviceMetrics::default();
@@ -250,4 +257,43 @@ pub(crate) fn mean_metrics<'a>(ms: impl Iterator<Item = &'a DeviceMetrics>) -> D
     out.backbone_acc /= t;
     out.personalized_acc /= t;
     out
+}
+
+/// An enrolled device. Its id is that of the key it enrolled with, for good.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    pub device_id: String,
+    pub name: String,
+    pub public_key_hex: String,
+    pub enrolled_at_ms: u64,
+    pub token_id: String,
+    pub revoked: bool,
+    #[serde(default)]
+    pub revoked_at_ms: Option<u64>,
+    /// When its key was last replaced (`RotateKey`); the id stays that of the first key.
+    #[serde(default)]
+    pub key_rotated_at_ms: Option<u64>,
+}
+
+/// A one-time enrollment token (the store keys it by the token's hash).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub token_id: String,
+    pub created_at_ms: u64,
+    pub expires_at_ms: u64,
+    pub note: String,
+    #[serde(default)]
+    pub used_by: Option<String>,
+    #[serde(default)]
+    pub revoked_at_ms: Option<u64>,
+}
+
+/// The device id of a public key: `dev-` and the first 16 hex digits of its SHA-256.
+pub fn device_id_of(public_key: &[u8]) -> String {
+    format!("dev-{}", &hex::encode(spa_proto::auth::sha256(public_key))[..16])
+}
+
+/// What the store keeps of a token: its SHA-256, never the token.
+pub fn token_hash(token: &str) -> [u8; 32] {
+    spa_proto::auth::sha256(token.as_bytes())
 }

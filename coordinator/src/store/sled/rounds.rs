@@ -4,29 +4,30 @@ use sled::Transactional;
 use sled::transaction::ConflictableTransactionError;
 use spa_aggregation::strategy::ServerOptimizer;
 
-use super::records::{DeviceMetrics, RoundRecord, RunRecord, mean_metrics};
-use super::{Result, Store, StoreError, dec, enc, tx_err};
+use super::{Result, Sled, dec, enc, key_id, tx_err};
+use crate::store::StoreError;
+use crate::store::records::{DeviceMetrics, RoundPlan, RoundRecord, RunRecord, mean_metrics};
 
-impl Store {
+impl Sled {
     /// Commits a global checkpoint (safetensors bytes of the shared parameters); durable on
     /// return. Versions are never overwritten.
-    pub fn put_checkpoint(&self, version: u64, bytes: &[u8]) -> Result<bool> {
+    pub(super) fn put_checkpoint(&self, version: u64, bytes: &[u8]) -> Result<bool> {
         let t = self.t()?;
         let fresh = t.checkpoints.compare_and_swap(version.to_be_bytes(), None as Option<&[u8]>, Some(bytes))?.is_ok();
         if fresh {
-            self.log("checkpoint.commit", format!("version {version}, {} bytes", bytes.len()))?;
+            self.log("checkpoint.commit", &format!("version {version}, {} bytes", bytes.len()))?;
             self.flush()?;
         }
         Ok(fresh)
     }
 
-    pub fn checkpoint(&self, version: u64) -> Result<Option<Vec<u8>>> {
+    pub(super) fn checkpoint(&self, version: u64) -> Result<Option<Vec<u8>>> {
         let t = self.t()?;
         Ok(t.checkpoints.get(version.to_be_bytes())?.map(|v| v.to_vec()))
     }
 
     /// Deletes every version but the newest `keep` (0 keeps all); returns how many went.
-    pub fn prune_checkpoints(&self, keep: u64) -> Result<usize> {
+    pub(super) fn prune_checkpoints(&self, keep: u64) -> Result<usize> {
         let Some(latest) = self.latest_checkpoint_version()? else { return Ok(0) };
         if keep == 0 || latest < keep {
             return Ok(0);
@@ -38,66 +39,51 @@ impl Store {
             n += 1;
         }
         if n > 0 {
-            self.log("checkpoint.prune", format!("{n} versions before {}", latest + 1 - keep))?;
+            self.log("checkpoint.prune", &format!("{n} versions before {}", latest + 1 - keep))?;
         }
         Ok(n)
     }
 
-    pub fn latest_checkpoint_version(&self) -> Result<Option<u64>> {
+    pub(super) fn latest_checkpoint_version(&self) -> Result<Option<u64>> {
         let t = self.t()?;
-        Ok(t.checkpoints.last()?.map(|(k, _)| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&k[..8]);
-            u64::from_be_bytes(b)
-        }))
+        Ok(t.checkpoints.last()?.map(|(k, _)| key_id(&k)))
     }
 }
 
 const OPTIMIZER_KEY: &[u8] = b"optimizer";
 
 fn last_id(tree: &sled::Tree) -> Result<u64> {
-    Ok(tree
-        .last()?
-        .map(|(k, _)| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&k[..8]);
-            u64::from_be_bytes(b)
-        })
-        .unwrap_or(0))
+    Ok(tree.last()?.map_or(0, |(k, _)| key_id(&k)))
 }
 
-impl Store {
-    /// Stores a new run under the next free id (`make` builds it for that id); durable on
-    /// return. The insert is a compare-and-swap on an empty key, so two concurrent calls never
-    /// share an id (the second takes the next one).
-    pub fn create_run(&self, make: impl Fn(u64) -> RunRecord) -> Result<RunRecord> {
+impl Sled {
+    /// Stores a new run of `plan` under the next free id; durable on return. The insert is a
+    /// compare-and-swap on an empty key, so two concurrent calls never share an id (the second
+    /// takes the next one).
+    pub(super) fn create_run(&self, plan: &RoundPlan, now_ms: u64) -> Result<RunRecord> {
         let t = self.t()?;
         loop {
-            let run = make(last_id(&t.runs)? + 1);
+            let run = RunRecord::new(last_id(&t.runs)? + 1, plan, now_ms);
             if t.runs.compare_and_swap(run.run_id.to_be_bytes(), None as Option<&[u8]>, Some(enc(&run)))?.is_ok() {
+                self.log("run.start", &format!("run {} ({} rounds)", run.run_id, run.plan.rounds))?;
                 self.flush()?;
                 return Ok(run);
             }
         }
     }
 
-    pub fn next_round_id(&self) -> Result<u64> {
-        let t = self.t()?;
-        Ok(last_id(&t.rounds)? + 1)
-    }
-
-    pub fn put_run(&self, run: &RunRecord) -> Result<()> {
+    pub(super) fn put_run(&self, run: &RunRecord) -> Result<()> {
         let t = self.t()?;
         t.runs.insert(run.run_id.to_be_bytes(), enc(run))?;
         self.flush()
     }
 
-    pub fn runs(&self) -> Result<Vec<RunRecord>> {
+    pub(super) fn runs(&self) -> Result<Vec<RunRecord>> {
         let t = self.t()?;
         t.runs.iter().values().map(|v| dec(&v?)).collect()
     }
 
-    pub fn put_round(&self, round: &RoundRecord) -> Result<()> {
+    pub(super) fn put_round(&self, round: &RoundRecord) -> Result<()> {
         let t = self.t()?;
         t.rounds.insert(round.round_id.to_be_bytes(), enc(round))?;
         self.flush()
@@ -106,7 +92,7 @@ impl Store {
     /// Adds (or replaces) one device's evaluation to round `round_id`'s record and its mean, as
     /// one atomic change of the record (concurrent reports never overwrite each other); durable
     /// on return. False if there is no such round.
-    pub fn add_round_metrics(&self, round_id: u64, device: &str, m: DeviceMetrics) -> Result<bool> {
+    pub(super) fn add_round_metrics(&self, round_id: u64, device: &str, m: DeviceMetrics) -> Result<bool> {
         let t = self.t()?;
         let mut bad = None;
         let updated = t.rounds.update_and_fetch(round_id.to_be_bytes(), |old| {
@@ -131,26 +117,37 @@ impl Store {
         Ok(updated.is_some())
     }
 
-    /// A run's progress and its new round, together (a crash never leaves one without the other).
-    pub fn start_round(&self, run: &RunRecord, round: &RoundRecord) -> Result<()> {
+    /// A run's progress and its next round, together (a crash never leaves one without the
+    /// other). Only the round loop starts rounds, so the next id is not contended.
+    pub(super) fn start_round(&self, run: &RunRecord) -> Result<RoundRecord> {
         let t = self.t()?;
+        let round = RoundRecord::new(last_id(&t.rounds)? + 1, run);
         (&t.runs, &t.rounds)
             .transaction(|(runs, rounds)| {
                 runs.insert(&run.run_id.to_be_bytes(), enc(run))?;
-                rounds.insert(&round.round_id.to_be_bytes(), enc(round))?;
+                rounds.insert(&round.round_id.to_be_bytes(), enc(&round))?;
                 Ok::<_, ConflictableTransactionError<StoreError>>(())
             })
             .map_err(tx_err)?;
+        self.log("round.start", &format!("round {} ({} of run {})", round.round_id, round.index, run.run_id))?;
+        self.flush()?;
+        Ok(round)
+    }
+
+    pub(super) fn abort_round(&self, round: &RoundRecord) -> Result<()> {
+        let t = self.t()?;
+        t.rounds.insert(round.round_id.to_be_bytes(), enc(round))?;
+        self.log("round.abort", &format!("round {}: {}", round.round_id, round.reason.as_deref().unwrap_or("")))?;
         self.flush()
     }
 
-    pub fn round(&self, id: u64) -> Result<Option<RoundRecord>> {
+    pub(super) fn round(&self, id: u64) -> Result<Option<RoundRecord>> {
         let t = self.t()?;
         t.rounds.get(id.to_be_bytes())?.map(|v| dec(&v)).transpose()
     }
 
     /// The newest `limit` rounds with ids below `before` (None: any), oldest first.
-    pub fn rounds_before(&self, before: Option<u64>, limit: usize) -> Result<Vec<RoundRecord>> {
+    pub(super) fn rounds_before(&self, before: Option<u64>, limit: usize) -> Result<Vec<RoundRecord>> {
         let t = self.t()?;
         let it = match before {
             Some(b) => t.rounds.range(..b.to_be_bytes()),
@@ -161,19 +158,19 @@ impl Store {
         Ok(out)
     }
 
-    pub fn latest_round(&self) -> Result<Option<RoundRecord>> {
+    pub(super) fn latest_round(&self) -> Result<Option<RoundRecord>> {
         let t = self.t()?;
         t.rounds.last()?.map(|(_, v)| dec(&v)).transpose()
     }
 
-    pub fn rounds(&self) -> Result<Vec<RoundRecord>> {
+    pub(super) fn rounds(&self) -> Result<Vec<RoundRecord>> {
         let t = self.t()?;
         t.rounds.iter().values().map(|v| dec(&v?)).collect()
     }
 
     /// Commits a round: the new global checkpoint, the round's record and the server
     /// optimizer's state in one transaction, durable on return. A version is never overwritten.
-    pub fn commit_round(&self, version: u64, checkpoint: &[u8], round: &RoundRecord, optimizer: &ServerOptimizer) -> Result<()> {
+    pub(super) fn commit_round(&self, version: u64, checkpoint: &[u8], round: &RoundRecord, optimizer: &ServerOptimizer) -> Result<()> {
         let t = self.t()?;
         (&t.checkpoints, &t.rounds, &t.meta)
             .transaction(|(ck, rounds, meta)| {
@@ -186,11 +183,11 @@ impl Store {
                 Ok(())
             })
             .map_err(tx_err)?;
-        self.log("checkpoint.commit", format!("version {version} by round {}, {} bytes", round.round_id, checkpoint.len()))?;
+        self.log("checkpoint.commit", &format!("version {version} by round {}, {} bytes", round.round_id, checkpoint.len()))?;
         self.flush()
     }
 
-    pub fn optimizer(&self) -> Result<Option<ServerOptimizer>> {
+    pub(super) fn optimizer(&self) -> Result<Option<ServerOptimizer>> {
         let t = self.t()?;
         t.meta.get(OPTIMIZER_KEY)?.map(|v| dec(&v)).transpose()
     }

@@ -1,66 +1,30 @@
 //! Devices and their enrollment: one-time tokens (kept as hashes), device records, the keys
 //! ever used (never accepted twice), last-call times, and the nonces of signed calls.
-use serde::{Deserialize, Serialize};
 use sled::Transactional;
-use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::transaction::ConflictableTransactionError;
 
-use super::{Result, Store, StoreError, dec, enc};
+use super::{Result, Sled, dec, enc, key_id, tx_err};
+use crate::store::StoreError;
+use crate::store::records::{DeviceRecord, TokenRecord, device_id_of};
 
 const CLOCK_MARK_KEY: &[u8] = b"clock_mark";
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct DeviceRecord {
-    pub device_id: String,
-    pub name: String,
-    pub public_key_hex: String,
-    pub enrolled_at_ms: u64,
-    pub token_id: String,
-    pub revoked: bool,
-    #[serde(default)]
-    pub revoked_at_ms: Option<u64>,
-    /// When its key was last replaced (`RotateKey`); the id stays that of the first key.
-    #[serde(default)]
-    pub key_rotated_at_ms: Option<u64>,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct TokenRecord {
-    pub token_id: String,
-    pub created_at_ms: u64,
-    pub expires_at_ms: u64,
-    pub note: String,
-    #[serde(default)]
-    pub used_by: Option<String>,
-    #[serde(default)]
-    pub revoked_at_ms: Option<u64>,
-}
-
-/// The device id of a public key: `dev-` and the first 16 hex digits of its SHA-256.
-pub fn device_id_of(public_key: &[u8]) -> String {
-    format!("dev-{}", &hex::encode(spa_proto::auth::sha256(public_key))[..16])
-}
-
-/// What the store keeps of a token: its SHA-256, never the token.
-pub fn token_hash(token: &str) -> [u8; 32] {
-    spa_proto::auth::sha256(token.as_bytes())
-}
-
-impl Store {
+impl Sled {
     /// Stores a new token's hash; durable on return.
-    pub fn add_token(&self, hash: &[u8; 32], rec: &TokenRecord) -> Result<()> {
+    pub(super) fn add_token(&self, hash: &[u8; 32], rec: &TokenRecord) -> Result<()> {
         let t = self.t()?;
         t.tokens.insert(hash, enc(rec))?;
-        self.log("token.create", format!("{} expires {}", rec.token_id, rec.expires_at_ms))?;
+        self.log("token.create", &format!("{} expires {}", rec.token_id, rec.expires_at_ms))?;
         self.flush()
     }
 
-    pub fn tokens(&self) -> Result<Vec<TokenRecord>> {
+    pub(super) fn tokens(&self) -> Result<Vec<TokenRecord>> {
         let t = self.t()?;
         t.tokens.iter().values().map(|v| dec(&v?)).collect()
     }
 
     /// Consumes a token and records the device, atomically; durable on return.
-    pub fn enroll(&self, hash: &[u8; 32], public_key: &[u8], name: &str, now_ms: u64) -> Result<DeviceRecord> {
+    pub(super) fn enroll(&self, hash: &[u8; 32], public_key: &[u8], name: &str, now_ms: u64) -> Result<DeviceRecord> {
         let t = self.t()?;
         let device_id = device_id_of(public_key);
         let key_hash = spa_proto::auth::sha256(public_key);
@@ -104,12 +68,8 @@ impl Store {
             keys.insert(&key_hash[..], device_id.as_bytes())?;
             Ok(rec)
         });
-        let rec = match res {
-            Ok(r) => r,
-            Err(TransactionError::Abort(e)) => return Err(e),
-            Err(TransactionError::Storage(e)) => return Err(e.into()),
-        };
-        self.log("device.enroll", format!("{} ({}) with token {}", rec.device_id, rec.name, rec.token_id))?;
+        let rec = res.map_err(tx_err)?;
+        self.log("device.enroll", &format!("{} ({}) with token {}", rec.device_id, rec.name, rec.token_id))?;
         self.flush()?;
         Ok(rec)
     }
@@ -119,7 +79,7 @@ impl Store {
     /// compare-and-swap, so of two rotations signed by the same key one wins and the other is
     /// refused with its new key left unused. Refused if any device ever used the new key.
     /// Durable on return.
-    pub fn rotate_key(&self, id: &str, signed_with: &str, new_key: &[u8], now_ms: u64) -> Result<DeviceRecord> {
+    pub(super) fn rotate_key(&self, id: &str, signed_with: &str, new_key: &[u8], now_ms: u64) -> Result<DeviceRecord> {
         let t = self.t()?;
         let new_hash = spa_proto::auth::sha256(new_key);
         let res = (&t.devices, &t.keys).transaction(|(devices, keys)| {
@@ -153,11 +113,7 @@ impl Store {
             devices.insert(id.as_bytes(), enc(&rec))?;
             Ok(rec)
         });
-        let rec = match res {
-            Ok(r) => r,
-            Err(TransactionError::Abort(e)) => return Err(e),
-            Err(TransactionError::Storage(e)) => return Err(e.into()),
-        };
+        let rec = res.map_err(tx_err)?;
         self.log("device.rotate_key", id)?;
         self.flush()?;
         Ok(rec)
@@ -165,7 +121,7 @@ impl Store {
 
     /// Revokes an unused enrollment token by its id; returns whether it was still usable.
     /// Durable on return.
-    pub fn revoke_token(&self, token_id: &str, now_ms: u64) -> Result<bool> {
+    pub(super) fn revoke_token(&self, token_id: &str, now_ms: u64) -> Result<bool> {
         let t = self.t()?;
         'retry: loop {
             for kv in t.tokens.iter() {
@@ -191,18 +147,18 @@ impl Store {
         }
     }
 
-    pub fn device(&self, id: &str) -> Result<Option<DeviceRecord>> {
+    pub(super) fn device(&self, id: &str) -> Result<Option<DeviceRecord>> {
         let t = self.t()?;
         t.devices.get(id.as_bytes())?.map(|v| dec(&v)).transpose()
     }
 
-    pub fn devices(&self) -> Result<Vec<DeviceRecord>> {
+    pub(super) fn devices(&self) -> Result<Vec<DeviceRecord>> {
         let t = self.t()?;
         t.devices.iter().values().map(|v| dec(&v?)).collect()
     }
 
     /// Marks a device revoked; durable on return. Returns whether it was active.
-    pub fn revoke(&self, id: &str, now_ms: u64) -> Result<bool> {
+    pub(super) fn revoke(&self, id: &str, now_ms: u64) -> Result<bool> {
         let t = self.t()?;
         loop {
             let Some(raw) = t.devices.get(id.as_bytes())? else {
@@ -223,13 +179,13 @@ impl Store {
         }
     }
 
-    /// Last call time of a device: kept in memory and written at the next [`Store::flush`]
+    /// Last call time of a device: kept in memory and written at the next [`Sled::flush`]
     /// (the server's 2 s tick, or any acknowledged change); best effort, not acknowledged state.
-    pub fn touch(&self, id: &str, now_ms: u64) {
+    pub(super) fn touch(&self, id: &str, now_ms: u64) {
         self.seen.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_string(), now_ms);
     }
 
-    pub fn last_seen(&self, id: &str) -> Result<u64> {
+    pub(super) fn last_seen(&self, id: &str) -> Result<u64> {
         if let Some(ms) = self.seen.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
             return Ok(*ms);
         }
@@ -243,7 +199,7 @@ impl Store {
 
     /// Persists the nonce of a call dated after its acceptance, so a restart does not reopen
     /// the replay window (calls dated before the restart are refused whole). Key: ts | device | nonce.
-    pub fn record_nonce(&self, device: &str, nonce: &str, ts_ms: u64) -> Result<()> {
+    pub(super) fn record_nonce(&self, device: &str, nonce: &str, ts_ms: u64) -> Result<()> {
         let t = self.t()?;
         let mut k = ts_ms.to_be_bytes().to_vec();
         k.extend_from_slice(format!("{device}\0{nonce}").as_bytes());
@@ -253,18 +209,18 @@ impl Store {
 
     /// The time of the server's last tick: after a restart, calls dated before it are refused
     /// even if the clock went back meanwhile.
-    pub fn set_clock_mark(&self, now_ms: u64) -> Result<()> {
+    pub(super) fn set_clock_mark(&self, now_ms: u64) -> Result<()> {
         self.t()?.meta.insert(CLOCK_MARK_KEY, &now_ms.to_be_bytes()[..])?;
         Ok(())
     }
 
-    pub fn clock_mark(&self) -> Result<u64> {
+    pub(super) fn clock_mark(&self) -> Result<u64> {
         let v = self.t()?.meta.get(CLOCK_MARK_KEY)?;
         Ok(v.and_then(|v| <[u8; 8]>::try_from(&v[..]).ok()).map_or(0, u64::from_be_bytes))
     }
 
     /// Nonces with a timestamp at or after `since_ms`: (device, nonce, ts).
-    pub fn nonces_since(&self, since_ms: u64) -> Result<Vec<(String, String, u64)>> {
+    pub(super) fn nonces_since(&self, since_ms: u64) -> Result<Vec<(String, String, u64)>> {
         let t = self.t()?;
         let mut out = Vec::new();
         for kv in t.nonces.range(since_ms.to_be_bytes()..) {
@@ -272,18 +228,16 @@ impl Store {
             if k.len() < 8 {
                 continue;
             }
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&k[..8]);
             let rest = String::from_utf8_lossy(&k[8..]).into_owned();
             if let Some((d, n)) = rest.split_once('\0') {
-                out.push((d.to_string(), n.to_string(), u64::from_be_bytes(b)));
+                out.push((d.to_string(), n.to_string(), key_id(&k)));
             }
         }
         Ok(out)
     }
 
     /// Drops nonces older than `before_ms` (they fail the clock check anyway).
-    pub fn prune_nonces(&self, before_ms: u64) -> Result<usize> {
+    pub(super) fn prune_nonces(&self, before_ms: u64) -> Result<usize> {
         let t = self.t()?;
         let mut n = 0;
         for kv in t.nonces.range(..before_ms.to_be_bytes()) {

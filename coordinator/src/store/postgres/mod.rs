@@ -1,0 +1,124 @@
+//! The PostgreSQL backend, for coordinator replicas sharing one database: [`schema`] applies
+//! the SQL migrations (`coordinator/migrations/`), [`devices`] and [`rounds`] hold the
+//! operations, each one transaction where it changes more than one row; [`backend`] is the
+//! [`Backend`](super::Backend) implementation. Records are the same JSON as sled's, in jsonb.
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
+use tokio_postgres::types::Json;
+use tokio_postgres::{GenericClient, NoTls, Row};
+
+use super::{Event, Result, StoreError};
+
+mod backend;
+mod devices;
+mod rounds;
+pub mod schema;
+
+/// The PostgreSQL store: a pool of connections to one database.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: Pool,
+    /// Last-call times not yet written: a signed call is too frequent to cost a write each.
+    seen: Arc<Mutex<HashMap<String, u64>>>,
+}
+
+impl PgStore {
+    /// Connects to `conninfo` (a libpq connection string or URL) with at most `connections`
+    /// connections, and brings the schema up to this binary's (refusing a newer one).
+    pub async fn connect(conninfo: &str, connections: usize) -> Result<Self> {
+        let cfg: tokio_postgres::Config = conninfo.parse().map_err(|e| StoreError::Backend(format!("PostgreSQL connection string: {e}")))?;
+        let mgr = Manager::from_config(cfg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = Pool::builder(mgr).max_size(connections.max(2)).build().map_err(|e| StoreError::Backend(format!("PostgreSQL pool: {e}")))?;
+        let store = Self { pool, seen: Default::default() };
+        schema::migrate(&mut *store.client().await?).await?;
+        Ok(store)
+    }
+
+    async fn client(&self) -> Result<Object> {
+        self.pool.get().await.map_err(|e| StoreError::Io(format!("PostgreSQL: {e}")))
+    }
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        // No SQL state: the connection failed, not the statement.
+        match e.code() {
+            None => StoreError::Io(format!("PostgreSQL: {e}")),
+            Some(code) => StoreError::Backend(format!("PostgreSQL ({}): {e}", code.code())),
+        }
+    }
+}
+
+/// Whether `e` is a unique-constraint violation (a concurrent insert of the same key won).
+fn is_unique_violation(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
+}
+
+/// Column `i` of `row` as a record of type `T`.
+fn rec<T: for<'a> serde::Deserialize<'a>>(row: &Row, i: usize) -> Result<T> {
+    row.try_get::<_, Json<T>>(i).map(|j| j.0).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn recs<T: for<'a> serde::Deserialize<'a>>(rows: &[Row]) -> Result<Vec<T>> {
+    rows.iter().map(|r| rec(r, 0)).collect()
+}
+
+/// ids and times are u64 in the records, bigint in the database.
+fn big(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn unbig(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// Appends an event, inside the caller's transaction when it has one.
+async fn log_in(c: &impl GenericClient, kind: &str, detail: &str) -> Result<()> {
+    c.execute("INSERT INTO events (ts_ms, kind, detail) VALUES ($1, $2, $3)", &[&big(spa_proto::auth::now_ms()), &kind, &detail]).await?;
+    Ok(())
+}
+
+impl PgStore {
+    async fn log(&self, kind: &str, detail: &str) -> Result<()> {
+        log_in(&**self.client().await?, kind, detail).await
+    }
+
+    async fn events(&self) -> Result<Vec<Event>> {
+        let rows = self.client().await?.query("SELECT ts_ms, kind, detail FROM events ORDER BY id", &[]).await?;
+        Ok(rows.iter().map(|r| Event { ts_ms: unbig(r.get(0)), kind: r.get(1), detail: r.get(2) }).collect())
+    }
+
+    /// Writes the pending last-call times (a commit is durable already).
+    async fn flush(&self) -> Result<()> {
+        let pending = std::mem::take(&mut *self.seen.lock().unwrap_or_else(|p| p.into_inner()));
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let (ids, ms): (Vec<&str>, Vec<i64>) = pending.iter().map(|(id, ms)| (id.as_str(), big(*ms))).unzip();
+        let sql = "INSERT INTO last_seen (device_id, ms) SELECT * FROM unnest($1::text[], $2::bigint[]) \
+                   ON CONFLICT (device_id) DO UPDATE SET ms = GREATEST(last_seen.ms, EXCLUDED.ms)";
+        let written = match self.client().await {
+            Ok(c) => c.execute(sql, &[&ids, &ms]).await.map_err(StoreError::from),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
+            // Kept for the next try (unless newer times arrived meanwhile).
+            let mut g = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            for (id, ms) in pending {
+                g.entry(id).or_insert(ms);
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Whether the database answers (the pool replaces broken connections itself).
+    async fn heal(&self) -> bool {
+        match self.client().await {
+            Ok(c) => c.simple_query("SELECT 1").await.is_ok() && self.flush().await.is_ok(),
+            Err(_) => false,
+        }
+    }
+}

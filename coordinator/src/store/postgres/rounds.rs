@@ -1,0 +1,152 @@
+//! Checkpoints, runs, rounds and the server optimizer in PostgreSQL. Ids come from
+//! sequences, so concurrent creations never share one; a commit is one transaction.
+use spa_aggregation::strategy::ServerOptimizer;
+use tokio_postgres::types::Json;
+
+use super::{PgStore, big, log_in, rec, recs, unbig};
+use crate::store::records::{DeviceMetrics, RoundPlan, RoundRecord, RunRecord, mean_metrics};
+use crate::store::{Result, StoreError};
+
+const OPTIMIZER_KEY: &str = "optimizer";
+const PUT_RUN: &str = "INSERT INTO runs (run_id, rec) VALUES ($1, $2) ON CONFLICT (run_id) DO UPDATE SET rec = $2";
+const PUT_ROUND: &str = "INSERT INTO rounds (round_id, rec) VALUES ($1, $2) ON CONFLICT (round_id) DO UPDATE SET rec = $2";
+
+impl PgStore {
+    pub(super) async fn put_checkpoint(&self, version: u64, bytes: &[u8]) -> Result<bool> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await?;
+        let n = tx.execute("INSERT INTO checkpoints (version, bytes) VALUES ($1, $2) ON CONFLICT DO NOTHING", &[&big(version), &bytes]).await?;
+        if n == 1 {
+            log_in(&*tx, "checkpoint.commit", &format!("version {version}, {} bytes", bytes.len())).await?;
+        }
+        tx.commit().await?;
+        Ok(n == 1)
+    }
+
+    pub(super) async fn checkpoint(&self, version: u64) -> Result<Option<Vec<u8>>> {
+        let row = self.client().await?.query_opt("SELECT bytes FROM checkpoints WHERE version = $1", &[&big(version)]).await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    pub(super) async fn latest_checkpoint_version(&self) -> Result<Option<u64>> {
+        let row = self.client().await?.query_one("SELECT max(version) FROM checkpoints", &[]).await?;
+        Ok(row.get::<_, Option<i64>>(0).map(unbig))
+    }
+
+    pub(super) async fn prune_checkpoints(&self, keep: u64) -> Result<usize> {
+        let Some(latest) = self.latest_checkpoint_version().await? else { return Ok(0) };
+        if keep == 0 || latest < keep {
+            return Ok(0);
+        }
+        let before = latest + 1 - keep;
+        let mut c = self.client().await?;
+        let tx = c.transaction().await?;
+        let n = tx.execute("DELETE FROM checkpoints WHERE version < $1", &[&big(before)]).await? as usize;
+        if n > 0 {
+            log_in(&*tx, "checkpoint.prune", &format!("{n} versions before {before}")).await?;
+        }
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    pub(super) async fn create_run(&self, plan: &RoundPlan, now_ms: u64) -> Result<RunRecord> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await?;
+        let id: i64 = tx.query_one("SELECT nextval('run_ids')", &[]).await?.get(0);
+        let run = RunRecord::new(unbig(id), plan, now_ms);
+        tx.execute(PUT_RUN, &[&id, &Json(&run)]).await?;
+        log_in(&*tx, "run.start", &format!("run {} ({} rounds)", run.run_id, run.plan.rounds)).await?;
+        tx.commit().await?;
+        Ok(run)
+    }
+
+    pub(super) async fn put_run(&self, run: &RunRecord) -> Result<()> {
+        self.client().await?.execute(PUT_RUN, &[&big(run.run_id), &Json(run)]).await?;
+        Ok(())
+    }
+
+    pub(super) async fn runs(&self) -> Result<Vec<RunRecord>> {
+        recs(&self.client().await?.query("SELECT rec FROM runs ORDER BY run_id", &[]).await?)
+    }
+
+    pub(super) async fn start_round(&self, run: &RunRecord) -> Result<RoundRecord> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await?;
+        let id: i64 = tx.query_one("SELECT nextval('round_ids')", &[]).await?.get(0);
+        let round = RoundRecord::new(unbig(id), run);
+        tx.execute(PUT_RUN, &[&big(run.run_id), &Json(run)]).await?;
+        tx.execute(PUT_ROUND, &[&id, &Json(&round)]).await?;
+        log_in(&*tx, "round.start", &format!("round {} ({} of run {})", round.round_id, round.index, run.run_id)).await?;
+        tx.commit().await?;
+        Ok(round)
+    }
+
+    pub(super) async fn put_round(&self, round: &RoundRecord) -> Result<()> {
+        self.client().await?.execute(PUT_ROUND, &[&big(round.round_id), &Json(round)]).await?;
+        Ok(())
+    }
+
+    pub(super) async fn abort_round(&self, round: &RoundRecord) -> Result<()> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await?;
+        tx.execute(PUT_ROUND, &[&big(round.round_id), &Json(round)]).await?;
+        log_in(&*tx, "round.abort", &format!("round {}: {}", round.round_id, round.reason.as_deref().unwrap_or(""))).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(super) async fn add_round_metrics(&self, round_id: u64, device: &str, m: DeviceMetrics) -> Result<bool> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await?;
+        let Some(row) = tx.query_opt("SELECT rec FROM rounds WHERE round_id = $1 FOR UPDATE", &[&big(round_id)]).await? else {
+            return Ok(false);
+        };
+        let mut r: RoundRecord = rec(&row, 0)?;
+        r.metrics.insert(device.to_string(), m);
+        r.mean_metrics = Some(mean_metrics(r.metrics.values()));
+        tx.execute("UPDATE rounds SET rec = $2 WHERE round_id = $1", &[&big(round_id), &Json(&r)]).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    pub(super) async fn round(&self, id: u64) -> Result<Option<RoundRecord>> {
+        self.client().await?.query_opt("SELECT rec FROM rounds WHERE round_id = $1", &[&big(id)]).await?.map(|r| rec(&r, 0)).transpose()
+    }
+
+    pub(super) async fn rounds_before(&self, before: Option<u64>, limit: usize) -> Result<Vec<RoundRecord>> {
+        let sql = "SELECT rec FROM rounds WHERE round_id < $1 ORDER BY round_id DESC LIMIT $2";
+        let rows = self.client().await?.query(sql, &[&before.map_or(i64::MAX, big), &big(limit as u64)]).await?;
+        let mut out: Vec<RoundRecord> = recs(&rows)?;
+        out.reverse();
+        Ok(out)
+    }
+
+    pub(super) async fn latest_round(&self) -> Result<Option<RoundRecord>> {
+        let row = self.client().await?.query_opt("SELECT rec FROM rounds ORDER BY round_id DESC LIMIT 1", &[]).await?;
+        row.map(|r| rec(&r, 0)).transpose()
+    }
+
+    pub(super) async fn rounds(&self) -> Result<Vec<RoundRecord>> {
+        recs(&self.client().await?.query("SELECT rec FROM rounds ORDER BY round_id", &[]).await?)
+    }
+
+    pub(super) async fn commit_round(&self, version: u64, checkpoint: &[u8], round: &RoundRecord, optimizer: &ServerOptimizer) -> Result<()> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await?;
+        let n = tx.execute("INSERT INTO checkpoints (version, bytes) VALUES ($1, $2) ON CONFLICT DO NOTHING", &[&big(version), &checkpoint]).await?;
+        if n == 0 {
+            return Err(StoreError::VersionExists(version));
+        }
+        tx.execute(PUT_ROUND, &[&big(round.round_id), &Json(round)]).await?;
+        let sql = "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = $2";
+        tx.execute(sql, &[&OPTIMIZER_KEY, &Json(optimizer)]).await?;
+        log_in(&*tx, "checkpoint.commit", &format!("version {version} by round {}, {} bytes", round.round_id, checkpoint.len())).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(super) async fn optimizer(&self) -> Result<Option<ServerOptimizer>> {
+        let row = self.client().await?.query_opt("SELECT value FROM meta WHERE key = $1", &[&OPTIMIZER_KEY]).await?;
+        row.map(|r| rec(&r, 0)).transpose()
+    }
+}
