@@ -108,7 +108,16 @@ fn main() {
     // With dropouts a phase ends at its deadline; the devices of this process must still
     // finish their own work within it (1000 devices mask for ~10 s on 2 cores).
     let phase_timeout_secs = if n_drop > 0 { (n as u64 / 50).max(2) } else { 600 };
-    let cfg = RoundsSection { online_secs: 600, selection_grace_secs: 0, phase_timeout_secs, evaluate_secs: 0, clip: 1.0, w_max: 1024, keep_checkpoints: 0 };
+    let cfg = RoundsSection {
+        online_secs: 600,
+        selection_grace_secs: 0,
+        phase_timeout_secs,
+        evaluate_secs: 0,
+        clip: 1.0,
+        w_max: 1024,
+        keep_checkpoints: 0,
+        leader_lease_secs: 10,
+    };
     rt.block_on(async {
         let rounds = Rounds::new(store.clone(), cfg);
         tokio::spawn(round_loop(rounds.clone()));

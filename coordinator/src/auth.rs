@@ -200,8 +200,9 @@ impl Auth {
             return Err(AuthError::SignedBeforeStart { ts_ms: h.ts_ms, start_ms: self.start_ms }.into());
         }
         self.nonces.lock().map_err(internal)?.check_and_insert(&h.device_id, &h.nonce_hex, h.ts_ms, now)?;
-        if h.ts_ms > now {
-            self.store.record_nonce(&h.device_id, &h.nonce_hex, h.ts_ms).await.map_err(internal)?;
+        // Replicas sharing the store each see only their own calls: the store is the window.
+        if (h.ts_ms > now || self.store.shared()) && !self.store.record_nonce(&h.device_id, &h.nonce_hex, h.ts_ms).await.map_err(internal)? {
+            return Err(AuthError::Replay.into());
         }
         self.store.touch(&h.device_id, now);
         Ok(rec)

@@ -215,11 +215,23 @@ pub struct RoundsSection {
     /// Global versions kept in the store, the newest ones (0: all); older ones are deleted
     /// after each commit, so the store does not grow by a checkpoint every round.
     pub keep_checkpoints: u64,
+    /// The leadership lease's lifetime (PostgreSQL store: one of the coordinators sharing the
+    /// database runs rounds; another takes over within this long after it stops renewing).
+    pub leader_lease_secs: u64,
 }
 
 impl Default for RoundsSection {
     fn default() -> Self {
-        Self { online_secs: 15, selection_grace_secs: 2, phase_timeout_secs: 60, evaluate_secs: 30, clip: 1.0, w_max: 1024, keep_checkpoints: 50 }
+        Self {
+            online_secs: 15,
+            selection_grace_secs: 2,
+            phase_timeout_secs: 60,
+            evaluate_secs: 30,
+            clip: 1.0,
+            w_max: 1024,
+            keep_checkpoints: 50,
+            leader_lease_secs: 10,
+        }
     }
 }
 
@@ -286,6 +298,7 @@ impl CoordinatorConfig {
         let r = &self.rounds;
         ensure(r.online_secs > 0 && r.phase_timeout_secs > 0, "rounds.online_secs and rounds.phase_timeout_secs must be > 0")?;
         ensure(r.clip.is_finite() && r.clip > 0.0, "rounds.clip must be a positive number")?;
+        ensure((1..=3600).contains(&r.leader_lease_secs), "rounds.leader_lease_secs must be in 1..=3600")?;
         ensure(r.w_max > 0, "rounds.w_max must be > 0")?;
         Ok(())
     }

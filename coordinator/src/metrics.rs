@@ -46,6 +46,7 @@ pub struct Metrics {
     devices_online: Gauge,
     generation_sessions: Gauge,
     open_connections: Gauge,
+    leader: Gauge,
     /// The registered families' names, as exposed (`spa_` and the name).
     families: Vec<String>,
 }
@@ -74,6 +75,7 @@ impl Metrics {
             devices_online: Gauge::default(),
             generation_sessions: Gauge::default(),
             open_connections: Gauge::default(),
+            leader: Gauge::default(),
             registry: Registry::default(),
             families: Vec::new(),
         };
@@ -87,6 +89,7 @@ impl Metrics {
         reg(&mut registry, &mut families, "devices_online", "Devices that polled within rounds.online_secs", m.devices_online.clone());
         reg(&mut registry, &mut families, "generation_sessions", "Open Generate streams", m.generation_sessions.clone());
         reg(&mut registry, &mut families, "open_connections", "TCP connections open (limits.max_connections)", m.open_connections.clone());
+        reg(&mut registry, &mut families, "leader", "1 while this coordinator holds the leadership lease (runs the rounds)", m.leader.clone());
         Metrics { registry, families, ..m }
     }
 
@@ -102,6 +105,7 @@ impl Metrics {
         self.devices_online.set(g.devices_online as i64);
         self.generation_sessions.set(g.generation_sessions as i64);
         self.open_connections.set(g.open_connections as i64);
+        self.leader.set(g.leader as i64);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
         out
@@ -119,6 +123,7 @@ pub struct Gauges {
     pub devices_online: usize,
     pub generation_sessions: usize,
     pub open_connections: usize,
+    pub leader: bool,
 }
 
 /// Serves `GET /metrics` on `listener` until the task is dropped: one short request per

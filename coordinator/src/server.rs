@@ -119,10 +119,6 @@ pub async fn start_on(home: &Path, backend: Option<BackendKind>) -> Result<Runni
     std::fs::read_to_string(&cred_path).map_err(io(&cred_path))?;
     let auth = Auth::new(store.clone(), &cfg, &cred_path).await?;
     let engine = start_engine(home, &cfg, &store, backend).await?;
-    let aborted = crate::rounds::recover(&store).await?;
-    if aborted > 0 {
-        tracing::warn!("{aborted} round(s) interrupted by the last shutdown were marked aborted");
-    }
     let rounds = crate::rounds::Rounds::new(store.clone(), cfg.rounds.clone());
     let shared = Shared::new(store.clone(), auth, engine, rounds.clone(), cfg.clone());
     let listener = tokio::net::TcpListener::bind(&cfg.server.listen)

@@ -162,6 +162,7 @@ impl Shared {
             devices_online: self.rounds.online_count(),
             generation_sessions: self.config.limits.max_sessions.saturating_sub(self.sessions.available_permits()),
             open_connections: self.connections.load(std::sync::atomic::Ordering::SeqCst),
+            leader: self.rounds.lease().is_some(),
         }
     }
 }

@@ -67,6 +67,7 @@ impl From<StoreError> for Status {
             | StoreError::Backend(_)
             | StoreError::Corrupt(_)
             | StoreError::Schema(_)
+            | StoreError::Fenced(_)
             | StoreError::VersionExists(_)
             | StoreError::Unavailable => internal(e),
         }

@@ -1,7 +1,9 @@
 //! spa-testkit: what the integration tests of several crates share (a dev-dependency only).
-//! [`procs`] runs real `spa-coordinator serve` and `spa-client run` processes on loopback.
+//! [`procs`] runs real `spa-coordinator serve` and `spa-client run` processes on loopback;
+//! [`postgres`] starts throwaway PostgreSQL clusters.
 use std::path::Path;
 
+pub mod postgres;
 pub mod procs;
 
 /// `spa-coordinator init` into `coord`, listening on an ephemeral loopback port.

@@ -11,15 +11,18 @@
 //! Committed   the decoded mean goes through the server strategy -> global version v+1
 //! ```
 //!
-//! Every phase boundary is written to sled before the phase's requests go out, and a commit
-//! writes checkpoint, round record and optimizer state in one transaction. The SecAgg+ server
-//! state lives only in memory: a coordinator that restarts marks a round it finds mid-phase
-//! as aborted ([`recover`]) and its run goes on with the next round from the last committed
-//! version. The coordinator never holds an individual unmasked update: it sees masked lanes.
+//! Every phase boundary is written to the store before the phase's requests go out, and a
+//! commit writes checkpoint, round record and optimizer state in one transaction. Only the
+//! holder of the store's leadership lease runs the loop (on sled, the one process; on
+//! PostgreSQL, one of the replicas), and every round write carries the lease, so a leader that
+//! lost it is refused. The SecAgg+ server state lives only in memory: a coordinator that takes
+//! the lease (at start, on one machine) marks a round it finds mid-phase as aborted and its run
+//! goes on with the next round from the last committed version. The coordinator never holds
+//! an individual unmasked update: it sees masked lanes.
 //!
 //! Files: `state.rs` (what the loop and the device handlers share, and how an answer is
-//! checked), `round_loop.rs` (the loop and its phases). What sled keeps of plans, rounds, runs
-//! and dropouts is `crate::store::records`.
+//! checked), `round_loop.rs` (the loop, its phases and the lease). What the store keeps of
+//! plans, rounds, runs and dropouts is `crate::store::records`.
 use spa_aggregation::SecAggError;
 
 use crate::store::StoreError;
@@ -28,7 +31,7 @@ mod round_loop;
 mod state;
 
 pub use crate::store::records::{DeviceMetrics, DropReason, Dropout, RoundPlan, RoundRecord, RoundState, RunRecord, RunState};
-pub use round_loop::{recover, round_loop};
+pub use round_loop::round_loop;
 pub use state::{AnswerError, Rounds};
 
 impl From<crate::store::records::InvalidPlan> for RoundError {

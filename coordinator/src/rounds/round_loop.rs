@@ -19,7 +19,7 @@ use super::state::{Active, EvalNotice, Rounds};
 use crate::lock;
 use crate::metrics::{METRICS, Outcome, Phase, Reason};
 use crate::store::Store;
-use crate::store::records::{DropReason, Dropout, RoundRecord, RoundState, RunState};
+use crate::store::records::{DropReason, Dropout, Lease, RoundRecord, RoundState, RunState};
 
 /// Crash points for the restart tests: with the `fault-injection` feature,
 /// `SPA_FAULT_CRASH_AT=<state>` kills the process (like SIGKILL, no cleanup) right after that
@@ -33,26 +33,47 @@ fn fault_point(state: &str) {
     let _ = state;
 }
 
-/// At start: a round found mid-phase cannot resume (its SecAgg+ secrets died with the
-/// process), so it is marked aborted; its run continues with a fresh round.
-pub async fn recover(store: &Store) -> Result<usize, RoundError> {
+/// On taking the lease (at start, on one machine): a round found mid-phase cannot resume
+/// (its SecAgg+ secrets died with the process that ran it), so it is marked aborted; its run
+/// continues with a fresh round.
+async fn recover(store: &Store, lease: &Lease) -> Result<usize, RoundError> {
     let mut n = 0;
     for mut r in store.rounds().await? {
         if !r.state.is_final() {
             r.reason = Some(format!("coordinator restarted during {}", r.state.name()));
             r.state = RoundState::Aborted;
             r.finished_ms = Some(now_ms());
-            store.abort_round(&r).await?;
+            store.abort_round(lease, &r).await?;
             n += 1;
         }
     }
     Ok(n)
 }
 
-/// The round loop: forever, the next round of the oldest active run.
+/// The round loop: while this coordinator holds the leadership lease (on sled, always), the
+/// next round of the oldest active run.
 pub async fn round_loop(rounds: Arc<Rounds>) {
+    let _keeper = AbortOnDrop(tokio::spawn(keep_lease(rounds.clone())));
+    let mut recovered = None;
     loop {
-        match next_round(&rounds).await {
+        let Some(lease) = rounds.lease() else {
+            recovered = None;
+            rounds.nap(Duration::from_secs(1)).await;
+            continue;
+        };
+        if recovered != Some(lease.term) {
+            match recover(&rounds.store, &lease).await {
+                Ok(0) => {}
+                Ok(n) => tracing::warn!("{n} round(s) interrupted by the previous leader's end were marked aborted"),
+                Err(e) => {
+                    tracing::error!("round loop: recovering interrupted rounds: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            }
+            recovered = Some(lease.term);
+        }
+        match next_round(&rounds, &lease).await {
             Ok(true) => {}
             Ok(false) => rounds.nap(Duration::from_secs(1)).await,
             Err(e) => {
@@ -63,22 +84,45 @@ pub async fn round_loop(rounds: Arc<Rounds>) {
     }
 }
 
+/// Takes or renews the leadership lease three times per lifetime, for as long as the loop runs.
+async fn keep_lease(rounds: Arc<Rounds>) {
+    let ttl_ms = rounds.cfg.leader_lease_secs * 1000;
+    loop {
+        let lease = rounds.store.lead(&rounds.holder, ttl_ms).await.unwrap_or_else(|e| {
+            tracing::warn!("leadership lease: {e}");
+            None
+        });
+        rounds.set_lease(lease);
+        tokio::time::sleep(Duration::from_millis(ttl_ms / 3)).await;
+    }
+}
+
+/// Aborts the task when dropped (the round loop's task aborted at shutdown takes the lease
+/// keeper with it).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Starts and runs one round if a run has rounds left; false if there was nothing to do.
-async fn next_round(rounds: &Arc<Rounds>) -> Result<bool, RoundError> {
+async fn next_round(rounds: &Arc<Rounds>, lease: &Lease) -> Result<bool, RoundError> {
     let store = &rounds.store;
     let Some(mut run) = store.runs().await?.into_iter().find(|r| r.state == RunState::Active) else {
         return Ok(false);
     };
     if run.rounds_started >= run.plan.rounds {
         run.state = RunState::Done;
-        store.put_run(&run).await?;
+        store.put_run(lease, &run).await?;
         return Ok(true);
     }
     run.rounds_started += 1;
-    let mut rec = store.start_round(&run).await?;
+    let mut rec = store.start_round(lease, &run).await?;
     // Every log line of the round carries its id (and, from `enter` on, its phase).
     let span = tracing::info_span!("round", round = rec.round_id, run = run.run_id);
-    let result = tracing::Instrument::instrument(run_round(rounds, &mut rec), span).await;
+    let result = tracing::Instrument::instrument(run_round(rounds, lease, &mut rec), span).await;
     *lock(&rounds.active) = None;
     lock(&rounds.abort_request).take_if(|id| *id == rec.round_id);
     let outcome = if result.is_ok() { "committed" } else { "aborted" };
@@ -88,7 +132,7 @@ async fn next_round(rounds: &Arc<Rounds>) -> Result<bool, RoundError> {
             tracing::info!(round = rec.round_id, version = ?rec.committed_version, "round committed");
             wait_for_evaluations(rounds).await;
         }
-        Err(e) => record_abort(rounds, &mut rec, e).await?,
+        Err(e) => record_abort(rounds, lease, &mut rec, e).await?,
     }
     Ok(true)
 }
@@ -103,7 +147,7 @@ async fn wait_for_evaluations(rounds: &Rounds) {
 
 /// Writes down why `rec` ended without a commit, tells its cohort, and cancels the rest of
 /// the run when an operator asked for it.
-async fn record_abort(rounds: &Rounds, rec: &mut RoundRecord, e: RoundError) -> Result<(), RoundError> {
+async fn record_abort(rounds: &Rounds, lease: &Lease, rec: &mut RoundRecord, e: RoundError) -> Result<(), RoundError> {
     let store = &rounds.store;
     let reason = e.to_string();
     tracing::warn!(round = rec.round_id, "round aborted: {reason}");
@@ -111,20 +155,20 @@ async fn record_abort(rounds: &Rounds, rec: &mut RoundRecord, e: RoundError) -> 
     rec.reason = Some(reason.clone());
     rec.finished_ms = Some(now_ms());
     rec.updated_ms = now_ms();
-    store.abort_round(rec).await?;
+    store.abort_round(lease, rec).await?;
     let cohort: BTreeSet<String> = rec.cohort.iter().cloned().collect();
     *lock(&rounds.aborted) = Some((rec.round_id, reason, cohort));
     if matches!(e, RoundError::AbortedByOperator)
         && let Some(mut run) = store.runs().await?.into_iter().find(|r| r.run_id == rec.run_id)
     {
         run.state = RunState::Cancelled;
-        store.put_run(&run).await?;
+        store.put_run(lease, &run).await?;
     }
     Ok(())
 }
 
 /// One round, phase by phase. On error the caller records the abort.
-async fn run_round(rounds: &Rounds, rec: &mut RoundRecord) -> Result<(), RoundError> {
+async fn run_round(rounds: &Rounds, lease: &Lease, rec: &mut RoundRecord) -> Result<(), RoundError> {
     let strategy = rec.plan.validate()?;
     let cohort = select(rounds, rec).await?;
     let (global, session) = open_session(rounds, rec, cohort).await?;
@@ -132,19 +176,19 @@ async fn run_round(rounds: &Rounds, rec: &mut RoundRecord) -> Result<(), RoundEr
 
     // Training + key advertisement: devices fetch the global version, train, advertise.
     let train_deadline = Instant::now() + Duration::from_secs(rec.plan.deadline_secs as u64);
-    enter(rounds, rec, RoundState::Training, train_tasks(rec, &session, &strategy)).await?;
+    enter(rounds, lease, rec, RoundState::Training, train_tasks(rec, &session, &strategy)).await?;
     collect(rounds, rec, train_deadline).await?;
 
     // ShareKeys: encrypted Shamir shares routed between neighbours.
     let reqs = with_server(rounds, |s| s.close_advertise())?;
     let tasks = reqs.iter().map(|(seat, r)| (*seat, Task::ShareKeys(secagg::share_keys_task(rec.round_id, r)))).collect();
-    enter(rounds, rec, RoundState::ShareKeys, tasks).await?;
+    enter(rounds, lease, rec, RoundState::ShareKeys, tasks).await?;
     collect(rounds, rec, Instant::now() + phase).await?;
 
     // MaskedInput: masked, quantized updates uploaded.
     let reqs = with_server(rounds, |s| s.close_share_keys())?;
     let tasks = reqs.iter().map(|(seat, r)| (*seat, Task::MaskedInput(secagg::masked_input_task(rec.round_id, &r.shares)))).collect();
-    enter(rounds, rec, RoundState::MaskedInput, tasks).await?;
+    enter(rounds, lease, rec, RoundState::MaskedInput, tasks).await?;
     collect(rounds, rec, Instant::now() + phase).await?;
 
     // Unmask: survivors reveal shares; dropped devices' masks are removed.
@@ -153,11 +197,11 @@ async fn run_round(rounds: &Rounds, rec: &mut RoundRecord) -> Result<(), RoundEr
         return Err(RoundError::Aborted(format!("{} masked inputs arrived, the plan needs {}", reqs.len(), rec.plan.min_clients)));
     }
     let tasks = reqs.iter().map(|(seat, r)| (*seat, Task::Unmask(secagg::unmask_task(rec.round_id, r)))).collect();
-    enter(rounds, rec, RoundState::Unmask, tasks).await?;
+    enter(rounds, lease, rec, RoundState::Unmask, tasks).await?;
     collect(rounds, rec, Instant::now() + phase).await?;
     let out = remove_masks(rounds).await?;
 
-    commit(rounds, rec, global, &session, strategy, out).await
+    commit(rounds, lease, rec, global, &session, strategy, out).await
 }
 
 /// Selecting: waits for at least `min_clients` online devices (then up to the selection
@@ -265,10 +309,10 @@ fn dp_params(plan: &super::RoundPlan, dim: usize, round_id: u64) -> Result<spa_a
 }
 
 /// Moves the round to `state`, durably, before that phase's requests go out.
-async fn enter(rounds: &Rounds, rec: &mut RoundRecord, state: RoundState, tasks: BTreeMap<u32, Task>) -> Result<(), RoundError> {
+async fn enter(rounds: &Rounds, lease: &Lease, rec: &mut RoundRecord, state: RoundState, tasks: BTreeMap<u32, Task>) -> Result<(), RoundError> {
     rec.state = state;
     rec.updated_ms = now_ms();
-    rounds.store.put_round(rec).await?;
+    rounds.store.put_round(lease, rec).await?;
     tracing::info!(phase = state.name(), "phase entered");
     fault_point(state.name());
     let mut g = lock(&rounds.active);
@@ -338,6 +382,7 @@ async fn remove_masks(rounds: &Rounds) -> Result<AggregateOutput, RoundError> {
 /// optimizer state are written in one transaction as global version `base + 1`.
 async fn commit(
     rounds: &Rounds,
+    lease: &Lease,
     rec: &mut RoundRecord,
     global: ParamSet,
     session: &SessionConfig,
@@ -364,7 +409,7 @@ async fn commit(
     // The commit's own write is measured up to here; the record cannot contain its own time.
     let busy = lock(&rounds.active).as_ref().map_or(Duration::ZERO, |a| a.busy);
     rec.coordinator_busy_ms = (busy + started.elapsed()).as_secs_f64() * 1000.0;
-    store.commit_round(version, &bytes, rec, &optimizer).await?;
+    store.commit_round(lease, version, &bytes, rec, &optimizer).await?;
     fault_point("committed");
     if let Err(e) = store.prune_checkpoints(rounds.cfg.keep_checkpoints).await {
         tracing::warn!("could not delete old global versions: {e}");

@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 use super::RoundError;
 use crate::config::RoundsSection;
 use crate::lock;
-use crate::store::records::{DeviceMetrics, DropReason, Dropout, RoundPlan, RoundState};
+use crate::store::records::{DeviceMetrics, DropReason, Dropout, Lease, RoundPlan, RoundState};
 use crate::store::{Store, StoreError};
 
 /// The round in progress.
@@ -63,6 +63,9 @@ pub struct Rounds {
     pub(super) abort_request: Mutex<Option<u64>>,
     /// Wakes the round loop (an answer arrived, a run was queued, an abort was asked).
     wake: Notify,
+    /// Who this process is to the leadership lease, and the lease while it holds it.
+    pub(super) holder: String,
+    lease: Mutex<Option<Lease>>,
 }
 
 impl Rounds {
@@ -76,6 +79,8 @@ impl Rounds {
             aborted: Mutex::new(None),
             abort_request: Mutex::new(None),
             wake: Notify::new(),
+            holder: format!("{}-{}", std::process::id(), hex::encode(spa_proto::auth::random_bytes::<6>())),
+            lease: Mutex::new(None),
         })
     }
 
@@ -273,6 +278,25 @@ impl Rounds {
     /// How many devices polled within `online_secs` (a metric).
     pub fn online_count(&self) -> usize {
         self.polled_recently().len()
+    }
+
+    /// The leadership lease, while this process holds it.
+    pub fn lease(&self) -> Option<Lease> {
+        lock(&self.lease).clone()
+    }
+
+    /// Records the lease as last taken or renewed (None: lost or not held); a change is logged
+    /// and wakes the loop.
+    pub(super) fn set_lease(&self, lease: Option<Lease>) {
+        let mut g = lock(&self.lease);
+        if g.as_ref().map(|l| l.term) != lease.as_ref().map(|l| l.term) {
+            match &lease {
+                Some(l) => tracing::info!(term = l.term, holder = %l.holder, "leading: this coordinator runs the rounds"),
+                None => tracing::warn!("not leading: another coordinator runs the rounds"),
+            }
+            self.wake.notify_one();
+        }
+        *g = lease;
     }
 
     /// Waits up to `timeout` for an answer or an abort.

@@ -11,7 +11,7 @@
 use async_trait::async_trait;
 use spa_aggregation::strategy::ServerOptimizer;
 
-use super::records::{DeviceMetrics, DeviceRecord, RoundPlan, RoundRecord, RunRecord, TokenRecord};
+use super::records::{DeviceMetrics, DeviceRecord, Lease, RoundPlan, RoundRecord, RunRecord, TokenRecord};
 use super::{Event, Result};
 
 #[async_trait]
@@ -46,8 +46,13 @@ pub trait Backend: Send + Sync + 'static {
 
     // --- Replay protection across restarts ---
 
-    /// The nonce of a call dated after its acceptance (a device clock running fast).
-    async fn record_nonce(&self, device: &str, nonce: &str, ts_ms: u64) -> Result<()>;
+    /// Whether other coordinator processes use this store: then every signed call's nonce is
+    /// recorded here, so that a call replayed to another replica is refused there.
+    fn shared(&self) -> bool;
+    /// Records a signed call's nonce; false if it was recorded before (a replay). Called for
+    /// a call dated after its acceptance (a device clock running fast), and for every call
+    /// when the store is [`shared`](Backend::shared).
+    async fn record_nonce(&self, device: &str, nonce: &str, ts_ms: u64) -> Result<bool>;
     /// Nonces dated at or after `since_ms`: (device, nonce, ts).
     async fn nonces_since(&self, since_ms: u64) -> Result<Vec<(String, String, u64)>>;
     /// Drops nonces dated before `before_ms`; how many.
@@ -65,19 +70,23 @@ pub trait Backend: Send + Sync + 'static {
     /// Deletes every version but the newest `keep` (0 keeps all); how many went.
     async fn prune_checkpoints(&self, keep: u64) -> Result<usize>;
 
-    // --- Runs and rounds ---
+    // --- Runs and rounds; the writes of the round loop carry its lease ---
+
+    /// Takes or renews the leadership lease for `holder`, for `ttl_ms` by the store's clock;
+    /// `None` while another holder's lease runs. Only the holder runs the round loop.
+    async fn lead(&self, holder: &str, ttl_ms: u64) -> Result<Option<Lease>>;
 
     /// A new active run of `plan` under the next free id (never shared by two concurrent
     /// calls); logs `run.start`.
     async fn create_run(&self, plan: &RoundPlan, now_ms: u64) -> Result<RunRecord>;
-    async fn put_run(&self, run: &RunRecord) -> Result<()>;
+    async fn put_run(&self, lease: &Lease, run: &RunRecord) -> Result<()>;
     async fn runs(&self) -> Result<Vec<RunRecord>>;
     /// The next round of `run` (whose `rounds_started` the caller advanced): the run and the
     /// new round under the next round id, as one change; logs `round.start`.
-    async fn start_round(&self, run: &RunRecord) -> Result<RoundRecord>;
-    async fn put_round(&self, round: &RoundRecord) -> Result<()>;
+    async fn start_round(&self, lease: &Lease, run: &RunRecord) -> Result<RoundRecord>;
+    async fn put_round(&self, lease: &Lease, round: &RoundRecord) -> Result<()>;
     /// Writes a round that ended without a commit and logs `round.abort` with its reason.
-    async fn abort_round(&self, round: &RoundRecord) -> Result<()>;
+    async fn abort_round(&self, lease: &Lease, round: &RoundRecord) -> Result<()>;
     /// Adds (or replaces) one device's evaluation and the mean, as one change of the record
     /// (concurrent reports never overwrite each other). False if there is no such round.
     async fn add_round_metrics(&self, round_id: u64, device: &str, m: DeviceMetrics) -> Result<bool>;
@@ -88,7 +97,7 @@ pub trait Backend: Send + Sync + 'static {
     async fn rounds(&self) -> Result<Vec<RoundRecord>>;
     /// The new global checkpoint, the round's record and the server optimizer's state as one
     /// change (logs `checkpoint.commit`); `VersionExists` changes nothing.
-    async fn commit_round(&self, version: u64, checkpoint: &[u8], round: &RoundRecord, optimizer: &ServerOptimizer) -> Result<()>;
+    async fn commit_round(&self, lease: &Lease, version: u64, checkpoint: &[u8], round: &RoundRecord, optimizer: &ServerOptimizer) -> Result<()>;
     async fn optimizer(&self) -> Result<Option<ServerOptimizer>>;
 
     // --- The event log and upkeep ---

@@ -1,13 +1,13 @@
-//! The store's contract as tests every backend runs: each check takes `open`, which opens
-//! (or, called again after the last handle is dropped, reopens) one and the same store, so
-//! durability across a restart is part of the contract. `on_sled` and `on_postgres` below
-//! run every check on each backend.
+//! The store's contract as checks every backend passes (feature `testing`): each takes
+//! `open`, which opens (or, called again after the last handle is dropped, reopens) one and
+//! the same store, so durability across a restart is part of the contract. `tests/store.rs`
+//! runs every check on sled and on PostgreSQL.
 use spa_aggregation::strategy::{ServerOptimizer, StrategyName};
 
 use super::records::{DeviceMetrics, RoundPlan, RoundRecord, RoundState};
 use super::{Store, StoreError, TokenRecord, token_hash};
 
-fn plan(rounds: u32, strategy: StrategyName) -> RoundPlan {
+pub fn plan(rounds: u32, strategy: StrategyName) -> RoundPlan {
     RoundPlan {
         rounds,
         min_clients: 2,
@@ -51,7 +51,8 @@ pub async fn devices_tokens_and_checkpoints_survive_reopen(open: &impl AsyncFn()
         assert!(matches!(s.revoke_token("nope", 22).await, Err(StoreError::UnknownTokenId(_))));
         assert!(s.put_checkpoint(0, b"v0").await.unwrap());
         assert!(!s.put_checkpoint(0, b"other").await.unwrap());
-        s.record_nonce("dev", "n1", 500).await.unwrap();
+        assert!(s.record_nonce("dev", "n1", 500).await.unwrap());
+        assert!(!s.record_nonce("dev", "n1", 500).await.unwrap(), "a nonce is recorded once");
         s.set_clock_mark(1234).await.unwrap();
         s.touch("dev", 77);
         assert_eq!(s.last_seen("dev").await.unwrap(), 77);
@@ -86,24 +87,25 @@ pub async fn rounds_commit_as_one_and_read_back_in_order(open: &impl AsyncFn() -
     let optimizer = ServerOptimizer::new(StrategyName::FedAdam.config(0.0).unwrap()).unwrap();
     {
         let s = open().await;
+        let lease = s.lead("leader", 60_000).await.unwrap().expect("an unheld lease is taken");
         let mut run = s.create_run(&plan(3, StrategyName::FedAdam), 5).await.unwrap();
         assert_eq!((run.run_id, run.rounds_started, run.created_ms), (1, 0, 5));
         for id in 1..=3 {
             run.rounds_started += 1;
-            let rec = s.start_round(&run).await.unwrap();
+            let rec = s.start_round(&lease, &run).await.unwrap();
             assert_eq!((rec.round_id, rec.state), (id, RoundState::Selecting));
         }
         let mut rec = s.round(2).await.unwrap().unwrap();
         (rec.state, rec.committed_version) = (RoundState::Committed, Some(1));
-        s.commit_round(1, b"v1", &rec, &optimizer).await.unwrap();
+        s.commit_round(&lease, 1, b"v1", &rec, &optimizer).await.unwrap();
         // A version is never overwritten, and a refused commit changes nothing.
         let mut other = s.round(3).await.unwrap().unwrap();
         other.state = RoundState::Committed;
-        assert!(matches!(s.commit_round(1, b"other", &other, &optimizer).await, Err(StoreError::VersionExists(1))));
+        assert!(matches!(s.commit_round(&lease, 1, b"other", &other, &optimizer).await, Err(StoreError::VersionExists(1))));
         assert_eq!(s.round(3).await.unwrap().unwrap().state, RoundState::Selecting);
         let mut first = s.round(1).await.unwrap().unwrap();
         (first.state, first.reason) = (RoundState::Aborted, Some("too few devices".into()));
-        s.abort_round(&first).await.unwrap();
+        s.abort_round(&lease, &first).await.unwrap();
     }
     let s = open().await;
     assert_eq!(s.runs().await.unwrap()[0].rounds_started, 3);
@@ -147,7 +149,8 @@ pub async fn concurrent_runs_and_reports_lose_nothing(open: &impl AsyncFn() -> S
     assert_eq!(ids, (1..=32).collect::<Vec<u64>>());
     assert_eq!(s.runs().await.unwrap().len(), 32);
     let run = s.runs().await.unwrap().remove(0);
-    let rec = s.start_round(&run).await.unwrap();
+    let lease = s.lead("leader", 60_000).await.unwrap().unwrap();
+    let rec = s.start_round(&lease, &run).await.unwrap();
     let metrics = |k: u64| DeviceMetrics { tokens: k + 1, ..Default::default() };
     let tasks: Vec<_> = (0..4u64)
         .map(|t| {
@@ -225,147 +228,4 @@ pub async fn of_two_rotations_signed_by_the_same_key_one_wins(open: &impl AsyncF
     s.revoke(&d.device_id, 24).await.unwrap();
     let late = s.rotate_key(&d.device_id, &hex::encode([3u8; 32]), &[4u8; 32], 25).await.unwrap_err();
     assert!(matches!(late, StoreError::DeviceRevoked(_)), "{late}");
-}
-
-mod on_sled {
-    use std::path::Path;
-    use std::time::{Duration, Instant};
-
-    use crate::store::Store;
-
-    /// Opens the store at `path`, waiting out sled's background writer, which may hold the
-    /// file lock a moment after the last handle is dropped (seen once in six runs under load).
-    fn open(path: &Path) -> Store {
-        let started = Instant::now();
-        loop {
-            match Store::open(path) {
-                Ok(s) => return s,
-                Err(_) if started.elapsed() < Duration::from_secs(5) => std::thread::sleep(Duration::from_millis(20)),
-                Err(e) => panic!("{e}"),
-            }
-        }
-    }
-
-    macro_rules! on_sled {
-        ($($name:ident),*) => {$(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                let dir = tempfile::tempdir().unwrap();
-                let path = dir.path().join("store");
-                super::$name(&async || open(&path)).await;
-            }
-        )*};
-    }
-
-    on_sled!(
-        devices_tokens_and_checkpoints_survive_reopen,
-        rounds_commit_as_one_and_read_back_in_order,
-        concurrent_runs_and_reports_lose_nothing,
-        revocations_racing_enrollments_and_rotations_lose_nothing,
-        of_two_rotations_signed_by_the_same_key_one_wins
-    );
-}
-
-/// The same checks on a real PostgreSQL, a throwaway cluster per test started by
-/// `scripts/postgres.sh` (which `.ci/run` installs).
-mod on_postgres {
-    use std::process::Command;
-
-    use crate::store::postgres::schema;
-    use crate::store::{Store, StoreError};
-
-    const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/postgres.sh");
-
-    /// A PostgreSQL cluster in a temporary directory, stopped when dropped.
-    pub struct Cluster {
-        dir: tempfile::TempDir,
-        pub conninfo: String,
-    }
-
-    impl Cluster {
-        pub fn start() -> Self {
-            let dir = tempfile::tempdir().unwrap();
-            let conninfo = script("start", dir.path());
-            Self { conninfo, dir }
-        }
-
-        pub fn stop(&self) {
-            script("stop", self.dir.path());
-        }
-
-        pub fn resume(&self) {
-            script("start", self.dir.path());
-        }
-    }
-
-    fn script(verb: &str, dir: &std::path::Path) -> String {
-        let out = Command::new(SCRIPT).arg(verb).arg(dir).output().unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "scripts/postgres.sh {verb} failed (is PostgreSQL installed? `scripts/postgres.sh install`): {err}");
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    }
-
-    impl Drop for Cluster {
-        fn drop(&mut self) {
-            let _ = Command::new(SCRIPT).arg("stop").arg(self.dir.path()).output();
-        }
-    }
-
-    macro_rules! on_postgres {
-        ($($name:ident),*) => {$(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                let pg = Cluster::start();
-                super::$name(&async || Store::connect_postgres(&pg.conninfo, 8).await.unwrap()).await;
-            }
-        )*};
-    }
-
-    on_postgres!(
-        devices_tokens_and_checkpoints_survive_reopen,
-        rounds_commit_as_one_and_read_back_in_order,
-        concurrent_runs_and_reports_lose_nothing,
-        revocations_racing_enrollments_and_rotations_lose_nothing,
-        of_two_rotations_signed_by_the_same_key_one_wins
-    );
-
-    /// Coordinators starting together apply the schema once; a schema newer than the
-    /// binary's is refused.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn coordinators_starting_together_migrate_once_and_a_newer_schema_is_refused() {
-        let pg = Cluster::start();
-        let starts: Vec<_> = (0..4)
-            .map(|_| {
-                let c = pg.conninfo.clone();
-                tokio::spawn(async move { Store::connect_postgres(&c, 2).await.map(|_| ()) })
-            })
-            .collect();
-        for s in starts {
-            s.await.unwrap().unwrap();
-        }
-        let (client, conn) = tokio_postgres::connect(&pg.conninfo, tokio_postgres::NoTls).await.unwrap();
-        tokio::spawn(conn);
-        let versions: Vec<i32> = client.query("SELECT version FROM spa_schema", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
-        assert_eq!(versions, [schema::newest()]);
-        client.execute("UPDATE spa_schema SET version = version + 1", &[]).await.unwrap();
-        let e = Store::connect_postgres(&pg.conninfo, 2).await.err().expect("a newer schema is refused");
-        assert!(matches!(e, StoreError::Schema(_)), "{e}");
-    }
-
-    /// A database that goes away is an I/O error (UNAVAILABLE to callers, nothing
-    /// acknowledged); once it is back the same store works again, with what it had.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_database_that_goes_away_is_an_io_error_until_it_returns() {
-        let pg = Cluster::start();
-        let s = Store::connect_postgres(&pg.conninfo, 2).await.unwrap();
-        assert!(s.put_checkpoint(0, b"v0").await.unwrap());
-        pg.stop();
-        let e = s.put_checkpoint(1, b"v1").await.unwrap_err();
-        assert!(e.is_io(), "{e}");
-        assert!(!s.heal().await);
-        pg.resume();
-        assert!(s.heal().await);
-        assert_eq!(s.latest_checkpoint_version().await.unwrap(), Some(0));
-        assert!(s.put_checkpoint(1, b"v1").await.unwrap());
-    }
 }

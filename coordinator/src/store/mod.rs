@@ -9,8 +9,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 mod backend;
-#[cfg(test)]
-mod conformance;
+#[cfg(feature = "testing")]
+pub mod conformance;
 pub mod postgres;
 pub mod records;
 pub mod sled;
@@ -50,6 +50,9 @@ pub enum StoreError {
     VersionExists(u64),
     #[error("the store is being reopened after a failed write (is its disk full?); retry later")]
     Unavailable,
+    /// A round write by a coordinator whose leadership lease expired or moved on.
+    #[error("this coordinator no longer holds the leadership lease (term {0}); another one runs the rounds")]
+    Fenced(u64),
     /// The database's schema cannot be used by this binary (newer, or a migration failed).
     #[error("store schema: {0}")]
     Schema(String),

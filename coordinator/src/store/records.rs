@@ -240,6 +240,16 @@ impl RunRecord {
     }
 }
 
+/// The right to run rounds: one holder at a time per store. `term` grows each time the lease
+/// changes hands; every round write carries the lease, and a backend refuses it
+/// ([`StoreError::Fenced`](super::StoreError::Fenced)) once the lease has expired or moved on,
+/// so a paused old leader cannot overwrite its successor's rounds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    pub holder: String,
+    pub term: u64,
+}
+
 /// Token-weighted mean of devices' metrics.
 pub(crate) fn mean_metrics<'a>(ms: impl Iterator<Item = &'a DeviceMetrics>) -> DeviceMetrics {
     let mut out = DeviceMetrics::default();

@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use spa_aggregation::strategy::ServerOptimizer;
 
 use super::PgStore;
-use crate::store::records::{DeviceMetrics, DeviceRecord, RoundPlan, RoundRecord, RunRecord, TokenRecord};
+use crate::store::records::{DeviceMetrics, DeviceRecord, Lease, RoundPlan, RoundRecord, RunRecord, TokenRecord};
 use crate::store::{Backend, Event, Result};
 
 #[async_trait]
@@ -50,7 +50,11 @@ impl Backend for PgStore {
         PgStore::last_seen(self, id).await
     }
 
-    async fn record_nonce(&self, device: &str, nonce: &str, ts_ms: u64) -> Result<()> {
+    fn shared(&self) -> bool {
+        true
+    }
+
+    async fn record_nonce(&self, device: &str, nonce: &str, ts_ms: u64) -> Result<bool> {
         PgStore::record_nonce(self, device, nonce, ts_ms).await
     }
 
@@ -90,24 +94,28 @@ impl Backend for PgStore {
         PgStore::create_run(self, plan, now_ms).await
     }
 
-    async fn put_run(&self, run: &RunRecord) -> Result<()> {
-        PgStore::put_run(self, run).await
+    async fn lead(&self, holder: &str, ttl_ms: u64) -> Result<Option<Lease>> {
+        PgStore::lead(self, holder, ttl_ms).await
+    }
+
+    async fn put_run(&self, lease: &Lease, run: &RunRecord) -> Result<()> {
+        PgStore::put_run(self, lease, run).await
     }
 
     async fn runs(&self) -> Result<Vec<RunRecord>> {
         PgStore::runs(self).await
     }
 
-    async fn start_round(&self, run: &RunRecord) -> Result<RoundRecord> {
-        PgStore::start_round(self, run).await
+    async fn start_round(&self, lease: &Lease, run: &RunRecord) -> Result<RoundRecord> {
+        PgStore::start_round(self, lease, run).await
     }
 
-    async fn put_round(&self, round: &RoundRecord) -> Result<()> {
-        PgStore::put_round(self, round).await
+    async fn put_round(&self, lease: &Lease, round: &RoundRecord) -> Result<()> {
+        PgStore::put_round(self, lease, round).await
     }
 
-    async fn abort_round(&self, round: &RoundRecord) -> Result<()> {
-        PgStore::abort_round(self, round).await
+    async fn abort_round(&self, lease: &Lease, round: &RoundRecord) -> Result<()> {
+        PgStore::abort_round(self, lease, round).await
     }
 
     async fn add_round_metrics(&self, round_id: u64, device: &str, m: DeviceMetrics) -> Result<bool> {
@@ -130,8 +138,8 @@ impl Backend for PgStore {
         PgStore::rounds(self).await
     }
 
-    async fn commit_round(&self, version: u64, checkpoint: &[u8], round: &RoundRecord, optimizer: &ServerOptimizer) -> Result<()> {
-        PgStore::commit_round(self, version, checkpoint, round, optimizer).await
+    async fn commit_round(&self, lease: &Lease, version: u64, checkpoint: &[u8], round: &RoundRecord, optimizer: &ServerOptimizer) -> Result<()> {
+        PgStore::commit_round(self, lease, version, checkpoint, round, optimizer).await
     }
 
     async fn optimizer(&self) -> Result<Option<ServerOptimizer>> {

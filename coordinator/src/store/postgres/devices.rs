@@ -161,10 +161,9 @@ impl PgStore {
         Ok(row.map_or(0, |r| unbig(r.get(0))))
     }
 
-    pub(super) async fn record_nonce(&self, device: &str, nonce: &str, ts_ms: u64) -> Result<()> {
+    pub(super) async fn record_nonce(&self, device: &str, nonce: &str, ts_ms: u64) -> Result<bool> {
         let sql = "INSERT INTO nonces (ts_ms, device_id, nonce) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING";
-        self.client().await?.execute(sql, &[&big(ts_ms), &device, &nonce]).await?;
-        Ok(())
+        Ok(self.client().await?.execute(sql, &[&big(ts_ms), &device, &nonce]).await? == 1)
     }
 
     pub(super) async fn nonces_since(&self, since_ms: u64) -> Result<Vec<(String, String, u64)>> {

@@ -1,17 +1,41 @@
-//! Checkpoints, runs, rounds and the server optimizer in PostgreSQL. Ids come from
-//! sequences, so concurrent creations never share one; a commit is one transaction.
+//! Checkpoints, runs, rounds, the server optimizer and the leadership lease in PostgreSQL.
+//! Ids come from sequences, so concurrent creations never share one; a commit is one
+//! transaction; every write of the round loop first checks its lease in that transaction.
 use spa_aggregation::strategy::ServerOptimizer;
 use tokio_postgres::types::Json;
 
 use super::{PgStore, big, log_in, rec, recs, unbig};
-use crate::store::records::{DeviceMetrics, RoundPlan, RoundRecord, RunRecord, mean_metrics};
+use crate::store::records::{DeviceMetrics, Lease, RoundPlan, RoundRecord, RunRecord, mean_metrics};
 use crate::store::{Result, StoreError};
 
 const OPTIMIZER_KEY: &str = "optimizer";
 const PUT_RUN: &str = "INSERT INTO runs (run_id, rec) VALUES ($1, $2) ON CONFLICT (run_id) DO UPDATE SET rec = $2";
 const PUT_ROUND: &str = "INSERT INTO rounds (round_id, rec) VALUES ($1, $2) ON CONFLICT (round_id) DO UPDATE SET rec = $2";
 
+/// Takes the lease if it is free or expired, renews it if `$1` holds it; the term grows when
+/// the holder changes. Times are the database's, so replicas' clocks do not matter.
+const LEAD: &str = "INSERT INTO leader_lease (id, holder, term, expires_at) VALUES (1, $1, 1, now() + $2 * interval '1 millisecond') \
+     ON CONFLICT (id) DO UPDATE SET holder = EXCLUDED.holder, expires_at = EXCLUDED.expires_at, \
+       term = leader_lease.term + (CASE WHEN leader_lease.holder = EXCLUDED.holder THEN 0 ELSE 1 END) \
+     WHERE leader_lease.holder = EXCLUDED.holder OR leader_lease.expires_at < now() \
+     RETURNING term";
+
+/// Refuses the transaction's writes unless `lease` still holds. The row lock (shared) makes a
+/// takeover wait until this transaction ends, so a write is never interleaved with one.
+async fn fence(tx: &tokio_postgres::Transaction<'_>, lease: &Lease) -> Result<()> {
+    let sql = "SELECT 1 FROM leader_lease WHERE id = 1 AND holder = $1 AND term = $2 AND expires_at > now() FOR SHARE";
+    match tx.query_opt(sql, &[&lease.holder, &big(lease.term)]).await? {
+        Some(_) => Ok(()),
+        None => Err(StoreError::Fenced(lease.term)),
+    }
+}
+
 impl PgStore {
+    pub(super) async fn lead(&self, holder: &str, ttl_ms: u64) -> Result<Option<Lease>> {
+        let row = self.client().await?.query_opt(LEAD, &[&holder, &(ttl_ms as f64)]).await?;
+        Ok(row.map(|r| Lease { holder: holder.to_owned(), term: unbig(r.get(0)) }))
+    }
+
     pub(super) async fn put_checkpoint(&self, version: u64, bytes: &[u8]) -> Result<bool> {
         let mut c = self.client().await?;
         let tx = c.transaction().await?;
@@ -60,8 +84,12 @@ impl PgStore {
         Ok(run)
     }
 
-    pub(super) async fn put_run(&self, run: &RunRecord) -> Result<()> {
-        self.client().await?.execute(PUT_RUN, &[&big(run.run_id), &Json(run)]).await?;
+    pub(super) async fn put_run(&self, lease: &Lease, run: &RunRecord) -> Result<()> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await?;
+        fence(&tx, lease).await?;
+        tx.execute(PUT_RUN, &[&big(run.run_id), &Json(run)]).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -69,9 +97,10 @@ impl PgStore {
         recs(&self.client().await?.query("SELECT rec FROM runs ORDER BY run_id", &[]).await?)
     }
 
-    pub(super) async fn start_round(&self, run: &RunRecord) -> Result<RoundRecord> {
+    pub(super) async fn start_round(&self, lease: &Lease, run: &RunRecord) -> Result<RoundRecord> {
         let mut c = self.client().await?;
         let tx = c.transaction().await?;
+        fence(&tx, lease).await?;
         let id: i64 = tx.query_one("SELECT nextval('round_ids')", &[]).await?.get(0);
         let round = RoundRecord::new(unbig(id), run);
         tx.execute(PUT_RUN, &[&big(run.run_id), &Json(run)]).await?;
@@ -81,14 +110,19 @@ impl PgStore {
         Ok(round)
     }
 
-    pub(super) async fn put_round(&self, round: &RoundRecord) -> Result<()> {
-        self.client().await?.execute(PUT_ROUND, &[&big(round.round_id), &Json(round)]).await?;
+    pub(super) async fn put_round(&self, lease: &Lease, round: &RoundRecord) -> Result<()> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await?;
+        fence(&tx, lease).await?;
+        tx.execute(PUT_ROUND, &[&big(round.round_id), &Json(round)]).await?;
+        tx.commit().await?;
         Ok(())
     }
 
-    pub(super) async fn abort_round(&self, round: &RoundRecord) -> Result<()> {
+    pub(super) async fn abort_round(&self, lease: &Lease, round: &RoundRecord) -> Result<()> {
         let mut c = self.client().await?;
         let tx = c.transaction().await?;
+        fence(&tx, lease).await?;
         tx.execute(PUT_ROUND, &[&big(round.round_id), &Json(round)]).await?;
         log_in(&*tx, "round.abort", &format!("round {}: {}", round.round_id, round.reason.as_deref().unwrap_or(""))).await?;
         tx.commit().await?;
@@ -130,9 +164,10 @@ impl PgStore {
         recs(&self.client().await?.query("SELECT rec FROM rounds ORDER BY round_id", &[]).await?)
     }
 
-    pub(super) async fn commit_round(&self, version: u64, checkpoint: &[u8], round: &RoundRecord, optimizer: &ServerOptimizer) -> Result<()> {
+    pub(super) async fn commit_round(&self, lease: &Lease, version: u64, checkpoint: &[u8], round: &RoundRecord, optimizer: &ServerOptimizer) -> Result<()> {
         let mut c = self.client().await?;
         let tx = c.transaction().await?;
+        fence(&tx, lease).await?;
         let n = tx.execute("INSERT INTO checkpoints (version, bytes) VALUES ($1, $2) ON CONFLICT DO NOTHING", &[&big(version), &checkpoint]).await?;
         if n == 0 {
             return Err(StoreError::VersionExists(version));

@@ -1,10 +1,11 @@
 //! [`SledStore`] as a [`Backend`]: each operation of [`Sled`] on the blocking pool, with
-//! owned copies of its arguments.
+//! owned copies of its arguments. One process at a time opens a sled store (sled locks its
+//! files), so that process always leads and the lease on round writes has nothing to fence.
 use async_trait::async_trait;
 use spa_aggregation::strategy::ServerOptimizer;
 
 use super::SledStore;
-use crate::store::records::{DeviceMetrics, DeviceRecord, RoundPlan, RoundRecord, RunRecord, TokenRecord};
+use crate::store::records::{DeviceMetrics, DeviceRecord, Lease, RoundPlan, RoundRecord, RunRecord, TokenRecord};
 use crate::store::{Backend, Event, Result};
 
 #[async_trait]
@@ -56,7 +57,11 @@ impl Backend for SledStore {
         self.run(move |s| s.last_seen(&id)).await
     }
 
-    async fn record_nonce(&self, device: &str, nonce: &str, ts_ms: u64) -> Result<()> {
+    fn shared(&self) -> bool {
+        false
+    }
+
+    async fn record_nonce(&self, device: &str, nonce: &str, ts_ms: u64) -> Result<bool> {
         let (device, nonce) = (device.to_owned(), nonce.to_owned());
         self.run(move |s| s.record_nonce(&device, &nonce, ts_ms)).await
     }
@@ -99,7 +104,11 @@ impl Backend for SledStore {
         self.run(move |s| s.create_run(&plan, now_ms)).await
     }
 
-    async fn put_run(&self, run: &RunRecord) -> Result<()> {
+    async fn lead(&self, holder: &str, _ttl_ms: u64) -> Result<Option<Lease>> {
+        Ok(Some(Lease { holder: holder.to_owned(), term: 1 }))
+    }
+
+    async fn put_run(&self, _lease: &Lease, run: &RunRecord) -> Result<()> {
         let run = run.clone();
         self.run(move |s| s.put_run(&run)).await
     }
@@ -108,17 +117,17 @@ impl Backend for SledStore {
         self.run(|s| s.runs()).await
     }
 
-    async fn start_round(&self, run: &RunRecord) -> Result<RoundRecord> {
+    async fn start_round(&self, _lease: &Lease, run: &RunRecord) -> Result<RoundRecord> {
         let run = run.clone();
         self.run(move |s| s.start_round(&run)).await
     }
 
-    async fn put_round(&self, round: &RoundRecord) -> Result<()> {
+    async fn put_round(&self, _lease: &Lease, round: &RoundRecord) -> Result<()> {
         let round = round.clone();
         self.run(move |s| s.put_round(&round)).await
     }
 
-    async fn abort_round(&self, round: &RoundRecord) -> Result<()> {
+    async fn abort_round(&self, _lease: &Lease, round: &RoundRecord) -> Result<()> {
         let round = round.clone();
         self.run(move |s| s.abort_round(&round)).await
     }
@@ -144,7 +153,7 @@ impl Backend for SledStore {
         self.run(|s| s.rounds()).await
     }
 
-    async fn commit_round(&self, version: u64, checkpoint: &[u8], round: &RoundRecord, optimizer: &ServerOptimizer) -> Result<()> {
+    async fn commit_round(&self, _lease: &Lease, version: u64, checkpoint: &[u8], round: &RoundRecord, optimizer: &ServerOptimizer) -> Result<()> {
         let (checkpoint, round, optimizer) = (checkpoint.to_vec(), round.clone(), optimizer.clone());
         self.run(move |s| s.commit_round(version, &checkpoint, &round, &optimizer)).await
     }

@@ -199,12 +199,11 @@ impl Sled {
 
     /// Persists the nonce of a call dated after its acceptance, so a restart does not reopen
     /// the replay window (calls dated before the restart are refused whole). Key: ts | device | nonce.
-    pub(super) fn record_nonce(&self, device: &str, nonce: &str, ts_ms: u64) -> Result<()> {
+    pub(super) fn record_nonce(&self, device: &str, nonce: &str, ts_ms: u64) -> Result<bool> {
         let t = self.t()?;
         let mut k = ts_ms.to_be_bytes().to_vec();
         k.extend_from_slice(format!("{device}\0{nonce}").as_bytes());
-        t.nonces.insert(k, Vec::<u8>::new())?;
-        Ok(())
+        Ok(t.nonces.insert(k, Vec::<u8>::new())?.is_none())
     }
 
     /// The time of the server's last tick: after a restart, calls dated before it are refused

@@ -1,0 +1,105 @@
+//! Coordinator replicas over one PostgreSQL (`store_backend = "postgres"`), as real processes:
+//! what one replica changes the other sees (tokens, devices, a revocation, the nonces of signed
+//! calls, so a call replayed to the other replica is refused); one replica runs
+//! the rounds at a time (the leadership lease, metric `spa_leader`), and when it is killed
+//! the other takes over within a few lease lifetimes.
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use spa_coordinator::config::StoreBackend;
+use spa_testkit::postgres::Cluster;
+use spa_testkit::procs::{Coordinator, Device, bin};
+
+fn replica(dir: &Path, name: &str, pg: &Cluster) -> Coordinator {
+    let sub = dir.join(name);
+    std::fs::create_dir_all(&sub).unwrap();
+    let mut c = Coordinator::init(&sub, 0);
+    let file = c.home.join("postgres.conninfo");
+    std::fs::write(&file, &pg.conninfo).unwrap();
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    c.edit_config(|cfg| {
+        cfg.server.store_backend = StoreBackend::Postgres;
+        cfg.rounds.leader_lease_secs = 1;
+    });
+    c.start(None);
+    c
+}
+
+/// A ping signed once by the device: accepted by `first`, refused as a replay by `second`
+/// (each replica's own replay cache never saw the other's calls; the shared store did).
+fn replayed_to_the_other_replica_is_refused(dev: &Device, first: &Coordinator, second: &Coordinator) {
+    use spa_proto::v1::PingRequest;
+    use spa_proto::v1::device_client::DeviceClient;
+    let (key, id) = spa_client::store::ClientStore::open(&dev.home).unwrap().require_identity(None).unwrap();
+    let signer = spa_proto::auth::DeviceSigner::from_pkcs8(&key, &id.device_id).unwrap();
+    let signed = signer.sign(spa_proto::methods::DEVICE_PING, &PingRequest {}, spa_proto::auth::now_ms());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let codes: Vec<tonic::Code> = [first, second]
+        .iter()
+        .map(|c| {
+            rt.block_on(async {
+                let ch = spa_coordinator::net::connect(&c.url, &std::fs::read(c.home.join("tls/ca.pem")).unwrap()).await.unwrap();
+                let mut req = tonic::Request::new(PingRequest {});
+                signed.apply(req.metadata_mut());
+                DeviceClient::new(ch).ping(req).await.map_or_else(|e| e.code(), |_| tonic::Code::Ok)
+            })
+        })
+        .collect();
+    assert_eq!(codes, [tonic::Code::Ok, tonic::Code::Unauthenticated], "the replay to the second replica");
+}
+
+fn leads(c: &Coordinator) -> bool {
+    c.metrics().lines().any(|l| l == "spa_leader 1")
+}
+
+/// Polls until exactly one of `cs` leads; its index.
+fn one_leader(cs: &[&Coordinator], within: Duration) -> usize {
+    let t = Instant::now();
+    loop {
+        let leading: Vec<usize> = (0..cs.len()).filter(|&i| leads(cs[i])).collect();
+        if leading.len() == 1 {
+            return leading[0];
+        }
+        assert!(t.elapsed() < within, "leaders after {:?}: {leading:?}", t.elapsed());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn replicas_share_devices_and_one_leads_until_it_dies() {
+    let pg = Cluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = replica(dir.path(), "a", &pg);
+    let mut b = replica(dir.path(), "b", &pg);
+    let first = one_leader(&[&a, &b], Duration::from_secs(10));
+
+    // A device enrolls through a with a token a created; b lists it, and b's revocation is
+    // honoured by a at the device's next signed call.
+    let dev = Device::enroll(dir.path(), &a, 0, 4);
+    let listed = b.admin(&["devices", "list"]);
+    assert!(listed.as_array().unwrap().iter().any(|r| r["device_id"] == dev.id.as_str()), "{listed}");
+    let status = || {
+        let out = Command::new(bin("spa-client")).arg("--home").arg(&dev.home).args(["status", "--json"]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or_else(|_| panic!("status: {text}"))
+    };
+    replayed_to_the_other_replica_is_refused(&dev, &a, &b);
+    let before = status();
+    assert_eq!(before["coordinator_reachable"], true, "{before}");
+    b.admin(&["devices", "revoke", &dev.id]);
+    let after = status();
+    assert!(after["coordinator_error"].as_str().is_some_and(|e| e.contains("revoked")), "{after}");
+
+    // The leader dies without a word (SIGKILL): the other takes the lease once it lapses.
+    let (dead, survivor) = if first == 0 { (&mut a, &b) } else { (&mut b, &a) };
+    let mut child = dead.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let t = Instant::now();
+    while !leads(survivor) {
+        assert!(t.elapsed() < Duration::from_secs(5), "no takeover within 5 s of the leader's death (lease 1 s)");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("takeover {} ms after the leader was killed", t.elapsed().as_millis());
+}
