@@ -1,8 +1,9 @@
 //! Coordinator replicas over one PostgreSQL (`store_backend = "postgres"`), as real processes:
 //! what one replica changes the other sees (tokens, devices, a revocation, the nonces of signed
 //! calls, so a call replayed to the other replica is refused); one replica runs
-//! the rounds at a time (the leadership lease, metric `spa_leader`), and when it is killed
-//! the other takes over within a few lease lifetimes.
+//! the rounds at a time (the leadership lease, metric `spa_leader`), devices that poll the
+//! other are sent to it and take part in its rounds, and when it is killed the other takes
+//! over within a few lease lifetimes.
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -11,10 +12,19 @@ use spa_coordinator::config::StoreBackend;
 use spa_testkit::postgres::Cluster;
 use spa_testkit::procs::{Coordinator, Device, bin};
 
-fn replica(dir: &Path, name: &str, pg: &Cluster) -> Coordinator {
+/// A coordinator on `pg`; with `peer`, sharing its TLS material and admin credential (a
+/// deployment's replicas do: devices trust one CA, operators hold one credential).
+fn replica(dir: &Path, name: &str, pg: &Cluster, peer: Option<&Coordinator>) -> Coordinator {
     let sub = dir.join(name);
     std::fs::create_dir_all(&sub).unwrap();
     let mut c = Coordinator::init(&sub, 0);
+    if let Some(p) = peer {
+        for f in std::fs::read_dir(p.home.join("tls")).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, c.home.join("tls").join(f.file_name().unwrap())).unwrap();
+        }
+        std::fs::copy(p.home.join("admin.credential"), c.home.join("admin.credential")).unwrap();
+    }
     let file = c.home.join("postgres.conninfo");
     std::fs::write(&file, &pg.conninfo).unwrap();
     std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
@@ -70,8 +80,8 @@ fn one_leader(cs: &[&Coordinator], within: Duration) -> usize {
 fn replicas_share_devices_and_one_leads_until_it_dies() {
     let pg = Cluster::start();
     let dir = tempfile::tempdir().unwrap();
-    let mut a = replica(dir.path(), "a", &pg);
-    let mut b = replica(dir.path(), "b", &pg);
+    let mut a = replica(dir.path(), "a", &pg, None);
+    let mut b = replica(dir.path(), "b", &pg, Some(&a));
     let first = one_leader(&[&a, &b], Duration::from_secs(10));
 
     // A device enrolls through a with a token a created; b lists it, and b's revocation is
@@ -90,6 +100,20 @@ fn replicas_share_devices_and_one_leads_until_it_dies() {
     b.admin(&["devices", "revoke", &dev.id]);
     let after = status();
     assert!(after["coordinator_error"].as_str().is_some_and(|e| e.contains("revoked")), "{after}");
+
+    // Devices enrolled through the follower are sent to the leader and take part in the round
+    // a run queued through the follower starts there.
+    let (leader, follower) = if first == 0 { (&a, &b) } else { (&b, &a) };
+    let mut devices: Vec<Device> = (1..=2).map(|i| Device::enroll(dir.path(), follower, i, 8)).collect();
+    for d in &mut devices {
+        d.run(&[]);
+    }
+    follower.admin(&["round", "start", "--rounds", "1", "--min-clients", "2", "--max-clients", "2", "--deadline", "120"]);
+    let r = follower.wait_round(1, Duration::from_secs(240));
+    assert_eq!(r["state"], "committed", "{r}");
+    let log = std::fs::read_to_string(devices[0].home.join("agent.log")).unwrap();
+    assert!(log.contains(&format!("moving to {}", leader.url)), "{log}");
+    drop(devices);
 
     // The leader dies without a word (SIGKILL): the other takes the lease once it lapses.
     let (dead, survivor) = if first == 0 { (&mut a, &b) } else { (&mut b, &a) };

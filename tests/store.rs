@@ -113,19 +113,22 @@ mod on_postgres {
     async fn one_coordinator_leads_and_a_lapsed_leader_is_fenced_off() {
         let pg = Cluster::start();
         let s = Store::connect_postgres(&pg.conninfo, 4).await.unwrap();
-        let a = s.lead("a", 300).await.unwrap().expect("a takes the free lease");
-        assert_eq!(s.lead("b", 300).await.unwrap(), None, "b waits while a's lease runs");
-        assert_eq!(s.lead("a", 300).await.unwrap(), Some(a.clone()), "a renews in its term");
+        let a = s.lead("a", "https://a:1", 300).await.unwrap().expect("a takes the free lease");
+        assert_eq!(s.lead("b", "https://b:1", 300).await.unwrap(), None, "b waits while a's lease runs");
+        assert_eq!(s.leader_url().await.unwrap().as_deref(), Some("https://a:1"));
+        assert_eq!(s.lead("a", "https://a:1", 300).await.unwrap(), Some(a.clone()), "a renews in its term");
         let plan = check::plan(2, spa_aggregation::strategy::StrategyName::FedAvg);
         let run = s.create_run(&plan, 0).await.unwrap();
         let round = s.start_round(&a, &run).await.unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(400)).await;
-        let b = s.lead("b", 60_000).await.unwrap().expect("b takes the lapsed lease");
+        assert_eq!(s.leader_url().await.unwrap(), None, "a lapsed lease names no leader");
+        let b = s.lead("b", "https://b:1", 60_000).await.unwrap().expect("b takes the lapsed lease");
+        assert_eq!(s.leader_url().await.unwrap().as_deref(), Some("https://b:1"));
         assert_eq!(b.term, a.term + 1);
         for e in [s.put_round(&a, &round).await.unwrap_err(), s.start_round(&a, &run).await.unwrap_err(), s.put_run(&a, &run).await.unwrap_err()] {
             assert!(matches!(e, StoreError::Fenced(t) if t == a.term), "{e}");
         }
-        assert_eq!(s.lead("a", 300).await.unwrap(), None);
+        assert_eq!(s.lead("a", "https://a:1", 300).await.unwrap(), None);
         s.abort_round(&b, &round).await.unwrap();
         assert_eq!(s.rounds().await.unwrap().len(), 1, "the fenced start wrote nothing");
     }

@@ -24,7 +24,7 @@ use spa_model::BackendKind;
 use spa_model::side::{Plugin, SharedParams};
 use spa_model::train::{TrainConfig, train_plugin, train_with_validation};
 use spa_proto::methods;
-use spa_proto::reason::Reason;
+use spa_proto::reason::{LEADER, Reason};
 use spa_proto::secagg;
 use spa_proto::v1::poll_response::Task;
 use spa_proto::v1::*;
@@ -60,6 +60,10 @@ impl Default for AgentOptions {
 pub enum AgentEvent {
     Connected {
         device_id: String,
+    },
+    /// The coordinator polled does not run the rounds; the agent moves to the one that does.
+    Redirected {
+        to: String,
     },
     Unreachable {
         error: String,
@@ -116,11 +120,15 @@ pub async fn run(home: &Path, opts: &AgentOptions, on_event: &mut dyn FnMut(Agen
     let device = opts.backend.device()?;
     let mut backoff = Duration::from_millis(500);
     let mut evaluated = 0u32;
+    // The replica running the rounds, where a replica sent this device; None: the enrolled address.
+    let mut route: Option<String> = None;
     loop {
         // (Re)connect, then poll until the connection fails.
-        let (s, m) = match connect(home, &device).await {
+        let (s, m) = match connect(home, &device, route.as_deref()).await {
             Ok(x) => x,
             Err(e) => {
+                // A leader that went away: back to the enrolled address, which redirects anew.
+                route = None;
                 back_off(e, &mut backoff, opts.max_backoff, on_event).await?;
                 continue;
             }
@@ -133,7 +141,13 @@ pub async fn run(home: &Path, opts: &AgentOptions, on_event: &mut dyn FnMut(Agen
         loop {
             let task = match s.rounds().poll(s.request(methods::ROUNDS_POLL, PollRequest {})).await {
                 Ok(r) => r.into_inner().task,
+                Err(e) if Reason::of(&e) == Some(Reason::NotLeader) && Reason::detail(&e, LEADER).is_some() => {
+                    route = Reason::detail(&e, LEADER);
+                    on_event(AgentEvent::Redirected { to: route.clone().unwrap_or_default() });
+                    break;
+                }
                 Err(e) => {
+                    route = None;
                     back_off(e.into(), &mut backoff, opts.max_backoff, on_event).await?;
                     break;
                 }
@@ -190,9 +204,10 @@ async fn back_off(e: ClientError, backoff: &mut Duration, max: Duration, on_even
     Ok(())
 }
 
-async fn connect(home: &Path, device: &spa_model::burn::tensor::Device) -> Result<(Session, Model)> {
+/// A session at `url` (None: the enrolled address) and the device's model.
+async fn connect(home: &Path, device: &spa_model::burn::tensor::Device, url: Option<&str>) -> Result<(Session, Model)> {
     let store = ClientStore::open(home)?;
-    let s = Session::open(home, &store).await?;
+    let s = Session::open_at(home, &store, url).await?;
     let m = model(&s, &store, device, &ClientConfig::load(home)?).await?;
     Ok((s, m))
 }

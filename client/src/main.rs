@@ -289,6 +289,7 @@ async fn generate_text(home: &std::path::Path, prompt: &str, opts: &generate::Ge
 fn describe(e: &AgentEvent) -> String {
     match e {
         AgentEvent::Connected { device_id } => format!("connected as {device_id}; waiting for rounds"),
+        AgentEvent::Redirected { to } => format!("this coordinator does not run the rounds: moving to {to}"),
         AgentEvent::Unreachable { error, retry_in } => format!("coordinator unreachable or refusing ({error}); retrying in {retry_in:?}"),
         AgentEvent::Trained { round_id, version, examples, final_loss } => {
             format!("round {round_id}: trained on {examples} examples from global v{version} (loss {final_loss:.3}); keys advertised")

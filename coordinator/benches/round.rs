@@ -119,7 +119,7 @@ fn main() {
         leader_lease_secs: 10,
     };
     rt.block_on(async {
-        let rounds = Rounds::new(store.clone(), cfg);
+        let rounds = Rounds::new(store.clone(), cfg, String::new());
         tokio::spawn(round_loop(rounds.clone()));
         for (i, (id, key)) in keys.into_iter().enumerate() {
             tokio::spawn(device(rounds.clone(), id, key, i as u64, i >= n - n_drop));

@@ -57,7 +57,7 @@ async fn measure(s: &Store, rep: usize) -> (Vec<(&'static str, f64)>, f64) {
         dp_l2_clip: 0.0,
         dp_noise_multiplier: 0.0,
     };
-    let lease = s.lead("bench", 600_000).await.unwrap().unwrap();
+    let lease = s.lead("bench", "", 600_000).await.unwrap().unwrap();
     let run = s.create_run(&plan, 0).await.unwrap();
     let mut round: RoundRecord = s.start_round(&lease, &run).await.unwrap();
     round.cohort = ids.clone()[..100].to_vec();

@@ -4,5 +4,7 @@ CREATE TABLE leader_lease (
     id         integer PRIMARY KEY CHECK (id = 1),
     holder     text NOT NULL,
     term       bigint NOT NULL,
-    expires_at timestamptz NOT NULL
+    expires_at timestamptz NOT NULL,
+    -- Where devices reach the holder (`server.advertise_url`): followers redirect them there.
+    url        text NOT NULL
 );

@@ -42,6 +42,9 @@ pub struct ServerSection {
     /// Where the state lives: `sled` (embedded, in `store`; the default) or `postgres` (one
     /// database that replicas share; its connection string in `postgres_conninfo`).
     pub store_backend: StoreBackend,
+    /// Where devices reach this coordinator (`https://host:port`), told to devices that poll
+    /// a replica which does not run the rounds; empty = `https://` and the bound address.
+    pub advertise_url: String,
     /// sled store directory.
     pub store: PathBuf,
     /// File holding the PostgreSQL connection string (libpq form or URL), mode 0600: it may
@@ -67,6 +70,7 @@ impl Default for ServerSection {
             ca_cert: "tls/ca.pem".into(),
             admin_credential: "admin.credential".into(),
             store_backend: StoreBackend::Sled,
+            advertise_url: String::new(),
             store: "store".into(),
             postgres_conninfo: "postgres.conninfo".into(),
             postgres_connections: 16,
@@ -290,6 +294,10 @@ impl CoordinatorConfig {
         ensure(self.auth.clock_window_secs > 0, "auth.clock_window_secs must be > 0")?;
         ensure((1..=65_536).contains(&self.server.store_cache_mb), "server.store_cache_mb must be in 1..=65536")?;
         ensure((2..=1024).contains(&self.server.postgres_connections), "server.postgres_connections must be in 2..=1024")?;
+        ensure(
+            self.server.advertise_url.is_empty() || self.server.advertise_url.starts_with("https://"),
+            "server.advertise_url must be empty or start with https://",
+        )?;
         ensure(self.auth.max_nonces > 0, "auth.max_nonces must be > 0")?;
         ensure(
             self.auth.max_nonces_per_device > 0 && self.auth.max_nonces_per_device <= self.auth.max_nonces,

@@ -8,12 +8,12 @@ use spa_model::side::ParamSet;
 use spa_proto::auth::{body_digest, sha256};
 use spa_proto::limits::CHUNK_BYTES;
 use spa_proto::methods;
-use spa_proto::reason::invalid;
+use spa_proto::reason::{LEADER, Reason, invalid};
 use spa_proto::secagg;
 use spa_proto::tensor::{encode_f32, tensor_chunks};
 use spa_proto::v1::rounds_server::Rounds as RoundsRpc;
 use spa_proto::v1::*;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::rounds::{AnswerError, RoundPlan, RoundRecord};
 use crate::state::{BoxStream, Shared};
@@ -24,6 +24,21 @@ pub struct RoundsService(pub Arc<Shared>);
 
 fn identity_pk(rec: &DeviceRecord) -> Result<[u8; 32], Status> {
     hex::decode(&rec.public_key_hex).ok().and_then(|b| b.try_into().ok()).ok_or_else(|| internal("stored public key is not 32 bytes"))
+}
+
+/// On a replica that does not hold the leadership lease, where the rounds run instead (a
+/// device polls there); Ok where this replica leads or no one does (the device idles).
+async fn not_the_leader(s: &Shared) -> Result<(), Status> {
+    if s.rounds.lease().is_some() || !s.store.shared() {
+        return Ok(());
+    }
+    match s.store.leader_url().await? {
+        Some(url) => {
+            let msg = format!("this coordinator does not run the rounds: poll {url}");
+            Err(Reason::NotLeader.status_with(Code::FailedPrecondition, msg, [(LEADER.to_string(), url)].into()))
+        }
+        None => Ok(()),
+    }
 }
 
 /// A committed checkpoint as a stream of f32 tensor chunks.
@@ -78,6 +93,7 @@ async fn read_upload(s: &Shared, device: &str, h: &MaskedUploadHeader, stream: &
 impl RoundsRpc for RoundsService {
     async fn poll(&self, req: Request<PollRequest>) -> Result<Response<PollResponse>, Status> {
         let rec = self.0.auth.device(&req, methods::ROUNDS_POLL).await?;
+        not_the_leader(&self.0).await?;
         Ok(Response::new(PollResponse { task: Some(self.0.rounds.poll(&rec.device_id)) }))
     }
 

@@ -119,12 +119,16 @@ pub async fn start_on(home: &Path, backend: Option<BackendKind>) -> Result<Runni
     std::fs::read_to_string(&cred_path).map_err(io(&cred_path))?;
     let auth = Auth::new(store.clone(), &cfg, &cred_path).await?;
     let engine = start_engine(home, &cfg, &store, backend).await?;
-    let rounds = crate::rounds::Rounds::new(store.clone(), cfg.rounds.clone());
-    let shared = Shared::new(store.clone(), auth, engine, rounds.clone(), cfg.clone());
     let listener = tokio::net::TcpListener::bind(&cfg.server.listen)
         .await
         .map_err(|e| CoordinatorError::Config(format!("cannot listen on {}: {e}", cfg.server.listen)))?;
     let addr = listener.local_addr().map_err(|e| CoordinatorError::Other(format!("listener address: {e}")))?;
+    let url = match cfg.server.advertise_url.as_str() {
+        "" => format!("https://{addr}"),
+        u => u.to_string(),
+    };
+    let rounds = crate::rounds::Rounds::new(store.clone(), cfg.rounds.clone(), url);
+    let shared = Shared::new(store.clone(), auth, engine, rounds.clone(), cfg.clone());
     let router = router(home, &cfg, &shared).await?;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let incoming = crate::conn::capped(listener, cfg.limits.max_connections, shared.connections.clone());

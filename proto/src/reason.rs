@@ -18,21 +18,38 @@ pub enum Reason {
     /// The coordinator cannot project this device's inputs (its global version is not kept,
     /// or the device's down-projections differ from it): ask for taps instead.
     DownProjectionsUnavailable,
+    /// This replica does not run the rounds: poll the one at detail [`LEADER`] instead.
+    NotLeader,
 }
 
+/// The ErrorInfo metadata key of [`Reason::NotLeader`]: the URL of the replica running rounds.
+pub const LEADER: &str = "leader";
+
 impl Reason {
-    const ALL: [Reason; 2] = [Reason::DeviceRevoked, Reason::DownProjectionsUnavailable];
+    const ALL: [Reason; 3] = [Reason::DeviceRevoked, Reason::DownProjectionsUnavailable, Reason::NotLeader];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::DeviceRevoked => "DEVICE_REVOKED",
             Reason::DownProjectionsUnavailable => "DOWN_PROJECTIONS_UNAVAILABLE",
+            Reason::NotLeader => "NOT_LEADER",
         }
     }
 
     /// A status of `code` and `message` that carries this reason.
     pub fn status(self, code: Code, message: impl Into<String>) -> Status {
-        Status::with_error_details(code, message, ErrorDetails::with_error_info(self.as_str(), DOMAIN, HashMap::new()))
+        self.status_with(code, message, HashMap::new())
+    }
+
+    /// [`Reason::status`] with metadata for the client to act on (as [`LEADER`]).
+    pub fn status_with(self, code: Code, message: impl Into<String>, metadata: HashMap<String, String>) -> Status {
+        Status::with_error_details(code, message, ErrorDetails::with_error_info(self.as_str(), DOMAIN, metadata))
+    }
+
+    /// The metadata value `key` of the reason `status` carries.
+    pub fn detail(status: &Status, key: &str) -> Option<String> {
+        let info = status.get_error_details().error_info().cloned()?;
+        (info.domain == DOMAIN).then(|| info.metadata.get(key).cloned()).flatten()
     }
 
     /// The reason `status` carries, if it carries one of ours.

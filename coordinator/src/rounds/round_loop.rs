@@ -88,7 +88,7 @@ pub async fn round_loop(rounds: Arc<Rounds>) {
 async fn keep_lease(rounds: Arc<Rounds>) {
     let ttl_ms = rounds.cfg.leader_lease_secs * 1000;
     loop {
-        let lease = rounds.store.lead(&rounds.holder, ttl_ms).await.unwrap_or_else(|e| {
+        let lease = rounds.store.lead(&rounds.holder, &rounds.url, ttl_ms).await.unwrap_or_else(|e| {
             tracing::warn!("leadership lease: {e}");
             None
         });

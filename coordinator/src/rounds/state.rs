@@ -63,13 +63,15 @@ pub struct Rounds {
     pub(super) abort_request: Mutex<Option<u64>>,
     /// Wakes the round loop (an answer arrived, a run was queued, an abort was asked).
     wake: Notify,
-    /// Who this process is to the leadership lease, and the lease while it holds it.
+    /// Who this process is to the leadership lease, where devices reach it, and the lease
+    /// while it holds it.
     pub(super) holder: String,
+    pub(super) url: String,
     lease: Mutex<Option<Lease>>,
 }
 
 impl Rounds {
-    pub fn new(store: Store, cfg: RoundsSection) -> Arc<Self> {
+    pub fn new(store: Store, cfg: RoundsSection, url: String) -> Arc<Self> {
         Arc::new(Self {
             store,
             cfg,
@@ -80,6 +82,7 @@ impl Rounds {
             abort_request: Mutex::new(None),
             wake: Notify::new(),
             holder: format!("{}-{}", std::process::id(), hex::encode(spa_proto::auth::random_bytes::<6>())),
+            url,
             lease: Mutex::new(None),
         })
     }

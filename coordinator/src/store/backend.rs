@@ -72,9 +72,12 @@ pub trait Backend: Send + Sync + 'static {
 
     // --- Runs and rounds; the writes of the round loop carry its lease ---
 
-    /// Takes or renews the leadership lease for `holder`, for `ttl_ms` by the store's clock;
-    /// `None` while another holder's lease runs. Only the holder runs the round loop.
-    async fn lead(&self, holder: &str, ttl_ms: u64) -> Result<Option<Lease>>;
+    /// Takes or renews the leadership lease for `holder`, which devices reach at `url`, for
+    /// `ttl_ms` by the store's clock; `None` while another holder's lease runs. Only the
+    /// holder runs the round loop.
+    async fn lead(&self, holder: &str, url: &str, ttl_ms: u64) -> Result<Option<Lease>>;
+    /// The URL of the lease's current holder, while its lease runs.
+    async fn leader_url(&self) -> Result<Option<String>>;
 
     /// A new active run of `plan` under the next free id (never shared by two concurrent
     /// calls); logs `run.start`.

@@ -87,7 +87,7 @@ pub async fn rounds_commit_as_one_and_read_back_in_order(open: &impl AsyncFn() -
     let optimizer = ServerOptimizer::new(StrategyName::FedAdam.config(0.0).unwrap()).unwrap();
     {
         let s = open().await;
-        let lease = s.lead("leader", 60_000).await.unwrap().expect("an unheld lease is taken");
+        let lease = s.lead("leader", "https://leader:1", 60_000).await.unwrap().expect("an unheld lease is taken");
         let mut run = s.create_run(&plan(3, StrategyName::FedAdam), 5).await.unwrap();
         assert_eq!((run.run_id, run.rounds_started, run.created_ms), (1, 0, 5));
         for id in 1..=3 {
@@ -149,7 +149,7 @@ pub async fn concurrent_runs_and_reports_lose_nothing(open: &impl AsyncFn() -> S
     assert_eq!(ids, (1..=32).collect::<Vec<u64>>());
     assert_eq!(s.runs().await.unwrap().len(), 32);
     let run = s.runs().await.unwrap().remove(0);
-    let lease = s.lead("leader", 60_000).await.unwrap().unwrap();
+    let lease = s.lead("leader", "https://leader:1", 60_000).await.unwrap().unwrap();
     let rec = s.start_round(&lease, &run).await.unwrap();
     let metrics = |k: u64| DeviceMetrics { tokens: k + 1, ..Default::default() };
     let tasks: Vec<_> = (0..4u64)

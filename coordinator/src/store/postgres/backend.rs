@@ -94,8 +94,12 @@ impl Backend for PgStore {
         PgStore::create_run(self, plan, now_ms).await
     }
 
-    async fn lead(&self, holder: &str, ttl_ms: u64) -> Result<Option<Lease>> {
-        PgStore::lead(self, holder, ttl_ms).await
+    async fn lead(&self, holder: &str, url: &str, ttl_ms: u64) -> Result<Option<Lease>> {
+        PgStore::lead(self, holder, url, ttl_ms).await
+    }
+
+    async fn leader_url(&self) -> Result<Option<String>> {
+        PgStore::leader_url(self).await
     }
 
     async fn put_run(&self, lease: &Lease, run: &RunRecord) -> Result<()> {

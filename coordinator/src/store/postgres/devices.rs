@@ -124,8 +124,11 @@ impl PgStore {
         Ok(d)
     }
 
+    /// Every signed call's lookup: a statement prepared once per connection (one round trip).
     pub(super) async fn device(&self, id: &str) -> Result<Option<DeviceRecord>> {
-        self.client().await?.query_opt("SELECT rec FROM devices WHERE device_id = $1", &[&id]).await?.map(|r| rec(&r, 0)).transpose()
+        let c = self.client().await?;
+        let stmt = c.prepare_cached("SELECT rec FROM devices WHERE device_id = $1").await?;
+        c.query_opt(&stmt, &[&id]).await?.map(|r| rec(&r, 0)).transpose()
     }
 
     pub(super) async fn devices(&self) -> Result<Vec<DeviceRecord>> {
@@ -162,8 +165,9 @@ impl PgStore {
     }
 
     pub(super) async fn record_nonce(&self, device: &str, nonce: &str, ts_ms: u64) -> Result<bool> {
-        let sql = "INSERT INTO nonces (ts_ms, device_id, nonce) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING";
-        Ok(self.client().await?.execute(sql, &[&big(ts_ms), &device, &nonce]).await? == 1)
+        let c = self.client().await?;
+        let stmt = c.prepare_cached("INSERT INTO nonces (ts_ms, device_id, nonce) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING").await?;
+        Ok(c.execute(&stmt, &[&big(ts_ms), &device, &nonce]).await? == 1)
     }
 
     pub(super) async fn nonces_since(&self, since_ms: u64) -> Result<Vec<(String, String, u64)>> {

@@ -14,8 +14,8 @@ const PUT_ROUND: &str = "INSERT INTO rounds (round_id, rec) VALUES ($1, $2) ON C
 
 /// Takes the lease if it is free or expired, renews it if `$1` holds it; the term grows when
 /// the holder changes. Times are the database's, so replicas' clocks do not matter.
-const LEAD: &str = "INSERT INTO leader_lease (id, holder, term, expires_at) VALUES (1, $1, 1, now() + $2 * interval '1 millisecond') \
-     ON CONFLICT (id) DO UPDATE SET holder = EXCLUDED.holder, expires_at = EXCLUDED.expires_at, \
+const LEAD: &str = "INSERT INTO leader_lease (id, holder, term, expires_at, url) VALUES (1, $1, 1, now() + $2 * interval '1 millisecond', $3) \
+     ON CONFLICT (id) DO UPDATE SET holder = EXCLUDED.holder, expires_at = EXCLUDED.expires_at, url = EXCLUDED.url, \
        term = leader_lease.term + (CASE WHEN leader_lease.holder = EXCLUDED.holder THEN 0 ELSE 1 END) \
      WHERE leader_lease.holder = EXCLUDED.holder OR leader_lease.expires_at < now() \
      RETURNING term";
@@ -31,9 +31,14 @@ async fn fence(tx: &tokio_postgres::Transaction<'_>, lease: &Lease) -> Result<()
 }
 
 impl PgStore {
-    pub(super) async fn lead(&self, holder: &str, ttl_ms: u64) -> Result<Option<Lease>> {
-        let row = self.client().await?.query_opt(LEAD, &[&holder, &(ttl_ms as f64)]).await?;
+    pub(super) async fn lead(&self, holder: &str, url: &str, ttl_ms: u64) -> Result<Option<Lease>> {
+        let row = self.client().await?.query_opt(LEAD, &[&holder, &(ttl_ms as f64), &url]).await?;
         Ok(row.map(|r| Lease { holder: holder.to_owned(), term: unbig(r.get(0)) }))
+    }
+
+    pub(super) async fn leader_url(&self) -> Result<Option<String>> {
+        let row = self.client().await?.query_opt("SELECT url FROM leader_lease WHERE id = 1 AND expires_at > now()", &[]).await?;
+        Ok(row.map(|r| r.get(0)))
     }
 
     pub(super) async fn put_checkpoint(&self, version: u64, bytes: &[u8]) -> Result<bool> {

@@ -104,8 +104,12 @@ impl Backend for SledStore {
         self.run(move |s| s.create_run(&plan, now_ms)).await
     }
 
-    async fn lead(&self, holder: &str, _ttl_ms: u64) -> Result<Option<Lease>> {
+    async fn lead(&self, holder: &str, _url: &str, _ttl_ms: u64) -> Result<Option<Lease>> {
         Ok(Some(Lease { holder: holder.to_owned(), term: 1 }))
+    }
+
+    async fn leader_url(&self) -> Result<Option<String>> {
+        Ok(None)
     }
 
     async fn put_run(&self, _lease: &Lease, run: &RunRecord) -> Result<()> {
