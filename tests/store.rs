@@ -36,7 +36,8 @@ mod on_sled {
         rounds_commit_as_one_and_read_back_in_order,
         concurrent_runs_and_reports_lose_nothing,
         revocations_racing_enrollments_and_rotations_lose_nothing,
-        of_two_rotations_signed_by_the_same_key_one_wins
+        of_two_rotations_signed_by_the_same_key_one_wins,
+        history_is_pruned_by_count_and_age
     );
 }
 
@@ -64,7 +65,8 @@ mod on_postgres {
         rounds_commit_as_one_and_read_back_in_order,
         concurrent_runs_and_reports_lose_nothing,
         revocations_racing_enrollments_and_rotations_lose_nothing,
-        of_two_rotations_signed_by_the_same_key_one_wins
+        of_two_rotations_signed_by_the_same_key_one_wins,
+        history_is_pruned_by_count_and_age
     );
 
     /// Coordinators starting together apply the schema once; a schema newer than the

@@ -116,6 +116,8 @@ fn main() {
         clip: 1.0,
         w_max: 1024,
         keep_checkpoints: 0,
+        keep_rounds: 0,
+        keep_events_days: 0,
         leader_lease_secs: 10,
     };
     rt.block_on(async {

@@ -219,6 +219,11 @@ pub struct RoundsSection {
     /// Global versions kept in the store, the newest ones (0: all); older ones are deleted
     /// after each commit, so the store does not grow by a checkpoint every round.
     pub keep_checkpoints: u64,
+    /// Finished rounds kept in the store, the newest ones (0: all); older ones are deleted
+    /// every minute (`round list` then starts later).
+    pub keep_rounds: u64,
+    /// Days the event log keeps an event (0: forever).
+    pub keep_events_days: u64,
     /// The leadership lease's lifetime (PostgreSQL store: one of the coordinators sharing the
     /// database runs rounds; another takes over within this long after it stops renewing).
     pub leader_lease_secs: u64,
@@ -234,6 +239,8 @@ impl Default for RoundsSection {
             clip: 1.0,
             w_max: 1024,
             keep_checkpoints: 50,
+            keep_rounds: 10_000,
+            keep_events_days: 90,
             leader_lease_secs: 10,
         }
     }

@@ -232,14 +232,32 @@ async fn router(home: &Path, cfg: &CoordinatorConfig, shared: &Arc<Shared>) -> R
 }
 
 /// Every 2 s: write pending last-call times, reopen the store if a write failed (a full
-/// disk), mark the clock; every minute: forget expired nonces.
+/// disk), mark the clock; every minute: forget expired nonces, old rounds and events.
 async fn housekeeping(shared: Arc<Shared>) {
     let mut t = tokio::time::interval(Duration::from_secs(2));
     for tick in 0u64.. {
         t.tick().await;
         if shared.store.heal().await {
-            shared.auth.tick(tick % 30 == 0).await;
+            let minute = tick % 30 == 0;
+            shared.auth.tick(minute).await;
+            if minute {
+                prune_history(&shared).await;
+            }
         }
+    }
+}
+
+/// Retention (`rounds.keep_rounds`, `rounds.keep_events_days`); a failure waits for the next minute.
+async fn prune_history(s: &Shared) {
+    let r = &s.config.rounds;
+    let before = match r.keep_events_days {
+        0 => 0,
+        d => spa_proto::auth::now_ms().saturating_sub(d * 86_400_000),
+    };
+    match s.store.prune_history(r.keep_rounds, before).await {
+        Ok((0, 0)) => {}
+        Ok((rounds, events)) => tracing::info!(rounds, events, "old rounds and events deleted (retention)"),
+        Err(e) => tracing::warn!("retention: {e}"),
     }
 }
 

@@ -107,6 +107,9 @@ pub trait Backend: Send + Sync + 'static {
 
     async fn log(&self, kind: &str, detail: &str) -> Result<()>;
     async fn events(&self) -> Result<Vec<Event>>;
+    /// Retention: deletes finished (committed or aborted) rounds but the newest `keep_rounds`
+    /// round ids (0 keeps all) and events dated before `events_before_ms`; how many of each.
+    async fn prune_history(&self, keep_rounds: u64, events_before_ms: u64) -> Result<(usize, usize)>;
     /// Writes what is kept in memory (last-call times) and makes everything durable.
     async fn flush(&self) -> Result<()>;
     /// Checks the store and recovers it after a failed write (a full disk); whether it works

@@ -229,3 +229,25 @@ pub async fn of_two_rotations_signed_by_the_same_key_one_wins(open: &impl AsyncF
     let late = s.rotate_key(&d.device_id, &hex::encode([3u8; 32]), &[4u8; 32], 25).await.unwrap_err();
     assert!(matches!(late, StoreError::DeviceRevoked(_)), "{late}");
 }
+
+/// Retention: finished rounds beyond the newest `keep` ids and events before a date go; a
+/// round still running stays whatever its age.
+pub async fn history_is_pruned_by_count_and_age(open: &impl AsyncFn() -> Store) {
+    let s = open().await;
+    let lease = s.lead("leader", "https://leader:1", 60_000).await.unwrap().unwrap();
+    let mut run = s.create_run(&plan(5, StrategyName::FedAvg), 0).await.unwrap();
+    for i in 1..=5u64 {
+        run.rounds_started += 1;
+        let mut r = s.start_round(&lease, &run).await.unwrap();
+        if i != 2 {
+            (r.state, r.reason) = (RoundState::Aborted, Some("test".into()));
+            s.abort_round(&lease, &r).await.unwrap();
+        }
+    }
+    let before = s.events().await.unwrap().len();
+    assert_eq!(s.prune_history(0, 0).await.unwrap(), (0, 0), "0 keeps everything");
+    let (rounds, events) = s.prune_history(2, spa_proto::auth::now_ms() + 1).await.unwrap();
+    let ids: Vec<u64> = s.rounds().await.unwrap().iter().map(|r| r.round_id).collect();
+    assert_eq!((rounds, ids), (2, vec![2, 4, 5]), "round 2 still runs; 4 and 5 are the newest two");
+    assert_eq!((events, s.events().await.unwrap().len()), (before, 0));
+}

@@ -158,6 +158,10 @@ impl Backend for PgStore {
         PgStore::events(self).await
     }
 
+    async fn prune_history(&self, keep_rounds: u64, events_before_ms: u64) -> Result<(usize, usize)> {
+        PgStore::prune_history(self, keep_rounds, events_before_ms).await
+    }
+
     async fn flush(&self) -> Result<()> {
         PgStore::flush(self).await
     }

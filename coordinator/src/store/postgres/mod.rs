@@ -90,6 +90,20 @@ impl PgStore {
         Ok(rows.iter().map(|r| Event { ts_ms: unbig(r.get(0)), kind: r.get(1), detail: r.get(2) }).collect())
     }
 
+    async fn prune_history(&self, keep_rounds: u64, events_before_ms: u64) -> Result<(usize, usize)> {
+        let c = self.client().await?;
+        let rounds = match keep_rounds {
+            0 => 0,
+            keep => {
+                let sql = "DELETE FROM rounds WHERE round_id <= (SELECT max(round_id) FROM rounds) - $1 \
+                           AND rec->>'state' IN ('committed', 'aborted')";
+                c.execute(sql, &[&big(keep)]).await?
+            }
+        };
+        let events = c.execute("DELETE FROM events WHERE ts_ms < $1", &[&big(events_before_ms)]).await?;
+        Ok((rounds as usize, events as usize))
+    }
+
     /// Writes the pending last-call times (a commit is durable already).
     async fn flush(&self) -> Result<()> {
         let pending = std::mem::take(&mut *self.seen.lock().unwrap_or_else(|p| p.into_inner()));

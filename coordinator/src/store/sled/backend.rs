@@ -175,6 +175,10 @@ impl Backend for SledStore {
         self.run(|s| s.events()).await
     }
 
+    async fn prune_history(&self, keep_rounds: u64, events_before_ms: u64) -> Result<(usize, usize)> {
+        self.run(move |s| Ok((s.prune_rounds(keep_rounds)?, s.prune_events(events_before_ms)?))).await
+    }
+
     async fn flush(&self) -> Result<()> {
         self.run(|s| s.flush()).await
     }

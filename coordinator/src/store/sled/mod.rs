@@ -182,4 +182,20 @@ impl Sled {
         let t = self.t()?;
         t.events.iter().values().map(|v| dec(&v?)).collect()
     }
+
+    /// Events dated before `before_ms` (ids grow with time, so the scan stops at the first
+    /// newer one).
+    fn prune_events(&self, before_ms: u64) -> Result<usize> {
+        let t = self.t()?;
+        let mut n = 0;
+        for kv in t.events.iter() {
+            let (k, v) = kv?;
+            if dec::<Event>(&v)?.ts_ms >= before_ms {
+                break;
+            }
+            t.events.remove(k)?;
+            n += 1;
+        }
+        Ok(n)
+    }
 }

@@ -141,6 +141,24 @@ impl Sled {
         self.flush()
     }
 
+    /// Finished rounds older than the newest `keep` round ids (0 keeps all).
+    pub(super) fn prune_rounds(&self, keep: u64) -> Result<usize> {
+        let t = self.t()?;
+        let last = last_id(&t.rounds)?;
+        if keep == 0 || last <= keep {
+            return Ok(0);
+        }
+        let mut n = 0;
+        for kv in t.rounds.range(..(last + 1 - keep).to_be_bytes()) {
+            let (k, v) = kv?;
+            if dec::<RoundRecord>(&v)?.state.is_final() {
+                t.rounds.remove(k)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     pub(super) fn round(&self, id: u64) -> Result<Option<RoundRecord>> {
         let t = self.t()?;
         t.rounds.get(id.to_be_bytes())?.map(|v| dec(&v)).transpose()
