@@ -298,6 +298,38 @@ pub struct TokenRecord {
     pub revoked_at_ms: Option<u64>,
 }
 
+impl TokenRecord {
+    /// Whether an enrollment may use the token at `now_ms`; the refusal otherwise.
+    pub fn check_usable(&self, now_ms: u64) -> Result<(), super::StoreError> {
+        use super::StoreError;
+        if self.used_by.is_some() {
+            Err(StoreError::TokenUsed)
+        } else if self.revoked_at_ms.is_some() {
+            Err(StoreError::TokenRevoked)
+        } else if self.expires_at_ms <= now_ms {
+            Err(StoreError::TokenExpired)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl DeviceRecord {
+    /// A device enrolling with `public_key` and token `token_id` at `now_ms`.
+    pub fn enrolled(public_key: &[u8], name: &str, token_id: &str, now_ms: u64) -> Self {
+        Self {
+            device_id: device_id_of(public_key),
+            name: name.into(),
+            public_key_hex: hex::encode(public_key),
+            enrolled_at_ms: now_ms,
+            token_id: token_id.into(),
+            revoked: false,
+            revoked_at_ms: None,
+            key_rotated_at_ms: None,
+        }
+    }
+}
+
 /// The device id of a public key: `dev-` and the first 16 hex digits of its SHA-256.
 pub fn device_id_of(public_key: &[u8]) -> String {
     format!("dev-{}", &hex::encode(spa_proto::auth::sha256(public_key))[..16])

@@ -9,6 +9,14 @@ use crate::store::{Result, StoreError};
 
 const CLOCK_MARK_KEY: &str = "clock_mark";
 
+/// Device `id`'s record, its row locked until the transaction ends.
+async fn locked_device(tx: &tokio_postgres::Transaction<'_>, id: &str) -> Result<DeviceRecord> {
+    match tx.query_opt("SELECT rec FROM devices WHERE device_id = $1 FOR UPDATE", &[&id]).await? {
+        Some(row) => rec(&row, 0),
+        None => Err(StoreError::UnknownDevice(id.into())),
+    }
+}
+
 impl PgStore {
     pub(super) async fn add_token(&self, hash: &[u8; 32], t: &TokenRecord) -> Result<()> {
         let mut c = self.client().await?;
@@ -53,29 +61,12 @@ impl PgStore {
             return Err(StoreError::UnknownToken);
         };
         let mut tok: TokenRecord = rec(&row, 0)?;
-        if tok.used_by.is_some() {
-            return Err(StoreError::TokenUsed);
-        }
-        if tok.revoked_at_ms.is_some() {
-            return Err(StoreError::TokenRevoked);
-        }
-        if tok.expires_at_ms <= now_ms {
-            return Err(StoreError::TokenExpired);
-        }
+        tok.check_usable(now_ms)?;
         if let Some(owner) = tx.query_opt("SELECT device_id FROM device_keys WHERE key_hash = $1", &[&&key_hash[..]]).await? {
             return Err(StoreError::KeyEnrolled(owner.get(0)));
         }
         tok.used_by = Some(device_id.clone());
-        let d = DeviceRecord {
-            device_id: device_id.clone(),
-            name: name.into(),
-            public_key_hex: hex::encode(public_key),
-            enrolled_at_ms: now_ms,
-            token_id: tok.token_id.clone(),
-            revoked: false,
-            revoked_at_ms: None,
-            key_rotated_at_ms: None,
-        };
+        let d = DeviceRecord::enrolled(public_key, name, &tok.token_id, now_ms);
         tx.execute("UPDATE tokens SET rec = $2 WHERE hash = $1", &[&&hash[..], &Json(&tok)]).await?;
         // A concurrent enrollment of the same key (another token) loses on the primary keys.
         let inserted = async {
@@ -95,10 +86,7 @@ impl PgStore {
         let new_hash = spa_proto::auth::sha256(new_key);
         let mut c = self.client().await?;
         let tx = c.transaction().await?;
-        let Some(row) = tx.query_opt("SELECT rec FROM devices WHERE device_id = $1 FOR UPDATE", &[&id]).await? else {
-            return Err(StoreError::UnknownDevice(id.into()));
-        };
-        let mut d: DeviceRecord = rec(&row, 0)?;
+        let mut d = locked_device(&tx, id).await?;
         if d.revoked {
             return Err(StoreError::DeviceRevoked(id.into()));
         }
@@ -138,10 +126,7 @@ impl PgStore {
     pub(super) async fn revoke(&self, id: &str, now_ms: u64) -> Result<bool> {
         let mut c = self.client().await?;
         let tx = c.transaction().await?;
-        let Some(row) = tx.query_opt("SELECT rec FROM devices WHERE device_id = $1 FOR UPDATE", &[&id]).await? else {
-            return Err(StoreError::UnknownDevice(id.into()));
-        };
-        let mut d: DeviceRecord = rec(&row, 0)?;
+        let mut d = locked_device(&tx, id).await?;
         if d.revoked {
             return Ok(false);
         }

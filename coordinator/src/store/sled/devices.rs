@@ -37,14 +37,8 @@ impl Sled {
                 Ok(t) => t,
                 Err(e) => return abort(e),
             };
-            if tok.used_by.is_some() {
-                return abort(StoreError::TokenUsed);
-            }
-            if tok.revoked_at_ms.is_some() {
-                return abort(StoreError::TokenRevoked);
-            }
-            if tok.expires_at_ms <= now_ms {
-                return abort(StoreError::TokenExpired);
+            if let Err(e) = tok.check_usable(now_ms) {
+                return abort(e);
             }
             if devices.get(device_id.as_bytes())?.is_some() {
                 return abort(StoreError::KeyEnrolled(device_id.clone()));
@@ -53,16 +47,7 @@ impl Sled {
                 return abort(StoreError::KeyEnrolled(String::from_utf8_lossy(&owner).into_owned()));
             }
             tok.used_by = Some(device_id.clone());
-            let rec = DeviceRecord {
-                device_id: device_id.clone(),
-                name: name.into(),
-                public_key_hex: hex::encode(public_key),
-                enrolled_at_ms: now_ms,
-                token_id: tok.token_id.clone(),
-                revoked: false,
-                revoked_at_ms: None,
-                key_rotated_at_ms: None,
-            };
+            let rec = DeviceRecord::enrolled(public_key, name, &tok.token_id, now_ms);
             tokens.insert(&hash[..], enc(&tok))?;
             devices.insert(device_id.as_bytes(), enc(&rec))?;
             keys.insert(&key_hash[..], device_id.as_bytes())?;
