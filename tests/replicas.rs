@@ -127,3 +127,31 @@ fn replicas_share_devices_and_one_leads_until_it_dies() {
     }
     eprintln!("takeover {} ms after the leader was killed", t.elapsed().as_millis());
 }
+
+/// PostgreSQL stopped under a serving coordinator: signed calls get UNAVAILABLE (nothing
+/// acknowledged), the process stays up, and once the database is back the same process
+/// serves again without a restart, with everything acknowledged before.
+#[test]
+fn a_database_outage_is_unavailable_and_passes() {
+    let pg = Cluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = replica(dir.path(), "c", &pg, None);
+    let dev = Device::enroll(dir.path(), &c, 0, 4);
+    let status = || {
+        let out = Command::new(bin("spa-client")).arg("--home").arg(&dev.home).args(["status", "--json"]).output().unwrap();
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    assert_eq!(status()["coordinator_reachable"], true);
+    pg.stop();
+    let down = status();
+    assert!(down["coordinator_error"].as_str().is_some_and(|e| e.contains("Unavailable") || e.contains("unavailable")), "{down}");
+    assert!(c.child.as_mut().unwrap().try_wait().unwrap().is_none(), "the coordinator exited");
+    pg.resume();
+    let t = Instant::now();
+    while status()["coordinator_reachable"] != true {
+        assert!(t.elapsed() < Duration::from_secs(20), "not serving 20 s after the database came back: {}", status());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let listed = c.admin(&["devices", "list"]);
+    assert!(listed.as_array().unwrap().iter().any(|r| r["device_id"] == dev.id.as_str()), "{listed}");
+}

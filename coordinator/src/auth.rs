@@ -182,7 +182,7 @@ impl Auth {
 
     async fn check_signed(&self, md: &MetadataMap, method: &str, digest: &[u8; 32]) -> Result<DeviceRecord, Status> {
         let h = SignedHeaders::from_metadata(md)?;
-        let rec = self.store.device(&h.device_id).await.map_err(internal)?.ok_or(AuthError::UnknownDevice(h.device_id.clone()))?;
+        let rec = self.store.device(&h.device_id).await.map_err(Status::from)?.ok_or(AuthError::UnknownDevice(h.device_id.clone()))?;
         let pk = hex::decode(&rec.public_key_hex).map_err(internal)?;
         // A weak key enrolled before keys were checked (listed at start) signs nothing.
         spa_proto::auth::check_public_key(&pk).map_err(|_| AuthError::BadSignature)?;
@@ -201,7 +201,7 @@ impl Auth {
         }
         self.nonces.lock().map_err(internal)?.check_and_insert(&h.device_id, &h.nonce_hex, h.ts_ms, now)?;
         // Replicas sharing the store each see only their own calls: the store is the window.
-        if (h.ts_ms > now || self.store.shared()) && !self.store.record_nonce(&h.device_id, &h.nonce_hex, h.ts_ms).await.map_err(internal)? {
+        if (h.ts_ms > now || self.store.shared()) && !self.store.record_nonce(&h.device_id, &h.nonce_hex, h.ts_ms).await.map_err(Status::from)? {
             return Err(AuthError::Replay.into());
         }
         self.store.touch(&h.device_id, now);
