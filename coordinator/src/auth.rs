@@ -142,7 +142,8 @@ impl Auth {
     /// Replays across a restart: calls dated before this start (or before the last tick of the
     /// previous run, if the clock went back) are refused whole; the nonces of calls dated
     /// after their acceptance (a device clock running fast) were persisted and are loaded.
-    /// So an ordinary call costs no write.
+    /// So an ordinary call costs no write, except on a store that replicas share, where every
+    /// call's nonce is recorded (another replica's calls are not in this process's window).
     pub async fn new(store: Store, cfg: &crate::config::CoordinatorConfig, admin_path: &std::path::Path) -> crate::error::Result<Self> {
         let window_ms = cfg.auth.clock_window_secs * 1000;
         let (capacity, per_device) = (cfg.auth.max_nonces, cfg.auth.max_nonces_per_device);
