@@ -23,6 +23,7 @@ as_owner() {
 
 case "${1:-}" in
   install)
+    # A DIR argument is accepted and ignored (the tests pass one to every verb).
     if bindir >/dev/null; then exit 0; fi
     [[ $(id -u) == 0 ]] || { echo "postgres.sh: PostgreSQL is not installed and installing needs root" >&2; exit 1; }
     export DEBIAN_FRONTEND=noninteractive

@@ -2,6 +2,7 @@
 //! in a temporary directory (Unix socket only, no TCP port) and stopped when dropped.
 use std::path::Path;
 use std::process::Command;
+use std::sync::Once;
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/postgres.sh");
 
@@ -12,9 +13,14 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// A new cluster, running. Fails the test if PostgreSQL is missing (`.ci/run` installs it
-    /// with `scripts/postgres.sh install`).
+    /// A new cluster, running. PostgreSQL is installed first if missing (Debian's package, as
+    /// root: `scripts/postgres.sh install`, once per test process); the test fails where it
+    /// cannot be.
     pub fn start() -> Self {
+        static INSTALL: Once = Once::new();
+        INSTALL.call_once(|| {
+            script("install", Path::new("."));
+        });
         let dir = tempfile::tempdir().unwrap();
         let conninfo = script("start", dir.path());
         Self { conninfo, dir }
