@@ -149,8 +149,11 @@ impl Auth {
         let (capacity, per_device) = (cfg.auth.max_nonces, cfg.auth.max_nonces_per_device);
         let now = now_ms();
         let mut w = NonceWindow::new(window_ms, capacity, per_device);
-        for (d, n, ts) in store.nonces_since(now.saturating_sub(window_ms)).await? {
-            let _ = w.check_and_insert(&d, &n, ts, now);
+        // A shared store is the window itself (every call's nonce is there): nothing to load.
+        if !store.shared() {
+            for (d, n, ts) in store.nonces_since(now.saturating_sub(window_ms)).await? {
+                let _ = w.check_and_insert(&d, &n, ts, now);
+            }
         }
         store.prune_nonces(now.saturating_sub(window_ms)).await?;
         let start_ms = now.max(store.clock_mark().await?);

@@ -16,6 +16,9 @@ mod devices;
 mod rounds;
 pub mod schema;
 
+/// How long a call waits for a connection, or for one to be made, before it fails (UNAVAILABLE).
+const WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The PostgreSQL store: a pool of connections to one database.
 #[derive(Clone)]
 pub struct PgStore {
@@ -28,9 +31,19 @@ impl PgStore {
     /// Connects to `conninfo` (a libpq connection string or URL) with at most `connections`
     /// connections, and brings the schema up to this binary's (refusing a newer one).
     pub async fn connect(conninfo: &str, connections: usize) -> Result<Self> {
-        let cfg: tokio_postgres::Config = conninfo.parse().map_err(|e| StoreError::Backend(format!("PostgreSQL connection string: {e}")))?;
+        let mut cfg: tokio_postgres::Config = conninfo.parse().map_err(|e| StoreError::Backend(format!("PostgreSQL connection string: {e}")))?;
+        // A database that hangs (a partition) fails calls after seconds, not TCP's minutes.
+        if cfg.get_connect_timeout().is_none() {
+            cfg.connect_timeout(WAIT);
+        }
         let mgr = Manager::from_config(cfg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
-        let pool = Pool::builder(mgr).max_size(connections.max(2)).build().map_err(|e| StoreError::Backend(format!("PostgreSQL pool: {e}")))?;
+        let pool = Pool::builder(mgr)
+            .max_size(connections.max(2))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(WAIT))
+            .create_timeout(Some(WAIT))
+            .build()
+            .map_err(|e| StoreError::Backend(format!("PostgreSQL pool: {e}")))?;
         let store = Self { pool, seen: Default::default() };
         schema::migrate(&mut *store.client().await?).await?;
         Ok(store)
