@@ -24,7 +24,7 @@ use spa_model::BackendKind;
 use spa_model::side::{Plugin, SharedParams};
 use spa_model::train::{TrainConfig, train_plugin, train_with_validation};
 use spa_proto::methods;
-use spa_proto::reason::{LEADER, Reason};
+use spa_proto::reason::Reason;
 use spa_proto::secagg;
 use spa_proto::v1::poll_response::Task;
 use spa_proto::v1::*;
@@ -141,14 +141,13 @@ pub async fn run(home: &Path, opts: &AgentOptions, on_event: &mut dyn FnMut(Agen
         loop {
             let task = match s.rounds().poll(s.request(methods::ROUNDS_POLL, PollRequest {})).await {
                 Ok(r) => r.into_inner().task,
-                Err(e) if Reason::of(&e) == Some(Reason::NotLeader) && Reason::detail(&e, LEADER).is_some() => {
-                    route = Reason::detail(&e, LEADER);
-                    on_event(AgentEvent::Redirected { to: route.clone().unwrap_or_default() });
-                    break;
-                }
                 Err(e) => {
-                    route = None;
-                    back_off(e.into(), &mut backoff, opts.max_backoff, on_event).await?;
+                    // A replica that does not run the rounds names the one that does.
+                    route = Reason::leader_url(&e);
+                    match &route {
+                        Some(to) => on_event(AgentEvent::Redirected { to: to.clone() }),
+                        None => back_off(e.into(), &mut backoff, opts.max_backoff, on_event).await?,
+                    }
                     break;
                 }
             };

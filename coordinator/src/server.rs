@@ -240,7 +240,8 @@ async fn housekeeping(shared: Arc<Shared>) {
         if shared.store.heal().await {
             let minute = tick % 30 == 0;
             shared.auth.tick(minute).await;
-            if minute {
+            // Retention is the leader's (every replica deleting the same rows would be waste).
+            if minute && shared.rounds.lease().is_some() {
                 prune_history(&shared).await;
             }
         }

@@ -46,10 +46,11 @@ impl Reason {
         Status::with_error_details(code, message, ErrorDetails::with_error_info(self.as_str(), DOMAIN, metadata))
     }
 
-    /// The metadata value `key` of the reason `status` carries.
-    pub fn detail(status: &Status, key: &str) -> Option<String> {
+    /// Where a [`Reason::NotLeader`] refusal sends the device (its [`LEADER`] metadata).
+    pub fn leader_url(status: &Status) -> Option<String> {
         let info = status.get_error_details().error_info().cloned()?;
-        (info.domain == DOMAIN).then(|| info.metadata.get(key).cloned()).flatten()
+        let ours = info.domain == DOMAIN && info.reason == Reason::NotLeader.as_str();
+        ours.then(|| info.metadata.get(LEADER).cloned()).flatten()
     }
 
     /// The reason `status` carries, if it carries one of ours.
@@ -89,6 +90,14 @@ mod tests {
         assert_eq!(Reason::of(&Status::permission_denied("device 'x' is revoked")), None);
         let foreign = Status::with_error_details(Code::PermissionDenied, "m", ErrorDetails::with_error_info("DEVICE_REVOKED", "other", HashMap::new()));
         assert_eq!(Reason::of(&foreign), None);
+    }
+
+    #[test]
+    fn a_not_leader_refusal_names_the_leader_and_no_other_reason_does() {
+        let to = |r: Reason| r.status_with(Code::FailedPrecondition, "m", [(LEADER.to_string(), "https://l:1".to_string())].into());
+        assert_eq!(Reason::leader_url(&to(Reason::NotLeader)).as_deref(), Some("https://l:1"));
+        assert_eq!(Reason::leader_url(&to(Reason::DeviceRevoked)), None);
+        assert_eq!(Reason::leader_url(&Reason::NotLeader.status(Code::FailedPrecondition, "m")), None);
     }
 
     #[test]

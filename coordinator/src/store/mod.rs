@@ -13,6 +13,7 @@ mod backend;
 pub mod conformance;
 pub mod postgres;
 pub mod records;
+mod seen;
 pub mod sled;
 
 pub use backend::Backend;

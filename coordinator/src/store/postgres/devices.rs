@@ -42,7 +42,7 @@ impl PgStore {
         let Some(row) = row else { return Err(StoreError::UnknownTokenId(token_id.into())) };
         let hash: Vec<u8> = row.get(0);
         let mut t: TokenRecord = rec(&row, 1)?;
-        let was_usable = t.used_by.is_none() && t.revoked_at_ms.is_none() && t.expires_at_ms > now_ms;
+        let was_usable = t.check_usable(now_ms).is_ok();
         if t.revoked_at_ms.is_none() {
             t.revoked_at_ms = Some(now_ms);
             tx.execute("UPDATE tokens SET rec = $2 WHERE hash = $1", &[&hash, &Json(&t)]).await?;
@@ -138,12 +138,12 @@ impl PgStore {
     }
 
     pub(super) fn touch(&self, id: &str, now_ms: u64) {
-        self.seen.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_string(), now_ms);
+        self.seen.touch(id, now_ms);
     }
 
     pub(super) async fn last_seen(&self, id: &str) -> Result<u64> {
-        if let Some(ms) = self.seen.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
-            return Ok(*ms);
+        if let Some(ms) = self.seen.get(id) {
+            return Ok(ms);
         }
         let row = self.client().await?.query_opt("SELECT ms FROM last_seen WHERE device_id = $1", &[&id]).await?;
         Ok(row.map_or(0, |r| unbig(r.get(0))))

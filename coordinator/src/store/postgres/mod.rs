@@ -2,13 +2,13 @@
 //! the SQL migrations (`coordinator/migrations/`), [`devices`] and [`rounds`] hold the
 //! operations, each one transaction where it changes more than one row; [`backend`] is the
 //! [`Backend`](super::Backend) implementation. Records are the same JSON as sled's, in jsonb.
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
 use tokio_postgres::types::Json;
 use tokio_postgres::{GenericClient, NoTls, Row};
 
+use super::seen::Seen;
 use super::{Event, Result, StoreError};
 
 mod backend;
@@ -23,8 +23,7 @@ const WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 #[derive(Clone)]
 pub struct PgStore {
     pool: Pool,
-    /// Last-call times not yet written: a signed call is too frequent to cost a write each.
-    seen: Arc<Mutex<HashMap<String, u64>>>,
+    seen: Arc<Seen>,
 }
 
 impl PgStore {
@@ -119,7 +118,7 @@ impl PgStore {
 
     /// Writes the pending last-call times (a commit is durable already).
     async fn flush(&self) -> Result<()> {
-        let pending = std::mem::take(&mut *self.seen.lock().unwrap_or_else(|p| p.into_inner()));
+        let pending = self.seen.take();
         if pending.is_empty() {
             return Ok(());
         }
@@ -130,15 +129,7 @@ impl PgStore {
             Ok(c) => c.execute(sql, &[&ids, &ms]).await.map_err(StoreError::from),
             Err(e) => Err(e),
         };
-        if let Err(e) = written {
-            // Kept for the next try (unless newer times arrived meanwhile).
-            let mut g = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-            for (id, ms) in pending {
-                g.entry(id).or_insert(ms);
-            }
-            return Err(e);
-        }
-        Ok(())
+        written.map(|_| ()).inspect_err(|_| self.seen.restore(pending))
     }
 
     /// Whether the database answers (the pool replaces broken connections itself).

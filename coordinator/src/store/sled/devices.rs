@@ -115,7 +115,7 @@ impl Sled {
                 if rec.token_id != token_id {
                     continue;
                 }
-                let was_usable = rec.used_by.is_none() && rec.revoked_at_ms.is_none() && rec.expires_at_ms > now_ms;
+                let was_usable = rec.check_usable(now_ms).is_ok();
                 if rec.revoked_at_ms.is_none() {
                     rec.revoked_at_ms = Some(now_ms);
                     // Against the record as read: an enrollment that used the token meanwhile
@@ -167,12 +167,12 @@ impl Sled {
     /// Last call time of a device: kept in memory and written at the next [`Sled::flush`]
     /// (the server's 2 s tick, or any acknowledged change); best effort, not acknowledged state.
     pub(super) fn touch(&self, id: &str, now_ms: u64) {
-        self.seen.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_string(), now_ms);
+        self.seen.touch(id, now_ms);
     }
 
     pub(super) fn last_seen(&self, id: &str) -> Result<u64> {
-        if let Some(ms) = self.seen.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
-            return Ok(*ms);
+        if let Some(ms) = self.seen.get(id) {
+            return Ok(ms);
         }
         let t = self.t()?;
         Ok(t.last_seen.get(id.as_bytes())?.map_or(0, |v| {

@@ -2,13 +2,13 @@
 //! keys (so trees iterate in id order). [`devices`] and [`rounds`] hold the synchronous
 //! operations on [`Sled`]; [`SledStore`] runs each on tokio's blocking pool (sled flushes to
 //! disk before a change is acknowledged) and implements [`Backend`].
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
 use sled::transaction::TransactionError;
 
+use super::seen::Seen;
 use super::{Event, Result, StoreError};
 
 mod backend;
@@ -45,8 +45,7 @@ pub(super) struct Sled {
     path: PathBuf,
     cache_bytes: u64,
     cur: RwLock<Option<Arc<Trees>>>,
-    /// Last-call times not yet written: a signed call is too frequent to cost a write each.
-    seen: Mutex<HashMap<String, u64>>,
+    seen: Seen,
 }
 
 struct Trees {
@@ -155,18 +154,12 @@ impl Sled {
     }
 
     fn write_seen(&self, t: &Trees) -> Result<()> {
-        let pending = std::mem::take(&mut *self.seen.lock().unwrap_or_else(|p| p.into_inner()));
+        let pending = self.seen.take();
         let mut batch = sled::Batch::default();
         for (id, ms) in &pending {
             batch.insert(id.as_bytes(), &ms.to_be_bytes()[..]);
         }
-        t.last_seen.apply_batch(batch).inspect_err(|_| {
-            // Kept for the next try (unless newer times arrived meanwhile).
-            let mut g = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-            for (id, ms) in pending {
-                g.entry(id).or_insert(ms);
-            }
-        })?;
+        t.last_seen.apply_batch(batch).inspect_err(|_| self.seen.restore(pending))?;
         Ok(())
     }
 
