@@ -43,8 +43,18 @@ struct InRound {
     input: Option<Vec<u32>>,
 }
 
+/// What a device does in the rounds: whether it uploads its masked vector (else it drops out
+/// there), and whether its update is expected in the committed sum.
+#[derive(Clone, Copy)]
+struct Part {
+    uploads: bool,
+    counted: bool,
+}
+
+const FULL: Part = Part { uploads: true, counted: true };
+
 /// One light device: polls and answers until it evaluated `rounds` committed versions.
-async fn device(ch: Channel, signer: DeviceSigner, seed: u64, rounds: usize, sums: Sums) -> Result<(), Error> {
+async fn device(ch: Channel, signer: DeviceSigner, seed: u64, rounds: usize, sums: Sums, part: Part) -> Result<(), Error> {
     let rpc = RoundsClient::new(ch).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
     let mut cur: Option<InRound> = None;
@@ -66,10 +76,12 @@ async fn device(ch: Channel, signer: DeviceSigner, seed: u64, rounds: usize, sum
                 let input = quant.encode(&delta, 1, &mut rng)?;
                 let (state, adv) = ClientState::start(t.client_id, config, &signer, system_rng()?)?;
                 rpc.advertise_keys(signer.request(methods::ROUNDS_ADVERTISE_KEYS, secagg::advertise_to_wire(&adv))).await?;
-                let mut g = sums.lock().unwrap();
-                let (sum, n) = g.entry(t.round_id).or_insert_with(|| (vec![0.0; delta.len()], 0));
-                sum.iter_mut().zip(&delta).for_each(|(s, d)| *s += *d as f64);
-                *n += 1;
+                if part.counted {
+                    let mut g = sums.lock().unwrap();
+                    let (sum, n) = g.entry(t.round_id).or_insert_with(|| (vec![0.0; delta.len()], 0));
+                    sum.iter_mut().zip(&delta).for_each(|(s, d)| *s += *d as f64);
+                    *n += 1;
+                }
                 cur = Some(InRound { round_id: t.round_id, client_id: t.client_id, state, input: Some(input) });
             }
             Some(Task::ShareKeys(t)) => {
@@ -81,6 +93,12 @@ async fn device(ch: Channel, signer: DeviceSigner, seed: u64, rounds: usize, sum
             }
             Some(Task::MaskedInput(t)) => {
                 let mut r = cur.take().filter(|r| r.round_id == t.round_id).ok_or("masked_input outside a round")?;
+                if !part.uploads {
+                    // Offered again at every poll until the phase's deadline; never answered.
+                    cur = Some(r);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
                 let (state, _) = r.state.handle(ClientIncoming::MaskedInputRequest(secagg::masked_input_request(&t)))?;
                 let (state, out) = state.handle(ClientIncoming::Input(r.input.take().ok_or("no input")?))?;
                 let Some(ClientOutgoing::MaskedInput(masked)) = out.into_iter().next() else { return Err("no masked input".into()) };
@@ -216,7 +234,7 @@ fn many_devices_run_rounds_over_the_service_in_flat_memory() {
         for i in 0..n {
             let ch = channels[i % channels.len()].clone();
             let signer = enroll(&ch, &cred, &format!("light-{i}")).await;
-            handles.push(tokio::spawn(device(ch, signer, i as u64, rounds, sums.clone())));
+            handles.push(tokio::spawn(device(ch, signer, i as u64, rounds, sums.clone(), FULL)));
         }
         handles
     });
@@ -281,4 +299,84 @@ fn many_devices_run_rounds_over_the_service_in_flat_memory() {
             "coordinator memory still grows: {third:.0} MB on average over the third quarter of {rounds} rounds, {last:.0} MB over the last"
         );
     }
+}
+
+/// A sharded round over the service: 40 devices in two SecAgg+ shards of 20 placed by the
+/// hash the spec fixes (recomputed here from the cohort), a floor of 15 per shard. Six of
+/// shard 0's devices never upload: fourteen are left, enough for its threshold (12) but below
+/// the floor, so shard 0 releases nothing and the round commits shard 1's mean alone.
+#[test]
+fn a_shard_below_its_floor_is_left_out_and_the_round_commits_the_others_mean() {
+    let n = 40;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut coord = Coordinator::init(tmp.path(), 120);
+    coord.edit_config(|c| {
+        c.rounds.phase_timeout_secs = 5;
+        c.rounds.online_secs = 30;
+        c.rounds.shard_size = 30;
+        c.rounds.min_shard_contributors = 15;
+    });
+    coord.start(None);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let sums: Sums = Default::default();
+    let (handles, shards, cohort) = rt.block_on(async {
+        let ca = std::fs::read(coord.home.join("tls/ca.pem")).unwrap();
+        let cred = std::fs::read_to_string(coord.home.join("admin.credential")).unwrap().trim().to_string();
+        let ch = spa_coordinator::net::connect(&coord.url, &ca).await.unwrap();
+        let mut signers = Vec::new();
+        for i in 0..n {
+            signers.push(enroll(&ch, &cred, &format!("light-{i}")).await);
+        }
+        // Round 1 on version 0, every device selected (the cohort is sorted by id).
+        let mut cohort: Vec<String> = signers.iter().map(|s| s.device_id().to_string()).collect();
+        cohort.sort();
+        let shards = spa_aggregation::shards::assign(&spa_aggregation::shards::shard_seed(1, 0, &cohort), &cohort, 30, 15);
+        let seat = |d: &str| cohort.iter().position(|c| c == d).unwrap() as u32 + 1;
+        let handles: Vec<_> = signers
+            .into_iter()
+            .enumerate()
+            .map(|(i, signer)| {
+                let s = seat(signer.device_id());
+                let part = match shards[0].iter().position(|&m| m == s) {
+                    Some(k) => Part { uploads: k >= 6, counted: false },
+                    None => FULL,
+                };
+                tokio::spawn(device(ch.clone(), signer, i as u64, 1, sums.clone(), part))
+            })
+            .collect();
+        (handles, shards, cohort)
+    });
+    assert_eq!(shards.iter().map(Vec::len).collect::<Vec<_>>(), [20, 20]);
+    coord.admin(&["round", "start", "--rounds", "1", "--min-clients", "20", "--max-clients", "40", "--deadline", "120"]);
+    let r = coord.wait_round(1, Duration::from_secs(300));
+    assert_eq!(r["state"], "committed", "{r}");
+    let got: Vec<&str> = r["cohort"].as_array().unwrap().iter().map(|d| d.as_str().unwrap()).collect();
+    assert_eq!(got, cohort, "every device selected, in the order the placement was computed from");
+    let device = |seat: u32| cohort[seat as usize - 1].as_str();
+    let contributors: Vec<&str> = r["contributors"].as_array().unwrap().iter().map(|d| d.as_str().unwrap()).collect();
+    let mut expected: Vec<&str> = shards[1].iter().map(|&s| device(s)).collect();
+    expected.sort();
+    assert_eq!(contributors, expected, "shard 1's devices, and only them");
+    let summary = &r["shards"];
+    assert_eq!(summary[0]["floor"], 15, "{summary}");
+    assert!(summary[0]["failed"].as_str().unwrap().contains("U3 has 14, needs 15"), "{summary}");
+    assert_eq!(summary[1]["contributors"], 20, "{summary}");
+    for (k, &s) in shards[0].iter().enumerate() {
+        let d = &r["dropouts"][device(s)];
+        let kind = if k < 6 { "timed_out" } else { "shard_failed" };
+        assert_eq!(d["reason"]["kind"], kind, "{d}");
+    }
+    // The committed step is shard 1's mean update, up to quantization.
+    let (before, after) = (coord.checkpoint(0), coord.checkpoint(1));
+    let g = sums.lock().unwrap();
+    let (sum, count) = &g[&1];
+    assert_eq!(*count, 20);
+    let err = (0..before.len()).map(|i| (after[i] - before[i] - (sum[i] / 20.0) as f32).abs()).fold(0f32, f32::max);
+    assert!(err < 1e-3, "the committed step differs from shard 1's mean update by {err}");
+    drop(g);
+    rt.block_on(async {
+        for h in handles {
+            h.await.unwrap().unwrap();
+        }
+    });
 }

@@ -145,14 +145,32 @@ impl SessionConfig {
     /// total weight: the weighted mean (quantized), or the noisy sum over the contributors
     /// (DP, unweighted). What the coordinator commits and the simulation applies.
     pub fn decode_mean(&self, sum: &[u32], contributors: usize) -> Result<(Vec<f32>, u32)> {
+        let (mean, w) = self.decode_mean_of(&[(sum, contributors)])?;
+        u32::try_from(w).map(|w| (mean, w)).map_err(|_| SecAggError::Malformed(format!("total weight {w}")))
+    }
+
+    /// [`SessionConfig::decode_mean`] over the released sums of several sessions that share
+    /// this encoding (a round's shards), each with its number of contributors: quantized
+    /// lanes added in i64, DP sums decoded one by one (each wraps in its own b bits) and added.
+    pub fn decode_mean_of(&self, sums: &[(&[u32], usize)]) -> Result<(Vec<f32>, u64)> {
         match &self.encoding {
-            Encoding::SignedTwosComplement { .. } => self.quant_params().expect("the quantized encoding").decode_mean(sum),
+            Encoding::SignedTwosComplement { .. } => {
+                let lanes: Vec<&[u32]> = sums.iter().map(|(s, _)| *s).collect();
+                self.quant_params().expect("the quantized encoding").decode_mean_of(&lanes)
+            }
             Encoding::DistributedDiscreteGaussian(dp) => {
+                let contributors: usize = sums.iter().map(|(_, k)| k).sum();
                 if contributors == 0 {
                     return Err(SecAggError::Malformed("a DP sum of no contributors".into()));
                 }
-                let k = contributors as f32;
-                Ok((dp.decode_sum(sum)?.into_iter().map(|x| x / k).collect(), contributors as u32))
+                let mut total = vec![0f64; dp.dim as usize];
+                for (s, _) in sums {
+                    for (t, x) in total.iter_mut().zip(dp.decode_sum(s)?) {
+                        *t += x as f64;
+                    }
+                }
+                let k = contributors as f64;
+                Ok((total.into_iter().map(|x| (x / k) as f32).collect(), contributors as u64))
             }
         }
     }

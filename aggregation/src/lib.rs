@@ -7,6 +7,7 @@
 //! - [`server::SecAggServer`]: the server state machine.
 //! - [`config::SessionConfig`]: the agreed parameters, `config_hash`, `session_id`.
 //! - [`quant`], [`dp`]: encodings of f32 updates into u32 lanes.
+//! - [`shards`]: a round's cohort split into SecAgg+ sessions, released and summed apart.
 //! - [`strategy`]: FedAvg, FedProx's client term, FedAdagrad/FedAdam/FedYogi.
 //! - [`sim`]: whole sessions in memory (tests and the in-process simulation).
 
@@ -25,6 +26,7 @@ pub mod prg;
 pub mod quant;
 pub mod server;
 pub mod shamir;
+pub mod shards;
 pub mod sim;
 pub mod spec;
 pub mod strategy;
@@ -34,3 +36,4 @@ pub use config::{Encoding, SessionConfig};
 pub use crypto::{IdentitySigner, system_rng};
 pub use error::{Result, SecAggError};
 pub use server::{AggregateOutput, SecAggServer, ServerPhase};
+pub use shards::{ShardedOutput, ShardedServer};

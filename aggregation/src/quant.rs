@@ -105,12 +105,35 @@ impl QuantParams {
     /// Decodes the secure sum of `sum.len()` lanes (weight last) into the
     /// weighted mean Σ(w·Δ)/Σw and Σw. Fails when Σw = 0.
     pub fn decode_mean(&self, sum: &[u32]) -> Result<(Vec<f32>, u32)> {
-        let (&total_w, lanes) = sum.split_last().ok_or(SecAggError::LengthMismatch { expected: 1, got: 0 })?;
-        if total_w == 0 || total_w > i32::MAX as u32 {
-            return Err(SecAggError::Malformed(format!("summed weight {total_w}")));
+        let (mean, w) = self.decode_mean_of(&[sum])?;
+        Ok((mean, w as u32))
+    }
+
+    /// The weighted mean over several secure sums of the same encoding (the released sums of
+    /// a round's shards): each lane read as i32 (no sum wraps within its own headroom) and
+    /// added in i64, so the total may exceed what one session's lanes could hold.
+    pub fn decode_mean_of(&self, sums: &[&[u32]]) -> Result<(Vec<f32>, u64)> {
+        let lanes = sums.first().map_or(0, |s| s.len());
+        if lanes == 0 || sums.iter().any(|s| s.len() != lanes) {
+            return Err(SecAggError::LengthMismatch { expected: lanes.max(1), got: sums.iter().map(|s| s.len()).find(|&l| l != lanes).unwrap_or(0) });
+        }
+        let mut total = vec![0i64; lanes - 1];
+        let mut total_w = 0u64;
+        for s in sums {
+            let (&w, lanes) = s.split_last().expect("checked non-empty");
+            if w > i32::MAX as u32 {
+                return Err(SecAggError::Malformed(format!("summed weight {w}")));
+            }
+            total_w += w as u64;
+            for (t, &q) in total.iter_mut().zip(lanes) {
+                *t += q as i32 as i64;
+            }
+        }
+        if total_w == 0 {
+            return Err(SecAggError::Malformed("summed weight 0".into()));
         }
         let inv = 1.0 / (self.scale() * total_w as f64);
-        Ok((lanes.iter().map(|&q| (q as i32 as f64 * inv) as f32).collect(), total_w))
+        Ok((total.iter().map(|&q| (q as f64 * inv) as f32).collect(), total_w))
     }
 }
 

@@ -94,6 +94,9 @@ pub struct SecAggServer {
     b_shares: HashMap<u32, Vec<(u32, Share)>>,
     s_shares: HashMap<u32, Vec<(u32, Share)>>,
     unmask_responded: BTreeSet<u32>,
+    /// The fewest clients any phase may close with, above the threshold's own need
+    /// ([`SecAggServer::with_release_floor`]).
+    floor: usize,
 }
 
 impl SecAggServer {
@@ -118,7 +121,17 @@ impl SecAggServer {
             b_shares: HashMap::new(),
             s_shares: HashMap::new(),
             unmask_responded: BTreeSet::new(),
+            floor: 0,
         })
+    }
+
+    /// A session that releases a sum only of at least `floor` clients: every phase that
+    /// closes with fewer aborts, before U3's shares are asked for, so a small group's sum is
+    /// never computed (a shard of a round holds its own privacy floor). Below the threshold's
+    /// need the threshold rules.
+    pub fn with_release_floor(mut self, floor: usize) -> Self {
+        self.floor = floor;
+        self
     }
 
     /// Current phase.
@@ -146,9 +159,10 @@ impl SecAggServer {
         (&self.u1, &self.u2, &self.u3)
     }
 
-    /// The fewest clients a phase may close with: each needs t neighbours.
+    /// The fewest clients a phase may close with: each needs t neighbours, and the release
+    /// floor holds.
     pub fn min_clients(&self) -> usize {
-        self.config.threshold as usize + 1
+        (self.config.threshold as usize + 1).max(self.floor)
     }
 
     /// Aborts the session (caller's decision, e.g. an operator cancel).

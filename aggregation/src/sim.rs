@@ -11,7 +11,8 @@ use ring::signature::Ed25519KeyPair;
 
 use crate::client::FRAME_LANES;
 use crate::error::{Result, SecAggError};
-use crate::{AggregateOutput, ClientIncoming, ClientOutgoing, ClientState, IdentitySigner, SecAggServer, SessionConfig};
+use crate::messages::{AdvertiseKeys, MaskedInputRequest, ShareKeysRequest, ShareKeysResponse, UnmaskRequest, UnmaskResponse};
+use crate::{AggregateOutput, ClientIncoming, ClientOutgoing, ClientState, IdentitySigner, SecAggServer, SessionConfig, ShardedOutput, ShardedServer};
 
 /// Phases at which a client can vanish.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,33 +65,133 @@ pub fn default_chunk() -> usize {
 /// a random seed otherwise).
 pub fn run(config: &SessionConfig, ids: &[u32], inputs: &[Vec<u32>], drop_at: impl Fn(u32) -> Option<Stage>, chunk: usize, seed: u64) -> Outcome {
     let mut client_errors = BTreeMap::new();
-    let result = run_inner(config, ids, inputs, &drop_at, chunk.max(1), seed, &mut client_errors);
+    let result = SecAggServer::new(config.clone())
+        .and_then(|mut server| drive(&mut server, &|id| Some((config.clone(), id)), ids, inputs, &drop_at, chunk.max(1), seed, &mut client_errors));
     Outcome { result, client_errors }
 }
 
-fn run_inner(
-    config: &SessionConfig,
+/// What a sharded session produced.
+pub struct ShardedOutcome {
+    /// The released shard sums (contributors as global seats), or why every shard failed.
+    pub result: Result<ShardedOutput>,
+    /// Which clients ended in an error (client-side aborts).
+    pub client_errors: BTreeMap<u32, SecAggError>,
+}
+
+/// Runs a sharded round in memory: `server`'s shards, `inputs[i]` belonging to global seat
+/// `seats[i]`, dropouts and seeding as in [`run`].
+pub fn run_sharded(
+    server: &mut ShardedServer,
+    seats: &[u32],
+    inputs: &[Vec<u32>],
+    drop_at: impl Fn(u32) -> Option<Stage>,
+    chunk: usize,
+    seed: u64,
+) -> ShardedOutcome {
+    let mut client_errors = BTreeMap::new();
+    let placement = server.clone();
+    let session_of = |seat: u32| placement.seat(seat).map(|(s, local)| (placement.shards()[s].server.config().clone(), local));
+    let result = drive(server, &session_of, seats, inputs, &drop_at, chunk.max(1), seed, &mut client_errors);
+    ShardedOutcome { result, client_errors }
+}
+
+/// The server side as the driver sees it: messages by the driver's id for a client, phases
+/// closed with the next requests by the same ids.
+trait Aggregator {
+    type Output;
+    fn advertise(&mut self, id: u32, msg: AdvertiseKeys, identity_pk: [u8; 32]) -> Result<()>;
+    fn share_keys(&mut self, id: u32, msg: ShareKeysResponse) -> Result<()>;
+    fn masked_chunk(&mut self, id: u32, offset: u64, data: &[u32]) -> Result<()>;
+    fn unmask(&mut self, id: u32, msg: UnmaskResponse) -> Result<()>;
+    fn close_advertise(&mut self) -> Result<Vec<(u32, ShareKeysRequest)>>;
+    fn close_share_keys(&mut self) -> Result<Vec<(u32, MaskedInputRequest)>>;
+    fn close_masked_inputs(&mut self) -> Result<Vec<(u32, UnmaskRequest)>>;
+    fn close_unmask(&mut self) -> Result<Self::Output>;
+}
+
+impl Aggregator for SecAggServer {
+    type Output = AggregateOutput;
+    fn advertise(&mut self, _: u32, msg: AdvertiseKeys, pk: [u8; 32]) -> Result<()> {
+        self.handle_advertise(msg, pk)
+    }
+    fn share_keys(&mut self, _: u32, msg: ShareKeysResponse) -> Result<()> {
+        self.handle_share_keys(msg)
+    }
+    fn masked_chunk(&mut self, id: u32, offset: u64, data: &[u32]) -> Result<()> {
+        self.handle_masked_chunk(id, offset, data)
+    }
+    fn unmask(&mut self, _: u32, msg: UnmaskResponse) -> Result<()> {
+        self.handle_unmask(msg)
+    }
+    fn close_advertise(&mut self) -> Result<Vec<(u32, ShareKeysRequest)>> {
+        SecAggServer::close_advertise(self)
+    }
+    fn close_share_keys(&mut self) -> Result<Vec<(u32, MaskedInputRequest)>> {
+        SecAggServer::close_share_keys(self)
+    }
+    fn close_masked_inputs(&mut self) -> Result<Vec<(u32, UnmaskRequest)>> {
+        SecAggServer::close_masked_inputs(self)
+    }
+    fn close_unmask(&mut self) -> Result<AggregateOutput> {
+        SecAggServer::close_unmask(self)
+    }
+}
+
+impl Aggregator for ShardedServer {
+    type Output = ShardedOutput;
+    fn advertise(&mut self, id: u32, msg: AdvertiseKeys, pk: [u8; 32]) -> Result<()> {
+        self.with_seat(id, |s, _| s.handle_advertise(msg, pk))
+    }
+    fn share_keys(&mut self, id: u32, msg: ShareKeysResponse) -> Result<()> {
+        self.with_seat(id, |s, _| s.handle_share_keys(msg))
+    }
+    fn masked_chunk(&mut self, id: u32, offset: u64, data: &[u32]) -> Result<()> {
+        self.with_seat(id, |s, local| s.handle_masked_chunk(local, offset, data))
+    }
+    fn unmask(&mut self, id: u32, msg: UnmaskResponse) -> Result<()> {
+        self.with_seat(id, |s, _| s.handle_unmask(msg))
+    }
+    fn close_advertise(&mut self) -> Result<Vec<(u32, ShareKeysRequest)>> {
+        Ok(ShardedServer::close_advertise(self)?.requests)
+    }
+    fn close_share_keys(&mut self) -> Result<Vec<(u32, MaskedInputRequest)>> {
+        Ok(ShardedServer::close_share_keys(self)?.requests)
+    }
+    fn close_masked_inputs(&mut self) -> Result<Vec<(u32, UnmaskRequest)>> {
+        Ok(ShardedServer::close_masked_inputs(self)?.requests)
+    }
+    fn close_unmask(&mut self) -> Result<ShardedOutput> {
+        ShardedServer::close_unmask(self)
+    }
+}
+
+/// Drives every client of `ids` through a session with `server`; `session_of(id)` is the
+/// session config and client id the client `id` runs with.
+#[allow(clippy::too_many_arguments)]
+fn drive<A: Aggregator>(
+    server: &mut A,
+    session_of: &dyn Fn(u32) -> Option<(SessionConfig, u32)>,
     ids: &[u32],
     inputs: &[Vec<u32>],
     drop_at: &dyn Fn(u32) -> Option<Stage>,
     chunk: usize,
     seed: u64,
     client_errors: &mut BTreeMap<u32, SecAggError>,
-) -> Result<AggregateOutput> {
+) -> Result<A::Output> {
     if ids.len() != inputs.len() {
         return Err(SecAggError::LengthMismatch { expected: ids.len(), got: inputs.len() });
     }
-    let mut server = SecAggServer::new(config.clone())?;
     let mut clients: BTreeMap<u32, ClientState> = BTreeMap::new();
     let input_of: BTreeMap<u32, &Vec<u32>> = ids.iter().copied().zip(inputs).collect();
     for &id in ids {
+        let (config, local) = session_of(id).ok_or(SecAggError::Dropped(id))?;
         let key = identity()?;
         let rng = ChaCha20Rng::seed_from_u64(seed.wrapping_mul(1_000_003).wrapping_add(id as u64));
-        let (st, adv) = ClientState::start(id, config.clone(), &key, rng)?;
+        let (st, adv) = ClientState::start(local, config, &key, rng)?;
         if drop_at(id) == Some(Stage::Advertise) {
             continue;
         }
-        server.handle_advertise(adv, key.public_key())?;
+        server.advertise(id, adv, key.public_key())?;
         clients.insert(id, st);
     }
     for (u, req) in server.close_advertise()? {
@@ -101,7 +202,7 @@ fn run_inner(
         match st.handle(ClientIncoming::ShareKeys(req)) {
             Ok((st, out)) => {
                 let ClientOutgoing::ShareKeys(resp) = one(out)? else { return Err(unexpected("not ShareKeys")) };
-                server.handle_share_keys(resp)?;
+                server.share_keys(u, resp)?;
                 clients.insert(u, st);
             }
             Err(e) => {
@@ -119,7 +220,7 @@ fn run_inner(
             Ok((st, out)) => {
                 let ClientOutgoing::MaskedInput(masked) = one(out)? else { return Err(unexpected("not MaskedInput")) };
                 for c in masked.chunks(chunk) {
-                    server.handle_masked_chunk(c.client_id, c.offset, &c.data)?;
+                    server.masked_chunk(u, c.offset, &c.data)?;
                 }
                 clients.insert(u, st);
             }
@@ -136,7 +237,7 @@ fn run_inner(
         match st.handle(ClientIncoming::Unmask(req)) {
             Ok((_, out)) => {
                 let ClientOutgoing::Unmask(resp) = one(out)? else { return Err(unexpected("not Unmask")) };
-                server.handle_unmask(resp)?;
+                server.unmask(u, resp)?;
             }
             Err(e) => {
                 client_errors.insert(u, e);

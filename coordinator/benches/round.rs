@@ -3,8 +3,9 @@
 //! Rounds handlers directly (no network: the figure is the coordinator's own compute).
 //! Each device runs the real SecAgg+ client machine on a random quantized update.
 //!
-//! `cargo bench --bench round -- [devices] [rounds] [params] [dropout]` (defaults 100, 3,
-//! 53792 = the default side plugin's shared part, 0.0). A dropout fraction of the devices
+//! `cargo bench --bench round -- [devices] [rounds] [params] [dropout] [shard size]` (defaults
+//! 100, 3, 53792 = the default side plugin's shared part, 0.0, 1000: one SecAgg+ session up to
+//! 1000 devices, floor min(100, size / 2)). A dropout fraction of the devices
 //! never upload their masked vector (the phase then ends at its deadline, max(2, N/50) s, and the server
 //! recovers their pairwise masks). Prints per round the wall time, the coordinator's busy
 //! time (handlers, phase closes, unmasking, decoding, strategy, commit) and each phase.
@@ -101,6 +102,8 @@ fn main() {
     let (n, n_rounds, m) = (arg(1, 100), arg(2, 3), arg(3, 53_792));
     let dropout: f64 = std::env::args().filter(|a| !a.starts_with('-')).nth(4).and_then(|a| a.parse().ok()).unwrap_or(0.0);
     let n_drop = (dropout * n as f64).floor() as usize;
+    // Devices per SecAgg+ shard (one session up to this many).
+    let shard_size = arg(5, 1000) as u64;
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("store")).unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
@@ -119,6 +122,8 @@ fn main() {
         keep_rounds: 0,
         keep_events_days: 0,
         leader_lease_secs: 10,
+        shard_size,
+        min_shard_contributors: (shard_size / 2).min(100),
     };
     rt.block_on(async {
         let rounds = Rounds::new(store.clone(), cfg, String::new());

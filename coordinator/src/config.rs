@@ -227,6 +227,13 @@ pub struct RoundsSection {
     /// The leadership lease's lifetime (PostgreSQL store: one of the coordinators sharing the
     /// database runs rounds; another takes over within this long after it stops renewing).
     pub leader_lease_secs: u64,
+    /// A round's cohort is split into SecAgg+ shards of at most this many devices (a round
+    /// of fewer devices is one session, as before sharding).
+    pub shard_size: u64,
+    /// A shard of a sharded round releases its sum only when at least this many of its
+    /// devices contributed (and never fewer than its SecAgg+ threshold needs); a smaller
+    /// group's sum is never computed. A round of one shard keeps its plan's `min_clients`.
+    pub min_shard_contributors: u64,
 }
 
 impl Default for RoundsSection {
@@ -242,6 +249,8 @@ impl Default for RoundsSection {
             keep_rounds: 10_000,
             keep_events_days: 90,
             leader_lease_secs: 10,
+            shard_size: 1000,
+            min_shard_contributors: 100,
         }
     }
 }
@@ -315,6 +324,11 @@ impl CoordinatorConfig {
         ensure(r.clip.is_finite() && r.clip > 0.0, "rounds.clip must be a positive number")?;
         ensure((1..=3600).contains(&r.leader_lease_secs), "rounds.leader_lease_secs must be in 1..=3600")?;
         ensure(r.w_max > 0, "rounds.w_max must be > 0")?;
+        ensure(r.min_shard_contributors >= 2, "rounds.min_shard_contributors must be at least 2")?;
+        ensure(
+            r.shard_size >= 2 * r.min_shard_contributors && r.shard_size <= spa_aggregation::spec::MAX_CLIENTS as u64,
+            "rounds.shard_size must be at least twice rounds.min_shard_contributors (so a split cohort's shards can reach it) and at most 1000000",
+        )?;
         Ok(())
     }
 

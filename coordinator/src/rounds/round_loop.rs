@@ -5,9 +5,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use spa_aggregation::server::AggregateOutput;
+use spa_aggregation::shards::{self, Closed};
 use spa_aggregation::strategy::{ServerOptimizer, StrategyConfig};
-use spa_aggregation::{Encoding, SecAggError, SecAggServer, SessionConfig};
+use spa_aggregation::{Encoding, SecAggError, SessionConfig, ShardedOutput, ShardedServer};
 use spa_model::side::ParamSet;
 use spa_proto::auth::now_ms;
 use spa_proto::secagg;
@@ -19,7 +19,7 @@ use super::state::{Active, EvalNotice, Rounds};
 use crate::lock;
 use crate::metrics::{METRICS, Outcome, Phase, Reason};
 use crate::store::Store;
-use crate::store::records::{DropReason, Dropout, Lease, RoundRecord, RoundState, RunState};
+use crate::store::records::{DropReason, Dropout, Lease, RoundRecord, RoundState, RunState, ShardSummary};
 
 /// Crash points for the restart tests: with the `fault-injection` feature,
 /// `SPA_FAULT_CRASH_AT=<state>` kills the process (like SIGKILL, no cleanup) right after that
@@ -171,35 +171,35 @@ async fn record_abort(rounds: &Rounds, lease: &Lease, rec: &mut RoundRecord, e: 
 async fn run_round(rounds: &Rounds, lease: &Lease, rec: &mut RoundRecord) -> Result<(), RoundError> {
     let strategy = rec.plan.validate()?;
     let cohort = select(rounds, rec).await?;
-    let (global, session) = open_session(rounds, rec, cohort).await?;
+    let (global, session, train) = open_session(rounds, rec, cohort, &strategy).await?;
     let phase = Duration::from_secs(rounds.cfg.phase_timeout_secs);
 
     // Training + key advertisement: devices fetch the global version, train, advertise.
     let train_deadline = Instant::now() + Duration::from_secs(rec.plan.deadline_secs as u64);
-    enter(rounds, lease, rec, RoundState::Training, train_tasks(rec, &session, &strategy)).await?;
+    enter(rounds, lease, rec, RoundState::Training, train).await?;
     collect(rounds, rec, train_deadline).await?;
 
     // ShareKeys: encrypted Shamir shares routed between neighbours.
-    let reqs = with_server(rounds, |s| s.close_advertise())?;
+    let reqs = close_shards(rounds, rec, |s| s.close_advertise())?;
     let tasks = reqs.iter().map(|(seat, r)| (*seat, Task::ShareKeys(secagg::share_keys_task(rec.round_id, r)))).collect();
     enter(rounds, lease, rec, RoundState::ShareKeys, tasks).await?;
     collect(rounds, rec, Instant::now() + phase).await?;
 
     // MaskedInput: masked, quantized updates uploaded.
-    let reqs = with_server(rounds, |s| s.close_share_keys())?;
+    let reqs = close_shards(rounds, rec, |s| s.close_share_keys())?;
     let tasks = reqs.iter().map(|(seat, r)| (*seat, Task::MaskedInput(secagg::masked_input_task(rec.round_id, &r.shares)))).collect();
     enter(rounds, lease, rec, RoundState::MaskedInput, tasks).await?;
     collect(rounds, rec, Instant::now() + phase).await?;
 
-    // Unmask: survivors reveal shares; dropped devices' masks are removed.
-    let reqs = with_server(rounds, |s| s.close_masked_inputs())?;
-    if reqs.len() < rec.plan.min_clients as usize {
-        return Err(RoundError::Aborted(format!("{} masked inputs arrived, the plan needs {}", reqs.len(), rec.plan.min_clients)));
-    }
+    // Unmask: survivors reveal shares; dropped devices' masks are removed (a shard below its
+    // floor fails at this close, before any of its shares are asked for).
+    let reqs = close_shards(rounds, rec, |s| s.close_masked_inputs())?;
+    enough(rec, reqs.len(), "masked inputs arrived")?;
     let tasks = reqs.iter().map(|(seat, r)| (*seat, Task::Unmask(secagg::unmask_task(rec.round_id, r)))).collect();
     enter(rounds, lease, rec, RoundState::Unmask, tasks).await?;
     collect(rounds, rec, Instant::now() + phase).await?;
-    let out = remove_masks(rounds).await?;
+    let out = remove_masks(rounds, rec).await?;
+    enough(rec, out.contributors().count(), "updates are in the released sums")?;
 
     commit(rounds, lease, rec, global, &session, strategy, out).await
 }
@@ -240,59 +240,75 @@ async fn select(rounds: &Rounds, rec: &mut RoundRecord) -> Result<Vec<String>, R
     Ok(cohort)
 }
 
-/// Loads the latest global version, sizes the SecAgg+ session for `cohort`, and installs
-/// the round's in-memory state (seat `i + 1` is `cohort[i]`).
-async fn open_session(rounds: &Rounds, rec: &mut RoundRecord, cohort: Vec<String>) -> Result<(ParamSet, SessionConfig), RoundError> {
+/// Loads the latest global version, splits `cohort` into SecAgg+ shards (one session each,
+/// placed by a hash of the round and the cohort), installs the round's in-memory state
+/// (seat `i + 1` is `cohort[i]`), and returns the base session (the encoding every shard
+/// shares) and each seat's training request.
+async fn open_session(
+    rounds: &Rounds,
+    rec: &mut RoundRecord,
+    cohort: Vec<String>,
+    strategy: &StrategyConfig,
+) -> Result<(ParamSet, SessionConfig, BTreeMap<u32, Task>), RoundError> {
     let store = &rounds.store;
     let base_version = store.latest_checkpoint_version().await?.ok_or_else(|| RoundError::Internal("no global checkpoint".into()))?;
     let global_bytes = store.checkpoint(base_version).await?.ok_or_else(|| RoundError::Internal(format!("checkpoint {base_version} missing")))?;
     let global = ParamSet::from_safetensors(&global_bytes).map_err(|e| RoundError::Internal(format!("checkpoint {base_version}: {e}")))?;
     let dim = global.numel();
-    let mut session = SessionConfig::recommended(rec.round_id, base_version, cohort.len() as u32, dim as u64 + 1)?;
+    let (shard_size, shard_floor) = (rounds.cfg.shard_size as usize, rounds.cfg.min_shard_contributors as usize);
+    let placed = shards::assign(&shards::shard_seed(rec.round_id, base_version, &cohort), &cohort, shard_size, shard_floor);
+    // A round of one shard releases what its plan allows; each of several holds the floor.
+    let floor = if placed.len() == 1 { rec.plan.min_clients as usize } else { shard_floor };
+    let largest = placed.iter().map(Vec::len).max().unwrap_or(0) as u32;
+    let mut session = SessionConfig::recommended(rec.round_id, base_version, largest, dim as u64 + 1)?;
     let quant_bits = session.quant_params().map(|q| q.bits).unwrap_or(16);
     session.encoding = Encoding::SignedTwosComplement { quant_bits, clip: rounds.cfg.clip, w_max: rounds.cfg.w_max };
     if rec.plan.dp_l2_clip > 0.0 {
-        session.use_dp(dp_params(&rec.plan, dim, rec.round_id)?);
+        session.use_dp(dp_params(&rec.plan, dim, rec.round_id, floor as u32)?);
     }
     session.deadlines.advertise_ms = rec.plan.deadline_secs as u64 * 1000;
     session.validate()?;
+    let agg = ShardedServer::new(shards::sessions(&session, placed)?, floor)?;
+    rec.shards = agg.shards().iter().map(|s| ShardSummary { devices: s.members.len(), floor: s.server.min_clients(), ..Default::default() }).collect();
     let seats: HashMap<String, u32> = cohort.iter().enumerate().map(|(i, d)| (d.clone(), i as u32 + 1)).collect();
     rec.cohort = cohort;
     rec.base_version = base_version;
     rec.shared_params = dim as u64;
+    let tasks = train_tasks(rec, &agg, strategy);
     *lock(&rounds.active) = Some(Active {
         round_id: rec.round_id,
         state: RoundState::Selecting,
-        server: SecAggServer::new(session.clone())?,
+        agg,
         seats,
         tasks: BTreeMap::new(),
         answered: BTreeSet::new(),
         dropped: Vec::new(),
         busy: Duration::ZERO,
     });
-    Ok((global, session))
+    Ok((global, session, tasks))
 }
 
-/// Every seat's training request.
-fn train_tasks(rec: &RoundRecord, session: &SessionConfig, strategy: &StrategyConfig) -> BTreeMap<u32, Task> {
-    let config_json = secagg::config_to_json(session);
+/// Every seat's training request, with its shard's session and its client id there.
+fn train_tasks(rec: &RoundRecord, agg: &ShardedServer, strategy: &StrategyConfig) -> BTreeMap<u32, Task> {
+    let config_json: Vec<String> = agg.shards().iter().map(|s| secagg::config_to_json(s.server.config())).collect();
     let plan = &rec.plan;
     (1..=rec.cohort.len() as u32)
-        .map(|seat| {
-            (
+        .filter_map(|seat| {
+            let (shard, local) = agg.seat(seat)?;
+            Some((
                 seat,
                 Task::Train(v1::TrainTask {
                     round_id: rec.round_id,
                     global_version: rec.base_version,
-                    session_config_json: config_json.clone(),
-                    client_id: seat,
+                    session_config_json: config_json[shard].clone(),
+                    client_id: local,
                     local_epochs: plan.local_epochs,
                     lr: plan.lr,
                     prox_mu: strategy.client_proximal_mu() as f64,
                     seed: rec.round_id,
                     deadline_ms: now_ms() + plan.deadline_secs as u64 * 1000,
                 }),
-            )
+            ))
         })
         .collect()
 }
@@ -300,11 +316,13 @@ fn train_tasks(rec: &RoundRecord, session: &SessionConfig, strategy: &StrategyCo
 /// DP encoding parameters for a round: granularity C / 2^14 and 24-bit lanes leave the summed
 /// noise (z * 2^14 units per coordinate) hundreds of sigmas of headroom, and keep each device's
 /// share of the noise within the exact sampler's range; the rotation seed is public, per round.
-fn dp_params(plan: &super::RoundPlan, dim: usize, round_id: u64) -> Result<spa_aggregation::dp::DpParams, RoundError> {
+/// The noise is split over `floor` devices, the fewest a shard releases a sum of, so every
+/// released sum carries at least the full noise on its own.
+fn dp_params(plan: &super::RoundPlan, dim: usize, round_id: u64, floor: u32) -> Result<spa_aggregation::dp::DpParams, RoundError> {
     let mut rotation_seed = [0u8; 32];
     rotation_seed[..8].copy_from_slice(&round_id.to_le_bytes());
     rotation_seed[8..16].copy_from_slice(&now_ms().to_le_bytes());
-    spa_aggregation::dp::DpParams::for_round(dim, plan.dp_l2_clip as f32, plan.dp_noise_multiplier as f32, plan.min_clients, rotation_seed)
+    spa_aggregation::dp::DpParams::for_round(dim, plan.dp_l2_clip as f32, plan.dp_noise_multiplier as f32, floor, rotation_seed)
         .map_err(|e| RoundError::InvalidPlan(e.to_string()))
 }
 
@@ -357,23 +375,64 @@ fn close_phase(rounds: &Rounds, rec: &mut RoundRecord, deadline: Instant, starte
     Ok(true)
 }
 
-fn with_server<R>(rounds: &Rounds, f: impl FnOnce(&mut SecAggServer) -> Result<R, SecAggError>) -> Result<R, RoundError> {
+/// Closes a phase in every running shard; the shards that failed at it leave the round with
+/// their devices ([`shards_failed`]). An error (the round aborts) when none is left.
+fn close_shards<R>(
+    rounds: &Rounds,
+    rec: &mut RoundRecord,
+    f: impl FnOnce(&mut ShardedServer) -> Result<Closed<R>, SecAggError>,
+) -> Result<Vec<(u32, R)>, RoundError> {
     let mut g = lock(&rounds.active);
     let started = Instant::now();
     let a = g.as_mut().ok_or_else(|| RoundError::Internal("no active round".into()))?;
-    let r = f(&mut a.server);
+    let closed = f(&mut a.agg);
     a.busy += started.elapsed();
-    Ok(r?)
+    let closed = closed?;
+    shards_failed(a, rec, &closed.failed);
+    Ok(closed.requests)
+}
+
+/// Shards that released nothing: each of their devices still in the round leaves it with
+/// the shard's reason, and the record says why.
+fn shards_failed(a: &Active, rec: &mut RoundRecord, failed: &[(usize, String)]) {
+    for (s, why) in failed {
+        tracing::warn!(shard = s, "shard released nothing: {why}");
+        for &seat in &a.agg.shards()[*s].members {
+            if let Some(device) = rec.cohort.get(seat as usize - 1)
+                && !rec.dropouts.contains_key(device)
+            {
+                METRICS.dropouts.get_or_create(&Reason { reason: "shard_failed".into() }).inc();
+                rec.dropouts.insert(device.clone(), Dropout { phase: rec.state, reason: DropReason::ShardFailed(why.clone()) });
+            }
+        }
+        if let Some(summary) = rec.shards.get_mut(*s) {
+            summary.failed = Some(why.clone());
+        }
+    }
+}
+
+/// Aborts the round when fewer than the plan's `min_clients` devices are left in it.
+fn enough(rec: &RoundRecord, have: usize, what: &str) -> Result<(), RoundError> {
+    if have < rec.plan.min_clients as usize {
+        return Err(RoundError::Aborted(format!("{have} {what}, the plan needs {}", rec.plan.min_clients)));
+    }
+    Ok(())
 }
 
 /// Mask removal is the heavy step: it runs on a blocking thread (rayon inside) on a copy of
-/// the server state, so the lock that device polls take is not held meanwhile.
-async fn remove_masks(rounds: &Rounds) -> Result<AggregateOutput, RoundError> {
-    let mut server = lock(&rounds.active).as_ref().ok_or_else(|| RoundError::Internal("no active round".into()))?.server.clone();
+/// the shards' state, so the lock that device polls take is not held meanwhile.
+async fn remove_masks(rounds: &Rounds, rec: &mut RoundRecord) -> Result<ShardedOutput, RoundError> {
+    let mut agg = lock(&rounds.active).as_ref().ok_or_else(|| RoundError::Internal("no active round".into()))?.agg.clone();
     let started = Instant::now();
-    let out = tokio::task::spawn_blocking(move || server.close_unmask()).await.map_err(|e| RoundError::Internal(format!("unmask task: {e}")))??;
-    if let Some(a) = lock(&rounds.active).as_mut() {
-        a.busy += started.elapsed();
+    let (out, agg) = tokio::task::spawn_blocking(move || (agg.close_unmask(), agg)).await.map_err(|e| RoundError::Internal(format!("unmask task: {e}")))?;
+    let mut g = lock(&rounds.active);
+    let a = g.as_mut().ok_or_else(|| RoundError::Internal("no active round".into()))?;
+    a.busy += started.elapsed();
+    a.agg = agg;
+    let out = out?;
+    shards_failed(a, rec, &out.failed);
+    for (s, o) in &out.released {
+        rec.shards[*s].contributors = o.contributors.len();
     }
     Ok(out)
 }
@@ -387,11 +446,11 @@ async fn commit(
     global: ParamSet,
     session: &SessionConfig,
     strategy: StrategyConfig,
-    out: AggregateOutput,
+    out: ShardedOutput,
 ) -> Result<(), RoundError> {
     let store = &rounds.store;
     let started = Instant::now();
-    let (mean_delta, total_w) = session.decode_mean(&out.sum, out.contributors.len())?;
+    let (mean_delta, total_w) = out.decode_mean(session)?;
     let mut optimizer = match store.optimizer().await? {
         Some(o) if o.config == strategy => o,
         _ => ServerOptimizer::new(strategy)?,
@@ -400,7 +459,9 @@ async fn commit(
     optimizer.apply(&mut flat, &mean_delta)?;
     let new_global = global.with_flat(&flat).map_err(|e| RoundError::Internal(e.to_string()))?;
     let version = rec.base_version + 1;
-    rec.contributors = out.contributors.iter().filter_map(|&s| rec.cohort.get(s as usize - 1).cloned()).collect();
+    let mut seats: Vec<u32> = out.contributors().collect();
+    seats.sort_unstable();
+    rec.contributors = seats.iter().filter_map(|&s| rec.cohort.get(s as usize - 1).cloned()).collect();
     rec.state = RoundState::Committed;
     rec.committed_version = Some(version);
     rec.finished_ms = Some(now_ms());
@@ -414,7 +475,14 @@ async fn commit(
     if let Err(e) = store.prune_checkpoints(rounds.cfg.keep_checkpoints).await {
         tracing::warn!("could not delete old global versions: {e}");
     }
-    tracing::info!(round = rec.round_id, version, contributors = out.contributors.len(), total_weight = total_w, "global version committed");
+    tracing::info!(
+        round = rec.round_id,
+        version,
+        contributors = rec.contributors.len(),
+        shards = out.released.len(),
+        total_weight = total_w,
+        "global version committed"
+    );
     *lock(&rounds.eval) = Some(EvalNotice { round_id: rec.round_id, version, pending: rec.cohort.iter().cloned().collect() });
     Ok(())
 }

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use spa_aggregation::messages::{AdvertiseKeys, ShareKeysResponse, UnmaskResponse};
-use spa_aggregation::{SecAggError, SecAggServer};
+use spa_aggregation::{SecAggError, SecAggServer, ShardedServer};
 use spa_proto::auth::now_ms;
 use spa_proto::v1;
 use spa_proto::v1::poll_response::Task;
@@ -17,11 +17,12 @@ use crate::lock;
 use crate::store::records::{DeviceMetrics, DropReason, Dropout, Lease, RoundPlan, RoundState};
 use crate::store::{Store, StoreError};
 
-/// The round in progress.
+/// The round in progress. Seats are the cohort's positions (seat `i + 1` is `cohort[i]`);
+/// inside its shard's SecAgg+ session a device is that shard's local client id.
 pub(super) struct Active {
     pub round_id: u64,
     pub state: RoundState,
-    pub server: SecAggServer,
+    pub agg: ShardedServer,
     pub seats: HashMap<String, u32>,
     /// This phase's request per seat that has not answered yet.
     pub tasks: BTreeMap<u32, Task>,
@@ -132,8 +133,8 @@ impl Rounds {
         Task::Idle(v1::Idle { retry_after_ms: retry_after(1000, online) })
     }
 
-    /// Runs `f` on the active round's SecAgg server if `device` holds a seat in `round_id`
-    /// and the round is in `state`; marks the seat as answered.
+    /// Runs `f` on the SecAgg+ session of `device`'s shard, with its client id there, if it
+    /// holds a seat in `round_id` and the round is in `state`; marks the seat as answered.
     fn answer<R>(
         &self,
         device: &str,
@@ -146,8 +147,9 @@ impl Rounds {
         let started = Instant::now();
         let a = g.as_mut().filter(|a| a.round_id == round_id).ok_or(AnswerError::NotActive(round_id))?;
         let seat = *a.seats.get(device).ok_or(AnswerError::NotInCohort)?;
-        if client_id != seat {
-            return Err(AnswerError::Invalid(format!("client id {client_id} is not this device's seat {seat}")));
+        let (_, local) = a.agg.seat(seat).ok_or(AnswerError::NotInCohort)?;
+        if client_id != local {
+            return Err(AnswerError::Invalid(format!("client id {client_id} is not this device's seat {local}")));
         }
         if a.state != state {
             return Err(AnswerError::WrongPhase { expected: state.name(), actual: a.state.name() });
@@ -158,7 +160,7 @@ impl Rounds {
         if !a.tasks.contains_key(&seat) {
             return Err(AnswerError::Invalid("no request of this phase is pending for this device (it dropped out earlier)".into()));
         }
-        let r = match f(&mut a.server, seat) {
+        let r = match a.agg.with_seat(seat, f) {
             Ok(r) => r,
             Err(e) => {
                 // The SecAgg+ server refused it: this seat is out of the phase (a dropout), so
@@ -189,9 +191,9 @@ impl Rounds {
 
     /// A complete, verified masked vector.
     pub fn masked_input(&self, device: &str, round_id: u64, client_id: u32, lanes: &[u32]) -> Result<(), AnswerError> {
-        self.answer(device, round_id, client_id, RoundState::MaskedInput, |s, seat| {
+        self.answer(device, round_id, client_id, RoundState::MaskedInput, |s, local| {
             for (k, c) in lanes.chunks(spa_aggregation::client::FRAME_LANES).enumerate() {
-                s.handle_masked_chunk(seat, (k * spa_aggregation::client::FRAME_LANES) as u64, c)?;
+                s.handle_masked_chunk(local, (k * spa_aggregation::client::FRAME_LANES) as u64, c)?;
             }
             Ok(())
         })
@@ -220,7 +222,7 @@ impl Rounds {
 
     /// The number of lanes the active round expects from a seat (to bound an upload).
     pub fn expected_lanes(&self, round_id: u64) -> Option<u64> {
-        lock(&self.active).as_ref().filter(|a| a.round_id == round_id).map(|a| a.server.config().m)
+        lock(&self.active).as_ref().filter(|a| a.round_id == round_id).map(|a| a.agg.config().m)
     }
 
     pub fn unmask(&self, device: &str, round_id: u64, m: UnmaskResponse) -> Result<(), AnswerError> {

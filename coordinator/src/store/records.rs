@@ -126,6 +126,9 @@ pub enum DropReason {
     Refused(String),
     /// Its masked upload broke off, was truncated or did not match its hash.
     BrokenUpload(String),
+    /// Its SecAgg+ shard released nothing (too few of its devices left, or its unmasking
+    /// failed), so its update cannot be in the sum.
+    ShardFailed(String),
 }
 
 impl DropReason {
@@ -135,6 +138,7 @@ impl DropReason {
             DropReason::TimedOut => "timed_out",
             DropReason::Refused(_) => "refused",
             DropReason::BrokenUpload(_) => "broken_upload",
+            DropReason::ShardFailed(_) => "shard_failed",
         }
     }
 }
@@ -146,6 +150,7 @@ impl std::fmt::Display for Dropout {
             DropReason::TimedOut => write!(f, "timed out at {phase}"),
             DropReason::Refused(why) => write!(f, "refused at {phase}: {why}"),
             DropReason::BrokenUpload(why) => write!(f, "broken upload at {phase}: {why}"),
+            DropReason::ShardFailed(why) => write!(f, "its shard released nothing at {phase}: {why}"),
         }
     }
 }
@@ -185,6 +190,22 @@ pub struct RoundRecord {
     /// phases, unmasking, decoding, applying the strategy, committing), milliseconds.
     #[serde(default)]
     pub coordinator_busy_ms: f64,
+    /// The round's SecAgg+ shards (one unless the cohort outgrew `rounds.shard_size`).
+    #[serde(default)]
+    pub shards: Vec<ShardSummary>,
+}
+
+/// One SecAgg+ shard of a round, as its record keeps it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShardSummary {
+    /// Devices placed in it.
+    pub devices: usize,
+    /// The fewest contributors it releases a sum of.
+    pub floor: usize,
+    /// Devices whose updates are in its released sum (0 until it released).
+    pub contributors: usize,
+    /// Why it released nothing, if so.
+    pub failed: Option<String>,
 }
 
 impl RoundRecord {
@@ -212,6 +233,7 @@ impl RoundRecord {
             dropouts: BTreeMap::new(),
             phase_ms: BTreeMap::new(),
             coordinator_busy_ms: 0.0,
+            shards: Vec::new(),
         }
     }
 }
