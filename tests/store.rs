@@ -134,4 +134,74 @@ mod on_postgres {
         s.abort_round(&b, &round).await.unwrap();
         assert_eq!(s.rounds().await.unwrap().len(), 1, "the fenced start wrote nothing");
     }
+
+    /// Waits up to five seconds for `f` to hold; how long it took.
+    async fn within(f: impl AsyncFn() -> bool) -> Option<std::time::Duration> {
+        let t = std::time::Instant::now();
+        while t.elapsed() < std::time::Duration::from_secs(5) {
+            if f().await {
+                return Some(t.elapsed());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    /// Device lookups come from each replica's memory while its listener is up; a change
+    /// committed through one replica reaches the other's cache within the bound (2 s); with
+    /// its listener cut, a replica reads the database (it cannot miss a change), and caches
+    /// again once the listener is back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn device_caches_follow_changes_made_anywhere_and_step_aside_while_deaf() {
+        use spa_coordinator::store::postgres::cache::APPLICATION_NAME;
+        use spa_coordinator::store::token_hash;
+        let pg = Cluster::start();
+        let (a, b) = (Store::connect_postgres(&pg.conninfo, 2).await.unwrap(), Store::connect_postgres(&pg.conninfo, 2).await.unwrap());
+        assert!(within(async || b.device_cache_live()).await.is_some(), "b's listener never came up");
+        let t = spa_coordinator::store::TokenRecord {
+            token_id: "tok1".into(),
+            created_at_ms: 0,
+            expires_at_ms: u64::MAX,
+            used_by: None,
+            revoked_at_ms: None,
+            note: String::new(),
+        };
+        a.add_token(&token_hash("tok-1"), &t).await.unwrap();
+        let id = a.enroll(&token_hash("tok-1"), &[7u8; 32], "first", 1).await.unwrap().device_id;
+        // The enrollment's own notification empties b's entry when it lands (milliseconds): let
+        // it land before b caches the record.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert_eq!(b.device(&id).await.unwrap().unwrap().name, "first");
+
+        // A change behind the caches' backs (triggers off in that session: no notification)
+        // is not seen: b answers from memory.
+        let (sql, conn) = tokio_postgres::connect(&pg.conninfo, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        let rename = |name: &'static str| {
+            let (sql, id) = (&sql, id.clone());
+            async move {
+                sql.batch_execute("SET session_replication_role = replica").await.unwrap();
+                sql.execute("UPDATE devices SET rec = jsonb_set(rec, '{name}', to_jsonb($2::text)) WHERE device_id = $1", &[&id, &name]).await.unwrap();
+                sql.batch_execute("SET session_replication_role = origin").await.unwrap();
+            }
+        };
+        rename("renamed quietly").await;
+        assert_eq!(b.device(&id).await.unwrap().unwrap().name, "first", "b serves its cached record");
+
+        // A revocation through a reaches b's cache within the bound.
+        assert!(a.revoke(&id, 2).await.unwrap());
+        let took = within(async || b.device(&id).await.unwrap().unwrap().revoked).await.expect("b never saw the revocation");
+        assert!(took < std::time::Duration::from_secs(2), "b saw the revocation after {took:?}");
+        eprintln!("revocation on a seen by b after {took:?}");
+
+        // b's listener cut: its cache is off and every lookup reads the database.
+        let cut = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1";
+        sql.execute(cut, &[&APPLICATION_NAME]).await.unwrap();
+        assert!(within(async || !b.device_cache_live()).await.is_some(), "b's cache stayed on without its listener");
+        rename("renamed while deaf").await;
+        // (Had the listener come back already, going live emptied the cache: the same answer.)
+        assert_eq!(b.device(&id).await.unwrap().unwrap().name, "renamed while deaf");
+        assert!(within(async || b.device_cache_live()).await.is_some(), "b's listener never came back");
+        assert_eq!(b.device(&id).await.unwrap().unwrap().name, "renamed while deaf");
+    }
 }

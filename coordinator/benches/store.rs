@@ -109,6 +109,8 @@ fn main() {
     let conninfo = String::from_utf8(out.stdout).unwrap();
     let pg = rt.block_on(Store::connect_postgres(conninfo.trim(), 16)).unwrap();
     let (pg_ops, pg_conc) = rt.block_on(run(&pg, repeats));
+    // Lookups are served from its cache while the change listener is up (store/postgres/cache.rs).
+    println!("PostgreSQL device cache live: {}", pg.device_cache_live());
     drop(pg);
     let _ = Command::new(SCRIPT).arg("stop").arg(&pg_dir).output();
     println!("median of {repeats} repeats, microseconds per call (one caller)");

@@ -47,6 +47,7 @@ pub struct Metrics {
     generation_sessions: Gauge,
     open_connections: Gauge,
     leader: Gauge,
+    device_cache: Gauge,
     /// The registered families' names, as exposed (`spa_` and the name).
     families: Vec<String>,
 }
@@ -76,6 +77,7 @@ impl Metrics {
             generation_sessions: Gauge::default(),
             open_connections: Gauge::default(),
             leader: Gauge::default(),
+            device_cache: Gauge::default(),
             registry: Registry::default(),
             families: Vec::new(),
         };
@@ -90,6 +92,13 @@ impl Metrics {
         reg(&mut registry, &mut families, "generation_sessions", "Open Generate streams", m.generation_sessions.clone());
         reg(&mut registry, &mut families, "open_connections", "TCP connections open (limits.max_connections)", m.open_connections.clone());
         reg(&mut registry, &mut families, "leader", "1 while this coordinator holds the leadership lease (runs the rounds)", m.leader.clone());
+        reg(
+            &mut registry,
+            &mut families,
+            "device_cache",
+            "1 while device lookups are served from memory (PostgreSQL store: its change listener is up)",
+            m.device_cache.clone(),
+        );
         Metrics { registry, families, ..m }
     }
 
@@ -106,6 +115,7 @@ impl Metrics {
         self.generation_sessions.set(g.generation_sessions as i64);
         self.open_connections.set(g.open_connections as i64);
         self.leader.set(g.leader as i64);
+        self.device_cache.set(g.device_cache as i64);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
         out
@@ -124,6 +134,7 @@ pub struct Gauges {
     pub generation_sessions: usize,
     pub open_connections: usize,
     pub leader: bool,
+    pub device_cache: bool,
 }
 
 /// Serves `GET /metrics` on `listener` until the task is dropped: one short request per

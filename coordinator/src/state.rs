@@ -163,6 +163,7 @@ impl Shared {
             generation_sessions: self.config.limits.max_sessions.saturating_sub(self.sessions.available_permits()),
             open_connections: self.connections.load(std::sync::atomic::Ordering::SeqCst),
             leader: self.rounds.lease().is_some(),
+            device_cache: self.store.device_cache_live(),
         }
     }
 }

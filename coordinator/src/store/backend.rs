@@ -49,6 +49,12 @@ pub trait Backend: Send + Sync + 'static {
     /// Whether other coordinator processes use this store: then every signed call's nonce is
     /// recorded here, so that a call replayed to another replica is refused there.
     fn shared(&self) -> bool;
+
+    /// Whether [`Backend::device`] answers from memory now (PostgreSQL: while the listener
+    /// for other replicas' changes is up; sled: never, it reads its own tree).
+    fn device_cache_live(&self) -> bool {
+        false
+    }
     /// Records a signed call's nonce; false if it was recorded before (a replay). Called for
     /// a call dated after its acceptance (a device clock running fast), and for every call
     /// when the store is [`shared`](Backend::shared).

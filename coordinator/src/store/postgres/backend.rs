@@ -34,6 +34,10 @@ impl Backend for PgStore {
         PgStore::device(self, id).await
     }
 
+    fn device_cache_live(&self) -> bool {
+        PgStore::device_cache_live(self)
+    }
+
     async fn devices(&self) -> Result<Vec<DeviceRecord>> {
         PgStore::devices(self).await
     }

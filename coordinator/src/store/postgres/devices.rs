@@ -109,14 +109,25 @@ impl PgStore {
         tx.execute("UPDATE devices SET rec = $2 WHERE device_id = $1", &[&id, &Json(&d)]).await?;
         log_in(&*tx, "device.rotate_key", id).await?;
         tx.commit().await?;
+        // This replica reads its own write at once, not when the notification comes back.
+        self.devices.invalidate(id);
         Ok(d)
     }
 
-    /// Every signed call's lookup: a statement prepared once per connection (one round trip).
+    /// Every signed call's lookup: from the cache while its listener is up, else a statement
+    /// prepared once per connection (one round trip), whose answer the cache then keeps.
     pub(super) async fn device(&self, id: &str) -> Result<Option<DeviceRecord>> {
+        if let Some(d) = self.devices.get(id) {
+            return Ok(Some(d));
+        }
+        let generation = self.devices.begin();
         let c = self.client().await?;
         let stmt = c.prepare_cached("SELECT rec FROM devices WHERE device_id = $1").await?;
-        c.query_opt(&stmt, &[&id]).await?.map(|r| rec(&r, 0)).transpose()
+        let d: Option<DeviceRecord> = c.query_opt(&stmt, &[&id]).await?.map(|r| rec(&r, 0)).transpose()?;
+        if let Some(d) = &d {
+            self.devices.put(d, generation);
+        }
+        Ok(d)
     }
 
     pub(super) async fn devices(&self) -> Result<Vec<DeviceRecord>> {
@@ -134,6 +145,7 @@ impl PgStore {
         tx.execute("UPDATE devices SET rec = $2 WHERE device_id = $1", &[&id, &Json(&d)]).await?;
         log_in(&*tx, "device.revoke", id).await?;
         tx.commit().await?;
+        self.devices.invalidate(id);
         Ok(true)
     }
 

@@ -1,7 +1,8 @@
 //! The PostgreSQL backend, for coordinator replicas sharing one database: [`schema`] applies
 //! the SQL migrations (`coordinator/migrations/`), [`devices`] and [`rounds`] hold the
 //! operations, each one transaction where it changes more than one row; [`backend`] is the
-//! [`Backend`](super::Backend) implementation. Records are the same JSON as sled's, in jsonb.
+//! [`Backend`](super::Backend) implementation; [`cache`] keeps device records in memory,
+//! invalidated through LISTEN/NOTIFY. Records are the same JSON as sled's, in jsonb.
 use std::sync::Arc;
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
@@ -12,6 +13,7 @@ use super::seen::Seen;
 use super::{Event, Result, StoreError};
 
 mod backend;
+pub mod cache;
 mod devices;
 mod rounds;
 pub mod schema;
@@ -24,6 +26,8 @@ const WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 pub struct PgStore {
     pool: Pool,
     seen: Arc<Seen>,
+    devices: Arc<cache::DeviceCache>,
+    _listener: Arc<cache::Aborting>,
 }
 
 impl PgStore {
@@ -35,7 +39,7 @@ impl PgStore {
         if cfg.get_connect_timeout().is_none() {
             cfg.connect_timeout(WAIT);
         }
-        let mgr = Manager::from_config(cfg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let mgr = Manager::from_config(cfg.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(mgr)
             .max_size(connections.max(2))
             .runtime(deadpool_postgres::Runtime::Tokio1)
@@ -43,9 +47,16 @@ impl PgStore {
             .create_timeout(Some(WAIT))
             .build()
             .map_err(|e| StoreError::Backend(format!("PostgreSQL pool: {e}")))?;
-        let store = Self { pool, seen: Default::default() };
-        schema::migrate(&mut *store.client().await?).await?;
-        Ok(store)
+        schema::migrate(&mut *pool.get().await.map_err(|e| StoreError::Io(format!("PostgreSQL: {e}")))?).await?;
+        // After the migration: the trigger the listener relies on exists.
+        let devices = Arc::new(cache::DeviceCache::default());
+        let listener = cache::listen(cfg, devices.clone());
+        Ok(Self { pool, seen: Default::default(), devices, _listener: Arc::new(listener) })
+    }
+
+    /// Whether device lookups are served from memory now (the listener is up).
+    pub fn device_cache_live(&self) -> bool {
+        self.devices.is_live()
     }
 
     async fn client(&self) -> Result<Object> {

@@ -5,7 +5,11 @@
 use crate::store::{Result, StoreError};
 
 /// (version, SQL), in order; a released migration is never edited, only followed.
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../../migrations/0001_init.sql")), (2, include_str!("../../../migrations/0002_leader_lease.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("../../../migrations/0001_init.sql")),
+    (2, include_str!("../../../migrations/0002_leader_lease.sql")),
+    (3, include_str!("../../../migrations/0003_device_notify.sql")),
+];
 
 /// The advisory lock's key ("SPA-SCHM"), shared by every coordinator of a deployment.
 const LOCK_KEY: i64 = 0x5350_412d_5343_484d;
