@@ -15,6 +15,11 @@ use spa_testkit::procs::{Coordinator, Device, bin};
 /// A coordinator on `pg`; with `peer`, sharing its TLS material and admin credential (a
 /// deployment's replicas do: devices trust one CA, operators hold one credential).
 fn replica(dir: &Path, name: &str, pg: &Cluster, peer: Option<&Coordinator>) -> Coordinator {
+    replica_with(dir, name, pg, peer, &[])
+}
+
+/// [`replica`], its `serve` started with `env` (fault injection).
+fn replica_with(dir: &Path, name: &str, pg: &Cluster, peer: Option<&Coordinator>, env: &[(&str, &str)]) -> Coordinator {
     let sub = dir.join(name);
     std::fs::create_dir_all(&sub).unwrap();
     let mut c = Coordinator::init(&sub, 0);
@@ -32,7 +37,9 @@ fn replica(dir: &Path, name: &str, pg: &Cluster, peer: Option<&Coordinator>) -> 
         cfg.server.store_backend = StoreBackend::Postgres;
         cfg.rounds.leader_lease_secs = 1;
     });
-    c.start(None);
+    let mut cmd = Command::new(spa_testkit::procs::coordinator_bin());
+    cmd.args(["serve", "--home"]).arg(&c.home).envs(env.iter().copied());
+    c.spawn(cmd);
     c
 }
 
@@ -162,4 +169,96 @@ fn a_database_outage_is_unavailable_and_passes() {
     }
     let listed = c.admin(&["devices", "list"]);
     assert!(listed.as_array().unwrap().iter().any(|r| r["device_id"] == dev.id.as_str()), "{listed}");
+}
+
+/// PostgreSQL stopped for 30 s (`SPA_PG_OUTAGE_SECS`) in the middle of a round: the
+/// coordinator stays up, the round in flight ends (aborted, nothing of it committed, or
+/// committed whole), no round is left mid-phase, and the run goes on to commit new versions
+/// with the same devices once the database is back; versions stay consecutive.
+#[test]
+fn a_database_stopped_mid_round_loses_nothing_and_the_run_goes_on() {
+    let outage = std::env::var("SPA_PG_OUTAGE_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(30);
+    let pg = Cluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = replica(dir.path(), "c", &pg, None);
+    let mut first = c.child.take().unwrap();
+    first.kill().unwrap();
+    first.wait().unwrap();
+    c.edit_config(|cfg| cfg.rounds.phase_timeout_secs = 5);
+    c.start(None);
+    let mut devices: Vec<Device> = (0..3).map(|i| Device::enroll(dir.path(), &c, i, 8)).collect();
+    for d in &mut devices {
+        d.run(&[]);
+    }
+    c.admin(&["round", "start", "--rounds", "4", "--min-clients", "3", "--max-clients", "3", "--deadline", "90"]);
+    let r = c.wait_round_state(1, &["share_keys", "masked_input", "unmask", "committed", "aborted"], Duration::from_secs(120));
+    eprintln!("database stopped for {outage} s with round 1 {}", r["state"]);
+    pg.stop();
+    std::thread::sleep(Duration::from_secs(outage));
+    assert!(c.child.as_mut().unwrap().try_wait().unwrap().is_none(), "the coordinator exited during the outage");
+    pg.resume();
+    let mut version = 0;
+    let mut committed_after = 0;
+    for id in 1..=4 {
+        let r = c.wait_round(id, Duration::from_secs(300));
+        eprintln!("round {id}: {} {}", r["state"], r["reason"]);
+        if r["state"] == "committed" {
+            assert_eq!(r["base_version"], version, "{r}");
+            version += 1;
+            assert_eq!(r["committed_version"], version, "{r}");
+            committed_after += usize::from(id > 1);
+        }
+    }
+    assert!(committed_after >= 1, "no round committed after the outage");
+    let rounds = c.admin(&["round", "list"]);
+    assert!(rounds.as_array().unwrap().iter().all(|r| r["state"] == "committed" || r["state"] == "aborted"), "a round left mid-phase: {rounds}");
+    let latest = c.checkpoint(version);
+    assert!(!latest.is_empty());
+}
+
+/// The leader frozen (SIGSTOP) just before its commit, past its lease, then resumed: the
+/// other replica took over meanwhile and aborted the frozen round; the old leader's commit is
+/// refused (fenced), and version 1 exists once, committed by the new leader's round.
+#[test]
+fn a_leader_frozen_before_its_commit_is_fenced_off_and_one_version_exists() {
+    let pg = Cluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let pause = [("SPA_FAULT_PAUSE_AT", "commit")];
+    let a = replica_with(dir.path(), "a", &pg, None, &pause);
+    let b = replica_with(dir.path(), "b", &pg, Some(&a), &pause);
+    let (leader, follower) = if one_leader(&[&a, &b], Duration::from_secs(10)) == 0 { (&a, &b) } else { (&b, &a) };
+    // Enrolled through the follower: sent to the leader, back to the follower once it is gone.
+    let mut devices: Vec<Device> = (0..2).map(|i| Device::enroll(dir.path(), follower, i, 8)).collect();
+    for d in &mut devices {
+        d.run(&[]);
+    }
+    follower.admin(&["round", "start", "--rounds", "2", "--min-clients", "2", "--max-clients", "2", "--deadline", "120"]);
+    let log = leader.home.join("serve.log");
+    let t = Instant::now();
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("fault injection: pausing at commit") {
+        assert!(t.elapsed() < Duration::from_secs(180), "the leader never reached its commit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = leader.child.as_ref().unwrap().id().to_string();
+    let signal = |s: &str| assert!(Command::new("kill").args([s, &pid]).status().unwrap().success());
+    signal("-STOP");
+    let t = Instant::now();
+    while !leads(follower) {
+        assert!(t.elapsed() < Duration::from_secs(10), "no takeover while the leader was frozen");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    signal("-CONT");
+
+    let r1 = follower.wait_round(1, Duration::from_secs(60));
+    assert_eq!(r1["state"], "aborted", "{r1}");
+    let r2 = follower.wait_round(2, Duration::from_secs(300));
+    assert_eq!((r2["state"].as_str(), r2["base_version"].as_u64(), r2["committed_version"].as_u64()), (Some("committed"), Some(0), Some(1)), "{r2}");
+    let t = Instant::now();
+    while !std::fs::read_to_string(&log).unwrap().contains("no longer holds the leadership lease") {
+        assert!(t.elapsed() < Duration::from_secs(10), "the old leader's commit was not refused: {}", std::fs::read_to_string(&log).unwrap());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (code, err) = follower.admin_exit(&["checkpoint", "export", "--version", "2", "--out", dir.path().join("v2").to_str().unwrap()]);
+    assert_ne!(code, 0, "a second version was committed: {err}");
 }

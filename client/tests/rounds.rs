@@ -213,7 +213,7 @@ fn below_threshold_aborts_and_coordinator_crashes_lose_nothing() {
             version += 1;
         } else {
             assert_eq!(r["state"], "aborted", "{phase}: {r}");
-            assert_eq!(r["reason"].as_str().unwrap(), format!("coordinator restarted during {phase}"));
+            assert_eq!(r["reason"].as_str().unwrap(), format!("the coordinator restarted or leadership changed during {phase}"));
         }
         assert_eq!(coord.admin(&["status"])["global_version"], version, "{phase}");
         assert_eq!(coord.checkpoint(1), v1, "committed version 1 changed after a crash at {phase}");

@@ -23,7 +23,8 @@ use crate::store::records::{DropReason, Dropout, Lease, RoundRecord, RoundState,
 
 /// Crash points for the restart tests: with the `fault-injection` feature,
 /// `SPA_FAULT_CRASH_AT=<state>` kills the process (like SIGKILL, no cleanup) right after that
-/// state was made durable. Without the feature this is nothing.
+/// state was made durable. Without the feature this is nothing. (`SPA_FAULT_PAUSE_AT=commit`:
+/// [`fault_pause`].)
 fn fault_point(state: &str) {
     #[cfg(feature = "fault-injection")]
     if std::env::var("SPA_FAULT_CRASH_AT").is_ok_and(|v| v == state) {
@@ -33,14 +34,26 @@ fn fault_point(state: &str) {
     let _ = state;
 }
 
-/// On taking the lease (at start, on one machine): a round found mid-phase cannot resume
-/// (its SecAgg+ secrets died with the process that ran it), so it is marked aborted; its run
+/// With the `fault-injection` feature and `SPA_FAULT_PAUSE_AT=<point>`: says so on stderr and
+/// waits 3 s there, a window for a test to freeze the process (SIGSTOP) past its lease.
+async fn fault_pause(point: &str) {
+    #[cfg(feature = "fault-injection")]
+    if std::env::var("SPA_FAULT_PAUSE_AT").is_ok_and(|v| v == point) {
+        eprintln!("fault injection: pausing at {point}");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    let _ = point;
+}
+
+/// On taking the lease (at start, on one machine), and after the store failed under a round:
+/// a round found mid-phase cannot resume (its SecAgg+ secrets died with the process that ran
+/// it, or were dropped with the failed round), so it is marked aborted with `cause`; its run
 /// continues with a fresh round.
-async fn recover(store: &Store, lease: &Lease) -> Result<usize, RoundError> {
+async fn recover(store: &Store, lease: &Lease, cause: &str) -> Result<usize, RoundError> {
     let mut n = 0;
     for mut r in store.rounds().await? {
         if !r.state.is_final() {
-            r.reason = Some(format!("coordinator restarted during {}", r.state.name()));
+            r.reason = Some(format!("{cause} during {}", r.state.name()));
             r.state = RoundState::Aborted;
             r.finished_ms = Some(now_ms());
             store.abort_round(lease, &r).await?;
@@ -55,14 +68,20 @@ async fn recover(store: &Store, lease: &Lease) -> Result<usize, RoundError> {
 pub async fn round_loop(rounds: Arc<Rounds>) {
     let _keeper = AbortOnDrop(tokio::spawn(keep_lease(rounds.clone())));
     let mut recovered = None;
+    // Why the last round failed, while its record may still be mid-phase.
+    let mut failed: Option<String> = None;
     loop {
         let Some(lease) = rounds.lease() else {
             recovered = None;
             rounds.nap(Duration::from_secs(1)).await;
             continue;
         };
-        if recovered != Some(lease.term) {
-            match recover(&rounds.store, &lease).await {
+        if recovered != Some(lease.term) || failed.is_some() {
+            let cause = match &failed {
+                Some(e) => format!("the round failed ({e})"),
+                None => "the coordinator restarted or leadership changed".to_string(),
+            };
+            match recover(&rounds.store, &lease, &cause).await {
                 Ok(0) => {}
                 Ok(n) => tracing::warn!("{n} round(s) interrupted by the previous leader's end were marked aborted"),
                 Err(e) => {
@@ -72,12 +91,16 @@ pub async fn round_loop(rounds: Arc<Rounds>) {
                 }
             }
             recovered = Some(lease.term);
+            failed = None;
         }
         match next_round(&rounds, &lease).await {
             Ok(true) => {}
             Ok(false) => rounds.nap(Duration::from_secs(1)).await,
             Err(e) => {
+                // The store failed under a round (it may not even hold the round's abort): run
+                // the recovery again before the next one, so no round is left mid-phase.
                 tracing::error!("round loop: {e}");
+                failed = Some(e.to_string());
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
@@ -470,6 +493,7 @@ async fn commit(
     // The commit's own write is measured up to here; the record cannot contain its own time.
     let busy = lock(&rounds.active).as_ref().map_or(Duration::ZERO, |a| a.busy);
     rec.coordinator_busy_ms = (busy + started.elapsed()).as_secs_f64() * 1000.0;
+    fault_pause("commit").await;
     store.commit_round(lease, version, &bytes, rec, &optimizer).await?;
     fault_point("committed");
     if let Err(e) = store.prune_checkpoints(rounds.cfg.keep_checkpoints).await {
