@@ -3,6 +3,9 @@
 //! Rounds handlers directly (no network: the figure is the coordinator's own compute).
 //! Each device runs the real SecAgg+ client machine on a random quantized update.
 //!
+//! `SPA_BENCH_STORE=postgres` runs it on a throwaway PostgreSQL (`scripts/postgres.sh`) and adds
+//! the database's WAL and growth per round.
+//!
 //! `cargo bench --bench round -- [devices] [rounds] [params] [dropout] [shard size]` (defaults
 //! 100, 3, 53792 = the default side plugin's shared part, 0.0, 1000: one SecAgg+ session up to
 //! 1000 devices, floor min(100, size / 2)). A dropout fraction of the devices
@@ -105,9 +108,14 @@ fn main() {
     // Devices per SecAgg+ shard (one session up to this many).
     let shard_size = arg(5, 1000) as u64;
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("store")).unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let pg = std::env::var("SPA_BENCH_STORE").is_ok_and(|v| v == "postgres").then(|| Postgres::start(dir.path()));
+    let store = match &pg {
+        Some(pg) => rt.block_on(Store::connect_postgres(&pg.conninfo, 16)).unwrap(),
+        None => Store::open(&dir.path().join("store")).unwrap(),
+    };
     let keys = rt.block_on(enroll(&store, n, m));
+    let before = pg.as_ref().map(|pg| rt.block_on(pg.usage()));
     // With dropouts a phase ends at its deadline; the devices of this process must still
     // finish their own work within it (1000 devices mask for ~10 s on 2 cores).
     let phase_timeout_secs = if n_drop > 0 { (n as u64 / 50).max(2) } else { 600 };
@@ -176,6 +184,62 @@ fn main() {
             r.phase_ms
         );
     }
+    for r in rt.block_on(store.rounds()).unwrap().iter().filter(|r| r.reason.is_some()) {
+        println!("round {} aborted: {}", r.round_id, r.reason.as_deref().unwrap_or_default());
+    }
     busy.sort_by(f64::total_cmp);
     println!("median coordinator busy time per round: {:.1} ms", busy[busy.len() / 2]);
+    if let (Some(pg), Some(before)) = (&pg, before) {
+        let after = rt.block_on(pg.usage());
+        let per_round = |a: i64, b: i64| (a - b) as f64 / n_rounds as f64 / 1024.0;
+        println!(
+            "PostgreSQL per round (the rounds alone, enrollment excluded): WAL {:.0} KiB, database growth {:.0} KiB",
+            per_round(after.wal, before.wal),
+            per_round(after.size, before.size)
+        );
+        println!("rows after the run: {}", after.rows);
+    }
+}
+
+const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/postgres.sh");
+
+/// A throwaway cluster (`scripts/postgres.sh`) for `SPA_BENCH_STORE=postgres`.
+struct Postgres {
+    dir: std::path::PathBuf,
+    conninfo: String,
+}
+
+/// WAL position and database size in bytes, and row counts per table.
+struct Usage {
+    wal: i64,
+    size: i64,
+    rows: String,
+}
+
+impl Postgres {
+    fn start(dir: &std::path::Path) -> Self {
+        let dir = dir.join("pg");
+        let out = std::process::Command::new(SCRIPT).arg("start").arg(&dir).output().unwrap();
+        assert!(out.status.success(), "scripts/postgres.sh start: {}", String::from_utf8_lossy(&out.stderr));
+        Self { dir, conninfo: String::from_utf8(out.stdout).unwrap().trim().to_string() }
+    }
+
+    async fn usage(&self) -> Usage {
+        let (c, conn) = tokio_postgres::connect(&self.conninfo, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        let q = "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint, pg_database_size(current_database())";
+        let row = c.query_one(q, &[]).await.unwrap();
+        let mut rows = Vec::new();
+        for t in ["devices", "tokens", "rounds", "runs", "checkpoints", "events", "nonces", "last_seen"] {
+            let n: i64 = c.query_one(&format!("SELECT count(*) FROM {t}"), &[]).await.unwrap().get(0);
+            rows.push(format!("{t} {n}"));
+        }
+        Usage { wal: row.get(0), size: row.get(1), rows: rows.join(", ") }
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(SCRIPT).arg("stop").arg(&self.dir).output();
+    }
 }
