@@ -124,6 +124,11 @@ mod on_postgres {
         let round = s.start_round(&a, &run).await.unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(400)).await;
         assert_eq!(s.leader_url().await.unwrap(), None, "a lapsed lease names no leader");
+        // Lapsed but not taken: a's write goes through and renews it (a slow leader keeps its round).
+        s.put_round(&a, &round).await.unwrap();
+        assert_eq!(s.leader_url().await.unwrap().as_deref(), Some("https://a:1"), "the write renewed the lease");
+        assert_eq!(s.lead("b", "https://b:1", 60_000).await.unwrap(), None);
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
         let b = s.lead("b", "https://b:1", 60_000).await.unwrap().expect("b takes the lapsed lease");
         assert_eq!(s.leader_url().await.unwrap().as_deref(), Some("https://b:1"));
         assert_eq!(b.term, a.term + 1);

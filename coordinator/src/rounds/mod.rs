@@ -11,6 +11,10 @@
 //! Committed   the decoded mean goes through the server strategy -> global version v+1
 //! ```
 //!
+//! A cohort larger than `rounds.shard_size` runs as several SecAgg+ sessions (shards,
+//! `spa_aggregation::shards`) whose phases close together; a shard below its floor releases
+//! nothing and its devices leave the round, the others go on; the mean adds the shard sums.
+//!
 //! Every phase boundary is written to the store before the phase's requests go out, and a
 //! commit writes checkpoint, round record and optimizer state in one transaction. Only the
 //! holder of the store's leadership lease runs the loop (on sled, the one process; on

@@ -264,12 +264,15 @@ impl RunRecord {
 
 /// The right to run rounds: one holder at a time per store. `term` grows each time the lease
 /// changes hands; every round write carries the lease, and a backend refuses it
-/// ([`StoreError::Fenced`](super::StoreError::Fenced)) once the lease has expired or moved on,
-/// so a paused old leader cannot overwrite its successor's rounds.
+/// ([`StoreError::Fenced`](super::StoreError::Fenced)) once the lease has moved on, so a paused
+/// old leader cannot overwrite its successor's rounds. A write under a lease that lapsed but
+/// that nobody took renews it for `ttl_ms` in the same transaction: a leader slowed past its
+/// renewal (a saturated runtime) keeps its round, and a takeover still always wins.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Lease {
     pub holder: String,
     pub term: u64,
+    pub ttl_ms: u64,
 }
 
 /// Token-weighted mean of devices' metrics.

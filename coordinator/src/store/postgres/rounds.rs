@@ -20,11 +20,14 @@ const LEAD: &str = "INSERT INTO leader_lease (id, holder, term, expires_at, url)
      WHERE leader_lease.holder = EXCLUDED.holder OR leader_lease.expires_at < now() \
      RETURNING term";
 
-/// Refuses the transaction's writes unless `lease` still holds. The row lock (shared) makes a
-/// takeover wait until this transaction ends, so a write is never interleaved with one.
+/// Refuses the transaction's writes unless `lease` is still the lease (same holder, same term:
+/// nobody took it since), and renews it: a lapsed lease nobody took is still this leader's, and
+/// the write extends it. The row lock makes a takeover wait until this transaction ends, so a
+/// write is never interleaved with one, and a takeover that came first wins.
 async fn fence(tx: &tokio_postgres::Transaction<'_>, lease: &Lease) -> Result<()> {
-    let sql = "SELECT 1 FROM leader_lease WHERE id = 1 AND holder = $1 AND term = $2 AND expires_at > now() FOR SHARE";
-    match tx.query_opt(sql, &[&lease.holder, &big(lease.term)]).await? {
+    let sql = "UPDATE leader_lease SET expires_at = GREATEST(expires_at, now() + $3 * interval '1 millisecond') \
+               WHERE id = 1 AND holder = $1 AND term = $2 RETURNING 1";
+    match tx.query_opt(sql, &[&lease.holder, &big(lease.term), &(lease.ttl_ms as f64)]).await? {
         Some(_) => Ok(()),
         None => Err(StoreError::Fenced(lease.term)),
     }
@@ -33,7 +36,7 @@ async fn fence(tx: &tokio_postgres::Transaction<'_>, lease: &Lease) -> Result<()
 impl PgStore {
     pub(super) async fn lead(&self, holder: &str, url: &str, ttl_ms: u64) -> Result<Option<Lease>> {
         let row = self.client().await?.query_opt(LEAD, &[&holder, &(ttl_ms as f64), &url]).await?;
-        Ok(row.map(|r| Lease { holder: holder.to_owned(), term: unbig(r.get(0)) }))
+        Ok(row.map(|r| Lease { holder: holder.to_owned(), term: unbig(r.get(0)), ttl_ms }))
     }
 
     pub(super) async fn leader_url(&self) -> Result<Option<String>> {

@@ -104,8 +104,8 @@ impl Backend for SledStore {
         self.run(move |s| s.create_run(&plan, now_ms)).await
     }
 
-    async fn lead(&self, holder: &str, _url: &str, _ttl_ms: u64) -> Result<Option<Lease>> {
-        Ok(Some(Lease { holder: holder.to_owned(), term: 1 }))
+    async fn lead(&self, holder: &str, _url: &str, ttl_ms: u64) -> Result<Option<Lease>> {
+        Ok(Some(Lease { holder: holder.to_owned(), term: 1, ttl_ms }))
     }
 
     async fn leader_url(&self) -> Result<Option<String>> {
