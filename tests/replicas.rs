@@ -262,3 +262,34 @@ fn a_leader_frozen_before_its_commit_is_fenced_off_and_one_version_exists() {
     let (code, err) = follower.admin_exit(&["checkpoint", "export", "--version", "2", "--out", dir.path().join("v2").to_str().unwrap()]);
     assert_ne!(code, 0, "a second version was committed: {err}");
 }
+
+/// One enrollment token raced by two devices, one through each replica, five times: exactly
+/// one enrollment each time (the token's row lock in the shared database decides).
+#[test]
+fn one_token_raced_through_two_replicas_enrolls_one_device() {
+    let pg = Cluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let a = replica(dir.path(), "a", &pg, None);
+    let b = replica(dir.path(), "b", &pg, Some(&a));
+    for race in 0..5 {
+        let token = a.admin(&["token", "create"])["token"].as_str().unwrap().to_string();
+        let enroll = |c: &Coordinator, k: usize| {
+            Command::new(bin("spa-client"))
+                .arg("--home")
+                .arg(dir.path().join(format!("race{race}-{k}")))
+                .args(["enroll", "--coordinator", &c.url, "--token", &token, "--name", "racer", "--ca"])
+                .arg(a.home.join("tls/ca.pem"))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let racers = [enroll(&a, 0), enroll(&b, 1)];
+        let outs: Vec<_> = racers.into_iter().map(|p| p.wait_with_output().unwrap()).collect();
+        let won = outs.iter().filter(|o| o.status.success()).count();
+        let why: Vec<_> = outs.iter().map(|o| String::from_utf8_lossy(&o.stderr).into_owned()).collect();
+        assert_eq!(won, 1, "race {race}: {won} enrollments with one token: {why:?}");
+    }
+    let listed = b.admin(&["devices", "list"]);
+    assert_eq!(listed.as_array().unwrap().len(), 5, "{listed}");
+}

@@ -83,7 +83,7 @@ pub async fn round_loop(rounds: Arc<Rounds>) {
             };
             match recover(&rounds.store, &lease, &cause).await {
                 Ok(0) => {}
-                Ok(n) => tracing::warn!("{n} round(s) interrupted by the previous leader's end were marked aborted"),
+                Ok(n) => tracing::warn!("{n} round(s) left mid-phase were marked aborted ({cause})"),
                 Err(e) => {
                     tracing::error!("round loop: recovering interrupted rounds: {e}");
                     tokio::time::sleep(Duration::from_secs(1)).await;
