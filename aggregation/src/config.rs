@@ -91,7 +91,7 @@ impl SessionConfig {
     /// quantization width for n (b = 20 for n ≤ 1024, 16 for n ≤ 16384, else the
     /// largest width the headroom allows).
     pub fn recommended(round_id: u64, model_version: u64, n_selected: u32, m: u64) -> Result<Self> {
-        let (degree, threshold) = graph_parameters(n_selected, 0.05, 0.33, false)?;
+        let (degree, threshold) = recommended_graph(n_selected, false)?;
         let quant_bits = default_quant_bits(n_selected)?;
         let cfg = SessionConfig {
             round_id,
@@ -286,6 +286,12 @@ pub(crate) fn sha256(data: &[u8]) -> [u8; 32] {
     let mut out = [0u8; 32];
     out.copy_from_slice(digest(&SHA256, data).as_ref());
     out
+}
+
+/// The (k, t) a session of `n` clients gets: [`graph_parameters`] with γ = 0.05, δ = 0.33.
+/// One choice for a round's session and for each shard of a sharded round.
+pub fn recommended_graph(n: u32, active: bool) -> Result<(u32, u32)> {
+    graph_parameters(n, 0.05, 0.33, active)
 }
 
 /// (degree k, threshold t) per §8.1: the full graph for n ≤ 200 with

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 
 use ring::digest::{Context, SHA256};
 
-use crate::config::{SessionConfig, graph_parameters};
+use crate::config::{SessionConfig, recommended_graph};
 use crate::error::{Result, SecAggError};
 use crate::messages::{MaskedInputRequest, ShareKeysRequest, UnmaskRequest};
 use crate::server::{AggregateOutput, SecAggServer};
@@ -56,7 +56,7 @@ pub fn sessions(base: &SessionConfig, shards: Vec<Vec<u32>>) -> Result<Vec<(Sess
         .into_iter()
         .map(|members| {
             let n = u32::try_from(members.len()).map_err(|_| SecAggError::InvalidConfig("shard too large".into()))?;
-            let (degree, threshold) = graph_parameters(n, 0.05, 0.33, base.active_mode)?;
+            let (degree, threshold) = recommended_graph(n, base.active_mode)?;
             let config = SessionConfig { n_selected: n, degree, threshold, ..base.clone() };
             config.validate()?;
             Ok((config, members))
@@ -102,6 +102,13 @@ pub struct Shard {
     pub members: Vec<u32>,
     /// Why this shard left the round (its members with it); None while it runs.
     pub failed: Option<String>,
+}
+
+impl Shard {
+    /// The global seat of local client `local` (1-based).
+    fn global(&self, local: u32) -> u32 {
+        self.members[local as usize - 1]
+    }
 }
 
 /// What closing a phase gave: the next requests, by global seat, of the shards still
@@ -219,7 +226,7 @@ impl ShardedServer {
         let released = outs
             .into_iter()
             .map(|(s, mut out)| {
-                out.contributors = out.contributors.iter().map(|&local| self.shards[s].members[local as usize - 1]).collect();
+                out.contributors = out.contributors.iter().map(|&local| self.shards[s].global(local)).collect();
                 (s, out)
             })
             .collect();
@@ -231,8 +238,8 @@ impl ShardedServer {
         let (per_shard, failed) = self.close_each(close)?;
         let mut requests = Vec::new();
         for (s, reqs) in per_shard {
-            let members = &self.shards[s].members;
-            requests.extend(reqs.into_iter().map(|(local, r)| (members[local as usize - 1], r)));
+            let shard = &self.shards[s];
+            requests.extend(reqs.into_iter().map(|(local, r)| (shard.global(local), r)));
         }
         Ok(Closed { requests, failed })
     }

@@ -35,6 +35,16 @@ pub mod store;
 /// Locks a mutex whose holders only insert, remove or count (round state, rate limiters,
 /// session counts): a panic while holding it cannot leave it inconsistent, so a poisoned
 /// lock is used as it is rather than turned into an error.
+/// A task aborted when this handle drops (background tasks that live as long as their owner:
+/// the round loop's lease keeper, a store's change listener).
+pub(crate) struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }

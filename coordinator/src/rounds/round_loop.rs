@@ -16,10 +16,10 @@ use spa_proto::v1::poll_response::Task;
 
 use super::RoundError;
 use super::state::{Active, EvalNotice, Rounds};
-use crate::lock;
 use crate::metrics::{METRICS, Outcome, Phase, Reason};
 use crate::store::Store;
 use crate::store::records::{DropReason, Dropout, Lease, RoundRecord, RoundState, RunState, ShardSummary};
+use crate::{AbortOnDrop, lock};
 
 /// Crash points for the restart tests: with the `fault-injection` feature,
 /// `SPA_FAULT_CRASH_AT=<state>` kills the process (like SIGKILL, no cleanup) right after that
@@ -117,16 +117,6 @@ async fn keep_lease(rounds: Arc<Rounds>) {
         });
         rounds.set_lease(lease);
         tokio::time::sleep(Duration::from_millis(ttl_ms / 3)).await;
-    }
-}
-
-/// Aborts the task when dropped (the round loop's task aborted at shutdown takes the lease
-/// keeper with it).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

@@ -17,8 +17,8 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tokio_postgres::{AsyncMessage, NoTls};
 
-use crate::lock;
 use crate::store::records::DeviceRecord;
+use crate::{AbortOnDrop, lock};
 
 /// The notification channel (the trigger's, in migration 0003).
 pub const CHANNEL: &str = "spa_devices";
@@ -84,21 +84,12 @@ impl DeviceCache {
     }
 }
 
-/// A task aborted when this handle drops (the listener with the last handle of its store).
-pub struct Aborting(tokio::task::JoinHandle<()>);
-
-impl Drop for Aborting {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// Starts the listener of `cache` on its own connection (not the pool's: a LISTEN belongs to
 /// one session); it reconnects every second while the database is away.
-pub fn listen(mut cfg: tokio_postgres::Config, cache: Arc<DeviceCache>) -> Aborting {
+pub(crate) fn listen(mut cfg: tokio_postgres::Config, cache: Arc<DeviceCache>) -> AbortOnDrop {
     // Named, so an operator (or a test) finds it in pg_stat_activity.
     cfg.application_name(APPLICATION_NAME);
-    Aborting(tokio::spawn(async move {
+    AbortOnDrop(tokio::spawn(async move {
         loop {
             let why = listen_once(&cfg, &cache).await;
             if cache.is_live() {

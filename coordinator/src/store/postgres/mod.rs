@@ -27,7 +27,7 @@ pub struct PgStore {
     pool: Pool,
     seen: Arc<Seen>,
     devices: Arc<cache::DeviceCache>,
-    _listener: Arc<cache::Aborting>,
+    _listener: Arc<crate::AbortOnDrop>,
 }
 
 impl PgStore {
