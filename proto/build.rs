@@ -6,8 +6,14 @@ use std::path::PathBuf;
 
 use prost::Message as _;
 
-const PROTOS: &[&str] =
-    &["proto/spa/v1/common.proto", "proto/spa/v1/device.proto", "proto/spa/v1/admin.proto", "proto/spa/v1/backbone.proto", "proto/spa/v1/rounds.proto"];
+const PROTOS: &[&str] = &[
+    "proto/spa/v1/common.proto",
+    "proto/spa/v1/device.proto",
+    "proto/spa/v1/admin.proto",
+    "proto/spa/v1/backbone.proto",
+    "proto/spa/v1/rounds.proto",
+    "proto/spa/v1/aggregator.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;

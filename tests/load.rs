@@ -30,8 +30,15 @@ fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-/// Per round, the sum of the updates sent and how many.
-type Sums = Arc<Mutex<HashMap<u64, (Vec<f64>, usize)>>>;
+/// What the devices sent: per round, the sum of the updates and how many; and, for devices
+/// that keep them ([`Part::lenient`]), each update by (round, device).
+#[derive(Default)]
+struct Sent {
+    sums: HashMap<u64, (Vec<f64>, usize)>,
+    each: HashMap<(u64, String), Vec<f32>>,
+}
+
+type Sums = Arc<Mutex<Sent>>;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -49,9 +56,14 @@ struct InRound {
 struct Part {
     uploads: bool,
     counted: bool,
+    /// A refused answer or an aborted round leaves the round instead of failing the device
+    /// (its shard's aggregator may die); its updates are kept by device.
+    lenient: bool,
+    /// SIGKILLs this process (an aggregator) at the first ShareKeys request any device gets.
+    kill_at_share_keys: Option<u32>,
 }
 
-const FULL: Part = Part { uploads: true, counted: true };
+const FULL: Part = Part { uploads: true, counted: true, lenient: false, kill_at_share_keys: None };
 
 /// One light device: polls and answers until it evaluated `rounds` committed versions.
 async fn device(ch: Channel, signer: DeviceSigner, seed: u64, rounds: usize, sums: Sums, part: Part) -> Result<(), Error> {
@@ -61,75 +73,105 @@ async fn device(ch: Channel, signer: DeviceSigner, seed: u64, rounds: usize, sum
     let mut evaluated = 0;
     while evaluated < rounds {
         let task = rpc.clone().poll(signer.request(methods::ROUNDS_POLL, PollRequest {})).await?.into_inner().task;
-        let mut rpc = rpc.clone();
-        match task {
-            None => tokio::time::sleep(Duration::from_secs(1)).await,
-            Some(Task::Idle(i)) => tokio::time::sleep(Duration::from_millis(i.retry_after_ms.clamp(50, 10_000) as u64)).await,
-            Some(Task::Train(t)) => {
-                if cur.as_ref().is_some_and(|r| r.round_id == t.round_id) {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
-                let config = secagg::config_from_json(&t.session_config_json)?;
-                let quant = config.quant_params().ok_or("no quantization")?;
-                let delta: Vec<f32> = (0..config.m - 1).map(|_| (rng.next_u32() as f32 / u32::MAX as f32 - 0.5) * 0.1).collect();
-                let input = quant.encode(&delta, 1, &mut rng)?;
-                let (state, adv) = ClientState::start(t.client_id, config, &signer, system_rng()?)?;
-                rpc.advertise_keys(signer.request(methods::ROUNDS_ADVERTISE_KEYS, secagg::advertise_to_wire(&adv))).await?;
-                if part.counted {
-                    let mut g = sums.lock().unwrap();
-                    let (sum, n) = g.entry(t.round_id).or_insert_with(|| (vec![0.0; delta.len()], 0));
-                    sum.iter_mut().zip(&delta).for_each(|(s, d)| *s += *d as f64);
-                    *n += 1;
-                }
-                cur = Some(InRound { round_id: t.round_id, client_id: t.client_id, state, input: Some(input) });
-            }
-            Some(Task::ShareKeys(t)) => {
-                let r = cur.take().filter(|r| r.round_id == t.round_id).ok_or("share_keys outside a round")?;
-                let (state, out) = r.state.handle(ClientIncoming::ShareKeys(secagg::share_keys_request(&t)?))?;
-                let Some(ClientOutgoing::ShareKeys(resp)) = out.into_iter().next() else { return Err("no shares".into()) };
-                rpc.share_keys(signer.request(methods::ROUNDS_SHARE_KEYS, secagg::share_keys_to_wire(t.round_id, &resp))).await?;
-                cur = Some(InRound { state, ..r });
-            }
-            Some(Task::MaskedInput(t)) => {
-                let mut r = cur.take().filter(|r| r.round_id == t.round_id).ok_or("masked_input outside a round")?;
-                if !part.uploads {
-                    // Offered again at every poll until the phase's deadline; never answered.
-                    cur = Some(r);
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
-                let (state, _) = r.state.handle(ClientIncoming::MaskedInputRequest(secagg::masked_input_request(&t)))?;
-                let (state, out) = state.handle(ClientIncoming::Input(r.input.take().ok_or("no input")?))?;
-                let Some(ClientOutgoing::MaskedInput(masked)) = out.into_iter().next() else { return Err("no masked input".into()) };
-                upload(&mut rpc, &signer, t.round_id, r.client_id, &masked.into_vec()).await?;
-                cur = Some(InRound { state, ..r });
-            }
-            Some(Task::Unmask(t)) => {
-                let r = cur.take().filter(|r| r.round_id == t.round_id).ok_or("unmask outside a round")?;
-                let (state, out) = r.state.handle(ClientIncoming::Unmask(secagg::unmask_request(&t)))?;
-                let Some(ClientOutgoing::Unmask(resp)) = out.into_iter().next() else { return Err("no reveal".into()) };
-                rpc.unmask(signer.request(methods::ROUNDS_UNMASK, secagg::unmask_to_wire(t.round_id, &resp))).await?;
-                cur = Some(InRound { state, ..r });
-            }
-            Some(Task::Evaluate(t)) => {
+        match step(&mut rpc.clone(), &signer, &mut rng, &mut cur, task, &sums, part).await {
+            Ok(done) => evaluated += usize::from(done),
+            Err(_) if part.lenient => {
                 cur = None;
-                // Reported, the version is not offered again.
-                let m = MetricsReport {
-                    round_id: t.round_id,
-                    global_version: t.global_version,
-                    tokens: 1,
-                    backbone_loss: 1.0,
-                    personalized_loss: 1.0,
-                    ..Default::default()
-                };
-                rpc.report_metrics(signer.request(methods::ROUNDS_REPORT_METRICS, m)).await?;
-                evaluated += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            Some(Task::Abort(t)) => return Err(format!("round {} aborted: {}", t.round_id, t.reason).into()),
+            Err(e) => return Err(e),
         }
     }
     Ok(())
+}
+
+static KILLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A device's answer to one task; true once it evaluated a committed version.
+async fn step(
+    rpc: &mut RoundsClient<Channel>,
+    signer: &DeviceSigner,
+    rng: &mut ChaCha20Rng,
+    cur: &mut Option<InRound>,
+    task: Option<Task>,
+    sums: &Sums,
+    part: Part,
+) -> Result<bool, Error> {
+    match task {
+        None => tokio::time::sleep(Duration::from_secs(1)).await,
+        Some(Task::Idle(i)) => tokio::time::sleep(Duration::from_millis(i.retry_after_ms.clamp(50, 10_000) as u64)).await,
+        Some(Task::Train(t)) => {
+            if cur.as_ref().is_some_and(|r| r.round_id == t.round_id) {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                return Ok(false);
+            }
+            let config = secagg::config_from_json(&t.session_config_json)?;
+            let quant = config.quant_params().ok_or("no quantization")?;
+            let delta: Vec<f32> = (0..config.m - 1).map(|_| (rng.next_u32() as f32 / u32::MAX as f32 - 0.5) * 0.1).collect();
+            let input = quant.encode(&delta, 1, rng)?;
+            let (state, adv) = ClientState::start(t.client_id, config, signer, system_rng()?)?;
+            rpc.advertise_keys(signer.request(methods::ROUNDS_ADVERTISE_KEYS, secagg::advertise_to_wire(&adv))).await?;
+            let mut g = sums.lock().unwrap();
+            if part.counted {
+                let (sum, n) = g.sums.entry(t.round_id).or_insert_with(|| (vec![0.0; delta.len()], 0));
+                sum.iter_mut().zip(&delta).for_each(|(s, d)| *s += *d as f64);
+                *n += 1;
+            }
+            if part.lenient {
+                g.each.insert((t.round_id, signer.device_id().to_string()), delta);
+            }
+            *cur = Some(InRound { round_id: t.round_id, client_id: t.client_id, state, input: Some(input) });
+        }
+        Some(Task::ShareKeys(t)) => {
+            if let Some(pid) = part.kill_at_share_keys
+                && !KILLED.swap(true, std::sync::atomic::Ordering::SeqCst)
+            {
+                std::process::Command::new("kill").args(["-9", &pid.to_string()]).status()?;
+            }
+            let r = cur.take().filter(|r| r.round_id == t.round_id).ok_or("share_keys outside a round")?;
+            let (state, out) = r.state.handle(ClientIncoming::ShareKeys(secagg::share_keys_request(&t)?))?;
+            let Some(ClientOutgoing::ShareKeys(resp)) = out.into_iter().next() else { return Err("no shares".into()) };
+            rpc.share_keys(signer.request(methods::ROUNDS_SHARE_KEYS, secagg::share_keys_to_wire(t.round_id, &resp))).await?;
+            *cur = Some(InRound { state, ..r });
+        }
+        Some(Task::MaskedInput(t)) => {
+            let mut r = cur.take().filter(|r| r.round_id == t.round_id).ok_or("masked_input outside a round")?;
+            if !part.uploads {
+                // Offered again at every poll until the phase's deadline; never answered.
+                *cur = Some(r);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                return Ok(false);
+            }
+            let (state, _) = r.state.handle(ClientIncoming::MaskedInputRequest(secagg::masked_input_request(&t)))?;
+            let (state, out) = state.handle(ClientIncoming::Input(r.input.take().ok_or("no input")?))?;
+            let Some(ClientOutgoing::MaskedInput(masked)) = out.into_iter().next() else { return Err("no masked input".into()) };
+            upload(rpc, signer, t.round_id, r.client_id, &masked.into_vec()).await?;
+            *cur = Some(InRound { state, ..r });
+        }
+        Some(Task::Unmask(t)) => {
+            let r = cur.take().filter(|r| r.round_id == t.round_id).ok_or("unmask outside a round")?;
+            let (state, out) = r.state.handle(ClientIncoming::Unmask(secagg::unmask_request(&t)))?;
+            let Some(ClientOutgoing::Unmask(resp)) = out.into_iter().next() else { return Err("no reveal".into()) };
+            rpc.unmask(signer.request(methods::ROUNDS_UNMASK, secagg::unmask_to_wire(t.round_id, &resp))).await?;
+            *cur = Some(InRound { state, ..r });
+        }
+        Some(Task::Evaluate(t)) => {
+            *cur = None;
+            // Reported, the version is not offered again.
+            let m = MetricsReport {
+                round_id: t.round_id,
+                global_version: t.global_version,
+                tokens: 1,
+                backbone_loss: 1.0,
+                personalized_loss: 1.0,
+                ..Default::default()
+            };
+            rpc.report_metrics(signer.request(methods::ROUNDS_REPORT_METRICS, m)).await?;
+            return Ok(true);
+        }
+        Some(Task::Abort(t)) => return Err(format!("round {} aborted: {}", t.round_id, t.reason).into()),
+    }
+    Ok(false)
 }
 
 async fn upload(rpc: &mut RoundsClient<Channel>, signer: &DeviceSigner, round_id: u64, client_id: u32, lanes: &[u32]) -> Result<(), Error> {
@@ -261,7 +303,7 @@ fn many_devices_run_rounds_over_the_service_in_flat_memory() {
             let v = r["committed_version"].as_u64().unwrap();
             let (before, after) = (coord.checkpoint(v - 1), coord.checkpoint(v));
             let g = sums.lock().unwrap();
-            let (sum, count) = &g[&id];
+            let (sum, count) = &g.sums[&id];
             assert_eq!(*count, n);
             let err = (0..before.len()).map(|i| (after[i] - before[i] - (sum[i] / n as f64) as f32).abs()).fold(0f32, f32::max);
             assert!(err < 1e-3, "round {id}: the committed step differs from the mean update by {err}");
@@ -338,7 +380,7 @@ fn a_shard_below_its_floor_is_left_out_and_the_round_commits_the_others_mean() {
             .map(|(i, signer)| {
                 let s = seat(signer.device_id());
                 let part = match shards[0].iter().position(|&m| m == s) {
-                    Some(k) => Part { uploads: k >= 6, counted: false },
+                    Some(k) => Part { uploads: k >= 6, counted: false, ..FULL },
                     None => FULL,
                 };
                 tokio::spawn(device(ch.clone(), signer, i as u64, 1, sums.clone(), part))
@@ -369,11 +411,92 @@ fn a_shard_below_its_floor_is_left_out_and_the_round_commits_the_others_mean() {
     // The committed step is shard 1's mean update, up to quantization.
     let (before, after) = (coord.checkpoint(0), coord.checkpoint(1));
     let g = sums.lock().unwrap();
-    let (sum, count) = &g[&1];
+    let (sum, count) = &g.sums[&1];
     assert_eq!(*count, 20);
     let err = (0..before.len()).map(|i| (after[i] - before[i] - (sum[i] / 20.0) as f32).abs()).fold(0f32, f32::max);
     assert!(err < 1e-3, "the committed step differs from shard 1's mean update by {err}");
     drop(g);
+    rt.block_on(async {
+        for h in handles {
+            h.await.unwrap().unwrap();
+        }
+    });
+}
+
+/// Shards on aggregator processes (`serve --role aggregator`, mutual TLS with the leader's
+/// role certificate): 60 devices in three shards of 20, shard i on aggregator i, floor 10.
+/// An aggregator refuses a caller without a role certificate. In round 1 the aggregator of
+/// shard 1 is SIGKILLed as the first ShareKeys request goes out: shard 1 leaves the round, the
+/// round commits the mean of the other shards' devices. In round 2 the dead aggregator's
+/// shard opens on the next one and every device contributes.
+#[test]
+fn shards_run_on_aggregator_processes_and_a_killed_one_loses_only_its_shard() {
+    let n = 60;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut coord = Coordinator::init(tmp.path(), 120);
+    let aggs: Vec<Coordinator> = (0..3).map(|i| Coordinator::aggregator(tmp.path(), &format!("agg{i}"), &coord, 10)).collect();
+    let urls: Vec<String> = aggs.iter().map(|a| a.url.clone()).collect();
+    coord.edit_config(|c| {
+        c.rounds.phase_timeout_secs = 5;
+        c.rounds.online_secs = 30;
+        c.rounds.shard_size = 20;
+        c.rounds.min_shard_contributors = 10;
+        c.rounds.aggregators = urls.clone();
+    });
+    coord.start(None);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let ca = std::fs::read(coord.home.join("tls/ca.pem")).unwrap();
+    rt.block_on(async {
+        // The CA alone (a device's view) is not enough to reach an aggregator.
+        let refused = async {
+            let ch = spa_coordinator::net::connect(&urls[0], &ca).await?;
+            let open = OpenShardRequest { key: Some(ShardKey { round_id: 99, shard: 0 }), session_config_json: String::new(), floor: 50 };
+            spa_proto::v1::aggregator_client::AggregatorClient::new(ch).open_shard(open).await.map_err(Error::from)
+        };
+        assert!(refused.await.is_err(), "an aggregator served a caller without a role certificate");
+    });
+    let victim = aggs[1].child.as_ref().unwrap().id();
+    let sums: Sums = Default::default();
+    let handles = rt.block_on(async {
+        let cred = std::fs::read_to_string(coord.home.join("admin.credential")).unwrap().trim().to_string();
+        let ch = spa_coordinator::net::connect(&coord.url, &ca).await.unwrap();
+        let mut handles = Vec::new();
+        for i in 0..n {
+            let signer = enroll(&ch, &cred, &format!("light-{i}")).await;
+            let part = Part { lenient: true, kill_at_share_keys: Some(victim), ..FULL };
+            handles.push(tokio::spawn(device(ch.clone(), signer, i as u64, 2, sums.clone(), part)));
+        }
+        handles
+    });
+    coord.admin(&["round", "start", "--rounds", "2", "--min-clients", "20", "--max-clients", "60", "--deadline", "120"]);
+    for round in [1u64, 2] {
+        let r = coord.wait_round(round, Duration::from_secs(300));
+        assert_eq!(r["state"], "committed", "{r}");
+        let shards = r["shards"].as_array().unwrap();
+        assert_eq!(shards.len(), 3, "{r}");
+        let contributors: Vec<String> = r["contributors"].as_array().unwrap().iter().map(|d| d.as_str().unwrap().to_string()).collect();
+        if round == 1 {
+            for (i, s) in shards.iter().enumerate() {
+                assert_eq!(s["aggregator"], urls[i], "shard {i} of round 1 ran elsewhere: {s}");
+            }
+            assert!(shards[1]["failed"].as_str().unwrap().contains(&urls[1]), "{}", shards[1]);
+            assert_eq!(contributors.len(), 40, "shards 0 and 2 contribute: {r}");
+        } else {
+            assert_eq!(shards[1]["aggregator"], urls[2], "the dead aggregator's shard opens on the next one: {}", shards[1]);
+            assert!(shards.iter().all(|s| s["failed"].is_null()), "{r}");
+            assert_eq!(contributors.len(), n, "{r}");
+        }
+        // The committed step is the contributors' mean update, up to quantization.
+        let (before, after) = (coord.checkpoint(round - 1), coord.checkpoint(round));
+        let g = sums.lock().unwrap();
+        let mut mean = vec![0f64; before.len()];
+        for d in &contributors {
+            let delta = &g.each[&(round, d.clone())];
+            mean.iter_mut().zip(delta).for_each(|(m, x)| *m += *x as f64 / contributors.len() as f64);
+        }
+        let err = (0..before.len()).map(|i| (after[i] - before[i] - mean[i] as f32).abs()).fold(0f32, f32::max);
+        assert!(err < 1e-3, "round {round}: the committed step differs from the contributors' mean update by {err}");
+    }
     rt.block_on(async {
         for h in handles {
             h.await.unwrap().unwrap();

@@ -134,7 +134,8 @@ fn main() {
         min_shard_contributors: (shard_size / 2).min(100),
     };
     rt.block_on(async {
-        let rounds = Rounds::new(store.clone(), cfg, String::new());
+        let hosts = vec![spa_coordinator::aggregator::ShardHost::Local(std::sync::Arc::new(spa_coordinator::aggregator::ShardTable::new(0)))];
+        let rounds = Rounds::new(store.clone(), cfg, String::new(), hosts);
         tokio::spawn(round_loop(rounds.clone()));
         for (i, (id, key)) in keys.into_iter().enumerate() {
             tokio::spawn(device(rounds.clone(), id, key, i as u64, i >= n - n_drop));

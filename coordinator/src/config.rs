@@ -37,6 +37,10 @@ pub struct ServerSection {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub ca_cert: PathBuf,
+    /// The role certificate and key (issued by the CA for client and server use): what a
+    /// leader presents to aggregators.
+    pub role_cert: PathBuf,
+    pub role_key: PathBuf,
     /// File holding the admin credential (created by `init`, mode 0600).
     pub admin_credential: PathBuf,
     /// Where the state lives: `sled` (embedded, in `store`; the default) or `postgres` (one
@@ -68,6 +72,8 @@ impl Default for ServerSection {
             cert: "tls/server.pem".into(),
             key: "tls/server.key".into(),
             ca_cert: "tls/ca.pem".into(),
+            role_cert: "tls/role.pem".into(),
+            role_key: "tls/role.key".into(),
             admin_credential: "admin.credential".into(),
             store_backend: StoreBackend::Sled,
             advertise_url: String::new(),
@@ -234,6 +240,8 @@ pub struct RoundsSection {
     /// devices contributed (and never fewer than its SecAgg+ threshold needs); a smaller
     /// group's sum is never computed. A round of one shard keeps its plan's `min_clients`.
     pub min_shard_contributors: u64,
+    /// Aggregator processes that run the shards (`https://host:port`); empty = this process.
+    pub aggregators: Vec<String>,
 }
 
 impl Default for RoundsSection {
@@ -251,6 +259,7 @@ impl Default for RoundsSection {
             leader_lease_secs: 10,
             shard_size: 1000,
             min_shard_contributors: 100,
+            aggregators: Vec::new(),
         }
     }
 }
@@ -329,6 +338,9 @@ impl CoordinatorConfig {
             r.shard_size >= 2 * r.min_shard_contributors && r.shard_size <= spa_aggregation::spec::MAX_CLIENTS as u64,
             "rounds.shard_size must be at least twice rounds.min_shard_contributors (so a split cohort's shards can reach it) and at most 1000000",
         )?;
+        for a in &r.aggregators {
+            ensure(a.starts_with("https://") && a.len() > 8, "rounds.aggregators must be https://host:port URLs")?;
+        }
         Ok(())
     }
 

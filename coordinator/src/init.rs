@@ -81,6 +81,18 @@ fn server_cert(names: &[String], issuer: &Issuer<'_, KeyPair>) -> Result<(String
     Ok((cert.pem(), key.serialize_pem()))
 }
 
+/// A fresh role key and certificate (client use) signed by the CA: what one role of the
+/// deployment presents to another (a leader to its aggregators). (cert PEM, key PEM).
+fn role_cert(issuer: &Issuer<'_, KeyPair>) -> Result<(String, String)> {
+    let mut params = CertificateParams::new(vec!["spa-role".to_string()])?;
+    params.distinguished_name.push(DnType::CommonName, "SPA role");
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, issuer)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
 #[derive(Debug, serde::Serialize)]
 pub struct TlsRotated {
     pub cert: PathBuf,
@@ -105,11 +117,21 @@ pub fn rotate_tls(home: &Path, extra_names: &[String]) -> Result<TlsRotated> {
         extra => server_names(extra),
     };
     let (cert, key) = server_cert(&names, &issuer)?;
-    let (cert_path, key_path) = (cfg.resolve(home, &cfg.server.cert), cfg.resolve(home, &cfg.server.key));
-    for (path, bytes, secret) in [(&key_path, &key, true), (&cert_path, &cert, false), (&home.join(NAMES_FILE), &names.join("\n"), false)] {
+    let (role_pem, role_key) = role_cert(&issuer)?;
+    let s = &cfg.server;
+    let (cert_path, key_path) = (cfg.resolve(home, &s.cert), cfg.resolve(home, &s.key));
+    let names_text = names.join("\n");
+    let files = [
+        (key_path.clone(), &key, true),
+        (cert_path.clone(), &cert, false),
+        (home.join(NAMES_FILE), &names_text, false),
+        (cfg.resolve(home, &s.role_key), &role_key, true),
+        (cfg.resolve(home, &s.role_cert), &role_pem, false),
+    ];
+    for (path, bytes, secret) in &files {
         let tmp = path.with_extension("new");
         let _ = std::fs::remove_file(&tmp);
-        write_new(&tmp, bytes.as_bytes(), secret)?;
+        write_new(&tmp, bytes.as_bytes(), *secret)?;
         std::fs::rename(&tmp, path).map_err(io(path))?;
     }
     Ok(TlsRotated { cert: cert_path, key: key_path, names })
@@ -134,12 +156,15 @@ pub fn init(home: &Path, extra_names: &[String]) -> Result<InitReport> {
     let issuer = Issuer::new(ca_params()?, ca_key);
     let names = server_names(extra_names);
     let (cert, key) = server_cert(&names, &issuer)?;
+    let (role_pem, role_key) = role_cert(&issuer)?;
     let credential = new_credential();
     write_new(&home.join(&s.ca_cert), ca_cert.pem().as_bytes(), false)?;
     write_new(&home.join(CA_KEY_FILE), issuer.key().serialize_pem().as_bytes(), true)?;
     write_new(&home.join(&s.cert), cert.as_bytes(), false)?;
     write_new(&home.join(&s.key), key.as_bytes(), true)?;
     write_new(&home.join(NAMES_FILE), names.join("\n").as_bytes(), false)?;
+    write_new(&home.join(&s.role_cert), role_pem.as_bytes(), false)?;
+    write_new(&home.join(&s.role_key), role_key.as_bytes(), true)?;
     write_new(&home.join(&s.admin_credential), credential.as_bytes(), true)?;
     // The config last: its presence marks a complete home.
     write_new(&config, DEFAULT_TOML.as_bytes(), false)?;

@@ -14,6 +14,7 @@
 //! - [`metrics`]: Prometheus counters and gauges, and the `/metrics` endpoint.
 //! - [`init`], [`admin_cli`]: operator verbs.
 pub mod admin_cli;
+pub mod aggregator;
 pub(crate) mod auth;
 pub mod config;
 pub(crate) mod conn;

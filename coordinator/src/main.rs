@@ -33,6 +33,9 @@ enum Command {
     Serve {
         #[arg(long)]
         home: std::path::PathBuf,
+        /// What this process does in a deployment (docs/SCALING.md).
+        #[arg(long, value_enum, default_value_t)]
+        role: spa_coordinator::server::Role,
     },
     /// Enrollment tokens.
     #[command(subcommand)]
@@ -43,8 +46,8 @@ enum Command {
         #[arg(long)]
         home: std::path::PathBuf,
     },
-    /// Issue a new server TLS key and certificate from the home's CA (devices need nothing
-    /// new); `serve` uses them from its next start.
+    /// Issue a new server TLS key and certificate, and a new role certificate, from the
+    /// home's CA (devices need nothing new); `serve` uses them from its next start.
     RotateTls {
         #[arg(long)]
         home: std::path::PathBuf,
@@ -80,9 +83,9 @@ fn run(cli: Cli) -> Result<()> {
     let json = cli.json;
     match cli.command {
         Command::Init { home, names } => admin_cli::run_init(&home, &names, json),
-        Command::Serve { home } => {
+        Command::Serve { home, role } => {
             spa_coordinator::service_main::init_tracing();
-            Ok(runtime()?.block_on(spa_coordinator::server::serve(&home, cli.device))?)
+            Ok(runtime()?.block_on(spa_coordinator::server::serve(&home, cli.device, role))?)
         }
         Command::RotateCredential { home } => admin_cli::run_rotate_credential(&home, json),
         Command::RotateTls { home, names } => admin_cli::run_rotate_tls(&home, &names, json),

@@ -106,15 +106,15 @@ impl RoundsRpc for RoundsService {
 
     async fn advertise_keys(&self, req: Request<AdvertiseKeysMsg>) -> Result<Response<Ack>, Status> {
         let rec = self.0.auth.device(&req, methods::ROUNDS_ADVERTISE_KEYS).await?;
-        let m = secagg::advertise_from_wire(req.get_ref())?;
-        self.0.rounds.advertise(&rec.device_id, identity_pk(&rec)?, m)?;
+        // Checked here so that a malformed message is the caller's error, its seat kept.
+        secagg::advertise_from_wire(req.get_ref())?;
+        self.0.rounds.advertise(&rec.device_id, identity_pk(&rec)?, req.into_inner()).await?;
         Ok(Response::new(Ack {}))
     }
 
     async fn share_keys(&self, req: Request<ShareKeysMsg>) -> Result<Response<Ack>, Status> {
         let rec = self.0.auth.device(&req, methods::ROUNDS_SHARE_KEYS).await?;
-        let m = req.get_ref();
-        self.0.rounds.share_keys(&rec.device_id, m.round_id, secagg::share_keys_from_wire(m))?;
+        self.0.rounds.share_keys(&rec.device_id, req.into_inner()).await?;
         Ok(Response::new(Ack {}))
     }
 
@@ -134,14 +134,13 @@ impl RoundsRpc for RoundsService {
                 return Err(e);
             }
         };
-        self.0.rounds.masked_input(&rec.device_id, h.round_id, h.client_id, &lanes)?;
+        self.0.rounds.masked_input(&rec.device_id, h.round_id, h.client_id, lanes).await?;
         Ok(Response::new(Ack {}))
     }
 
     async fn unmask(&self, req: Request<UnmaskMsg>) -> Result<Response<Ack>, Status> {
         let rec = self.0.auth.device(&req, methods::ROUNDS_UNMASK).await?;
-        let m = req.get_ref();
-        self.0.rounds.unmask(&rec.device_id, m.round_id, secagg::unmask_from_wire(m))?;
+        self.0.rounds.unmask(&rec.device_id, req.into_inner()).await?;
         Ok(Response::new(Ack {}))
     }
 

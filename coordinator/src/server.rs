@@ -15,6 +15,7 @@ use spa_proto::v1::rounds_server::RoundsServer;
 use tokio::sync::oneshot;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
+use crate::aggregator::{RoleTls, ShardHost, ShardTable};
 use crate::auth::Auth;
 use crate::config::{CoordinatorConfig, StoreBackend};
 use crate::engine::Engine;
@@ -26,13 +27,29 @@ use crate::store::Store;
 /// The file `serve` writes with the address it listens on, once it accepts connections.
 pub const ADDR_FILE: &str = "serve.addr";
 
+/// What a `serve` process does in a deployment (docs/SCALING.md).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// Everything in one process: devices, admin, the rounds (when it holds the lease) and
+    /// their shards (in process, or on `[rounds] aggregators` when set).
+    #[default]
+    All,
+    /// As `all`, but the shards run on `[rounds] aggregators` only (required).
+    Leader,
+    /// Devices and admin only; never runs the rounds (polls go to the leader). Needs the
+    /// PostgreSQL store, where the leader is found.
+    Frontend,
+    /// The Aggregator service only (mutual TLS): SecAgg+ shards in memory, for a leader.
+    Aggregator,
+}
+
 /// A running server.
 pub struct Running {
     pub addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<std::result::Result<(), tonic::transport::Error>>,
     pruner: tokio::task::JoinHandle<()>,
-    round_loop: tokio::task::JoinHandle<()>,
+    round_loop: Option<tokio::task::JoinHandle<()>>,
     metrics: Option<tokio::task::JoinHandle<()>>,
     home: PathBuf,
     store: Store,
@@ -62,7 +79,9 @@ impl Running {
             }
         };
         self.pruner.abort();
-        self.round_loop.abort();
+        if let Some(r) = &self.round_loop {
+            r.abort();
+        }
         if let Some(m) = &self.metrics {
             m.abort();
         }
@@ -91,7 +110,7 @@ async fn seed_checkpoint(store: &Store, cfg: &CoordinatorConfig, engine: &Engine
 }
 
 /// Secrets that group or others may read are refused: a copied or carelessly made home.
-fn check_secret_mode(path: &Path) -> Result<()> {
+pub(crate) fn check_secret_mode(path: &Path) -> Result<()> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -111,7 +130,39 @@ pub async fn start(home: &Path) -> Result<Running> {
 
 /// [`start`], with `backend` (the CLI's `--device`) in place of `[backbone] device`.
 pub async fn start_on(home: &Path, backend: Option<BackendKind>) -> Result<Running> {
+    start_as(home, backend, Role::All).await
+}
+
+/// Where this process's rounds run their shards: in process, or on the configured
+/// aggregators (reached with the role certificate).
+fn shard_hosts(home: &Path, cfg: &CoordinatorConfig, role: Role) -> Result<Vec<ShardHost>> {
+    let r = &cfg.rounds;
+    if r.aggregators.is_empty() {
+        if role == Role::Leader {
+            return Err(CoordinatorError::Config("--role leader runs its shards on aggregators: list them in [rounds] aggregators".into()));
+        }
+        return Ok(vec![ShardHost::Local(Arc::new(ShardTable::new(0)))]);
+    }
+    let s = &cfg.server;
+    check_secret_mode(&cfg.resolve(home, &s.role_key))?;
+    let read = |p: &Path| {
+        let p = cfg.resolve(home, p);
+        std::fs::read(&p).map_err(|e| CoordinatorError::Config(format!("{}: {e} (`spa-coordinator rotate-tls` issues a role certificate)", p.display())))
+    };
+    let tls = RoleTls { ca_pem: read(&s.ca_cert)?, cert_pem: read(&s.role_cert)?, key_pem: read(&s.role_key)? };
+    // A close (mask removal of a large shard) may take a while; a dead peer is found sooner
+    // by the channel's pings.
+    let timeout = Duration::from_secs(r.phase_timeout_secs.max(60));
+    r.aggregators.iter().map(|u| ShardHost::remote(u, &tls, timeout).map_err(CoordinatorError::Config)).collect()
+}
+
+/// [`start_on`] in `role` (not [`Role::Aggregator`]: [`crate::aggregator::start`]).
+pub async fn start_as(home: &Path, backend: Option<BackendKind>, role: Role) -> Result<Running> {
     let cfg = CoordinatorConfig::load(home)?;
+    if role == Role::Frontend && cfg.server.store_backend != StoreBackend::Postgres {
+        return Err(CoordinatorError::Config("--role frontend needs the PostgreSQL store (server.store_backend), where the leader is found".into()));
+    }
+    let hosts = shard_hosts(home, &cfg, role)?;
     check_secret_mode(&cfg.resolve(home, &cfg.server.admin_credential))?;
     check_secret_mode(&cfg.resolve(home, &cfg.server.key))?;
     let store = open_store(home, &cfg).await?;
@@ -127,7 +178,7 @@ pub async fn start_on(home: &Path, backend: Option<BackendKind>) -> Result<Runni
         "" => format!("https://{addr}"),
         u => u.to_string(),
     };
-    let rounds = crate::rounds::Rounds::new(store.clone(), cfg.rounds.clone(), url);
+    let rounds = crate::rounds::Rounds::new(store.clone(), cfg.rounds.clone(), url, hosts);
     let shared = Shared::new(store.clone(), auth, engine, rounds.clone(), cfg.clone());
     let router = router(home, &cfg, &shared).await?;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -143,7 +194,7 @@ pub async fn start_on(home: &Path, backend: Option<BackendKind>) -> Result<Runni
         r
     });
     let pruner = tokio::spawn(housekeeping(shared.clone()));
-    let round_loop = tokio::spawn(crate::rounds::round_loop(rounds));
+    let round_loop = (role != Role::Frontend).then(|| tokio::spawn(crate::rounds::round_loop(rounds)));
     let metrics = start_metrics(home, &cfg, shared.clone()).await?;
     store.log("server.start", &addr.to_string()).await?;
     let addr_file = home.join(ADDR_FILE);
@@ -283,9 +334,16 @@ async fn start_metrics(home: &Path, cfg: &CoordinatorConfig, shared: Arc<Shared>
     Ok(Some(tokio::spawn(crate::metrics::serve(listener, gauges))))
 }
 
-/// Serves until SIGTERM or ctrl-c, then shuts down gracefully.
-pub async fn serve(home: &Path, backend: Option<BackendKind>) -> Result<()> {
-    let running = start_on(home, backend).await?;
+/// Serves in `role` until SIGTERM or ctrl-c, then shuts down gracefully.
+pub async fn serve(home: &Path, backend: Option<BackendKind>, role: Role) -> Result<()> {
+    if role == Role::Aggregator {
+        let running = crate::aggregator::start(home).await?;
+        println!("aggregating on https://{}", running.addr);
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        return running.shutdown().await;
+    }
+    let running = start_as(home, backend, role).await?;
     println!("serving on https://{}", running.addr);
     shutdown_signal().await;
     tracing::info!("shutting down");

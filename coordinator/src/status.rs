@@ -80,7 +80,7 @@ impl From<RoundError> for Status {
             RoundError::InvalidPlan(_) => Status::invalid_argument(e.to_string()),
             RoundError::NoSuchRound(_) => Status::not_found(e.to_string()),
             RoundError::Store(s) => s.into(),
-            RoundError::SecAgg(_) | RoundError::Aborted(_) | RoundError::AbortedByOperator | RoundError::Internal(_) => internal(e),
+            RoundError::SecAgg(_) | RoundError::Shards(_) | RoundError::Aborted(_) | RoundError::AbortedByOperator | RoundError::Internal(_) => internal(e),
         }
     }
 }
@@ -91,6 +91,7 @@ impl From<AnswerError> for Status {
             AnswerError::NotActive(_) | AnswerError::WrongPhase { .. } => Status::failed_precondition(e.to_string()),
             AnswerError::NotInCohort => Status::permission_denied(e.to_string()),
             AnswerError::Invalid(_) | AnswerError::Refused(_) => Status::invalid_argument(e.to_string()),
+            AnswerError::Unavailable(_) => Status::unavailable(e.to_string()),
             AnswerError::Store(s) => s.into(),
         }
     }

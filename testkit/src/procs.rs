@@ -44,6 +44,23 @@ impl Coordinator {
         Self { home, child: None, url: String::new() }
     }
 
+    /// An aggregator process (`serve --role aggregator`) in `dir/<name>`, with `of`'s TLS
+    /// material (the deployment's CA, its server certificate), releasing sums of at least
+    /// `floor` contributors; started.
+    pub fn aggregator(dir: &Path, name: &str, of: &Coordinator, floor: u64) -> Self {
+        let home = dir.join(name);
+        crate::init_loopback_home(&home);
+        for f in ["ca.pem", "server.pem", "server.key", "role.pem", "role.key"] {
+            std::fs::copy(of.home.join("tls").join(f), home.join("tls").join(f)).unwrap();
+        }
+        let mut agg = Self { home, child: None, url: String::new() };
+        agg.edit_config(|c| c.rounds.min_shard_contributors = floor);
+        let mut cmd = Command::new(coordinator_bin());
+        cmd.args(["serve", "--role", "aggregator", "--home"]).arg(&agg.home);
+        agg.spawn(cmd);
+        agg
+    }
+
     /// Changes coordinator.toml (before [`Self::start`]).
     pub fn edit_config(&self, edit: impl FnOnce(&mut CoordinatorConfig)) {
         let mut cfg = CoordinatorConfig::load(&self.home).unwrap();

@@ -32,6 +32,7 @@ use spa_aggregation::SecAggError;
 use crate::store::StoreError;
 
 mod round_loop;
+mod shards;
 mod state;
 
 pub use crate::store::records::{DeviceMetrics, DropReason, Dropout, RoundPlan, RoundRecord, RoundState, RunRecord, RunState};
@@ -58,6 +59,9 @@ pub enum RoundError {
     NoSuchRound(u64),
     #[error("aborted: {0}")]
     Aborted(String),
+    /// No shard of the round is left to release a sum (a lone shard's reason, else each's).
+    #[error("secure aggregation: {0}")]
+    Shards(String),
     #[error("aborted: aborted by the operator")]
     AbortedByOperator,
     /// State the coordinator itself keeps is missing or broken.

@@ -5,16 +5,19 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use spa_aggregation::shards::{self, Closed};
+use spa_aggregation::shards;
 use spa_aggregation::strategy::{ServerOptimizer, StrategyConfig};
-use spa_aggregation::{Encoding, SecAggError, SessionConfig, ShardedOutput, ShardedServer};
+use spa_aggregation::{Encoding, SessionConfig};
 use spa_model::side::ParamSet;
 use spa_proto::auth::now_ms;
 use spa_proto::secagg;
 use spa_proto::v1;
+use spa_proto::v1::ShardPhase;
+use spa_proto::v1::close_shard_response::Result as Closed;
 use spa_proto::v1::poll_response::Task;
 
 use super::RoundError;
+use super::shards::ShardSet;
 use super::state::{Active, EvalNotice, Rounds};
 use crate::metrics::{METRICS, Outcome, Phase, Reason};
 use crate::store::Store;
@@ -136,7 +139,14 @@ async fn next_round(rounds: &Arc<Rounds>, lease: &Lease) -> Result<bool, RoundEr
     // Every log line of the round carries its id (and, from `enter` on, its phase).
     let span = tracing::info_span!("round", round = rec.round_id, run = run.run_id);
     let result = tracing::Instrument::instrument(run_round(rounds, lease, &mut rec), span).await;
-    *lock(&rounds.active) = None;
+    if let Some(a) = lock(&rounds.active).take() {
+        // Shards that did not release (an abort) are forgotten where they ran.
+        tokio::spawn(async move {
+            for (s, host) in a.agg.running() {
+                host.drop_shard(a.agg.key(s)).await;
+            }
+        });
+    }
     lock(&rounds.abort_request).take_if(|id| *id == rec.round_id);
     let outcome = if result.is_ok() { "committed" } else { "aborted" };
     METRICS.rounds.get_or_create(&Outcome { outcome: outcome.into() }).inc();
@@ -193,26 +203,23 @@ async fn run_round(rounds: &Rounds, lease: &Lease, rec: &mut RoundRecord) -> Res
     collect(rounds, rec, train_deadline).await?;
 
     // ShareKeys: encrypted Shamir shares routed between neighbours.
-    let reqs = close_shards(rounds, rec, |s| s.close_advertise())?;
-    let tasks = reqs.iter().map(|(seat, r)| (*seat, Task::ShareKeys(secagg::share_keys_task(rec.round_id, r)))).collect();
+    let tasks = close_shards(rounds, rec, ShardPhase::Advertise).await?;
     enter(rounds, lease, rec, RoundState::ShareKeys, tasks).await?;
     collect(rounds, rec, Instant::now() + phase).await?;
 
     // MaskedInput: masked, quantized updates uploaded.
-    let reqs = close_shards(rounds, rec, |s| s.close_share_keys())?;
-    let tasks = reqs.iter().map(|(seat, r)| (*seat, Task::MaskedInput(secagg::masked_input_task(rec.round_id, &r.shares)))).collect();
+    let tasks = close_shards(rounds, rec, ShardPhase::ShareKeys).await?;
     enter(rounds, lease, rec, RoundState::MaskedInput, tasks).await?;
     collect(rounds, rec, Instant::now() + phase).await?;
 
     // Unmask: survivors reveal shares; dropped devices' masks are removed (a shard below its
     // floor fails at this close, before any of its shares are asked for).
-    let reqs = close_shards(rounds, rec, |s| s.close_masked_inputs())?;
-    enough(rec, reqs.len(), "masked inputs arrived")?;
-    let tasks = reqs.iter().map(|(seat, r)| (*seat, Task::Unmask(secagg::unmask_task(rec.round_id, r)))).collect();
+    let tasks = close_shards(rounds, rec, ShardPhase::MaskedInput).await?;
+    enough(rec, tasks.len(), "masked inputs arrived")?;
     enter(rounds, lease, rec, RoundState::Unmask, tasks).await?;
     collect(rounds, rec, Instant::now() + phase).await?;
     let out = remove_masks(rounds, rec).await?;
-    enough(rec, out.contributors().count(), "updates are in the released sums")?;
+    enough(rec, out.iter().map(|(_, c)| c.len()).sum(), "updates are in the released sums")?;
 
     commit(rounds, lease, rec, global, &session, strategy, out).await
 }
@@ -281,8 +288,10 @@ async fn open_session(
     }
     session.deadlines.advertise_ms = rec.plan.deadline_secs as u64 * 1000;
     session.validate()?;
-    let agg = ShardedServer::new(shards::sessions(&session, placed)?, floor)?;
-    rec.shards = agg.shards().iter().map(|s| ShardSummary { devices: s.members.len(), floor: s.server.min_clients(), ..Default::default() }).collect();
+    let agg = ShardSet::open(rec.round_id, shards::sessions(&session, placed)?, floor, &rounds.hosts).await;
+    rec.shards = (agg.slots.iter())
+        .map(|s| ShardSummary { devices: s.members.len(), floor: s.min_clients, aggregator: s.host.name().to_string(), ..Default::default() })
+        .collect();
     let seats: HashMap<String, u32> = cohort.iter().enumerate().map(|(i, d)| (d.clone(), i as u32 + 1)).collect();
     rec.cohort = cohort;
     rec.base_version = base_version;
@@ -301,19 +310,20 @@ async fn open_session(
     Ok((global, session, tasks))
 }
 
-/// Every seat's training request, with its shard's session and its client id there.
-fn train_tasks(rec: &RoundRecord, agg: &ShardedServer, strategy: &StrategyConfig) -> BTreeMap<u32, Task> {
-    let config_json: Vec<String> = agg.shards().iter().map(|s| secagg::config_to_json(s.server.config())).collect();
+/// Every seat's training request, with its shard's session and its client id there (none
+/// for the seats of a shard no host took).
+fn train_tasks(rec: &RoundRecord, agg: &ShardSet, strategy: &StrategyConfig) -> BTreeMap<u32, Task> {
     let plan = &rec.plan;
     (1..=rec.cohort.len() as u32)
         .filter_map(|seat| {
             let (shard, local) = agg.seat(seat)?;
+            let slot = agg.slots.get(shard).filter(|s| s.failed.is_none())?;
             Some((
                 seat,
                 Task::Train(v1::TrainTask {
                     round_id: rec.round_id,
                     global_version: rec.base_version,
-                    session_config_json: config_json[shard].clone(),
+                    session_config_json: slot.config_json.clone(),
                     client_id: local,
                     local_epochs: plan.local_epochs,
                     lr: plan.lr,
@@ -388,29 +398,75 @@ fn close_phase(rounds: &Rounds, rec: &mut RoundRecord, deadline: Instant, starte
     Ok(true)
 }
 
-/// Closes a phase in every running shard; the shards that failed at it leave the round with
-/// their devices ([`shards_failed`]). An error (the round aborts) when none is left.
-fn close_shards<R>(
-    rounds: &Rounds,
-    rec: &mut RoundRecord,
-    f: impl FnOnce(&mut ShardedServer) -> Result<Closed<R>, SecAggError>,
-) -> Result<Vec<(u32, R)>, RoundError> {
-    let mut g = lock(&rounds.active);
+/// Closes `phase` in every running shard at once; the shards that failed at it (or since
+/// the last close) leave the round with their devices ([`shards_failed`]). Returns what each
+/// shard that closed answered; an error (the round aborts) when no shard is left.
+async fn close_each(rounds: &Rounds, rec: &mut RoundRecord, phase: ShardPhase) -> Result<Vec<(usize, Closed)>, RoundError> {
+    let (agg_round, running) = {
+        let g = lock(&rounds.active);
+        let a = g.as_ref().ok_or_else(|| RoundError::Internal("no active round".into()))?;
+        (a.agg.round_id, a.agg.running())
+    };
     let started = Instant::now();
+    let answers = futures_util::future::join_all(running.iter().map(|(s, host)| host.close((agg_round, *s as u32), phase))).await;
+    let mut g = lock(&rounds.active);
     let a = g.as_mut().ok_or_else(|| RoundError::Internal("no active round".into()))?;
-    let closed = f(&mut a.agg);
     a.busy += started.elapsed();
-    let closed = closed?;
-    shards_failed(a, rec, &closed.failed);
-    Ok(closed.requests)
+    let mut closed = Vec::new();
+    for ((s, host), answer) in running.into_iter().zip(answers) {
+        match answer.map(|r| r.result) {
+            Ok(Some(Closed::Failed(why))) => a.agg.fail(s, why),
+            Ok(Some(r)) => closed.push((s, r)),
+            Ok(None) => a.agg.fail(s, format!("its aggregator ({}) answered nothing", host.name())),
+            Err(e) => a.agg.fail(s, format!("its aggregator ({}) is gone: {}", host.name(), e.message())),
+        }
+    }
+    closed.retain(|(s, _)| a.agg.slots[*s].failed.is_none());
+    shards_failed(a, rec);
+    match a.agg.all_failed() {
+        Some(why) => Err(RoundError::Shards(why)),
+        None => Ok(closed),
+    }
 }
 
-/// Shards that released nothing: each of their devices still in the round leaves it with
-/// the shard's reason, and the record says why.
-fn shards_failed(a: &Active, rec: &mut RoundRecord, failed: &[(usize, String)]) {
-    for (s, why) in failed {
+/// Closes a phase that hands out requests: each running shard's requests, as the tasks of
+/// the next phase by global seat. A shard answering with another phase's result, or a
+/// client it does not have, fails.
+async fn close_shards(rounds: &Rounds, rec: &mut RoundRecord, phase: ShardPhase) -> Result<BTreeMap<u32, Task>, RoundError> {
+    let closed = close_each(rounds, rec, phase).await?;
+    let mut g = lock(&rounds.active);
+    let a = g.as_mut().ok_or_else(|| RoundError::Internal("no active round".into()))?;
+    let mut tasks = BTreeMap::new();
+    for (s, r) in closed {
+        let reqs: Vec<(u32, Task)> = match (phase, r) {
+            (ShardPhase::Advertise, Closed::ShareKeys(r)) => r.clients.into_iter().zip(r.tasks.into_iter().map(Task::ShareKeys)).collect(),
+            (ShardPhase::ShareKeys, Closed::MaskedInput(r)) => r.clients.into_iter().zip(r.tasks.into_iter().map(Task::MaskedInput)).collect(),
+            (ShardPhase::MaskedInput, Closed::Unmask(r)) => r.clients.into_iter().zip(r.tasks.into_iter().map(Task::Unmask)).collect(),
+            _ => {
+                a.agg.fail(s, format!("its aggregator answered the close of {phase:?} with another phase's result"));
+                continue;
+            }
+        };
+        let slot = &a.agg.slots[s];
+        match reqs.into_iter().map(|(local, t)| slot.global(local).map(|g| (g, t))).collect::<Option<Vec<_>>>() {
+            Some(seated) => tasks.extend(seated),
+            None => a.agg.fail(s, "its aggregator named a client the shard does not have".into()),
+        }
+    }
+    shards_failed(a, rec);
+    tasks.retain(|seat, _| a.agg.seat(*seat).is_some_and(|(s, _)| a.agg.slots[s].failed.is_none()));
+    match a.agg.all_failed() {
+        Some(why) => Err(RoundError::Shards(why)),
+        None => Ok(tasks),
+    }
+}
+
+/// Shards whose failure is not in the record yet: each of their devices still in the round
+/// leaves it with the shard's reason, and the record says why.
+fn shards_failed(a: &mut Active, rec: &mut RoundRecord) {
+    for (s, why) in a.agg.take_unreported() {
         tracing::warn!(shard = s, "shard released nothing: {why}");
-        for &seat in &a.agg.shards()[*s].members {
+        for &seat in &a.agg.slots[s].members {
             if let Some(device) = rec.cohort.get(seat as usize - 1)
                 && !rec.dropouts.contains_key(device)
             {
@@ -418,8 +474,8 @@ fn shards_failed(a: &Active, rec: &mut RoundRecord, failed: &[(usize, String)]) 
                 rec.dropouts.insert(device.clone(), Dropout { phase: rec.state, reason: DropReason::ShardFailed(why.clone()) });
             }
         }
-        if let Some(summary) = rec.shards.get_mut(*s) {
-            summary.failed = Some(why.clone());
+        if let Some(summary) = rec.shards.get_mut(s) {
+            summary.failed = Some(why);
         }
     }
 }
@@ -432,22 +488,37 @@ fn enough(rec: &RoundRecord, have: usize, what: &str) -> Result<(), RoundError> 
     Ok(())
 }
 
-/// Mask removal is the heavy step: it runs on a blocking thread (rayon inside) on a copy of
-/// the shards' state, so the lock that device polls take is not held meanwhile.
-async fn remove_masks(rounds: &Rounds, rec: &mut RoundRecord) -> Result<ShardedOutput, RoundError> {
-    let mut agg = lock(&rounds.active).as_ref().ok_or_else(|| RoundError::Internal("no active round".into()))?.agg.clone();
-    let started = Instant::now();
-    let (out, agg) = tokio::task::spawn_blocking(move || (agg.close_unmask(), agg)).await.map_err(|e| RoundError::Internal(format!("unmask task: {e}")))?;
+/// The released sums: each shard's sum (mask removal, the heavy step, runs where the shard
+/// does) and its contributors as global seats.
+async fn remove_masks(rounds: &Rounds, rec: &mut RoundRecord) -> Result<Vec<(Vec<u32>, Vec<u32>)>, RoundError> {
+    let closed = close_each(rounds, rec, ShardPhase::Unmask).await?;
     let mut g = lock(&rounds.active);
     let a = g.as_mut().ok_or_else(|| RoundError::Internal("no active round".into()))?;
-    a.busy += started.elapsed();
-    a.agg = agg;
-    let out = out?;
-    shards_failed(a, rec, &out.failed);
-    for (s, o) in &out.released {
-        rec.shards[*s].contributors = o.contributors.len();
+    let mut out = Vec::new();
+    for (s, r) in closed {
+        let slot = &a.agg.slots[s];
+        let sum = match r {
+            Closed::Sum(sum) => sum,
+            _ => {
+                a.agg.fail(s, "its aggregator answered the unmask close with requests".into());
+                continue;
+            }
+        };
+        let lanes = secagg::lanes_from_bytes(&sum.lanes).ok().filter(|l| l.len() as u64 == a.agg.m);
+        let seats: Option<Vec<u32>> = sum.contributors.iter().map(|&c| slot.global(c)).collect();
+        match (lanes, seats) {
+            (Some(lanes), Some(seats)) if seats.len() >= slot.min_clients => {
+                rec.shards[s].contributors = seats.len();
+                out.push((lanes, seats));
+            }
+            _ => a.agg.fail(s, "its aggregator released a sum of the wrong length, of clients it does not have, or below its floor".into()),
+        }
     }
-    Ok(out)
+    shards_failed(a, rec);
+    match a.agg.all_failed() {
+        Some(why) => Err(RoundError::Shards(why)),
+        None => Ok(out),
+    }
 }
 
 /// Committed: the decoded mean goes through the server strategy; checkpoint, record and
@@ -459,11 +530,12 @@ async fn commit(
     global: ParamSet,
     session: &SessionConfig,
     strategy: StrategyConfig,
-    out: ShardedOutput,
+    out: Vec<(Vec<u32>, Vec<u32>)>,
 ) -> Result<(), RoundError> {
     let store = &rounds.store;
     let started = Instant::now();
-    let (mean_delta, total_w) = out.decode_mean(session)?;
+    let sums: Vec<(&[u32], usize)> = out.iter().map(|(sum, seats)| (sum.as_slice(), seats.len())).collect();
+    let (mean_delta, total_w) = session.decode_mean_of(&sums)?;
     let mut optimizer = match store.optimizer().await? {
         Some(o) if o.config == strategy => o,
         _ => ServerOptimizer::new(strategy)?,
@@ -472,7 +544,7 @@ async fn commit(
     optimizer.apply(&mut flat, &mean_delta)?;
     let new_global = global.with_flat(&flat).map_err(|e| RoundError::Internal(e.to_string()))?;
     let version = rec.base_version + 1;
-    let mut seats: Vec<u32> = out.contributors().collect();
+    let mut seats: Vec<u32> = out.iter().flat_map(|(_, seats)| seats.iter().copied()).collect();
     seats.sort_unstable();
     rec.contributors = seats.iter().filter_map(|&s| rec.cohort.get(s as usize - 1).cloned()).collect();
     rec.state = RoundState::Committed;
@@ -493,7 +565,7 @@ async fn commit(
         round = rec.round_id,
         version,
         contributors = rec.contributors.len(),
-        shards = out.released.len(),
+        shards = out.len(),
         total_weight = total_w,
         "global version committed"
     );

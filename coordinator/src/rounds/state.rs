@@ -4,14 +4,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use spa_aggregation::messages::{AdvertiseKeys, ShareKeysResponse, UnmaskResponse};
-use spa_aggregation::{SecAggError, SecAggServer, ShardedServer};
 use spa_proto::auth::now_ms;
 use spa_proto::v1;
 use spa_proto::v1::poll_response::Task;
 use tokio::sync::Notify;
 
 use super::RoundError;
+use super::shards::ShardSet;
+use crate::aggregator::{ShardCall, ShardHost};
 use crate::config::RoundsSection;
 use crate::lock;
 use crate::store::records::{DeviceMetrics, DropReason, Dropout, Lease, RoundPlan, RoundState};
@@ -22,7 +22,7 @@ use crate::store::{Store, StoreError};
 pub(super) struct Active {
     pub round_id: u64,
     pub state: RoundState,
-    pub agg: ShardedServer,
+    pub agg: ShardSet,
     pub seats: HashMap<String, u32>,
     /// This phase's request per seat that has not answered yet.
     pub tasks: BTreeMap<u32, Task>,
@@ -69,10 +69,12 @@ pub struct Rounds {
     pub(super) holder: String,
     pub(super) url: String,
     lease: Mutex<Option<Lease>>,
+    /// Where shards run: this process, or the configured aggregators.
+    pub(super) hosts: Vec<ShardHost>,
 }
 
 impl Rounds {
-    pub fn new(store: Store, cfg: RoundsSection, url: String) -> Arc<Self> {
+    pub fn new(store: Store, cfg: RoundsSection, url: String, hosts: Vec<ShardHost>) -> Arc<Self> {
         Arc::new(Self {
             store,
             cfg,
@@ -85,6 +87,7 @@ impl Rounds {
             holder: format!("{}-{}", std::process::id(), hex::encode(spa_proto::auth::random_bytes::<6>())),
             url,
             lease: Mutex::new(None),
+            hosts,
         })
     }
 
@@ -133,70 +136,84 @@ impl Rounds {
         Task::Idle(v1::Idle { retry_after_ms: retry_after(1000, online) })
     }
 
-    /// Runs `f` on the SecAgg+ session of `device`'s shard, with its client id there, if it
-    /// holds a seat in `round_id` and the round is in `state`; marks the seat as answered.
-    fn answer<R>(
-        &self,
-        device: &str,
-        round_id: u64,
-        client_id: u32,
-        state: RoundState,
-        f: impl FnOnce(&mut SecAggServer, u32) -> Result<R, SecAggError>,
-    ) -> Result<R, AnswerError> {
-        let mut g = lock(&self.active);
+    /// Forwards a device's answer to its shard's host, if it holds a seat in `round_id`
+    /// whose request of `state` is pending and `client_id` is its id in its shard; the seat
+    /// is answered once the host took it. A refusal takes the seat out of the phase; a host
+    /// that is gone takes its whole shard out of the round.
+    async fn answer(&self, device: &str, round_id: u64, client_id: u32, state: RoundState, call: ShardCall) -> Result<(), AnswerError> {
+        let (host, shard, seat) = {
+            let mut g = lock(&self.active);
+            let a = g.as_mut().filter(|a| a.round_id == round_id).ok_or(AnswerError::NotActive(round_id))?;
+            let seat = *a.seats.get(device).ok_or(AnswerError::NotInCohort)?;
+            let (shard, local) = a.agg.seat(seat).ok_or(AnswerError::NotInCohort)?;
+            if client_id != local {
+                return Err(AnswerError::Invalid(format!("client id {client_id} is not this device's seat {local}")));
+            }
+            if a.state != state {
+                return Err(AnswerError::WrongPhase { expected: state.name(), actual: a.state.name() });
+            }
+            // Reserved while the host takes it: a second copy meanwhile is refused.
+            if a.answered.contains(&seat) {
+                return Err(AnswerError::Invalid("already answered this phase".into()));
+            }
+            if !a.tasks.contains_key(&seat) {
+                return Err(AnswerError::Invalid("no request of this phase is pending for this device (it dropped out earlier)".into()));
+            }
+            if let Some(why) = &a.agg.slots[shard].failed {
+                return Err(AnswerError::Invalid(format!("this device's shard left the round: {why}")));
+            }
+            a.answered.insert(seat);
+            (a.agg.slots[shard].host.clone(), shard, seat)
+        };
         let started = Instant::now();
-        let a = g.as_mut().filter(|a| a.round_id == round_id).ok_or(AnswerError::NotActive(round_id))?;
-        let seat = *a.seats.get(device).ok_or(AnswerError::NotInCohort)?;
-        let (_, local) = a.agg.seat(seat).ok_or(AnswerError::NotInCohort)?;
-        if client_id != local {
-            return Err(AnswerError::Invalid(format!("client id {client_id} is not this device's seat {local}")));
-        }
-        if a.state != state {
-            return Err(AnswerError::WrongPhase { expected: state.name(), actual: a.state.name() });
-        }
-        if a.answered.contains(&seat) {
-            return Err(AnswerError::Invalid("already answered this phase".into()));
-        }
-        if !a.tasks.contains_key(&seat) {
-            return Err(AnswerError::Invalid("no request of this phase is pending for this device (it dropped out earlier)".into()));
-        }
-        let r = match a.agg.with_seat(seat, f) {
-            Ok(r) => r,
+        let r = host.send((round_id, shard as u32), call).await;
+        let mut g = lock(&self.active);
+        // The phase may have closed meanwhile: what the shard took before its close counts
+        // there, and this seat's request of the next phase must stay.
+        let Some(a) = g.as_mut().filter(|a| a.round_id == round_id && a.state == state) else {
+            return r.map_err(|e| AnswerError::Refused(e.message().to_string()));
+        };
+        a.busy += started.elapsed();
+        let out = match r {
+            Ok(()) => {
+                a.tasks.remove(&seat);
+                Ok(())
+            }
+            Err(e) if host_lost(e.code()) => {
+                // The shard is out of the round: none of its devices is asked anything more.
+                a.answered.remove(&seat);
+                let why = format!("its aggregator ({}) is gone: {}", host.name(), e.message());
+                tracing::warn!(shard, "{why}");
+                a.agg.fail(shard, why.clone());
+                for m in a.agg.slots[shard].members.clone() {
+                    a.leave(m, Dropout { phase: state, reason: DropReason::ShardFailed(why.clone()) });
+                }
+                Err(AnswerError::Unavailable(why))
+            }
             Err(e) => {
-                // The SecAgg+ server refused it: this seat is out of the phase (a dropout), so
-                // the phase need not wait for its deadline.
-                a.leave(seat, Dropout { phase: state, reason: DropReason::Refused(e.to_string()) });
-                drop(g);
-                self.wake.notify_one();
-                return Err(AnswerError::Refused(e));
+                a.answered.remove(&seat);
+                a.leave(seat, Dropout { phase: state, reason: DropReason::Refused(e.message().to_string()) });
+                Err(AnswerError::Refused(e.message().to_string()))
             }
         };
-        a.answered.insert(seat);
-        a.tasks.remove(&seat);
-        a.busy += started.elapsed();
         drop(g);
         self.wake.notify_one();
-        Ok(r)
+        out
     }
 
-    pub fn advertise(&self, device: &str, identity_pk: [u8; 32], m: AdvertiseKeys) -> Result<(), AnswerError> {
+    pub async fn advertise(&self, device: &str, identity_pk: [u8; 32], m: v1::AdvertiseKeysMsg) -> Result<(), AnswerError> {
         let (round, id) = (m.round_id, m.client_id);
-        self.answer(device, round, id, RoundState::Training, |s, _| s.handle_advertise(m, identity_pk))
+        self.answer(device, round, id, RoundState::Training, ShardCall::Advertise { identity_pk: identity_pk.to_vec(), msg: m }).await
     }
 
-    pub fn share_keys(&self, device: &str, round_id: u64, m: ShareKeysResponse) -> Result<(), AnswerError> {
-        let id = m.client_id;
-        self.answer(device, round_id, id, RoundState::ShareKeys, |s, _| s.handle_share_keys(m))
+    pub async fn share_keys(&self, device: &str, m: v1::ShareKeysMsg) -> Result<(), AnswerError> {
+        let (round, id) = (m.round_id, m.client_id);
+        self.answer(device, round, id, RoundState::ShareKeys, ShardCall::ShareKeys(m)).await
     }
 
     /// A complete, verified masked vector.
-    pub fn masked_input(&self, device: &str, round_id: u64, client_id: u32, lanes: &[u32]) -> Result<(), AnswerError> {
-        self.answer(device, round_id, client_id, RoundState::MaskedInput, |s, local| {
-            for (k, c) in lanes.chunks(spa_aggregation::client::FRAME_LANES).enumerate() {
-                s.handle_masked_chunk(local, (k * spa_aggregation::client::FRAME_LANES) as u64, c)?;
-            }
-            Ok(())
-        })
+    pub async fn masked_input(&self, device: &str, round_id: u64, client_id: u32, lanes: Vec<u32>) -> Result<(), AnswerError> {
+        self.answer(device, round_id, client_id, RoundState::MaskedInput, ShardCall::Masked { client_id, lanes }).await
     }
 
     /// A device's masked upload broke (cut off, truncated, not matching its hash): its seat
@@ -222,12 +239,12 @@ impl Rounds {
 
     /// The number of lanes the active round expects from a seat (to bound an upload).
     pub fn expected_lanes(&self, round_id: u64) -> Option<u64> {
-        lock(&self.active).as_ref().filter(|a| a.round_id == round_id).map(|a| a.agg.config().m)
+        lock(&self.active).as_ref().filter(|a| a.round_id == round_id).map(|a| a.agg.m)
     }
 
-    pub fn unmask(&self, device: &str, round_id: u64, m: UnmaskResponse) -> Result<(), AnswerError> {
-        let id = m.client_id;
-        self.answer(device, round_id, id, RoundState::Unmask, |s, _| s.handle_unmask(m))
+    pub async fn unmask(&self, device: &str, m: v1::UnmaskMsg) -> Result<(), AnswerError> {
+        let (round, id) = (m.round_id, m.client_id);
+        self.answer(device, round, id, RoundState::Unmask, ShardCall::Unmask(m)).await
     }
 
     /// A device's held-out metrics on a committed version.
@@ -330,9 +347,19 @@ pub enum AnswerError {
     Invalid(String),
     /// The SecAgg+ server refused the answer; the seat is out of the round.
     #[error("secure aggregation refused the answer: {0}")]
-    Refused(SecAggError),
+    Refused(String),
+    /// The aggregator running this device's shard is gone; the shard is out of the round.
+    #[error("{0}")]
+    Unavailable(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// Whether a host's error means the host (and the shard it held) is gone rather than that
+/// it refused this message: unreachable, timed out, or restarted without the shard.
+fn host_lost(code: tonic::Code) -> bool {
+    use tonic::Code::*;
+    matches!(code, Unavailable | Cancelled | DeadlineExceeded | Unknown | NotFound | Internal)
 }
 
 /// How long a device waits before its next poll: `base_ms`, longer with many `devices`, so

@@ -206,6 +206,9 @@ pub struct ShardSummary {
     pub contributors: usize,
     /// Why it released nothing, if so.
     pub failed: Option<String>,
+    /// Where it ran: "this process" (the leader) or an aggregator's URL.
+    #[serde(default)]
+    pub aggregator: String,
 }
 
 impl RoundRecord {

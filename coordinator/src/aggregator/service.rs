@@ -1,0 +1,144 @@
+//! `spa-coordinator serve --role aggregator`: the Aggregator service alone, over mutual TLS
+//! (a caller must present a certificate from the deployment's CA with client use: the
+//! leader's role certificate). No backbone, no store: a shard's state is in memory only.
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use spa_proto::limits::CHUNK_BYTES;
+use spa_proto::secagg;
+use spa_proto::v1::aggregator_server::{Aggregator, AggregatorServer};
+use spa_proto::v1::*;
+use tokio::sync::oneshot;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::ROLE_MESSAGE_BYTES;
+use super::table::{ShardCall, ShardTable, key_of};
+use crate::config::CoordinatorConfig;
+use crate::error::{CoordinatorError, Result, io};
+
+pub struct AggregatorService(pub Arc<ShardTable>);
+
+fn missing(what: &str) -> Status {
+    Status::invalid_argument(format!("missing {what}"))
+}
+
+#[tonic::async_trait]
+impl Aggregator for AggregatorService {
+    async fn open_shard(&self, req: Request<OpenShardRequest>) -> std::result::Result<Response<Ack>, Status> {
+        self.0.open(req.get_ref())?;
+        Ok(Response::new(Ack {}))
+    }
+
+    async fn shard_advertise(&self, req: Request<ShardAdvertiseMsg>) -> std::result::Result<Response<Ack>, Status> {
+        let m = req.into_inner();
+        let msg = m.msg.ok_or_else(|| missing("msg"))?;
+        self.0.apply(key_of(m.key.as_ref())?, ShardCall::Advertise { identity_pk: m.identity_pk, msg })?;
+        Ok(Response::new(Ack {}))
+    }
+
+    async fn shard_share_keys(&self, req: Request<ShardShareKeysMsg>) -> std::result::Result<Response<Ack>, Status> {
+        let m = req.into_inner();
+        self.0.apply(key_of(m.key.as_ref())?, ShardCall::ShareKeys(m.msg.ok_or_else(|| missing("msg"))?))?;
+        Ok(Response::new(Ack {}))
+    }
+
+    async fn shard_masked(&self, req: Request<Streaming<ShardMaskedMsg>>) -> std::result::Result<Response<Ack>, Status> {
+        use shard_masked_msg::Kind;
+        let mut stream = req.into_inner();
+        let Some(ShardMaskedMsg { kind: Some(Kind::Header(h)) }) = stream.message().await? else {
+            return Err(Status::invalid_argument("a masked upload starts with its header"));
+        };
+        let key = key_of(h.key.as_ref())?;
+        let m = self.0.lanes(key)?;
+        if h.lanes != m {
+            return Err(Status::invalid_argument(format!("upload declares {} lanes, the shard has {m}", h.lanes)));
+        }
+        let mut bytes = Vec::with_capacity(m as usize * 4);
+        while let Some(msg) = stream.message().await? {
+            let Some(Kind::Lanes(b)) = msg.kind else { return Err(Status::invalid_argument("a second header in one upload")) };
+            if b.len() > CHUNK_BYTES || (bytes.len() + b.len()) as u64 > m * 4 {
+                return Err(Status::invalid_argument("upload chunk too large or past the declared lanes"));
+            }
+            bytes.extend_from_slice(&b);
+        }
+        if bytes.len() as u64 != m * 4 {
+            return Err(Status::invalid_argument(format!("upload truncated: {} of {} bytes", bytes.len(), m * 4)));
+        }
+        self.0.apply(key, ShardCall::Masked { client_id: h.client_id, lanes: secagg::lanes_from_bytes(&bytes)? })?;
+        Ok(Response::new(Ack {}))
+    }
+
+    async fn shard_unmask(&self, req: Request<ShardUnmaskMsg>) -> std::result::Result<Response<Ack>, Status> {
+        let m = req.into_inner();
+        self.0.apply(key_of(m.key.as_ref())?, ShardCall::Unmask(m.msg.ok_or_else(|| missing("msg"))?))?;
+        Ok(Response::new(Ack {}))
+    }
+
+    async fn close_shard(&self, req: Request<CloseShardRequest>) -> std::result::Result<Response<CloseShardResponse>, Status> {
+        let r = req.into_inner();
+        let key = key_of(r.key.as_ref())?;
+        let phase = ShardPhase::try_from(r.phase).map_err(|_| Status::invalid_argument(format!("unknown phase {}", r.phase)))?;
+        let t = self.0.clone();
+        let out = tokio::task::spawn_blocking(move || t.close(key, phase)).await.map_err(|e| Status::internal(format!("close task: {e}")))??;
+        Ok(Response::new(out))
+    }
+
+    async fn drop_shard(&self, req: Request<ShardKey>) -> std::result::Result<Response<Ack>, Status> {
+        let r = req.get_ref();
+        self.0.drop_shard((r.round_id, r.shard));
+        Ok(Response::new(Ack {}))
+    }
+}
+
+/// A running aggregator.
+pub struct RunningAggregator {
+    pub addr: SocketAddr,
+    pub table: Arc<ShardTable>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::result::Result<(), tonic::transport::Error>>,
+}
+
+impl RunningAggregator {
+    pub async fn shutdown(mut self) -> Result<()> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        self.task.await.map_err(|e| CoordinatorError::Other(e.to_string()))??;
+        Ok(())
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(io(path))
+}
+
+/// Starts the aggregator role of `home`: `[server] listen`, its server certificate, the CA
+/// as the only root for callers, `[rounds] min_shard_contributors` as its own floor.
+pub async fn start(home: &Path) -> Result<RunningAggregator> {
+    let cfg = CoordinatorConfig::load(home)?;
+    let s = &cfg.server;
+    crate::server::check_secret_mode(&cfg.resolve(home, &s.key))?;
+    let (cert, key, ca) = (read(&cfg.resolve(home, &s.cert))?, read(&cfg.resolve(home, &s.key))?, read(&cfg.resolve(home, &s.ca_cert))?);
+    let table = Arc::new(ShardTable::new(cfg.rounds.min_shard_contributors as usize));
+    let listener = tokio::net::TcpListener::bind(&s.listen).await.map_err(|e| CoordinatorError::Config(format!("cannot listen on {}: {e}", s.listen)))?;
+    let addr = listener.local_addr().map_err(|e| CoordinatorError::Other(format!("listener address: {e}")))?;
+    let lim = &cfg.limits;
+    let tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key)).client_ca_root(Certificate::from_pem(ca));
+    let router = Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(lim.keepalive_secs)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(lim.keepalive_timeout_secs)))
+        .tls_config(tls.timeout(Duration::from_secs(lim.tls_handshake_secs)))?
+        .add_service(AggregatorServer::new(AggregatorService(table.clone())).max_decoding_message_size(ROLE_MESSAGE_BYTES).max_encoding_message_size(ROLE_MESSAGE_BYTES));
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+        let _ = stop_rx.await;
+    }));
+    let addr_file = home.join(crate::server::ADDR_FILE);
+    std::fs::write(&addr_file, format!("https://{addr}\n")).map_err(io(&addr_file))?;
+    tracing::info!(%addr, floor = cfg.rounds.min_shard_contributors, "aggregator serving (mutual TLS)");
+    Ok(RunningAggregator { addr, table, stop: Some(stop_tx), task })
+}
