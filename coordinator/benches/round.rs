@@ -19,6 +19,7 @@ use rand_chacha::ChaCha20Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use spa_aggregation::sim::identity;
 use spa_aggregation::{ClientIncoming, ClientOutgoing, ClientState, IdentitySigner};
+use spa_coordinator::aggregator::{ShardHost, ShardTable};
 use spa_coordinator::config::RoundsSection;
 use spa_coordinator::rounds::{RoundPlan, RoundState, Rounds, round_loop};
 use spa_coordinator::store::{Store, TokenRecord, token_hash};
@@ -47,14 +48,14 @@ async fn device<K: IdentitySigner + Send + Sync + 'static>(rounds: Arc<Rounds>, 
                 let delta: Vec<f32> = (0..cfg.m - 1).map(|_| (rng.next_u32() as f32 / u32::MAX as f32 - 0.5) * 0.01).collect();
                 let input = q.encode(&delta, 10, &mut rng).unwrap();
                 let (st, adv) = ClientState::start(t.client_id, cfg, &key, ChaCha20Rng::seed_from_u64(rng.next_u64())).unwrap();
-                rounds.advertise(&id, pk, adv).unwrap();
+                rounds.advertise(&id, pk, secagg::advertise_to_wire(&adv)).await.unwrap();
                 state = Some((t.round_id, t.client_id, st, input));
             }
             Task::ShareKeys(t) => {
                 let (r, seat, st, input) = state.take().unwrap();
                 let (st, out) = st.handle(ClientIncoming::ShareKeys(secagg::share_keys_request(&t).unwrap())).unwrap();
                 let Some(ClientOutgoing::ShareKeys(resp)) = out.into_iter().next() else { panic!() };
-                rounds.share_keys(&id, t.round_id, resp).unwrap();
+                rounds.share_keys(&id, secagg::share_keys_to_wire(t.round_id, &resp)).await.unwrap();
                 state = Some((r, seat, st, input));
             }
             Task::MaskedInput(t) if !drops => {
@@ -62,14 +63,14 @@ async fn device<K: IdentitySigner + Send + Sync + 'static>(rounds: Arc<Rounds>, 
                 let (st, _) = st.handle(ClientIncoming::MaskedInputRequest(secagg::masked_input_request(&t))).unwrap();
                 let (st, out) = st.handle(ClientIncoming::Input(input)).unwrap();
                 let Some(ClientOutgoing::MaskedInput(masked)) = out.into_iter().next() else { panic!() };
-                rounds.masked_input(&id, t.round_id, seat, &masked.into_vec()).unwrap();
+                rounds.masked_input(&id, t.round_id, seat, masked.into_vec()).await.unwrap();
                 state = Some((r, seat, st, vec![]));
             }
             Task::Unmask(t) => {
                 let (_, _, st, _) = state.take().unwrap();
                 let (_, out) = st.handle(ClientIncoming::Unmask(secagg::unmask_request(&t))).unwrap();
                 let Some(ClientOutgoing::Unmask(resp)) = out.into_iter().next() else { panic!() };
-                rounds.unmask(&id, t.round_id, resp).unwrap();
+                rounds.unmask(&id, secagg::unmask_to_wire(t.round_id, &resp)).await.unwrap();
             }
             _ => tokio::time::sleep(Duration::from_millis(20)).await,
         }
@@ -132,9 +133,10 @@ fn main() {
         leader_lease_secs: 10,
         shard_size,
         min_shard_contributors: (shard_size / 2).min(100),
+        aggregators: Vec::new(),
     };
     rt.block_on(async {
-        let hosts = vec![spa_coordinator::aggregator::ShardHost::Local(std::sync::Arc::new(spa_coordinator::aggregator::ShardTable::new(0)))];
+        let hosts = vec![ShardHost::Local(Arc::new(ShardTable::new(0)))];
         let rounds = Rounds::new(store.clone(), cfg, String::new(), hosts);
         tokio::spawn(round_loop(rounds.clone()));
         for (i, (id, key)) in keys.into_iter().enumerate() {

@@ -32,9 +32,7 @@ impl ShardHost {
     /// An aggregator at `url` (`https://host:port`). The channel connects on first use, so a
     /// leader starts while an aggregator is down; a dead peer is found by HTTP/2 pings.
     pub fn remote(url: &str, tls: &RoleTls, call_timeout: Duration) -> Result<Self, String> {
-        let config = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(&tls.ca_pem))
-            .identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem));
+        let config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&tls.ca_pem)).identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem));
         let ep = Endpoint::from_shared(url.to_string())
             .and_then(|e| e.tls_config(config))
             .map_err(|e| format!("aggregator URL '{url}': {e}"))?

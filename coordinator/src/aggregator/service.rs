@@ -131,7 +131,9 @@ pub async fn start(home: &Path) -> Result<RunningAggregator> {
         .http2_keepalive_interval(Some(Duration::from_secs(lim.keepalive_secs)))
         .http2_keepalive_timeout(Some(Duration::from_secs(lim.keepalive_timeout_secs)))
         .tls_config(tls.timeout(Duration::from_secs(lim.tls_handshake_secs)))?
-        .add_service(AggregatorServer::new(AggregatorService(table.clone())).max_decoding_message_size(ROLE_MESSAGE_BYTES).max_encoding_message_size(ROLE_MESSAGE_BYTES));
+        .add_service(
+            AggregatorServer::new(AggregatorService(table.clone())).max_decoding_message_size(ROLE_MESSAGE_BYTES).max_encoding_message_size(ROLE_MESSAGE_BYTES),
+        );
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
