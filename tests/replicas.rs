@@ -8,38 +8,18 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use spa_coordinator::config::StoreBackend;
 use spa_testkit::postgres::Cluster;
 use spa_testkit::procs::{Coordinator, Device, bin};
 
-/// A coordinator on `pg`; with `peer`, sharing its TLS material and admin credential (a
-/// deployment's replicas do: devices trust one CA, operators hold one credential).
+/// A coordinator on `pg`; with `peer`, sharing its TLS material and admin credential.
 fn replica(dir: &Path, name: &str, pg: &Cluster, peer: Option<&Coordinator>) -> Coordinator {
     replica_with(dir, name, pg, peer, &[])
 }
 
 /// [`replica`], its `serve` started with `env` (fault injection).
 fn replica_with(dir: &Path, name: &str, pg: &Cluster, peer: Option<&Coordinator>, env: &[(&str, &str)]) -> Coordinator {
-    let sub = dir.join(name);
-    std::fs::create_dir_all(&sub).unwrap();
-    let mut c = Coordinator::init(&sub, 0);
-    if let Some(p) = peer {
-        for f in std::fs::read_dir(p.home.join("tls")).unwrap() {
-            let f = f.unwrap().path();
-            std::fs::copy(&f, c.home.join("tls").join(f.file_name().unwrap())).unwrap();
-        }
-        std::fs::copy(p.home.join("admin.credential"), c.home.join("admin.credential")).unwrap();
-    }
-    let file = c.home.join("postgres.conninfo");
-    std::fs::write(&file, &pg.conninfo).unwrap();
-    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    c.edit_config(|cfg| {
-        cfg.server.store_backend = StoreBackend::Postgres;
-        cfg.rounds.leader_lease_secs = 1;
-    });
-    let mut cmd = Command::new(spa_testkit::procs::coordinator_bin());
-    cmd.args(["serve", "--home"]).arg(&c.home).envs(env.iter().copied());
-    c.spawn(cmd);
+    let mut c = Coordinator::replica_home(dir, name, pg, peer);
+    c.start_role("all", env);
     c
 }
 
@@ -66,15 +46,11 @@ fn replayed_to_the_other_replica_is_refused(dev: &Device, first: &Coordinator, s
     assert_eq!(codes, [tonic::Code::Ok, tonic::Code::Unauthenticated], "the replay to the second replica");
 }
 
-fn leads(c: &Coordinator) -> bool {
-    c.metrics().lines().any(|l| l == "spa_leader 1")
-}
-
 /// Polls until exactly one of `cs` leads; its index.
 fn one_leader(cs: &[&Coordinator], within: Duration) -> usize {
     let t = Instant::now();
     loop {
-        let leading: Vec<usize> = (0..cs.len()).filter(|&i| leads(cs[i])).collect();
+        let leading: Vec<usize> = (0..cs.len()).filter(|&i| cs[i].leads()).collect();
         if leading.len() == 1 {
             return leading[0];
         }
@@ -136,7 +112,7 @@ fn replicas_share_devices_and_one_leads_until_it_dies() {
     child.kill().unwrap();
     child.wait().unwrap();
     let t = Instant::now();
-    while !leads(survivor) {
+    while !survivor.leads() {
         assert!(t.elapsed() < Duration::from_secs(5), "no takeover within 5 s of the leader's death (lease 1 s)");
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -243,7 +219,7 @@ fn a_leader_frozen_before_its_commit_is_fenced_off_and_one_version_exists() {
     let signal = |s: &str| assert!(Command::new("kill").args([s, &pid]).status().unwrap().success());
     signal("-STOP");
     let t = Instant::now();
-    while !leads(follower) {
+    while !follower.leads() {
         assert!(t.elapsed() < Duration::from_secs(10), "no takeover while the leader was frozen");
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -8,6 +8,7 @@
 //! - [`auth`]: signed device calls and admin calls.
 //! - [`engine`]: the thread that owns the backbone and generation sessions' KV caches.
 //! - [`rounds`]: the federated round loop (selection, SecAgg+ phases, commit) and its state.
+//! - [`aggregator`]: where a round's SecAgg+ shards run (in process, or aggregator processes).
 //! - [`round_service`]: the device-facing Rounds service and the admin round verbs.
 //! - [`store`]: the durable state behind one interface ([`store::Backend`]); sled by default.
 //! - [`status`]: how every error of this library becomes a gRPC status.

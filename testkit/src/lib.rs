@@ -1,8 +1,10 @@
 //! spa-testkit: what the integration tests of several crates share (a dev-dependency only).
 //! [`procs`] runs real `spa-coordinator serve` and `spa-client run` processes on loopback;
-//! [`postgres`] starts throwaway PostgreSQL clusters.
+//! [`postgres`] starts throwaway PostgreSQL clusters; [`light`] runs light devices (the SecAgg+
+//! client on random updates) in the test's process.
 use std::path::Path;
 
+pub mod light;
 pub mod postgres;
 pub mod procs;
 

@@ -61,6 +61,37 @@ impl Coordinator {
         agg
     }
 
+    /// A replica's home in `dir/<name>` on `pg` (not started); with `peer`, sharing its TLS
+    /// material and admin credential (a deployment's replicas do: devices trust one CA,
+    /// operators hold one credential). A 1 s leadership lease.
+    pub fn replica_home(dir: &Path, name: &str, pg: &crate::postgres::Cluster, peer: Option<&Coordinator>) -> Self {
+        let sub = dir.join(name);
+        std::fs::create_dir_all(&sub).unwrap();
+        let c = Coordinator::init(&sub, 0);
+        if let Some(p) = peer {
+            for f in std::fs::read_dir(p.home.join("tls")).unwrap() {
+                let f = f.unwrap().path();
+                std::fs::copy(&f, c.home.join("tls").join(f.file_name().unwrap())).unwrap();
+            }
+            std::fs::copy(p.home.join("admin.credential"), c.home.join("admin.credential")).unwrap();
+        }
+        let file = c.home.join("postgres.conninfo");
+        std::fs::write(&file, &pg.conninfo).unwrap();
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        c.edit_config(|cfg| {
+            cfg.server.store_backend = spa_coordinator::config::StoreBackend::Postgres;
+            cfg.rounds.leader_lease_secs = 1;
+        });
+        c
+    }
+
+    /// Starts `serve --role <role>` with `env` (fault injection) and waits until it serves.
+    pub fn start_role(&mut self, role: &str, env: &[(&str, &str)]) {
+        let mut cmd = Command::new(coordinator_bin());
+        cmd.args(["serve", "--role", role, "--home"]).arg(&self.home).envs(env.iter().copied());
+        self.spawn(cmd);
+    }
+
     /// Changes coordinator.toml (before [`Self::start`]).
     pub fn edit_config(&self, edit: impl FnOnce(&mut CoordinatorConfig)) {
         let mut cfg = CoordinatorConfig::load(&self.home).unwrap();
@@ -143,6 +174,11 @@ impl Coordinator {
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
         out
+    }
+
+    /// Whether this coordinator holds the leadership lease (`spa_leader 1` on its metrics).
+    pub fn leads(&self) -> bool {
+        self.metrics().lines().any(|l| l == "spa_leader 1")
     }
 
     pub fn round(&self, id: u64) -> Value {

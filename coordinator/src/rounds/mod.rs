@@ -14,6 +14,8 @@
 //! A cohort larger than `rounds.shard_size` runs as several SecAgg+ sessions (shards,
 //! `spa_aggregation::shards`) whose phases close together; a shard below its floor releases
 //! nothing and its devices leave the round, the others go on; the mean adds the shard sums.
+//! Each shard runs on a host (`crate::aggregator`): this process, or an aggregator process
+//! that the handlers forward devices' answers to; a host that is gone fails its shard only.
 //!
 //! Every phase boundary is written to the store before the phase's requests go out, and a
 //! commit writes checkpoint, round record and optimizer state in one transaction. Only the
@@ -25,7 +27,8 @@
 //! an individual unmasked update: it sees masked lanes.
 //!
 //! Files: `state.rs` (what the loop and the device handlers share, and how an answer is
-//! checked), `round_loop.rs` (the loop, its phases and the lease). What the store keeps of
+//! checked and forwarded), `round_loop.rs` (the loop, its phases and the lease), `shards.rs`
+//! (the round's shards: seats, hosts, failures). What the store keeps of
 //! plans, rounds, runs and dropouts is `crate::store::records`.
 use spa_aggregation::SecAggError;
 
