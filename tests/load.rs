@@ -16,7 +16,7 @@ use spa_proto::auth::now_ms;
 use spa_proto::methods;
 use spa_proto::v1::rounds_client::RoundsClient;
 use spa_proto::v1::*;
-use spa_testkit::light::{Error, FULL, Link, Part, Sums, device, enroll};
+use spa_testkit::light::{Error, FULL, Kill, Link, Part, Phase, Sums, device, enroll};
 use spa_testkit::procs::Coordinator;
 
 fn env_or(name: &str, default: usize) -> usize {
@@ -293,7 +293,7 @@ fn shards_run_on_aggregator_processes_and_a_killed_one_loses_only_its_shard() {
         let mut handles = Vec::new();
         for i in 0..n {
             let signer = enroll(&ch, &cred, &format!("light-{i}")).await;
-            let part = Part { lenient: true, kill_at_share_keys: Some((victim, 1)), ..FULL };
+            let part = Part { lenient: true, kill: Some(Kill { pid: victim, round: 1, phase: Phase::ShareKeys }), ..FULL };
             handles.push(tokio::spawn(device(Link { home: ch.clone(), ca: Arc::new(ca.clone()) }, signer, i as u64, 2, sums.clone(), part)));
         }
         handles

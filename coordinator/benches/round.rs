@@ -4,7 +4,10 @@
 //! Each device runs the real SecAgg+ client machine on a random quantized update.
 //!
 //! `SPA_BENCH_STORE=postgres` runs it on a throwaway PostgreSQL (`scripts/postgres.sh`) and adds
-//! the database's WAL and growth per round.
+//! the database's WAL and growth per round. `SPA_BENCH_AGGREGATORS=k` runs the shards on k
+//! aggregator processes (`spa-coordinator serve --role aggregator`, mutual TLS on loopback) and
+//! adds their CPU time and peak memory; the coordinator's busy time then includes its waits
+//! for them.
 //!
 //! `cargo bench --bench round -- [devices] [rounds] [params] [dropout] [shard size]` (defaults
 //! 100, 3, 53792 = the default side plugin's shared part, 0.0, 1000: one SecAgg+ session up to
@@ -135,8 +138,12 @@ fn main() {
         min_shard_contributors: (shard_size / 2).min(100),
         aggregators: Vec::new(),
     };
+    let aggs = std::env::var("SPA_BENCH_AGGREGATORS").ok().and_then(|k| k.parse().ok()).map(|k| Aggregators::start(dir.path(), k));
     rt.block_on(async {
-        let hosts = vec![ShardHost::Local(Arc::new(ShardTable::new(0)))];
+        let hosts = match &aggs {
+            Some(a) => a.hosts(),
+            None => vec![ShardHost::Local(Arc::new(ShardTable::new(0)))],
+        };
         let rounds = Rounds::new(store.clone(), cfg, String::new(), hosts);
         tokio::spawn(round_loop(rounds.clone()));
         for (i, (id, key)) in keys.into_iter().enumerate() {
@@ -192,6 +199,9 @@ fn main() {
     }
     busy.sort_by(f64::total_cmp);
     println!("median coordinator busy time per round: {:.1} ms", busy[busy.len() / 2]);
+    if let Some(a) = aggs {
+        a.report();
+    }
     if let (Some(pg), Some(before)) = (&pg, before) {
         let after = rt.block_on(pg.usage());
         let per_round = |a: i64, b: i64| (a - b) as f64 / n_rounds as f64 / 1024.0;
@@ -201,6 +211,75 @@ fn main() {
             per_round(after.size, before.size)
         );
         println!("rows after the run: {}", after.rows);
+    }
+}
+
+/// Aggregator processes on loopback, their homes sharing one CA (`init` in `dir/ca`).
+struct Aggregators {
+    ca_home: std::path::PathBuf,
+    children: Vec<std::process::Child>,
+    urls: Vec<String>,
+}
+
+impl Aggregators {
+    fn start(dir: &std::path::Path, k: usize) -> Self {
+        use spa_coordinator::config::CoordinatorConfig;
+        let ca_home = dir.join("ca");
+        spa_coordinator::init::init(&ca_home, &[]).unwrap();
+        let (mut children, mut urls) = (Vec::new(), Vec::new());
+        for i in 0..k {
+            let home = dir.join(format!("agg{i}"));
+            spa_coordinator::init::init(&home, &[]).unwrap();
+            for f in ["ca.pem", "server.pem", "server.key"] {
+                std::fs::copy(ca_home.join("tls").join(f), home.join("tls").join(f)).unwrap();
+            }
+            let mut cfg = CoordinatorConfig::load(&home).unwrap();
+            cfg.server.listen = "127.0.0.1:0".into();
+            cfg.rounds.min_shard_contributors = 2;
+            cfg.save(&home).unwrap();
+            let child = std::process::Command::new(env!("CARGO_BIN_EXE_spa-coordinator"))
+                .args(["serve", "--role", "aggregator", "--home"])
+                .arg(&home)
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            children.push(child);
+            let t = Instant::now();
+            let addr = loop {
+                if let Ok(s) = std::fs::read_to_string(home.join("serve.addr"))
+                    && s.ends_with('\n')
+                {
+                    break s.trim().to_string();
+                }
+                assert!(t.elapsed() < Duration::from_secs(30), "aggregator {i} did not start");
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            urls.push(addr);
+        }
+        Self { ca_home, children, urls }
+    }
+
+    fn hosts(&self) -> Vec<ShardHost> {
+        let read = |f: &str| std::fs::read(self.ca_home.join("tls").join(f)).unwrap();
+        let tls = spa_coordinator::aggregator::RoleTls { ca_pem: read("ca.pem"), cert_pem: read("role.pem"), key_pem: read("role.key") };
+        self.urls.iter().map(|u| ShardHost::remote(u, &tls, Duration::from_secs(600)).unwrap()).collect()
+    }
+
+    /// Each aggregator's CPU seconds (user + system) and peak resident memory.
+    fn report(mut self) {
+        for (i, c) in self.children.iter_mut().enumerate() {
+            let pid = c.id();
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // Fields after the command's closing parenthesis; utime and stime are 14 and 15.
+            let rest: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, r)| r).split_whitespace().collect();
+            let ticks = |k: usize| rest.get(k).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            let cpu = (ticks(11) + ticks(12)) / 100.0;
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let hwm = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).unwrap_or("?").trim().to_string();
+            println!("aggregator {i} ({}): CPU {cpu:.2} s, peak RSS {hwm}", self.urls[i]);
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 

@@ -48,12 +48,50 @@ pub struct Part {
     /// A refused answer or an aborted round leaves the round instead of failing the device
     /// (its shard's aggregator may die); its updates are kept by device.
     pub lenient: bool,
-    /// (pid, round): SIGKILLs that process (an aggregator) at the first ShareKeys request of
-    /// that round that any device gets.
-    pub kill_at_share_keys: Option<(u32, u64)>,
+    /// SIGKILLs a process (an aggregator) when the first device gets a request of a phase.
+    pub kill: Option<Kill>,
 }
 
-pub const FULL: Part = Part { uploads: true, counted: true, lenient: false, kill_at_share_keys: None };
+/// Which process to SIGKILL, at the first request of `phase` in `round` that any device gets.
+#[derive(Clone, Copy, Debug)]
+pub struct Kill {
+    pub pid: u32,
+    pub round: u64,
+    pub phase: Phase,
+}
+
+/// The requests of a round, in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Train,
+    ShareKeys,
+    MaskedInput,
+    Unmask,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 4] = [Phase::Train, Phase::ShareKeys, Phase::MaskedInput, Phase::Unmask];
+}
+
+static KILLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Carries out `part`'s kill if this is its request (once per test process).
+fn maybe_kill(part: Part, round: u64, phase: Phase) -> Result<(), Error> {
+    if let Some(k) = part.kill
+        && (k.round, k.phase) == (round, phase)
+        && !KILLED.swap(true, std::sync::atomic::Ordering::SeqCst)
+    {
+        std::process::Command::new("kill").args(["-9", &k.pid.to_string()]).status()?;
+    }
+    Ok(())
+}
+
+/// Lets the next test in this process kill again.
+pub fn rearm_kill() {
+    KILLED.store(false, std::sync::atomic::Ordering::SeqCst);
+}
+
+pub const FULL: Part = Part { uploads: true, counted: true, lenient: false, kill: None };
 
 /// Where a device's calls go: its home coordinator, or the leader a follower sent it to.
 #[derive(Clone)]
@@ -108,8 +146,6 @@ pub async fn device(link: Link, signer: DeviceSigner, seed: u64, rounds: usize, 
     Ok(())
 }
 
-static KILLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
 /// A device's answer to one task; true once it evaluated a committed version.
 async fn step(
     rpc: &mut RoundsClient<Channel>,
@@ -128,6 +164,7 @@ async fn step(
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 return Ok(false);
             }
+            maybe_kill(part, t.round_id, Phase::Train)?;
             let config = secagg::config_from_json(&t.session_config_json)?;
             let quant = config.quant_params().ok_or("no quantization")?;
             let delta: Vec<f32> = (0..config.m - 1).map(|_| (rng.next_u32() as f32 / u32::MAX as f32 - 0.5) * 0.1).collect();
@@ -146,12 +183,7 @@ async fn step(
             *cur = Some(InRound { round_id: t.round_id, client_id: t.client_id, state, input: Some(input) });
         }
         Some(Task::ShareKeys(t)) => {
-            if let Some((pid, round)) = part.kill_at_share_keys
-                && round == t.round_id
-                && !KILLED.swap(true, std::sync::atomic::Ordering::SeqCst)
-            {
-                std::process::Command::new("kill").args(["-9", &pid.to_string()]).status()?;
-            }
+            maybe_kill(part, t.round_id, Phase::ShareKeys)?;
             let r = cur.take().filter(|r| r.round_id == t.round_id).ok_or("share_keys outside a round")?;
             let (state, out) = r.state.handle(ClientIncoming::ShareKeys(secagg::share_keys_request(&t)?))?;
             let Some(ClientOutgoing::ShareKeys(resp)) = out.into_iter().next() else { return Err("no shares".into()) };
@@ -159,6 +191,7 @@ async fn step(
             *cur = Some(InRound { state, ..r });
         }
         Some(Task::MaskedInput(t)) => {
+            maybe_kill(part, t.round_id, Phase::MaskedInput)?;
             let mut r = cur.take().filter(|r| r.round_id == t.round_id).ok_or("masked_input outside a round")?;
             if !part.uploads {
                 // Offered again at every poll until the phase's deadline; never answered.
@@ -173,6 +206,7 @@ async fn step(
             *cur = Some(InRound { state, ..r });
         }
         Some(Task::Unmask(t)) => {
+            maybe_kill(part, t.round_id, Phase::Unmask)?;
             let r = cur.take().filter(|r| r.round_id == t.round_id).ok_or("unmask outside a round")?;
             let (state, out) = r.state.handle(ClientIncoming::Unmask(secagg::unmask_request(&t)))?;
             let Some(ClientOutgoing::Unmask(resp)) = out.into_iter().next() else { return Err("no reveal".into()) };
