@@ -66,7 +66,7 @@ async fn device<K: IdentitySigner + Send + Sync + 'static>(rounds: Arc<Rounds>, 
                 let (st, _) = st.handle(ClientIncoming::MaskedInputRequest(secagg::masked_input_request(&t))).unwrap();
                 let (st, out) = st.handle(ClientIncoming::Input(input)).unwrap();
                 let Some(ClientOutgoing::MaskedInput(masked)) = out.into_iter().next() else { panic!() };
-                rounds.masked_input(&id, t.round_id, seat, masked.into_vec()).await.unwrap();
+                rounds.masked_input(&id, t.round_id, seat, secagg::lanes_to_bytes(&masked.into_vec())).await.unwrap();
                 state = Some((r, seat, st, vec![]));
             }
             Task::Unmask(t) => {

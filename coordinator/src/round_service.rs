@@ -54,9 +54,9 @@ pub async fn checkpoint_stream(s: &Shared, version: u64) -> Result<BoxStream<Ten
     Ok(Box::pin(tokio_stream::iter(chunks.into_iter().map(Ok))))
 }
 
-/// The lanes of a masked upload after its header, checked against the round and the
+/// The bytes of a masked upload after its header (u32 little-endian lanes), checked against the round and the
 /// header's length and hash.
-async fn read_upload(s: &Shared, device: &str, h: &MaskedUploadHeader, stream: &mut Streaming<MaskedUpload>) -> Result<Vec<u32>, Status> {
+async fn read_upload(s: &Shared, device: &str, h: &MaskedUploadHeader, stream: &mut Streaming<MaskedUpload>) -> Result<Vec<u8>, Status> {
     let m = s.rounds.expected_lanes(h.round_id).ok_or_else(|| Status::failed_precondition(format!("round {} is not in progress", h.round_id)))?;
     // A device outside the cohort is refused before anything is buffered.
     if !s.rounds.holds_seat(device, h.round_id) {
@@ -86,7 +86,7 @@ async fn read_upload(s: &Shared, device: &str, h: &MaskedUploadHeader, stream: &
     if sha256(&bytes)[..] != h.sha256[..] {
         return Err(invalid("header.sha256", "upload does not match its declared SHA-256"));
     }
-    Ok(secagg::lanes_from_bytes(&bytes)?)
+    Ok(bytes)
 }
 
 #[tonic::async_trait]
@@ -127,14 +127,14 @@ impl RoundsRpc for RoundsService {
         let Some(masked_upload::Kind::Header(h)) = first.kind else {
             return Err(Status::invalid_argument("an upload starts with its header"));
         };
-        let lanes = match read_upload(&self.0, &rec.device_id, &h, &mut stream).await {
-            Ok(lanes) => lanes,
+        let bytes = match read_upload(&self.0, &rec.device_id, &h, &mut stream).await {
+            Ok(bytes) => bytes,
             Err(e) => {
                 self.0.rounds.broken_upload(&rec.device_id, h.round_id, e.message());
                 return Err(e);
             }
         };
-        self.0.rounds.masked_input(&rec.device_id, h.round_id, h.client_id, lanes).await?;
+        self.0.rounds.masked_input(&rec.device_id, h.round_id, h.client_id, bytes).await?;
         Ok(Response::new(Ack {}))
     }
 

@@ -4,7 +4,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use spa_proto::limits::CHUNK_BYTES;
-use spa_proto::secagg;
 use spa_proto::v1;
 use spa_proto::v1::aggregator_client::AggregatorClient;
 use tonic::Status;
@@ -17,8 +16,13 @@ use super::table::{ShardCall, ShardKey, ShardTable, wire_key};
 #[derive(Clone)]
 pub enum ShardHost {
     Local(Arc<ShardTable>),
-    Remote { url: String, client: AggregatorClient<Channel> },
+    Remote { url: String, client: AggregatorClient<Channel>, uploads: Arc<tokio::sync::Semaphore> },
 }
+
+/// Masked vectors a leader forwards to one aggregator at once: each is held in memory until
+/// sent (a thousand devices uploading together would otherwise hold a thousand copies; the
+/// aggregator adds them one at a time anyway).
+const UPLOADS_IN_FLIGHT: usize = 32;
 
 /// What the leader presents to aggregators, and trusts of them: the deployment's CA and the
 /// role certificate it issued (`tls/role.pem`, client and server use).
@@ -41,7 +45,7 @@ impl ShardHost {
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(10));
         let client = AggregatorClient::new(ep.connect_lazy()).max_decoding_message_size(ROLE_MESSAGE_BYTES).max_encoding_message_size(ROLE_MESSAGE_BYTES);
-        Ok(ShardHost::Remote { url: url.to_string(), client })
+        Ok(ShardHost::Remote { url: url.to_string(), client, uploads: Arc::new(tokio::sync::Semaphore::new(UPLOADS_IN_FLIGHT)) })
     }
 
     /// For logs and round records.
@@ -61,23 +65,26 @@ impl ShardHost {
     }
 
     pub async fn send(&self, key: ShardKey, call: ShardCall) -> Result<(), Status> {
-        let mut c = match self {
+        let (mut c, uploads) = match self {
             ShardHost::Local(t) => return t.apply(key, call),
-            ShardHost::Remote { client, .. } => client.clone(),
+            ShardHost::Remote { client, uploads, .. } => (client.clone(), uploads),
         };
         let k = wire_key(key);
         match call {
             ShardCall::Advertise { identity_pk, msg } => c.shard_advertise(v1::ShardAdvertiseMsg { key: k, identity_pk, msg: Some(msg) }).await.map(drop),
             ShardCall::ShareKeys(msg) => c.shard_share_keys(v1::ShardShareKeysMsg { key: k, msg: Some(msg) }).await.map(drop),
             ShardCall::Unmask(msg) => c.shard_unmask(v1::ShardUnmaskMsg { key: k, msg: Some(msg) }).await.map(drop),
-            ShardCall::Masked { client_id, lanes } => {
+            ShardCall::Masked { client_id, bytes } => {
                 use v1::shard_masked_msg::Kind;
-                let header = v1::ShardMaskedHeader { key: k, client_id, lanes: lanes.len() as u64 };
-                let bytes = secagg::lanes_to_bytes(&lanes);
-                let msgs: Vec<v1::ShardMaskedMsg> = std::iter::once(Kind::Header(header))
-                    .chain(bytes.chunks(CHUNK_BYTES).map(|b| Kind::Lanes(b.to_vec())))
-                    .map(|k| v1::ShardMaskedMsg { kind: Some(k) })
-                    .collect();
+                let _permit = uploads.acquire().await.map_err(|_| Status::unavailable("closing"))?;
+                let header = v1::ShardMaskedHeader { key: k, client_id, lanes: bytes.len() as u64 / 4 };
+                // A vector of one chunk (most) is moved, not copied.
+                let chunks = match bytes.len() <= CHUNK_BYTES {
+                    true => vec![bytes],
+                    false => bytes.chunks(CHUNK_BYTES).map(<[u8]>::to_vec).collect(),
+                };
+                let msgs: Vec<v1::ShardMaskedMsg> =
+                    std::iter::once(Kind::Header(header)).chain(chunks.into_iter().map(Kind::Lanes)).map(|k| v1::ShardMaskedMsg { kind: Some(k) }).collect();
                 c.shard_masked(tokio_stream::iter(msgs)).await.map(drop)
             }
         }
@@ -101,7 +108,7 @@ impl ShardHost {
     pub async fn drop_shard(&self, key: ShardKey) {
         match self {
             ShardHost::Local(t) => t.drop_shard(key),
-            ShardHost::Remote { client, url } => {
+            ShardHost::Remote { client, url, .. } => {
                 if let Err(e) = client.clone().drop_shard(v1::ShardKey { round_id: key.0, shard: key.1 }).await {
                     tracing::debug!(aggregator = %url, "dropping shard {}: {}", key.1, e.message());
                 }

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use spa_proto::limits::CHUNK_BYTES;
-use spa_proto::secagg;
 use spa_proto::v1::aggregator_server::{Aggregator, AggregatorServer};
 use spa_proto::v1::*;
 use tokio::sync::oneshot;
@@ -67,7 +66,7 @@ impl Aggregator for AggregatorService {
         if bytes.len() as u64 != m * 4 {
             return Err(Status::invalid_argument(format!("upload truncated: {} of {} bytes", bytes.len(), m * 4)));
         }
-        self.0.apply(key, ShardCall::Masked { client_id: h.client_id, lanes: secagg::lanes_from_bytes(&bytes)? })?;
+        self.0.apply(key, ShardCall::Masked { client_id: h.client_id, bytes })?;
         Ok(Response::new(Ack {}))
     }
 

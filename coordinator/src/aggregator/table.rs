@@ -17,9 +17,17 @@ pub type ShardKey = (u64, u32);
 
 /// One device's message for a shard, as the leader forwards it (the device's seat checked).
 pub enum ShardCall {
-    Advertise { identity_pk: Vec<u8>, msg: v1::AdvertiseKeysMsg },
+    Advertise {
+        identity_pk: Vec<u8>,
+        msg: v1::AdvertiseKeysMsg,
+    },
     ShareKeys(v1::ShareKeysMsg),
-    Masked { client_id: u32, lanes: Vec<u32> },
+    /// A masked vector as u32 little-endian bytes (verified against the device's hash): moved
+    /// as they came, into the shard or onto the wire.
+    Masked {
+        client_id: u32,
+        bytes: Vec<u8>,
+    },
     Unmask(v1::UnmaskMsg),
 }
 
@@ -102,7 +110,8 @@ impl ShardTable {
                 s.handle_advertise(secagg::advertise_from_wire(&msg)?, pk)
             }
             ShardCall::ShareKeys(m) => s.handle_share_keys(secagg::share_keys_from_wire(&m)),
-            ShardCall::Masked { client_id, lanes } => {
+            ShardCall::Masked { client_id, bytes } => {
+                let lanes = secagg::lanes_from_bytes(&bytes)?;
                 let frame = spa_aggregation::client::FRAME_LANES;
                 lanes.chunks(frame).enumerate().try_for_each(|(k, c)| s.handle_masked_chunk(client_id, (k * frame) as u64, c))
             }

@@ -19,6 +19,7 @@ use spa_proto::v1::poll_response::Task;
 use super::RoundError;
 use super::shards::ShardSet;
 use super::state::{Active, EvalNotice, Rounds};
+use crate::aggregator::ShardHost;
 use crate::metrics::{METRICS, Outcome, Phase, Reason};
 use crate::store::Store;
 use crate::store::records::{DropReason, Dropout, Lease, RoundRecord, RoundState, RunState, ShardSummary};
@@ -411,7 +412,10 @@ async fn close_each(rounds: &Rounds, rec: &mut RoundRecord, phase: ShardPhase) -
     let answers = futures_util::future::join_all(running.iter().map(|(s, host)| host.close((agg_round, *s as u32), phase))).await;
     let mut g = lock(&rounds.active);
     let a = g.as_mut().ok_or_else(|| RoundError::Internal("no active round".into()))?;
-    a.busy += started.elapsed();
+    // The closes ran at once; what counts is this process's share (a remote host's is its own).
+    if running.iter().any(|(_, h)| matches!(h, ShardHost::Local(_))) {
+        a.busy += started.elapsed();
+    }
     let mut closed = Vec::new();
     for ((s, host), answer) in running.into_iter().zip(answers) {
         match answer.map(|r| r.result) {

@@ -173,7 +173,10 @@ impl Rounds {
         let Some(a) = g.as_mut().filter(|a| a.round_id == round_id && a.state == state) else {
             return r.map_err(|e| AnswerError::Refused(e.message().to_string()));
         };
-        a.busy += started.elapsed();
+        // A remote host's time is its own, not this process's.
+        if matches!(host, ShardHost::Local(_)) {
+            a.busy += started.elapsed();
+        }
         let out = match r {
             Ok(()) => {
                 a.tasks.remove(&seat);
@@ -211,9 +214,9 @@ impl Rounds {
         self.answer(device, round, id, RoundState::ShareKeys, ShardCall::ShareKeys(m)).await
     }
 
-    /// A complete, verified masked vector.
-    pub async fn masked_input(&self, device: &str, round_id: u64, client_id: u32, lanes: Vec<u32>) -> Result<(), AnswerError> {
-        self.answer(device, round_id, client_id, RoundState::MaskedInput, ShardCall::Masked { client_id, lanes }).await
+    /// A complete, verified masked vector (u32 little-endian bytes).
+    pub async fn masked_input(&self, device: &str, round_id: u64, client_id: u32, bytes: Vec<u8>) -> Result<(), AnswerError> {
+        self.answer(device, round_id, client_id, RoundState::MaskedInput, ShardCall::Masked { client_id, bytes }).await
     }
 
     /// A device's masked upload broke (cut off, truncated, not matching its hash): its seat
