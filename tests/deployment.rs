@@ -141,6 +141,7 @@ fn scenario(crash_at: &str, kill_at: Phase) {
     assert_eq!(r3["contributors"].as_array().unwrap().len(), n, "{r3}");
     assert!(r3["shards"].as_array().unwrap().iter().all(|s| s["failed"].is_null() && s["aggregator"] != urls[1].as_str()), "{r3}");
     check_step(&f, &sums, &r3, version);
+    assert!(!f.leads(), "a frontend never takes the lease");
     // No version past the last round's, from the dead leader or anyone.
     let status = f.admin(&["status"]);
     assert_eq!(status["global_version"], version, "{status}");

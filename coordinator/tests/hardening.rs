@@ -454,6 +454,48 @@ async fn every_method_answers_undecodable_and_random_bodies_as_the_callers_error
     srv.shutdown().await.unwrap();
 }
 
+/// The Aggregator service fuzzed the same way, over mutual TLS with the role certificate (the
+/// only callers it admits): every method, random bodies, a caller's-error status each time;
+/// then a real shard opens and the aggregator still refuses one below its own floor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_aggregator_answers_random_bodies_as_the_callers_error_and_keeps_its_floor() {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let dir = tempfile::tempdir().unwrap();
+    init_home(dir.path(), |t| t.replace("min_shard_contributors = 100", "min_shard_contributors = 10"));
+    let agg = spa_coordinator::aggregator::start(dir.path()).await.unwrap();
+    let read = |f: &str| std::fs::read(dir.path().join("tls").join(f)).unwrap();
+    let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("ca.pem"))).identity(Identity::from_pem(read("role.pem"), read("role.key")));
+    let ch = Endpoint::from_shared(format!("https://{}", agg.addr)).unwrap().tls_config(tls).unwrap().connect().await.unwrap();
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for &method in spa_proto::methods::ALL.iter().filter(|m| m.starts_with("/spa.v1.Aggregator/")) {
+        for _ in 0..40 {
+            let body: Vec<u8> = (0..next() % 200).map(|_| next() as u8).collect();
+            let code = raw_call(&ch, method, body.clone()).await;
+            assert!(!matches!(code, Code::Internal | Code::Unknown | Code::Unimplemented), "{method}: {body:?} got {code:?}");
+        }
+    }
+    let mut c = spa_proto::v1::aggregator_client::AggregatorClient::new(ch);
+    let config = spa_aggregation::SessionConfig::recommended(7, 0, 20, 101).unwrap();
+    let json = spa_proto::secagg::config_to_json(&config);
+    let open = |floor| OpenShardRequest { key: Some(ShardKey { round_id: 7, shard: 0 }), session_config_json: json.clone(), floor };
+    let low = c.open_shard(open(5)).await.unwrap_err();
+    assert_eq!(low.code(), Code::FailedPrecondition, "{low:?}");
+    assert!(low.message().contains("at least 10"), "{low:?}");
+    c.open_shard(open(10)).await.unwrap();
+    assert_eq!(c.open_shard(open(10)).await.unwrap_err().code(), Code::AlreadyExists);
+    // A phase closed with nobody in it fails the shard (below its floor) and forgets it.
+    let closed = c.close_shard(CloseShardRequest { key: Some(ShardKey { round_id: 7, shard: 0 }), phase: ShardPhase::Advertise as i32 }).await.unwrap();
+    assert!(matches!(closed.into_inner().result, Some(close_shard_response::Result::Failed(_))));
+    assert_eq!(agg.table.len(), 0);
+    agg.shutdown().await.unwrap();
+}
+
 /// Whether the server closed `s` within `within` (a read returns end of file or an error).
 async fn closed_by_server(s: &mut tokio::net::TcpStream, within: Duration) -> bool {
     use tokio::io::AsyncReadExt;

@@ -157,3 +157,30 @@ impl ShardTable {
         lock(&self.shards).remove(&key);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(round_id: u64, floor: u32) -> v1::OpenShardRequest {
+        let config = spa_aggregation::SessionConfig::recommended(round_id, 0, 20, 11).unwrap();
+        v1::OpenShardRequest { key: wire_key((round_id, 0)), session_config_json: secagg::config_to_json(&config), floor }
+    }
+
+    #[test]
+    fn a_shard_opens_at_or_above_the_tables_floor_and_a_new_round_forgets_the_old() {
+        let t = ShardTable::new(10);
+        assert_eq!(t.open(&open(1, 9)).unwrap_err().code(), tonic::Code::FailedPrecondition);
+        t.open(&open(1, 10)).unwrap();
+        let mut wrong_round = open(2, 10);
+        wrong_round.key = wire_key((3, 0));
+        assert_eq!(t.open(&wrong_round).unwrap_err().code(), tonic::Code::InvalidArgument);
+        t.open(&open(2, 10)).unwrap();
+        assert_eq!(t.len(), 1, "round 1's shard is forgotten when round 2 opens");
+        assert_eq!(t.lanes((1, 0)).unwrap_err().code(), tonic::Code::NotFound);
+        assert_eq!(t.lanes((2, 0)).unwrap(), 11);
+        let short = ShardCall::Masked { client_id: 1, bytes: vec![0; 5] };
+        assert_eq!(t.apply((2, 0), short).unwrap_err().code(), tonic::Code::InvalidArgument);
+        assert_eq!(t.close((2, 0), v1::ShardPhase::Unspecified).unwrap_err().code(), tonic::Code::InvalidArgument);
+    }
+}
