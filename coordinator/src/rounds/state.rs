@@ -74,7 +74,11 @@ pub struct Rounds {
 }
 
 impl Rounds {
-    pub fn new(store: Store, cfg: RoundsSection, url: String, hosts: Vec<ShardHost>) -> Arc<Self> {
+    /// `hosts`: where shards run (none: this process).
+    pub fn new(store: Store, cfg: RoundsSection, url: String, mut hosts: Vec<ShardHost>) -> Arc<Self> {
+        if hosts.is_empty() {
+            hosts.push(ShardHost::Local(Arc::new(crate::aggregator::ShardTable::new(0))));
+        }
         Arc::new(Self {
             store,
             cfg,
