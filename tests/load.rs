@@ -280,7 +280,7 @@ fn shards_run_on_aggregator_processes_and_a_killed_one_loses_only_its_shard() {
         // The CA alone (a device's view) is not enough to reach an aggregator.
         let refused = async {
             let ch = spa_coordinator::net::connect(&urls[0], &ca).await?;
-            let open = OpenShardRequest { key: Some(ShardKey { round_id: 99, shard: 0 }), session_config_json: String::new(), floor: 50 };
+            let open = OpenShardRequest { key: Some(ShardKey { round_id: 99, shard: 0 }), session_config_json: String::new(), floor: 50, leader_term: 1 };
             spa_proto::v1::aggregator_client::AggregatorClient::new(ch).open_shard(open).await.map_err(Error::from)
         };
         assert!(refused.await.is_err(), "an aggregator served a caller without a role certificate");

@@ -483,14 +483,15 @@ async fn the_aggregator_answers_random_bodies_as_the_callers_error_and_keeps_its
     let mut c = spa_proto::v1::aggregator_client::AggregatorClient::new(ch);
     let config = spa_aggregation::SessionConfig::recommended(7, 0, 20, 101).unwrap();
     let json = spa_proto::secagg::config_to_json(&config);
-    let open = |floor| OpenShardRequest { key: Some(ShardKey { round_id: 7, shard: 0 }), session_config_json: json.clone(), floor };
+    let open = |floor| OpenShardRequest { key: Some(ShardKey { round_id: 7, shard: 0 }), session_config_json: json.clone(), floor, leader_term: 1 };
     let low = c.open_shard(open(5)).await.unwrap_err();
     assert_eq!(low.code(), Code::FailedPrecondition, "{low:?}");
     assert!(low.message().contains("at least 10"), "{low:?}");
     c.open_shard(open(10)).await.unwrap();
     assert_eq!(c.open_shard(open(10)).await.unwrap_err().code(), Code::AlreadyExists);
     // A phase closed with nobody in it fails the shard (below its floor) and forgets it.
-    let closed = c.close_shard(CloseShardRequest { key: Some(ShardKey { round_id: 7, shard: 0 }), phase: ShardPhase::Advertise as i32 }).await.unwrap();
+    let close = CloseShardRequest { key: Some(ShardKey { round_id: 7, shard: 0 }), phase: ShardPhase::Advertise as i32, leader_term: 1 };
+    let closed = c.close_shard(close).await.unwrap();
     assert!(matches!(closed.into_inner().result, Some(close_shard_response::Result::Failed(_))));
     assert_eq!(agg.table.len(), 0);
     agg.shutdown().await.unwrap();

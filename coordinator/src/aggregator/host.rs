@@ -56,8 +56,8 @@ impl ShardHost {
         }
     }
 
-    pub async fn open(&self, key: ShardKey, session_config_json: String, floor: usize) -> Result<(), Status> {
-        let r = v1::OpenShardRequest { key: wire_key(key), session_config_json, floor: floor as u32 };
+    pub async fn open(&self, key: ShardKey, session_config_json: String, floor: usize, leader_term: u64) -> Result<(), Status> {
+        let r = v1::OpenShardRequest { key: wire_key(key), session_config_json, floor: floor as u32, leader_term };
         match self {
             ShardHost::Local(t) => t.open(&r),
             ShardHost::Remote { client, .. } => client.clone().open_shard(r).await.map(drop),
@@ -91,14 +91,15 @@ impl ShardHost {
     }
 
     /// Closes the shard's phase (mask removal, the heavy close, off the async threads).
-    pub async fn close(&self, key: ShardKey, phase: v1::ShardPhase) -> Result<v1::CloseShardResponse, Status> {
+    pub async fn close(&self, key: ShardKey, phase: v1::ShardPhase, leader_term: u64) -> Result<v1::CloseShardResponse, Status> {
         match self {
             ShardHost::Local(t) => {
                 let t = t.clone();
-                tokio::task::spawn_blocking(move || t.close(key, phase)).await.map_err(|e| Status::internal(format!("close task: {e}")))?
+                tokio::task::spawn_blocking(move || t.close(key, phase, leader_term)).await.map_err(|e| Status::internal(format!("close task: {e}")))?
             }
             ShardHost::Remote { client, .. } => {
-                Ok(client.clone().close_shard(v1::CloseShardRequest { key: wire_key(key), phase: phase as i32 }).await?.into_inner())
+                let r = v1::CloseShardRequest { key: wire_key(key), phase: phase as i32, leader_term };
+                Ok(client.clone().close_shard(r).await?.into_inner())
             }
         }
     }

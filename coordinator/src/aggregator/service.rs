@@ -81,7 +81,8 @@ impl Aggregator for AggregatorService {
         let key = key_of(r.key.as_ref())?;
         let phase = ShardPhase::try_from(r.phase).map_err(|_| Status::invalid_argument(format!("unknown phase {}", r.phase)))?;
         let t = self.0.clone();
-        let out = tokio::task::spawn_blocking(move || t.close(key, phase)).await.map_err(|e| Status::internal(format!("close task: {e}")))??;
+        let term = r.leader_term;
+        let out = tokio::task::spawn_blocking(move || t.close(key, phase, term)).await.map_err(|e| Status::internal(format!("close task: {e}")))??;
         Ok(Response::new(out))
     }
 

@@ -53,11 +53,13 @@ pub struct ShardTable {
     /// The smallest floor this table accepts (`rounds.min_shard_contributors` on an
     /// aggregator): a leader cannot ask it to release a smaller group's sum.
     min_floor: usize,
+    /// The newest leadership term that opened or closed a shard here: older leaders are fenced.
+    term: Mutex<u64>,
 }
 
 impl ShardTable {
     pub fn new(min_floor: usize) -> Self {
-        Self { shards: Mutex::new(HashMap::new()), min_floor }
+        Self { shards: Mutex::new(HashMap::new()), min_floor, term: Mutex::new(0) }
     }
 
     /// Shards held now.
@@ -69,8 +71,19 @@ impl ShardTable {
         self.len() == 0
     }
 
+    /// Refuses a leader whose term is older than the newest seen here, and remembers a newer.
+    fn fence(&self, term: u64) -> Result<(), Status> {
+        let mut newest = lock(&self.term);
+        if term < *newest {
+            return Err(Status::failed_precondition(format!("a newer leader (term {}) runs the shards here; term {term} is fenced off", *newest)));
+        }
+        *newest = term;
+        Ok(())
+    }
+
     pub fn open(&self, r: &v1::OpenShardRequest) -> Result<(), Status> {
         let key = key_of(r.key.as_ref())?;
+        self.fence(r.leader_term)?;
         let floor = r.floor as usize;
         if floor < self.min_floor {
             return Err(Status::failed_precondition(format!("this aggregator releases sums of at least {} contributors; asked for {floor}", self.min_floor)));
@@ -123,8 +136,9 @@ impl ShardTable {
     /// Closes the shard's `phase`. A shard that fails here answers `failed` and is gone;
     /// after Unmask the shard is gone either way (its sum is the answer). Mask removal is
     /// heavy: call this from a blocking thread.
-    pub fn close(&self, key: ShardKey, phase: v1::ShardPhase) -> Result<v1::CloseShardResponse, Status> {
+    pub fn close(&self, key: ShardKey, phase: v1::ShardPhase, term: u64) -> Result<v1::CloseShardResponse, Status> {
         use v1::ShardPhase as P;
+        self.fence(term)?;
         let shard = self.shard(key)?;
         let mut s = lock(&shard);
         let result = match phase {
@@ -164,7 +178,7 @@ mod tests {
 
     fn open(round_id: u64, floor: u32) -> v1::OpenShardRequest {
         let config = spa_aggregation::SessionConfig::recommended(round_id, 0, 20, 11).unwrap();
-        v1::OpenShardRequest { key: wire_key((round_id, 0)), session_config_json: secagg::config_to_json(&config), floor }
+        v1::OpenShardRequest { key: wire_key((round_id, 0)), session_config_json: secagg::config_to_json(&config), floor, leader_term: 2 }
     }
 
     #[test]
@@ -181,6 +195,19 @@ mod tests {
         assert_eq!(t.lanes((2, 0)).unwrap(), 11);
         let short = ShardCall::Masked { client_id: 1, bytes: vec![0; 5] };
         assert_eq!(t.apply((2, 0), short).unwrap_err().code(), tonic::Code::InvalidArgument);
-        assert_eq!(t.close((2, 0), v1::ShardPhase::Unspecified).unwrap_err().code(), tonic::Code::InvalidArgument);
+        assert_eq!(t.close((2, 0), v1::ShardPhase::Unspecified, 2).unwrap_err().code(), tonic::Code::InvalidArgument);
+    }
+
+    #[test]
+    fn a_leader_older_than_one_seen_is_fenced_off() {
+        let t = ShardTable::new(2);
+        let mut old = open(1, 10);
+        old.leader_term = 1;
+        t.open(&old).unwrap();
+        t.open(&open(2, 10)).unwrap();
+        old.key = wire_key((3, 0));
+        assert!(t.open(&old).unwrap_err().message().contains("term 1 is fenced off"));
+        assert_eq!(t.close((2, 0), v1::ShardPhase::Advertise, 1).unwrap_err().code(), tonic::Code::FailedPrecondition);
+        assert_eq!(t.len(), 1, "the fenced leader's close left the shard alone");
     }
 }

@@ -195,7 +195,7 @@ async fn record_abort(rounds: &Rounds, lease: &Lease, rec: &mut RoundRecord, e: 
 async fn run_round(rounds: &Rounds, lease: &Lease, rec: &mut RoundRecord) -> Result<(), RoundError> {
     let strategy = rec.plan.validate()?;
     let cohort = select(rounds, rec).await?;
-    let (global, session, train) = open_session(rounds, rec, cohort, &strategy).await?;
+    let (global, session, train) = open_session(rounds, lease, rec, cohort, &strategy).await?;
     let phase = Duration::from_secs(rounds.cfg.phase_timeout_secs);
 
     // Training + key advertisement: devices fetch the global version, train, advertise.
@@ -267,6 +267,7 @@ async fn select(rounds: &Rounds, rec: &mut RoundRecord) -> Result<Vec<String>, R
 /// shares) and each seat's training request.
 async fn open_session(
     rounds: &Rounds,
+    lease: &Lease,
     rec: &mut RoundRecord,
     cohort: Vec<String>,
     strategy: &StrategyConfig,
@@ -289,7 +290,7 @@ async fn open_session(
     }
     session.deadlines.advertise_ms = rec.plan.deadline_secs as u64 * 1000;
     session.validate()?;
-    let agg = ShardSet::open(rec.round_id, shards::sessions(&session, placed)?, floor, &rounds.hosts).await;
+    let agg = ShardSet::open(rec.round_id, lease.term, shards::sessions(&session, placed)?, floor, &rounds.hosts).await;
     rec.shards = (agg.slots.iter())
         .map(|s| ShardSummary { devices: s.members.len(), floor: s.min_clients, aggregator: s.host.name().to_string(), ..Default::default() })
         .collect();
@@ -403,13 +404,13 @@ fn close_phase(rounds: &Rounds, rec: &mut RoundRecord, deadline: Instant, starte
 /// the last close) leave the round with their devices ([`shards_failed`]). Returns what each
 /// shard that closed answered; an error (the round aborts) when no shard is left.
 async fn close_each(rounds: &Rounds, rec: &mut RoundRecord, phase: ShardPhase) -> Result<Vec<(usize, Closed)>, RoundError> {
-    let (agg_round, running) = {
+    let (agg_round, term, running) = {
         let g = lock(&rounds.active);
         let a = g.as_ref().ok_or_else(|| RoundError::Internal("no active round".into()))?;
-        (a.agg.round_id, a.agg.running())
+        (a.agg.round_id, a.agg.term, a.agg.running())
     };
     let started = Instant::now();
-    let answers = futures_util::future::join_all(running.iter().map(|(s, host)| host.close((agg_round, *s as u32), phase))).await;
+    let answers = futures_util::future::join_all(running.iter().map(|(s, host)| host.close((agg_round, *s as u32), phase, term))).await;
     let mut g = lock(&rounds.active);
     let a = g.as_mut().ok_or_else(|| RoundError::Internal("no active round".into()))?;
     // The closes ran at once; what counts is this process's share (a remote host's is its own).

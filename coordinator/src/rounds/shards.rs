@@ -32,6 +32,8 @@ impl Slot {
 
 pub(super) struct ShardSet {
     pub round_id: u64,
+    /// The leadership term the shards were opened under (aggregators fence older terms).
+    pub term: u64,
     pub slots: Vec<Slot>,
     /// Global seat -> (shard, local client id).
     route: HashMap<u32, (usize, u32)>,
@@ -42,7 +44,7 @@ pub(super) struct ShardSet {
 impl ShardSet {
     /// Opens each shard on a host: shard `i` on `hosts[i % k]`, else the next host that
     /// takes it. A shard no host takes is failed from the start.
-    pub async fn open(round_id: u64, sessions: Vec<(SessionConfig, Vec<u32>)>, floor: usize, hosts: &[ShardHost]) -> Self {
+    pub async fn open(round_id: u64, term: u64, sessions: Vec<(SessionConfig, Vec<u32>)>, floor: usize, hosts: &[ShardHost]) -> Self {
         let m = sessions.first().map_or(0, |(c, _)| c.m);
         let mut route = HashMap::new();
         let mut slots = Vec::with_capacity(sessions.len());
@@ -55,7 +57,7 @@ impl ShardSet {
             let (mut placed, mut why) = (None, String::from("no aggregator is configured"));
             for j in 0..hosts.len() {
                 let host = &hosts[(i + j) % hosts.len()];
-                match host.open((round_id, i as u32), config_json.clone(), floor).await {
+                match host.open((round_id, i as u32), config_json.clone(), floor, term).await {
                     Ok(()) => {
                         placed = Some(host.clone());
                         break;
@@ -70,7 +72,7 @@ impl ShardSet {
             let host = placed.unwrap_or_else(|| hosts[i % hosts.len()].clone());
             slots.push(Slot { host, members, config_json, min_clients, failed, reported: false });
         }
-        Self { round_id, slots, route, m }
+        Self { round_id, term, slots, route, m }
     }
 
     /// (shard, local client id) of global `seat`.
