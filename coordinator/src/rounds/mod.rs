@@ -28,12 +28,13 @@
 //!
 //! Files: `state.rs` (what the loop and the device handlers share, and how an answer is
 //! checked and forwarded), `round_loop.rs` (the loop, its phases and the lease), `shards.rs`
-//! (the round's shards: seats, hosts, failures). What the store keeps of
-//! plans, rounds, runs and dropouts is `crate::store::records`.
+//! (the round's shards: seats, hosts, failures), `closes.rs` (a phase closed on every shard).
+//! What the store keeps of plans, rounds, runs and dropouts is `crate::store::records`.
 use spa_aggregation::SecAggError;
 
 use crate::store::StoreError;
 
+mod closes;
 mod round_loop;
 mod shards;
 mod state;
