@@ -352,8 +352,9 @@ pub enum AnswerError {
     WrongPhase { expected: &'static str, actual: &'static str },
     #[error("{0}")]
     Invalid(String),
-    /// The SecAgg+ server refused the answer; the seat is out of the round.
-    #[error("secure aggregation refused the answer: {0}")]
+    /// The shard's host refused the answer (its message says why, `secure aggregation: ...`
+    /// for the SecAgg+ machine); the seat is out of the round.
+    #[error("answer refused: {0}")]
     Refused(String),
     /// The aggregator running this device's shard is gone; the shard is out of the round.
     #[error("{0}")]
