@@ -1,6 +1,6 @@
 //! Coordinator replicas over one PostgreSQL (`store_backend = "postgres"`), as real processes:
-//! what one replica changes the other sees (tokens, devices, a revocation, the nonces of signed
-//! calls, so a call replayed to the other replica is refused); one replica runs
+//! what one replica changes the other sees (tokens, devices, a revocation); one replica serves
+//! a device's calls (its member), so a call replayed to the other is turned away; one runs
 //! the rounds at a time (the leadership lease, metric `spa_leader`), devices that poll the
 //! other are sent to it and take part in its rounds, and when it is killed the other takes
 //! over within a few lease lifetimes.
@@ -23,27 +23,32 @@ fn replica_with(dir: &Path, name: &str, pg: &Cluster, peer: Option<&Coordinator>
     c
 }
 
-/// A ping signed once by the device: accepted by `first`, refused as a replay by `second`
-/// (each replica's own replay cache never saw the other's calls; the shared store did).
-fn replayed_to_the_other_replica_is_refused(dev: &Device, first: &Coordinator, second: &Coordinator) {
+/// A ping signed once by the device, sent to both replicas, then again: one serves the device
+/// (rendezvous hashing over the members) and accepts it once, then refuses it as a replay; the
+/// other turns it away both times (`NOT_OWNER`, naming the first) without serving it. Whether
+/// `a` is the one.
+fn served_once_by_its_member(dev: &Device, a: &Coordinator, b: &Coordinator) -> bool {
     use spa_proto::v1::PingRequest;
     use spa_proto::v1::device_client::DeviceClient;
     let (key, id) = spa_client::store::ClientStore::open(&dev.home).unwrap().require_identity(None).unwrap();
     let signer = spa_proto::auth::DeviceSigner::from_pkcs8(&key, &id.device_id).unwrap();
     let signed = signer.sign(spa_proto::methods::DEVICE_PING, &PingRequest {}, spa_proto::auth::now_ms());
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let codes: Vec<tonic::Code> = [first, second]
-        .iter()
-        .map(|c| {
-            rt.block_on(async {
-                let ch = spa_coordinator::net::connect(&c.url, &std::fs::read(c.home.join("tls/ca.pem")).unwrap()).await.unwrap();
-                let mut req = tonic::Request::new(PingRequest {});
-                signed.apply(req.metadata_mut());
-                DeviceClient::new(ch).ping(req).await.map_or_else(|e| e.code(), |_| tonic::Code::Ok)
-            })
+    let send = |c: &Coordinator| {
+        rt.block_on(async {
+            let ch = spa_coordinator::net::connect(&c.url, &std::fs::read(c.home.join("tls/ca.pem")).unwrap()).await.unwrap();
+            let mut req = tonic::Request::new(PingRequest {});
+            signed.apply(req.metadata_mut());
+            DeviceClient::new(ch).ping(req).await.map_or_else(|e| (e.code(), spa_proto::reason::Reason::owner_url(&e)), |_| (tonic::Code::Ok, None))
         })
-        .collect();
-    assert_eq!(codes, [tonic::Code::Ok, tonic::Code::Unauthenticated], "the replay to the second replica");
+    };
+    let first = [send(a), send(b)];
+    let (owner, other) = if first[0].0 == tonic::Code::Ok { (a, b) } else { (b, a) };
+    let sent_away = (tonic::Code::FailedPrecondition, Some(owner.url.clone()));
+    assert!(first.contains(&(tonic::Code::Ok, None)) && first.contains(&sent_away), "{first:?}");
+    assert_eq!(send(owner).0, tonic::Code::Unauthenticated, "the replay to the member serving the device");
+    assert_eq!(send(other), sent_away, "the other member never serves the device");
+    std::ptr::eq(owner, a)
 }
 
 /// Polls until exactly one of `cs` leads; its index.
@@ -77,12 +82,14 @@ fn replicas_share_devices_and_one_leads_until_it_dies() {
         let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or_else(|_| panic!("status: {text}"))
     };
-    replayed_to_the_other_replica_is_refused(&dev, &a, &b);
+    let served_by_a = served_once_by_its_member(&dev, &a, &b);
     let before = status();
     assert_eq!(before["coordinator_reachable"], true, "{before}");
-    b.admin(&["devices", "revoke", &dev.id]);
-    // a cached the device at the call before; b's revocation reaches a's cache through
-    // NOTIFY, within 2 s (milliseconds, measured in tests/store.rs).
+    // Revoked through the member that does not serve the device: the one that does cached
+    // it at the call before, and the revocation reaches that cache through NOTIFY, within 2 s
+    // (milliseconds, measured in tests/store.rs).
+    let elsewhere = if served_by_a { &b } else { &a };
+    elsewhere.admin(&["devices", "revoke", &dev.id]);
     let t = Instant::now();
     let revoked = |v: &serde_json::Value| v["coordinator_error"].as_str().is_some_and(|e| e.contains("revoked"));
     let mut after = status();
@@ -90,7 +97,7 @@ fn replicas_share_devices_and_one_leads_until_it_dies() {
         std::thread::sleep(Duration::from_millis(50));
         after = status();
     }
-    assert!(revoked(&after), "a still serves the device 2 s after b revoked it: {after}");
+    assert!(revoked(&after), "the device's member still serves it 2 s after the other member revoked it: {after}");
 
     // Devices enrolled through the follower are sent to the leader and take part in the round
     // a run queued through the follower starts there.
@@ -268,4 +275,118 @@ fn one_token_raced_through_two_replicas_enrolls_one_device() {
     }
     let listed = b.admin(&["devices", "list"]);
     assert_eq!(listed.as_array().unwrap().len(), 5, "{listed}");
+}
+
+/// The signed ping `signed` sent to `c`: its code, and the member it names if sent away.
+async fn ping(c: &Coordinator, signed: &spa_proto::auth::SignedHeaders) -> (tonic::Code, Option<String>) {
+    use spa_proto::v1::PingRequest;
+    let ch = spa_coordinator::net::connect(&c.url, &std::fs::read(c.home.join("tls/ca.pem")).unwrap()).await.unwrap();
+    let mut req = tonic::Request::new(PingRequest {});
+    signed.apply(req.metadata_mut());
+    let r = spa_proto::v1::device_client::DeviceClient::new(ch).ping(req).await;
+    r.map_or_else(|e| (e.code(), spa_proto::reason::Reason::owner_url(&e)), |_| (tonic::Code::Ok, None))
+}
+
+/// Two members (4 s clock window, 1 s membership): devices split between them; once a
+/// window has passed since they started, signed calls write no nonce to the database (each
+/// member's window is in memory). The member serving a device is killed: the other serves
+/// it within the bound, refuses a call signed before it took the device (accepted by the dead
+/// one), and refuses a future-dated one the dead member accepted (its nonce is in the store).
+#[test]
+fn a_device_moves_to_the_next_member_when_its_own_dies_and_no_call_is_served_twice() {
+    use spa_proto::auth::now_ms;
+    use spa_proto::v1::PingRequest;
+    let pg = Cluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let member = |name: &str, peer: Option<&Coordinator>| {
+        let mut c = Coordinator::replica_home(dir.path(), name, &pg, peer);
+        c.edit_config(|cfg| cfg.auth.clock_window_secs = 4);
+        c.start_role("all", &[]);
+        c
+    };
+    let a = member("a", None);
+    let mut b = member("b", Some(&a));
+    let started = Instant::now();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let cred = std::fs::read_to_string(a.home.join("admin.credential")).unwrap();
+    let ca = std::fs::read(a.home.join("tls/ca.pem")).unwrap();
+    let ch = rt.block_on(spa_coordinator::net::connect(&a.url, &ca)).unwrap();
+    let signers: Vec<_> = (0..12).map(|i| rt.block_on(spa_testkit::light::enroll(&ch, cred.trim(), &format!("d{i}")))).collect();
+    let sign = |s: &spa_proto::auth::DeviceSigner, ts| s.sign(spa_proto::methods::DEVICE_PING, &PingRequest {}, ts);
+    // Which member serves each device: the one that accepts a fresh call.
+    let on_b: Vec<_> = signers.iter().filter(|s| rt.block_on(ping(&a, &sign(s, now_ms()))).1.as_deref() == Some(b.url.as_str())).collect();
+    assert!(!on_b.is_empty() && on_b.len() < signers.len(), "12 devices on one member: {}", on_b.len());
+
+    let nonces = || {
+        rt.block_on(async {
+            let (sql, conn) = tokio_postgres::connect(&pg.conninfo, tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn);
+            sql.query_one("SELECT count(*) FROM nonces", &[]).await.unwrap().get::<_, i64>(0)
+        })
+    };
+    std::thread::sleep(Duration::from_secs(5).saturating_sub(started.elapsed()));
+    let before = nonces();
+    for s in &signers {
+        for c in [&a, &b] {
+            let (code, owner) = rt.block_on(ping(c, &sign(s, now_ms())));
+            assert!(code == tonic::Code::Ok || owner.is_some(), "{code:?}");
+        }
+    }
+    assert_eq!(nonces(), before, "24 calls past the window wrote nonces to the database");
+
+    // Signed now and accepted by b; signed 3 s ahead (inside the window) and accepted by b,
+    // which keeps its nonce in the store.
+    let d = on_b[0];
+    let (now, ahead) = (sign(d, now_ms()), sign(d, now_ms() + 3000));
+    assert_eq!(rt.block_on(ping(&b, &now)).0, tonic::Code::Ok);
+    assert_eq!(rt.block_on(ping(&b, &ahead)).0, tonic::Code::Ok);
+    assert_eq!(nonces(), before + 1, "the future-dated call's nonce is kept");
+    let mut child = b.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let t = Instant::now();
+    while rt.block_on(ping(&a, &sign(d, now_ms()))).0 != tonic::Code::Ok {
+        assert!(t.elapsed() < Duration::from_secs(5), "a does not serve b's device 5 s after b died (membership 1 s)");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("a serves b's device {} ms after b was killed", t.elapsed().as_millis());
+    assert_eq!(rt.block_on(ping(&a, &now)).0, tonic::Code::FailedPrecondition, "a call signed before a took the device");
+    assert_eq!(rt.block_on(ping(&a, &ahead)).0, tonic::Code::Unauthenticated, "the future-dated call b accepted");
+}
+
+/// A member stopped with SIGTERM ends its incarnation as it stops: the other member serves its
+/// devices at its next look at the members (a quarter of the 4 s lease), not once the lease
+/// lapses (3 to 4 s after the signal).
+#[test]
+fn a_member_that_stops_hands_its_devices_over_at_once() {
+    use spa_proto::auth::now_ms;
+    use spa_proto::v1::PingRequest;
+    let pg = Cluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let member = |name: &str, peer: Option<&Coordinator>| {
+        let mut c = Coordinator::replica_home(dir.path(), name, &pg, peer);
+        c.edit_config(|cfg| cfg.server.member_lease_secs = 4);
+        c.start_role("all", &[]);
+        c
+    };
+    let a = member("a", None);
+    let mut b = member("b", Some(&a));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let cred = std::fs::read_to_string(a.home.join("admin.credential")).unwrap();
+    let ch = rt.block_on(spa_coordinator::net::connect(&a.url, &std::fs::read(a.home.join("tls/ca.pem")).unwrap())).unwrap();
+    let sign = |s: &spa_proto::auth::DeviceSigner| s.sign(spa_proto::methods::DEVICE_PING, &PingRequest {}, now_ms());
+    // A device b serves (one in two is; 20 tries).
+    let d = (0..20)
+        .map(|i| rt.block_on(spa_testkit::light::enroll(&ch, cred.trim(), &format!("d{i}"))))
+        .find(|s| rt.block_on(ping(&b, &sign(s))).0 == tonic::Code::Ok)
+        .expect("b serves none of 20 devices");
+    let pid = b.child.as_ref().unwrap().id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let t = Instant::now();
+    while rt.block_on(ping(&a, &sign(&d))).0 != tonic::Code::Ok {
+        assert!(t.elapsed() < Duration::from_millis(2500), "a does not serve b's device 2.5 s after b was stopped");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("a serves b's device {} ms after b was stopped", t.elapsed().as_millis());
+    b.child.take().unwrap().wait().unwrap();
 }

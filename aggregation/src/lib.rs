@@ -36,4 +36,4 @@ pub use config::{Encoding, SessionConfig};
 pub use crypto::{IdentitySigner, system_rng};
 pub use error::{Result, SecAggError};
 pub use server::{AggregateOutput, SecAggServer, ServerPhase};
-pub use shards::{ShardedOutput, ShardedServer};
+pub use shards::{SeatMap, ShardedOutput, ShardedServer};

@@ -147,8 +147,32 @@ impl ShardedOutput {
 #[derive(Clone)]
 pub struct ShardedServer {
     shards: Vec<Shard>,
-    /// Global seat -> (shard, local client id).
-    route: HashMap<u32, (usize, u32)>,
+    route: SeatMap,
+}
+
+/// Where each global seat sits: (shard, local client id), from the shards' member lists
+/// (local client `i + 1` of shard `s` is `members[s][i]`).
+#[derive(Clone, Debug, Default)]
+pub struct SeatMap(HashMap<u32, (usize, u32)>);
+
+impl SeatMap {
+    /// Fails on a seat listed in two shards.
+    pub fn new<'a>(members: impl IntoIterator<Item = &'a [u32]>) -> Result<Self> {
+        let mut route = HashMap::new();
+        for (i, seats) in members.into_iter().enumerate() {
+            for (local, &seat) in seats.iter().enumerate() {
+                if route.insert(seat, (i, local as u32 + 1)).is_some() {
+                    return Err(SecAggError::InvalidConfig(format!("seat {seat} is in two shards")));
+                }
+            }
+        }
+        Ok(Self(route))
+    }
+
+    /// (shard, local client id) of global `seat`.
+    pub fn seat(&self, seat: u32) -> Option<(usize, u32)> {
+        self.0.get(&seat).copied()
+    }
 }
 
 impl ShardedServer {
@@ -159,7 +183,7 @@ impl ShardedServer {
         let bad = |s: String| Err(SecAggError::InvalidConfig(s));
         let Some((first, _)) = shards.first() else { return bad("a sharded round needs at least one shard".into()) };
         let (encoding, m) = (first.encoding.clone(), first.m);
-        let mut route = HashMap::new();
+        let route = SeatMap::new(shards.iter().map(|(_, members)| members.as_slice()))?;
         let mut out = Vec::with_capacity(shards.len());
         for (i, (config, members)) in shards.into_iter().enumerate() {
             if config.n_selected as usize != members.len() {
@@ -167,11 +191,6 @@ impl ShardedServer {
             }
             if config.encoding != encoding || config.m != m {
                 return bad(format!("shard {i}: its encoding differs from shard 0's"));
-            }
-            for (local, &seat) in members.iter().enumerate() {
-                if route.insert(seat, (i, local as u32 + 1)).is_some() {
-                    return bad(format!("seat {seat} is in two shards"));
-                }
             }
             out.push(Shard { server: SecAggServer::new(config)?.with_release_floor(floor), members, failed: None });
         }
@@ -190,7 +209,7 @@ impl ShardedServer {
 
     /// (shard, local client id) of global `seat`.
     pub fn seat(&self, seat: u32) -> Option<(usize, u32)> {
-        self.route.get(&seat).copied()
+        self.route.seat(seat)
     }
 
     /// Runs `f` on the session of `seat`'s shard with its local client id; `Dropped` when the

@@ -173,8 +173,13 @@ pub async fn run(home: &Path, opts: &AgentOptions, on_event: &mut dyn FnMut(Agen
                     fatal(&e)?;
                     current = None;
                     abandoned = Some(round_id);
+                    // Another coordinator serves this device now: connect anew to find it.
+                    let moved = matches!(&e, ClientError::Status(st) if Reason::owner_url(st).is_some());
                     on_event(AgentEvent::RoundFailed { round_id, error: e.to_string() });
                     tokio::time::sleep(Duration::from_millis(500)).await;
+                    if moved {
+                        break;
+                    }
                 }
             }
         }
@@ -323,7 +328,7 @@ async fn handle(ctx: &Ctx<'_>, current: &mut Option<InRound>, task: Option<Task>
 
 /// Global version `v` from the coordinator, checked against the local plugin's layout.
 async fn fetch_global(s: &Session, version: u64, layout: &SharedParams) -> Result<SharedParams> {
-    let stream = s.rounds().get_global(s.request(methods::ROUNDS_GET_GLOBAL, GetGlobalRequest { version })).await?.into_inner();
+    let stream = s.global().get_global(s.request(methods::ROUNDS_GET_GLOBAL, GetGlobalRequest { version })).await?.into_inner();
     Ok(SharedParams::from_coordinator(receive_params(s, stream).await?, layout)?)
 }
 

@@ -2,6 +2,9 @@
 //! message-size limits, and every call signed with the device key.
 use spa_proto::auth::DeviceSigner;
 use spa_proto::limits::MAX_MESSAGE_BYTES;
+use spa_proto::methods;
+use spa_proto::reason::Reason;
+use spa_proto::v1::PingRequest;
 use spa_proto::v1::backbone_client::BackboneClient;
 use spa_proto::v1::device_client::DeviceClient;
 use spa_proto::v1::rounds_client::RoundsClient;
@@ -55,10 +58,12 @@ pub fn signing_time_ms() -> u64 {
     now
 }
 
-/// An enrolled device, connected.
+/// An enrolled device, connected: to the coordinator it reached (round calls go there) and
+/// to the one serving its other calls (the same, but where several share a store).
 pub struct Session {
     pub signer: DeviceSigner,
     pub channel: Channel,
+    owner: Channel,
     pub identity: crate::store::Identity,
     net: NetConfig,
     capture: Option<Mutex<std::fs::File>>,
@@ -91,7 +96,24 @@ impl Session {
             Some(p) => Some(Mutex::new(std::fs::OpenOptions::new().create(true).append(true).open(&p).map_err(crate::error::io(std::path::Path::new(&p)))?)),
             None => None,
         };
-        Ok(Self { signer, channel, identity, net, capture })
+        let owner = channel.clone();
+        let mut s = Self { signer, channel, owner, identity, net, capture };
+        s.owner = s.find_owner().await?;
+        Ok(s)
+    }
+
+    /// The coordinator serving this device's calls (its round calls apart), asked with a ping:
+    /// the one reached, or the one it names (`NOT_OWNER`). Refusals other than "unavailable"
+    /// are left to the calls that follow (a rotation checks which key is accepted).
+    async fn find_owner(&self) -> Result<Channel> {
+        match self.device().ping(self.request(methods::DEVICE_PING, PingRequest {})).await {
+            Ok(_) => Ok(self.channel.clone()),
+            Err(st) => match Reason::owner_url(&st) {
+                Some(url) => connect(&url, self.identity.ca_pem.as_bytes(), &self.net).await,
+                None if st.code() == tonic::Code::Unavailable => Err(st.into()),
+                None => Ok(self.channel.clone()),
+            },
+        }
     }
 
     /// The next message of a server stream. One silent for `net.stream_stall_secs` fails
@@ -131,11 +153,16 @@ impl Session {
         RoundsClient::new(self.channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
 
+    /// For GetGlobal: a committed version is served by the device's own coordinator.
+    pub fn global(&self) -> RoundsClient<Channel> {
+        RoundsClient::new(self.owner.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
     pub fn device(&self) -> DeviceClient<Channel> {
-        device_client(self.channel.clone())
+        device_client(self.owner.clone())
     }
 
     pub fn backbone(&self) -> BackboneClient<Channel> {
-        backbone_client(self.channel.clone())
+        backbone_client(self.owner.clone())
     }
 }

@@ -142,8 +142,11 @@ impl Auth {
     /// Replays across a restart: calls dated before this start (or before the last tick of the
     /// previous run, if the clock went back) are refused whole; the nonces of calls dated
     /// after their acceptance (a device clock running fast) were persisted and are loaded.
-    /// So an ordinary call costs no write, except on a store that replicas share, where every
-    /// call's nonce is recorded (another replica's calls are not in this process's window).
+    /// So an ordinary call costs no write. On a store that replicas share, one replica serves
+    /// a device's calls at a time (its round calls: the leader; the others: their member,
+    /// [`crate::members`]) and the caller says since when (`since_ms`): calls dated earlier are
+    /// refused, and those dated within a clock window after it are checked against the nonces
+    /// the store holds (the future-dated ones another replica accepted).
     pub async fn new(store: Store, cfg: &crate::config::CoordinatorConfig, admin_path: &std::path::Path) -> crate::error::Result<Self> {
         let window_ms = cfg.auth.clock_window_secs * 1000;
         let (capacity, per_device) = (cfg.auth.max_nonces, cfg.auth.max_nonces_per_device);
@@ -169,22 +172,24 @@ impl Auth {
         })
     }
 
-    /// A signed unary or server-streaming call: the signature covers this body.
-    pub async fn device<M: prost::Message>(&self, req: &Request<M>, method: &str) -> Result<DeviceRecord, Status> {
-        self.check(req.metadata(), method, &body_digest(req.get_ref())).await
+    /// A signed unary or server-streaming call, served here for calls dated at or after
+    /// `since_ms` ([`crate::state::Shared::device_hold`], `round_hold`): the signature covers
+    /// this body.
+    pub async fn device<M: prost::Message>(&self, req: &Request<M>, method: &str, since_ms: u64) -> Result<DeviceRecord, Status> {
+        self.check(req.metadata(), method, &body_digest(req.get_ref()), since_ms).await
     }
 
     /// A client-streaming call: the signature covers its first message (`digest` = that
     /// message's body digest), which the handler reads before anything else.
-    pub async fn check_digest(&self, md: &MetadataMap, method: &str, digest: &[u8; 32]) -> Result<DeviceRecord, Status> {
-        self.check(md, method, digest).await
+    pub async fn check_digest(&self, md: &MetadataMap, method: &str, digest: &[u8; 32], since_ms: u64) -> Result<DeviceRecord, Status> {
+        self.check(md, method, digest, since_ms).await
     }
 
-    async fn check(&self, md: &MetadataMap, method: &str, digest: &[u8; 32]) -> Result<DeviceRecord, Status> {
-        self.check_signed(md, method, digest).await.inspect_err(|e| self.refused_log.refused("device", &e.message()))
+    async fn check(&self, md: &MetadataMap, method: &str, digest: &[u8; 32], since_ms: u64) -> Result<DeviceRecord, Status> {
+        self.check_signed(md, method, digest, since_ms).await.inspect_err(|e| self.refused_log.refused("device", &e.message()))
     }
 
-    async fn check_signed(&self, md: &MetadataMap, method: &str, digest: &[u8; 32]) -> Result<DeviceRecord, Status> {
+    async fn check_signed(&self, md: &MetadataMap, method: &str, digest: &[u8; 32], since_ms: u64) -> Result<DeviceRecord, Status> {
         let h = SignedHeaders::from_metadata(md)?;
         let rec = self.store.device(&h.device_id).await.map_err(Status::from)?.ok_or(AuthError::UnknownDevice(h.device_id.clone()))?;
         let pk = hex::decode(&rec.public_key_hex).map_err(internal)?;
@@ -200,12 +205,14 @@ impl Auth {
         }
         let now = now_ms();
         check_clock(h.ts_ms, now, self.window_ms)?;
-        if h.ts_ms < self.start_ms {
-            return Err(AuthError::SignedBeforeStart { ts_ms: h.ts_ms, start_ms: self.start_ms }.into());
+        let start_ms = self.start_ms.max(since_ms);
+        if h.ts_ms < start_ms {
+            return Err(AuthError::SignedBeforeStart { ts_ms: h.ts_ms, start_ms }.into());
         }
         self.nonces.lock().map_err(internal)?.check_and_insert(&h.device_id, &h.nonce_hex, h.ts_ms, now)?;
-        // Replicas sharing the store each see only their own calls: the store is the window.
-        if (h.ts_ms > now || self.store.shared()) && !self.store.record_nonce(&h.device_id, &h.nonce_hex, h.ts_ms).await.map_err(Status::from)? {
+        // A call accepted elsewhere before `start_ms` is dated at most a window past it.
+        let after_handover = self.store.shared() && h.ts_ms < start_ms + self.window_ms;
+        if (h.ts_ms > now || after_handover) && !self.store.record_nonce(&h.device_id, &h.nonce_hex, h.ts_ms).await.map_err(Status::from)? {
             return Err(AuthError::Replay.into());
         }
         self.store.touch(&h.device_id, now);

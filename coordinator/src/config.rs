@@ -56,6 +56,10 @@ pub struct ServerSection {
     pub postgres_conninfo: PathBuf,
     /// Connections to PostgreSQL this process keeps at most.
     pub postgres_connections: usize,
+    /// On a shared store, the lifetime of this process's membership among the coordinators
+    /// serving devices (renewed every quarter of it): a member that dies hands its devices on
+    /// about this long after, and one that joins serves from 3/4 of it on.
+    pub member_lease_secs: u64,
     /// On SIGTERM, how long in-flight calls and open streams may take before they are cut.
     pub drain_secs: u64,
     /// The store's page cache, in MiB (sled's own default, 1 GiB, would grow to that).
@@ -80,6 +84,7 @@ impl Default for ServerSection {
             store: "store".into(),
             postgres_conninfo: "postgres.conninfo".into(),
             postgres_connections: 16,
+            member_lease_secs: 10,
             drain_secs: 10,
             store_cache_mb: 64,
             metrics_listen: String::new(),
@@ -319,6 +324,7 @@ impl CoordinatorConfig {
         ensure(self.auth.clock_window_secs > 0, "auth.clock_window_secs must be > 0")?;
         ensure((1..=65_536).contains(&self.server.store_cache_mb), "server.store_cache_mb must be in 1..=65536")?;
         ensure((2..=1024).contains(&self.server.postgres_connections), "server.postgres_connections must be in 2..=1024")?;
+        ensure((1..=3600).contains(&self.server.member_lease_secs), "server.member_lease_secs must be in 1..=3600")?;
         ensure(
             self.server.advertise_url.is_empty() || self.server.advertise_url.starts_with("https://"),
             "server.advertise_url must be empty or start with https://",

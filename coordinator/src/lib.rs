@@ -10,6 +10,7 @@
 //! - [`rounds`]: the federated round loop (selection, SecAgg+ phases, commit) and its state.
 //! - [`aggregator`]: where a round's SecAgg+ shards run (in process, or aggregator processes).
 //! - [`round_service`]: the device-facing Rounds service and the admin round verbs.
+//! - [`members`]: on a shared store, which coordinator serves which device.
 //! - [`store`]: the durable state behind one interface ([`store::Backend`]); sled by default.
 //! - [`status`]: how every error of this library becomes a gRPC status.
 //! - [`metrics`]: Prometheus counters and gauges, and the `/metrics` endpoint.
@@ -24,6 +25,7 @@ pub mod error;
 mod fault;
 pub(crate) mod generation;
 pub mod init;
+pub mod members;
 pub mod metrics;
 pub mod net;
 pub(crate) mod round_service;

@@ -41,12 +41,15 @@ pub struct Metrics {
     pub phase_seconds: Family<Phase, Histogram>,
     pub dropouts: Family<Reason, Counter>,
     pub refused_calls: Family<Kind, Counter>,
+    /// Device calls sent to another replica, by kind (`leader`, `owner`).
+    pub redirected_calls: Family<Kind, Counter>,
     pub backbone_tokens: Counter,
     devices_enrolled: Gauge,
     devices_online: Gauge,
     generation_sessions: Gauge,
     open_connections: Gauge,
     leader: Gauge,
+    member: Gauge,
     device_cache: Gauge,
     /// The registered families' names, as exposed (`spa_` and the name).
     families: Vec<String>,
@@ -71,12 +74,14 @@ impl Metrics {
             phase_seconds: Family::new_with_constructor(phase_histogram),
             dropouts: Family::default(),
             refused_calls: Family::default(),
+            redirected_calls: Family::default(),
             backbone_tokens: Counter::default(),
             devices_enrolled: Gauge::default(),
             devices_online: Gauge::default(),
             generation_sessions: Gauge::default(),
             open_connections: Gauge::default(),
             leader: Gauge::default(),
+            member: Gauge::default(),
             device_cache: Gauge::default(),
             registry: Registry::default(),
             families: Vec::new(),
@@ -86,12 +91,20 @@ impl Metrics {
         reg(&mut registry, &mut families, "round_phase_seconds", "Wall time of each round phase", m.phase_seconds.clone());
         reg(&mut registry, &mut families, "dropouts", "Seats that left a round, by reason", m.dropouts.clone());
         reg(&mut registry, &mut families, "refused_calls", "Refused device and admin calls (auth, replay, quota)", m.refused_calls.clone());
+        reg(
+            &mut registry,
+            &mut families,
+            "redirected_calls",
+            "Device calls sent to another replica (NOT_LEADER, NOT_OWNER), by kind",
+            m.redirected_calls.clone(),
+        );
         reg(&mut registry, &mut families, "backbone_tokens", "Token positions the backbone computed (features and generation)", m.backbone_tokens.clone());
         reg(&mut registry, &mut families, "devices_enrolled", "Enrolled devices, revoked ones excluded", m.devices_enrolled.clone());
         reg(&mut registry, &mut families, "devices_online", "Devices that polled within rounds.online_secs", m.devices_online.clone());
         reg(&mut registry, &mut families, "generation_sessions", "Open Generate streams", m.generation_sessions.clone());
         reg(&mut registry, &mut families, "open_connections", "TCP connections open (limits.max_connections)", m.open_connections.clone());
         reg(&mut registry, &mut families, "leader", "1 while this coordinator holds the leadership lease (runs the rounds)", m.leader.clone());
+        reg(&mut registry, &mut families, "member", "1 while this coordinator serves devices as a member of a shared store", m.member.clone());
         reg(
             &mut registry,
             &mut families,
@@ -115,6 +128,7 @@ impl Metrics {
         self.generation_sessions.set(g.generation_sessions as i64);
         self.open_connections.set(g.open_connections as i64);
         self.leader.set(g.leader as i64);
+        self.member.set(g.member as i64);
         self.device_cache.set(g.device_cache as i64);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
@@ -134,6 +148,7 @@ pub struct Gauges {
     pub generation_sessions: usize,
     pub open_connections: usize,
     pub leader: bool,
+    pub member: bool,
     pub device_cache: bool,
 }
 

@@ -8,12 +8,12 @@ use spa_model::side::ParamSet;
 use spa_proto::auth::{body_digest, sha256};
 use spa_proto::limits::CHUNK_BYTES;
 use spa_proto::methods;
-use spa_proto::reason::{LEADER, Reason, invalid};
+use spa_proto::reason::invalid;
 use spa_proto::secagg;
 use spa_proto::tensor::{encode_f32, tensor_chunks};
 use spa_proto::v1::rounds_server::Rounds as RoundsRpc;
 use spa_proto::v1::*;
-use tonic::{Code, Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::rounds::{AnswerError, RoundPlan, RoundRecord};
 use crate::state::{BoxStream, Shared};
@@ -24,21 +24,6 @@ pub struct RoundsService(pub Arc<Shared>);
 
 fn identity_pk(rec: &DeviceRecord) -> Result<[u8; 32], Status> {
     hex::decode(&rec.public_key_hex).ok().and_then(|b| b.try_into().ok()).ok_or_else(|| internal("stored public key is not 32 bytes"))
-}
-
-/// On a replica that does not hold the leadership lease, where the rounds run instead (a
-/// device polls there); Ok where this replica leads or no one does (the device idles).
-async fn not_the_leader(s: &Shared) -> Result<(), Status> {
-    if s.rounds.lease().is_some() || !s.store.shared() {
-        return Ok(());
-    }
-    match s.store.leader_url().await? {
-        Some(url) => {
-            let msg = format!("this coordinator does not run the rounds: poll {url}");
-            Err(Reason::NotLeader.status_with(Code::FailedPrecondition, msg, [(LEADER.to_string(), url)].into()))
-        }
-        None => Ok(()),
-    }
 }
 
 /// A committed checkpoint as a stream of f32 tensor chunks.
@@ -70,19 +55,14 @@ async fn read_upload(s: &Shared, device: &str, h: &MaskedUploadHeader, stream: &
     }
     // Buffered, then added in one step: a device that dies mid-upload is a dropout
     // rather than a partial vector that would make the sum unrecoverable.
-    let mut bytes = Vec::with_capacity(m as usize * 4);
+    let mut buf = secagg::LaneBuffer::new(m);
     while let Some(msg) = stream.message().await? {
         let Some(masked_upload::Kind::Lanes(b)) = msg.kind else {
             return Err(Status::invalid_argument("a second header in one upload"));
         };
-        if b.len() > CHUNK_BYTES || (bytes.len() + b.len()) as u64 > m * 4 {
-            return Err(invalid("lanes", "upload chunk too large or past the declared lanes"));
-        }
-        bytes.extend_from_slice(&b);
+        buf.push(&b).map_err(|e| invalid("lanes", e))?;
     }
-    if bytes.len() as u64 != m * 4 {
-        return Err(invalid("lanes", format!("upload truncated: {} of {} bytes", bytes.len(), m * 4)));
-    }
+    let bytes = buf.finish().map_err(|e| invalid("lanes", e))?;
     if sha256(&bytes)[..] != h.sha256[..] {
         return Err(invalid("header.sha256", "upload does not match its declared SHA-256"));
     }
@@ -92,20 +72,23 @@ async fn read_upload(s: &Shared, device: &str, h: &MaskedUploadHeader, stream: &
 #[tonic::async_trait]
 impl RoundsRpc for RoundsService {
     async fn poll(&self, req: Request<PollRequest>) -> Result<Response<PollResponse>, Status> {
-        let rec = self.0.auth.device(&req, methods::ROUNDS_POLL).await?;
-        not_the_leader(&self.0).await?;
+        let since = self.0.round_hold().await?;
+        let rec = self.0.auth.device(&req, methods::ROUNDS_POLL, since).await?;
         Ok(Response::new(PollResponse { task: Some(self.0.rounds.poll(&rec.device_id)) }))
     }
 
     type GetGlobalStream = BoxStream<TensorChunk>;
 
     async fn get_global(&self, req: Request<GetGlobalRequest>) -> Result<Response<Self::GetGlobalStream>, Status> {
-        self.0.auth.device(&req, methods::ROUNDS_GET_GLOBAL).await?;
+        // A committed version is the store's: the device's own member serves it.
+        let since = self.0.device_hold(req.metadata())?;
+        self.0.auth.device(&req, methods::ROUNDS_GET_GLOBAL, since).await?;
         Ok(Response::new(checkpoint_stream(&self.0, req.get_ref().version).await?))
     }
 
     async fn advertise_keys(&self, req: Request<AdvertiseKeysMsg>) -> Result<Response<Ack>, Status> {
-        let rec = self.0.auth.device(&req, methods::ROUNDS_ADVERTISE_KEYS).await?;
+        let since = self.0.round_hold().await?;
+        let rec = self.0.auth.device(&req, methods::ROUNDS_ADVERTISE_KEYS, since).await?;
         // Checked here so that a malformed message is the caller's error, its seat kept.
         secagg::advertise_from_wire(req.get_ref())?;
         self.0.rounds.advertise(&rec.device_id, identity_pk(&rec)?, req.into_inner()).await?;
@@ -113,17 +96,19 @@ impl RoundsRpc for RoundsService {
     }
 
     async fn share_keys(&self, req: Request<ShareKeysMsg>) -> Result<Response<Ack>, Status> {
-        let rec = self.0.auth.device(&req, methods::ROUNDS_SHARE_KEYS).await?;
+        let since = self.0.round_hold().await?;
+        let rec = self.0.auth.device(&req, methods::ROUNDS_SHARE_KEYS, since).await?;
         self.0.rounds.share_keys(&rec.device_id, req.into_inner()).await?;
         Ok(Response::new(Ack {}))
     }
 
     async fn upload_masked(&self, req: Request<Streaming<MaskedUpload>>) -> Result<Response<Ack>, Status> {
+        let since = self.0.round_hold().await?;
         let md = req.metadata().clone();
         let mut stream = req.into_inner();
         // The signature covers the header message, so it is checked once the header arrived.
         let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("empty upload"))?;
-        let rec = self.0.auth.check_digest(&md, methods::ROUNDS_UPLOAD_MASKED, &body_digest(&first)).await?;
+        let rec = self.0.auth.check_digest(&md, methods::ROUNDS_UPLOAD_MASKED, &body_digest(&first), since).await?;
         let Some(masked_upload::Kind::Header(h)) = first.kind else {
             return Err(Status::invalid_argument("an upload starts with its header"));
         };
@@ -139,13 +124,15 @@ impl RoundsRpc for RoundsService {
     }
 
     async fn unmask(&self, req: Request<UnmaskMsg>) -> Result<Response<Ack>, Status> {
-        let rec = self.0.auth.device(&req, methods::ROUNDS_UNMASK).await?;
+        let since = self.0.round_hold().await?;
+        let rec = self.0.auth.device(&req, methods::ROUNDS_UNMASK, since).await?;
         self.0.rounds.unmask(&rec.device_id, req.into_inner()).await?;
         Ok(Response::new(Ack {}))
     }
 
     async fn report_metrics(&self, req: Request<MetricsReport>) -> Result<Response<Ack>, Status> {
-        let rec = self.0.auth.device(&req, methods::ROUNDS_REPORT_METRICS).await?;
+        let since = self.0.round_hold().await?;
+        let rec = self.0.auth.device(&req, methods::ROUNDS_REPORT_METRICS, since).await?;
         self.0.rounds.report_metrics(&rec.device_id, req.get_ref()).await?;
         Ok(Response::new(Ack {}))
     }

@@ -50,6 +50,8 @@ pub struct Running {
     task: tokio::task::JoinHandle<std::result::Result<(), tonic::transport::Error>>,
     pruner: tokio::task::JoinHandle<()>,
     round_loop: Option<tokio::task::JoinHandle<()>>,
+    /// Renews this process's membership (shared store): stops with it.
+    membership: Option<crate::AbortOnDrop>,
     metrics: Option<tokio::task::JoinHandle<()>>,
     home: PathBuf,
     store: Store,
@@ -66,6 +68,7 @@ impl Running {
     /// Stops accepting, lets in-flight calls finish within the drain deadline (then cuts
     /// them), and flushes the store.
     pub async fn shutdown(mut self) -> Result<()> {
+        self.leave().await;
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
@@ -88,6 +91,19 @@ impl Running {
         let _ = std::fs::remove_file(self.home.join(ADDR_FILE));
         r??;
         Ok(())
+    }
+
+    /// A member stopping serves no device from now and ends its incarnation in the store, so
+    /// its devices go to the others at their next look rather than when its lease lapses.
+    async fn leave(&mut self) {
+        let Some(m) = &self.shared.members else { return };
+        m.leave();
+        self.membership.take();
+        if let Some(mine) = m.incarnation()
+            && let Err(e) = self.store.leave_members(mine).await
+        {
+            tracing::warn!("leaving the members: {e} (the devices move once the lease lapses)");
+        }
     }
 
     /// Serves until the task ends on its own (an error).
@@ -178,8 +194,13 @@ pub async fn start_as(home: &Path, backend: Option<BackendKind>, role: Role) -> 
         "" => format!("https://{addr}"),
         u => u.to_string(),
     };
+    let members = store.shared().then(|| {
+        let timing = crate::members::Timing { ttl_ms: cfg.server.member_lease_secs * 1000 };
+        Arc::new(crate::members::Members::new(url.clone(), timing, cfg.auth.clock_window_secs * 1000))
+    });
+    let membership = members.clone().map(|m| crate::AbortOnDrop(tokio::spawn(crate::members::keep(m, store.clone()))));
     let rounds = crate::rounds::Rounds::new(store.clone(), cfg.rounds.clone(), url, hosts);
-    let shared = Shared::new(store.clone(), auth, engine, rounds.clone(), cfg.clone());
+    let shared = Shared::new(store.clone(), auth, engine, rounds.clone(), members, cfg.clone());
     let router = router(home, &cfg, &shared).await?;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let incoming = crate::conn::capped(listener, cfg.limits.max_connections, shared.connections.clone());
@@ -197,11 +218,18 @@ pub async fn start_as(home: &Path, backend: Option<BackendKind>, role: Role) -> 
     let round_loop = (role != Role::Frontend).then(|| tokio::spawn(crate::rounds::round_loop(rounds)));
     let metrics = start_metrics(home, &cfg, shared.clone()).await?;
     store.log("server.start", &addr.to_string()).await?;
+    if let Some(m) = &shared.members {
+        // Ready once this member serves devices (its join is seen by every peer first).
+        let t = std::time::Instant::now();
+        while !m.serving() && t.elapsed() < Duration::from_millis(m.timing.ttl_ms * 2) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     let addr_file = home.join(ADDR_FILE);
     std::fs::write(&addr_file, format!("https://{addr}\n")).map_err(io(&addr_file))?;
     tracing::info!(%addr, "coordinator serving (TLS)");
     let drain = Duration::from_secs(cfg.server.drain_secs);
-    Ok(Running { addr, stop: Some(stop_tx), task, pruner, round_loop, metrics, home: home.to_path_buf(), store, drain, shared })
+    Ok(Running { addr, stop: Some(stop_tx), task, pruner, round_loop, membership, metrics, home: home.to_path_buf(), store, drain, shared })
 }
 
 /// The configured store, with a warning for devices enrolled with keys now refused as weak.

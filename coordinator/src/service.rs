@@ -49,13 +49,15 @@ impl Device for DeviceService {
     }
 
     async fn ping(&self, req: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {
-        let rec = self.0.auth.device(&req, methods::DEVICE_PING).await?;
+        let since = self.0.device_hold(req.metadata())?;
+        let rec = self.0.auth.device(&req, methods::DEVICE_PING, since).await?;
         crate::fault::stall_point(methods::DEVICE_PING).await;
         Ok(Response::new(PingResponse { device_id: rec.device_id, server_time_ms: now_ms(), backbone_version: self.0.engine.meta.version.clone() }))
     }
 
     async fn rotate_key(&self, req: Request<RotateKeyRequest>) -> Result<Response<RotateKeyResponse>, Status> {
-        let rec = self.0.auth.device(&req, methods::DEVICE_ROTATE_KEY).await?;
+        let since = self.0.device_hold(req.metadata())?;
+        let rec = self.0.auth.device(&req, methods::DEVICE_ROTATE_KEY, since).await?;
         let r = req.into_inner();
         spa_proto::auth::check_public_key(&r.new_public_key)?;
         spa_proto::auth::verify_rotation(&rec.device_id, &r.new_public_key, &r.proof)
@@ -196,7 +198,8 @@ impl Admin for AdminService {
 impl Backbone for BackboneService {
     async fn get_model_info(&self, req: Request<GetModelInfoRequest>) -> Result<Response<ModelInfo>, Status> {
         let s = &self.0;
-        s.auth.device(&req, methods::BACKBONE_GET_MODEL_INFO).await?;
+        let since = s.device_hold(req.metadata())?;
+        s.auth.device(&req, methods::BACKBONE_GET_MODEL_INFO, since).await?;
         let m = &s.engine.meta;
         Ok(Response::new(ModelInfo {
             backbone_version: m.version.clone(),
@@ -216,7 +219,8 @@ impl Backbone for BackboneService {
     type GetHeadStream = BoxStream<TensorChunk>;
 
     async fn get_head(&self, req: Request<GetHeadRequest>) -> Result<Response<Self::GetHeadStream>, Status> {
-        let rec = self.0.auth.device(&req, methods::BACKBONE_GET_HEAD).await?;
+        let since = self.0.device_hold(req.metadata())?;
+        let rec = self.0.auth.device(&req, methods::BACKBONE_GET_HEAD, since).await?;
         self.0.check_version(&req.get_ref().backbone_version)?;
         let tensors = self.0.engine.head(&rec.device_id).await?;
         // Chunks are cut as the stream is read: one chunk's copy at a time, not the whole head.
@@ -232,7 +236,8 @@ impl Backbone for BackboneService {
 
     async fn features(&self, req: Request<FeaturesRequest>) -> Result<Response<Self::FeaturesStream>, Status> {
         let s = &self.0;
-        let rec = s.auth.device(&req, methods::BACKBONE_FEATURES).await?;
+        let since = s.device_hold(req.metadata())?;
+        let rec = s.auth.device(&req, methods::BACKBONE_FEATURES, since).await?;
         if crate::fault::stalls(methods::BACKBONE_FEATURES) {
             return Ok(Response::new(Box::pin(tokio_stream::pending())));
         }

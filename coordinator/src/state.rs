@@ -6,15 +6,18 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Instant;
 
-use spa_proto::reason::invalid;
+use spa_proto::auth::SignedHeaders;
+use spa_proto::reason::{LEADER, OWNER, Reason, invalid};
 use spa_proto::tensor::dtype_size;
 use spa_proto::v1::DType;
 use tokio_stream::Stream;
-use tonic::Status;
+use tonic::metadata::MetadataMap;
+use tonic::{Code, Status};
 
 use crate::auth::Auth;
 use crate::config::CoordinatorConfig;
 use crate::engine::Engine;
+use crate::members::{Members, Route};
 use crate::store::Store;
 
 pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -25,6 +28,9 @@ pub struct Shared {
     pub auth: Auth,
     pub engine: Engine,
     pub rounds: Arc<crate::rounds::Rounds>,
+    /// This process among those serving devices on a shared store (None: it serves every
+    /// device, alone on its store).
+    pub members: Option<Arc<Members>>,
     pub config: CoordinatorConfig,
     pub started: Instant,
     /// One permit per open Generate stream (`limits.max_sessions`), held by the stream's
@@ -42,7 +48,14 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(store: Store, auth: Auth, engine: Engine, rounds: Arc<crate::rounds::Rounds>, config: CoordinatorConfig) -> Arc<Self> {
+    pub fn new(
+        store: Store,
+        auth: Auth,
+        engine: Engine,
+        rounds: Arc<crate::rounds::Rounds>,
+        members: Option<Arc<Members>>,
+        config: CoordinatorConfig,
+    ) -> Arc<Self> {
         let max_sessions = config.limits.max_sessions;
         let failed_enrollments = config.limits.failed_enrollments_per_minute;
         Arc::new(Self {
@@ -50,6 +63,7 @@ impl Shared {
             auth,
             engine,
             rounds,
+            members,
             config,
             started: Instant::now(),
             sessions: Arc::new(tokio::sync::Semaphore::new(max_sessions)),
@@ -60,6 +74,52 @@ impl Shared {
             connections: Default::default(),
         })
     }
+}
+
+impl Shared {
+    /// Whether this process serves the device of the signed call `md` (every call but the
+    /// round calls): Ok(since: the earliest date of a call it accepts), else NOT_OWNER naming
+    /// the member that does, or UNAVAILABLE while no member is known to. Checked before the
+    /// signature: a call for another member is turned away with no effect here.
+    pub fn device_hold(&self, md: &MetadataMap) -> Result<u64, Status> {
+        let Some(members) = &self.members else { return Ok(0) };
+        let device = SignedHeaders::from_metadata(md)?.device_id;
+        match members.route(&device) {
+            Route::Here { since_ms } => Ok(since_ms),
+            Route::Elsewhere(url) => {
+                redirected("owner");
+                let msg = format!("another coordinator serves device {device}: call {url}");
+                Err(Reason::NotOwner.status_with(Code::FailedPrecondition, msg, [(OWNER.to_string(), url)].into()))
+            }
+            Route::Unknown => Err(Status::unavailable(
+                "this coordinator does not know which coordinator serves this device now (its store is out of reach, or one just left); retry",
+            )),
+        }
+    }
+
+    /// Whether this process serves round calls: Ok(since: the earliest date of a call it
+    /// accepts) while it leads (alone on its store, always), else NOT_LEADER naming the
+    /// leader, or UNAVAILABLE while no one leads.
+    pub async fn round_hold(&self) -> Result<u64, Status> {
+        if !self.store.shared() {
+            return Ok(0);
+        }
+        if let Some(since) = self.rounds.leading_since() {
+            return Ok(since);
+        }
+        match self.store.leader_url().await? {
+            Some(url) if url != self.rounds.url() => {
+                redirected("leader");
+                let msg = format!("this coordinator does not run the rounds: poll {url}");
+                Err(Reason::NotLeader.status_with(Code::FailedPrecondition, msg, [(LEADER.to_string(), url)].into()))
+            }
+            _ => Err(Status::unavailable("no coordinator runs the rounds now (the leader is being replaced); retry")),
+        }
+    }
+}
+
+fn redirected(kind: &str) {
+    crate::metrics::METRICS.redirected_calls.get_or_create(&crate::metrics::Kind { kind: kind.into() }).inc();
 }
 
 /// How many of something each device holds (open Generate streams, Features requests), so
@@ -163,6 +223,7 @@ impl Shared {
             generation_sessions: self.config.limits.max_sessions.saturating_sub(self.sessions.available_permits()),
             open_connections: self.connections.load(std::sync::atomic::Ordering::SeqCst),
             leader: self.rounds.lease().is_some(),
+            member: self.members.as_ref().is_some_and(|m| m.serving()),
             device_cache: self.store.device_cache_live(),
         }
     }

@@ -37,7 +37,7 @@ pub enum AuthError {
     #[error("request timestamp {ts_ms} is {skew_ms} ms away from the coordinator's clock (window {window_ms} ms)")]
     ClockSkew { ts_ms: u64, skew_ms: u64, window_ms: u64 },
     /// Nonces of calls dated before the coordinator started are not kept across restarts.
-    #[error("request signed at {ts_ms} ms, before the coordinator started at {start_ms} ms: refused as a possible replay; sign it again")]
+    #[error("request signed at {ts_ms} ms, before this coordinator started serving the device at {start_ms} ms: refused as a possible replay; sign it again")]
     SignedBeforeStart { ts_ms: u64, start_ms: u64 },
     #[error("nonce already used (replayed request)")]
     Replay,

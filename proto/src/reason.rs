@@ -20,19 +20,26 @@ pub enum Reason {
     DownProjectionsUnavailable,
     /// This replica does not run the rounds: poll the one at detail [`LEADER`] instead.
     NotLeader,
+    /// Another replica serves this device's calls (its round calls apart): the one at detail
+    /// [`OWNER`].
+    NotOwner,
 }
 
 /// The ErrorInfo metadata key of [`Reason::NotLeader`]: the URL of the replica running rounds.
 pub const LEADER: &str = "leader";
 
+/// The ErrorInfo metadata key of [`Reason::NotOwner`]: the URL of the replica serving the device.
+pub const OWNER: &str = "owner";
+
 impl Reason {
-    const ALL: [Reason; 3] = [Reason::DeviceRevoked, Reason::DownProjectionsUnavailable, Reason::NotLeader];
+    const ALL: [Reason; 4] = [Reason::DeviceRevoked, Reason::DownProjectionsUnavailable, Reason::NotLeader, Reason::NotOwner];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::DeviceRevoked => "DEVICE_REVOKED",
             Reason::DownProjectionsUnavailable => "DOWN_PROJECTIONS_UNAVAILABLE",
             Reason::NotLeader => "NOT_LEADER",
+            Reason::NotOwner => "NOT_OWNER",
         }
     }
 
@@ -48,9 +55,18 @@ impl Reason {
 
     /// Where a [`Reason::NotLeader`] refusal sends the device (its [`LEADER`] metadata).
     pub fn leader_url(status: &Status) -> Option<String> {
+        Self::url(status, Reason::NotLeader, LEADER)
+    }
+
+    /// Where a [`Reason::NotOwner`] refusal sends the device (its [`OWNER`] metadata).
+    pub fn owner_url(status: &Status) -> Option<String> {
+        Self::url(status, Reason::NotOwner, OWNER)
+    }
+
+    fn url(status: &Status, reason: Reason, key: &str) -> Option<String> {
         let info = status.get_error_details().error_info().cloned()?;
-        let ours = info.domain == DOMAIN && info.reason == Reason::NotLeader.as_str();
-        ours.then(|| info.metadata.get(LEADER).cloned()).flatten()
+        let ours = info.domain == DOMAIN && info.reason == reason.as_str();
+        ours.then(|| info.metadata.get(key).cloned()).flatten()
     }
 
     /// The reason `status` carries, if it carries one of ours.
@@ -98,6 +114,10 @@ mod tests {
         assert_eq!(Reason::leader_url(&to(Reason::NotLeader)).as_deref(), Some("https://l:1"));
         assert_eq!(Reason::leader_url(&to(Reason::DeviceRevoked)), None);
         assert_eq!(Reason::leader_url(&Reason::NotLeader.status(Code::FailedPrecondition, "m")), None);
+        let owner = Reason::NotOwner.status_with(Code::FailedPrecondition, "m", [(OWNER.to_string(), "https://o:1".to_string())].into());
+        assert_eq!(Reason::owner_url(&owner).as_deref(), Some("https://o:1"));
+        assert_eq!(Reason::leader_url(&owner), None, "an owner is not a leader");
+        assert_eq!(Reason::owner_url(&to(Reason::NotLeader)), None);
     }
 
     #[test]

@@ -155,9 +155,49 @@ pub fn lanes_from_bytes(b: &[u8]) -> Result<Vec<u32>, ProtoError> {
     Ok(b.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
 }
 
+/// A masked vector arriving in chunks (a device's upload, a leader's forward of it): chunks
+/// of at most `CHUNK_BYTES`, never past `lanes` lanes, and exactly that many at the end. The
+/// messages name what is wrong; callers make them the status their wire needs.
+pub struct LaneBuffer {
+    bytes: Vec<u8>,
+    want: u64,
+}
+
+impl LaneBuffer {
+    pub fn new(lanes: u64) -> Self {
+        Self { bytes: Vec::with_capacity((lanes * 4) as usize), want: lanes * 4 }
+    }
+
+    pub fn push(&mut self, chunk: &[u8]) -> Result<(), String> {
+        if chunk.len() > crate::limits::CHUNK_BYTES || (self.bytes.len() + chunk.len()) as u64 > self.want {
+            return Err("upload chunk too large or past the declared lanes".into());
+        }
+        self.bytes.extend_from_slice(chunk);
+        Ok(())
+    }
+
+    pub fn finish(self) -> Result<Vec<u8>, String> {
+        match self.bytes.len() as u64 {
+            n if n == self.want => Ok(self.bytes),
+            n => Err(format!("upload truncated: {n} of {} bytes", self.want)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lane_buffer_takes_exactly_its_lanes() {
+        let mut b = LaneBuffer::new(3);
+        b.push(&[1; 8]).unwrap();
+        assert!(b.push(&[0; 8]).is_err(), "past 3 lanes");
+        assert!(LaneBuffer::new(3).finish().unwrap_err().contains("0 of 12"));
+        assert!(LaneBuffer::new(1 << 30).push(&vec![0; crate::limits::CHUNK_BYTES + 1]).is_err(), "chunk over the limit");
+        b.push(&[2; 4]).unwrap();
+        assert_eq!(b.finish().unwrap().len(), 12);
+    }
 
     #[test]
     fn wrong_key_lengths_are_refused() {

@@ -106,7 +106,8 @@ fn rounds_client(ch: Channel) -> RoundsClient<Channel> {
 }
 
 /// One light device: polls and answers until it evaluated `rounds` committed versions. Sent
-/// to a leader (`NOT_LEADER`), it polls there until that fails, then goes home again.
+/// to a leader (`NOT_LEADER`), it polls there until that fails, then goes home again; while
+/// no one leads (UNAVAILABLE) it waits.
 pub async fn device(link: Link, signer: DeviceSigner, seed: u64, rounds: usize, sums: Sums, part: Part) -> Result<(), Error> {
     let home = rounds_client(link.home.clone());
     let mut rpc = home.clone();
@@ -125,7 +126,7 @@ pub async fn device(link: Link, signer: DeviceSigner, seed: u64, rounds: usize, 
                 };
                 if let Some(ch) = leader {
                     (rpc, away) = (rounds_client(ch), true);
-                } else if away || part.lenient {
+                } else if away || part.lenient || e.code() == tonic::Code::Unavailable {
                     (rpc, away) = (home.clone(), false);
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 } else {

@@ -63,7 +63,7 @@ impl Coordinator {
 
     /// A replica's home in `dir/<name>` on `pg` (not started); with `peer`, sharing its TLS
     /// material and admin credential (a deployment's replicas do: devices trust one CA,
-    /// operators hold one credential). A 1 s leadership lease.
+    /// operators hold one credential). A 1 s leadership lease and membership.
     pub fn replica_home(dir: &Path, name: &str, pg: &crate::postgres::Cluster, peer: Option<&Coordinator>) -> Self {
         let sub = dir.join(name);
         std::fs::create_dir_all(&sub).unwrap();
@@ -81,6 +81,7 @@ impl Coordinator {
         c.edit_config(|cfg| {
             cfg.server.store_backend = spa_coordinator::config::StoreBackend::Postgres;
             cfg.rounds.leader_lease_secs = 1;
+            cfg.server.member_lease_secs = 1;
         });
         c
     }

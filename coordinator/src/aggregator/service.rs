@@ -6,7 +6,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use spa_proto::limits::CHUNK_BYTES;
 use spa_proto::v1::aggregator_server::{Aggregator, AggregatorServer};
 use spa_proto::v1::*;
 use tokio::sync::oneshot;
@@ -55,17 +54,12 @@ impl Aggregator for AggregatorService {
         if h.lanes != m {
             return Err(Status::invalid_argument(format!("upload declares {} lanes, the shard has {m}", h.lanes)));
         }
-        let mut bytes = Vec::with_capacity(m as usize * 4);
+        let mut buf = spa_proto::secagg::LaneBuffer::new(m);
         while let Some(msg) = stream.message().await? {
             let Some(Kind::Lanes(b)) = msg.kind else { return Err(Status::invalid_argument("a second header in one upload")) };
-            if b.len() > CHUNK_BYTES || (bytes.len() + b.len()) as u64 > m * 4 {
-                return Err(Status::invalid_argument("upload chunk too large or past the declared lanes"));
-            }
-            bytes.extend_from_slice(&b);
+            buf.push(&b).map_err(Status::invalid_argument)?;
         }
-        if bytes.len() as u64 != m * 4 {
-            return Err(Status::invalid_argument(format!("upload truncated: {} of {} bytes", bytes.len(), m * 4)));
-        }
+        let bytes = buf.finish().map_err(Status::invalid_argument)?;
         self.0.apply(key, ShardCall::Masked { client_id: h.client_id, bytes })?;
         Ok(Response::new(Ack {}))
     }

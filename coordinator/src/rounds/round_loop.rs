@@ -113,11 +113,12 @@ pub async fn round_loop(rounds: Arc<Rounds>) {
 async fn keep_lease(rounds: Arc<Rounds>) {
     let ttl_ms = rounds.cfg.leader_lease_secs * 1000;
     loop {
+        let asked = std::time::Instant::now();
         let lease = rounds.store.lead(&rounds.holder, &rounds.url, ttl_ms).await.unwrap_or_else(|e| {
             tracing::warn!("leadership lease: {e}");
             None
         });
-        rounds.set_lease(lease);
+        rounds.set_lease(lease, asked);
         tokio::time::sleep(Duration::from_millis(ttl_ms / 3)).await;
     }
 }

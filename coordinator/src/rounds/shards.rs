@@ -1,9 +1,7 @@
 //! A round's shards as the leader sees them: which seats sit in which shard (the placement
 //! of `spa_aggregation::shards`), where each shard runs (a [`ShardHost`]: this process or an
 //! aggregator), and which have failed. The shards' SecAgg+ machines live with their hosts.
-use std::collections::HashMap;
-
-use spa_aggregation::SessionConfig;
+use spa_aggregation::{SeatMap, SessionConfig};
 use spa_proto::secagg;
 
 use crate::aggregator::{ShardHost, ShardKey};
@@ -35,8 +33,7 @@ pub(super) struct ShardSet {
     /// The leadership term the shards were opened under (aggregators fence older terms).
     pub term: u64,
     pub slots: Vec<Slot>,
-    /// Global seat -> (shard, local client id).
-    route: HashMap<u32, (usize, u32)>,
+    route: SeatMap,
     /// Lanes of every shard's vectors.
     pub m: u64,
 }
@@ -46,12 +43,14 @@ impl ShardSet {
     /// takes it. A shard no host takes is failed from the start.
     pub async fn open(round_id: u64, term: u64, sessions: Vec<(SessionConfig, Vec<u32>)>, floor: usize, hosts: &[ShardHost]) -> Self {
         let m = sessions.first().map_or(0, |(c, _)| c.m);
-        let mut route = HashMap::new();
+        // Placement gives each seat one shard (spa_aggregation::shards::assign); were it not
+        // so, no answer would be taken and the round would end at its deadline.
+        let route = SeatMap::new(sessions.iter().map(|(_, members)| members.as_slice())).unwrap_or_else(|e| {
+            tracing::error!(round = round_id, "shard placement: {e}");
+            SeatMap::default()
+        });
         let mut slots = Vec::with_capacity(sessions.len());
         for (i, (config, members)) in sessions.into_iter().enumerate() {
-            for (local, &seat) in members.iter().enumerate() {
-                route.insert(seat, (i, local as u32 + 1));
-            }
             let config_json = secagg::config_to_json(&config);
             let min_clients = floor.max(config.threshold as usize + 1);
             let (mut placed, mut why) = (None, String::from("no aggregator is configured"));
@@ -77,7 +76,7 @@ impl ShardSet {
 
     /// (shard, local client id) of global `seat`.
     pub fn seat(&self, seat: u32) -> Option<(usize, u32)> {
-        self.route.get(&seat).copied()
+        self.route.seat(seat)
     }
 
     pub fn key(&self, shard: usize) -> ShardKey {

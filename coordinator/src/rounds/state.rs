@@ -69,6 +69,9 @@ pub struct Rounds {
     pub(super) holder: String,
     pub(super) url: String,
     lease: Mutex<Option<Lease>>,
+    /// Since when (ms) this process has held the lease's current term, and when it last
+    /// renewed it: round calls are served only while that renewal is recent.
+    held: Mutex<Option<(u64, u64, std::time::Instant)>>,
     /// Where shards run: this process, or the configured aggregators.
     pub(super) hosts: Vec<ShardHost>,
 }
@@ -91,6 +94,7 @@ impl Rounds {
             holder: format!("{}-{}", std::process::id(), hex::encode(spa_proto::auth::random_bytes::<6>())),
             url,
             lease: Mutex::new(None),
+            held: Mutex::new(None),
             hosts,
         })
     }
@@ -314,9 +318,30 @@ impl Rounds {
         lock(&self.lease).clone()
     }
 
-    /// Records the lease as last taken or renewed (None: lost or not held); a change is logged
-    /// and wakes the loop.
-    pub(super) fn set_lease(&self, lease: Option<Lease>) {
+    /// Where devices reach this process.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Since when (ms) this process has led without a break, while its last renewal is under
+    /// 3/4 of the lease's lifetime old (a paused leader stops serving round calls before its
+    /// successor can take the lease); None when it does not lead.
+    pub fn leading_since(&self) -> Option<u64> {
+        let ttl = std::time::Duration::from_secs(self.cfg.leader_lease_secs);
+        lock(&self.held).and_then(|(_, since, renewed)| (renewed.elapsed() < ttl * 3 / 4).then_some(since))
+    }
+
+    /// Records the lease as last taken or renewed by a call that began at `asked` (None: lost
+    /// or not held); a change is logged and wakes the loop.
+    pub(super) fn set_lease(&self, lease: Option<Lease>, asked: std::time::Instant) {
+        {
+            let mut held = lock(&self.held);
+            *held = match (&lease, *held) {
+                (Some(l), Some((term, since, _))) if term == l.term => Some((term, since, asked)),
+                (Some(l), _) => Some((l.term, spa_proto::auth::now_ms(), asked)),
+                (None, _) => None,
+            };
+        }
         let mut g = lock(&self.lease);
         if g.as_ref().map(|l| l.term) != lease.as_ref().map(|l| l.term) {
             match &lease {

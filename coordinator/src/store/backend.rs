@@ -11,7 +11,7 @@
 use async_trait::async_trait;
 use spa_aggregation::strategy::ServerOptimizer;
 
-use super::records::{DeviceMetrics, DeviceRecord, Lease, RoundPlan, RoundRecord, RunRecord, TokenRecord};
+use super::records::{DeviceMetrics, DeviceRecord, Lease, Roster, RoundPlan, RoundRecord, RunRecord, TokenRecord};
 use super::{Event, Result};
 
 #[async_trait]
@@ -84,6 +84,14 @@ pub trait Backend: Send + Sync + 'static {
     async fn lead(&self, holder: &str, url: &str, ttl_ms: u64) -> Result<Option<Lease>>;
     /// The URL of the lease's current holder, while its lease runs.
     async fn leader_url(&self) -> Result<Option<String>>;
+    /// Renews incarnation `mine` of the coordinator at `url` among those serving devices for
+    /// `ttl_ms`, or, when it is unknown or lapses within `margin_ms`, joins as a new incarnation
+    /// serving from `grace_ms` on; forgets incarnations lapsed over `keep_ms` ago; returns the
+    /// rest. Only a [`shared`](Backend::shared) store has members (sled: an error).
+    async fn members(&self, mine: Option<u64>, url: &str, ttl_ms: u64, margin_ms: u64, grace_ms: u64, keep_ms: u64) -> Result<Roster>;
+    /// Ends incarnation `mine` now (a member stopping): the others serve its devices from their
+    /// next look at the members.
+    async fn leave_members(&self, mine: u64) -> Result<()>;
 
     /// A new active run of `plan` under the next free id (never shared by two concurrent
     /// calls); logs `run.start`.

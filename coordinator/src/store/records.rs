@@ -367,3 +367,22 @@ pub fn device_id_of(public_key: &[u8]) -> String {
 pub fn token_hash(token: &str) -> [u8; 32] {
     spa_proto::auth::sha256(token.as_bytes())
 }
+
+/// One incarnation of a coordinator serving devices on a shared store (times by the store's
+/// clock, ms since the epoch): it serves in `[from_ms, until_ms)`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    pub incarnation: u64,
+    pub url: String,
+    pub from_ms: u64,
+    pub until_ms: u64,
+}
+
+/// The members a coordinator read as it renewed its own incarnation `mine`, and the store's
+/// clock then.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Roster {
+    pub now_ms: u64,
+    pub mine: u64,
+    pub members: Vec<Member>,
+}

@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use spa_aggregation::strategy::ServerOptimizer;
 
 use super::PgStore;
-use crate::store::records::{DeviceMetrics, DeviceRecord, Lease, RoundPlan, RoundRecord, RunRecord, TokenRecord};
+use crate::store::records::{DeviceMetrics, DeviceRecord, Lease, Roster, RoundPlan, RoundRecord, RunRecord, TokenRecord};
 use crate::store::{Backend, Event, Result};
 
 #[async_trait]
@@ -104,6 +104,14 @@ impl Backend for PgStore {
 
     async fn leader_url(&self) -> Result<Option<String>> {
         PgStore::leader_url(self).await
+    }
+
+    async fn members(&self, mine: Option<u64>, url: &str, ttl_ms: u64, margin_ms: u64, grace_ms: u64, keep_ms: u64) -> Result<Roster> {
+        PgStore::members(self, mine, url, ttl_ms, margin_ms, grace_ms, keep_ms).await
+    }
+
+    async fn leave_members(&self, mine: u64) -> Result<()> {
+        PgStore::leave_members(self, mine).await
     }
 
     async fn put_run(&self, lease: &Lease, run: &RunRecord) -> Result<()> {

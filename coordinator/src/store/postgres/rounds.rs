@@ -5,7 +5,7 @@ use spa_aggregation::strategy::ServerOptimizer;
 use tokio_postgres::types::Json;
 
 use super::{PgStore, big, log_in, rec, recs, unbig};
-use crate::store::records::{DeviceMetrics, Lease, RoundPlan, RoundRecord, RunRecord, mean_metrics};
+use crate::store::records::{DeviceMetrics, Lease, Member, Roster, RoundPlan, RoundRecord, RunRecord, mean_metrics};
 use crate::store::{Result, StoreError};
 
 const OPTIMIZER_KEY: &str = "optimizer";
@@ -42,6 +42,43 @@ impl PgStore {
     pub(super) async fn leader_url(&self) -> Result<Option<String>> {
         let row = self.client().await?.query_opt("SELECT url FROM leader_lease WHERE id = 1 AND expires_at > now()", &[]).await?;
         Ok(row.map(|r| r.get(0)))
+    }
+
+    pub(super) async fn members(&self, mine: Option<u64>, url: &str, ttl_ms: u64, margin_ms: u64, grace_ms: u64, keep_ms: u64) -> Result<Roster> {
+        let (ttl, margin, grace, keep) = (ttl_ms as f64, margin_ms as f64, grace_ms as f64, keep_ms as f64);
+        let mut c = self.client().await?;
+        let tx = c.transaction().await?;
+        // A renewal only while the incarnation has over `margin` to run: one closer to lapsing
+        // may have stopped serving (its own deadline), and its peers may be about to take over.
+        let renew = "UPDATE members SET expires_at = now() + $2 * interval '1 millisecond' \
+                     WHERE incarnation = $1 AND expires_at > now() + $3 * interval '1 millisecond' RETURNING incarnation";
+        let renewed = match mine {
+            Some(m) => tx.query_opt(renew, &[&big(m), &ttl, &margin]).await?,
+            None => None,
+        };
+        let mine = match renewed {
+            Some(r) => r.get::<_, i64>(0),
+            None => {
+                let join = "INSERT INTO members (url, serves_from, expires_at) \
+                            VALUES ($1, now() + $2 * interval '1 millisecond', now() + ($2 + $3) * interval '1 millisecond') RETURNING incarnation";
+                tx.query_one(join, &[&url, &grace, &ttl]).await?.get(0)
+            }
+        };
+        tx.execute("DELETE FROM members WHERE expires_at < now() - $1 * interval '1 millisecond'", &[&keep]).await?;
+        let ms = |col: &str| format!("(extract(epoch from {col}) * 1000)::bigint");
+        let sql = format!("SELECT incarnation, url, {}, {}, {} FROM members", ms("serves_from"), ms("expires_at"), ms("now()"));
+        let rows = tx.query(&sql, &[]).await?;
+        tx.commit().await?;
+        let now_ms = rows.first().map_or(0, |r| unbig(r.get(4)));
+        let members =
+            rows.iter().map(|r| Member { incarnation: unbig(r.get(0)), url: r.get(1), from_ms: unbig(r.get(2)), until_ms: unbig(r.get(3)) }).collect();
+        Ok(Roster { now_ms, mine: unbig(mine), members })
+    }
+
+    pub(super) async fn leave_members(&self, mine: u64) -> Result<()> {
+        let sql = "UPDATE members SET expires_at = LEAST(expires_at, now()) WHERE incarnation = $1";
+        self.client().await?.execute(sql, &[&big(mine)]).await?;
+        Ok(())
     }
 
     pub(super) async fn put_checkpoint(&self, version: u64, bytes: &[u8]) -> Result<bool> {

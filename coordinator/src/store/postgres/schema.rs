@@ -9,6 +9,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("../../../migrations/0001_init.sql")),
     (2, include_str!("../../../migrations/0002_leader_lease.sql")),
     (3, include_str!("../../../migrations/0003_device_notify.sql")),
+    (4, include_str!("../../../migrations/0004_members.sql")),
 ];
 
 /// The advisory lock's key ("SPA-SCHM"), shared by every coordinator of a deployment.

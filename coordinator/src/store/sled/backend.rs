@@ -5,8 +5,8 @@ use async_trait::async_trait;
 use spa_aggregation::strategy::ServerOptimizer;
 
 use super::SledStore;
-use crate::store::records::{DeviceMetrics, DeviceRecord, Lease, RoundPlan, RoundRecord, RunRecord, TokenRecord};
-use crate::store::{Backend, Event, Result};
+use crate::store::records::{DeviceMetrics, DeviceRecord, Lease, Roster, RoundPlan, RoundRecord, RunRecord, TokenRecord};
+use crate::store::{Backend, Event, Result, StoreError};
 
 #[async_trait]
 impl Backend for SledStore {
@@ -110,6 +110,14 @@ impl Backend for SledStore {
 
     async fn leader_url(&self) -> Result<Option<String>> {
         Ok(None)
+    }
+
+    async fn members(&self, _mine: Option<u64>, _url: &str, _ttl_ms: u64, _margin_ms: u64, _grace_ms: u64, _keep_ms: u64) -> Result<Roster> {
+        Err(StoreError::Backend("an embedded store serves one coordinator: it has no members".into()))
+    }
+
+    async fn leave_members(&self, _mine: u64) -> Result<()> {
+        Ok(())
     }
 
     async fn put_run(&self, _lease: &Lease, run: &RunRecord) -> Result<()> {
