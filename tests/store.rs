@@ -109,6 +109,41 @@ mod on_postgres {
         assert!(s.put_checkpoint(1, b"v1").await.unwrap());
     }
 
+    /// Members: a renewal keeps the incarnation and extends it; a join serves from `grace`
+    /// on; one that came within `margin` of lapsing joins again as a new incarnation; one that
+    /// leaves ends now; lapsed rows go after `keep`. And a device's kept nonces read back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn members_renew_rejoin_leave_and_are_forgotten() {
+        let pg = Cluster::start();
+        let s = Store::connect_postgres(&pg.conninfo, 4).await.unwrap();
+        let (ttl, margin, grace, keep) = (1000, 500, 750, 600);
+        let r = s.members(None, "https://a:1", ttl, margin, grace, keep).await.unwrap();
+        let a = r.members.iter().find(|m| m.incarnation == r.mine).unwrap().clone();
+        assert!(a.from_ms >= r.now_ms + grace - 5 && a.until_ms == a.from_ms + ttl, "{a:?} at {}", r.now_ms);
+        let r2 = s.members(Some(a.incarnation), "https://a:1", ttl, margin, grace, keep).await.unwrap();
+        assert_eq!(r2.mine, a.incarnation, "renewed in place");
+        let b = s.members(None, "https://b:1", ttl, margin, grace, keep).await.unwrap();
+        assert_eq!(b.members.len(), 2, "each sees the other");
+        // a lets its row run to within the margin: its next renewal is a new incarnation.
+        tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
+        let r3 = s.members(Some(a.incarnation), "https://a:1", ttl, margin, grace, keep).await.unwrap();
+        assert_ne!(r3.mine, a.incarnation, "a joins again");
+        s.leave_members(b.mine).await.unwrap();
+        let r4 = s.members(Some(r3.mine), "https://a:1", ttl, margin, grace, keep).await.unwrap();
+        let left = r4.members.iter().find(|m| m.incarnation == b.mine).unwrap();
+        assert!(left.until_ms <= r4.now_ms, "b's row ended as it left: {left:?}");
+        // a's first row ran to T0 + 1.75 s, b's ended at T0 + 1.3 s: both over `keep` ago by 2.6 s.
+        tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
+        let c = s.members(None, "https://c:1", ttl, margin, grace, keep).await.unwrap();
+        let mut left: Vec<u64> = c.members.iter().map(|m| m.incarnation).collect();
+        left.sort();
+        assert_eq!(left, [r3.mine, c.mine], "lapsed rows forgotten after keep");
+        assert!(s.record_nonce("d1", "n1", 5000).await.unwrap());
+        assert!(s.record_nonce("d2", "n2", 5000).await.unwrap());
+        assert_eq!(s.device_nonces("d1", 4000).await.unwrap(), [("n1".to_string(), 5000)]);
+        assert!(s.device_nonces("d1", 6000).await.unwrap().is_empty());
+    }
+
     /// One holder leads at a time; a lease left to expire passes to the next holder with a
     /// new term, and the old holder's round writes are refused (fenced) from then on.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,3 +11,6 @@ CREATE TABLE members (
     expires_at  timestamptz NOT NULL
 );
 CREATE INDEX members_expiry ON members (expires_at);
+
+-- A replica taking a device reads the nonces the previous one kept for it (future-dated calls).
+CREATE INDEX nonces_device ON nonces (device_id, ts_ms);

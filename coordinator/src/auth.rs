@@ -23,6 +23,8 @@ pub struct Auth {
     /// Signed calls per device (`limits.signed_calls_per_device_per_minute`).
     device_calls: AttemptLimiter<String>,
     refused_log: RefusalLog,
+    /// Shared store: the devices whose kept nonces were loaded, and for which hold.
+    taken: Mutex<std::collections::HashMap<String, u64>>,
 }
 
 /// A token bucket per key (a peer address, a device): `per_minute` in all, refilled at that
@@ -145,8 +147,9 @@ impl Auth {
     /// So an ordinary call costs no write. On a store that replicas share, one replica serves
     /// a device's calls at a time (its round calls: the leader; the others: their member,
     /// [`crate::members`]) and the caller says since when (`since_ms`): calls dated earlier are
-    /// refused, and those dated within a clock window after it are checked against the nonces
-    /// the store holds (the future-dated ones another replica accepted).
+    /// refused; for those dated within a clock window after it, the nonces the store keeps for
+    /// the device (the future-dated calls another replica accepted) join the window first, once
+    /// per device and hold.
     pub async fn new(store: Store, cfg: &crate::config::CoordinatorConfig, admin_path: &std::path::Path) -> crate::error::Result<Self> {
         let window_ms = cfg.auth.clock_window_secs * 1000;
         let (capacity, per_device) = (cfg.auth.max_nonces, cfg.auth.max_nonces_per_device);
@@ -169,6 +172,7 @@ impl Auth {
             admin_attempts: AttemptLimiter::new(cfg.limits.failed_admin_calls_per_minute),
             device_calls: AttemptLimiter::new(cfg.limits.signed_calls_per_device_per_minute),
             refused_log: RefusalLog::default(),
+            taken: Mutex::default(),
         })
     }
 
@@ -209,14 +213,36 @@ impl Auth {
         if h.ts_ms < start_ms {
             return Err(AuthError::SignedBeforeStart { ts_ms: h.ts_ms, start_ms }.into());
         }
-        self.nonces.lock().map_err(internal)?.check_and_insert(&h.device_id, &h.nonce_hex, h.ts_ms, now)?;
         // A call accepted elsewhere before `start_ms` is dated at most a window past it.
-        let after_handover = self.store.shared() && h.ts_ms < start_ms + self.window_ms;
-        if (h.ts_ms > now || after_handover) && !self.store.record_nonce(&h.device_id, &h.nonce_hex, h.ts_ms).await.map_err(Status::from)? {
+        if self.store.shared() && h.ts_ms < start_ms + self.window_ms {
+            self.take_over(&h.device_id, start_ms, now).await?;
+        }
+        self.nonces.lock().map_err(internal)?.check_and_insert(&h.device_id, &h.nonce_hex, h.ts_ms, now)?;
+        if h.ts_ms > now && !self.store.record_nonce(&h.device_id, &h.nonce_hex, h.ts_ms).await.map_err(Status::from)? {
             return Err(AuthError::Replay.into());
         }
         self.store.touch(&h.device_id, now);
         Ok(rec)
+    }
+
+    /// Once per device and hold (`start_ms`: since when this process serves it), adds the
+    /// nonces the store keeps for the device (the future-dated calls another replica, or this
+    /// one before a restart, accepted) to the window.
+    async fn take_over(&self, device: &str, start_ms: u64, now: u64) -> Result<(), Status> {
+        if crate::lock(&self.taken).get(device) == Some(&start_ms) {
+            return Ok(());
+        }
+        let kept = self.store.device_nonces(device, now.saturating_sub(self.window_ms)).await.map_err(Status::from)?;
+        let mut w = self.nonces.lock().map_err(internal)?;
+        for (nonce, ts) in kept {
+            let _ = w.check_and_insert(device, &nonce, ts, now);
+        }
+        let mut taken = crate::lock(&self.taken);
+        if taken.len() > 100_000 {
+            taken.retain(|_, s| *s + self.window_ms > now);
+        }
+        taken.insert(device.to_owned(), start_ms);
+        Ok(())
     }
 
     /// An admin call: the bearer credential, guessed at most `failed_admin_calls_per_minute`

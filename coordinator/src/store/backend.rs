@@ -61,6 +61,8 @@ pub trait Backend: Send + Sync + 'static {
     async fn record_nonce(&self, device: &str, nonce: &str, ts_ms: u64) -> Result<bool>;
     /// Nonces dated at or after `since_ms`: (device, nonce, ts).
     async fn nonces_since(&self, since_ms: u64) -> Result<Vec<(String, String, u64)>>;
+    /// `device`'s nonces dated at or after `since_ms`: (nonce, ts).
+    async fn device_nonces(&self, device: &str, since_ms: u64) -> Result<Vec<(String, u64)>>;
     /// Drops nonces dated before `before_ms`; how many.
     async fn prune_nonces(&self, before_ms: u64) -> Result<usize>;
     /// The server's last tick: after a restart, calls dated before it are refused.

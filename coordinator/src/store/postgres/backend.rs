@@ -66,6 +66,10 @@ impl Backend for PgStore {
         PgStore::nonces_since(self, since_ms).await
     }
 
+    async fn device_nonces(&self, device: &str, since_ms: u64) -> Result<Vec<(String, u64)>> {
+        PgStore::device_nonces(self, device, since_ms).await
+    }
+
     async fn prune_nonces(&self, before_ms: u64) -> Result<usize> {
         PgStore::prune_nonces(self, before_ms).await
     }

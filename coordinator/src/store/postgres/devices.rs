@@ -173,6 +173,12 @@ impl PgStore {
         Ok(rows.iter().map(|r| (r.get(0), r.get(1), unbig(r.get(2)))).collect())
     }
 
+    pub(super) async fn device_nonces(&self, device: &str, since_ms: u64) -> Result<Vec<(String, u64)>> {
+        let sql = "SELECT nonce, ts_ms FROM nonces WHERE device_id = $1 AND ts_ms >= $2";
+        let rows = self.client().await?.query(sql, &[&device, &big(since_ms)]).await?;
+        Ok(rows.iter().map(|r| (r.get(0), unbig(r.get(1)))).collect())
+    }
+
     pub(super) async fn prune_nonces(&self, before_ms: u64) -> Result<usize> {
         Ok(self.client().await?.execute("DELETE FROM nonces WHERE ts_ms < $1", &[&big(before_ms)]).await? as usize)
     }

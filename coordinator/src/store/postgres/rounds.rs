@@ -50,7 +50,7 @@ impl PgStore {
         let tx = c.transaction().await?;
         // A renewal only while the incarnation has over `margin` to run: one closer to lapsing
         // may have stopped serving (its own deadline), and its peers may be about to take over.
-        let renew = "UPDATE members SET expires_at = now() + $2 * interval '1 millisecond' \
+        let renew = "UPDATE members SET expires_at = GREATEST(expires_at, now() + $2 * interval '1 millisecond') \
                      WHERE incarnation = $1 AND expires_at > now() + $3 * interval '1 millisecond' RETURNING incarnation";
         let renewed = match mine {
             Some(m) => tx.query_opt(renew, &[&big(m), &ttl, &margin]).await?,

@@ -70,6 +70,11 @@ impl Backend for SledStore {
         self.run(move |s| s.nonces_since(since_ms)).await
     }
 
+    async fn device_nonces(&self, device: &str, since_ms: u64) -> Result<Vec<(String, u64)>> {
+        let all = self.nonces_since(since_ms).await?;
+        Ok(all.into_iter().filter(|(d, _, _)| d == device).map(|(_, n, ts)| (n, ts)).collect())
+    }
+
     async fn prune_nonces(&self, before_ms: u64) -> Result<usize> {
         self.run(move |s| s.prune_nonces(before_ms)).await
     }
