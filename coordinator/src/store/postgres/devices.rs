@@ -174,8 +174,9 @@ impl PgStore {
     }
 
     pub(super) async fn device_nonces(&self, device: &str, since_ms: u64) -> Result<Vec<(String, u64)>> {
-        let sql = "SELECT nonce, ts_ms FROM nonces WHERE device_id = $1 AND ts_ms >= $2";
-        let rows = self.client().await?.query(sql, &[&device, &big(since_ms)]).await?;
+        let c = self.client().await?;
+        let stmt = c.prepare_cached("SELECT nonce, ts_ms FROM nonces WHERE device_id = $1 AND ts_ms >= $2").await?;
+        let rows = c.query(&stmt, &[&device, &big(since_ms)]).await?;
         Ok(rows.iter().map(|r| (r.get(0), unbig(r.get(1)))).collect())
     }
 
