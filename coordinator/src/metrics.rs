@@ -138,8 +138,40 @@ impl Metrics {
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
-/// Reads the gauges (from the store, among others) when the endpoint is asked.
-pub type ReadGauges = Arc<dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = Gauges> + Send>> + Send + Sync>;
+/// The exposition, rendered when the endpoint is asked (the gauges read then).
+pub type Render = Arc<dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = String> + Send>> + Send + Sync>;
+
+/// The metrics of an aggregator process (`serve --role aggregator`): its own registry, so that
+/// it exposes nothing of the coordinator's (no store, no devices there).
+pub struct AggregatorMetrics {
+    registry: Registry,
+    shards: Gauge,
+    /// Phase closes by outcome: the phase whose requests it returned, `sum`, or `failed`.
+    pub closes: Family<Outcome, Counter>,
+    /// Calls refused (a malformed body, an unknown shard, a floor, a fenced term).
+    pub refused_calls: Counter,
+}
+
+impl AggregatorMetrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("spa_aggregator");
+        let (shards, closes, refused_calls) = (Gauge::default(), Family::default(), Counter::default());
+        registry.register("shards", "Shards this aggregator holds now (in memory)", shards.clone());
+        registry.register("closes", "Shard phase closes, by outcome (a phase's requests, sum, failed)", closes.clone());
+        registry.register("refused_calls", "Calls refused as the caller's error or by the floor or fence", refused_calls.clone());
+        Self { registry, shards, closes, refused_calls }
+    }
+
+    /// The text exposition, with `shards` held now.
+    pub fn render(&self, shards: usize) -> String {
+        self.shards.set(shards as i64);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
+        out
+    }
+}
+
+pub static AGGREGATOR_METRICS: LazyLock<AggregatorMetrics> = LazyLock::new(AggregatorMetrics::new);
 
 /// What the gauges show, read from the running service when the endpoint is asked.
 pub struct Gauges {
@@ -154,12 +186,12 @@ pub struct Gauges {
 
 /// Serves `GET /metrics` on `listener` until the task is dropped: one short request per
 /// connection, its head bounded to 8 KiB and 5 s.
-pub async fn serve(listener: TcpListener, gauges: ReadGauges) {
+pub async fn serve(listener: TcpListener, render: Render) {
     loop {
         let Ok((mut sock, _)) = listener.accept().await else {
             continue;
         };
-        let gauges = gauges.clone();
+        let render = render.clone();
         tokio::spawn(async move {
             let mut head = vec![0u8; 8192];
             let mut n = 0;
@@ -175,7 +207,7 @@ pub async fn serve(listener: TcpListener, gauges: ReadGauges) {
                 return;
             }
             let reply = if head[..n].starts_with(b"GET /metrics ") {
-                let body = METRICS.render(gauges().await);
+                let body = render().await;
                 format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
             } else {
                 "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_string()

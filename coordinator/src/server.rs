@@ -216,7 +216,12 @@ pub async fn start_as(home: &Path, backend: Option<BackendKind>, role: Role) -> 
     });
     let pruner = tokio::spawn(housekeeping(shared.clone()));
     let round_loop = (role != Role::Frontend).then(|| tokio::spawn(crate::rounds::round_loop(rounds)));
-    let metrics = start_metrics(home, &cfg, shared.clone()).await?;
+    let scraped = shared.clone();
+    let render: crate::metrics::Render = Arc::new(move || {
+        let s = scraped.clone();
+        Box::pin(async move { crate::metrics::METRICS.render(s.gauges().await) })
+    });
+    let metrics = start_metrics(home, &cfg, render).await?;
     store.log("server.start", &addr.to_string()).await?;
     if let Some(m) = &shared.members {
         // Ready once this member serves devices (its join is seen by every peer first).
@@ -344,8 +349,8 @@ async fn prune_history(s: &Shared) {
 /// The file holding the Prometheus endpoint's bound address.
 pub const METRICS_ADDR_FILE: &str = "metrics.addr";
 
-/// The Prometheus endpoint, when `server.metrics_listen` names one.
-async fn start_metrics(home: &Path, cfg: &CoordinatorConfig, shared: Arc<Shared>) -> Result<Option<tokio::task::JoinHandle<()>>> {
+/// The Prometheus endpoint, when `server.metrics_listen` names one: `render` answers each scrape.
+pub(crate) async fn start_metrics(home: &Path, cfg: &CoordinatorConfig, render: crate::metrics::Render) -> Result<Option<tokio::task::JoinHandle<()>>> {
     if cfg.server.metrics_listen.is_empty() {
         return Ok(None);
     }
@@ -355,11 +360,7 @@ async fn start_metrics(home: &Path, cfg: &CoordinatorConfig, shared: Arc<Shared>
     let file = home.join(METRICS_ADDR_FILE);
     std::fs::write(&file, format!("http://{addr}/metrics\n")).map_err(io(&file))?;
     tracing::info!(%addr, "Prometheus metrics on /metrics");
-    let gauges: crate::metrics::ReadGauges = Arc::new(move || {
-        let s = shared.clone();
-        Box::pin(async move { s.gauges().await })
-    });
-    Ok(Some(tokio::spawn(crate::metrics::serve(listener, gauges))))
+    Ok(Some(tokio::spawn(crate::metrics::serve(listener, render))))
 }
 
 /// Serves in `role` until SIGTERM or ctrl-c, then shuts down gracefully.

@@ -458,10 +458,10 @@ async fn every_method_answers_undecodable_and_random_bodies_as_the_callers_error
 /// only callers it admits): every method, random bodies, a caller's-error status each time;
 /// then a real shard opens and the aggregator still refuses one below its own floor.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_aggregator_answers_random_bodies_as_the_callers_error_and_keeps_its_floor() {
+async fn the_aggregator_answers_random_bodies_as_the_callers_error_keeps_its_floor_and_counts() {
     use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
     let dir = tempfile::tempdir().unwrap();
-    init_home(dir.path(), |t| t.replace("min_shard_contributors = 100", "min_shard_contributors = 10"));
+    init_home(dir.path(), |t| t.replace("min_shard_contributors = 100", "min_shard_contributors = 10").replace("metrics_listen = \"\"", "metrics_listen = \"127.0.0.1:0\""));
     let agg = spa_coordinator::aggregator::start(dir.path()).await.unwrap();
     let read = |f: &str| std::fs::read(dir.path().join("tls").join(f)).unwrap();
     let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("ca.pem"))).identity(Identity::from_pem(read("role.pem"), read("role.key")));
@@ -494,6 +494,14 @@ async fn the_aggregator_answers_random_bodies_as_the_callers_error_and_keeps_its
     let closed = c.close_shard(close).await.unwrap();
     assert!(matches!(closed.into_inner().result, Some(close_shard_response::Result::Failed(_))));
     assert_eq!(agg.table.len(), 0);
+    // Its own metrics, none of the coordinator's.
+    let url = std::fs::read_to_string(dir.path().join("metrics.addr")).unwrap();
+    let reply = http_get(url.trim().trim_start_matches("http://").trim_end_matches("/metrics"), "/metrics").await;
+    let value = |name: &str| reply.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+    assert_eq!(value("spa_aggregator_shards "), Some(0.0), "{reply}");
+    assert_eq!(value("spa_aggregator_closes_total{outcome=\"failed\"}"), Some(1.0), "{reply}");
+    assert!(value("spa_aggregator_refused_calls_total").is_some_and(|n| n >= 2.0), "the floor and the second open: {reply}");
+    assert!(!reply.contains("spa_devices_enrolled"), "{reply}");
     agg.shutdown().await.unwrap();
 }
 
