@@ -277,6 +277,27 @@ fn one_token_raced_through_two_replicas_enrolls_one_device() {
     assert_eq!(listed.as_array().unwrap().len(), 5, "{listed}");
 }
 
+/// Two replicas `a` and `b` on `pg`, `edit` applied to each one's configuration; a runtime, a
+/// channel to `a` and the admin credential.
+fn two_members(
+    dir: &Path,
+    pg: &Cluster,
+    edit: fn(&mut spa_coordinator::config::CoordinatorConfig),
+) -> (Coordinator, Coordinator, tokio::runtime::Runtime, tonic::transport::Channel, String) {
+    let member = |name: &str, peer: Option<&Coordinator>| {
+        let mut c = Coordinator::replica_home(dir, name, pg, peer);
+        c.edit_config(edit);
+        c.start_role("all", &[]);
+        c
+    };
+    let a = member("a", None);
+    let b = member("b", Some(&a));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let cred = std::fs::read_to_string(a.home.join("admin.credential")).unwrap().trim().to_string();
+    let ch = rt.block_on(spa_coordinator::net::connect(&a.url, &std::fs::read(a.home.join("tls/ca.pem")).unwrap())).unwrap();
+    (a, b, rt, ch, cred)
+}
+
 /// The signed ping `signed` sent to `c`: its code, and the member it names if sent away.
 async fn ping(c: &Coordinator, signed: &spa_proto::auth::SignedHeaders) -> (tonic::Code, Option<String>) {
     use spa_proto::v1::PingRequest;
@@ -298,19 +319,8 @@ fn a_device_moves_to_the_next_member_when_its_own_dies_and_no_call_is_served_twi
     use spa_proto::v1::PingRequest;
     let pg = Cluster::start();
     let dir = tempfile::tempdir().unwrap();
-    let member = |name: &str, peer: Option<&Coordinator>| {
-        let mut c = Coordinator::replica_home(dir.path(), name, &pg, peer);
-        c.edit_config(|cfg| cfg.auth.clock_window_secs = 4);
-        c.start_role("all", &[]);
-        c
-    };
-    let a = member("a", None);
-    let mut b = member("b", Some(&a));
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let cred = std::fs::read_to_string(a.home.join("admin.credential")).unwrap();
-    let ca = std::fs::read(a.home.join("tls/ca.pem")).unwrap();
-    let ch = rt.block_on(spa_coordinator::net::connect(&a.url, &ca)).unwrap();
-    let signers: Vec<_> = (0..12).map(|i| rt.block_on(spa_testkit::light::enroll(&ch, cred.trim(), &format!("d{i}")))).collect();
+    let (a, mut b, rt, ch, cred) = two_members(dir.path(), &pg, |cfg| cfg.auth.clock_window_secs = 4);
+    let signers: Vec<_> = (0..12).map(|i| rt.block_on(spa_testkit::light::enroll(&ch, &cred, &format!("d{i}")))).collect();
     let sign = |s: &spa_proto::auth::DeviceSigner, ts| s.sign(spa_proto::methods::DEVICE_PING, &PingRequest {}, ts);
     // Which member serves each device: the one that accepts a fresh call.
     let on_b: Vec<_> = signers.iter().filter(|s| rt.block_on(ping(&a, &sign(s, now_ms()))).1.as_deref() == Some(b.url.as_str())).collect();
@@ -362,21 +372,11 @@ fn a_member_that_stops_hands_its_devices_over_at_once() {
     use spa_proto::v1::PingRequest;
     let pg = Cluster::start();
     let dir = tempfile::tempdir().unwrap();
-    let member = |name: &str, peer: Option<&Coordinator>| {
-        let mut c = Coordinator::replica_home(dir.path(), name, &pg, peer);
-        c.edit_config(|cfg| cfg.server.member_lease_secs = 4);
-        c.start_role("all", &[]);
-        c
-    };
-    let a = member("a", None);
-    let mut b = member("b", Some(&a));
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let cred = std::fs::read_to_string(a.home.join("admin.credential")).unwrap();
-    let ch = rt.block_on(spa_coordinator::net::connect(&a.url, &std::fs::read(a.home.join("tls/ca.pem")).unwrap())).unwrap();
+    let (a, mut b, rt, ch, cred) = two_members(dir.path(), &pg, |cfg| cfg.server.member_lease_secs = 4);
     let sign = |s: &spa_proto::auth::DeviceSigner| s.sign(spa_proto::methods::DEVICE_PING, &PingRequest {}, now_ms());
     // A device b serves (one in two is; 20 tries).
     let d = (0..20)
-        .map(|i| rt.block_on(spa_testkit::light::enroll(&ch, cred.trim(), &format!("d{i}"))))
+        .map(|i| rt.block_on(spa_testkit::light::enroll(&ch, &cred, &format!("d{i}"))))
         .find(|s| rt.block_on(ping(&b, &sign(s))).0 == tonic::Code::Ok)
         .expect("b serves none of 20 devices");
     let pid = b.child.as_ref().unwrap().id().to_string();

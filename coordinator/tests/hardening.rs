@@ -461,7 +461,9 @@ async fn every_method_answers_undecodable_and_random_bodies_as_the_callers_error
 async fn the_aggregator_answers_random_bodies_as_the_callers_error_keeps_its_floor_and_counts() {
     use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
     let dir = tempfile::tempdir().unwrap();
-    init_home(dir.path(), |t| t.replace("min_shard_contributors = 100", "min_shard_contributors = 10").replace("metrics_listen = \"\"", "metrics_listen = \"127.0.0.1:0\""));
+    init_home(dir.path(), |t| {
+        t.replace("min_shard_contributors = 100", "min_shard_contributors = 10").replace("metrics_listen = \"\"", "metrics_listen = \"127.0.0.1:0\"")
+    });
     let agg = spa_coordinator::aggregator::start(dir.path()).await.unwrap();
     let read = |f: &str| std::fs::read(dir.path().join("tls").join(f)).unwrap();
     let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("ca.pem"))).identity(Identity::from_pem(read("role.pem"), read("role.key")));

@@ -31,39 +31,30 @@ fn missing(what: &str) -> Status {
     Status::invalid_argument(format!("missing {what}"))
 }
 
+impl AggregatorService {
+    /// One device's message (`call`, None when the message lacked it) applied to shard `key`.
+    fn applied(&self, key: Option<ShardKey>, call: Option<ShardCall>) -> std::result::Result<Response<Ack>, Status> {
+        counted((|| {
+            self.0.apply(key_of(key.as_ref())?, call.ok_or_else(|| missing("msg"))?)?;
+            Ok(Response::new(Ack {}))
+        })())
+    }
+}
+
 #[tonic::async_trait]
 impl Aggregator for AggregatorService {
     async fn open_shard(&self, req: Request<OpenShardRequest>) -> std::result::Result<Response<Ack>, Status> {
-        counted(
-            async move {
-                self.0.open(req.get_ref())?;
-                Ok(Response::new(Ack {}))
-            }
-            .await,
-        )
+        counted(self.0.open(req.get_ref()).map(|()| Response::new(Ack {})))
     }
 
     async fn shard_advertise(&self, req: Request<ShardAdvertiseMsg>) -> std::result::Result<Response<Ack>, Status> {
-        counted(
-            async move {
-                let m = req.into_inner();
-                let msg = m.msg.ok_or_else(|| missing("msg"))?;
-                self.0.apply(key_of(m.key.as_ref())?, ShardCall::Advertise { identity_pk: m.identity_pk, msg })?;
-                Ok(Response::new(Ack {}))
-            }
-            .await,
-        )
+        let m = req.into_inner();
+        self.applied(m.key, m.msg.map(|msg| ShardCall::Advertise { identity_pk: m.identity_pk, msg }))
     }
 
     async fn shard_share_keys(&self, req: Request<ShardShareKeysMsg>) -> std::result::Result<Response<Ack>, Status> {
-        counted(
-            async move {
-                let m = req.into_inner();
-                self.0.apply(key_of(m.key.as_ref())?, ShardCall::ShareKeys(m.msg.ok_or_else(|| missing("msg"))?))?;
-                Ok(Response::new(Ack {}))
-            }
-            .await,
-        )
+        let m = req.into_inner();
+        self.applied(m.key, m.msg.map(ShardCall::ShareKeys))
     }
 
     async fn shard_masked(&self, req: Request<Streaming<ShardMaskedMsg>>) -> std::result::Result<Response<Ack>, Status> {
@@ -93,14 +84,8 @@ impl Aggregator for AggregatorService {
     }
 
     async fn shard_unmask(&self, req: Request<ShardUnmaskMsg>) -> std::result::Result<Response<Ack>, Status> {
-        counted(
-            async move {
-                let m = req.into_inner();
-                self.0.apply(key_of(m.key.as_ref())?, ShardCall::Unmask(m.msg.ok_or_else(|| missing("msg"))?))?;
-                Ok(Response::new(Ack {}))
-            }
-            .await,
-        )
+        let m = req.into_inner();
+        self.applied(m.key, m.msg.map(ShardCall::Unmask))
     }
 
     async fn close_shard(&self, req: Request<CloseShardRequest>) -> std::result::Result<Response<CloseShardResponse>, Status> {
