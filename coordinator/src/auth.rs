@@ -23,8 +23,9 @@ pub struct Auth {
     /// Signed calls per device (`limits.signed_calls_per_device_per_minute`).
     device_calls: AttemptLimiter<String>,
     refused_log: RefusalLog,
-    /// Shared store: the devices whose kept nonces were loaded, and for which hold.
-    taken: Mutex<std::collections::HashMap<String, u64>>,
+    /// Shared store: (device, hold start) whose kept nonces were loaded (a device has one hold
+    /// for its round calls, another for the rest).
+    taken: Mutex<std::collections::HashSet<(String, u64)>>,
 }
 
 /// A token bucket per key (a peer address, a device): `per_minute` in all, refilled at that
@@ -229,7 +230,8 @@ impl Auth {
     /// nonces the store keeps for the device (the future-dated calls another replica, or this
     /// one before a restart, accepted) to the window.
     async fn take_over(&self, device: &str, start_ms: u64, now: u64) -> Result<(), Status> {
-        if crate::lock(&self.taken).get(device) == Some(&start_ms) {
+        let key = (device.to_owned(), start_ms);
+        if crate::lock(&self.taken).contains(&key) {
             return Ok(());
         }
         let kept = self.store.device_nonces(device, now.saturating_sub(self.window_ms)).await.map_err(Status::from)?;
@@ -239,9 +241,9 @@ impl Auth {
         }
         let mut taken = crate::lock(&self.taken);
         if taken.len() > 100_000 {
-            taken.retain(|_, s| *s + self.window_ms > now);
+            taken.retain(|(_, s)| *s + self.window_ms > now);
         }
-        taken.insert(device.to_owned(), start_ms);
+        taken.insert(key);
         Ok(())
     }
 

@@ -14,8 +14,8 @@
 //!
 //! A member refuses calls dated before it took the device (the last time another member
 //! served it, from the rows of the last clock window): such a call may have been accepted
-//! there. Calls dated within a window after that are checked against the store's nonces (the
-//! previous member recorded the future-dated calls it accepted).
+//! there; and as it takes a device it loads the nonces the store keeps for it (the previous
+//! member recorded there the future-dated calls it accepted): `crate::auth`.
 use std::sync::Mutex;
 use std::time::Instant;
 
