@@ -2,7 +2,7 @@
 //! revocation) and admin calls (bearer credential). Failures are gRPC statuses.
 use std::sync::Mutex;
 
-use spa_proto::auth::{AuthError, HDR_AUTHORIZATION, SignedHeaders, body_digest, check_clock, now_ms, sha256};
+use spa_proto::auth::{AuthError, HDR_AUTHORIZATION, SignedHeaders, check_clock, now_ms, sha256};
 use spa_proto::replay::NonceWindow;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Status};
@@ -136,6 +136,12 @@ pub fn cut_on_revocation<T: Send + 'static>(
     })
 }
 
+/// Who serves a signed call here, from its headers: calls dated at or after `since_ms`.
+pub struct Hold {
+    pub headers: SignedHeaders,
+    pub since_ms: u64,
+}
+
 /// Constant-time equality of two digests.
 fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -177,25 +183,19 @@ impl Auth {
         })
     }
 
-    /// A signed unary or server-streaming call, served here for calls dated at or after
-    /// `since_ms` ([`crate::state::Shared::device_hold`], `round_hold`): the signature covers
-    /// this body.
-    pub async fn device<M: prost::Message>(&self, req: &Request<M>, method: &str, since_ms: u64) -> Result<DeviceRecord, Status> {
-        self.check(req.metadata(), method, &body_digest(req.get_ref()), since_ms).await
+    /// A signed call's headers; a malformed one is a refused call.
+    pub fn headers(&self, md: &MetadataMap) -> Result<SignedHeaders, Status> {
+        SignedHeaders::from_metadata(md).map_err(Status::from).inspect_err(|e| self.refused_log.refused("device", &e.message()))
     }
 
-    /// A client-streaming call: the signature covers its first message (`digest` = that
-    /// message's body digest), which the handler reads before anything else.
-    pub async fn check_digest(&self, md: &MetadataMap, method: &str, digest: &[u8; 32], since_ms: u64) -> Result<DeviceRecord, Status> {
-        self.check(md, method, digest, since_ms).await
+    /// A signed call under `hold` (whose replica serves it, since when:
+    /// [`crate::state::Shared::hold`]); `digest` is the body's the signature covers (a
+    /// client-streaming call's: its first message's).
+    pub async fn check(&self, hold: Hold, method: &str, digest: &[u8; 32]) -> Result<DeviceRecord, Status> {
+        self.check_signed(&hold.headers, method, digest, hold.since_ms).await.inspect_err(|e| self.refused_log.refused("device", &e.message()))
     }
 
-    async fn check(&self, md: &MetadataMap, method: &str, digest: &[u8; 32], since_ms: u64) -> Result<DeviceRecord, Status> {
-        self.check_signed(md, method, digest, since_ms).await.inspect_err(|e| self.refused_log.refused("device", &e.message()))
-    }
-
-    async fn check_signed(&self, md: &MetadataMap, method: &str, digest: &[u8; 32], since_ms: u64) -> Result<DeviceRecord, Status> {
-        let h = SignedHeaders::from_metadata(md)?;
+    async fn check_signed(&self, h: &SignedHeaders, method: &str, digest: &[u8; 32], since_ms: u64) -> Result<DeviceRecord, Status> {
         let rec = self.store.device(&h.device_id).await.map_err(Status::from)?.ok_or(AuthError::UnknownDevice(h.device_id.clone()))?;
         let pk = hex::decode(&rec.public_key_hex).map_err(internal)?;
         // A weak key enrolled before keys were checked (listed at start) signs nothing.

@@ -34,8 +34,7 @@ struct Plan {
 /// Opens (or resumes) a session and serves its stream.
 pub async fn serve(s: Arc<Shared>, req: Request<Streaming<GenerateRequest>>) -> Result<BoxStream<GenerateResponse>, Status> {
     // Sessions stay with the device's member: its KV cache is there.
-    let since = s.device_hold(req.metadata())?;
-    let md = req.metadata().clone();
+    let hold = s.hold(req.metadata(), methods::BACKBONE_GENERATE).await?;
     let mut input = req.into_inner();
     // The session opens with its first message, which the request signature covers; a
     // stream that never sends it is not kept open.
@@ -44,7 +43,7 @@ pub async fn serve(s: Arc<Shared>, req: Request<Streaming<GenerateRequest>>) -> 
         .await
         .map_err(|_| Status::deadline_exceeded(format!("no `open` message within {} s", wait.as_secs())))??
         .ok_or_else(|| Status::invalid_argument("a Generate stream must start with an `open` message"))?;
-    let device = s.auth.check_digest(&md, methods::BACKBONE_GENERATE, &spa_proto::auth::body_digest(&first), since).await?;
+    let device = s.auth.check(hold, methods::BACKBONE_GENERATE, &spa_proto::auth::body_digest(&first)).await?;
     let Some(generate_request::Kind::Open(open)) = first.kind else {
         return Err(Status::invalid_argument("a Generate stream must start with an `open` message"));
     };

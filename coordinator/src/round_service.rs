@@ -72,8 +72,7 @@ async fn read_upload(s: &Shared, device: &str, h: &MaskedUploadHeader, stream: &
 #[tonic::async_trait]
 impl RoundsRpc for RoundsService {
     async fn poll(&self, req: Request<PollRequest>) -> Result<Response<PollResponse>, Status> {
-        let since = self.0.round_hold().await?;
-        let rec = self.0.auth.device(&req, methods::ROUNDS_POLL, since).await?;
+        let rec = self.0.signed(&req, methods::ROUNDS_POLL).await?;
         Ok(Response::new(PollResponse { task: Some(self.0.rounds.poll(&rec.device_id)) }))
     }
 
@@ -81,14 +80,12 @@ impl RoundsRpc for RoundsService {
 
     async fn get_global(&self, req: Request<GetGlobalRequest>) -> Result<Response<Self::GetGlobalStream>, Status> {
         // A committed version is the store's: the device's own member serves it.
-        let since = self.0.device_hold(req.metadata())?;
-        self.0.auth.device(&req, methods::ROUNDS_GET_GLOBAL, since).await?;
+        self.0.signed(&req, methods::ROUNDS_GET_GLOBAL).await?;
         Ok(Response::new(checkpoint_stream(&self.0, req.get_ref().version).await?))
     }
 
     async fn advertise_keys(&self, req: Request<AdvertiseKeysMsg>) -> Result<Response<Ack>, Status> {
-        let since = self.0.round_hold().await?;
-        let rec = self.0.auth.device(&req, methods::ROUNDS_ADVERTISE_KEYS, since).await?;
+        let rec = self.0.signed(&req, methods::ROUNDS_ADVERTISE_KEYS).await?;
         // Checked here so that a malformed message is the caller's error, its seat kept.
         secagg::advertise_from_wire(req.get_ref())?;
         self.0.rounds.advertise(&rec.device_id, identity_pk(&rec)?, req.into_inner()).await?;
@@ -96,19 +93,17 @@ impl RoundsRpc for RoundsService {
     }
 
     async fn share_keys(&self, req: Request<ShareKeysMsg>) -> Result<Response<Ack>, Status> {
-        let since = self.0.round_hold().await?;
-        let rec = self.0.auth.device(&req, methods::ROUNDS_SHARE_KEYS, since).await?;
+        let rec = self.0.signed(&req, methods::ROUNDS_SHARE_KEYS).await?;
         self.0.rounds.share_keys(&rec.device_id, req.into_inner()).await?;
         Ok(Response::new(Ack {}))
     }
 
     async fn upload_masked(&self, req: Request<Streaming<MaskedUpload>>) -> Result<Response<Ack>, Status> {
-        let since = self.0.round_hold().await?;
-        let md = req.metadata().clone();
+        let hold = self.0.hold(req.metadata(), methods::ROUNDS_UPLOAD_MASKED).await?;
         let mut stream = req.into_inner();
         // The signature covers the header message, so it is checked once the header arrived.
         let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("empty upload"))?;
-        let rec = self.0.auth.check_digest(&md, methods::ROUNDS_UPLOAD_MASKED, &body_digest(&first), since).await?;
+        let rec = self.0.auth.check(hold, methods::ROUNDS_UPLOAD_MASKED, &body_digest(&first)).await?;
         let Some(masked_upload::Kind::Header(h)) = first.kind else {
             return Err(Status::invalid_argument("an upload starts with its header"));
         };
@@ -124,15 +119,13 @@ impl RoundsRpc for RoundsService {
     }
 
     async fn unmask(&self, req: Request<UnmaskMsg>) -> Result<Response<Ack>, Status> {
-        let since = self.0.round_hold().await?;
-        let rec = self.0.auth.device(&req, methods::ROUNDS_UNMASK, since).await?;
+        let rec = self.0.signed(&req, methods::ROUNDS_UNMASK).await?;
         self.0.rounds.unmask(&rec.device_id, req.into_inner()).await?;
         Ok(Response::new(Ack {}))
     }
 
     async fn report_metrics(&self, req: Request<MetricsReport>) -> Result<Response<Ack>, Status> {
-        let since = self.0.round_hold().await?;
-        let rec = self.0.auth.device(&req, methods::ROUNDS_REPORT_METRICS, since).await?;
+        let rec = self.0.signed(&req, methods::ROUNDS_REPORT_METRICS).await?;
         self.0.rounds.report_metrics(&rec.device_id, req.get_ref()).await?;
         Ok(Response::new(Ack {}))
     }

@@ -49,15 +49,13 @@ impl Device for DeviceService {
     }
 
     async fn ping(&self, req: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {
-        let since = self.0.device_hold(req.metadata())?;
-        let rec = self.0.auth.device(&req, methods::DEVICE_PING, since).await?;
+        let rec = self.0.signed(&req, methods::DEVICE_PING).await?;
         crate::fault::stall_point(methods::DEVICE_PING).await;
         Ok(Response::new(PingResponse { device_id: rec.device_id, server_time_ms: now_ms(), backbone_version: self.0.engine.meta.version.clone() }))
     }
 
     async fn rotate_key(&self, req: Request<RotateKeyRequest>) -> Result<Response<RotateKeyResponse>, Status> {
-        let since = self.0.device_hold(req.metadata())?;
-        let rec = self.0.auth.device(&req, methods::DEVICE_ROTATE_KEY, since).await?;
+        let rec = self.0.signed(&req, methods::DEVICE_ROTATE_KEY).await?;
         let r = req.into_inner();
         spa_proto::auth::check_public_key(&r.new_public_key)?;
         spa_proto::auth::verify_rotation(&rec.device_id, &r.new_public_key, &r.proof)
@@ -198,8 +196,7 @@ impl Admin for AdminService {
 impl Backbone for BackboneService {
     async fn get_model_info(&self, req: Request<GetModelInfoRequest>) -> Result<Response<ModelInfo>, Status> {
         let s = &self.0;
-        let since = s.device_hold(req.metadata())?;
-        s.auth.device(&req, methods::BACKBONE_GET_MODEL_INFO, since).await?;
+        s.signed(&req, methods::BACKBONE_GET_MODEL_INFO).await?;
         let m = &s.engine.meta;
         Ok(Response::new(ModelInfo {
             backbone_version: m.version.clone(),
@@ -219,8 +216,7 @@ impl Backbone for BackboneService {
     type GetHeadStream = BoxStream<TensorChunk>;
 
     async fn get_head(&self, req: Request<GetHeadRequest>) -> Result<Response<Self::GetHeadStream>, Status> {
-        let since = self.0.device_hold(req.metadata())?;
-        let rec = self.0.auth.device(&req, methods::BACKBONE_GET_HEAD, since).await?;
+        let rec = self.0.signed(&req, methods::BACKBONE_GET_HEAD).await?;
         self.0.check_version(&req.get_ref().backbone_version)?;
         let tensors = self.0.engine.head(&rec.device_id).await?;
         // Chunks are cut as the stream is read: one chunk's copy at a time, not the whole head.
@@ -236,8 +232,7 @@ impl Backbone for BackboneService {
 
     async fn features(&self, req: Request<FeaturesRequest>) -> Result<Response<Self::FeaturesStream>, Status> {
         let s = &self.0;
-        let since = s.device_hold(req.metadata())?;
-        let rec = s.auth.device(&req, methods::BACKBONE_FEATURES, since).await?;
+        let rec = s.signed(&req, methods::BACKBONE_FEATURES).await?;
         if crate::fault::stalls(methods::BACKBONE_FEATURES) {
             return Ok(Response::new(Box::pin(tokio_stream::pending())));
         }

@@ -6,19 +6,20 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Instant;
 
-use spa_proto::auth::SignedHeaders;
+use spa_proto::auth::body_digest;
+use spa_proto::methods;
 use spa_proto::reason::{LEADER, OWNER, Reason, invalid};
 use spa_proto::tensor::dtype_size;
 use spa_proto::v1::DType;
 use tokio_stream::Stream;
 use tonic::metadata::MetadataMap;
-use tonic::{Code, Status};
+use tonic::{Code, Request, Status};
 
-use crate::auth::Auth;
+use crate::auth::{Auth, Hold};
 use crate::config::CoordinatorConfig;
 use crate::engine::Engine;
 use crate::members::{Members, Route};
-use crate::store::Store;
+use crate::store::{DeviceRecord, Store};
 
 pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -77,14 +78,29 @@ impl Shared {
 }
 
 impl Shared {
-    /// Whether this process serves the device of the signed call `md` (every call but the
-    /// round calls): Ok(since: the earliest date of a call it accepts), else NOT_OWNER naming
-    /// the member that does, or UNAVAILABLE while no member is known to. Checked before the
-    /// signature: a call for another member is turned away with no effect here.
-    pub fn device_hold(&self, md: &MetadataMap) -> Result<u64, Status> {
+    /// A signed unary or server-streaming call served here ([`Self::hold`]); the signature
+    /// covers its body.
+    pub async fn signed<M: prost::Message>(&self, req: &Request<M>, method: &str) -> Result<DeviceRecord, Status> {
+        let hold = self.hold(req.metadata(), method).await?;
+        self.auth.check(hold, method, &body_digest(req.get_ref())).await
+    }
+
+    /// Whether this process serves the signed call `md` to `method`, and since when: round
+    /// calls (the Rounds service but GetGlobal) are the leader's, every other call the
+    /// device's member's. Checked before the signature (and before a client stream's first
+    /// message is read): a call for another replica is turned away with no effect here.
+    pub async fn hold(&self, md: &MetadataMap, method: &str) -> Result<Hold, Status> {
+        let headers = self.auth.headers(md)?;
+        let leaders = method.starts_with("/spa.v1.Rounds/") && method != methods::ROUNDS_GET_GLOBAL;
+        let since_ms = if leaders { self.round_hold().await? } else { self.device_hold(&headers.device_id)? };
+        Ok(Hold { headers, since_ms })
+    }
+
+    /// Whether this process serves `device` (Ok: since when), else NOT_OWNER naming the
+    /// member that does, or UNAVAILABLE while no member is known to.
+    fn device_hold(&self, device: &str) -> Result<u64, Status> {
         let Some(members) = &self.members else { return Ok(0) };
-        let device = SignedHeaders::from_metadata(md)?.device_id;
-        match members.route(&device) {
+        match members.route(device) {
             Route::Here { since_ms } => Ok(since_ms),
             Route::Elsewhere(url) => {
                 redirected("owner");
@@ -100,7 +116,7 @@ impl Shared {
     /// Whether this process serves round calls: Ok(since: the earliest date of a call it
     /// accepts) while it leads (alone on its store, always), else NOT_LEADER naming the
     /// leader, or UNAVAILABLE while no one leads.
-    pub async fn round_hold(&self) -> Result<u64, Status> {
+    async fn round_hold(&self) -> Result<u64, Status> {
         if !self.store.shared() {
             return Ok(0);
         }

@@ -44,6 +44,14 @@ impl Active {
     }
 }
 
+/// The leadership lease while this process holds it: since when (ms) it has held the term,
+/// and when it last renewed it (round calls are served only while that renewal is recent).
+struct Held {
+    lease: Lease,
+    since_ms: u64,
+    renewed: Instant,
+}
+
 /// After a commit: devices of the cohort still to evaluate the new version.
 pub(super) struct EvalNotice {
     pub round_id: u64,
@@ -68,10 +76,7 @@ pub struct Rounds {
     /// while it holds it.
     pub(super) holder: String,
     pub(super) url: String,
-    lease: Mutex<Option<Lease>>,
-    /// Since when (ms) this process has held the lease's current term, and when it last
-    /// renewed it: round calls are served only while that renewal is recent.
-    held: Mutex<Option<(u64, u64, std::time::Instant)>>,
+    lease: Mutex<Option<Held>>,
     /// Where shards run: this process, or the configured aggregators.
     pub(super) hosts: Vec<ShardHost>,
 }
@@ -94,7 +99,6 @@ impl Rounds {
             holder: format!("{}-{}", std::process::id(), hex::encode(spa_proto::auth::random_bytes::<6>())),
             url,
             lease: Mutex::new(None),
-            held: Mutex::new(None),
             hosts,
         })
     }
@@ -315,7 +319,7 @@ impl Rounds {
 
     /// The leadership lease, while this process holds it.
     pub fn lease(&self) -> Option<Lease> {
-        lock(&self.lease).clone()
+        lock(&self.lease).as_ref().map(|h| h.lease.clone())
     }
 
     /// Where devices reach this process.
@@ -328,29 +332,26 @@ impl Rounds {
     /// successor can take the lease); None when it does not lead.
     pub fn leading_since(&self) -> Option<u64> {
         let ttl = std::time::Duration::from_secs(self.cfg.leader_lease_secs);
-        lock(&self.held).and_then(|(_, since, renewed)| (renewed.elapsed() < ttl * 3 / 4).then_some(since))
+        lock(&self.lease).as_ref().and_then(|h| (h.renewed.elapsed() < ttl * 3 / 4).then_some(h.since_ms))
     }
 
     /// Records the lease as last taken or renewed by a call that began at `asked` (None: lost
     /// or not held); a change is logged and wakes the loop.
     pub(super) fn set_lease(&self, lease: Option<Lease>, asked: std::time::Instant) {
-        {
-            let mut held = lock(&self.held);
-            *held = match (&lease, *held) {
-                (Some(l), Some((term, since, _))) if term == l.term => Some((term, since, asked)),
-                (Some(l), _) => Some((l.term, spa_proto::auth::now_ms(), asked)),
-                (None, _) => None,
-            };
-        }
         let mut g = lock(&self.lease);
-        if g.as_ref().map(|l| l.term) != lease.as_ref().map(|l| l.term) {
+        let was = g.as_ref().map(|h| (h.lease.term, h.since_ms));
+        if was.map(|(term, _)| term) != lease.as_ref().map(|l| l.term) {
             match &lease {
                 Some(l) => tracing::info!(term = l.term, holder = %l.holder, "leading: this coordinator runs the rounds"),
                 None => tracing::warn!("not leading: another coordinator runs the rounds"),
             }
             self.wake.notify_one();
         }
-        *g = lease;
+        *g = lease.map(|lease| {
+            // A renewal of the same term keeps the date the term was taken.
+            let since_ms = was.filter(|(term, _)| *term == lease.term).map_or_else(spa_proto::auth::now_ms, |(_, since)| since);
+            Held { lease, since_ms, renewed: asked }
+        });
     }
 
     /// Waits up to `timeout` for an answer or an abort.
