@@ -373,7 +373,7 @@ fn simulate(a: SimArgs, device: &spa_model::burn::tensor::Device) -> Result<()> 
         }
     }
     // Greedy decoding loops on a small character-level model; mild sampling reads better.
-    let dec = Decoding { max_new: 80, sampling: Sampling { temperature: 0.5, top_k: 5, seed: a.seed }, stop: tokens.eos.clone() };
+    let dec = Decoding { max_new: 80, sampling: Sampling { temperature: 0.5, top_k: 5, seed: a.seed, ..Sampling::default() }, stop: tokens.eos.clone() };
     for i in 0..a.show.min(sim.devices.len()) {
         let features = sim.features(i)?;
         let ex = &features.data.test[0];

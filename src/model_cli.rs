@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use spa_model::backbone::{TokenBatch, WeightDtype, load_backbone, load_backbone_as};
 use spa_model::data::shakespeare::{parse_play_script, pretraining_split, rank_roles};
-use spa_model::generate::{Decoding, LocalStates, Sampling, generate_text};
+use spa_model::generate::{Decoding, LocalStates, generate_text};
 use spa_model::gguf::import_gguf;
 use spa_model::pretrain::{PretrainConfig, PretrainEvent, pretrain, windowed_loss};
 use spa_model::side::FrozenHead;
@@ -93,13 +93,8 @@ pub struct GenerateArgs {
     prompt: String,
     #[arg(long, default_value_t = 200)]
     max_tokens: usize,
-    /// 0 = greedy.
-    #[arg(long, default_value_t = 0.8)]
-    temperature: f64,
-    #[arg(long, default_value_t = 0)]
-    top_k: usize,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    sampling: spa_client::generate::SamplingArgs,
     /// Wrap the prompt in the model's chat template (tokenizer_config.json).
     #[arg(long)]
     chat: bool,
@@ -282,7 +277,7 @@ pub fn run(cmd: ModelCommand, device: &Device, json: bool) -> Result<()> {
 /// `model generate`: the text streams to stdout (the prompt first), a summary to stderr; with
 /// `--json`, one document at the end.
 fn generate(a: GenerateArgs, device: &Device, json: bool) -> Result<()> {
-    let GenerateArgs { model, weights, prompt, max_tokens, temperature, top_k, seed, chat, ignore_eos } = a;
+    let GenerateArgs { model, weights, prompt, max_tokens, sampling, chat, ignore_eos } = a;
     let bb = load_backbone_as(&model, device, weights.dtype())?;
     let tok = Tokenizer::from_file(&model.join("tokenizer.json"))?;
     let tokens = ModelTokens::from_dir(&model)?;
@@ -290,7 +285,7 @@ fn generate(a: GenerateArgs, device: &Device, json: bool) -> Result<()> {
     let head = FrozenHead::from_backbone(&bb);
     let mut src = LocalStates::new(&bb, &[bb.config.num_layers])?;
     let stop = if ignore_eos { vec![] } else { tokens.eos.clone() };
-    let dec = Decoding { max_new: max_tokens, sampling: Sampling { temperature, top_k, seed }, stop };
+    let dec = Decoding { max_new: max_tokens, sampling: sampling.sampling(), stop };
     if !json {
         print!("{prompt}");
     }

@@ -142,7 +142,7 @@ pub async fn quickstart(cfg: &QuickstartConfig, out: &mut dyn FnMut(Output)) -> 
         let h = home(dir, i);
         let opts = spa_client::generate::GenerateOptions {
             max_tokens: 80,
-            sampling: Sampling { temperature: 0.5, top_k: 5, seed: cfg.seed + 1 },
+            sampling: Sampling { temperature: 0.5, top_k: 5, seed: cfg.seed + 1, ..Sampling::default() },
             stop: Some("\n".into()),
             backend: cfg.backend,
             ..Default::default()
@@ -172,7 +172,7 @@ fn backbone_alone(dir: &Path, prompt: &str, seed: u64, backend: BackendKind) -> 
     let head = spa_model::side::FrozenHead::from_backbone(&bb);
     let mut src = LocalStates::new(&bb, &[bb.config.num_layers])?;
     let tokens = spa_model::tokenizer::ModelTokens::from_dir(dir)?;
-    let dec = Decoding { max_new: 80, sampling: Sampling { temperature: 0.5, top_k: 5, seed }, stop: tokens.eos.clone() };
+    let dec = Decoding { max_new: 80, sampling: Sampling { temperature: 0.5, top_k: 5, seed, ..Sampling::default() }, stop: tokens.eos.clone() };
     let (_, text) = generate_text(&mut src, &head, None, &tok, &tokens.prompt_ids(&tok, prompt, false)?, &dec, Some("\n"), &mut |_| {})?;
     Ok(text)
 }

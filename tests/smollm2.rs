@@ -102,7 +102,7 @@ fn greedy(dir: &Path, prompt: &str, chat: bool) -> (String, bool) {
     let tokens = ModelTokens::from_dir(dir).unwrap();
     let head = FrozenHead::from_backbone(&bb);
     let mut src = LocalStates::new(&bb, &[bb.config.num_layers]).unwrap();
-    let dec = Decoding { max_new: 64, sampling: Sampling { temperature: 0.0, top_k: 0, seed: 0 }, stop: tokens.eos.clone() };
+    let dec = Decoding { max_new: 64, sampling: Sampling::greedy(), stop: tokens.eos.clone() };
     let ids = tokens.prompt_ids(&tok, prompt, chat).unwrap();
     let (g, text) = generate_text(&mut src, &head, None, &tok, &ids, &dec, None, &mut |_| {}).unwrap();
     (text, g.ids.last().is_some_and(|&i| tokens.is_eos(i)))

@@ -36,22 +36,50 @@ pub enum Inputs {
     Down,
 }
 
-/// The sampler's command-line flags (`spa-client generate`, `spa generate-bench`).
+/// The sampler's command-line flags (`spa-client generate`, `spa model generate`, `spa
+/// generate-bench`), as llama.cpp's: penalties, then top-k, top-p, min-p, then the temperature.
 #[derive(clap::Args, Clone, Debug)]
 pub struct SamplingArgs {
-    /// 0 = greedy.
+    /// 0 = greedy (the most likely token after the penalties).
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f64,
     /// Sample among the k most likely tokens (0 = all).
     #[arg(long, default_value_t = 0)]
     pub top_k: usize,
+    /// Sample among the most likely tokens whose probabilities sum to at least p (1 = all).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// Sample among the tokens at least this fraction as likely as the most likely (0 = all).
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f64,
+    /// Penalize the tokens of the last --repeat-last-n (1 = off; llama.cpp's users often take 1.1).
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f64,
+    #[arg(long, default_value_t = 64)]
+    pub repeat_last_n: usize,
+    /// Subtracted from the logit of a token in that window (0 = off).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub presence_penalty: f64,
+    /// Subtracted per occurrence in that window (0 = off).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub frequency_penalty: f64,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
 }
 
 impl SamplingArgs {
     pub fn sampling(&self) -> Sampling {
-        Sampling { temperature: self.temperature, top_k: self.top_k, seed: self.seed }
+        Sampling {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            seed: self.seed,
+        }
     }
 }
 
@@ -86,7 +114,7 @@ impl Default for GenerateOptions {
     fn default() -> Self {
         Self {
             max_tokens: 200,
-            sampling: Sampling { temperature: 0.0, top_k: 0, seed: 0 },
+            sampling: Sampling::greedy(),
             stop: None,
             chat: false,
             ignore_eos: false,
@@ -240,7 +268,17 @@ impl<'a> RemoteDrafts<'a> {
             inputs: if inputs == SideInputs::Down { spa_proto::v1::SideInputs::Down } else { spa_proto::v1::SideInputs::Taps } as i32,
             global_version: global.unwrap_or(0),
             down_digest: down.map_or(vec![], |cd| spa_proto::auth::sha256(&cd.canonical_bytes()).to_vec()),
-            sampling: Some(spa_proto::v1::Sampling { temperature: sampling.temperature, top_k: sampling.top_k as u32, seed: sampling.seed }),
+            sampling: Some(spa_proto::v1::Sampling {
+                temperature: sampling.temperature,
+                top_k: sampling.top_k as u32,
+                seed: sampling.seed,
+                top_p: Some(sampling.top_p),
+                min_p: sampling.min_p,
+                repeat_penalty: Some(sampling.repeat_penalty),
+                repeat_last_n: Some(sampling.repeat_last_n as u32),
+                presence_penalty: sampling.presence_penalty,
+                frequency_penalty: sampling.frequency_penalty,
+            }),
             stop: dec.stop.clone(),
             // The ladder side attends over every position; the mlp side reads one.
             last_only: plugin.config.variant != SideVariant::Ladder,

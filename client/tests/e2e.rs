@@ -63,6 +63,22 @@ async fn two_devices_enroll_train_generate_and_survive_a_restart() {
         let naive = spa_client::generate::GenerateOptions { naive: true, ..greedy(24) };
         let n = spa_client::generate::generate(&home, &user.test[0].prompt, &naive, &mut |_| {}).await.unwrap();
         assert_eq!((n.text.as_str(), n.round_trips, n.drafted), (g.text.as_str(), n.tokens, 0), "{n:?}");
+        // The coordinator drafts under the device's whole sampler (filters, penalties).
+        let sampling = spa_model::generate::Sampling {
+            temperature: 0.8,
+            top_p: 0.9,
+            min_p: 0.05,
+            repeat_penalty: 1.3,
+            presence_penalty: 0.4,
+            seed: 3,
+            ..Default::default()
+        };
+        let varied = spa_client::generate::GenerateOptions { sampling, ..greedy(24) };
+        let v = spa_client::generate::generate(&home, &user.test[0].prompt, &varied, &mut |_| {}).await.unwrap();
+        let vn = spa_client::generate::GenerateOptions { naive: true, ..varied };
+        let vn = spa_client::generate::generate(&home, &user.test[0].prompt, &vn, &mut |_| {}).await.unwrap();
+        assert_eq!(v.text, vn.text);
+        assert!(v.round_trips < v.tokens && v.accepted > 0, "{v:?}");
         let st = ops::status(&home, false).await.unwrap();
         assert_eq!(st.coordinator_reachable, Some(true), "{st:?}");
         assert!(st.trained.is_some() && st.personal.is_some() && st.cached_features > 0 && st.cached_features <= 30, "{st:?}");

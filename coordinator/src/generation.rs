@@ -92,15 +92,28 @@ async fn start_session(s: &Shared, open: &GenerateOpen, opening: Opening) -> Res
     Ok((session, 0, 0))
 }
 
+/// The device's sampler as it sent it (checked by the caller); a field left out is off.
+fn sampling_from_wire(x: &spa_proto::v1::Sampling) -> Sampling {
+    let off = Sampling::default();
+    Sampling {
+        temperature: x.temperature,
+        top_k: x.top_k as usize,
+        top_p: x.top_p.unwrap_or(off.top_p),
+        min_p: x.min_p,
+        repeat_penalty: x.repeat_penalty.unwrap_or(off.repeat_penalty),
+        repeat_last_n: x.repeat_last_n.map_or(off.repeat_last_n, |n| n as usize),
+        presence_penalty: x.presence_penalty,
+        frequency_penalty: x.frequency_penalty,
+        seed: x.seed,
+    }
+}
+
 async fn check_open(s: &Arc<Shared>, open: &GenerateOpen, owner: String) -> Result<Plan, Status> {
     s.check_version(&open.backbone_version)?;
     let layers = s.check_layers(&open.layers)?;
     let elem = Shared::check_dtype(open.dtype)?;
     let cfg = &s.engine.meta.config;
-    let sampling = match &open.sampling {
-        Some(x) => Sampling { temperature: x.temperature, top_k: x.top_k as usize, seed: x.seed },
-        None => Sampling { temperature: 0.0, top_k: 0, seed: 0 },
-    };
+    let sampling = open.sampling.as_ref().map_or_else(Sampling::greedy, sampling_from_wire);
     sampling.validate().map_err(|e| invalid("open.sampling", e.to_string()))?;
     if open.stop.len() > MAX_STOP_IDS || open.stop.iter().any(|&t| t as usize >= cfg.vocab_size) {
         return Err(invalid("open.stop", format!("stop: at most {MAX_STOP_IDS} ids, each in the vocabulary")));

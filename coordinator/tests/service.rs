@@ -273,7 +273,7 @@ async fn malformed_inputs_get_clear_statuses_and_valid_ones_match_the_local_back
     let r = gen_session(&ch, &a, vec![drafting(0, 0), step(ids[..30].to_vec(), 0, 4), step(vec![7], 2, 3)]).await.unwrap();
     assert_eq!((r[0].first_position, r[0].positions, r[0].draft.len()), (29, 5, 4));
     assert_eq!((r[1].first_position, r[1].positions, r[1].draft.len()), (32, 4, 3));
-    let greedy = spa_model::generate::Decoding { max_new: 4, sampling: spa_model::generate::Sampling { temperature: 0.0, ..Default::default() }, stop: vec![] };
+    let greedy = spa_model::generate::Decoding { max_new: 4, sampling: spa_model::generate::Sampling::greedy(), stop: vec![] };
     let mut local = spa_model::generate::LocalStates::new(&bb, &[bb.config.num_layers]).unwrap();
     let head = spa_model::side::FrozenHead::from_backbone(&bb);
     let alone = spa_model::generate::generate(&mut local, &head, None, &ids[..30], &greedy).unwrap();

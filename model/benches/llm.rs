@@ -48,7 +48,7 @@ fn decode_seconds(bb: &Backbone, head: &FrozenHead, prompt: &[u32], new: usize) 
     if !warm.is_empty() {
         spa_model::generate::HiddenStates::extend(&mut src, warm).unwrap();
     }
-    let dec = Decoding { max_new: new, sampling: Sampling { temperature: 0.0, top_k: 0, seed: 0 }, stop: vec![] };
+    let dec = Decoding { max_new: new, sampling: Sampling::greedy(), stop: vec![] };
     let t = Instant::now();
     let g = generate(&mut src, head, None, last, &dec).unwrap();
     assert_eq!(g.ids.len(), new);

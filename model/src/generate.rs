@@ -53,44 +53,88 @@ impl HiddenStates for LocalStates<'_> {
     }
 }
 
+/// How a token is drawn from the logits, as llama.cpp's default sampler chain: the penalties
+/// on the last `repeat_last_n` tokens of the sequence (the prompt's included), then top-k,
+/// top-p and min-p on the probabilities at temperature 1, then the temperature and the draw.
+/// Every filter is off at its neutral value.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Sampling {
-    /// 0 = greedy.
+    /// 0 = greedy: the most likely token after the penalties.
     pub temperature: f64,
-    /// Sample among the k most likely tokens (0 = all).
+    /// Keep the k most likely tokens (0 = all).
     pub top_k: usize,
+    /// Keep the most likely tokens whose probabilities sum to at least p (1 = all).
+    pub top_p: f64,
+    /// Keep the tokens at least `min_p` times as likely as the most likely one (0 = all).
+    pub min_p: f64,
+    /// A token seen in the window has a positive logit divided by this, a negative one
+    /// multiplied (1 = off).
+    pub repeat_penalty: f64,
+    /// The window of the penalties: the last n tokens.
+    pub repeat_last_n: usize,
+    /// Subtracted from the logit of a token seen in the window (0 = off).
+    pub presence_penalty: f64,
+    /// Subtracted from a token's logit per time it was seen in the window (0 = off).
+    pub frequency_penalty: f64,
     pub seed: u64,
 }
 
 impl Default for Sampling {
     fn default() -> Self {
-        Self { temperature: 0.8, top_k: 0, seed: 0 }
+        Self {
+            temperature: 0.8,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: 0,
+        }
     }
 }
 
 impl Sampling {
-    pub fn validate(&self) -> Result<()> {
-        if self.temperature.is_finite() && (0.0..=10.0).contains(&self.temperature) {
-            Ok(())
-        } else {
-            Err(ModelError::InvalidInput(format!("temperature {} must be in [0, 10]", self.temperature)))
-        }
+    /// The most likely token, no penalty.
+    pub fn greedy() -> Self {
+        Self { temperature: 0.0, ..Self::default() }
     }
 
-    /// The token to follow `position` tokens (the new token's index in the sequence). The
-    /// random draw depends only on the seed and that index, so whoever knows both (the
-    /// coordinator drafting for a device) can reproduce it, and a rejected draft costs no draw.
-    pub fn pick(&self, logits: &[f32], position: usize) -> u32 {
+    pub fn validate(&self) -> Result<()> {
+        let within = |name: &str, v: f64, ok: bool, range: &str| {
+            if v.is_finite() && ok { Ok(()) } else { Err(ModelError::InvalidInput(format!("{name} {v} must be in {range}"))) }
+        };
+        within("temperature", self.temperature, (0.0..=10.0).contains(&self.temperature), "[0, 10]")?;
+        within("top_p", self.top_p, self.top_p > 0.0 && self.top_p <= 1.0, "(0, 1]")?;
+        within("min_p", self.min_p, (0.0..1.0).contains(&self.min_p), "[0, 1)")?;
+        within("repeat_penalty", self.repeat_penalty, self.repeat_penalty > 0.0 && self.repeat_penalty <= 10.0, "(0, 10]")?;
+        within("presence_penalty", self.presence_penalty, (-2.0..=2.0).contains(&self.presence_penalty), "[-2, 2]")?;
+        within("frequency_penalty", self.frequency_penalty, (-2.0..=2.0).contains(&self.frequency_penalty), "[-2, 2]")?;
+        if self.repeat_last_n > 1 << 20 {
+            return Err(ModelError::InvalidInput(format!("repeat_last_n {} must be at most {}", self.repeat_last_n, 1 << 20)));
+        }
+        Ok(())
+    }
+
+    /// The token to follow `context` (the sequence so far, prompt included; the new token's
+    /// index is `position`). The random draw depends only on the seed and that index, so
+    /// whoever knows both and the sequence (the coordinator drafting for a device) can
+    /// reproduce it, and a rejected draft costs no draw.
+    pub fn pick(&self, logits: &[f32], position: usize, context: &[u32]) -> u32 {
+        let penalized;
+        let logits = if self.penalizes() {
+            penalized = self.penalize(logits, context);
+            &penalized[..]
+        } else {
+            logits
+        };
         let argmax = || logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i as u32);
         if self.temperature == 0.0 {
             return argmax();
         }
-        let mut idx: Vec<usize> = (0..logits.len()).collect();
-        if self.top_k > 0 && self.top_k < idx.len() {
-            idx.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
-            idx.truncate(self.top_k);
-        }
+        let idx = self.candidates(logits);
         let max = idx.iter().map(|&i| logits[i]).fold(f32::NEG_INFINITY, f32::max);
         let w: Vec<f64> = idx.iter().map(|&i| (((logits[i] - max) as f64) / self.temperature).exp()).collect();
         let mut r = uniform(self.seed, position) * w.iter().sum::<f64>();
@@ -101,6 +145,60 @@ impl Sampling {
             r -= wi;
         }
         argmax()
+    }
+
+    fn penalizes(&self) -> bool {
+        self.repeat_last_n > 0 && (self.repeat_penalty != 1.0 || self.presence_penalty != 0.0 || self.frequency_penalty != 0.0)
+    }
+
+    /// The logits with the penalties of the tokens in the window applied.
+    fn penalize(&self, logits: &[f32], context: &[u32]) -> Vec<f32> {
+        let mut out = logits.to_vec();
+        let mut seen = std::collections::HashMap::<u32, u32>::new();
+        for &t in &context[context.len().saturating_sub(self.repeat_last_n)..] {
+            *seen.entry(t).or_default() += 1;
+        }
+        let rp = self.repeat_penalty as f32;
+        for (t, n) in seen {
+            let Some(l) = out.get_mut(t as usize) else { continue };
+            *l = if *l <= 0.0 { *l * rp } else { *l / rp };
+            *l -= (n as f64 * self.frequency_penalty + self.presence_penalty) as f32;
+        }
+        out
+    }
+
+    /// The tokens left after top-k, top-p and min-p, the most likely first (every token in
+    /// id order when no filter is on). Top-p and min-p read the probabilities at
+    /// temperature 1 over the top-k tokens; each keeps a prefix of them, so the shorter wins.
+    fn candidates(&self, logits: &[f32]) -> Vec<usize> {
+        let n = logits.len();
+        let top_k = self.top_k > 0 && self.top_k < n;
+        let mut idx: Vec<usize> = (0..n).collect();
+        if !top_k && self.top_p >= 1.0 && self.min_p <= 0.0 {
+            return idx;
+        }
+        let order = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
+        if top_k {
+            idx.select_nth_unstable_by(self.top_k - 1, order);
+            idx.truncate(self.top_k);
+        }
+        let max = idx.iter().map(|&i| logits[i]).fold(f32::NEG_INFINITY, f32::max);
+        // Relative to the most likely token: min-p compares these directly.
+        let rel = |i: usize| ((logits[i] - max) as f64).exp();
+        let total: f64 = idx.iter().map(|&i| rel(i)).sum();
+        if self.min_p > 0.0 {
+            idx.retain(|&i| rel(i) >= self.min_p);
+        }
+        idx.sort_unstable_by(order);
+        if self.top_p < 1.0 {
+            let mut mass = 0.0;
+            let keep = idx.iter().position(|&i| {
+                mass += rel(i) / total;
+                mass >= self.top_p
+            });
+            idx.truncate(keep.map_or(idx.len(), |k| k + 1));
+        }
+        idx
     }
 }
 
@@ -267,9 +365,10 @@ impl<'a> Decider<'a> {
         self.hist.truncate(end);
     }
 
-    /// The token after `position` (chosen from that position's states) and whether the
-    /// personal model produced it.
-    pub(crate) fn decide(&self, position: usize) -> (u32, bool) {
+    /// The token after `position` (chosen from that position's states; `context`: the
+    /// sequence up to it, `position + 1` ids) and whether the personal model produced it.
+    pub(crate) fn decide(&self, position: usize, context: &[u32]) -> (u32, bool) {
+        debug_assert_eq!(context.len(), position + 1);
         let device = self.head.device();
         let h_all = self.hist.tensor(self.last_slot, position, &device);
         let t = h_all.dims()[1];
@@ -280,7 +379,7 @@ impl<'a> Decider<'a> {
             }
             None => (to_vec(self.head.logits(h_all.narrow(1, t - 1, 1))), false),
         };
-        (self.sampling.pick(&logits, position + 1), side)
+        (self.sampling.pick(&logits, position + 1, context), side)
     }
 }
 
@@ -384,13 +483,15 @@ pub fn generate_with(
     let mut decider = Decider::new(head, model, &dec.sampling, &layers, SideInputs::Taps, source.hidden_size())?;
     let mut out = Generation::default();
     let mut next_in = prompt.to_vec();
+    let mut seq = prompt.to_vec();
     let mut position = 0;
     let room = source.max_positions() - prompt.len();
     for _ in 0..dec.max_new.min(room) {
         let first = position;
         position += next_in.len();
         decider.push(first, source.extend(&next_in)?)?;
-        let (id, side) = decider.decide(position - 1);
+        let (id, side) = decider.decide(position - 1, &seq);
+        seq.push(id);
         out.ids.push(id);
         out.from_side.push(side);
         if !on_token(id, side) || dec.stop.contains(&id) {
@@ -399,4 +500,72 @@ pub fn generate_with(
         next_in = vec![id];
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Sampling;
+
+    /// The ids drawn at positions 0..n.
+    fn draws(s: &Sampling, logits: &[f32], context: &[u32], n: usize) -> std::collections::BTreeSet<u32> {
+        (0..n).map(|p| s.pick(logits, p, context)).collect()
+    }
+
+    #[test]
+    fn penalties_follow_llama_cpp() {
+        let greedy = Sampling::greedy();
+        // A positive logit is divided, a negative one multiplied.
+        let rep = Sampling { repeat_penalty: 1.5, ..greedy.clone() };
+        assert_eq!(rep.pick(&[2.0, 1.9, -1.0], 3, &[0]), 1);
+        assert_eq!(greedy.pick(&[2.0, 1.9, -1.0], 3, &[0]), 0);
+        assert_eq!(rep.penalize(&[2.0, 1.9, -1.0], &[2]), vec![2.0, 1.9, -1.5]);
+        // Presence once, frequency per occurrence; only the last `repeat_last_n` count.
+        let pf = Sampling { presence_penalty: 0.5, frequency_penalty: 0.25, repeat_last_n: 3, ..greedy.clone() };
+        assert_eq!(pf.penalize(&[1.0, 1.0, 1.0], &[2, 0, 0, 1]), vec![0.0, 0.25, 1.0]);
+        // Ids outside the vocabulary in the context are ignored.
+        assert_eq!(pf.penalize(&[1.0, 1.0], &[7]), vec![1.0, 1.0]);
+        let off = Sampling { repeat_last_n: 0, ..rep };
+        assert_eq!(off.pick(&[2.0, 1.9, -1.0], 3, &[0]), 0);
+    }
+
+    #[test]
+    fn top_p_and_min_p_keep_the_likely_tokens() {
+        // Probabilities 0.5, 0.3, 0.2 at temperature 1.
+        let logits = [0.5f32.ln(), 0.3f32.ln(), 0.2f32.ln()];
+        let warm = Sampling { temperature: 1.0, seed: 9, ..Sampling::default() };
+        assert_eq!(draws(&warm, &logits, &[], 400).len(), 3);
+        let top_p = |p| Sampling { top_p: p, ..warm.clone() };
+        assert_eq!(draws(&top_p(0.45), &logits, &[], 400), [0].into());
+        assert_eq!(draws(&top_p(0.7), &logits, &[], 400), [0, 1].into());
+        assert_eq!(draws(&top_p(0.81), &logits, &[], 400), [0, 1, 2].into());
+        // min-p against the most likely: 0.4 and 0.6 of it.
+        let min_p = |p| Sampling { min_p: p, ..warm.clone() };
+        assert_eq!(draws(&min_p(0.5), &logits, &[], 400), [0, 1].into());
+        assert_eq!(draws(&min_p(0.7), &logits, &[], 400), [0].into());
+        // The shorter prefix wins; top-k first.
+        assert_eq!(draws(&Sampling { min_p: 0.5, top_p: 0.95, ..warm.clone() }, &logits, &[], 400), [0, 1].into());
+        assert_eq!(draws(&Sampling { top_k: 2, top_p: 0.9, ..warm.clone() }, &logits, &[], 400), [0, 1].into());
+        // Top-p over the top-k tokens: 0.5 / 0.8 of their mass is token 0 alone.
+        assert_eq!(draws(&Sampling { top_k: 2, top_p: 0.62, ..warm.clone() }, &logits, &[], 400), [0].into());
+        // Penalties come first: token 0 penalized below the others is filtered out.
+        let after = Sampling { frequency_penalty: 2.0, min_p: 0.5, ..warm };
+        assert_eq!(draws(&after, &logits, &[0], 400), [1, 2].into());
+    }
+
+    #[test]
+    fn out_of_range_settings_are_refused() {
+        for bad in [
+            Sampling { top_p: 0.0, ..Sampling::default() },
+            Sampling { top_p: 1.5, ..Sampling::default() },
+            Sampling { min_p: 1.0, ..Sampling::default() },
+            Sampling { repeat_penalty: 0.0, ..Sampling::default() },
+            Sampling { repeat_penalty: f64::INFINITY, ..Sampling::default() },
+            Sampling { presence_penalty: 3.0, ..Sampling::default() },
+            Sampling { frequency_penalty: f64::NAN, ..Sampling::default() },
+            Sampling { repeat_last_n: usize::MAX, ..Sampling::default() },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+        Sampling::default().validate().unwrap();
+    }
 }

@@ -96,7 +96,7 @@ fn generates_the_habit(plugin: &Plugin) {
     let model = PersonalModel::v1(plugin.clone()).unwrap();
     let bb = backbone();
     let head = FrozenHead::from_backbone(&bb);
-    let greedy = Sampling { temperature: 0.0, ..Sampling::default() };
+    let greedy = Sampling::greedy();
     let prompt = examples(1, 12345)[0].ids[..6].to_vec();
     let mut src = LocalStates::new(&bb, &model.body.shape.feature_layers).unwrap();
     let g = generate(&mut src, &head, Some(&model), &prompt, &dec(8, &greedy)).unwrap();
@@ -114,7 +114,7 @@ fn greedy_generation_matches_a_full_forward_per_token() {
     let head = FrozenHead::from_backbone(&bb);
     let prompt = vec![5u32, 9, 42, 17];
     let mut src = LocalStates::new(&bb, &[bb.config.num_layers]).unwrap();
-    let greedy = Sampling { temperature: 0.0, ..Sampling::default() };
+    let greedy = Sampling::greedy();
     let g = generate(&mut src, &head, None, &prompt, &dec(12, &greedy)).unwrap();
     let mut ids = prompt.clone();
     for _ in 0..12 {
@@ -133,7 +133,7 @@ fn greedy_generation_matches_a_full_forward_per_token() {
     let s = generate(&mut LocalStates::new(&bb, &[bb.config.num_layers]).unwrap(), &head, None, &prompt, &stopped).unwrap();
     assert_eq!(s.ids, g.ids[..=first]);
     // Sampling is reproducible with a seed, and the context limit is respected.
-    let warm = Sampling { temperature: 1.0, top_k: 5, seed: 3 };
+    let warm = Sampling { temperature: 1.0, top_k: 5, seed: 3, ..Sampling::default() };
     let a = generate(&mut LocalStates::new(&bb, &[bb.config.num_layers]).unwrap(), &head, None, &prompt, &dec(10, &warm)).unwrap();
     let b = generate(&mut LocalStates::new(&bb, &[bb.config.num_layers]).unwrap(), &head, None, &prompt, &dec(10, &warm)).unwrap();
     assert_eq!(a, b);
@@ -292,6 +292,42 @@ fn scrambled(v: SideVariant, bb: &Backbone) -> Plugin {
     plugin.load(&params).unwrap()
 }
 
+/// Greedy, seeded, and each of llama.cpp's filters and penalties.
+fn samplers() -> Vec<Sampling> {
+    vec![
+        Sampling::greedy(),
+        Sampling { temperature: 0.9, top_k: 0, seed: 11, ..Sampling::default() },
+        Sampling { temperature: 0.8, top_k: 40, top_p: 0.9, min_p: 0.05, seed: 5, ..Sampling::default() },
+        Sampling { repeat_penalty: 1.3, repeat_last_n: 16, presence_penalty: 0.4, frequency_penalty: 0.2, ..Sampling::greedy() },
+        Sampling { temperature: 1.1, min_p: 0.1, repeat_penalty: 1.2, frequency_penalty: 0.3, seed: 2, ..Sampling::default() },
+    ]
+}
+
+/// The coordinator's drafts are the tokens the device picks from the backbone alone, under
+/// every sampler: with no personal model every draft is accepted.
+#[test]
+fn the_drafter_reproduces_every_sampler() {
+    use spa_model::generate::SideInputs;
+    use spa_model::speculative::{self, DraftForm, Drafter, LocalDrafts};
+    let bb = backbone();
+    let head = FrozenHead::from_backbone(&bb);
+    let layers = [bb.config.num_layers];
+    let prompt = vec![5u32, 9, 42, 17, 9, 9];
+    for sampling in samplers() {
+        let d = dec(30, &sampling);
+        let drafter = Drafter::new(&bb, DraftForm::Taps(layers.to_vec()), sampling.clone(), vec![], true).unwrap();
+        let mut src = LocalDrafts { backbone: &bb, drafter };
+        let (g, st) = speculative::generate(&mut src, &head, None, &layers, SideInputs::Taps, &prompt, &d, 8, &mut |_, _| true).unwrap();
+        let naive = generate(&mut LocalStates::new(&bb, &layers).unwrap(), &head, None, &prompt, &d).unwrap();
+        assert_eq!(g, naive, "{sampling:?}");
+        assert!(st.drafted >= 10 && st.accepted == st.drafted, "{sampling:?}: {st:?}");
+    }
+    // The penalties change what is chosen (the test would pass if they were ignored otherwise).
+    let plain = generate(&mut LocalStates::new(&bb, &layers).unwrap(), &head, None, &prompt, &dec(30, &Sampling::greedy())).unwrap();
+    let penalized = generate(&mut LocalStates::new(&bb, &layers).unwrap(), &head, None, &prompt, &dec(30, &samplers()[3])).unwrap();
+    assert_ne!(plain.ids, penalized.ids);
+}
+
 /// Speculative decoding chooses the tokens per-token decoding chooses, greedy and seeded,
 /// for every draft length, with the device's tap states or the coordinator's
 /// down-projections, while drafts are rejected and the side plugin speaks.
@@ -309,7 +345,7 @@ fn speculative_decoding_equals_per_token_decoding() {
         let layers = plugin.shape.feature_layers.clone();
         let down = std::sync::Arc::new(CloudDown::from_params(plugin.shared().unwrap().as_set()).unwrap());
         let (mut rejected, mut side) = (0, 0);
-        for sampling in [Sampling { temperature: 0.0, ..Sampling::default() }, Sampling { temperature: 0.9, top_k: 0, seed: 11 }] {
+        for sampling in samplers() {
             let d = dec(n, &sampling);
             // Side drafts (the plugin's own side, as a coordinator would hold it) for the mlp side.
             let run = |form: DraftForm, k: usize| {
@@ -413,7 +449,7 @@ fn the_personal_fit_learns_the_habit_and_keeps_what_validation_supports() {
     assert_eq!(back.score(&head, &test).unwrap().model_lp, model.score(&head, &test).unwrap().model_lp);
     // Decoding speaks what scoring measures: every greedy token is the argmax of the
     // distribution the model is scored with at its position (memory and gate included).
-    let greedy = Sampling { temperature: 0.0, ..Sampling::default() };
+    let greedy = Sampling::greedy();
     let prompt = examples(1, 4242)[0].ids[..6].to_vec();
     let g = generate(&mut LocalStates::new(&bb, &layers).unwrap(), &head, Some(&back), &prompt, &dec(8, &greedy)).unwrap();
     let ids: Vec<u32> = prompt.iter().chain(&g.ids).copied().collect();

@@ -395,7 +395,7 @@ fn device_rouge(ctx: &Context, head: &FrozenHead, model: Option<&PersonalModel>,
     for ex in &test[..take] {
         let prompt = tokens.prompt_ids(tok, &ex.prompt, false)?;
         let ref_len = tok.encode(&ex.reply)?.len();
-        let dec = Decoding { max_new: (ref_len * 6).div_ceil(5).max(1), sampling: Sampling { temperature: 0.0, top_k: 0, seed: 0 }, stop: tokens.eos.clone() };
+        let dec = Decoding { max_new: (ref_len * 6).div_ceil(5).max(1), sampling: Sampling::greedy(), stop: tokens.eos.clone() };
         let layers = model.map_or_else(|| vec![bb.config.num_layers], |m| m.body.shape.feature_layers.clone());
         let mut src = LocalStates::new(bb, &layers)?;
         let (_, text) = generate_text(&mut src, head, model, tok, &prompt, &dec, Some("\n\n"), &mut |_| {})?;

@@ -11,6 +11,8 @@ use crate::tensor_util::to_vec;
 /// The coordinator's half of one generation session: the KV cache and the drafting rules.
 pub struct Drafter {
     cache: KvCache,
+    /// The ids in the cache (the sampler's penalties read them).
+    ids: Vec<u32>,
     /// Drafted tokens at the cache's tail that the device has not yet judged.
     pending: usize,
     form: DraftForm,
@@ -43,7 +45,7 @@ impl Drafter {
                 down.d
             )));
         }
-        Ok(Self { cache: bb.new_cache(), pending: 0, form, layers, sampling, stop, last_only, side: None })
+        Ok(Self { cache: bb.new_cache(), ids: Vec::new(), pending: 0, form, layers, sampling, stop, last_only, side: None })
     }
 
     /// Lets steps draft from `plugin`'s side distribution (`h + up(s) + personal(s)`; the
@@ -78,6 +80,7 @@ impl Drafter {
     /// include drafts it accepted in a message that never arrived); the rest dropped.
     pub fn truncate(&mut self, length: usize) {
         self.cache.truncate(length);
+        self.ids.truncate(length);
         self.pending = 0;
     }
 
@@ -94,6 +97,8 @@ impl Drafter {
             return Err(ModelError::InvalidInput(format!("{} new tokens after {keep} do not fit the context of {max}", ids.len())));
         }
         self.cache.truncate(keep);
+        self.ids.truncate(keep);
+        self.ids.extend_from_slice(ids);
         self.pending = 0;
         let n = ids.len();
         let tb = TokenBatch::new(vec![ids.to_vec()], &bb.config, keep)?;
@@ -109,7 +114,8 @@ impl Drafter {
             && self.cache.len() < max
         {
             let position = self.cache.len();
-            let t = self.sampling.pick(&lg, position);
+            let t = self.sampling.pick(&lg, position, &self.ids);
+            self.ids.push(t);
             drafts.push(t);
             let more = drafts.len() < k && !self.stop.contains(&t);
             let tb = TokenBatch::new(vec![vec![t]], &bb.config, position)?;

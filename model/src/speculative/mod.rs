@@ -59,6 +59,8 @@ pub fn generate(
     let (mut out, mut stats) = (Generation::default(), SpecStats::default());
     let mut policy = AdaptiveDraft::new(max_draft);
     let (mut send, mut accepted, mut len) = (prompt.to_vec(), 0, 0);
+    // The prompt and the tokens chosen so far: the sampler's penalties read them.
+    let mut seq = prompt.to_vec();
     // After a token the gate gave to the side plugin, drafts from the side or the backbone,
     // whichever has been accepted more there.
     let (mut after_side, mut sources) = (false, SourceChoice::default());
@@ -82,7 +84,8 @@ pub fn generate(
         decider.push(block.first, block.states)?;
         let mut acc = 0;
         let id = loop {
-            let (id, from_side) = decider.decide(len - 1 + acc);
+            let (id, from_side) = decider.decide(len - 1 + acc, &seq);
+            seq.push(id);
             out.ids.push(id);
             out.from_side.push(from_side);
             if !on_token(id, from_side) || dec.stop.contains(&id) || out.ids.len() >= limit {
