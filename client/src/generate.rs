@@ -185,11 +185,13 @@ pub async fn generate(home: &Path, prompt: &str, opts: &GenerateOptions, on_text
     };
     let decoding = std::time::Instant::now();
     let side = opts.side_drafts;
-    let mut remote = match RemoteDrafts::open(&s, &m, plugin, &dec, global, down.as_ref(), side).await {
+    // The coordinator reserves this much KV cache for the session.
+    let positions = (ids.len() + dec.max_new.max(1)).min(ctx);
+    let mut remote = match RemoteDrafts::open(&s, &m, plugin, &dec, positions, global, down.as_ref(), side).await {
         // Locally trained since: the coordinator's down-projections are not this plugin's.
         Err(ClientError::Status(st)) if Reason::of(&st) == Some(Reason::DownProjectionsUnavailable) && down.is_some() && opts.inputs == Inputs::Auto => {
             tracing::info!("down-projections refused ({}); asking for taps", st.message());
-            RemoteDrafts::open(&s, &m, plugin, &dec, global, None, side).await?
+            RemoteDrafts::open(&s, &m, plugin, &dec, positions, global, None, side).await?
         }
         other => other?,
     };
@@ -243,13 +245,15 @@ const RESUME_TRIES: u32 = 4;
 const RESUME_PAUSE: Duration = Duration::from_millis(200);
 
 impl<'a> RemoteDrafts<'a> {
-    /// `global`: the committed version the plugin's shared part is; `down`: its
-    /// down-projections, if the coordinator is to apply them.
+    /// `positions`: the most the session will hold; `global`: the committed version the
+    /// plugin's shared part is; `down`: its down-projections, if the coordinator is to apply them.
+    #[allow(clippy::too_many_arguments)]
     async fn open(
         s: &'a Session,
         m: &Model,
         plugin: &Plugin,
         dec: &Decoding,
+        positions: usize,
         global: Option<u64>,
         down: Option<&CloudDown>,
         side_drafts: bool,
@@ -286,22 +290,10 @@ impl<'a> RemoteDrafts<'a> {
             resume_length: 0,
             // The coordinator's copy drafts from the last position alone: the mlp side.
             side_drafts: side_drafts && global.is_some() && plugin.config.variant == SideVariant::Mlp,
+            max_positions: positions as u32,
         };
         let (tx, rx, bytes) = Self::connect(s, &open).await?;
-        Ok(Self {
-            s,
-            open,
-            tx,
-            rx,
-            session: 0,
-            inputs,
-            widths,
-            max_positions: m.config.max_position_embeddings,
-            confirmed: 0,
-            bytes_sent: bytes,
-            bytes_received: 0,
-            reconnects: 0,
-        })
+        Ok(Self { s, open, tx, rx, session: 0, inputs, widths, max_positions: positions, confirmed: 0, bytes_sent: bytes, bytes_received: 0, reconnects: 0 })
     }
 
     /// Opens a stream with `open` as its signed first message.

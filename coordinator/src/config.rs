@@ -156,6 +156,10 @@ pub struct LimitsSection {
     pub max_sessions: usize,
     /// Of those, how many one device may hold.
     pub max_sessions_per_device: usize,
+    /// The KV caches of all generation sessions, open and parked, in MiB: a session reserves
+    /// its `max_positions` when it opens and is refused then if they do not fit (parked
+    /// sessions are dropped first), never cut short later.
+    pub kv_pool_mib: f64,
     /// A generation session idle this long is closed (a broken-off one, kept for a resume,
     /// too; at most `max_sessions` of those are kept).
     pub session_idle_secs: u64,
@@ -194,6 +198,7 @@ impl Default for LimitsSection {
             max_feature_bytes_per_request: spa_proto::limits::DEFAULT_MAX_FEATURE_BYTES,
             max_sessions: 64,
             max_sessions_per_device: 4,
+            kv_pool_mib: 2048.0,
             session_idle_secs: 600,
             max_draft_tokens: 32,
             first_message_secs: 10,
@@ -310,6 +315,7 @@ impl CoordinatorConfig {
         ensure(l.max_feature_bytes_per_request > 0, "limits.max_feature_bytes_per_request must be > 0")?;
         ensure(l.max_sessions > 0, "limits.max_sessions must be > 0")?;
         ensure(l.max_sessions_per_device > 0, "limits.max_sessions_per_device must be > 0")?;
+        ensure(l.kv_pool_mib > 0.0 && l.kv_pool_mib <= (1 << 20) as f64, "limits.kv_pool_mib must be in (0, 1048576]")?;
         ensure(l.failed_enrollments_per_minute > 0, "limits.failed_enrollments_per_minute must be > 0")?;
         ensure(l.failed_admin_calls_per_minute > 0, "limits.failed_admin_calls_per_minute must be > 0")?;
         ensure(l.max_feature_requests_per_device > 0, "limits.max_feature_requests_per_device must be > 0")?;

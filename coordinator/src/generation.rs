@@ -57,6 +57,7 @@ pub async fn serve(s: Arc<Shared>, req: Request<Streaming<GenerateRequest>>) -> 
         let max = s.config.limits.max_sessions;
         Status::resource_exhausted(format!("{max} generation sessions already open; retry later"))
     })?;
+    let max_positions = plan.opening.max_positions;
     let (session, epoch, confirmed) = start_session(&s, &open, plan.opening).await?;
     let (tx, rx) = mpsc::channel::<Result<GenerateResponse, Status>>(4);
     let stream = Stream {
@@ -70,6 +71,7 @@ pub async fn serve(s: Arc<Shared>, req: Request<Streaming<GenerateRequest>>) -> 
         last_only: open.last_only,
         dtype: open.dtype,
         position_bytes: plan.position_bytes,
+        max_positions,
         confirmed,
         pending: 0,
     };
@@ -131,7 +133,12 @@ async fn check_open(s: &Arc<Shared>, open: &GenerateOpen, owner: String) -> Resu
         true => Some((s.config.side.clone(), global(s, open.global_version).await?)),
         false => None,
     };
-    let opening = Opening { owner, fingerprint, form, sampling, stop: open.stop.clone(), last_only: open.last_only, side };
+    let max_positions = match open.max_positions as usize {
+        0 => cfg.max_position_embeddings,
+        n if n <= cfg.max_position_embeddings => n,
+        n => return Err(invalid("open.max_positions", format!("max_positions {n} exceeds the context of {}", cfg.max_position_embeddings))),
+    };
+    let opening = Opening { owner, fingerprint, form, sampling, stop: open.stop.clone(), last_only: open.last_only, max_positions, side };
     Ok(Plan { opening, position_bytes })
 }
 
@@ -183,6 +190,8 @@ struct Stream {
     last_only: bool,
     dtype: i32,
     position_bytes: usize,
+    /// The positions the session reserved.
+    max_positions: usize,
     /// Tokens the device has confirmed, and drafts it has not yet judged.
     confirmed: usize,
     pending: usize,
@@ -253,6 +262,11 @@ impl Stream {
             return Err(invalid("extend.draft", format!("draft {draft} exceeds the limit of {limit} tokens")));
         }
         self.s.check_ids("extend.ids", &e.ids, self.confirmed + accepted)?;
+        let after = self.confirmed + accepted + e.ids.len();
+        if after > self.max_positions {
+            let msg = format!("{after} positions exceed the {} this session reserved (open.max_positions)", self.max_positions);
+            return Err(invalid("extend.ids", msg));
+        }
         let rows = if self.last_only { 1 } else { e.ids.len() } + draft;
         let bytes = rows * self.position_bytes;
         let max_bytes = self.s.config.limits.max_message_bytes.saturating_sub(4096);

@@ -44,6 +44,8 @@ pub struct Metrics {
     /// Device calls sent to another replica, by kind (`leader`, `owner`).
     pub redirected_calls: Family<Kind, Counter>,
     pub backbone_tokens: Counter,
+    /// KV pool bytes the generation sessions reserved (`limits.kv_pool_mib`).
+    pub kv_reserved_bytes: Gauge,
     devices_enrolled: Gauge,
     devices_online: Gauge,
     generation_sessions: Gauge,
@@ -76,6 +78,7 @@ impl Metrics {
             refused_calls: Family::default(),
             redirected_calls: Family::default(),
             backbone_tokens: Counter::default(),
+            kv_reserved_bytes: Gauge::default(),
             devices_enrolled: Gauge::default(),
             devices_online: Gauge::default(),
             generation_sessions: Gauge::default(),
@@ -99,6 +102,13 @@ impl Metrics {
             m.redirected_calls.clone(),
         );
         reg(&mut registry, &mut families, "backbone_tokens", "Token positions the backbone computed (features and generation)", m.backbone_tokens.clone());
+        reg(
+            &mut registry,
+            &mut families,
+            "kv_reserved_bytes",
+            "KV cache bytes the generation sessions reserved, open and parked (limits.kv_pool_mib)",
+            m.kv_reserved_bytes.clone(),
+        );
         reg(&mut registry, &mut families, "devices_enrolled", "Enrolled devices, revoked ones excluded", m.devices_enrolled.clone());
         reg(&mut registry, &mut families, "devices_online", "Devices that polled within rounds.online_secs", m.devices_online.clone());
         reg(&mut registry, &mut families, "generation_sessions", "Open Generate streams", m.generation_sessions.clone());

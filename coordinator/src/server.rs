@@ -272,9 +272,13 @@ async fn start_engine(home: &Path, cfg: &CoordinatorConfig, store: &Store, backe
     };
     let dir = cfg.backbone_dir(home);
     let idle = Duration::from_secs(cfg.limits.session_idle_secs);
-    let parked = crate::engine::Parked { per_device: cfg.limits.max_sessions_per_device, total: cfg.limits.max_sessions };
+    let limits = crate::engine::SessionLimits {
+        parked_per_device: cfg.limits.max_sessions_per_device,
+        parked_total: cfg.limits.max_sessions,
+        kv_pool_bytes: (cfg.limits.kv_pool_mib * (1 << 20) as f64) as usize,
+    };
     let dtype = cfg.backbone.weight_dtype()?;
-    let engine = tokio::task::spawn_blocking(move || Engine::start(&dir, backend, dtype, idle, parked)).await??;
+    let engine = tokio::task::spawn_blocking(move || Engine::start(&dir, backend, dtype, idle, limits)).await??;
     seed_checkpoint(store, cfg, &engine).await?;
     tracing::info!(version = %engine.meta.version, "backbone loaded");
     Ok(engine)

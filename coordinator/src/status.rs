@@ -102,6 +102,7 @@ impl From<EngineError> for Status {
         match e {
             EngineError::Refused(_) => Status::invalid_argument(e.to_string()),
             EngineError::SessionGone => Status::not_found(e.to_string()),
+            EngineError::PoolFull { .. } => Status::resource_exhausted(e.to_string()),
             EngineError::Stopped | EngineError::Model(_) | EngineError::NonFinite | EngineError::Encoding(_) | EngineError::Panicked(_) => internal(e),
         }
     }

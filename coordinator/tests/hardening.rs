@@ -137,6 +137,56 @@ async fn one_device_cannot_take_every_generation_slot() {
     srv.shutdown().await.unwrap();
 }
 
+/// The KV pool: sessions reserve their max_positions at the opening and are refused there
+/// when the pool is full; a parked session gives its room up to a new one; a session never
+/// steps (or drafts) past what it reserved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_reserve_their_kv_cache_when_they_open() {
+    // A pool of 64 KiB: `fit` positions of this backbone.
+    let (_dir, srv, ch, cred) = serve(|t| t.replace("kv_pool_mib = 2048.0", "kv_pool_mib = 0.0625").replace("drain_secs = 10", "drain_secs = 1")).await;
+    let a = enroll(&ch, &token(&ch, &cred, 600).await, "alpha").await.unwrap();
+    let info = backbone(&ch).get_model_info(a.request(methods::BACKBONE_GET_MODEL_INFO, GetModelInfoRequest {})).await.unwrap().into_inner();
+    let cfg = spa_model::BackboneConfig::from_json(&info.config_json).unwrap();
+    let fit = (65536 / spa_model::backbone::KvCache::bytes_per_position(&cfg)) as u32;
+    assert!(fit >= 10 && fit < info.max_positions, "{fit} positions fit the pool");
+    let nl = info.num_layers;
+    let open = |max_positions: u32| GenerateRequest {
+        kind: Some(generate_request::Kind::Open(GenerateOpen { layers: vec![nl], dtype: DType::DtypeF32 as i32, max_positions, ..Default::default() })),
+    };
+    let e = stream_with(&ch, &a, open(info.max_positions + 1)).await.1.unwrap_err();
+    assert!(e.code() == Code::InvalidArgument && e.message().contains("context"), "{e:?}");
+    // No max_positions: the whole context, more than the pool.
+    let e = stream_with(&ch, &a, open(0)).await.1.unwrap_err();
+    assert!(e.code() == Code::ResourceExhausted && e.message().contains("KV pool"), "{e:?}");
+    let (s1, r1) = stream_with(&ch, &a, open(fit / 2)).await;
+    let r1 = r1.unwrap();
+    let (_s2, r2) = stream_with(&ch, &a, open(fit - fit / 2)).await;
+    let _r2 = r2.unwrap();
+    let e = stream_with(&ch, &a, open(1)).await.1.unwrap_err();
+    assert!(e.code() == Code::ResourceExhausted && e.message().contains("KV pool"), "{e:?}");
+    // The first stream ends: its session is parked for a resume, and gives way to a new one.
+    drop((s1, r1));
+    let t = Instant::now();
+    let (s3, mut r3) = loop {
+        match stream_with(&ch, &a, open(4)).await {
+            (s, Ok(r)) => break (s, r),
+            (_, Err(e)) if e.code() == Code::ResourceExhausted && t.elapsed() < Duration::from_secs(3) => tokio::time::sleep(Duration::from_millis(50)).await,
+            (_, Err(e)) => panic!("the parked session kept its room: {e:?}"),
+        }
+    };
+    // Four positions reserved: no draft past them, and a fifth token is the caller's error.
+    s3.send(GenerateRequest { kind: Some(generate_request::Kind::Extend(GenerateExtend { ids: vec![3, 4, 5, 6], draft: 3, ..Default::default() })) })
+        .await
+        .unwrap();
+    let block = r3.message().await.unwrap().unwrap();
+    assert!(block.draft.is_empty(), "{:?}", block.draft);
+    s3.send(extend(vec![7])).await.unwrap();
+    let e = r3.message().await.unwrap_err();
+    assert!(e.code() == Code::InvalidArgument && e.message().contains("reserved"), "{e:?}");
+    ping(&ch, &a).await.unwrap();
+    srv.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_cuts_a_silent_stream_at_the_drain_deadline() {
     let (_dir, srv, ch, cred) = serve(|t| t.replace("drain_secs = 10", "drain_secs = 1")).await;

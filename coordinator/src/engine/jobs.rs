@@ -31,6 +31,8 @@ pub enum EngineError {
     Encoding(#[from] spa_proto::ProtoError),
     #[error("backbone job panicked: {0}")]
     Panicked(String),
+    #[error("the KV pool holds {free} free bytes of {pool}; this session needs {need}: retry later, or open it with fewer max_positions")]
+    PoolFull { need: usize, free: usize, pool: usize },
 }
 
 pub(super) type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
@@ -89,6 +91,8 @@ pub struct Opening {
     pub sampling: Sampling,
     pub stop: Vec<u32>,
     pub last_only: bool,
+    /// The most positions the session holds, reserved from the KV pool at the opening.
+    pub max_positions: usize,
     /// The coordinator's side config and a global shared part, for side drafts.
     pub side: Option<(SideConfig, ParamSet)>,
 }

@@ -20,7 +20,7 @@ use tokio::sync::oneshot;
 pub use jobs::{EngineError, Opening, SeqJob};
 use jobs::{Job, Queued, Reply};
 use worker::worker;
-pub use worker::{Parked, encode_block};
+pub use worker::{SessionLimits, encode_block};
 
 use crate::error::{CoordinatorError, io};
 
@@ -69,9 +69,15 @@ fn version_of(dir: &Path) -> Result<String, CoordinatorError> {
 impl Engine {
     /// Loads the backbone on a dedicated thread; returns once it is ready.
     /// `dtype`: the weights' precision (`None`: the checkpoint's own, see `load_backbone_as`).
-    /// Sessions idle for `session_idle` are dropped; broken-off ones are kept for a resume,
-    /// at most `parked.per_device` of one device and `parked.total` in all.
-    pub fn start(dir: &Path, backend: BackendKind, dtype: Option<WeightDtype>, session_idle: Duration, parked: Parked) -> Result<Self, CoordinatorError> {
+    /// Sessions idle for `session_idle` are dropped; broken-off ones are kept for a resume
+    /// within `limits`, which also bounds the KV caches of all sessions.
+    pub fn start(
+        dir: &Path,
+        backend: BackendKind,
+        dtype: Option<WeightDtype>,
+        session_idle: Duration,
+        limits: SessionLimits,
+    ) -> Result<Self, CoordinatorError> {
         let version = version_of(dir)?;
         let (config_path, tokenizer_path) = (dir.join("config.json"), dir.join("tokenizer.json"));
         let config_json = std::fs::read_to_string(&config_path).map_err(io(&config_path))?;
@@ -99,7 +105,7 @@ impl Engine {
                         return;
                     }
                 };
-                worker(bb, rx, session_idle, parked);
+                worker(bb, rx, session_idle, limits);
             })
             .map_err(|e| CoordinatorError::Other(format!("cannot start the backbone thread: {e}")))?;
         let config = ready_rx

@@ -6,7 +6,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use spa_model::Backbone;
-use spa_model::backbone::TokenBatch;
+use spa_model::backbone::{KvCache, TokenBatch};
 use spa_model::side::{FrozenHead, Plugin};
 use spa_model::speculative::{Block, Drafter};
 use spa_model::tensor_util::to_vec;
@@ -17,6 +17,8 @@ use crate::metrics::METRICS;
 /// A session's state beside the backbone.
 struct Session {
     drafter: Drafter,
+    /// Bytes of the KV pool this session reserved at its opening.
+    reserved: usize,
     owner: String,
     fingerprint: [u8; 32],
     used: Instant,
@@ -93,8 +95,8 @@ fn layout(taps: &[Vec<f32>], b: usize, t: usize, d: usize, from: usize, to: usiz
     Ok(spa_proto::tensor::encode_f32(&out, dtype)?)
 }
 
-pub(super) fn worker(bb: Backbone, rx: mpsc::Receiver<Queued>, idle: Duration, parked: Parked) {
-    let mut w = Worker { bb, sessions: HashMap::new(), idle, parked };
+pub(super) fn worker(bb: Backbone, rx: mpsc::Receiver<Queued>, idle: Duration, limits: SessionLimits) {
+    let mut w = Worker { bb, sessions: HashMap::new(), idle, limits };
     let mut fair = Fair::default();
     loop {
         // Block only when nothing waits; then take in everything sent meanwhile.
@@ -114,18 +116,20 @@ pub(super) fn worker(bb: Backbone, rx: mpsc::Receiver<Queued>, idle: Duration, p
     }
 }
 
-/// How many broken-off sessions are kept for a resume.
+/// What generation sessions may hold: how many broken-off ones are kept for a resume (of
+/// one device, in all), and the KV pool every session reserves its cache from.
 #[derive(Clone, Copy, Debug)]
-pub struct Parked {
-    pub per_device: usize,
-    pub total: usize,
+pub struct SessionLimits {
+    pub parked_per_device: usize,
+    pub parked_total: usize,
+    pub kv_pool_bytes: usize,
 }
 
 struct Worker {
     bb: Backbone,
     sessions: HashMap<u64, Session>,
     idle: Duration,
-    parked: Parked,
+    limits: SessionLimits,
 }
 
 impl Worker {
@@ -178,6 +182,7 @@ impl Worker {
             }
             Job::Detach { session, epoch } => self.detach(session, epoch),
         }
+        METRICS.kv_reserved_bytes.set(self.reserved() as i64);
         None
     }
 
@@ -218,14 +223,38 @@ impl Worker {
     }
 
     fn open(&mut self, session: u64, opening: Opening) -> Result<(), EngineError> {
+        let reserved = opening.max_positions * KvCache::bytes_per_position(&self.bb.config);
+        self.make_room(reserved)?;
         let bb = &self.bb;
-        let mut drafter = Drafter::new(bb, opening.form, opening.sampling, opening.stop, opening.last_only).map_err(EngineError::Refused)?;
+        let mut drafter = Drafter::new(bb, opening.form, opening.sampling, opening.stop, opening.last_only)
+            .and_then(|d| d.with_max_positions(bb, opening.max_positions))
+            .map_err(EngineError::Refused)?;
         if let Some((cfg, shared)) = &opening.side {
             let plugin = Plugin::new(cfg, &bb.config, &bb.device).and_then(|p| p.load(shared)).map_err(EngineError::Refused)?;
             drafter = drafter.with_side(plugin).map_err(EngineError::Refused)?;
         }
         let (owner, fingerprint) = (opening.owner, opening.fingerprint);
-        self.sessions.insert(session, Session { drafter, owner, fingerprint, used: Instant::now(), attached: true, epoch: 0 });
+        self.sessions.insert(session, Session { drafter, reserved, owner, fingerprint, used: Instant::now(), attached: true, epoch: 0 });
+        Ok(())
+    }
+
+    fn reserved(&self) -> usize {
+        self.sessions.values().map(|s| s.reserved).sum()
+    }
+
+    /// Frees `need` bytes of the KV pool for a new session, evicting parked sessions (the
+    /// longest unused first) if it must; a session being served is never evicted, so a
+    /// session that opened is never cut short for lack of memory.
+    fn make_room(&mut self, need: usize) -> Result<(), EngineError> {
+        let pool = self.limits.kv_pool_bytes;
+        let attached: usize = self.sessions.values().filter(|s| s.attached).map(|s| s.reserved).sum();
+        if attached + need > pool {
+            return Err(EngineError::PoolFull { need, free: pool - self.reserved().min(pool), pool });
+        }
+        while self.reserved() + need > pool {
+            let oldest = self.sessions.iter().filter(|(_, s)| !s.attached).min_by_key(|(_, s)| s.used).map(|(id, _)| *id);
+            self.sessions.remove(&oldest.expect("parked sessions hold the rest"));
+        }
         Ok(())
     }
 
@@ -244,7 +273,7 @@ impl Worker {
             }
             let total: usize = by_owner.values().map(Vec::len).sum();
             let Some(most) = by_owner.into_values().max_by_key(|v| v.len()) else { return };
-            if most.len() <= self.parked.per_device && total <= self.parked.total {
+            if most.len() <= self.limits.parked_per_device && total <= self.limits.parked_total {
                 return;
             }
             let oldest = most.iter().min().expect("non-empty").1;

@@ -91,6 +91,21 @@ impl KvCache {
         Self { layers: vec![LayerCache::default(); num_layers] }
     }
 
+    /// A cache that holds `positions` without ever growing its buffers: its memory is
+    /// reserved once ([`Self::bytes_per_position`] each).
+    pub fn with_capacity(cfg: &crate::config::BackboneConfig, positions: usize) -> Self {
+        let mut c = Self::new(cfg.num_layers);
+        for l in &mut c.layers {
+            l.reserve(positions, cfg.num_kv_heads, cfg.head_dim);
+        }
+        c
+    }
+
+    /// Host bytes a position takes: a key and a value per layer and kv head.
+    pub fn bytes_per_position(cfg: &crate::config::BackboneConfig) -> usize {
+        cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * std::mem::size_of::<f32>()
+    }
+
     /// Number of positions already processed.
     pub fn len(&self) -> usize {
         self.layers.first().map_or(0, LayerCache::len)

@@ -23,6 +23,8 @@ pub struct Drafter {
     /// A global shared part (its private parts zero) to draft from on request, with the
     /// index in `layers` of each of its taps.
     side: Option<(Plugin, Vec<usize>)>,
+    /// The most positions the cache holds (sent tokens and drafts).
+    max: usize,
 }
 
 impl Drafter {
@@ -45,7 +47,18 @@ impl Drafter {
                 down.d
             )));
         }
-        Ok(Self { cache: bb.new_cache(), ids: Vec::new(), pending: 0, form, layers, sampling, stop, last_only, side: None })
+        let max = bb.config.max_position_embeddings;
+        Ok(Self { cache: bb.new_cache(), ids: Vec::new(), pending: 0, form, layers, sampling, stop, last_only, side: None, max })
+    }
+
+    /// Holds at most `positions` (at most the context), its cache reserved for them at once:
+    /// drafting stops there, and more tokens are refused.
+    pub fn with_max_positions(mut self, bb: &Backbone, positions: usize) -> Result<Self> {
+        if positions == 0 || positions > bb.config.max_position_embeddings {
+            return Err(ModelError::InvalidInput(format!("max positions {positions} must be in 1..={}", bb.config.max_position_embeddings)));
+        }
+        (self.cache, self.max) = (KvCache::with_capacity(&bb.config, positions), positions);
+        Ok(self)
     }
 
     /// Lets steps draft from `plugin`'s side distribution (`h + up(s) + personal(s)`; the
@@ -92,7 +105,7 @@ impl Drafter {
             return Err(ModelError::InvalidInput(format!("{accepted} drafts accepted of {} sent", self.pending)));
         }
         let keep = self.confirmed() + accepted;
-        let max = bb.config.max_position_embeddings;
+        let max = self.max;
         if ids.is_empty() || keep + ids.len() > max {
             return Err(ModelError::InvalidInput(format!("{} new tokens after {keep} do not fit the context of {max}", ids.len())));
         }
