@@ -4,19 +4,24 @@
 //! - decode: 128 greedy tokens with the KV cache after a 6- and a 512-token prompt, through
 //!   the same loop `model generate` runs (the frozen head included);
 //! - the matrix-vector product alone against the machine's memory bandwidth (GB/s of weights
-//!   read), on one core and on all.
+//!   read), on one core and on all;
+//! - with `batch`: decode steps of 1, 4, 16 and 64 sessions (each its own KV cache after a
+//!   64-token prompt), batched into one forward per step against the same sessions stepped one
+//!   after another, as the backbone worker served them before batching: aggregate tokens/s
+//!   and each step's latency (median, p99).
 //!
 //! Medians of the repetitions. Needs an imported checkpoint (scripts/fetch-smollm2.sh):
 //!
 //! ```text
-//! SPA_BENCH_MODEL=models/smollm2 cargo bench --workspace --bench llm [-- f32 f16 bf16] [--reps N] [--json]
+//! SPA_BENCH_MODEL=models/smollm2 cargo bench --workspace --bench llm [-- f32 f16 bf16] [--reps N] [--json] [batch]
 //! ```
 //!
 //! (scripts/bench/peers.sh runs it beside HF candle and llama.cpp).
 use std::path::PathBuf;
 use std::time::Instant;
 
-use spa_model::backbone::{TokenBatch, WeightDtype, load_backbone_as};
+use spa_model::backbone::decode::{Seq, forward_batch, forward_few};
+use spa_model::backbone::{KvCache, TokenBatch, WeightDtype, load_backbone_as};
 use spa_model::generate::{Decoding, LocalStates, Sampling, generate};
 use spa_model::matmul::{Order, Weights, matmul};
 use spa_model::side::FrozenHead;
@@ -81,6 +86,67 @@ fn gemv_table(reps: usize) {
     }
 }
 
+/// Decode steps of `n` sessions, batched or one after another: (seconds per step, one per
+/// step and repetition). Every step computes the logits, as the coordinator's drafter needs.
+fn session_steps(bb: &Backbone, n: usize, steps: usize, batched: bool) -> Vec<f64> {
+    let taps = [bb.config.num_layers];
+    let vocab = bb.config.vocab_size;
+    let mut caches: Vec<KvCache> = (0..n)
+        .map(|i| {
+            let mut c = KvCache::with_capacity(&bb.config, 64 + steps);
+            let p: Vec<u32> = prompt(64, vocab).iter().map(|&t| (t + i as u32) % vocab as u32).collect();
+            let batch = TokenBatch::new(vec![p], &bb.config, 0).unwrap();
+            bb.forward(&batch, &taps, false, Some(&mut c));
+            c
+        })
+        .collect();
+    (0..steps)
+        .map(|s| {
+            let ids: Vec<[u32; 1]> = (0..n).map(|i| [((s * 31 + i * 7) % (vocab - 100) + 100) as u32]).collect();
+            let t = Instant::now();
+            if batched {
+                let mut seqs: Vec<Seq> = caches.iter_mut().zip(&ids).map(|(cache, ids)| Seq { ids, cache }).collect();
+                std::hint::black_box(forward_batch(bb, &mut seqs, &taps, true).unwrap());
+            } else {
+                for (cache, ids) in caches.iter_mut().zip(&ids) {
+                    std::hint::black_box(forward_few(bb, ids, &taps, true, cache).unwrap());
+                }
+            }
+            t.elapsed().as_secs_f64()
+        })
+        .collect()
+}
+
+/// The batched-decode table: per session count, both ways, interleaved repetition by repetition.
+fn batch_table(name: &str, bb: &Backbone, reps: usize) {
+    let steps = 24;
+    println!("\n{name}: decode steps of n sessions, each after a 64-token prompt ({steps} steps x {reps} repetitions)\n");
+    println!("| sessions | batched tokens/s | one after another tokens/s | speed-up | batched step median | p99 | alone step median |");
+    println!("|---|---|---|---|---|---|---|");
+    for n in [1usize, 4, 16, 64] {
+        let (mut batched, mut serial) = (Vec::new(), Vec::new());
+        for _ in 0..reps {
+            batched.extend(session_steps(bb, n, steps, true));
+            serial.extend(session_steps(bb, n, steps, false));
+        }
+        let p99 = |v: &[f64]| {
+            let mut v = v.to_vec();
+            v.sort_by(f64::total_cmp);
+            v[((v.len() as f64 * 0.99).ceil() as usize).min(v.len()) - 1]
+        };
+        let (mb, ms) = (median(batched.clone()), median(serial.clone()));
+        println!(
+            "| {n} | {:.0} | {:.0} | {:.2} | {:.1} ms | {:.1} ms | {:.1} ms |",
+            n as f64 / mb,
+            n as f64 / ms,
+            ms / mb,
+            mb * 1e3,
+            p99(&batched) * 1e3,
+            ms / n as f64 * 1e3
+        );
+    }
+}
+
 fn main() {
     spa_model::alloc::keep_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -103,6 +169,12 @@ fn main() {
             (name, bb, head)
         })
         .collect();
+    if args.iter().any(|a| a == "batch") {
+        for (name, bb, _) in &models {
+            batch_table(name, bb, reps);
+        }
+        return;
+    }
     let vocab = models[0].1.config.vocab_size;
     let (short, long) = (prompt(6, vocab), prompt(512, vocab));
     // rows: per model, [prefill s, decode-after-6 s, decode-after-512 s] per repetition.

@@ -82,35 +82,36 @@ fn small(x: &[f32], m: usize, k: usize, w: Weights, order: Order, n: usize, out:
     });
 }
 
-/// Columns `cols` of `x [m, k] @ w [k, n]` for few rows (at most [`SMALL_M`]), into `acc` as
-/// row-major `[m, cols.len()]`, on the calling thread.
+/// Columns `cols` of `x [m, k] @ w [k, n]` for few rows (decoding: a position or a few per
+/// session, of one session or of a batch of them), into `acc` as row-major `[m, cols.len()]`,
+/// on the calling thread. Each x row's outputs are computed in the same order whatever the
+/// other rows, so a session's states are the same bits alone or batched with others.
 /// - `[n, k]` weight (the layout served weights use): each output is the dot product of one
-///   weight row (read once, converted on the fly) with each x row, four rows at a time for
-///   one x row where the CPU has AVX-512; the block reads a contiguous run of weight rows,
-///   the access pattern memory likes best.
+///   weight row (converted on the fly) with one x row, four weight rows at a time where the
+///   CPU has AVX-512; every x row passes over a block of weight rows while it is in L1, so
+///   memory reads the weights once per call however many rows there are.
 /// - `[k, n]` weight: walks the block's columns of every weight row once, four rows at a
 ///   time, adding `x[i, r] * w[r, cols]` into the accumulators.
 #[allow(clippy::too_many_arguments)]
 pub fn columns_into(x: &[f32], m: usize, k: usize, w: Weights, order: Order, n: usize, cols: std::ops::Range<usize>, acc: &mut [f32]) {
     let (s, len) = (cols.start, cols.len());
-    assert!(m <= SMALL_M && cols.end <= n && acc.len() == m * len && x.len() >= m * k, "columns_into: inconsistent shapes");
+    assert!(cols.end <= n && acc.len() == m * len && x.len() >= m * k, "columns_into: inconsistent shapes");
     match order {
         Order::NK => {
-            let mut dots = [0f32; SMALL_M];
-            let mut cols = cols;
-            if m == 1 {
-                while cols.len() >= BLOCK_ROWS {
-                    let c = cols.start;
-                    if !simd::dots4(x, k, w, c * k, &mut acc[c - s..c - s + BLOCK_ROWS]) {
-                        break;
-                    }
-                    cols.start += BLOCK_ROWS;
-                }
-            }
-            for c in cols {
-                simd::dots(x, m, k, w, c * k, &mut dots[..m]);
+            let mut c = s;
+            let mut quad = [0f32; BLOCK_ROWS];
+            'blocks: while c + BLOCK_ROWS <= cols.end {
                 for i in 0..m {
-                    acc[i * len + c - s] = dots[i];
+                    if !simd::dots4(&x[i * k..(i + 1) * k], k, w, c * k, &mut quad) {
+                        break 'blocks;
+                    }
+                    acc[i * len + c - s..i * len + c - s + BLOCK_ROWS].copy_from_slice(&quad);
+                }
+                c += BLOCK_ROWS;
+            }
+            for c in c..cols.end {
+                for i in 0..m {
+                    acc[i * len + c - s] = simd::dot(&x[i * k..(i + 1) * k], w, c * k);
                 }
             }
         }
@@ -352,27 +353,24 @@ mod simd {
         }
     }
 
-    /// `out[i] = x[i * k..(i + 1) * k] . w[from..from + k]` for each of `out.len()` rows.
-    pub fn dots(x: &[f32], m: usize, k: usize, w: super::Weights, from: usize, out: &mut [f32]) {
+    /// `x . w[from..from + x.len()]`.
+    pub fn dot(x: &[f32], w: super::Weights, from: usize) -> f32 {
         use super::Weights;
+        let k = x.len();
         #[cfg(target_arch = "x86_64")]
         if fast() {
-            // SAFETY: the CPU has AVX2, FMA and F16C (checked above); the slices are long
-            // enough (x: m rows of k, w: k elements from `from`).
+            // SAFETY: the CPU has AVX2, FMA and F16C (checked above); w holds k elements from `from`.
             unsafe {
-                match w {
-                    Weights::F32(v) => x86::dots_f32(x, m, k, &v[from..from + k], out),
-                    Weights::F16(v) => x86::dots_f16(x, m, k, &v[from..from + k], out),
-                    Weights::BF16(v) => x86::dots_bf16(x, m, k, &v[from..from + k], out),
-                }
+                return match w {
+                    Weights::F32(v) => x86::dot_f32(x, &v[from..from + k]),
+                    Weights::F16(v) => x86::dot_f16(x, &v[from..from + k]),
+                    Weights::BF16(v) => x86::dot_bf16(x, &v[from..from + k]),
+                };
             }
-            return;
         }
         let mut row = vec![0f32; k];
         w.read(from, &mut row);
-        for (i, o) in out.iter_mut().enumerate().take(m) {
-            *o = x[i * k..(i + 1) * k].iter().zip(&row).map(|(a, b)| a * b).sum();
-        }
+        x.iter().zip(&row).map(|(a, b)| a * b).sum()
     }
 
     /// Four consecutive rows of `w` (from `from`, `k` apart) dotted with one x row; false
@@ -499,60 +497,44 @@ mod simd {
             }
         }
 
-        /// The shared body: one row (m = 1, the decoding case) with four accumulators to
-        /// hide the FMA latency, or up to eight rows sharing each loaded weight vector.
+        /// The shared body: one row with four accumulators to hide the FMA latency.
         #[inline(always)]
-        #[allow(clippy::too_many_arguments)]
-        unsafe fn dots(x: &[f32], m: usize, k: usize, w: *const u8, esize: usize, tail: impl Fn(usize) -> f32, load: Load, out: &mut [f32]) {
+        unsafe fn dot(x: &[f32], w: *const u8, esize: usize, tail: impl Fn(usize) -> f32, load: Load) -> f32 {
             let px = x.as_ptr();
+            let k = x.len();
             let full = k - k % 8;
-            // SAFETY: every load reads within j + 8 <= full <= k of its row; prefetches never fault.
+            // SAFETY: every load reads within j + 8 <= full <= k of the row; prefetches never fault.
             unsafe {
-                if m == 1 {
-                    let mut s = [_mm256_setzero_ps(); 4];
-                    let mut j = 0;
-                    while j + 32 <= full {
-                        for line in (0..32 * esize).step_by(64) {
-                            _mm_prefetch::<_MM_HINT_T0>((w as *const i8).wrapping_add(j * esize + line + AHEAD_ROW));
-                        }
-                        for (u, acc) in s.iter_mut().enumerate() {
-                            *acc = _mm256_fmadd_ps(_mm256_loadu_ps(px.add(j + 8 * u)), load(w, j + 8 * u), *acc);
-                        }
-                        j += 32;
-                    }
-                    while j < full {
-                        s[0] = _mm256_fmadd_ps(_mm256_loadu_ps(px.add(j)), load(w, j), s[0]);
-                        j += 8;
-                    }
-                    let v = _mm256_add_ps(_mm256_add_ps(s[0], s[1]), _mm256_add_ps(s[2], s[3]));
-                    out[0] = hsum(v) + (full..k).map(|j| x[j] * tail(j)).sum::<f32>();
-                    return;
-                }
-                let mut s = [_mm256_setzero_ps(); super::super::SMALL_M];
+                let mut s = [_mm256_setzero_ps(); 4];
                 let mut j = 0;
-                while j < full {
-                    let wv = load(w, j);
-                    for (i, acc) in s.iter_mut().enumerate().take(m) {
-                        *acc = _mm256_fmadd_ps(_mm256_loadu_ps(px.add(i * k + j)), wv, *acc);
+                while j + 32 <= full {
+                    for line in (0..32 * esize).step_by(64) {
+                        _mm_prefetch::<_MM_HINT_T0>((w as *const i8).wrapping_add(j * esize + line + AHEAD_ROW));
                     }
+                    for (u, acc) in s.iter_mut().enumerate() {
+                        *acc = _mm256_fmadd_ps(_mm256_loadu_ps(px.add(j + 8 * u)), load(w, j + 8 * u), *acc);
+                    }
+                    j += 32;
+                }
+                while j < full {
+                    s[0] = _mm256_fmadd_ps(_mm256_loadu_ps(px.add(j)), load(w, j), s[0]);
                     j += 8;
                 }
-                for (i, o) in out.iter_mut().enumerate().take(m) {
-                    *o = hsum(s[i]) + (full..k).map(|j| x[i * k + j] * tail(j)).sum::<f32>();
-                }
+                let v = _mm256_add_ps(_mm256_add_ps(s[0], s[1]), _mm256_add_ps(s[2], s[3]));
+                hsum(v) + (full..k).map(|j| x[j] * tail(j)).sum::<f32>()
             }
         }
 
         #[target_feature(enable = "avx2,fma")]
-        pub unsafe fn dots_f32(x: &[f32], m: usize, k: usize, w: &[f32], out: &mut [f32]) {
-            // SAFETY: w holds k elements.
-            unsafe { dots(x, m, k, w.as_ptr() as *const u8, 4, |j| w[j], load_f32, out) }
+        pub unsafe fn dot_f32(x: &[f32], w: &[f32]) -> f32 {
+            // SAFETY: w holds x.len() elements.
+            unsafe { dot(x, w.as_ptr() as *const u8, 4, |j| w[j], load_f32) }
         }
 
         #[target_feature(enable = "avx2,fma,f16c")]
-        pub unsafe fn dots_f16(x: &[f32], m: usize, k: usize, w: &[f16], out: &mut [f32]) {
-            // SAFETY: w holds k elements.
-            unsafe { dots(x, m, k, w.as_ptr() as *const u8, 2, |j| w[j].to_f32(), load_f16, out) }
+        pub unsafe fn dot_f16(x: &[f32], w: &[f16]) -> f32 {
+            // SAFETY: w holds x.len() elements.
+            unsafe { dot(x, w.as_ptr() as *const u8, 2, |j| w[j].to_f32(), load_f16) }
         }
 
         /// Sixteen weights at `p + j` as f32 (AVX-512).
@@ -629,9 +611,9 @@ mod simd {
         }
 
         #[target_feature(enable = "avx2,fma")]
-        pub unsafe fn dots_bf16(x: &[f32], m: usize, k: usize, w: &[bf16], out: &mut [f32]) {
-            // SAFETY: w holds k elements.
-            unsafe { dots(x, m, k, w.as_ptr() as *const u8, 2, |j| w[j].to_f32(), load_bf16, out) }
+        pub unsafe fn dot_bf16(x: &[f32], w: &[bf16]) -> f32 {
+            // SAFETY: w holds x.len() elements.
+            unsafe { dot(x, w.as_ptr() as *const u8, 2, |j| w[j].to_f32(), load_bf16) }
         }
     }
 }

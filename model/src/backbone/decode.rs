@@ -33,10 +33,24 @@ fn chunk(total: usize, size: usize) -> usize {
 /// `None` when the weights are not flex tensors (another backend), with `cache` as it was:
 /// the caller then takes the tensor forward. `taps` must be validated by the caller.
 pub fn forward_few(bb: &Backbone, ids: &[u32], taps: &[usize], want_logits: bool, cache: &mut KvCache) -> Option<HostOutput> {
+    forward_batch(bb, &mut [Seq { ids, cache }], taps, want_logits).and_then(|mut outs| outs.pop())
+}
+
+/// One sequence of a batched step: its new ids, after the positions its cache holds.
+pub struct Seq<'a> {
+    pub ids: &'a [u32],
+    pub cache: &'a mut KvCache,
+}
+
+/// The new positions of several sequences (each its own KV cache and length) in one step:
+/// every weight is read from memory once for all of them, and each sequence's outputs are
+/// the bits it would get alone (`columns_into` computes every row the same way; attention
+/// reads only the row's own cache). A few positions per sequence, as [`forward_few`].
+pub fn forward_batch(bb: &Backbone, seqs: &mut [Seq], taps: &[usize], want_logits: bool) -> Option<Vec<HostOutput>> {
     let c = &bb.config;
     let params = c.num_layers * c.hidden_size * (2 * c.num_heads * c.head_dim + 2 * c.num_kv_heads * c.head_dim + 3 * c.intermediate_size);
     let size = if params >= TEAM_MIN_PARAMS { rayon::current_num_threads() } else { 1 };
-    forward_on(Team::UpTo(size), bb, ids, taps, want_logits, cache)
+    forward_on(Team::UpTo(size), bb, seqs, taps, want_logits)
 }
 
 /// How many threads run a step.
@@ -48,42 +62,58 @@ enum Team {
     Exactly(usize),
 }
 
-/// [`forward_few`] on a team of threads.
-fn forward_on(team: Team, bb: &Backbone, ids: &[u32], taps: &[usize], want_logits: bool, cache: &mut KvCache) -> Option<HostOutput> {
+/// [`forward_batch`] on a team of threads.
+fn forward_on(team: Team, bb: &Backbone, seqs: &mut [Seq], taps: &[usize], want_logits: bool) -> Option<Vec<HostOutput>> {
     let views = Views::of(bb)?;
     let c = &bb.config;
-    let (d, t) = (c.hidden_size, ids.len());
+    let d = c.hidden_size;
     let (heads, kv_heads, dim) = (c.num_heads, c.num_kv_heads, c.head_dim);
-    let before = cache.len();
-    let rot = rotations(before, t, &super::rope::inverse_frequencies(c));
+    let inv = super::rope::inverse_frequencies(c);
+    // Each row: its sequence and position.
+    let mut rows = Vec::new();
+    let mut rot = Vec::new();
+    for (i, sq) in seqs.iter().enumerate() {
+        let before = sq.cache.len();
+        rows.extend((before..before + sq.ids.len()).map(|p| (i, p)));
+        rot.extend(rotations(before, sq.ids.len(), &inv));
+    }
+    let t = rows.len();
     let mut x = vec![0f32; t * d];
-    for (row, &id) in x.chunks_exact_mut(d).zip(ids) {
+    for (row, &id) in x.chunks_exact_mut(d).zip(seqs.iter().flat_map(|sq| sq.ids)) {
         views.embed.row(id as usize, row);
     }
     let mut q = vec![0f32; t * heads * dim];
     let mut o = vec![0f32; t * heads * dim];
     let mut act = vec![0f32; t * c.intermediate_size];
     let mut logits = vec![0f32; if want_logits { t * views.head.n } else { 0 }];
-    for l in &mut cache.layers {
-        l.grow(t, kv_heads, dim);
+    for sq in seqs.iter_mut() {
+        for l in &mut sq.cache.layers {
+            l.grow(sq.ids.len(), kv_heads, dim);
+        }
     }
+    let lens: Vec<usize> = seqs.iter().map(|sq| sq.ids.len()).collect();
     let step = Step {
         views: &views,
         cfg: c,
         t,
-        before,
+        rows: &rows,
         rot: &rot,
         x: SharedBuf::new(&mut x),
         q: SharedBuf::new(&mut q),
         o: SharedBuf::new(&mut o),
         act: SharedBuf::new(&mut act),
         logits: want_logits.then(|| SharedBuf::new(&mut logits)),
-        cache: cache
-            .layers
+        cache: seqs
             .iter_mut()
-            .map(|l| {
-                let (k, v) = (l.k.iter_mut(), l.v.iter_mut());
-                k.zip(v).map(|(k, v)| (SharedBuf::new(k), SharedBuf::new(v))).collect()
+            .map(|sq| {
+                sq.cache
+                    .layers
+                    .iter_mut()
+                    .map(|l| {
+                        let (k, v) = (l.k.iter_mut(), l.v.iter_mut());
+                        k.zip(v).map(|(k, v)| (SharedBuf::new(k), SharedBuf::new(v))).collect()
+                    })
+                    .collect()
             })
             .collect(),
     };
@@ -94,7 +124,20 @@ fn forward_on(team: Team, bb: &Backbone, ids: &[u32], taps: &[usize], want_logit
         Team::Exactly(size) => team::start(size, lists, |m| step.run(m, taps)),
     };
     drop(step);
-    Some(HostOutput { taps: kept, last_hidden: x, logits: want_logits.then_some(logits) })
+    Some(split(&lens, d, views.head.n, kept, x, want_logits.then_some(logits)))
+}
+
+/// A batched step's outputs, sequence by sequence (`lens` rows each).
+fn split(lens: &[usize], d: usize, vocab: usize, taps: Vec<Vec<f32>>, x: Vec<f32>, logits: Option<Vec<f32>>) -> Vec<HostOutput> {
+    let mut first = 0;
+    lens.iter()
+        .map(|&n| {
+            let rows = |v: &[f32], w: usize| v[first * w..(first + n) * w].to_vec();
+            let out = HostOutput { taps: taps.iter().map(|t| rows(t, d)).collect(), last_hidden: rows(&x, d), logits: logits.as_ref().map(|l| rows(l, vocab)) };
+            first += n;
+            out
+        })
+        .collect()
 }
 
 /// One call's buffers, shared by the members: each phase writes some and reads others (see
@@ -103,7 +146,8 @@ struct Step<'a> {
     views: &'a Views,
     cfg: &'a crate::config::BackboneConfig,
     t: usize,
-    before: usize,
+    /// Each row's sequence and position.
+    rows: &'a [(usize, usize)],
     rot: &'a [(Vec<f32>, Vec<f32>)],
     /// The residual stream `[t, hidden]`.
     x: SharedBuf<'a>,
@@ -113,8 +157,8 @@ struct Step<'a> {
     /// SwiGLU products `[t, intermediate]`.
     act: SharedBuf<'a>,
     logits: Option<SharedBuf<'a>>,
-    /// Per layer, per kv head: keys and values `[positions][dim]`, this call's rows last.
-    cache: Vec<Vec<(SharedBuf<'a>, SharedBuf<'a>)>>,
+    /// Per sequence, layer and kv head: keys and values `[positions][dim]`, this call's rows last.
+    cache: Vec<Vec<Vec<(SharedBuf<'a>, SharedBuf<'a>)>>>,
 }
 
 impl Step<'_> {
@@ -186,10 +230,11 @@ impl Step<'_> {
                     if b < heads + kv_heads {
                         rope(row, &self.rot[r]);
                     }
+                    let (sq, pos) = self.rows[r];
                     let (buf, at) = match b {
                         b if b < heads => (&self.q, (r * heads + head) * dim),
-                        b if b < heads + kv_heads => (&self.cache[layer][head].0, (self.before + r) * dim),
-                        _ => (&self.cache[layer][head].1, (self.before + r) * dim),
+                        b if b < heads + kv_heads => (&self.cache[sq][layer][head].0, pos * dim),
+                        _ => (&self.cache[sq][layer][head].1, pos * dim),
                     };
                     unsafe { buf.piece(at..at + dim) }.copy_from_slice(row);
                 }
@@ -197,21 +242,22 @@ impl Step<'_> {
         }
     }
 
-    /// Phase 2: causal attention of each claimed query head over its kv head's cache (which
-    /// holds this call's positions), each new position seeing those before it and itself.
+    /// Phase 2: causal attention of each claimed query head over its kv head's cache in the
+    /// row's own sequence (which holds this call's positions), each new position seeing those
+    /// before it and itself.
     fn attend(&self, m: &Member, layer: usize) {
         let c = self.cfg;
         let (heads, dim) = (c.num_heads, c.head_dim);
         let group = heads / c.num_kv_heads;
         let scale = 1.0 / (dim as f32).sqrt();
-        let mut scores = vec![0f32; self.before + self.t];
+        let mut scores = vec![0f32; self.rows.iter().map(|&(_, p)| p + 1).max().unwrap_or(0)];
         let mut out = vec![0f32; dim];
         for claimed in m.claims(heads, 1) {
             for head in claimed {
-                let (kc, vc) = &self.cache[layer][head / group];
-                let (keys, vals) = unsafe { (kc.whole(), vc.whole()) };
-                for r in 0..self.t {
-                    let visible = self.before + r + 1;
+                for (r, &(sq, pos)) in self.rows.iter().enumerate() {
+                    let (kc, vc) = &self.cache[sq][layer][head / group];
+                    let (keys, vals) = unsafe { (kc.whole(), vc.whole()) };
+                    let visible = pos + 1;
                     let at = (r * heads + head) * dim;
                     let query = &unsafe { self.q.whole() }[at..at + dim];
                     let s = &mut scores[..visible];
@@ -249,8 +295,10 @@ impl Step<'_> {
             u.resize(t * len, 0.0);
             columns_into(h, t, d, lw.gate.weights(), lw.gate.order, n, cols.clone(), &mut g);
             columns_into(h, t, d, lw.up.weights(), lw.up.order, n, cols.clone(), &mut u);
-            crate::vmath::swiglu(&mut g, &u, &mut scratch);
             for r in 0..t {
+                // Row by row: the vector exp's tail must fall where it falls for the row alone.
+                let row = r * len..(r + 1) * len;
+                crate::vmath::swiglu(&mut g[row.clone()], &u[row], &mut scratch);
                 unsafe { self.act.piece(r * n + cols.start..r * n + cols.end) }.copy_from_slice(&g[r * len..(r + 1) * len]);
             }
         }
@@ -287,7 +335,8 @@ mod tests {
                 let (mut logits, mut tap) = (Vec::new(), Vec::new());
                 let mut pos = 0;
                 for step in [5usize, 1, 1, 7] {
-                    let out = forward_on(Team::Exactly(size), &bb, &ids[pos..pos + step], &taps, true, &mut cache).unwrap();
+                    let seq = Seq { ids: &ids[pos..pos + step], cache: &mut cache };
+                    let out = forward_on(Team::Exactly(size), &bb, &mut [seq], &taps, true).unwrap().pop().unwrap();
                     logits.extend(out.logits.unwrap());
                     tap.extend(out.taps[1].iter());
                     pos += step;
@@ -296,6 +345,45 @@ mod tests {
                 let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
                 let (dl, dt) = (diff(&logits, &want), diff(&tap, &want_tap));
                 assert!(dl < 1e-4 && dt < 1e-5, "team of {size}: logits differ by {dl}, taps by {dt}");
+            }
+        }
+    }
+
+    /// A batched step gives every sequence the bits it gets alone (logits, taps, the final
+    /// state and the keys and values it caches), whatever shares its batch, on teams of 1 to 3.
+    #[test]
+    fn a_batched_step_equals_each_sequence_alone_bit_for_bit() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
+        let device = crate::BackendKind::Flex.device().unwrap();
+        for bb in [load_backbone(&dir, &device).unwrap(), load_backbone_as(&dir, &device, Some(WeightDtype::F16)).unwrap()] {
+            let taps = [1, bb.config.num_layers];
+            let prompts: [Vec<u32>; 3] = [vec![5, 9, 42], vec![7; 6], (0..8).map(|i| (i * 11 + 3) % 90).collect()];
+            let steps: [Vec<u32>; 3] = [vec![17], vec![4, 8, 15], vec![16]];
+            let primed = || -> Vec<KvCache> {
+                prompts
+                    .iter()
+                    .map(|p| {
+                        let mut c = bb.new_cache();
+                        forward_few(&bb, p, &taps, false, &mut c).unwrap();
+                        c
+                    })
+                    .collect()
+            };
+            for size in 1..=3 {
+                let mut alone = primed();
+                let want: Vec<HostOutput> = alone
+                    .iter_mut()
+                    .zip(&steps)
+                    .map(|(cache, ids)| forward_on(Team::Exactly(size), &bb, &mut [Seq { ids, cache }], &taps, true).unwrap().pop().unwrap())
+                    .collect();
+                let mut together = primed();
+                let mut seqs: Vec<Seq> = together.iter_mut().zip(&steps).map(|(cache, ids)| Seq { ids, cache }).collect();
+                let got = forward_on(Team::Exactly(size), &bb, &mut seqs, &taps, true).unwrap();
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!((&g.taps, &g.last_hidden, &g.logits), (&w.taps, &w.last_hidden, &w.logits), "sequence {i}, team of {size}");
+                    let (a, b) = (&together[i].layers, &alone[i].layers);
+                    assert!(a.iter().zip(b).all(|(a, b)| a.k == b.k && a.v == b.v), "sequence {i}'s cache");
+                }
             }
         }
     }
