@@ -46,6 +46,8 @@ pub struct Metrics {
     pub backbone_tokens: Counter,
     /// KV pool bytes the generation sessions reserved (`limits.kv_pool_mib`).
     pub kv_reserved_bytes: Gauge,
+    /// Generation steps (sessions) per batch the backbone worker ran together.
+    pub step_batch: Histogram,
     devices_enrolled: Gauge,
     devices_online: Gauge,
     generation_sessions: Gauge,
@@ -79,6 +81,7 @@ impl Metrics {
             redirected_calls: Family::default(),
             backbone_tokens: Counter::default(),
             kv_reserved_bytes: Gauge::default(),
+            step_batch: Histogram::new(exponential_buckets(1.0, 2.0, 7)),
             devices_enrolled: Gauge::default(),
             devices_online: Gauge::default(),
             generation_sessions: Gauge::default(),
@@ -109,6 +112,7 @@ impl Metrics {
             "KV cache bytes the generation sessions reserved, open and parked (limits.kv_pool_mib)",
             m.kv_reserved_bytes.clone(),
         );
+        reg(&mut registry, &mut families, "generation_step_batch", "Sessions whose generation steps ran batched together", m.step_batch.clone());
         reg(&mut registry, &mut families, "devices_enrolled", "Enrolled devices, revoked ones excluded", m.devices_enrolled.clone());
         reg(&mut registry, &mut families, "devices_online", "Devices that polled within rounds.online_secs", m.devices_online.clone());
         reg(&mut registry, &mut families, "generation_sessions", "Open Generate streams", m.generation_sessions.clone());

@@ -187,6 +187,53 @@ async fn sessions_reserve_their_kv_cache_when_they_open() {
     srv.shutdown().await.unwrap();
 }
 
+/// Sessions of several devices stepping at once (the backbone worker batches their steps)
+/// get the answers each gets alone: the same drafts and the same states, bit for bit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_sessions_get_the_answers_they_get_alone() {
+    use generate_request::Kind;
+    let (_dir, srv, ch, cred) = serve(|t| t).await;
+    let mut devices = Vec::new();
+    for i in 0..4 {
+        devices.push(enroll(&ch, &token(&ch, &cred, 600).await, &format!("d{i}")).await.unwrap());
+    }
+    let nl = layers(&ch, &devices[0]).await;
+    let script = |i: usize| -> Vec<GenerateRequest> {
+        let sampling = spa_proto::v1::Sampling { temperature: 0.8, top_p: Some(0.9), repeat_penalty: Some(1.2), seed: i as u64, ..Default::default() };
+        let open = GenerateOpen { layers: vec![nl], dtype: DType::DtypeF32 as i32, last_only: i.is_multiple_of(2), sampling: Some(sampling), ..Default::default() };
+        let step =
+            |ids: Vec<u32>, accepted: u32, draft: u32| GenerateRequest { kind: Some(Kind::Extend(GenerateExtend { ids, accepted, draft, side_draft: false })) };
+        vec![
+            GenerateRequest { kind: Some(Kind::Open(open)) },
+            step(vec![5, 9, 42, 3 * i as u32], 0, 4),
+            step(vec![7], 2, 3),
+            step(vec![11], 1, 5),
+            step(vec![13], 0, 2),
+        ]
+    };
+    async fn run(ch: &tonic::transport::Channel, a: &DeviceSigner, msgs: Vec<GenerateRequest>) -> Vec<(u32, u32, Vec<u8>, Vec<u32>)> {
+        let h = a.sign(methods::BACKBONE_GENERATE, &msgs[0], now_ms());
+        let mut req = tonic::Request::new(tokio_stream::iter(msgs));
+        h.apply(req.metadata_mut());
+        let mut s = backbone(ch).generate(req).await.unwrap().into_inner();
+        let mut out = vec![];
+        while let Some(m) = s.message().await.unwrap() {
+            out.push((m.first_position, m.positions, m.features, m.draft));
+        }
+        out
+    }
+    let mut alone = Vec::new();
+    for (i, a) in devices.iter().enumerate() {
+        alone.push(run(&ch, a, script(i)).await);
+    }
+    let together = futures_util::future::join_all(devices.iter().enumerate().map(|(i, a)| run(&ch, a, script(i)))).await;
+    for (i, (t, a)) in together.iter().zip(&alone).enumerate() {
+        assert_eq!(t.len(), 4, "device {i}");
+        assert!(t == a, "device {i}: the answers differ when stepped with others");
+    }
+    srv.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_cuts_a_silent_stream_at_the_drain_deadline() {
     let (_dir, srv, ch, cred) = serve(|t| t.replace("drain_secs = 10", "drain_secs = 1")).await;

@@ -328,6 +328,43 @@ fn the_drafter_reproduces_every_sampler() {
     assert_ne!(plain.ids, penalized.ids);
 }
 
+/// Sessions stepped together get, step after step, the blocks each gets alone: different
+/// taps, draft lengths, samplers, accepted drafts, and a prompt too long to batch.
+#[test]
+fn sessions_stepped_together_get_the_blocks_they_get_alone() {
+    use spa_model::speculative::{Block, DraftForm, Drafter, StepArgs};
+    let bb = backbone();
+    let nl = bb.config.num_layers;
+    let s = samplers();
+    let make = || -> Vec<Drafter> {
+        vec![
+            Drafter::new(&bb, DraftForm::Taps(vec![nl]), s[0].clone(), vec![], true).unwrap(),
+            Drafter::new(&bb, DraftForm::Taps(vec![1, nl]), s[2].clone(), vec![], false).unwrap(),
+            Drafter::new(&bb, DraftForm::Taps(vec![0, nl]), s[3].clone(), vec![], true).unwrap(),
+            Drafter::new(&bb, DraftForm::Taps(vec![nl]), s[4].clone(), vec![], true).unwrap(),
+        ]
+    };
+    let ks = [4usize, 0, 2, 7];
+    let (mut alone, mut together) = (make(), make());
+    let mut next: Vec<(Vec<u32>, usize)> =
+        vec![(vec![5, 9, 42], 0), ((0..12).map(|i| (i * 7 + 3) % 90).collect(), 0), (vec![8], 0), (vec![1, 2, 3, 4, 5, 6], 0)];
+    for round in 0..4 {
+        let want: Vec<Block> = alone.iter_mut().zip(&next).zip(ks).map(|((d, (ids, acc)), k)| d.step(&bb, *acc, ids, k, false).unwrap()).collect();
+        let mut steps: Vec<(&mut Drafter, StepArgs)> =
+            together.iter_mut().zip(&next).zip(ks).map(|((d, (ids, acc)), k)| (d, StepArgs { accepted: *acc, ids: ids.clone(), k, side: false })).collect();
+        let got: Vec<Block> = Drafter::step_many(&bb, &mut steps).into_iter().map(Result::unwrap).collect();
+        assert_eq!(got, want, "round {round}");
+        assert!(round > 0 || want[0].drafts.len() == 4, "{:?}", want[0]);
+        // Half the drafts accepted, then a token of the device's own.
+        next = want.iter().enumerate().map(|(i, b)| (vec![((round * 13 + i * 5 + 7) % 90) as u32], b.drafts.len() / 2)).collect();
+    }
+    // A refused step fails alone: the others of the batch are served.
+    let mut steps: Vec<(&mut Drafter, StepArgs)> =
+        together.iter_mut().enumerate().map(|(i, d)| (d, StepArgs { accepted: if i == 1 { 99 } else { 0 }, ids: vec![3], k: 2, side: false })).collect();
+    let r = Drafter::step_many(&bb, &mut steps);
+    assert!(r[1].is_err() && r.iter().enumerate().all(|(i, r)| i == 1 || r.is_ok()), "{r:?}");
+}
+
 /// Speculative decoding chooses the tokens per-token decoding chooses, greedy and seeded,
 /// for every draft length, with the device's tap states or the coordinator's
 /// down-projections, while drafts are rejected and the side plugin speaks.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use spa_model::Backbone;
 use spa_model::backbone::{KvCache, TokenBatch};
 use spa_model::side::{FrozenHead, Plugin};
-use spa_model::speculative::{Block, Drafter};
+use spa_model::speculative::{Block, Drafter, StepArgs};
 use spa_model::tensor_util::to_vec;
 
 use super::jobs::{EngineError, Job, Opening, Queued};
@@ -57,6 +57,28 @@ impl Fair {
         Some((owner, job))
     }
 
+    /// The oldest job of each device in turn whose oldest job is a generation step (at most
+    /// `max`): each device's turn moves on as if it had been served alone.
+    fn pop_steps(&mut self, max: usize) -> Vec<Job> {
+        let mut out = Vec::new();
+        for _ in 0..self.turn.len() {
+            if out.len() == max {
+                break;
+            }
+            let owner = self.turn.pop_front().expect("counted");
+            let jobs = self.queues.get_mut(&owner).expect("a device in turn has jobs");
+            if matches!(jobs.front(), Some(Job::Step { .. })) {
+                out.push(jobs.pop_front().expect("checked"));
+            }
+            if jobs.is_empty() {
+                self.queues.remove(&owner);
+            } else {
+                self.turn.push_back(owner);
+            }
+        }
+        out
+    }
+
     /// The rest of a job that yielded: first in its device's queue, the device's turn last.
     fn resume(&mut self, owner: String, job: Job) {
         let jobs = self.queues.entry(owner.clone()).or_default();
@@ -95,6 +117,9 @@ fn layout(taps: &[Vec<f32>], b: usize, t: usize, d: usize, from: usize, to: usiz
     Ok(spa_proto::tensor::encode_f32(&out, dtype)?)
 }
 
+/// Most generation steps in one batch.
+const MAX_BATCH: usize = 64;
+
 pub(super) fn worker(bb: Backbone, rx: mpsc::Receiver<Queued>, idle: Duration, limits: SessionLimits) {
     let mut w = Worker { bb, sessions: HashMap::new(), idle, limits };
     let mut fair = Fair::default();
@@ -110,6 +135,13 @@ pub(super) fn worker(bb: Backbone, rx: mpsc::Receiver<Queued>, idle: Duration, l
             fair.push(q);
         }
         let Some((owner, job)) = fair.pop() else { continue };
+        if let Job::Step { .. } = job {
+            // Other devices' waiting steps join it: one batched forward per drafting iteration.
+            let mut batch = vec![job];
+            batch.extend(fair.pop_steps(MAX_BATCH - 1));
+            w.steps(batch);
+            continue;
+        }
         if let Some(rest) = w.run(job) {
             fair.resume(owner, rest);
         }
@@ -164,26 +196,65 @@ impl Worker {
                 };
                 let _ = reply.send(Ok(ok));
             }
-            Job::Step { session, epoch, accepted, ids, draft, side, reply } => {
-                let Some(entry) = self.sessions.get_mut(&session).filter(|s| s.epoch == epoch) else {
-                    let _ = reply.send(Err(EngineError::SessionGone));
-                    return None;
-                };
-                entry.used = Instant::now();
-                let bb = &self.bb;
-                let r = guarded(|| Ok(entry.drafter.step(bb, accepted, &ids, draft, side)?));
-                if let Ok(block) = &r {
-                    METRICS.backbone_tokens.inc_by((ids.len() + block.drafts.len()) as u64);
-                }
-                if r.is_err() {
-                    self.sessions.remove(&session);
-                }
-                let _ = reply.send(r);
-            }
+            job @ Job::Step { .. } => self.steps(vec![job]),
             Job::Detach { session, epoch } => self.detach(session, epoch),
         }
         METRICS.kv_reserved_bytes.set(self.reserved() as i64);
         None
+    }
+
+    /// Generation steps of distinct sessions, batched ([`Drafter::step_many`]); a step whose
+    /// session is gone (or held by a newer stream) is told so, a session whose step failed is
+    /// closed.
+    fn steps(&mut self, jobs: Vec<Job>) {
+        let mut asked = HashMap::new();
+        for job in jobs {
+            let Job::Step { session, epoch, accepted, ids, draft, side, reply } = job else { unreachable!("steps only") };
+            match self.sessions.get(&session) {
+                Some(s) if s.epoch == epoch && !asked.contains_key(&session) => {
+                    asked.insert(session, (StepArgs { accepted, ids, k: draft, side }, reply));
+                }
+                _ => {
+                    let _ = reply.send(Err(EngineError::SessionGone));
+                }
+            }
+        }
+        let mut replies = Vec::new();
+        let mut steps = Vec::new();
+        let wanted: std::collections::HashSet<u64> = asked.keys().copied().collect();
+        for (id, s) in self.sessions.iter_mut().filter(|(id, _)| wanted.contains(*id)) {
+            let (args, reply) = asked.remove(id).expect("asked");
+            s.used = Instant::now();
+            replies.push((*id, args.ids.len(), reply));
+            steps.push((&mut s.drafter, args));
+        }
+        if !steps.is_empty() {
+            METRICS.step_batch.observe(steps.len() as f64);
+        }
+        let bb = &self.bb;
+        let results: Vec<Result<Block, EngineError>> = match guarded(|| Ok(Drafter::step_many(bb, &mut steps))) {
+            Ok(all) => all.into_iter().map(|r| r.map_err(EngineError::Model)).collect(),
+            // A panic fails every step of the batch (their caches may be half written).
+            Err(e) => {
+                let msg = match e {
+                    EngineError::Panicked(m) => m,
+                    other => other.to_string(),
+                };
+                replies.iter().map(|_| Err(EngineError::Panicked(msg.clone()))).collect()
+            }
+        };
+        drop(steps);
+        for ((session, sent, reply), r) in replies.into_iter().zip(results) {
+            match &r {
+                Ok(block) => {
+                    METRICS.backbone_tokens.inc_by((sent + block.drafts.len()) as u64);
+                }
+                Err(_) => {
+                    self.sessions.remove(&session);
+                }
+            }
+            let _ = reply.send(r);
+        }
     }
 
     /// The next slice of a Features job (one sequence on flex, whose host forward runs one

@@ -41,15 +41,20 @@ impl Backbone {
                 seqs.iter().map(|ids| run(&padded(ids), &mut self.new_cache())).collect::<Option<Vec<_>>>()?
             }
         };
-        let (b, t) = (outs.len(), batch.max_len);
+        Some(self.host_output(&outs, batch.max_len, taps.len(), want_logits))
+    }
+
+    /// Host outputs of `t` positions each as the tensor forward's output `[b, t, _]`.
+    pub(crate) fn host_output(&self, outs: &[HostOutput], t: usize, taps: usize, want_logits: bool) -> BackboneOutput {
+        let b = outs.len();
         let (d, v) = (self.config.hidden_size, self.config.vocab_size);
         let join = |part: &dyn Fn(&HostOutput) -> &Vec<f32>, width: usize| {
             from_vec(outs.iter().flat_map(|o| part(o).iter().copied()).collect(), [b, t, width], &self.device)
         };
-        Some(BackboneOutput {
-            taps: (0..taps.len()).map(|j| join(&|o| &o.taps[j], d)).collect(),
+        BackboneOutput {
+            taps: (0..taps).map(|j| join(&|o| &o.taps[j], d)).collect(),
             last_hidden: join(&|o| &o.last_hidden, d),
             logits: want_logits.then(|| join(&|o| o.logits.as_ref().expect("asked for logits"), v)),
-        })
+        }
     }
 }

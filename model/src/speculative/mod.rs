@@ -17,7 +17,7 @@ mod policy;
 use serde::Serialize;
 
 pub use block::{Block, CloudDown, DraftForm};
-pub use drafter::{DraftSource, Drafter, LocalDrafts};
+pub use drafter::{DraftSource, Drafter, LocalDrafts, StepArgs};
 pub use policy::AdaptiveDraft;
 use policy::SourceChoice;
 
