@@ -200,7 +200,8 @@ async fn concurrent_sessions_get_the_answers_they_get_alone() {
     let nl = layers(&ch, &devices[0]).await;
     let script = |i: usize| -> Vec<GenerateRequest> {
         let sampling = spa_proto::v1::Sampling { temperature: 0.8, top_p: Some(0.9), repeat_penalty: Some(1.2), seed: i as u64, ..Default::default() };
-        let open = GenerateOpen { layers: vec![nl], dtype: DType::DtypeF32 as i32, last_only: i.is_multiple_of(2), sampling: Some(sampling), ..Default::default() };
+        let open =
+            GenerateOpen { layers: vec![nl], dtype: DType::DtypeF32 as i32, last_only: i.is_multiple_of(2), sampling: Some(sampling), ..Default::default() };
         let step =
             |ids: Vec<u32>, accepted: u32, draft: u32| GenerateRequest { kind: Some(Kind::Extend(GenerateExtend { ids, accepted, draft, side_draft: false })) };
         vec![
