@@ -135,16 +135,17 @@ pub(super) fn worker(bb: Backbone, rx: mpsc::Receiver<Queued>, idle: Duration, l
             fair.push(q);
         }
         let Some((owner, job)) = fair.pop() else { continue };
+        let idle = w.idle;
+        w.sessions.retain(|_, s| s.used.elapsed() < idle);
         if let Job::Step { .. } = job {
             // Other devices' waiting steps join it: one batched forward per drafting iteration.
             let mut batch = vec![job];
             batch.extend(fair.pop_steps(MAX_BATCH - 1));
             w.steps(batch);
-            continue;
-        }
-        if let Some(rest) = w.run(job) {
+        } else if let Some(rest) = w.run(job) {
             fair.resume(owner, rest);
         }
+        METRICS.kv_reserved_bytes.set(w.reserved() as i64);
     }
 }
 
@@ -167,8 +168,6 @@ struct Worker {
 impl Worker {
     /// Runs a job, or a slice of it: what is left of it comes back.
     fn run(&mut self, job: Job) -> Option<Job> {
-        let idle = self.idle;
-        self.sessions.retain(|_, s| s.used.elapsed() < idle);
         match job {
             Job::Features { .. } => return self.features_slice(job),
             Job::Close { session, epoch } => {
@@ -196,10 +195,9 @@ impl Worker {
                 };
                 let _ = reply.send(Ok(ok));
             }
-            job @ Job::Step { .. } => self.steps(vec![job]),
             Job::Detach { session, epoch } => self.detach(session, epoch),
+            Job::Step { .. } => unreachable!("the worker loop batches steps"),
         }
-        METRICS.kv_reserved_bytes.set(self.reserved() as i64);
         None
     }
 
